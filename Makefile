@@ -1,0 +1,44 @@
+# tokensieve — set-up, main job and tests. Every target creates or reuses .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-deps
+
+.PHONY: setup demo test lint typecheck unit integration clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## setup: virtual environment, pinned dependencies, editable install, embedded model (fetched and converted once)
+setup: $(STAMP)
+	$(BIN)/tokensieve pull
+
+## demo: the main job — a long-context passkey question answered with the full cache and compressed caches
+DEMO_METHODS ?= full
+DEMO_BUDGET  ?= 0.1
+demo: setup
+	$(BIN)/tokensieve demo --methods $(DEMO_METHODS) --budget $(DEMO_BUDGET)
+
+## test: linter, type checker and the whole test suite (unit + integration on the embedded model)
+test: setup lint typecheck
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis build dist src/*.egg-info

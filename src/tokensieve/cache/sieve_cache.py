@@ -1,0 +1,280 @@
+"""SieveCache: a transformers ``Cache`` whose layers hold compressed, possibly ragged, KV storage.
+
+Data flow for one layer of one forward pass (see ``adapters/hf.py``):
+
+``LlamaAttention.forward`` → ``SieveCache.update`` (records which cache and layer the next attention call belongs
+to, returns the new keys/values untouched) → the registered ``tokensieve`` attention function →
+:meth:`SieveCache.attend`, which either compresses a freshly prefilled chunk (score → select → apply) or appends
+the chunk to the layer's store and runs our attention kernel over it.
+
+The cache reports *logical* lengths to transformers (every token seen, so new tokens keep their true positions),
+while each layer's store holds only what was kept.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..attention.dense import causal_attention
+from ..core.budget import Budget
+from ..core.context import LayerContext, ModelShape, RunState
+from ..core.method import Method, PrefillMethod
+from ..errors import ConfigError
+from .storage import DenseKV, KVStore, build_store
+
+_PENDING: contextvars.ContextVar[tuple[SieveCache, int] | None] = contextvars.ContextVar(
+    "tokensieve_pending", default=None
+)
+
+
+def take_pending(layer_idx: int) -> SieveCache:
+    """The SieveCache whose ``update`` ran just before this layer's attention call."""
+    pending = _PENDING.get()
+    _PENDING.set(None)
+    if pending is None or pending[1] != layer_idx:
+        raise RuntimeError(
+            "tokensieve attention was called without a SieveCache. Pass `past_key_values=compressor.new_cache()` "
+            "(or call model.generate inside `with tokensieve.compress(model, ...)`), and keep use_cache=True."
+        )
+    return pending[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a cache does to the next prefilled chunk: method, budget, and the per-model profile it needs."""
+
+    method: Method
+    budget: Budget
+    shape: ModelShape
+    profile: Any = None
+    reserve: int = 0  # headroom per row for tokens still to come (generated tokens, a question)
+
+
+@dataclass
+class CacheStats:
+    compress_seconds: float = 0.0
+    compressed_tokens: list[int] = field(default_factory=list)  # per sequence
+    budget_tokens: list[int] = field(default_factory=list)  # per sequence, per (layer, KV head) on average
+
+
+class SieveLayer(CacheLayerMixin):
+    """One decoder layer's part of a SieveCache. Transformers only asks it for lengths."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: KVStore | None = None
+        self.seen = 0  # logical tokens seen (padding included), what transformers calls the cache length
+        self.seen_valid: Tensor | None = None  # (B,) real tokens seen per sequence
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        self.is_initialized = True
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store = None
+        self.seen = 0
+        self.seen_valid = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("SieveCache does not support beam search; use greedy or sampling.")
+
+
+class SieveCache(Cache):
+    """A KV cache that compresses the next prefilled chunk according to a :class:`Plan`.
+
+    Args:
+        num_layers: decoder layers of the model.
+        plan: what to do with the next prefilled chunk; None keeps everything (the full-cache baseline).
+    """
+
+    def __init__(self, num_layers: int, plan: Plan | None = None) -> None:
+        super().__init__(layers=[SieveLayer() for _ in range(num_layers)])
+        self.plan = plan
+        self.armed = plan is not None and plan.method.compresses
+        self.run: RunState | None = None
+        self.stats = CacheStats()
+        self._compressed_layers = 0
+
+    # ------------------------------------------------------------------------------------ transformers Cache API
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        _PENDING.set((self, layer_idx))
+        return key_states, value_states
+
+    # ------------------------------------------------------------------------------------------------ queries
+    @property
+    def sieve_layers(self) -> list[SieveLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    def stores(self) -> list[KVStore]:
+        return [layer.store for layer in self.sieve_layers if layer.store is not None]
+
+    def kv_bytes(self) -> int:
+        """Exact bytes of the stored keys and values (what the cache holds, headroom excluded)."""
+        return sum(s.kv_bytes() for s in self.stores())
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the key/value buffers, including headroom reserved for tokens still to come."""
+        return sum(s.allocated_bytes() for s in self.stores())
+
+    def meta_bytes(self) -> int:
+        """Bookkeeping bytes: true positions of stored entries, logit biases, padding masks."""
+        return sum(s.meta_bytes() for s in self.stores())
+
+    def lengths(self) -> Tensor:
+        """``(L, B, H_kv)`` number of stored entries per layer and row."""
+        return torch.stack([s.lengths() for s in self.stores()])
+
+    def stored_entries(self) -> int:
+        return int(self.lengths().sum())
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens in every row (so decoding does not reallocate)."""
+        for s in self.stores():
+            s.reserve(extra)
+
+    def arm(self, plan: Plan | None = None) -> None:
+        """Compress the next prefilled chunk (again) with ``plan`` (default: the current plan)."""
+        if plan is not None:
+            self.plan = plan
+        if self.plan is None:
+            raise ConfigError("Cannot arm a SieveCache without a plan.")
+        self.armed = self.plan.method.compresses
+        self.run = None
+        self._compressed_layers = 0
+
+    # ------------------------------------------------------------------------------------------------ attention
+    def attend(
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        padding_mask: Tensor | None,
+        scaling: float,
+    ) -> Tensor:
+        """Store this layer's new keys/values (compressing a fresh prefill) and return the attention output.
+
+        q ``(B, H_q, L, D)``; k, v ``(B, H_kv, L, D)`` post-RoPE; padding_mask ``(B, seen + L)`` (1 = real token)
+        or None. Returns ``(B, H_q, L, D)``.
+        """
+        layer = self.sieve_layers[layer_idx]
+        B, _, L, _ = k.shape
+        valid_new: Tensor | None = None
+        if padding_mask is not None:
+            if padding_mask.dim() != 2:
+                raise ValueError(
+                    "tokensieve attention expects a 2-D padding mask (batch, tokens); custom 4-D masks are not "
+                    "supported."
+                )
+            valid_new = padding_mask[:, -L:].to(torch.bool)
+            if bool(valid_new.all()):
+                valid_new = None
+        if layer.seen_valid is None:
+            layer.seen_valid = torch.zeros(B, dtype=torch.long, device=k.device)
+        if valid_new is None:
+            pos_new = layer.seen_valid[:, None] + torch.arange(L, device=k.device)
+        else:
+            pos_new = layer.seen_valid[:, None] + valid_new.long().cumsum(-1) - 1
+            pos_new = torch.where(valid_new, pos_new, torch.full_like(pos_new, -1))
+
+        plan = self.plan
+        if layer.store is None:
+            out = causal_attention(q, k, v, valid_new, scaling)
+            if self.armed and plan is not None and L > 1:
+                layer.store = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
+            else:
+                H = k.shape[1]
+                reserve = plan.reserve if plan is not None else 0
+                layer.store = DenseKV(k, v, pos_new[:, None, :].expand(B, H, L), valid=valid_new, reserve=reserve)
+        else:
+            layer.store.append(k, v, pos_new, valid_new)
+            out = layer.store.attend(q, scaling)
+        layer.seen += L
+        layer.seen_valid = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1))
+        return out
+
+    def _compress(
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        valid_new: Tensor | None,
+        pos_new: Tensor,
+        scaling: float,
+    ) -> KVStore:
+        assert self.plan is not None
+        plan = self.plan
+        method = plan.method
+        if not isinstance(method, PrefillMethod):
+            raise ConfigError(f"Method '{method.name}' does not compress at prefill.")
+        t0 = time.perf_counter()
+        B, _, L, _ = k.shape
+        valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool, device=k.device)
+        if self.run is None:
+            self.run = make_run(plan, valid.sum(-1))
+            self.stats.compressed_tokens = valid.sum(-1).tolist()
+            self.stats.budget_tokens = self.run.budget_tokens.tolist()
+        ctx = LayerContext(layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run)
+        comp = method.compress(ctx)
+        sel = comp.selection
+        store = build_store(
+            comp.keys if comp.keys is not None else k,
+            comp.values if comp.values is not None else v,
+            pos_new,
+            sel.indices,
+            sel.counts,
+            bias=comp.bias,
+            extra_keys=comp.extra_keys,
+            extra_values=comp.extra_values,
+            extra_bias=comp.extra_bias,
+            reserve=plan.reserve,
+        )
+        self._compressed_layers += 1
+        if self._compressed_layers == len(self.layers):
+            self.armed = False
+        self.stats.compress_seconds += time.perf_counter() - t0
+        return store
+
+
+def make_run(plan: Plan, n_tokens: Tensor) -> RunState:
+    """Resolve the plan's budget for each sequence (``n_tokens`` ``(B,)`` real tokens being compressed)."""
+    budget_tokens = torch.tensor([plan.budget.tokens_for(int(n)) for n in n_tokens.tolist()], dtype=torch.long)
+    sink, recent = plan.method.protected()
+    if plan.budget.sink is not None:
+        sink = plan.budget.sink
+    if plan.budget.recent is not None:
+        recent = plan.budget.recent
+    return RunState(
+        shape=plan.shape,
+        budget_tokens=budget_tokens,
+        n_tokens=n_tokens.clone(),
+        sink=sink,
+        recent=recent,
+        profile=plan.profile,
+    )

@@ -1,0 +1,435 @@
+"""Per-layer KV storage: one dense block when every row has the same length, ragged rows otherwise.
+
+A *row* is one (sequence, KV head) pair. Rows are stored per KV head — never expanded to query heads — and, once a
+head- or layer-adaptive method has given rows different lengths, each row is its own buffer: nothing is padded to
+the longest head. Byte counts are exact: ``kv_bytes`` is the size of the stored keys and values, ``allocated_bytes``
+the size of the buffers that hold them (stored entries plus the headroom reserved for tokens still to come), and
+``meta_bytes`` the bookkeeping (true positions, per-entry logit biases).
+
+Attention over a store is our own kernel (``attend``); it is tested against
+:func:`tokensieve.attention.dense.reference_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROW_MIN = 64  # smallest capacity step when a store has to grow
+
+
+def _grow(n_needed: int) -> int:
+    return n_needed + max(GROW_MIN, n_needed // 4)
+
+
+def chunk_allowed(key_chunk_pos: Tensor, n_new_queries: int, key_valid: Tensor | None = None) -> Tensor:
+    """Which keys each query of a newly appended chunk may see.
+
+    Args:
+        key_chunk_pos: ``(..., n)`` long: -1 for keys stored before this chunk, else the key's index in the chunk.
+        n_new_queries: chunk length ``L``.
+        key_valid: optional ``(..., n)`` bool: False for stored padding keys.
+
+    Returns:
+        ``(..., L, n)`` bool. A query sees all earlier valid keys, and the chunk's keys up to itself (itself always,
+        so that a padding query never has an empty row).
+    """
+    qi = torch.arange(n_new_queries, device=key_chunk_pos.device)
+    kp = key_chunk_pos[..., None, :]  # (..., 1, n)
+    old = kp < 0
+    new_ok = (kp >= 0) & (kp <= qi[:, None])
+    if key_valid is not None:
+        kv = key_valid[..., None, :]
+        return (old & kv) | (new_ok & (kv | (kp == qi[:, None])))
+    return old | new_ok
+
+
+def _sdpa_group(qg: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None) -> Tensor:
+    """SDPA for queries grouped per KV head: qg ``(B, H_kv, G*L, D)``, k/v ``(B, H_kv, n, D)``."""
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
+
+
+class DenseKV:
+    """All rows have the same length: keys/values in one ``(B, H_kv, capacity, D)`` block.
+
+    Attributes:
+        valid: ``(B, capacity)`` bool or None — False for stored padding (only the uncompressed baseline stores
+            padding, as transformers' own caches do).
+        bias: ``(B, H_kv, capacity)`` additive logit bias or None.
+    """
+
+    def __init__(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        *,
+        valid: Tensor | None = None,
+        bias: Tensor | None = None,
+        reserve: int = 0,
+    ) -> None:
+        B, H, n, D = keys.shape
+        cap = n + max(0, reserve)
+        self._k = keys.new_empty(B, H, cap, D)
+        self._v = values.new_empty(B, H, cap, D)
+        self._pos = torch.empty(B, H, cap, dtype=torch.int32, device=keys.device)
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self._pos[:, :, :n] = positions.to(torch.int32)
+        self._valid: Tensor | None = None
+        if valid is not None and not bool(valid.all()):
+            self._valid = torch.ones(B, cap, dtype=torch.bool, device=keys.device)
+            self._valid[:, :n] = valid
+        self._bias: Tensor | None = None
+        if bias is not None:
+            self._bias = keys.new_zeros(B, H, cap)
+            self._bias[:, :, :n] = bias
+        self.n = n
+        self._chunk = 0  # length of the last appended chunk (for the causal part of `attend`)
+
+    # ------------------------------------------------------------------------------------------------ views
+    @property
+    def keys(self) -> Tensor:
+        return self._k[:, :, : self.n]
+
+    @property
+    def values(self) -> Tensor:
+        return self._v[:, :, : self.n]
+
+    @property
+    def positions(self) -> Tensor:
+        return self._pos[:, :, : self.n]
+
+    @property
+    def valid(self) -> Tensor | None:
+        return None if self._valid is None else self._valid[:, : self.n]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None if self._bias is None else self._bias[:, :, : self.n]
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
+    def lengths(self) -> Tensor:
+        B, H = self._k.shape[:2]
+        if self._valid is None:
+            return torch.full((B, H), self.n, dtype=torch.long)
+        return self._valid[:, : self.n].sum(-1)[:, None].expand(B, H).clone()
+
+    def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Stored (keys ``(n, D)``, values, positions) of one row, padding excluded."""
+        sel = slice(None) if self._valid is None else self._valid[b, : self.n]
+        return self.keys[b, h][sel], self.values[b, h][sel], self.positions[b, h][sel]
+
+    # ------------------------------------------------------------------------------------------------ bytes
+    def kv_bytes(self) -> int:
+        B, H, _, D = self._k.shape
+        return 2 * B * H * self.n * D * self._k.element_size()
+
+    def allocated_bytes(self) -> int:
+        return 2 * self._k.numel() * self._k.element_size()
+
+    def meta_bytes(self) -> int:
+        total = self._pos.numel() * self._pos.element_size()
+        if self._valid is not None:
+            total += self._valid.numel()
+        if self._bias is not None:
+            total += self._bias.numel() * self._bias.element_size()
+        return total
+
+    # ------------------------------------------------------------------------------------------------ growth
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens without reallocating later."""
+        need = self.n + extra
+        if need <= self.capacity:
+            return
+        B, H, _, D = self._k.shape
+        k = self._k.new_empty(B, H, need, D)
+        v = self._v.new_empty(B, H, need, D)
+        pos = self._pos.new_empty(B, H, need)
+        k[:, :, : self.n] = self.keys
+        v[:, :, : self.n] = self.values
+        pos[:, :, : self.n] = self.positions
+        self._k, self._v, self._pos = k, v, pos
+        if self._valid is not None:
+            valid = torch.ones(B, need, dtype=torch.bool, device=k.device)
+            valid[:, : self.n] = self._valid[:, : self.n]
+            self._valid = valid
+        if self._bias is not None:
+            bias = k.new_zeros(B, H, need)
+            bias[:, :, : self.n] = self._bias[:, :, : self.n]
+            self._bias = bias
+
+    def append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None) -> None:
+        """Append a chunk: k, v ``(B, H_kv, L, D)``, positions ``(B, L)``, valid ``(B, L)`` or None.
+
+        Padding of the chunk is stored (and masked) — this store keeps rows equal in length.
+        """
+        L = k.shape[2]
+        if self.n + L > self.capacity:
+            self.reserve(_grow(self.n + L) - self.n)
+        s, e = self.n, self.n + L
+        self._k[:, :, s:e] = k
+        self._v[:, :, s:e] = v
+        self._pos[:, :, s:e] = positions.to(torch.int32)[:, None, :]
+        if valid is not None and not bool(valid.all()):
+            if self._valid is None:
+                self._valid = torch.ones(k.shape[0], self.capacity, dtype=torch.bool, device=k.device)
+            self._valid[:, s:e] = valid
+        elif self._valid is not None:
+            self._valid[:, s:e] = True
+        if self._bias is not None:
+            self._bias[:, :, s:e] = 0
+        self.n = e
+        self._chunk = L
+
+    # ------------------------------------------------------------------------------------------------ attend
+    def attend(self, q: Tensor, scaling: float) -> Tensor:
+        """Attention of the last appended chunk's queries over the whole store.
+
+        q: ``(B, H_q, L, D)`` with ``L`` the last chunk's length → ``(B, H_q, L, D)``.
+        """
+        B, Hq, L, D = q.shape
+        H = self._k.shape[1]
+        G = Hq // H
+        qg = q.reshape(B, H, G * L, D)  # (B, H_kv, G*L, D): query heads of a group side by side
+        mask: Tensor | None = None
+        if L > 1 or self._valid is not None:
+            chunk_pos = torch.full((self.n,), -1, dtype=torch.long, device=q.device)
+            chunk_pos[self.n - L :] = torch.arange(L, device=q.device)
+            key_valid = self.valid  # (B, n) or None
+            if key_valid is None:
+                allowed = chunk_allowed(chunk_pos, L)[None, None]  # (1, 1, L, n)
+            else:
+                allowed = chunk_allowed(chunk_pos.expand(B, -1), L, key_valid)[:, None]  # (B, 1, L, n)
+            mask = allowed[:, :, None].expand(-1, -1, G, -1, -1).reshape(allowed.shape[0], 1, G * L, self.n)
+        if self._bias is not None:
+            bias = self._bias[:, :, None, : self.n]  # (B, H_kv, 1, n)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+        out = _sdpa_group(qg, self.keys, self.values, scaling, mask)  # (B, H_kv, G*L, D)
+        return out.reshape(B, Hq, L, D)
+
+    # ------------------------------------------------------------------------------------------------ misc
+    def to_ragged(self) -> RaggedKV:
+        B, H = self._k.shape[:2]
+        rows = []
+        for b in range(B):
+            for h in range(H):
+                k, v, p = self.row(b, h)
+                bias = None
+                if self._bias is not None:
+                    keep = slice(None) if self._valid is None else self._valid[b, : self.n]
+                    bias = self._bias[b, h, : self.n][keep]
+                rows.append(Row.of(k, v, p, bias))
+        return RaggedKV(rows, B, H)
+
+
+@dataclass
+class Row:
+    """One (sequence, KV head) row of a ragged store."""
+
+    k: Tensor  # (capacity, D)
+    v: Tensor  # (capacity, D)
+    pos: Tensor  # (capacity,) int32
+    bias: Tensor | None  # (capacity,) or None
+    n: int
+
+    @classmethod
+    def of(cls, k: Tensor, v: Tensor, pos: Tensor, bias: Tensor | None = None, reserve: int = 0) -> Row:
+        n, D = k.shape
+        cap = n + max(0, reserve)
+        kb = k.new_empty(cap, D)
+        vb = v.new_empty(cap, D)
+        pb = torch.empty(cap, dtype=torch.int32, device=k.device)
+        kb[:n], vb[:n], pb[:n] = k, v, pos.to(torch.int32)
+        bb = None
+        if bias is not None:
+            bb = k.new_zeros(cap)
+            bb[:n] = bias
+        return cls(kb, vb, pb, bb, n)
+
+    def reserve(self, extra: int) -> None:
+        need = self.n + extra
+        if need <= self.k.shape[0]:
+            return
+        new = Row.of(self.k[: self.n], self.v[: self.n], self.pos[: self.n],
+                     None if self.bias is None else self.bias[: self.n], reserve=extra)
+        self.k, self.v, self.pos, self.bias = new.k, new.v, new.pos, new.bias
+
+    def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        L = k.shape[0]
+        if self.n + L > self.k.shape[0]:
+            self.reserve(_grow(self.n + L) - self.n)
+        s, e = self.n, self.n + L
+        self.k[s:e], self.v[s:e], self.pos[s:e] = k, v, pos.to(torch.int32)
+        if self.bias is not None:
+            self.bias[s:e] = 0
+        self.n = e
+
+
+class RaggedKV:
+    """Rows of different lengths, each in its own buffer (no padding to the longest row)."""
+
+    def __init__(self, rows: list[Row], batch: int, heads: int) -> None:
+        if len(rows) != batch * heads:
+            raise ValueError(f"RaggedKV needs {batch * heads} rows, got {len(rows)}")
+        self.rows = rows
+        self.batch = batch
+        self.heads = heads
+        self._new: list[Tensor] = []  # per sequence: chunk indices of the tokens appended last
+
+    def _row(self, b: int, h: int) -> Row:
+        return self.rows[b * self.heads + h]
+
+    def lengths(self) -> Tensor:
+        return torch.tensor([r.n for r in self.rows], dtype=torch.long).view(self.batch, self.heads)
+
+    def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        r = self._row(b, h)
+        return r.k[: r.n], r.v[: r.n], r.pos[: r.n]
+
+    def kv_bytes(self) -> int:
+        return sum(2 * r.n * r.k.shape[1] * r.k.element_size() for r in self.rows)
+
+    def allocated_bytes(self) -> int:
+        return sum(2 * r.k.numel() * r.k.element_size() for r in self.rows)
+
+    def meta_bytes(self) -> int:
+        total = 0
+        for r in self.rows:
+            total += r.pos.numel() * r.pos.element_size()
+            if r.bias is not None:
+                total += r.bias.numel() * r.bias.element_size()
+        return total
+
+    def reserve(self, extra: int) -> None:
+        for r in self.rows:
+            r.reserve(extra)
+
+    def append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None) -> None:
+        """Append a chunk; padding tokens of the chunk are not stored."""
+        B, H, L, _ = k.shape
+        self._new = []
+        for b in range(B):
+            idx = torch.arange(L) if valid is None else valid[b].nonzero().flatten()
+            self._new.append(idx)
+            kb = k[b].index_select(1, idx) if valid is not None else k[b]
+            vb = v[b].index_select(1, idx) if valid is not None else v[b]
+            pb = positions[b].index_select(0, idx) if valid is not None else positions[b]
+            for h in range(H):
+                self._row(b, h).append(kb[h], vb[h], pb)
+
+    def attend(self, q: Tensor, scaling: float) -> Tensor:
+        """Attention of the last appended chunk's queries: q ``(B, H_q, L, D)`` → ``(B, H_q, L, D)``."""
+        B, Hq, L, D = q.shape
+        G = Hq // self.heads
+        out = q.new_empty(B, Hq, L, D)
+        for b in range(B):
+            new_idx = self._new[b] if self._new else torch.arange(L)
+            for h in range(self.heads):
+                r = self._row(b, h)
+                k, v = r.k[: r.n], r.v[: r.n]
+                mask: Tensor | None = None
+                if L > 1:
+                    chunk_pos = torch.full((r.n,), -1, dtype=torch.long)
+                    chunk_pos[r.n - new_idx.numel() :] = new_idx
+                    allowed = chunk_allowed(chunk_pos, L)  # (L, n)
+                    mask = allowed[None].expand(G, L, r.n).reshape(G * L, r.n)
+                if r.bias is not None:
+                    bias = r.bias[: r.n][None]
+                    mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+                qg = q[b, h * G : (h + 1) * G].reshape(1, 1, G * L, D)
+                o = _sdpa_group(qg, k[None, None], v[None, None], scaling, None if mask is None else mask[None, None])
+                out[b, h * G : (h + 1) * G] = o.view(G, L, D)
+        if L > 1:
+            out = torch.nan_to_num(out)  # padding queries before any stored key have empty rows
+        return out
+
+
+KVStore = DenseKV | RaggedKV
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x ``(B, H, T, D)``, idx ``(B, H, K)`` (non-negative) → ``(B, H, K, D)``."""
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def build_store(
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    *,
+    bias: Tensor | None = None,
+    extra_keys: Tensor | None = None,
+    extra_values: Tensor | None = None,
+    extra_bias: Tensor | None = None,
+    reserve: int = 0,
+) -> KVStore:
+    """Keep the selected entries (plus optional extra, synthetic entries) of a compressed chunk.
+
+    Args:
+        keys, values: ``(B, H_kv, T, D)``; positions ``(B, T)``.
+        indices, counts: a selection (``(B, H_kv, K)`` ascending, -1 padded; ``(B, H_kv)``).
+        bias: optional ``(B, H_kv, T)`` logit bias of the entries (log of the mass they stand for).
+        extra_keys, extra_values: optional ``(B, H_kv, E, D)`` entries appended to every row (positions -1).
+        extra_bias: ``(B, H_kv, E)`` their logit bias.
+        reserve: headroom per row for tokens still to come.
+    """
+    B, H, T, _ = keys.shape
+    K = indices.shape[-1]
+    has_extra = extra_keys is not None and extra_keys.shape[2] > 0
+    safe = indices.clamp_min(0)
+    pos_bh = positions[:, None, :].expand(B, H, T)
+    if bool((counts == K).all()):
+        k = gather_rows(keys, safe)
+        v = gather_rows(values, safe)
+        p = pos_bh.gather(2, safe)
+        bb = None if bias is None else bias.gather(2, safe)
+        if has_extra:
+            assert extra_keys is not None
+            assert extra_values is not None
+            E = extra_keys.shape[2]
+            k = torch.cat([k, extra_keys], 2)
+            v = torch.cat([v, extra_values], 2)
+            p = torch.cat([p, p.new_full((B, H, E), -1)], 2)
+            eb = extra_bias if extra_bias is not None else keys.new_zeros(B, H, E)
+            bb = torch.cat([bb if bb is not None else keys.new_zeros(B, H, K), eb], 2)
+        return DenseKV(k, v, p, bias=bb, reserve=reserve)
+    rows = []
+    for b in range(B):
+        for h in range(H):
+            idx = indices[b, h, : int(counts[b, h])]
+            k = keys[b, h].index_select(0, idx)
+            v = values[b, h].index_select(0, idx)
+            p = positions[b].index_select(0, idx)
+            rb = None if bias is None else bias[b, h].index_select(0, idx)
+            if has_extra:
+                assert extra_keys is not None
+                assert extra_values is not None
+                E = extra_keys.shape[2]
+                k = torch.cat([k, extra_keys[b, h]])
+                v = torch.cat([v, extra_values[b, h]])
+                p = torch.cat([p, p.new_full((E,), -1)])
+                eb = extra_bias[b, h] if extra_bias is not None else keys.new_zeros(E)
+                rb = torch.cat([rb if rb is not None else keys.new_zeros(idx.numel()), eb])
+            rows.append(Row.of(k, v, p, rb, reserve=reserve))
+    return RaggedKV(rows, B, H)
+
+
+def bytes_per_entry(head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one stored KV entry (one key and one value vector)."""
+    return 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def mb(n_bytes: float) -> float:
+    return n_bytes / 2**20
+
+
+__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "build_store", "bytes_per_entry", "chunk_allowed"]

@@ -1,0 +1,179 @@
+"""Command-line interface: parse → config → library call. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import TokensieveError
+
+
+def _params(items: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise TokensieveError(f"--param expects key=value, got {item!r}.")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or min(os.cpu_count() or 1, 8))
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .adapters.models import pull
+
+    path = pull(args.model, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .core.registry import list_methods
+
+    infos = list_methods()
+    if args.json:
+        print(json.dumps([i.__dict__ for i in infos], indent=2, default=str))
+        return 0
+    for i in infos:
+        params = ", ".join(f"{k}={v}" for k, v in i.params.items()) or "—"
+        print(f"{i.name}")
+        print(f"    {i.summary}")
+        print(f"    paper:        {i.paper}")
+        if i.rule:
+            print(f"    rule:         {i.rule}")
+        print(f"    capabilities: {i.capabilities}")
+        print(f"    parameters:   {params}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .adapters.models import load_model
+    from .core.budget import Budget
+    from .core.registry import create_method
+    from .errors import PromptError
+    from .eval.prompts import chat_ids
+    from .pipeline import compress
+
+    _threads(args.threads)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    press_kwargs = _params(args.param)
+    if not prompt.strip():
+        raise PromptError("The prompt is empty: give some text to answer.")
+    create_method(args.method, **press_kwargs)  # fail on a bad method or parameter before loading the model
+    Budget.parse(args.budget)
+    model, tok = load_model(args.model)
+    press = compress(model, args.method, args.budget, reserve=args.max_new_tokens, **press_kwargs)
+    ids = chat_ids(tok, prompt, system=args.system)
+    ctx = press.prefill(ids)
+
+    pieces: list[int] = []
+    printed = ""
+
+    def on_token(row: int, token: int) -> None:
+        nonlocal printed
+        pieces.append(token)
+        text = tok.decode(pieces, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
+
+    gen = press.decode(ctx, args.max_new_tokens, eos_token_ids=[tok.eos_token_id], on_token=on_token)
+    sys.stdout.write("\n")
+    cache = ctx.cache
+    print(
+        f"[{press.method.name} @ {press.budget}] prompt {ids.shape[1]} tokens · KV {cache.kv_bytes() / 2**20:.2f} MB "
+        f"· prefill {ctx.prefill_seconds:.2f} s · decode {gen.tokens_per_second:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_demo(
+        model_name=args.model,
+        methods=methods,
+        budget=args.budget,
+        length=args.length,
+        depth=args.depth,
+        seed=args.seed,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from .adapters.models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="tokensieve",
+        description="Decide which tokens matter: KV-cache compression and sparse attention, measured.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, local HF directory or hub id")
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
+
+    sp = sub.add_parser("pull", help="fetch the embedded model and convert it to safetensors (once)")
+    sp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    sp.add_argument("--force", action="store_true", help="convert again even if it is cached")
+    sp.set_defaults(func=cmd_pull)
+
+    sp = sub.add_parser("methods", help="list registered methods with their papers, capabilities and parameters")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_methods)
+
+    sp = sub.add_parser("generate", help="stream a chat answer, optionally from a compressed cache")
+    sp.add_argument("prompt", help="the user message ('-' reads stdin)")
+    common(sp)
+    sp.add_argument("--method", default="full", help="registered method (see `tokensieve methods`)")
+    sp.add_argument("--budget", default="1.0", help="KV budget: ratio (0.25, 25%%) or token count (256)")
+    sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--system", default=None, help="optional system prompt")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("demo", help="answer a long-context passkey question with several methods, side by side")
+    common(sp)
+    sp.add_argument("--methods", default="full", help="comma-separated methods (default: full)")
+    sp.add_argument("--budget", default="0.1", help="budget for the compressing methods (default 0.1 = 90%% off)")
+    sp.add_argument("--length", type=int, default=1024, help="prompt length in tokens")
+    sp.add_argument("--depth", type=float, default=0.5, help="needle depth, 0 (start) … 1 (end)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_demo)
+
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TokensieveError as exc:
+        print(f"tokensieve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokensieve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+
+__all__: list[Any] = ["build_parser", "main"]

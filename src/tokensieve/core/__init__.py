@@ -1,0 +1,28 @@
+"""Concepts with no model knowledge: budgets, layer contexts, selections, capabilities, methods, the registry."""
+
+from .budget import Budget
+from .capabilities import Apply, Capabilities, Granularity, Phase
+from .context import LayerContext, ModelShape, RunState
+from .method import Compressed, Method, PrefillMethod
+from .registry import create_method, get_method_class, list_methods, method_names, register
+from .selection import Selection
+
+__all__ = [
+    "Apply",
+    "Budget",
+    "Capabilities",
+    "Compressed",
+    "Granularity",
+    "LayerContext",
+    "Method",
+    "ModelShape",
+    "Phase",
+    "PrefillMethod",
+    "RunState",
+    "Selection",
+    "create_method",
+    "get_method_class",
+    "list_methods",
+    "method_names",
+    "register",
+]

@@ -1,0 +1,197 @@
+"""What a scorer sees: the per-layer context of one compression.
+
+A :class:`LayerContext` is built by the attention hook for every layer while a prompt is compressed. It carries the
+tensors the model already computed (post-RoPE queries and keys, values), the padding mask, and lazily computed,
+memoised attention statistics that several scorers share (observation-window attention, accumulated attention).
+None of it knows about budgets or the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class ModelShape:
+    """The attention geometry of a model (what methods and profiles need to know about it)."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    key: str = "model"
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config: Any, key: str = "model") -> ModelShape:
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        nq = int(c.num_attention_heads)
+        return cls(
+            num_layers=int(c.num_hidden_layers),
+            num_q_heads=nq,
+            num_kv_heads=int(getattr(c, "num_key_value_heads", None) or nq),
+            head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // nq),
+            max_positions=int(getattr(c, "max_position_embeddings", 0) or 0),
+            key=key,
+        )
+
+
+@dataclass
+class RunState:
+    """State of one compression run, shared by all layers (never stored on a method's config).
+
+    Attributes:
+        shape: the model's attention geometry.
+        budget_tokens: ``(B,)`` average per-(layer, KV head) budget of each sequence, in tokens.
+        n_tokens: ``(B,)`` number of real (non-padding) tokens being compressed per sequence.
+        sink, recent: protected token counts resolved from the budget and the method.
+        profile: a per-model profile the method asked for, if any.
+        scratch: free space for methods that share results across layers.
+    """
+
+    shape: ModelShape
+    budget_tokens: Tensor
+    n_tokens: Tensor
+    sink: int = 0
+    recent: int = 0
+    profile: Any = None
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerContext:
+    """Per-layer inputs of a scorer.
+
+    Attributes:
+        layer_idx: index of the decoder layer.
+        queries: ``(B, H_q, T, D)`` post-RoPE queries of the compressed chunk.
+        keys: ``(B, H_kv, T, D)`` post-RoPE keys.
+        values: ``(B, H_kv, T, D)`` values.
+        valid: ``(B, T)`` bool, False at left padding.
+        scaling: the softmax scale (usually ``D ** -0.5``).
+        run: the run-wide state.
+    """
+
+    layer_idx: int
+    queries: Tensor
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    scaling: float
+    run: RunState
+    _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------------------------------------ geometry
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.queries.shape[1]
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return self.run.shape.num_layers
+
+    @property
+    def n_valid(self) -> Tensor:
+        """``(B,)`` number of real tokens per sequence."""
+        return self.valid.sum(-1)
+
+    @property
+    def positions(self) -> Tensor:
+        """``(B, T)`` true positions (0 at each sequence's first real token), -1 at padding."""
+        pos = self.valid.long().cumsum(-1) - 1
+        return torch.where(self.valid, pos, torch.full_like(pos, -1))
+
+    # ----------------------------------------------------------------------------------------------- reducers
+    def to_kv_heads(self, x: Tensor, reduce: str = "mean") -> Tensor:
+        """Aggregate query-head statistics per KV head: ``(B, H_q, ...) -> (B, H_kv, ...)``.
+
+        Query head ``h`` belongs to KV head ``h // G`` (the order of transformers' ``repeat_kv``).
+        """
+        B = x.shape[0]
+        grouped = x.reshape(B, self.num_kv_heads, self.group, *x.shape[2:])  # (B, H_kv, G, ...)
+        if reduce == "mean":
+            return grouped.mean(2)
+        if reduce == "max":
+            return grouped.amax(2)
+        if reduce == "sum":
+            return grouped.sum(2)
+        raise ValueError(f"Unknown reduction {reduce!r}; use mean, max or sum.")
+
+    # ------------------------------------------------------------------------------------------ attention stats
+    def window_attention(self, window: int) -> Tensor:
+        """Attention probabilities of the last ``window`` queries over all keys: ``(B, H_q, W, T)``.
+
+        Causal inside the window and padding-masked; softmax over all keys (window keys included). Memoised.
+        """
+        W = max(1, min(int(window), self.length))
+        key = ("window", W)
+        if key not in self._memo:
+            T = self.length
+            q = self.queries[:, :, T - W :]  # (B, H_q, W, D)
+            logits = grouped_logits(q, self.keys, self.scaling)  # (B, H_q, W, T)
+            qpos = torch.arange(T - W, T, device=q.device)
+            kpos = torch.arange(T, device=q.device)
+            allowed = (kpos[None, :] <= qpos[:, None])[None, None] & self.valid[:, None, None, :]
+            logits = logits.masked_fill(~allowed, NEG_INF)
+            self._memo[key] = torch.softmax(logits, dim=-1)
+        return self._memo[key]
+
+    def accumulated_attention(self, chunk: int = 512) -> Tensor:
+        """Attention each key receives, summed over every query that can see it: ``(B, H_q, T)``.
+
+        Computed in query chunks so that no ``T x T`` tensor per head is ever allocated. Memoised.
+        """
+        key = ("accumulated", 0)
+        if key not in self._memo:
+            B, Hq, T, _ = self.queries.shape
+            total = torch.zeros(B, Hq, T, dtype=torch.float32, device=self.queries.device)
+            kpos = torch.arange(T, device=self.queries.device)
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                logits = grouped_logits(self.queries[:, :, s:e], self.keys[:, :, :e], self.scaling)
+                qpos = torch.arange(s, e, device=self.queries.device)
+                allowed = (kpos[None, :e] <= qpos[:, None])[None, None] & self.valid[:, None, None, :e]
+                probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1)
+                probs = probs * self.valid[:, None, s:e, None]  # padding queries contribute nothing
+                total[..., :e] += probs.sum(2).float()
+            self._memo[key] = total
+        return self._memo[key]
+
+
+def grouped_logits(q: Tensor, k: Tensor, scaling: float) -> Tensor:
+    """``q kᵀ * scaling`` under GQA without expanding keys to query heads.
+
+    q: ``(B, H_q, L, D)``, k: ``(B, H_kv, T, D)`` → ``(B, H_q, L, T)``.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * L, D)  # (B, H_kv, G*L, D)
+    logits = torch.matmul(qg, k.transpose(-1, -2)) * scaling  # (B, H_kv, G*L, T)
+    return logits.reshape(B, Hq, L, k.shape[2])

@@ -1,0 +1,269 @@
+"""The public compression API: compress a context once, answer from the compressed cache, measure what it cost.
+
+Two ways in:
+
+* ``with tokensieve.compress(model, "snapkv", budget=0.25): model.generate(...)`` — transformers' own ``generate``
+  runs on a compressed cache (the prompt is compressed when it is prefilled);
+* ``press = tokensieve.compress(model, ...)`` then ``press.prefill`` / ``press.extend`` / ``press.decode`` — a lean
+  greedy loop with timings, used by the CLI, the evaluation harness and the benchmarks. It supports the
+  query-agnostic setting (compress a context, then append questions uncompressed, each on a fork of the cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapters.hf import inject_cache, sieve_attention_enabled
+from .adapters.models import model_key
+from .cache.sieve_cache import Plan, SieveCache
+from .core.budget import Budget
+from .core.context import ModelShape
+from .core.method import Method
+from .core.registry import create_method
+from .errors import ConfigError, PromptError
+
+
+@dataclass
+class CachedContext:
+    """A prefilled (and possibly compressed) context: the cache, its padding mask and the next-token logits.
+
+    Attributes:
+        cache: the SieveCache.
+        mask: ``(B, seen)`` 1 for real tokens, 0 for padding, over every token the cache has seen.
+        logits: ``(B, V)`` next-token logits after the last prefilled token.
+        prefill_seconds: wall time of the prefill (compression included).
+        compress_seconds: the part of it spent scoring, selecting and applying.
+    """
+
+    cache: SieveCache
+    mask: Tensor
+    logits: Tensor
+    prefill_seconds: float = 0.0
+    compress_seconds: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        return int(self.mask.shape[0])
+
+    def next_positions(self) -> Tensor:
+        """``(B,)`` true position of the next token of each sequence."""
+        return self.mask.sum(-1)
+
+    def fork(self) -> CachedContext:
+        """An independent copy, to answer another question from the same compressed context."""
+        return copy.deepcopy(self)
+
+
+@dataclass
+class Generation:
+    """Greedy continuation of a CachedContext."""
+
+    tokens: list[list[int]]  # per sequence, generated ids (EOS excluded)
+    steps: int  # decode forward passes
+    decode_seconds: float
+    finished: list[bool] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = sum(len(t) for t in self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Compressor:
+    """Compress a model's KV cache with a registered method and a budget.
+
+    Args:
+        model: a causal LM from transformers (Llama-family attention).
+        method: a registered method name or a :class:`Method` instance (``"full"`` = no compression).
+        budget: a ratio in (0, 1], a token count, or a :class:`Budget`.
+        reserve: headroom per cache row for tokens that will follow the compressed context.
+        **params: method parameters (e.g. ``window=64``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        method: str | Method = "full",
+        budget: Budget | str | float | int = 1.0,
+        *,
+        reserve: int = 0,
+        **params: Any,
+    ) -> None:
+        self.model = model
+        self.method = create_method(method, **params)
+        self.budget = Budget.parse(budget)
+        self.shape = ModelShape.from_config(model.config, key=model_key(model))
+        self.method.check(self.shape)
+        self.profile = self.method.load_profile(self.shape)
+        self.reserve = reserve
+        self._stack: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------------------------------------- caches
+    def plan(self, reserve: int | None = None) -> Plan:
+        return Plan(
+            method=self.method,
+            budget=self.budget,
+            shape=self.shape,
+            profile=self.profile,
+            reserve=self.reserve if reserve is None else reserve,
+        )
+
+    def new_cache(self, *, reserve: int | None = None, compress: bool = True) -> SieveCache:
+        """A fresh cache that compresses the next prefilled chunk (``compress=False``: keeps everything)."""
+        return SieveCache(self.shape.num_layers, self.plan(reserve) if compress else None)
+
+    # ---------------------------------------------------------------------------------------- context manager
+    def __enter__(self) -> Compressor:
+        stack = contextlib.ExitStack()
+        stack.enter_context(sieve_attention_enabled(self.model))
+        stack.enter_context(inject_cache(self.model, self.new_cache))
+        self._stack = stack
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    # ------------------------------------------------------------------------------------------------ lean API
+    def _check_length(self, total: int) -> None:
+        limit = self.shape.max_positions
+        if limit and total > limit:
+            raise PromptError(
+                f"The sequence would reach {total} tokens, beyond the model's context of {limit} tokens. "
+                "Shorten the prompt or lower max_new_tokens."
+            )
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: SieveCache) -> Tensor:
+        with sieve_attention_enabled(self.model):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        compress: bool = True,
+        reserve: int | None = None,
+    ) -> CachedContext:
+        """Prefill a (left-padded) batch and compress it with the method and budget.
+
+        input_ids ``(B, T)``; attention_mask ``(B, T)`` with 0 at left padding (default: no padding).
+        """
+        ids, mask = _as_batch(input_ids, attention_mask)
+        n = mask.sum(-1)
+        if bool((n == 0).any()):
+            raise PromptError("A prompt is empty: nothing to prefill.")
+        if bool((mask[:, -1] == 0).any()):
+            raise PromptError("Padding must be on the left (the last position of every row must be a real token).")
+        self._check_length(int(ids.shape[1]))
+        if compress and self.method.compresses:
+            for v in n.tolist():
+                self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
+        cache = self.new_cache(reserve=reserve, compress=compress)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        t0 = time.perf_counter()
+        logits = self._forward(ids, mask, positions, cache)
+        dt = time.perf_counter() - t0
+        return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
+
+    @torch.inference_mode()
+    def extend(self, ctx: CachedContext, input_ids: Tensor, attention_mask: Tensor | None = None) -> CachedContext:
+        """Append a chunk (e.g. a question) to a prefilled context, uncompressed. Modifies ``ctx`` in place."""
+        ids, mask = _as_batch(input_ids, attention_mask)
+        if ids.shape[0] != ctx.batch:
+            raise ConfigError(f"Batch mismatch: context has {ctx.batch} rows, the chunk {ids.shape[0]}.")
+        self._check_length(int(ctx.next_positions().max()) + int(ids.shape[1]))
+        positions = ctx.next_positions()[:, None] + (mask.cumsum(-1) - 1).clamp_min(0)
+        full_mask = torch.cat([ctx.mask, mask], dim=1)
+        t0 = time.perf_counter()
+        ctx.logits = self._forward(ids, full_mask, positions, ctx.cache)
+        ctx.prefill_seconds += time.perf_counter() - t0
+        ctx.mask = full_mask
+        return ctx
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        ctx: CachedContext,
+        max_new_tokens: int,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Greedy decoding from a prefilled context. Modifies ``ctx`` in place.
+
+        ``on_token(row, token_id)`` is called for every generated token (for streaming).
+        """
+        if max_new_tokens < 0:
+            raise ConfigError("max_new_tokens must be >= 0.")
+        self._check_length(int(ctx.next_positions().max()) + max_new_tokens)
+        eos = {int(e) for e in eos_token_ids}
+        B = ctx.batch
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        finished = [False] * B
+        steps = 0
+        t0 = time.perf_counter()
+        logits = ctx.logits
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)  # (B,)
+            for b, t in enumerate(nxt.tolist()):
+                if finished[b]:
+                    continue
+                if t in eos:
+                    finished[b] = True
+                    continue
+                tokens[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            positions = ctx.next_positions()[:, None]
+            ctx.mask = torch.cat([ctx.mask, ctx.mask.new_ones(B, 1)], dim=1)
+            logits = self._forward(nxt[:, None], ctx.mask, positions, ctx.cache)
+            steps += 1
+        ctx.logits = logits
+        return Generation(tokens, steps, time.perf_counter() - t0, finished)
+
+
+def compress(
+    model: Any,
+    method: str | Method = "full",
+    budget: Budget | str | float | int = 1.0,
+    **kwargs: Any,
+) -> Compressor:
+    """Create a :class:`Compressor`; use it as a context manager around ``model.generate`` or call its methods."""
+    return Compressor(model, method, budget, **kwargs)
+
+
+def _as_batch(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
+    if ids.shape[1] == 0:
+        raise PromptError("The prompt is empty.")
+    return ids, mask.long()

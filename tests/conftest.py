@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random Llama built in-process, and the real embedded model loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(**overrides: object):
+    from transformers import LlamaConfig
+
+    cfg: dict[str, object] = {
+        "vocab_size": 97,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,  # GQA with groups of 3, like the embedded model
+        "head_dim": 8,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def make_tiny_model(seed: int = 0, **overrides: object):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**overrides))
+    # Larger-than-default weights give peaky attention, so that selections actually differ between methods.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(4.0)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded SmolLM2-135M-Instruct, loaded once (provisioned by `make setup`)."""
+    from tokensieve.adapters.models import is_pulled, load_model
+
+    if not is_pulled():
+        pytest.fail("The embedded model is not provisioned: run `make setup` (or `tokensieve pull`) first.")
+    return load_model()

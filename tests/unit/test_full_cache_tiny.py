@@ -1,0 +1,84 @@
+"""The full-cache path through our cache and kernels reproduces transformers' own forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve.cache.sieve_cache import SieveCache
+from tokensieve.eval.prompts import left_pad
+
+
+def _hf_greedy_logits(model, ids, steps):
+    """Reference: plain transformers (sdpa, DynamicCache), greedy, returns per-step last logits."""
+    out = model(input_ids=ids, use_cache=True)
+    logits = [out.logits[:, -1]]
+    pkv = out.past_key_values
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+        pkv = out.past_key_values
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@torch.inference_mode()
+def test_full_method_matches_transformers(tiny_model):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 97, (1, 40))
+    ref = _hf_greedy_logits(tiny_model, ids, steps=6)
+    press = ts.compress(tiny_model, "full")
+    ctx = press.prefill(ids)
+    got = [ctx.logits]
+    for _ in range(6):
+        nxt = got[-1].argmax(-1)
+        ctx.mask = torch.cat([ctx.mask, ctx.mask.new_ones(1, 1)], 1)
+        got.append(press._forward(nxt[:, None], ctx.mask, ctx.next_positions()[:, None] - 1, ctx.cache))
+    torch.testing.assert_close(torch.stack(got, 1), ref, atol=1e-4, rtol=1e-4)
+    assert ctx.cache.get_seq_length() == 46
+    assert tiny_model.config._attn_implementation == "sdpa"  # restored after every call
+
+
+@torch.inference_mode()
+def test_batch_with_left_padding_equals_single(tiny_model):
+    torch.manual_seed(1)
+    rows = [torch.randint(3, 97, (n,)).tolist() for n in (30, 17, 24)]
+    ids, mask = left_pad(rows, pad_id=0)
+    press = ts.compress(tiny_model, "full")
+    ctx = press.prefill(ids, mask)
+    first_logits = ctx.logits.clone()
+    gen = press.decode(ctx, 5)
+    for b, r in enumerate(rows):
+        single = press.prefill(torch.tensor([r]))
+        torch.testing.assert_close(first_logits[b], single.logits[0], atol=1e-4, rtol=1e-4)
+        assert gen.tokens[b] == press.decode(single, 5).tokens[0]
+
+
+@torch.inference_mode()
+def test_generate_inside_context_manager_uses_sieve_cache(tiny_model):
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    ref = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with ts.compress(tiny_model, "full"):
+        out = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                  return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, SieveCache)
+    assert torch.equal(out.sequences, ref)
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_attention_without_sieve_cache_is_a_clear_error(tiny_model):
+    ids = torch.randint(3, 97, (1, 10))
+    with ts.compress(tiny_model, "full"), pytest.raises(RuntimeError, match="SieveCache"):
+        tiny_model(input_ids=ids, use_cache=False)
+
+
+def test_prompt_errors(tiny_model):
+    press = ts.compress(tiny_model, "full")
+    with pytest.raises(ts.PromptError, match="empty"):
+        press.prefill(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ts.PromptError, match="context"):
+        press.prefill(torch.randint(3, 97, (1, 600)))
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], 0)
+    with pytest.raises(ts.PromptError, match="left"):
+        press.prefill(ids.flip(1), mask.flip(1))

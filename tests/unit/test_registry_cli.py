@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import tokensieve as ts
+from tokensieve.cli import main
+from tokensieve.core.registry import get_method_class, list_methods, method_names
+
+
+def test_unknown_method_suggests_and_lists():
+    with pytest.raises(ts.UnknownNameError) as err:
+        ts.create_method("fulll")
+    msg = str(err.value)
+    assert "Did you mean 'full'" in msg
+    assert "Valid methods:" in msg
+
+
+def test_every_method_cites_a_paper_and_declares_capabilities():
+    infos = list_methods()
+    assert [i.name for i in infos] == method_names()
+    for info in infos:
+        cls = get_method_class(info.name)
+        assert cls.paper
+        assert cls.__doc__
+        assert info.capabilities
+        assert dataclasses.is_dataclass(cls)
+        assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_unknown_parameter_is_reported():
+    with pytest.raises(ts.ConfigError, match=r"no parameter 'window'"):
+        ts.create_method("full", window="3")
+
+
+def test_cli_methods_reads_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in method_names():
+        assert f"\n{name}\n" in "\n" + out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "hi", "--method", "nope"], "Unknown method 'nope'"),
+        (["generate", "hi", "--budget", "1.5"], "(0, 1]"),
+        (["generate", "hi", "--budget", "0"], ">= 1"),
+        (["generate", "   "], "empty"),
+        (["generate", "hi", "--model", "not-a-model"], "Unknown model"),
+        (["generate", "hi", "--model", "./missing/dir"], "No model directory"),
+        (["generate", "hi", "--param", "oops"], "key=value"),
+    ],
+)
+def test_cli_bad_input_fails_early_with_a_message(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+
+
+def test_missing_embedded_model_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSIEVE_HOME", str(tmp_path))
+    with pytest.raises(ts.ModelNotFoundError, match="tokensieve pull"):
+        ts.load_model("smollm2-135m")
+
+
+def test_local_directory_without_config(tmp_path):
+    with pytest.raises(ts.ModelNotFoundError, match=r"config\.json"):
+        ts.load_model(str(tmp_path))
+
+
+def test_local_directory_model_loads(tmp_path, tiny_model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model.save_pretrained(tmp_path)
+    vocab = {f"t{i}": i for i in range(97)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", eos_token="t2").save_pretrained(
+        tmp_path
+    )
+    model, tok = ts.load_model(str(tmp_path))
+    assert model.config.num_hidden_layers == tiny_model.config.num_hidden_layers
+    assert tok("t5 t6")["input_ids"] == [5, 6]
