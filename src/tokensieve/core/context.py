@@ -65,7 +65,7 @@ class RunState:
     sink: int = 0
     recent: int = 0
     profile: Any = None
-    scratch: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass

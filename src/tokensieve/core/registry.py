@@ -125,7 +125,7 @@ def list_methods() -> list[MethodInfo]:
     out = []
     for name in method_names():
         cls = _REGISTRY[name]
-        doc = (cls.__doc__ or "").strip().splitlines()
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         defaults = {
             f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)
         }
@@ -136,7 +136,7 @@ def list_methods() -> list[MethodInfo]:
                 rule=cls.rule,
                 capabilities=cls.capabilities.describe(),
                 params=defaults,
-                summary=doc[0] if doc else "",
+                summary=doc,
             )
         )
     return out

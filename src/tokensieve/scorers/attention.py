@@ -1,0 +1,79 @@
+"""Attention-based scorers (SnapKV, H2O, TOVA families)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.context import LayerContext
+
+Pooling = Literal["avg", "max", "none"]
+
+
+def pool1d(x: Tensor, kernel: int, kind: Pooling) -> Tensor:
+    """1-D pooling along the last (token) axis with 'same' length: ``(..., T) -> (..., T)``."""
+    if kind == "none" or kernel <= 1:
+        return x
+    if kernel % 2 == 0:
+        raise ValueError(f"Pooling kernel must be odd, got {kernel}.")
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    if kind == "avg":
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    elif kind == "max":
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"Unknown pooling {kind!r}; use avg, max or none.")
+    return out.reshape(shape)
+
+
+def observation_window_scores(
+    ctx: LayerContext,
+    window: int,
+    *,
+    pooling: Pooling = "avg",
+    kernel: int = 5,
+    reduce: Literal["mean", "max"] = "mean",
+) -> Tensor:
+    """SnapKV: attention of the last ``window`` queries, averaged over the window, pooled, per KV head.
+
+    ``s_j = pool_k( mean_{i in window} softmax(q_i Kᵀ / √D)_j )``, averaged over the query heads of each KV
+    group. Returns ``(B, H_kv, T)``; padding scores are 0.
+    """
+    probs = ctx.window_attention(window)  # (B, H_q, W, T)
+    s = probs.mean(2)  # (B, H_q, T)
+    s = pool1d(s, kernel, pooling)
+    s = ctx.to_kv_heads(s, reduce)  # (B, H_kv, T)
+    return s.masked_fill(~ctx.valid[:, None, :], 0.0)
+
+
+def accumulated_attention_scores(ctx: LayerContext, *, normalize: bool = False) -> Tensor:
+    """H2O: attention each key receives from every query of the prompt, summed, per KV head.
+
+    ``s_j = Σ_i A_ij`` (``normalize=True``: divided by the number of queries that can see ``j``).
+    Returns ``(B, H_kv, T)``.
+    """
+    acc = ctx.accumulated_attention()  # (B, H_q, T)
+    if normalize:
+        seen_by = ctx.valid.long().flip(-1).cumsum(-1).flip(-1).clamp_min(1)  # real queries at or after j
+        acc = acc / seen_by[:, None, :].to(acc.dtype)
+    s = ctx.to_kv_heads(acc, "mean")
+    return s.masked_fill(~ctx.valid[:, None, :], 0.0)
+
+
+def last_query_scores(ctx: LayerContext) -> Tensor:
+    """TOVA: attention of the last query, averaged over **all** query heads of the layer.
+
+    One ranking per layer, shared by every KV head: ``s_j = mean_h softmax(q_last,h Kᵀ/√D)_j``.
+    Returns ``(B, H_kv, T)`` (the same row repeated per KV head).
+    """
+    probs = ctx.window_attention(1)[:, :, 0]  # (B, H_q, T)
+    s = probs.mean(1, keepdim=True)  # (B, 1, T)
+    s = s.masked_fill(~ctx.valid[:, None, :], 0.0)
+    return s.expand(ctx.batch, ctx.num_kv_heads, ctx.length).contiguous()
+
+
+__all__ = ["accumulated_attention_scores", "last_query_scores", "observation_window_scores", "pool1d", "torch"]
