@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -156,7 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_demo)
 
+    # Larger command groups live next to their code and add their own sub-commands.
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return p
+
+
+# Modules that define `add_commands(subparsers)`; a module that is absent is skipped.
+_COMMAND_MODULES = [
+    m
+    for m in ("tokensieve.eval.cli", "tokensieve.bench.cli", "tokensieve.profiling.cli")
+    if importlib.util.find_spec(m.rsplit(".", 1)[0]) is not None and importlib.util.find_spec(m) is not None
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def run_demo(
         toks = gen.tokens[0]
         if tok.eos_token_id in toks:
             toks = toks[: toks.index(tok.eos_token_id)]
-        answer = tok.decode(toks, skip_special_tokens=True).strip()
+        answer = " ".join(tok.decode(toks, skip_special_tokens=True).split())
         entries = ctx.cache.stored_entries()
         if full_entries is None:
             full_entries = entries

@@ -145,7 +145,10 @@ class Compressor:
                 "Shorten the prompt or lower max_new_tokens."
             )
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: SieveCache) -> Tensor:
+    def _forward(
+        self, ids: Tensor, mask: Tensor, positions: Tensor, cache: SieveCache, *, all_logits: bool = False
+    ) -> Tensor:
+        """One forward pass through the cache; returns the last logits ``(B, V)`` or all ``(B, L, V)``."""
         with sieve_attention_enabled(self.model):
             out = self.model(
                 input_ids=ids,
@@ -153,9 +156,9 @@ class Compressor:
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_logits else 1,
             )
-        return out.logits[:, -1].float()
+        return out.logits.float() if all_logits else out.logits[:, -1].float()
 
     @torch.inference_mode()
     def prefill(
@@ -188,8 +191,20 @@ class Compressor:
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
 
     @torch.inference_mode()
-    def extend(self, ctx: CachedContext, input_ids: Tensor, attention_mask: Tensor | None = None) -> CachedContext:
-        """Append a chunk (e.g. a question) to a prefilled context, uncompressed. Modifies ``ctx`` in place."""
+    def extend(
+        self,
+        ctx: CachedContext,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_logits: bool = False,
+    ) -> Tensor | None:
+        """Append a chunk (e.g. a question, or a teacher-forced continuation) to a prefilled context, uncompressed.
+
+        Modifies ``ctx`` in place (its cache, mask and next-token logits). With ``return_logits=True`` returns the
+        logits at every position of the chunk, ``(B, L, V)`` — position ``i`` predicts token ``i + 1`` of the chunk
+        (and the last one the token after it); otherwise returns None.
+        """
         ids, mask = _as_batch(input_ids, attention_mask)
         if ids.shape[0] != ctx.batch:
             raise ConfigError(f"Batch mismatch: context has {ctx.batch} rows, the chunk {ids.shape[0]}.")
@@ -197,10 +212,11 @@ class Compressor:
         positions = ctx.next_positions()[:, None] + (mask.cumsum(-1) - 1).clamp_min(0)
         full_mask = torch.cat([ctx.mask, mask], dim=1)
         t0 = time.perf_counter()
-        ctx.logits = self._forward(ids, full_mask, positions, ctx.cache)
+        logits = self._forward(ids, full_mask, positions, ctx.cache, all_logits=return_logits)
         ctx.prefill_seconds += time.perf_counter() - t0
         ctx.mask = full_mask
-        return ctx
+        ctx.logits = logits[:, -1] if return_logits else logits
+        return logits if return_logits else None
 
     @torch.inference_mode()
     def decode(
