@@ -146,9 +146,20 @@ class Compressor:
             )
 
     def _forward(
-        self, ids: Tensor, mask: Tensor, positions: Tensor, cache: SieveCache, *, all_logits: bool = False
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        cache: SieveCache,
+        *,
+        all_logits: bool = False,
+        keep: int = 1,
     ) -> Tensor:
-        """One forward pass through the cache; returns the last logits ``(B, V)`` or all ``(B, L, V)``."""
+        """One forward pass through the cache.
+
+        Returns the last logits ``(B, V)``; with ``all_logits`` every position's ``(B, L, V)``; with ``keep > 1``
+        the last ``keep`` positions' ``(B, keep, V)``.
+        """
         with sieve_attention_enabled(self.model):
             out = self.model(
                 input_ids=ids,
@@ -156,9 +167,11 @@ class Compressor:
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=0 if all_logits else keep,
             )
-        return out.logits.float() if all_logits else out.logits[:, -1].float()
+        if all_logits or keep > 1:
+            return out.logits.float()
+        return out.logits[:, -1].float()
 
     @torch.inference_mode()
     def prefill(
@@ -184,9 +197,21 @@ class Compressor:
             for v in n.tolist():
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
         cache = self.new_cache(reserve=reserve, compress=compress)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
         t0 = time.perf_counter()
-        logits = self._forward(ids, mask, positions, cache)
+        if suffix is None:
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = self._forward(ids, mask, positions, cache)
+        else:
+            # Auxiliary tokens ride along at the positions that follow the prompt; they are attended to while the
+            # prompt is compressed and then dropped, so decoding starts right after the real prompt.
+            n_aux = int(suffix.shape[1])
+            self._check_length(int(ids.shape[1]) + n_aux)
+            fwd_mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_aux)], dim=1)
+            positions = (fwd_mask.cumsum(-1) - 1).clamp_min(0)
+            cache.tail = n_aux
+            logits = self._forward(torch.cat([ids, suffix], dim=1), fwd_mask, positions, cache, keep=n_aux + 1)
+            logits = logits[:, 0]  # the last real prompt token predicts the first output token
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
 

@@ -41,5 +41,5 @@ def test_transformers_generate_inside_compress_block(real_model):
     ids = chat_ids(tok, "What is the capital of France?")
     with ts.compress(model, "full"):
         out = model.generate(ids, max_new_tokens=10, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
     assert model.config._attn_implementation == "sdpa"

@@ -9,8 +9,15 @@ from tokensieve import Budget, ConfigError
 
 @pytest.mark.parametrize(
     ("spec", "kind", "value"),
-    [(0.25, "ratio", 0.25), ("25%", "ratio", 0.25), ("0.5", "ratio", 0.5), ("1.0", "ratio", 1.0),
-     (256, "tokens", 256), ("256", "tokens", 256), ("1", "tokens", 1)],
+    [
+        (0.25, "ratio", 0.25),
+        ("25%", "ratio", 0.25),
+        ("0.5", "ratio", 0.5),
+        ("1.0", "ratio", 1.0),
+        (256, "tokens", 256),
+        ("256", "tokens", 256),
+        ("1", "tokens", 1),
+    ],
 )
 def test_parse(spec, kind, value):
     b = Budget.parse(spec)

@@ -60,8 +60,7 @@ def test_generate_inside_context_manager_uses_sieve_cache(tiny_model):
     ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(2))
     ref = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with ts.compress(tiny_model, "full"):
-        out = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                  return_dict_in_generate=True)
+        out = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     assert isinstance(out.past_key_values, SieveCache)
     assert torch.equal(out.sequences, ref)
     assert tiny_model.config._attn_implementation == "sdpa"

@@ -62,9 +62,14 @@ def test_ragged_matches_reference(L):
     B, H, G = 2, 3, 3
     lengths = [[5, 9, 1], [13, 2, 7]]
     rows = [
-        Row.of(torch.randn(lengths[b][h], D), torch.randn(lengths[b][h], D), torch.arange(lengths[b][h]),
-               bias=torch.randn(lengths[b][h]) if h == 1 else None)
-        for b in range(B) for h in range(H)
+        Row.of(
+            torch.randn(lengths[b][h], D),
+            torch.randn(lengths[b][h], D),
+            torch.arange(lengths[b][h]),
+            bias=torch.randn(lengths[b][h]) if h == 1 else None,
+        )
+        for b in range(B)
+        for h in range(H)
     ]
     store = RaggedKV(rows, B, H)
     valid = torch.ones(B, L, dtype=torch.bool)
@@ -107,7 +112,7 @@ def test_build_store_uniform_and_ragged_bytes_are_exact():
     idx2 = idx.clone()
     for b in range(B):
         for h in range(H):
-            idx2[b, h, int(counts[b, h]):] = -1
+            idx2[b, h, int(counts[b, h]) :] = -1
     ragged = build_store(k, v, pos, idx2, counts, reserve=5)
     assert isinstance(ragged, RaggedKV)
     stored = sum(ragged.row(b, h)[0].numel() + ragged.row(b, h)[1].numel() for b in range(B) for h in range(H))

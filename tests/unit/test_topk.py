@@ -30,9 +30,7 @@ def test_topk_invariants(B, H, T, sink, recent, seed, data):
     pads = [data.draw(st.integers(0, T - 1)) for _ in range(B)]
     valid = _valid(B, T, pads)
     n_valid = valid.sum(-1)
-    counts = torch.stack(
-        [torch.randint(1, int(n_valid[b]) + 1, (H,), generator=g) for b in range(B)]
-    )
+    counts = torch.stack([torch.randint(1, int(n_valid[b]) + 1, (H,), generator=g) for b in range(B)])
     scores = torch.randn(B, H, T, generator=g)
     sel = topk_select(scores, counts, valid, sink=sink, recent=recent)
     sink_m, rec_m = protected_mask(valid, sink, recent)

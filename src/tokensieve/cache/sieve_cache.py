@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,10 @@ class SieveCache(Cache):
         self.run: RunState | None = None
         self.stats = CacheStats()
         self._compressed_layers = 0
+        # Trailing auxiliary tokens of the next compressed chunk (attend, never stored, not counted as seen).
+        self.tail = 0
+        # Called as observer(layer_idx, q, store) after every appended chunk (profiling, decode-time policies).
+        self.observers: list[Callable[[int, Tensor, KVStore], None]] = []
 
     # ------------------------------------------------------------------------------------ transformers Cache API
     def update(
@@ -203,10 +208,12 @@ class SieveCache(Cache):
             pos_new = torch.where(valid_new, pos_new, torch.full_like(pos_new, -1))
 
         plan = self.plan
+        stored = L  # tokens of this chunk that count as seen
         if layer.store is None:
             out = causal_attention(q, k, v, valid_new, scaling)
             if self.armed and plan is not None and L > 1:
                 layer.store = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
+                stored = L - self.tail
             else:
                 H = k.shape[1]
                 reserve = plan.reserve if plan is not None else 0
@@ -214,8 +221,11 @@ class SieveCache(Cache):
         else:
             layer.store.append(k, v, pos_new, valid_new)
             out = layer.store.attend(q, scaling)
-        layer.seen += L
-        layer.seen_valid = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1))
+            for observe in self.observers:
+                observe(layer_idx, q, layer.store)
+        layer.seen += stored
+        n_real = L if valid_new is None else valid_new.sum(-1)
+        layer.seen_valid = layer.seen_valid + n_real - (L - stored)
         return out
 
     def _compress(
@@ -236,11 +246,16 @@ class SieveCache(Cache):
         t0 = time.perf_counter()
         B, _, L, _ = k.shape
         valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool, device=k.device)
+        if self.tail >= L:
+            raise ConfigError(f"The auxiliary tail ({self.tail} tokens) is not shorter than the chunk ({L}).")
+        n_tokens = valid[:, : L - self.tail].sum(-1)
         if self.run is None:
-            self.run = make_run(plan, valid.sum(-1))
-            self.stats.compressed_tokens = valid.sum(-1).tolist()
+            self.run = make_run(plan, n_tokens)
+            self.stats.compressed_tokens = n_tokens.tolist()
             self.stats.budget_tokens = self.run.budget_tokens.tolist()
-        ctx = LayerContext(layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run)
+        ctx = LayerContext(
+            layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=self.tail
+        )
         comp = method.compress(ctx)
         sel = comp.selection
         store = build_store(
@@ -253,11 +268,13 @@ class SieveCache(Cache):
             extra_keys=comp.extra_keys,
             extra_values=comp.extra_values,
             extra_bias=comp.extra_bias,
+            extra_valid=comp.extra_valid,
             reserve=plan.reserve,
         )
         self._compressed_layers += 1
         if self._compressed_layers == len(self.layers):
             self.armed = False
+            self.tail = 0
         self.stats.compress_seconds += time.perf_counter() - t0
         return store
 

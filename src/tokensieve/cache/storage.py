@@ -257,8 +257,13 @@ class Row:
         need = self.n + extra
         if need <= self.k.shape[0]:
             return
-        new = Row.of(self.k[: self.n], self.v[: self.n], self.pos[: self.n],
-                     None if self.bias is None else self.bias[: self.n], reserve=extra)
+        new = Row.of(
+            self.k[: self.n],
+            self.v[: self.n],
+            self.pos[: self.n],
+            None if self.bias is None else self.bias[: self.n],
+            reserve=extra,
+        )
         self.k, self.v, self.pos, self.bias = new.k, new.v, new.pos, new.bias
 
     def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
@@ -370,6 +375,7 @@ def build_store(
     extra_keys: Tensor | None = None,
     extra_values: Tensor | None = None,
     extra_bias: Tensor | None = None,
+    extra_valid: Tensor | None = None,
     reserve: int = 0,
 ) -> KVStore:
     """Keep the selected entries (plus optional extra, synthetic entries) of a compressed chunk.
@@ -380,6 +386,7 @@ def build_store(
         bias: optional ``(B, H_kv, T)`` logit bias of the entries (log of the mass they stand for).
         extra_keys, extra_values: optional ``(B, H_kv, E, D)`` entries appended to every row (positions -1).
         extra_bias: ``(B, H_kv, E)`` their logit bias.
+        extra_valid: ``(B, H_kv, E)`` bool, which rows get each extra entry (None: every row).
         reserve: headroom per row for tokens still to come.
     """
     B, H, T, _ = keys.shape
@@ -387,7 +394,9 @@ def build_store(
     has_extra = extra_keys is not None and extra_keys.shape[2] > 0
     safe = indices.clamp_min(0)
     pos_bh = positions[:, None, :].expand(B, H, T)
-    if bool((counts == K).all()):
+    if extra_valid is not None and bool(extra_valid.all()):
+        extra_valid = None
+    if bool((counts == K).all()) and extra_valid is None:
         k = gather_rows(keys, safe)
         v = gather_rows(values, safe)
         p = pos_bh.gather(2, safe)
@@ -413,11 +422,13 @@ def build_store(
             if has_extra:
                 assert extra_keys is not None
                 assert extra_values is not None
-                E = extra_keys.shape[2]
-                k = torch.cat([k, extra_keys[b, h]])
-                v = torch.cat([v, extra_values[b, h]])
+                keep = slice(None) if extra_valid is None else extra_valid[b, h]
+                ek = extra_keys[b, h][keep]
+                E = ek.shape[0]
+                k = torch.cat([k, ek])
+                v = torch.cat([v, extra_values[b, h][keep]])
                 p = torch.cat([p, p.new_full((E,), -1)])
-                eb = extra_bias[b, h] if extra_bias is not None else keys.new_zeros(E)
+                eb = extra_bias[b, h][keep] if extra_bias is not None else keys.new_zeros(E)
                 rb = torch.cat([rb if rb is not None else keys.new_zeros(idx.numel()), eb])
             rows.append(Row.of(k, v, p, rb, reserve=reserve))
     return RaggedKV(rows, B, H)

@@ -80,6 +80,8 @@ class LayerContext:
         valid: ``(B, T)`` bool, False at left padding.
         scaling: the softmax scale (usually ``D ** -0.5``).
         run: the run-wide state.
+        tail: number of trailing *auxiliary* tokens in the chunk (e.g. DapQ's pseudo queries): they take part in
+            attention but are never kept (see :attr:`selectable`).
     """
 
     layer_idx: int
@@ -89,6 +91,7 @@ class LayerContext:
     valid: Tensor
     scaling: float
     run: RunState
+    tail: int = 0
     _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------------------------ geometry
@@ -115,6 +118,15 @@ class LayerContext:
     @property
     def num_layers(self) -> int:
         return self.run.shape.num_layers
+
+    @property
+    def selectable(self) -> Tensor:
+        """``(B, T)`` bool: tokens that may be kept — real tokens that are not auxiliary tail tokens."""
+        if self.tail <= 0:
+            return self.valid
+        sel = self.valid.clone()
+        sel[:, self.length - self.tail :] = False
+        return sel
 
     @property
     def n_valid(self) -> Tensor:

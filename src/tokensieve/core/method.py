@@ -37,6 +37,7 @@ class Compressed:
         extra_keys, extra_values: ``(B, H_kv, E, D)`` synthetic entries appended to every row (e.g. a
             compensation token), or None.
         extra_bias: ``(B, H_kv, E)`` their logit bias, or None.
+        extra_valid: ``(B, H_kv, E)`` bool — which rows actually get each extra entry (None: all rows).
     """
 
     selection: Selection
@@ -46,6 +47,7 @@ class Compressed:
     extra_keys: Tensor | None = None
     extra_values: Tensor | None = None
     extra_bias: Tensor | None = None
+    extra_valid: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,27 @@ class Method:
         """Validate against a model before any work starts (e.g. a needed profile exists)."""
 
     def load_profile(self, shape: ModelShape) -> Any:
-        """The per-model profile this method needs (see ``capabilities.profile``), or None."""
-        return None
+        """The per-model profile this method needs (``capabilities.profile``), or None if it needs none.
+
+        Raises :class:`CapabilityError` naming the command that creates a missing profile.
+        """
+        kind = self.capabilities.profile
+        if kind is None:
+            return None
+        from ..profiling.store import load_profile
+
+        return require_profile(self, load_profile(kind, shape), shape)
 
     def protected(self) -> tuple[int, int]:
         """Default protected (sink, recent) token counts; a budget may override them."""
         return 0, 0
+
+    def prefill_suffix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """Auxiliary tokens ``(B, N)`` to append to a prompt while it is compressed (attended to, never kept).
+
+        Default: none. DapQ uses this for its position-aware pseudo queries.
+        """
+        return None
 
     @property
     def compresses(self) -> bool:
@@ -99,7 +116,7 @@ class PrefillMethod(Method):
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         from ..select.topk import topk_select
 
-        return topk_select(scores, counts, ctx.valid, sink=ctx.run.sink, recent=ctx.run.recent)
+        return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=ctx.run.recent)
 
     # -- apply --------------------------------------------------------------------------------------------------
     def apply(self, selection: Selection, ctx: LayerContext) -> Compressed:

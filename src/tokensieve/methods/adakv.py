@@ -19,9 +19,7 @@ from ..select.allocation import round_to_total
 from ..select.topk import protected_mask, topk_select
 
 
-def adaptive_head_counts(
-    scores: Tensor, counts: Tensor, valid: Tensor, protected: Tensor, alpha: float
-) -> Tensor:
+def adaptive_head_counts(scores: Tensor, counts: Tensor, valid: Tensor, protected: Tensor, alpha: float) -> Tensor:
     """Redistribute a layer's budget across KV heads by a global top-k over all heads' scores.
 
     Args:
@@ -94,8 +92,7 @@ class AdaKV(PrefillMethod):
         return self.inner.layer_counts(ctx)
 
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
-        sink_m, rec_m = protected_mask(ctx.valid, ctx.run.sink, ctx.run.recent)
+        sink_m, rec_m = protected_mask(ctx.selectable, ctx.run.sink, ctx.run.recent)
         prot = (sink_m | rec_m)[:, None, :].expand(scores.shape)
-        # a budget below the protected set cannot be redistributed: fall back to the base selection
-        head_counts = adaptive_head_counts(scores, counts, ctx.valid, prot, self.alpha)
-        return topk_select(scores, head_counts, ctx.valid, sink=ctx.run.sink, recent=ctx.run.recent)
+        head_counts = adaptive_head_counts(scores, counts, ctx.selectable, prot, self.alpha)
+        return topk_select(scores, head_counts, ctx.selectable, sink=ctx.run.sink, recent=ctx.run.recent)

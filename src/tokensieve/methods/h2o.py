@@ -53,4 +53,4 @@ class H2O(PrefillMethod):
         recent = torch.floor(counts.double() * self.recent_ratio).long()
         if ctx.run.recent:  # a budget's explicit recent count wins
             recent = torch.full_like(counts, ctx.run.recent)
-        return topk_select(scores, counts, ctx.valid, sink=ctx.run.sink, recent=recent)
+        return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=recent)
