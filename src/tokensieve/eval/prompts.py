@@ -36,8 +36,14 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def chat_split(tokenizer: Any, context: str, question: str, *, separator: str = "\n\n") -> PromptIds:
-    """Render ``context + separator + question`` as one user turn and split the ids at the question."""
+def chat_split(
+    tokenizer: Any, context: str, question: str, *, separator: str = "\n\n", answer_prefix: str = ""
+) -> PromptIds:
+    """Render ``context + separator + question`` as one user turn and split the ids at the question.
+
+    ``answer_prefix`` is text that starts the assistant's answer (after the generation header), as RULER does to
+    steer the answer's format; it belongs to the question part.
+    """
     if not context.strip() and not question.strip():
         raise PromptError("The prompt is empty.")
     marker = "\x00QUESTION\x00"
@@ -48,7 +54,7 @@ def chat_split(tokenizer: Any, context: str, question: str, *, separator: str = 
     else:  # base models: plain text
         rendered = content + "\n"
     head, tail = rendered.split(marker)
-    return PromptIds(context=encode(tokenizer, head), question=encode(tokenizer, question + tail))
+    return PromptIds(context=encode(tokenizer, head), question=encode(tokenizer, question + tail + answer_prefix))
 
 
 def chat_ids(tokenizer: Any, prompt: str, *, system: str | None = None) -> Tensor:

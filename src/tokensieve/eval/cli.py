@@ -1,0 +1,99 @@
+"""``tokensieve eval`` (run a grid into a results store) and ``tokensieve report`` (turn a store into a report)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+GRID_FLAGS = ("tasks", "methods", "budgets", "lengths", "depths", "seeds", "modes", "haystack", "text", "store")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import EvalConfig
+    from .runner import run_eval
+    from .tasks import TASKS
+
+    if args.list_tasks:
+        for name, task in TASKS.items():
+            extra = []
+            if not task.uses_depth:
+                extra.append("no depth")
+            if task.needs_text:
+                extra.append("real text")
+            if task.modes != ("agnostic", "aware"):
+                extra.append("/".join(task.modes) + " only")
+            if task.metric != "accuracy":
+                extra.append(task.metric)
+            print(f"{name:16s} {task.description}" + (f"  [{', '.join(extra)}]" if extra else ""))
+        return 0
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in GRID_FLAGS if getattr(args, k) is not None}
+    if args.model is not None:
+        overrides["model"] = args.model
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    if args.no_fidelity:
+        overrides["fidelity"] = False
+    cfg = EvalConfig.from_file(args.config, overrides) if args.config else EvalConfig.from_mapping(overrides)
+    command = "tokensieve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    summary = run_eval(cfg, progress=not args.no_progress, command=command, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(
+            f"{summary.ran} cells measured in {summary.seconds:.0f} s; {summary.already + summary.ran}/{summary.total} "
+            f"cells of the grid are in {summary.store}. Report: tokensieve report {summary.store}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    paths = write_report(args.store, args.out, formats=formats, title=args.title, model=args.model)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``eval`` and ``report`` to the CLI's sub-commands."""
+    sp = sub.add_parser(
+        "eval",
+        help="measure methods x budgets x lengths x depths x tasks x seeds x modes into a SQLite store (resumable)",
+        description=(
+            "Measure what each method keeps (accuracy, KL and top-1 agreement with the full cache, answer "
+            "log-likelihood) and what it costs (KV bytes, prefill/compress/decode seconds) over a grid. The grid comes "
+            "from a TOML/JSON file and/or the flags below (flags win). The full-cache baseline is always measured. "
+            "Rerunning the same command resumes: finished cells are skipped."
+        ),
+    )
+    sp.add_argument("config", nargs="?", help="grid file (.toml or .json); see docs/EVALUATION.md")
+    sp.add_argument("--tasks", help="comma-separated tasks (see --list-tasks)")
+    sp.add_argument(
+        "--methods", help="comma-separated methods, with parameters as name:key=value (e.g. snapkv:window=32)"
+    )
+    sp.add_argument("--budgets", help="comma-separated budgets: ratios (0.1, 25%%) or token counts (256)")
+    sp.add_argument("--lengths", help="comma-separated prompt lengths in model tokens (512,1k,2k)")
+    sp.add_argument("--depths", help="comma-separated needle depths in [0, 1]")
+    sp.add_argument("--seeds", help="comma-separated seeds or a range (0-4)")
+    sp.add_argument("--modes", help="agnostic (compress the context before the question), aware, or both")
+    sp.add_argument("--haystack", help="filler between needles: repeat (fixed sentences) or text (real text)")
+    sp.add_argument("--text", help="real text: kjv, python-doc, generated, or a path to a UTF-8 text file")
+    sp.add_argument("--store", help="SQLite results store (default runs/eval.sqlite)")
+    sp.add_argument("--model", default=None, help="embedded model name, local HF directory or hub id")
+    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
+    sp.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 agreement (faster)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, measure nothing")
+    sp.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("report", help="turn a results store into a Markdown/HTML report with PNG plots")
+    sp.add_argument("store", help="SQLite results store written by `tokensieve eval`")
+    sp.add_argument("--out", default=None, help="output folder (default: <store name>-report next to the store)")
+    sp.add_argument("--format", default="md", help="md, html or md,html (HTML is self-contained)")
+    sp.add_argument("--title", default="tokensieve evaluation report")
+    sp.add_argument("--model", default=None, help="only rows of this model key (default: all)")
+    sp.set_defaults(func=cmd_report)

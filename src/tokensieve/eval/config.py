@@ -1,0 +1,368 @@
+"""An evaluation grid: tasks × methods × budgets × lengths × depths × seeds × modes, and its cells.
+
+A grid is declared in a small TOML or JSON file or on the command line (``tokensieve eval``)::
+
+    # eval.toml
+    tasks   = ["passkey", "niah_single"]
+    methods = ["snapkv", "h2o", "snapkv:window=32"]     # name[:key=value[:key=value]]
+    budgets = ["10%", "25%", 0.5, 256]                   # ratios or token counts
+    lengths = [512, 1024]
+    depths  = [0.0, 0.5, 1.0]
+    seeds   = [0, 1]
+    modes   = ["agnostic", "aware"]
+    haystack = "repeat"                                  # or "text"
+    text    = "kjv"                                      # or a path to a UTF-8 text file
+    store   = "runs/eval.sqlite"
+
+A *cell* is one measurement: (task and its options, method and its parameters, budget, length, depth, seed, mode).
+Its key is a hash of that configuration and the model key, so a rerun finds the cells it already measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters.models import DEFAULT_MODEL
+from ..core.budget import Budget
+from ..core.method import Method
+from ..core.registry import create_method
+from ..errors import ConfigError
+from .tasks import MODES, Task, get_task
+
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method and parameters, e.g. ``snapkv:window=32:kernel=5`` or ``{"name": .., "params": {..}}``."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.create()  # unknown method or parameter: fail now, with the registry's message
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | MethodSpec) -> MethodSpec:
+        if isinstance(spec, MethodSpec):
+            return spec
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"name", "params"}
+            if "name" not in spec or unknown:
+                raise ConfigError(f"A method table needs 'name' and optional 'params'; got keys {sorted(spec)}.")
+            params = spec.get("params") or {}
+            if not isinstance(params, Mapping):
+                raise ConfigError(f"Method {spec['name']!r}: 'params' must be a table of key = value.")
+            return cls(str(spec["name"]).strip().lower(), tuple(sorted((str(k), v) for k, v in params.items())))
+        text = str(spec).strip()
+        if not text:
+            raise ConfigError("Empty method name: use a registered method (see `tokensieve methods`).")
+        name, *rest = text.split(":")
+        items = []
+        for item in rest:
+            if "=" not in item:
+                raise ConfigError(f"Method {text!r}: parameters are written name:key=value:key=value.")
+            k, v = item.split("=", 1)
+            items.append((k.strip().replace("-", "_"), v.strip()))
+        return cls(name.strip().lower(), tuple(sorted(items)))
+
+    def create(self) -> Method:
+        return create_method(self.name, **dict(self.params))
+
+    def resolved_params(self) -> dict[str, Any]:
+        """Every parameter of the method instance (defaults included), JSON-ready."""
+        method = self.create()
+        out = {}
+        for f in dataclasses.fields(method):
+            v = getattr(method, f.name)
+            out[f.name] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+        return out
+
+    @property
+    def compresses(self) -> bool:
+        return self.create().compresses
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + "(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
+
+
+def _tuple(value: Any, what: str) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise ConfigError(f"'{what}' is empty: give at least one value.")
+    return tuple(items)
+
+
+def _ints(values: Sequence[Any], what: str, *, minimum: int = 1) -> tuple[int, ...]:
+    """Whole numbers; ``1k`` = 1024, ``"0-3"`` = 0, 1, 2, 3."""
+    out: list[int] = []
+    for v in values:
+        s = str(v).strip().lower()
+        if isinstance(v, str) and "-" in s[1:]:
+            a, b = s.split("-", 1)
+            out += list(_ints([a], what, minimum=minimum))
+            end = _ints([b], what, minimum=minimum)[0]
+            out += list(range(out[-1] + 1, end + 1))
+            continue
+        scale = 1024 if s.endswith("k") else 1
+        try:
+            f = float(s[:-1] if scale > 1 else s) * scale
+        except ValueError:
+            raise ConfigError(f"'{what}' must be whole numbers (e.g. 512, 1024 or 1k); got {v!r}.") from None
+        if isinstance(v, bool) or not f.is_integer() or f < minimum:
+            raise ConfigError(f"'{what}' must be whole numbers >= {minimum}; got {v!r}.")
+        out.append(int(f))
+    return tuple(dict.fromkeys(out))
+
+
+def _floats(values: Sequence[Any], what: str, lo: float, hi: float) -> tuple[float, ...]:
+    out = []
+    for v in values:
+        try:
+            f = float(str(v).rstrip("%")) / (100 if str(v).endswith("%") else 1)
+        except ValueError:
+            raise ConfigError(f"'{what}' must be numbers in [{lo}, {hi}]; got {v!r}.") from None
+        if not (lo <= f <= hi) or math.isnan(f):
+            raise ConfigError(f"'{what}' must be in [{lo}, {hi}]; got {v!r}.")
+        out.append(f)
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A validated evaluation grid (see the module docstring). The full-cache baseline is always added."""
+
+    tasks: tuple[str, ...] = ("passkey",)
+    methods: tuple[MethodSpec, ...] = (MethodSpec(FULL),)
+    budgets: tuple[Budget, ...] = (Budget.ratio(0.25),)
+    lengths: tuple[int, ...] = (1024,)
+    depths: tuple[float, ...] = (0.5,)
+    seeds: tuple[int, ...] = (0,)
+    modes: tuple[str, ...] = ("agnostic",)
+    haystack: str = "repeat"
+    text: str = "kjv"
+    model: str = DEFAULT_MODEL
+    store: str = "runs/eval.sqlite"
+    threads: int | None = None
+    fidelity: bool = True
+    _task_objs: tuple[Task, ...] = field(default=(), repr=False, compare=False)
+
+    FIELDS = (
+        "tasks", "methods", "budgets", "lengths", "depths", "seeds", "modes", "haystack", "text", "model", "store",
+        "threads", "fidelity",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("No tasks: give at least one (see `tokensieve eval --list-tasks`).")
+        tasks = tuple(get_task(t, haystack=self.haystack, text=self.text) for t in self.tasks)
+        object.__setattr__(self, "tasks", tuple(t.name for t in tasks))
+        object.__setattr__(self, "_task_objs", tasks)
+        if not self.methods:
+            raise ConfigError("No methods: give at least one registered method (see `tokensieve methods`).")
+        if not self.budgets:
+            raise ConfigError("No budgets: give at least one, e.g. 0.25 or 256.")
+        for what in ("lengths", "seeds"):
+            if not getattr(self, what):
+                raise ConfigError(f"'{what}' is empty: give at least one value.")
+        if not self.depths:
+            raise ConfigError("'depths' is empty: give at least one depth in [0, 1].")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"Unknown mode(s) {bad or '(none)'}: use {' and/or '.join(MODES)}.")
+        if any(d < 0 or d > 1 for d in self.depths):
+            raise ConfigError("Depths must be in [0, 1] (0 = start of the haystack, 1 = end).")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be >= 1.")
+        if not str(self.store).strip():
+            raise ConfigError("Give a results store path (--store runs/eval.sqlite).")
+
+    # ------------------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> EvalConfig:
+        """Build from a mapping of config-file values or CLI strings (lists or comma-separated strings)."""
+        unknown = sorted(set(data) - set(cls.FIELDS))
+        if unknown:
+            raise ConfigError(f"Unknown config key(s) {', '.join(unknown)}. Valid keys: {', '.join(cls.FIELDS)}.")
+        kw: dict[str, Any] = {}
+        if "tasks" in data:
+            kw["tasks"] = tuple(str(t) for t in _tuple(data["tasks"], "tasks"))
+        if "methods" in data:
+            raw = data["methods"]
+            items = _split_methods(raw) if isinstance(raw, str) else _tuple(raw, "methods")
+            kw["methods"] = tuple(dict.fromkeys(MethodSpec.parse(m) for m in items))
+        if "budgets" in data:
+            kw["budgets"] = tuple(dict.fromkeys(Budget.parse(b) for b in _tuple(data["budgets"], "budgets")))
+        if "lengths" in data:
+            kw["lengths"] = _ints(_tuple(data["lengths"], "lengths"), "lengths")
+        if "seeds" in data:
+            kw["seeds"] = _ints(_tuple(data["seeds"], "seeds"), "seeds", minimum=0)
+        if "depths" in data:
+            kw["depths"] = _floats(_tuple(data["depths"], "depths"), "depths", 0.0, 1.0)
+        if "modes" in data:
+            kw["modes"] = tuple(dict.fromkeys(str(m).strip().lower() for m in _tuple(data["modes"], "modes")))
+        for key in ("haystack", "text", "model", "store"):
+            if key in data and data[key] is not None:
+                kw[key] = str(data[key])
+        if data.get("threads") is not None:
+            kw["threads"] = _ints([data["threads"]], "threads")[0]
+        if "fidelity" in data and data["fidelity"] is not None:
+            kw["fidelity"] = _bool(data["fidelity"], "fidelity")
+        return cls(**kw)
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> EvalConfig:
+        """Read a ``.toml`` or ``.json`` grid file; ``overrides`` (e.g. from the CLI) win over its values."""
+        data = dict(read_config_file(path))
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(data)
+
+    # ------------------------------------------------------------------------------------------------- cells
+    @property
+    def task_objects(self) -> tuple[Task, ...]:
+        return self._task_objs
+
+    def method_list(self) -> list[MethodSpec]:
+        """The methods to run: the full-cache baseline first (always), then the grid's, without duplicates."""
+        out = [MethodSpec(FULL)]
+        for m in self.methods:
+            if m not in out:
+                out.append(m)
+        return out
+
+    def budgets_for(self, method: MethodSpec) -> list[Budget]:
+        return list(self.budgets) if method.compresses else [Budget.ratio(1.0)]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "methods": [m.label for m in self.method_list()],
+            "budgets": [str(b) for b in self.budgets],
+            "lengths": list(self.lengths),
+            "depths": list(self.depths),
+            "seeds": list(self.seeds),
+            "modes": list(self.modes),
+            "haystack": self.haystack,
+            "text": self.text,
+            "model": self.model,
+        }
+
+
+def _bool(v: Any, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"'{what}' must be true or false; got {v!r}.")
+
+
+def _split_methods(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist.")
+    raw = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"Config file {p} is not valid JSON: {exc}.") from None
+    elif p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise ConfigError(f"Reading {p} needs Python >= 3.11 (tomllib); write the grid as JSON instead.") from None
+        try:
+            data = tomllib.loads(raw)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {p} is not valid TOML: {exc}.") from None
+    else:
+        raise ConfigError(f"Config file {p}: use a .toml or .json file.")
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a table of keys (tasks, methods, budgets, …).")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class Cell:
+    """One measurement. ``depth`` is None for tasks whose samples do not depend on it."""
+
+    task: Task
+    method: MethodSpec
+    budget: Budget
+    length: int
+    depth: float | None
+    seed: int
+    mode: str
+
+    @property
+    def sample_id(self) -> tuple[str, str, int, float | None, int]:
+        return (self.task.name, json.dumps(self.task.options(), sort_keys=True), self.length, self.depth, self.seed)
+
+    def config(self, model: str) -> dict[str, Any]:
+        """The cell's full configuration (canonical; hashed into its key)."""
+        b = self.budget
+        return {
+            "task": self.task.name,
+            "task_options": self.task.options(),
+            "method": self.method.name,
+            "params": self.method.resolved_params(),
+            "budget": {"kind": b.kind, "value": b.value, "sink": b.sink, "recent": b.recent},
+            "length": self.length,
+            "depth": self.depth,
+            "seed": self.seed,
+            "mode": self.mode,
+            "model": model,
+        }
+
+    def key(self, model: str) -> str:
+        blob = json.dumps(self.config(model), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def expand(cfg: EvalConfig) -> tuple[list[Cell], list[str]]:
+    """All cells of a grid in run order (sample by sample; within a sample the full cache first), and notes about
+    grid points that do not apply (e.g. the perplexity task in the query-aware mode)."""
+    cells: list[Cell] = []
+    notes: list[str] = []
+    methods = cfg.method_list()
+    for task in cfg.task_objects:
+        modes = [m for m in cfg.modes if m in task.modes]
+        if not modes:
+            notes.append(f"{task.name} supports only the {'/'.join(task.modes)} mode: skipped.")
+            continue
+        if len(modes) < len(cfg.modes):
+            notes.append(f"{task.name} runs in the {'/'.join(modes)} mode only.")
+        depths: list[float | None] = list(cfg.depths) if task.uses_depth else [None]
+        if not task.uses_depth and len(cfg.depths) > 1:
+            notes.append(f"{task.name} does not place a needle: one sample per (length, seed), no depths.")
+        for length in cfg.lengths:
+            for depth in depths:
+                for seed in cfg.seeds:
+                    for mode in modes:
+                        for m in methods:
+                            for b in cfg.budgets_for(m):
+                                cells.append(Cell(task, m, b, length, depth, seed, mode))
+    return cells, notes

@@ -1,0 +1,318 @@
+"""The evaluation runner: measure every cell of a grid, store one row per cell, resume after an interruption.
+
+For each sample (task, length, depth, seed) the runner measures the full-cache baseline first; its greedy answer is
+the teacher-forced continuation for every other cell of the sample and its next-token distributions are the
+reference for KL divergence and top-1 agreement. The reference is kept in memory for the sample being measured
+(after a restart it is recomputed, without being stored twice).
+
+One cell (batch size 1):
+
+1. prefill the prompt with the method and budget — query-agnostic: compress the context, then append the question
+   uncompressed; query-aware: compress context and question together — and record prefill/compress seconds, KV
+   bytes and stored entries;
+2. greedy-decode the answer on a fork of the cache and score it (accuracy tasks);
+3. teacher-force the reference continuation on a fork: KL(full ‖ method) and top-1 agreement per position;
+4. teacher-force the reference answer: its log-likelihood (for the perplexity task: the text's continuation, whose
+   perplexity is the score).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .. import __version__
+from ..adapters.models import load_model, model_key
+from ..errors import ConfigError, PromptError
+from ..pipeline import CachedContext, Compressor, compress
+from .config import FULL, Cell, EvalConfig, MethodSpec, expand
+from .metrics import fidelity, log_probs, perplexity, token_logprobs
+from .prompts import PromptIds
+from .store import ResultStore
+from .tasks import Sample
+
+
+@dataclass
+class Reference:
+    """The full-cache model's continuation of one sample and its next-token log-probabilities ``(N, V)``."""
+
+    ids: list[int]
+    logp: Tensor
+    kv_bytes: int
+    entries: int
+
+
+@dataclass
+class RunSummary:
+    store: str
+    total: int  # cells in the grid
+    already: int  # found in the store before this run
+    ran: int  # measured by this run
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    sample: Sample
+    prompt: PromptIds
+    target: list[int]
+
+
+def set_threads(n: int | None) -> int:
+    torch.set_num_threads(n or min(os.cpu_count() or 1, 8))
+    return torch.get_num_threads()
+
+
+def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int]) -> Tensor:
+    """``(N, V)`` log-probabilities predicting each of ``targets`` after the context (modifies ``ctx``)."""
+    first = ctx.logits[0]  # (V,) predicts targets[0]
+    if len(targets) == 1:
+        return log_probs(first[None])
+    logits = press.extend(ctx, torch.tensor([targets]), return_logits=True)
+    assert logits is not None
+    return log_probs(torch.cat([first[None], logits[0, :-1]], dim=0))  # (N, V)
+
+
+def measure(
+    model: Any,
+    tokenizer: Any,
+    cell: Cell,
+    prep: _Prepared,
+    reference: Reference | None,
+    *,
+    with_fidelity: bool = True,
+) -> tuple[dict[str, Any], Reference]:
+    """Measure one cell; returns its result columns and the reference (built here for a full-cache cell)."""
+    task, sample, prompt, target = cell.task, prep.sample, prep.prompt, prep.target
+    eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    n_new = task.max_new_tokens
+    follow = max(n_new, len(target), len(reference.ids) if reference else n_new) + 1
+    t_cell = time.perf_counter()
+    press = compress(model, cell.method.name, cell.budget, reserve=len(prompt.question) + follow,
+                     **dict(cell.method.params))  # fmt: skip
+    if cell.mode == "aware" or not prompt.question:
+        ctx = press.prefill(torch.tensor([prompt.full]))
+    else:
+        ctx = press.prefill(torch.tensor([prompt.context]))
+        press.extend(ctx, torch.tensor([prompt.question]))
+    row: dict[str, Any] = {
+        "prompt_tokens": len(prompt),
+        "context_tokens": len(prompt.context) if cell.mode == "agnostic" else len(prompt),
+        "prefill_s": ctx.prefill_seconds,
+        "compress_s": ctx.compress_seconds,
+        "kv_bytes": ctx.cache.kv_bytes(),
+        "stored_entries": ctx.cache.stored_entries(),
+        "metric": task.metric,
+    }
+
+    out_ids: list[int] = []
+    if n_new > 0:
+        gen = press.decode(ctx.fork(), n_new, eos_token_ids=eos)
+        out_ids = gen.tokens[0]
+        output = tokenizer.decode(out_ids, skip_special_tokens=True)
+        row.update(output=output, score=task.score(sample, output), decode_s=gen.decode_seconds,
+                   decode_tokens=len(out_ids))  # fmt: skip
+        finished = bool(gen.finished[0]) if gen.finished else False
+    else:
+        row.update(output="", decode_s=0.0, decode_tokens=0)
+        finished = False
+
+    if reference is None:
+        if task.metric == "perplexity":
+            ref_ids = list(target)
+        else:
+            ref_ids = out_ids + (eos[:1] if finished or not out_ids else [])
+        ref_ids = ref_ids or eos[:1] or [0]
+    else:
+        ref_ids = reference.ids
+    same = ref_ids == target
+    lp_ref = teacher_force(press, ctx.fork() if not same else ctx, ref_ids) if with_fidelity or same else None
+    lp_tgt = lp_ref if same and lp_ref is not None else teacher_force(press, ctx, target)
+
+    if reference is None:
+        if lp_ref is None:
+            lp_ref = lp_tgt if same else teacher_force(press, ctx.fork(), ref_ids)
+        reference = Reference(ref_ids, lp_ref, int(row["kv_bytes"]), int(row["stored_entries"]))
+    if with_fidelity and lp_ref is not None:
+        fid = fidelity(reference.logp, lp_ref)
+        row.update(kl=fid.kl, kl_max=fid.kl_max, top1=fid.top1, fidelity_tokens=fid.n)
+    answer_lp = float(token_logprobs(lp_tgt, torch.tensor(target)).sum())
+    row.update(answer_logprob=answer_lp, answer_tokens=len(target))
+    if task.metric == "perplexity":
+        row["score"] = perplexity(answer_lp, len(target))
+    row.update(full_kv_bytes=reference.kv_bytes, full_entries=reference.entries, cell_s=time.perf_counter() - t_cell)
+    return row, reference
+
+
+def _prepare(cell: Cell, tokenizer: Any, cache: dict[Any, _Prepared]) -> _Prepared:
+    sid = cell.sample_id
+    if sid not in cache:
+        depth = cell.depth if cell.depth is not None else 0.0
+        sample = cell.task.make(tokenizer, cell.length, depth, cell.seed)
+        cache[sid] = _Prepared(sample, sample.ids(tokenizer), sample.target_ids(tokenizer))
+    return cache[sid]
+
+
+def run_eval(
+    cfg: EvalConfig,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+    out: TextIO | None = None,
+    command: str = "",
+    dry_run: bool = False,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Run a grid into its store; every check happens before the first cell is measured.
+
+    ``model``/``tokenizer``: an already loaded model (default: ``load_model(cfg.model)``). ``dry_run``: validate,
+    print the plan and stop.
+    """
+    out = out or sys.stderr
+    t_start = time.perf_counter()
+    # 1. everything that needs no model: names, options, the text sources, the store
+    for task in cfg.task_objects:
+        task.check()
+    store = ResultStore(cfg.store)
+    try:
+        threads = set_threads(cfg.threads)
+        # 2. the model and what depends on it
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(cfg.model)
+        mkey = model_key(model)
+        limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        for task in cfg.task_objects:
+            for length in cfg.lengths:
+                need = length + max(task.max_new_tokens, 64) + 1
+                if limit and need > limit:
+                    raise PromptError(
+                        f"Length {length} is above what {mkey} can take for {task.name}: {length} prompt tokens plus "
+                        f"up to {need - length} answer tokens exceed its context of {limit} tokens. "
+                        f"Use lengths <= {limit - (need - length)}."
+                    )
+        for m in cfg.method_list():
+            for b in cfg.budgets_for(m):
+                Compressor(model, m.name, b, **dict(m.params))  # capability / profile checks
+        cells, notes = expand(cfg)
+        prepared: dict[Any, _Prepared] = {}
+        for cell in cells:  # generate every sample now: a too-short length or a budget too large fails here
+            prep = _prepare(cell, tokenizer, prepared)
+            if cell.method.compresses:
+                n = len(prep.prompt.context) if cell.mode == "agnostic" and prep.prompt.question else len(prep.prompt)
+                cell.budget.tokens_for(n)
+        keys = [c.key(mkey) for c in cells]
+        if len(set(keys)) != len(keys):
+            raise ConfigError("The grid has duplicate cells (the same method and parameters listed twice?).")
+        done = store.keys()
+        todo = [i for i, k in enumerate(keys) if k not in done]
+        already = len(cells) - len(todo)
+        for note in notes:
+            print(f"note: {note}", file=out)
+        print(
+            f"{len(cells)} cells ({len(cfg.task_objects)} tasks x {len(cfg.method_list())} methods incl. full cache, "
+            f"{len(cfg.lengths)} lengths); {already} already in {store.path}, {len(todo)} to run; "
+            f"model {mkey}, {threads} threads.",
+            file=out,
+        )
+        if dry_run or not todo:
+            return RunSummary(str(store.path), len(cells), already, 0, time.perf_counter() - t_start, notes)
+        run_id = store.start_run(command=command, config=cfg.describe(), model=mkey, version=__version__,
+                                 threads=threads, cells=len(cells), todo=len(todo))  # fmt: skip
+        ran = _run_cells(model, tokenizer, cfg, cells, keys, set(todo), prepared, store, run_id, mkey, threads,
+                         progress, on_cell)  # fmt: skip
+        return RunSummary(str(store.path), len(cells), already, ran, time.perf_counter() - t_start, notes)
+    finally:
+        store.close()
+
+
+def _run_cells(
+    model: Any,
+    tokenizer: Any,
+    cfg: EvalConfig,
+    cells: list[Cell],
+    keys: list[str],
+    todo: set[int],
+    prepared: dict[Any, _Prepared],
+    store: ResultStore,
+    run_id: int,
+    mkey: str,
+    threads: int,
+    progress: bool,
+    on_cell: Callable[[dict[str, Any]], None] | None,
+) -> int:
+    # Progress is weighted by prompt tokens, so the ETA accounts for long prompts being slower.
+    weight = {i: len(prepared[cells[i].sample_id].prompt) for i in todo}
+    bar = tqdm(total=sum(weight.values()), unit="tok", unit_scale=True, desc="eval", disable=not progress,
+               dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+    ran = 0
+    reference: Reference | None = None
+    ref_sample: Any = None
+    try:
+        for i, cell in enumerate(cells):
+            if i not in todo:
+                continue
+            sid = cell.sample_id
+            prep = prepared[sid]
+            if ref_sample != sid:
+                reference, ref_sample = None, sid
+            is_ref = cell.method.name == FULL and not cell.method.params and cell.mode == _ref_mode(cells, sid)
+            if reference is None and not is_ref:
+                # The sample's reference cell is already stored (an earlier run): recompute the reference.
+                ref_cell = next(c for c in cells if c.sample_id == sid and c.method == MethodSpec(FULL))
+                _, reference = measure(model, tokenizer, ref_cell, prep, None, with_fidelity=False)
+            bar.set_postfix_str(f"{ran + 1}/{len(todo)} cells · {cell.task.name} L={cell.length} "
+                                f"{cell.method.label}@{cell.budget} {cell.mode}")  # fmt: skip
+            result, reference = measure(model, tokenizer, cell, prep, reference, with_fidelity=cfg.fidelity)
+            row = _row(cell, keys[i], mkey, run_id, threads, prep.sample, result)
+            store.add(row)
+            ran += 1
+            bar.update(weight[i])
+            if on_cell is not None:
+                on_cell(row)
+    finally:
+        bar.close()
+    return ran
+
+
+def _ref_mode(cells: list[Cell], sid: Any) -> str:
+    return next(c.mode for c in cells if c.sample_id == sid)
+
+
+def _row(cell: Cell, key: str, mkey: str, run_id: int, threads: int, sample: Sample, result: dict[str, Any]
+         ) -> dict[str, Any]:  # fmt: skip
+    config = cell.config(mkey)
+    row = {
+        "key": key,
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "model": mkey,
+        "version": __version__,
+        "created": time.time(),
+        "run_id": run_id,
+        "task": cell.task.name,
+        "task_options": config["task_options"],
+        "method": cell.method.name,
+        "method_label": cell.method.label,
+        "params": config["params"],
+        "budget": "100%" if not cell.method.compresses else str(cell.budget),
+        "budget_kind": cell.budget.kind,
+        "budget_value": float(cell.budget.value),
+        "length": cell.length,
+        "depth": cell.depth,
+        "seed": cell.seed,
+        "mode": cell.mode,
+        "answers": list(sample.answers),
+        "threads": threads,
+    }
+    row.update(result)
+    return row

@@ -1,0 +1,268 @@
+"""Long real texts for the evaluation tasks: a user's file, or a public-domain text from a Debian package.
+
+A :class:`TextSource` yields one long plain-text string. Tasks that need real text (question answering, perplexity,
+a real-text haystack) take it from a source named by a spec string:
+
+* ``"kjv"`` — the King James Bible, read with the ``bible`` program of the Debian packages ``bible-kjv`` and
+  ``bible-kjv-text`` (``apt-get install bible-kjv bible-kjv-text``);
+* ``"python-doc"`` — the Python documentation of the Debian package ``python3-doc`` (its HTML pages, tags removed);
+* any other spec, or ``"file:PATH"`` — a UTF-8 text file of the user's.
+
+Every source has an ``ident`` that goes into an evaluation cell's key: the name for a packaged text, a hash of the
+content for a file, so that the same words give the same key on every machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import html
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+MIN_CHARS = 2_000
+
+
+class TextSource:
+    """A long plain text. Subclasses implement :meth:`load`; :meth:`text` caches it."""
+
+    @property
+    def name(self) -> str:
+        """A short human-readable name (``kjv``, ``file:book.txt`` …)."""
+        raise NotImplementedError
+
+    @property
+    def ident(self) -> str:
+        """A stable, machine-independent identity of the text (goes into evaluation keys)."""
+        return self.name
+
+    def load(self) -> str:
+        raise NotImplementedError
+
+    def text(self) -> str:
+        return _cached_text(self)
+
+    def check(self) -> None:
+        """Fail early (with what to do) if the text is not available."""
+        self.text()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_text(source: TextSource) -> str:
+    text = source.load()
+    text = text.replace("\r\n", "\n")
+    if len(text) < MIN_CHARS:
+        raise ConfigError(
+            f"The text '{source.name}' has only {len(text)} characters; the evaluation tasks need at least "
+            f"{MIN_CHARS} (ideally a book-length text)."
+        )
+    return text
+
+
+@dataclass(frozen=True, eq=True)
+class FileText(TextSource):
+    """A user's UTF-8 text file."""
+
+    path: str
+
+    @property
+    def name(self) -> str:
+        return f"file:{Path(self.path).name}"
+
+    @property
+    def ident(self) -> str:
+        digest = hashlib.sha256(self.text().encode("utf-8")).hexdigest()[:16]
+        return f"file:{digest}"
+
+    def load(self) -> str:
+        p = Path(self.path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"Text file {p} does not exist. Give a UTF-8 text file, or use --text kjv.")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"Text file {p} is not UTF-8 text.") from None
+
+
+@dataclass(frozen=True, eq=True)
+class GeneratedText(TextSource):
+    """Deterministic English-like text made from a seed (for tests and for machines without the packages)."""
+
+    seed: int = 0
+    sentences: int = 4000
+
+    @property
+    def name(self) -> str:
+        return f"generated:{self.seed}:{self.sentences}"
+
+    def load(self) -> str:
+        import random
+
+        from .words import NOUNS, VERBS
+
+        rng = random.Random(f"generated-text/{self.seed}")
+        adjectives = ["old", "quiet", "bright", "small", "distant", "green", "heavy", "gentle", "narrow", "late"]
+        out: list[str] = []
+        para: list[str] = []
+        for _ in range(self.sentences):
+            s = (
+                f"The {rng.choice(adjectives)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
+                f"the {rng.choice(NOUNS)} near the {rng.choice(adjectives)} {rng.choice(NOUNS)}."
+            )
+            para.append(s)
+            if len(para) == 6:
+                out.append(" ".join(para))
+                para = []
+        out.append(" ".join(para))
+        return "\n\n".join(p for p in out if p)
+
+
+BIBLE_BIN = "/usr/bin/bible"
+KJV_RANGE = "Gen1:1-Rev22:21"
+
+
+@dataclass(frozen=True, eq=True)
+class KJVText(TextSource):
+    """The King James Bible from the Debian packages ``bible-kjv`` (reader) and ``bible-kjv-text`` (data).
+
+    One paragraph per chapter, verse numbers removed.
+    """
+
+    binary: str = BIBLE_BIN
+
+    @property
+    def name(self) -> str:
+        return "kjv"
+
+    def load(self) -> str:
+        exe = self.binary if os.path.exists(self.binary) else shutil.which("bible")
+        if not exe:
+            raise ConfigError(
+                "The King James Bible text is not installed: run `apt-get install bible-kjv bible-kjv-text` "
+                "(or give your own text file with --text PATH)."
+            )
+        proc = subprocess.run(
+            [exe, "-l100000", KJV_RANGE], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+        )
+        if proc.returncode != 0 or len(proc.stdout) < MIN_CHARS:
+            raise ConfigError(
+                f"`bible {KJV_RANGE}` failed ({proc.stderr.strip() or 'no output'}): reinstall with "
+                "`apt-get install --reinstall bible-kjv bible-kjv-text`."
+            )
+        return parse_bible_output(proc.stdout)
+
+
+def parse_bible_output(raw: str) -> str:
+    """Turn ``bible`` output (chapter headers, then numbered verses) into one paragraph per chapter."""
+    chapters: list[str] = []
+    verses: list[str] = []
+    for line in raw.splitlines():
+        m = re.match(r"^\s+\d+\s+(.*)$", line)
+        if m:
+            verses.append(m.group(1).strip())
+        elif line.strip():  # a chapter header such as "Genesis 1"
+            if verses:
+                chapters.append(" ".join(verses))
+            verses = []
+        elif verses and line == "":
+            continue
+    if verses:
+        chapters.append(" ".join(verses))
+    return "\n\n".join(chapters)
+
+
+PYDOC_GLOB = "/usr/share/doc/python3*/html/library/*.html"
+
+
+@dataclass(frozen=True, eq=True)
+class PythonDocText(TextSource):
+    """The Python library reference from the Debian package ``python3-doc`` (HTML pages, tags removed)."""
+
+    pattern: str = PYDOC_GLOB
+
+    @property
+    def name(self) -> str:
+        return "python-doc"
+
+    def load(self) -> str:
+        files = sorted(glob.glob(self.pattern))
+        if not files:
+            raise ConfigError(
+                "The Python documentation is not installed: run `apt-get install python3-doc` "
+                "(or give your own text file with --text PATH)."
+            )
+        parts = []
+        for f in files:
+            parts.append(html_to_text(Path(f).read_text(encoding="utf-8", errors="replace")))
+        return "\n\n".join(p for p in parts if p)
+
+
+def html_to_text(page: str) -> str:
+    """Paragraph text of an HTML page: scripts, styles and tags removed, entities decoded."""
+    body = re.sub(r"(?is)<(script|style|head|nav|footer)\b.*?</\1>", " ", page)
+    body = re.sub(r"(?i)</?(p|div|h\d|li|dt|dd|pre|br|tr)\b[^>]*>", "\n\n", body)
+    body = re.sub(r"(?s)<[^>]+>", " ", body)
+    body = html.unescape(body)
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
+    return "\n\n".join(p for p in paras if len(p) > 40)
+
+
+PACKAGED: dict[str, type[TextSource]] = {"kjv": KJVText, "python-doc": PythonDocText}
+
+
+def text_source(spec: str | TextSource) -> TextSource:
+    """A text source from a spec: ``kjv``, ``python-doc``, ``generated[:SEED]``, ``file:PATH`` or a file path."""
+    if isinstance(spec, TextSource):
+        return spec
+    s = str(spec).strip()
+    if not s:
+        raise ConfigError("Empty text source: use kjv, python-doc or a path to a UTF-8 text file.")
+    if s in PACKAGED:
+        return PACKAGED[s]()
+    if s == "generated" or s.startswith("generated:"):
+        seed = s.split(":", 1)[1] if ":" in s else "0"
+        if not seed.isdigit():
+            raise ConfigError(f"Cannot read text source {s!r}: use generated or generated:SEED.")
+        return GeneratedText(int(seed))
+    path = s[5:] if s.startswith("file:") else s
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(
+            f"Unknown text source {s!r}: use kjv (apt-get install bible-kjv bible-kjv-text), python-doc "
+            "(apt-get install python3-doc), generated, or the path of a UTF-8 text file."
+        )
+    return FileText(str(Path(path).expanduser()))
+
+
+def sentences(text: str, *, max_chars: int = 240) -> list[str]:
+    """Split text into sentence units (long ones cut at ``;``/``:``) in reading order, whitespace normalised."""
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        para = " ".join(para.split())
+        if not para:
+            continue
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(\[])", para):
+            if len(s) <= max_chars:
+                out.append(s)
+                continue
+            piece = ""
+            for part in re.split(r"(?<=[;:])\s+", s):
+                if piece and len(piece) + len(part) > max_chars:
+                    out.append(piece)
+                    piece = part
+                else:
+                    piece = f"{piece} {part}".strip()
+            if piece:
+                out.append(piece)
+    return [s for s in out if s]
+
+
+@functools.lru_cache(maxsize=4)
+def sentence_units(source: TextSource) -> tuple[str, ...]:
+    return tuple(sentences(source.text()))
