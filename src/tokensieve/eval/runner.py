@@ -185,6 +185,7 @@ def run_eval(
     for task in cfg.task_objects:
         task.check()
     store = ResultStore(cfg.store)
+    threads_before = torch.get_num_threads()
     try:
         threads = set_threads(cfg.threads)
         # 2. the model and what depends on it
@@ -234,6 +235,7 @@ def run_eval(
         return RunSummary(str(store.path), len(cells), already, ran, time.perf_counter() - t_start, notes)
     finally:
         store.close()
+        torch.set_num_threads(threads_before)
 
 
 def _run_cells(

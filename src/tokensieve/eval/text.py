@@ -114,7 +114,8 @@ class GeneratedText(TextSource):
         for _ in range(self.sentences):
             s = (
                 f"The {rng.choice(adjectives)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
-                f"the {rng.choice(NOUNS)} near the {rng.choice(adjectives)} {rng.choice(NOUNS)}."
+                f"the {rng.choice(NOUNS)} near the {rng.choice(adjectives)} {rng.choice(NOUNS)} "
+                f"and the {rng.choice(NOUNS)} of the {rng.choice(adjectives)} {rng.choice(NOUNS)}."
             )
             para.append(s)
             if len(para) == 6:
@@ -241,7 +242,10 @@ def text_source(spec: str | TextSource) -> TextSource:
 
 
 def sentences(text: str, *, max_chars: int = 240) -> list[str]:
-    """Split text into sentence units (long ones cut at ``;``/``:``) in reading order, whitespace normalised."""
+    """Split text into sentence units in reading order, whitespace normalised.
+
+    Units longer than ``max_chars`` are cut at ``;``/``:``, and at word boundaries if still too long.
+    """
     out: list[str] = []
     for para in re.split(r"\n\s*\n", text):
         para = " ".join(para.split())
@@ -260,7 +264,22 @@ def sentences(text: str, *, max_chars: int = 240) -> list[str]:
                     piece = f"{piece} {part}".strip()
             if piece:
                 out.append(piece)
-    return [s for s in out if s]
+    return [c for s in out if s for c in _cut(s, max_chars)]
+
+
+def _cut(s: str, max_chars: int) -> list[str]:
+    """Cut a unit longer than ``max_chars`` at word boundaries."""
+    if len(s) <= max_chars:
+        return [s]
+    chunks: list[str] = []
+    piece = ""
+    for word in s.split(" "):
+        if piece and len(piece) + 1 + len(word) > max_chars:
+            chunks.append(piece)
+            piece = word
+        else:
+            piece = f"{piece} {word}" if piece else word
+    return [*chunks, piece] if piece else chunks
 
 
 @functools.lru_cache(maxsize=4)

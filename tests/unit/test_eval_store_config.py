@@ -1,0 +1,197 @@
+"""The results store, the grid config and its cells, and the fidelity metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve.eval.config import EvalConfig, MethodSpec, expand
+from tokensieve.eval.metrics import fidelity, kl_divergence, log_probs, perplexity, token_logprobs, top1_agreement
+from tokensieve.eval.store import ResultStore
+
+
+# ------------------------------------------------------------------------------------------------------ store
+def _row(key: str, **extra: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "key": key, "config": "{}", "model": "m", "version": ts.__version__, "created": 1.0, "task": "passkey",
+        "method": "full", "method_label": "full", "budget": "100%", "budget_kind": "ratio", "budget_value": 1.0,
+        "length": 512, "seed": 0, "mode": "agnostic", "metric": "accuracy", "score": 1.0,
+    }  # fmt: skip
+    row.update(extra)
+    return row
+
+
+def test_store_inserts_reads_and_never_overwrites(tmp_path):
+    path = tmp_path / "sub" / "r.sqlite"
+    with ResultStore(path) as store:
+        store.add(_row("a", kl=0.5, answers=["x", "y"], depth=None, top1=math.nan))
+        store.add(_row("b", score=0.0))
+        assert store.keys() == {"a", "b"}
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add(_row("a", score=0.0))
+        with pytest.raises(ValueError, match="unknown result columns"):
+            store.add(_row("c", bogus=1))
+    with ResultStore(path, readonly=True) as ro:
+        rows = {r["key"]: r for r in ro.rows()}
+        assert rows["a"]["score"] == 1.0
+        assert rows["a"]["kl"] == 0.5
+        assert json.loads(rows["a"]["answers"]) == ["x", "y"]
+        assert rows["a"]["depth"] is None
+        assert rows["a"]["top1"] is None
+        assert ro.count() == 2
+
+
+def test_store_bad_paths_fail_with_a_message(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(ts.ConfigError, match="Choose a writable path"):
+        ResultStore(blocker / "r.sqlite")
+    with pytest.raises(ts.ConfigError, match="is a directory"):
+        ResultStore(tmp_path)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ts.ConfigError, match="results store"):
+        ResultStore(junk)
+    with pytest.raises(ts.ConfigError, match="No results store"):
+        ResultStore(tmp_path / "missing.sqlite", readonly=True)
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(ts.ConfigError, match="not a tokensieve results store"):
+        ResultStore(other, readonly=True)
+
+
+# ------------------------------------------------------------------------------------------------------ config
+def test_config_parses_cli_strings():
+    cfg = EvalConfig.from_mapping(
+        {
+            "tasks": "passkey, niah_single",
+            "methods": "snapkv:window=8,h2o",
+            "budgets": "0.1,25%,256",
+            "lengths": "512,1k",
+            "depths": "0,0.5,100%",
+            "seeds": "0-2",
+            "modes": "agnostic,aware",
+            "store": "x.sqlite",
+        }
+    )
+    assert cfg.tasks == ("passkey", "niah_single")
+    assert cfg.methods == (MethodSpec("snapkv", (("window", "8"),)), MethodSpec("h2o"))
+    assert [str(b) for b in cfg.budgets] == ["10%", "25%", "256 tok"]
+    assert cfg.lengths == (512, 1024)
+    assert cfg.depths == (0.0, 0.5, 1.0)
+    assert cfg.seeds == (0, 1, 2)
+    assert [m.label for m in cfg.method_list()] == ["full", "snapkv(window=8)", "h2o"]
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"tasks": "passkey,nope"}, "Unknown task 'nope'"),
+        ({"methods": "snapkvv"}, "Unknown method 'snapkvv'"),
+        ({"methods": "snapkv:nosuch=1"}, "no parameter 'nosuch'"),
+        ({"methods": "snapkv:window"}, "key=value"),
+        ({"budgets": "1.5"}, r"\(0, 1\]"),
+        ({"lengths": "12.5"}, "whole numbers"),
+        ({"lengths": "abc"}, "whole numbers"),
+        ({"depths": "1.5"}, r"\[0.0, 1.0\]"),
+        ({"modes": "sideways"}, "Unknown mode"),
+        ({"haystack": "noise"}, "haystack"),
+        ({"taks": "passkey"}, "Unknown config key"),
+        ({"tasks": ""}, "empty"),
+    ],
+)
+def test_config_rejects_bad_input(data, match):
+    with pytest.raises(ts.ConfigError, match=match):
+        EvalConfig.from_mapping(data)
+
+
+def test_config_files(tmp_path):
+    toml = tmp_path / "grid.toml"
+    toml.write_text(
+        'tasks = ["passkey"]\nmethods = ["h2o", {name = "snapkv", params = {window = 8}}]\n'
+        'budgets = [0.25, 64]\nlengths = [300]\nmodes = ["aware"]\n'
+    )
+    cfg = EvalConfig.from_file(toml, {"lengths": "400"})
+    assert cfg.lengths == (400,)  # overrides win
+    assert cfg.methods[1] == MethodSpec("snapkv", (("window", 8),))
+    assert [str(b) for b in cfg.budgets] == ["25%", "64 tok"]
+    js = tmp_path / "grid.json"
+    js.write_text(json.dumps({"tasks": ["qa"], "text": "generated"}))
+    assert EvalConfig.from_file(js).tasks == ("qa",)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("tasks = [passkey")
+    with pytest.raises(ts.ConfigError, match="not valid TOML"):
+        EvalConfig.from_file(bad)
+    badj = tmp_path / "bad.json"
+    badj.write_text("{tasks: 1}")
+    with pytest.raises(ts.ConfigError, match="not valid JSON"):
+        EvalConfig.from_file(badj)
+    with pytest.raises(ts.ConfigError, match="does not exist"):
+        EvalConfig.from_file(tmp_path / "none.toml")
+    yml = tmp_path / "grid.yaml"
+    yml.write_text("tasks: [passkey]")
+    with pytest.raises(ts.ConfigError, match=r"\.toml or \.json"):
+        EvalConfig.from_file(yml)
+
+
+def test_grid_expansion_and_cell_keys():
+    cfg = EvalConfig.from_mapping(
+        {
+            "tasks": "passkey,ppl,cwe",
+            "methods": "snapkv,full",
+            "budgets": "0.25,0.5",
+            "lengths": "512",
+            "depths": "0,1",
+            "seeds": "0",
+            "modes": "agnostic,aware",
+            "text": "generated",
+        }
+    )
+    cells, notes = expand(cfg)
+    # passkey: 2 depths x 2 modes x (full + 2 budgets); ppl: agnostic only, no depth; cwe: no depth, 2 modes
+    assert len(cells) == 2 * 2 * 3 + 1 * 3 + 2 * 3
+    assert any("ppl" in n and "agnostic" in n for n in notes)
+    first = cells[0]
+    assert first.method.name == "full"
+    assert str(first.budget) == "100%"
+    by_task = {}
+    for c in cells:
+        by_task.setdefault(c.task.name, []).append(c)
+    assert {c.depth for c in by_task["cwe"]} == {None}
+    assert {c.mode for c in by_task["ppl"]} == {"agnostic"}
+    keys = [c.key("m") for c in cells]
+    assert len(set(keys)) == len(keys)
+    assert keys == [c.key("m") for c in expand(cfg)[0]]  # stable
+    assert first.key("m") != first.key("other-model")
+    conf = first.config("m")
+    assert conf["params"] == {}
+    assert conf["budget"]["value"] == 1.0
+    snap = next(c for c in cells if c.method.name == "snapkv")
+    assert "window" in snap.config("m")["params"]  # defaults are part of the key
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def test_fidelity_metrics():
+    a = log_probs(torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]))
+    assert torch.allclose(kl_divergence(a, a), torch.zeros(2), atol=1e-7)
+    b = log_probs(torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0]]))
+    p = a[0].exp()
+    expected = float((p * (a[0] - math.log(1 / 3))).sum())
+    kl = kl_divergence(a, b)
+    assert kl[0].item() == pytest.approx(expected, rel=1e-5)
+    assert kl[1].item() == pytest.approx(0.0, abs=1e-6)
+    c = log_probs(torch.tensor([[0.0, 5.0, 0.0], [0.0, 3.0, 0.0]]))
+    assert top1_agreement(a, c).tolist() == [0.0, 1.0]
+    f = fidelity(a, c)
+    assert f.top1 == 0.5
+    assert f.n == 2
+    assert f.kl_max >= f.kl > 0
+    lp = token_logprobs(a, torch.tensor([0, 1]))
+    assert lp.tolist() == pytest.approx([a[0, 0].item(), a[1, 1].item()])
+    assert perplexity(-2 * math.log(4), 2) == pytest.approx(4.0)
+    assert math.isnan(fidelity(a[:0], a[:0]).kl)
