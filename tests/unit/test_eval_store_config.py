@@ -88,6 +88,12 @@ def test_config_parses_cli_strings():
     assert [m.label for m in cfg.method_list()] == ["full", "snapkv(window=8)", "h2o"]
 
 
+def test_all_methods_come_from_the_registry():
+    cfg = EvalConfig.from_mapping({"methods": "all"})
+    assert cfg.all_methods
+    assert [m.name for m in cfg.method_list()] == ["full", *[n for n in ts.method_names() if n != "full"]]
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [

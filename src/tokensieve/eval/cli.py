@@ -72,7 +72,9 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("config", nargs="?", help="grid file (.toml or .json); see docs/EVALUATION.md")
     sp.add_argument("--tasks", help="comma-separated tasks (see --list-tasks)")
     sp.add_argument(
-        "--methods", help="comma-separated methods, with parameters as name:key=value (e.g. snapkv:window=32)"
+        "--methods",
+        help="comma-separated methods, with parameters as name:key=value (e.g. snapkv:window=32); "
+        "all = every registered method",
     )
     sp.add_argument("--budgets", help="comma-separated budgets: ratios (0.1, 25%%) or token counts (256)")
     sp.add_argument("--lengths", help="comma-separated prompt lengths in model tokens (512,1k,2k)")

@@ -4,7 +4,7 @@ A grid is declared in a small TOML or JSON file or on the command line (``tokens
 
     # eval.toml
     tasks   = ["passkey", "niah_single"]
-    methods = ["snapkv", "h2o", "snapkv:window=32"]     # name[:key=value[:key=value]]
+    methods = ["snapkv", "h2o", "snapkv:window=32"]     # name[:key=value[:key=value]], or "all"
     budgets = ["10%", "25%", 0.5, 256]                   # ratios or token counts
     lengths = [512, 1024]
     depths  = [0.0, 0.5, 1.0]
@@ -32,7 +32,7 @@ from typing import Any
 from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
 from ..core.method import Method
-from ..core.registry import create_method
+from ..core.registry import create_method, method_names
 from ..errors import ConfigError
 from .tasks import MODES, Task, get_task
 
@@ -160,6 +160,7 @@ class EvalConfig:
     store: str = "runs/eval.sqlite"
     threads: int | None = None
     fidelity: bool = True
+    all_methods: bool = False  # `methods = all`: skip registered methods the model cannot run instead of failing
     _task_objs: tuple[Task, ...] = field(default=(), repr=False, compare=False)
 
     FIELDS = (
@@ -205,6 +206,11 @@ class EvalConfig:
         if "methods" in data:
             raw = data["methods"]
             items = _split_methods(raw) if isinstance(raw, str) else _tuple(raw, "methods")
+            if any(isinstance(m, str) and m.strip().lower() == "all" for m in items):
+                # every registered method (those the model cannot run are dropped by the runner, with a note)
+                items = [m for m in items if not (isinstance(m, str) and m.strip().lower() == "all")]
+                items += method_names()
+                kw["all_methods"] = True
             kw["methods"] = tuple(dict.fromkeys(MethodSpec.parse(m) for m in items))
         if "budgets" in data:
             kw["budgets"] = tuple(dict.fromkeys(Budget.parse(b) for b in _tuple(data["budgets"], "budgets")))

@@ -18,6 +18,7 @@ One cell (batch size 1):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..adapters.models import load_model, model_key
-from ..errors import ConfigError, PromptError
+from ..errors import CapabilityError, ConfigError, PromptError
 from ..pipeline import CachedContext, Compressor, compress
 from .config import FULL, Cell, EvalConfig, MethodSpec, expand
 from .metrics import fidelity, log_probs, perplexity, token_logprobs
@@ -202,10 +203,20 @@ def run_eval(
                         f"up to {need - length} answer tokens exceed its context of {limit} tokens. "
                         f"Use lengths <= {limit - (need - length)}."
                     )
+        dropped: list[str] = []
         for m in cfg.method_list():
-            for b in cfg.budgets_for(m):
-                Compressor(model, m.name, b, **dict(m.params))  # capability / profile checks
+            try:
+                for b in cfg.budgets_for(m):
+                    Compressor(model, m.name, b, **dict(m.params))  # capability / profile checks
+            except CapabilityError as exc:
+                if not cfg.all_methods:
+                    raise
+                dropped.append(f"{m.label} skipped: {exc}")
+        if dropped:
+            keep = tuple(m for m in cfg.methods if not any(d.startswith(f"{m.label} skipped") for d in dropped))
+            cfg = dataclasses.replace(cfg, methods=keep or (MethodSpec(FULL),))
         cells, notes = expand(cfg)
+        notes = dropped + notes
         prepared: dict[Any, _Prepared] = {}
         for cell in cells:  # generate every sample now: a too-short length or a budget too large fails here
             prep = _prepare(cell, tokenizer, prepared)
@@ -260,6 +271,9 @@ def _run_cells(
     ran = 0
     reference: Reference | None = None
     ref_sample: Any = None
+    ref_mode: dict[Any, str] = {}
+    for c in cells:  # the reference of a sample is its first full-cache cell
+        ref_mode.setdefault(c.sample_id, c.mode)
     try:
         for i, cell in enumerate(cells):
             if i not in todo:
@@ -268,7 +282,7 @@ def _run_cells(
             prep = prepared[sid]
             if ref_sample != sid:
                 reference, ref_sample = None, sid
-            is_ref = cell.method.name == FULL and not cell.method.params and cell.mode == _ref_mode(cells, sid)
+            is_ref = cell.method == MethodSpec(FULL) and cell.mode == ref_mode[sid]
             if reference is None and not is_ref:
                 # The sample's reference cell is already stored (an earlier run): recompute the reference.
                 ref_cell = next(c for c in cells if c.sample_id == sid and c.method == MethodSpec(FULL))
@@ -285,10 +299,6 @@ def _run_cells(
     finally:
         bar.close()
     return ran
-
-
-def _ref_mode(cells: list[Cell], sid: Any) -> str:
-    return next(c.mode for c in cells if c.sample_id == sid)
 
 
 def _row(cell: Cell, key: str, mkey: str, run_id: int, threads: int, sample: Sample, result: dict[str, Any]
