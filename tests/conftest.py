@@ -59,3 +59,38 @@ def real_model():
     if not is_pulled():
         pytest.fail("The embedded model is not provisioned: run `make setup` (or `tokensieve pull`) first.")
     return load_model()
+
+
+def synthetic_profiles(model) -> dict:
+    """Valid profiles for the tiny model: retrieval heads from the real (data-free) profiler, the others built
+    from deterministic numbers (their profilers need a tokenizer and a model that can retrieve)."""
+    from tokensieve.adapters.models import model_key
+    from tokensieve.core.context import ModelShape
+    from tokensieve.profiling.retrieval_heads import profile_retrieval_heads
+    from tokensieve.profiling.store import Profile, shape_dict
+
+    shape = ModelShape.from_config(model.config, key=model_key(model))
+    L, H, Hq, D = shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_dim
+    g = torch.Generator().manual_seed(0)
+    sd = shape_dict(shape)
+    return {
+        "retrieval-heads": profile_retrieval_heads(model, n_random=24, repeats=3, echo_share=0.2, induction_share=0.2),
+        "compresskv": Profile(
+            "compresskv",
+            shape.key,
+            sd,
+            {},
+            {
+                "srh": [torch.randperm(Hq, generator=g)[:4].tolist() for _ in range(L)],
+                "layer_score": (torch.rand(L, generator=g) + 0.1).div_(1).tolist(),
+            },
+        ),
+        "fasa": Profile(
+            "fasa", shape.key, sd, {}, {"ks": [8, 16], "ca": torch.rand(2, L, H, D // 2, generator=g).tolist()}
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_profiles(tiny_model):
+    return synthetic_profiles(tiny_model)

@@ -86,6 +86,7 @@ class Compressor:
         method: a registered method name or a :class:`Method` instance (``"full"`` = no compression).
         budget: a ratio in (0, 1], a token count, or a :class:`Budget`.
         reserve: headroom per cache row for tokens that will follow the compressed context.
+        profile: a per-model profile to use instead of the installed one (methods that need one).
         **params: method parameters (e.g. ``window=64``).
     """
 
@@ -96,6 +97,7 @@ class Compressor:
         budget: Budget | str | float | int = 1.0,
         *,
         reserve: int = 0,
+        profile: Any = None,
         **params: Any,
     ) -> None:
         self.model = model
@@ -103,7 +105,16 @@ class Compressor:
         self.budget = Budget.parse(budget)
         self.shape = ModelShape.from_config(model.config, key=model_key(model))
         self.method.check(self.shape)
-        self.profile = self.method.load_profile(self.shape)
+        if profile is not None:
+            if profile.kind != self.method.capabilities.profile:
+                raise ConfigError(
+                    f"Method '{self.method.name}' needs a '{self.method.capabilities.profile}' profile, "
+                    f"not '{profile.kind}'."
+                )
+            profile.check_shape(self.shape)
+            self.profile = profile
+        else:
+            self.profile = self.method.load_profile(self.shape)
         self.reserve = reserve
         self._stack: contextlib.ExitStack | None = None
 

@@ -70,7 +70,7 @@ def test_local_directory_without_config(tmp_path):
         ts.load_model(str(tmp_path))
 
 
-def test_local_directory_model_loads(tmp_path, tiny_model):
+def save_tiny(tmp_path, tiny_model):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,6 +81,27 @@ def test_local_directory_model_loads(tmp_path, tiny_model):
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", eos_token="t2").save_pretrained(
         tmp_path
     )
+
+
+def test_local_directory_model_loads(tmp_path, tiny_model):
+    save_tiny(tmp_path, tiny_model)
     model, tok = ts.load_model(str(tmp_path))
     assert model.config.num_hidden_layers == tiny_model.config.num_hidden_layers
     assert tok("t5 t6")["input_ids"] == [5, 6]
+
+
+def test_cli_profile_writes_a_loadable_profile(tmp_path, tiny_model, capsys):
+    from tokensieve.core.context import ModelShape
+    from tokensieve.profiling.store import Profile
+
+    save_tiny(tmp_path / "m", tiny_model)
+    out = tmp_path / "rh.json"
+    argv = ["profile", "retrieval-heads", "--model", str(tmp_path / "m"), "--n-random", "20", "--repeats", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    import json
+
+    prof = Profile(**json.loads(out.read_text()))
+    prof.check_shape(ModelShape.from_config(tiny_model.config))
+    assert prof.settings["n_random"] == 20
+    assert len(prof.data["echo"]) == tiny_model.config.num_hidden_layers
+    assert prof.data["count"] >= 1

@@ -159,7 +159,8 @@ class LayerContext:
     def window_attention(self, window: int) -> Tensor:
         """Attention probabilities of the last ``window`` queries over all keys: ``(B, H_q, W, T)``.
 
-        Causal inside the window and padding-masked; softmax over all keys (window keys included). Memoised.
+        Causal inside the window and padding-masked; softmax over all keys (window keys included). Rows of padding
+        queries (a sequence shorter than the window) are all zero. Memoised.
         """
         W = max(1, min(int(window), self.length))
         key = ("window", W)
@@ -171,7 +172,8 @@ class LayerContext:
             kpos = torch.arange(T, device=q.device)
             allowed = (kpos[None, :] <= qpos[:, None])[None, None] & self.valid[:, None, None, :]
             logits = logits.masked_fill(~allowed, NEG_INF)
-            self._memo[key] = torch.softmax(logits, dim=-1)
+            # padding queries (a sequence shorter than the window) see no key: their rows are 0, not NaN
+            self._memo[key] = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
         return self._memo[key]
 
     def accumulated_attention(self, chunk: int = 512) -> Tensor:
@@ -190,7 +192,7 @@ class LayerContext:
                 qpos = torch.arange(s, e, device=self.queries.device)
                 allowed = (kpos[None, :e] <= qpos[:, None])[None, None] & self.valid[:, None, None, :e]
                 probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1)
-                probs = probs * self.valid[:, None, s:e, None]  # padding queries contribute nothing
+                probs = torch.nan_to_num(probs, nan=0.0)  # padding queries see no key and contribute nothing
                 total[..., :e] += probs.sum(2).float()
             self._memo[key] = total
         return self._memo[key]

@@ -119,8 +119,8 @@ class PrefillMethod(Method):
         return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=ctx.run.recent)
 
     # -- apply --------------------------------------------------------------------------------------------------
-    def apply(self, selection: Selection, ctx: LayerContext) -> Compressed:
-        """Evict everything not selected."""
+    def apply(self, selection: Selection, ctx: LayerContext, scores: Tensor) -> Compressed:
+        """Evict everything not selected (merge methods override this and may use the scores)."""
         return Compressed(selection)
 
     # -- the recipe ---------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class PrefillMethod(Method):
                 f"(B, H_kv, T) = {(ctx.batch, ctx.num_kv_heads, ctx.length)}."
             )
         counts = self.layer_counts(ctx)
-        return self.apply(self.select(scores, counts, ctx), ctx)
+        return self.apply(self.select(scores, counts, ctx), ctx, scores)
 
 
 def require_profile(method: Method, profile: Any, shape: ModelShape) -> Any:

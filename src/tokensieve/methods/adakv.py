@@ -31,8 +31,8 @@ def adaptive_head_counts(scores: Tensor, counts: Tensor, valid: Tensor, protecte
         ``(B, H)`` counts with the same row sums as ``counts``.
     """
     B, H, T = scores.shape
-    n_prot = protected.sum(-1)  # (B, H)
-    free = (counts - n_prot).clamp_min(0)  # (B, H) uniform free budget per head
+    n_prot = torch.minimum(protected.sum(-1), counts)  # (B, H); a budget below the protected set keeps part of it
+    free = counts - n_prot  # (B, H) uniform free budget per head
     avail = (valid[:, None, :] & ~protected).sum(-1)  # (B, H) candidates per head
     s = scores.float().masked_fill(~valid[:, None, :] | protected, float("-inf")).reshape(B, H * T)
     out = torch.empty_like(counts)

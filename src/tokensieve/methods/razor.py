@@ -138,7 +138,7 @@ class RazorAttention(PrefillMethod):
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=0)
 
-    def apply(self, selection: Selection, ctx: LayerContext) -> Compressed:
+    def apply(self, selection: Selection, ctx: LayerContext, scores: Tensor) -> Compressed:
         if self.compensation == "none":
             return Compressed(selection)
         dropped = ctx.selectable[:, None, :] & ~selection.mask(ctx.length)  # (B, H, T)

@@ -20,6 +20,9 @@ def recency_scores(ctx: LayerContext) -> Tensor:
 
 
 def random_scores(ctx: LayerContext, seed: int) -> Tensor:
-    """Uniform random scores, reproducible per (seed, layer). ``(B, H_kv, T)``."""
+    """Uniform random scores, reproducible per (seed, layer, KV head, true position) — so a sequence gets the same
+    scores alone or in a padded batch. ``(B, H_kv, T)``."""
     g = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + ctx.layer_idx)
-    return torch.rand(ctx.batch, ctx.num_kv_heads, ctx.length, generator=g).to(ctx.keys.device)
+    pos = ctx.positions.clamp_min(0)  # (B, T)
+    table = torch.rand(int(pos.max()) + 1, ctx.num_kv_heads, generator=g).T.to(ctx.keys.device)  # (H_kv, P)
+    return table[:, pos].permute(1, 0, 2).contiguous()  # (B, H_kv, T)

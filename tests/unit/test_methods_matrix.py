@@ -1,0 +1,141 @@
+"""Every registered method on the tiny model: budgets, batching, positions, 100 % = full, bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve.core.registry import get_method_class, method_names
+from tokensieve.eval.prompts import left_pad
+
+COMPRESSING = [m for m in method_names() if get_method_class(m).capabilities.apply.value != "none"]
+L_LAYERS, H_KV, D = 3, 2, 8
+
+
+def press_for(model, name, budget, profiles, **kw):
+    kind = get_method_class(name).capabilities.profile
+    return ts.compress(model, name, budget, profile=profiles.get(kind) if kind else None, **kw)
+
+
+def prompts(seed=0, lengths=(48, 30, 41)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+@torch.inference_mode()
+def test_budget_is_exact_and_decoding_runs(name, tiny_model, tiny_profiles):
+    rows = prompts()
+    ids, mask = left_pad(rows, 0)
+    press = press_for(tiny_model, name, 0.25, tiny_profiles, reserve=4)
+    ctx = press.prefill(ids, mask)
+    lengths = ctx.cache.lengths()  # (L, B, H)
+    for b, r in enumerate(rows):
+        budget = ts.Budget.ratio(0.25).tokens_for(len(r))
+        assert int(lengths[:, b].sum()) == L_LAYERS * H_KV * budget, name  # same stored entries for every method
+    assert torch.isfinite(ctx.logits).all()
+    gen = press.decode(ctx, 3)
+    assert gen.steps == 2
+    assert int(ctx.cache.lengths()[:, 0].sum()) == L_LAYERS * H_KV * (ts.Budget.ratio(0.25).tokens_for(48) + 2)
+    assert ctx.cache.get_seq_length() == ids.shape[1] + 2  # logical length: every token seen
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+@torch.inference_mode()
+def test_full_budget_reproduces_full_cache(name, tiny_model, tiny_profiles):
+    ids = torch.tensor([prompts()[0]])
+    full = ts.compress(tiny_model, "full")
+    ref = full.prefill(ids)
+    ref_logits = ref.logits.clone()
+    ref_gen = full.decode(ref, 4)
+    press = press_for(tiny_model, name, 1.0, tiny_profiles)
+    ctx = press.prefill(ids)
+    torch.testing.assert_close(ctx.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert press.decode(ctx, 4).tokens == ref_gen.tokens
+    torch.testing.assert_close(ctx.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+@torch.inference_mode()
+def test_batch_equals_single(name, tiny_model, tiny_profiles):
+    rows = prompts(seed=1)
+    ids, mask = left_pad(rows, 0)
+    press = press_for(tiny_model, name, 0.4, tiny_profiles)
+    ctx = press.prefill(ids, mask)
+    first = ctx.logits.clone()
+    lengths = ctx.cache.lengths()
+    gen = press.decode(ctx, 3)
+    for b, r in enumerate(rows):
+        single = press.prefill(torch.tensor([r]))
+        torch.testing.assert_close(first[b], single.logits[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(lengths[:, b], single.cache.lengths()[:, 0])
+        assert gen.tokens[b] == press.decode(single, 3).tokens[0]
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+@torch.inference_mode()
+def test_gqa_rows_are_kv_heads_and_bytes_are_exact(name, tiny_model, tiny_profiles):
+    ids = torch.tensor([prompts()[0]])
+    ctx = press_for(tiny_model, name, 0.5, tiny_profiles).prefill(ids)
+    cache = ctx.cache
+    assert cache.lengths().shape == (L_LAYERS, 1, H_KV)  # per KV head, never expanded to the 6 query heads
+    stored = 0
+    for store in cache.stores():
+        for h in range(H_KV):
+            k, v, _ = store.row(0, h)
+            stored += k.numel() * k.element_size() + v.numel() * v.element_size()
+    assert cache.kv_bytes() == stored == cache.stored_entries() * 2 * D * 4
+
+
+@pytest.mark.parametrize("name", [m for m in COMPRESSING if m not in ("razor", "ems")])
+@torch.inference_mode()
+def test_kept_tokens_keep_their_true_positions(name, tiny_model, tiny_profiles):
+    rows = prompts(seed=2, lengths=(40, 25))
+    ids, mask = left_pad(rows, 0)
+    ctx = press_for(tiny_model, name, 0.3, tiny_profiles).prefill(ids, mask)
+    for store in ctx.cache.stores():
+        for b, r in enumerate(rows):
+            for h in range(H_KV):
+                _, _, pos = store.row(b, h)
+                assert pos.min() >= 0  # padding never kept
+                assert pos.max() < len(r)
+                assert torch.all(pos[1:] > pos[:-1])
+    # the next token's position is its true position in its own sequence
+    assert ctx.next_positions().tolist() == [40, 25]
+
+
+@torch.inference_mode()
+def test_query_agnostic_appends_question_uncompressed(tiny_model):
+    context, question = prompts(seed=3, lengths=(60, 9))
+    press = ts.compress(tiny_model, "snapkv", 0.25, window=4)
+    ctx = press.prefill(torch.tensor([context]))
+    b = ts.Budget.ratio(0.25).tokens_for(60)
+    assert ctx.cache.stored_entries() == L_LAYERS * H_KV * b
+    fork = ctx.fork()
+    press.extend(fork, torch.tensor([question]))
+    assert fork.cache.stored_entries() == L_LAYERS * H_KV * (b + 9)
+    assert ctx.cache.stored_entries() == L_LAYERS * H_KV * b  # the original is untouched
+    aware = press.prefill(torch.tensor([context + question]))
+    assert aware.cache.stored_entries() == L_LAYERS * H_KV * ts.Budget.ratio(0.25).tokens_for(69)
+
+
+def test_absolute_budget_larger_than_prompt_fails_before_work(tiny_model):
+    press = ts.compress(tiny_model, "snapkv", 100)
+    with pytest.raises(ts.ConfigError, match="larger than the prompt"):
+        press.prefill(torch.tensor([prompts()[1]]))
+
+
+@pytest.mark.parametrize("name", ["razor", "compresskv", "fasa"])
+def test_missing_profile_is_a_clear_error(name, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSIEVE_HOME", str(tmp_path))
+    with pytest.raises(ts.CapabilityError, match="tokensieve profile"):
+        ts.compress(tiny_model, name, 0.5)
+
+
+def test_profile_of_another_shape_is_rejected(tiny_model, tiny_profiles):
+    from tests.conftest import make_tiny_model, synthetic_profiles
+
+    other = synthetic_profiles(make_tiny_model(num_hidden_layers=2))
+    with pytest.raises(ts.ConfigError, match="another shape"):
+        ts.compress(tiny_model, "razor", 0.5, profile=other["retrieval-heads"])
