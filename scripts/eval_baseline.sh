@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 STORE=${1:-runs/baseline.sqlite}
 OUT=${2:-docs/eval/baseline}
 TS=${TOKENSIEVE:-.venv/bin/tokensieve}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}
 
 if ! command -v bible >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q bible-kjv bible-kjv-text;

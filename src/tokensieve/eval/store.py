@@ -86,6 +86,12 @@ class ResultStore:
             raise ConfigError(
                 f"The results store {self.path} is a directory: give a file path such as runs/eval.sqlite."
             )
+        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(
+                f"Cannot create the results store {self.path}: {blocker} is a file, not a folder. "
+                "Choose a writable path with --store."
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
