@@ -280,9 +280,9 @@ def plot_heatmaps(rows: list[Row], mode: str, label: str, path: Path) -> bool:
     ]
     plt = _pyplot()
     nr, nc = _grid(len(panels))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 3.2 * nr), squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(3.4 * nc + 1.0, 3.0 * nr + 0.6), squeeze=False, layout="constrained")
     im = None
-    for ax, (name, prow) in zip(axes.flat, panels):
+    for i_ax, (ax, (name, prow)) in enumerate(zip(axes.flat, panels)):
         depths = sorted({float(r["depth"]) for r in prow})
         lengths = sorted({int(r["length"]) for r in prow})
         cells = group(prow, lambda r: (float(r["depth"]), int(r["length"])))
@@ -295,14 +295,16 @@ def plot_heatmaps(rows: list[Row], mode: str, label: str, path: Path) -> bool:
                 if not math.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("needle depth")
+        if i_ax // nc == nr - 1 or i_ax + nc >= len(panels):
+            ax.set_xlabel("prompt length (tokens)")
+        if i_ax % nc == 0:
+            ax.set_ylabel("needle depth")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if im is not None:
         fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="accuracy")
     fig.suptitle(f"Needle accuracy, {label} ({mode})")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 
@@ -327,9 +329,13 @@ def plot_lengths(rows: list[Row], mode: str, path: Path) -> bool:
             if not xs:
                 continue
             ys = [mean(_vals(by_len[(x,)], "score")) for x in xs]
-            style = "k*-" if s[0] == "full" else "o-"
-            ax.plot(xs, ys, style, label=f"{s[0]} @ {s[1]}", color=None if s[0] == "full" else colors[s], ms=4)
+            full = s[0] == "full"
+            ax.plot(xs, ys, "*-" if full else "o-", label=f"{s[0]} @ {s[1]}", color="k" if full else colors[s],
+                    ms=6 if full else 4)  # fmt: skip
+        lengths = sorted({int(r["length"]) for r in trows})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.minorticks_off()
         ax.set_title(task)
         ax.set_xlabel("prompt length (tokens)")
         metric = trows[0]["metric"]
@@ -428,7 +434,7 @@ def build_report(rows: list[Row], runs: list[Row], out: Path, title: str, store_
             blocks += [Block("h2", "Accuracy vs KV budget" + suffix), Block("image", "accuracy vs KV kept", path=path)]
         needle_rows = [r for r in mrows if r.get("depth") is not None]
         if needle_rows:
-            blocks.append(Block("h2", "Needle heatmaps (depth × length)" + suffix))
+            blocks.append(Block("h2", "Needle heatmaps, depth × length" + suffix))
             series = sorted({(r["method_label"], r["budget"]) for r in needle_rows},
                             key=lambda s: (s[0] != "full", s[0], budget_order(s[1])))  # fmt: skip
             for m, b in series:
