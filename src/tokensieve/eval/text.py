@@ -66,6 +66,11 @@ def _cached_text(source: TextSource) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4)
+def _digest(source: TextSource) -> str:
+    return hashlib.sha256(source.text().encode("utf-8")).hexdigest()[:16]
+
+
 @dataclass(frozen=True, eq=True)
 class FileText(TextSource):
     """A user's UTF-8 text file."""
@@ -78,8 +83,7 @@ class FileText(TextSource):
 
     @property
     def ident(self) -> str:
-        digest = hashlib.sha256(self.text().encode("utf-8")).hexdigest()[:16]
-        return f"file:{digest}"
+        return f"file:{_digest(self)}"
 
     def load(self) -> str:
         p = Path(self.path).expanduser()
