@@ -19,10 +19,9 @@ setup: $(STAMP)
 	$(BIN)/tokensieve pull
 
 ## demo: the main job — a long-context passkey question answered with the full cache and compressed caches
-DEMO_METHODS ?= full
 DEMO_BUDGET  ?= 0.1
 demo: setup
-	$(BIN)/tokensieve demo --methods $(DEMO_METHODS) --budget $(DEMO_BUDGET)
+	$(BIN)/tokensieve demo --budget $(DEMO_BUDGET)
 
 ## test: linter, type checker and the whole test suite (unit + integration on the embedded model)
 test: setup lint typecheck

@@ -43,6 +43,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from .core.registry import list_methods
 
     infos = list_methods()
+    if args.markdown:
+        print(methods_markdown(infos), end="")
+        return 0
     if args.json:
         print(json.dumps([i.__dict__ for i in infos], indent=2, default=str))
         return 0
@@ -56,6 +59,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"    capabilities: {i.capabilities}")
         print(f"    parameters:   {params}")
     return 0
+
+
+def methods_markdown(infos: Sequence[Any]) -> str:
+    """docs/METHODS.md, generated from the registry (`tokensieve methods --markdown`)."""
+    lines = [
+        "# Methods",
+        "",
+        "Generated from the registry by `tokensieve methods --markdown`; a test keeps it in sync. Each method's",
+        "docstring (in `src/tokensieve/methods/`) states its scoring rule and every choice made where the paper is",
+        "ambiguous.",
+        "",
+        "| method | paper | rule | capabilities | parameters |",
+        "|---|---|---|---|---|",
+    ]
+    for i in infos:
+        params = ", ".join(f"`{k}={v}`" for k, v in i.params.items()) or "—"
+        cells = [f"`{i.name}`", i.paper, i.rule, i.capabilities, params]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    for i in infos:
+        lines += [f"## `{i.name}`", "", i.summary, ""]
+    return "\n".join(lines)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -100,6 +125,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_METHODS = "full,streaming_llm,snapkv,knorm,razor,compresskv"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -112,6 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         length=args.length,
         depth=args.depth,
         seed=args.seed,
+        agnostic=args.agnostic,
     )
     return 0
 
@@ -137,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("methods", help="list registered methods with their papers, capabilities and parameters")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--markdown", action="store_true", help="the table of docs/METHODS.md")
     sp.set_defaults(func=cmd_methods)
 
     sp = sub.add_parser("generate", help="stream a chat answer, optionally from a compressed cache")
@@ -151,7 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="answer a long-context passkey question with several methods, side by side")
     common(sp)
-    sp.add_argument("--methods", default="full", help="comma-separated methods (default: full)")
+    sp.add_argument(
+        "--methods",
+        default=DEMO_METHODS,
+        help=f"comma-separated methods (default: {DEMO_METHODS}); `tokensieve methods` lists them all",
+    )
+    sp.add_argument(
+        "--agnostic", action="store_true", help="compress the context before the question is seen (cache reuse)"
+    )
     sp.add_argument("--budget", default="0.1", help="budget for the compressing methods (default 0.1 = 90%% off)")
     sp.add_argument("--length", type=int, default=1024, help="prompt length in tokens")
     sp.add_argument("--depth", type=float, default=0.5, help="needle depth, 0 (start) … 1 (end)")

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from .adapters.models import load_model
+from .core.budget import Budget
+from .core.registry import create_method
 from .errors import ConfigError
 from .eval.tasks import get_task
 from .pipeline import compress
@@ -36,19 +38,29 @@ def run_demo(
     length: int,
     depth: float,
     seed: int,
+    agnostic: bool = False,
     out: Any = None,
 ) -> list[DemoRow]:
     out = out or sys.stdout
     if not methods:
         raise ConfigError("Give at least one method.")
+    for name in methods:  # fail on a bad method or budget before loading anything
+        create_method(name)
+    Budget.parse(budget)
     model, tok = load_model(model_name)
     task = get_task("passkey")
     sample = task.make(tok, length, depth, seed)
-    ids = torch.tensor([sample.ids(tok).full])
+    prompt = sample.ids(tok)
+    ids = torch.tensor([prompt.full])
     n = ids.shape[1]
+    setting = (
+        f"query-agnostic: the {len(prompt.context)}-token context is compressed before the question is seen"
+        if agnostic
+        else "query-aware: the whole prompt, question included, is compressed"
+    )
     print(
         f"Passkey question in a {n}-token prompt (needle at depth {depth:.0%}, expected answer {sample.answers[0]}); "
-        f"model {model_name}, {torch.get_num_threads()} CPU threads.",
+        f"{setting}; model {model_name}, {torch.get_num_threads()} CPU threads.",
         file=out,
     )
     if "full" not in methods:
@@ -56,8 +68,12 @@ def run_demo(
     rows: list[DemoRow] = []
     full_entries = None
     for name in methods:
-        press = compress(model, name, 1.0 if name == "full" else budget, reserve=DECODE_TOKENS)
-        ctx = press.prefill(ids)
+        press = compress(model, name, 1.0 if name == "full" else budget, reserve=DECODE_TOKENS + len(prompt.question))
+        if agnostic:
+            ctx = press.prefill(torch.tensor([prompt.context]))
+            press.extend(ctx, torch.tensor([prompt.question]))
+        else:
+            ctx = press.prefill(ids)
         gen = press.decode(ctx, DECODE_TOKENS)  # fixed work: do not stop at EOS
         toks = gen.tokens[0]
         if tok.eos_token_id in toks:

@@ -105,3 +105,11 @@ def test_cli_profile_writes_a_loadable_profile(tmp_path, tiny_model, capsys):
     assert prof.settings["n_random"] == 20
     assert len(prof.data["echo"]) == tiny_model.config.num_hidden_layers
     assert prof.data["count"] >= 1
+
+
+def test_methods_doc_is_generated_from_the_registry(capsys):
+    from pathlib import Path
+
+    assert main(["methods", "--markdown"]) == 0
+    doc = Path(__file__).resolve().parents[2] / "docs" / "METHODS.md"
+    assert doc.read_text() == capsys.readouterr().out, "run: tokensieve methods --markdown > docs/METHODS.md"
