@@ -159,6 +159,13 @@ def test_perplexity_sample_is_token_exact():
     assert TOK.decode(s.meta["context_ids"]) == s.context
 
 
+def test_perplexity_scores_the_same_tokens_at_every_length():
+    short, long = _make("ppl", length=500, seed=5), _make("ppl", length=1800, seed=5)
+    assert short.target_ids(TOK) == long.target_ids(TOK)
+    assert long.ids(TOK).context[-500:] == short.ids(TOK).context  # more of the same preceding text
+    assert _make("ppl", length=500, seed=6).target_ids(TOK) != short.target_ids(TOK)
+
+
 # ------------------------------------------------------------------------------------------------------ scoring
 def test_passkey_scoring():
     task = get_task("passkey")

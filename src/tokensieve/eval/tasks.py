@@ -596,8 +596,9 @@ class ReadingQA(Task):
 
 @dataclass(frozen=True)
 class Perplexity(Task):
-    """Perplexity of a long real text: ``length`` tokens of the text are the (compressed) context, the next
-    ``continuation`` tokens are teacher-forced and scored. No question, so query-agnostic only; lower is better.
+    """Perplexity of a long real text: ``continuation`` tokens starting at a paragraph chosen by the seed are
+    teacher-forced and scored after the ``length`` tokens of text that precede them (the compressed context). The
+    same seed scores the same tokens at every length. No question, so query-agnostic only; lower is better.
     """
 
     name: ClassVar[str] = "ppl"
@@ -611,23 +612,23 @@ class Perplexity(Task):
     continuation: ClassVar[int] = 64
 
     def make(self, tokenizer: Any, length: int, depth: float, seed: int) -> Sample:
-        rng = random.Random(f"{self.name}/{length}/{seed}")
+        # The scored continuation depends on the seed only: every length predicts the same tokens from more or
+        # less of the text that precedes them, so perplexity across lengths measures the use of context.
+        rng = random.Random(f"{self.name}/{seed}")
         text = self.source().text()
-        paras = [m.start() for m in re.finditer(r"\n\n", text)] or [0]
-        at = paras[rng.randrange(len(paras))]
-        need = length + self.continuation
-        chunk, ids = 8 * need, []
+        starts = [m.end() for m in re.finditer(r"\n\n", text)] or [0]
+        doubled = text + "\n\n" + text  # a short text wraps around
+        at = starts[rng.randrange(len(starts))] + len(text) + 2
+        tgt_ids = encode(tokenizer, doubled[at : at + 40 * self.continuation])[: self.continuation]
+        window = 6 * length
         while True:
-            piece = text[at : at + chunk]
-            if len(piece) < chunk and at > 0:
-                piece = text[at:] + "\n\n" + text[: chunk - len(piece)]
-            ids = encode(tokenizer, piece.strip())
-            if len(ids) >= need or chunk > 4 * len(text):
+            ctx_ids = encode(tokenizer, doubled[max(0, at - window) : at])
+            if len(ctx_ids) > length or window >= at:
                 break
-            chunk *= 2
-        if len(ids) < need:
-            raise ConfigError(f"The text is too short for {need} tokens; use a longer text.")
-        ctx_ids, tgt_ids = ids[:length], ids[length:need]
+            window *= 2
+        if len(ctx_ids) < length or len(tgt_ids) < self.continuation:
+            raise ConfigError(f"The text is too short for {length} + {self.continuation} tokens; use a longer text.")
+        ctx_ids = ctx_ids[-length:]
         return Sample(
             self.name,
             tokenizer.decode(ctx_ids),
