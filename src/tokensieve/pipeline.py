@@ -26,8 +26,9 @@ from .adapters.hf import inject_cache, sieve_attention_enabled
 from .adapters.models import model_key
 from .cache.sieve_cache import Plan, SieveCache
 from .core.budget import Budget
+from .core.capabilities import Phase
 from .core.context import ModelShape
-from .core.method import Method
+from .core.method import DecodeMethod, Method
 from .core.registry import create_method
 from .errors import ConfigError, PromptError
 
@@ -87,6 +88,12 @@ class Compressor:
         budget: a ratio in (0, 1], a token count, or a :class:`Budget`.
         reserve: headroom per cache row for tokens that will follow the compressed context.
         profile: a per-model profile to use instead of the installed one (methods that need one).
+        decode: a method that acts at every decode step — a bounded cache (``streaming_llm``, ``h2o``, ``tova``,
+            ``recompress``) or sparse attention over the whole cache (``quest``, ``tokenselect``, ``tidaldecode``).
+            Composes with ``method``: evict at prefill, then bound or sparsify while decoding.
+        decode_budget: its budget (default: ``budget``); a ratio is taken of each prompt's length for eviction
+            policies and of the current cache length for sparse methods.
+        decode_params: parameters of the decode method.
         **params: method parameters (e.g. ``window=64``).
     """
 
@@ -98,11 +105,25 @@ class Compressor:
         *,
         reserve: int = 0,
         profile: Any = None,
+        decode: str | Method | None = None,
+        decode_budget: Budget | str | float | int | None = None,
+        decode_params: dict[str, Any] | None = None,
         **params: Any,
     ) -> None:
         self.model = model
         self.method = create_method(method, **params)
+        self.method.capabilities.check(method=self.method.name, phase=Phase.PREFILL)
         self.budget = Budget.parse(budget)
+        self.decode_method: DecodeMethod | None = None
+        if decode is not None:
+            dm = create_method(decode, **(decode_params or {}))
+            dm.capabilities.check(method=dm.name, phase=Phase.DECODE)
+            if not isinstance(dm, DecodeMethod):  # pragma: no cover - capabilities and classes agree
+                raise ConfigError(f"Method '{dm.name}' cannot act while decoding.")
+            self.decode_method = dm
+        elif decode_params:
+            raise ConfigError("decode_params given without a decode method.")
+        self.decode_budget = Budget.parse(decode_budget) if decode_budget is not None else self.budget
         self.shape = ModelShape.from_config(model.config, key=model_key(model))
         self.method.check(self.shape)
         if profile is not None:
@@ -126,10 +147,13 @@ class Compressor:
             shape=self.shape,
             profile=self.profile,
             reserve=self.reserve if reserve is None else reserve,
+            decode=self.decode_method,
+            decode_budget=self.decode_budget if self.decode_method is not None else None,
         )
 
     def new_cache(self, *, reserve: int | None = None, compress: bool = True) -> SieveCache:
-        """A fresh cache that compresses the next prefilled chunk (``compress=False``: keeps everything)."""
+        """A fresh cache that compresses the next prefilled chunk (``compress=False``: keeps everything and runs
+        no decode method)."""
         return SieveCache(self.shape.num_layers, self.plan(reserve) if compress else None)
 
     # ---------------------------------------------------------------------------------------- context manager

@@ -6,10 +6,17 @@ import pytest
 import torch
 
 import tokensieve as ts
+from tokensieve.core.capabilities import Phase
 from tokensieve.core.registry import get_method_class, method_names
 from tokensieve.eval.prompts import left_pad
 
-COMPRESSING = [m for m in method_names() if get_method_class(m).capabilities.apply.value != "none"]
+COMPRESSING = [
+    m
+    for m in method_names()
+    if get_method_class(m).capabilities.apply.value != "none"
+    and Phase.PREFILL in get_method_class(m).capabilities.phases
+]
+DECODING = [m for m in method_names() if m != "full" and Phase.DECODE in get_method_class(m).capabilities.phases]
 L_LAYERS, H_KV, D = 3, 2, 8
 
 
@@ -139,3 +146,20 @@ def test_profile_of_another_shape_is_rejected(tiny_model, tiny_profiles):
     other = synthetic_profiles(make_tiny_model(num_hidden_layers=2))
     with pytest.raises(ts.ConfigError, match="another shape"):
         ts.compress(tiny_model, "razor", 0.5, profile=other["retrieval-heads"])
+
+
+@pytest.mark.parametrize("name", DECODING)
+@torch.inference_mode()
+def test_decode_methods_batch_equals_single_and_padding_is_safe(name, tiny_model):
+    rows = prompts(seed=4, lengths=(40, 40))
+    press = ts.compress(tiny_model, "full", decode=name, decode_budget=24)
+    ctx = press.prefill(torch.tensor(rows))
+    gen = press.decode(ctx, 6)
+    for b, r in enumerate(rows):
+        assert gen.tokens[b] == press.decode(press.prefill(torch.tensor([r])), 6).tokens[0]
+    padded = prompts(seed=5, lengths=(40, 13, 30))
+    ids, mask = left_pad(padded, 0)
+    ctx = press.prefill(ids, mask)
+    press.decode(ctx, 6)
+    assert torch.isfinite(ctx.logits).all()
+    assert ctx.next_positions().tolist() == [45, 18, 35]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,8 +25,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention.dense import causal_attention
 from ..core.budget import Budget
-from ..core.context import LayerContext, ModelShape, RunState
-from ..core.method import Method, PrefillMethod
+from ..core.context import DecodeRun, LayerContext, ModelShape, RunState
+from ..core.method import DecodeMethod, Method, PrefillMethod
 from ..errors import ConfigError
 from .storage import DenseKV, KVStore, build_store
 
@@ -56,11 +56,15 @@ class Plan:
     shape: ModelShape
     profile: Any = None
     reserve: int = 0  # headroom per row for tokens still to come (generated tokens, a question)
+    decode: DecodeMethod | None = None  # acts at every decode step (bounded cache or sparse attention)
+    decode_budget: Budget | None = None
 
 
 @dataclass
 class CacheStats:
     compress_seconds: float = 0.0
+    decode_attention_seconds: float = 0.0  # time inside attention for single-token steps (all layers)
+    decode_attention_calls: int = 0
     compressed_tokens: list[int] = field(default_factory=list)  # per sequence
     budget_tokens: list[int] = field(default_factory=list)  # per sequence, per (layer, KV head) on average
 
@@ -77,6 +81,7 @@ class SieveLayer(CacheLayerMixin):
         self.store: KVStore | None = None
         self.seen = 0  # logical tokens seen (padding included), what transformers calls the cache length
         self.seen_valid: Tensor | None = None  # (B,) real tokens seen per sequence
+        self.decode_state: Any = None  # per-layer state of the plan's decode method
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
@@ -98,6 +103,7 @@ class SieveLayer(CacheLayerMixin):
         self.store = None
         self.seen = 0
         self.seen_valid = None
+        self.decode_state = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SieveCache does not support beam search; use greedy or sampling.")
@@ -120,8 +126,9 @@ class SieveCache(Cache):
         self._compressed_layers = 0
         # Trailing auxiliary tokens of the next compressed chunk (attend, never stored, not counted as seen).
         self.tail = 0
-        # Called as observer(layer_idx, q, store) after every appended chunk (profiling, decode-time policies).
+        # Called as observer(layer_idx, q, store) after every appended chunk (profiling).
         self.observers: list[Callable[[int, Tensor, KVStore], None]] = []
+        self.decode_run: DecodeRun | None = None
 
     # ------------------------------------------------------------------------------------ transformers Cache API
     def update(
@@ -208,25 +215,66 @@ class SieveCache(Cache):
             pos_new = torch.where(valid_new, pos_new, torch.full_like(pos_new, -1))
 
         plan = self.plan
+        decode = plan.decode if plan is not None else None
         stored = L  # tokens of this chunk that count as seen
         if layer.store is None:
             out = causal_attention(q, k, v, valid_new, scaling)
+            ctx: LayerContext | None = None
             if self.armed and plan is not None and L > 1:
-                layer.store = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
+                layer.store, ctx = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
                 stored = L - self.tail
             else:
                 H = k.shape[1]
                 reserve = plan.reserve if plan is not None else 0
                 layer.store = DenseKV(k, v, pos_new[:, None, :].expand(B, H, L), valid=valid_new, reserve=reserve)
+                if decode is not None and decode.needs_prefill_context:
+                    assert plan is not None
+                    valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool)
+                    run = make_run(replace(plan, budget=Budget.ratio(1.0)), valid.sum(-1))
+                    ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run)
+            if decode is not None:
+                n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - self.tail
+                drun = self._decode_run(n_prompt)
+                layer.decode_state = decode.init_state(layer_idx, ctx, layer.store, drun)
+        elif decode is not None:
+            drun = self._decode_run(layer.seen_valid)
+            layer.store = decode.prepare(layer_idx, layer.store, drun)
+            layer.store.append(k, v, pos_new, valid_new)
+            decode.on_append(layer_idx, layer.store, layer.decode_state, L, drun)
+            t0 = time.perf_counter()
+            if L == 1:
+                out = decode.step(layer_idx, q, layer.store, layer.decode_state, drun, scaling)
+            else:
+                out = layer.store.attend(q, scaling)
+            self._timed(L, t0)
+            if L == 1 and layer_idx == len(self.layers) - 1:
+                drun.step += 1
         else:
             layer.store.append(k, v, pos_new, valid_new)
+            t0 = time.perf_counter()
             out = layer.store.attend(q, scaling)
+            self._timed(L, t0)
             for observe in self.observers:
                 observe(layer_idx, q, layer.store)
         layer.seen += stored
         n_real = L if valid_new is None else valid_new.sum(-1)
         layer.seen_valid = layer.seen_valid + n_real - (L - stored)
         return out
+
+    def _timed(self, L: int, t0: float) -> None:
+        if L == 1:
+            self.stats.decode_attention_seconds += time.perf_counter() - t0
+            self.stats.decode_attention_calls += 1
+
+    def _decode_run(self, n_prompt: Tensor) -> DecodeRun:
+        """The decode method's run state, created once; its budget is resolved from each prompt's length."""
+        if self.decode_run is None:
+            assert self.plan is not None
+            assert self.plan.decode is not None
+            method, budget = self.plan.decode, self.plan.decode_budget or Budget.ratio(1.0)
+            tokens = [method.decode_budget(budget, max(1, int(n))) for n in n_prompt.tolist()]
+            self.decode_run = DecodeRun(self.plan.shape, torch.tensor(tokens, dtype=torch.long), budget)
+        return self.decode_run
 
     def _compress(
         self,
@@ -237,7 +285,7 @@ class SieveCache(Cache):
         valid_new: Tensor | None,
         pos_new: Tensor,
         scaling: float,
-    ) -> KVStore:
+    ) -> tuple[KVStore, LayerContext]:
         assert self.plan is not None
         plan = self.plan
         method = plan.method
@@ -276,7 +324,7 @@ class SieveCache(Cache):
             self.armed = False
             self.tail = 0
         self.stats.compress_seconds += time.perf_counter() - t0
-        return store
+        return store, ctx
 
 
 def make_run(plan: Plan, n_tokens: Tensor) -> RunState:

@@ -55,10 +55,15 @@ def _sdpa_group(qg: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor |
 class DenseKV:
     """All rows have the same length: keys/values in one ``(B, H_kv, capacity, D)`` block.
 
+    Per-slot arrays (keys, values, positions, and optionally a logit bias and method-owned ``aux`` scores) share
+    the slot axis, so appending, growing, evicting (:meth:`swap_remove`) and compacting (:meth:`compact`) keep them
+    aligned.
+
     Attributes:
         valid: ``(B, capacity)`` bool or None — False for stored padding (only the uncompressed baseline stores
-            padding, as transformers' own caches do).
+            padding, as transformers' own caches do). Padding slots are the same for every head of a sequence.
         bias: ``(B, H_kv, capacity)`` additive logit bias or None.
+        aux: name → ``(B, H_kv, capacity)`` per-slot state owned by a decode method (e.g. accumulated attention).
     """
 
     def __init__(
@@ -73,9 +78,10 @@ class DenseKV:
     ) -> None:
         B, H, n, D = keys.shape
         cap = n + max(0, reserve)
-        self._k = keys.new_empty(B, H, cap, D)
-        self._v = values.new_empty(B, H, cap, D)
-        self._pos = torch.empty(B, H, cap, dtype=torch.int32, device=keys.device)
+        # zeros, not garbage: sparse kernels may read (masked) slots past `n`, and 0 x NaN would poison them
+        self._k = keys.new_zeros(B, H, cap, D)
+        self._v = values.new_zeros(B, H, cap, D)
+        self._pos = torch.zeros(B, H, cap, dtype=torch.int32, device=keys.device)
         self._k[:, :, :n] = keys
         self._v[:, :, :n] = values
         self._pos[:, :, :n] = positions.to(torch.int32)
@@ -87,8 +93,8 @@ class DenseKV:
         if bias is not None:
             self._bias = keys.new_zeros(B, H, cap)
             self._bias[:, :, :n] = bias
+        self.aux: dict[str, Tensor] = {}
         self.n = n
-        self._chunk = 0  # length of the last appended chunk (for the causal part of `attend`)
 
     # ------------------------------------------------------------------------------------------------ views
     @property
@@ -115,6 +121,36 @@ class DenseKV:
     def capacity(self) -> int:
         return self._k.shape[2]
 
+    @property
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The whole key/value buffers ``(B, H_kv, capacity, D)`` (slots ``>= n`` are unused)."""
+        return self._k, self._v
+
+    def _per_slot(self) -> dict[str, Tensor]:
+        """Every (B, H, capacity[, D]) per-slot array, by name."""
+        arrays = {"k": self._k, "v": self._v, "pos": self._pos}
+        if self._bias is not None:
+            arrays["bias"] = self._bias
+        for name, a in self.aux.items():
+            arrays["aux:" + name] = a
+        return arrays
+
+    def _set_per_slot(self, arrays: dict[str, Tensor]) -> None:
+        self._k, self._v, self._pos = arrays["k"], arrays["v"], arrays["pos"]
+        if "bias" in arrays:
+            self._bias = arrays["bias"]
+        for name in list(self.aux):
+            self.aux[name] = arrays["aux:" + name]
+
+    def add_aux(self, name: str, init: Tensor | None = None) -> Tensor:
+        """Register a per-slot state array ``(B, H_kv, capacity)`` (zeros, or ``init`` for the stored slots)."""
+        B, H, cap, _ = self._k.shape
+        a = self._k.new_zeros(B, H, cap)
+        if init is not None:
+            a[:, :, : self.n] = init
+        self.aux[name] = a
+        return a
+
     def lengths(self) -> Tensor:
         B, H = self._k.shape[:2]
         if self._valid is None:
@@ -140,6 +176,7 @@ class DenseKV:
             total += self._valid.numel()
         if self._bias is not None:
             total += self._bias.numel() * self._bias.element_size()
+        total += sum(a.numel() * a.element_size() for a in self.aux.values())
         return total
 
     # ------------------------------------------------------------------------------------------------ growth
@@ -148,22 +185,26 @@ class DenseKV:
         need = self.n + extra
         if need <= self.capacity:
             return
-        B, H, _, D = self._k.shape
-        k = self._k.new_empty(B, H, need, D)
-        v = self._v.new_empty(B, H, need, D)
-        pos = self._pos.new_empty(B, H, need)
-        k[:, :, : self.n] = self.keys
-        v[:, :, : self.n] = self.values
-        pos[:, :, : self.n] = self.positions
-        self._k, self._v, self._pos = k, v, pos
+        grown = {}
+        for name, a in self._per_slot().items():
+            b = a.new_zeros(*a.shape[:2], need, *a.shape[3:])
+            b[:, :, : self.n] = a[:, :, : self.n]
+            grown[name] = b
+        self._set_per_slot(grown)
         if self._valid is not None:
-            valid = torch.ones(B, need, dtype=torch.bool, device=k.device)
+            valid = torch.ones(self._k.shape[0], need, dtype=torch.bool, device=self._k.device)
             valid[:, : self.n] = self._valid[:, : self.n]
             self._valid = valid
-        if self._bias is not None:
-            bias = k.new_zeros(B, H, need)
-            bias[:, :, : self.n] = self._bias[:, :, : self.n]
-            self._bias = bias
+
+    def align(self, multiple: int) -> None:
+        """Round the capacity up to a multiple of ``multiple`` (so the buffers can be viewed as pages)."""
+        if self.capacity % multiple:
+            self.reserve(-(-self.capacity // multiple) * multiple - self.n)
+
+    def pages(self, page: int) -> tuple[Tensor, Tensor]:
+        """Key/value buffers viewed as pages, ``(B * H_kv * capacity / page, page, D)`` (capacity must be aligned)."""
+        B, H, cap, D = self._k.shape
+        return self._k.view(B * H * (cap // page), page, D), self._v.view(B * H * (cap // page), page, D)
 
     def append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None) -> None:
         """Append a chunk: k, v ``(B, H_kv, L, D)``, positions ``(B, L)``, valid ``(B, L)`` or None.
@@ -185,34 +226,78 @@ class DenseKV:
             self._valid[:, s:e] = True
         if self._bias is not None:
             self._bias[:, :, s:e] = 0
+        for a in self.aux.values():
+            a[:, :, s:e] = 0
         self.n = e
-        self._chunk = L
+
+    # ------------------------------------------------------------------------------------------------ eviction
+    def swap_remove(self, slots: Tensor) -> None:
+        """Evict one entry per row: the last slot's entry moves into ``slots`` ``(B, H_kv)``; ``n`` shrinks by one.
+
+        O(1) per row. Entry order changes, which attention does not care about (RoPE is already applied).
+        If a row evicts a padding slot, every head of that sequence must evict the same slot.
+        """
+        last = self.n - 1
+        B, H = slots.shape
+        b_idx = torch.arange(B, device=slots.device)[:, None].expand(B, H)
+        h_idx = torch.arange(H, device=slots.device)[None, :].expand(B, H)
+        for a in self._per_slot().values():
+            a[b_idx, h_idx, slots] = a[:, :, last]
+        if self._valid is not None:
+            self._valid[torch.arange(B), slots[:, 0]] = self._valid[:, last]
+            if bool(self._valid[:, :last].all()):
+                self._valid = None
+        self.n = last
+
+    def compact(self, keep: Tensor) -> None:
+        """Keep only slots ``keep`` ``(B, H_kv, k)`` (each row ascending), in that order; ``n`` becomes ``k``.
+
+        Padding slots may be kept only if every head of the sequence keeps the same ones.
+        """
+        k = keep.shape[-1]
+        for a in self._per_slot().values():
+            idx = keep if a.dim() == 3 else keep[..., None].expand(*keep.shape, a.shape[-1])
+            a[:, :, :k] = a.gather(2, idx)
+        if self._valid is not None:
+            self._valid[:, :k] = self._valid.gather(1, keep[:, 0])
+            if bool(self._valid[:, :k].all()):
+                self._valid = None
+        self.n = k
 
     # ------------------------------------------------------------------------------------------------ attend
     def attend(self, q: Tensor, scaling: float) -> Tensor:
         """Attention of the last appended chunk's queries over the whole store.
 
-        q: ``(B, H_q, L, D)`` with ``L`` the last chunk's length → ``(B, H_q, L, D)``.
+        q: ``(B, H_q, L, D)`` with ``L`` the last chunk's length (its tokens are the last ``L`` slots)
+        → ``(B, H_q, L, D)``.
         """
         B, Hq, L, D = q.shape
         H = self._k.shape[1]
         G = Hq // H
         qg = q.reshape(B, H, G * L, D)  # (B, H_kv, G*L, D): query heads of a group side by side
+        mask = self.attention_mask(L, G)
+        out = _sdpa_group(qg, self.keys, self.values, scaling, mask)  # (B, H_kv, G*L, D)
+        return out.reshape(B, Hq, L, D)
+
+    def attention_mask(self, L: int, G: int) -> Tensor | None:
+        """Mask/bias for queries of the last ``L`` slots, grouped ``G`` per KV head: None, a bool mask
+        ``(B|1, 1, G*L, n)``, or an additive float mask ``(B, H_kv, G*L|1, n)``."""
         mask: Tensor | None = None
+        device = self._k.device
         if L > 1 or self._valid is not None:
-            chunk_pos = torch.full((self.n,), -1, dtype=torch.long, device=q.device)
-            chunk_pos[self.n - L :] = torch.arange(L, device=q.device)
+            chunk_pos = torch.full((self.n,), -1, dtype=torch.long, device=device)
+            chunk_pos[self.n - L :] = torch.arange(L, device=device)
             key_valid = self.valid  # (B, n) or None
             if key_valid is None:
                 allowed = chunk_allowed(chunk_pos, L)[None, None]  # (1, 1, L, n)
             else:
+                B = key_valid.shape[0]
                 allowed = chunk_allowed(chunk_pos.expand(B, -1), L, key_valid)[:, None]  # (B, 1, L, n)
             mask = allowed[:, :, None].expand(-1, -1, G, -1, -1).reshape(allowed.shape[0], 1, G * L, self.n)
         if self._bias is not None:
             bias = self._bias[:, :, None, : self.n]  # (B, H_kv, 1, n)
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
-        out = _sdpa_group(qg, self.keys, self.values, scaling, mask)  # (B, H_kv, G*L, D)
-        return out.reshape(B, Hq, L, D)
+        return mask
 
     # ------------------------------------------------------------------------------------------------ misc
     def to_ragged(self) -> RaggedKV:
@@ -444,3 +529,41 @@ def mb(n_bytes: float) -> float:
 
 
 __all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "build_store", "bytes_per_entry", "chunk_allowed"]
+
+
+def as_dense(store: KVStore, method: str) -> DenseKV:
+    """The store as a :class:`DenseKV` (decode methods work on equal-length rows).
+
+    A ragged store converts when every KV head of a sequence holds the same number of entries (sequences may
+    differ: shorter ones are left-padded with masked slots). Head-adaptive stores cannot convert.
+    """
+    if isinstance(store, DenseKV):
+        return store
+    lengths = store.lengths()  # (B, H)
+    if bool((lengths != lengths[:, :1]).any()):
+        from ..errors import CapabilityError
+
+        raise CapabilityError(
+            f"'{method}' needs every KV head of a sequence to hold the same number of entries, but the prefill "
+            "method gave heads different lengths (head-adaptive). Use a uniform prefill method with it."
+        )
+    B, H = store.batch, store.heads
+    n = int(lengths.max())
+    k0, v0, _ = store.row(0, 0)
+    D = k0.shape[1]
+    k = k0.new_zeros(B, H, n, D)
+    v = v0.new_zeros(B, H, n, D)
+    pos = torch.full((B, H, n), -1, dtype=torch.int32)
+    valid = torch.zeros(B, n, dtype=torch.bool)
+    has_bias = any(r.bias is not None for r in store.rows)
+    bias = k0.new_zeros(B, H, n) if has_bias else None
+    for b in range(B):
+        m = int(lengths[b, 0])
+        valid[b, n - m :] = True
+        for h in range(H):
+            r = store.rows[b * H + h]
+            k[b, h, n - m :], v[b, h, n - m :], pos[b, h, n - m :] = r.k[:m], r.v[:m], r.pos[:m]
+            if bias is not None and r.bias is not None:
+                bias[b, h, n - m :] = r.bias[:m]
+    cap = max(r.k.shape[0] for r in store.rows)
+    return DenseKV(k, v, pos, valid=valid, bias=bias, reserve=max(0, cap - n))

@@ -69,12 +69,32 @@ class RunState:
 
 
 @dataclass
+class DecodeRun:
+    """State shared by all layers while a decode method runs (one per cache).
+
+    Attributes:
+        shape: the model's attention geometry.
+        budget_tokens: ``(B,)`` decode-time budget per sequence, in tokens (cache size for eviction policies,
+            tokens attended per step for sparse methods — see each method).
+        step: decode steps taken so far (incremented once per forward pass, at the last layer).
+        scratch: free space shared across layers within and across steps (e.g. TidalDecode's positions).
+    """
+
+    shape: ModelShape
+    budget_tokens: Tensor
+    budget: Any = None  # the decode Budget itself, for methods whose budget follows the cache length
+    step: int = 0
+    scratch: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LayerContext:
     """Per-layer inputs of a scorer.
 
     Attributes:
         layer_idx: index of the decoder layer.
-        queries: ``(B, H_q, T, D)`` post-RoPE queries of the compressed chunk.
+        queries: ``(B, H_q, Lq, D)`` post-RoPE queries of the **last** ``Lq <= T`` tokens (``Lq = T`` at prefill;
+            a decode-time re-compression only has the queries of recent steps).
         keys: ``(B, H_kv, T, D)`` post-RoPE keys.
         values: ``(B, H_kv, T, D)`` values.
         valid: ``(B, T)`` bool, False at left padding.
@@ -162,11 +182,11 @@ class LayerContext:
         Causal inside the window and padding-masked; softmax over all keys (window keys included). Rows of padding
         queries (a sequence shorter than the window) are all zero. Memoised.
         """
-        W = max(1, min(int(window), self.length))
+        W = max(1, min(int(window), self.queries.shape[2]))
         key = ("window", W)
         if key not in self._memo:
             T = self.length
-            q = self.queries[:, :, T - W :]  # (B, H_q, W, D)
+            q = self.queries[:, :, self.queries.shape[2] - W :]  # (B, H_q, W, D)
             logits = grouped_logits(q, self.keys, self.scaling)  # (B, H_q, W, T)
             qpos = torch.arange(T - W, T, device=q.device)
             kpos = torch.arange(T, device=q.device)
@@ -183,17 +203,19 @@ class LayerContext:
         """
         key = ("accumulated", 0)
         if key not in self._memo:
-            B, Hq, T, _ = self.queries.shape
+            B, Hq, Lq, _ = self.queries.shape
+            T = self.length
+            off = T - Lq  # the queries belong to the last Lq tokens
             total = torch.zeros(B, Hq, T, dtype=torch.float32, device=self.queries.device)
             kpos = torch.arange(T, device=self.queries.device)
-            for s in range(0, T, chunk):
-                e = min(T, s + chunk)
-                logits = grouped_logits(self.queries[:, :, s:e], self.keys[:, :, :e], self.scaling)
-                qpos = torch.arange(s, e, device=self.queries.device)
-                allowed = (kpos[None, :e] <= qpos[:, None])[None, None] & self.valid[:, None, None, :e]
+            for s in range(0, Lq, chunk):
+                e = min(Lq, s + chunk)
+                logits = grouped_logits(self.queries[:, :, s:e], self.keys[:, :, : off + e], self.scaling)
+                qpos = torch.arange(off + s, off + e, device=self.queries.device)
+                allowed = (kpos[None, : off + e] <= qpos[:, None])[None, None] & self.valid[:, None, None, : off + e]
                 probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1)
                 probs = torch.nan_to_num(probs, nan=0.0)  # padding queries see no key and contribute nothing
-                total[..., :e] += probs.sum(2).float()
+                total[..., : off + e] += probs.sum(2).float()
             self._memo[key] = total
         return self._memo[key]
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..attention.decode import recent_mask
+from ..cache.bounded import BoundedCacheMethod
+from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Phase
-from ..core.context import LayerContext
+from ..core.context import DecodeRun, LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..core.selection import Selection
@@ -20,7 +23,7 @@ from ..select.topk import topk_select
 
 @register
 @dataclass(frozen=True)
-class H2O(PrefillMethod):
+class H2O(PrefillMethod, BoundedCacheMethod):
     """H2O: keep the heavy hitters — tokens with the largest accumulated attention — and the most recent tokens
     (Zhang et al., arXiv:2306.14048).
 
@@ -28,6 +31,10 @@ class H2O(PrefillMethod):
     group; computed in query chunks, never a ``T × T`` matrix per head at once.
     Select: a share ``recent_ratio`` of each row's budget goes to the most recent tokens (the paper splits the
     budget evenly between heavy hitters and recent tokens), the rest to the top-scored tokens.
+
+    While decoding (``decode="h2o"``) the accumulated attention keeps running: every step adds the new query's
+    attention (mean over the KV group) to each stored entry, and once a row exceeds the budget the lowest-scored
+    entry outside the recent window is evicted. Prompt entries start from their prefill accumulation.
 
     Choices: the paper's un-normalised sum is the default; ``normalize=True`` divides by the number of queries that
     can see each key (a prefill analogue that removes the bias towards early tokens).
@@ -37,8 +44,10 @@ class H2O(PrefillMethod):
     paper: ClassVar[str] = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs (arXiv:2306.14048)"
     rule: ClassVar[str] = "s_j = sum_i A_ij (accumulated attention); budget split heavy hitters / recent"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, needs_attention=True
+        phases=frozenset({Phase.PREFILL, Phase.DECODE}), apply=Apply.EVICT, needs_attention=True
     )
+    needs_probs: ClassVar[bool] = True
+    needs_prefill_context: ClassVar[bool] = True
     recent_ratio: float = 0.5
     normalize: bool = False
 
@@ -54,3 +63,30 @@ class H2O(PrefillMethod):
         if ctx.run.recent:  # a budget's explicit recent count wins
             recent = torch.full_like(counts, ctx.run.recent)
         return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=recent)
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> None:
+        init = None
+        if ctx is not None and isinstance(store, DenseKV):
+            acc = ctx.to_kv_heads(ctx.accumulated_attention(), "mean")  # (B, H, T)
+            pad = (ctx.length - ctx.valid.sum(-1))[:, None, None]  # chunk index = position + left padding
+            pos = store.positions.long()
+            idx = (pos + pad).clamp(0, ctx.length - 1)
+            init = acc.gather(2, idx).masked_fill(pos < 0, 0.0)
+        if isinstance(store, DenseKV):
+            store.add_aux("h2o", init)
+
+    def prepare(self, layer_idx: int, store: Any, run: DecodeRun) -> DenseKV:
+        dense = super().prepare(layer_idx, store, run)
+        if "h2o" not in dense.aux:
+            dense.add_aux("h2o")
+        return dense
+
+    def decode_scores(
+        self, layer_idx: int, store: DenseKV, state: Any, probs: Tensor | None, run: DecodeRun, budget: int
+    ) -> Tensor:
+        assert probs is not None
+        acc = store.aux["h2o"]
+        acc[:, :, : store.n] += probs.mean(2)  # (B, H, n): this step's attention, mean over the group
+        recent = max(1, int(budget * self.recent_ratio))
+        return acc[:, :, : store.n].masked_fill(recent_mask(store, recent), float("inf"))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ..core.context import LayerContext
+from ..attention.decode import sink_mask
+from ..cache.bounded import BoundedCacheMethod
+from ..cache.storage import DenseKV
+from ..core.capabilities import Apply, Capabilities, Phase
+from ..core.context import DecodeRun, LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..scorers import recency_scores
@@ -15,11 +19,14 @@ from ..scorers import recency_scores
 
 @register
 @dataclass(frozen=True)
-class StreamingLLM(PrefillMethod):
+class StreamingLLM(PrefillMethod, BoundedCacheMethod):
     """StreamingLLM: keep the first ``sink`` tokens and the most recent ones (Xiao et al., arXiv:2309.17453).
 
     Score: ``s_j = position(j)`` — recency — with the first ``sink`` tokens protected, so a budget of ``b`` keeps
     ``sink`` sinks and the ``b − sink`` latest tokens.
+
+    While decoding (``decode="streaming_llm"``) it is a rolling window: once a row exceeds the budget, the oldest
+    non-sink entry is evicted at every step, so generation runs in bounded memory.
 
     Choice: the original re-assigns positions by cache slot (keys re-rotated so the window is contiguous);
     tokensieve keeps every token's **original** position (RoPE already applied, nothing re-rotated), which is the
@@ -29,6 +36,9 @@ class StreamingLLM(PrefillMethod):
     name: ClassVar[str] = "streaming_llm"
     paper: ClassVar[str] = "Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
     rule: ClassVar[str] = "keep sink tokens + most recent tokens"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL, Phase.DECODE}), apply=Apply.EVICT
+    )
     sink: int = 4
 
     def protected(self) -> tuple[int, int]:
@@ -36,3 +46,9 @@ class StreamingLLM(PrefillMethod):
 
     def score(self, ctx: LayerContext) -> Tensor:
         return recency_scores(ctx)
+
+    def decode_scores(
+        self, layer_idx: int, store: DenseKV, state: Any, probs: Tensor | None, run: DecodeRun, budget: int
+    ) -> Tensor:
+        score = store.positions.float()  # the oldest entry goes first
+        return score.masked_fill(sink_mask(store, self.sink), float("inf"))

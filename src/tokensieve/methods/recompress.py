@@ -1,0 +1,94 @@
+"""Periodic re-compression: any prefill scorer keeps a generating cache within its budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..cache.storage import DenseKV, KVStore, as_dense
+from ..core.budget import Budget
+from ..core.capabilities import Apply, Capabilities, Phase
+from ..core.context import DecodeRun, LayerContext, RunState
+from ..core.method import DecodeMethod, PrefillMethod
+from ..core.registry import create_method, register
+from ..errors import CapabilityError, ConfigError
+
+
+@register
+@dataclass(frozen=True)
+class Recompress(DecodeMethod):
+    """Recompress: every ``interval`` decode steps, a prefill method re-scores the generating cache and evicts it
+    back to the budget — bounded memory with any scorer (the SnapKV-style "compress again" policy, e.g. as used
+    for long generations in the SnapKV and PyramidKV code bases).
+
+    Score: the ``scorer`` method's own rule, applied to the stored entries with the queries of the last ``window``
+    decode steps as its observation window (scorers that need all queries, like H2O's, see only those). Between
+    re-compressions the cache grows by at most ``interval`` entries per row, so it stays within
+    ``budget + interval`` (a prompt longer than that is re-compressed at the first step). The scorer must evict
+    (not merge) and give every KV head the same count.
+    """
+
+    name: ClassVar[str] = "recompress"
+    paper: ClassVar[str] = "decode-time use of a prefill scorer (e.g. SnapKV, arXiv:2404.14469)"
+    rule: ClassVar[str] = "every `interval` steps: scorer(recent queries, stored keys) -> evict to the budget"
+    capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.EVICT)
+    scorer: str = "snapkv"
+    interval: int = 32
+    window: int = 32
+
+    def __post_init__(self) -> None:
+        if self.interval < 1 or self.window < 1:
+            raise ConfigError("recompress: interval and window must be >= 1.")
+        inner = self.inner
+        if not isinstance(inner, PrefillMethod) or not inner.compresses or inner.capabilities.profile:
+            raise ConfigError(f"recompress: scorer must be a profile-free prefill method, not '{self.scorer}'.")
+        if inner.capabilities.apply.value != "evict" or inner.capabilities.head_adaptive:
+            raise ConfigError(f"recompress: scorer '{self.scorer}' must evict with the same count for every head.")
+
+    @cached_property
+    def inner(self) -> PrefillMethod:
+        return create_method(self.scorer)  # type: ignore[return-value]
+
+    def decode_budget(self, budget: Budget, n_tokens: int) -> int:
+        return budget.tokens_for(n_tokens) if budget.kind == "ratio" else int(budget.value)
+
+    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
+        return as_dense(store, self.name)
+
+    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
+        return {"queries": None}
+
+    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+        out = store.attend(q, scaling)
+        if state is None:
+            state = {}
+        buf = state.get("queries")
+        buf = q if buf is None else torch.cat([buf, q], dim=2)[:, :, -self.window :]
+        state["queries"] = buf
+        budget = int(run.budget_tokens.max())
+        if store.n > budget and ((run.step + 1) % self.interval == 0 or store.n > budget + self.interval):
+            self._recompress(layer_idx, store, buf, budget, scaling, run)
+        return out
+
+    def _recompress(
+        self, layer_idx: int, store: DenseKV, queries: Tensor, budget: int, scaling: float, run: DecodeRun
+    ) -> None:
+        B = store.keys.shape[0]
+        valid = store.valid if store.valid is not None else torch.ones(B, store.n, dtype=torch.bool)
+        rs = RunState(
+            shape=run.shape,
+            budget_tokens=torch.full((B,), budget, dtype=torch.long),
+            n_tokens=valid.sum(-1),
+            sink=self.inner.protected()[0],
+            recent=max(self.inner.protected()[1], queries.shape[2]),
+        )
+        ctx = LayerContext(layer_idx, queries, store.keys, store.values, valid, scaling, rs)
+        comp = self.inner.compress(ctx)
+        sel = comp.selection
+        if comp.keys is not None or comp.extra_keys is not None or not sel.uniform:
+            raise CapabilityError(f"recompress: scorer '{self.scorer}' did not give a plain, uniform eviction.")
+        store.compact(sel.indices)

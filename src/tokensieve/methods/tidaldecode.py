@@ -1,0 +1,94 @@
+"""TidalDecode: a few full-attention layers choose the positions every other layer attends to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..attention.decode import attention_with_probs
+from ..attention.sparse import attend_slots
+from ..cache.storage import DenseKV, KVStore, as_dense
+from ..core.capabilities import Apply, Capabilities, Granularity, Phase
+from ..core.context import DecodeRun
+from ..core.method import DecodeMethod
+from ..core.registry import register
+from ..errors import ConfigError
+
+
+@register
+@dataclass(frozen=True)
+class TidalDecode(DecodeMethod):
+    """TidalDecode: position-persistent sparse attention — layers 0–1 are dense, a *selection layer* attends fully
+    and picks the top tokens, and the following layers attend only to the tokens at those positions, with their own
+    keys and values; a *re-selection layer* part-way up refreshes the positions (Yang et al., arXiv:2410.05076).
+
+    Score (selection layers): ``s_j = Σ_{g ∈ group} softmax(q_g Kᵀ/√D)_j`` — top ``budget`` per KV head, kept as
+    true positions; other layers map the positions to their own entries. Dense layers: ``0 … select_layer − 1``.
+
+    Choices: positions are chosen per KV head from the group's summed attention (one gather per KV head); the
+    re-selection layer defaults to 40 % of the depth (the scripts use layer 13 of 32); a layer that evicted some
+    of the chosen positions at prefill attends to those it still holds. The budget counts attended tokens, a ratio
+    meaning a share of the current cache.
+    """
+
+    name: ClassVar[str] = "tidaldecode"
+    paper: ClassVar[str] = (
+        "TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention (arXiv:2410.05076)"
+    )
+    rule: ClassVar[str] = "selection layers: top-k of sum_g softmax(q_g K^T); other layers reuse those positions"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.TOKEN
+    )
+    select_layer: int = 2
+    reselect_layer: int = -1  # -1: 40 % of the depth
+
+    def __post_init__(self) -> None:
+        if self.select_layer < 0:
+            raise ConfigError("tidaldecode: select_layer must be >= 0.")
+
+    def reselect_at(self, num_layers: int) -> int:
+        r = round(0.4 * num_layers) if self.reselect_layer < 0 else self.reselect_layer
+        return max(r, self.select_layer)
+
+    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
+        return as_dense(store, self.name)
+
+    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+        n = store.n
+        budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
+        if layer_idx < self.select_layer or budget >= n:
+            return store.attend(q, scaling)
+        B, Hq, _, D = q.shape
+        H = store.keys.shape[1]
+        qg = q.reshape(B, H, Hq // H, D)
+        if layer_idx in (self.select_layer, self.reselect_at(run.shape.num_layers)):
+            out, probs = attention_with_probs(q, store, scaling)
+            top = probs.sum(2).topk(budget, dim=-1, sorted=False).indices  # (B, H, k) slots of this layer
+            run.scratch["tidal"] = (run.step, store.positions.gather(2, top))  # remember true positions
+            return out
+        step, positions = run.scratch.get("tidal", (-1, None))
+        if step != run.step or positions is None:  # pragma: no cover - the selection layer always runs first
+            raise RuntimeError("tidaldecode: no selection for this step")
+        slots, found = self._slots(store, positions)
+        newest = torch.full_like(slots[..., :1], n - 1)  # the current token is always attended
+        has_newest = ((slots == n - 1) & found).any(-1, keepdim=True)
+        slots = torch.cat([slots, newest], -1)
+        keep = torch.cat([found, ~has_newest], -1)
+        return attend_slots(qg, store, slots, scaling, keep).reshape(B, Hq, 1, D)
+
+    @staticmethod
+    def _slots(store: DenseKV, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """This layer's slots holding ``positions`` ``(B, H, k)``, and whether it holds them (a layer may have
+        evicted a position at prefill)."""
+        pos = store.positions.long()  # (B, H, n)
+        n = pos.shape[-1]
+        if bool((pos[..., 1:] >= pos[..., :-1]).all()):  # ascending: the usual case, a binary search
+            idx = torch.searchsorted(pos.contiguous(), positions.long().contiguous()).clamp(max=n - 1)
+        else:
+            order = pos.argsort(-1)
+            sorted_pos = pos.gather(-1, order)
+            idx = order.gather(-1, torch.searchsorted(sorted_pos, positions.long().contiguous()).clamp(max=n - 1))
+        return idx, pos.gather(-1, idx) == positions.long()

@@ -1,0 +1,108 @@
+"""TokenSelect: per-head q·k votes choose the tokens every head attends to; selections are reused while the
+query stays similar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attention.sparse import attend_slots
+from ..cache.storage import DenseKV, KVStore, as_dense
+from ..core.capabilities import Apply, Capabilities, Granularity, Phase
+from ..core.context import DecodeRun, LayerContext
+from ..core.method import DecodeMethod
+from ..core.registry import register
+from ..errors import ConfigError
+
+
+@register
+@dataclass(frozen=True)
+class TokenSelect(DecodeMethod):
+    """TokenSelect: every query head scores the candidate tokens with ``q·k``, the per-head softmaxes are summed
+    (soft voting) into one ranking, and all heads of the layer attend to the first ``n_init`` tokens, the winners
+    and the last ``n_local`` tokens (Wu et al., arXiv:2411.02886).
+
+    Score: ``S_j = Σ_h softmax_j(q_h · K̃ᵀ)`` over candidates ``j ∈ [n_init, n − n_local)``; keep the top
+    ``budget − n_init − n_local``. Selection cache: the selection is recomputed only when the cosine similarity
+    between the layer's mean query and the mean query at the last selection drops below ``theta`` (0.9, as the
+    official code), when the cache changed by more than one appended token, or when the budget changed.
+
+    Choices: query head ``h`` reads KV head ``h // G`` (transformers' order; the official kernel's ``h % H_kv`` is
+    wrong for it); ``n_init`` = 16 and ``n_local`` = 64 (the paper's 128/512 are sized for 128K contexts). Tokens
+    that leave the local window between re-selections are attended again only after the next re-selection, as in
+    the paper. The budget counts attended tokens, a ratio meaning a share of the current cache.
+    """
+
+    name: ClassVar[str] = "tokenselect"
+    paper: ClassVar[str] = (
+        "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs via Dynamic Token-Level "
+        "KV Cache Selection (arXiv:2411.02886)"
+    )
+    rule: ClassVar[str] = "S_j = sum_h softmax(q_h K^T)_j, one ranking per layer; reuse while cos(q, q_sel) >= theta"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.LAYER
+    )
+    n_init: int = 16
+    n_local: int = 64
+    theta: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.n_init < 0 or self.n_local < 1 or not -1.0 <= self.theta <= 1.0:
+            raise ConfigError("tokenselect: n_init >= 0, n_local >= 1 and -1 <= theta <= 1 are required.")
+
+    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
+        return as_dense(store, self.name)
+
+    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
+        return {"q": None, "sel": None, "n": -1, "k": -1, "recomputed": 0, "reused": 0}
+
+    def on_append(self, layer_idx: int, store: DenseKV, state: dict[str, Any], n_new: int, run: DecodeRun) -> None:
+        if n_new != 1:
+            state["sel"] = None  # a chunk (e.g. a question) arrived: select again
+
+    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+        n = store.n
+        budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
+        k = budget - self.n_init - self.n_local
+        cand_end = n - self.n_local
+        if k <= 0 or cand_end - self.n_init <= k:
+            return store.attend(q, scaling)
+        B, Hq, _, D = q.shape
+        H = store.keys.shape[1]
+        G = Hq // H
+        qg = q.reshape(B, H, G, D)
+        q_mean = q[:, :, 0].mean(1)  # (B, D)
+        reuse = (
+            state["sel"] is not None
+            and state["k"] == k
+            and state["n"] == n - 1
+            and bool((F.cosine_similarity(q_mean, state["q"], dim=-1) >= self.theta).all())
+        )
+        if reuse:
+            state["reused"] += 1
+        else:
+            cand = store.keys[:, :, self.n_init : cand_end]  # (B, H, c, D)
+            logits = torch.matmul(qg, cand.transpose(-1, -2)) * scaling  # (B, H, G, c)
+            if store.valid is not None:
+                logits = logits.masked_fill(~store.valid[:, None, None, self.n_init : cand_end], float("-inf"))
+            votes = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (B, c): soft vote of every query head
+            state["sel"] = votes.topk(k, dim=-1, sorted=False).indices + self.n_init  # (B, k)
+            state["q"] = q_mean
+            state["k"] = k
+            state["recomputed"] += 1
+        state["n"] = n
+        dev = q.device
+        slots = torch.cat(
+            [
+                torch.arange(self.n_init, device=dev).expand(B, -1),
+                state["sel"],
+                torch.arange(cand_end, n, device=dev).expand(B, -1),
+            ],
+            dim=1,
+        )  # (B, budget), shared by every head
+        out = attend_slots(qg, store, slots[:, None, :].expand(B, H, -1), scaling)
+        return out.reshape(B, Hq, 1, D)

@@ -1,0 +1,168 @@
+"""Decode-time methods: bounded caches stay bounded, sparse attention is exact at full coverage, selection caches
+are invalidated when they must be, phases are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tests.conftest import make_tiny_model
+from tokensieve.attention.sparse import attend_pages, attend_slots, page_bounds, quest_upper_bounds
+from tokensieve.cache.storage import DenseKV
+from tokensieve.core.context import DecodeRun, ModelShape
+from tokensieve.methods.tokenselect import TokenSelect
+
+D = 8
+
+
+@pytest.fixture(scope="module")
+def long_model():
+    return make_tiny_model(max_position_embeddings=2048)
+
+
+def _store(B=2, H=2, n=70, seed=0, valid=None, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g)
+    pos = torch.arange(n).expand(B, H, n)
+    b = torch.randn(B, H, n, generator=g) if bias else None
+    return DenseKV(k, v, pos, valid=valid, bias=b, reserve=10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_kernels_equal_dense_at_full_coverage(bias):
+    valid = torch.ones(2, 70, dtype=torch.bool)
+    valid[1, :5] = False
+    store = _store(valid=valid, bias=bias)
+    store.align(16)
+    q = torch.randn(2, 6, 1, D)
+    dense = store.attend(q, D**-0.5)
+    qg = q.view(2, 2, 3, D)
+    pages = torch.randperm(5).expand(2, 2, 5)  # every page, in any order (the last one partial)
+    torch.testing.assert_close(attend_pages(qg, store, pages, 16, D**-0.5).view_as(dense), dense)
+    slots = torch.randperm(70).expand(2, 2, 70)
+    torch.testing.assert_close(attend_slots(qg, store, slots, D**-0.5).view_as(dense), dense)
+
+
+def test_quest_bounds_are_upper_bounds():
+    store = _store(B=1, n=50)
+    pmax, pmin = page_bounds(store.keys, 50, 16)
+    q = torch.randn(1, 2, 3, D)
+    bound = quest_upper_bounds(q, pmax, pmin)  # (1, 2, 3, 4)
+    logits = torch.einsum("bhgd,bhnd->bhgn", q, store.keys)
+    for p in range(4):
+        exact = logits[..., p * 16 : (p + 1) * 16].amax(-1)
+        assert bool((bound[..., p] >= exact - 1e-5).all())
+
+
+@pytest.mark.parametrize("method", ["quest", "tokenselect", "tidaldecode"])
+@torch.inference_mode()
+def test_sparse_methods_at_full_budget_equal_the_full_cache(method, long_model):
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(1))
+    ref = ts.compress(long_model, "full")
+    r = ref.prefill(ids)
+    want = ref.decode(r, 10).tokens
+    press = ts.compress(long_model, "full", decode=method, decode_budget=1.0)
+    ctx = press.prefill(ids)
+    assert press.decode(ctx, 10).tokens == want
+    torch.testing.assert_close(ctx.logits, r.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "budget"), [("quest", 48), ("tokenselect", 100), ("tidaldecode", 40)])
+@torch.inference_mode()
+def test_sparse_methods_run_sparse_and_keep_the_cache_whole(method, budget, long_model):
+    ids = torch.randint(3, 97, (2, 300), generator=torch.Generator().manual_seed(2))
+    press = ts.compress(long_model, "full", decode=method, decode_budget=budget)
+    ctx = press.prefill(ids)
+    gen = press.decode(ctx, 8)
+    assert ctx.cache.lengths().unique().tolist() == [307]  # nothing evicted
+    assert all(len(t) == 8 for t in gen.tokens)
+    assert torch.isfinite(ctx.logits).all()
+
+
+@pytest.mark.parametrize(("method", "slack"), [("streaming_llm", 0), ("h2o", 0), ("tova", 0), ("recompress", 16)])
+@torch.inference_mode()
+def test_bounded_caches_stay_within_budget_over_long_generations(method, slack, long_model):
+    ids = torch.randint(3, 97, (1, 100), generator=torch.Generator().manual_seed(3))
+    params = {"interval": 16, "window": 8} if method == "recompress" else None
+    press = ts.compress(long_model, "full", decode=method, decode_budget=64, decode_params=params, reserve=8)
+    ctx = press.prefill(ids)
+    sizes: list[int] = []
+    press.decode(ctx, 520, on_token=lambda row, tok: sizes.append(int(ctx.cache.lengths().max())))
+    assert len(sizes) == 520
+    assert max(sizes[1:]) <= 64 + slack
+    assert ctx.cache.get_seq_length() == 100 + 519  # positions keep counting
+    positions = ctx.cache.sieve_layers[1].store.positions
+    assert int(positions.max()) == 100 + 518
+    if method == "streaming_llm":
+        kept = sorted(positions[0, 0].tolist())
+        assert kept[:4] == [0, 1, 2, 3]  # the sinks stay
+        assert kept[4:] == list(range(100 + 519 - 60, 100 + 519))  # then the latest tokens
+
+
+@torch.inference_mode()
+def test_streaming_llm_rolls_its_window_from_the_first_decode_step(long_model):
+    """A prompt longer than the budget is cut to sinks + latest tokens at the first step, then the window rolls."""
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    press = ts.compress(long_model, "full", decode="streaming_llm", decode_budget=32)
+    ctx = press.prefill(ids)
+    press.decode(ctx, 3)
+    store = ctx.cache.sieve_layers[0].store
+    assert store.n == 32
+    assert sorted(store.positions[0, 0].tolist()) == [0, 1, 2, 3, *range(14, 42)]
+
+
+def test_tokenselect_selection_cache_is_reused_and_invalidated():
+    torch.manual_seed(0)
+    store = _store(B=1, n=400)
+    run = DecodeRun(ModelShape(3, 6, 2, D, 1024), torch.tensor([120]), ts.Budget.tokens(120))
+    m = TokenSelect(n_init=4, n_local=8, theta=0.9)
+    state = m.init_state(1, None, store, run)
+    q = torch.randn(1, 6, 1, D)
+
+    def step(query):
+        store.append(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D), torch.tensor([[store.n]]), None)
+        m.on_append(1, store, state, 1, run)
+        return m.step(1, query, store, state, run, D**-0.5)
+
+    step(q)
+    assert (state["recomputed"], state["reused"]) == (1, 0)
+    step(q * 1.01)  # nearly the same query: reuse
+    assert (state["recomputed"], state["reused"]) == (1, 1)
+    step(-q)  # a very different query: select again
+    assert (state["recomputed"], state["reused"]) == (2, 1)
+    store.append(torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D), torch.arange(5)[None] + store.n, None)
+    m.on_append(1, store, state, 5, run)  # a multi-token chunk invalidates the selection
+    step(-q)
+    assert (state["recomputed"], state["reused"]) == (3, 1)
+
+
+def test_phases_are_checked(tiny_model):
+    with pytest.raises(ts.CapabilityError, match="does not act during decode"):
+        ts.compress(tiny_model, "full", decode="snapkv")
+    with pytest.raises(ts.CapabilityError, match="does not act during prefill"):
+        ts.compress(tiny_model, "quest", 0.5)
+    with pytest.raises(ts.ConfigError, match="decode_params"):
+        ts.compress(tiny_model, "full", decode_params={"page": 8})
+
+
+@torch.inference_mode()
+def test_eviction_then_sparse_decoding_composes(long_model):
+    ids = torch.randint(3, 97, (1, 400), generator=torch.Generator().manual_seed(5))
+    press = ts.compress(long_model, "snapkv", 0.5, decode="quest", decode_budget=64, decode_params={"page": 8})
+    ctx = press.prefill(ids)
+    assert ctx.cache.stored_entries() == 3 * 2 * 200
+    gen = press.decode(ctx, 6)
+    assert len(gen.tokens[0]) == 6
+    assert ctx.cache.stored_entries() == 3 * 2 * 205
+
+
+def test_decode_after_head_adaptive_prefill_is_refused_with_a_reason(long_model):
+    ids = torch.randint(3, 97, (1, 200), generator=torch.Generator().manual_seed(6))
+    press = ts.compress(long_model, "adakv", 0.3, decode="quest", decode_budget=32)
+    ctx = press.prefill(ids)
+    lengths = ctx.cache.lengths()
+    if bool((lengths == lengths[..., :1]).all()):
+        pytest.skip("this prompt happened to give equal head budgets")
+    with pytest.raises(ts.CapabilityError, match="head-adaptive"):
+        press.decode(ctx, 2)
