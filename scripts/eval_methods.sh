@@ -11,4 +11,4 @@ THREADS=${THREADS:-1}
 
 "$TS" eval --store "$STORE" --threads "$THREADS" --methods all --budgets 0.1,0.25 \
   --tasks passkey,niah_single --lengths 1k --depths 0.25,0.5,0.75 --seeds 0 --modes agnostic,aware
-"$TS" report "$STORE" --out "$OUT" --format md,html --title "Methods at a glance, smollm2-135m, 1K tokens"
+"$TS" report "$STORE" --out "$OUT" --format md --title "Methods at a glance, smollm2-135m, 1K tokens"

@@ -226,7 +226,8 @@ def plot_pareto(rows: list[Row], mode: str, path: Path) -> bool:
     nr, nc = _grid(len(tasks))
     fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.4 * nr), squeeze=False)
     methods = sorted({r["method_label"] for r in rows if r["method"] != "full"})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    markers = "osD^vP*Xh<>p"
     for ax, task in zip(axes.flat, tasks):
         trows = [r for r in rows if r["task"] == task]
         metric = trows[0]["metric"]
@@ -236,7 +237,8 @@ def plot_pareto(rows: list[Row], mode: str, path: Path) -> bool:
             xy = sorted((summarize(v).kept, summarize(v).score) for v in by_budget.values())
             xy = [p for p in xy if not math.isnan(p[0]) and not math.isnan(p[1])]
             if xy:
-                ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", color=colors[m], label=m, ms=4)
+                mk = markers[methods.index(m) % len(markers)]
+                ax.plot([p[0] for p in xy], [p[1] for p in xy], f"{mk}-", color=colors[m], label=m, ms=4, lw=1.2)
                 pts += xy
         full = summarize([r for r in trows if r["method"] == "full"])
         if not math.isnan(full.score):
@@ -261,10 +263,10 @@ def plot_pareto(rows: list[Row], mode: str, path: Path) -> bool:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
     fig.suptitle(f"Accuracy vs KV kept ({mode})")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=90)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -352,10 +354,10 @@ def plot_lengths(rows: list[Row], mode: str, path: Path) -> bool:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False, fontsize=8)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
     fig.suptitle(f"Accuracy vs prompt length ({mode})")
-    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 5), 1, 0.96))
-    fig.savefig(path, dpi=90)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -408,17 +410,18 @@ def build_report(rows: list[Row], runs: list[Row], out: Path, title: str, store_
     models = sorted({r["model"] for r in rows})
     versions = sorted({r["version"] for r in rows})
     threads = sorted({int(r["threads"]) for r in rows if r.get("threads")})
-    first, last = min(r["created"] for r in rows), max(r["created"] for r in rows)
+    first = min(r["created"] for r in rows)
     day = time.strftime("%Y-%m-%d", time.gmtime(first))
+    compute = sum(_vals(rows, "cell_s"))
     blocks.append(
         Block(
             "p",
             f"{len(rows)} measurements from `{store_name}`; model {', '.join(models)}; tokensieve "
-            f"{', '.join(versions)}; {', '.join(map(str, threads)) or '?'} CPU thread(s); measured {day} "
-            f"over {(last - first) / 60:.0f} min. Accuracy is the share of expected answers found (perplexity for "
-            "the ppl task); KL and top-1 compare each cell's next-token distributions with the full cache's over a "
-            "teacher-forced continuation (the full cache's own answer); KV kept = stored entries / full-cache "
-            "entries of the same prompt; times are medians and come from a shared machine.",
+            f"{', '.join(versions)}; {', '.join(map(str, threads)) or '?'} CPU thread(s); measured from {day}, "
+            f"{compute / 60:.0f} min of measuring in total. Accuracy is the share of expected answers found "
+            "(perplexity for the ppl task); KL and top-1 compare each cell's next-token distributions with the full "
+            "cache's over a teacher-forced continuation (the full cache's own answer); KV kept = stored entries / "
+            "full-cache entries of the same prompt; times are medians and come from a shared machine.",
         )
     )
     commands = list(dict.fromkeys(r["command"] for r in runs if r.get("command")))
