@@ -195,6 +195,14 @@ def test_cli_bad_input(argv, needle, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()  # nothing was created
 
 
+def test_cli_records_a_reproducible_command():
+    from tokensieve.cli import build_parser
+    from tokensieve.eval.cli import _command
+
+    args = build_parser().parse_args(["eval", "--tasks", "passkey", "--budgets", "0.1,25%", "--store", "r.sqlite"])
+    assert _command(args) == "tokensieve eval --store r.sqlite --tasks passkey --budgets 0.1,25%"
+
+
 def test_cli_lists_tasks(capsys):
     assert main(["eval", "--list-tasks"]) == 0
     out = capsys.readouterr().out

@@ -36,7 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.no_fidelity:
         overrides["fidelity"] = False
     cfg = EvalConfig.from_file(args.config, overrides) if args.config else EvalConfig.from_mapping(overrides)
-    command = "tokensieve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    command = _command(args)
     summary = run_eval(cfg, progress=not args.no_progress, command=command, dry_run=args.dry_run)
     if not args.dry_run:
         print(
@@ -45,6 +45,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (recorded in the store, shown in reports)."""
+    parts = ["tokensieve", "eval"] + ([args.config] if args.config else [])
+    for flag in ("store", "threads", "model", *GRID_FLAGS):
+        value = getattr(args, flag)
+        if value is not None and f"--{flag}" not in parts:
+            parts += [f"--{flag}", str(value)]
+    if args.no_fidelity:
+        parts.append("--no-fidelity")
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
