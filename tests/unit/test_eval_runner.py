@@ -137,6 +137,35 @@ def test_rerun_resumes_without_redoing_cells(tiny_model, tmp_path, filled_store)
     assert victim["key"] in gone
 
 
+def test_decode_time_methods_run_after_a_full_or_compressed_prefill(tiny_model, tmp_path):
+    store = tmp_path / "r.sqlite"
+    summary = _run(tiny_model, store, tasks="passkey", methods="quest,snapkv+quest", depths="0.5", modes="agnostic")
+    assert summary.ran == 3
+    rows = {r["method_label"]: r for r in _rows(store)}
+    assert set(rows) == {"full", "quest", "snapkv+quest"}
+    quest, combo, full = rows["quest"], rows["snapkv+quest"], rows["full"]
+    assert quest["method"] == "quest"
+    assert json.loads(quest["config"])["decode"]["method"] == "quest"
+    assert quest["kv_bytes"] == full["kv_bytes"]  # sparse decoding keeps the whole cache, it reads a subset
+    assert combo["stored_entries"] < full["stored_entries"]  # SnapKV compressed the prompt
+    for r in (quest, combo):
+        assert r["fidelity_tokens"] == full["fidelity_tokens"]
+        assert r["kl"] >= 0.0
+        assert 0.0 <= r["top1"] <= 1.0
+
+
+def test_method_specs_with_decode_methods():
+    from tokensieve.eval.config import MethodSpec
+
+    assert MethodSpec.parse("quest").label == "quest"
+    assert MethodSpec.parse("quest").name == "full"
+    combo = MethodSpec.parse("snapkv:window=8+quest:page=8")
+    assert combo.label == "snapkv(window=8)+quest(page=8)"
+    assert combo.compresses
+    with pytest.raises(ts.ConfigError, match="does not act while decoding"):
+        MethodSpec.parse("full+snapkv")
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [

@@ -91,7 +91,7 @@ def test_config_parses_cli_strings():
 def test_all_methods_come_from_the_registry():
     cfg = EvalConfig.from_mapping({"methods": "all"})
     assert cfg.all_methods
-    assert [m.name for m in cfg.method_list()] == ["full", *[n for n in ts.method_names() if n != "full"]]
+    assert [m.primary for m in cfg.method_list()] == ["full", *[n for n in ts.method_names() if n != "full"]]
 
 
 @pytest.mark.parametrize(

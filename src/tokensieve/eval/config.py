@@ -31,6 +31,7 @@ from typing import Any
 
 from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
+from ..core.capabilities import Phase
 from ..core.method import Method
 from ..core.registry import create_method, method_names
 from ..errors import ConfigError
@@ -41,18 +42,61 @@ FULL = "full"
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method and parameters, e.g. ``snapkv:window=32:kernel=5`` or ``{"name": .., "params": {..}}``."""
+    """A registered method and parameters, e.g. ``snapkv:window=32:kernel=5`` or ``{"name": .., "params": {..}}``.
+
+    A method that acts only while decoding (sparse decode attention, bounded caches) runs after a full-cache
+    prefill: ``quest`` means ``full`` + ``quest``. ``snapkv+quest`` compresses the prompt with SnapKV and decodes
+    with Quest; both get the cell's budget.
+    """
 
     name: str
     params: tuple[tuple[str, Any], ...] = ()
+    decode: MethodSpec | None = None
 
     def __post_init__(self) -> None:
-        self.create()  # unknown method or parameter: fail now, with the registry's message
+        method = self.create()  # unknown method or parameter: fail now, with the registry's message
+        if Phase.PREFILL not in method.capabilities.phases:
+            raise ConfigError(f"Method '{self.name}' does not act during prefill; use it after '+' (full+{self.name}).")
+        if self.decode is not None:
+            dm = self.decode.create_decode()
+            if Phase.DECODE not in dm.capabilities.phases:
+                raise ConfigError(
+                    f"Method '{self.decode.name}' does not act while decoding; put a decode-time method after '+'."
+                )
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | MethodSpec) -> MethodSpec:
         if isinstance(spec, MethodSpec):
             return spec
+        if isinstance(spec, str) and "+" in spec:
+            first, _, second = spec.partition("+")
+            pre = cls._parse_one(first)
+            dec = cls._parse_one(second, decode=True)
+            return cls(pre.name, pre.params, dec)
+        one = cls._parse_one(spec)
+        return one
+
+    @classmethod
+    def _parse_one(cls, spec: str | Mapping[str, Any], decode: bool = False) -> MethodSpec:
+        raw = cls._parse_fields(spec)
+        if decode:
+            return cls._decode_part(*raw)
+        name, params = raw
+        caps = create_method(name, **dict(params)).capabilities.phases
+        if Phase.PREFILL not in caps and Phase.DECODE in caps:  # a decode-time method alone: full prefill first
+            return cls(FULL, (), cls._decode_part(name, params))
+        return cls(name, params)
+
+    @classmethod
+    def _decode_part(cls, name: str, params: tuple[tuple[str, Any], ...]) -> MethodSpec:
+        obj = object.__new__(cls)  # a decode-time part is validated by its parent, not as a prefill method
+        object.__setattr__(obj, "name", name)
+        object.__setattr__(obj, "params", params)
+        object.__setattr__(obj, "decode", None)
+        return obj
+
+    @classmethod
+    def _parse_fields(cls, spec: str | Mapping[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
         if isinstance(spec, Mapping):
             unknown = set(spec) - {"name", "params"}
             if "name" not in spec or unknown:
@@ -60,7 +104,7 @@ class MethodSpec:
             params = spec.get("params") or {}
             if not isinstance(params, Mapping):
                 raise ConfigError(f"Method {spec['name']!r}: 'params' must be a table of key = value.")
-            return cls(str(spec["name"]).strip().lower(), tuple(sorted((str(k), v) for k, v in params.items())))
+            return str(spec["name"]).strip().lower(), tuple(sorted((str(k), v) for k, v in params.items()))
         text = str(spec).strip()
         if not text:
             raise ConfigError("Empty method name: use a registered method (see `tokensieve methods`).")
@@ -71,29 +115,42 @@ class MethodSpec:
                 raise ConfigError(f"Method {text!r}: parameters are written name:key=value:key=value.")
             k, v = item.split("=", 1)
             items.append((k.strip().replace("-", "_"), v.strip()))
-        return cls(name.strip().lower(), tuple(sorted(items)))
+        return name.strip().lower(), tuple(sorted(items))
 
     def create(self) -> Method:
         return create_method(self.name, **dict(self.params))
 
+    def create_decode(self) -> Method:
+        return create_method(self.name, **dict(self.params))
+
     def resolved_params(self) -> dict[str, Any]:
         """Every parameter of the method instance (defaults included), JSON-ready."""
-        method = self.create()
-        out = {}
-        for f in dataclasses.fields(method):
-            v = getattr(method, f.name)
-            out[f.name] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-        return out
+        return _resolved(self.create())
 
     @property
     def compresses(self) -> bool:
-        return self.create().compresses
+        return self.create().compresses or self.decode is not None
+
+    @property
+    def primary(self) -> str:
+        """The name a row is filed under: the decode method when the prefill keeps the full cache."""
+        return self.decode.name if self.decode is not None and self.name == FULL else self.name
 
     @property
     def label(self) -> str:
-        if not self.params:
-            return self.name
-        return self.name + "(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
+        own = self.name + ("(" + ",".join(f"{k}={v}" for k, v in self.params) + ")" if self.params else "")
+        if self.decode is None:
+            return own
+        return self.decode.label if self.name == FULL else f"{own}+{self.decode.label}"
+
+
+def _resolved(method: Method) -> dict[str, Any]:
+    """Every parameter of a method instance (defaults included), JSON-ready."""
+    out = {}
+    for f in dataclasses.fields(method):
+        v = getattr(method, f.name)
+        out[f.name] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+    return out
 
 
 def _tuple(value: Any, what: str) -> tuple[Any, ...]:
@@ -335,6 +392,11 @@ class Cell:
             "task_options": self.task.options(),
             "method": self.method.name,
             "params": self.method.resolved_params(),
+            **(
+                {"decode": {"method": self.method.decode.name, "params": _resolved(self.method.decode.create_decode())}}
+                if self.method.decode is not None
+                else {}
+            ),
             "budget": {"kind": b.kind, "value": b.value, "sink": b.sink, "recent": b.recent},
             "length": self.length,
             "depth": self.depth,

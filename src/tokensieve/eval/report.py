@@ -220,12 +220,12 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
 def plot_pareto(rows: list[Row], mode: str, path: Path) -> bool:
     """Score against KV kept, one panel per task, one line per method over its budgets."""
     tasks = sorted({r["task"] for r in rows})
-    if not any(r["method"] != "full" for r in rows):
+    if not any(r["method_label"] != "full" for r in rows):
         return False
     plt = _pyplot()
     nr, nc = _grid(len(tasks))
     fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.4 * nr), squeeze=False)
-    methods = sorted({r["method_label"] for r in rows if r["method"] != "full"})
+    methods = sorted({r["method_label"] for r in rows if r["method_label"] != "full"})
     colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
     markers = "osD^vP*Xh<>p"
     for ax, task in zip(axes.flat, tasks):
@@ -240,7 +240,7 @@ def plot_pareto(rows: list[Row], mode: str, path: Path) -> bool:
                 mk = markers[methods.index(m) % len(markers)]
                 ax.plot([p[0] for p in xy], [p[1] for p in xy], f"{mk}-", color=colors[m], label=m, ms=4, lw=1.2)
                 pts += xy
-        full = summarize([r for r in trows if r["method"] == "full"])
+        full = summarize([r for r in trows if r["method_label"] == "full"])
         if not math.isnan(full.score):
             ax.plot([1.0], [full.score], "k*", ms=11, label="full cache")
             pts.append((1.0, full.score))
@@ -365,7 +365,7 @@ def plot_lengths(rows: list[Row], mode: str, path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------------ tables
 def baseline_table(rows: list[Row]) -> Block:
     """Full-cache score per task (rows) and length (columns): mean ± standard error (n)."""
-    full = [r for r in rows if r["method"] == "full"]
+    full = [r for r in rows if r["method_label"] == "full"]
     lengths = sorted({int(r["length"]) for r in full})
     header = ["task", "metric", *[f"{L} tok" for L in lengths], "samples"]
     body = []

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..adapters.models import load_model, model_key
+from ..core.budget import Budget
 from ..errors import CapabilityError, ConfigError, PromptError
 from ..pipeline import CachedContext, Compressor, compress
 from .config import FULL, Cell, EvalConfig, MethodSpec, expand
@@ -74,14 +75,33 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
-def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int]) -> Tensor:
-    """``(N, V)`` log-probabilities predicting each of ``targets`` after the context (modifies ``ctx``)."""
+def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int], *, stepwise: bool = False) -> Tensor:
+    """``(N, V)`` log-probabilities predicting each of ``targets`` after the context (modifies ``ctx``).
+
+    ``stepwise``: feed the targets one token per forward pass, as decoding does (needed when a decode-time method
+    acts on every step); otherwise one forward pass over the whole chunk.
+    """
     first = ctx.logits[0]  # (V,) predicts targets[0]
     if len(targets) == 1:
         return log_probs(first[None])
+    if stepwise:
+        rows = [first]
+        for t in targets[:-1]:
+            out = press.extend(ctx, torch.tensor([[t]]), return_logits=True)
+            assert out is not None
+            rows.append(out[0, -1])
+        return log_probs(torch.stack(rows))  # (N, V)
     logits = press.extend(ctx, torch.tensor([targets]), return_logits=True)
     assert logits is not None
     return log_probs(torch.cat([first[None], logits[0, :-1]], dim=0))  # (N, V)
+
+
+def make_press(model: Any, spec: MethodSpec, budget: Budget, *, reserve: int = 0) -> Compressor:
+    """A Compressor for a grid method: its prefill method, and its decode-time method if any, at ``budget``."""
+    extra: dict[str, Any] = {}
+    if spec.decode is not None:
+        extra = {"decode": spec.decode.name, "decode_budget": budget, "decode_params": dict(spec.decode.params)}
+    return compress(model, spec.name, budget, reserve=reserve, **extra, **dict(spec.params))
 
 
 def measure(
@@ -99,8 +119,8 @@ def measure(
     n_new = task.max_new_tokens
     follow = max(n_new, len(target), len(reference.ids) if reference else n_new) + 1
     t_cell = time.perf_counter()
-    press = compress(model, cell.method.name, cell.budget, reserve=len(prompt.question) + follow,
-                     **dict(cell.method.params))  # fmt: skip
+    press = make_press(model, cell.method, cell.budget, reserve=len(prompt.question) + follow)
+    stepwise = cell.method.decode is not None
     if cell.mode == "aware" or not prompt.question:
         ctx = press.prefill(torch.tensor([prompt.full]))
     else:
@@ -137,12 +157,16 @@ def measure(
     else:
         ref_ids = reference.ids
     same = ref_ids == target
-    lp_ref = teacher_force(press, ctx.fork() if not same else ctx, ref_ids) if with_fidelity or same else None
-    lp_tgt = lp_ref if same and lp_ref is not None else teacher_force(press, ctx, target)
+    lp_ref = (
+        teacher_force(press, ctx.fork() if not same else ctx, ref_ids, stepwise=stepwise)
+        if with_fidelity or same
+        else None
+    )
+    lp_tgt = lp_ref if same and lp_ref is not None else teacher_force(press, ctx, target, stepwise=stepwise)
 
     if reference is None:
         if lp_ref is None:
-            lp_ref = lp_tgt if same else teacher_force(press, ctx.fork(), ref_ids)
+            lp_ref = lp_tgt if same else teacher_force(press, ctx.fork(), ref_ids, stepwise=stepwise)
         reference = Reference(ref_ids, lp_ref, int(row["kv_bytes"]), int(row["stored_entries"]))
     if with_fidelity and lp_ref is not None:
         fid = fidelity(reference.logp, lp_ref)
@@ -207,7 +231,7 @@ def run_eval(
         for m in cfg.method_list():
             try:
                 for b in cfg.budgets_for(m):
-                    Compressor(model, m.name, b, **dict(m.params))  # capability / profile checks
+                    make_press(model, m, b)  # capability / profile checks
             except CapabilityError as exc:
                 if not cfg.all_methods:
                     raise
@@ -313,7 +337,7 @@ def _row(cell: Cell, key: str, mkey: str, run_id: int, threads: int, sample: Sam
         "run_id": run_id,
         "task": cell.task.name,
         "task_options": config["task_options"],
-        "method": cell.method.name,
+        "method": cell.method.primary,
         "method_label": cell.method.label,
         "params": config["params"],
         "budget": "100%" if not cell.method.compresses else str(cell.budget),
