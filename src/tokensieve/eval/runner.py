@@ -157,16 +157,14 @@ def measure(
     else:
         ref_ids = reference.ids
     same = ref_ids == target
-    lp_ref = (
-        teacher_force(press, ctx.fork() if not same else ctx, ref_ids, stepwise=stepwise)
-        if with_fidelity or same
-        else None
-    )
+    # The reference continuation is teacher-forced on a fork first (ctx must still end at the prompt), the answer
+    # last, on ctx itself; when both are the same tokens one pass serves both.
+    lp_ref: Tensor | None = None
+    if with_fidelity or reference is None:
+        lp_ref = teacher_force(press, ctx if same else ctx.fork(), ref_ids, stepwise=stepwise)
     lp_tgt = lp_ref if same and lp_ref is not None else teacher_force(press, ctx, target, stepwise=stepwise)
-
     if reference is None:
-        if lp_ref is None:
-            lp_ref = lp_tgt if same else teacher_force(press, ctx.fork(), ref_ids, stepwise=stepwise)
+        assert lp_ref is not None
         reference = Reference(ref_ids, lp_ref, int(row["kv_bytes"]), int(row["stored_entries"]))
     if with_fidelity and lp_ref is not None:
         fid = fidelity(reference.logp, lp_ref)
