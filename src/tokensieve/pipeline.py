@@ -278,6 +278,23 @@ class Compressor:
         ctx.logits = logits[:, -1] if return_logits else logits
         return logits if return_logits else None
 
+    def attach_decode(
+        self,
+        ctx: CachedContext,
+        decode: str | Method | None,
+        decode_budget: Budget | str | float | int | None = None,
+        **decode_params: Any,
+    ) -> CachedContext:
+        """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
+        dm: DecodeMethod | None = None
+        if decode is not None:
+            m = create_method(decode, **decode_params)
+            m.capabilities.check(method=m.name, phase=Phase.DECODE)
+            assert isinstance(m, DecodeMethod)
+            dm = m
+        ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
+        return ctx
+
     @torch.inference_mode()
     def decode(
         self,

@@ -35,7 +35,7 @@ def quest_upper_bounds(qg: Tensor, pmax: Tensor, pmin: Tensor) -> Tensor:
     return torch.matmul(qg.clamp(min=0), pmax.transpose(-1, -2)) + torch.matmul(qg.clamp(max=0), pmin.transpose(-1, -2))
 
 
-def _extras(store: DenseKV, slots: Tensor, G: int, keep: Tensor | None = None) -> Tensor | None:
+def slot_mask(store: DenseKV, slots: Tensor, keep: Tensor | None = None) -> Tensor | None:
     """Mask/bias for gathered ``slots`` ``(B, H, m)``: validity (slot < n, not padding, ``keep``) and logit bias."""
     ok = slots < store.n
     if keep is not None:
@@ -51,7 +51,7 @@ def _extras(store: DenseKV, slots: Tensor, G: int, keep: Tensor | None = None) -
 
 def attend_pages(qg: Tensor, store: DenseKV, pages: Tensor, page: int, scaling: float) -> Tensor:
     """Attention over whole pages of each row. qg ``(B, H, G, D)``, pages ``(B, H, k)`` → ``(B, H, G, D)``."""
-    B, H, G, D = qg.shape
+    B, H, _, D = qg.shape
     k = pages.shape[-1]
     kp, vp = store.pages(page)  # (rows * pages_per_row, P, D)
     per_row = store.capacity // page
@@ -59,17 +59,17 @@ def attend_pages(qg: Tensor, store: DenseKV, pages: Tensor, page: int, scaling: 
     K = kp.index_select(0, flat).view(B, H, k * page, D)
     V = vp.index_select(0, flat).view(B, H, k * page, D)
     slots = (pages[..., None] * page + torch.arange(page, device=qg.device)).view(B, H, k * page)
-    return F.scaled_dot_product_attention(qg, K, V, attn_mask=_extras(store, slots, G), scale=scaling)
+    return F.scaled_dot_product_attention(qg, K, V, attn_mask=slot_mask(store, slots), scale=scaling)
 
 
 def attend_slots(qg: Tensor, store: DenseKV, slots: Tensor, scaling: float, keep: Tensor | None = None) -> Tensor:
     """Attention over chosen slots of each row. qg ``(B, H, G, D)``, slots ``(B, H, m)`` (``keep`` ``(B, H, m)``
     bool masks some out) → ``(B, H, G, D)``."""
-    B, H, G, D = qg.shape
+    B, H, _, D = qg.shape
     m = slots.shape[-1]
     kb, vb = store.buffers
     cap = store.capacity
     flat = (torch.arange(B * H, device=qg.device)[:, None] * cap + slots.reshape(B * H, m)).flatten()
     K = kb.view(B * H * cap, D).index_select(0, flat).view(B, H, m, D)
     V = vb.view(B * H * cap, D).index_select(0, flat).view(B, H, m, D)
-    return F.scaled_dot_product_attention(qg, K, V, attn_mask=_extras(store, slots, G, keep), scale=scaling)
+    return F.scaled_dot_product_attention(qg, K, V, attn_mask=slot_mask(store, slots, keep), scale=scaling)

@@ -41,6 +41,7 @@ class BoundedCacheMethod(DecodeMethod):
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         probs: Tensor | None = None
+        run.bytes_read += store.kv_bytes()
         if self.needs_probs:
             out, probs = attention_with_probs(q, store, scaling)
         else:

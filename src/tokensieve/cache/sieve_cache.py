@@ -65,6 +65,7 @@ class CacheStats:
     compress_seconds: float = 0.0
     decode_attention_seconds: float = 0.0  # time inside attention for single-token steps (all layers)
     decode_attention_calls: int = 0
+    decode_bytes_read: int = 0  # KV bytes read by dense attention in single-token steps (all layers)
     compressed_tokens: list[int] = field(default_factory=list)  # per sequence
     budget_tokens: list[int] = field(default_factory=list)  # per sequence, per (layer, KV head) on average
 
@@ -82,6 +83,7 @@ class SieveLayer(CacheLayerMixin):
         self.seen = 0  # logical tokens seen (padding included), what transformers calls the cache length
         self.seen_valid: Tensor | None = None  # (B,) real tokens seen per sequence
         self.decode_state: Any = None  # per-layer state of the plan's decode method
+        self.decode_ready = False
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
@@ -104,6 +106,7 @@ class SieveLayer(CacheLayerMixin):
         self.seen = 0
         self.seen_valid = None
         self.decode_state = None
+        self.decode_ready = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SieveCache does not support beam search; use greedy or sampling.")
@@ -168,6 +171,16 @@ class SieveCache(Cache):
         """Make room for ``extra`` more tokens in every row (so decoding does not reallocate)."""
         for s in self.stores():
             s.reserve(extra)
+
+    def set_decode(self, method: DecodeMethod | None, budget: Budget | None) -> None:
+        """Attach (or replace, or remove) the decode method of a prefilled cache; its state starts afresh."""
+        if self.plan is None:
+            raise ConfigError("This cache has no plan; create it with Compressor.new_cache().")
+        self.plan = replace(self.plan, decode=method, decode_budget=budget)
+        self.decode_run = None
+        for layer in self.sieve_layers:
+            layer.decode_state = None
+            layer.decode_ready = False
 
     def arm(self, plan: Plan | None = None) -> None:
         """Compress the next prefilled chunk (again) with ``plan`` (default: the current plan)."""
@@ -236,12 +249,16 @@ class SieveCache(Cache):
                 n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - self.tail
                 drun = self._decode_run(n_prompt)
                 layer.decode_state = decode.init_state(layer_idx, ctx, layer.store, drun)
+                layer.decode_ready = True
         elif decode is not None:
             drun = self._decode_run(layer.seen_valid)
             layer.store = decode.prepare(layer_idx, layer.store, drun)
+            if not layer.decode_ready:  # the decode method was attached after the prefill
+                layer.decode_state = decode.init_state(layer_idx, None, layer.store, drun)
+                layer.decode_ready = True
             layer.store.append(k, v, pos_new, valid_new)
+            t0 = time.perf_counter()  # the method's bookkeeping counts as attention time
             decode.on_append(layer_idx, layer.store, layer.decode_state, L, drun)
-            t0 = time.perf_counter()
             if L == 1:
                 out = decode.step(layer_idx, q, layer.store, layer.decode_state, drun, scaling)
             else:
@@ -254,12 +271,18 @@ class SieveCache(Cache):
             t0 = time.perf_counter()
             out = layer.store.attend(q, scaling)
             self._timed(L, t0)
+            if L == 1:
+                self.stats.decode_bytes_read += layer.store.kv_bytes()
             for observe in self.observers:
                 observe(layer_idx, q, layer.store)
         layer.seen += stored
         n_real = L if valid_new is None else valid_new.sum(-1)
         layer.seen_valid = layer.seen_valid + n_real - (L - stored)
         return out
+
+    def bytes_read(self) -> int:
+        """KV (and page metadata) bytes read by decode-step attention so far, over all layers."""
+        return self.stats.decode_bytes_read + (self.decode_run.bytes_read if self.decode_run is not None else 0)
 
     def _timed(self, L: int, t0: float) -> None:
         if L == 1:

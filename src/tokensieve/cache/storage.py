@@ -167,6 +167,11 @@ class DenseKV:
         B, H, _, D = self._k.shape
         return 2 * B * H * self.n * D * self._k.element_size()
 
+    def entry_bytes(self, entries_per_row: int, *, keys_only: bool = False) -> int:
+        """Bytes of ``entries_per_row`` entries in every row (keys and values, or keys only)."""
+        B, H, _, D = self._k.shape
+        return (1 if keys_only else 2) * B * H * entries_per_row * D * self._k.element_size()
+
     def allocated_bytes(self) -> int:
         return 2 * self._k.numel() * self._k.element_size()
 

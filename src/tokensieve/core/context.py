@@ -84,6 +84,7 @@ class DecodeRun:
     budget_tokens: Tensor
     budget: Any = None  # the decode Budget itself, for methods whose budget follows the cache length
     step: int = 0
+    bytes_read: int = 0  # KV (and metadata) bytes the method's attention read, summed over steps and layers
     scratch: dict[Any, Any] = field(default_factory=dict)
 
 

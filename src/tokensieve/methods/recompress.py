@@ -64,6 +64,7 @@ class Recompress(DecodeMethod):
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         out = store.attend(q, scaling)
+        run.bytes_read += store.kv_bytes()
         if state is None:
             state = {}
         buf = state.get("queries")

@@ -60,12 +60,14 @@ class TidalDecode(DecodeMethod):
         n = store.n
         budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
         if layer_idx < self.select_layer or budget >= n:
+            run.bytes_read += store.kv_bytes()
             return store.attend(q, scaling)
         B, Hq, _, D = q.shape
         H = store.keys.shape[1]
         qg = q.reshape(B, H, Hq // H, D)
         if layer_idx in (self.select_layer, self.reselect_at(run.shape.num_layers)):
             out, probs = attention_with_probs(q, store, scaling)
+            run.bytes_read += store.kv_bytes()
             top = probs.sum(2).topk(budget, dim=-1, sorted=False).indices  # (B, H, k) slots of this layer
             run.scratch["tidal"] = (run.step, store.positions.gather(2, top))  # remember true positions
             return out
@@ -77,6 +79,7 @@ class TidalDecode(DecodeMethod):
         has_newest = ((slots == n - 1) & found).any(-1, keepdim=True)
         slots = torch.cat([slots, newest], -1)
         keep = torch.cat([found, ~has_newest], -1)
+        run.bytes_read += store.entry_bytes(slots.shape[-1])
         return attend_slots(qg, store, slots, scaling, keep).reshape(B, Hq, 1, D)
 
     @staticmethod

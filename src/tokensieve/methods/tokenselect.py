@@ -32,7 +32,8 @@ class TokenSelect(DecodeMethod):
     official code), when the cache changed by more than one appended token, or when the budget changed.
 
     Choices: query head ``h`` reads KV head ``h // G`` (transformers' order; the official kernel's ``h % H_kv`` is
-    wrong for it); ``n_init`` = 16 and ``n_local`` = 64 (the paper's 128/512 are sized for 128K contexts). Tokens
+    wrong for it); ``n_init`` = 16 and ``n_local`` = 64 (the paper's 128/512 are sized for 128K contexts), shrunk
+    to at most 1/8 and 1/4 of the budget when the budget is small. Tokens
     that leave the local window between re-selections are attended again only after the next re-selection, as in
     the paper. The budget counts attended tokens, a ratio meaning a share of the current cache.
     """
@@ -67,10 +68,13 @@ class TokenSelect(DecodeMethod):
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         n = store.n
         budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
-        k = budget - self.n_init - self.n_local
-        cand_end = n - self.n_local
-        if k <= 0 or cand_end - self.n_init <= k:
+        if budget >= n:  # the budget covers the cache: this is exactly dense attention
+            run.bytes_read += store.kv_bytes()
             return store.attend(q, scaling)
+        n_init = min(self.n_init, budget // 8)  # small budgets shrink the fixed windows, the vote keeps the rest
+        n_local = max(1, min(self.n_local, budget // 4))
+        k = budget - n_init - n_local
+        cand_end = n - n_local
         B, Hq, _, D = q.shape
         H = store.keys.shape[1]
         G = Hq // H
@@ -85,20 +89,22 @@ class TokenSelect(DecodeMethod):
         if reuse:
             state["reused"] += 1
         else:
-            cand = store.keys[:, :, self.n_init : cand_end]  # (B, H, c, D)
+            cand = store.keys[:, :, n_init : cand_end]  # (B, H, c, D)
             logits = torch.matmul(qg, cand.transpose(-1, -2)) * scaling  # (B, H, G, c)
             if store.valid is not None:
-                logits = logits.masked_fill(~store.valid[:, None, None, self.n_init : cand_end], float("-inf"))
+                logits = logits.masked_fill(~store.valid[:, None, None, n_init : cand_end], float("-inf"))
             votes = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (B, c): soft vote of every query head
-            state["sel"] = votes.topk(k, dim=-1, sorted=False).indices + self.n_init  # (B, k)
+            state["sel"] = votes.topk(k, dim=-1, sorted=False).indices + n_init  # (B, k)
             state["q"] = q_mean
             state["k"] = k
             state["recomputed"] += 1
+            run.bytes_read += store.entry_bytes(cand_end - n_init, keys_only=True)
         state["n"] = n
+        run.bytes_read += store.entry_bytes(budget)
         dev = q.device
         slots = torch.cat(
             [
-                torch.arange(self.n_init, device=dev).expand(B, -1),
+                torch.arange(n_init, device=dev).expand(B, -1),
                 state["sel"],
                 torch.arange(cand_end, n, device=dev).expand(B, -1),
             ],

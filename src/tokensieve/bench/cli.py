@@ -1,0 +1,100 @@
+"""`tokensieve bench`: prefill, TTFT, decode speed, attention cost, KV bytes and peak memory against the full cache."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_METHODS = "full,snapkv:0.125,streaming_llm:0.125,+quest:0.125,+tokenselect:0.125,+tidaldecode:0.125"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"Expected comma-separated integers, got {text!r}.") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..adapters.models import load_model
+    from .config import BenchConfig, MethodSpec
+    from .report import text_table, write_markdown
+    from .runner import run_bench, summarize
+    from .store import BenchStore
+
+    specs = tuple(MethodSpec.parse(s) for s in args.methods.split(","))  # bad methods fail before loading
+    cfg = BenchConfig(
+        specs=specs,
+        lengths=_ints(args.lengths),
+        batch_sizes=_ints(args.batch_sizes),
+        decode_tokens=args.decode_tokens,
+        repetitions=args.reps,
+        threads=args.threads,
+        model=args.model,
+    )
+    store = BenchStore(args.store) if args.store else None
+    model, tok = load_model(args.model)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if limit and max(cfg.lengths) + cfg.decode_tokens > limit:
+        raise ConfigError(f"A context of {max(cfg.lengths)} + {cfg.decode_tokens} tokens exceeds the model's {limit}.")
+    total = len(cfg.lengths) * len(cfg.batch_sizes) * cfg.repetitions * len(cfg.specs)
+    bar = tqdm(total=total, desc="bench", unit="cell", file=sys.stderr)
+
+    def progress(done: int, _total: int, label: str) -> None:
+        bar.n = done
+        bar.set_postfix_str(label)
+        bar.refresh()
+
+    rows, info = run_bench(cfg, store=store, progress=progress, model_and_tokenizer=(model, tok))
+    bar.close()
+    if store is not None:
+        stored, stored_info = store.bench_rows()
+        all_rows: list[dict[str, Any]] = [r for r in stored if r["model"] == info["model"]]
+        info = stored_info or info
+    else:
+        from dataclasses import asdict
+
+        all_rows = [asdict(r) for r in rows]
+    labels = {s.label for s in cfg.specs}
+    wanted = [
+        r for r in all_rows if r["label"] in labels and r["length"] in cfg.lengths and r["batch"] in cfg.batch_sizes
+    ]
+    summary = summarize(wanted, info)
+    print(text_table(summary))
+    if args.report:
+        command = "tokensieve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+        path = write_markdown(summary, info, Path(args.report), command)
+        print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    from ..adapters.models import DEFAULT_MODEL
+
+    sp = sub.add_parser(
+        "bench",
+        help="speed and memory against the full cache: prefill, TTFT, decode tok/s, attention, KV bytes, peak RSS",
+        description=(
+            "Each configuration is prefill[:budget][+decode[:budget]], e.g. snapkv:0.125, +quest:0.125 (full "
+            "prefill, Quest while decoding), snapkv:0.5+quest:0.125. The full cache is always measured."
+        ),
+    )
+    sp.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated configurations (default: {DEFAULT_METHODS})"
+    )
+    sp.add_argument("--lengths", default="2048", help="context lengths in tokens, comma-separated")
+    sp.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated")
+    sp.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
+    sp.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--store", default=None, help="SQLite results store (shared with `tokensieve eval`); resumable")
+    sp.add_argument("--report", default=None, help="folder for bench.md and PNG plots")
+    sp.set_defaults(func=cmd_bench)

@@ -1,0 +1,61 @@
+"""The benchmark runner on the tiny model: configurations, medians, ratios, the store, the report."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokensieve import ConfigError
+from tokensieve.bench.config import BenchConfig, MethodSpec
+from tokensieve.bench.report import text_table, write_markdown
+from tokensieve.bench.runner import run_bench, summarize
+from tokensieve.bench.store import BenchStore
+from tokensieve.eval.testing import CharTokenizer
+
+
+def test_spec_parsing_and_errors():
+    s = MethodSpec.parse("snapkv:0.5+quest:64")
+    assert (s.prefill, s.budget, s.decode, s.decode_budget) == ("snapkv", "0.5", "quest", "64")
+    assert s.label == "snapkv:0.5+quest:64"
+    assert MethodSpec.parse("+h2o:128").prefill == "full"
+    assert MethodSpec.parse("full").is_baseline
+    with pytest.raises(ConfigError, match="budget"):
+        MethodSpec.parse("snapkv")
+    with pytest.raises(ConfigError, match="does not act during decode"):
+        MethodSpec.parse("+snapkv:0.5")
+    with pytest.raises(ConfigError, match="Unknown method"):
+        MethodSpec.parse("nope:0.5")
+    cfg = BenchConfig(specs=(MethodSpec.parse("snapkv:0.5"),))
+    assert cfg.specs[0].is_baseline  # the full cache is always measured
+
+
+def test_bench_runs_resumes_and_reports(tiny_model, tmp_path):
+    cfg = BenchConfig(
+        specs=(MethodSpec.parse("full"), MethodSpec.parse("snapkv:0.5"), MethodSpec.parse("+quest:16")),
+        lengths=(64,),
+        batch_sizes=(1, 2),
+        decode_tokens=4,
+        repetitions=2,
+        threads=1,
+    )
+    store = BenchStore(tmp_path / "b.sqlite")
+    rows, info = run_bench(cfg, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
+    assert len(rows) == 3 * 2 * 2
+    again, _ = run_bench(cfg, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
+    assert again == []  # resumed: nothing measured twice
+    stored, stored_info = store.bench_rows()
+    assert len(stored) == 12
+    assert stored_info["bandwidth"] == 1e10
+    summary = summarize(stored, stored_info)
+    by = {(r["label"], r["batch"]): r for r in summary}
+    assert by[("full", 1)]["speedup"] == pytest.approx(1.0)
+    snap = by[("snapkv:0.5", 2)]
+    assert snap["kv_ratio"] == pytest.approx((32 + 3) / (64 + 3), rel=1e-6)  # 3 decoded tokens are stored too
+    quest = by[("full+quest:16", 1)]
+    assert quest["kv_ratio"] == pytest.approx(1.0)  # sparse decoding keeps the whole cache
+    assert quest["bytes_read"] < by[("full", 1)]["bytes_read"]  # but reads less of it
+    # 3 layers x 2 KV heads x (K + V of 8 floats) per entry; the 3 steps read 65, 66 and 67 entries
+    assert by[("full", 1)]["bytes_read"] == 3 * 2 * 64 * 66
+    assert "full+quest:16" in text_table(summary)
+    md = write_markdown(summary, stored_info, tmp_path / "rep", "tokensieve bench ...")
+    assert (tmp_path / "rep" / "bench_attention.png").is_file()
+    assert "ideal speed-up" in md.read_text()
