@@ -38,7 +38,7 @@ def test_bench_runs_resumes_and_reports(tiny_model, tmp_path):
         threads=1,
     )
     store = BenchStore(tmp_path / "b.sqlite")
-    rows, info = run_bench(cfg, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
+    rows, _ = run_bench(cfg, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
     assert len(rows) == 3 * 2 * 2
     again, _ = run_bench(cfg, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
     assert again == []  # resumed: nothing measured twice
