@@ -122,6 +122,14 @@ class DenseKV:
         return self._k.shape[2]
 
     @property
+    def has_padding(self) -> bool:
+        return self._valid is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self._bias is not None
+
+    @property
     def buffers(self) -> tuple[Tensor, Tensor]:
         """The whole key/value buffers ``(B, H_kv, capacity, D)`` (slots ``>= n`` are unused)."""
         return self._k, self._v

@@ -62,8 +62,9 @@ class Quest(DecodeMethod):
     def on_append(self, layer_idx: int, store: DenseKV, state: dict[str, Any], n_new: int, run: DecodeRun) -> None:
         if layer_idx < self.dense_layers:
             return
-        store.align(self.page)
         P, n = self.page, store.n
+        if store.capacity % P:
+            store.align(P)
         cap_pages = store.capacity // P
         meta = state["meta"]
         if meta is None or n_new > 1 or state["n"] != n - n_new or meta.shape[2] != cap_pages:
@@ -72,59 +73,67 @@ class Quest(DecodeMethod):
             meta = store.keys.new_zeros(B, H, cap_pages, 2 * D)
             meta[:, :, :np_] = torch.cat([pmax, pmin], -1)
             state["meta"] = meta
-        else:  # one new token: fold it into its page
+        else:  # one new token: fold it into its page, in place
             s = n - 1
-            k = store.keys[:, :, s]  # (B, H, D)
-            kk = torch.cat([k, k], -1)
+            k = store.buffers[0][:, :, s]  # (B, H, D)
+            page = meta[:, :, s // P]  # (B, H, 2D) view
+            D = k.shape[-1]
             if s % P == 0:
-                meta[:, :, s // P] = kk
+                page[..., :D] = k
+                page[..., D:] = k
             else:
-                cur = meta[:, :, s // P]
-                D = k.shape[-1]
-                meta[:, :, s // P] = torch.cat([torch.maximum(cur[..., :D], k), torch.minimum(cur[..., D:], k)], -1)
+                hi, lo = page[..., :D], page[..., D:]
+                torch.maximum(hi, k, out=hi)
+                torch.minimum(lo, k, out=lo)
         state["n"] = n
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+        plan = self._step_plan(store, run)
+        if layer_idx < self.dense_layers or plan is None:
+            run.bytes_read += store.kv_bytes()
+            return store.attend(q, scaling)
+        n_pages, k, base, last, mask, read = plan
+        B, Hq, _, D = q.shape
+        H = base.shape[0] // B
+        qg = q.view(B, H, Hq // H, D)
+        qq = torch.cat([F.relu(qg), qg.clamp(max=0)], -1)  # (B, H, G, 2D)
+        bounds = torch.matmul(qq, state["meta"][:, :, : n_pages - 1].transpose(-1, -2))  # (B, H, G, pages-1)
+        top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
+        flat = torch.cat([top + base, last], 1).view(-1)  # the chosen pages, then the current one
+        kp, vp = store.pages(self.page)
+        K = kp.index_select(0, flat).view(B, H, k * self.page, D)
+        V = vp.index_select(0, flat).view(B, H, k * self.page, D)
+        if store.has_padding or store.has_bias:  # padding or merged entries: the general mask
+            pages = flat.view(B, H, k) - base.view(B, H, 1)
+            slots = (pages[..., None] * self.page + torch.arange(self.page, device=q.device)).view(B, H, -1)
+            mask = slot_mask(store, slots)
+        out = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask, scale=scaling)
+        run.bytes_read += read
+        return out.view(B, Hq, 1, D)
+
+    def _step_plan(self, store: DenseKV, run: DecodeRun) -> tuple[int, int, Tensor, Tensor, Tensor | None, int] | None:
+        """Per-step constants shared by every layer with the same cache length: page count, pages to read, row
+        offsets into the page view, the current page's flat index, the mask of the gathered tokens, bytes read."""
         n, P = store.n, self.page
+        key = (run.step, n, store.capacity)
+        cached = run.scratch.get("quest")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         n_pages = -(-n // P)
         budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
         k = max(self.min_pages, -(-budget // P))
-        if layer_idx < self.dense_layers or k >= n_pages:
-            run.bytes_read += store.kv_bytes()
-            return store.attend(q, scaling)
-        B, Hq, _, D = q.shape
-        H = store.keys.shape[1]
-        qg = q.view(B, H, Hq // H, D)
-        qq = torch.cat([F.relu(qg), -F.relu(-qg)], -1)  # (B, H, G, 2D)
-        meta = state["meta"][:, :, : n_pages - 1]  # complete pages only
-        bounds = torch.matmul(qq, meta.transpose(-1, -2)).amax(2)  # (B, H, pages-1)
-        top = bounds.topk(k - 1, dim=-1, sorted=False).indices  # (B, H, k-1)
-        pages = torch.cat([top, top.new_full((B, H, 1), n_pages - 1)], -1)  # the current page last
-        base, mask = self._layout(store, run, B, H, k, n)
-        if store.valid is not None or store.bias is not None:  # padding or merged entries: the general mask
-            slots = (pages[..., None] * P + torch.arange(P, device=q.device)).view(B, H, k * P)
-            mask = slot_mask(store, slots)
-        flat = pages.view(B * H, k).add(base).view(-1)
-        kp, vp = store.pages(P)
-        K = kp.index_select(0, flat).view(B, H, k * P, D)
-        V = vp.index_select(0, flat).view(B, H, k * P, D)
-        out = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask, scale=scaling)
-        run.bytes_read += store.entry_bytes(k * P) + store.entry_bytes(n_pages - 1)  # pages + [M, m] metadata
-        return out.view(B, Hq, 1, D)
-
-    def _layout(self, store: DenseKV, run: DecodeRun, B: int, H: int, k: int, n: int) -> tuple[Tensor, Tensor | None]:
-        """Row offsets into the page view and the mask of the gathered tokens, shared by every layer of a step."""
-        key = ("quest", run.step, store.capacity, k, n, store.valid is None and store.bias is None)
-        cached = run.scratch.get("quest")
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        P = self.page
-        base = (torch.arange(B * H, device=store.keys.device) * (store.capacity // P))[:, None]
-        tail = n - (-(-n // P) - 1) * P  # tokens in the last (current) page
-        mask: Tensor | None = None
-        if tail < P:
-            m = torch.ones(k * P, dtype=torch.bool, device=store.keys.device)
-            m[(k - 1) * P + tail :] = False
-            mask = m.view(1, 1, 1, k * P)
-        run.scratch["quest"] = (key, base, mask)
-        return base, mask
+        plan = None
+        if k < n_pages:
+            rows = store.buffers[0].shape[0] * store.buffers[0].shape[1]
+            base = torch.arange(rows, device=store.buffers[0].device)[:, None] * (store.capacity // P)
+            last = base + (n_pages - 1)
+            tail = n - (n_pages - 1) * P  # tokens in the current page
+            mask = None
+            if tail < P:
+                m = torch.ones(k * P, dtype=torch.bool, device=base.device)
+                m[(k - 1) * P + tail :] = False
+                mask = m.view(1, 1, 1, k * P)
+            read = store.entry_bytes(k * P) + store.entry_bytes(n_pages - 1)  # pages + [M, m] metadata
+            plan = (n_pages, k, base, last, mask, read)
+        run.scratch["quest"] = (key, plan)
+        return plan

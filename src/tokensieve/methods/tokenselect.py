@@ -29,7 +29,8 @@ class TokenSelect(DecodeMethod):
     Score: ``S_j = Σ_h softmax_j(q_h · K̃ᵀ)`` over candidates ``j ∈ [n_init, n − n_local)``; keep the top
     ``budget − n_init − n_local``. Selection cache: the selection is recomputed only when the cosine similarity
     between the layer's mean query and the mean query at the last selection drops below ``theta`` (0.9, as the
-    official code), when the cache changed by more than one appended token, or when the budget changed.
+    official code) — decided per sequence — when the cache changed by more than one appended token, or when the
+    budget changed.
 
     Choices: query head ``h`` reads KV head ``h // G`` (transformers' order; the official kernel's ``h % H_kv`` is
     wrong for it); ``n_init`` = 16 and ``n_local`` = 64 (the paper's 128/512 are sized for 128K contexts), shrunk
@@ -80,23 +81,24 @@ class TokenSelect(DecodeMethod):
         G = Hq // H
         qg = q.reshape(B, H, G, D)
         q_mean = q[:, :, 0].mean(1)  # (B, D)
-        reuse = (
-            state["sel"] is not None
-            and state["k"] == k
-            and state["n"] == n - 1
-            and bool((F.cosine_similarity(q_mean, state["q"], dim=-1) >= self.theta).all())
-        )
-        if reuse:
+        valid_cache = state["sel"] is not None and state["k"] == k and state["n"] == n - 1
+        if valid_cache:  # each sequence keeps its selection while its query stays similar
+            stale = F.cosine_similarity(q_mean, state["q"], dim=-1) < self.theta  # (B,)
+        else:
+            stale = torch.ones(B, dtype=torch.bool, device=q.device)
+        if not bool(stale.any()):
             state["reused"] += 1
         else:
-            cand = store.keys[:, :, n_init : cand_end]  # (B, H, c, D)
+            cand = store.keys[:, :, n_init:cand_end]  # (B, H, c, D)
             logits = torch.matmul(qg, cand.transpose(-1, -2)) * scaling  # (B, H, G, c)
             if store.valid is not None:
-                logits = logits.masked_fill(~store.valid[:, None, None, n_init : cand_end], float("-inf"))
+                logits = logits.masked_fill(~store.valid[:, None, None, n_init:cand_end], float("-inf"))
             votes = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (B, c): soft vote of every query head
-            state["sel"] = votes.topk(k, dim=-1, sorted=False).indices + n_init  # (B, k)
-            state["q"] = q_mean
-            state["k"] = k
+            sel = votes.topk(k, dim=-1, sorted=False).indices + n_init  # (B, k)
+            if valid_cache:
+                sel = torch.where(stale[:, None], sel, state["sel"])
+                q_mean = torch.where(stale[:, None], q_mean, state["q"])
+            state["sel"], state["q"], state["k"] = sel, q_mean, k
             state["recomputed"] += 1
             run.bytes_read += store.entry_bytes(cand_end - n_init, keys_only=True)
         state["n"] = n
