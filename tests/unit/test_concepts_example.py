@@ -15,9 +15,9 @@ def test_concepts_method_example(tiny_model):
     text = (Path(__file__).resolve().parents[2] / "docs" / "CONCEPTS.md").read_text()
     block = re.search(r"## Adding a method.*?```python\n(.*?)```", text, flags=re.S)
     assert block is not None
-    scope: dict = {}
+    scope: dict = {"__name__": "concepts_example"}
     try:
-        exec(compile(block.group(1), "CONCEPTS.md", "exec"), scope)
+        exec(compile(block.group(1), "CONCEPTS.md", "exec", dont_inherit=True), scope)
         assert "value_norm" in ts.method_names()
         ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
         ctx = ts.compress(tiny_model, "value_norm", 0.5).prefill(ids)
