@@ -59,3 +59,12 @@ def test_bench_runs_resumes_and_reports(tiny_model, tmp_path):
     md = write_markdown(summary, stored_info, tmp_path / "rep", "tokensieve bench ...")
     assert (tmp_path / "rep" / "bench_attention.png").is_file()
     assert "ideal speed-up" in md.read_text()
+
+
+def test_spec_parameters():
+    s = MethodSpec.parse("snapkv[window=64;kernel=7]:0.25+quest[page=32]:0.125")
+    assert s.prefill_params == (("window", "64"), ("kernel", "7"))
+    assert s.decode_params == (("page", "32"),)
+    assert s.label == "snapkv[window=64;kernel=7]:0.25+quest[page=32]:0.125"
+    with pytest.raises(ConfigError, match="no parameter"):
+        MethodSpec.parse("+quest[pages=32]:0.1")

@@ -166,3 +166,21 @@ def test_decode_after_head_adaptive_prefill_is_refused_with_a_reason(long_model)
         pytest.skip("this prompt happened to give equal head budgets")
     with pytest.raises(ts.CapabilityError, match="head-adaptive"):
         press.decode(ctx, 2)
+
+
+@torch.inference_mode()
+def test_tidaldecode_shared_slots_equal_position_lookup(long_model):
+    """The full-cache fast path (slot = position in every layer) gives what the position lookup gives."""
+    ids = torch.randint(3, 97, (1, 300), generator=torch.Generator().manual_seed(7))
+    press = ts.compress(long_model, "full", reserve=16)
+    base = press.prefill(ids)
+    fast, slow = base.fork(), base.fork()
+    for s in slow.cache.stores():
+        s.identity_positions = False
+    assert all(s.identity_positions for s in fast.cache.stores())
+    out = []
+    for ctx in (fast, slow):
+        press.attach_decode(ctx, "tidaldecode", 40)
+        out.append((press.decode(ctx, 8).tokens, ctx.logits.clone()))
+    assert out[0][0] == out[1][0]
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-5)

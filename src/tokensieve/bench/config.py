@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ..core.budget import Budget
@@ -10,27 +11,51 @@ from ..core.registry import create_method
 from ..errors import ConfigError
 
 
+def _split_budget(part: str) -> tuple[str, str]:
+    """``name[params]:budget`` → (``name[params]``, ``budget``); the budget is optional."""
+    i = part.rfind(":")
+    return (part[:i], part[i + 1 :]) if i > part.rfind("]") else (part, "")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A prefill method with its budget, optionally followed by a decode method with its budget.
 
     Written ``prefill[:budget][+decode[:budget]]``: ``full``, ``snapkv:0.125``, ``full+quest:0.125``,
-    ``snapkv:0.5+quest:0.125``, ``+h2o:512`` (full prefill, H2O while decoding).
+    ``snapkv:0.5+quest:0.125``, ``+h2o:512`` (full prefill, H2O while decoding). Method parameters go in
+    brackets, separated by semicolons: ``+quest[page=32]:0.125``, ``snapkv[window=64;kernel=7]:0.25``.
     """
 
     prefill: str = "full"
     budget: str = "1.0"
     decode: str | None = None
     decode_budget: str | None = None
+    prefill_params: tuple[tuple[str, str], ...] = ()
+    decode_params: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        pm = create_method(self.prefill)
+        pm = create_method(self.prefill, **dict(self.prefill_params))
         pm.capabilities.check(method=pm.name, phase=Phase.PREFILL)
         Budget.parse(self.budget)
         if self.decode is not None:
-            dm = create_method(self.decode)
+            dm = create_method(self.decode, **dict(self.decode_params))
             dm.capabilities.check(method=dm.name, phase=Phase.DECODE)
             Budget.parse(self.decode_budget or self.budget)
+        elif self.decode_params:
+            raise ConfigError("Decode parameters without a decode method.")
+
+    @staticmethod
+    def _name(text: str, whole: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        m = re.fullmatch(r"\s*([\w-]*)\s*(?:\[(.*)\])?\s*", text)
+        if m is None:
+            raise ConfigError(f"Cannot read '{whole}': write name[key=value;…]:budget.")
+        params = []
+        for item in filter(None, (m.group(2) or "").split(";")):
+            if "=" not in item:
+                raise ConfigError(f"'{whole}': parameters are key=value, got '{item}'.")
+            k, v = item.split("=", 1)
+            params.append((k.strip(), v.strip()))
+        return m.group(1), tuple(params)
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
@@ -38,33 +63,39 @@ class MethodSpec:
         if not text:
             raise ConfigError("Empty method configuration.")
         head, _, tail = text.partition("+")
-        prefill, _, budget = head.partition(":")
-        kwargs: dict[str, str | None] = {"prefill": prefill or "full", "budget": budget or "1.0"}
+        prefill_part, budget = _split_budget(head)
+        prefill, pparams = cls._name(prefill_part, text)
+        kwargs: dict[str, object] = {"prefill": prefill or "full", "budget": budget or "1.0", "prefill_params": pparams}
         if tail:
-            decode, _, dbudget = tail.partition(":")
+            dpart, dbudget = _split_budget(tail)
+            decode, dparams = cls._name(dpart, text)
             if not decode:
                 raise ConfigError(f"'{text}': name the decode method after '+'.")
-            kwargs["decode"] = decode
-            kwargs["decode_budget"] = dbudget or None
+            kwargs.update(decode=decode, decode_budget=dbudget or None, decode_params=dparams)
         if kwargs["prefill"] != "full" and not budget:
             raise ConfigError(f"'{text}': give the budget of '{prefill}', e.g. {prefill}:0.25.")
         return cls(**kwargs)  # type: ignore[arg-type]
 
+    @staticmethod
+    def _params_label(params: tuple[tuple[str, str], ...]) -> str:
+        return "[" + ";".join(f"{k}={v}" for k, v in params) + "]" if params else ""
+
     @property
     def label(self) -> str:
-        head = "full" if self.prefill == "full" else f"{self.prefill}:{self.budget}"
+        pp = self._params_label(self.prefill_params)
+        head = "full" if self.prefill == "full" and not pp else f"{self.prefill}{pp}:{self.budget}"
         if self.decode is None:
             return head
-        return f"{head}+{self.decode}:{self.decode_budget or self.budget}"
+        return f"{head}+{self.decode}{self._params_label(self.decode_params)}:{self.decode_budget or self.budget}"
 
     @property
     def is_baseline(self) -> bool:
-        return self.prefill == "full" and self.decode is None
+        return self.prefill == "full" and self.decode is None and not self.prefill_params
 
     @property
-    def prefill_key(self) -> tuple[str, str]:
+    def prefill_key(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         """Configurations with the same prefill share one prefill per repetition."""
-        return (self.prefill, "1.0" if self.prefill == "full" else self.budget)
+        return (self.prefill, "1.0" if self.prefill == "full" else self.budget, self.prefill_params)
 
 
 @dataclass(frozen=True)

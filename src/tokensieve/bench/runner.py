@@ -68,7 +68,7 @@ def bench_prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
 
 def _measure_decode(press: Compressor, ctx: Any, spec: MethodSpec, cfg: BenchConfig) -> dict[str, Any]:
     if spec.decode is not None:
-        press.attach_decode(ctx, spec.decode, spec.decode_budget or spec.budget)
+        press.attach_decode(ctx, spec.decode, spec.decode_budget or spec.budget, **dict(spec.decode_params))
     stats = ctx.cache.stats
     a0, r0 = stats.decode_attention_seconds, ctx.cache.bytes_read()
     gc.collect()
@@ -116,7 +116,7 @@ def run_bench(
         "decode_tokens": cfg.decode_tokens,
         "repetitions": cfg.repetitions,
     }
-    groups: dict[tuple[str, str], list[MethodSpec]] = {}
+    groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[MethodSpec]] = {}
     for spec in cfg.specs:
         groups.setdefault(spec.prefill_key, []).append(spec)
     order = list(groups)
@@ -135,8 +135,8 @@ def run_bench(
                     if not todo:
                         done += len(specs)
                         continue
-                    prefill, budget = gkey
-                    press = compress(model, prefill, budget, reserve=cfg.decode_tokens + 8)
+                    prefill, budget, pparams = gkey
+                    press = compress(model, prefill, budget, reserve=cfg.decode_tokens + 8, **dict(pparams))
                     gc.collect()
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()

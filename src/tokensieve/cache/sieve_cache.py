@@ -240,6 +240,7 @@ class SieveCache(Cache):
                 H = k.shape[1]
                 reserve = plan.reserve if plan is not None else 0
                 layer.store = DenseKV(k, v, pos_new[:, None, :].expand(B, H, L), valid=valid_new, reserve=reserve)
+                layer.store.identity_positions = valid_new is None and layer.seen == 0
                 if decode is not None and decode.needs_prefill_context:
                     assert plan is not None
                     valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool)

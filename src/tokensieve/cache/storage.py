@@ -95,6 +95,9 @@ class DenseKV:
             self._bias[:, :, :n] = bias
         self.aux: dict[str, Tensor] = {}
         self.n = n
+        # True while slot i of every row holds true position i (a full cache without padding): layers can then
+        # share slot indices directly.
+        self.identity_positions = False
 
     # ------------------------------------------------------------------------------------------------ views
     @property
@@ -241,6 +244,8 @@ class DenseKV:
             self._bias[:, :, s:e] = 0
         for a in self.aux.values():
             a[:, :, s:e] = 0
+        if valid is not None:
+            self.identity_positions = False
         self.n = e
 
     # ------------------------------------------------------------------------------------------------ eviction
@@ -260,6 +265,7 @@ class DenseKV:
             self._valid[torch.arange(B), slots[:, 0]] = self._valid[:, last]
             if bool(self._valid[:, :last].all()):
                 self._valid = None
+        self.identity_positions = False
         self.n = last
 
     def compact(self, keep: Tensor) -> None:
@@ -275,6 +281,7 @@ class DenseKV:
             self._valid[:, :k] = self._valid.gather(1, keep[:, 0])
             if bool(self._valid[:, :k].all()):
                 self._valid = None
+        self.identity_positions = False
         self.n = k
 
     # ------------------------------------------------------------------------------------------------ attend

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention.sparse import page_bounds, slot_mask
+from ..attention.sparse import slot_mask
 from ..cache.storage import DenseKV, KVStore, as_dense
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import DecodeRun, LayerContext
@@ -24,9 +24,10 @@ class Quest(DecodeMethod):
     """Quest: keys are stored in pages of ``page`` tokens with per-channel min and max; each decode step attends
     exactly over the pages whose upper bound on ``q·k`` is highest (Tang et al., arXiv:2406.10774).
 
-    Score: ``U_p = Σ_d max(q_d · M_{p,d}, q_d · m_{p,d})`` — one matmul of ``[relu(q), −relu(−q)]`` with the
-    page metadata ``[M, m]``. Select: the current (partial) last page plus the top ``max(min_pages, budget/page) − 1``
-    other pages; attend exactly over every token of those pages. The first ``dense_layers`` layers (2, as in the
+    Score: ``U_p = Σ_d max(q_d · M_{p,d}, q_d · m_{p,d}) = relu(q)·(M_p − m_p) + q·m_p`` — one matmul of
+    ``[relu(q), q]`` with the page metadata ``[M − m, m]``, written once per page when it fills. Select: the
+    current (possibly partial) page plus the top ``max(min_pages, budget/page) − 1`` complete pages; attend
+    exactly over every token of those pages. The first ``dense_layers`` layers (2, as in the
     paper) and prefill stay dense. Nothing is evicted; the metadata is 2 vectors per page (1/8 of the keys at 16
     tokens per page), counted by the benchmark as bytes read.
 
@@ -56,55 +57,60 @@ class Quest(DecodeMethod):
         return dense
 
     def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
-        return {"meta": None, "n": 0}
+        return {"meta": None, "complete": -1}
 
-    # -- page metadata: meta[..., :D] = per-channel max, meta[..., D:] = per-channel min ---------------------------
+    # -- page metadata ------------------------------------------------------------------------------------------
+    # meta (B, H, 2D, pages): rows [0, D) hold M − m, rows [D, 2D) hold m, for every *complete* page, so that the
+    # bound Σ_d max(q_d M_d, q_d m_d) = relu(q)·(M − m) + q·m is one matmul. The page holding the newest token is
+    # always attended and needs no metadata; a page's column is written once, when it fills.
     def on_append(self, layer_idx: int, store: DenseKV, state: dict[str, Any], n_new: int, run: DecodeRun) -> None:
         if layer_idx < self.dense_layers:
             return
         P, n = self.page, store.n
         if store.capacity % P:
             store.align(P)
-        cap_pages = store.capacity // P
+        complete = n // P
         meta = state["meta"]
-        if meta is None or n_new > 1 or state["n"] != n - n_new or meta.shape[2] != cap_pages:
-            pmax, pmin = page_bounds(store.keys, n, P)  # (B, H, pages, D) each
-            B, H, np_, D = pmax.shape
-            meta = store.keys.new_zeros(B, H, cap_pages, 2 * D)
-            meta[:, :, :np_] = torch.cat([pmax, pmin], -1)
-            state["meta"] = meta
-        else:  # one new token: fold it into its page, in place
-            s = n - 1
-            k = store.buffers[0][:, :, s]  # (B, H, D)
-            page = meta[:, :, s // P]  # (B, H, 2D) view
-            D = k.shape[-1]
-            if s % P == 0:
-                page[..., :D] = k
-                page[..., D:] = k
-            else:
-                hi, lo = page[..., :D], page[..., D:]
-                torch.maximum(hi, k, out=hi)
-                torch.minimum(lo, k, out=lo)
-        state["n"] = n
+        if meta is None or meta.shape[-1] != store.capacity // P or complete - state["complete"] not in (0, 1):
+            state["meta"] = self._build(store, complete)
+        elif complete > state["complete"]:  # a page just filled
+            keys = store.buffers[0][:, :, (complete - 1) * P : complete * P]  # (B, H, P, D)
+            hi, lo = keys.amax(2), keys.amin(2)
+            D = hi.shape[-1]
+            meta[:, :, :D, complete - 1] = hi - lo
+            meta[:, :, D:, complete - 1] = lo
+        state["complete"] = complete
+
+    def _build(self, store: DenseKV, complete: int) -> Tensor:
+        kb = store.buffers[0]
+        B, H, _, D = kb.shape
+        meta = kb.new_zeros(B, H, 2 * D, store.capacity // self.page)
+        if complete:
+            pages = kb[:, :, : complete * self.page].reshape(B, H, complete, self.page, D)
+            hi, lo = pages.amax(3), pages.amin(3)  # (B, H, complete, D)
+            meta[:, :, :D, :complete] = (hi - lo).transpose(-1, -2)
+            meta[:, :, D:, :complete] = lo.transpose(-1, -2)
+        return meta
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         plan = self._step_plan(store, run)
         if layer_idx < self.dense_layers or plan is None:
             run.bytes_read += store.kv_bytes()
             return store.attend(q, scaling)
-        n_pages, k, base, last, mask, read = plan
+        cur, k, base, idx, mask, read = plan
         B, Hq, _, D = q.shape
         H = base.shape[0] // B
         qg = q.view(B, H, Hq // H, D)
-        qq = torch.cat([F.relu(qg), qg.clamp(max=0)], -1)  # (B, H, G, 2D)
-        bounds = torch.matmul(qq, state["meta"][:, :, : n_pages - 1].transpose(-1, -2))  # (B, H, G, pages-1)
-        top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
-        flat = torch.cat([top + base, last], 1).view(-1)  # the chosen pages, then the current one
+        qq = torch.cat([F.relu(qg), qg], -1)  # (B, H, G, 2D)
+        bounds = torch.matmul(qq, state["meta"][..., :cur]).amax(2)  # (B, H, cur): complete pages only
+        top = bounds.topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
+        torch.add(top, base, out=idx[:, : k - 1])  # the chosen pages; the current one sits in the last column
+        flat = idx.view(-1)
         kp, vp = store.pages(self.page)
         K = kp.index_select(0, flat).view(B, H, k * self.page, D)
         V = vp.index_select(0, flat).view(B, H, k * self.page, D)
         if store.has_padding or store.has_bias:  # padding or merged entries: the general mask
-            pages = flat.view(B, H, k) - base.view(B, H, 1)
+            pages = idx.view(B, H, k) - base.view(B, H, 1)
             slots = (pages[..., None] * self.page + torch.arange(self.page, device=q.device)).view(B, H, -1)
             mask = slot_mask(store, slots)
         out = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask, scale=scaling)
@@ -112,28 +118,30 @@ class Quest(DecodeMethod):
         return out.view(B, Hq, 1, D)
 
     def _step_plan(self, store: DenseKV, run: DecodeRun) -> tuple[int, int, Tensor, Tensor, Tensor | None, int] | None:
-        """Per-step constants shared by every layer with the same cache length: page count, pages to read, row
-        offsets into the page view, the current page's flat index, the mask of the gathered tokens, bytes read."""
+        """Per-step constants shared by every layer with the same cache length: the current page, pages to read,
+        row offsets into the page view, the index buffer (current page preset), the mask of the gathered tokens
+        and the bytes read."""
         n, P = store.n, self.page
         key = (run.step, n, store.capacity)
         cached = run.scratch.get("quest")
         if cached is not None and cached[0] == key:
             return cached[1]
-        n_pages = -(-n // P)
+        cur = (n - 1) // P  # the page of the newest token
         budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
         k = max(self.min_pages, -(-budget // P))
         plan = None
-        if k < n_pages:
+        if k <= cur:
             rows = store.buffers[0].shape[0] * store.buffers[0].shape[1]
             base = torch.arange(rows, device=store.buffers[0].device)[:, None] * (store.capacity // P)
-            last = base + (n_pages - 1)
-            tail = n - (n_pages - 1) * P  # tokens in the current page
+            idx = torch.empty(rows, k, dtype=torch.long, device=base.device)
+            idx[:, k - 1 :] = base + cur
+            tail = n - cur * P  # tokens in the current page
             mask = None
             if tail < P:
                 m = torch.ones(k * P, dtype=torch.bool, device=base.device)
                 m[(k - 1) * P + tail :] = False
                 mask = m.view(1, 1, 1, k * P)
-            read = store.entry_bytes(k * P) + store.entry_bytes(n_pages - 1)  # pages + [M, m] metadata
-            plan = (n_pages, k, base, last, mask, read)
+            read = store.entry_bytes(k * P) + store.entry_bytes(cur)  # pages + [M − m, m] metadata
+            plan = (cur, k, base, idx, mask, read)
         run.scratch["quest"] = (key, plan)
         return plan

@@ -69,12 +69,16 @@ class TidalDecode(DecodeMethod):
             out, probs = attention_with_probs(q, store, scaling)
             run.bytes_read += store.kv_bytes()
             top = probs.sum(2).topk(budget, dim=-1, sorted=False).indices  # (B, H, k) slots of this layer
-            run.scratch["tidal"] = (run.step, store.positions.gather(2, top))  # remember true positions
+            shared = top if store.identity_positions else None  # slot = position in every full-cache layer
+            run.scratch["tidal"] = (run.step, store.positions.gather(2, top), shared, n)
             return out
-        step, positions = run.scratch.get("tidal", (-1, None))
+        step, positions, shared, n_sel = run.scratch.get("tidal", (-1, None, None, 0))
         if step != run.step or positions is None:  # pragma: no cover - the selection layer always runs first
             raise RuntimeError("tidaldecode: no selection for this step")
-        slots, found = self._slots(store, positions)
+        if shared is not None and store.identity_positions and n == n_sel:
+            slots, found = shared, torch.ones_like(shared, dtype=torch.bool)
+        else:
+            slots, found = self._slots(store, positions)
         newest = torch.full_like(slots[..., :1], n - 1)  # the current token is always attended
         has_newest = ((slots == n - 1) & found).any(-1, keepdim=True)
         slots = torch.cat([slots, newest], -1)
