@@ -2,9 +2,9 @@
 
 For each context length and batch size, each repetition prefills once per distinct prefill configuration (the
 configurations that only differ in their decode method decode on forks of that prefill), then decodes a fixed
-number of tokens. The order of the configurations rotates between repetitions so that slow drifts of a shared
-machine hit every configuration alike; figures are medians over repetitions and ratios against the full cache of the
-same length and batch size.
+number of tokens after two untimed warm-up steps (in which decode methods build their metadata). The order of the
+configurations rotates between repetitions so that slow drifts of a shared machine hit every configuration alike;
+figures are medians over repetitions and ratios against the full cache of the same length and batch size.
 """
 
 from __future__ import annotations
@@ -66,14 +66,19 @@ def bench_prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
     return torch.tensor(ids[:need], dtype=torch.long).view(batch, length)
 
 
+WARMUP = 2  # decode steps before timing starts
+
+
 def _measure_decode(press: Compressor, ctx: Any, spec: MethodSpec, cfg: BenchConfig) -> dict[str, Any]:
     if spec.decode is not None:
         press.attach_decode(ctx, spec.decode, spec.decode_budget or spec.budget, **dict(spec.decode_params))
+    # Warm-up steps, not timed: decode methods build their metadata (page bounds, selections) in the first step.
+    press.decode(ctx, WARMUP + 1)
     stats = ctx.cache.stats
     a0, r0 = stats.decode_attention_seconds, ctx.cache.bytes_read()
     gc.collect()
     with PeakRSS() as mem:
-        gen = press.decode(ctx, cfg.decode_tokens)
+        gen = press.decode(ctx, cfg.decode_tokens + 1)
     steps = max(1, gen.steps)
     cache = ctx.cache
     return {
@@ -136,7 +141,7 @@ def run_bench(
                         done += len(specs)
                         continue
                     prefill, budget, pparams = gkey
-                    press = compress(model, prefill, budget, reserve=cfg.decode_tokens + 8, **dict(pparams))
+                    press = compress(model, prefill, budget, reserve=cfg.decode_tokens + WARMUP + 8, **dict(pparams))
                     gc.collect()
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
