@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-deps
 
-.PHONY: setup demo test lint typecheck unit integration clean
+.PHONY: setup demo test lint typecheck unit integration eval-baseline bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ unit: $(STAMP)
 
 integration: setup
 	$(BIN)/python -m pytest -q tests/integration
+
+## eval-baseline: the embedded model's full-cache accuracy at 512-4K tokens (docs/EVALUATION.md; ~30 min)
+eval-baseline: setup
+	scripts/eval_baseline.sh
+
+## bench: speed and memory against the full cache at 2K/4K/8K, batch 1 and 4 (docs/BENCHMARKS.md; ~45 min)
+bench: setup
+	scripts/bench.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis build dist src/*.egg-info
