@@ -264,6 +264,10 @@ class Compressor:
         Modifies ``ctx`` in place (its cache, mask and next-token logits). With ``return_logits=True`` returns the
         logits at every position of the chunk, ``(B, L, V)`` — position ``i`` predicts token ``i + 1`` of the chunk
         (and the last one the token after it); otherwise returns None.
+
+        A single-token chunk is a decode step: the cache's decode method (bounded cache or sparse attention) acts
+        on it exactly as in :meth:`decode`, so teacher-forcing one token at a time measures a decode method. A
+        longer chunk is attended to densely and appended (decode methods update their metadata).
         """
         ids, mask = _as_batch(input_ids, attention_mask)
         if ids.shape[0] != ctx.batch:
