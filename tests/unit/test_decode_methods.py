@@ -184,3 +184,14 @@ def test_tidaldecode_shared_slots_equal_position_lookup(long_model):
         out.append((press.decode(ctx, 8).tokens, ctx.logits.clone()))
     assert out[0][0] == out[1][0]
     torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_single_token_extend_is_a_decode_step(long_model):
+    ids = torch.randint(3, 97, (1, 200), generator=torch.Generator().manual_seed(8))
+    press = ts.compress(long_model, "full", decode="streaming_llm", decode_budget=64)
+    ctx = press.prefill(ids)
+    press.extend(ctx, torch.tensor([[5]]))  # one token: the decode method evicts down to its budget
+    assert int(ctx.cache.lengths().max()) == 64
+    press.extend(ctx, torch.tensor([[5, 6, 7]]))  # a chunk is appended densely
+    assert int(ctx.cache.lengths().max()) == 67
