@@ -195,3 +195,49 @@ def test_single_token_extend_is_a_decode_step(long_model):
     assert int(ctx.cache.lengths().max()) == 64
     press.extend(ctx, torch.tensor([[5, 6, 7]]))  # a chunk is appended densely
     assert int(ctx.cache.lengths().max()) == 67
+
+
+def test_quest_step_attends_exactly_over_the_best_bounded_pages():
+    from tokensieve.attention.dense import reference_attention
+    from tokensieve.methods.quest import Quest
+
+    g = torch.Generator().manual_seed(9)
+    B, H, G, n, P = 1, 2, 3, 77, 8
+    store = DenseKV(
+        torch.randn(B, H, n - 1, D, generator=g),
+        torch.randn(B, H, n - 1, D, generator=g),
+        torch.arange(n - 1).expand(B, H, n - 1),
+        reserve=20,
+    )
+    m = Quest(page=P, dense_layers=0)
+    run = DecodeRun(ModelShape(1, H * G, H, D, 1024), torch.tensor([24]), ts.Budget.tokens(24))
+    store = m.prepare(0, store, run)
+    state = m.init_state(0, None, store, run)
+    m.on_append(0, store, state, n - 1, run)
+    store.append(
+        torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g), torch.tensor([[n - 1]]), None
+    )
+    m.on_append(0, store, state, 1, run)
+    q = torch.randn(B, H * G, 1, D, generator=g)
+    out = m.step(0, q, store, state, run, D**-0.5)
+    # brute force: bounds of every complete page, best 2 per KV head (max over its query heads) + the current page
+    keys, values = store.keys[0], store.values[0]
+    cur = (n - 1) // P
+    expected = torch.zeros_like(out)
+    for h in range(H):
+        bound = torch.stack(
+            [
+                torch.maximum(
+                    q[0, h * G : (h + 1) * G, 0, None, :] * keys[h, p * P : (p + 1) * P].amax(0),
+                    q[0, h * G : (h + 1) * G, 0, None, :] * keys[h, p * P : (p + 1) * P].amin(0),
+                )
+                .sum(-1)
+                .amax()
+                for p in range(cur)
+            ]
+        )
+        pages = [*bound.topk(2).indices.tolist(), cur]
+        slots = torch.cat([torch.arange(p * P, min((p + 1) * P, n)) for p in pages])
+        ref = reference_attention(q[:, h * G : (h + 1) * G], [[keys[h, slots]]], [[values[h, slots]]], D**-0.5)
+        expected[:, h * G : (h + 1) * G] = ref
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
