@@ -69,3 +69,17 @@ def test_spec_parameters():
     assert s.label == "snapkv[window=64;kernel=7]:0.25+quest[page=32]:0.125"
     with pytest.raises(ConfigError, match="no parameter"):
         MethodSpec.parse("+quest[pages=32]:0.1")
+
+
+def test_report_command_includes_the_benchmark(tiny_model, tmp_path):
+    from tokensieve.eval.report import write_report
+
+    cfg = BenchConfig(specs=(MethodSpec.parse("+quest:16"),), lengths=(48,), decode_tokens=3, repetitions=1, threads=1)
+    store = BenchStore(tmp_path / "s.sqlite")
+    run_bench(cfg, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
+    store.close()
+    paths = write_report(tmp_path / "s.sqlite", tmp_path / "rep", formats=("md", "html"))
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Speed and memory" in md
+    assert "full+quest:16" in md
+    assert any(p.name == "bench_speed_memory.png" for p in paths)

@@ -35,7 +35,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def row_cells(row: dict[str, Any]) -> list[str]:
     row = {
         **row,
         "kv_mb": row["kv_bytes"] / MB,
@@ -47,7 +47,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def text_table(summary: list[dict[str, Any]]) -> str:
     head = [h for h, _, _ in COLUMNS]
-    body = [_cells(r) for r in summary]
+    body = [row_cells(r) for r in summary]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
@@ -57,7 +57,7 @@ def text_table(summary: list[dict[str, Any]]) -> str:
 def markdown_table(summary: list[dict[str, Any]]) -> str:
     head = [h for h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in summary]
+    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in summary]
     return "\n".join(lines)
 
 

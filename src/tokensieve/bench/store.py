@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import asdict, fields
 from typing import Any
@@ -43,9 +42,11 @@ class BenchStore(ResultStore):
 
     def bench_rows(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Every benchmark row, and the info of the newest one (machine, bandwidth, weights)."""
-        try:
-            rows = [dict(r) for r in self._conn.execute("SELECT * FROM bench ORDER BY created")]
-        except sqlite3.OperationalError:  # an evaluation-only store has no bench table
-            return [], {}
-        info = json.loads(rows[-1]["info"]) if rows else {}
-        return rows, info
+        return read_bench_rows(self)
+
+
+def read_bench_rows(store: ResultStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Benchmark rows of any results store (possibly none), and the info of the newest one."""
+    rows = store.table_rows("bench")
+    info = json.loads(rows[-1]["info"]) if rows else {}
+    return rows, info

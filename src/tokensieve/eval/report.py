@@ -460,6 +460,21 @@ def build_report(rows: list[Row], runs: list[Row], out: Path, title: str, store_
     return blocks
 
 
+def bench_blocks(rows: list[Row], info: dict[str, Any], out: Path) -> list[Block]:
+    """The speed and memory section, from the `tokensieve bench` rows of the store."""
+    from ..bench.report import COLUMNS, describe, plots, row_cells
+    from ..bench.runner import summarize
+
+    summary = summarize(rows, info)
+    blocks = [
+        Block("h2", "Speed and memory (tokensieve bench)"),
+        Block("p", describe(info)),
+        Block("table", header=[h for h, _, _ in COLUMNS], body=[row_cells(r) for r in summary]),
+    ]
+    blocks += [Block("image", p.stem, path=p) for p in plots(summary, out)]
+    return blocks
+
+
 def write_report(
     store_path: str | Path,
     out_dir: str | Path | None = None,
@@ -474,14 +489,25 @@ def write_report(
         raise ConfigError(f"Unknown report format(s) {bad or '(none)'}: use md, html or md,html.")
     store_p = Path(store_path).expanduser()
     out = Path(out_dir).expanduser() if out_dir else store_p.with_name(store_p.stem + "-report")
+    from ..bench.store import read_bench_rows
+
     with ResultStore(store_p, readonly=True) as store:
-        rows = load_rows(store, model)
+        bench_rows, bench_info = read_bench_rows(store)
+        if model:
+            bench_rows = [r for r in bench_rows if r["model"] == model]
+        rows = (
+            load_rows(store, model)
+            if not bench_rows
+            else (store.rows("model = ?", (model,)) if model else store.rows())
+        )
         runs = store.runs()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"Cannot create the report folder {out}: {exc.strerror or exc}.") from None
-    blocks = build_report(rows, runs, out, title, store_p.name)
+    blocks = build_report(rows, runs, out, title, store_p.name) if rows else [Block("h1", title)]
+    if bench_rows:
+        blocks += bench_blocks(bench_rows, bench_info, out)
     written: list[Path] = []
     if "md" in formats:
         p = out / "report.md"
@@ -492,7 +518,7 @@ def write_report(
         p.write_text(render_html(blocks, title), encoding="utf-8")
         written.append(p)
     written += sorted({b.path for b in blocks if b.path is not None})
-    (out / "summary.json").write_text(json.dumps(_summary_json(rows), indent=1, sort_keys=True) + "\n")
+    (out / "summary.json").write_text(json.dumps(_summary_json(rows) if rows else [], indent=1, sort_keys=True) + "\n")
     written.append(out / "summary.json")
     return written
 

@@ -187,6 +187,15 @@ class ResultStore:
         sql = "SELECT * FROM results" + (f" WHERE {where}" if where else "") + " ORDER BY created"
         return [dict(r) for r in self._conn.execute(sql, tuple(params))]
 
+    def table_rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of another table kept in this file (e.g. ``bench``), or [] if there is none."""
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
+        try:
+            return [dict(r) for r in self._conn.execute(f"SELECT * FROM {table} ORDER BY created")]
+        except sqlite3.OperationalError:
+            return []
+
     def runs(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn.execute("SELECT * FROM runs ORDER BY id")]
 
