@@ -163,3 +163,29 @@ def test_decode_methods_batch_equals_single_and_padding_is_safe(name, tiny_model
     press.decode(ctx, 6)
     assert torch.isfinite(ctx.logits).all()
     assert ctx.next_positions().tolist() == [45, 18, 35]
+
+
+@torch.inference_mode()
+def test_checkpoint_rollback_reuses_a_compressed_context(tiny_model):
+    context, q1, q2 = prompts(seed=6, lengths=(60, 7, 9))
+    press = ts.compress(tiny_model, "snapkv", 0.25, window=4)
+    ctx = press.prefill(torch.tensor([context]))
+    stored = ctx.cache.stored_entries()
+    mark = ctx.checkpoint()
+    answers = []
+    for q in (q1, q2, q1):
+        press.extend(ctx, torch.tensor([q]))
+        answers.append(press.decode(ctx, 4).tokens[0])
+        ctx.rollback(mark)
+        assert ctx.cache.stored_entries() == stored
+        assert ctx.cache.get_seq_length() == 60
+    fresh = press.prefill(torch.tensor([context]))
+    press.extend(fresh, torch.tensor([q2]))
+    assert answers[1] == press.decode(fresh, 4).tokens[0]
+    assert answers[0] == answers[2]
+    bounded = ts.compress(tiny_model, "full", decode="streaming_llm", decode_budget=20)
+    ctx = bounded.prefill(torch.tensor([context]))
+    mark = ctx.checkpoint()
+    bounded.decode(ctx, 3)
+    with pytest.raises(ts.ConfigError, match="evicted"):
+        ctx.rollback(mark)

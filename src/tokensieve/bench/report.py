@@ -31,7 +31,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("KV MB", "kv_mb", ".1f"),
     ("KV ×", "kv_ratio", ".3f"),
     ("read MB/step", "read_mb", ".1f"),
-    ("prefill peak +MB", "prefill_peak_mb", ".0f"),
+    ("peak RSS MB prefill", "prefill_peak_mb", ".0f"),
+    ("peak RSS MB decode", "decode_peak_mb", ".0f"),
 )
 
 
@@ -40,7 +41,8 @@ def row_cells(row: dict[str, Any]) -> list[str]:
         **row,
         "kv_mb": row["kv_bytes"] / MB,
         "read_mb": row["bytes_read"] / MB,
-        "prefill_peak_mb": row["prefill_peak_added"] / MB,
+        "prefill_peak_mb": row["prefill_peak_rss"] / MB,
+        "decode_peak_mb": row["decode_peak_rss"] / MB,
     }
     return [_f(row.get(key), fmt) for _, key, fmt in COLUMNS]
 
@@ -137,7 +139,8 @@ def write_markdown(summary: list[dict[str, Any]], info: dict[str, Any], out_dir:
         "*speed-up* is decode tokens/s; *ideal speed-up* is what the bytes read per step allow at the measured "
         "bandwidth (weights + KV read, full vs this configuration); *attn ×* is the full cache's attention time "
         "per step divided by this configuration's; *KV ×* is stored KV bytes relative to the full cache; "
-        "*compress %* is compression time as a share of the full cache's prefill time.",
+        "*compress %* is compression time as a share of the full cache's prefill time; *peak RSS* is the "
+        "process's resident memory (model weights included), highest while prefilling and while decoding.",
         "",
     ]
     lines += [f"![{p.stem}]({p.name})" for p in pngs]

@@ -26,7 +26,7 @@ from ..eval.prompts import encode
 from ..pipeline import Compressor, compress
 from ..profiling.corpus import calibration_text
 from .config import BenchConfig, MethodSpec
-from .machine import PeakRSS, describe_machine, measure_bandwidth
+from .machine import PeakRSS, describe_machine, measure_bandwidth, return_memory_promptly
 
 
 @dataclass
@@ -53,8 +53,8 @@ class BenchRow:
     alloc_bytes: int
     meta_bytes: int
     stored_entries: int
-    prefill_peak_added: int
-    decode_peak_added: int
+    prefill_peak_rss: int  # process resident memory, highest while prefilling (model weights included)
+    decode_peak_rss: int  # highest while decoding
 
 
 def bench_prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
@@ -91,8 +91,15 @@ def _measure_decode(press: Compressor, ctx: Any, spec: MethodSpec, cfg: BenchCon
         "alloc_bytes": cache.allocated_bytes(),
         "meta_bytes": cache.meta_bytes(),
         "stored_entries": cache.stored_entries(),
-        "decode_peak_added": mem.added,
+        "decode_peak_rss": mem.peak,
     }
+
+
+def _evicts_while_decoding(spec: MethodSpec) -> bool:
+    from ..core.capabilities import Apply
+    from ..core.registry import get_method_class
+
+    return spec.decode is not None and get_method_class(spec.decode).capabilities.apply is not Apply.SPARSE
 
 
 def run_bench(
@@ -109,6 +116,7 @@ def run_bench(
     lets an interrupted run resume; ``progress(done, total, label)`` is called after every measurement.
     """
     torch.set_num_threads(cfg.threads)
+    return_memory_promptly()
     model, tok = model_and_tokenizer or load_model(cfg.model)
     key = model_key(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -147,9 +155,17 @@ def run_bench(
                         t0 = time.perf_counter()
                         ctx = press.prefill(ids)
                         ttft = time.perf_counter() - t0 + _argmax_seconds(ctx.logits)
+                    # One prefill serves the whole group: configurations that only append are rolled back (no
+                    # copy, so memory figures stay those of one cache); one that evicts while decoding runs last,
+                    # or on a fork when two do.
+                    todo.sort(key=_evicts_while_decoding)
                     for i, spec in enumerate(todo):
-                        run_ctx = ctx if i == len(todo) - 1 else ctx.fork()
+                        last = i == len(todo) - 1
+                        run_ctx = ctx if last or not _evicts_while_decoding(spec) else ctx.fork()
+                        mark = run_ctx.checkpoint() if run_ctx is ctx and not last else None
                         measured = _measure_decode(press, run_ctx, spec, cfg)
+                        if mark is not None:
+                            ctx.rollback(mark)
                         row = BenchRow(
                             label=spec.label,
                             prefill=spec.prefill,
@@ -162,7 +178,7 @@ def run_bench(
                             prefill_s=ctx.prefill_seconds,
                             compress_s=ctx.compress_seconds,
                             ttft_s=ttft,
-                            prefill_peak_added=mem.added,
+                            prefill_peak_rss=mem.peak,
                             **measured,
                         )
                         rows.append(row)
@@ -205,8 +221,8 @@ SUMMARY_FIELDS = (
     "kv_bytes",
     "alloc_bytes",
     "stored_entries",
-    "prefill_peak_added",
-    "decode_peak_added",
+    "prefill_peak_rss",
+    "decode_peak_rss",
 )
 
 

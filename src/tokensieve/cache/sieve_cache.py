@@ -172,6 +172,30 @@ class SieveCache(Cache):
         for s in self.stores():
             s.reserve(extra)
 
+    def checkpoint(self) -> list[tuple[Any, ...]]:
+        """A mark to :meth:`rollback` to: the length of every layer's store (nothing is copied)."""
+        marks = []
+        for layer in self.sieve_layers:
+            s = layer.store
+            n: Any = None if s is None else (s.n if isinstance(s, DenseKV) else [r.n for r in s.rows])
+            sv = None if layer.seen_valid is None else layer.seen_valid.clone()
+            marks.append((s, n, None if s is None else s.evictions, layer.seen, sv))
+        return marks
+
+    def rollback(self, marks: list[tuple[Any, ...]]) -> None:
+        """Forget the tokens appended since :meth:`checkpoint` — valid only if nothing was evicted meanwhile."""
+        for layer, (store, n, evictions, seen, seen_valid) in zip(self.sieve_layers, marks):
+            if store is not layer.store or (store is not None and store.evictions != evictions):
+                raise ConfigError(
+                    "Cannot roll back: entries were evicted or the store was rebuilt since the checkpoint; "
+                    "use CachedContext.fork() before running a method that evicts while decoding."
+                )
+            if store is not None:
+                store.truncate(n)
+            layer.seen, layer.seen_valid = seen, seen_valid
+            layer.decode_state, layer.decode_ready = None, False
+        self.decode_run = None
+
     def set_decode(self, method: DecodeMethod | None, budget: Budget | None) -> None:
         """Attach (or replace, or remove) the decode method of a prefilled cache; its state starts afresh."""
         if self.plan is None:

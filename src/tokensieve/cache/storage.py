@@ -98,6 +98,7 @@ class DenseKV:
         # True while slot i of every row holds true position i (a full cache without padding): layers can then
         # share slot indices directly.
         self.identity_positions = False
+        self.evictions = 0  # bumped by swap_remove / compact: a checkpoint cannot be restored across them
 
     # ------------------------------------------------------------------------------------------------ views
     @property
@@ -212,6 +213,12 @@ class DenseKV:
             valid[:, : self.n] = self._valid[:, : self.n]
             self._valid = valid
 
+    def truncate(self, n: int) -> None:
+        """Forget every entry appended after the first ``n`` (nothing is copied)."""
+        if not 0 <= n <= self.n:
+            raise ValueError(f"cannot truncate {self.n} entries to {n}")
+        self.n = n
+
     def align(self, multiple: int) -> None:
         """Round the capacity up to a multiple of ``multiple`` (so the buffers can be viewed as pages)."""
         if self.capacity % multiple:
@@ -266,6 +273,7 @@ class DenseKV:
             if bool(self._valid[:, :last].all()):
                 self._valid = None
         self.identity_positions = False
+        self.evictions += 1
         self.n = last
 
     def compact(self, keep: Tensor) -> None:
@@ -282,6 +290,7 @@ class DenseKV:
             if bool(self._valid[:, :k].all()):
                 self._valid = None
         self.identity_positions = False
+        self.evictions += 1
         self.n = k
 
     # ------------------------------------------------------------------------------------------------ attend
@@ -393,8 +402,17 @@ class RaggedKV:
         self.heads = heads
         self._new: list[Tensor] = []  # per sequence: chunk indices of the tokens appended last
 
+    evictions = 0  # ragged stores are never evicted from while decoding
+
     def _row(self, b: int, h: int) -> Row:
         return self.rows[b * self.heads + h]
+
+    def truncate(self, lengths: list[int]) -> None:
+        """Forget every entry appended after the first ``lengths[row]`` of each row."""
+        for r, n in zip(self.rows, lengths):
+            if not 0 <= n <= r.n:
+                raise ValueError(f"cannot truncate a row of {r.n} entries to {n}")
+            r.n = n
 
     def lengths(self) -> Tensor:
         return torch.tensor([r.n for r in self.rows], dtype=torch.long).view(self.batch, self.heads)
