@@ -85,6 +85,14 @@ class DecodeRun:
     budget: Any = None  # the decode Budget itself, for methods whose budget follows the cache length
     step: int = 0
     bytes_read: int = 0  # KV (and metadata) bytes the method's attention read, summed over steps and layers
+
+    def tokens_for(self, n: int) -> int:
+        """Tokens a sparse method attends to over a cache of ``n`` entries (a ratio follows the cache length)."""
+        if self.budget is None:
+            return int(self.budget_tokens.max())
+        if self.budget.kind == "tokens":
+            return min(int(self.budget.value), n)  # a budget above the cache length covers it all
+        return int(self.budget.tokens_for(n))
     scratch: dict[Any, Any] = field(default_factory=dict)
 
 

@@ -127,7 +127,7 @@ class Quest(DecodeMethod):
         if cached is not None and cached[0] == key:
             return cached[1]
         cur = (n - 1) // P  # the page of the newest token
-        budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
+        budget = run.tokens_for(n)
         k = max(self.min_pages, -(-budget // P))
         plan = None
         if k <= cur:

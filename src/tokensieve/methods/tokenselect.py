@@ -68,7 +68,7 @@ class TokenSelect(DecodeMethod):
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         n = store.n
-        budget = run.budget.tokens_for(n) if run.budget is not None else int(run.budget_tokens.max())
+        budget = run.tokens_for(n)
         if budget >= n:  # the budget covers the cache: this is exactly dense attention
             run.bytes_read += store.kv_bytes()
             return store.attend(q, scaling)
