@@ -9,6 +9,6 @@ OUT=${2:-docs/eval/methods}
 TS=${TOKENSIEVE:-.venv/bin/tokensieve}
 THREADS=${THREADS:-1}
 
-"$TS" eval --store "$STORE" --threads "$THREADS" --methods all --budgets 0.1,0.25 \
+"$TS" eval --store "$STORE" --threads "$THREADS" --methods all --budgets 0.1,0.25,0.5 \
   --tasks passkey,niah_single --lengths 1k --depths 0.25,0.5,0.75 --seeds 0 --modes agnostic,aware
 "$TS" report "$STORE" --out "$OUT" --format md --title "Methods at a glance, smollm2-135m, 1K tokens"

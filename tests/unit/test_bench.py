@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tokensieve import ConfigError
 from tokensieve.bench.config import BenchConfig, MethodSpec
@@ -83,3 +84,15 @@ def test_report_command_includes_the_benchmark(tiny_model, tmp_path):
     assert "Speed and memory" in md
     assert "full+quest:16" in md
     assert any(p.name == "bench_speed_memory.png" for p in paths)
+
+
+def test_peak_rss_sees_memory_held_inside_the_block():
+    from tokensieve.bench.machine import PeakRSS
+
+    with PeakRSS() as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert mem.added >= 60 * 2**20
+    with PeakRSS() as quiet:
+        pass
+    assert quiet.added < 60 * 2**20  # the peak was reset on entry

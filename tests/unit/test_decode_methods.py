@@ -44,6 +44,14 @@ def test_sparse_kernels_equal_dense_at_full_coverage(bias):
     torch.testing.assert_close(attend_slots(qg, store, slots, D**-0.5).view_as(dense), dense)
 
 
+def test_decode_run_budget_follows_the_cache_length():
+    shape = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=D, max_positions=2048)
+    ratio = DecodeRun(shape, torch.tensor([10]), budget=ts.Budget.ratio(0.125))
+    assert [ratio.tokens_for(n) for n in (80, 800, 8000)] == [10, 100, 1000]
+    absolute = DecodeRun(shape, torch.tensor([256]), budget=ts.Budget.tokens(256))
+    assert [absolute.tokens_for(n) for n in (100, 256, 5000)] == [100, 256, 256]
+
+
 def test_quest_bounds_are_upper_bounds():
     store = _store(B=1, n=50)
     pmax, pmin = page_bounds(store.keys, 50, 16)
@@ -55,14 +63,15 @@ def test_quest_bounds_are_upper_bounds():
         assert bool((bound[..., p] >= exact - 1e-5).all())
 
 
+@pytest.mark.parametrize("budget", [1.0, 4096])  # a ratio of 1, and an absolute budget above the cache length
 @pytest.mark.parametrize("method", ["quest", "tokenselect", "tidaldecode"])
 @torch.inference_mode()
-def test_sparse_methods_at_full_budget_equal_the_full_cache(method, long_model):
+def test_sparse_methods_at_full_budget_equal_the_full_cache(method, budget, long_model):
     ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(1))
     ref = ts.compress(long_model, "full")
     r = ref.prefill(ids)
     want = ref.decode(r, 10).tokens
-    press = ts.compress(long_model, "full", decode=method, decode_budget=1.0)
+    press = ts.compress(long_model, "full", decode=method, decode_budget=budget)
     ctx = press.prefill(ids)
     assert press.decode(ctx, 10).tokens == want
     torch.testing.assert_close(ctx.logits, r.logits, atol=1e-4, rtol=1e-4)

@@ -241,17 +241,28 @@ def test_cli_lists_tasks(capsys):
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def test_report_draws_depth_by_length_heatmaps_over_several_lengths(tiny_model, tmp_path):
+    store = tmp_path / "lengths.sqlite"
+    _run(tiny_model, store, tasks="passkey", methods="snapkv", lengths="200,400", depths="0.5", modes="aware")
+    out = tmp_path / "rep"
+    assert main(["report", str(store), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Needle heatmaps, depth × length" in md
+    heatmaps = sorted(p.name for p in out.glob("heatmap_*.png"))
+    assert heatmaps == ["heatmap_aware_full_100.png", "heatmap_aware_snapkv_50.png"]
+
+
 def test_report_markdown_html_and_plots(filled_store, tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["report", str(filled_store), "--out", str(out), "--format", "md,html"]) == 0
     md = (out / "report.md").read_text()
     assert "## Full-cache baseline" in md
     assert "## Accuracy vs KV budget" in md
-    assert "Needle heatmaps" in md
+    assert "## Needle accuracy by depth" in md  # one prompt length: a method × depth matrix
     assert "| task | method | budget | n | score | KL (nats) | top-1 |" in md
     images = [line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")]
     assert any(i.startswith("pareto_") for i in images)
-    assert any(i.startswith("heatmap_") for i in images)
+    assert any(i.startswith("needles_") for i in images)
     for i in images:
         assert (out / i).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text()

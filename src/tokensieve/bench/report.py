@@ -75,7 +75,10 @@ def describe(info: dict[str, Any]) -> str:
 
 
 def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Two PNGs: attention time per step against the full cache, and decode speed against KV bytes."""
+    """Two PNGs: the attention speed-up per decode step against the full cache, and decode speed against KV bytes.
+
+    One panel per (context length, batch size); each configuration keeps its colour across panels and plots.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,45 +86,70 @@ def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     made: list[Path] = []
-    settings = sorted({(r["length"], r["batch"]) for r in summary})
+    lengths = sorted({r["length"] for r in summary})
+    batches = sorted({r["batch"] for r in summary})
     labels = sorted({r["label"] for r in summary}, key=lambda s: (s != "full", s))
     index = {(r["label"], r["length"], r["batch"]): r for r in summary}
+    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    colour = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(settings) * len(labels) / 3), 4))
-    width = 0.8 / max(1, len(labels))
-    for i, label in enumerate(labels):
-        xs, ys = [], []
-        for j, s in enumerate(settings):
-            r = index.get((label, *s))
-            if r is not None:
-                xs.append(j + i * width)
-                ys.append(r["attn_ms"])
-        ax.bar(xs, ys, width=width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
-    ax.set_xticklabels([f"{n} tok, bs {b}" for n, b in settings])
-    ax.set_ylabel("attention ms per decode step (all layers)")
-    ax.set_title("Decode attention cost")
-    ax.legend(fontsize=7, ncol=2)
+    def panels(width: float, height: float) -> tuple[Any, Any]:
+        fig, axes = plt.subplots(
+            len(batches), len(lengths), figsize=(width * len(lengths), height * len(batches)), squeeze=False
+        )
+        return fig, axes
+
+    fig, axes = panels(4.6, 0.28 * len(labels) + 1.2)
+    for bi, batch in enumerate(batches):
+        for li, length in enumerate(lengths):
+            ax = axes[bi][li]
+            shown = [(label, index[(label, length, batch)]) for label in labels if (label, length, batch) in index]
+            ys = list(range(len(shown)))[::-1]
+            ratios = [float(r.get("attn_ratio") or 0.0) for _, r in shown]
+            ratios = [x if math.isfinite(x) else 0.0 for x in ratios]
+            ax.barh(ys, ratios, color=[colour[label] for label, _ in shown])
+            for y, ratio in zip(ys, ratios):
+                ax.text(ratio, y, f" {ratio:.2f}x", va="center", fontsize=7)
+            ax.axvline(1.0, color="black", lw=0.8)
+            ax.set_yticks(ys)
+            ax.set_yticklabels([label for label, _ in shown] if li == 0 else [], fontsize=7)
+            ax.set_xlim(0, max(ratios + [1.0]) * 1.25)
+            ax.set_title(f"{length} tokens, batch {batch}", fontsize=9)
+            if bi == len(batches) - 1:
+                ax.set_xlabel("attention speed-up per decode step (full = 1)", fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Decode attention cost against the full cache, same run")
     fig.tight_layout()
     p = out_dir / "bench_attention.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=110)
     plt.close(fig)
     made.append(p)
 
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False)
-    for ax, s in zip(axes[0], settings):
-        for label in labels:
-            r = index.get((label, *s))
-            if r is not None:
-                ax.scatter(r["kv_bytes"] / MB, r["tok_s"], label=label, marker="*" if label == "full" else "o")
-        ax.set_xlabel("stored KV MB")
-        ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"{s[0]} tokens, batch {s[1]}")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig, axes = panels(4.0, 3.4)
+    for bi, batch in enumerate(batches):
+        for li, length in enumerate(lengths):
+            ax = axes[bi][li]
+            for label in labels:
+                r = index.get((label, length, batch))
+                if r is not None:
+                    ax.scatter(
+                        r["kv_bytes"] / MB,
+                        r["tok_s"],
+                        color=colour[label],
+                        label=label,
+                        marker="*" if label == "full" else "o",
+                        s=90 if label == "full" else 30,
+                    )
+            ax.set_xlabel("stored KV MB", fontsize=8)
+            ax.set_ylabel("decode tokens/s", fontsize=8)
+            ax.set_title(f"{length} tokens, batch {batch}", fontsize=9)
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7)
+    fig.suptitle("Decode speed against stored KV bytes")
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(names) + 3) // 4), 1, 1))
     p = out_dir / "bench_speed_memory.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=110)
     plt.close(fig)
     made.append(p)
     return made

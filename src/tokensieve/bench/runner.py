@@ -26,7 +26,7 @@ from ..eval.prompts import encode
 from ..pipeline import Compressor, compress
 from ..profiling.corpus import calibration_text
 from .config import BenchConfig, MethodSpec
-from .machine import PeakRSS, describe_machine, measure_bandwidth, return_memory_promptly
+from .machine import PeakRSS, describe_machine, measure_bandwidth
 
 
 @dataclass
@@ -116,7 +116,6 @@ def run_bench(
     lets an interrupted run resume; ``progress(done, total, label)`` is called after every measurement.
     """
     torch.set_num_threads(cfg.threads)
-    return_memory_promptly()
     model, tok = model_and_tokenizer or load_model(cfg.model)
     key = model_key(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -85,6 +85,7 @@ class DecodeRun:
     budget: Any = None  # the decode Budget itself, for methods whose budget follows the cache length
     step: int = 0
     bytes_read: int = 0  # KV (and metadata) bytes the method's attention read, summed over steps and layers
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
     def tokens_for(self, n: int) -> int:
         """Tokens a sparse method attends to over a cache of ``n`` entries (a ratio follows the cache length)."""
@@ -93,7 +94,6 @@ class DecodeRun:
         if self.budget.kind == "tokens":
             return min(int(self.budget.value), n)  # a budget above the cache length covers it all
         return int(self.budget.tokens_for(n))
-    scratch: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass

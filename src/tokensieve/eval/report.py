@@ -311,6 +311,33 @@ def plot_heatmaps(rows: list[Row], mode: str, label: str, path: Path) -> bool:
     return True
 
 
+def plot_depth_matrix(rows: list[Row], series: list[tuple[str, str]], mode: str, path: Path) -> bool:
+    """One length only: a (method @ budget) × needle-depth heatmap of the needle tasks' mean accuracy."""
+    rows = [r for r in rows if r.get("depth") is not None and r["metric"] == "accuracy"]
+    if not rows or not series:
+        return False
+    depths = sorted({float(r["depth"]) for r in rows})
+    cells = group(rows, lambda r: (r["method_label"], r["budget"], float(r["depth"])))
+    grid = [[mean(_vals(cells.get((m, b, d), []), "score")) for d in depths] for m, b in series]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(depths), 1.0 + 0.24 * len(series)), layout="constrained")
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_yticks(range(len(series)), [f"{m} @ {b}" for m, b in series], fontsize=7)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xlabel("needle depth")
+    length = sorted({int(r["length"]) for r in rows})[0]
+    tasks = ", ".join(sorted({r["task"] for r in rows}))
+    ax.set_title(f"Needle accuracy at {length} tokens ({mode}; mean of {tasks})", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.6, label="accuracy")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_lengths(rows: list[Row], mode: str, path: Path) -> bool:
     """Score against prompt length, one panel per task, one line per method@budget."""
     tasks = sorted({r["task"] for r in rows})
@@ -437,9 +464,15 @@ def build_report(rows: list[Row], runs: list[Row], out: Path, title: str, store_
             blocks += [Block("h2", "Accuracy vs KV budget" + suffix), Block("image", "accuracy vs KV kept", path=path)]
         needle_rows = [r for r in mrows if r.get("depth") is not None]
         if needle_rows:
-            blocks.append(Block("h2", "Needle heatmaps, depth × length" + suffix))
             series = sorted({(r["method_label"], r["budget"]) for r in needle_rows},
                             key=lambda s: (s[0] != "full", s[0], budget_order(s[1])))  # fmt: skip
+            if len({r["length"] for r in needle_rows}) == 1:  # one length: one matrix instead of a column per series
+                p = out / f"needles_{mode}.png"
+                if plot_depth_matrix(needle_rows, series, mode, p):
+                    blocks += [Block("h2", "Needle accuracy by depth" + suffix), Block("image", "needle depths", path=p)]
+                series = []
+            else:
+                blocks.append(Block("h2", "Needle heatmaps, depth × length" + suffix))
             for m, b in series:
                 label = f"{m} @ {b}"
                 srows = [r for r in needle_rows if (r["method_label"], r["budget"]) == (m, b)]
