@@ -113,7 +113,7 @@ def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.axvline(1.0, color="black", lw=0.8)
             ax.set_yticks(ys)
             ax.set_yticklabels([label for label, _ in shown] if li == 0 else [], fontsize=7)
-            ax.set_xlim(0, max(ratios + [1.0]) * 1.25)
+            ax.set_xlim(0, max([*ratios, 1.0]) * 1.25)
             ax.set_title(f"{length} tokens, batch {batch}", fontsize=9)
             if bi == len(batches) - 1:
                 ax.set_xlabel("attention speed-up per decode step (full = 1)", fontsize=8)

@@ -469,7 +469,8 @@ def build_report(rows: list[Row], runs: list[Row], out: Path, title: str, store_
             if len({r["length"] for r in needle_rows}) == 1:  # one length: one matrix instead of a column per series
                 p = out / f"needles_{mode}.png"
                 if plot_depth_matrix(needle_rows, series, mode, p):
-                    blocks += [Block("h2", "Needle accuracy by depth" + suffix), Block("image", "needle depths", path=p)]
+                    blocks.append(Block("h2", "Needle accuracy by depth" + suffix))
+                    blocks.append(Block("image", "needle depths", path=p))
                 series = []
             else:
                 blocks.append(Block("h2", "Needle heatmaps, depth × length" + suffix))
