@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 STORE=${1:-runs/methods.sqlite}
 OUT=${2:-docs/eval/methods}
 TS=${TOKENSIEVE:-.venv/bin/tokensieve}
-THREADS=${THREADS:-1}
+THREADS=${THREADS:-2}
 
 "$TS" eval --store "$STORE" --threads "$THREADS" --methods all --budgets 0.1,0.25,0.5 \
   --tasks passkey,niah_single --lengths 1k --depths 0.25,0.5,0.75 --seeds 0 --modes agnostic,aware
