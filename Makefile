@@ -43,7 +43,7 @@ integration: setup
 eval-baseline: setup
 	scripts/eval_baseline.sh
 
-## bench: speed and memory against the full cache at 2K/4K/8K, batch 1 and 4 (docs/BENCHMARKS.md; ~45 min)
+## bench: speed and memory against the full cache at 2K/4K/8K, batch 1 and 4 (docs/BENCHMARKS.md; ~35 min)
 bench: setup
 	scripts/bench.sh
 

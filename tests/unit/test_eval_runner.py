@@ -243,7 +243,7 @@ def test_cli_lists_tasks(capsys):
 # ------------------------------------------------------------------------------------------------------ report
 def test_report_draws_depth_by_length_heatmaps_over_several_lengths(tiny_model, tmp_path):
     store = tmp_path / "lengths.sqlite"
-    _run(tiny_model, store, tasks="passkey", methods="snapkv", lengths="200,400", depths="0.5", modes="aware")
+    _run(tiny_model, store, tasks="passkey", methods="snapkv", lengths="300,400", depths="0.5", modes="aware")
     out = tmp_path / "rep"
     assert main(["report", str(store), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
