@@ -125,15 +125,9 @@ class Compressor:
         self.method = create_method(method, **params)
         self.method.capabilities.check(method=self.method.name, phase=Phase.PREFILL)
         self.budget = Budget.parse(budget)
-        self.decode_method: DecodeMethod | None = None
-        if decode is not None:
-            dm = create_method(decode, **(decode_params or {}))
-            dm.capabilities.check(method=dm.name, phase=Phase.DECODE)
-            if not isinstance(dm, DecodeMethod):  # pragma: no cover - capabilities and classes agree
-                raise ConfigError(f"Method '{dm.name}' cannot act while decoding.")
-            self.decode_method = dm
-        elif decode_params:
+        if decode is None and decode_params:
             raise ConfigError("decode_params given without a decode method.")
+        self.decode_method = _decode_method(decode, decode_params or {})
         self.decode_budget = Budget.parse(decode_budget) if decode_budget is not None else self.budget
         self.shape = ModelShape.from_config(model.config, key=model_key(model))
         self.method.check(self.shape)
@@ -301,12 +295,7 @@ class Compressor:
         **decode_params: Any,
     ) -> CachedContext:
         """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
-        dm: DecodeMethod | None = None
-        if decode is not None:
-            m = create_method(decode, **decode_params)
-            m.capabilities.check(method=m.name, phase=Phase.DECODE)
-            assert isinstance(m, DecodeMethod)
-            dm = m
+        dm = _decode_method(decode, decode_params)
         ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
         return ctx
 
@@ -352,6 +341,17 @@ class Compressor:
             steps += 1
         ctx.logits = logits
         return Generation(tokens, steps, time.perf_counter() - t0, finished)
+
+
+def _decode_method(decode: str | Method | None, params: dict[str, Any]) -> DecodeMethod | None:
+    """A registered method that acts while decoding, checked for that phase (None stays None)."""
+    if decode is None:
+        return None
+    method = create_method(decode, **params)
+    method.capabilities.check(method=method.name, phase=Phase.DECODE)
+    if not isinstance(method, DecodeMethod):  # pragma: no cover - capabilities and classes agree
+        raise ConfigError(f"Method '{method.name}' cannot act while decoding.")
+    return method
 
 
 def compress(

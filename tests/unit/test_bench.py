@@ -96,3 +96,14 @@ def test_peak_rss_sees_memory_held_inside_the_block():
     with PeakRSS() as quiet:
         pass
     assert quiet.added < 60 * 2**20  # the peak was reset on entry
+
+
+def test_bench_records_the_command_from_its_arguments():
+    from tokensieve.bench.cli import _command
+    from tokensieve.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--methods", "full,+quest[page=32]:0.125", "--store", "b.sqlite"])
+    assert _command(args) == (
+        "tokensieve bench --methods 'full,+quest[page=32]:0.125' --lengths 2048 --batch-sizes 1 "
+        "--decode-tokens 32 --reps 3 --threads 2 --store b.sqlite"
+    )

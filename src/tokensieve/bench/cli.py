@@ -20,6 +20,20 @@ def _ints(text: str) -> tuple[int, ...]:
         raise ConfigError(f"Expected comma-separated integers, got {text!r}.") from None
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (shown in the report)."""
+    from ..adapters.models import DEFAULT_MODEL
+
+    parts = ["tokensieve", "bench", "--methods", args.methods, "--lengths", args.lengths]
+    parts += ["--batch-sizes", args.batch_sizes, "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
+    parts += ["--threads", str(args.threads)]
+    for flag in ("model", "store", "report"):
+        value = getattr(args, flag)
+        if value is not None and not (flag == "model" and value == DEFAULT_MODEL):
+            parts += [f"--{flag}", str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -69,8 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = summarize(wanted, info)
     print(text_table(summary))
     if args.report:
-        command = "tokensieve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-        path = write_markdown(summary, info, Path(args.report), command)
+        path = write_markdown(summary, info, Path(args.report), _command(args))
         print(f"report: {path}", file=sys.stderr)
     return 0
 

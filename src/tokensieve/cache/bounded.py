@@ -8,11 +8,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ..attention.decode import attention_with_probs, evict_to_budget
-from ..core.budget import Budget
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import DecodeRun
 from ..core.method import DecodeMethod
-from .storage import DenseKV, KVStore, as_dense
+from .storage import DenseKV
 
 
 @dataclass(frozen=True)
@@ -26,12 +25,6 @@ class BoundedCacheMethod(DecodeMethod):
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.EVICT)
     needs_probs: ClassVar[bool] = False
-
-    def decode_budget(self, budget: Budget, n_tokens: int) -> int:
-        return budget.tokens_for(n_tokens) if budget.kind == "ratio" else int(budget.value)
-
-    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
-        return as_dense(store, self.name)
 
     def decode_scores(
         self, layer_idx: int, store: DenseKV, state: Any, probs: Tensor | None, run: DecodeRun, budget: int

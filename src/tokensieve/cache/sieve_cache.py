@@ -28,7 +28,7 @@ from ..core.budget import Budget
 from ..core.context import DecodeRun, LayerContext, ModelShape, RunState
 from ..core.method import DecodeMethod, Method, PrefillMethod
 from ..errors import ConfigError
-from .storage import DenseKV, KVStore, build_store
+from .storage import DenseKV, KVStore, as_dense, build_store
 
 _PENDING: contextvars.ContextVar[tuple[SieveCache, int] | None] = contextvars.ContextVar(
     "tokensieve_pending", default=None
@@ -193,14 +193,17 @@ class SieveCache(Cache):
             if store is not None:
                 store.truncate(n)
             layer.seen, layer.seen_valid = seen, seen_valid
-            layer.decode_state, layer.decode_ready = None, False
-        self.decode_run = None
+        self._reset_decode()
 
     def set_decode(self, method: DecodeMethod | None, budget: Budget | None) -> None:
         """Attach (or replace, or remove) the decode method of a prefilled cache; its state starts afresh."""
         if self.plan is None:
             raise ConfigError("This cache has no plan; create it with Compressor.new_cache().")
         self.plan = replace(self.plan, decode=method, decode_budget=budget)
+        self._reset_decode()
+
+    def _reset_decode(self) -> None:
+        """The decode method starts afresh: its run state and every layer's state are rebuilt at the next step."""
         self.decode_run = None
         for layer in self.sieve_layers:
             layer.decode_state = None
@@ -277,7 +280,7 @@ class SieveCache(Cache):
                 layer.decode_ready = True
         elif decode is not None:
             drun = self._decode_run(layer.seen_valid)
-            layer.store = decode.prepare(layer_idx, layer.store, drun)
+            layer.store = decode.prepare(layer_idx, as_dense(layer.store, decode.name), drun)
             if not layer.decode_ready:  # the decode method was attached after the prefill
                 layer.decode_state = decode.init_state(layer_idx, None, layer.store, drun)
                 layer.decode_ready = True

@@ -176,8 +176,7 @@ class DenseKV:
 
     # ------------------------------------------------------------------------------------------------ bytes
     def kv_bytes(self) -> int:
-        B, H, _, D = self._k.shape
-        return 2 * B * H * self.n * D * self._k.element_size()
+        return self.entry_bytes(self.n)
 
     def entry_bytes(self, entries_per_row: int, *, keys_only: bool = False) -> int:
         """Bytes of ``entries_per_row`` entries in every row (keys and values, or keys only)."""
@@ -566,9 +565,6 @@ def mb(n_bytes: float) -> float:
     return n_bytes / 2**20
 
 
-__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "build_store", "bytes_per_entry", "chunk_allowed"]
-
-
 def as_dense(store: KVStore, method: str) -> DenseKV:
     """The store as a :class:`DenseKV` (decode methods work on equal-length rows).
 
@@ -605,3 +601,6 @@ def as_dense(store: KVStore, method: str) -> DenseKV:
                 bias[b, h, n - m :] = r.bias[:m]
     cap = max(r.k.shape[0] for r in store.rows)
     return DenseKV(k, v, pos, valid=valid, bias=bias, reserve=max(0, cap - n))
+
+
+__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "as_dense", "build_store", "bytes_per_entry", "chunk_allowed"]

@@ -155,7 +155,8 @@ class DecodeMethod(Method):
         return None
 
     def prepare(self, layer_idx: int, store: Any, run: Any) -> Any:
-        """The store to use from now on (e.g. a ragged store converted to the layout the method needs)."""
+        """The store to use from now on, given the layer's store as a ``DenseKV`` (e.g. with its capacity aligned
+        to pages, or with a per-slot state array registered)."""
         return store
 
     def on_append(self, layer_idx: int, store: Any, state: Any, n_new: int, run: Any) -> None:

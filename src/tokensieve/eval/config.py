@@ -58,7 +58,7 @@ class MethodSpec:
         if Phase.PREFILL not in method.capabilities.phases:
             raise ConfigError(f"Method '{self.name}' does not act during prefill; use it after '+' (full+{self.name}).")
         if self.decode is not None:
-            dm = self.decode.create_decode()
+            dm = self.decode.create()
             if Phase.DECODE not in dm.capabilities.phases:
                 raise ConfigError(
                     f"Method '{self.decode.name}' does not act while decoding; put a decode-time method after '+'."
@@ -73,8 +73,7 @@ class MethodSpec:
             pre = cls._parse_one(first)
             dec = cls._parse_one(second, decode=True)
             return cls(pre.name, pre.params, dec)
-        one = cls._parse_one(spec)
-        return one
+        return cls._parse_one(spec)
 
     @classmethod
     def _parse_one(cls, spec: str | Mapping[str, Any], decode: bool = False) -> MethodSpec:
@@ -118,9 +117,6 @@ class MethodSpec:
         return name.strip().lower(), tuple(sorted(items))
 
     def create(self) -> Method:
-        return create_method(self.name, **dict(self.params))
-
-    def create_decode(self) -> Method:
         return create_method(self.name, **dict(self.params))
 
     def resolved_params(self) -> dict[str, Any]:
@@ -393,7 +389,7 @@ class Cell:
             "method": self.method.name,
             "params": self.method.resolved_params(),
             **(
-                {"decode": {"method": self.method.decode.name, "params": _resolved(self.method.decode.create_decode())}}
+                {"decode": {"method": self.method.decode.name, "params": _resolved(self.method.decode.create())}}
                 if self.method.decode is not None
                 else {}
             ),

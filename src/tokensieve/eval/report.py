@@ -424,9 +424,9 @@ def summary_table(rows: list[Row]) -> Block:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def load_rows(store: ResultStore, model: str | None = None) -> list[Row]:
+def load_rows(store: ResultStore, model: str | None = None, *, required: bool = True) -> list[Row]:
     rows = store.rows("model = ?", (model,)) if model else store.rows()
-    if not rows:
+    if not rows and required:
         raise ConfigError(f"The store {store.path} has no results" + (f" for model {model!r}." if model else "."))
     return rows
 
@@ -529,11 +529,7 @@ def write_report(
         bench_rows, bench_info = read_bench_rows(store)
         if model:
             bench_rows = [r for r in bench_rows if r["model"] == model]
-        rows = (
-            load_rows(store, model)
-            if not bench_rows
-            else (store.rows("model = ?", (model,)) if model else store.rows())
-        )
+        rows = load_rows(store, model, required=not bench_rows)  # a benchmark-only store has no results rows
         runs = store.runs()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -66,15 +66,16 @@ class H2O(PrefillMethod, BoundedCacheMethod):
 
     # -- decode ---------------------------------------------------------------------------------------------------
     def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> None:
+        if not isinstance(store, DenseKV):
+            return  # a ragged prefill store: prepare() registers the state once the store is dense
         init = None
-        if ctx is not None and isinstance(store, DenseKV):
+        if ctx is not None:
             acc = ctx.to_kv_heads(ctx.accumulated_attention(), "mean")  # (B, H, T)
             pad = (ctx.length - ctx.valid.sum(-1))[:, None, None]  # chunk index = position + left padding
             pos = store.positions.long()
             idx = (pos + pad).clamp(0, ctx.length - 1)
             init = acc.gather(2, idx).masked_fill(pos < 0, 0.0)
-        if isinstance(store, DenseKV):
-            store.add_aux("h2o", init)
+        store.add_aux("h2o", init)
 
     def prepare(self, layer_idx: int, store: Any, run: DecodeRun) -> DenseKV:
         dense = super().prepare(layer_idx, store, run)

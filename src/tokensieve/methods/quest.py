@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention.sparse import slot_mask
-from ..cache.storage import DenseKV, KVStore, as_dense
+from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import DecodeRun, LayerContext
 from ..core.method import DecodeMethod
@@ -51,10 +51,9 @@ class Quest(DecodeMethod):
         if self.page < 1 or self.min_pages < 1 or self.dense_layers < 0:
             raise ConfigError("quest: page and min_pages must be >= 1, dense_layers >= 0.")
 
-    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
-        dense = as_dense(store, self.name)
-        dense.align(self.page)
-        return dense
+    def prepare(self, layer_idx: int, store: DenseKV, run: DecodeRun) -> DenseKV:
+        store.align(self.page)
+        return store
 
     def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
         return {"meta": None, "complete": -1}

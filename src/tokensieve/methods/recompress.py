@@ -9,8 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..cache.storage import DenseKV, KVStore, as_dense
-from ..core.budget import Budget
+from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import DecodeRun, LayerContext, RunState
 from ..core.method import DecodeMethod, PrefillMethod
@@ -53,20 +52,12 @@ class Recompress(DecodeMethod):
     def inner(self) -> PrefillMethod:
         return create_method(self.scorer)  # type: ignore[return-value]
 
-    def decode_budget(self, budget: Budget, n_tokens: int) -> int:
-        return budget.tokens_for(n_tokens) if budget.kind == "ratio" else int(budget.value)
-
-    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
-        return as_dense(store, self.name)
-
     def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
         return {"queries": None}
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         out = store.attend(q, scaling)
         run.bytes_read += store.kv_bytes()
-        if state is None:
-            state = {}
         buf = state.get("queries")
         buf = q if buf is None else torch.cat([buf, q], dim=2)[:, :, -self.window :]
         state["queries"] = buf

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..attention.decode import attention_with_probs
 from ..attention.sparse import attend_slots
-from ..cache.storage import DenseKV, KVStore, as_dense
+from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import DecodeRun
 from ..core.method import DecodeMethod
@@ -52,9 +52,6 @@ class TidalDecode(DecodeMethod):
     def reselect_at(self, num_layers: int) -> int:
         r = round(0.4 * num_layers) if self.reselect_layer < 0 else self.reselect_layer
         return max(r, self.select_layer)
-
-    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
-        return as_dense(store, self.name)
 
     def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
         n = store.n

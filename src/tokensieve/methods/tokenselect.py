@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention.sparse import attend_slots
-from ..cache.storage import DenseKV, KVStore, as_dense
+from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import DecodeRun, LayerContext
 from ..core.method import DecodeMethod
@@ -55,9 +55,6 @@ class TokenSelect(DecodeMethod):
     def __post_init__(self) -> None:
         if self.n_init < 0 or self.n_local < 1 or not -1.0 <= self.theta <= 1.0:
             raise ConfigError("tokenselect: n_init >= 0, n_local >= 1 and -1 <= theta <= 1 are required.")
-
-    def prepare(self, layer_idx: int, store: KVStore, run: DecodeRun) -> DenseKV:
-        return as_dense(store, self.name)
 
     def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
         return {"q": None, "sel": None, "n": -1, "k": -1, "recomputed": 0, "reused": 0}
