@@ -67,7 +67,7 @@ def synthetic_profiles(model) -> dict:
     from tokensieve.adapters.models import model_key
     from tokensieve.core.context import ModelShape
     from tokensieve.profiling.retrieval_heads import profile_retrieval_heads
-    from tokensieve.profiling.store import Profile, shape_dict
+    from tokensieve.adapters.profiles import Profile, shape_dict
 
     shape = ModelShape.from_config(model.config, key=model_key(model))
     L, H, Hq, D = shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_dim

@@ -15,7 +15,8 @@ from __future__ import annotations
 from .adapters.models import load_model, pull
 from .cache.sieve_cache import SieveCache
 from .core import Budget, Capabilities, LayerContext, Method, Phase, PrefillMethod, Selection
-from .core.registry import create_method, list_methods, method_names, register
+from .core.registry import register
+from .registry import create_method, list_methods, method_names
 from .errors import (
     CapabilityError,
     ConfigError,

@@ -40,7 +40,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .core.registry import list_methods
+    from .registry import list_methods
 
     infos = list_methods()
     if args.markdown:
@@ -86,7 +86,7 @@ def methods_markdown(infos: Sequence[Any]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .adapters.models import load_model
     from .core.budget import Budget
-    from .core.registry import create_method
+    from .registry import create_method
     from .errors import PromptError
     from .eval.prompts import chat_ids
     from .pipeline import compress

@@ -10,7 +10,7 @@ import torch
 
 from .adapters.models import load_model
 from .core.budget import Budget
-from .core.registry import create_method
+from .registry import create_method
 from .errors import ConfigError
 from .eval.tasks import get_task
 from .pipeline import compress

@@ -24,12 +24,13 @@ from torch import Tensor
 
 from .adapters.hf import inject_cache, sieve_attention_enabled
 from .adapters.models import model_key
+from .adapters.profiles import profile_for
 from .cache.sieve_cache import Plan, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
 from .core.context import ModelShape
 from .core.method import DecodeMethod, Method
-from .core.registry import create_method
+from .registry import create_method
 from .errors import ConfigError, PromptError
 
 
@@ -140,7 +141,7 @@ class Compressor:
             profile.check_shape(self.shape)
             self.profile = profile
         else:
-            self.profile = self.method.load_profile(self.shape)
+            self.profile = profile_for(self.method, self.shape)
         self.reserve = reserve
         self._stack: contextlib.ExitStack | None = None
 

@@ -6,10 +6,10 @@ import torch
 
 import tokensieve as ts
 from tokensieve.core.context import LayerContext, ModelShape, RunState
-from tokensieve.core.selection import Selection
+from tokensieve.select.selection import Selection
 from tokensieve.methods.ems import merge_into_centres
 from tokensieve.profiling.retrieval_heads import echo_induction_scores
-from tokensieve.profiling.store import Profile, load_profile, save_profile
+from tokensieve.adapters.profiles import Profile, load_profile, save_profile
 
 D = 8
 

@@ -7,7 +7,7 @@ import torch
 
 import tokensieve as ts
 from tokensieve.core.capabilities import Phase
-from tokensieve.core.registry import get_method_class, method_names
+from tokensieve.registry import get_method_class, method_names
 from tokensieve.eval.prompts import left_pad
 
 COMPRESSING = [

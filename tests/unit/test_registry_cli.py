@@ -6,7 +6,7 @@ import pytest
 
 import tokensieve as ts
 from tokensieve.cli import main
-from tokensieve.core.registry import get_method_class, list_methods, method_names
+from tokensieve.registry import get_method_class, list_methods, method_names
 
 
 def test_unknown_method_suggests_and_lists():
@@ -92,7 +92,7 @@ def test_local_directory_model_loads(tmp_path, tiny_model):
 
 def test_cli_profile_writes_a_loadable_profile(tmp_path, tiny_model, capsys):
     from tokensieve.core.context import ModelShape
-    from tokensieve.profiling.store import Profile
+    from tokensieve.adapters.profiles import Profile
 
     save_tiny(tmp_path / "m", tiny_model)
     out = tmp_path / "rh.json"

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensieve.core.selection import Selection
+from tokensieve.select.selection import Selection
 from tokensieve.select.topk import protected_mask, topk_select
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..core.budget import Budget
 from ..core.capabilities import Phase
-from ..core.registry import create_method
+from ..registry import create_method
 from ..errors import ConfigError
 
 

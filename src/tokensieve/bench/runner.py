@@ -97,7 +97,7 @@ def _measure_decode(press: Compressor, ctx: Any, spec: MethodSpec, cfg: BenchCon
 
 def _evicts_while_decoding(spec: MethodSpec) -> bool:
     from ..core.capabilities import Apply
-    from ..core.registry import get_method_class
+    from ..registry import get_method_class
 
     return spec.decode is not None and get_method_class(spec.decode).capabilities.apply is not Apply.SPARSE
 

@@ -4,8 +4,8 @@ from .budget import Budget
 from .capabilities import Apply, Capabilities, Granularity, Phase
 from .context import LayerContext, ModelShape, RunState
 from .method import Compressed, Method, PrefillMethod
-from .registry import create_method, get_method_class, list_methods, method_names, register
-from .selection import Selection
+from .registry import register
+from ..select.selection import Selection
 
 __all__ = [
     "Apply",
@@ -20,9 +20,5 @@ __all__ = [
     "PrefillMethod",
     "RunState",
     "Selection",
-    "create_method",
-    "get_method_class",
-    "list_methods",
-    "method_names",
     "register",
 ]

@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import CapabilityError
 from .capabilities import Apply, Capabilities, Phase
 from .context import LayerContext, ModelShape
-from .selection import Selection
+from ..select.selection import Selection
+from ..select.topk import topk_select
 
 
 @dataclass(frozen=True)
@@ -69,18 +69,6 @@ class Method:
     def check(self, shape: ModelShape) -> None:
         """Validate against a model before any work starts (e.g. a needed profile exists)."""
 
-    def load_profile(self, shape: ModelShape) -> Any:
-        """The per-model profile this method needs (``capabilities.profile``), or None if it needs none.
-
-        Raises :class:`CapabilityError` naming the command that creates a missing profile.
-        """
-        kind = self.capabilities.profile
-        if kind is None:
-            return None
-        from ..profiling.store import load_profile
-
-        return require_profile(self, load_profile(kind, shape), shape)
-
     def protected(self) -> tuple[int, int]:
         """Default protected (sink, recent) token counts; a budget may override them."""
         return 0, 0
@@ -114,8 +102,6 @@ class PrefillMethod(Method):
         return ctx.run.budget_tokens[:, None].expand(ctx.batch, ctx.num_kv_heads).clone()
 
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
-        from ..select.topk import topk_select
-
         return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=ctx.run.recent)
 
     # -- apply --------------------------------------------------------------------------------------------------
@@ -167,14 +153,4 @@ class DecodeMethod(Method):
         raise NotImplementedError
 
 
-def require_profile(method: Method, profile: Any, shape: ModelShape) -> Any:
-    if profile is None:
-        raise CapabilityError(
-            f"Method '{method.name}' needs a '{method.capabilities.profile}' profile for model '{shape.key}', "
-            f"and none is installed. Create it with `tokensieve profile {method.capabilities.profile} "
-            f"--model <model>`."
-        )
-    return profile
-
-
-__all__ = ["Compressed", "DecodeMethod", "Method", "PrefillMethod", "require_profile", "torch"]
+__all__ = ["Compressed", "DecodeMethod", "Method", "PrefillMethod"]

@@ -33,7 +33,7 @@ from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
 from ..core.capabilities import Phase
 from ..core.method import Method
-from ..core.registry import create_method, method_names
+from ..registry import create_method, method_names
 from ..errors import ConfigError
 from .tasks import MODES, Task, get_task
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -12,11 +11,12 @@ from torch import Tensor
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
-from ..core.registry import create_method, register
-from ..core.selection import Selection
+from ..core.registry import register
+from ..select.selection import Selection
 from ..errors import ConfigError
 from ..select.allocation import round_to_total
 from ..select.topk import protected_mask, topk_select
+from .snapkv import SnapKV
 
 
 def adaptive_head_counts(scores: Tensor, counts: Tensor, valid: Tensor, protected: Tensor, alpha: float) -> Tensor:
@@ -68,28 +68,23 @@ class AdaKV(PrefillMethod):
     capabilities: ClassVar[Capabilities] = Capabilities(
         phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, needs_attention=True, head_adaptive=True
     )
-    base: str = "snapkv"
+    base: PrefillMethod = field(default_factory=SnapKV)
     alpha: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"adakv: alpha must be in [0, 1], got {self.alpha}.")
-        if not isinstance(self.inner, PrefillMethod) or isinstance(self.inner, AdaKV):
-            raise ConfigError(f"adakv: base must be a prefill scoring method, not '{self.base}'.")
-
-    @cached_property
-    def inner(self) -> PrefillMethod:
-        m = create_method(self.base)
-        return m  # type: ignore[return-value]
+        if not isinstance(self.base, PrefillMethod) or isinstance(self.base, AdaKV) or not self.base.compresses:
+            raise ConfigError(f"adakv: base must be a prefill scoring method, not {self.base!r}.")
 
     def protected(self) -> tuple[int, int]:
-        return self.inner.protected()
+        return self.base.protected()
 
     def score(self, ctx: LayerContext) -> Tensor:
-        return self.inner.score(ctx)
+        return self.base.score(ctx)
 
     def layer_counts(self, ctx: LayerContext) -> Tensor:
-        return self.inner.layer_counts(ctx)
+        return self.base.layer_counts(ctx)
 
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         sink_m, rec_m = protected_mask(ctx.selectable, ctx.run.sink, ctx.run.recent)

@@ -13,7 +13,7 @@ from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..errors import ConfigError
-from ..profiling.semantic_heads import window_scores
+from ..scorers.attention import window_scores
 from ..select.allocation import round_to_total
 
 

@@ -12,7 +12,7 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
 from ..core.registry import register
-from ..core.selection import Selection
+from ..select.selection import Selection
 from ..errors import ConfigError
 
 

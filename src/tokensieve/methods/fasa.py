@@ -14,7 +14,7 @@ from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..errors import ConfigError
-from ..profiling.frequency_chunks import dominant_chunks
+from ..scorers.frequency import dominant_chunks
 
 
 def chunk_dim_mask(profile_data: dict, budget: int, head_dim: int, quantile: float, min_k: int, max_k: int) -> Tensor:

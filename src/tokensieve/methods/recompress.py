@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -13,8 +12,9 @@ from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import DecodeRun, LayerContext, RunState
 from ..core.method import DecodeMethod, PrefillMethod
-from ..core.registry import create_method, register
+from ..core.registry import register
 from ..errors import CapabilityError, ConfigError
+from .snapkv import SnapKV
 
 
 @register
@@ -35,22 +35,18 @@ class Recompress(DecodeMethod):
     paper: ClassVar[str] = "decode-time use of a prefill scorer (e.g. SnapKV, arXiv:2404.14469)"
     rule: ClassVar[str] = "every `interval` steps: scorer(recent queries, stored keys) -> evict to the budget"
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.EVICT)
-    scorer: str = "snapkv"
+    scorer: PrefillMethod = field(default_factory=SnapKV)
     interval: int = 32
     window: int = 32
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.window < 1:
             raise ConfigError("recompress: interval and window must be >= 1.")
-        inner = self.inner
+        inner = self.scorer
         if not isinstance(inner, PrefillMethod) or not inner.compresses or inner.capabilities.profile:
-            raise ConfigError(f"recompress: scorer must be a profile-free prefill method, not '{self.scorer}'.")
+            raise ConfigError(f"recompress: scorer must be a profile-free prefill method, not '{self.scorer.name}'.")
         if inner.capabilities.apply.value != "evict" or inner.capabilities.head_adaptive:
-            raise ConfigError(f"recompress: scorer '{self.scorer}' must evict with the same count for every head.")
-
-    @cached_property
-    def inner(self) -> PrefillMethod:
-        return create_method(self.scorer)  # type: ignore[return-value]
+            raise ConfigError(f"recompress: scorer '{self.scorer.name}' must evict with the same count for every head.")
 
     def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
         return {"queries": None}
@@ -75,12 +71,12 @@ class Recompress(DecodeMethod):
             shape=run.shape,
             budget_tokens=torch.full((B,), budget, dtype=torch.long),
             n_tokens=valid.sum(-1),
-            sink=self.inner.protected()[0],
-            recent=max(self.inner.protected()[1], queries.shape[2]),
+            sink=self.scorer.protected()[0],
+            recent=max(self.scorer.protected()[1], queries.shape[2]),
         )
         ctx = LayerContext(layer_idx, queries, store.keys, store.values, valid, scaling, rs)
-        comp = self.inner.compress(ctx)
+        comp = self.scorer.compress(ctx)
         sel = comp.selection
         if comp.keys is not None or comp.extra_keys is not None or not sel.uniform:
-            raise CapabilityError(f"recompress: scorer '{self.scorer}' did not give a plain, uniform eviction.")
+            raise CapabilityError(f"recompress: scorer '{self.scorer.name}' did not give a plain, uniform eviction.")
         store.compact(sel.indices)

@@ -5,6 +5,6 @@ A method that needs a profile declares ``capabilities.profile``; :func:`load_pro
 ``tokensieve profile <kind>`` command creates one for any model.
 """
 
-from .store import Profile, load_profile, profile_paths, save_profile
+from ..adapters.profiles import Profile, load_profile, profile_paths, save_profile
 
 __all__ = ["Profile", "load_profile", "profile_paths", "save_profile"]

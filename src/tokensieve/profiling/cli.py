@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnknownNameError
-from .store import Profile, save_profile
+from ..adapters.profiles import Profile, save_profile
 
 
 def _retrieval_heads(model: Any, tok: Any, args: argparse.Namespace) -> Profile:

@@ -22,31 +22,13 @@ from ..adapters.models import model_key
 from ..cache.storage import KVStore
 from ..core.context import ModelShape
 from ..eval.prompts import encode
+from ..scorers.frequency import chunk_scores
 from .corpus import calibration_text, python_version
 from .semantic_heads import _dense_keys
-from .store import Profile, shape_dict
+from ..adapters.profiles import Profile, shape_dict
 
 KIND = "fasa"
 DEFAULT_KS = (64, 128, 256, 512)
-
-
-def chunk_scores(q: Tensor, k: Tensor) -> Tensor:
-    """Per-chunk partial logits: q ``(..., D)``, k ``(..., n, D)`` → ``(..., n, D/2)``."""
-    prod = q[..., None, :] * k  # (..., n, D)
-    half = prod.shape[-1] // 2
-    return prod[..., :half] + prod[..., half:]
-
-
-def dominant_chunks(ca: list[list[float]], quantile: float, min_k: int, max_k: int) -> list[int]:
-    """Chunks with ``CA ≥`` the head's ``quantile``, best first, clamped to ``[min_k, max_k]`` chunks.
-
-    ``ca`` is one head's CA per chunk (any K slice flattened to a list).
-    """
-    t = torch.tensor(ca, dtype=torch.float64)
-    order = t.argsort(descending=True, stable=True)
-    n = int((t >= torch.quantile(t, quantile)).sum())
-    n = max(min_k, min(max_k, n))
-    return order[:n].tolist()
 
 
 def profile_frequency_chunks(

@@ -21,7 +21,7 @@ import torch
 from ..adapters.models import model_key
 from ..core.context import LayerContext, ModelShape, grouped_logits
 from .probe import probe_prefill
-from .store import Profile, shape_dict
+from ..adapters.profiles import Profile, shape_dict
 
 KIND = "retrieval-heads"
 

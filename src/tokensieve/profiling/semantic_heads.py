@@ -24,19 +24,12 @@ from ..cache.storage import DenseKV, KVStore
 from ..core.context import LayerContext, ModelShape, grouped_logits
 from ..eval.prompts import encode
 from ..eval.tasks import get_task
+from ..scorers.attention import window_scores
 from .corpus import calibration_text, python_version
 from .probe import Probe
-from .store import Profile, shape_dict
+from ..adapters.profiles import Profile, shape_dict
 
 KIND = "compresskv"
-
-
-def window_scores(ctx: LayerContext, window: int, kernel: int) -> Tensor:
-    """CompressKV's per-query-head scores ``(B, H_q, T)``: window attention summed over the window, avg-pooled."""
-    from ..scorers.attention import pool1d
-
-    probs = ctx.window_attention(window)  # (B, H_q, W, T)
-    return pool1d(probs.sum(2), kernel, "avg")
 
 
 def _spans(ids: list[int], answer: list[int]) -> list[int]:

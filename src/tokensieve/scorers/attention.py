@@ -77,3 +77,9 @@ def last_query_scores(ctx: LayerContext) -> Tensor:
 
 
 __all__ = ["accumulated_attention_scores", "last_query_scores", "observation_window_scores", "pool1d", "torch"]
+
+
+def window_scores(ctx: LayerContext, window: int, kernel: int) -> Tensor:
+    """CompressKV's per-query-head scores ``(B, H_q, T)``: window attention summed over the window, avg-pooled."""
+    probs = ctx.window_attention(window)  # (B, H_q, W, T)
+    return pool1d(probs.sum(2), kernel, "avg")

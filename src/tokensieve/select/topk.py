@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.selection import Selection
+from .selection import Selection
 
 
 def protected_mask(valid: Tensor, sink: int | Tensor, recent: int | Tensor) -> tuple[Tensor, Tensor]:

@@ -10,9 +10,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..adapters.models import cache_home
+from .models import cache_home
 from ..core.context import ModelShape
-from ..errors import ConfigError
+from ..errors import CapabilityError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,20 @@ def save_profile(profile: Profile, dest: Path | None = None) -> Path:
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     path.write_text(text + "\n")
     return path
+
+
+def profile_for(method: Any, shape: ModelShape) -> Profile | None:
+    """The profile a method needs (``method.capabilities.profile``) for this model, or None if it needs none.
+
+    Raises :class:`CapabilityError` naming the command that creates a missing profile.
+    """
+    kind = method.capabilities.profile
+    if kind is None:
+        return None
+    prof = load_profile(kind, shape)
+    if prof is None:
+        raise CapabilityError(
+            f"Method '{method.name}' needs a '{kind}' profile for model '{shape.key}', and none is installed. "
+            f"Create it with `tokensieve profile {kind} --model <model>`."
+        )
+    return prof

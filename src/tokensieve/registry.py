@@ -1,0 +1,151 @@
+"""The method registry: the single list of methods, read by the library, the CLI, the evaluation runner and docs.
+
+Methods register themselves with :func:`tokensieve.core.registry.register`; this module loads the built-in ones on
+first use, looks them up by name (with a helpful error), creates them from parameters given as strings (a nested
+method, e.g. AdaKV's ``base``, may be given by name) and lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from .core.method import Method
+from .core.registry import registered
+from .errors import ConfigError, UnknownNameError
+
+_REGISTRY = registered()
+_LOADED = False
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from . import methods
+
+    for mod in pkgutil.iter_modules(methods.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{methods.__name__}.{mod.name}")
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    _load_builtin()
+    key = name.strip().lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownNameError(f"Unknown method '{name}'.{hint} Valid methods: {', '.join(sorted(_REGISTRY))}.")
+
+
+def _method_type(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Method)
+
+
+def _coerce(value: Any, annotation: Any, field: str, method: str) -> Any:
+    """Turn a CLI string into the field's type (int, float, bool, str, Literal, or a nested method by name)."""
+    if _method_type(annotation):
+        inner = value if isinstance(value, Method) else create_method(str(value)) if isinstance(value, str) else None
+        if not isinstance(inner, annotation):
+            raise ConfigError(
+                f"{method}: {field} must be a {annotation.__name__} (a registered method such as 'snapkv'); "
+                f"got {value!r}."
+            )
+        return inner
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{method}: {field} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+        return value
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if origin else [annotation]
+    for typ in args:
+        try:
+            if typ is bool:
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if typ in (int, float, str):
+                return typ(value)
+        except ValueError:
+            continue
+    if any(a is str for a in args):
+        return value
+    raise ConfigError(f"{method}: cannot read {field}={value!r} as {getattr(annotation, '__name__', annotation)}.")
+
+
+def create_method(name: str | Method, **params: Any) -> Method:
+    """Instantiate a registered method with parameters (strings are converted to the field types)."""
+    if isinstance(name, Method):
+        if params:
+            return dataclasses.replace(name, **params)
+        return name
+    cls = get_method_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in params.items():
+        if key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise ConfigError(f"Method '{cls.name}' has no parameter '{key}'. Its parameters: {valid}.")
+        kwargs[key] = _coerce(value, hints.get(key, str), key, cls.name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"Method '{cls.name}': {exc}") from None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    paper: str
+    rule: str
+    capabilities: str
+    params: dict[str, Any]
+    summary: str
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default for listings; a nested method shows as its name."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return value.name if isinstance(value, Method) else value
+    return None
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method with its paper, capabilities and default parameters."""
+    out = []
+    for name in method_names():
+        cls = _REGISTRY[name]
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+        out.append(
+            MethodInfo(
+                name=name,
+                paper=cls.paper,
+                rule=cls.rule,
+                capabilities=cls.capabilities.describe(),
+                params=defaults,
+                summary=doc,
+            )
+        )
+    return out
