@@ -86,10 +86,10 @@ def methods_markdown(infos: Sequence[Any]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .adapters.models import load_model
     from .core.budget import Budget
-    from .registry import create_method
     from .errors import PromptError
     from .eval.prompts import chat_ids
     from .pipeline import compress
+    from .registry import create_method
 
     _threads(args.threads)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()

@@ -10,10 +10,10 @@ import torch
 
 from .adapters.models import load_model
 from .core.budget import Budget
-from .registry import create_method
 from .errors import ConfigError
 from .eval.tasks import get_task
 from .pipeline import compress
+from .registry import create_method
 
 DECODE_TOKENS = 24  # fixed number of decode steps, so decode speed is measured on the same work for every method
 

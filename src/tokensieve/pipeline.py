@@ -30,8 +30,8 @@ from .core.budget import Budget
 from .core.capabilities import Phase
 from .core.context import ModelShape
 from .core.method import DecodeMethod, Method
-from .registry import create_method
 from .errors import ConfigError, PromptError
+from .registry import create_method
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 import tokensieve as ts
+from tokensieve.adapters.profiles import Profile, load_profile, save_profile
 from tokensieve.core.context import LayerContext, ModelShape, RunState
-from tokensieve.select.selection import Selection
 from tokensieve.methods.ems import merge_into_centres
 from tokensieve.profiling.retrieval_heads import echo_induction_scores
-from tokensieve.adapters.profiles import Profile, load_profile, save_profile
+from tokensieve.select.selection import Selection
 
 D = 8
 

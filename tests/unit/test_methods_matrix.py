@@ -7,8 +7,8 @@ import torch
 
 import tokensieve as ts
 from tokensieve.core.capabilities import Phase
-from tokensieve.registry import get_method_class, method_names
 from tokensieve.eval.prompts import left_pad
+from tokensieve.registry import get_method_class, method_names
 
 COMPRESSING = [
     m

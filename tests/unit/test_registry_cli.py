@@ -91,8 +91,8 @@ def test_local_directory_model_loads(tmp_path, tiny_model):
 
 
 def test_cli_profile_writes_a_loadable_profile(tmp_path, tiny_model, capsys):
-    from tokensieve.core.context import ModelShape
     from tokensieve.adapters.profiles import Profile
+    from tokensieve.core.context import ModelShape
 
     save_tiny(tmp_path / "m", tiny_model)
     out = tmp_path / "rh.json"

@@ -10,9 +10,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .models import cache_home
 from ..core.context import ModelShape
 from ..errors import CapabilityError, ConfigError
+from .models import cache_home
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from ..core.budget import Budget
 from ..core.capabilities import Phase
-from ..registry import create_method
 from ..errors import ConfigError
+from ..registry import create_method
 
 
 def _split_budget(part: str) -> tuple[str, str]:

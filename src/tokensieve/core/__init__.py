@@ -1,11 +1,11 @@
 """Concepts with no model knowledge: budgets, layer contexts, selections, capabilities, methods, the registry."""
 
+from ..select.selection import Selection
 from .budget import Budget
 from .capabilities import Apply, Capabilities, Granularity, Phase
 from .context import LayerContext, ModelShape, RunState
 from .method import Compressed, Method, PrefillMethod
 from .registry import register
-from ..select.selection import Selection
 
 __all__ = [
     "Apply",

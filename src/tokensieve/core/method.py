@@ -16,13 +16,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from .capabilities import Apply, Capabilities, Phase
-from .context import LayerContext, ModelShape
 from ..select.selection import Selection
 from ..select.topk import topk_select
+from .capabilities import Apply, Capabilities, Phase
+from .context import LayerContext, ModelShape
 
 
 @dataclass(frozen=True)

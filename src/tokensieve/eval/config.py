@@ -33,8 +33,8 @@ from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
 from ..core.capabilities import Phase
 from ..core.method import Method
-from ..registry import create_method, method_names
 from ..errors import ConfigError
+from ..registry import create_method, method_names
 from .tasks import MODES, Task, get_task
 
 FULL = "full"

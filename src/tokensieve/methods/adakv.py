@@ -12,9 +12,9 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
-from ..select.selection import Selection
 from ..errors import ConfigError
 from ..select.allocation import round_to_total
+from ..select.selection import Selection
 from ..select.topk import protected_mask, topk_select
 from .snapkv import SnapKV
 

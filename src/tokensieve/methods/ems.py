@@ -12,8 +12,8 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
 from ..core.registry import register
-from ..select.selection import Selection
 from ..errors import ConfigError
+from ..select.selection import Selection
 
 
 def _normalise(x: Tensor, valid: Tensor) -> Tensor:

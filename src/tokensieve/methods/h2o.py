@@ -15,9 +15,9 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import DecodeRun, LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
-from ..select.selection import Selection
 from ..errors import ConfigError
 from ..scorers import accumulated_attention_scores
+from ..select.selection import Selection
 from ..select.topk import topk_select
 
 

@@ -13,10 +13,10 @@ from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
 from ..core.registry import register
-from ..select.selection import Selection
 from ..errors import ConfigError
 from ..scorers import recency_scores
 from ..select.allocation import round_to_total
+from ..select.selection import Selection
 from ..select.topk import topk_select
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnknownNameError
 from ..adapters.profiles import Profile, save_profile
+from ..errors import UnknownNameError
 
 
 def _retrieval_heads(model: Any, tok: Any, args: argparse.Namespace) -> Profile:

@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 
 from ..adapters.models import model_key
+from ..adapters.profiles import Profile, shape_dict
 from ..cache.storage import KVStore
 from ..core.context import ModelShape
 from ..eval.prompts import encode
 from ..scorers.frequency import chunk_scores
 from .corpus import calibration_text, python_version
 from .semantic_heads import _dense_keys
-from ..adapters.profiles import Profile, shape_dict
 
 KIND = "fasa"
 DEFAULT_KS = (64, 128, 256, 512)

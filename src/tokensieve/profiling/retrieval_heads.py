@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from ..adapters.models import model_key
+from ..adapters.profiles import Profile, shape_dict
 from ..core.context import LayerContext, ModelShape, grouped_logits
 from .probe import probe_prefill
-from ..adapters.profiles import Profile, shape_dict
 
 KIND = "retrieval-heads"
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.models import model_key
+from ..adapters.profiles import Profile, shape_dict
 from ..cache.storage import DenseKV, KVStore
 from ..core.context import LayerContext, ModelShape, grouped_logits
 from ..eval.prompts import encode
@@ -27,7 +28,6 @@ from ..eval.tasks import get_task
 from ..scorers.attention import window_scores
 from .corpus import calibration_text, python_version
 from .probe import Probe
-from ..adapters.profiles import Profile, shape_dict
 
 KIND = "compresskv"
 
