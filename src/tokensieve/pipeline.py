@@ -13,24 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from .adapters.hf import inject_cache, sieve_attention_enabled
-from .adapters.models import model_key
+from .adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
+from .adapters.models import model_shape
 from .adapters.profiles import profile_for
+from .cache.decode import DecodeMethod
 from .cache.sieve_cache import Plan, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
-from .core.context import ModelShape
-from .core.method import DecodeMethod, Method
-from .errors import ConfigError, PromptError
+from .core.method import Method
+from .errors import CapabilityError, ConfigError, PromptError
 from .registry import create_method
 
 
@@ -91,6 +92,34 @@ class Generation:
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _routed(fn: F) -> F:
+    """Run a Compressor call with the model's attention routed through tokensieve — switched once per call (a whole
+    prefill, extend or decode loop), not per forward pass."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Compressor, *args: Any, **kwargs: Any) -> Any:
+        with sieve_attention_enabled(self.model):
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_composition(method: Method, decode: DecodeMethod | None) -> None:
+    """Refuse, before any work, a prefill method and a decode method that cannot run together."""
+    if decode is None:
+        return
+    if method.capabilities.head_adaptive and not decode.capabilities.head_adaptive:
+        raise CapabilityError(
+            f"Decode method '{decode.name}' needs every KV head of a sequence to hold the same number of entries, "
+            f"but '{method.name}' gives KV heads different budgets (head-adaptive). Use a prefill method with uniform "
+            f"heads (e.g. snapkv, pyramidkv, streaming_llm) or the full cache before '{decode.name}', or run "
+            f"'{method.name}' without a decode method."
+        )
+
+
 class Compressor:
     """Compress a model's KV cache with a registered method and a budget.
 
@@ -130,7 +159,8 @@ class Compressor:
             raise ConfigError("decode_params given without a decode method.")
         self.decode_method = _decode_method(decode, decode_params or {})
         self.decode_budget = Budget.parse(decode_budget) if decode_budget is not None else self.budget
-        self.shape = ModelShape.from_config(model.config, key=model_key(model))
+        check_composition(self.method, self.decode_method)
+        self.shape = model_shape(model)
         self.method.check(self.shape)
         if profile is not None:
             if profile.kind != self.method.capabilities.profile:
@@ -201,20 +231,20 @@ class Compressor:
         Returns the last logits ``(B, V)``; with ``all_logits`` every position's ``(B, L, V)``; with ``keep > 1``
         the last ``keep`` positions' ``(B, keep, V)``.
         """
-        with sieve_attention_enabled(self.model):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else keep,
-            )
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=hf_cache(cache),
+            use_cache=True,
+            logits_to_keep=0 if all_logits else keep,
+        )
         if all_logits or keep > 1:
             return out.logits.float()
         return out.logits[:, -1].float()
 
     @torch.inference_mode()
+    @_routed
     def prefill(
         self,
         input_ids: Tensor,
@@ -234,6 +264,9 @@ class Compressor:
         if bool((mask[:, -1] == 0).any()):
             raise PromptError("Padding must be on the left (the last position of every row must be a real token).")
         self._check_length(int(ids.shape[1]))
+        for m in (self.method, self.decode_method):
+            if m is not None:
+                m.capabilities.check(method=m.name, batch_size=int(ids.shape[0]))
         if compress and self.method.compresses:
             for v in n.tolist():
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
@@ -257,6 +290,7 @@ class Compressor:
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
 
     @torch.inference_mode()
+    @_routed
     def extend(
         self,
         ctx: CachedContext,
@@ -297,10 +331,12 @@ class Compressor:
     ) -> CachedContext:
         """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
         dm = _decode_method(decode, decode_params)
+        check_composition(self.method, dm)
         ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
         return ctx
 
     @torch.inference_mode()
+    @_routed
     def decode(
         self,
         ctx: CachedContext,

@@ -8,9 +8,10 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
-from tokensieve.attention.sparse import attend_pages, attend_slots, page_bounds, quest_upper_bounds
+from tokensieve.attention.sparse import attend_pages, attend_slots, page_bounds, page_meta
+from tokensieve.cache.decode import DecodeLayer, DecodeRun
 from tokensieve.cache.storage import DenseKV
-from tokensieve.core.context import DecodeRun, ModelShape
+from tokensieve.core.context import ModelShape
 from tokensieve.methods.tokenselect import TokenSelect
 
 D = 8
@@ -39,9 +40,15 @@ def test_sparse_kernels_equal_dense_at_full_coverage(bias):
     dense = store.attend(q, D**-0.5)
     qg = q.view(2, 2, 3, D)
     pages = torch.randperm(5).expand(2, 2, 5)  # every page, in any order (the last one partial)
-    torch.testing.assert_close(attend_pages(qg, store, pages, 16, D**-0.5).view_as(dense), dense)
+    per_row = store.capacity // 16
+    flat = torch.arange(4)[:, None] * per_row + pages.reshape(4, 5)
+    page_slots = (pages[..., None] * 16 + torch.arange(16)).view(2, 2, -1)
+    kbuf, vbuf = store.buffers
+    out = attend_pages(qg, kbuf, vbuf, flat, 16, D**-0.5, store.slot_mask(page_slots))
+    torch.testing.assert_close(out.view_as(dense), dense)
     slots = torch.randperm(70).expand(2, 2, 70)
-    torch.testing.assert_close(attend_slots(qg, store, slots, D**-0.5).view_as(dense), dense)
+    out = attend_slots(qg, kbuf, vbuf, slots, D**-0.5, store.slot_mask(slots))
+    torch.testing.assert_close(out.view_as(dense), dense)
 
 
 def test_decode_run_budget_follows_the_cache_length():
@@ -52,13 +59,18 @@ def test_decode_run_budget_follows_the_cache_length():
     assert [absolute.tokens_for(n) for n in (100, 256, 5000)] == [100, 256, 256]
 
 
-def test_quest_bounds_are_upper_bounds():
+def test_quest_bounds_are_the_paper_formula_and_upper_bounds():
     store = _store(B=1, n=50)
-    pmax, pmin = page_bounds(store.keys, 50, 16)
+    store.align(16)
+    meta = page_meta(store.buffers[0], 3, 16)  # the 3 complete pages of 50 entries
     q = torch.randn(1, 2, 3, D)
-    bound = quest_upper_bounds(q, pmax, pmin)  # (1, 2, 3, 4)
+    bound = page_bounds(q, meta)[..., :3]  # (1, 2, 3, 3)
     logits = torch.einsum("bhgd,bhnd->bhgn", q, store.keys)
-    for p in range(4):
+    for p in range(3):
+        page_keys = store.keys[:, :, p * 16 : (p + 1) * 16]  # (1, 2, 16, D)
+        hi, lo = page_keys.amax(2)[:, :, None], page_keys.amin(2)[:, :, None]  # (1, 2, 1, D)
+        paper = torch.maximum(q * hi, q * lo).sum(-1)  # U_p = sum_d max(q_d M_d, q_d m_d)
+        torch.testing.assert_close(bound[..., p], paper, atol=1e-5, rtol=1e-5)
         exact = logits[..., p * 16 : (p + 1) * 16].amax(-1)
         assert bool((bound[..., p] >= exact - 1e-5).all())
 
@@ -100,8 +112,8 @@ def test_bounded_caches_stay_within_budget_over_long_generations(method, slack, 
     press.decode(ctx, 520, on_token=lambda row, tok: sizes.append(int(ctx.cache.lengths().max())))
     assert len(sizes) == 520
     assert max(sizes[1:]) <= 64 + slack
-    assert ctx.cache.get_seq_length() == 100 + 519  # positions keep counting
-    positions = ctx.cache.sieve_layers[1].store.positions
+    assert ctx.cache.seq_length() == 100 + 519  # positions keep counting
+    positions = ctx.cache.layers[1].store.positions
     assert int(positions.max()) == 100 + 518
     if method == "streaming_llm":
         kept = sorted(positions[0, 0].tolist())
@@ -116,7 +128,7 @@ def test_streaming_llm_rolls_its_window_from_the_first_decode_step(long_model):
     press = ts.compress(long_model, "full", decode="streaming_llm", decode_budget=32)
     ctx = press.prefill(ids)
     press.decode(ctx, 3)
-    store = ctx.cache.sieve_layers[0].store
+    store = ctx.cache.layers[0].store
     assert store.n == 32
     assert sorted(store.positions[0, 0].tolist()) == [0, 1, 2, 3, *range(14, 42)]
 
@@ -126,13 +138,14 @@ def test_tokenselect_selection_cache_is_reused_and_invalidated():
     store = _store(B=1, n=400)
     run = DecodeRun(ModelShape(3, 6, 2, D, 1024), torch.tensor([120]), ts.Budget.tokens(120))
     m = TokenSelect(n_init=4, n_local=8, theta=0.9)
-    state = m.init_state(1, None, store, run)
+    layer = DecodeLayer(1, store, run, D**-0.5)
+    state = layer.state = m.setup(layer, None)
     q = torch.randn(1, 6, 1, D)
 
     def step(query):
         store.append(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D), torch.tensor([[store.n]]), None)
-        m.on_append(1, store, state, 1, run)
-        return m.step(1, query, store, state, run, D**-0.5)
+        m.on_append(layer, 1)
+        return m.step(layer, query)
 
     step(q)
     assert (state["recomputed"], state["reused"]) == (1, 0)
@@ -141,7 +154,7 @@ def test_tokenselect_selection_cache_is_reused_and_invalidated():
     step(-q)  # a very different query: select again
     assert (state["recomputed"], state["reused"]) == (2, 1)
     store.append(torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D), torch.arange(5)[None] + store.n, None)
-    m.on_append(1, store, state, 5, run)  # a multi-token chunk invalidates the selection
+    m.on_append(layer, 5)  # a multi-token chunk invalidates the selection
     step(-q)
     assert (state["recomputed"], state["reused"]) == (3, 1)
 
@@ -166,15 +179,15 @@ def test_eviction_then_sparse_decoding_composes(long_model):
     assert ctx.cache.stored_entries() == 3 * 2 * 205
 
 
-def test_decode_after_head_adaptive_prefill_is_refused_with_a_reason(long_model):
-    ids = torch.randint(3, 97, (1, 200), generator=torch.Generator().manual_seed(6))
-    press = ts.compress(long_model, "adakv", 0.3, decode="quest", decode_budget=32)
-    ctx = press.prefill(ids)
-    lengths = ctx.cache.lengths()
-    if bool((lengths == lengths[..., :1]).all()):
-        pytest.skip("this prompt happened to give equal head budgets")
+def test_decode_after_head_adaptive_prefill_is_refused_before_any_work(long_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(long_model, "forward", lambda *a, **k: calls.append(1))
     with pytest.raises(ts.CapabilityError, match="head-adaptive"):
-        press.decode(ctx, 2)
+        ts.compress(long_model, "adakv", 0.3, decode="quest", decode_budget=32)
+    press = ts.compress(long_model, "adakv", 0.3)
+    with pytest.raises(ts.CapabilityError, match="head-adaptive"):
+        press.attach_decode(None, "quest", 32)  # type: ignore[arg-type]
+    assert calls == []
 
 
 @torch.inference_mode()
@@ -220,15 +233,15 @@ def test_quest_step_attends_exactly_over_the_best_bounded_pages():
     )
     m = Quest(page=P, dense_layers=0)
     run = DecodeRun(ModelShape(1, H * G, H, D, 1024), torch.tensor([24]), ts.Budget.tokens(24))
-    store = m.prepare(0, store, run)
-    state = m.init_state(0, None, store, run)
-    m.on_append(0, store, state, n - 1, run)
+    layer = DecodeLayer(0, store, run, D**-0.5)
+    layer.state = m.setup(layer, None)
+    m.on_append(layer, n - 1)
     store.append(
         torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g), torch.tensor([[n - 1]]), None
     )
-    m.on_append(0, store, state, 1, run)
+    m.on_append(layer, 1)
     q = torch.randn(B, H * G, 1, D, generator=g)
-    out = m.step(0, q, store, state, run, D**-0.5)
+    out = m.step(layer, q)
     # brute force: bounds of every complete page, best 2 per KV head (max over its query heads) + the current page
     keys, values = store.keys[0], store.values[0]
     cur = (n - 1) // P

@@ -7,7 +7,7 @@ import torch
 
 import tokensieve as ts
 from tokensieve.cache.sieve_cache import SieveCache
-from tokensieve.eval.prompts import left_pad
+from tokensieve.data.prompts import left_pad
 
 
 def _hf_greedy_logits(model, ids, steps):
@@ -32,11 +32,10 @@ def test_full_method_matches_transformers(tiny_model):
     ctx = press.prefill(ids)
     got = [ctx.logits]
     for _ in range(6):
-        nxt = got[-1].argmax(-1)
-        ctx.mask = torch.cat([ctx.mask, ctx.mask.new_ones(1, 1)], 1)
-        got.append(press._forward(nxt[:, None], ctx.mask, ctx.next_positions()[:, None] - 1, ctx.cache))
+        press.extend(ctx, got[-1].argmax(-1)[:, None])  # a single-token extend is a decode step
+        got.append(ctx.logits)
     torch.testing.assert_close(torch.stack(got, 1), ref, atol=1e-4, rtol=1e-4)
-    assert ctx.cache.get_seq_length() == 46
+    assert ctx.cache.seq_length() == 46
     assert tiny_model.config._attn_implementation == "sdpa"  # restored after every call
 
 
@@ -61,7 +60,7 @@ def test_generate_inside_context_manager_uses_sieve_cache(tiny_model):
     ref = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with ts.compress(tiny_model, "full"):
         out = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, SieveCache)
+    assert isinstance(out.past_key_values.sieve, SieveCache)
     assert torch.equal(out.sequences, ref)
     assert tiny_model.config._attn_implementation == "sdpa"
 
@@ -81,3 +80,11 @@ def test_prompt_errors(tiny_model):
     ids, mask = left_pad([[5, 6, 7], [8, 9]], 0)
     with pytest.raises(ts.PromptError, match="left"):
         press.prefill(ids.flip(1), mask.flip(1))
+
+
+def test_a_sieve_cache_without_routed_attention_is_a_clear_error(tiny_model):
+    from tokensieve.adapters.hf import hf_cache
+
+    cache = ts.compress(tiny_model, "full").new_cache()
+    with pytest.raises(RuntimeError, match="not routed"):
+        tiny_model(input_ids=torch.randint(3, 97, (1, 10)), past_key_values=hf_cache(cache), use_cache=True)

@@ -7,7 +7,7 @@ import torch
 
 import tokensieve as ts
 from tokensieve.core.capabilities import Phase
-from tokensieve.eval.prompts import left_pad
+from tokensieve.data.prompts import left_pad
 from tokensieve.registry import get_method_class, method_names
 
 COMPRESSING = [
@@ -45,7 +45,7 @@ def test_budget_is_exact_and_decoding_runs(name, tiny_model, tiny_profiles):
     gen = press.decode(ctx, 3)
     assert gen.steps == 2
     assert int(ctx.cache.lengths()[:, 0].sum()) == L_LAYERS * H_KV * (ts.Budget.ratio(0.25).tokens_for(48) + 2)
-    assert ctx.cache.get_seq_length() == ids.shape[1] + 2  # logical length: every token seen
+    assert ctx.cache.seq_length() == ids.shape[1] + 2  # logical length: every token seen
 
 
 @pytest.mark.parametrize("name", COMPRESSING)
@@ -178,7 +178,7 @@ def test_checkpoint_rollback_reuses_a_compressed_context(tiny_model):
         answers.append(press.decode(ctx, 4).tokens[0])
         ctx.rollback(mark)
         assert ctx.cache.stored_entries() == stored
-        assert ctx.cache.get_seq_length() == 60
+        assert ctx.cache.seq_length() == 60
     fresh = press.prefill(torch.tensor([context]))
     press.extend(fresh, torch.tensor([q2]))
     assert answers[1] == press.decode(fresh, 4).tokens[0]
@@ -189,3 +189,24 @@ def test_checkpoint_rollback_reuses_a_compressed_context(tiny_model):
     bounded.decode(ctx, 3)
     with pytest.raises(ts.ConfigError, match="evicted"):
         ctx.rollback(mark)
+
+
+@pytest.mark.parametrize("decode", DECODING)
+@torch.inference_mode()
+def test_every_prefill_and_decode_pair_runs_or_is_refused_when_built(decode, tiny_model, tiny_profiles):
+    """No pairing fails half-way: either the Compressor refuses it when built, or prefill and decode run."""
+    ids, mask = left_pad(prompts(4), 0)
+    prefill_methods = [m for m in method_names() if Phase.PREFILL in get_method_class(m).capabilities.phases]
+    ran = 0
+    for prefill in prefill_methods:
+        try:
+            press = press_for(tiny_model, prefill, 0.5, tiny_profiles, decode=decode, decode_budget=16)
+        except ts.CapabilityError as exc:
+            assert "head-adaptive" in str(exc)
+            assert get_method_class(prefill).capabilities.head_adaptive
+            continue
+        ctx = press.prefill(ids, mask)
+        gen = press.decode(ctx, 4)
+        assert [len(t) for t in gen.tokens] == [4, 4, 4], (prefill, decode)
+        ran += 1
+    assert ran >= len(prefill_methods) - 3

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokensieve.attention.dense import causal_attention, reference_attention
-from tokensieve.cache.storage import DenseKV, RaggedKV, Row, build_store, chunk_allowed
+from tokensieve.attention.dense import causal_attention, chunk_allowed, reference_attention
+from tokensieve.cache.storage import DenseKV, RaggedKV, Row, build_store
 
 D = 8
 SCALE = D**-0.5

@@ -1,9 +1,18 @@
 """The only module that hooks into transformers' forward pass.
 
+The one path from the model to our cache and back, for every attention layer of a forward call:
+
+1. the model calls ``past_key_values.update(k, v, layer_idx)`` on our :class:`HFSieveCache` (a transformers
+   ``Cache`` that is only a view of a :class:`~tokensieve.cache.sieve_cache.SieveCache`): it records which cache
+   and layer the next attention call belongs to and returns the new keys/values untouched;
+2. the model calls the attention function registered as ``"tokensieve"``, :func:`sieve_attention`, which takes
+   that record and calls :meth:`SieveCache.attend` with the layer's queries, keys, values, padding mask, scale
+   and the chunk's position ids;
+3. ``attend`` compresses a prefilled chunk or appends to the layer's store and returns the attention output.
+
 It uses public extension points only:
 
-* ``AttentionInterface.register("tokensieve", ...)``: our attention function, which hands the layer's queries,
-  keys and values to the :class:`~tokensieve.cache.SieveCache` that was just updated;
+* ``AttentionInterface.register("tokensieve", ...)``: the attention function above;
 * ``AttentionMaskInterface.register("tokensieve", ...)``: the mask "factory" for that implementation returns the
   plain 2-D padding mask (our kernels build their own causal masks against the *stored* lengths);
 * ``model.set_attn_implementation(...)`` inside a context manager that restores the previous implementation, and
@@ -16,17 +25,98 @@ state is stored on the model's modules or config beyond the attention-implementa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..cache.sieve_cache import SieveCache, take_pending
+from ..cache.sieve_cache import SieveCache
 from ..compat import check_versions
 
 IMPLEMENTATION = "tokensieve"
 _REGISTERED = False
+
+# (cache, layer) recorded by HFSieveCache.update for the attention call that follows it in the same layer.
+_PENDING: contextvars.ContextVar[tuple[SieveCache, int] | None] = contextvars.ContextVar(
+    "tokensieve_pending", default=None
+)
+
+
+def take_pending(layer_idx: int) -> SieveCache:
+    """The SieveCache whose ``update`` ran just before this layer's attention call."""
+    pending = _PENDING.get()
+    _PENDING.set(None)
+    if pending is None or pending[1] != layer_idx:
+        raise RuntimeError(
+            "tokensieve attention was called without a SieveCache. Use the Compressor's prefill/extend/decode, or "
+            "call model.generate inside `with tokensieve.compress(model, ...)`, and keep use_cache=True."
+        )
+    return pending[0]
+
+
+class _LayerView(CacheLayerMixin):
+    """One layer of an :class:`HFSieveCache`: transformers only asks it for lengths."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, sieve: SieveCache, layer_idx: int) -> None:
+        super().__init__()
+        self.sieve = sieve
+        self.layer_idx = layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.sieve.seq_length(self.layer_idx) + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.sieve.seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("A tokensieve cache cannot be reset by transformers; start a new one.")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("A tokensieve cache does not support beam search; use greedy or sampling.")
+
+
+class HFSieveCache(Cache):
+    """The transformers ``Cache`` face of a :class:`SieveCache` (``.sieve``): it stores nothing itself."""
+
+    def __init__(self, sieve: SieveCache) -> None:
+        super().__init__(layers=[_LayerView(sieve, i) for i in range(len(sieve.layers))])
+        self.sieve = sieve
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if _PENDING.get() is not None:  # the previous layer's attention did not take its record
+            _PENDING.set(None)
+            raise RuntimeError(
+                "The model's attention is not routed through tokensieve, so it would attend to the new tokens only. "
+                "Use the Compressor's prefill/extend/decode, or run the model inside `with tokensieve.compress(...)`."
+            )
+        _PENDING.set((self.sieve, layer_idx))
+        return key_states, value_states
+
+
+def hf_cache(sieve: SieveCache) -> HFSieveCache:
+    """The (one) transformers view of a SieveCache, created on first use."""
+    if not isinstance(sieve.front, HFSieveCache) or sieve.front.sieve is not sieve:
+        sieve.front = HFSieveCache(sieve)
+    return sieve.front
 
 
 def sieve_attention(
@@ -48,7 +138,8 @@ def sieve_attention(
     cache = take_pending(layer_idx)
     if scaling is None:
         scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
-    out = cache.attend(layer_idx, query, key, value, attention_mask, scaling)  # (B, H_q, L, D)
+    positions = kwargs.get("position_ids")  # (B|1, L) as the model rotated the chunk, when the model passes them
+    out = cache.attend(layer_idx, query, key, value, attention_mask, scaling, positions)  # (B, H_q, L, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -103,16 +194,20 @@ def sieve_attention_enabled(model: Any) -> Iterator[None]:
 def inject_cache(model: Any, new_cache: Callable[[], SieveCache]) -> Iterator[None]:
     """Give every forward call that starts without a cache (e.g. inside ``model.generate``) a fresh SieveCache.
 
-    A forward pre-hook replaces a missing or empty, non-tokensieve ``past_key_values`` with ``new_cache()``;
-    ``generate`` then keeps using the cache the model returns. The hook is removed when the block exits.
+    A forward pre-hook replaces a missing or empty, non-tokensieve ``past_key_values`` with the transformers view
+    of ``new_cache()`` (and a SieveCache passed as ``past_key_values`` with its view); ``generate`` then keeps
+    using the cache the model returns. The hook is removed when the block exits.
     """
 
     def hook(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         pkv = kwargs.get("past_key_values")
-        if kwargs.get("use_cache") is False or isinstance(pkv, SieveCache):
+        if isinstance(pkv, SieveCache):
+            kwargs["past_key_values"] = hf_cache(pkv)
+            return args, kwargs
+        if kwargs.get("use_cache") is False or isinstance(pkv, HFSieveCache):
             return args, kwargs
         if pkv is None or (hasattr(pkv, "get_seq_length") and pkv.get_seq_length() == 0):
-            kwargs["past_key_values"] = new_cache()
+            kwargs["past_key_values"] = hf_cache(new_cache())
             kwargs["use_cache"] = True
         return args, kwargs
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.context import ModelShape
 from ..errors import ModelNotFoundError, UnknownNameError
 
 ENV_HOME = "TOKENSIEVE_HOME"
@@ -256,3 +257,19 @@ def model_key(model: Any) -> str:
     if short is not None:
         return short
     return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("./~")) or "model"
+
+
+def model_shape(model: Any) -> ModelShape:
+    """The attention geometry of a transformers model (its text model's, for multimodal configs), keyed by
+    :func:`model_key`."""
+    config = model.config
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    nq = int(c.num_attention_heads)
+    return ModelShape(
+        num_layers=int(c.num_hidden_layers),
+        num_q_heads=nq,
+        num_kv_heads=int(getattr(c, "num_key_value_heads", None) or nq),
+        head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // nq),
+        max_positions=int(getattr(c, "max_position_embeddings", 0) or 0),
+        key=model_key(model),
+    )

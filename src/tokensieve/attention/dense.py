@@ -68,3 +68,43 @@ def reference_attention(
                     s = s.masked_fill(~allowed[b][h], float("-inf"))
                 out[b, h * G + g] = torch.softmax(s, -1) @ V
     return out.to(q.dtype)
+
+
+def chunk_allowed(key_chunk_pos: Tensor, n_new_queries: int, key_valid: Tensor | None = None) -> Tensor:
+    """Which keys each query of a newly appended chunk may see.
+
+    Args:
+        key_chunk_pos: ``(..., n)`` long: -1 for keys stored before this chunk, else the key's index in the chunk.
+        n_new_queries: chunk length ``L``.
+        key_valid: optional ``(..., n)`` bool: False for stored padding keys.
+
+    Returns:
+        ``(..., L, n)`` bool. A query sees all earlier valid keys, and the chunk's keys up to itself (itself always,
+        so that a padding query never has an empty row).
+    """
+    qi = torch.arange(n_new_queries, device=key_chunk_pos.device)
+    kp = key_chunk_pos[..., None, :]  # (..., 1, n)
+    old = kp < 0
+    new_ok = (kp >= 0) & (kp <= qi[:, None])
+    if key_valid is not None:
+        kv = key_valid[..., None, :]
+        return (old & kv) | (new_ok & (kv | (kp == qi[:, None])))
+    return old | new_ok
+
+
+def grouped_sdpa(qg: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None) -> Tensor:
+    """SDPA for queries grouped per KV head: qg ``(B, H_kv, G*L, D)``, k/v ``(B, H_kv, n, D)``."""
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
+
+
+def grouped_logits(q: Tensor, k: Tensor, scaling: float) -> Tensor:
+    """``q kᵀ * scaling`` under GQA without expanding keys to query heads.
+
+    q: ``(B, H_q, L, D)``, k: ``(B, H_kv, T, D)`` → ``(B, H_q, L, T)``.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * L, D)  # (B, H_kv, G*L, D)
+    logits = torch.matmul(qg, k.transpose(-1, -2)) * scaling  # (B, H_kv, G*L, T)
+    return logits.reshape(B, Hq, L, k.shape[2])

@@ -1,19 +1,17 @@
-"""SieveCache: a transformers ``Cache`` whose layers hold compressed, possibly ragged, KV storage.
+"""SieveCache: compressed, possibly ragged, per-layer KV storage and the attention over it.
 
-Data flow for one layer of one forward pass (see ``adapters/hf.py``):
+Data flow for one layer of one forward pass: the model's attention layer hands its post-RoPE queries, keys and
+values to :meth:`SieveCache.attend` (through the attention hook of :mod:`tokensieve.adapters.hf`, the only code
+that knows transformers), which either compresses a freshly prefilled chunk (score → select → apply) or appends
+the chunk to the layer's store and runs our attention kernel over it — or, while decoding, hands the step to the
+plan's decode method.
 
-``LlamaAttention.forward`` → ``SieveCache.update`` (records which cache and layer the next attention call belongs
-to, returns the new keys/values untouched) → the registered ``tokensieve`` attention function →
-:meth:`SieveCache.attend`, which either compresses a freshly prefilled chunk (score → select → apply) or appends
-the chunk to the layer's store and runs our attention kernel over it.
-
-The cache reports *logical* lengths to transformers (every token seen, so new tokens keep their true positions),
-while each layer's store holds only what was kept.
+The cache counts *logical* lengths (every token seen, so new tokens keep their true positions), while each
+layer's store holds only what was kept.
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,30 +19,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention.dense import causal_attention
 from ..core.budget import Budget
-from ..core.context import DecodeRun, LayerContext, ModelShape, RunState
-from ..core.method import DecodeMethod, Method, PrefillMethod
+from ..core.context import LayerContext, ModelShape, RunState
+from ..core.method import Method, PrefillMethod
 from ..errors import ConfigError
+from .decode import DecodeLayer, DecodeMethod, DecodeRun
 from .storage import DenseKV, KVStore, as_dense, build_store
-
-_PENDING: contextvars.ContextVar[tuple[SieveCache, int] | None] = contextvars.ContextVar(
-    "tokensieve_pending", default=None
-)
-
-
-def take_pending(layer_idx: int) -> SieveCache:
-    """The SieveCache whose ``update`` ran just before this layer's attention call."""
-    pending = _PENDING.get()
-    _PENDING.set(None)
-    if pending is None or pending[1] != layer_idx:
-        raise RuntimeError(
-            "tokensieve attention was called without a SieveCache. Pass `past_key_values=compressor.new_cache()` "
-            "(or call model.generate inside `with tokensieve.compress(model, ...)`), and keep use_cache=True."
-        )
-    return pending[0]
 
 
 @dataclass(frozen=True)
@@ -70,49 +52,17 @@ class CacheStats:
     budget_tokens: list[int] = field(default_factory=list)  # per sequence, per (layer, KV head) on average
 
 
-class SieveLayer(CacheLayerMixin):
-    """One decoder layer's part of a SieveCache. Transformers only asks it for lengths."""
+@dataclass
+class LayerState:
+    """One decoder layer's part of a SieveCache."""
 
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: KVStore | None = None
-        self.seen = 0  # logical tokens seen (padding included), what transformers calls the cache length
-        self.seen_valid: Tensor | None = None  # (B,) real tokens seen per sequence
-        self.decode_state: Any = None  # per-layer state of the plan's decode method
-        self.decode_ready = False
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        self.is_initialized = True
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.store = None
-        self.seen = 0
-        self.seen_valid = None
-        self.decode_state = None
-        self.decode_ready = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("SieveCache does not support beam search; use greedy or sampling.")
+    store: KVStore | None = None
+    seen: int = 0  # logical tokens seen (padding included): what transformers calls the cache length
+    seen_valid: Tensor | None = None  # (B,) real tokens seen per sequence
+    decode: DecodeLayer | None = None  # the plan's decode method's view of this layer, once decoding started
 
 
-class SieveCache(Cache):
+class SieveCache:
     """A KV cache that compresses the next prefilled chunk according to a :class:`Plan`.
 
     Args:
@@ -121,7 +71,7 @@ class SieveCache(Cache):
     """
 
     def __init__(self, num_layers: int, plan: Plan | None = None) -> None:
-        super().__init__(layers=[SieveLayer() for _ in range(num_layers)])
+        self.layers = [LayerState() for _ in range(num_layers)]
         self.plan = plan
         self.armed = plan is not None and plan.method.compresses
         self.run: RunState | None = None
@@ -133,20 +83,15 @@ class SieveCache(Cache):
         self.observers: list[Callable[[int, Tensor, KVStore], None]] = []
         self.decode_run: DecodeRun | None = None
 
-    # ------------------------------------------------------------------------------------ transformers Cache API
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        _PENDING.set((self, layer_idx))
-        return key_states, value_states
+        self.front: Any = None  # the adapter's view of this cache for the model (created by adapters.hf)
 
     # ------------------------------------------------------------------------------------------------ queries
-    @property
-    def sieve_layers(self) -> list[SieveLayer]:
-        return self.layers  # type: ignore[return-value]
+    def seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens the layer has seen (padding included): the length the model's masks and positions follow."""
+        return self.layers[layer_idx].seen
 
     def stores(self) -> list[KVStore]:
-        return [layer.store for layer in self.sieve_layers if layer.store is not None]
+        return [layer.store for layer in self.layers if layer.store is not None]
 
     def kv_bytes(self) -> int:
         """Exact bytes of the stored keys and values (what the cache holds, headroom excluded)."""
@@ -175,7 +120,7 @@ class SieveCache(Cache):
     def checkpoint(self) -> list[tuple[Any, ...]]:
         """A mark to :meth:`rollback` to: the length of every layer's store (nothing is copied)."""
         marks = []
-        for layer in self.sieve_layers:
+        for layer in self.layers:
             s = layer.store
             n: Any = None if s is None else (s.n if isinstance(s, DenseKV) else [r.n for r in s.rows])
             sv = None if layer.seen_valid is None else layer.seen_valid.clone()
@@ -184,7 +129,7 @@ class SieveCache(Cache):
 
     def rollback(self, marks: list[tuple[Any, ...]]) -> None:
         """Forget the tokens appended since :meth:`checkpoint` — valid only if nothing was evicted meanwhile."""
-        for layer, (store, n, evictions, seen, seen_valid) in zip(self.sieve_layers, marks):
+        for layer, (store, n, evictions, seen, seen_valid) in zip(self.layers, marks):
             if store is not layer.store or (store is not None and store.evictions != evictions):
                 raise ConfigError(
                     "Cannot roll back: entries were evicted or the store was rebuilt since the checkpoint; "
@@ -205,9 +150,9 @@ class SieveCache(Cache):
     def _reset_decode(self) -> None:
         """The decode method starts afresh: its run state and every layer's state are rebuilt at the next step."""
         self.decode_run = None
-        for layer in self.sieve_layers:
-            layer.decode_state = None
-            layer.decode_ready = False
+        for layer in self.layers:
+            if layer.decode is not None:
+                layer.decode = None
 
     def arm(self, plan: Plan | None = None) -> None:
         """Compress the next prefilled chunk (again) with ``plan`` (default: the current plan)."""
@@ -228,13 +173,15 @@ class SieveCache(Cache):
         v: Tensor,
         padding_mask: Tensor | None,
         scaling: float,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Store this layer's new keys/values (compressing a fresh prefill) and return the attention output.
 
         q ``(B, H_q, L, D)``; k, v ``(B, H_kv, L, D)`` post-RoPE; padding_mask ``(B, seen + L)`` (1 = real token)
-        or None. Returns ``(B, H_q, L, D)``.
+        or None; positions ``(B|1, L)``: the positions the model rotated the chunk with (None: counted from the
+        real tokens seen). Returns ``(B, H_q, L, D)``.
         """
-        layer = self.sieve_layers[layer_idx]
+        layer = self.layers[layer_idx]
         B, _, L, _ = k.shape
         valid_new: Tensor | None = None
         if padding_mask is not None:
@@ -248,10 +195,13 @@ class SieveCache(Cache):
                 valid_new = None
         if layer.seen_valid is None:
             layer.seen_valid = torch.zeros(B, dtype=torch.long, device=k.device)
-        if valid_new is None:
+        if positions is not None:
+            pos_new = positions.long().expand(B, L)
+        elif valid_new is None:
             pos_new = layer.seen_valid[:, None] + torch.arange(L, device=k.device)
         else:
             pos_new = layer.seen_valid[:, None] + valid_new.long().cumsum(-1) - 1
+        if valid_new is not None:
             pos_new = torch.where(valid_new, pos_new, torch.full_like(pos_new, -1))
 
         plan = self.plan
@@ -275,25 +225,19 @@ class SieveCache(Cache):
                     ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run)
             if decode is not None:
                 n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - self.tail
-                drun = self._decode_run(n_prompt)
-                layer.decode_state = decode.init_state(layer_idx, ctx, layer.store, drun)
-                layer.decode_ready = True
+                self._start_decode(decode, layer_idx, scaling, ctx, n_prompt)
         elif decode is not None:
-            drun = self._decode_run(layer.seen_valid)
-            layer.store = decode.prepare(layer_idx, as_dense(layer.store, decode.name), drun)
-            if not layer.decode_ready:  # the decode method was attached after the prefill
-                layer.decode_state = decode.init_state(layer_idx, None, layer.store, drun)
-                layer.decode_ready = True
-            layer.store.append(k, v, pos_new, valid_new)
+            if layer.decode is None:  # the decode method was attached after the prefill
+                self._start_decode(decode, layer_idx, scaling, None, layer.seen_valid)
+            dl = layer.decode
+            assert dl is not None
+            dl.store.append(k, v, pos_new, valid_new)
             t0 = time.perf_counter()  # the method's bookkeeping counts as attention time
-            decode.on_append(layer_idx, layer.store, layer.decode_state, L, drun)
-            if L == 1:
-                out = decode.step(layer_idx, q, layer.store, layer.decode_state, drun, scaling)
-            else:
-                out = layer.store.attend(q, scaling)
+            decode.on_append(dl, L)
+            out = decode.step(dl, q) if L == 1 else dl.store.attend(q, scaling)
             self._timed(L, t0)
             if L == 1 and layer_idx == len(self.layers) - 1:
-                drun.step += 1
+                dl.run.step += 1
         else:
             layer.store.append(k, v, pos_new, valid_new)
             t0 = time.perf_counter()
@@ -316,6 +260,17 @@ class SieveCache(Cache):
         if L == 1:
             self.stats.decode_attention_seconds += time.perf_counter() - t0
             self.stats.decode_attention_calls += 1
+
+    def _start_decode(
+        self, method: DecodeMethod, layer_idx: int, scaling: float, ctx: LayerContext | None, n_prompt: Tensor
+    ) -> None:
+        """Hand a layer to the decode method, once per run: its store as equal-length rows, and the method's setup."""
+        layer = self.layers[layer_idx]
+        assert layer.store is not None
+        dense = as_dense(layer.store, method.name)
+        layer.store = dense
+        layer.decode = DecodeLayer(layer_idx, dense, self._decode_run(n_prompt), scaling)
+        layer.decode.state = method.setup(layer.decode, ctx)
 
     def _decode_run(self, n_prompt: Tensor) -> DecodeRun:
         """The decode method's run state, created once; its budget is resolved from each prompt's length."""

@@ -6,8 +6,8 @@ the longest head. Byte counts are exact: ``kv_bytes`` is the size of the stored 
 the size of the buffers that hold them (stored entries plus the headroom reserved for tokens still to come), and
 ``meta_bytes`` the bookkeeping (true positions, per-entry logit biases).
 
-Attention over a store is our own kernel (``attend``); it is tested against
-:func:`tokensieve.attention.dense.reference_attention`.
+Attention over a store (``attend``) builds the store's mask and calls the kernels of :mod:`tokensieve.attention`;
+it is tested against :func:`tokensieve.attention.dense.reference_attention`.
 """
 
 from __future__ import annotations
@@ -15,41 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..attention.dense import chunk_allowed, grouped_sdpa
+from ..attention.sparse import slot_mask
+from ..errors import CapabilityError
 
 GROW_MIN = 64  # smallest capacity step when a store has to grow
 
 
 def _grow(n_needed: int) -> int:
     return n_needed + max(GROW_MIN, n_needed // 4)
-
-
-def chunk_allowed(key_chunk_pos: Tensor, n_new_queries: int, key_valid: Tensor | None = None) -> Tensor:
-    """Which keys each query of a newly appended chunk may see.
-
-    Args:
-        key_chunk_pos: ``(..., n)`` long: -1 for keys stored before this chunk, else the key's index in the chunk.
-        n_new_queries: chunk length ``L``.
-        key_valid: optional ``(..., n)`` bool: False for stored padding keys.
-
-    Returns:
-        ``(..., L, n)`` bool. A query sees all earlier valid keys, and the chunk's keys up to itself (itself always,
-        so that a padding query never has an empty row).
-    """
-    qi = torch.arange(n_new_queries, device=key_chunk_pos.device)
-    kp = key_chunk_pos[..., None, :]  # (..., 1, n)
-    old = kp < 0
-    new_ok = (kp >= 0) & (kp <= qi[:, None])
-    if key_valid is not None:
-        kv = key_valid[..., None, :]
-        return (old & kv) | (new_ok & (kv | (kp == qi[:, None])))
-    return old | new_ok
-
-
-def _sdpa_group(qg: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None) -> Tensor:
-    """SDPA for queries grouped per KV head: qg ``(B, H_kv, G*L, D)``, k/v ``(B, H_kv, n, D)``."""
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
 
 
 class DenseKV:
@@ -304,7 +280,7 @@ class DenseKV:
         G = Hq // H
         qg = q.reshape(B, H, G * L, D)  # (B, H_kv, G*L, D): query heads of a group side by side
         mask = self.attention_mask(L, G)
-        out = _sdpa_group(qg, self.keys, self.values, scaling, mask)  # (B, H_kv, G*L, D)
+        out = grouped_sdpa(qg, self.keys, self.values, scaling, mask)  # (B, H_kv, G*L, D)
         return out.reshape(B, Hq, L, D)
 
     def attention_mask(self, L: int, G: int) -> Tensor | None:
@@ -326,6 +302,10 @@ class DenseKV:
             bias = self._bias[:, :, None, : self.n]  # (B, H_kv, 1, n)
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         return mask
+
+    def slot_mask(self, slots: Tensor, keep: Tensor | None = None) -> Tensor | None:
+        """Mask/bias ``(B, H_kv, 1, m)`` (or None) for attending to ``slots`` ``(B, H_kv, m)`` of this store."""
+        return slot_mask(slots, self.n, self.valid, self.bias, keep)
 
     # ------------------------------------------------------------------------------------------------ misc
     def to_ragged(self) -> RaggedKV:
@@ -471,7 +451,7 @@ class RaggedKV:
                     bias = r.bias[: r.n][None]
                     mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
                 qg = q[b, h * G : (h + 1) * G].reshape(1, 1, G * L, D)
-                o = _sdpa_group(qg, k[None, None], v[None, None], scaling, None if mask is None else mask[None, None])
+                o = grouped_sdpa(qg, k[None, None], v[None, None], scaling, None if mask is None else mask[None, None])
                 out[b, h * G : (h + 1) * G] = o.view(G, L, D)
         if L > 1:
             out = torch.nan_to_num(out)  # padding queries before any stored key have empty rows
@@ -575,8 +555,6 @@ def as_dense(store: KVStore, method: str) -> DenseKV:
         return store
     lengths = store.lengths()  # (B, H)
     if bool((lengths != lengths[:, :1]).any()):
-        from ..errors import CapabilityError
-
         raise CapabilityError(
             f"'{method}' needs every KV head of a sequence to hold the same number of entries, but the prefill "
             "method gave heads different lengths (head-adaptive). Use a uniform prefill method with it."
@@ -603,4 +581,4 @@ def as_dense(store: KVStore, method: str) -> DenseKV:
     return DenseKV(k, v, pos, valid=valid, bias=bias, reserve=max(0, cap - n))
 
 
-__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "as_dense", "build_store", "bytes_per_entry", "chunk_allowed"]
+__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "as_dense", "build_store", "bytes_per_entry"]

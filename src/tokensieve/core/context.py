@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..attention.dense import grouped_logits
+
 NEG_INF = float("-inf")
 
 
@@ -31,19 +33,6 @@ class ModelShape:
     @property
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
-
-    @classmethod
-    def from_config(cls, config: Any, key: str = "model") -> ModelShape:
-        c = config.get_text_config() if hasattr(config, "get_text_config") else config
-        nq = int(c.num_attention_heads)
-        return cls(
-            num_layers=int(c.num_hidden_layers),
-            num_q_heads=nq,
-            num_kv_heads=int(getattr(c, "num_key_value_heads", None) or nq),
-            head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // nq),
-            max_positions=int(getattr(c, "max_position_embeddings", 0) or 0),
-            key=key,
-        )
 
 
 @dataclass
@@ -66,34 +55,6 @@ class RunState:
     recent: int = 0
     profile: Any = None
     scratch: dict[Any, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DecodeRun:
-    """State shared by all layers while a decode method runs (one per cache).
-
-    Attributes:
-        shape: the model's attention geometry.
-        budget_tokens: ``(B,)`` decode-time budget per sequence, in tokens (cache size for eviction policies,
-            tokens attended per step for sparse methods — see each method).
-        step: decode steps taken so far (incremented once per forward pass, at the last layer).
-        scratch: free space shared across layers within and across steps (e.g. TidalDecode's positions).
-    """
-
-    shape: ModelShape
-    budget_tokens: Tensor
-    budget: Any = None  # the decode Budget itself, for methods whose budget follows the cache length
-    step: int = 0
-    bytes_read: int = 0  # KV (and metadata) bytes the method's attention read, summed over steps and layers
-    scratch: dict[Any, Any] = field(default_factory=dict)
-
-    def tokens_for(self, n: int) -> int:
-        """Tokens a sparse method attends to over a cache of ``n`` entries (a ratio follows the cache length)."""
-        if self.budget is None:
-            return int(self.budget_tokens.max())
-        if self.budget.kind == "tokens":
-            return min(int(self.budget.value), n)  # a budget above the cache length covers it all
-        return int(self.budget.tokens_for(n))
 
 
 @dataclass
@@ -227,16 +188,3 @@ class LayerContext:
                 total[..., : off + e] += probs.sum(2).float()
             self._memo[key] = total
         return self._memo[key]
-
-
-def grouped_logits(q: Tensor, k: Tensor, scaling: float) -> Tensor:
-    """``q kᵀ * scaling`` under GQA without expanding keys to query heads.
-
-    q: ``(B, H_q, L, D)``, k: ``(B, H_kv, T, D)`` → ``(B, H_q, L, T)``.
-    """
-    B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    qg = q.reshape(B, Hkv, G * L, D)  # (B, H_kv, G*L, D)
-    logits = torch.matmul(qg, k.transpose(-1, -2)) * scaling  # (B, H_kv, G*L, T)
-    return logits.reshape(B, Hq, L, k.shape[2])

@@ -120,36 +120,4 @@ class PrefillMethod(Method):
         return self.apply(self.select(scores, counts, ctx), ctx, scores)
 
 
-@dataclass(frozen=True)
-class DecodeMethod(Method):
-    """A method that acts at every decode step: a bounded cache (eviction) or sparse attention over a whole cache.
-
-    The cache calls, per layer: :meth:`init_state` once (after the layer's first chunk, with that chunk's
-    :class:`LayerContext` when :attr:`needs_prefill_context` is set), :meth:`on_append` after every appended chunk,
-    and :meth:`step` for every single-token decode step, which returns the attention output and may evict.
-    """
-
-    capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE)
-    needs_prefill_context: ClassVar[bool] = False
-
-    def decode_budget(self, budget: Any, n_tokens: int) -> int:
-        """Resolve a decode budget for a sequence whose prompt had ``n_tokens`` tokens."""
-        return int(budget.tokens_for(n_tokens)) if budget.kind == "ratio" else int(budget.value)
-
-    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: Any) -> Any:
-        return None
-
-    def prepare(self, layer_idx: int, store: Any, run: Any) -> Any:
-        """The store to use from now on, given the layer's store as a ``DenseKV`` (e.g. with its capacity aligned
-        to pages, or with a per-slot state array registered)."""
-        return store
-
-    def on_append(self, layer_idx: int, store: Any, state: Any, n_new: int, run: Any) -> None:
-        """Keep per-layer metadata in sync with ``n_new`` entries just appended to ``store``."""
-
-    def step(self, layer_idx: int, q: Tensor, store: Any, state: Any, run: Any, scaling: float) -> Tensor:
-        """Attention output ``(B, H_q, 1, D)`` of a decode step whose token was just appended to ``store``."""
-        raise NotImplementedError
-
-
-__all__ = ["Compressed", "DecodeMethod", "Method", "PrefillMethod"]
+__all__ = ["Compressed", "Method", "PrefillMethod"]

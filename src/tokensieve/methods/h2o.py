@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..attention.decode import recent_mask
-from ..cache.bounded import BoundedCacheMethod
-from ..cache.storage import DenseKV
+from ..cache.decode import BoundedCacheMethod, DecodeLayer, recent_mask
 from ..core.capabilities import Apply, Capabilities, Phase
-from ..core.context import DecodeRun, LayerContext
+from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..errors import ConfigError
@@ -65,9 +63,8 @@ class H2O(PrefillMethod, BoundedCacheMethod):
         return topk_select(scores, counts, ctx.selectable, sink=ctx.run.sink, recent=recent)
 
     # -- decode ---------------------------------------------------------------------------------------------------
-    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> None:
-        if not isinstance(store, DenseKV):
-            return  # a ragged prefill store: prepare() registers the state once the store is dense
+    def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> None:
+        store = layer.store
         init = None
         if ctx is not None:
             acc = ctx.to_kv_heads(ctx.accumulated_attention(), "mean")  # (B, H, T)
@@ -77,17 +74,10 @@ class H2O(PrefillMethod, BoundedCacheMethod):
             init = acc.gather(2, idx).masked_fill(pos < 0, 0.0)
         store.add_aux("h2o", init)
 
-    def prepare(self, layer_idx: int, store: Any, run: DecodeRun) -> DenseKV:
-        dense = super().prepare(layer_idx, store, run)
-        if "h2o" not in dense.aux:
-            dense.add_aux("h2o")
-        return dense
-
-    def decode_scores(
-        self, layer_idx: int, store: DenseKV, state: Any, probs: Tensor | None, run: DecodeRun, budget: int
-    ) -> Tensor:
+    def decode_scores(self, layer: DecodeLayer, probs: Tensor | None, budget: int) -> Tensor:
         assert probs is not None
+        store = layer.store
         acc = store.aux["h2o"]
         acc[:, :, : store.n] += probs.mean(2)  # (B, H, n): this step's attention, mean over the group
         recent = max(1, int(budget * self.recent_ratio))
-        return acc[:, :, : store.n].masked_fill(recent_mask(store, recent), float("inf"))
+        return acc[:, :, : store.n].masked_fill(recent_mask(store.positions, recent), float("inf"))

@@ -6,14 +6,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention.sparse import slot_mask
+from ..attention.sparse import attend_pages, page_bounds, page_meta, write_page_meta
+from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import DecodeRun, LayerContext
-from ..core.method import DecodeMethod
+from ..core.context import LayerContext
 from ..core.registry import register
 from ..errors import ConfigError
 
@@ -51,68 +50,46 @@ class Quest(DecodeMethod):
         if self.page < 1 or self.min_pages < 1 or self.dense_layers < 0:
             raise ConfigError("quest: page and min_pages must be >= 1, dense_layers >= 0.")
 
-    def prepare(self, layer_idx: int, store: DenseKV, run: DecodeRun) -> DenseKV:
-        store.align(self.page)
-        return store
-
-    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
+    def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
+        layer.store.align(self.page)
         return {"meta": None, "complete": -1}
 
-    # -- page metadata ------------------------------------------------------------------------------------------
-    # meta (B, H, 2D, pages): rows [0, D) hold M − m, rows [D, 2D) hold m, for every *complete* page, so that the
-    # bound Σ_d max(q_d M_d, q_d m_d) = relu(q)·(M − m) + q·m is one matmul. The page holding the newest token is
-    # always attended and needs no metadata; a page's column is written once, when it fills.
-    def on_append(self, layer_idx: int, store: DenseKV, state: dict[str, Any], n_new: int, run: DecodeRun) -> None:
-        if layer_idx < self.dense_layers:
+    # -- page metadata: [M − m, m] of every *complete* page (attention.sparse.page_meta). The page holding the
+    # newest token is always attended and needs no metadata; a page's column is written once, when it fills.
+    def on_append(self, layer: DecodeLayer, n_new: int) -> None:
+        if layer.index < self.dense_layers:
             return
-        P, n = self.page, store.n
+        store, state, P = layer.store, layer.state, self.page
         if store.capacity % P:
             store.align(P)
-        complete = n // P
+        complete = store.n // P
         meta = state["meta"]
+        kbuf = store.buffers[0]
         if meta is None or meta.shape[-1] != store.capacity // P or complete - state["complete"] not in (0, 1):
-            state["meta"] = self._build(store, complete)
+            state["meta"] = page_meta(kbuf, complete, P)
         elif complete > state["complete"]:  # a page just filled
-            keys = store.buffers[0][:, :, (complete - 1) * P : complete * P]  # (B, H, P, D)
-            hi, lo = keys.amax(2), keys.amin(2)
-            D = hi.shape[-1]
-            meta[:, :, :D, complete - 1] = hi - lo
-            meta[:, :, D:, complete - 1] = lo
+            write_page_meta(meta, kbuf, complete - 1, P)
         state["complete"] = complete
 
-    def _build(self, store: DenseKV, complete: int) -> Tensor:
-        kb = store.buffers[0]
-        B, H, _, D = kb.shape
-        meta = kb.new_zeros(B, H, 2 * D, store.capacity // self.page)
-        if complete:
-            pages = kb[:, :, : complete * self.page].reshape(B, H, complete, self.page, D)
-            hi, lo = pages.amax(3), pages.amin(3)  # (B, H, complete, D)
-            meta[:, :, :D, :complete] = (hi - lo).transpose(-1, -2)
-            meta[:, :, D:, :complete] = lo.transpose(-1, -2)
-        return meta
-
-    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
+        store, run = layer.store, layer.run
         plan = self._step_plan(store, run)
-        if layer_idx < self.dense_layers or plan is None:
+        if layer.index < self.dense_layers or plan is None:
             run.bytes_read += store.kv_bytes()
-            return store.attend(q, scaling)
+            return store.attend(q, layer.scaling)
         cur, k, base, idx, mask, read = plan
         B, Hq, _, D = q.shape
         H = base.shape[0] // B
         qg = q.view(B, H, Hq // H, D)
-        qq = torch.cat([F.relu(qg), qg], -1)  # (B, H, G, 2D)
-        bounds = torch.matmul(qq, state["meta"][..., :cur]).amax(2)  # (B, H, cur): complete pages only
+        bounds = page_bounds(qg, layer.state["meta"][..., :cur]).amax(2)  # (B, H, cur): complete pages only
         top = bounds.topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
         torch.add(top, base, out=idx[:, : k - 1])  # the chosen pages; the current one sits in the last column
-        flat = idx.view(-1)
-        kp, vp = store.pages(self.page)
-        K = kp.index_select(0, flat).view(B, H, k * self.page, D)
-        V = vp.index_select(0, flat).view(B, H, k * self.page, D)
         if store.has_padding or store.has_bias:  # padding or merged entries: the general mask
             pages = idx.view(B, H, k) - base.view(B, H, 1)
             slots = (pages[..., None] * self.page + torch.arange(self.page, device=q.device)).view(B, H, -1)
-            mask = slot_mask(store, slots)
-        out = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask, scale=scaling)
+            mask = store.slot_mask(slots)
+        kbuf, vbuf = store.buffers
+        out = attend_pages(qg, kbuf, vbuf, idx, self.page, layer.scaling, mask)
         run.bytes_read += read
         return out.view(B, Hq, 1, D)
 

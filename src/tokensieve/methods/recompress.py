@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Phase
-from ..core.context import DecodeRun, LayerContext, RunState
-from ..core.method import DecodeMethod, PrefillMethod
+from ..core.context import LayerContext, RunState
+from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..errors import CapabilityError, ConfigError
 from .snapkv import SnapKV
@@ -48,10 +49,11 @@ class Recompress(DecodeMethod):
         if inner.capabilities.apply.value != "evict" or inner.capabilities.head_adaptive:
             raise ConfigError(f"recompress: scorer '{self.scorer.name}' must evict with the same count for every head.")
 
-    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
+    def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         return {"queries": None}
 
-    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
+        store, state, run, scaling, layer_idx = layer.store, layer.state, layer.run, layer.scaling, layer.index
         out = store.attend(q, scaling)
         run.bytes_read += store.kv_bytes()
         buf = state.get("queries")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
-from ..attention.decode import sink_mask
-from ..cache.bounded import BoundedCacheMethod
-from ..cache.storage import DenseKV
+from ..cache.decode import BoundedCacheMethod, DecodeLayer, sink_mask
 from ..core.capabilities import Apply, Capabilities, Phase
-from ..core.context import DecodeRun, LayerContext
+from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..scorers import recency_scores
@@ -47,8 +45,7 @@ class StreamingLLM(PrefillMethod, BoundedCacheMethod):
     def score(self, ctx: LayerContext) -> Tensor:
         return recency_scores(ctx)
 
-    def decode_scores(
-        self, layer_idx: int, store: DenseKV, state: Any, probs: Tensor | None, run: DecodeRun, budget: int
-    ) -> Tensor:
-        score = store.positions.float()  # the oldest entry goes first
-        return score.masked_fill(sink_mask(store, self.sink), float("inf"))
+    def decode_scores(self, layer: DecodeLayer, probs: Tensor | None, budget: int) -> Tensor:
+        positions = layer.store.positions
+        score = positions.float()  # the oldest entry goes first
+        return score.masked_fill(sink_mask(positions, self.sink), float("inf"))

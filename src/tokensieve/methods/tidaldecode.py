@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..attention.decode import attention_with_probs
 from ..attention.sparse import attend_slots
+from ..cache.decode import DecodeLayer, DecodeMethod
 from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import DecodeRun
-from ..core.method import DecodeMethod
 from ..core.registry import register
 from ..errors import ConfigError
 
@@ -53,7 +52,8 @@ class TidalDecode(DecodeMethod):
         r = round(0.4 * num_layers) if self.reselect_layer < 0 else self.reselect_layer
         return max(r, self.select_layer)
 
-    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
+        store, run, scaling, layer_idx = layer.store, layer.run, layer.scaling, layer.index
         n = store.n
         budget = run.tokens_for(n)
         if layer_idx < self.select_layer or budget >= n:
@@ -63,7 +63,7 @@ class TidalDecode(DecodeMethod):
         H = store.keys.shape[1]
         qg = q.reshape(B, H, Hq // H, D)
         if layer_idx in (self.select_layer, self.reselect_at(run.shape.num_layers)):
-            out, probs = attention_with_probs(q, store, scaling)
+            out, probs = attention_with_probs(q, store.keys, store.values, store.attention_mask(1, Hq // H), scaling)
             run.bytes_read += store.kv_bytes()
             top = probs.sum(2).topk(budget, dim=-1, sorted=False).indices  # (B, H, k) slots of this layer
             shared = top if store.identity_positions else None  # slot = position in every full-cache layer
@@ -81,7 +81,8 @@ class TidalDecode(DecodeMethod):
         slots = torch.cat([slots, newest], -1)
         keep = torch.cat([found, ~has_newest], -1)
         run.bytes_read += store.entry_bytes(slots.shape[-1])
-        return attend_slots(qg, store, slots, scaling, keep).reshape(B, Hq, 1, D)
+        kbuf, vbuf = store.buffers
+        return attend_slots(qg, kbuf, vbuf, slots, scaling, store.slot_mask(slots, keep)).reshape(B, Hq, 1, D)
 
     @staticmethod
     def _slots(store: DenseKV, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention.sparse import attend_slots
-from ..cache.storage import DenseKV
+from ..cache.decode import DecodeLayer, DecodeMethod
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import DecodeRun, LayerContext
-from ..core.method import DecodeMethod
+from ..core.context import LayerContext
 from ..core.registry import register
 from ..errors import ConfigError
 
@@ -56,14 +55,15 @@ class TokenSelect(DecodeMethod):
         if self.n_init < 0 or self.n_local < 1 or not -1.0 <= self.theta <= 1.0:
             raise ConfigError("tokenselect: n_init >= 0, n_local >= 1 and -1 <= theta <= 1 are required.")
 
-    def init_state(self, layer_idx: int, ctx: LayerContext | None, store: Any, run: DecodeRun) -> dict[str, Any]:
+    def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         return {"q": None, "sel": None, "n": -1, "k": -1, "recomputed": 0, "reused": 0}
 
-    def on_append(self, layer_idx: int, store: DenseKV, state: dict[str, Any], n_new: int, run: DecodeRun) -> None:
+    def on_append(self, layer: DecodeLayer, n_new: int) -> None:
         if n_new != 1:
-            state["sel"] = None  # a chunk (e.g. a question) arrived: select again
+            layer.state["sel"] = None  # a chunk (e.g. a question) arrived: select again
 
-    def step(self, layer_idx: int, q: Tensor, store: DenseKV, state: Any, run: DecodeRun, scaling: float) -> Tensor:
+    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
+        store, state, run, scaling = layer.store, layer.state, layer.run, layer.scaling
         n = store.n
         budget = run.tokens_for(n)
         if budget >= n:  # the budget covers the cache: this is exactly dense attention
@@ -109,5 +109,7 @@ class TokenSelect(DecodeMethod):
             ],
             dim=1,
         )  # (B, budget), shared by every head
-        out = attend_slots(qg, store, slots[:, None, :].expand(B, H, -1), scaling)
+        slots = slots[:, None, :].expand(B, H, -1)
+        kbuf, vbuf = store.buffers
+        out = attend_slots(qg, kbuf, vbuf, slots, scaling, store.slot_mask(slots))
         return out.reshape(B, Hq, 1, D)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
-from ..cache.bounded import BoundedCacheMethod
-from ..cache.storage import DenseKV
+from ..cache.decode import BoundedCacheMethod, DecodeLayer
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import DecodeRun, LayerContext
+from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
 from ..scorers import last_query_scores
@@ -42,9 +41,8 @@ class TOVA(PrefillMethod, BoundedCacheMethod):
     def score(self, ctx: LayerContext) -> Tensor:
         return last_query_scores(ctx)
 
-    def decode_scores(
-        self, layer_idx: int, store: DenseKV, state: Any, probs: Tensor | None, run: DecodeRun, budget: int
-    ) -> Tensor:
+    def decode_scores(self, layer: DecodeLayer, probs: Tensor | None, budget: int) -> Tensor:
         assert probs is not None
+        store = layer.store
         s = probs.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1, n): mean over every query head of the layer
         return s[:, :, 0].expand(probs.shape[0], probs.shape[1], store.n)
