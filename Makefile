@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-deps
 
-.PHONY: setup demo test lint typecheck unit integration eval-baseline bench clean
+.PHONY: setup demo test lint typecheck imports unit integration eval-baseline bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ DEMO_BUDGET  ?= 0.1
 demo: setup
 	$(BIN)/tokensieve demo --budget $(DEMO_BUDGET)
 
-## test: linter, type checker and the whole test suite (unit + integration on the embedded model)
-test: setup lint typecheck
+## test: linter, type checker, import contract and the whole test suite (unit + integration on the embedded model)
+test: setup lint typecheck imports
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+## imports: the layer contract of docs/ARCHITECTURE.md (import-linter; contracts in pyproject.toml)
+imports: $(STAMP)
+	$(BIN)/lint-imports
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

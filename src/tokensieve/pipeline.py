@@ -16,7 +16,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from .core.capabilities import Phase
 from .core.method import Method
 from .errors import CapabilityError, ConfigError, PromptError
 from .registry import create_method
+from .spec import Spec
 
 
 @dataclass
@@ -107,6 +108,62 @@ def _routed(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def resolve_spec(
+    method: str | Method | Spec,
+    budget: Budget | str | float | int | None,
+    decode: str | Method | None,
+    decode_budget: Budget | str | float | int | None,
+    decode_params: dict[str, Any] | None,
+    params: dict[str, Any],
+) -> Spec:
+    """One :class:`Spec` from the Compressor's arguments: a spec (string or object) or a method, completed by the
+    keyword arguments (which may not contradict it)."""
+    spec = Spec.parse(method)
+    named_decode_only = _names_decode_only(method)
+    if params:  # parameters of the method the caller named
+        if named_decode_only:
+            assert spec.decode is not None
+            spec = replace(spec, decode=create_method(spec.decode, **params))
+        else:
+            spec = replace(spec, method=create_method(spec.method, **params))
+    if decode is None and decode_params:
+        raise ConfigError("decode_params given without a decode method.")
+    if decode is not None:
+        if spec.decode is not None:
+            raise ConfigError(
+                f"Two decode methods: '{spec.label}' already names '{spec.decode.name}'; drop decode={decode!r}."
+            )
+        spec = replace(spec, decode=_decode_method(decode, decode_params or {}), decode_budget=None)
+    if budget is not None:
+        b = Budget.parse(budget)
+        own = spec.decode_budget if named_decode_only else spec.budget
+        if own is not None and own != b:
+            raise ConfigError(f"Two budgets: '{spec.label}' already has one; drop budget={budget!r}.")
+        if named_decode_only:
+            spec = replace(spec, decode_budget=b)
+        elif spec.method.compresses:
+            spec = replace(spec, budget=b)
+    if decode_budget is not None:
+        if spec.decode is None:
+            raise ConfigError("decode_budget given without a decode method.")
+        b = Budget.parse(decode_budget)
+        if spec.decode_budget is not None and spec.decode_budget != b:
+            raise ConfigError(f"Two decode budgets: '{spec.label}' already has one; drop decode_budget.")
+        spec = replace(spec, decode_budget=b)
+    if spec.method.compresses and spec.budget is None:
+        spec = replace(spec, budget=Budget.ratio(1.0))
+    if spec.decode is not None and spec.decode_budget is None:
+        spec = replace(spec, decode_budget=spec.budget if spec.budget is not None else Budget.ratio(1.0))
+    return spec
+
+
+def _names_decode_only(method: str | Method | Spec) -> bool:
+    """The caller named one method that acts only while decoding (``"quest"``), which a spec reads as ``+quest``."""
+    if isinstance(method, Spec) or (isinstance(method, str) and "+" in method):
+        return False
+    return Spec.parse(method).decode is not None
+
+
 def check_composition(method: Method, decode: DecodeMethod | None) -> None:
     """Refuse, before any work, a prefill method and a decode method that cannot run together."""
     if decode is None:
@@ -125,8 +182,11 @@ class Compressor:
 
     Args:
         model: a causal LM from transformers (Llama-family attention).
-        method: a registered method name or a :class:`Method` instance (``"full"`` = no compression).
-        budget: a ratio in (0, 1], a token count, or a :class:`Budget`.
+        method: what to run — a spec string (``"snapkv:0.25+quest[page=32]:0.125"``, see docs/CONCEPTS.md), a
+            :class:`~tokensieve.spec.Spec`, a registered method name or a :class:`Method` instance (``"full"`` = no
+            compression). A method that acts only while decoding (``"quest"``) means a full prefill, then it.
+        budget: a ratio in (0, 1], a token count, or a :class:`Budget` — for the method that has none in the spec
+            (default: the whole prompt).
         reserve: headroom per cache row for tokens that will follow the compressed context.
         profile: a per-model profile to use instead of the installed one (methods that need one).
         decode: a method that acts at every decode step — a bounded cache (``streaming_llm``, ``h2o``, ``tova``,
@@ -141,8 +201,8 @@ class Compressor:
     def __init__(
         self,
         model: Any,
-        method: str | Method = "full",
-        budget: Budget | str | float | int = 1.0,
+        method: str | Method | Spec = "full",
+        budget: Budget | str | float | int | None = None,
         *,
         reserve: int = 0,
         profile: Any = None,
@@ -152,13 +212,11 @@ class Compressor:
         **params: Any,
     ) -> None:
         self.model = model
-        self.method = create_method(method, **params)
-        self.method.capabilities.check(method=self.method.name, phase=Phase.PREFILL)
-        self.budget = Budget.parse(budget)
-        if decode is None and decode_params:
-            raise ConfigError("decode_params given without a decode method.")
-        self.decode_method = _decode_method(decode, decode_params or {})
-        self.decode_budget = Budget.parse(decode_budget) if decode_budget is not None else self.budget
+        self.spec = resolve_spec(method, budget, decode, decode_budget, decode_params, params)
+        self.method: Method = self.spec.method
+        self.budget: Budget = self.spec.budget if self.spec.budget is not None else Budget.ratio(1.0)
+        self.decode_method: DecodeMethod | None = self.spec.decode  # type: ignore[assignment]
+        self.decode_budget = self.spec.decode_budget if self.spec.decode_budget is not None else self.budget
         check_composition(self.method, self.decode_method)
         self.shape = model_shape(model)
         self.method.check(self.shape)
@@ -393,11 +451,12 @@ def _decode_method(decode: str | Method | None, params: dict[str, Any]) -> Decod
 
 def compress(
     model: Any,
-    method: str | Method = "full",
-    budget: Budget | str | float | int = 1.0,
+    method: str | Method | Spec = "full",
+    budget: Budget | str | float | int | None = None,
     **kwargs: Any,
 ) -> Compressor:
-    """Create a :class:`Compressor`; use it as a context manager around ``model.generate`` or call its methods."""
+    """Create a :class:`Compressor` from a spec (``compress(model, "snapkv:0.25+quest:0.125")``) or a method, a
+    budget and keyword arguments; use it as a context manager around ``model.generate`` or call its methods."""
     return Compressor(model, method, budget, **kwargs)
 
 

@@ -162,8 +162,11 @@ def test_tokenselect_selection_cache_is_reused_and_invalidated():
 def test_phases_are_checked(tiny_model):
     with pytest.raises(ts.CapabilityError, match="does not act during decode"):
         ts.compress(tiny_model, "full", decode="snapkv")
-    with pytest.raises(ts.CapabilityError, match="does not act during prefill"):
-        ts.compress(tiny_model, "quest", 0.5)
+    with pytest.raises(ts.ConfigError, match="does not act during prefill"):
+        ts.compress(tiny_model, "quest:0.5+tova:0.5")
+    # one method that acts only while decoding means a full prefill, then it (as in every spec)
+    press = ts.compress(tiny_model, "quest", 0.5)
+    assert (press.method.name, press.decode_method.name, press.spec.label) == ("full", "quest", "+quest:0.5")
     with pytest.raises(ts.ConfigError, match="decode_params"):
         ts.compress(tiny_model, "full", decode_params={"page": 8})
 
