@@ -53,9 +53,7 @@ class DecodeRun:
         """Tokens a sparse method attends to over a cache of ``n`` entries (a ratio follows the cache length)."""
         if self.budget is None:
             return int(self.budget_tokens.max())
-        if self.budget.kind == "tokens":
-            return min(int(self.budget.value), n)  # a budget above the cache length covers it all
-        return int(self.budget.tokens_for(n))
+        return self.budget.tokens_for(n, larger="clip")  # a budget above the cache length covers it all
 
 
 @dataclass
@@ -86,10 +84,6 @@ class DecodeMethod(Method):
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE)
     needs_prefill_context: ClassVar[bool] = False
-
-    def decode_budget(self, budget: Budget, n_tokens: int) -> int:
-        """Resolve a decode budget for a sequence whose prompt had ``n_tokens`` tokens."""
-        return int(budget.tokens_for(n_tokens)) if budget.kind == "ratio" else int(budget.value)
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> Any:
         """Prepare ``layer.store`` for this method (once per run) and return the layer's state."""

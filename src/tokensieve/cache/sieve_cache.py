@@ -277,8 +277,8 @@ class SieveCache:
         if self.decode_run is None:
             assert self.plan is not None
             assert self.plan.decode is not None
-            method, budget = self.plan.decode, self.plan.decode_budget or Budget.ratio(1.0)
-            tokens = [method.decode_budget(budget, max(1, int(n))) for n in n_prompt.tolist()]
+            budget = self.plan.decode_budget or Budget.ratio(1.0)
+            tokens = [budget.tokens_for(max(1, int(n)), larger="keep") for n in n_prompt.tolist()]
             self.decode_run = DecodeRun(self.plan.shape, torch.tensor(tokens, dtype=torch.long), budget)
         return self.decode_run
 

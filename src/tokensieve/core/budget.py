@@ -94,12 +94,19 @@ class Budget:
     def is_full(self) -> bool:
         return self.kind == "ratio" and float(self.value) >= 1.0
 
-    def tokens_for(self, n: int) -> int:
-        """Average per-(layer, KV head) number of entries a sequence with ``n`` compressed tokens keeps."""
+    def tokens_for(self, n: int, *, larger: Literal["error", "clip", "keep"] = "error") -> int:
+        """Average per-(layer, KV head) number of entries a sequence with ``n`` compressed tokens keeps.
+
+        An absolute budget above ``n`` is an error (``larger="error"``, compressing a prompt), covers the ``n``
+        tokens (``"clip"``, tokens a sparse method reads from a cache of ``n``) or stays as it is (``"keep"``, the
+        size a bounded cache may grow to after a prompt of ``n``).
+        """
         if n <= 0:
             raise ConfigError("Nothing to compress: the prompt has no tokens.")
         if self.kind == "ratio":
             return max(1, min(n, math.floor(float(self.value) * n + 0.5)))
+        if self.value > n and larger != "error":
+            return n if larger == "clip" else int(self.value)
         if self.value > n:
             raise ConfigError(
                 f"The absolute budget ({self.value} tokens) is larger than the prompt to compress ({n} tokens). "

@@ -64,10 +64,7 @@ class Capabilities:
         """Raise :class:`CapabilityError` with a readable reason if the request does not fit."""
         if phase is not None and phase not in self.phases:
             can = ", ".join(sorted(p.value for p in self.phases)) or "no phase"
-            raise CapabilityError(
-                f"Method '{method}' does not act during {phase.value} (it supports: {can}). "
-                "Run `tokensieve methods` to see which methods act in which phase."
-            )
+            raise CapabilityError(f"Method '{method}' does not act during {phase.value} (it acts during: {can}).")
         if batch_size > 1 and not self.batching:
             raise CapabilityError(f"Method '{method}' does not support batch size > 1; run one prompt at a time.")
 

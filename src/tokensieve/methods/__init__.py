@@ -1,1 +1,1 @@
-"""Named methods. Each module registers one method; :mod:`tokensieve.core.registry` imports them all."""
+"""Named methods. Each module registers one method; :mod:`tokensieve.registry` imports them all."""
