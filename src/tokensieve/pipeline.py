@@ -147,7 +147,7 @@ def resolve_spec(
         if spec.decode is None:
             raise ConfigError("decode_budget given without a decode method.")
         b = Budget.parse(decode_budget)
-        if spec.decode_budget is not None and spec.decode_budget != b:
+        if decode is None and spec.decode_budget is not None and spec.decode_budget != b:  # the spec named both
             raise ConfigError(f"Two decode budgets: '{spec.label}' already has one; drop decode_budget.")
         spec = replace(spec, decode_budget=b)
     if spec.method.compresses and spec.budget is None:
