@@ -9,9 +9,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import TokensieveError
+
+if TYPE_CHECKING:
+    from .spec import Spec
 
 
 def _params(items: Sequence[str] | None) -> dict[str, str]:
@@ -83,23 +86,38 @@ def methods_markdown(infos: Sequence[Any]) -> str:
     return "\n".join(lines)
 
 
+def generate_spec(args: argparse.Namespace) -> Spec:
+    """The spec of ``tokensieve generate``: ``--spec``, or ``--method`` / ``--param`` / ``--budget``."""
+    from .core.budget import Budget
+    from .core.capabilities import Phase
+    from .registry import create_method
+    from .spec import Spec
+
+    params = _params(args.param)
+    if args.spec is not None:
+        if args.method is not None or args.budget is not None or params:
+            raise TokensieveError("--spec names the method, its parameters and budget: drop --method/--param/--budget.")
+        return Spec.parse(args.spec)
+    budget = Budget.parse(args.budget if args.budget is not None else "1.0")
+    method = create_method(args.method or "full", **params)
+    decode_only = Phase.PREFILL not in method.capabilities.phases
+    return Spec.of(method, budget if method.compresses or decode_only else None)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .adapters.models import load_model
-    from .core.budget import Budget
+    from .data.prompts import chat_ids
     from .errors import PromptError
-    from .eval.prompts import chat_ids
     from .pipeline import compress
-    from .registry import create_method
 
     _threads(args.threads)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    press_kwargs = _params(args.param)
     if not prompt.strip():
         raise PromptError("The prompt is empty: give some text to answer.")
-    create_method(args.method, **press_kwargs)  # fail on a bad method or parameter before loading the model
-    Budget.parse(args.budget)
+    spec = generate_spec(args)  # fail on a bad method, parameter or budget before loading the model
+    kwargs = spec.compressor_kwargs()
     model, tok = load_model(args.model)
-    press = compress(model, args.method, args.budget, reserve=args.max_new_tokens, **press_kwargs)
+    press = compress(model, reserve=args.max_new_tokens, **kwargs)
     ids = chat_ids(tok, prompt, system=args.system)
     ctx = press.prefill(ids)
 
@@ -118,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     cache = ctx.cache
     print(
-        f"[{press.method.name} @ {press.budget}] prompt {ids.shape[1]} tokens · KV {cache.kv_bytes() / 2**20:.2f} MB "
+        f"[{spec.label}] prompt {ids.shape[1]} tokens · KV {cache.kv_bytes() / 2**20:.2f} MB "
         f"· prefill {ctx.prefill_seconds:.2f} s · decode {gen.tokens_per_second:.1f} tok/s",
         file=sys.stderr,
     )
@@ -130,9 +148,10 @@ DEMO_METHODS = "full,streaming_llm,snapkv,knorm,razor,compresskv"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .spec import split_specs
 
     _threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split_specs(args.methods)
     run_demo(
         model_name=args.model,
         methods=methods,
@@ -172,8 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("generate", help="stream a chat answer, optionally from a compressed cache")
     sp.add_argument("prompt", help="the user message ('-' reads stdin)")
     common(sp)
-    sp.add_argument("--method", default="full", help="registered method (see `tokensieve methods`)")
-    sp.add_argument("--budget", default="1.0", help="KV budget: ratio (0.25, 25%%) or token count (256)")
+    sp.add_argument(
+        "--spec",
+        default=None,
+        help="what to run, e.g. snapkv:0.25, snapkv[window=64]:0.25+quest[page=32]:0.125, +h2o:512 "
+        "(prefill[:budget][+decode[:budget]]; see docs/CONCEPTS.md)",
+    )
+    sp.add_argument("--method", default=None, help="registered method (see `tokensieve methods`); default full")
+    sp.add_argument("--budget", default=None, help="KV budget: ratio (0.25, 25%%) or token count (256); default 1.0")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     sp.add_argument("--max-new-tokens", type=int, default=256)
     sp.add_argument("--system", default=None, help="optional system prompt")
@@ -183,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument(
         "--methods",
+        "--specs",
+        "--spec",
+        dest="methods",
         default=DEMO_METHODS,
-        help=f"comma-separated methods (default: {DEMO_METHODS}); `tokensieve methods` lists them all",
+        help=f"comma-separated specs, e.g. snapkv,+quest[page=32],snapkv:0.25+h2o:256 (default: {DEMO_METHODS}); "
+        "a spec without a budget gets --budget; `tokensieve methods` lists the methods",
     )
     sp.add_argument(
         "--agnostic", action="store_true", help="compress the context before the question is seen (cache reuse)"
     )
-    sp.add_argument("--budget", default="0.1", help="budget for the compressing methods (default 0.1 = 90%% off)")
+    sp.add_argument("--budget", default="0.1", help="budget of the specs that give none (default 0.1 = 90%% off)")
     sp.add_argument("--length", type=int, default=1024, help="prompt length in tokens")
     sp.add_argument("--depth", type=float, default=0.5, help="needle depth, 0 (start) … 1 (end)")
     sp.add_argument("--seed", type=int, default=0)
@@ -204,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that define `add_commands(subparsers)`; a module that is absent is skipped.
 _COMMAND_MODULES = [
     m
-    for m in ("tokensieve.eval.cli", "tokensieve.bench.cli", "tokensieve.profiling.cli")
+    for m in ("tokensieve.eval.cli", "tokensieve.bench.cli", "tokensieve.profiling.cli", "tokensieve.report")
     if importlib.util.find_spec(m.rsplit(".", 1)[0]) is not None and importlib.util.find_spec(m) is not None
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,10 +11,10 @@ import torch
 
 from .adapters.models import load_model
 from .core.budget import Budget
+from .data.tasks import get_task
 from .errors import ConfigError
-from .eval.tasks import get_task
 from .pipeline import compress
-from .registry import create_method
+from .spec import Spec
 
 DECODE_TOKENS = 24  # fixed number of decode steps, so decode speed is measured on the same work for every method
 
@@ -33,7 +34,7 @@ class DemoRow:
 def run_demo(
     *,
     model_name: str,
-    methods: list[str],
+    methods: Sequence[str | Spec],
     budget: str,
     length: int,
     depth: float,
@@ -42,11 +43,12 @@ def run_demo(
     out: Any = None,
 ) -> list[DemoRow]:
     out = out or sys.stdout
+    """Answer one passkey question with each spec (a spec without a budget gets ``budget``), full cache first."""
     if not methods:
         raise ConfigError("Give at least one method.")
-    for name in methods:  # fail on a bad method or budget before loading anything
-        create_method(name)
-    Budget.parse(budget)
+    b = Budget.parse(budget)  # fail on a bad spec or budget before loading anything
+    specs = list(dict.fromkeys(Spec.parse(m).with_budget(b) for m in methods))
+    specs = [Spec(), *[s for s in specs if not s.is_full]]  # the full cache first: the reference for `kept`
     model, tok = load_model(model_name)
     task = get_task("passkey")
     sample = task.make(tok, length, depth, seed)
@@ -63,12 +65,10 @@ def run_demo(
         f"{setting}; model {model_name}, {torch.get_num_threads()} CPU threads.",
         file=out,
     )
-    if "full" not in methods:
-        methods = ["full", *methods]
     rows: list[DemoRow] = []
     full_entries = None
-    for name in methods:
-        press = compress(model, name, 1.0 if name == "full" else budget, reserve=DECODE_TOKENS + len(prompt.question))
+    for spec in specs:
+        press = compress(model, reserve=DECODE_TOKENS + len(prompt.question), **spec.compressor_kwargs())
         if agnostic:
             ctx = press.prefill(torch.tensor([prompt.context]))
             press.extend(ctx, torch.tensor([prompt.question]))
@@ -84,8 +84,8 @@ def run_demo(
             full_entries = entries
         rows.append(
             DemoRow(
-                method=name,
-                budget=str(press.budget) if press.method.compresses else "100%",
+                method=spec.family,
+                budget=spec.budget_text,
                 answer=answer,
                 correct=task.score(sample, answer) == 1.0,
                 kv_mb=ctx.cache.kv_bytes() / 2**20,

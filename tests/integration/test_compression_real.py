@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from tokensieve.eval.tasks import get_task
+from tokensieve.data.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
@@ -61,4 +61,4 @@ def test_dapq_runs_on_the_real_model(real_model, passkey_512):
     ctx = press.prefill(torch.tensor([ids.full]))
     full = ts.compress(model, "full").prefill(torch.tensor([ids.full]))
     torch.testing.assert_close(ctx.logits, full.logits, atol=1e-3, rtol=1e-3)
-    assert ctx.cache.get_seq_length() == len(ids.full)  # pseudo queries are not part of the sequence
+    assert ctx.cache.seq_length() == len(ids.full)  # pseudo queries are not part of the sequence

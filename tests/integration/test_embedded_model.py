@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tokensieve as ts
-from tokensieve.eval.prompts import chat_ids
-from tokensieve.eval.tasks import get_task
+from tokensieve.data.prompts import chat_ids
+from tokensieve.data.tasks import get_task
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 
 from tokensieve.eval.config import EvalConfig
 from tokensieve.eval.runner import run_eval
-from tokensieve.eval.store import ResultStore
+from tokensieve.results.store import ResultStore
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def _rows(store) -> dict[str, float]:
     try:
         conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
         try:
-            return dict(conn.execute("SELECT key, created FROM results").fetchall())
+            return dict(conn.execute("SELECT key, created FROM eval").fetchall())
         finally:
             conn.close()
     except sqlite3.OperationalError:  # the table is not created yet
@@ -85,7 +85,7 @@ def test_full_cache_is_the_same_in_both_modes_and_answers(tmp_path, real_model):
     summary = run_eval(cfg, model=model, tokenizer=tok, progress=False, out=io.StringIO())
     assert summary.ran == 4
     with ResultStore(tmp_path / "r.sqlite", readonly=True) as s:
-        rows = {(r["method"], r["mode"]): r for r in s.rows()}
+        rows = {(r["method"], r["mode"]): r for r in s.rows("eval")}
     full_a, full_q = rows[("full", "agnostic")], rows[("full", "aware")]
     assert full_a["score"] == 1.0
     assert full_q["score"] == 1.0

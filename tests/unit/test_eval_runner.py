@@ -13,12 +13,13 @@ import pytest
 
 import tokensieve as ts
 from tokensieve.cli import main
+from tokensieve.data.tasks import TASKS
+from tokensieve.data.testing import CharTokenizer
 from tokensieve.eval.config import EvalConfig
-from tokensieve.eval.report import pareto_front, write_report
 from tokensieve.eval.runner import run_eval
-from tokensieve.eval.store import ResultStore
-from tokensieve.eval.tasks import TASKS
-from tokensieve.eval.testing import CharTokenizer
+from tokensieve.report import write_report
+from tokensieve.results.stats import pareto_front
+from tokensieve.results.store import ResultStore
 
 TOK = CharTokenizer()
 GRID = {
@@ -42,7 +43,7 @@ def _run(tiny_model, store, **overrides):
 
 def _rows(store):
     with ResultStore(store, readonly=True) as s:
-        return s.rows()
+        return s.rows("eval")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,9 @@ def test_every_cell_is_stored_with_its_configuration(filled_store):
     for r in rows:
         cfg = json.loads(r["config"])
         assert cfg["task"] == r["task"]
+        assert json.loads(r["spec"]) == cfg["spec"]
+        assert r["label"] in ("full", "snapkv:0.5", "streaming_llm:0.5")
+        assert r["method"] == r["label"].split(":")[0]
         assert cfg["mode"] == r["mode"]
         assert cfg["model"] == r["model"]
         assert r["version"] == ts.__version__
@@ -72,7 +76,7 @@ def test_every_cell_is_stored_with_its_configuration(filled_store):
 
 def test_full_cache_rows_are_the_reference(filled_store):
     for r in _rows(filled_store):
-        if r["method"] != "full":
+        if r["label"] != "full":
             continue
         assert r["kl"] == pytest.approx(0.0, abs=1e-4)
         assert r["top1"] == 1.0
@@ -82,7 +86,7 @@ def test_full_cache_rows_are_the_reference(filled_store):
 
 
 def test_budgets_mean_the_same_stored_entries_across_methods(filled_store):
-    rows = [r for r in _rows(filled_store) if r["method"] != "full"]
+    rows = [r for r in _rows(filled_store) if r["label"] != "full"]
     by_cell: dict[tuple, set[int]] = {}
     for r in rows:
         by_cell.setdefault((r["task"], r["depth"], r["mode"]), set()).add(r["stored_entries"])
@@ -113,11 +117,11 @@ def test_rerun_resumes_without_redoing_cells(tiny_model, tmp_path, filled_store)
     assert (again.already, again.ran) == (N_CELLS, 0)
     # Lose one whole sample (its full-cache reference included) and two compressed cells of another sample.
     victim = next(r for r in before.values() if r["task"] == "passkey" and r["depth"] == 0.0 and r["mode"] == "aware")
-    other = [r for r in before.values() if r["task"] == "passkey" and r["depth"] == 1.0 and r["method"] != "full"]
+    other = [r for r in before.values() if r["task"] == "passkey" and r["depth"] == 1.0 and r["label"] != "full"]
     gone = {k for k, r in before.items() if r["task"] == "passkey" and r["depth"] == 0.0}
     gone |= {r["key"] for r in other[:2]}
     conn = sqlite3.connect(store)
-    conn.executemany("DELETE FROM results WHERE key = ?", [(k,) for k in gone])
+    conn.executemany("DELETE FROM eval WHERE key = ?", [(k,) for k in gone])
     conn.commit()
     conn.close()
     resumed = _run(tiny_model, store)
@@ -140,31 +144,21 @@ def test_rerun_resumes_without_redoing_cells(tiny_model, tmp_path, filled_store)
 
 def test_decode_time_methods_run_after_a_full_or_compressed_prefill(tiny_model, tmp_path):
     store = tmp_path / "r.sqlite"
-    summary = _run(tiny_model, store, tasks="passkey", methods="quest,snapkv+quest", depths="0.5", modes="agnostic")
-    assert summary.ran == 3
-    rows = {r["method_label"]: r for r in _rows(store)}
-    assert set(rows) == {"full", "quest", "snapkv+quest"}
-    quest, combo, full = rows["quest"], rows["snapkv+quest"], rows["full"]
-    assert quest["method"] == "quest"
-    assert json.loads(quest["config"])["decode"]["method"] == "quest"
+    summary = _run(tiny_model, store, tasks="passkey", methods="quest,snapkv+quest,+h2o[recent_ratio=0.25]:100",
+                   depths="0.5", modes="agnostic")  # fmt: skip
+    assert summary.ran == 4
+    rows = {r["label"]: r for r in _rows(store)}
+    assert set(rows) == {"full", "+quest:0.5", "snapkv:0.5+quest:0.5", "+h2o[recent_ratio=0.25]:100"}
+    quest, combo, full = rows["+quest:0.5"], rows["snapkv:0.5+quest:0.5"], rows["full"]
+    assert (quest["method"], quest["budget"]) == ("+quest", "50%")
+    assert json.loads(quest["config"])["spec"]["decode"]["name"] == "quest"
+    assert rows["+h2o[recent_ratio=0.25]:100"]["budget"] == "100 tok"  # a spec's own budget, not the grid's
     assert quest["kv_bytes"] == full["kv_bytes"]  # sparse decoding keeps the whole cache, it reads a subset
     assert combo["stored_entries"] < full["stored_entries"]  # SnapKV compressed the prompt
     for r in (quest, combo):
         assert r["fidelity_tokens"] == full["fidelity_tokens"]
         assert r["kl"] >= 0.0
         assert 0.0 <= r["top1"] <= 1.0
-
-
-def test_method_specs_with_decode_methods():
-    from tokensieve.eval.config import MethodSpec
-
-    assert MethodSpec.parse("quest").label == "quest"
-    assert MethodSpec.parse("quest").name == "full"
-    combo = MethodSpec.parse("snapkv:window=8+quest:page=8")
-    assert combo.label == "snapkv(window=8)+quest(page=8)"
-    assert combo.compresses
-    with pytest.raises(ts.ConfigError, match="does not act while decoding"):
-        MethodSpec.parse("full+snapkv")
 
 
 @pytest.mark.parametrize(
@@ -184,7 +178,7 @@ def test_bad_input_stops_before_any_cell(tiny_model, tmp_path, overrides, error,
         run_eval(cfg, model=tiny_model, tokenizer=TOK, progress=False, out=io.StringIO(), on_cell=measured.append)
     assert measured == []
     if store.exists():
-        assert ResultStore(store, readonly=True).count() == 0
+        assert ResultStore(store, readonly=True).count("eval") == 0
 
 
 def test_unwritable_store_fails_before_work(tiny_model, tmp_path):
@@ -201,7 +195,7 @@ def test_dry_run_measures_nothing(tiny_model, tmp_path):
     assert (s.total, s.ran) == (N_CELLS, 0)
     assert f"{N_CELLS} cells" in out.getvalue()
     assert "ppl runs in the agnostic mode only" in out.getvalue()
-    assert ResultStore(store, readonly=True).count() == 0
+    assert ResultStore(store, readonly=True).count("eval") == 0
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -210,6 +204,8 @@ def test_dry_run_measures_nothing(tiny_model, tmp_path):
     [
         (["eval", "--tasks", "nope"], "Unknown task 'nope'"),
         (["eval", "--methods", "snapkvv"], "Unknown method 'snapkvv'"),
+        (["eval", "--methods", "snapkv[window=8"], "expected ']' or ','"),
+        (["eval", "--methods", "full+snapkv"], "does not act during decode"),
         (["eval", "--budgets", "2.0"], "(0, 1]"),
         (["eval", "--modes", "both"], "Unknown mode"),
         (["eval", "missing-grid.toml"], "does not exist"),
@@ -249,7 +245,7 @@ def test_report_draws_depth_by_length_heatmaps_over_several_lengths(tiny_model, 
     md = (out / "report.md").read_text()
     assert "## Needle heatmaps, depth × length" in md
     heatmaps = sorted(p.name for p in out.glob("heatmap_*.png"))
-    assert heatmaps == ["heatmap_aware_full_100.png", "heatmap_aware_snapkv_50.png"]
+    assert heatmaps == ["heatmap_aware_full.png", "heatmap_aware_snapkv_0.5.png"]
 
 
 def test_report_markdown_html_and_plots(filled_store, tmp_path, capsys):
@@ -259,7 +255,9 @@ def test_report_markdown_html_and_plots(filled_store, tmp_path, capsys):
     assert "## Full-cache baseline" in md
     assert "## Accuracy vs KV budget" in md
     assert "## Needle accuracy by depth" in md  # one prompt length: a method × depth matrix
-    assert "| task | method | budget | n | score | KL (nats) | top-1 |" in md
+    assert "| task | configuration | budget | n | score | KL (nats) | top-1 |" in md
+    assert "| passkey | snapkv:0.5 | 50% |" in md
+    assert "Accuracy and speed, side by side" not in md  # no benchmark rows in this store
     images = [line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")]
     assert any(i.startswith("pareto_") for i in images)
     assert any(i.startswith("needles_") for i in images)
@@ -269,7 +267,8 @@ def test_report_markdown_html_and_plots(filled_store, tmp_path, capsys):
     assert html.count("data:image/png;base64,") == len(images)
     assert "<table>" in html
     summary = json.loads((out / "summary.json").read_text())
-    full = [s for s in summary if s["method"] == "full" and s["task"] == "ppl"]
+    assert summary["speed"] == []
+    full = [s for s in summary["accuracy"] if s["label"] == "full" and s["task"] == "ppl"]
     assert len(full) == 1
     assert full[0]["kept"] == 1.0
     assert full[0]["n"] == 1

@@ -9,15 +9,15 @@ from collections import Counter
 import pytest
 
 import tokensieve as ts
-from tokensieve.eval.tasks import (
+from tokensieve.data.tasks import (
     TASKS,
     Sample,
     continuation_score,
     get_task,
     match_all,
 )
-from tokensieve.eval.testing import CharTokenizer
-from tokensieve.eval.text import (
+from tokensieve.data.testing import CharTokenizer
+from tokensieve.data.text import (
     FileText,
     KJVText,
     PythonDocText,

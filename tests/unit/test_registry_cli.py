@@ -51,12 +51,58 @@ def test_cli_methods_reads_registry(capsys):
         (["generate", "hi", "--model", "not-a-model"], "Unknown model"),
         (["generate", "hi", "--model", "./missing/dir"], "No model directory"),
         (["generate", "hi", "--param", "oops"], "key=value"),
+        (["generate", "hi", "--spec", "snapkv[window=8:0.5"], "expected ']' or ','"),
+        (["generate", "hi", "--spec", "snapkv"], "no budget"),
+        (["generate", "hi", "--spec", "+snapkv:0.5"], "does not act during decode"),
+        (["generate", "hi", "--spec", "snapkv:0.5", "--method", "h2o"], "drop --method"),
+        (["generate", "hi", "--method", "quest", "--budget", "0.2", "--param", "pages=3"], "no parameter 'pages'"),
+        (["demo", "--methods", "snapkv,+quest[page=8"], "expected ']' or ','"),
+        (["demo", "--budget", "2.5"], "(0, 1]"),
     ],
 )
 def test_cli_bad_input_fails_early_with_a_message(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err
+
+
+def test_generate_builds_one_spec_from_either_form():
+    from tokensieve.cli import build_parser, generate_spec
+
+    def spec(*argv: str) -> str:
+        return generate_spec(build_parser().parse_args(["generate", "hi", *argv])).label
+
+    assert spec() == "full"
+    assert spec("--method", "full", "--budget", "0.5") == "full"  # the full cache ignores a budget
+    assert spec("--method", "snapkv", "--budget", "0.25", "--param", "window=64") == "snapkv[window=64]:0.25"
+    assert spec("--method", "quest", "--budget", "0.125", "--param", "page=32") == "+quest[page=32]:0.125"
+    assert spec("--spec", "snapkv:0.25+quest:0.125") == "snapkv:0.25+quest:0.125"
+
+
+def test_generate_runs_a_decode_method_from_the_spec(tmp_path, tiny_model, capsys):
+    save_tiny(tmp_path / "m", tiny_model)
+    prompt = " ".join(f"t{3 + i % 90}" for i in range(80))
+    argv = ["generate", prompt, "--model", str(tmp_path / "m"), "--max-new-tokens", "4", "--threads", "1"]
+    assert main([*argv, "--spec", "snapkv:0.5+quest[page=8]:0.5"]) == 0
+    assert "[snapkv:0.5+quest[page=8]:0.5] prompt" in capsys.readouterr().err
+
+
+def test_demo_takes_specs(tiny_model, monkeypatch):
+    import io
+
+    import tokensieve.demo as demo
+    from tokensieve.data.testing import CharTokenizer
+
+    monkeypatch.setattr(demo, "load_model", lambda name: (tiny_model, CharTokenizer()))
+    out = io.StringIO()
+    rows = demo.run_demo(model_name="tiny", methods=["snapkv", "+quest[page=8]", "streaming_llm:0.25+h2o:64"],
+                         budget="0.5", length=300, depth=0.5, seed=0, out=out)  # fmt: skip
+    assert [(r.method, r.budget) for r in rows] == [
+        ("full", "100%"), ("snapkv", "50%"), ("+quest[page=8]", "50%"), ("streaming_llm+h2o", "25% + 64 tok"),
+    ]  # fmt: skip
+    assert rows[1].kept < 0.6  # half of the context (and the 24 decoded tokens) kept
+    assert rows[2].kept == 1.0  # sparse decoding keeps the whole cache
+    assert "+quest[page=8]" in out.getvalue()
 
 
 def test_missing_embedded_model_names_the_command(tmp_path, monkeypatch):
@@ -91,8 +137,8 @@ def test_local_directory_model_loads(tmp_path, tiny_model):
 
 
 def test_cli_profile_writes_a_loadable_profile(tmp_path, tiny_model, capsys):
+    from tokensieve.adapters.models import model_shape
     from tokensieve.adapters.profiles import Profile
-    from tokensieve.core.context import ModelShape
 
     save_tiny(tmp_path / "m", tiny_model)
     out = tmp_path / "rh.json"
@@ -101,7 +147,7 @@ def test_cli_profile_writes_a_loadable_profile(tmp_path, tiny_model, capsys):
     import json
 
     prof = Profile(**json.loads(out.read_text()))
-    prof.check_shape(ModelShape.from_config(tiny_model.config))
+    prof.check_shape(model_shape(tiny_model))
     assert prof.settings["n_random"] == 20
     assert len(prof.data["echo"]) == tiny_model.config.num_hidden_layers
     assert prof.data["count"] >= 1

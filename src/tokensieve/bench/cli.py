@@ -21,10 +21,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (shown in the report)."""
+    """The command line that reproduces this run (recorded in the store, shown in the report)."""
     from ..adapters.models import DEFAULT_MODEL
 
-    parts = ["tokensieve", "bench", "--methods", args.methods, "--lengths", args.lengths]
+    parts = ["tokensieve", "bench", "--methods", args.methods]
+    if args.budgets:
+        parts += ["--budgets", args.budgets]
+    parts += ["--lengths", args.lengths]
     parts += ["--batch-sizes", args.batch_sizes, "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
     parts += ["--threads", str(args.threads)]
     for flag in ("model", "store", "report"):
@@ -35,17 +38,22 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
     from ..adapters.models import load_model
-    from .config import BenchConfig, MethodSpec
-    from .report import text_table, write_markdown
-    from .runner import run_bench, summarize
-    from .store import BenchStore
+    from ..core.budget import Budget
+    from ..results.render import Block, render_markdown, text_table
+    from ..results.sections import SPEED_COLUMNS, speed_cells, speed_sections
+    from ..results.stats import speed
+    from ..results.store import ResultStore
+    from .config import BenchConfig, bench_specs
+    from .runner import run_bench
 
-    specs = tuple(MethodSpec.parse(s) for s in args.methods.split(","))  # bad methods fail before loading
+    budgets = [Budget.parse(b.strip()) for b in (args.budgets or "").split(",") if b.strip()]
     cfg = BenchConfig(
-        specs=specs,
+        specs=bench_specs(args.methods, budgets),  # bad specs fail before loading anything
         lengths=_ints(args.lengths),
         batch_sizes=_ints(args.batch_sizes),
         decode_tokens=args.decode_tokens,
@@ -53,7 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         model=args.model,
     )
-    store = BenchStore(args.store) if args.store else None
+    store = ResultStore(args.store) if args.store else None
     model, tok = load_model(args.model)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     if limit and max(cfg.lengths) + cfg.decode_tokens > limit:
@@ -66,24 +74,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bar.set_postfix_str(label)
         bar.refresh()
 
-    rows, info = run_bench(cfg, store=store, progress=progress, model_and_tokenizer=(model, tok))
+    command = _command(args)
+    rows, info = run_bench(cfg, store=store, progress=progress, model_and_tokenizer=(model, tok), command=command)
     bar.close()
     if store is not None:
-        stored, stored_info = store.bench_rows()
-        all_rows: list[dict[str, Any]] = [r for r in stored if r["model"] == info["model"]]
-        info = stored_info or info
+        all_rows: list[dict[str, Any]] = store.rows("bench", "model = ?", (info["model"],))
+        runs = [r for r in store.runs("bench") if r["info"] and r["model"] == info["model"]]
+        info = runs[-1]["info"] if runs else info
+        store.close()
     else:
-        from dataclasses import asdict
-
         all_rows = [asdict(r) for r in rows]
     labels = {s.label for s in cfg.specs}
     wanted = [
         r for r in all_rows if r["label"] in labels and r["length"] in cfg.lengths and r["batch"] in cfg.batch_sizes
     ]
-    summary = summarize(wanted, info)
-    print(text_table(summary))
+    summary = speed(wanted, info)
+    print(text_table([h for h, _, _ in SPEED_COLUMNS], [speed_cells(r) for r in summary]))
     if args.report:
-        path = write_markdown(summary, info, Path(args.report), _command(args))
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        blocks = [Block("h1", "Benchmark"), Block("p", "Produced by:"), Block("code", command)]
+        blocks += speed_sections(summary, info, out)
+        path = out / "bench.md"
+        path.write_text(render_markdown(blocks, out), encoding="utf-8")
         print(f"report: {path}", file=sys.stderr)
     return 0
 
@@ -95,13 +108,16 @@ def add_commands(sub: Any) -> None:
         "bench",
         help="speed and memory against the full cache: prefill, TTFT, decode tok/s, attention, KV bytes, peak RSS",
         description=(
-            "Each configuration is prefill[:budget][+decode[:budget]], e.g. snapkv:0.125, +quest:0.125 (full "
-            "prefill, Quest while decoding), snapkv:0.5+quest:0.125. The full cache is always measured."
+            "Each configuration is a spec, prefill[:budget][+decode[:budget]], e.g. snapkv:0.125, +quest:0.125 "
+            "(full prefill, Quest while decoding), snapkv:0.5+quest[page=32]:0.125 (docs/CONCEPTS.md). The full "
+            "cache is always measured. With --store, rows go to the same results store as `tokensieve eval` and "
+            "`tokensieve report` shows accuracy and speed side by side for the configurations measured by both."
         ),
     )
     sp.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"comma-separated configurations (default: {DEFAULT_METHODS})"
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated specs (default: {DEFAULT_METHODS})"
     )
+    sp.add_argument("--budgets", default=None, help="budgets for the specs that give none (comma-separated)")
     sp.add_argument("--lengths", default="2048", help="context lengths in tokens, comma-separated")
     sp.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated")
     sp.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")

@@ -10,9 +10,6 @@ figures are medians over repetitions and ratios against the full cache of the sa
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,10 +19,13 @@ import torch
 
 from .. import __version__
 from ..adapters.models import load_model, model_key
-from ..eval.prompts import encode
+from ..core.capabilities import Apply
+from ..data.prompts import encode
+from ..data.text import calibration_text
 from ..pipeline import Compressor, compress
-from ..profiling.corpus import calibration_text
-from .config import BenchConfig, MethodSpec
+from ..results.store import ResultStore, spec_columns
+from ..spec import Spec, budget_label, method_label
+from .config import BenchConfig
 from .machine import PeakRSS, describe_machine, measure_bandwidth
 
 
@@ -33,10 +33,11 @@ from .machine import PeakRSS, describe_machine, measure_bandwidth
 class BenchRow:
     """One measurement (one configuration, length, batch size and repetition)."""
 
-    label: str
-    prefill: str
-    budget: str
-    decode: str | None
+    label: str  # the spec's canonical label
+    method: str  # the label without budgets
+    budget: str  # shown budget (25%, 100% …)
+    prefill: str  # the prefill part of the label
+    decode: str | None  # the decode method and its parameters
     decode_budget: str | None
     length: int
     batch: int
@@ -69,9 +70,9 @@ def bench_prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
 WARMUP = 2  # decode steps before timing starts
 
 
-def _measure_decode(press: Compressor, ctx: Any, spec: MethodSpec, cfg: BenchConfig) -> dict[str, Any]:
+def _measure_decode(press: Compressor, ctx: Any, spec: Spec, cfg: BenchConfig) -> dict[str, Any]:
     if spec.decode is not None:
-        press.attach_decode(ctx, spec.decode, spec.decode_budget or spec.budget, **dict(spec.decode_params))
+        press.attach_decode(ctx, spec.decode, spec.decode_budget)
     # Warm-up steps, not timed: decode methods build their metadata (page bounds, selections) in the first step.
     press.decode(ctx, WARMUP + 1)
     stats = ctx.cache.stats
@@ -95,25 +96,45 @@ def _measure_decode(press: Compressor, ctx: Any, spec: MethodSpec, cfg: BenchCon
     }
 
 
-def _evicts_while_decoding(spec: MethodSpec) -> bool:
-    from ..core.capabilities import Apply
-    from ..registry import get_method_class
+def _evicts_while_decoding(spec: Spec) -> bool:
+    return spec.decode is not None and spec.decode.capabilities.apply is not Apply.SPARSE
 
-    return spec.decode is not None and get_method_class(spec.decode).capabilities.apply is not Apply.SPARSE
+
+def _order(spec: Spec) -> tuple[bool, bool]:
+    """Within a group sharing one prefill: no decode method first, then sparse decoding, eviction last."""
+    return (_evicts_while_decoding(spec), spec.decode is not None)
+
+
+def row_key(spec: Spec, *, model: str, length: int, batch: int, rep: int, cfg: BenchConfig) -> str:
+    """The key of one benchmark measurement (:meth:`Spec.key` with the workload)."""
+    return spec.key(model=model, length=length, batch=batch, rep=rep, decode_tokens=cfg.decode_tokens,
+                    threads=cfg.threads)  # fmt: skip
+
+
+def describe(cfg: BenchConfig) -> dict[str, Any]:
+    return {
+        "specs": [s.label for s in cfg.specs],
+        "lengths": list(cfg.lengths),
+        "batch_sizes": list(cfg.batch_sizes),
+        "decode_tokens": cfg.decode_tokens,
+        "repetitions": cfg.repetitions,
+        "threads": cfg.threads,
+    }
 
 
 def run_bench(
     cfg: BenchConfig,
     *,
-    store: Any = None,
+    store: ResultStore | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     model_and_tokenizer: tuple[Any, Any] | None = None,
     bandwidth: float | None = None,
+    command: str = "",
 ) -> tuple[list[BenchRow], dict[str, Any]]:
-    """Run the benchmark; returns the rows and a description of the machine and settings.
+    """Run the benchmark; returns the rows measured now and a description of the machine and settings.
 
-    ``store`` (a :class:`~tokensieve.bench.store.BenchStore`) receives every row as soon as it is measured and
-    lets an interrupted run resume; ``progress(done, total, label)`` is called after every measurement.
+    ``store`` receives every row (table ``bench``) as soon as it is measured and lets an interrupted run resume;
+    ``progress(done, total, label)`` is called after every measurement.
     """
     torch.set_num_threads(cfg.threads)
     model, tok = model_and_tokenizer or load_model(cfg.model)
@@ -128,27 +149,44 @@ def run_bench(
         "decode_tokens": cfg.decode_tokens,
         "repetitions": cfg.repetitions,
     }
-    groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[MethodSpec]] = {}
+    groups: dict[Spec, list[Spec]] = {}
     for spec in cfg.specs:
-        groups.setdefault(spec.prefill_key, []).append(spec)
+        groups.setdefault(spec.prefill, []).append(spec)
     order = list(groups)
-    _warm_up(model, tok)
     total = len(cfg.lengths) * len(cfg.batch_sizes) * cfg.repetitions * len(cfg.specs)
-    done = 0
+    done_keys = store.keys("bench") if store is not None else set()
+
+    def keyof(spec: Spec, length: int, batch: int, rep: int) -> str:
+        return row_key(spec, model=key, length=length, batch=batch, rep=rep, cfg=cfg)
+
+    todo_total = sum(
+        keyof(s, length, batch, rep) not in done_keys
+        for length in cfg.lengths
+        for batch in cfg.batch_sizes
+        for rep in range(cfg.repetitions)
+        for s in cfg.specs
+    )
     rows: list[BenchRow] = []
+    if todo_total == 0:
+        return rows, info
+    run_id = 0
+    if store is not None:
+        run_id = store.start_run(tool="bench", command=command, config=describe(cfg), model=key, version=__version__,
+                                 threads=cfg.threads, cells=total, todo=todo_total, info=info)  # fmt: skip
+    _warm_up(model, tok)
+    done = 0
     for length in cfg.lengths:
         for batch in cfg.batch_sizes:
             ids = bench_prompts(tok, length, batch)
             for rep in range(cfg.repetitions):
                 rotated = order[rep % len(order) :] + order[: rep % len(order)]
-                for gkey in rotated:
-                    specs = groups[gkey]
-                    todo = [s for s in specs if store is None or not store.has(_row_key(key, s, length, batch, rep))]
+                for prefill in rotated:
+                    specs = groups[prefill]
+                    todo = [s for s in specs if keyof(s, length, batch, rep) not in done_keys]
                     if not todo:
                         done += len(specs)
                         continue
-                    prefill, budget, pparams = gkey
-                    press = compress(model, prefill, budget, reserve=cfg.decode_tokens + WARMUP + 8, **dict(pparams))
+                    press = compress(model, reserve=cfg.decode_tokens + WARMUP + 8, **prefill.compressor_kwargs())
                     gc.collect()
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
@@ -157,7 +195,7 @@ def run_bench(
                     # One prefill serves the whole group: configurations that only append are rolled back (no
                     # copy, so memory figures stay those of one cache); one that evicts while decoding runs last,
                     # or on a fork when two do.
-                    todo.sort(key=_evicts_while_decoding)
+                    todo.sort(key=_order)
                     for i, spec in enumerate(todo):
                         last = i == len(todo) - 1
                         run_ctx = ctx if last or not _evicts_while_decoding(spec) else ctx.fork()
@@ -165,12 +203,14 @@ def run_bench(
                         measured = _measure_decode(press, run_ctx, spec, cfg)
                         if mark is not None:
                             ctx.rollback(mark)
+                        cols = spec_columns(spec)
                         row = BenchRow(
-                            label=spec.label,
-                            prefill=spec.prefill,
-                            budget=spec.budget,
-                            decode=spec.decode,
-                            decode_budget=spec.decode_budget,
+                            label=cols["label"],
+                            method=cols["method"],
+                            budget=cols["budget"],
+                            prefill=prefill.label,
+                            decode=method_label(spec.decode) if spec.decode is not None else None,
+                            decode_budget=budget_label(spec.decode_budget) if spec.decode_budget is not None else None,
                             length=length,
                             batch=batch,
                             rep=rep,
@@ -182,7 +222,11 @@ def run_bench(
                         )
                         rows.append(row)
                         if store is not None:
-                            store.add_bench(_row_key(key, spec, length, batch, rep), row, info)
+                            store.add("bench", {
+                                **asdict(row), **cols, "key": keyof(spec, length, batch, rep), "model": key,
+                                "version": __version__, "created": time.time(), "run_id": run_id,
+                                "threads": cfg.threads,
+                            })  # fmt: skip
                         done += 1
                         if progress is not None:
                             progress(done, total, f"{spec.label} @ {length} x{batch}")
@@ -202,57 +246,3 @@ def _argmax_seconds(logits: torch.Tensor) -> float:
     t0 = time.perf_counter()
     logits.argmax(-1)
     return time.perf_counter() - t0
-
-
-def _row_key(model: str, spec: MethodSpec, length: int, batch: int, rep: int) -> str:
-    blob = json.dumps([model, asdict(spec), length, batch, rep, __version__], sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:20]
-
-
-# ------------------------------------------------------------------------------------------------ summaries
-SUMMARY_FIELDS = (
-    "prefill_s",
-    "compress_s",
-    "ttft_s",
-    "tok_s",
-    "attn_ms",
-    "bytes_read",
-    "kv_bytes",
-    "alloc_bytes",
-    "stored_entries",
-    "prefill_peak_rss",
-    "decode_peak_rss",
-)
-
-
-def summarize(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
-    """Medians per (configuration, length, batch) and ratios against the full cache of the same length and batch.
-
-    Adds ``speedup`` (decode tok/s vs full), ``attn_ratio`` (full attention time / this one), ``kv_ratio``
-    (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time) and
-    ``ideal_speedup`` — the decode speed-up the bytes read per step allow, from the measured bandwidth
-    (weights + KV read, full vs this configuration).
-    """
-    buckets: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        buckets.setdefault((r["label"], r["length"], r["batch"]), []).append(r)
-    med: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for k, rs in buckets.items():
-        m: dict[str, Any] = {f: statistics.median(float(r[f]) for r in rs) for f in SUMMARY_FIELDS}
-        m.update({"label": k[0], "length": k[1], "batch": k[2], "reps": len(rs)})
-        m.update({f: rs[0][f] for f in ("prefill", "budget", "decode", "decode_budget")})
-        med[k] = m
-    weights = float(info.get("weights_bytes", 0))
-    bw = float(info.get("bandwidth", 0)) or float("nan")
-    out = []
-    for (_, length, batch), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "full")):
-        base = med.get(("full", length, batch))
-        if base is not None:
-            m["speedup"] = m["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
-            m["attn_ratio"] = base["attn_ms"] / m["attn_ms"] if m["attn_ms"] else float("nan")
-            m["kv_ratio"] = m["kv_bytes"] / base["kv_bytes"] if base["kv_bytes"] else float("nan")
-            m["compress_share"] = m["compress_s"] / base["prefill_s"] if base["prefill_s"] else float("nan")
-            m["ideal_speedup"] = (weights + base["bytes_read"]) / (weights + m["bytes_read"])
-        m["ideal_tok_s"] = batch / ((weights + m["bytes_read"]) / bw)
-        out.append(m)
-    return out

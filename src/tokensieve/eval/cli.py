@@ -1,4 +1,4 @@
-"""``tokensieve eval`` (run a grid into a results store) and ``tokensieve report`` (turn a store into a report)."""
+"""``tokensieve eval``: run a grid into a results store (``tokensieve report`` turns the store into a report)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ GRID_FLAGS = ("tasks", "methods", "budgets", "lengths", "depths", "seeds", "mode
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..data.tasks import TASKS
     from .config import EvalConfig
     from .runner import run_eval
-    from .tasks import TASKS
 
     if args.list_tasks:
         for name, task in TASKS.items():
@@ -59,18 +59,8 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    paths = write_report(args.store, args.out, formats=formats, title=args.title, model=args.model)
-    for p in paths:
-        print(p)
-    return 0
-
-
 def add_commands(sub: Any) -> None:
-    """Add ``eval`` and ``report`` to the CLI's sub-commands."""
+    """Add ``eval`` to the CLI's sub-commands."""
     sp = sub.add_parser(
         "eval",
         help="measure methods x budgets x lengths x depths x tasks x seeds x modes into a SQLite store (resumable)",
@@ -85,16 +75,18 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--tasks", help="comma-separated tasks (see --list-tasks)")
     sp.add_argument(
         "--methods",
-        help="comma-separated methods, with parameters as name:key=value (e.g. snapkv:window=32); "
-        "all = every registered method",
+        help="comma-separated specs, e.g. snapkv,snapkv[window=64],+quest[page=32]:0.125 (see docs/CONCEPTS.md); "
+        "a spec without a budget is measured at each of --budgets; all = every registered method",
     )
-    sp.add_argument("--budgets", help="comma-separated budgets: ratios (0.1, 25%%) or token counts (256)")
+    sp.add_argument(
+        "--budgets", help="comma-separated budgets for the specs that give none: ratios (0.1, 25%%) or tokens (256)"
+    )
     sp.add_argument("--lengths", help="comma-separated prompt lengths in model tokens (512,1k,2k)")
     sp.add_argument("--depths", help="comma-separated needle depths in [0, 1]")
     sp.add_argument("--seeds", help="comma-separated seeds or a range (0-4)")
     sp.add_argument("--modes", help="agnostic (compress the context before the question), aware, or both")
     sp.add_argument("--haystack", help="filler between needles: repeat (fixed sentences) or text (real text)")
-    sp.add_argument("--text", help="real text: kjv, python-doc, generated, or a path to a UTF-8 text file")
+    sp.add_argument("--text", help="real text: kjv, python-doc, stdlib, generated, or a path to a UTF-8 text file")
     sp.add_argument("--store", help="SQLite results store (default runs/eval.sqlite)")
     sp.add_argument("--model", default=None, help="embedded model name, local HF directory or hub id")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
@@ -103,11 +95,3 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, measure nothing")
     sp.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     sp.set_defaults(func=cmd_eval)
-
-    sp = sub.add_parser("report", help="turn a results store into a Markdown/HTML report with PNG plots")
-    sp.add_argument("store", help="SQLite results store written by `tokensieve eval`")
-    sp.add_argument("--out", default=None, help="output folder (default: <store name>-report next to the store)")
-    sp.add_argument("--format", default="md", help="md, html or md,html (HTML is self-contained)")
-    sp.add_argument("--title", default="tokensieve evaluation report")
-    sp.add_argument("--model", default=None, help="only rows of this model key (default: all)")
-    sp.set_defaults(func=cmd_report)

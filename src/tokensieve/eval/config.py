@@ -4,8 +4,8 @@ A grid is declared in a small TOML or JSON file or on the command line (``tokens
 
     # eval.toml
     tasks   = ["passkey", "niah_single"]
-    methods = ["snapkv", "h2o", "snapkv:window=32"]     # name[:key=value[:key=value]], or "all"
-    budgets = ["10%", "25%", 0.5, 256]                   # ratios or token counts
+    methods = ["snapkv", "h2o", "snapkv[window=32]", "+quest[page=32]:0.125"]   # specs, or "all"
+    budgets = ["10%", "25%", 0.5, 256]                   # for the specs that give no budget
     lengths = [512, 1024]
     depths  = [0.0, 0.5, 1.0]
     seeds   = [0, 1]
@@ -14,14 +14,15 @@ A grid is declared in a small TOML or JSON file or on the command line (``tokens
     text    = "kjv"                                      # or a path to a UTF-8 text file
     store   = "runs/eval.sqlite"
 
-A *cell* is one measurement: (task and its options, method and its parameters, budget, length, depth, seed, mode).
-Its key is a hash of that configuration and the model key, so a rerun finds the cells it already measured.
+Methods are specs (:mod:`tokensieve.spec`): a spec that gives no budget is measured at each of the grid's budgets,
+one that gives its own keeps it.
+
+A *cell* is one measurement: (task and its options, a resolved spec, length, depth, seed, mode). Its key is
+:meth:`Spec.key` of that workload and the model key, so a rerun finds the cells it already measured.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -31,122 +32,10 @@ from typing import Any
 
 from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
-from ..core.capabilities import Phase
-from ..core.method import Method
+from ..data.tasks import MODES, Task, get_task
 from ..errors import ConfigError
-from ..registry import create_method, method_names
-from .tasks import MODES, Task, get_task
-
-FULL = "full"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method and parameters, e.g. ``snapkv:window=32:kernel=5`` or ``{"name": .., "params": {..}}``.
-
-    A method that acts only while decoding (sparse decode attention, bounded caches) runs after a full-cache
-    prefill: ``quest`` means ``full`` + ``quest``. ``snapkv+quest`` compresses the prompt with SnapKV and decodes
-    with Quest; both get the cell's budget.
-    """
-
-    name: str
-    params: tuple[tuple[str, Any], ...] = ()
-    decode: MethodSpec | None = None
-
-    def __post_init__(self) -> None:
-        method = self.create()  # unknown method or parameter: fail now, with the registry's message
-        if Phase.PREFILL not in method.capabilities.phases:
-            raise ConfigError(f"Method '{self.name}' does not act during prefill; use it after '+' (full+{self.name}).")
-        if self.decode is not None:
-            dm = self.decode.create()
-            if Phase.DECODE not in dm.capabilities.phases:
-                raise ConfigError(
-                    f"Method '{self.decode.name}' does not act while decoding; put a decode-time method after '+'."
-                )
-
-    @classmethod
-    def parse(cls, spec: str | Mapping[str, Any] | MethodSpec) -> MethodSpec:
-        if isinstance(spec, MethodSpec):
-            return spec
-        if isinstance(spec, str) and "+" in spec:
-            first, _, second = spec.partition("+")
-            pre = cls._parse_one(first)
-            dec = cls._parse_one(second, decode=True)
-            return cls(pre.name, pre.params, dec)
-        return cls._parse_one(spec)
-
-    @classmethod
-    def _parse_one(cls, spec: str | Mapping[str, Any], decode: bool = False) -> MethodSpec:
-        raw = cls._parse_fields(spec)
-        if decode:
-            return cls._decode_part(*raw)
-        name, params = raw
-        caps = create_method(name, **dict(params)).capabilities.phases
-        if Phase.PREFILL not in caps and Phase.DECODE in caps:  # a decode-time method alone: full prefill first
-            return cls(FULL, (), cls._decode_part(name, params))
-        return cls(name, params)
-
-    @classmethod
-    def _decode_part(cls, name: str, params: tuple[tuple[str, Any], ...]) -> MethodSpec:
-        obj = object.__new__(cls)  # a decode-time part is validated by its parent, not as a prefill method
-        object.__setattr__(obj, "name", name)
-        object.__setattr__(obj, "params", params)
-        object.__setattr__(obj, "decode", None)
-        return obj
-
-    @classmethod
-    def _parse_fields(cls, spec: str | Mapping[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
-        if isinstance(spec, Mapping):
-            unknown = set(spec) - {"name", "params"}
-            if "name" not in spec or unknown:
-                raise ConfigError(f"A method table needs 'name' and optional 'params'; got keys {sorted(spec)}.")
-            params = spec.get("params") or {}
-            if not isinstance(params, Mapping):
-                raise ConfigError(f"Method {spec['name']!r}: 'params' must be a table of key = value.")
-            return str(spec["name"]).strip().lower(), tuple(sorted((str(k), v) for k, v in params.items()))
-        text = str(spec).strip()
-        if not text:
-            raise ConfigError("Empty method name: use a registered method (see `tokensieve methods`).")
-        name, *rest = text.split(":")
-        items = []
-        for item in rest:
-            if "=" not in item:
-                raise ConfigError(f"Method {text!r}: parameters are written name:key=value:key=value.")
-            k, v = item.split("=", 1)
-            items.append((k.strip().replace("-", "_"), v.strip()))
-        return name.strip().lower(), tuple(sorted(items))
-
-    def create(self) -> Method:
-        return create_method(self.name, **dict(self.params))
-
-    def resolved_params(self) -> dict[str, Any]:
-        """Every parameter of the method instance (defaults included), JSON-ready."""
-        return _resolved(self.create())
-
-    @property
-    def compresses(self) -> bool:
-        return self.create().compresses or self.decode is not None
-
-    @property
-    def primary(self) -> str:
-        """The name a row is filed under: the decode method when the prefill keeps the full cache."""
-        return self.decode.name if self.decode is not None and self.name == FULL else self.name
-
-    @property
-    def label(self) -> str:
-        own = self.name + ("(" + ",".join(f"{k}={v}" for k, v in self.params) + ")" if self.params else "")
-        if self.decode is None:
-            return own
-        return self.decode.label if self.name == FULL else f"{own}+{self.decode.label}"
-
-
-def _resolved(method: Method) -> dict[str, Any]:
-    """Every parameter of a method instance (defaults included), JSON-ready."""
-    out = {}
-    for f in dataclasses.fields(method):
-        v = getattr(method, f.name)
-        out[f.name] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-    return out
+from ..registry import method_names
+from ..spec import Spec, split_specs
 
 
 def _tuple(value: Any, what: str) -> tuple[Any, ...]:
@@ -201,7 +90,7 @@ class EvalConfig:
     """A validated evaluation grid (see the module docstring). The full-cache baseline is always added."""
 
     tasks: tuple[str, ...] = ("passkey",)
-    methods: tuple[MethodSpec, ...] = (MethodSpec(FULL),)
+    methods: tuple[Spec, ...] = (Spec(),)
     budgets: tuple[Budget, ...] = (Budget.ratio(0.25),)
     lengths: tuple[int, ...] = (1024,)
     depths: tuple[float, ...] = (0.5,)
@@ -258,13 +147,16 @@ class EvalConfig:
             kw["tasks"] = tuple(str(t) for t in _tuple(data["tasks"], "tasks"))
         if "methods" in data:
             raw = data["methods"]
-            items = _split_methods(raw) if isinstance(raw, str) else _tuple(raw, "methods")
+            items = split_specs(raw) if isinstance(raw, str) else _tuple(raw, "methods")
             if any(isinstance(m, str) and m.strip().lower() == "all" for m in items):
                 # every registered method (those the model cannot run are dropped by the runner, with a note)
                 items = [m for m in items if not (isinstance(m, str) and m.strip().lower() == "all")]
                 items += method_names()
                 kw["all_methods"] = True
-            kw["methods"] = tuple(dict.fromkeys(MethodSpec.parse(m) for m in items))
+            for m in items:
+                if not isinstance(m, (str, Spec)):
+                    raise ConfigError(f"'methods' holds specs such as \"snapkv[window=32]\"; got {m!r}.")
+            kw["methods"] = tuple(dict.fromkeys(Spec.parse(m) for m in items))
         if "budgets" in data:
             kw["budgets"] = tuple(dict.fromkeys(Budget.parse(b) for b in _tuple(data["budgets"], "budgets")))
         if "lengths" in data:
@@ -296,16 +188,13 @@ class EvalConfig:
     def task_objects(self) -> tuple[Task, ...]:
         return self._task_objs
 
-    def method_list(self) -> list[MethodSpec]:
-        """The methods to run: the full-cache baseline first (always), then the grid's, without duplicates."""
-        out = [MethodSpec(FULL)]
-        for m in self.methods:
-            if m not in out:
-                out.append(m)
-        return out
+    def method_list(self) -> list[Spec]:
+        """The specs of the grid: the full-cache baseline first (always), then the grid's, without duplicates."""
+        return list(dict.fromkeys([Spec(), *self.methods]))
 
-    def budgets_for(self, method: MethodSpec) -> list[Budget]:
-        return list(self.budgets) if method.compresses else [Budget.ratio(1.0)]
+    def specs(self) -> list[Spec]:
+        """Every resolved spec to measure: a spec without a budget at each of the grid's budgets."""
+        return list(dict.fromkeys(s for m in self.method_list() for s in m.at_budgets(self.budgets)))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -331,10 +220,6 @@ def _bool(v: Any, what: str) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"'{what}' must be true or false; got {v!r}.")
-
-
-def _split_methods(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -369,8 +254,7 @@ class Cell:
     """One measurement. ``depth`` is None for tasks whose samples do not depend on it."""
 
     task: Task
-    method: MethodSpec
-    budget: Budget
+    spec: Spec  # resolved: every budget given
     length: int
     depth: float | None
     seed: int
@@ -380,20 +264,11 @@ class Cell:
     def sample_id(self) -> tuple[str, str, int, float | None, int]:
         return (self.task.name, json.dumps(self.task.options(), sort_keys=True), self.length, self.depth, self.seed)
 
-    def config(self, model: str) -> dict[str, Any]:
-        """The cell's full configuration (canonical; hashed into its key)."""
-        b = self.budget
+    def workload(self, model: str) -> dict[str, Any]:
+        """What the spec is measured on (with the spec, hashed into the cell's key)."""
         return {
             "task": self.task.name,
             "task_options": self.task.options(),
-            "method": self.method.name,
-            "params": self.method.resolved_params(),
-            **(
-                {"decode": {"method": self.method.decode.name, "params": _resolved(self.method.decode.create())}}
-                if self.method.decode is not None
-                else {}
-            ),
-            "budget": {"kind": b.kind, "value": b.value, "sink": b.sink, "recent": b.recent},
             "length": self.length,
             "depth": self.depth,
             "seed": self.seed,
@@ -401,9 +276,12 @@ class Cell:
             "model": model,
         }
 
+    def config(self, model: str) -> dict[str, Any]:
+        """The cell's full configuration: every resolved parameter of the spec and the workload."""
+        return {"spec": self.spec.to_dict(), **self.workload(model)}
+
     def key(self, model: str) -> str:
-        blob = json.dumps(self.config(model), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+        return self.spec.key(**self.workload(model))
 
 
 def expand(cfg: EvalConfig) -> tuple[list[Cell], list[str]]:
@@ -411,7 +289,7 @@ def expand(cfg: EvalConfig) -> tuple[list[Cell], list[str]]:
     grid points that do not apply (e.g. the perplexity task in the query-aware mode)."""
     cells: list[Cell] = []
     notes: list[str] = []
-    methods = cfg.method_list()
+    specs = cfg.specs()
     for task in cfg.task_objects:
         modes = [m for m in cfg.modes if m in task.modes]
         if not modes:
@@ -426,7 +304,6 @@ def expand(cfg: EvalConfig) -> tuple[list[Cell], list[str]]:
             for depth in depths:
                 for seed in cfg.seeds:
                     for mode in modes:
-                        for m in methods:
-                            for b in cfg.budgets_for(m):
-                                cells.append(Cell(task, m, b, length, depth, seed, mode))
+                        for spec in specs:
+                            cells.append(Cell(task, spec, length, depth, seed, mode))
     return cells, notes

@@ -33,14 +33,14 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..adapters.models import load_model, model_key
-from ..core.budget import Budget
+from ..data.prompts import PromptIds
+from ..data.tasks import Sample
 from ..errors import CapabilityError, ConfigError, PromptError
 from ..pipeline import CachedContext, Compressor, compress
-from .config import FULL, Cell, EvalConfig, MethodSpec, expand
+from ..results.store import ResultStore, spec_columns
+from ..spec import Spec
+from .config import Cell, EvalConfig, expand
 from .metrics import fidelity, log_probs, perplexity, token_logprobs
-from .prompts import PromptIds
-from .store import ResultStore
-from .tasks import Sample
 
 
 @dataclass
@@ -96,12 +96,9 @@ def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int], *, 
     return log_probs(torch.cat([first[None], logits[0, :-1]], dim=0))  # (N, V)
 
 
-def make_press(model: Any, spec: MethodSpec, budget: Budget, *, reserve: int = 0) -> Compressor:
-    """A Compressor for a grid method: its prefill method, and its decode-time method if any, at ``budget``."""
-    extra: dict[str, Any] = {}
-    if spec.decode is not None:
-        extra = {"decode": spec.decode.name, "decode_budget": budget, "decode_params": dict(spec.decode.params)}
-    return compress(model, spec.name, budget, reserve=reserve, **extra, **dict(spec.params))
+def make_press(model: Any, spec: Spec, *, reserve: int = 0) -> Compressor:
+    """A Compressor for a resolved spec: its prefill method and budget, and its decode method if any."""
+    return compress(model, reserve=reserve, **spec.compressor_kwargs())
 
 
 def measure(
@@ -119,8 +116,8 @@ def measure(
     n_new = task.max_new_tokens
     follow = max(n_new, len(target), len(reference.ids) if reference else n_new) + 1
     t_cell = time.perf_counter()
-    press = make_press(model, cell.method, cell.budget, reserve=len(prompt.question) + follow)
-    stepwise = cell.method.decode is not None
+    press = make_press(model, cell.spec, reserve=len(prompt.question) + follow)
+    stepwise = cell.spec.decode is not None
     if cell.mode == "aware" or not prompt.question:
         ctx = press.prefill(torch.tensor([prompt.full]))
     else:
@@ -225,43 +222,44 @@ def run_eval(
                         f"up to {need - length} answer tokens exceed its context of {limit} tokens. "
                         f"Use lengths <= {limit - (need - length)}."
                     )
-        dropped: list[str] = []
+        dropped: dict[str, str] = {}
         for m in cfg.method_list():
             try:
-                for b in cfg.budgets_for(m):
-                    make_press(model, m, b)  # capability / profile checks
+                for s in m.at_budgets(cfg.budgets):
+                    make_press(model, s)  # capability / profile checks
             except CapabilityError as exc:
                 if not cfg.all_methods:
                     raise
-                dropped.append(f"{m.label} skipped: {exc}")
+                dropped[m.label] = f"{m.label} skipped: {exc}"
         if dropped:
-            keep = tuple(m for m in cfg.methods if not any(d.startswith(f"{m.label} skipped") for d in dropped))
-            cfg = dataclasses.replace(cfg, methods=keep or (MethodSpec(FULL),))
+            keep = tuple(m for m in cfg.methods if m.label not in dropped)
+            cfg = dataclasses.replace(cfg, methods=keep or (Spec(),))
         cells, notes = expand(cfg)
-        notes = dropped + notes
+        notes = list(dropped.values()) + notes
         prepared: dict[Any, _Prepared] = {}
         for cell in cells:  # generate every sample now: a too-short length or a budget too large fails here
             prep = _prepare(cell, tokenizer, prepared)
-            if cell.method.compresses:
-                n = len(prep.prompt.context) if cell.mode == "agnostic" and prep.prompt.question else len(prep.prompt)
-                cell.budget.tokens_for(n)
+            n = len(prep.prompt.context) if cell.mode == "agnostic" and prep.prompt.question else len(prep.prompt)
+            for budget in (cell.spec.budget, cell.spec.decode_budget):
+                if budget is not None:
+                    budget.tokens_for(n)
         keys = [c.key(mkey) for c in cells]
         if len(set(keys)) != len(keys):
             raise ConfigError("The grid has duplicate cells (the same method and parameters listed twice?).")
-        done = store.keys()
+        done = store.keys("eval")
         todo = [i for i, k in enumerate(keys) if k not in done]
         already = len(cells) - len(todo)
         for note in notes:
             print(f"note: {note}", file=out)
         print(
-            f"{len(cells)} cells ({len(cfg.task_objects)} tasks x {len(cfg.method_list())} methods incl. full cache, "
+            f"{len(cells)} cells ({len(cfg.task_objects)} tasks x {len(cfg.specs())} configurations incl. full cache, "
             f"{len(cfg.lengths)} lengths); {already} already in {store.path}, {len(todo)} to run; "
             f"model {mkey}, {threads} threads.",
             file=out,
         )
         if dry_run or not todo:
             return RunSummary(str(store.path), len(cells), already, 0, time.perf_counter() - t_start, notes)
-        run_id = store.start_run(command=command, config=cfg.describe(), model=mkey, version=__version__,
+        run_id = store.start_run(tool="eval", command=command, config=cfg.describe(), model=mkey, version=__version__,
                                  threads=threads, cells=len(cells), todo=len(todo))  # fmt: skip
         ran = _run_cells(model, tokenizer, cfg, cells, keys, set(todo), prepared, store, run_id, mkey, threads,
                          progress, on_cell)  # fmt: skip
@@ -304,16 +302,16 @@ def _run_cells(
             prep = prepared[sid]
             if ref_sample != sid:
                 reference, ref_sample = None, sid
-            is_ref = cell.method == MethodSpec(FULL) and cell.mode == ref_mode[sid]
+            is_ref = cell.spec.is_full and cell.mode == ref_mode[sid]
             if reference is None and not is_ref:
                 # The sample's reference cell is already stored (an earlier run): recompute the reference.
-                ref_cell = next(c for c in cells if c.sample_id == sid and c.method == MethodSpec(FULL))
+                ref_cell = next(c for c in cells if c.sample_id == sid and c.spec.is_full)
                 _, reference = measure(model, tokenizer, ref_cell, prep, None, with_fidelity=False)
             bar.set_postfix_str(f"{ran + 1}/{len(todo)} cells · {cell.task.name} L={cell.length} "
-                                f"{cell.method.label}@{cell.budget} {cell.mode}")  # fmt: skip
+                                f"{cell.spec.label} {cell.mode}")  # fmt: skip
             result, reference = measure(model, tokenizer, cell, prep, reference, with_fidelity=cfg.fidelity)
             row = _row(cell, keys[i], mkey, run_id, threads, prep.sample, result)
-            store.add(row)
+            store.add("eval", row)
             ran += 1
             bar.update(weight[i])
             if on_cell is not None:
@@ -328,6 +326,7 @@ def _row(cell: Cell, key: str, mkey: str, run_id: int, threads: int, sample: Sam
     config = cell.config(mkey)
     row = {
         "key": key,
+        **spec_columns(cell.spec),
         "config": json.dumps(config, sort_keys=True, default=str),
         "model": mkey,
         "version": __version__,
@@ -335,12 +334,6 @@ def _row(cell: Cell, key: str, mkey: str, run_id: int, threads: int, sample: Sam
         "run_id": run_id,
         "task": cell.task.name,
         "task_options": config["task_options"],
-        "method": cell.method.primary,
-        "method_label": cell.method.label,
-        "params": config["params"],
-        "budget": "100%" if not cell.method.compresses else str(cell.budget),
-        "budget_kind": cell.budget.kind,
-        "budget_value": float(cell.budget.value),
         "length": cell.length,
         "depth": cell.depth,
         "seed": cell.seed,

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapters.models import model_key
+from ..adapters.models import model_shape
 from ..adapters.profiles import Profile, shape_dict
 from ..cache.storage import KVStore
-from ..core.context import ModelShape
-from ..eval.prompts import encode
+from ..data.prompts import encode
+from ..data.text import calibration_text, python_version
 from ..scorers.frequency import chunk_scores
-from .corpus import calibration_text, python_version
 from .semantic_heads import _dense_keys
 
 KIND = "fasa"
@@ -43,7 +42,7 @@ def profile_frequency_chunks(
 ) -> Profile:
     from ..pipeline import Compressor
 
-    shape = ModelShape.from_config(model.config, key=model_key(model))
+    shape = model_shape(model)
     L, H, G, D = shape.num_layers, shape.num_kv_heads, shape.group, shape.head_dim
     ks = tuple(k for k in ks if k < prompt_tokens)
     ca = torch.zeros(len(ks), L, H, D // 2, dtype=torch.float64)

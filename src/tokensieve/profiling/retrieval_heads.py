@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..adapters.models import model_key
+from ..adapters.models import model_shape
 from ..adapters.profiles import Profile, shape_dict
-from ..core.context import LayerContext, ModelShape, grouped_logits
+from ..core.context import LayerContext, grouped_logits
 from .probe import probe_prefill
 
 KIND = "retrieval-heads"
@@ -66,7 +66,7 @@ def profile_retrieval_heads(
     echo_share: float = 0.01,
     induction_share: float = 0.14,
 ) -> Profile:
-    shape = ModelShape.from_config(model.config, key=model_key(model))
+    shape = model_shape(model)
     vocab = int(model.config.vocab_size)
     start = model.config.bos_token_id if model.config.bos_token_id is not None else 0
     ids = random_repeat_ids(vocab, n_random, repeats, seed, int(start), low=min(100, vocab // 4))

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapters.models import model_key
+from ..adapters.models import model_shape
 from ..adapters.profiles import Profile, shape_dict
 from ..cache.storage import DenseKV, KVStore
 from ..core.context import LayerContext, ModelShape, grouped_logits
-from ..eval.prompts import encode
-from ..eval.tasks import get_task
+from ..data.prompts import encode
+from ..data.tasks import get_task
+from ..data.text import calibration_text, python_version
 from ..scorers.attention import window_scores
-from .corpus import calibration_text, python_version
 from .probe import Probe
 
 KIND = "compresskv"
@@ -154,7 +154,7 @@ def profile_compresskv(
     text_tokens: int = 1024,
     steps: int = 32,
 ) -> Profile:
-    shape = ModelShape.from_config(model.config, key=model_key(model))
+    shape = model_shape(model)
     srh_scores, successes = semantic_retrieval_heads(model, tok, shape, lengths, samples, seed)
     if successes == 0:
         raise RuntimeError("No calibration trial succeeded: the model cannot retrieve the needle at these lengths.")

@@ -17,7 +17,7 @@ The tasks (``TASKS``; ``tokensieve eval --list-tasks``):
 * ``ppl`` — perplexity of the continuation of a long real text (no question; query-agnostic only).
 
 Haystack filler (``haystack``): ``"repeat"`` cycles a few fixed sentences (the classic passkey noise), ``"text"``
-uses sentences of a real text. Real text comes from ``text`` (see :mod:`tokensieve.eval.text`).
+uses sentences of a real text. Real text comes from ``text`` (see :mod:`tokensieve.data.text`).
 """
 
 from __future__ import annotations

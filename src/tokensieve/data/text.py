@@ -1,11 +1,14 @@
-"""Long real texts for the evaluation tasks: a user's file, or a public-domain text from a Debian package.
+"""Long plain texts, from one API: :func:`text_source` names a source, :meth:`TextSource.text` gives its text.
 
-A :class:`TextSource` yields one long plain-text string. Tasks that need real text (question answering, perplexity,
-a real-text haystack) take it from a source named by a spec string:
+The evaluation tasks take real text (question answering, perplexity, a real-text haystack) from a source named by a
+spec string, and the profilers and the benchmark take their calibration text from the same family:
 
 * ``"kjv"`` — the King James Bible, read with the ``bible`` program of the Debian packages ``bible-kjv`` and
   ``bible-kjv-text`` (``apt-get install bible-kjv bible-kjv-text``);
 * ``"python-doc"`` — the Python documentation of the Debian package ``python3-doc`` (its HTML pages, tags removed);
+* ``"stdlib"`` — the docstrings of standard-library modules: real, varied English technical prose that every Python
+  installation carries (it changes only with the Python version); :func:`calibration_text` is this source;
+* ``"generated[:SEED]"`` — deterministic English-like sentences (tests, machines without the packages);
 * any other spec, or ``"file:PATH"`` — a UTF-8 text file of the user's.
 
 Every source has an ``ident`` that goes into an evaluation cell's key: the name for a packaged text, a hash of the
@@ -18,10 +21,13 @@ import functools
 import glob
 import hashlib
 import html
+import importlib
+import inspect
 import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,11 +225,73 @@ def html_to_text(page: str) -> str:
     return "\n\n".join(p for p in paras if len(p) > 40)
 
 
-PACKAGED: dict[str, type[TextSource]] = {"kjv": KJVText, "python-doc": PythonDocText}
+STDLIB_MODULES = (
+    "argparse", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
+    "fractions", "functools", "heapq", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
+    "shutil", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
+    "unittest", "urllib.parse", "zipfile",
+)  # fmt: skip
+CALIBRATION_CHARS = 200_000
+
+
+@dataclass(frozen=True, eq=True)
+class StdlibText(TextSource):
+    """Docstrings of standard-library modules and their public members, in a fixed order, until ``min_chars``.
+
+    Needs no download and no package; the text depends on the Python version only (profiles record it).
+    """
+
+    min_chars: int = CALIBRATION_CHARS
+
+    @property
+    def name(self) -> str:
+        return "stdlib" if self.min_chars == CALIBRATION_CHARS else f"stdlib:{self.min_chars}"
+
+    @property
+    def ident(self) -> str:
+        return f"{self.name}:python-{python_version()}"
+
+    def load(self) -> str:
+        parts: list[str] = []
+        total = 0
+        for name in STDLIB_MODULES:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:  # pragma: no cover - trimmed Python builds
+                continue
+            docs = [inspect.getdoc(mod) or ""]
+            for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
+                if attr.startswith("_"):
+                    continue
+                obj = getattr(mod, attr, None)
+                if inspect.isfunction(obj) or inspect.isclass(obj):
+                    docs.append(inspect.getdoc(obj) or "")
+            for d in docs:
+                d = " ".join(d.split())
+                if len(d) > 80:
+                    parts.append(d)
+                    total += len(d)
+            if total >= self.min_chars:
+                break
+        return "\n\n".join(parts)
+
+
+def calibration_text(min_chars: int = CALIBRATION_CHARS) -> str:
+    """The calibration corpus of the profilers and the benchmark: the ``stdlib`` source (at least ``min_chars``
+    characters where the modules have that many)."""
+    return StdlibText(min_chars).text()
+
+
+def python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))
+
+
+PACKAGED: dict[str, type[TextSource]] = {"kjv": KJVText, "python-doc": PythonDocText, "stdlib": StdlibText}
 
 
 def text_source(spec: str | TextSource) -> TextSource:
-    """A text source from a spec: ``kjv``, ``python-doc``, ``generated[:SEED]``, ``file:PATH`` or a file path."""
+    """A text source from a spec: ``kjv``, ``python-doc``, ``stdlib``, ``generated[:SEED]``, ``file:PATH`` or a
+    file path."""
     if isinstance(spec, TextSource):
         return spec
     s = str(spec).strip()
@@ -240,7 +308,7 @@ def text_source(spec: str | TextSource) -> TextSource:
     if not Path(path).expanduser().is_file():
         raise ConfigError(
             f"Unknown text source {s!r}: use kjv (apt-get install bible-kjv bible-kjv-text), python-doc "
-            "(apt-get install python3-doc), generated, or the path of a UTF-8 text file."
+            "(apt-get install python3-doc), stdlib, generated, or the path of a UTF-8 text file."
         )
     return FileText(str(Path(path).expanduser()))
 

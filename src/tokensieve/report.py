@@ -1,0 +1,106 @@
+"""``tokensieve report STORE``: one report of a results store, whichever tools filled it.
+
+Sections, each present when the store has the rows it needs:
+
+* provenance — model(s), package version(s), threads, number of rows, and the commands that filled the store;
+* accuracy and speed side by side — for every configuration (canonical label) measured by both ``tokensieve eval``
+  and ``tokensieve bench``;
+* accuracy (``eval`` rows), per mode: the full-cache baseline per task and length, accuracy against the KV kept
+  (the Pareto view), needle accuracy by depth (× length), accuracy against prompt length, and a table of accuracy,
+  fidelity (KL, top-1 agreement), answer log-likelihood, KV bytes and times;
+* speed and memory (``bench`` rows): medians and ratios against the full cache, with two plots.
+
+Writes ``report.md`` and/or a self-contained ``report.html``, the PNG plots, and ``summary.json`` (accuracy
+aggregates per task, mode, configuration and length; speed medians per configuration, length and batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .results.render import Block, render_html, render_markdown
+from .results.sections import accuracy_sections, joined_sections, provenance, speed_sections
+from .results.stats import accuracy_json, speed
+from .results.store import ResultStore
+
+
+def write_report(
+    store_path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    formats: Sequence[str] = ("md",),
+    title: str = "tokensieve report",
+    model: str | None = None,
+) -> list[Path]:
+    """Write the report of a results store; returns the files written."""
+    bad = [f for f in formats if f not in ("md", "html")]
+    if bad or not formats:
+        raise ConfigError(f"Unknown report format(s) {bad or '(none)'}: use md, html or md,html.")
+    store_p = Path(store_path).expanduser()
+    out = Path(out_dir).expanduser() if out_dir else store_p.with_name(store_p.stem + "-report")
+    where, params = ("model = ?", (model,)) if model else ("", ())
+    with ResultStore(store_p, readonly=True) as store:
+        eval_rows = store.rows("eval", where, params)
+        bench_rows = store.rows("bench", where, params)
+        runs = store.runs()
+    if not eval_rows and not bench_rows:
+        raise ConfigError(f"The store {store_p} has no results" + (f" for model {model!r}." if model else "."))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create the report folder {out}: {exc.strerror or exc}.") from None
+    bench_runs = [r for r in runs if r["tool"] == "bench" and r["info"]]
+    info: dict[str, Any] = bench_runs[-1]["info"] if bench_runs else {}
+    summary = speed(bench_rows, info) if bench_rows else []
+
+    blocks: list[Block] = [Block("h1", title), *provenance(eval_rows, runs, store_p.name)]
+    blocks += joined_sections(eval_rows, summary)
+    if eval_rows:
+        blocks += accuracy_sections(eval_rows, out)
+    if bench_rows:
+        blocks += speed_sections(summary, info, out, heading="Speed and memory (tokensieve bench)")
+
+    written: list[Path] = []
+    if "md" in formats:
+        p = out / "report.md"
+        p.write_text(render_markdown(blocks, out), encoding="utf-8")
+        written.append(p)
+    if "html" in formats:
+        p = out / "report.html"
+        p.write_text(render_html(blocks, title), encoding="utf-8")
+        written.append(p)
+    written += sorted({b.path for b in blocks if b.path is not None})
+    data = {"accuracy": accuracy_json(eval_rows), "speed": [_plain(r) for r in summary]}
+    (out / "summary.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    written.append(out / "summary.json")
+    return written
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    for p in write_report(args.store, args.out, formats=formats, title=args.title, model=args.model):
+        print(p)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    sp = sub.add_parser(
+        "report",
+        help="turn a results store into a Markdown/HTML report with PNG plots (accuracy and speed side by side)",
+    )
+    sp.add_argument("store", help="SQLite results store written by `tokensieve eval` and/or `tokensieve bench`")
+    sp.add_argument("--out", default=None, help="output folder (default: <store name>-report next to the store)")
+    sp.add_argument("--format", default="md", help="md, html or md,html (HTML is self-contained)")
+    sp.add_argument("--title", default="tokensieve report")
+    sp.add_argument("--model", default=None, help="only rows of this model key (default: all)")
+    sp.set_defaults(func=cmd_report)

@@ -1,0 +1,189 @@
+"""Statistics over stored rows: means with standard errors for accuracy rows, medians and ratios against the full
+cache for speed rows. Pure Python over row dicts; no plotting, no rendering."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Row = dict[str, Any]
+GroupKey = tuple[Any, ...]
+FULL = "full"
+
+
+# ---------------------------------------------------------------------------------------------------- basics
+def values(rows: Iterable[Row], col: str) -> list[float]:
+    """The non-null, non-NaN values of a column, as floats."""
+    return [float(r[col]) for r in rows if r.get(col) is not None and not math.isnan(float(r[col]))]
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def median(xs: Sequence[float]) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
+def sem(xs: Sequence[float]) -> float:
+    """Standard error of the mean (NaN below two values)."""
+    if len(xs) < 2:
+        return math.nan
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def group(rows: Iterable[Row], key: Callable[[Row], GroupKey]) -> dict[GroupKey, list[Row]]:
+    out: dict[GroupKey, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def budget_order(label: str) -> tuple[int, float]:
+    """Sort shown budgets (``10%``, ``0.125``, ``256 tok``): ratios ascending, then token counts; the full cache
+    last."""
+    if label == "100%":
+        return (2, 0.0)
+    m = re.match(r"([\d.]+)(%?)", label)
+    if m is None:
+        return (1, 0.0)
+    value = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+    return (1 if "tok" in label else 0, value)
+
+
+def label_order(label: str) -> tuple[bool, str]:
+    """The full cache first, then labels alphabetically."""
+    return (label != FULL, label)
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """Points not dominated by another with less (or equal) KV kept and a better (or equal) score, by x."""
+    sign = 1.0 if higher_is_better else -1.0
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if sign * y > best:
+            front.append((x, y))
+            best = sign * y
+    return front
+
+
+# ---------------------------------------------------------------------------------------------- accuracy rows
+def kept(r: Row) -> float:
+    """Stored KV entries relative to the full cache of the same prompt."""
+    full = r.get("full_entries") or 0
+    return float(r["stored_entries"]) / float(full) if full else math.nan
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Aggregates of a group of accuracy rows (e.g. one task, mode and configuration)."""
+
+    n: int
+    score: float
+    score_sem: float
+    kl: float
+    top1: float
+    answer_logprob: float
+    kv_mb: float
+    kept: float
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+
+
+def accuracy(rows: list[Row]) -> Accuracy:
+    return Accuracy(
+        n=len(rows),
+        score=mean(values(rows, "score")),
+        score_sem=sem(values(rows, "score")),
+        kl=mean(values(rows, "kl")),
+        top1=mean(values(rows, "top1")),
+        answer_logprob=mean(values(rows, "answer_logprob")),
+        kv_mb=mean(values(rows, "kv_bytes")) / 2**20,
+        kept=mean([k for k in (kept(r) for r in rows) if not math.isnan(k)]),
+        prefill_s=median(values(rows, "prefill_s")),
+        compress_s=median(values(rows, "compress_s")),
+        decode_s=median(values(rows, "decode_s")),
+    )
+
+
+def accuracy_json(rows: list[Row]) -> list[dict[str, Any]]:
+    """Machine-readable aggregates per (task, mode, configuration, length)."""
+    out = []
+    keyf: Callable[[Row], GroupKey] = lambda r: (r["task"], r["mode"], r["label"], int(r["length"]))  # noqa: E731
+    for key, grows in sorted(group(rows, keyf).items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        s = accuracy(grows)
+        out.append(
+            {
+                "task": key[0], "mode": key[1], "label": key[2], "method": grows[0]["method"],
+                "budget": grows[0]["budget"], "length": key[3],
+                **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.__dict__.items()},
+            }
+        )  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- speed rows
+SPEED_FIELDS = (
+    "prefill_s",
+    "compress_s",
+    "ttft_s",
+    "tok_s",
+    "attn_ms",
+    "bytes_read",
+    "kv_bytes",
+    "alloc_bytes",
+    "stored_entries",
+    "prefill_peak_rss",
+    "decode_peak_rss",
+)
+
+
+def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
+    """Medians per (configuration, length, batch) and ratios against the full cache of the same length and batch.
+
+    Adds ``speedup`` (decode tok/s vs full), ``attn_ratio`` (full attention time / this one), ``kv_ratio``
+    (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time) and
+    ``ideal_speedup`` — the decode speed-up the bytes read per step allow, from the measured bandwidth
+    (weights + KV read, full vs this configuration).
+    """
+    buckets = group(rows, lambda r: (r["label"], r["length"], r["batch"]))
+    med: dict[GroupKey, Row] = {}
+    for k, rs in buckets.items():
+        m: Row = {f: statistics.median(float(r[f]) for r in rs) for f in SPEED_FIELDS}
+        m.update({"label": k[0], "length": k[1], "batch": k[2], "reps": len(rs)})
+        m.update({f: rs[0][f] for f in ("method", "prefill", "budget", "decode", "decode_budget")})
+        med[k] = m
+    weights = float(info.get("weights_bytes", 0))
+    bw = float(info.get("bandwidth", 0)) or float("nan")
+    out = []
+    for (_, length, batch), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != FULL)):
+        base = med.get((FULL, length, batch))
+        if base is not None:
+            m["speedup"] = m["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
+            m["attn_ratio"] = base["attn_ms"] / m["attn_ms"] if m["attn_ms"] else float("nan")
+            m["kv_ratio"] = m["kv_bytes"] / base["kv_bytes"] if base["kv_bytes"] else float("nan")
+            m["compress_share"] = m["compress_s"] / base["prefill_s"] if base["prefill_s"] else float("nan")
+            m["ideal_speedup"] = (weights + base["bytes_read"]) / (weights + m["bytes_read"])
+        m["ideal_tok_s"] = batch / ((weights + m["bytes_read"]) / bw)
+        out.append(m)
+    return out
+
+
+def ordered_labels(rows: Iterable[Row]) -> list[str]:
+    """The configurations of some rows: the full cache first, then by method and budget."""
+    first: dict[str, Row] = {}
+    for r in rows:
+        first.setdefault(r["label"], r)
+    return sorted(first, key=lambda lab: (lab != FULL, first[lab]["method"], budget_order(first[lab]["budget"]), lab))

@@ -1,0 +1,310 @@
+"""The results store: one SQLite file for every measurement — accuracy rows (``tokensieve eval``) and speed rows
+(``tokensieve bench``) side by side.
+
+One schema, one key rule, one label:
+
+* table ``runs`` — one row per invocation: the tool, its command line, its settings, model, package version,
+  threads, cells and cells still to run, and (benchmarks) the machine description;
+* tables ``eval`` and ``bench`` — one row per measurement. Both start with the same columns: ``key`` (the primary
+  key, :meth:`tokensieve.spec.Spec.key` of the configuration and its workload), ``label`` (the canonical
+  :attr:`~tokensieve.spec.Spec.label`), ``method`` (the label without budgets), ``spec`` (every resolved parameter,
+  JSON), the budget, model, version, run and time. So an accuracy row and a speed row of the same configuration
+  carry the same ``label`` and join.
+
+A row is committed as soon as it is measured, in its own transaction, so a run killed at any moment (even with
+SIGKILL) loses at most the measurement in progress; a restarted run skips every key already present. Rows are only
+ever inserted, never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..core.budget import Budget
+from ..errors import ConfigError
+from ..spec import Spec
+
+SCHEMA_VERSION = 2
+
+# (column, SQL type) shared by every measurement table; `key` is the primary key.
+COMMON: tuple[tuple[str, str], ...] = (
+    ("key", "TEXT PRIMARY KEY"),
+    ("label", "TEXT NOT NULL"),
+    ("method", "TEXT NOT NULL"),
+    ("spec", "TEXT NOT NULL"),
+    ("budget", "TEXT NOT NULL"),
+    ("budget_kind", "TEXT"),
+    ("budget_value", "REAL"),
+    ("model", "TEXT NOT NULL"),
+    ("version", "TEXT NOT NULL"),
+    ("created", "REAL NOT NULL"),
+    ("run_id", "INTEGER"),
+    ("threads", "INTEGER"),
+)
+
+EVAL: tuple[tuple[str, str], ...] = (
+    *COMMON,
+    ("config", "TEXT NOT NULL"),
+    ("task", "TEXT NOT NULL"),
+    ("task_options", "TEXT"),
+    ("length", "INTEGER NOT NULL"),
+    ("depth", "REAL"),
+    ("seed", "INTEGER NOT NULL"),
+    ("mode", "TEXT NOT NULL"),
+    ("metric", "TEXT NOT NULL"),
+    ("score", "REAL"),
+    ("output", "TEXT"),
+    ("answers", "TEXT"),
+    ("prompt_tokens", "INTEGER"),
+    ("context_tokens", "INTEGER"),
+    ("kl", "REAL"),
+    ("kl_max", "REAL"),
+    ("top1", "REAL"),
+    ("fidelity_tokens", "INTEGER"),
+    ("answer_logprob", "REAL"),
+    ("answer_tokens", "INTEGER"),
+    ("prefill_s", "REAL"),
+    ("compress_s", "REAL"),
+    ("decode_s", "REAL"),
+    ("decode_tokens", "INTEGER"),
+    ("cell_s", "REAL"),
+    ("kv_bytes", "INTEGER"),
+    ("stored_entries", "INTEGER"),
+    ("full_kv_bytes", "INTEGER"),
+    ("full_entries", "INTEGER"),
+)
+
+BENCH: tuple[tuple[str, str], ...] = (
+    *COMMON,
+    ("prefill", "TEXT NOT NULL"),  # the prefill part of the label
+    ("decode", "TEXT"),  # the decode part (method and parameters), if any
+    ("decode_budget", "TEXT"),
+    ("length", "INTEGER NOT NULL"),
+    ("batch", "INTEGER NOT NULL"),
+    ("rep", "INTEGER NOT NULL"),
+    ("prefill_s", "REAL"),
+    ("compress_s", "REAL"),
+    ("ttft_s", "REAL"),
+    ("decode_s", "REAL"),
+    ("steps", "INTEGER"),
+    ("tok_s", "REAL"),
+    ("attn_ms", "REAL"),  # attention time per decode step, all layers
+    ("bytes_read", "REAL"),  # KV (+ page metadata) bytes read per decode step, all layers and sequences
+    ("kv_bytes", "INTEGER"),
+    ("alloc_bytes", "INTEGER"),
+    ("meta_bytes", "INTEGER"),
+    ("stored_entries", "INTEGER"),
+    ("prefill_peak_rss", "INTEGER"),  # process resident memory, highest while prefilling (weights included)
+    ("decode_peak_rss", "INTEGER"),  # highest while decoding
+)
+
+TABLES: dict[str, tuple[tuple[str, str], ...]] = {"eval": EVAL, "bench": BENCH}
+RUNS = (
+    "id INTEGER PRIMARY KEY AUTOINCREMENT, tool TEXT NOT NULL, started REAL, command TEXT, config TEXT, model TEXT, "
+    "version TEXT, threads INTEGER, cells INTEGER, todo INTEGER, info TEXT"
+)
+
+
+def columns(table: str) -> tuple[str, ...]:
+    return tuple(c for c, _ in _table(table))
+
+
+def _table(table: str) -> tuple[tuple[str, str], ...]:
+    if table not in TABLES:
+        raise ValueError(f"unknown results table {table!r}; tables: {', '.join(TABLES)}")
+    return TABLES[table]
+
+
+class ResultStore:
+    """A SQLite results store (see the module docstring).
+
+    ``ResultStore(path)`` creates the file (and its folder) if needed and checks that it can be written, so a bad
+    path fails before any work starts. ``readonly=True`` opens an existing store for reports.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path).expanduser()
+        self.readonly = readonly
+        if readonly:
+            if not self.path.is_file():
+                raise ConfigError(
+                    f"No results store at {self.path}: run `tokensieve eval --store {self.path}` or "
+                    f"`tokensieve bench --store {self.path}` first."
+                )
+            self._conn = self._connect(f"file:{self.path}?mode=ro", uri=True)
+            self._check_schema()
+            return
+        if self.path.is_dir():
+            raise ConfigError(
+                f"The results store {self.path} is a directory: give a file path such as runs/eval.sqlite."
+            )
+        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(
+                f"Cannot create the results store {self.path}: {blocker} is a file, not a folder. "
+                "Choose a writable path with --store."
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot create the folder of the results store {self.path}: {exc.strerror or exc}. "
+                "Choose a writable path with --store."
+            ) from None
+        self._conn = self._connect(str(self.path))
+        try:
+            self._create()
+            with self._conn:  # a write transaction proves the file is writable and not locked
+                self._conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('checked', ?)", (str(time.time()),))
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise ConfigError(
+                f"Cannot write the results store {self.path}: {exc}. Choose a writable path with --store."
+            ) from None
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    def _connect(self, target: str, *, uri: bool = False) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(target, uri=uri, timeout=60.0)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"Cannot open the results store {self.path}: {exc}.") from None
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _create(self) -> None:
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables - {"sqlite_sequence"}:  # a new file: this schema
+            with self._conn:
+                self._conn.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT)")
+                self._conn.execute("INSERT INTO meta(k, v) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        self._check_version()
+        with self._conn:
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({RUNS})")
+            for table, cols in TABLES.items():
+                body = ",\n  ".join(f"{c} {t}" for c, t in cols)
+                self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (\n  {body}\n)")
+                self._conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_label ON {table}(label)")
+        self._check_schema()
+
+    def _check_version(self) -> None:
+        try:
+            row = self._conn.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{self.path} is not a tokensieve results store: {exc}.") from None
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            raise ConfigError(
+                f"{self.path} is not a tokensieve results store of schema {SCHEMA_VERSION} (an older tokensieve "
+                "wrote it, or another program): use another --store path."
+            )
+
+    def _check_schema(self) -> None:
+        self._check_version()
+        for table, cols in TABLES.items():
+            have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if {c for c, _ in cols} - have:
+                raise ConfigError(
+                    f"{self.path} is not a tokensieve results store of schema {SCHEMA_VERSION} (table {table} "
+                    "differs); use another --store path."
+                )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def start_run(
+        self,
+        *,
+        tool: str,
+        command: str,
+        config: Mapping[str, Any],
+        model: str,
+        version: str,
+        threads: int,
+        cells: int,
+        todo: int,
+        info: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Record an invocation; returns its id (``run_id`` of its rows)."""
+        with self._conn:
+            cur = self._conn.execute(
+                "INSERT INTO runs(tool, started, command, config, model, version, threads, cells, todo, info) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (tool, time.time(), command, json.dumps(config, sort_keys=True, default=str), model, version,
+                 threads, cells, todo, json.dumps(info or {}, sort_keys=True, default=str)),
+            )  # fmt: skip
+        return int(cur.lastrowid or 0)
+
+    def add(self, table: str, row: Mapping[str, Any]) -> None:
+        """Insert one measurement and commit. A key that is already stored is an error (never overwritten)."""
+        names = columns(table)
+        unknown = set(row) - set(names)
+        if unknown:
+            raise ValueError(f"unknown {table} columns: {sorted(unknown)}")
+        cols = [c for c in names if c in row]
+        values = [_sql(row[c]) for c in cols]
+        sql = f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        with self._conn:
+            self._conn.execute(sql, values)
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def keys(self, table: str) -> set[str]:
+        _table(table)
+        return {r[0] for r in self._conn.execute(f"SELECT key FROM {table}")}
+
+    def has(self, table: str, key: str) -> bool:
+        _table(table)
+        return self._conn.execute(f"SELECT 1 FROM {table} WHERE key = ?", (key,)).fetchone() is not None
+
+    def count(self, table: str) -> int:
+        _table(table)
+        return int(self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    def rows(self, table: str, where: str = "", params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of ``table`` in the order they were measured (``where``: an SQL condition with ``?`` params)."""
+        _table(table)
+        sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "") + " ORDER BY created"
+        return [dict(r) for r in self._conn.execute(sql, tuple(params))]
+
+    def runs(self, tool: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM runs" + (" WHERE tool = ?" if tool else "") + " ORDER BY id"
+        out = [dict(r) for r in self._conn.execute(sql, (tool,) if tool else ())]
+        for r in out:
+            r["info"] = json.loads(r["info"]) if r.get("info") else {}
+        return out
+
+
+def _sql(v: Any) -> Any:
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True, default=str)
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float) and v != v:  # NaN → NULL
+        return None
+    return v
+
+
+def spec_columns(spec: Spec) -> dict[str, Any]:
+    """The columns every measurement row has for its configuration: label, method (the label without budgets),
+    the resolved spec as JSON, and the budget (shown as ``25%``; ``100%`` for the full cache)."""
+    primary = spec.budget or spec.decode_budget or Budget.ratio(1.0)
+    return {
+        "label": spec.label,
+        "method": spec.family,
+        "spec": spec.to_dict(),
+        "budget": spec.budget_text,
+        "budget_kind": primary.kind,
+        "budget_value": float(primary.value),
+    }

@@ -1,0 +1,487 @@
+"""One grammar for "what to run": a prefill method with its budget, then optionally a decode method with its budget.
+
+::
+
+    spec     := prefill [ '+' decode ]  |  '+' decode
+    prefill  := call [ ':' budget ]
+    decode   := call [ ':' budget ]
+    call     := name [ '[' param { ',' param } ']' ]
+    param    := key '=' ( call | value )
+    budget   := ratio (0.25, 25%) | token count (256)
+
+``full``, ``snapkv:0.25``, ``snapkv[window=64]:0.25+quest[page=32]:0.125``,
+``adakv[base=snapkv[window=64]]:0.1+quest[page=32]:0.125``, ``+h2o:512`` (full prefill, H2O while decoding).
+A method that acts only while decoding, written alone, runs after a full prefill: ``quest:0.125`` is
+``+quest:0.125``. Keys may be written with ``-`` for ``_``. docs/CONCEPTS.md documents the grammar.
+
+A :class:`Spec` holds method *instances* (a nested method is an object, e.g. ``AdaKV(base=SnapKV(window=64))``), so
+a spec built in Python and one parsed from a string are the same value. It has one canonical :attr:`Spec.label`
+(re-rendered from the objects: defaults dropped, parameters sorted, budgets in one notation) and one
+:meth:`Spec.key` (a hash of every resolved parameter and the workload) shared by every tool that records results.
+
+This module is part of the library: it imports only the errors, the core concepts and the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.budget import Budget
+from .core.capabilities import Phase
+from .core.method import Method
+from .errors import ConfigError
+from .registry import create_method, get_method_class
+
+FULL = "full"
+GRAMMAR = "prefill[:budget][+decode[:budget]], e.g. snapkv[window=64]:0.25+quest[page=32]:0.125"
+
+
+def _full() -> Method:
+    return create_method(FULL)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _check_prefill(method: Any) -> None:
+    if not isinstance(method, Method):
+        raise ConfigError(f"A spec's prefill method must be a Method instance (or a name), not {method!r}.")
+    if Phase.PREFILL not in method.capabilities.phases and Phase.DECODE in method.capabilities.phases:
+        raise ConfigError(
+            f"Method '{method.name}' does not act during prefill; it acts while decoding: write '+{method.name}' "
+            "(a full prefill, then it) or put it after a prefill method and '+'."
+        )
+    method.capabilities.check(method=method.name, phase=Phase.PREFILL)
+
+
+def _check_decode(method: Any) -> None:
+    if not isinstance(method, Method):
+        raise ConfigError(f"A spec's decode method must be a Method instance (or a name), not {method!r}.")
+    method.capabilities.check(method=method.name, phase=Phase.DECODE)
+    if not method.compresses:
+        raise ConfigError(
+            f"Method '{method.name}' keeps the whole cache while decoding: it is no decode method. "
+            f"Drop '+{method.name}'."
+        )
+
+
+def _budget(value: Any) -> Budget | None:
+    return None if value is None else Budget.parse(value)
+
+
+# ------------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class Spec:
+    """What to run: a prefill method and its budget, and optionally a decode method and its budget.
+
+    Args:
+        method: the method that compresses the prompt (``full`` keeps it whole).
+        budget: its budget; ``None`` for a method that does not compress, or while unresolved (see
+            :meth:`with_budget`). A budget of the whole prompt (ratio 1.0) on a non-compressing method is dropped.
+        decode: a method that acts at every decode step (bounded cache or sparse attention), or ``None``.
+        decode_budget: its budget; defaults to ``budget`` when the prefill method has one.
+
+    ``Spec(AdaKV(base=SnapKV(window=64)), Budget.ratio(0.1), Quest(page=32), Budget.ratio(0.125))`` equals
+    ``Spec.parse("adakv[base=snapkv[window=64]]:0.1+quest[page=32]:0.125")``.
+    """
+
+    method: Method = field(default_factory=_full)
+    budget: Budget | None = None
+    decode: Method | None = None
+    decode_budget: Budget | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str):  # a convenience for untyped callers: Spec("snapkv", 0.25)
+            object.__setattr__(self, "method", create_method(self.method))
+        if isinstance(self.decode, str):
+            object.__setattr__(self, "decode", create_method(self.decode))
+        object.__setattr__(self, "budget", _budget(self.budget))
+        object.__setattr__(self, "decode_budget", _budget(self.decode_budget))
+        _check_prefill(self.method)
+        if self.budget is not None and not self.method.compresses:
+            if not self.budget.is_full:
+                raise ConfigError(
+                    f"Method '{self.method.name}' keeps every prompt token: it takes no budget "
+                    f"(write '{self.method.name}', or '+decode:budget' for a decode method after a full prefill)."
+                )
+            object.__setattr__(self, "budget", None)
+        if self.decode is None:
+            if self.decode_budget is not None:
+                raise ConfigError("A decode budget without a decode method: write prefill:budget+decode:budget.")
+            return
+        _check_decode(self.decode)
+        if self.decode_budget is None and self.budget is not None:
+            object.__setattr__(self, "decode_budget", self.budget)
+
+    # ------------------------------------------------------------------------------------------------- build
+    @classmethod
+    def parse(cls, text: str | Spec | Method) -> Spec:
+        """Read a spec string (see the module docstring); a :class:`Spec` is returned as is, a :class:`Method`
+        becomes a spec of its own. Every malformed spec raises :class:`ConfigError` with the position."""
+        if isinstance(text, Spec):
+            return text
+        if isinstance(text, Method):
+            return cls.of(text)
+        if not isinstance(text, str):
+            raise ConfigError(f"A spec is a string such as 'snapkv:0.25', not {text!r}.")
+        return _Parser(text).spec()
+
+    @classmethod
+    def of(cls, method: Method, budget: Budget | str | float | int | None = None) -> Spec:
+        """A spec of one method: a prefill method with ``budget``, or — for a method that acts only while
+        decoding — a full prefill followed by it at ``budget`` (as ``quest:0.125`` means ``+quest:0.125``)."""
+        phases = method.capabilities.phases
+        if Phase.PREFILL not in phases and Phase.DECODE in phases:
+            return cls(_full(), None, method, _budget(budget))
+        return cls(method, _budget(budget))
+
+    def with_budget(self, budget: Budget | str | float | int) -> Spec:
+        """Fill the missing budgets with ``budget``: the prefill's if its method compresses and has none, the
+        decode method's if it has none. A resolved spec is returned unchanged."""
+        b = Budget.parse(budget)
+        pre = self.budget if self.budget is not None or not self.method.compresses else b
+        dec = None if self.decode is None else self.decode_budget if self.decode_budget is not None else b
+        if pre is self.budget and dec is self.decode_budget:
+            return self
+        return Spec(self.method, pre, self.decode, dec)
+
+    def at_budgets(self, budgets: Iterable[Budget | str | float | int]) -> list[Spec]:
+        """One resolved spec per budget if this one misses a budget, else ``[self]`` (how grids combine a list of
+        specs with a list of budgets)."""
+        if self.is_resolved:
+            return [self]
+        out = list(dict.fromkeys(self.with_budget(b) for b in budgets))
+        if not out:
+            raise ConfigError(f"'{self.label}' needs a budget: write it as {self.label}:0.25 or give budgets.")
+        return out
+
+    def without_budgets(self) -> Spec:
+        return Spec(self.method, None, self.decode, None)
+
+    @property
+    def prefill(self) -> Spec:
+        """The prefill part alone (specs with the same prefill can share one prefilled cache)."""
+        return Spec(self.method, self.budget)
+
+    # ------------------------------------------------------------------------------------------------ facts
+    @property
+    def is_resolved(self) -> bool:
+        """Every method that needs a budget has one."""
+        return (self.budget is not None or not self.method.compresses) and (
+            self.decode is None or self.decode_budget is not None
+        )
+
+    @property
+    def compresses(self) -> bool:
+        """The prefill compresses, or a decode method bounds or sparsifies the cache."""
+        return self.method.compresses or self.decode is not None
+
+    @property
+    def is_full(self) -> bool:
+        """The full-cache baseline: nothing compressed, no decode method."""
+        return not self.method.compresses and self.decode is None
+
+    @property
+    def label(self) -> str:
+        """The canonical label, rendered from the objects (defaults dropped, parameters sorted by key, budgets as
+        ``0.25`` or ``256``): ``full``, ``snapkv:0.25``, ``+quest[page=32]:0.125``."""
+        head = ""
+        if self.method.name != FULL or self.decode is None or _params(self.method):
+            head = method_label(self.method) + (f":{budget_label(self.budget)}" if self.budget is not None else "")
+        if self.decode is None:
+            return head
+        tail = method_label(self.decode)
+        if self.decode_budget is not None:
+            tail += f":{budget_label(self.decode_budget)}"
+        return f"{head}+{tail}"
+
+    @property
+    def family(self) -> str:
+        """The label without budgets (``snapkv``, ``+quest[page=32]``): one line of an accuracy-vs-budget plot."""
+        return self.without_budgets().label
+
+    @property
+    def budget_text(self) -> str:
+        """The budgets for a table: ``25%``, ``50% + 0.125`` (prefill + decode when they differ), ``100%`` (full)."""
+        shown = [str(b) for b in (self.budget, self.decode_budget) if b is not None]
+        return " + ".join(dict.fromkeys(shown)) or "100%"
+
+    def __str__(self) -> str:
+        return self.label
+
+    # ------------------------------------------------------------------------------------------------- keys
+    def to_dict(self) -> dict[str, Any]:
+        """Every resolved parameter (defaults included, nested methods as ``{"name", "params"}``) and the budgets,
+        JSON-ready."""
+        return {
+            "method": method_dict(self.method),
+            "budget": budget_dict(self.budget),
+            "decode": method_dict(self.decode) if self.decode is not None else None,
+            "decode_budget": budget_dict(self.decode_budget),
+        }
+
+    def key(self, **workload: Any) -> str:
+        """The key of a measurement of this spec on a workload (task, length, model, batch size …): a SHA-256 of
+        the JSON of :meth:`to_dict` and the workload. The tokensieve version is not part of it, so a rerun after an
+        upgrade resumes; measure into a new store after changing what a method computes."""
+        if "spec" in workload:
+            raise ValueError("'spec' is reserved in a key's workload")
+        blob = json.dumps({"spec": self.to_dict(), **workload}, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+    def compressor_kwargs(self) -> dict[str, Any]:
+        """``method=, budget=, decode=, decode_budget=`` for :class:`tokensieve.pipeline.Compressor`."""
+        if not self.is_resolved:
+            missing = "prefill" if self.budget is None and self.method.compresses else "decode"
+            raise ConfigError(
+                f"The spec '{self.label}' gives no budget for its {missing} method: write e.g. "
+                f"'{self.label}:0.25'" + (" (or prefill:budget+decode:budget)." if self.decode is not None else ".")
+            )
+        return {
+            "method": self.method,
+            "budget": self.budget if self.budget is not None else Budget.ratio(1.0),
+            "decode": self.decode,
+            "decode_budget": self.decode_budget,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def _defaults(method: Method) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(method):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _params(method: Method) -> dict[str, Any]:
+    """The parameters that differ from the dataclass defaults, sorted by key."""
+    defaults = _defaults(method)
+    values = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    return {k: v for k, v in sorted(values.items()) if k not in defaults or v != defaults[k]}
+
+
+def value_label(value: Any) -> str:
+    if isinstance(value, Method):
+        return method_label(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def method_label(method: Method) -> str:
+    """``name[key=value,…]`` with the parameters that differ from the defaults; nested methods recursively."""
+    params = _params(method)
+    if not params:
+        return method.name
+    return method.name + "[" + ",".join(f"{k}={value_label(v)}" for k, v in params.items()) + "]"
+
+
+def budget_label(budget: Budget) -> str:
+    """``0.25`` for a ratio (``25%`` too), ``256`` for a token count."""
+    return repr(float(budget.value)) if budget.kind == "ratio" else str(int(budget.value))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Method):
+        return method_dict(value)
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return repr(value)
+
+
+def method_dict(method: Method) -> dict[str, Any]:
+    params = {f.name: _json_value(getattr(method, f.name)) for f in dataclasses.fields(method)}
+    return {"name": method.name, "params": params}
+
+
+def budget_dict(budget: Budget | None) -> dict[str, Any] | None:
+    if budget is None:
+        return None
+    value: float | int = float(budget.value) if budget.kind == "ratio" else int(budget.value)
+    return {"kind": budget.kind, "value": value, "sink": budget.sink, "recent": budget.recent}
+
+
+# --------------------------------------------------------------------------------------------------- lists
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs at top-level commas (commas inside brackets separate parameters)."""
+    out: list[str] = []
+    depth = 0
+    start = 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth = max(0, depth - 1)
+        elif c == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return [s.strip() for s in out if s.strip()]
+
+
+def parse_specs(items: str | Iterable[str | Spec | Method]) -> list[Spec]:
+    """Specs from a comma-separated string or a list of specs; duplicates dropped, order kept."""
+    raw = split_specs(items) if isinstance(items, str) else list(items)
+    return list(dict.fromkeys(Spec.parse(s) for s in raw))
+
+
+# -------------------------------------------------------------------------------------------------- parser
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_VALUE = re.compile(r"[^\s\[\],=:+]+")
+_BUDGET = re.compile(r"[^\s\[\],=:+]+")
+
+
+def _method_typed(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Method)
+
+
+def _with_position(exc: ConfigError, text: str, pos: int) -> ConfigError:
+    msg = f"In spec {text!r} at column {pos + 1}: {exc}\n  {text}\n  {' ' * pos}^"
+    try:
+        return type(exc)(msg)
+    except TypeError:  # pragma: no cover - an error class with another signature
+        return ConfigError(msg)
+
+
+class _Parser:
+    """Recursive descent over the grammar of the module docstring; every error carries its column."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def error(self, expected: str, pos: int | None = None) -> ConfigError:
+        at = self.pos if pos is None else pos
+        found = f"'{self.text[at]}'" if at < len(self.text) else "the end"
+        return ConfigError(
+            f"Cannot read spec {self.text!r}: expected {expected} at column {at + 1}, found {found}.\n"
+            f"  {self.text}\n  {' ' * at}^\n"
+            f"Specs are written {GRAMMAR}."
+        )
+
+    def ws(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        self.ws()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def token(self, pattern: re.Pattern[str], expected: str) -> tuple[str, int]:
+        self.ws()
+        m = pattern.match(self.text, self.pos)
+        if m is None:
+            raise self.error(expected)
+        self.pos = m.end()
+        return m.group(0), m.start()
+
+    def located(self, pos: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise _with_position(exc, self.text, pos) from None
+
+    # -- grammar --------------------------------------------------------------------------------------------
+    def spec(self) -> Spec:
+        if not self.text.strip():
+            raise self.error("a method name")
+        prefill: tuple[Method, int] | None = None
+        budget: tuple[Budget, int] | None = None
+        if self.peek() != "+":
+            prefill = self.call("a method name")
+            budget = self.budget()
+        decode: tuple[Method, int] | None = None
+        decode_budget: tuple[Budget, int] | None = None
+        if self.peek() == "+":
+            self.pos += 1
+            decode = self.call("a method name after '+'")
+            decode_budget = self.budget()
+        if self.peek():
+            if decode is not None:
+                expected = "the end of the spec (one '+' at most: prefill+decode)"
+                raise self.error(expected if decode_budget is not None else "':' or " + expected)
+            raise self.error("'+' or the end of the spec" if budget is not None else "':', '+' or the end of the spec")
+
+        if prefill is not None and decode is None:  # a decode-only method alone: a full prefill, then it
+            phases = prefill[0].capabilities.phases
+            if Phase.PREFILL not in phases and Phase.DECODE in phases:
+                prefill, decode, budget, decode_budget = None, prefill, None, budget
+        method = prefill[0] if prefill is not None else _full()
+        if prefill is not None:
+            self.located(prefill[1], _check_prefill, method)
+            if budget is not None and not method.compresses and not budget[0].is_full:
+                raise _with_position(
+                    ConfigError(f"Method '{method.name}' keeps every prompt token: it takes no budget."),
+                    self.text,
+                    budget[1],
+                )
+        if decode is not None:
+            self.located(decode[1], _check_decode, decode[0])
+        return Spec(
+            method,
+            budget[0] if budget is not None else None,
+            decode[0] if decode is not None else None,
+            decode_budget[0] if decode_budget is not None else None,
+        )
+
+    def budget(self) -> tuple[Budget, int] | None:
+        if self.peek() != ":":
+            return None
+        self.pos += 1
+        raw, at = self.token(_BUDGET, "a budget after ':' (a ratio such as 0.25 or 25%, or a token count such as 256)")
+        return self.located(at, Budget.parse, raw), at
+
+    def call(self, expected: str) -> tuple[Method, int]:
+        name, start = self.token(_NAME, expected)
+        cls = self.located(start, get_method_class, name)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        params: dict[str, Any] = {}
+        where: dict[str, int] = {}
+        if self.peek() == "[":
+            self.pos += 1
+            while True:
+                raw_key, kpos = self.token(_NAME, "a parameter name")
+                key = raw_key.replace("-", "_")
+                if key in params:
+                    raise _with_position(ConfigError(f"Parameter '{key}' is given twice."), self.text, kpos)
+                if self.peek() != "=":
+                    raise self.error(f"'=' after '{raw_key}'")
+                self.pos += 1
+                self.ws()
+                nested = _NAME.match(self.text, self.pos)
+                followed = nested is not None and self.text[nested.end() : nested.end() + 1] == "["
+                if followed or (key in fields and _method_typed(hints.get(key))):
+                    params[key] = self.call(f"a method name for '{key}'")[0]
+                else:
+                    params[key] = self.token(_VALUE, f"a value for '{key}'")[0]
+                where[key] = kpos
+                c = self.peek()
+                if c == ",":
+                    self.pos += 1
+                    continue
+                if c == "]":
+                    self.pos += 1
+                    break
+                raise self.error("']' or ','")
+        try:
+            return create_method(cls.name, **params), start
+        except ConfigError as exc:
+            at = next((p for k, p in where.items() if re.search(rf"(?<![\w]){re.escape(k)}(?![\w])", str(exc))), start)
+            raise _with_position(exc, self.text, at) from None
+
+
+__all__ = ["Spec", "budget_label", "method_label", "parse_specs", "split_specs"]
