@@ -239,7 +239,7 @@ class Compressor:
             method=self.method,
             budget=self.budget,
             shape=self.shape,
-            profile=self.profile,
+            profile=None if self.profile is None else self.profile.content(self.shape),
             reserve=self.reserve if reserve is None else reserve,
             decode=self.decode_method,
             decode_budget=self.decode_budget if self.decode_method is not None else None,

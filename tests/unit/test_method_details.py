@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tokensieve as ts
 from tokensieve.adapters.profiles import Profile, load_profile, save_profile
 from tokensieve.core.context import LayerContext, ModelShape, RunState
+from tokensieve.core.profiles import RetrievalHeads
 from tokensieve.methods.ems import merge_into_centres
 from tokensieve.profiling.retrieval_heads import echo_induction_scores
 from tokensieve.select.selection import Selection
@@ -73,14 +75,7 @@ def test_streaming_llm_keeps_sinks_and_the_latest_tokens():
 
 def test_razor_compensation_token_is_the_mean_of_what_was_dropped():
     ctx = make_ctx(T=20, budget=8, sink=2)
-    profile = Profile(
-        "retrieval-heads",
-        "x",
-        {},
-        {},
-        {"ranked": [[1, 0]], "count": 1},
-    )
-    ctx.run.profile = profile
+    ctx.run.profile = RetrievalHeads(ranked=((1, 0),), count=1)
     ctx.run.budget_tokens = torch.tensor([14])  # 3 layers x 2 heads x 14 = 84 = 20 (retrieval) + 5 x 12.8
     m = ts.create_method("razor", sink=2, min_local=4)
     comp = m.compress(ctx)
@@ -156,3 +151,16 @@ def test_selection_counts_are_what_the_method_allocated():
     assert isinstance(comp.selection, Selection)
     assert comp.selection.counts.tolist() == [[10, 10]]
     assert set(range(26, 30)) <= set(comp.selection.row(0, 0).tolist())
+
+
+def test_a_malformed_profile_is_refused_before_any_work(tiny_model, tiny_profiles):
+    import dataclasses
+
+    good = tiny_profiles["retrieval-heads"]
+    ts.compress(tiny_model, "razor", 0.25, profile=good)
+    bad = dataclasses.replace(good, data={**good.data, "ranked": [[99, 0]]})
+    with pytest.raises(ts.ConfigError, match="outside the model"):
+        ts.compress(tiny_model, "razor", 0.25, profile=bad)
+    bad = dataclasses.replace(tiny_profiles["fasa"], data={"ks": [8], "ca": []})
+    with pytest.raises(ts.ConfigError, match="'ca'"):
+        ts.compress(tiny_model, "fasa", 0.25, profile=bad)

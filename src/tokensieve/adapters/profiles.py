@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.context import ModelShape
+from ..core.profiles import PROFILE_KINDS, ProfileData
 from ..errors import CapabilityError, ConfigError
 from .models import cache_home
 
@@ -36,6 +37,15 @@ class Profile:
     data: dict[str, Any]
     version: str = ""
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def content(self, shape: ModelShape) -> ProfileData:
+        """The profile's data as its kind's typed schema (:mod:`tokensieve.core.profiles`), validated against the
+        model's shape; a malformed file raises :class:`ConfigError` naming the field."""
+        self.check_shape(shape)
+        schema = PROFILE_KINDS.get(self.kind)
+        if schema is None:
+            raise ConfigError(f"Unknown profile kind '{self.kind}'; known kinds: {', '.join(PROFILE_KINDS)}.")
+        return schema.from_dict(self.data, shape)
 
     def check_shape(self, shape: ModelShape) -> None:
         want = shape_dict(shape)

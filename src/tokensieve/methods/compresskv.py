@@ -11,6 +11,7 @@ from torch import Tensor
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
+from ..core.profiles import SemanticHeads
 from ..core.registry import register
 from ..errors import ConfigError
 from ..scorers.attention import window_scores
@@ -75,7 +76,8 @@ class CompressKV(PrefillMethod):
         return 0, self.window
 
     def score(self, ctx: LayerContext) -> Tensor:
-        srh = ctx.run.profile.data["srh"][ctx.layer_idx][: self.heads]
+        profile: SemanticHeads = ctx.run.profile
+        srh = list(profile.srh[ctx.layer_idx][: self.heads])
         s = window_scores(ctx, self.window, self.kernel)[:, srh].mean(1, keepdim=True)  # (B, 1, T)
         s = s.masked_fill(~ctx.valid[:, None, :], 0.0)
         return s.expand(ctx.batch, ctx.num_kv_heads, ctx.length).contiguous()
@@ -83,7 +85,7 @@ class CompressKV(PrefillMethod):
     def layer_counts(self, ctx: LayerContext) -> Tensor:
         key = ("compresskv", "budgets")
         if key not in ctx.run.scratch:
-            score = ctx.run.profile.data["layer_score"]
+            score = list(ctx.run.profile.layer_score)
             rows = [
                 compresskv_layer_budgets(score, int(b), int(n))
                 for b, n in zip(ctx.run.budget_tokens.tolist(), ctx.run.n_tokens.tolist())

@@ -12,16 +12,19 @@ from torch import Tensor
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
+from ..core.profiles import FrequencyChunks
 from ..core.registry import register
 from ..errors import ConfigError
 from ..scorers.frequency import dominant_chunks
 
 
-def chunk_dim_mask(profile_data: dict, budget: int, head_dim: int, quantile: float, min_k: int, max_k: int) -> Tensor:
+def chunk_dim_mask(
+    profile: FrequencyChunks, budget: int, head_dim: int, quantile: float, min_k: int, max_k: int
+) -> Tensor:
     """``(L, H_kv, D)`` 0/1 mask of the dominant chunks' dimensions, from the CA slice whose K is nearest the budget."""
-    ks = profile_data["ks"]
+    ks = profile.ks
     ki = min(range(len(ks)), key=lambda i: abs(math.log(ks[i]) - math.log(max(1, budget))))
-    ca = profile_data["ca"][ki]  # [L][H][D/2]
+    ca = profile.ca[ki]  # [L][H][D/2]
     half = head_dim // 2
     mask = torch.zeros(len(ca), len(ca[0]), head_dim)
     for layer, heads in enumerate(ca):
@@ -74,7 +77,7 @@ class FASA(PrefillMethod):
         if key not in ctx.run.scratch:
             D = ctx.keys.shape[-1]
             ctx.run.scratch[key] = chunk_dim_mask(
-                ctx.run.profile.data, budget, D, self.quantile, self.min_chunks, self.max_chunks
+                ctx.run.profile, budget, D, self.quantile, self.min_chunks, self.max_chunks
             )
         return ctx.run.scratch[key][ctx.layer_idx]  # (H_kv, D)
 

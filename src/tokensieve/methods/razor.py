@@ -12,6 +12,7 @@ from torch import Tensor
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
+from ..core.profiles import RetrievalHeads
 from ..core.registry import register
 from ..errors import ConfigError
 from ..scorers import recency_scores
@@ -106,13 +107,13 @@ class RazorAttention(PrefillMethod):
     def _plan(self, ctx: LayerContext) -> Any:
         key = ("razor", self.sink, self.min_local, self.compensation)
         if key not in ctx.run.scratch:
-            data = ctx.run.profile.data
-            ranked = [tuple(x) for x in data["ranked"]]
+            profile: RetrievalHeads = ctx.run.profile
+            ranked = list(profile.ranked)
             comp = 0 if self.compensation == "none" else 1
             plans = [
                 razor_allocation(
                     ranked,
-                    int(data["count"]),
+                    profile.count,
                     int(n),
                     int(b),
                     ctx.num_layers,

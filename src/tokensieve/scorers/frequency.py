@@ -5,6 +5,8 @@ With transformers' ``rotate_half`` layout the pair of chunk ``i`` is dimensions 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ def chunk_scores(q: Tensor, k: Tensor) -> Tensor:
     return prod[..., :half] + prod[..., half:]
 
 
-def dominant_chunks(ca: list[list[float]], quantile: float, min_k: int, max_k: int) -> list[int]:
+def dominant_chunks(ca: Sequence[float], quantile: float, min_k: int, max_k: int) -> list[int]:
     """Chunks with ``CA ≥`` the head's ``quantile``, best first, clamped to ``[min_k, max_k]`` chunks.
 
     ``ca`` is one head's CA per chunk (any K slice flattened to a list).
