@@ -230,6 +230,8 @@ class Compressor:
             self.profile = profile
         else:
             self.profile = profile_for(self.method, self.shape)
+        # what the method reads, validated now (a malformed file fails before any work)
+        self.profile_data = None if self.profile is None else self.profile.content(self.shape)
         self.reserve = reserve
         self._stack: contextlib.ExitStack | None = None
 
@@ -239,7 +241,7 @@ class Compressor:
             method=self.method,
             budget=self.budget,
             shape=self.shape,
-            profile=None if self.profile is None else self.profile.content(self.shape),
+            profile=self.profile_data,
             reserve=self.reserve if reserve is None else reserve,
             decode=self.decode_method,
             decode_budget=self.decode_budget if self.decode_method is not None else None,
