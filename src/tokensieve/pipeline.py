@@ -30,6 +30,7 @@ from .cache.decode import DecodeMethod
 from .cache.sieve_cache import Plan, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
+from .core.context import ModelShape
 from .core.method import Method
 from .errors import CapabilityError, ConfigError, PromptError
 from .registry import create_method
@@ -164,10 +165,16 @@ def _names_decode_only(method: str | Method | Spec) -> bool:
     return Spec.parse(method).decode is not None
 
 
-def check_composition(method: Method, decode: DecodeMethod | None) -> None:
-    """Refuse, before any work, a prefill method and a decode method that cannot run together."""
+def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelShape) -> None:
+    """Refuse, before any work, a prefill method and a decode method that cannot run together (on this model)."""
     if decode is None:
         return
+    if shape.modified:
+        what = "sliding-window" if any(w is not None for w in shape.windows) else "soft-capped"
+        raise CapabilityError(
+            f"Decode method '{decode.name}' does not support {what} attention yet, and model '{shape.key}' has it. "
+            "Run without a decode method (prefill methods honour the model's windows and soft-capping)."
+        )
     if method.capabilities.head_adaptive and not decode.capabilities.head_adaptive:
         raise CapabilityError(
             f"Decode method '{decode.name}' needs every KV head of a sequence to hold the same number of entries, "
@@ -217,8 +224,8 @@ class Compressor:
         self.budget: Budget = self.spec.budget if self.spec.budget is not None else Budget.ratio(1.0)
         self.decode_method: DecodeMethod | None = self.spec.decode  # type: ignore[assignment]
         self.decode_budget = self.spec.decode_budget if self.spec.decode_budget is not None else self.budget
-        check_composition(self.method, self.decode_method)
         self.shape = model_shape(model)
+        check_composition(self.method, self.decode_method, self.shape)
         self.method.check(self.shape)
         if profile is not None:
             if profile.kind != self.method.capabilities.profile:
@@ -391,7 +398,7 @@ class Compressor:
     ) -> CachedContext:
         """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
         dm = _decode_method(decode, decode_params)
-        check_composition(self.method, dm)
+        check_composition(self.method, dm, self.shape)
         ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
         return ctx
 

@@ -33,8 +33,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..attention.dense import Modifiers
 from ..cache.sieve_cache import SieveCache
 from ..compat import check_versions
+from ..errors import CapabilityError
 
 IMPLEMENTATION = "tokensieve"
 _REGISTERED = False
@@ -139,8 +141,24 @@ def sieve_attention(
     if scaling is None:
         scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
     positions = kwargs.get("position_ids")  # (B|1, L) as the model rotated the chunk, when the model passes them
-    out = cache.attend(layer_idx, query, key, value, attention_mask, scaling, positions)  # (B, H_q, L, D)
+    mods = modifiers(module, kwargs)
+    out = cache.attend(layer_idx, query, key, value, attention_mask, scaling, positions, mods)  # (B, H_q, L, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def modifiers(module: torch.nn.Module, kwargs: dict[str, Any]) -> Modifiers:
+    """The per-layer attention modifiers a model passes to its attention function, or an error for one we do not
+    honour (so that nothing is silently computed differently from the model's own attention)."""
+    if getattr(module, "is_causal", True) is False:
+        raise CapabilityError("This model's attention is bidirectional; tokensieve supports causal attention only.")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise CapabilityError("This model's attention has learned sink logits, which tokensieve does not support yet.")
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    return Modifiers(
+        window=int(window) if window else None,
+        softcap=float(softcap) if softcap else None,
+    )
 
 
 def padding_mask_only(

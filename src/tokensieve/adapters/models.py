@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.context import ModelShape
-from ..errors import ModelNotFoundError, UnknownNameError
+from ..errors import ConfigError, ModelNotFoundError, UnknownNameError
 
 ENV_HOME = "TOKENSIEVE_HOME"
 
@@ -235,14 +235,24 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     source, _ = resolve(name_or_path)
+    dev = torch.device(device) if isinstance(device, str) else device
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device '{device}' was asked for, but this machine has no CUDA device; use 'cpu'.")
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        # transformers picks the model's own default attention (SDPA, or eager where SDPA cannot express it);
+        # compression routes attention through tokensieve only inside a Compressor call.
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
         raise ModelNotFoundError(
             f"Could not load '{name_or_path}': {exc}\n"
             "Without hub access, pass a local model directory or use the embedded model (`tokensieve pull`)."
+        ) from exc
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:  # broken or unsupported folders
+        raise ModelNotFoundError(
+            f"Could not load '{name_or_path}' as a causal language model with its tokenizer: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     model = model.to(device).eval()
     if tok.pad_token_id is None:
@@ -272,4 +282,17 @@ def model_shape(model: Any) -> ModelShape:
         head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // nq),
         max_positions=int(getattr(c, "max_position_embeddings", 0) or 0),
         key=model_key(model),
+        windows=_sliding_windows(c),
+        softcap=float(getattr(c, "attn_logit_softcapping", None) or 0) or None,
     )
+
+
+def _sliding_windows(c: Any) -> tuple[int | None, ...]:
+    """Each layer's sliding window from a text config (``layer_types`` where the model has them), or ``()``."""
+    window = getattr(c, "sliding_window", None)
+    if not window or getattr(c, "use_sliding_window", True) is False:
+        return ()
+    types = getattr(c, "layer_types", None)
+    if types:
+        return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return (int(window),) * int(c.num_hidden_layers)

@@ -1,6 +1,10 @@
-"""Dense attention paths: causal prefill over a fresh chunk, and the eager reference every kernel is tested against."""
+"""Dense attention paths: causal prefill over a fresh chunk, grouped attention over stored keys with the per-layer
+modifiers transformers honours (sliding windows, logit soft-capping), and the eager reference every kernel is tested
+against."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +13,51 @@ from torch import Tensor
 from ..compat import sdpa_supports_gqa
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scaling: float) -> Tensor:
-    """Causal self-attention of a chunk with no past, GQA-aware, padding-masked.
+@dataclass(frozen=True)
+class Modifiers:
+    """Per-layer changes to plain softmax attention that the model's own attention applies.
+
+    Attributes:
+        window: sliding window — a query at position ``p`` sees a key at position ``k`` only if ``p - k < window``
+            (transformers' rule); None: every earlier key.
+        softcap: logit soft-capping (Gemma-2) — ``logits → softcap · tanh(logits / softcap)`` before the softmax.
+    """
+
+    window: int | None = None
+    softcap: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.window is None and self.softcap is None
+
+
+PLAIN = Modifiers()
+
+
+def window_allowed(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+    """``(..., L, n)`` bool: keys within the sliding window of each query; q_pos ``(..., L)``, k_pos ``(..., n)``."""
+    return (q_pos[..., :, None].long() - k_pos[..., None, :].long()) < window
+
+
+def grouped_attention(
+    qg: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None, softcap: float | None = None
+) -> Tensor:
+    """Attention of queries grouped per KV head: qg ``(B, H_kv, G*L, D)``, k/v ``(B, H_kv, n, D)``, mask a bool mask
+    or additive bias broadcastable to ``(B, H_kv, G*L, n)`` → ``(B, H_kv, G*L, D)``. SDPA unless logits are
+    soft-capped (then eager)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
+    logits = torch.matmul(qg, k.transpose(-1, -2)) * scaling  # (B, H_kv, G*L, n)
+    logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    return torch.matmul(torch.softmax(logits, dim=-1), v)
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scaling: float, mods: Modifiers = PLAIN
+) -> Tensor:
+    """Causal self-attention of a chunk with no past, GQA-aware, padding-masked, with the layer's modifiers.
 
     Args:
         q: ``(B, H_q, T, D)``; k, v: ``(B, H_kv, T, D)``; valid: ``(B, T)`` bool or None (no padding).
@@ -18,8 +65,22 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scal
     Returns:
         ``(B, H_q, T, D)``. Rows of padding queries attend to themselves only (finite, never used).
     """
-    Hq, T = q.shape[1], q.shape[2]
+    B, Hq, T, D = q.shape
     Hkv = k.shape[1]
+    if not mods.plain:
+        idx = torch.arange(T, device=q.device)
+        allowed = idx[None, :] <= idx[:, None]  # (T, T); left padding only: index gaps are position gaps
+        if mods.window is not None:
+            allowed = allowed & window_allowed(idx, idx, mods.window)
+        allowed = allowed[None] & (
+            torch.ones(B, 1, T, dtype=torch.bool, device=q.device)
+            if valid is None
+            else valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=q.device)[None]
+        )  # (B, T, T)
+        G = Hq // Hkv
+        mask = allowed[:, None, None].expand(B, 1, G, T, T).reshape(B, 1, G * T, T)
+        out = grouped_attention(q.reshape(B, Hkv, G * T, D), k, v, scaling, mask, mods.softcap)
+        return out.reshape(B, Hq, T, D)
     gqa = Hq != Hkv
     if gqa and not sdpa_supports_gqa():  # pragma: no cover - old torch
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -90,11 +151,6 @@ def chunk_allowed(key_chunk_pos: Tensor, n_new_queries: int, key_valid: Tensor |
         kv = key_valid[..., None, :]
         return (old & kv) | (new_ok & (kv | (kp == qi[:, None])))
     return old | new_ok
-
-
-def grouped_sdpa(qg: Tensor, k: Tensor, v: Tensor, scaling: float, mask: Tensor | None) -> Tensor:
-    """SDPA for queries grouped per KV head: qg ``(B, H_kv, G*L, D)``, k/v ``(B, H_kv, n, D)``."""
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
 
 
 def grouped_logits(q: Tensor, k: Tensor, scaling: float) -> Tensor:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..attention.dense import causal_attention
+from ..attention.dense import PLAIN, Modifiers, causal_attention
 from ..core.budget import Budget
 from ..core.context import LayerContext, ModelShape, RunState
 from ..core.method import Method, PrefillMethod
-from ..errors import ConfigError
+from ..errors import CapabilityError, ConfigError
 from .decode import DecodeLayer, DecodeMethod, DecodeRun
 from .storage import DenseKV, KVStore, as_dense, build_store
 
@@ -174,12 +174,13 @@ class SieveCache:
         padding_mask: Tensor | None,
         scaling: float,
         positions: Tensor | None = None,
+        mods: Modifiers = PLAIN,
     ) -> Tensor:
         """Store this layer's new keys/values (compressing a fresh prefill) and return the attention output.
 
         q ``(B, H_q, L, D)``; k, v ``(B, H_kv, L, D)`` post-RoPE; padding_mask ``(B, seen + L)`` (1 = real token)
         or None; positions ``(B|1, L)``: the positions the model rotated the chunk with (None: counted from the
-        real tokens seen). Returns ``(B, H_q, L, D)``.
+        real tokens seen); mods: the layer's sliding window and logit soft-capping. Returns ``(B, H_q, L, D)``.
         """
         layer = self.layers[layer_idx]
         B, _, L, _ = k.shape
@@ -208,7 +209,7 @@ class SieveCache:
         decode = plan.decode if plan is not None else None
         stored = L  # tokens of this chunk that count as seen
         if layer.store is None:
-            out = causal_attention(q, k, v, valid_new, scaling)
+            out = causal_attention(q, k, v, valid_new, scaling, mods)
             ctx: LayerContext | None = None
             if self.armed and plan is not None and L > 1:
                 layer.store, ctx = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
@@ -227,6 +228,10 @@ class SieveCache:
                 n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - self.tail
                 self._start_decode(decode, layer_idx, scaling, ctx, n_prompt)
         elif decode is not None:
+            if not mods.plain:  # refused when the Compressor is built; this guards direct use
+                raise CapabilityError(
+                    f"Decode method '{decode.name}' does not support sliding-window or soft-capped attention yet."
+                )
             if layer.decode is None:  # the decode method was attached after the prefill
                 self._start_decode(decode, layer_idx, scaling, None, layer.seen_valid)
             dl = layer.decode
@@ -241,7 +246,7 @@ class SieveCache:
         else:
             layer.store.append(k, v, pos_new, valid_new)
             t0 = time.perf_counter()
-            out = layer.store.attend(q, scaling)
+            out = layer.store.attend(q, scaling, mods)
             self._timed(L, t0)
             if L == 1:
                 self.stats.decode_bytes_read += layer.store.kv_bytes()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention.dense import chunk_allowed, grouped_sdpa
+from ..attention.dense import PLAIN, Modifiers, chunk_allowed, grouped_attention, window_allowed
 from ..attention.sparse import slot_mask
 from ..errors import CapabilityError
 
@@ -269,8 +269,8 @@ class DenseKV:
         self.n = k
 
     # ------------------------------------------------------------------------------------------------ attend
-    def attend(self, q: Tensor, scaling: float) -> Tensor:
-        """Attention of the last appended chunk's queries over the whole store.
+    def attend(self, q: Tensor, scaling: float, mods: Modifiers = PLAIN) -> Tensor:
+        """Attention of the last appended chunk's queries over the whole store, with the layer's modifiers.
 
         q: ``(B, H_q, L, D)`` with ``L`` the last chunk's length (its tokens are the last ``L`` slots)
         → ``(B, H_q, L, D)``.
@@ -279,29 +279,44 @@ class DenseKV:
         H = self._k.shape[1]
         G = Hq // H
         qg = q.reshape(B, H, G * L, D)  # (B, H_kv, G*L, D): query heads of a group side by side
-        mask = self.attention_mask(L, G)
-        out = grouped_sdpa(qg, self.keys, self.values, scaling, mask)  # (B, H_kv, G*L, D)
+        mask = self.attention_mask(L, G, mods.window)
+        out = grouped_attention(qg, self.keys, self.values, scaling, mask, mods.softcap)  # (B, H_kv, G*L, D)
         return out.reshape(B, Hq, L, D)
 
-    def attention_mask(self, L: int, G: int) -> Tensor | None:
+    def attention_mask(self, L: int, G: int, window: int | None = None) -> Tensor | None:
         """Mask/bias for queries of the last ``L`` slots, grouped ``G`` per KV head: None, a bool mask
-        ``(B|1, 1, G*L, n)``, or an additive float mask ``(B, H_kv, G*L|1, n)``."""
+        ``(B|1, 1|H_kv, G*L, n)``, or an additive float mask ``(B, H_kv, G*L|1, n)``. With a sliding ``window``,
+        keys at least ``window`` positions older than a query are masked (by true positions)."""
         mask: Tensor | None = None
-        device = self._k.device
+        if window is not None and self.n > 1:
+            pos = self.positions  # (B, H, n)
+            if int(pos[..., -1:].amax() - pos.clamp_min(0).amin()) >= window:  # some key is outside a window
+                allowed = window_allowed(pos[..., self.n - L :], pos, window)  # (B, H, L, n)
+                if L > 1 or self._valid is not None:
+                    allowed = allowed & self._chunk_allowed(L)
+                B, H = allowed.shape[:2]
+                mask = allowed[:, :, None].expand(B, H, G, L, self.n).reshape(B, H, G * L, self.n)
+                if self._bias is not None:
+                    mask = torch.where(mask, self._bias[:, :, None, : self.n], float("-inf"))
+                return mask
         if L > 1 or self._valid is not None:
-            chunk_pos = torch.full((self.n,), -1, dtype=torch.long, device=device)
-            chunk_pos[self.n - L :] = torch.arange(L, device=device)
-            key_valid = self.valid  # (B, n) or None
-            if key_valid is None:
-                allowed = chunk_allowed(chunk_pos, L)[None, None]  # (1, 1, L, n)
-            else:
-                B = key_valid.shape[0]
-                allowed = chunk_allowed(chunk_pos.expand(B, -1), L, key_valid)[:, None]  # (B, 1, L, n)
+            allowed = self._chunk_allowed(L)  # (B|1, 1, L, n)
             mask = allowed[:, :, None].expand(-1, -1, G, -1, -1).reshape(allowed.shape[0], 1, G * L, self.n)
         if self._bias is not None:
             bias = self._bias[:, :, None, : self.n]  # (B, H_kv, 1, n)
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         return mask
+
+    def _chunk_allowed(self, L: int) -> Tensor:
+        """``(B|1, 1, L, n)`` bool: causal within the last ``L`` slots, stored padding masked."""
+        device = self._k.device
+        chunk_pos = torch.full((self.n,), -1, dtype=torch.long, device=device)
+        chunk_pos[self.n - L :] = torch.arange(L, device=device)
+        key_valid = self.valid  # (B, n) or None
+        if key_valid is None:
+            return chunk_allowed(chunk_pos, L)[None, None]
+        B = key_valid.shape[0]
+        return chunk_allowed(chunk_pos.expand(B, -1), L, key_valid)[:, None]
 
     def slot_mask(self, slots: Tensor, keep: Tensor | None = None) -> Tensor | None:
         """Mask/bias ``(B, H_kv, 1, m)`` (or None) for attending to ``slots`` ``(B, H_kv, m)`` of this store."""
@@ -380,6 +395,7 @@ class RaggedKV:
         self.batch = batch
         self.heads = heads
         self._new: list[Tensor] = []  # per sequence: chunk indices of the tokens appended last
+        self._new_pos: Tensor | None = None  # (B, L) true positions of the last chunk's tokens (-1 at padding)
 
     evictions = 0  # ragged stores are never evicted from while decoding
 
@@ -422,6 +438,7 @@ class RaggedKV:
         """Append a chunk; padding tokens of the chunk are not stored."""
         B, H, L, _ = k.shape
         self._new = []
+        self._new_pos = positions if valid is None else torch.where(valid, positions, torch.full_like(positions, -1))
         for b in range(B):
             idx = torch.arange(L) if valid is None else valid[b].nonzero().flatten()
             self._new.append(idx)
@@ -431,7 +448,7 @@ class RaggedKV:
             for h in range(H):
                 self._row(b, h).append(kb[h], vb[h], pb)
 
-    def attend(self, q: Tensor, scaling: float) -> Tensor:
+    def attend(self, q: Tensor, scaling: float, mods: Modifiers = PLAIN) -> Tensor:
         """Attention of the last appended chunk's queries: q ``(B, H_q, L, D)`` → ``(B, H_q, L, D)``."""
         B, Hq, L, D = q.shape
         G = Hq // self.heads
@@ -442,18 +459,24 @@ class RaggedKV:
                 r = self._row(b, h)
                 k, v = r.k[: r.n], r.v[: r.n]
                 mask: Tensor | None = None
+                allowed: Tensor | None = None
                 if L > 1:
                     chunk_pos = torch.full((r.n,), -1, dtype=torch.long)
                     chunk_pos[r.n - new_idx.numel() :] = new_idx
                     allowed = chunk_allowed(chunk_pos, L)  # (L, n)
+                if mods.window is not None and self._new_pos is not None:
+                    in_window = window_allowed(self._new_pos[b], r.pos[: r.n], mods.window)  # (L, n)
+                    allowed = in_window if allowed is None else allowed & in_window
+                if allowed is not None:
                     mask = allowed[None].expand(G, L, r.n).reshape(G * L, r.n)
                 if r.bias is not None:
                     bias = r.bias[: r.n][None]
                     mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
                 qg = q[b, h * G : (h + 1) * G].reshape(1, 1, G * L, D)
-                o = grouped_sdpa(qg, k[None, None], v[None, None], scaling, None if mask is None else mask[None, None])
+                m = None if mask is None else mask[None, None]
+                o = grouped_attention(qg, k[None, None], v[None, None], scaling, m, mods.softcap)
                 out[b, h * G : (h + 1) * G] = o.view(G, L, D)
-        if L > 1:
+        if L > 1 or mods.window is not None:
             out = torch.nan_to_num(out)  # padding queries before any stored key have empty rows
         return out
 

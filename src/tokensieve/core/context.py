@@ -29,6 +29,13 @@ class ModelShape:
     head_dim: int
     max_positions: int
     key: str = "model"
+    windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention); () = none anywhere
+    softcap: float | None = None  # attention-logit soft-capping (Gemma-2)
+
+    @property
+    def modified(self) -> bool:
+        """Some layer's attention is not plain causal softmax attention (a sliding window or soft-capping)."""
+        return any(w is not None for w in self.windows) or self.softcap is not None
 
     @property
     def group(self) -> int:
