@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..attention.dense import Modifiers
+from ..attention.dense import Modifiers, plain_attention
 from ..cache.sieve_cache import SieveCache
 from ..compat import check_versions
 from ..errors import CapabilityError
@@ -45,13 +46,22 @@ _REGISTERED = False
 _PENDING: contextvars.ContextVar[tuple[SieveCache, int] | None] = contextvars.ContextVar(
     "tokensieve_pending", default=None
 )
+# How many tokensieve blocks this thread (context) is inside; models routed to tokensieve and their previous
+# attention implementation, with the number of blocks using each.
+_IN_CALL: contextvars.ContextVar[int] = contextvars.ContextVar("tokensieve_in_call", default=0)
+_INJECTING: contextvars.ContextVar[object | None] = contextvars.ContextVar("tokensieve_injecting", default=None)
+_ROUTING_LOCK = threading.Lock()
+_ROUTED: dict[int, list[Any]] = {}
 
 
-def take_pending(layer_idx: int) -> SieveCache:
-    """The SieveCache whose ``update`` ran just before this layer's attention call."""
+def take_pending(layer_idx: int) -> SieveCache | None:
+    """The SieveCache whose ``update`` ran just before this layer's attention call, or None for a forward pass
+    that is not ours (another thread's plain use of the model). Inside a tokensieve block, no cache is an error."""
     pending = _PENDING.get()
     _PENDING.set(None)
     if pending is None or pending[1] != layer_idx:
+        if _IN_CALL.get() == 0:
+            return None
         raise RuntimeError(
             "tokensieve attention was called without a SieveCache. Use the Compressor's prefill/extend/decode, or "
             "call model.generate inside `with tokensieve.compress(model, ...)`, and keep use_cache=True."
@@ -140,8 +150,10 @@ def sieve_attention(
     cache = take_pending(layer_idx)
     if scaling is None:
         scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
-    positions = kwargs.get("position_ids")  # (B|1, L) as the model rotated the chunk, when the model passes them
     mods = modifiers(module, kwargs)
+    if cache is None:  # not ours: the model's own attention over its own cache's keys and values
+        return plain_attention(query, key, value, attention_mask, scaling, mods).transpose(1, 2).contiguous(), None
+    positions = kwargs.get("position_ids")  # (B|1, L) as the model rotated the chunk, when the model passes them
     out = cache.attend(layer_idx, query, key, value, attention_mask, scaling, positions, mods)  # (B, H_q, L, D)
     return out.transpose(1, 2).contiguous(), None
 
@@ -195,17 +207,34 @@ def register() -> None:
 
 @contextlib.contextmanager
 def sieve_attention_enabled(model: Any) -> Iterator[None]:
-    """Route the model's attention through tokensieve for the duration of the block."""
+    """Route the model's attention through tokensieve for the duration of the block.
+
+    Safe from several threads at once: the model's attention implementation is switched when the first block
+    enters and restored when the last one leaves (a count per model, under a lock); which cache a layer attends
+    to is per thread (:data:`_PENDING`). A forward pass of the same model that is not ours (another thread using
+    the plain model meanwhile) is computed by :func:`~tokensieve.attention.dense.plain_attention`, exactly as the
+    model's own attention would.
+    """
     register()
-    previous = model.config._attn_implementation
-    if previous == IMPLEMENTATION:  # nested use
-        yield
-        return
-    model.set_attn_implementation(IMPLEMENTATION)
+    key = id(model)
+    with _ROUTING_LOCK:
+        entry = _ROUTED.get(key)
+        if entry is None:
+            entry = _ROUTED[key] = [0, model.config._attn_implementation]
+            if entry[1] != IMPLEMENTATION:
+                model.set_attn_implementation(IMPLEMENTATION)
+        entry[0] += 1
+    token = _IN_CALL.set(_IN_CALL.get() + 1)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        _IN_CALL.reset(token)
+        with _ROUTING_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _ROUTED[key]
+                if entry[1] != IMPLEMENTATION:
+                    model.set_attn_implementation(entry[1])
 
 
 @contextlib.contextmanager
@@ -217,7 +246,11 @@ def inject_cache(model: Any, new_cache: Callable[[], SieveCache]) -> Iterator[No
     using the cache the model returns. The hook is removed when the block exits.
     """
 
+    owner = object()  # forward calls of this thread (context) only: another thread's block has its own hook
+
     def hook(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if _INJECTING.get() is not owner:
+            return args, kwargs
         pkv = kwargs.get("past_key_values")
         if isinstance(pkv, SieveCache):
             kwargs["past_key_values"] = hf_cache(pkv)
@@ -230,7 +263,9 @@ def inject_cache(model: Any, new_cache: Callable[[], SieveCache]) -> Iterator[No
         return args, kwargs
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    token = _INJECTING.set(owner)
     try:
         yield
     finally:
+        _INJECTING.reset(token)
         handle.remove()

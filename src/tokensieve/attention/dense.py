@@ -54,6 +54,29 @@ def grouped_attention(
     return torch.matmul(torch.softmax(logits, dim=-1), v)
 
 
+def plain_attention(
+    q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, scaling: float, mods: Modifiers = PLAIN
+) -> Tensor:
+    """Causal attention of a chunk's queries over keys that end with the chunk (a plain, uncompressed cache).
+
+    q ``(B, H_q, L, D)``; k, v ``(B, H_kv, S, D)`` with the queries at the last ``L`` of the ``S`` positions;
+    padding_mask ``(B, S)`` (1 = real token) or None → ``(B, H_q, L, D)``.
+    """
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qi = torch.arange(S - L, S, device=q.device)
+    kj = torch.arange(S, device=q.device)
+    allowed = (kj[None, :] <= qi[:, None])[None]  # (1, L, S)
+    if mods.window is not None:
+        allowed = allowed & window_allowed(qi, kj, mods.window)
+    if padding_mask is not None:
+        allowed = allowed & (padding_mask[:, None, -S:].bool() | (kj[None, :] == qi[:, None])[None])  # (B, L, S)
+    G = Hq // Hkv
+    mask = allowed[:, None, None].expand(allowed.shape[0], 1, G, L, S).reshape(allowed.shape[0], 1, G * L, S)
+    out = grouped_attention(q.reshape(B, Hkv, G * L, D), k, v, scaling, mask, mods.softcap)
+    return out.reshape(B, Hq, L, D)
+
+
 def causal_attention(
     q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scaling: float, mods: Modifiers = PLAIN
 ) -> Tensor:
