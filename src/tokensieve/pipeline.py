@@ -334,6 +334,8 @@ class Compressor:
         for m in (self.method, self.decode_method):
             if m is not None:
                 m.capabilities.check(method=m.name, batch_size=int(ids.shape[0]))
+        if compress and self.decode_method is not None:
+            self.decode_method.check_batch(self.decode_budget, [int(v) for v in n.tolist()])
         if compress and self.method.compresses:
             for v in n.tolist():
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit

@@ -159,6 +159,10 @@ def test_decode_methods_batch_equals_single_and_padding_is_safe(name, tiny_model
         assert gen.tokens[b] == press.decode(press.prefill(torch.tensor([r])), 6).tokens[0]
     padded = prompts(seed=5, lengths=(40, 13, 30))
     ids, mask = left_pad(padded, 0)
+    if name == "recompress":  # re-compresses the whole batch at once: uneven batches are refused up front
+        with pytest.raises(ts.CapabilityError, match="one at a time"):
+            press.prefill(ids, mask)
+        return
     ctx = press.prefill(ids, mask)
     press.decode(ctx, 6)
     assert torch.isfinite(ctx.logits).all()
@@ -195,7 +199,7 @@ def test_checkpoint_rollback_reuses_a_compressed_context(tiny_model):
 @torch.inference_mode()
 def test_every_prefill_and_decode_pair_runs_or_is_refused_when_built(decode, tiny_model, tiny_profiles):
     """No pairing fails half-way: either the Compressor refuses it when built, or prefill and decode run."""
-    ids, mask = left_pad(prompts(4), 0)
+    ids, mask = left_pad(prompts(4, lengths=(48, 48, 48) if decode == "recompress" else (48, 30, 41)), 0)
     prefill_methods = [m for m in method_names() if Phase.PREFILL in get_method_class(m).capabilities.phases]
     ran = 0
     for prefill in prefill_methods:
@@ -209,3 +213,24 @@ def test_every_prefill_and_decode_pair_runs_or_is_refused_when_built(decode, tin
         assert [len(t) for t in gen.tokens] == [4, 4, 4], (prefill, decode)
         ran += 1
     assert ran >= len(prefill_methods) - 3
+
+
+@pytest.mark.parametrize("budget", [0.3, 12])
+@pytest.mark.parametrize("name", DECODING)
+@torch.inference_mode()
+def test_decode_method_batch_equals_single(name, budget, tiny_model):
+    """Left padding is never selected nor counted: each row of a padded batch decodes as it would alone."""
+    rows = prompts(seed=5, lengths=(70, 33, 52))
+    ids, mask = left_pad(rows, 0)
+    params = {"page": 4, "min_pages": 2, "dense_layers": 1} if name == "quest" else {}
+    params = {"n_init": 2, "n_local": 4} if name == "tokenselect" else params
+    press = ts.compress(tiny_model, "full", decode=name, decode_budget=budget, decode_params=params or None)
+    bounded = get_method_class(name).capabilities.apply.value == "evict"
+    if name == "recompress" or (bounded and isinstance(budget, float)):  # one cache size for the whole batch
+        with pytest.raises(ts.CapabilityError, match="one at a time"):
+            press.prefill(ids, mask)
+        return
+    gen = press.decode(press.prefill(ids, mask), 8)
+    for b, r in enumerate(rows):
+        single = press.decode(press.prefill(torch.tensor([r])), 8)
+        assert gen.tokens[b] == single.tokens[0], (name, b)

@@ -25,6 +25,7 @@ from ..core.budget import Budget
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext, ModelShape
 from ..core.method import Method
+from ..errors import CapabilityError
 from .storage import DenseKV
 
 
@@ -85,6 +86,10 @@ class DecodeMethod(Method):
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE)
     needs_prefill_context: ClassVar[bool] = False
 
+    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+        """Refuse, before any work, a batch of prompts of these ``lengths`` this method cannot decode exactly as it
+        would decode each prompt alone (raise :class:`CapabilityError`). Default: every batch is fine."""
+
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> Any:
         """Prepare ``layer.store`` for this method (once per run) and return the layer's state."""
         return None
@@ -131,6 +136,14 @@ class BoundedCacheMethod(DecodeMethod):
     def decode_scores(self, layer: DecodeLayer, probs: Tensor | None, budget: int) -> Tensor:
         """``(B, H_kv, n)`` importance of every stored entry (``+inf`` = protected); higher is kept."""
         raise NotImplementedError
+
+    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+        if budget.kind == "ratio" and len(set(lengths)) > 1:
+            raise CapabilityError(
+                f"'{self.name}' keeps one cache size for the whole batch, so a ratio budget over prompts of different "
+                f"lengths ({sorted(set(lengths))} tokens) cannot equal each prompt alone. Give a token budget "
+                "(e.g. decode_budget=512) or run the prompts one at a time."
+            )
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         store, run = layer.store, layer.run

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..attention.sparse import attend_pages, page_bounds, page_meta, write_page_meta
+from ..attention.sparse import attend_pages, attend_slots, page_bounds, page_meta, write_page_meta
 from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
@@ -52,12 +52,12 @@ class Quest(DecodeMethod):
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         layer.store.align(self.page)
-        return {"meta": None, "complete": -1}
+        return {"meta": None, "complete": -1, "rows": {}}
 
     # -- page metadata: [M − m, m] of every *complete* page (attention.sparse.page_meta). The page holding the
     # newest token is always attended and needs no metadata; a page's column is written once, when it fills.
     def on_append(self, layer: DecodeLayer, n_new: int) -> None:
-        if layer.index < self.dense_layers:
+        if layer.index < self.dense_layers or layer.store.valid is not None:  # padded batches: per row, in step
             return
         store, state, P = layer.store, layer.state, self.page
         if store.capacity % P:
@@ -73,6 +73,10 @@ class Quest(DecodeMethod):
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         store, run = layer.store, layer.run
+        if store.valid is not None and layer.index >= self.dense_layers:
+            # left padding: each sequence pages its own tokens from its first one, with its own budget
+            pads = (~store.valid).sum(-1).tolist()
+            return torch.cat([self._padded_row(layer, q[b : b + 1], b, pads[b]) for b in range(len(pads))], 0)
         plan = self._step_plan(store, run)
         if layer.index < self.dense_layers or plan is None:
             run.bytes_read += store.kv_bytes()
@@ -92,6 +96,41 @@ class Quest(DecodeMethod):
         out = attend_pages(qg, kbuf, vbuf, idx, self.page, layer.scaling, mask)
         run.bytes_read += read
         return out.view(B, Hq, 1, D)
+
+    def _padded_row(self, layer: DecodeLayer, q: Tensor, b: int, pad: int) -> Tensor:
+        """Sequence ``b`` of a left-padded batch, whose real tokens are slots ``[pad, n)``: pages start at its first
+        real token, so it reads exactly what it reads alone."""
+        store, run, P = layer.store, layer.run, self.page
+        n = store.n - pad
+        _, Hq, _, D = q.shape
+        H = store.keys.shape[1]
+        qg = q.view(1, H, Hq // H, D)
+        kbuf, vbuf = (x[b : b + 1] for x in store.buffers)
+        per_entry = store.entry_bytes(1) // store.keys.shape[0]  # one entry in every head of one sequence
+        cur = (n - 1) // P  # the page of the newest token
+        k = max(self.min_pages, -(-run.tokens_for(n) // P))
+        if k > cur:  # the budget covers every page: dense over the sequence's own tokens
+            slots = (pad + torch.arange(n, device=q.device)).expand(1, H, n)
+            run.bytes_read += per_entry * n
+        else:
+            rs = layer.state["rows"].get(b)
+            complete = n // P
+            if rs is None or rs[0] != (pad, complete):  # a page filled: metadata of the sequence's complete pages
+                meta = page_meta(kbuf[:, :, pad : pad + complete * P], complete, P)
+                rs = layer.state["rows"][b] = ((pad, complete), meta)
+            bounds = page_bounds(qg, rs[1][..., :cur]).amax(2)  # (1, H, cur)
+            top = bounds.topk(k - 1, dim=-1, sorted=False).indices  # (1, H, k-1)
+            pages = torch.cat([top, torch.full_like(top[..., :1], cur)], -1)  # (1, H, k)
+            slots = (pad + pages[..., None] * P + torch.arange(P, device=q.device)).view(1, H, k * P)
+            run.bytes_read += per_entry * (k * P + cur)  # pages + [M − m, m] metadata
+        keep = slots < store.n  # the current page may be partial
+        slots = slots.clamp(max=store.n - 1)
+        bias = store.bias
+        mask: Tensor | None = None if bool(keep.all()) else keep[:, :, None, :]
+        if bias is not None:
+            bb = bias[b : b + 1].gather(2, slots)[:, :, None, :]
+            mask = bb if mask is None else torch.where(mask, bb, float("-inf"))
+        return attend_slots(qg, kbuf, vbuf, slots, layer.scaling, mask).view(1, Hq, 1, D)
 
     def _step_plan(self, store: DenseKV, run: DecodeRun) -> tuple[int, int, Tensor, Tensor, Tensor | None, int] | None:
         """Per-step constants shared by every layer with the same cache length: the current page, pages to read,

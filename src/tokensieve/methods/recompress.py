@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV
+from ..core.budget import Budget
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext, RunState
 from ..core.method import PrefillMethod
@@ -48,6 +49,14 @@ class Recompress(DecodeMethod):
             raise ConfigError(f"recompress: scorer must be a profile-free prefill method, not '{self.scorer.name}'.")
         if inner.capabilities.apply.value != "evict" or inner.capabilities.head_adaptive:
             raise ConfigError(f"recompress: scorer '{self.scorer.name}' must evict with the same count for every head.")
+
+    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+        if len(set(lengths)) > 1:
+            raise CapabilityError(
+                "recompress re-compresses the whole batch at once, so prompts of different lengths "
+                f"({sorted(set(lengths))} tokens) would be re-compressed at other steps than alone; run them one at "
+                "a time or in batches of equal length."
+            )
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         return {"queries": None}

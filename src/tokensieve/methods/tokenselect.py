@@ -56,52 +56,68 @@ class TokenSelect(DecodeMethod):
             raise ConfigError("tokenselect: n_init >= 0, n_local >= 1 and -1 <= theta <= 1 are required.")
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
-        return {"q": None, "sel": None, "n": -1, "k": -1, "recomputed": 0, "reused": 0}
+        return {"rows": {}, "recomputed": 0, "reused": 0}
 
     def on_append(self, layer: DecodeLayer, n_new: int) -> None:
         if n_new != 1:
-            layer.state["sel"] = None  # a chunk (e.g. a question) arrived: select again
+            layer.state["rows"].clear()  # a chunk (e.g. a question) arrived: select again
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
-        store, state, run, scaling = layer.store, layer.state, layer.run, layer.scaling
-        n = store.n
+        store = layer.store
+        if store.valid is None:  # every sequence starts at slot 0: one batched selection
+            return self._step(layer, q, slice(None), 0)
+        # left padding: each sequence selects among its own tokens, from its own first token, with its own budget
+        pads = (~store.valid).sum(-1).tolist()
+        return torch.cat([self._step(layer, q[b : b + 1], slice(b, b + 1), pads[b]) for b in range(len(pads))], 0)
+
+    def _step(self, layer: DecodeLayer, q: Tensor, rows: slice, pad: int) -> Tensor:
+        """One decode step for the sequences ``rows`` of the store, whose real tokens are slots ``[pad, n)``."""
+        store, run, scaling = layer.store, layer.run, layer.scaling
+        state = layer.state["rows"].setdefault((rows.start, pad), {"q": None, "sel": None, "n": -1, "k": -1})
+        n = store.n - pad  # real tokens of these sequences
+        B, Hq, _, D = q.shape
+        H = store.keys.shape[1]
+        G = Hq // H
+        per_entry = store.entry_bytes(1) * B // store.keys.shape[0]  # bytes of one entry in every head of B rows
+        kbuf, vbuf = store.buffers
+        kbuf, vbuf = kbuf[rows], vbuf[rows]
         budget = run.tokens_for(n)
-        if budget >= n:  # the budget covers the cache: this is exactly dense attention
-            run.bytes_read += store.kv_bytes()
-            return store.attend(q, scaling)
+        qg = q.reshape(B, H, G, D)
+        dev = q.device
+        if budget >= n:  # the budget covers the cache: every real token, exactly dense attention
+            run.bytes_read += per_entry * n
+            if store.valid is None:
+                return store.attend(q, scaling)
+            slots = (pad + torch.arange(n, device=dev)).expand(B, H, n)
+            bias = store.bias
+            mask = None if bias is None else bias[rows].gather(2, slots)[:, :, None, :]
+            return attend_slots(qg, kbuf, vbuf, slots, scaling, mask).reshape(B, Hq, 1, D)
         n_init = min(self.n_init, budget // 8)  # small budgets shrink the fixed windows, the vote keeps the rest
         n_local = max(1, min(self.n_local, budget // 4))
         k = budget - n_init - n_local
         cand_end = n - n_local
-        B, Hq, _, D = q.shape
-        H = store.keys.shape[1]
-        G = Hq // H
-        qg = q.reshape(B, H, G, D)
         q_mean = q[:, :, 0].mean(1)  # (B, D)
         valid_cache = state["sel"] is not None and state["k"] == k and state["n"] == n - 1
         if valid_cache:  # each sequence keeps its selection while its query stays similar
             stale = F.cosine_similarity(q_mean, state["q"], dim=-1) < self.theta  # (B,)
         else:
-            stale = torch.ones(B, dtype=torch.bool, device=q.device)
+            stale = torch.ones(B, dtype=torch.bool, device=dev)
         if not bool(stale.any()):
-            state["reused"] += 1
+            layer.state["reused"] += 1
         else:
-            cand = store.keys[:, :, n_init:cand_end]  # (B, H, c, D)
+            cand = kbuf[:, :, pad + n_init : pad + cand_end]  # (B, H, c, D)
             logits = torch.matmul(qg, cand.transpose(-1, -2)) * scaling  # (B, H, G, c)
-            if store.valid is not None:
-                logits = logits.masked_fill(~store.valid[:, None, None, n_init:cand_end], float("-inf"))
             votes = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (B, c): soft vote of every query head
-            sel = votes.topk(k, dim=-1, sorted=False).indices + n_init  # (B, k)
+            sel = votes.topk(k, dim=-1, sorted=False).indices + n_init  # (B, k), relative to the first real token
             if valid_cache:
                 sel = torch.where(stale[:, None], sel, state["sel"])
                 q_mean = torch.where(stale[:, None], q_mean, state["q"])
             state["sel"], state["q"], state["k"] = sel, q_mean, k
-            state["recomputed"] += 1
-            run.bytes_read += store.entry_bytes(cand_end - n_init, keys_only=True)
+            layer.state["recomputed"] += 1
+            run.bytes_read += per_entry * (cand_end - n_init) // 2  # keys only
         state["n"] = n
-        run.bytes_read += store.entry_bytes(budget)
-        dev = q.device
-        slots = torch.cat(
+        run.bytes_read += per_entry * budget
+        slots = pad + torch.cat(
             [
                 torch.arange(n_init, device=dev).expand(B, -1),
                 state["sel"],
@@ -110,6 +126,7 @@ class TokenSelect(DecodeMethod):
             dim=1,
         )  # (B, budget), shared by every head
         slots = slots[:, None, :].expand(B, H, -1)
-        kbuf, vbuf = store.buffers
-        out = attend_slots(qg, kbuf, vbuf, slots, scaling, store.slot_mask(slots))
+        bias = store.bias
+        mask = None if bias is None else bias[rows].gather(2, slots)[:, :, None, :]  # merged entries' logit bias
+        out = attend_slots(qg, kbuf, vbuf, slots, scaling, mask)
         return out.reshape(B, Hq, 1, D)
