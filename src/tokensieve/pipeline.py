@@ -240,6 +240,7 @@ class Compressor:
         # what the method reads, validated now (a malformed file fails before any work)
         self.profile_data = None if self.profile is None else self.profile.content(self.shape)
         self.reserve = reserve
+        self.vocab: int | None = getattr(model.config.get_text_config(), "vocab_size", None)
         self._stack: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------------------------------------- caches
@@ -324,13 +325,14 @@ class Compressor:
 
         input_ids ``(B, T)``; attention_mask ``(B, T)`` with 0 at left padding (default: no padding).
         """
-        ids, mask = _as_batch(input_ids, attention_mask)
+        ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         n = mask.sum(-1)
         if bool((n == 0).any()):
             raise PromptError("A prompt is empty: nothing to prefill.")
-        if bool((mask[:, -1] == 0).any()):
-            raise PromptError("Padding must be on the left (the last position of every row must be a real token).")
-        self._check_length(int(ids.shape[1]))
+        headroom = self.reserve if reserve is None else reserve
+        if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
+            raise ConfigError(f"reserve must be a whole number >= 0; got {headroom!r}.")
+        self._check_length(int(ids.shape[1]) + headroom)  # before the headroom is allocated
         for m in (self.method, self.decode_method):
             if m is not None:
                 m.capabilities.check(method=m.name, batch_size=int(ids.shape[0]))
@@ -378,7 +380,7 @@ class Compressor:
         on it exactly as in :meth:`decode`, so teacher-forcing one token at a time measures a decode method. A
         longer chunk is attended to densely and appended (decode methods update their metadata).
         """
-        ids, mask = _as_batch(input_ids, attention_mask)
+        ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         if ids.shape[0] != ctx.batch:
             raise ConfigError(f"Batch mismatch: context has {ctx.batch} rows, the chunk {ids.shape[0]}.")
         self._check_length(int(ctx.next_positions().max()) + int(ids.shape[1]))
@@ -418,8 +420,10 @@ class Compressor:
 
         ``on_token(row, token_id)`` is called for every generated token (for streaming).
         """
-        if max_new_tokens < 0:
-            raise ConfigError("max_new_tokens must be >= 0.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be a whole number >= 0; got {max_new_tokens!r}.")
+        if eos_token_ids is None:
+            eos_token_ids = ()
         self._check_length(int(ctx.next_positions().max()) + max_new_tokens)
         eos = {int(e) for e in eos_token_ids}
         B = ctx.batch
@@ -471,14 +475,28 @@ def compress(
     return Compressor(model, method, budget, **kwargs)
 
 
-def _as_batch(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+def _as_batch(input_ids: Tensor, attention_mask: Tensor | None, vocab: int | None = None) -> tuple[Tensor, Tensor]:
+    """Validated ``(B, T)`` ids and 0/1 mask (a 1-D tensor is one sequence); left padding only."""
+    if not isinstance(input_ids, Tensor) or (attention_mask is not None and not isinstance(attention_mask, Tensor)):
+        raise ConfigError("input_ids (and attention_mask) must be torch tensors, e.g. torch.tensor([[1, 2, 3]]).")
+    ids = input_ids if input_ids.dim() != 1 else input_ids[None]
     if attention_mask is None:
         mask = torch.ones_like(ids)
     else:
         mask = attention_mask if attention_mask.dim() == 2 else attention_mask[None]
         if mask.shape != ids.shape:
             raise ConfigError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ConfigError("attention_mask must hold only 0 (padding) and 1 (a real token).")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 2:
+        raise ConfigError(
+            f"input_ids must be integer token ids of shape (batch, tokens); got {ids.dtype} {tuple(ids.shape)}."
+        )
+    if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+        lo, hi = int(ids.min()), int(ids.max())
+        raise ConfigError(f"input_ids must be token ids in [0, {vocab}); got values in [{lo}, {hi}].")
     if ids.shape[1] == 0:
         raise PromptError("The prompt is empty.")
+    if bool((mask[:, -1] == 0).any()):
+        raise PromptError("Padding must be on the left (the last position of every row must be a real token).")
     return ids, mask.long()

