@@ -159,3 +159,16 @@ def test_methods_doc_is_generated_from_the_registry(capsys):
     assert main(["methods", "--markdown"]) == 0
     doc = Path(__file__).resolve().parents[2] / "docs" / "METHODS.md"
     assert doc.read_text() == capsys.readouterr().out, "run: tokensieve methods --markdown > docs/METHODS.md"
+
+
+def test_a_model_is_identified_by_its_content_not_its_path(tmp_path, tiny_model):
+    from tests.conftest import make_tiny_model
+    from tokensieve.adapters.models import model_key
+
+    save_tiny(tmp_path / "a" / "model", tiny_model)
+    save_tiny(tmp_path / "b" / "model", tiny_model)
+    save_tiny(tmp_path / "c" / "model", make_tiny_model(seed=1))
+    keys = [model_key(ts.load_model(str(tmp_path / d / "model"))[0]) for d in "abc"]
+    assert keys[0] == keys[1]  # the same weights from two paths: one key, one set of profiles
+    assert keys[2] != keys[0]  # other weights at a path of the same name: another key
+    assert keys[0].startswith("model-")

@@ -269,12 +269,41 @@ def load_model(
 
 
 def model_key(model: Any) -> str:
-    """A short, file-name-safe key for a loaded model (used to find its shipped profiles)."""
+    """A short, file-name-safe key for a loaded model: the embedded model's name, else the folder's name and a
+    fingerprint of the model's *content* (its configuration, parameter names, shapes and a sample of every
+    parameter's values) — so a model's profiles are found whatever path it was loaded from, and two different
+    models loaded from the same path never share them. Memoised per model object."""
     name = str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")
     short = embedded_name(name) or embedded_name(Path(name).name)
     if short is not None:
         return short
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("./~")) or "model"
+    cached = _KEYS.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name).strip("-.") or "model"
+    key = f"{base}-{_fingerprint(model)}"
+    _KEYS[id(model)] = (model, key)
+    return key
+
+
+_KEYS: dict[int, tuple[Any, str]] = {}
+
+
+def _fingerprint(model: Any) -> str:
+    """12 hex digits of a SHA-256 over the configuration (paths left out) and every parameter's name, shape, dtype
+    and a strided sample of its values."""
+    h = hashlib.sha256()
+    config = model.config.to_dict()
+    for k in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(k, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256].double()
+            h.update(f"{pname}:{tuple(param.shape)}:{param.dtype}:".encode())
+            h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def model_shape(model: Any) -> ModelShape:
