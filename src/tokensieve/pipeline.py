@@ -33,7 +33,7 @@ from .core.capabilities import Phase
 from .core.context import ModelShape
 from .core.method import Method
 from .errors import CapabilityError, ConfigError, PromptError
-from .registry import create_method
+from .registry import check_fields, create_method
 from .spec import Spec
 
 
@@ -151,6 +151,9 @@ def resolve_spec(
         if decode is None and spec.decode_budget is not None and spec.decode_budget != b:  # the spec named both
             raise ConfigError(f"Two decode budgets: '{spec.label}' already has one; drop decode_budget.")
         spec = replace(spec, decode_budget=b)
+    for m in (spec.method, spec.decode):
+        if m is not None:
+            check_fields(m)
     if spec.method.compresses and spec.budget is None:
         spec = replace(spec, budget=Budget.ratio(1.0))
     if spec.decode is not None and spec.decode_budget is None:

@@ -111,6 +111,39 @@ def create_method(name: str | Method, **params: Any) -> Method:
         raise ConfigError(f"Method '{cls.name}': {exc}") from None
 
 
+def check_fields(method: Method) -> None:
+    """Every parameter of ``method`` (and of methods nested in it) has its field's type — an ``int`` field holds a
+    whole number, not ``3.7`` or ``True`` — else :class:`ConfigError` naming the parameter."""
+    hints = typing.get_type_hints(type(method))
+    for f in dataclasses.fields(method):
+        value, annotation = getattr(method, f.name), hints.get(f.name)
+        if not _fits(value, annotation):
+            raise ConfigError(
+                f"Method '{method.name}': {f.name}={value!r} is not a {getattr(annotation, '__name__', annotation)}."
+            )
+        if isinstance(value, Method):
+            check_fields(value)
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    if annotation is None or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin is not None and type(None) in typing.get_args(annotation):  # Optional[...]
+        return value is None or any(_fits(value, a) for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str

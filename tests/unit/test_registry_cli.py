@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import tokensieve as ts
 from tokensieve.cli import main
@@ -172,3 +173,15 @@ def test_a_model_is_identified_by_its_content_not_its_path(tmp_path, tiny_model)
     assert keys[0] == keys[1]  # the same weights from two paths: one key, one set of profiles
     assert keys[2] != keys[0]  # other weights at a path of the same name: another key
     assert keys[0].startswith("model-")
+
+
+def test_parameters_that_make_no_sense_are_refused(tiny_model):
+    from tokensieve.methods.snapkv import SnapKV
+
+    with pytest.raises(ts.ConfigError, match="window=3.7"):
+        ts.compress(tiny_model, SnapKV(window=3.7), 0.5)  # type: ignore[arg-type]
+    with pytest.raises(ts.ConfigError, match="sink must be"):
+        ts.compress(tiny_model, "streaming_llm[sink=-1]:0.5")
+    press = ts.compress(tiny_model, "streaming_llm[sink=30]:0.25")
+    with pytest.warns(UserWarning, match="protected tokens is dropped"):
+        press.prefill(torch.randint(3, 97, (1, 40)))

@@ -13,6 +13,7 @@ layer's store holds only what was kept.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -346,6 +347,13 @@ def make_run(plan: Plan, n_tokens: Tensor) -> RunState:
         sink = plan.budget.sink
     if plan.budget.recent is not None:
         recent = plan.budget.recent
+    smallest = int(budget_tokens.min())
+    if plan.method.compresses and sink + recent > smallest:
+        warnings.warn(
+            f"'{plan.method.name}' protects {sink} sink + {recent} recent tokens but the budget keeps {smallest} "
+            "entries per head: part of the protected tokens is dropped. Lower sink/recent or raise the budget.",
+            stacklevel=2,
+        )
     return RunState(
         shape=plan.shape,
         budget_tokens=budget_tokens,

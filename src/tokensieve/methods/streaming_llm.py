@@ -12,6 +12,7 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
+from ..errors import ConfigError
 from ..scorers import recency_scores
 
 
@@ -38,6 +39,10 @@ class StreamingLLM(PrefillMethod, BoundedCacheMethod):
         phases=frozenset({Phase.PREFILL, Phase.DECODE}), apply=Apply.EVICT
     )
     sink: int = 4
+
+    def __post_init__(self) -> None:
+        if self.sink < 0:
+            raise ConfigError(f"streaming_llm: sink must be >= 0, got {self.sink}.")
 
     def protected(self) -> tuple[int, int]:
         return self.sink, 0
