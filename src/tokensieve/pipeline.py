@@ -247,7 +247,7 @@ class Compressor:
         self._stack: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------------------------------------- caches
-    def plan(self, reserve: int | None = None) -> Plan:
+    def plan(self, reserve: int | None = None, tail: int = 0) -> Plan:
         return Plan(
             method=self.method,
             budget=self.budget,
@@ -256,12 +256,13 @@ class Compressor:
             reserve=self.reserve if reserve is None else reserve,
             decode=self.decode_method,
             decode_budget=self.decode_budget if self.decode_method is not None else None,
+            tail=tail,
         )
 
-    def new_cache(self, *, reserve: int | None = None, compress: bool = True) -> SieveCache:
+    def new_cache(self, *, reserve: int | None = None, compress: bool = True, tail: int = 0) -> SieveCache:
         """A fresh cache that compresses the next prefilled chunk (``compress=False``: keeps everything and runs
-        no decode method)."""
-        return SieveCache(self.shape.num_layers, self.plan(reserve) if compress else None)
+        no decode method); ``tail`` auxiliary tokens end that chunk (attended to, never kept)."""
+        return SieveCache(self.shape.num_layers, self.plan(reserve, tail) if compress else None)
 
     # ---------------------------------------------------------------------------------------- context manager
     def __enter__(self) -> Compressor:
@@ -344,8 +345,9 @@ class Compressor:
         if compress and self.method.compresses:
             for v in n.tolist():
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
-        cache = self.new_cache(reserve=reserve, compress=compress)
         suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
+        n_aux = 0 if suffix is None else int(suffix.shape[1])
+        cache = self.new_cache(reserve=reserve, compress=compress, tail=n_aux)
         t0 = time.perf_counter()
         if suffix is None:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -353,11 +355,9 @@ class Compressor:
         else:
             # Auxiliary tokens ride along at the positions that follow the prompt; they are attended to while the
             # prompt is compressed and then dropped, so decoding starts right after the real prompt.
-            n_aux = int(suffix.shape[1])
             self._check_length(int(ids.shape[1]) + n_aux)
             fwd_mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_aux)], dim=1)
             positions = (fwd_mask.cumsum(-1) - 1).clamp_min(0)
-            cache.tail = n_aux
             logits = self._forward(torch.cat([ids, suffix], dim=1), fwd_mask, positions, cache, keep=n_aux + 1)
             logits = logits[:, 0]  # the last real prompt token predicts the first output token
         dt = time.perf_counter() - t0

@@ -41,6 +41,7 @@ class Plan:
     reserve: int = 0  # headroom per row for tokens still to come (generated tokens, a question)
     decode: DecodeMethod | None = None  # acts at every decode step (bounded cache or sparse attention)
     decode_budget: Budget | None = None
+    tail: int = 0  # trailing auxiliary tokens of the compressed chunk (attended to, never stored nor counted as seen)
 
 
 @dataclass
@@ -78,8 +79,6 @@ class SieveCache:
         self.run: RunState | None = None
         self.stats = CacheStats()
         self._compressed_layers = 0
-        # Trailing auxiliary tokens of the next compressed chunk (attend, never stored, not counted as seen).
-        self.tail = 0
         # Called as observer(layer_idx, q, store) after every appended chunk (profiling).
         self.observers: list[Callable[[int, Tensor, KVStore], None]] = []
         self.decode_run: DecodeRun | None = None
@@ -214,7 +213,7 @@ class SieveCache:
             ctx: LayerContext | None = None
             if self.armed and plan is not None and L > 1:
                 layer.store, ctx = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
-                stored = L - self.tail
+                stored = L - plan.tail
             else:
                 H = k.shape[1]
                 reserve = plan.reserve if plan is not None else 0
@@ -226,7 +225,8 @@ class SieveCache:
                     run = make_run(replace(plan, budget=Budget.ratio(1.0)), valid.sum(-1))
                     ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run)
             if decode is not None:
-                n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - self.tail
+                tail = plan.tail if self.armed and plan is not None else 0
+                n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - tail
                 self._start_decode(decode, layer_idx, scaling, ctx, n_prompt)
         elif decode is not None:
             if not mods.plain:  # refused when the Compressor is built; this guards direct use
@@ -306,15 +306,15 @@ class SieveCache:
         t0 = time.perf_counter()
         B, _, L, _ = k.shape
         valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool, device=k.device)
-        if self.tail >= L:
-            raise ConfigError(f"The auxiliary tail ({self.tail} tokens) is not shorter than the chunk ({L}).")
-        n_tokens = valid[:, : L - self.tail].sum(-1)
+        if plan.tail >= L:
+            raise ConfigError(f"The auxiliary tail ({plan.tail} tokens) is not shorter than the chunk ({L}).")
+        n_tokens = valid[:, : L - plan.tail].sum(-1)
         if self.run is None:
             self.run = make_run(plan, n_tokens)
             self.stats.compressed_tokens = n_tokens.tolist()
             self.stats.budget_tokens = self.run.budget_tokens.tolist()
         ctx = LayerContext(
-            layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=self.tail
+            layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=plan.tail
         )
         comp = method.compress(ctx)
         sel = comp.selection
@@ -334,7 +334,6 @@ class SieveCache:
         self._compressed_layers += 1
         if self._compressed_layers == len(self.layers):
             self.armed = False
-            self.tail = 0
         self.stats.compress_seconds += time.perf_counter() - t0
         return store, ctx
 
