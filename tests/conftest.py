@@ -64,12 +64,11 @@ def real_model():
 def synthetic_profiles(model) -> dict:
     """Valid profiles for the tiny model: retrieval heads from the real (data-free) profiler, the others built
     from deterministic numbers (their profilers need a tokenizer and a model that can retrieve)."""
-    from tokensieve.adapters.models import model_key
+    from tokensieve.adapters.models import model_shape
     from tokensieve.adapters.profiles import Profile, shape_dict
-    from tokensieve.core.context import ModelShape
     from tokensieve.profiling.retrieval_heads import profile_retrieval_heads
 
-    shape = ModelShape.from_config(model.config, key=model_key(model))
+    shape = model_shape(model)
     L, H, Hq, D = shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_dim
     g = torch.Generator().manual_seed(0)
     sd = shape_dict(shape)

@@ -22,7 +22,7 @@ def test_concepts_method_example(tiny_model):
         ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
         ctx = ts.compress(tiny_model, "value_norm", 0.5).prefill(ids)
         assert ctx.cache.stored_entries() == 3 * 2 * 20
-        store = ctx.cache.sieve_layers[0].store
+        store = ctx.cache.layers[0].store
         assert set(range(32, 40)) <= set(store.positions[0, 0].tolist())  # the recent window is kept
     finally:
         registry._REGISTRY.pop("value_norm", None)
