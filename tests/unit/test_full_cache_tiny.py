@@ -109,3 +109,17 @@ def test_bad_inputs_are_refused_with_a_reason(tiny_model):
     with pytest.raises(ts.PromptError, match="context"):  # headroom is checked before it is allocated
         press.prefill(torch.randint(3, 97, (1, 10)), reserve=10**9)
     assert press.decode(ctx, 2, eos_token_ids=None).steps >= 1  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def test_beam_search_inside_compress(tiny_model):
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(6))
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    ref = tiny_model.generate(ids, **kw)
+    with ts.compress(tiny_model, "full"):
+        assert torch.equal(tiny_model.generate(ids, **kw), ref)  # the cache follows the beams
+    with ts.compress(tiny_model, "adakv:0.5"):  # ragged rows follow the beams too
+        out = tiny_model.generate(ids, **kw)
+    assert out.shape == ref.shape
+    with ts.compress(tiny_model, "+quest:0.5"), pytest.raises(ts.CapabilityError, match="Beam search"):
+        tiny_model.generate(ids, **kw)

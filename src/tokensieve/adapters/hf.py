@@ -101,7 +101,8 @@ class _LayerView(CacheLayerMixin):
         raise NotImplementedError("A tokensieve cache cannot be reset by transformers; start a new one.")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("A tokensieve cache does not support beam search; use greedy or sampling.")
+        if self.layer_idx == 0:  # the whole cache reorders once, when transformers asks its first layer
+            self.sieve.reorder(beam_idx.to(torch.long))
 
 
 class HFSieveCache(Cache):

@@ -140,6 +140,19 @@ class SieveCache:
             layer.seen, layer.seen_valid = seen, seen_valid
         self._reset_decode()
 
+    def reorder(self, rows: Tensor) -> None:
+        """Keep sequence ``rows[i]`` as sequence ``i`` in every layer (beam search reorders its beams this way)."""
+        if self.plan is not None and self.plan.decode is not None:
+            raise CapabilityError(
+                f"Beam search reorders the cache, and decode method '{self.plan.decode.name}' keeps per-sequence "
+                "state that cannot follow; use greedy or sampling with it, or no decode method."
+            )
+        for layer in self.layers:
+            if layer.store is not None:
+                layer.store.reorder(rows)
+            if layer.seen_valid is not None:
+                layer.seen_valid = layer.seen_valid.index_select(0, rows)
+
     def set_decode(self, method: DecodeMethod | None, budget: Budget | None) -> None:
         """Attach (or replace, or remove) the decode method of a prefilled cache; its state starts afresh."""
         if self.plan is None:

@@ -318,6 +318,12 @@ class DenseKV:
         B = key_valid.shape[0]
         return chunk_allowed(chunk_pos.expand(B, -1), L, key_valid)[:, None]
 
+    def reorder(self, rows: Tensor) -> None:
+        """Keep sequence ``rows[i]`` as sequence ``i`` (beam search): ``rows`` ``(B',)`` long, repeats allowed."""
+        self._set_per_slot({name: a.index_select(0, rows) for name, a in self._per_slot().items()})
+        if self._valid is not None:
+            self._valid = self._valid.index_select(0, rows)
+
     def slot_mask(self, slots: Tensor, keep: Tensor | None = None) -> Tensor | None:
         """Mask/bias ``(B, H_kv, 1, m)`` (or None) for attending to ``slots`` ``(B, H_kv, m)`` of this store."""
         return slot_mask(slots, self.n, self.valid, self.bias, keep)
@@ -411,6 +417,25 @@ class RaggedKV:
 
     def lengths(self) -> Tensor:
         return torch.tensor([r.n for r in self.rows], dtype=torch.long).view(self.batch, self.heads)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep sequence ``rows[i]`` as sequence ``i`` (beam search); a sequence kept twice is copied."""
+        picked = [int(r) for r in rows.tolist()]
+        seen: set[int] = set()
+        new: list[Row] = []
+        for b in picked:
+            for h in range(self.heads):
+                r = self._row(b, h)
+                new.append(
+                    r
+                    if b not in seen
+                    else Row(r.k.clone(), r.v.clone(), r.pos.clone(), None if r.bias is None else r.bias.clone(), r.n)
+                )
+            seen.add(b)
+        self.rows, self.batch = new, len(picked)
+        self._new = [self._new[b] for b in picked] if self._new else []
+        if self._new_pos is not None:
+            self._new_pos = self._new_pos.index_select(0, rows)
 
     def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
         r = self._row(b, h)
