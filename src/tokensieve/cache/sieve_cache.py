@@ -224,9 +224,11 @@ class SieveCache:
         if layer.store is None:
             out = causal_attention(q, k, v, valid_new, scaling, mods)
             ctx: LayerContext | None = None
-            if self.armed and plan is not None and L > 1:
+            compressing = self.armed and plan is not None and L > 1
+            tail = plan.tail if compressing and plan is not None else 0  # auxiliary tokens: never kept nor seen
+            if compressing:
                 layer.store, ctx = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
-                stored = L - plan.tail
+                stored = L - tail
             else:
                 H = k.shape[1]
                 reserve = plan.reserve if plan is not None else 0
@@ -238,7 +240,6 @@ class SieveCache:
                     run = make_run(replace(plan, budget=Budget.ratio(1.0)), valid.sum(-1))
                     ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run)
             if decode is not None:
-                tail = plan.tail if self.armed and plan is not None else 0
                 n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - tail
                 self._start_decode(decode, layer_idx, scaling, ctx, n_prompt)
         elif decode is not None:
