@@ -22,6 +22,7 @@ from .errors import (
     ModelNotFoundError,
     PromptError,
     TokensieveError,
+    TokensieveWarning,
     UnknownNameError,
 )
 from .pipeline import CachedContext, Compressor, Generation, compress
@@ -46,6 +47,7 @@ __all__ = [
     "Selection",
     "SieveCache",
     "TokensieveError",
+    "TokensieveWarning",
     "UnknownNameError",
     "__version__",
     "compress",

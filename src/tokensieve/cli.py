@@ -8,10 +8,11 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import TokensieveError
+from .errors import TokensieveError, TokensieveWarning
 
 if TYPE_CHECKING:
     from .spec import Spec
@@ -241,6 +242,15 @@ _COMMAND_MODULES = [
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    show = warnings.showwarning
+
+    def one_line(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, TokensieveWarning):  # ours: a sentence for the user, not a source line
+            print(f"tokensieve: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    warnings.showwarning = one_line
     try:
         return int(args.func(args) or 0)
     except TokensieveError as exc:
@@ -249,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tokensieve: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,3 +31,7 @@ class CapabilityError(ConfigError):
 
 class PromptError(ConfigError):
     """A prompt is empty or longer than the model's context."""
+
+
+class TokensieveWarning(UserWarning):
+    """Something runs, but probably not as the user meant (e.g. protected tokens that do not fit the budget)."""

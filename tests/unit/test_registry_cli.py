@@ -183,5 +183,5 @@ def test_parameters_that_make_no_sense_are_refused(tiny_model):
     with pytest.raises(ts.ConfigError, match="sink must be"):
         ts.compress(tiny_model, "streaming_llm[sink=-1]:0.5")
     press = ts.compress(tiny_model, "streaming_llm[sink=30]:0.25")
-    with pytest.warns(UserWarning, match="protected tokens is dropped"):
+    with pytest.warns(ts.TokensieveWarning, match="protected tokens is dropped"):
         press.prefill(torch.randint(3, 97, (1, 40)))

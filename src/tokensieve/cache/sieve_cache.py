@@ -25,7 +25,7 @@ from ..attention.dense import PLAIN, Modifiers, causal_attention
 from ..core.budget import Budget
 from ..core.context import LayerContext, ModelShape, RunState
 from ..core.method import Method, PrefillMethod
-from ..errors import CapabilityError, ConfigError
+from ..errors import CapabilityError, ConfigError, TokensieveWarning
 from .decode import DecodeLayer, DecodeMethod, DecodeRun
 from .storage import DenseKV, KVStore, as_dense, build_store
 
@@ -365,6 +365,7 @@ def make_run(plan: Plan, n_tokens: Tensor) -> RunState:
         warnings.warn(
             f"'{plan.method.name}' protects {sink} sink + {recent} recent tokens but the budget keeps {smallest} "
             "entries per head: part of the protected tokens is dropped. Lower sink/recent or raise the budget.",
+            TokensieveWarning,
             stacklevel=2,
         )
     return RunState(
