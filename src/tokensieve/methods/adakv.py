@@ -59,7 +59,9 @@ class AdaKV(PrefillMethod):
     by a global top-k over all heads' scores (``n_h`` winners per head), softened by a safeguard
     ``cap_h = n_h (1 − α) + α · b_l`` (α = 0.2, as kvpress; the official logs also used 0.5); protected tokens are
     kept by every head and counted first. The cache stores each head's entries with its own length, so the uneven
-    allocation saves memory for real.
+    allocation saves memory for real. When the protected window (the base method's, 32 tokens for SnapKV) fills the
+    whole budget, nothing is left to allocate and every head keeps the same recent tokens: the window is not shrunk,
+    a :class:`~tokensieve.errors.TokensieveWarning` says so.
     """
 
     name: ClassVar[str] = "adakv"

@@ -43,7 +43,9 @@ class CompressKV(PrefillMethod):
     (kernel 5), averaged over the layer's SRH query heads (the top ``heads`` of the profile's ranking) — one ranking
     per layer, shared by every KV head (the official code's choice). Keep the top ``b_l − window`` plus the window.
     Layer budgets: ``b_l = 32 + round(score_l · (L·b − 32·L))``, clipped to ``[32, 3b]`` and adjusted until
-    ``Σ_l b_l = L·b`` exactly (32 becomes ``b`` when the budget itself is smaller).
+    ``Σ_l b_l = L·b`` exactly (32 becomes ``b`` when the budget itself is smaller). A budget below the protected
+    ``window`` keeps only recent tokens (the window is not shrunk; a :class:`~tokensieve.errors.TokensieveWarning`
+    says so).
 
     Profile (``tokensieve profile compresskv``): SRH from passkey needle runs, counting the attention on the answer
     span at steps that emit an answer token (successful trials only); layer scores from the relative attention
