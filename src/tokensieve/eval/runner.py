@@ -61,6 +61,8 @@ class RunSummary:
     ran: int  # measured by this run
     seconds: float
     notes: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the grid's cells, in run order
+    stored: int = 0  # cells of the grid in the store at the end (others may have run at the same time)
 
 
 @dataclass
@@ -258,12 +260,15 @@ def run_eval(
             file=out,
         )
         if dry_run or not todo:
-            return RunSummary(str(store.path), len(cells), already, 0, time.perf_counter() - t_start, notes)
+            return RunSummary(str(store.path), len(cells), already, 0, time.perf_counter() - t_start, notes, keys,
+                              already)  # fmt: skip
         run_id = store.start_run(tool="eval", command=command, config=cfg.describe(), model=mkey, version=__version__,
                                  threads=threads, cells=len(cells), todo=len(todo))  # fmt: skip
         ran = _run_cells(model, tokenizer, cfg, cells, keys, set(todo), prepared, store, run_id, mkey, threads,
                          progress, on_cell)  # fmt: skip
-        return RunSummary(str(store.path), len(cells), already, ran, time.perf_counter() - t_start, notes)
+        stored = len(set(keys) & store.keys("eval"))
+        return RunSummary(str(store.path), len(cells), already, ran, time.perf_counter() - t_start, notes, keys,
+                          stored)  # fmt: skip
     finally:
         store.close()
         torch.set_num_threads(threads_before)
@@ -298,6 +303,9 @@ def _run_cells(
         for i, cell in enumerate(cells):
             if i not in todo:
                 continue
+            if not store.claim("eval", keys[i]):  # stored or being measured by another run on this store
+                bar.update(weight[i])
+                continue
             sid = cell.sample_id
             prep = prepared[sid]
             if ref_sample != sid:
@@ -311,13 +319,16 @@ def _run_cells(
                                 f"{cell.spec.label} {cell.mode}")  # fmt: skip
             result, reference = measure(model, tokenizer, cell, prep, reference, with_fidelity=cfg.fidelity)
             row = _row(cell, keys[i], mkey, run_id, threads, prep.sample, result)
-            store.add("eval", row)
+            if not store.add("eval", row):  # another run stored it first (its claim had lapsed): keep its row
+                bar.update(weight[i])
+                continue
             ran += 1
             bar.update(weight[i])
             if on_cell is not None:
                 on_cell(row)
     finally:
         bar.close()
+        store.release()
     return ran
 
 

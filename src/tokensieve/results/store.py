@@ -13,14 +13,24 @@ One schema, one key rule, one label:
 
 A row is committed as soon as it is measured, in its own transaction, so a run killed at any moment (even with
 SIGKILL) loses at most the measurement in progress; a restarted run skips every key already present. Rows are only
-ever inserted, never replaced.
+ever inserted, never replaced: a key that is already stored keeps its first row.
+
+Several processes may write one store at once (two ``tokensieve eval`` runs, a benchmark and an evaluation, workers
+of a cluster): the file is in WAL mode with a busy timeout, a row is written with ``INSERT … ON CONFLICT DO
+NOTHING``, and a runner *claims* a cell (table ``claims``) before measuring it, so each cell is measured once. A
+claim ends when its row is written or its runner closes the store; a claim whose process is gone (same host) or
+whose lease has run out (:data:`CLAIM_LEASE`, another host) is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,8 @@ from ..errors import ConfigError
 from ..spec import Spec
 
 SCHEMA_VERSION = 2
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for another's transaction before giving up
+CLAIM_LEASE = 6 * 3600.0  # seconds a claim of a runner on another host is honoured
 
 # (column, SQL type) shared by every measurement table; `key` is the primary key.
 COMMON: tuple[tuple[str, str], ...] = (
@@ -108,6 +120,8 @@ RUNS = (
     "id INTEGER PRIMARY KEY AUTOINCREMENT, tool TEXT NOT NULL, started REAL, command TEXT, config TEXT, model TEXT, "
     "version TEXT, threads INTEGER, cells INTEGER, todo INTEGER, info TEXT"
 )
+CLAIMS = "tbl TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, host TEXT, pid INTEGER, expires REAL, " \
+    "PRIMARY KEY (tbl, key)"
 
 
 def columns(table: str) -> tuple[str, ...]:
@@ -130,6 +144,7 @@ class ResultStore:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.readonly = readonly
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"  # this writer's claims
         if readonly:
             if not self.path.is_file():
                 raise ConfigError(
@@ -158,6 +173,7 @@ class ResultStore:
             ) from None
         self._conn = self._connect(str(self.path))
         try:
+            self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
             self._create()
             with self._conn:  # a write transaction proves the file is writable and not locked
                 self._conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('checked', ?)", (str(time.time()),))
@@ -170,7 +186,8 @@ class ResultStore:
     # ------------------------------------------------------------------------------------------------- set-up
     def _connect(self, target: str, *, uri: bool = False) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(target, uri=uri, timeout=60.0)
+            conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as exc:
@@ -179,14 +196,18 @@ class ResultStore:
         return conn
 
     def _create(self) -> None:
-        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables - {"sqlite_sequence"}:  # a new file: this schema
-            with self._conn:
+        # One writer at a time (BEGIN IMMEDIATE), so two processes creating one new store do not collide.
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables - {"sqlite_sequence"}:  # a new file: this schema
                 self._conn.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT)")
                 self._conn.execute("INSERT INTO meta(k, v) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         self._check_version()
         with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({RUNS})")
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS claims ({CLAIMS})")
             for table, cols in TABLES.items():
                 body = ",\n  ".join(f"{c} {t}" for c, t in cols)
                 self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (\n  {body}\n)")
@@ -215,6 +236,9 @@ class ResultStore:
                 )
 
     def close(self) -> None:
+        if not self.readonly:
+            with contextlib.suppress(sqlite3.Error):  # a claim left behind is taken over later
+                self.release()
         self._conn.close()
 
     def __enter__(self) -> ResultStore:
@@ -247,17 +271,53 @@ class ResultStore:
             )  # fmt: skip
         return int(cur.lastrowid or 0)
 
-    def add(self, table: str, row: Mapping[str, Any]) -> None:
-        """Insert one measurement and commit. A key that is already stored is an error (never overwritten)."""
+    def add(self, table: str, row: Mapping[str, Any]) -> bool:
+        """Insert one measurement, end this writer's claim on its key, and commit. Returns False (and keeps the
+        stored row) when the key is already stored, e.g. by another process: rows are never overwritten."""
         names = columns(table)
         unknown = set(row) - set(names)
         if unknown:
             raise ValueError(f"unknown {table} columns: {sorted(unknown)}")
         cols = [c for c in names if c in row]
         values = [_sql(row[c]) for c in cols]
-        sql = f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        sql = (f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+               "ON CONFLICT(key) DO NOTHING")  # fmt: skip
         with self._conn:
-            self._conn.execute(sql, values)
+            cur = self._conn.execute(sql, values)
+            self._conn.execute("DELETE FROM claims WHERE tbl = ? AND key = ?", (table, row.get("key")))
+        return cur.rowcount == 1
+
+    def claim(self, table: str, key: str, *, lease: float = CLAIM_LEASE) -> bool:
+        """Claim the measurement ``key`` of ``table`` for this writer before measuring it.
+
+        False when its row is already stored or another live writer holds the claim (the caller skips the cell);
+        True when it is this writer's to measure (a new claim, its own, or one taken over from a writer that is gone:
+        a process that no longer runs on this host, or a lease run out).
+        """
+        _table(table)
+        now = time.time()
+        host = socket.gethostname()
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            if self._conn.execute(f"SELECT 1 FROM {table} WHERE key = ?", (key,)).fetchone() is not None:
+                return False
+            held = self._conn.execute(
+                "SELECT owner, host, pid, expires FROM claims WHERE tbl = ? AND key = ?", (table, key)
+            ).fetchone()
+            if held is not None and held["owner"] != self.owner and not _stale(held, now, host):
+                return False
+            self._conn.execute(
+                "INSERT INTO claims(tbl, key, owner, host, pid, expires) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(tbl, key) DO UPDATE SET owner = excluded.owner, host = excluded.host, "
+                "pid = excluded.pid, expires = excluded.expires",
+                (table, key, self.owner, host, os.getpid(), now + lease),
+            )
+        return True
+
+    def release(self) -> None:
+        """End every claim of this writer (its cells not measured become free for others)."""
+        with self._conn:
+            self._conn.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
 
     # ------------------------------------------------------------------------------------------------ reading
     def keys(self, table: str) -> set[str]:
@@ -284,6 +344,29 @@ class ResultStore:
         for r in out:
             r["info"] = json.loads(r["info"]) if r.get("info") else {}
         return out
+
+
+def _stale(claim: sqlite3.Row, now: float, host: str) -> bool:
+    """A claim whose lease ran out, or whose process no longer runs on this host."""
+    if claim["expires"] is None or float(claim["expires"]) < now:
+        return True
+    if claim["host"] == host and claim["pid"] is not None:
+        return not _alive(int(claim["pid"]))
+    return False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:  # pragma: no cover - e.g. a platform without signals: trust the lease
+        return True
+    return True
 
 
 def _sql(v: Any) -> Any:
