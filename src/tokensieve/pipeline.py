@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
 from .adapters.models import model_shape
-from .adapters.profiles import profile_for
+from .adapters.profiles import Profile, profile_for
 from .cache.decode import DecodeMethod
 from .cache.sieve_cache import Plan, SieveCache
 from .core.budget import Budget
@@ -231,6 +231,10 @@ class Compressor:
         check_composition(self.method, self.decode_method, self.shape)
         self.method.check(self.shape)
         if profile is not None:
+            if not isinstance(profile, Profile):
+                raise ConfigError(
+                    f"profile must be a tokensieve Profile (tokensieve.adapters.profiles.load_profile), not {profile!r}."
+                )
             if profile.kind != self.method.capabilities.profile:
                 raise ConfigError(
                     f"Method '{self.method.name}' needs a '{self.method.capabilities.profile}' profile, "

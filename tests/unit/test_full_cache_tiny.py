@@ -123,3 +123,13 @@ def test_beam_search_inside_compress(tiny_model):
     assert out.shape == ref.shape
     with ts.compress(tiny_model, "+quest:0.5"), pytest.raises(ts.CapabilityError, match="Beam search"):
         tiny_model.generate(ids, **kw)
+
+
+def test_wrong_argument_types_are_refused_with_a_reason(tiny_model):
+    for method in (None, 123):
+        with pytest.raises(ts.ConfigError, match="spec"):
+            ts.compress(tiny_model, method)  # type: ignore[arg-type]
+    with pytest.raises(ts.ConfigError, match="Profile"):
+        ts.compress(tiny_model, "razor", 0.5, profile="x")
+    with pytest.raises(ts.ConfigError, match="budget"):
+        ts.compress(tiny_model, "snapkv", "abc")
