@@ -230,10 +230,11 @@ class Compressor:
         self.shape = model_shape(model)
         check_composition(self.method, self.decode_method, self.shape)
         self.method.check(self.shape)
+        self.profile: Profile | None
         if profile is not None:
             if not isinstance(profile, Profile):
                 raise ConfigError(
-                    f"profile must be a tokensieve Profile (tokensieve.adapters.profiles.load_profile), not {profile!r}."
+                    f"profile must be a tokensieve Profile (see tokensieve.adapters.profiles), not {profile!r}."
                 )
             if profile.kind != self.method.capabilities.profile:
                 raise ConfigError(
