@@ -1,0 +1,114 @@
+"""`tokensieve train vlm` (train the embedded VLM) and `tokensieve train vlm-eval` (its accuracy on held-out scenes,
+with all or a random fraction of the visual tokens)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .vlm import TrainConfig
+
+    defaults = TrainConfig()
+    helps = {
+        "out": "run directory: checkpoint/, train.log and final/ (rerunning the same command resumes)",
+        "seed": "seed of initialisation and of every step's scenes and questions",
+        "vision_steps": "steps of stage 1 (vision tower on dense targets)",
+        "vision_batch": "images per stage-1 step",
+        "steps": "steps of stage 2 (the whole VLM on conversations)",
+        "batch": "images (conversations) per stage-2 step",
+        "turns": "at most this many questions per conversation (drawn 1..turns)",
+        "lora_rank": "rank of the LoRA factors on the language model (0: the language model is frozen as it is)",
+        "lora_targets": "comma-separated Linear modules of each decoder layer that get LoRA factors",
+        "minutes": "wall-clock budget over the whole run (resumes included); the run stops and saves when it is spent",
+        "autocast_bf16": "run the language model under bfloat16 autocast",
+    }
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=helps.get(f.name))
+    p.add_argument("--ship", action="store_true", help="copy the final weights into the package (tokensieve/weights/)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train_vlm(args: argparse.Namespace) -> int:
+    from .vlm import TrainConfig, Trainer, ship
+
+    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "extra"}
+    cfg = TrainConfig(**values)
+    if cfg.steps < 0 or cfg.vision_steps < 0 or cfg.batch < 1 or cfg.turns < 1:
+        raise ConfigError("steps and vision-steps must be ≥ 0, batch and turns ≥ 1")
+    trainer = Trainer(cfg, progress=not args.no_progress)
+    path = trainer.run()
+    print(path)
+    if args.ship:
+        from ..adapters.vlm import VLM_NAME, weights_dir
+
+        dst = ship(cfg.out, weights_dir(VLM_NAME))
+        record = json.loads((dst / "train.json").read_text())
+        record["command"] = "tokensieve train vlm " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+        (dst / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"shipped to {dst}")
+    return 0
+
+
+def cmd_vlm_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..adapters.vlm import load_vlm
+    from .evaluate import evaluate, markdown_table
+
+    torch.set_num_threads(args.threads)
+    fractions = tuple(float(x) for x in args.keep.split(",") if x.strip())
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError(f"--keep takes fractions in (0, 1], got {args.keep!r}")
+    model, processor = load_vlm(args.model)
+    results = evaluate(
+        model,
+        processor,
+        n_scenes=args.scenes,
+        fractions=fractions,
+        split=args.split,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    table = markdown_table(results)
+    print(table)
+    if args.json:
+        data = {
+            str(f): {"overall": a.overall(), "per_type": a.per_type(), "questions": a.count()}
+            for f, a in results.items()
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("train", help="training runs of the lab (the embedded VLM)")
+    tsub = p.add_subparsers(dest="train_command", required=True)
+    v = tsub.add_parser("vlm", help="train the embedded VLM on procedural scenes (resumable; see docs/VLM.md)")
+    _train_args(v)
+    v.set_defaults(func=cmd_train_vlm)
+    e = tsub.add_parser("vlm-eval", help="accuracy of the VLM on held-out scenes, all or random visual tokens kept")
+    e.add_argument("--model", default="smollm2-135m-llava", help="the embedded VLM's name or a run's final/ directory")
+    e.add_argument("--scenes", type=int, default=100, help="held-out scenes (one question of each type per scene)")
+    e.add_argument("--keep", default="1,0.33,0.11", help="fractions of visual tokens kept (random, removed at the LM)")
+    e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--seed", type=int, default=0, help="seed of the random choice of kept tokens")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_vlm_eval)
