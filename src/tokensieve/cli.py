@@ -234,7 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that define `add_commands(subparsers)`; a module that is absent is skipped.
 _COMMAND_MODULES = [
     m
-    for m in ("tokensieve.eval.cli", "tokensieve.bench.cli", "tokensieve.profiling.cli", "tokensieve.report")
+    for m in (
+        "tokensieve.eval.cli",
+        "tokensieve.bench.cli",
+        "tokensieve.profiling.cli",
+        "tokensieve.train.cli",
+        "tokensieve.report",
+    )
     if importlib.util.find_spec(m.rsplit(".", 1)[0]) is not None and importlib.util.find_spec(m) is not None
 ]
 
