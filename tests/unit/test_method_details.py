@@ -35,13 +35,14 @@ def make_ctx(B=1, Hq=4, Hkv=2, T=20, seed=0, budget=6, sink=0, recent=0, valid=N
 def test_snapkv_score_is_window_attention_pooled_and_group_averaged():
     ctx = make_ctx()
     W = 4
-    m = ts.create_method("snapkv", window=W, kernel=3)
+    m = ts.create_method("snapkv", window=W, kernel=3, pooling="avg")
     s = m.score(ctx)
     T = ctx.length
     logits = torch.einsum("bhqd,bhkd->bhqk", ctx.queries[:, :, T - W :], ctx.keys.repeat_interleave(2, 1)) * D**-0.5
     causal = torch.arange(T)[None, :] <= torch.arange(T - W, T)[:, None]
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).mean(2)  # (B, Hq, T)
-    pooled = torch.nn.functional.avg_pool1d(probs.reshape(-1, 1, T), 3, 1, 1).reshape(1, 4, T)
+    prefix = torch.nn.functional.avg_pool1d(probs[..., : T - W].reshape(-1, 1, T - W), 3, 1, 1).reshape(1, 4, T - W)
+    pooled = torch.cat([prefix, probs[..., T - W :]], -1)  # the window's own attention is never pooled in
     expected = pooled.view(1, 2, 2, T).mean(2)
     torch.testing.assert_close(s, expected)
 

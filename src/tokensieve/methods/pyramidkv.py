@@ -46,6 +46,9 @@ class PyramidKV(SnapKV):
     Score: SnapKV's (observation-window attention, pooled, mean over the KV group).
     Layer budgets: ``b_l = max − l·(max − min)/(L − 1) + w`` with ``min = (b − w)/β``, ``max = 2(b − w) − min``
     (β = 20), rounded so that ``Σ_l b_l = L·b`` exactly: the same total as every other method at that budget.
+
+    Choices: the defaults of the authors' experiments (KVCache-Factory): observation window 8, max pooling with
+    kernel 7.
     """
 
     name: ClassVar[str] = "pyramidkv"
@@ -56,6 +59,7 @@ class PyramidKV(SnapKV):
     capabilities: ClassVar[Capabilities] = Capabilities(
         phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, needs_attention=True, layer_adaptive=True
     )
+    window: int = 8  # the window of the PyramidKV / KVCache-Factory experiments (SnapKV's own default is 32)
     beta: float = 20.0
 
     def __post_init__(self) -> None:

@@ -34,18 +34,23 @@ def observation_window_scores(
     ctx: LayerContext,
     window: int,
     *,
-    pooling: Pooling = "avg",
-    kernel: int = 5,
+    pooling: Pooling = "max",
+    kernel: int = 7,
     reduce: Literal["mean", "max"] = "mean",
 ) -> Tensor:
     """SnapKV: attention of the last ``window`` queries, averaged over the window, pooled, per KV head.
 
-    ``s_j = pool_k( mean_{i in window} softmax(q_i Kᵀ / √D)_j )``, averaged over the query heads of each KV
-    group. Returns ``(B, H_kv, T)``; padding scores are 0.
+    ``s_j = pool_k( mean_{i in window} softmax(q_i Kᵀ / √D)_j )`` for the keys *before* the window (the pooling
+    never reads the window's own attention, as in the reference code), averaged over the query heads of each KV
+    group. The window's keys keep their raw mean attention (they are protected by the methods that use this).
+    Returns ``(B, H_kv, T)``; padding scores are 0.
     """
     probs = ctx.window_attention(window)  # (B, H_q, W, T)
     s = probs.mean(2)  # (B, H_q, T)
-    s = pool1d(s, kernel, pooling)
+    W = probs.shape[2]
+    prefix = ctx.length - W
+    if prefix > 0:
+        s = torch.cat([pool1d(s[..., :prefix], kernel, pooling), s[..., prefix:]], dim=-1)
     s = ctx.to_kv_heads(s, reduce)  # (B, H_kv, T)
     return s.masked_fill(~ctx.valid[:, None, :], 0.0)
 

@@ -1,0 +1,162 @@
+"""Reference parity: each method keeps exactly the entries its paper's rule picks, computed here independently with
+a straightforward implementation of the paper's formula on small fixed tensors (no library scorer or selector)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import tokensieve as ts
+from tokensieve.core.context import LayerContext, ModelShape, RunState
+
+D, HQ, HKV, G = 8, 4, 2, 2
+
+
+def ctx_for(T=40, budget=12, seed=0, sink=0, recent=0, layer=1, layers=3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, HQ, T, D, generator=g) * 2
+    k = torch.randn(1, HKV, T, D, generator=g) * 2
+    v = torch.randn(1, HKV, T, D, generator=g)
+    valid = torch.ones(1, T, dtype=torch.bool)
+    run = RunState(ModelShape(layers, HQ, HKV, D, 512), torch.tensor([budget]), torch.tensor([T]), sink, recent)
+    return LayerContext(layer, q, k, v, valid, D**-0.5, run)
+
+
+def kept(method, ctx) -> list[set[int]]:
+    ctx.run.sink, ctx.run.recent = method.protected()  # as the Compressor resolves them
+    sel = method.compress(ctx).selection
+    return [set(sel.row(0, h).tolist()) for h in range(ctx.num_kv_heads)]
+
+
+def attention(q, k, q_positions, T):
+    """softmax(q kᵀ/√D) per query head over causally visible keys; q (H_q, n, D), k (H_kv, T, D) → (H_q, n, T)."""
+    kk = k.repeat_interleave(G, 0)  # query head h reads KV head h // G
+    logits = q @ kk.transpose(-1, -2) / D**0.5
+    visible = torch.arange(T)[None, :] <= torch.as_tensor(q_positions)[:, None]
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+
+
+def top(scores: torch.Tensor, n: int) -> set[int]:
+    return set(scores.topk(n).indices.tolist())
+
+
+def assert_is_top(got: set[int], scores: torch.Tensor, n: int) -> None:
+    """``got`` is a top-``n`` set of ``scores`` (max pooling makes ties; any tie-break is the paper's rule)."""
+    assert len(got) == n
+    rest = [j for j in range(scores.numel()) if j not in got]
+    assert float(scores[sorted(got)].min()) >= float(scores[rest].max())
+
+
+def test_snapkv_parity():
+    """SnapKV (arXiv:2404.14469): votes of the last W queries on the keys before the window, summed over the window,
+    max-pooled (kernel 7), the window kept whole; GQA: votes averaged over the group."""
+    ctx, W, budget = ctx_for(), 8, 12
+    T = ctx.length
+    attn = attention(ctx.queries[0, :, T - W :], ctx.keys[0], torch.arange(T - W, T), T)  # (H_q, W, T)
+    votes = attn[:, :, : T - W].sum(1)  # (H_q, T - W)
+    votes = F.max_pool1d(votes[:, None], 7, 1, 3)[:, 0]
+    votes = votes.view(HKV, G, T - W).mean(1)
+    window = set(range(T - W, T))
+    for h, row in enumerate(kept(ts.create_method("snapkv", window=W), ctx)):
+        assert window <= row
+        assert_is_top(row - window, votes[h], budget - W)
+
+
+def test_pyramidkv_layer_budgets_follow_the_paper():
+    """PyramidKV (arXiv:2406.02069): b_l = max − l (max − min)/(L − 1) + w, min = (b − w)/β, max = 2(b − w) − min."""
+    from tokensieve.methods.pyramidkv import pyramid_schedule
+
+    b, w, L, beta, T = 64, 8, 5, 20.0, 1000
+    base = b - w
+    mn = base / beta
+    mx = 2 * base - mn
+    paper = [mx - layer * (mx - mn) / (L - 1) + w for layer in range(L)]
+    got = pyramid_schedule(b, T, L, w, beta)
+    assert sum(got) == L * b
+    assert all(abs(g - p) < 1 for g, p in zip(got, paper))
+    assert got == sorted(got, reverse=True)
+
+
+def test_h2o_parity():
+    """H2O (arXiv:2306.14048): heavy hitters by accumulated attention, plus the most recent tokens (half the budget)."""
+    ctx, budget = ctx_for(budget=12), 12
+    T = ctx.length
+    attn = attention(ctx.queries[0], ctx.keys[0], torch.arange(T), T)  # (H_q, T, T)
+    acc = attn.sum(1).view(HKV, G, T).mean(1)  # accumulated over every query, group mean
+    n_recent = budget // 2
+    recent = set(range(T - n_recent, T))
+    expected = []
+    for h in range(HKV):
+        s = acc[h].clone()
+        s[T - n_recent :] = float("-inf")
+        expected.append(top(s, budget - n_recent) | recent)
+    assert kept(ts.create_method("h2o"), ctx) == expected
+
+
+def test_tova_parity():
+    """TOVA (arXiv:2401.06104): the last query's attention averaged over every head of the layer, one ranking."""
+    ctx, budget = ctx_for(), 12
+    T = ctx.length
+    attn = attention(ctx.queries[0, :, T - 1 :], ctx.keys[0], [T - 1], T)[:, 0]  # (H_q, T)
+    expected = top(attn.mean(0), budget)
+    assert kept(ts.create_method("tova"), ctx) == [expected, expected]
+
+
+def test_knorm_and_streaming_llm_parity():
+    """KNorm (arXiv:2406.11430): keep the lowest-norm keys. StreamingLLM (arXiv:2309.17453): sinks + the latest."""
+    ctx, budget = ctx_for(), 12
+    norms = ctx.keys[0].norm(dim=-1)  # (H_kv, T)
+    assert kept(ts.create_method("knorm"), ctx) == [top(-norms[h], budget) for h in range(HKV)]
+    T = ctx.length
+    expected = set(range(4)) | set(range(T - (budget - 4), T))
+    assert kept(ts.create_method("streaming_llm"), ctx) == [expected, expected]
+
+
+def test_adakv_parity():
+    """AdaKV (arXiv:2407.11550): the layer's H·b entries go to the globally best scores across heads, softened by
+    α (each head keeps ≥ α of its uniform share), window tokens kept by every head."""
+    ctx, budget, W, alpha = ctx_for(T=60, budget=16, seed=3), 16, 8, 0.2
+    T = ctx.length
+    base = ts.create_method("snapkv", window=W)
+    scores = base.score(ctx)[0]  # SnapKV's scores (checked by its own parity test above)
+    free = budget - W
+    cand = scores[:, : T - W]  # (H_kv, T - W): the window is protected
+    n_h = torch.bincount(cand.reshape(-1).topk(HKV * free).indices // (T - W), minlength=HKV).double()
+    cap = n_h * (1 - alpha) + alpha * free
+    alloc = torch.floor(cap).long()
+    while int(alloc.sum()) < HKV * free:  # largest remainders first, as any exact rounding must
+        alloc[int((cap - alloc).argmax())] += 1
+    window = set(range(T - W, T))
+    expected = [top(cand[h], int(alloc[h])) | window for h in range(HKV)]
+    got = kept(ts.create_method("adakv", base=base), ctx)
+    assert got == expected
+    assert sum(len(r) for r in got) == HKV * budget
+
+
+def test_tokenselect_parity():
+    """TokenSelect (arXiv:2411.02886): per-head softmax of q·k over the candidates, summed over heads (soft vote),
+    top-k plus the first n_init and last n_local tokens."""
+    from tokensieve.cache.decode import DecodeLayer, DecodeRun
+    from tokensieve.cache.storage import DenseKV
+    from tokensieve.methods.tokenselect import TokenSelect
+
+    g = torch.Generator().manual_seed(5)
+    n, n_init, n_local, budget = 80, 4, 8, 40
+    k, v = torch.randn(1, HKV, n, D, generator=g), torch.randn(1, HKV, n, D, generator=g)
+    q = torch.randn(1, HQ, 1, D, generator=g)
+    store = DenseKV(k, v, torch.arange(n).expand(1, HKV, n))
+    run = DecodeRun(ModelShape(1, HQ, HKV, D, 512), torch.tensor([budget]), ts.Budget.tokens(budget))
+    layer = DecodeLayer(0, store, run, D**-0.5)
+    layer.state = TokenSelect(n_init=n_init, n_local=n_local).setup(layer, None)
+    out = TokenSelect(n_init=n_init, n_local=n_local).step(layer, q)
+    kk = k[0].repeat_interleave(G, 0)  # (H_q, n, D)
+    logits = (q[0, :, 0, None, :] @ kk[:, n_init : n - n_local].transpose(-1, -2))[:, 0] * D**-0.5  # (H_q, c)
+    vote = torch.softmax(logits, -1).sum(0)
+    chosen = sorted(
+        {*range(n_init), *(vote.topk(budget - n_init - n_local).indices + n_init).tolist(), *range(n - n_local, n)}
+    )
+    ref = (
+        torch.softmax((q[0, :, 0, None, :] @ kk[:, chosen].transpose(-1, -2)) * D**-0.5, -1)
+        @ v[0].repeat_interleave(G, 0)[:, chosen]
+    )
+    torch.testing.assert_close(out[0, :, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
