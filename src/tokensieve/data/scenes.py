@@ -107,6 +107,7 @@ class Scene:
 
         img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
         draw = ImageDraw.Draw(img)
+        draw.fontmode = "1"  # no anti-aliasing: the word's pixels are exactly WORD_LABEL, never an object's label
         for i, o in enumerate(self.objects):
             if o.shape == "circle":
                 draw.ellipse(_box(o), fill=i + 1)

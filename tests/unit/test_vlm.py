@@ -1,0 +1,163 @@
+"""The embedded VLM's construction: a LLaVA with a CLS vision tower, ≥ 256 visual tokens at the right positions, the
+training and evaluation paths equal to transformers' own forward, and weights that round-trip through save/load
+(vision tower, projector and LoRA factors merged into the text model's own weights)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokensieve.adapters import vlm as V
+from tokensieve.data import scenes as S
+
+# A small geometry for speed: two ViT layers, the text model's first decoder layer only.
+SMALL = V.VisionSpec(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    text_layers=1,
+    lora_rank=2,
+    lora_alpha=4.0,
+    lora_targets=("self_attn.q_proj", "mlp.down_proj"),
+)
+
+
+@pytest.fixture(scope="module")
+def text_dir():
+    from tokensieve.adapters.models import embedded_dir, is_pulled
+
+    if not is_pulled():
+        pytest.skip("needs the embedded text model's tokenizer and weights (`tokensieve pull`)")
+    return embedded_dir()
+
+
+@pytest.fixture(scope="module")
+def small_vlm(text_dir):
+    torch.manual_seed(0)
+    model, processor = V.build_vlm(SMALL, text_dir=text_dir)
+    return model.eval(), processor
+
+
+def _scene_inputs(processor, index: int = 0):
+    scene = S.make_scene(S.split_seed("test", index))
+    q = S.questions(scene)[0]
+    enc = processor(text=V.chat_prompt([(q.text, q.answer)]), images=scene.render(), return_tensors="pt")
+    return scene, q, enc
+
+
+def test_default_geometry_is_llava_like():
+    spec = V.VisionSpec()
+    assert spec.num_visual_tokens == 256 and spec.grid == 16
+    from transformers import LlamaConfig
+
+    cfg = V.vlm_config(LlamaConfig(vocab_size=100, hidden_size=64, num_attention_heads=4), spec, image_token_id=100)
+    assert cfg.model_type == "llava"
+    assert cfg.vision_config.model_type == "clip_vision_model"
+    assert cfg.vision_feature_select_strategy == "default"  # CLS is in the tower, dropped before the projector
+    assert cfg.image_seq_length == 256
+    assert cfg.text_config.vocab_size == 101
+    assert V.spec_of(cfg) == spec
+
+
+def test_vision_tower_has_a_cls_token_and_the_lm_gets_the_patches(small_vlm):
+    model, processor = small_vlm
+    _, _, enc = _scene_inputs(processor)
+    out = model.model.vision_tower(enc["pixel_values"], output_hidden_states=True)
+    assert out.last_hidden_state.shape[1] == SMALL.num_visual_tokens + 1  # CLS + 256 patches
+    feats = model.model.get_image_features(pixel_values=enc["pixel_values"], return_dict=True).pooler_output
+    assert feats[0].shape == (SMALL.num_visual_tokens, model.config.text_config.hidden_size)
+
+
+def test_processor_places_256_image_tokens_in_one_span(small_vlm):
+    model, processor = small_vlm
+    image_id = model.config.image_token_id
+    assert image_id == processor.tokenizer.convert_tokens_to_ids(V.IMAGE_TOKEN) == len(processor.tokenizer) - 1
+    _, q, enc = _scene_inputs(processor)
+    ids = enc["input_ids"]
+    assert int((ids == image_id).sum()) == 256
+    (span,) = V.image_spans(ids, image_id)[0]
+    assert span[1] - span[0] == 256
+    assert bool((ids[0, span[0] : span[1]] == image_id).all())
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}]
+    assert processor.apply_chat_template(msgs, add_generation_prompt=True) == V.chat_prompt([(q.text, None)])
+
+
+def test_image_spans_per_sample():
+    ids = torch.tensor([[5, 9, 9, 9, 5, 9], [9, 9, 5, 5, 5, 5]])
+    assert V.image_spans(ids, 9) == [[(1, 4), (5, 6)], [(0, 2)]]
+
+
+def test_encoder_matches_tokenizing_the_whole_conversation(small_vlm):
+    from tokensieve.train.batches import Encoder, sample_questions
+
+    _, processor = small_vlm
+    tok = processor.tokenizer
+    enc = Encoder(tok, 256)
+    for i in range(20):
+        scene = S.make_scene(S.split_seed("train", i))
+        qs = sample_questions(scene, random.Random(i), 1 + i % 6)
+        e = enc.conversation(qs)
+        text = V.chat_prompt([(q.text, q.answer) for q in qs]).replace(V.IMAGE_TOKEN, V.IMAGE_TOKEN * 256)
+        assert tok(text, add_special_tokens=False)["input_ids"] == [*e.ids, *tok("\n")["input_ids"]]
+        answers = tok.decode([t for t in e.targets if t != -100])
+        assert answers == "".join(f"{q.answer}<|im_end|>" for q in qs)
+
+
+def test_training_and_evaluation_paths_equal_the_transformers_forward(small_vlm):
+    from tokensieve.train.batches import Encoder, collate
+    from tokensieve.train.evaluate import answer_scene, keep_indices
+    from tokensieve.train.vlm import lm_loss, vision_forward
+
+    model, processor = small_vlm
+    scene, q, enc = _scene_inputs(processor, 3)
+    with torch.no_grad():
+        ref = model(**enc).logits[0]
+        _, _, visual = vision_forward(model, enc["pixel_values"])
+        encoder = Encoder(processor.tokenizer, 256)
+        e = encoder.conversation([q])
+        batch = collate([e], 0)
+        loss, right = lm_loss(model, visual, batch, autocast_bf16=False)
+        sel = batch["targets"][0] != -100
+        expected = torch.nn.functional.cross_entropy(ref[: len(e.ids)][sel], batch["targets"][0][sel])
+        assert torch.allclose(loss, expected, atol=1e-4)
+        # the evaluation's cached prefix + batched questions gives the same greedy tokens as the full forward
+        (result,) = answer_scene(model, encoder, visual[0], [q], keep_indices(256, 1.0, 0))
+        pred = ref[: len(e.ids)][sel].argmax(-1)
+        assert result[1] == bool((pred == batch["targets"][0][sel]).all())
+
+
+def test_keep_indices():
+    from tokensieve.train.evaluate import keep_indices
+
+    k = keep_indices(256, 0.11, seed=3)
+    assert len(k) == 28 and bool((k[1:] > k[:-1]).all())
+    assert torch.equal(k, keep_indices(256, 0.11, seed=3))
+    assert not torch.equal(k, keep_indices(256, 0.11, seed=4))
+    assert torch.equal(keep_indices(256, 1.0, 0), torch.arange(256))
+
+
+def test_weights_round_trip_with_lora_merged(small_vlm, tmp_path):
+    from tokensieve.train.lora import add_lora, lora_factors
+
+    torch.manual_seed(1)
+    model, processor = V.build_vlm(SMALL)
+    wrapped = add_lora(model.model.language_model, SMALL.lora_targets, SMALL.lora_rank, SMALL.lora_scale,
+                       prefix="model.language_model.")  # fmt: skip
+    with torch.no_grad():
+        for m in wrapped.values():
+            m.lora_b.normal_(0, 0.05)
+    _, _, enc = _scene_inputs(processor, 1)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**enc).logits
+    path = V.save_vlm(model, tmp_path, lora=lora_factors(wrapped), meta={"note": "test"})
+    names = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path)))
+    assert not any(".language_model." in n and not n.startswith(V.LORA_PREFIX) for n in names)  # no text weights
+    loaded, _ = V.load_vlm(str(tmp_path))
+    with torch.no_grad():
+        got = loaded(**enc).logits
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert not any("lora" in n for n, _ in loaded.named_parameters())  # a plain LlavaForConditionalGeneration
