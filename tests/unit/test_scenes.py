@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -21,7 +22,7 @@ def test_scenes_are_deterministic_from_their_seed():
 
 def test_splits_are_disjoint_ranges_and_hold_different_scenes():
     ranges = sorted(S.SPLITS.values())
-    for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+    for (_, hi), (lo, _) in itertools.pairwise(ranges):
         assert hi <= lo
     seen: dict[str, str] = {}
     for split in S.SPLITS:
@@ -37,7 +38,8 @@ def test_splits_are_disjoint_ranges_and_hold_different_scenes():
 def test_scenes_have_the_promised_content():
     scenes = S.scenes("train", 300)
     counts = [len(s.objects) for s in scenes]
-    assert min(counts) >= S.MIN_OBJECTS and max(counts) <= S.MAX_OBJECTS
+    assert min(counts) >= S.MIN_OBJECTS
+    assert max(counts) <= S.MAX_OBJECTS
     assert sum(bool(s.touching) for s in scenes) > 100  # some objects touch
     assert {o.size for s in scenes for o in s.objects} == set(S.SIZES)
     for s in scenes[:50]:

@@ -50,7 +50,8 @@ def _scene_inputs(processor, index: int = 0):
 
 def test_default_geometry_is_llava_like():
     spec = V.VisionSpec()
-    assert spec.num_visual_tokens == 256 and spec.grid == 16
+    assert spec.num_visual_tokens == 256
+    assert spec.grid == 16
     from transformers import LlamaConfig
 
     cfg = V.vlm_config(LlamaConfig(vocab_size=100, hidden_size=64, num_attention_heads=4), spec, image_token_id=100)
@@ -112,14 +113,14 @@ def test_training_and_evaluation_paths_equal_the_transformers_forward(small_vlm)
     from tokensieve.train.vlm import lm_loss, vision_forward
 
     model, processor = small_vlm
-    scene, q, enc = _scene_inputs(processor, 3)
+    _scene, q, enc = _scene_inputs(processor, 3)
     with torch.no_grad():
         ref = model(**enc).logits[0]
         _, _, visual = vision_forward(model, enc["pixel_values"])
         encoder = Encoder(processor.tokenizer, 256)
         e = encoder.conversation([q])
         batch = collate([e], 0)
-        loss, right = lm_loss(model, visual, batch, autocast_bf16=False)
+        loss, _right = lm_loss(model, visual, batch, autocast_bf16=False)
         sel = batch["targets"][0] != -100
         expected = torch.nn.functional.cross_entropy(ref[: len(e.ids)][sel], batch["targets"][0][sel])
         assert torch.allclose(loss, expected, atol=1e-4)
@@ -133,7 +134,8 @@ def test_keep_indices():
     from tokensieve.train.evaluate import keep_indices
 
     k = keep_indices(256, 0.11, seed=3)
-    assert len(k) == 28 and bool((k[1:] > k[:-1]).all())
+    assert len(k) == 28
+    assert bool((k[1:] > k[:-1]).all())
     assert torch.equal(k, keep_indices(256, 0.11, seed=3))
     assert not torch.equal(k, keep_indices(256, 0.11, seed=4))
     assert torch.equal(keep_indices(256, 1.0, 0), torch.arange(256))

@@ -139,7 +139,9 @@ def pull(name: str = DEFAULT_MODEL, *, force: bool = False, quiet: bool = False)
 
     Returns the directory that :func:`load_model` reads. Idempotent: a second call returns at once.
     """
-    key = embedded_name(name)
+    from .vlm import TEXT_MODEL, vlm_name
+
+    key = embedded_name(TEXT_MODEL if vlm_name(name) else name)  # the VLM ships in the package, on its text model
     if key is None:
         raise UnknownNameError(
             f"'{name}' is not an embedded model. Embedded models: {', '.join(sorted(EMBEDDED))}. "
@@ -238,10 +240,15 @@ def load_model(
 
     ``name_or_path`` is the embedded model's short name (``smollm2-135m``), a local Hugging Face model directory,
     or a hub id (for users with hub access). Returns ``(model, tokenizer)`` with the model in eval mode.
+    The embedded VLM (``smollm2-135m-llava``, see adapters/vlm.py) returns ``(model, processor)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .vlm import load_vlm, vlm_name
+
+    if vlm_name(name_or_path) is not None:
+        return load_vlm(name_or_path, dtype=dtype, device=device)
     source, _ = resolve(name_or_path)
     dev = torch.device(device) if isinstance(device, str) else device
     if dev.type == "cuda" and not torch.cuda.is_available():

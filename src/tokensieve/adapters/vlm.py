@@ -183,7 +183,7 @@ def build_processor(tokenizer: Any, spec: VisionSpec) -> Any:
 
 
 def text_state_dict(text_dir: Path | str, num_layers: int | None = None) -> dict[str, torch.Tensor]:
-    """The text model's weights (its first ``num_layers`` decoder layers), named as in ``LlavaForConditionalGeneration``."""
+    """The text model's weights (its first ``num_layers`` decoder layers), named as in the LLaVA model."""
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
