@@ -222,7 +222,8 @@ def test_single_token_extend_is_a_decode_step(long_model):
     assert int(ctx.cache.lengths().max()) == 67
 
 
-def test_quest_step_attends_exactly_over_the_best_bounded_pages():
+@pytest.mark.parametrize("group", ["per_head", "max"])
+def test_quest_step_attends_exactly_over_the_best_bounded_pages(group):
     from tokensieve.attention.dense import reference_attention
     from tokensieve.methods.quest import Quest
 
@@ -234,7 +235,7 @@ def test_quest_step_attends_exactly_over_the_best_bounded_pages():
         torch.arange(n - 1).expand(B, H, n - 1),
         reserve=20,
     )
-    m = Quest(page=P, dense_layers=0)
+    m = Quest(page=P, dense_layers=0, group=group)
     run = DecodeRun(ModelShape(1, H * G, H, D, 1024), torch.tensor([24]), ts.Budget.tokens(24))
     layer = DecodeLayer(0, store, run, D**-0.5)
     layer.state = m.setup(layer, None)
@@ -245,16 +246,20 @@ def test_quest_step_attends_exactly_over_the_best_bounded_pages():
     m.on_append(layer, 1)
     q = torch.randn(B, H * G, 1, D, generator=g)
     out = m.step(layer, q)
-    # brute force: bounds of every complete page, best 2 per KV head (max over its query heads) + the current page
+    # brute force (the paper's rule): U_p = Σ_d max(q_d M_pd, q_d m_pd) for every complete page; each query head
+    # ("per_head", as the reference) or each KV head from its query heads' largest bound ("max") attends exactly
+    # over its best 2 pages + the current page
     keys, values = store.keys[0], store.values[0]
     cur = (n - 1) // P
     expected = torch.zeros_like(out)
-    for h in range(H):
+    for hq in range(H * G):
+        h = hq // G
+        group_q = q[0, hq : hq + 1, 0] if group == "per_head" else q[0, h * G : (h + 1) * G, 0]
         bound = torch.stack(
             [
                 torch.maximum(
-                    q[0, h * G : (h + 1) * G, 0, None, :] * keys[h, p * P : (p + 1) * P].amax(0),
-                    q[0, h * G : (h + 1) * G, 0, None, :] * keys[h, p * P : (p + 1) * P].amin(0),
+                    group_q[:, None, :] * keys[h, p * P : (p + 1) * P].amax(0),
+                    group_q[:, None, :] * keys[h, p * P : (p + 1) * P].amin(0),
                 )
                 .sum(-1)
                 .amax()
@@ -263,6 +268,6 @@ def test_quest_step_attends_exactly_over_the_best_bounded_pages():
         )
         pages = [*bound.topk(2).indices.tolist(), cur]
         slots = torch.cat([torch.arange(p * P, min((p + 1) * P, n)) for p in pages])
-        ref = reference_attention(q[:, h * G : (h + 1) * G], [[keys[h, slots]]], [[values[h, slots]]], D**-0.5)
-        expected[:, h * G : (h + 1) * G] = ref
+        ref = reference_attention(q[:, hq : hq + 1], [[keys[h, slots]]], [[values[h, slots]]], D**-0.5)
+        expected[:, hq : hq + 1] = ref
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention.sparse import attend_pages, attend_slots, page_bounds, page_meta, write_page_meta
@@ -30,10 +31,13 @@ class Quest(DecodeMethod):
     paper) and prefill stay dense. Nothing is evicted; the metadata is 2 vectors per page (1/8 of the keys at 16
     tokens per page), counted by the benchmark as bytes read.
 
-    Choices: GQA — one page set per KV head, from the maximum of its query heads' bounds, so each page is read
-    once for the whole group; no forced first page (the sink page wins on its bound). The budget counts attended
-    tokens; a ratio means a share of the current cache. Padding slots of a left-padded batch are never attended
-    but count in the budget.
+    Choices: GQA — ``group="per_head"`` (default, as the reference, which was written for multi-head models):
+    every query head picks its own pages from its own bounds and attends over them, so a KV head's pages may be
+    read for several of its query heads (the bytes read count each distinct page once); ``group="max"``: one page
+    set per KV head from the maximum of its query heads' bounds, each page read once for the group (cheaper; the
+    query with the largest norm then picks for the whole group). No forced first page (the sink page wins on its
+    bound). The budget counts attended tokens; a ratio means a share of the current cache. In a left-padded batch
+    each sequence's pages start at its first real token and its budget counts its real tokens only.
     """
 
     name: ClassVar[str] = "quest"
@@ -45,6 +49,7 @@ class Quest(DecodeMethod):
     page: int = 16
     min_pages: int = 3
     dense_layers: int = 2
+    group: Literal["per_head", "max"] = "per_head"
 
     def __post_init__(self) -> None:
         if self.page < 1 or self.min_pages < 1 or self.dense_layers < 0:
@@ -85,8 +90,10 @@ class Quest(DecodeMethod):
         B, Hq, _, D = q.shape
         H = base.shape[0] // B
         qg = q.view(B, H, Hq // H, D)
-        bounds = page_bounds(qg, layer.state["meta"][..., :cur]).amax(2)  # (B, H, cur): complete pages only
-        top = bounds.topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
+        bounds = page_bounds(qg, layer.state["meta"][..., :cur])  # (B, H, G, cur): complete pages only
+        if self.group == "per_head":
+            return self._per_head(layer, q, bounds, cur, k, 0)
+        top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
         torch.add(top, base, out=idx[:, : k - 1])  # the chosen pages; the current one sits in the last column
         if store.has_padding or store.has_bias:  # padding or merged entries: the general mask
             pages = idx.view(B, H, k) - base.view(B, H, 1)
@@ -118,8 +125,10 @@ class Quest(DecodeMethod):
             if rs is None or rs[0] != (pad, complete):  # a page filled: metadata of the sequence's complete pages
                 meta = page_meta(kbuf[:, :, pad : pad + complete * P], complete, P)
                 rs = layer.state["rows"][b] = ((pad, complete), meta)
-            bounds = page_bounds(qg, rs[1][..., :cur]).amax(2)  # (1, H, cur)
-            top = bounds.topk(k - 1, dim=-1, sorted=False).indices  # (1, H, k-1)
+            bounds = page_bounds(qg, rs[1][..., :cur])  # (1, H, G, cur)
+            if self.group == "per_head":
+                return self._per_head(layer, q, bounds, cur, k, pad, b)
+            top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices  # (1, H, k-1)
             pages = torch.cat([top, torch.full_like(top[..., :1], cur)], -1)  # (1, H, k)
             slots = (pad + pages[..., None] * P + torch.arange(P, device=q.device)).view(1, H, k * P)
             run.bytes_read += per_entry * (k * P + cur)  # pages + [M − m, m] metadata
@@ -131,6 +140,37 @@ class Quest(DecodeMethod):
             bb = bias[b : b + 1].gather(2, slots)[:, :, None, :]
             mask = bb if mask is None else torch.where(mask, bb, float("-inf"))
         return attend_slots(qg, kbuf, vbuf, slots, layer.scaling, mask).view(1, Hq, 1, D)
+
+    def _per_head(
+        self, layer: DecodeLayer, q: Tensor, bounds: Tensor, cur: int, k: int, pad: int, b: int | None = None
+    ) -> Tensor:
+        """Each query head attends over its own top pages: bounds ``(B, H, G, cur)`` → output ``(B, H_q, 1, D)``.
+        ``b`` selects one sequence of a padded batch (its real tokens start at slot ``pad``)."""
+        store, run, P = layer.store, layer.run, self.page
+        B, H, G, _ = bounds.shape
+        D = q.shape[-1]
+        top = bounds.topk(k - 1, dim=-1, sorted=False).indices  # (B, H, G, k-1)
+        pages = torch.cat([top, torch.full_like(top[..., :1], cur)], -1)  # (B, H, G, k): + the current page
+        slots = (pad + pages[..., None] * P + torch.arange(P, device=q.device)).view(B, H, G * k * P)
+        kbuf, vbuf = store.buffers
+        rows = slice(None) if b is None else slice(b, b + 1)
+        kbuf, vbuf = kbuf[rows], vbuf[rows]
+        keep = slots < store.n  # the current page may be partial
+        slots = slots.clamp(max=store.n - 1)
+        cap = kbuf.shape[2]
+        flat = (torch.arange(B * H, device=q.device)[:, None] * cap + slots.view(B * H, -1)).view(-1)
+        K = kbuf.reshape(-1, D).index_select(0, flat).view(B, H * G, k * P, D)
+        V = vbuf.reshape(-1, D).index_select(0, flat).view(B, H * G, k * P, D)
+        mask: Tensor | None = None if bool(keep.all()) else keep.view(B, H * G, 1, k * P)
+        if store.bias is not None:
+            bias = store.bias[rows].gather(2, slots).view(B, H * G, 1, k * P)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+        distinct = torch.zeros(B, H, cur + 1, dtype=torch.bool, device=q.device)
+        distinct.scatter_(2, pages.view(B, H, G * k), True)
+        per_row_head = store.entry_bytes(1) // (store.keys.shape[0] * H)  # one entry of one (sequence, KV head)
+        run.bytes_read += per_row_head * int(distinct.sum()) * P + per_row_head * B * H * cur  # pages + metadata
+        out = F.scaled_dot_product_attention(q.view(B, H * G, 1, D), K, V, attn_mask=mask, scale=layer.scaling)
+        return out.view(B, H * G, 1, D)
 
     def _step_plan(self, store: DenseKV, run: DecodeRun) -> tuple[int, int, Tensor, Tensor, Tensor | None, int] | None:
         """Per-step constants shared by every layer with the same cache length: the current page, pages to read,
