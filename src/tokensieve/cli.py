@@ -29,9 +29,52 @@ def _params(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def _threads(n: int | None) -> None:
-    import torch
+    from .results.threads import use_threads
 
-    torch.set_num_threads(n or min(os.cpu_count() or 1, 8))
+    use_threads(n)  # the one default of every command: tokensieve.results.threads
+
+
+def _whole(minimum: int) -> Any:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return n
+
+    return parse
+
+
+def _depth(text: str) -> float:
+    try:
+        d = float(text)
+    except ValueError:
+        d = -1.0
+    if not 0.0 <= d <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a depth in [0, 1] (0 = start, 1 = end), got {text!r}")
+    return d
+
+
+def check_context(limit: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before anything is allocated, a prompt plus ``--max-new-tokens`` beyond the model's context."""
+    from .errors import PromptError
+
+    if not limit or prompt_tokens + max_new_tokens <= limit:
+        return
+    if prompt_tokens >= limit:
+        raise PromptError(
+            f"The prompt has {prompt_tokens} tokens, the model's context {limit}: shorten the prompt to fewer than "
+            f"{limit} tokens, with room for the answer."
+        )
+    raise PromptError(
+        f"The prompt has {prompt_tokens} tokens and --max-new-tokens asks for {max_new_tokens} more: "
+        f"{prompt_tokens + max_new_tokens} tokens exceed the model's context of {limit}. "
+        f"Use --max-new-tokens {limit - prompt_tokens} or less (or shorten the prompt)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -106,8 +149,9 @@ def generate_spec(args: argparse.Namespace) -> Spec:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .adapters.models import load_model
-    from .data.prompts import chat_ids
+    from .adapters.models import load_model, model_shape
+    from .data.prompts import TextStream, chat_ids
+    from .demo import budget_notes
     from .errors import PromptError
     from .pipeline import compress
 
@@ -118,23 +162,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = generate_spec(args)  # fail on a bad method, parameter or budget before loading the model
     kwargs = spec.compressor_kwargs()
     model, tok = load_model(args.model)
-    press = compress(model, reserve=args.max_new_tokens, **kwargs)
     ids = chat_ids(tok, prompt, system=args.system)
+    check_context(model_shape(model).max_positions, int(ids.shape[1]), args.max_new_tokens)
+    for note in budget_notes(spec, int(ids.shape[1])):
+        warnings.warn(note, TokensieveWarning, stacklevel=1)
+    press = compress(model, reserve=args.max_new_tokens, **kwargs)
     ctx = press.prefill(ids)
-
-    pieces: list[int] = []
-    printed = ""
+    stream = TextStream(tok)  # whole characters only: an emoji split over tokens is printed once complete
 
     def on_token(row: int, token: int) -> None:
-        nonlocal printed
-        pieces.append(token)
-        text = tok.decode(pieces, skip_special_tokens=True)
-        sys.stdout.write(text[len(printed) :])
+        sys.stdout.write(stream.push(token))
         sys.stdout.flush()
-        printed = text
 
     gen = press.decode(ctx, args.max_new_tokens, eos_token_ids=[tok.eos_token_id], on_token=on_token)
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.flush() + "\n")
     cache = ctx.cache
     print(
         f"[{spec.label}] prompt {ids.shape[1]} tokens · KV {cache.kv_bytes() / 2**20:.2f} MB "
@@ -161,6 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         depth=args.depth,
         seed=args.seed,
         agnostic=args.agnostic,
+        progress=not args.no_progress,
     )
     return 0
 
@@ -168,6 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     from .adapters.models import DEFAULT_MODEL
+    from .results.threads import add_threads_argument
 
     p = argparse.ArgumentParser(
         prog="tokensieve",
@@ -177,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, local HF directory or hub id")
-        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
+        add_threads_argument(sp)
 
     sp = sub.add_parser("pull", help="fetch the embedded model and convert it to safetensors (once)")
     sp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -201,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", default=None, help="registered method (see `tokensieve methods`); default full")
     sp.add_argument("--budget", default=None, help="KV budget: ratio (0.25, 25%%) or token count (256); default 1.0")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
-    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--max-new-tokens", type=_whole(1), default=256, help="longest answer in tokens (default 256)")
     sp.add_argument("--system", default=None, help="optional system prompt")
     sp.set_defaults(func=cmd_generate)
 
@@ -220,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--agnostic", action="store_true", help="compress the context before the question is seen (cache reuse)"
     )
     sp.add_argument("--budget", default="0.1", help="budget of the specs that give none (default 0.1 = 90%% off)")
-    sp.add_argument("--length", type=int, default=1024, help="prompt length in tokens")
-    sp.add_argument("--depth", type=float, default=0.5, help="needle depth, 0 (start) … 1 (end)")
+    sp.add_argument("--length", type=_whole(1), default=1024, help="prompt length in tokens")
+    sp.add_argument("--depth", type=_depth, default=0.5, help="needle depth, 0 (start) … 1 (end)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_demo)
 
     # Larger command groups live next to their code and add their own sub-commands.
@@ -262,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TokensieveError as exc:
         print(f"tokensieve: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`tokensieve methods --json | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except KeyboardInterrupt:
         print("tokensieve: interrupted", file=sys.stderr)
         return 130

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from .adapters.models import load_model
+from .adapters.models import load_model, model_shape
 from .core.budget import Budget
 from .data.tasks import get_task
-from .errors import ConfigError
+from .errors import ConfigError, PromptError, TokensieveWarning
 from .pipeline import compress
 from .spec import Spec
 
@@ -41,15 +43,29 @@ def run_demo(
     seed: int,
     agnostic: bool = False,
     out: Any = None,
+    progress: bool = False,
 ) -> list[DemoRow]:
+    """Answer one passkey question with each spec (a spec without a budget gets ``budget``), full cache first.
+
+    ``progress``: a bar on stderr, one step per spec. The table goes to ``out`` (default stdout).
+    """
     out = out or sys.stdout
-    """Answer one passkey question with each spec (a spec without a budget gets ``budget``), full cache first."""
     if not methods:
         raise ConfigError("Give at least one method.")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= float(depth) <= 1.0:
+        raise ConfigError(f"The needle depth must be in [0, 1] (0 = start, 1 = end of the context); got {depth!r}.")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ConfigError(f"The prompt length must be a whole number of tokens >= 1; got {length!r}.")
     b = Budget.parse(budget)  # fail on a bad spec or budget before loading anything
     specs = list(dict.fromkeys(Spec.parse(m).with_budget(b) for m in methods))
     specs = [Spec(), *[s for s in specs if not s.is_full]]  # the full cache first: the reference for `kept`
     model, tok = load_model(model_name)
+    limit = model_shape(model).max_positions
+    if limit and length + DECODE_TOKENS > limit:  # before the prompt is built or anything allocated
+        raise PromptError(
+            f"A prompt of {length} tokens plus the {DECODE_TOKENS} answer tokens exceeds the model's context of "
+            f"{limit} tokens: use --length {limit - DECODE_TOKENS} or less."
+        )
     task = get_task("passkey")
     sample = task.make(tok, length, depth, seed)
     prompt = sample.ids(tok)
@@ -65,10 +81,17 @@ def run_demo(
         f"{setting}; model {model_name}, {torch.get_num_threads()} CPU threads.",
         file=out,
     )
+    compressed = len(prompt.context) if agnostic else n
+    for spec in specs:
+        for note in budget_notes(spec, compressed):
+            warnings.warn(note, TokensieveWarning, stacklevel=2)
     rows: list[DemoRow] = []
     full_entries = None
-    for spec in specs:
-        press = compress(model, reserve=DECODE_TOKENS + len(prompt.question), **spec.compressor_kwargs())
+    bar = tqdm(specs, desc="demo", unit="method", file=sys.stderr, disable=not progress, leave=False)
+    for spec in bar:
+        bar.set_postfix_str(spec.label)
+        reserve = DECODE_TOKENS + (len(prompt.question) if agnostic else 0)
+        press = compress(model, reserve=reserve, **spec.compressor_kwargs())
         if agnostic:
             ctx = press.prefill(torch.tensor([prompt.context]))
             press.extend(ctx, torch.tensor([prompt.question]))
@@ -94,12 +117,39 @@ def run_demo(
                 decode_tok_s=gen.tokens_per_second,
             )
         )
+    bar.close()
     print(format_table(rows), file=out)
     print(
         "KV MB counts the stored keys and values after decoding; kept = stored entries relative to the full cache.",
         file=out,
     )
     return rows
+
+
+TINY_TOKENS = 16  # a budget keeping fewer tokens of a longer prompt is worth a warning
+TINY_SHARE = 0.02  # … or less than this share of it
+
+
+def budget_notes(spec: Spec, n: int) -> list[str]:
+    """Warnings for the budgets of ``spec`` that keep very little of an ``n``-token prompt (``--budget 1`` is one
+    token per layer and KV head, not the whole prompt); empty when every budget keeps a sensible share."""
+    notes = []
+    for budget, what in ((spec.budget, "the prefill"), (spec.decode_budget, "the decode method")):
+        if budget is None or (spec.is_full and what == "the prefill"):
+            continue
+        kept = budget.tokens_for(n, larger="keep")
+        if kept >= n or (kept >= TINY_TOKENS and kept >= TINY_SHARE * n):
+            continue
+        hint = (
+            f" (a budget of {int(budget.value)} is a token count; a share of the prompt is written 0.25 or 25%)"
+            if budget.kind == "tokens"
+            else ""
+        )
+        notes.append(
+            f"{spec.label}: {what} budget keeps {kept} of the {n} prompt tokens per layer and KV head "
+            f"({kept / n:.1%}){hint}."
+        )
+    return notes
 
 
 def format_table(rows: list[DemoRow]) -> str:

@@ -144,12 +144,13 @@ def test_peak_rss_sees_memory_held_inside_the_block():
 def test_bench_records_the_command_from_its_arguments():
     from tokensieve.bench.cli import _command
     from tokensieve.cli import build_parser
+    from tokensieve.results.threads import default_threads
 
     argv = ["bench", "--methods", "full,+quest[page=32,min_pages=2]:0.125", "--store", "b.sqlite"]
     args = build_parser().parse_args(argv)
     assert _command(args) == (
         "tokensieve bench --methods 'full,+quest[page=32,min_pages=2]:0.125' --lengths 2048 --batch-sizes 1 "
-        "--decode-tokens 32 --reps 3 --threads 2 --store b.sqlite"
-    )
+        f"--decode-tokens 32 --reps 3 --threads {default_threads()} --store b.sqlite"
+    )  # the one default of every command
     args = build_parser().parse_args(["bench", "--methods", "snapkv", "--budgets", "0.1,0.25"])
     assert "--methods snapkv --budgets 0.1,0.25 --lengths" in _command(args)

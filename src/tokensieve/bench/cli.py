@@ -23,18 +23,38 @@ def _ints(text: str) -> tuple[int, ...]:
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (recorded in the store, shown in the report)."""
     from ..adapters.models import DEFAULT_MODEL
+    from ..results.threads import resolve_threads
 
     parts = ["tokensieve", "bench", "--methods", args.methods]
     if args.budgets:
         parts += ["--budgets", args.budgets]
     parts += ["--lengths", args.lengths]
     parts += ["--batch-sizes", args.batch_sizes, "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
-    parts += ["--threads", str(args.threads)]
+    parts += ["--threads", str(resolve_threads(args.threads))]
     for flag in ("model", "store", "report"):
         value = getattr(args, flag)
         if value is not None and not (flag == "model" and value == DEFAULT_MODEL):
             parts += [f"--{flag}", str(value)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _report_dir(report: str | None) -> Path | None:
+    """The folder of ``--report``, created now (before the benchmark) so that a bad path fails before any work."""
+    if not report:
+        return None
+    out = Path(report).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--report {report} is a file: it names the folder for bench.md and the plots. Give a folder, e.g. "
+            "--report docs/bench."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot create the report folder {out}: {exc.strerror or exc}. Choose another --report."
+        ) from None
+    return out
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -48,9 +68,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..results.sections import SPEED_COLUMNS, speed_cells, speed_sections
     from ..results.stats import speed
     from ..results.store import ResultStore
+    from ..results.threads import resolve_threads
     from .config import BenchConfig, bench_specs
     from .runner import run_bench
 
+    report_dir = _report_dir(args.report)  # a report that cannot be written fails now, not after the benchmark
     budgets = [Budget.parse(b.strip()) for b in (args.budgets or "").split(",") if b.strip()]
     cfg = BenchConfig(
         specs=bench_specs(args.methods, budgets),  # bad specs fail before loading anything
@@ -58,7 +80,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_sizes=_ints(args.batch_sizes),
         decode_tokens=args.decode_tokens,
         repetitions=args.reps,
-        threads=args.threads,
+        threads=resolve_threads(args.threads),
         model=args.model,
     )
     store = ResultStore(args.store) if args.store else None
@@ -90,9 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ]
     summary = speed(wanted, info)
     print(text_table([h for h, _, _ in SPEED_COLUMNS], [speed_cells(r) for r in summary]))
-    if args.report:
-        out = Path(args.report)
-        out.mkdir(parents=True, exist_ok=True)
+    if report_dir is not None:
+        out = report_dir
         blocks = [Block("h1", "Benchmark"), Block("p", "Produced by:"), Block("code", command)]
         blocks += speed_sections(summary, info, out)
         path = out / "bench.md"
@@ -103,6 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     from ..adapters.models import DEFAULT_MODEL
+    from ..results.threads import add_threads_argument
 
     sp = sub.add_parser(
         "bench",
@@ -122,7 +144,7 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated")
     sp.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
     sp.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
-    sp.add_argument("--threads", type=int, default=2)
+    add_threads_argument(sp)
     sp.add_argument("--model", default=DEFAULT_MODEL)
     sp.add_argument("--store", default=None, help="SQLite results store (shared with `tokensieve eval`); resumable")
     sp.add_argument("--report", default=None, help="folder for bench.md and PNG plots")

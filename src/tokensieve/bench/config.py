@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..core.budget import Budget
 from ..errors import ConfigError
+from ..results.threads import default_threads
 from ..spec import Spec, parse_specs
 
 
@@ -34,7 +35,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1,)
     decode_tokens: int = 32
     repetitions: int = 3
-    threads: int = 2
+    threads: int = field(default_factory=default_threads)  # the one default (tokensieve.results.threads)
     model: str = "smollm2-135m"
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -82,3 +82,40 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
             ids[i, T - len(r) :] = torch.tensor(r)
             mask[i, T - len(r) :] = 1
     return ids, mask
+
+
+class TextStream:
+    """The text of tokens generated one at a time, released on whole characters (for streaming to a terminal).
+
+    A byte-level tokenizer splits a multi-byte character (an emoji, a CJK character) over several tokens, and
+    decoding part of them gives U+FFFD. The standard incremental decoding (as in Hugging Face's text-generation
+    servers): decode the tokens since a recent offset together with a few earlier ones for context, release only the
+    text that is new, and hold it back while it ends in U+FFFD, i.e. with an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # tokens before `prefix` are released and not decoded again
+        self.read = 0  # tokens before `read` are released
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text it completes (often empty while a character is incomplete)."""
+        self.ids.append(int(token))
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (at the end of generation, an incomplete character is released as it is)."""
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before) :]

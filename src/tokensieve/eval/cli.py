@@ -37,14 +37,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["fidelity"] = False
     cfg = EvalConfig.from_file(args.config, overrides) if args.config else EvalConfig.from_mapping(overrides)
     command = _command(args)
-    summary = run_eval(cfg, progress=not args.no_progress, command=command, dry_run=args.dry_run)
-    if not args.dry_run:
-        print(
-            f"{summary.ran} cells measured in {summary.seconds:.0f} s; {summary.already + summary.ran}/{summary.total} "
-            f"cells of the grid are in {summary.store}. Report: tokensieve report {summary.store}",
-            file=sys.stderr,
-        )
+    quiet = args.quiet or args.no_progress
+    summary = run_eval(cfg, progress=not quiet, command=command, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    others = summary.stored - summary.already - summary.ran
+    print(
+        f"{summary.ran} cells measured in {summary.seconds:.0f} s"
+        + (f" ({others} by another run on this store at the same time)" if others > 0 else "")
+        + f"; {summary.stored}/{summary.total} cells of the grid are in {summary.store}. "
+        f"Report: tokensieve report {summary.store}",
+        file=sys.stderr,
+    )
+    if not quiet:
+        print(results_table(summary))
     return 0
+
+
+def results_table(summary: Any) -> str:
+    """The grid's results as a terminal table (every cell of the grid in the store, this run's and earlier)."""
+    from ..results.render import text_table
+    from ..results.sections import summary_table
+    from ..results.store import ResultStore
+
+    wanted = set(summary.keys)
+    with ResultStore(summary.store, readonly=True) as store:
+        rows = [r for r in store.rows("eval") if r["key"] in wanted]
+    if not rows:
+        return "(no results yet)"
+    table = summary_table(rows)
+    return text_table(table.header, table.body)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -61,6 +83,8 @@ def _command(args: argparse.Namespace) -> str:
 
 def add_commands(sub: Any) -> None:
     """Add ``eval`` to the CLI's sub-commands."""
+    from ..results.threads import add_threads_argument
+
     sp = sub.add_parser(
         "eval",
         help="measure methods x budgets x lengths x depths x tasks x seeds x modes into a SQLite store (resumable)",
@@ -89,9 +113,10 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--text", help="real text: kjv, python-doc, stdlib, generated, or a path to a UTF-8 text file")
     sp.add_argument("--store", help="SQLite results store (default runs/eval.sqlite)")
     sp.add_argument("--model", default=None, help="embedded model name, local HF directory or hub id")
-    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
+    add_threads_argument(sp)
     sp.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 agreement (faster)")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar (and no results table)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar, no results table at the end")
     sp.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, measure nothing")
     sp.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     sp.set_defaults(func=cmd_eval)

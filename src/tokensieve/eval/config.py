@@ -57,9 +57,10 @@ def _ints(values: Sequence[Any], what: str, *, minimum: int = 1) -> tuple[int, .
         s = str(v).strip().lower()
         if isinstance(v, str) and "-" in s[1:]:
             a, b = s.split("-", 1)
-            out += list(_ints([a], what, minimum=minimum))
-            end = _ints([b], what, minimum=minimum)[0]
-            out += list(range(out[-1] + 1, end + 1))
+            start, end = _ints([a], what, minimum=minimum)[0], _ints([b], what, minimum=minimum)[0]
+            if end < start:
+                raise ConfigError(f"'{what}': the range {v!r} ends before it starts; write {end}-{start}.")
+            out += list(range(start, end + 1))
             continue
         scale = 1024 if s.endswith("k") else 1
         try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from ..data.tasks import Sample
 from ..errors import CapabilityError, ConfigError, PromptError
 from ..pipeline import CachedContext, Compressor, compress
 from ..results.store import ResultStore, spec_columns
+from ..results.threads import use_threads
 from ..spec import Spec
 from .config import Cell, EvalConfig, expand
 from .metrics import fidelity, log_probs, perplexity, token_logprobs
@@ -73,8 +73,8 @@ class _Prepared:
 
 
 def set_threads(n: int | None) -> int:
-    torch.set_num_threads(n or min(os.cpu_count() or 1, 8))
-    return torch.get_num_threads()
+    """Use ``n`` torch threads (None: the one default of :mod:`tokensieve.results.threads`)."""
+    return use_threads(n)
 
 
 def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int], *, stepwise: bool = False) -> Tensor:

@@ -10,28 +10,88 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.profiles import Profile, save_profile
-from ..errors import UnknownNameError
+from ..errors import ConfigError, PromptError, UnknownNameError
+
+STEPS = 32  # teacher-forced decode steps after each calibration text (compresskv, fasa)
+ANSWER_ROOM = 32  # tokens a CompressKV passkey trial may decode after its prompt
+DEFAULT_LENGTHS = (512, 1024, 2048)  # compresskv's passkey lengths
+TEXT_TOKENS = 1024  # compresskv's and fasa's calibration texts
+N_RANDOM = 1000  # retrieval-heads: random tokens per repetition
 
 
-def _retrieval_heads(model: Any, tok: Any, args: argparse.Namespace) -> Profile:
+def _budget(args: argparse.Namespace, limit: int) -> int:
+    """The longest calibration sequence allowed: --calibration-tokens, or the model's context."""
+    n = args.calibration_tokens
+    if n is None:
+        return limit or 1 << 62
+    if limit and n > limit:
+        raise ConfigError(
+            f"--calibration-tokens {n} exceeds the model's context of {limit} tokens: use at most {limit}."
+        )
+    return int(n)
+
+
+def _where(args: argparse.Namespace, limit: int) -> str:
+    if args.calibration_tokens is not None:
+        return f"--calibration-tokens {args.calibration_tokens}"
+    return f"the model's context of {limit} tokens"
+
+
+def _retrieval_heads(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile:
     from .retrieval_heads import profile_retrieval_heads
 
-    return profile_retrieval_heads(model, n_random=args.n_random, repeats=args.repeats, seed=args.seed)
+    room = _budget(args, limit)
+    n_random = args.n_random if args.n_random is not None else min(N_RANDOM, (room - 1) // args.repeats)
+    need = 1 + n_random * args.repeats
+    if need > room or n_random < 2:
+        fix = "lower --n-random or --repeats" if args.n_random is not None else "lower --repeats"
+        raise ConfigError(
+            f"The retrieval-heads probe needs 1 + --n-random {n_random} x --repeats {args.repeats} = {need} tokens, "
+            f"beyond {_where(args, limit)}: {fix} (without --n-random it is derived from what fits)."
+        )
+    return profile_retrieval_heads(model, n_random=n_random, repeats=args.repeats, seed=args.seed,
+                                   progress=not args.no_progress)  # fmt: skip
 
 
-def _compresskv(model: Any, tok: Any, args: argparse.Namespace) -> Profile:
+def _compresskv(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile:
     from .semantic_heads import profile_compresskv
 
-    return profile_compresskv(model, tok, lengths=args.lengths, samples=args.samples, seed=args.seed)
+    room = _budget(args, limit)
+    if args.lengths is not None:
+        lengths = list(args.lengths)
+        too_long = [n for n in lengths if n + ANSWER_ROOM > room]
+        if too_long:
+            raise ConfigError(
+                f"--lengths {','.join(map(str, too_long))}: a passkey prompt plus up to {ANSWER_ROOM} answer tokens "
+                f"must fit {_where(args, limit)}; use lengths <= {room - ANSWER_ROOM}."
+            )
+    else:
+        lengths = [n for n in DEFAULT_LENGTHS if n + ANSWER_ROOM <= room] or [room - ANSWER_ROOM]
+    text_tokens = min(TEXT_TOKENS, room)
+    if min(lengths) < 64 or text_tokens <= STEPS + 32:
+        raise ConfigError(
+            f"CompressKV's calibration needs passkey prompts of >= 64 tokens and texts of > {STEPS + 32} tokens; "
+            f"{_where(args, limit)} leaves too little room: raise --calibration-tokens or give --lengths."
+        )
+    return profile_compresskv(model, tok, lengths=lengths, samples=args.samples, seed=args.seed, steps=STEPS,
+                              text_tokens=text_tokens, progress=not args.no_progress)  # fmt: skip
 
 
-def _fasa(model: Any, tok: Any, args: argparse.Namespace) -> Profile:
-    from .frequency_chunks import profile_frequency_chunks
+def _fasa(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile:
+    from .frequency_chunks import DEFAULT_KS, profile_frequency_chunks
 
-    return profile_frequency_chunks(model, tok, samples=args.samples, seed=args.seed)
+    room = _budget(args, limit)
+    prompt_tokens = min(TEXT_TOKENS, room - STEPS)
+    if prompt_tokens <= min(DEFAULT_KS):
+        raise ConfigError(
+            f"FASA's calibration needs prompts of more than {min(DEFAULT_KS)} tokens plus {STEPS} decode steps; "
+            f"{_where(args, limit)} leaves {max(prompt_tokens, 0)}: raise --calibration-tokens."
+        )
+    return profile_frequency_chunks(model, tok, samples=args.samples, seed=args.seed, prompt_tokens=prompt_tokens,
+                                    steps=STEPS, progress=not args.no_progress)  # fmt: skip
 
 
-KINDS: dict[str, tuple[str, Callable[[Any, Any, argparse.Namespace], Profile]]] = {
+KINDS: dict[str, tuple[str, Callable[[Any, Any, argparse.Namespace, int], Profile]]] = {
     "retrieval-heads": ("RazorAttention: echo and induction heads from repeated random tokens", _retrieval_heads),
     "compresskv": ("CompressKV: semantic retrieval heads per layer and per-layer eviction error", _compresskv),
     "fasa": ("FASA: dominant RoPE frequency chunks per layer and KV head", _fasa),
@@ -39,16 +99,22 @@ KINDS: dict[str, tuple[str, Callable[[Any, Any, argparse.Namespace], Profile]]] 
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from ..adapters.models import load_model
+    from ..adapters.models import load_model, model_shape
+    from ..results.threads import use_threads
 
     if args.kind not in KINDS:
         raise UnknownNameError(f"Unknown profile kind '{args.kind}'. Kinds: {', '.join(KINDS)}.")
-    import torch
-
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    use_threads(args.threads)
     model, tok = load_model(args.model)
+    limit = model_shape(model).max_positions
     t0 = time.perf_counter()
-    profile = KINDS[args.kind][1](model, tok, args)
+    try:
+        profile = KINDS[args.kind][1](model, tok, args, limit)
+    except PromptError as exc:  # a calibration prompt the checks above did not foresee
+        raise ConfigError(
+            f"A {args.kind} calibration prompt does not fit {_where(args, limit)} ({exc}) Shorten the calibration "
+            "with --calibration-tokens."
+        ) from None
     path = save_profile(profile, Path(args.out) if args.out else None)
     print(
         f"{args.kind} profile for {profile.model} written to {path} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr
@@ -57,8 +123,31 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}{why}")
+        return n
+
+    return parse
+
+
+def _lengths(text: str) -> list[int]:
+    out = [_whole(64)(x.strip()) for x in text.split(",") if x.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError("give comma-separated prompt lengths, e.g. 256,512")
+    return out
+
+
 def add_commands(sub: Any) -> None:
     from ..adapters.models import DEFAULT_MODEL
+    from ..results.threads import add_threads_argument
 
     kinds = "\n".join(f"  {k:16s} {d}" for k, (d, _) in KINDS.items())
     sp = sub.add_parser(
@@ -69,16 +158,30 @@ def add_commands(sub: Any) -> None:
     )
     sp.add_argument("kind", choices=list(KINDS))
     sp.add_argument("--model", default=DEFAULT_MODEL)
-    sp.add_argument("--threads", type=int, default=None)
+    add_threads_argument(sp)
     sp.add_argument("--out", default=None, help="output file (default: the user cache, where methods find it)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--n-random", type=int, default=1000, help="retrieval-heads: random tokens per repetition")
-    sp.add_argument("--repeats", type=int, default=4, help="retrieval-heads: repetitions")
-    sp.add_argument("--samples", type=int, default=8, help="compresskv/fasa: calibration samples")
+    sp.add_argument(
+        "--calibration-tokens",
+        type=_whole(1),
+        default=None,
+        metavar="N",
+        help="longest calibration sequence in tokens (default: the model's context); the defaults below shrink to "
+        "fit it — for models with a short context",
+    )
+    sp.add_argument(
+        "--n-random",
+        type=_whole(2, " (random tokens per repetition)"),
+        default=None,
+        help=f"retrieval-heads: random tokens per repetition (default {N_RANDOM}, fewer if the probe would not fit)",
+    )
+    sp.add_argument("--repeats", type=_whole(2), default=4, help="retrieval-heads: repetitions (default 4)")
+    sp.add_argument("--samples", type=_whole(1), default=8, help="compresskv/fasa: calibration samples (default 8)")
     sp.add_argument(
         "--lengths",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[512, 1024, 2048],
-        help="compresskv: needle lengths (comma-separated)",
+        type=_lengths,
+        default=None,
+        help="compresskv: passkey lengths, comma-separated (default 512,1024,2048, those that fit the context)",
     )
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_profile)

@@ -13,16 +13,19 @@ table for several ``K``; methods pick the dominant chunks from it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..adapters.models import model_shape
 from ..adapters.profiles import Profile, shape_dict
 from ..cache.storage import KVStore
 from ..data.prompts import encode
 from ..data.text import calibration_text, python_version
+from ..errors import ConfigError
 from ..scorers.frequency import chunk_scores
 from .semantic_heads import _dense_keys
 
@@ -39,17 +42,26 @@ def profile_frequency_chunks(
     prompt_tokens: int = 1024,
     steps: int = 32,
     ks: tuple[int, ...] = DEFAULT_KS,
+    progress: bool = False,
 ) -> Profile:
+    """FASA's profile from ``samples`` calibration texts of ``prompt_tokens`` + ``steps`` tokens (``progress``: a bar
+    on stderr, one step per text)."""
     from ..pipeline import Compressor
 
     shape = model_shape(model)
     L, H, G, D = shape.num_layers, shape.num_kv_heads, shape.group, shape.head_dim
     ks = tuple(k for k in ks if k < prompt_tokens)
+    if not ks or samples < 1:
+        raise ConfigError(
+            f"FASA's calibration needs prompts longer than {min(DEFAULT_KS)} tokens (got {prompt_tokens}) and at "
+            "least one sample."
+        )
     ca = torch.zeros(len(ks), L, H, D // 2, dtype=torch.float64)
     n_steps = torch.zeros(L, dtype=torch.float64)
     corpus = encode(tok, calibration_text())
     span = prompt_tokens + steps
     press = Compressor(model, "full")
+    bar = tqdm(total=samples, desc=KIND, unit="text", file=sys.stderr, disable=not progress)
     for s in range(samples):
         start = ((s + seed) * span) % max(1, len(corpus) - span)
         ids = corpus[start : start + span]
@@ -72,6 +84,8 @@ def profile_frequency_chunks(
         ctx.cache.observers.append(observe)
         for t in ids[prompt_tokens:]:
             press.extend(ctx, torch.tensor([[t]]))
+        bar.update(1)
+    bar.close()
     ca /= n_steps.clamp_min(1)[None, :, None, None]
     data = {
         "pairing": "rotate_half: chunk i = dims (i, i + D/2)",

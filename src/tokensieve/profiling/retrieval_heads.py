@@ -14,13 +14,16 @@ Choice: the paper repeats 2,500 random tokens 4 times (10,000 tokens); for model
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..adapters.models import model_shape
 from ..adapters.profiles import Profile, shape_dict
 from ..core.context import LayerContext, grouped_logits
+from ..errors import ConfigError
 from .probe import probe_prefill
 
 KIND = "retrieval-heads"
@@ -65,7 +68,14 @@ def profile_retrieval_heads(
     seed: int = 0,
     echo_share: float = 0.01,
     induction_share: float = 0.14,
+    progress: bool = False,
 ) -> Profile:
+    """Rank the model's KV heads by echo and induction attention (``progress``: a bar on stderr, one step per
+    layer)."""
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
+        raise ConfigError(f"n_random must be a whole number >= 2 (random tokens per repetition); got {n_random!r}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise ConfigError(f"repeats must be a whole number >= 2 (echo needs a second copy); got {repeats!r}.")
     shape = model_shape(model)
     vocab = int(model.config.vocab_size)
     start = model.config.bos_token_id if model.config.bos_token_id is not None else 0
@@ -73,13 +83,19 @@ def profile_retrieval_heads(
     echo = torch.zeros(shape.num_layers, shape.num_kv_heads, dtype=torch.float64)
     induction = torch.zeros_like(echo)
 
+    bar = tqdm(total=shape.num_layers, desc=KIND, unit="layer", file=sys.stderr, disable=not progress)
+
     def observe(ctx: LayerContext) -> None:
         e, i = echo_induction_scores(ctx, n_random)
         G = shape.group
         echo[ctx.layer_idx] = e.view(shape.num_kv_heads, G).amax(-1)
         induction[ctx.layer_idx] = i.view(shape.num_kv_heads, G).amax(-1)
+        bar.update(1)
 
-    probe_prefill(model, ids, observe)
+    try:
+        probe_prefill(model, ids, observe)
+    finally:
+        bar.close()
     n_heads = shape.num_layers * shape.num_kv_heads
     n_echo = max(1, math.ceil(echo_share * n_heads))
     n_ind = max(1, round(induction_share * n_heads))

@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..adapters.models import model_shape
 from ..adapters.profiles import Profile, shape_dict
@@ -26,10 +28,15 @@ from ..core.context import LayerContext, ModelShape, grouped_logits
 from ..data.prompts import encode
 from ..data.tasks import get_task
 from ..data.text import calibration_text, python_version
+from ..errors import ConfigError, TokensieveError
 from ..scorers.attention import window_scores
 from .probe import Probe
 
 KIND = "compresskv"
+
+
+class CalibrationError(TokensieveError):
+    """A calibration could not produce a profile (the message says what failed and what to try)."""
 
 
 def _spans(ids: list[int], answer: list[int]) -> list[int]:
@@ -49,7 +56,7 @@ def _dense_keys(store: KVStore) -> tuple[Tensor, Tensor]:
 
 
 def semantic_retrieval_heads(
-    model: Any, tok: Any, shape: ModelShape, lengths: list[int], samples: int, seed: int
+    model: Any, tok: Any, shape: ModelShape, lengths: list[int], samples: int, seed: int, bar: Any = None
 ) -> tuple[Tensor, int]:
     """Accumulated answer-span attention per (layer, query head) ``(L, H_q)`` and the number of successful trials."""
     from ..pipeline import Compressor
@@ -90,6 +97,8 @@ def semantic_retrieval_heads(
             if recall > 0.5:
                 total += trial
                 successes += 1
+            if bar is not None:
+                bar.update(1)
     return total, successes
 
 
@@ -103,6 +112,7 @@ def layer_errors(
     probe_budget: int,
     window: int,
     kernel: int,
+    bar: Any = None,
 ) -> Tensor:
     """Mean relative attention-output error per layer ``(L,)`` when keeping only CompressKV's tokens."""
     from ..pipeline import Compressor
@@ -137,6 +147,8 @@ def layer_errors(
         ctx.cache.observers.append(observe)
         for t in cont:  # teacher-forced decode, one token per step
             press.extend(ctx, torch.tensor([[t]]))
+        if bar is not None:
+            bar.update(1)
     return errors / counts.clamp_min(1)
 
 
@@ -153,11 +165,53 @@ def profile_compresskv(
     kernel: int = 5,
     text_tokens: int = 1024,
     steps: int = 32,
+    progress: bool = False,
 ) -> Profile:
+    """CompressKV's profile: passkey trials at each of ``lengths`` (``samples`` each), then layer errors on
+    ``samples`` texts and ``samples // 2`` passkey prompts of ``text_tokens`` tokens (``progress``: a bar on stderr,
+    one step per prompt)."""
+    if not lengths or samples < 1:
+        raise ConfigError("CompressKV's calibration needs at least one length and one sample.")
+    if text_tokens <= steps + probe_budget:
+        raise ConfigError(
+            f"CompressKV's calibration texts of {text_tokens} tokens are too short: they need more than "
+            f"{steps + probe_budget} tokens ({steps} teacher-forced steps after a prompt longer than the probe budget "
+            f"of {probe_budget})."
+        )
     shape = model_shape(model)
-    srh_scores, successes = semantic_retrieval_heads(model, tok, shape, lengths, samples, seed)
+    n_texts = samples + max(1, samples // 2)
+    bar = tqdm(total=len(lengths) * samples + n_texts, desc=KIND, unit="prompt", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    try:
+        return _profile_compresskv(model, tok, shape, lengths, samples, seed, heads_per_layer, probe_budget, window,
+                                   kernel, text_tokens, steps, bar)  # fmt: skip
+    finally:
+        bar.close()
+
+
+def _profile_compresskv(
+    model: Any,
+    tok: Any,
+    shape: ModelShape,
+    lengths: list[int],
+    samples: int,
+    seed: int,
+    heads_per_layer: int,
+    probe_budget: int,
+    window: int,
+    kernel: int,
+    text_tokens: int,
+    steps: int,
+    bar: Any,
+) -> Profile:
+    srh_scores, successes = semantic_retrieval_heads(model, tok, shape, lengths, samples, seed, bar)
     if successes == 0:
-        raise RuntimeError("No calibration trial succeeded: the model cannot retrieve the needle at these lengths.")
+        raise CalibrationError(
+            f"CompressKV's calibration failed: the model retrieved the passkey in none of its {len(lengths) * samples} "
+            f"trials (lengths {', '.join(map(str, lengths))}; {samples} samples each; a trial counts when more than "
+            "half of the passkey is answered), so there are no semantic retrieval heads to rank. Try shorter lengths "
+            "(--lengths 256,512) or more samples (--samples), or use a method that needs no profile (snapkv, adakv)."
+        )
     n_srh = min(heads_per_layer, shape.num_q_heads)
     srh = srh_scores.argsort(dim=-1, descending=True)[:, :n_srh].tolist()
     # Layer error on natural text and on passkey prompts.
@@ -166,7 +220,7 @@ def profile_compresskv(
     task = get_task("passkey")
     for s in range(max(1, samples // 2)):
         texts.append(task.make(tok, text_tokens, (s + 0.5) / max(1, samples // 2), seed + s).ids(tok).full)
-    err = layer_errors(model, tok, shape, srh, texts, steps, probe_budget, window, kernel)
+    err = layer_errors(model, tok, shape, srh, texts, steps, probe_budget, window, kernel, bar)
     layer_score = err / err.sum()
     data = {
         "srh": srh,

@@ -48,6 +48,23 @@ def accuracy_table(rows: list[Row]) -> Block:
     return Block("table", header=header, body=body)
 
 
+def summary_table(rows: list[Row]) -> Block:
+    """The results table ``tokensieve eval`` prints at the end (as lm-eval-harness does): per task, mode and
+    configuration, the samples, the task's metric (mean and standard error), KL to the full cache and KV kept."""
+    header = ["task", "mode", "method", "budget", "n", "metric", "value", "± stderr", "KL", "KV kept"]
+    order = {lab: i for i, lab in enumerate(ordered_labels(rows))}
+    groups = group(rows, lambda r: (r["task"], r["mode"], r["label"]))
+    body = []
+    for (task, mode, _label), grows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        s = accuracy(grows)
+        metric = grows[0]["metric"]
+        err = "" if metric == "perplexity" or math.isnan(s.score_sem) else f"{s.score_sem:.3f}"
+        body.append([task, mode, grows[0]["method"], grows[0]["budget"], str(s.n), metric,
+                     fmt(s.score, 2 if metric == "perplexity" else 3), err, fmt(s.kl, 3),
+                     fmt(s.kept, pct=True)])  # fmt: skip
+    return Block("table", header=header, body=body)
+
+
 def provenance(rows: list[Row], runs: list[Row], store_name: str) -> list[Block]:
     """What the accuracy rows are (models, versions, threads, dates, time spent) and the commands that filled the
     store."""
