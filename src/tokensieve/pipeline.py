@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from .adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
-from .adapters.models import model_shape
+from .adapters.models import layer_weights, model_shape, model_text
 from .adapters.profiles import Profile, profile_for
 from .cache.decode import DecodeMethod
 from .cache.sieve_cache import Plan, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
 from .core.context import ModelShape
-from .core.method import Method
+from .core.method import AuxPass, Method, PrefillMethod
 from .errors import CapabilityError, ConfigError, PromptError
 from .registry import check_fields, create_method
 from .spec import Spec
@@ -161,6 +161,15 @@ def resolve_spec(
     return spec
 
 
+def _profiles(profile: Any) -> dict[str, Profile]:
+    """Profiles given to a Compressor (one, or several for a prefill and a decode method), by kind."""
+    items = [] if profile is None else list(profile) if isinstance(profile, (list, tuple)) else [profile]
+    for p in items:
+        if not isinstance(p, Profile):
+            raise ConfigError(f"profile must be a tokensieve Profile (see tokensieve.adapters.profiles), not {p!r}.")
+    return {p.kind: p for p in items}
+
+
 def _names_decode_only(method: str | Method | Spec) -> bool:
     """The caller named one method that acts only while decoding (``"quest"``), which a spec reads as ``+quest``."""
     if isinstance(method, Spec) or (isinstance(method, str) and "+" in method):
@@ -228,46 +237,52 @@ class Compressor:
         self.decode_method: DecodeMethod | None = self.spec.decode  # type: ignore[assignment]
         self.decode_budget = self.spec.decode_budget if self.spec.decode_budget is not None else self.budget
         self.shape = model_shape(model)
+        self.weights = layer_weights(model)  # references only: what scorers such as CriticalKV's read
         check_composition(self.method, self.decode_method, self.shape)
         self.method.check(self.shape)
-        self.profile: Profile | None
-        if profile is not None:
-            if not isinstance(profile, Profile):
+        given = _profiles(profile)
+        wanted = {k for m in (self.method, self.decode_method) if m is not None and (k := m.capabilities.profile)}
+        for kind in given:
+            if kind not in wanted:
                 raise ConfigError(
-                    f"profile must be a tokensieve Profile (see tokensieve.adapters.profiles), not {profile!r}."
+                    f"A '{kind}' profile was given, but {self.spec.label} needs "
+                    + (f"only {', '.join(repr(k) for k in sorted(wanted))}." if wanted else "no profile.")
                 )
-            if profile.kind != self.method.capabilities.profile:
-                raise ConfigError(
-                    f"Method '{self.method.name}' needs a '{self.method.capabilities.profile}' profile, "
-                    f"not '{profile.kind}'."
-                )
-            profile.check_shape(self.shape)
-            self.profile = profile
-        else:
-            self.profile = profile_for(self.method, self.shape)
-        # what the method reads, validated now (a malformed file fails before any work)
+        self.profile = given.get(self.method.capabilities.profile or "") or profile_for(self.method, self.shape)
+        self.decode_profile = None
+        if self.decode_method is not None:
+            dk = self.decode_method.capabilities.profile or ""
+            self.decode_profile = given.get(dk) or profile_for(self.decode_method, self.shape)
+        # what the methods read, validated now (a malformed file fails before any work)
         self.profile_data = None if self.profile is None else self.profile.content(self.shape)
+        self.decode_profile_data = None if self.decode_profile is None else self.decode_profile.content(self.shape)
         self.reserve = reserve
         self.vocab: int | None = getattr(model.config.get_text_config(), "vocab_size", None)
         self._stack: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------------------------------------- caches
-    def plan(self, reserve: int | None = None, tail: int = 0) -> Plan:
+    def plan(self, reserve: int | None = None, tail: int = 0, passes: bool = False) -> Plan:
         return Plan(
             method=self.method,
             budget=self.budget,
             shape=self.shape,
             profile=self.profile_data,
+            decode_profile=self.decode_profile_data,
             reserve=self.reserve if reserve is None else reserve,
             decode=self.decode_method,
             decode_budget=self.decode_budget if self.decode_method is not None else None,
             tail=tail,
+            weights=self.weights,
+            passes=passes,
         )
 
-    def new_cache(self, *, reserve: int | None = None, compress: bool = True, tail: int = 0) -> SieveCache:
+    def new_cache(
+        self, *, reserve: int | None = None, compress: bool = True, tail: int = 0, passes: bool = False
+    ) -> SieveCache:
         """A fresh cache that compresses the next prefilled chunk (``compress=False``: keeps everything and runs
-        no decode method); ``tail`` auxiliary tokens end that chunk (attended to, never kept)."""
-        return SieveCache(self.shape.num_layers, self.plan(reserve, tail) if compress else None)
+        no decode method); ``tail`` auxiliary tokens end that chunk (attended to, never kept); ``passes``: auxiliary
+        passes follow it, and the deferred method selects after them."""
+        return SieveCache(self.shape.num_layers, self.plan(reserve, tail, passes) if compress else None)
 
     # ---------------------------------------------------------------------------------------- context manager
     def __enter__(self) -> Compressor:
@@ -352,7 +367,12 @@ class Compressor:
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
         suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
         n_aux = 0 if suffix is None else int(suffix.shape[1])
-        cache = self.new_cache(reserve=reserve, compress=compress, tail=n_aux)
+        passes: list[AuxPass] = []
+        if compress and isinstance(self.method, PrefillMethod) and self.method.deferred:
+            passes = self.method.prefill_passes(ids, mask, model_text(self.model))
+            for aux in passes:
+                self._check_length(int(ids.shape[1]) + int(aux.input_ids.shape[1]))
+        cache = self.new_cache(reserve=reserve, compress=compress, tail=n_aux, passes=bool(passes))
         t0 = time.perf_counter()
         if suffix is None:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -365,8 +385,27 @@ class Compressor:
             positions = (fwd_mask.cumsum(-1) - 1).clamp_min(0)
             logits = self._forward(torch.cat([ids, suffix], dim=1), fwd_mask, positions, cache, keep=n_aux + 1)
             logits = logits[:, 0]  # the last real prompt token predicts the first output token
+        if passes:
+            self._run_passes(cache, mask, passes)
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
+
+    def _run_passes(self, cache: SieveCache, mask: Tensor, passes: list[AuxPass]) -> None:
+        """A deferred method's auxiliary passes (KVzip's reconstruction) over the prompt's full cache, each forgotten
+        once its queries were shown to the method; then every layer is compressed."""
+        if cache.plan is not None and cache.plan.decode is not None:
+            raise CapabilityError(f"'{self.method.name}' runs auxiliary passes, which a decode method cannot follow.")
+        t0 = time.perf_counter()
+        start = mask.sum(-1, keepdim=True)  # each sequence's passes continue its own prompt
+        for aux in passes:
+            mark = cache.checkpoint()
+            aux_mask = aux.attention_mask.to(mask.dtype)
+            positions = start + (aux_mask.cumsum(-1) - 1).clamp_min(0)
+            with cache.observing(aux):
+                self._forward(aux.input_ids, torch.cat([mask, aux_mask], dim=1), positions, cache)
+            cache.rollback(mark)
+        cache.stats.compress_seconds += time.perf_counter() - t0
+        cache.finish_compression()
 
     @torch.inference_mode()
     @_routed

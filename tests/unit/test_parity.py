@@ -160,3 +160,34 @@ def test_tokenselect_parity():
         @ v[0].repeat_interleave(G, 0)[:, chosen]
     )
     torch.testing.assert_close(out[0, :, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_fasa_parity():
+    """FASA (arXiv:2602.03152): each decode step scores every cached token with the dominant RoPE chunks only
+    (raw partial q·k, chunk i = dims (i, i + D/2)), attends with all dimensions over the top-budget tokens."""
+    from tokensieve.cache.decode import DecodeLayer, DecodeRun
+    from tokensieve.cache.storage import DenseKV
+    from tokensieve.core.profiles import FrequencyChunks
+    from tokensieve.methods.fasa import FASA
+
+    g = torch.Generator().manual_seed(7)
+    n, budget, half = 50, 12, D // 2
+    k, v = torch.randn(1, HKV, n, D, generator=g), torch.randn(1, HKV, n, D, generator=g)
+    q = torch.randn(1, HQ, 1, D, generator=g)
+    dominant = {0: [1, 3], 1: [0, 2]}  # KV head → its dominant chunks (CA 0.9; the others 0.1)
+    ca = [[[0.9 if c in dominant[h] else 0.1 for c in range(half)] for h in range(HKV)] for _ in range(2)]
+    profile = FrequencyChunks(ks=(budget,), ca=(tuple(tuple(tuple(r) for r in layer) for layer in ca[:2]),))
+    store = DenseKV(k, v, torch.arange(n).expand(1, HKV, n))
+    run = DecodeRun(ModelShape(2, HQ, HKV, D, 512), torch.tensor([budget]), ts.Budget.tokens(budget), profile=profile)
+    layer = DecodeLayer(1, store, run, D**-0.5)
+    m = FASA(min_chunks=2, max_chunks=2)
+    layer.state = m.setup(layer, None)
+    out = m.step(layer, q)
+    for hq in range(HQ):
+        h = hq // G
+        dims = [c for i in dominant[h] for c in (i, i + half)]
+        group = q[0, h * G : (h + 1) * G, 0]  # (G, D)
+        partial = (group[:, dims] @ k[0, h][:, dims].T).sum(0)  # (n,): raw partial logits, summed over the group
+        chosen = sorted(partial.topk(budget).indices.tolist())
+        attn = torch.softmax(q[0, hq, 0] @ k[0, h, chosen].T * D**-0.5, -1)
+        torch.testing.assert_close(out[0, hq, 0], attn @ v[0, h, chosen], atol=1e-5, rtol=1e-5)

@@ -38,6 +38,7 @@ class DecodeRun:
         budget_tokens: ``(B,)`` decode-time budget per sequence, in tokens (cache size for eviction policies,
             tokens attended per step for sparse methods — see each method).
         budget: the decode :class:`Budget` itself, for methods whose budget follows the cache length.
+        profile: the method's per-model profile contents, if it declares one.
         step: decode steps taken so far (incremented once per forward pass, at the last layer).
         bytes_read: KV (and metadata) bytes the method's attention read, summed over steps and layers.
         scratch: free space shared across layers within and across steps (e.g. TidalDecode's positions).
@@ -46,6 +47,7 @@ class DecodeRun:
     shape: ModelShape
     budget_tokens: Tensor
     budget: Budget | None = None
+    profile: Any = None  # the decode method's per-model profile contents (core.profiles), if it needs one
     step: int = 0
     bytes_read: int = 0
     scratch: dict[Any, Any] = field(default_factory=dict)

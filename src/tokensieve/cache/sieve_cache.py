@@ -12,9 +12,10 @@ layer's store holds only what was kept.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,9 +24,10 @@ from torch import Tensor
 
 from ..attention.dense import PLAIN, Modifiers, causal_attention
 from ..core.budget import Budget
-from ..core.context import LayerContext, ModelShape, RunState
-from ..core.method import Method, PrefillMethod
+from ..core.context import LayerContext, LayerWeights, ModelShape, RunState
+from ..core.method import AuxPass, Compressed, Method, PrefillMethod
 from ..errors import CapabilityError, ConfigError, TokensieveWarning
+from ..select.selection import Selection
 from .decode import DecodeLayer, DecodeMethod, DecodeRun
 from .storage import DenseKV, KVStore, as_dense, build_store
 
@@ -41,7 +43,10 @@ class Plan:
     reserve: int = 0  # headroom per row for tokens still to come (generated tokens, a question)
     decode: DecodeMethod | None = None  # acts at every decode step (bounded cache or sparse attention)
     decode_budget: Budget | None = None
+    decode_profile: Any = None  # the decode method's profile contents, if it needs one
     tail: int = 0  # trailing auxiliary tokens of the compressed chunk (attended to, never stored nor counted as seen)
+    weights: LayerWeights | None = None  # model weights some scorers read (CriticalKV's output projections)
+    passes: bool = False  # auxiliary passes follow the prefill: a deferred method selects when they are done
 
 
 @dataclass
@@ -64,6 +69,15 @@ class LayerState:
     decode: DecodeLayer | None = None  # the plan's decode method's view of this layer, once decoding started
 
 
+@dataclass
+class _Deferred:
+    """A layer of a deferred method, scored and kept whole until every layer is scored (and auxiliary passes ran)."""
+
+    ctx: LayerContext  # the prompt's keys, values and padding (queries only if the decode method needs them)
+    scores: Tensor  # (B, H_kv, T), updated in place by auxiliary passes
+    positions: Tensor  # (B, T) true positions of the chunk
+
+
 class SieveCache:
     """A KV cache that compresses the next prefilled chunk according to a :class:`Plan`.
 
@@ -82,6 +96,8 @@ class SieveCache:
         # Called as observer(layer_idx, q, store) after every appended chunk (profiling).
         self.observers: list[Callable[[int, Tensor, KVStore], None]] = []
         self.decode_run: DecodeRun | None = None
+        self._deferred: dict[int, _Deferred] = {}  # layers scored by a deferred method, not yet selected
+        self._aux: AuxPass | None = None  # the auxiliary pass being run, if any
 
         self.front: Any = None  # the adapter's view of this cache for the model (created by adapters.hf)
 
@@ -239,7 +255,7 @@ class SieveCache:
                     valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool)
                     run = make_run(replace(plan, budget=Budget.ratio(1.0)), valid.sum(-1))
                     ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run)
-            if decode is not None:
+            if decode is not None and layer_idx not in self._deferred:
                 n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - tail
                 self._start_decode(decode, layer_idx, scaling, ctx, n_prompt)
         elif decode is not None:
@@ -267,10 +283,50 @@ class SieveCache:
                 self.stats.decode_bytes_read += layer.store.kv_bytes()
             for observe in self.observers:
                 observe(layer_idx, q, layer.store)
+            pending = self._deferred.get(layer_idx)
+            if self._aux is not None and pending is not None:
+                assert plan is not None and isinstance(plan.method, PrefillMethod)
+                aux_valid = torch.ones(B, L, dtype=torch.bool, device=k.device) if valid_new is None else valid_new
+                plan.method.observe_pass(pending.ctx, pending.scores, self._aux, q, k, aux_valid)
         layer.seen += stored
         n_real = L if valid_new is None else valid_new.sum(-1)
         layer.seen_valid = layer.seen_valid + n_real - (L - stored)
+        if self._deferred and not self.armed and plan is not None and not plan.passes:
+            self.finish_compression()  # the forward pass scored every layer: select and apply now
         return out
+
+    @contextlib.contextmanager
+    def observing(self, aux: AuxPass) -> Iterator[None]:
+        """Within this block, every layer's appended chunk is an auxiliary pass shown to the deferred method."""
+        if not self._deferred:
+            raise ConfigError("An auxiliary pass needs a deferred method's prefill to observe.")
+        self._aux = aux
+        try:
+            yield
+        finally:
+            self._aux = None
+
+    def finish_compression(self) -> None:
+        """Select and apply for every layer a deferred method scored (once all are scored): each layer's whole prompt
+        is replaced by what the method keeps, and a decode method starts on it."""
+        if not self._deferred:
+            return
+        assert self.plan is not None and isinstance(self.plan.method, PrefillMethod)
+        if len(self._deferred) != len(self.layers):
+            raise RuntimeError("A deferred method's selection ran before every layer was scored.")
+        method, plan = self.plan.method, self.plan
+        pending, self._deferred = self._deferred, {}
+        t0 = time.perf_counter()
+        for layer_idx, rec in sorted(pending.items()):
+            comp = method.choose(rec.ctx, rec.scores)
+            layer = self.layers[layer_idx]
+            layer.store = self._build(comp, rec.ctx.keys, rec.ctx.values, rec.positions, plan.reserve)
+        self.stats.compress_seconds += time.perf_counter() - t0
+        if plan.decode is not None:
+            for layer_idx, rec in sorted(pending.items()):
+                layer = self.layers[layer_idx]
+                assert layer.seen_valid is not None
+                self._start_decode(plan.decode, layer_idx, rec.ctx.scaling, rec.ctx, layer.seen_valid)
 
     def bytes_read(self) -> int:
         """KV (and page metadata) bytes read by decode-step attention so far, over all layers."""
@@ -299,7 +355,9 @@ class SieveCache:
             assert self.plan.decode is not None
             budget = self.plan.decode_budget or Budget.ratio(1.0)
             tokens = [budget.tokens_for(max(1, int(n)), larger="keep") for n in n_prompt.tolist()]
-            self.decode_run = DecodeRun(self.plan.shape, torch.tensor(tokens, dtype=torch.long), budget)
+            self.decode_run = DecodeRun(
+                self.plan.shape, torch.tensor(tokens, dtype=torch.long), budget, profile=self.plan.decode_profile
+            )
         return self.decode_run
 
     def _compress(
@@ -330,12 +388,32 @@ class SieveCache:
         ctx = LayerContext(
             layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=plan.tail
         )
-        comp = method.compress(ctx)
+        if method.deferred:  # score now, keep the prompt whole; select once every layer is scored
+            scores = method.score(ctx)
+            decode = plan.decode
+            keep_q = decode is not None and decode.needs_prefill_context
+            light = LayerContext(
+                layer_idx, q if keep_q else q[:, :, :0], k, v, valid, scaling, self.run, tail=plan.tail
+            )
+            self._deferred[layer_idx] = _Deferred(light, scores, pos_new)
+            comp = Compressed(Selection.keep_all(B, k.shape[1], L, ctx.selectable))
+        else:
+            comp = method.compress(ctx)
+        store = self._build(comp, k, v, pos_new, plan.reserve)
+        self._compressed_layers += 1
+        if self._compressed_layers == len(self.layers):
+            self.armed = False
+        self.stats.compress_seconds += time.perf_counter() - t0
+        return store, ctx
+
+
+    @staticmethod
+    def _build(comp: Compressed, k: Tensor, v: Tensor, positions: Tensor, reserve: int) -> KVStore:
         sel = comp.selection
-        store = build_store(
+        return build_store(
             comp.keys if comp.keys is not None else k,
             comp.values if comp.values is not None else v,
-            pos_new,
+            positions,
             sel.indices,
             sel.counts,
             bias=comp.bias,
@@ -343,13 +421,8 @@ class SieveCache:
             extra_values=comp.extra_values,
             extra_bias=comp.extra_bias,
             extra_valid=comp.extra_valid,
-            reserve=plan.reserve,
+            reserve=reserve,
         )
-        self._compressed_layers += 1
-        if self._compressed_layers == len(self.layers):
-            self.armed = False
-        self.stats.compress_seconds += time.perf_counter() - t0
-        return store, ctx
 
 
 def make_run(plan: Plan, n_tokens: Tensor) -> RunState:
@@ -375,4 +448,5 @@ def make_run(plan: Plan, n_tokens: Tensor) -> RunState:
         sink=sink,
         recent=recent,
         profile=plan.profile,
+        weights=plan.weights,
     )

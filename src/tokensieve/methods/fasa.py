@@ -1,93 +1,99 @@
-"""FASA: a few dominant RoPE frequency chunks per head stand in for the full attention logits."""
+"""FASA: at every decode step, a few dominant RoPE frequency chunks per head predict which cached tokens matter;
+full attention then runs over those tokens only. Nothing is evicted."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..core.capabilities import Apply, Capabilities, Phase
+from ..attention.sparse import attend_slots
+from ..cache.decode import DecodeLayer, DecodeMethod
+from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import LayerContext
-from ..core.method import PrefillMethod
 from ..core.profiles import FrequencyChunks
 from ..core.registry import register
 from ..errors import ConfigError
-from ..scorers.frequency import dominant_chunks
-
-
-def chunk_dim_mask(
-    profile: FrequencyChunks, budget: int, head_dim: int, quantile: float, min_k: int, max_k: int
-) -> Tensor:
-    """``(L, H_kv, D)`` 0/1 mask of the dominant chunks' dimensions, from the CA slice whose K is nearest the budget."""
-    ks = profile.ks
-    ki = min(range(len(ks)), key=lambda i: abs(math.log(ks[i]) - math.log(max(1, budget))))
-    ca = profile.ca[ki]  # [L][H][D/2]
-    half = head_dim // 2
-    mask = torch.zeros(len(ca), len(ca[0]), head_dim)
-    for layer, heads in enumerate(ca):
-        for h, row in enumerate(heads):
-            for c in dominant_chunks(row, quantile, min_k, max_k):
-                mask[layer, h, c] = 1.0
-                mask[layer, h, c + half] = 1.0
-    return mask
+from .fasa_prefill import chunk_dim_mask
 
 
 @register
 @dataclass(frozen=True)
-class FASA(PrefillMethod):
-    """FASA: rank tokens with only each head's dominant RoPE frequency chunks of ``q·k`` (Wang et al.,
-    arXiv:2602.03152, ICLR 2026).
+class FASA(DecodeMethod):
+    """FASA: Token Importance Prediction with each head's dominant RoPE frequency chunks, then Focused Attention over
+    the top tokens, at every decode step (Wang et al., arXiv:2602.03152, ICLR 2026).
 
-    Score: ``s_j = Σ_{i ∈ I_dom(l, h)} q^{[i]} · k_j^{[i]}`` — a raw partial dot product (no scaling, no softmax)
-    over the dominant chunks ``I_dom`` of the layer's KV head, for the last ``window`` queries (mean), averaged over
-    the KV head's query heads. Plain top-budget per KV head; no protected tokens.
+    Score (per decode step, per layer ≥ ``dense_layers``): ``S_j = Σ_{i ∈ I_dom(l, h)} q^{[i]} · k_j^{[i]}`` — the raw
+    partial dot product (no scaling, no softmax) over the dominant chunks ``I_dom`` of the KV head, summed over the
+    query heads of its group. Select: the top ``budget`` cached tokens per KV head (no forced sinks or window; the
+    whole cache when it has no more than ``budget`` tokens). Apply: sparse — full-dimension attention over the
+    selected tokens; the cache keeps every token (the paper's FASA-C).
 
-    Profile (``tokensieve profile fasa``): per (layer, KV head) the contextual agreement of every chunk with the full
-    logits' top-K on calibration text; the dominant chunks are those with CA ≥ the head's ``quantile`` (0.8),
-    clamped to ``[min_chunks, max_chunks]`` (8 of 32 chunks = a quarter of the dimensions, the paper's 16-of-64
-    ratio), taken from the CA slice whose K is nearest the budget.
+    Profile (``tokensieve profile fasa``, shared with ``fasa_prefill``): the contextual agreement of every chunk per
+    (layer, KV head); the dominant chunks are those with CA ≥ the head's ``quantile`` (0.8), clamped to
+    ``[min_chunks, max_chunks]`` (8 of 32 chunks here, the paper's 16-of-64 ratio), from the CA slice whose K is
+    nearest the step's budget.
 
     Choices: a frequency chunk is the RoPE rotation pair ``(i, i + D/2)`` of transformers' layout (the paper's
-    definition); chunks are chosen per KV head (aggregating the group) so each cached head is read with one set of
-    dimensions — the official code copies keys to every query head instead. This is the prefill-eviction form, with
-    the prompt's last query standing in for the decoding query; layer 0 is compressed like the others so that
-    every method stores the same number of entries.
+    definition; the official code pairs adjacent dimensions); tokens are selected per KV head from its query heads'
+    summed partial scores, so each cached head is read once (the official code copies keys to every query head and
+    lets each select alone, multiplying the cache by the group size); layer 0 (``dense_layers = 1``, as the code)
+    attends densely. The budget counts attended tokens; a ratio means a share of the current cache. The bytes read
+    per step are the dominant dimensions of every key plus the selected tokens' keys and values.
     """
 
     name: ClassVar[str] = "fasa"
     paper: ClassVar[str] = "FASA: Frequency-Aware Sparse Attention (arXiv:2602.03152)"
-    rule: ClassVar[str] = "s_j = sum over dominant RoPE chunks i of q^[i].k_j^[i] (last query, mean over the group)"
+    rule: ClassVar[str] = "each step: S_j = sum over dominant RoPE chunks i of q^[i].k_j^[i]; attend the top tokens"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, profile="fasa"
+        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.TOKEN, profile="fasa"
     )
-    window: int = 1
     quantile: float = 0.8
     min_chunks: int = 8
     max_chunks: int = 8
+    dense_layers: int = 1
 
     def __post_init__(self) -> None:
-        if self.window < 1 or not 0 < self.quantile < 1 or not 1 <= self.min_chunks <= self.max_chunks:
-            raise ConfigError("fasa: window >= 1, 0 < quantile < 1 and 1 <= min_chunks <= max_chunks are required.")
+        if not 0 < self.quantile < 1 or not 1 <= self.min_chunks <= self.max_chunks or self.dense_layers < 0:
+            raise ConfigError("fasa: 0 < quantile < 1, 1 <= min_chunks <= max_chunks and dense_layers >= 0.")
 
-    def _mask(self, ctx: LayerContext, budget: int) -> Tensor:
-        key = ("fasa", budget)
-        if key not in ctx.run.scratch:
-            D = ctx.keys.shape[-1]
-            ctx.run.scratch[key] = chunk_dim_mask(
-                ctx.run.profile, budget, D, self.quantile, self.min_chunks, self.max_chunks
-            )
-        return ctx.run.scratch[key][ctx.layer_idx]  # (H_kv, D)
+    def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
+        return {"masks": {}}
 
-    def score(self, ctx: LayerContext) -> Tensor:
-        B, H, T, D = ctx.keys.shape
-        W = min(self.window, T)
-        q = ctx.queries[:, :, T - W :].float().mean(2)  # (B, H_q, D)
-        qg = q.view(B, H, ctx.group, D)  # (B, H_kv, G, D)
-        out = torch.empty(B, H, T, device=ctx.keys.device)
-        for b, budget in enumerate(ctx.run.budget_tokens.tolist()):
-            qm = qg[b] * self._mask(ctx, int(budget))[:, None, :]  # (H_kv, G, D) only the dominant dims
-            out[b] = torch.einsum("hgd,htd->ht", qm, ctx.keys[b].float()) / ctx.group
-        return out
+    def _dims(self, layer: DecodeLayer, budget: int) -> Tensor:
+        """``(H_kv, D)`` 0/1 mask of the dominant dimensions of this layer's KV heads for a budget."""
+        masks = layer.run.scratch.setdefault("fasa", {})
+        if budget not in masks:
+            profile: FrequencyChunks = layer.run.profile
+            D = layer.store.keys.shape[-1]
+            masks[budget] = chunk_dim_mask(profile, budget, D, self.quantile, self.min_chunks, self.max_chunks)
+        return masks[budget][layer.index]
+
+    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
+        store, run = layer.store, layer.run
+        B, Hq, _, D = q.shape
+        H = store.keys.shape[1]
+        n = store.n
+        valid = store.valid  # (B, n) or None: left padding of a batch
+        real = valid.sum(-1) if valid is not None else torch.full((B,), n)
+        budgets = [run.tokens_for(int(r)) for r in real.tolist()]
+        if layer.index < self.dense_layers or all(b >= int(r) for b, r in zip(budgets, real.tolist())):
+            run.bytes_read += store.kv_bytes()
+            return store.attend(q, layer.scaling)
+        k = max(budgets)
+        dims = self._dims(layer, k)  # (H_kv, D)
+        qg = q.view(B, H, Hq // H, D)
+        qs = qg.sum(2) * dims  # (B, H_kv, D): the group's query on the dominant dimensions only
+        scores = torch.einsum("bhd,bhnd->bhn", qs, store.keys)  # (B, H_kv, n) partial logits, raw
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        slots = scores.topk(k, dim=-1).indices  # (B, H_kv, k), best first
+        keep = torch.arange(k)[None, None, :] < torch.tensor(budgets)[:, None, None]  # each sequence's own budget
+        keep = keep.expand(B, H, k)
+        kbuf, vbuf = store.buffers
+        out = attend_slots(qg, kbuf, vbuf, slots, layer.scaling, store.slot_mask(slots, keep))
+        per_entry = store.entry_bytes(1) // 2  # keys of one entry in every row
+        run.bytes_read += per_entry * n * int(dims[0].sum()) // D + 2 * per_entry * k  # dominant dims + K, V read
+        return out.reshape(B, Hq, 1, D)
