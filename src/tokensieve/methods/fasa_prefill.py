@@ -71,7 +71,9 @@ class FASAPrefill(PrefillMethod):
 
     def __post_init__(self) -> None:
         if self.window < 1 or not 0 < self.quantile < 1 or not 1 <= self.min_chunks <= self.max_chunks:
-            raise ConfigError("fasa_prefill: window >= 1, 0 < quantile < 1 and 1 <= min_chunks <= max_chunks are required.")
+            raise ConfigError(
+                "fasa_prefill: window >= 1, 0 < quantile < 1 and 1 <= min_chunks <= max_chunks are required."
+            )
 
     def _mask(self, ctx: LayerContext, budget: int) -> Tensor:
         key = ("fasa", budget)
