@@ -59,6 +59,12 @@ def test_claims(tmp_path):
         with b._conn:
             b._conn.execute("UPDATE claims SET pid = ?, owner = 'gone' WHERE key = 'k2'", (int(dead.stdout),))
         assert a.claim("eval", "k2")
+        # … and so is one whose pid now belongs to another process (started at another time)
+        assert b.claim("eval", "k4")
+        with b._conn:
+            b._conn.execute("UPDATE claims SET started = '1' WHERE key = 'k4'")
+        assert a.claim("eval", "k4")
+        assert not b.claim("eval", "k4")  # a's claim: a live process, this one
     with ResultStore(path) as c:  # closing a store ended a's and b's claims
         assert c._conn.execute("SELECT count(*) FROM claims").fetchone()[0] == 0
 

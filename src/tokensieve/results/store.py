@@ -120,8 +120,8 @@ RUNS = (
     "id INTEGER PRIMARY KEY AUTOINCREMENT, tool TEXT NOT NULL, started REAL, command TEXT, config TEXT, model TEXT, "
     "version TEXT, threads INTEGER, cells INTEGER, todo INTEGER, info TEXT"
 )
-CLAIMS = "tbl TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, host TEXT, pid INTEGER, expires REAL, " \
-    "PRIMARY KEY (tbl, key)"
+CLAIMS = "tbl TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, host TEXT, pid INTEGER, started TEXT, " \
+    "expires REAL, PRIMARY KEY (tbl, key)"
 
 
 def columns(table: str) -> tuple[str, ...]:
@@ -208,6 +208,8 @@ class ResultStore:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({RUNS})")
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS claims ({CLAIMS})")
+            if "started" not in {r[1] for r in self._conn.execute("PRAGMA table_info(claims)")}:
+                self._conn.execute("ALTER TABLE claims ADD COLUMN started TEXT")  # a store of the first claims table
             for table, cols in TABLES.items():
                 body = ",\n  ".join(f"{c} {t}" for c, t in cols)
                 self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (\n  {body}\n)")
@@ -302,15 +304,15 @@ class ResultStore:
             if self._conn.execute(f"SELECT 1 FROM {table} WHERE key = ?", (key,)).fetchone() is not None:
                 return False
             held = self._conn.execute(
-                "SELECT owner, host, pid, expires FROM claims WHERE tbl = ? AND key = ?", (table, key)
+                "SELECT owner, host, pid, started, expires FROM claims WHERE tbl = ? AND key = ?", (table, key)
             ).fetchone()
             if held is not None and held["owner"] != self.owner and not _stale(held, now, host):
                 return False
             self._conn.execute(
-                "INSERT INTO claims(tbl, key, owner, host, pid, expires) VALUES (?, ?, ?, ?, ?, ?) "
+                "INSERT INTO claims(tbl, key, owner, host, pid, started, expires) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(tbl, key) DO UPDATE SET owner = excluded.owner, host = excluded.host, "
-                "pid = excluded.pid, expires = excluded.expires",
-                (table, key, self.owner, host, os.getpid(), now + lease),
+                "pid = excluded.pid, started = excluded.started, expires = excluded.expires",
+                (table, key, self.owner, host, os.getpid(), _started(os.getpid()), now + lease),
             )
         return True
 
@@ -347,15 +349,29 @@ class ResultStore:
 
 
 def _stale(claim: sqlite3.Row, now: float, host: str) -> bool:
-    """A claim whose lease ran out, or whose process no longer runs on this host."""
+    """A claim whose lease ran out, or whose process no longer runs on this host (its pid gone, or reused by a
+    process started at another time)."""
     if claim["expires"] is None or float(claim["expires"]) < now:
         return True
     if claim["host"] == host and claim["pid"] is not None:
-        return not _alive(int(claim["pid"]))
+        return not _alive(int(claim["pid"]), claim["started"])
     return False
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux ``/proc``), to tell a reused pid apart; None where
+    the platform does not say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None  # field 22 of stat(5): starttime
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    if started is not None and Path("/proc/self/stat").exists():
+        return _started(pid) == started  # None when the pid is gone
     if pid == os.getpid():
         return True
     try:
