@@ -87,6 +87,9 @@ def synthetic_profiles(model) -> dict:
         "fasa": Profile(
             "fasa", shape.key, sd, {}, {"ks": [8, 16], "ca": torch.rand(2, L, H, D // 2, generator=g).tolist()}
         ),
+        "duo": Profile(
+            "duo", shape.key, sd, {}, {"gates": torch.rand(L, H, generator=g).tolist(), "sink": 4, "recent": 8}
+        ),
     }
 
 

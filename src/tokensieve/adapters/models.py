@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.context import ModelShape
+from ..core.context import LayerWeights, ModelShape, Rope
 from ..errors import ConfigError, ModelNotFoundError, UnknownNameError
 
 ENV_HOME = "TOKENSIEVE_HOME"
@@ -328,7 +328,101 @@ def model_shape(model: Any) -> ModelShape:
         key=model_key(model),
         windows=_sliding_windows(c),
         softcap=float(getattr(c, "attn_logit_softcapping", None) or 0) or None,
+        rope=_rotary(model, c),
     )
+
+
+def _rotary(model: Any, c: Any) -> tuple[Rope | None, ...]:
+    """Each layer's rotary embedding, read from the model's rotary module (its ``inv_freq`` buffers, per layer type
+    where the model has several), ``(None, …)`` for a model without one that has no rotary settings either (GPT-2's
+    learned positions), ``()`` when it cannot be told."""
+    n = int(c.num_hidden_layers)
+    types = list(getattr(c, "layer_types", None) or [])
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor):
+            rope = Rope(tuple(float(x) for x in inv.float().tolist()), float(getattr(module, "attention_scaling", 1.0)))
+            return (rope,) * n
+        if len(types) == n and all(isinstance(getattr(module, f"{t}_inv_freq", None), torch.Tensor) for t in types):
+            per_type = {
+                t: Rope(
+                    tuple(float(x) for x in getattr(module, f"{t}_inv_freq").float().tolist()),
+                    float(getattr(module, f"{t}_attention_scaling", 1.0)),
+                )
+                for t in set(types)
+            }
+            return tuple(per_type[t] for t in types)
+    text = " ".join(k for k in c.to_dict() if "rope" in k or "rotary" in k)
+    return () if text else (None,) * n
+
+
+def layer_weights(model: Any) -> LayerWeights:
+    """References to each attention layer's output projection as ``(hidden, H_q · D)`` (``o_proj`` of Llama-like
+    models, ``dense`` of GPT-NeoX, GPT-2's transposed ``c_proj``); None for a layer where none is found."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    nq = int(c.num_attention_heads)
+    shape_q = nq * int(getattr(c, "head_dim", None) or c.hidden_size // nq)
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if not isinstance(idx, int) or idx in found:
+            continue
+        for name in ("o_proj", "dense", "c_proj"):
+            proj = getattr(module, name, None)
+            w = getattr(proj, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                continue
+            w = w if isinstance(proj, torch.nn.Linear) else w.T  # transformers' Conv1D stores (in, out)
+            if w.shape[1] == shape_q:
+                found[idx] = w.detach()
+                break
+    return LayerWeights(tuple(found.get(i) for i in range(int(c.num_hidden_layers))))
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+class ModelText:
+    """A model's text side for methods that write words into a prompt (KVzip): its tokenizer, found from the model's
+    own folder or name the first time it is needed (offline), and its chat template's reply header. Every method
+    returns None when no tokenizer can be found (a model built in memory)."""
+
+    def __init__(self, model: Any) -> None:
+        self.source = str(getattr(model.config, "_name_or_path", "") or "")
+
+    def tokenizer(self) -> Any:
+        if self.source not in _TOKENIZERS:
+            tok = None
+            if self.source:
+                try:
+                    from transformers import AutoTokenizer
+
+                    path, _ = resolve(self.source)
+                    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                except Exception:
+                    tok = None
+            _TOKENIZERS[self.source] = tok
+        return _TOKENIZERS[self.source]
+
+    def encode(self, text: str) -> list[int] | None:
+        tok = self.tokenizer()
+        return None if tok is None else list(tok.encode(text, add_special_tokens=False))
+
+    def reply_header(self) -> list[int] | None:
+        tok = self.tokenizer()
+        if tok is None:
+            return None
+        if not getattr(tok, "chat_template", None):
+            return self.encode("\n")  # plain text: the reply starts on the next line (as data.prompts renders it)
+        marker = "\x00END\x00"
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+        )
+        return self.encode(rendered.split(marker, 1)[1])
+
+
+def model_text(model: Any) -> ModelText:
+    return ModelText(model)
 
 
 def _sliding_windows(c: Any) -> tuple[int | None, ...]:

@@ -285,7 +285,8 @@ class SieveCache:
                 observe(layer_idx, q, layer.store)
             pending = self._deferred.get(layer_idx)
             if self._aux is not None and pending is not None:
-                assert plan is not None and isinstance(plan.method, PrefillMethod)
+                assert plan is not None
+                assert isinstance(plan.method, PrefillMethod)
                 aux_valid = torch.ones(B, L, dtype=torch.bool, device=k.device) if valid_new is None else valid_new
                 plan.method.observe_pass(pending.ctx, pending.scores, self._aux, q, k, aux_valid)
         layer.seen += stored
@@ -311,7 +312,8 @@ class SieveCache:
         is replaced by what the method keeps, and a decode method starts on it."""
         if not self._deferred:
             return
-        assert self.plan is not None and isinstance(self.plan.method, PrefillMethod)
+        assert self.plan is not None
+        assert isinstance(self.plan.method, PrefillMethod)
         if len(self._deferred) != len(self.layers):
             raise RuntimeError("A deferred method's selection ran before every layer was scored.")
         method, plan = self.plan.method, self.plan
@@ -405,7 +407,6 @@ class SieveCache:
             self.armed = False
         self.stats.compress_seconds += time.perf_counter() - t0
         return store, ctx
-
 
     @staticmethod
     def _build(comp: Compressed, k: Tensor, v: Tensor, positions: Tensor, reserve: int) -> KVStore:

@@ -19,6 +19,36 @@ from ..attention.dense import grouped_logits
 NEG_INF = float("-inf")
 
 
+@dataclass(frozen=True)
+class Rope:
+    """One layer's rotary position embedding, as transformers applies it (the "rotate-half" layout).
+
+    The first ``2 · len(inv_freq)`` channels of a query or key at position ``p`` are rotated:
+    ``x' = scaling · (x ⊙ cos(p θ) + rotate_half(x) ⊙ sin(p θ))`` with ``θ = inv_freq`` repeated for both halves;
+    the remaining channels (partial rotary) are left as they are.
+    """
+
+    inv_freq: tuple[float, ...]
+    scaling: float = 1.0
+
+
+class LayerWeights:
+    """Read-only references to weights of the model's attention layers that some scorers read.
+
+    Attributes:
+        out_proj: per layer, the attention output projection as a ``(hidden, H_q · D)`` matrix (query head ``h``'s
+            slice is columns ``h·D … (h+1)·D − 1``), or None where the adapter did not find it.
+
+    Shared, never copied: a copied cache (``CachedContext.fork``) refers to the same weights.
+    """
+
+    def __init__(self, out_proj: tuple[Tensor | None, ...] = ()) -> None:
+        self.out_proj = out_proj
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerWeights:
+        return self
+
+
 @dataclass
 class ModelShape:
     """The attention geometry of a model (what methods and profiles need to know about it)."""
@@ -31,6 +61,7 @@ class ModelShape:
     key: str = "model"
     windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention); () = none anywhere
     softcap: float | None = None  # attention-logit soft-capping (Gemma-2)
+    rope: tuple[Rope | None, ...] = ()  # each layer's rotary embedding (None: no rotation); () = not known
 
     @property
     def modified(self) -> bool:
@@ -53,6 +84,7 @@ class RunState:
         sink, recent: protected token counts resolved from the budget and the method.
         profile: a per-model profile the method asked for, if any.
         scratch: free space for methods that share results across layers.
+        weights: weights of the model's attention layers some scorers read (CriticalKV), if the adapter found them.
     """
 
     shape: ModelShape
@@ -62,6 +94,7 @@ class RunState:
     recent: int = 0
     profile: Any = None
     scratch: dict[Any, Any] = field(default_factory=dict)
+    weights: LayerWeights | None = None
 
 
 @dataclass

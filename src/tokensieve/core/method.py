@@ -8,13 +8,19 @@
 
 Subclasses usually override ``score`` only; layer- and head-adaptive methods override ``layer_counts`` or
 ``select``; merge methods override ``apply``.
+
+A method whose selection needs every layer's scores (KVzip's allocation across layers, SimLayerKV's lazy layers)
+sets ``deferred``: the cache then scores each layer during the forward pass, keeps the prompt whole, and selects and
+applies (:meth:`PrefillMethod.choose`) for all layers once every layer is scored — and, for a method that asks for
+auxiliary forward passes (:meth:`PrefillMethod.prefill_passes`, KVzip's context reconstruction), once those passes
+have shown it their queries (:meth:`PrefillMethod.observe_pass`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
@@ -47,6 +53,34 @@ class Compressed:
     extra_values: Tensor | None = None
     extra_bias: Tensor | None = None
     extra_valid: Tensor | None = None
+
+
+class PromptText(Protocol):
+    """The model's text side, for methods that write words into a prompt (KVzip's "repeat" instruction).
+
+    ``encode`` turns text into the model's token ids (no special tokens added); ``reply_header`` is what the chat
+    template puts between the end of a user turn's content and the start of the assistant's reply (``[]`` without a
+    template). Both return None when the model's tokenizer cannot be found.
+    """
+
+    def encode(self, text: str) -> list[int] | None: ...
+
+    def reply_header(self) -> list[int] | None: ...
+
+
+@dataclass(frozen=True)
+class AuxPass:
+    """An auxiliary forward pass over the full cache of a prompt, run before the prompt is compressed; its tokens are
+    attended to and then forgotten (never kept, never counted as seen).
+
+    Attributes:
+        input_ids, attention_mask: ``(B, N)``, left-padded; positions continue each sequence's own prompt.
+        info: the method's own description of the pass (e.g. which prompt tokens it reconstructs, per sequence).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    info: Any = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +123,24 @@ class PrefillMethod(Method):
     """A method that compresses the KV cache once, when a prompt (or a reusable context) is prefilled."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT)
+    deferred: ClassVar[bool] = False  # select once every layer is scored (see the module docstring)
+
+    # -- auxiliary passes (deferred methods) ----------------------------------------------------------------------
+    def prefill_passes(self, input_ids: Tensor, attention_mask: Tensor, text: PromptText | None) -> list[AuxPass]:
+        """Forward passes to run over the prompt's full cache before it is compressed (``deferred`` methods only).
+
+        Default: none. KVzip returns its "repeat the context" passes.
+        """
+        return []
+
+    def observe_pass(
+        self, ctx: LayerContext, scores: Tensor, aux: AuxPass, queries: Tensor, keys: Tensor, valid: Tensor
+    ) -> None:
+        """Update this layer's ``scores`` ``(B, H_kv, T)`` in place from one auxiliary pass.
+
+        ``ctx`` is the layer's prompt context (keys, values, padding; no queries); ``queries`` ``(B, H_q, N, D)`` and
+        ``keys`` ``(B, H_kv, N, D)`` are the pass tokens' (post-RoPE), ``valid`` ``(B, N)`` marks its real tokens.
+        """
 
     # -- score --------------------------------------------------------------------------------------------------
     def score(self, ctx: LayerContext) -> Tensor:
@@ -110,7 +162,10 @@ class PrefillMethod(Method):
 
     # -- the recipe ---------------------------------------------------------------------------------------------
     def compress(self, ctx: LayerContext) -> Compressed:
-        scores = self.score(ctx)
+        return self.choose(ctx, self.score(ctx))
+
+    def choose(self, ctx: LayerContext, scores: Tensor) -> Compressed:
+        """Select and apply, given the layer's scores (a deferred method's second step)."""
         if scores.shape != (ctx.batch, ctx.num_kv_heads, ctx.length):
             raise RuntimeError(
                 f"{self.name}.score returned {tuple(scores.shape)}; expected "
@@ -120,4 +175,4 @@ class PrefillMethod(Method):
         return self.apply(self.select(scores, counts, ctx), ctx, scores)
 
 
-__all__ = ["Compressed", "Method", "PrefillMethod"]
+__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText"]

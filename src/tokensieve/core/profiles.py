@@ -123,4 +123,35 @@ class FrequencyChunks(ProfileData):
         return cls(ks, ca)
 
 
-PROFILE_KINDS: dict[str, type[ProfileData]] = {c.kind: c for c in (RetrievalHeads, SemanticHeads, FrequencyChunks)}
+@dataclass(frozen=True)
+class DuoGates(ProfileData):
+    """DuoAttention's calibration: one gate per (layer, KV head), optimised so that ``α·full + (1 − α)·streaming``
+    attention reproduces the full model.
+
+    Attributes:
+        gates: ``gates[layer][kv_head]`` in [0, 1]; near 1: a retrieval head (needs the whole cache).
+        sink, recent: the streaming window the gates were optimised for.
+    """
+
+    kind: ClassVar[str] = "duo"
+    gates: tuple[tuple[float, ...], ...]
+    sink: int
+    recent: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], shape: Any) -> DuoGates:
+        what = f"The '{cls.kind}' profile"
+        gates = tuple(_floats(row, f"{what}: each row of 'gates'") for row in data.get("gates", ()))
+        if len(gates) != shape.num_layers or any(len(row) != shape.num_kv_heads for row in gates):
+            raise ConfigError(f"{what} needs 'gates': layers x KV heads = {shape.num_layers} x {shape.num_kv_heads}.")
+        if any(not 0.0 <= g <= 1.0 for row in gates for g in row):
+            raise ConfigError(f"{what}: every gate must be in [0, 1].")
+        sink, recent = data.get("sink"), data.get("recent")
+        if not isinstance(sink, int) or not isinstance(recent, int) or sink < 0 or recent < 1:
+            raise ConfigError(f"{what} needs 'sink' >= 0 and 'recent' >= 1: the window the gates were made for.")
+        return cls(gates, sink, recent)
+
+
+PROFILE_KINDS: dict[str, type[ProfileData]] = {
+    c.kind: c for c in (RetrievalHeads, SemanticHeads, FrequencyChunks, DuoGates)
+}

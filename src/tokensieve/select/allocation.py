@@ -43,3 +43,48 @@ def round_to_total(x: Tensor, total: Tensor, lo: Tensor | int, hi: Tensor | int)
             if not moved:  # pragma: no cover - impossible after the clamp of `total`
                 break
     return out
+
+
+def pooled_counts(scores: Tensor, total: int) -> Tensor:
+    """How many of each row's entries are among the ``total`` highest of all rows pooled together.
+
+    Args:
+        scores: ``(R, T)``; ``-inf`` where an entry may not be chosen.
+        total: entries to choose (at most the number of finite scores).
+
+    Returns:
+        ``(R,)`` long, summing to ``total``. Ties go to the earlier row, then the earlier entry.
+    """
+    R, T = scores.shape
+    flat = scores.reshape(-1).float()
+    order = torch.sort(flat, descending=True, stable=True).indices[: max(0, int(total))]
+    return torch.bincount(order // T, minlength=R).long()
+
+
+def full_or_window_counts(order: list[int], full: int, window: int, total: int) -> Tensor:
+    """Entries per unit (head or layer) when units either keep everything or a window, under an exact total.
+
+    Every unit keeps ``window`` entries (at most ``full``); then units are upgraded to ``full`` in ``order`` (most
+    deserving first) while the total allows, and what is left goes to the next unit in that order. When even the
+    windows do not fit, the total is spread evenly.
+
+    Args:
+        order: unit indices, the first to keep everything first (a permutation of ``range(n)``).
+        full: entries of a unit that keeps everything; window: entries of one that does not.
+        total: entries of all units together, ``<= n · full``.
+
+    Returns:
+        ``(n,)`` long summing to ``total``.
+    """
+    n = len(order)
+    w = min(window, full)
+    if n * w >= total:
+        return round_to_total(torch.full((1, n), total / max(n, 1)), torch.tensor([total]), lo=0, hi=full)[0]
+    counts = torch.full((n,), w, dtype=torch.long)
+    upgraded = n if full == w else min(n, (total - n * w) // (full - w))
+    for u in order[:upgraded]:
+        counts[u] = full
+    rest = total - int(counts.sum())
+    if rest > 0:
+        counts[order[upgraded]] += rest
+    return counts
