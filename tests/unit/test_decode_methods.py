@@ -137,7 +137,7 @@ def test_tokenselect_selection_cache_is_reused_and_invalidated():
     torch.manual_seed(0)
     store = _store(B=1, n=400)
     run = DecodeRun(ModelShape(3, 6, 2, D, 1024), torch.tensor([120]), ts.Budget.tokens(120))
-    m = TokenSelect(n_init=4, n_local=8, theta=0.9)
+    m = TokenSelect(n_init=4, n_local=8, theta=0.9, reuse=True)
     layer = DecodeLayer(1, store, run, D**-0.5)
     state = layer.state = m.setup(layer, None)
     q = torch.randn(1, 6, 1, D)

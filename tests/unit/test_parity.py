@@ -150,7 +150,7 @@ def test_tokenselect_parity():
     layer.state = TokenSelect(n_init=n_init, n_local=n_local).setup(layer, None)
     out = TokenSelect(n_init=n_init, n_local=n_local).step(layer, q)
     kk = k[0].repeat_interleave(G, 0)  # (H_q, n, D)
-    logits = (q[0, :, 0, None, :] @ kk[:, n_init : n - n_local].transpose(-1, -2))[:, 0] * D**-0.5  # (H_q, c)
+    logits = (q[0, :, 0, None, :] @ kk[:, n_init : n - n_local].transpose(-1, -2))[:, 0]  # (H_q, c): raw q·k
     vote = torch.softmax(logits, -1).sum(0)
     chosen = sorted(
         {*range(n_init), *(vote.topk(budget - n_init - n_local).indices + n_init).tolist(), *range(n - n_local, n)}

@@ -25,17 +25,21 @@ class TokenSelect(DecodeMethod):
     (soft voting) into one ranking, and all heads of the layer attend to the first ``n_init`` tokens, the winners
     and the last ``n_local`` tokens (Wu et al., arXiv:2411.02886).
 
-    Score: ``S_j = Σ_h softmax_j(q_h · K̃ᵀ)`` over candidates ``j ∈ [n_init, n − n_local)``; keep the top
-    ``budget − n_init − n_local``. Selection cache: the selection is recomputed only when the cosine similarity
-    between the layer's mean query and the mean query at the last selection drops below ``theta`` (0.9, as the
-    official code) — decided per sequence — when the cache changed by more than one appended token, or when the
-    budget changed.
+    Score: ``S_j = Σ_h softmax_j(q_h · K̃ᵀ)`` over candidates ``j ∈ [n_init, n − n_local)`` — raw ``q·k`` logits,
+    without the ``1/√D`` of attention, as the official code; keep the top ``budget − n_init − n_local``. Selection
+    cache (``reuse``, off by default as in the official release): the selection is recomputed only when the cosine
+    similarity between the layer's mean query and the mean query at the last selection drops below ``theta`` (0.9,
+    as the official code) — decided per sequence — when the cache changed by more than one appended token, or when
+    the budget changed.
 
     Choices: query head ``h`` reads KV head ``h // G`` (transformers' order; the official kernel's ``h % H_kv`` is
     wrong for it); ``n_init`` = 16 and ``n_local`` = 64 (the paper's 128/512 are sized for 128K contexts), shrunk
     to at most 1/8 and 1/4 of the budget when the budget is small. Tokens
     that leave the local window between re-selections are attended again only after the next re-selection, as in
-    the paper. The budget counts attended tokens, a ratio meaning a share of the current cache.
+    the paper. The budget counts attended tokens, a ratio meaning a share of the current cache. Two departures we
+    keep: tokens keep their true positions (the official code scores without positions and renumbers the selected
+    tokens — our keys carry RoPE from the prefill, which cannot be undone cheaply); the prefill is dense (the official
+    prefill is sparse, in 512-token chunks — sparse prefill is a separate concern of ours, not part of this method).
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -50,6 +54,7 @@ class TokenSelect(DecodeMethod):
     n_init: int = 16
     n_local: int = 64
     theta: float = 0.9
+    reuse: bool = False
 
     def __post_init__(self) -> None:
         if self.n_init < 0 or self.n_local < 1 or not -1.0 <= self.theta <= 1.0:
@@ -97,7 +102,7 @@ class TokenSelect(DecodeMethod):
         k = budget - n_init - n_local
         cand_end = n - n_local
         q_mean = q[:, :, 0].mean(1)  # (B, D)
-        valid_cache = state["sel"] is not None and state["k"] == k and state["n"] == n - 1
+        valid_cache = self.reuse and state["sel"] is not None and state["k"] == k and state["n"] == n - 1
         if valid_cache:  # each sequence keeps its selection while its query stays similar
             stale = F.cosine_similarity(q_mean, state["q"], dim=-1) < self.theta  # (B,)
         else:
@@ -106,7 +111,7 @@ class TokenSelect(DecodeMethod):
             layer.state["reused"] += 1
         else:
             cand = kbuf[:, :, pad + n_init : pad + cand_end]  # (B, H, c, D)
-            logits = torch.matmul(qg, cand.transpose(-1, -2)) * scaling  # (B, H, G, c)
+            logits = torch.matmul(qg, cand.transpose(-1, -2))  # (B, H, G, c): raw q·k, as the official vote
             votes = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (B, c): soft vote of every query head
             sel = votes.topk(k, dim=-1, sorted=False).indices + n_init  # (B, k), relative to the first real token
             if valid_cache:
