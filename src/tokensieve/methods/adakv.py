@@ -15,7 +15,7 @@ from ..core.registry import register
 from ..errors import ConfigError
 from ..select.allocation import round_to_total
 from ..select.selection import Selection
-from ..select.topk import protected_mask, topk_select
+from ..select.topk import protected_mask
 from .snapkv import SnapKV
 
 
@@ -58,10 +58,11 @@ class AdaKV(PrefillMethod):
     Score: the base method's (``base``, SnapKV by default). Allocation: the layer's total ``H_kv · b_l`` is shared
     by a global top-k over all heads' scores (``n_h`` winners per head), softened by a safeguard
     ``cap_h = n_h (1 − α) + α · b_l`` (α = 0.2, as kvpress; the official logs also used 0.5); protected tokens are
-    kept by every head and counted first. The cache stores each head's entries with its own length, so the uneven
-    allocation saves memory for real. When the protected window (the base method's, 32 tokens for SnapKV) fills the
-    whole budget, nothing is left to allocate and every head keeps the same recent tokens: the window is not shrunk,
-    a :class:`~tokensieve.errors.TokensieveWarning` says so.
+    kept by every head and counted first; inside each head's budget the base method's own selection rule runs (top-k
+    for most; CriticalKV's two stages, so ``adakv[base=criticalkv]`` is CriticalAdaKV). The cache stores each head's
+    entries with its own length, so the uneven allocation saves memory for real. When the protected window (the base
+    method's, 32 tokens for SnapKV) fills the whole budget, nothing is left to allocate and every head keeps the same
+    recent tokens: the window is not shrunk, a :class:`~tokensieve.errors.TokensieveWarning` says so.
     """
 
     name: ClassVar[str] = "adakv"
@@ -76,7 +77,8 @@ class AdaKV(PrefillMethod):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"adakv: alpha must be in [0, 1], got {self.alpha}.")
-        if not isinstance(self.base, PrefillMethod) or isinstance(self.base, AdaKV) or not self.base.compresses:
+        base = self.base
+        if not isinstance(base, PrefillMethod) or isinstance(base, AdaKV) or not base.compresses or base.deferred:
             raise ConfigError(f"adakv: base must be a prefill scoring method, not {self.base!r}.")
 
     def protected(self) -> tuple[int, int]:
@@ -92,4 +94,4 @@ class AdaKV(PrefillMethod):
         sink_m, rec_m = protected_mask(ctx.selectable, ctx.run.sink, ctx.run.recent)
         prot = (sink_m | rec_m)[:, None, :].expand(scores.shape)
         head_counts = adaptive_head_counts(scores, counts, ctx.selectable, prot, self.alpha)
-        return topk_select(scores, head_counts, ctx.selectable, sink=ctx.run.sink, recent=ctx.run.recent)
+        return self.base.select(scores, head_counts, ctx)  # the base's own rule inside each head's budget
