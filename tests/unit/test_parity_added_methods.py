@@ -398,3 +398,34 @@ def test_layer_weights_and_rope_are_read_from_the_model(tiny_model):
     w = layer_weights(tiny_model).out_proj
     assert w[0] is not None
     assert torch.equal(w[0], tiny_model.model.layers[0].self_attn.o_proj.weight)
+
+
+# ------------------------------------------------------------------------------------------- DuoAttention's profiler
+@torch.inference_mode(False)
+def test_duo_gates_mix_full_and_streaming_attention(tiny_model):
+    """DuoAttention's calibration (arXiv:2410.10819): gate 1 is the full model, gate 0 the Λ-shaped streaming model
+    (sinks + recent window); training keeps the gates in [0, 1] and restores the model."""
+    from tokensieve.profiling.duo_heads import gates_active, streaming_allowed, train_gates
+
+    T, sink, recent = 40, 2, 5
+    ids = torch.randint(3, 97, (1, T), generator=torch.Generator().manual_seed(0))
+    dec = tiny_model.base_model
+    with torch.no_grad():
+        full = dec(input_ids=ids, use_cache=False).last_hidden_state
+        lam = streaming_allowed(T, sink, recent)[None, None]  # the streaming mask, given to the model as is
+        stream = dec(input_ids=ids, attention_mask=lam, use_cache=False).last_hidden_state
+        with gates_active(tiny_model, torch.ones(3, HKV), sink, recent):
+            gated_full = dec(input_ids=ids, use_cache=False).last_hidden_state
+        with gates_active(tiny_model, torch.zeros(3, HKV), sink, recent):
+            gated_stream = dec(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(gated_full, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gated_stream, stream, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(stream, full, atol=1e-3)
+    implementation = tiny_model.config._attn_implementation
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    gates, losses = train_gates(tiny_model, [(ids, 30)], sink=sink, recent=recent, steps=4)
+    assert gates.shape == (3, HKV)
+    assert bool(((gates >= 0) & (gates <= 1)).all())
+    assert len(losses) == 4
+    assert tiny_model.config._attn_implementation == implementation
+    assert [p.requires_grad for p in tiny_model.parameters()] == flags

@@ -17,6 +17,7 @@ ANSWER_ROOM = 32  # tokens a CompressKV passkey trial may decode after its promp
 DEFAULT_LENGTHS = (512, 1024, 2048)  # compresskv's passkey lengths
 TEXT_TOKENS = 1024  # compresskv's and fasa's calibration texts
 N_RANDOM = 1000  # retrieval-heads: random tokens per repetition
+DUO_TOKENS = 1024  # duo: multi-passkey calibration prompts
 
 
 def _budget(args: argparse.Namespace, limit: int) -> int:
@@ -91,10 +92,24 @@ def _fasa(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile
                                     steps=STEPS, progress=not args.no_progress)  # fmt: skip
 
 
+def _duo(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile:
+    from .duo_heads import profile_duo
+
+    length = min(DUO_TOKENS, _budget(args, limit))
+    if length <= args.sink + args.recent:
+        raise ConfigError(
+            f"DuoAttention's calibration prompts must be longer than the streaming window ({args.sink} + {args.recent} "
+            f"tokens) to tell the heads apart; {_where(args, limit)} allows {length}: lower --sink/--recent."
+        )
+    return profile_duo(model, tok, steps=args.steps, length=length, sink=args.sink, recent=args.recent,
+                       samples=args.samples, seed=args.seed, progress=not args.no_progress)  # fmt: skip
+
+
 KINDS: dict[str, tuple[str, Callable[[Any, Any, argparse.Namespace, int], Profile]]] = {
     "retrieval-heads": ("RazorAttention: echo and induction heads from repeated random tokens", _retrieval_heads),
     "compresskv": ("CompressKV: semantic retrieval heads per layer and per-layer eviction error", _compresskv),
     "fasa": ("FASA: dominant RoPE frequency chunks per layer and KV head", _fasa),
+    "duo": ("DuoAttention: retrieval vs streaming KV heads, gates trained on multi-passkey prompts", _duo),
 }
 
 
@@ -152,7 +167,7 @@ def add_commands(sub: Any) -> None:
     kinds = "\n".join(f"  {k:16s} {d}" for k, (d, _) in KINDS.items())
     sp = sub.add_parser(
         "profile",
-        help="create a per-model profile a method needs (retrieval heads, CompressKV, FASA)",
+        help="create a per-model profile a method needs (retrieval heads, CompressKV, FASA, DuoAttention)",
         description=f"Profile kinds:\n{kinds}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -176,7 +191,10 @@ def add_commands(sub: Any) -> None:
         help=f"retrieval-heads: random tokens per repetition (default {N_RANDOM}, fewer if the probe would not fit)",
     )
     sp.add_argument("--repeats", type=_whole(2), default=4, help="retrieval-heads: repetitions (default 4)")
-    sp.add_argument("--samples", type=_whole(1), default=8, help="compresskv/fasa: calibration samples (default 8)")
+    sp.add_argument("--samples", type=_whole(1), default=8, help="compresskv/fasa/duo: calibration samples (default 8)")
+    sp.add_argument("--steps", type=_whole(1), default=120, help="duo: optimisation steps (default 120)")
+    sp.add_argument("--sink", type=_whole(0), default=64, help="duo: sink tokens of streaming heads (default 64)")
+    sp.add_argument("--recent", type=_whole(1), default=256, help="duo: recent tokens of streaming heads (default 256)")
     sp.add_argument(
         "--lengths",
         type=_lengths,
