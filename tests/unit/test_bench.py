@@ -19,8 +19,8 @@ from tokensieve.spec import Spec
 
 
 def test_configurations_are_specs():
-    specs = bench_specs("snapkv:0.5+quest:64,+h2o:128,snapkv[window=64;kernel=7]:0.25".replace(";", ","))
-    assert [s.label for s in specs] == ["snapkv:0.5+quest:64", "+h2o:128", "snapkv[kernel=7,window=64]:0.25"]
+    specs = bench_specs("snapkv:0.5+quest:64,+h2o:128,snapkv[window=64;kernel=5]:0.25".replace(";", ","))
+    assert [s.label for s in specs] == ["snapkv:0.5+quest:64", "+h2o:128", "snapkv[kernel=5,window=64]:0.25"]
     assert [s.label for s in bench_specs("snapkv,+quest[page=32]", ["0.1", 0.25])] == [
         "snapkv:0.1", "snapkv:0.25", "+quest[page=32]:0.1", "+quest[page=32]:0.25",
     ]  # fmt: skip
@@ -33,7 +33,7 @@ def test_configurations_are_specs():
     with pytest.raises(ConfigError, match="no parameter"):
         bench_specs("+quest[pages=32]:0.1")
     with pytest.raises(ConfigError, match="expected ']' or ','"):
-        bench_specs("snapkv[window=64;kernel=7]:0.25")  # the old ';' separator is gone
+        bench_specs("snapkv[window=64;kernel=5]:0.25")  # the old ';' separator is gone
     cfg = BenchConfig(specs=(Spec.parse("snapkv:0.5"),))
     assert cfg.specs[0].is_full  # the full cache is always measured, first
 
@@ -44,7 +44,7 @@ def _by_label(summary):
 
 def test_bench_runs_resumes_and_reports(tiny_model, tmp_path):
     cfg = BenchConfig(
-        specs=bench_specs("full,snapkv:0.5,+quest:16"),
+        specs=bench_specs("full,snapkv:0.5,+quest[group=max]:16"),
         lengths=(64,),
         batch_sizes=(1, 2),
         decode_tokens=4,
@@ -70,13 +70,13 @@ def test_bench_runs_resumes_and_reports(tiny_model, tmp_path):
     snap = by[("snapkv:0.5", 2)]
     # 2 warm-up and 4 measured decode steps append 6 tokens to every cache
     assert snap["kv_ratio"] == pytest.approx((32 + 6) / (64 + 6), rel=1e-6)
-    quest = by[("+quest:16", 1)]
-    assert (quest["prefill"], quest["decode"], quest["decode_budget"]) == ("full", "quest", "16")
+    quest = by[("+quest[group=max]:16", 1)]
+    assert (quest["prefill"], quest["decode"], quest["decode_budget"]) == ("full", "quest[group=max]", "16")
     assert quest["kv_ratio"] == pytest.approx(1.0)  # sparse decoding keeps the whole cache
     assert quest["bytes_read"] < by[("full", 1)]["bytes_read"]  # but reads less of it
     # 3 layers x 2 KV heads x (K + V of 8 floats) per entry; the 4 measured steps read 67 … 70 entries
     assert by[("full", 1)]["bytes_read"] == 3 * 2 * 64 * 68.5
-    assert "+quest:16" in text_table([h for h, _, _ in SPEED_COLUMNS], [speed_cells(r) for r in summary])
+    assert "+quest[group=max]:16" in text_table([h for h, _, _ in SPEED_COLUMNS], [speed_cells(r) for r in summary])
     # the key is the spec's key of the workload: a rerun with another decode length measures anew
     longer = BenchConfig(specs=cfg.specs, lengths=(64,), batch_sizes=(1,), decode_tokens=5, repetitions=1, threads=1)
     more, _ = run_bench(longer, store=store, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)

@@ -35,7 +35,7 @@ def M(name: str, **params):  # noqa: N802 - reads like a constructor
             Spec(M("snapkv", window=64), Budget.ratio(0.25), M("quest", page=32), Budget.ratio(0.125)),
         ),
         ("snapkv:0.25+quest", Spec(M("snapkv"), Budget.ratio(0.25), M("quest"), Budget.ratio(0.25))),
-        ("snapkv[ window = 64 , kernel=7 ] : 0.5", Spec(M("snapkv", window=64, kernel=7), Budget.ratio(0.5))),
+        ("snapkv[ window = 64 , kernel=5 ] : 0.5", Spec(M("snapkv", window=64, kernel=5), Budget.ratio(0.5))),
         ("ems[mass-bias=false]:0.5", Spec(M("ems", mass_bias=False), Budget.ratio(0.5))),  # '-' for '_' in keys
         ("full:1.0", Spec()),  # the whole prompt is no budget
     ],
@@ -67,9 +67,9 @@ def test_objects_and_strings_are_the_same_spec():
 
 
 def test_split_specs_only_at_top_level_commas():
-    text = "snapkv[window=64,kernel=7]:0.25, h2o,+quest[page=32,min_pages=2]:0.1,adakv[base=snapkv[window=8,kernel=3]]"
+    text = "snapkv[window=64,kernel=5]:0.25, h2o,+quest[page=32,min_pages=2]:0.1,adakv[base=snapkv[window=8,kernel=3]]"
     assert split_specs(text) == [
-        "snapkv[window=64,kernel=7]:0.25",
+        "snapkv[window=64,kernel=5]:0.25",
         "h2o",
         "+quest[page=32,min_pages=2]:0.1",
         "adakv[base=snapkv[window=8,kernel=3]]",
@@ -134,8 +134,8 @@ def test_constructor_validates():
 # ----------------------------------------------------------------------------------------------------- labels
 def test_canonical_labels():
     assert Spec.parse("snapkv[window=32]:25%").label == "snapkv:0.25"  # defaults dropped, one budget notation
-    assert Spec.parse("snapkv[kernel=7,window=64]:0.25") == Spec.parse("snapkv[window=64,kernel=7]:0.25")
-    assert Spec.parse("snapkv[window=64,kernel=7]:0.25").label == "snapkv[kernel=7,window=64]:0.25"
+    assert Spec.parse("snapkv[kernel=5,window=64]:0.25") == Spec.parse("snapkv[window=64,kernel=5]:0.25")
+    assert Spec.parse("snapkv[window=64,kernel=5]:0.25").label == "snapkv[kernel=5,window=64]:0.25"
     assert Spec.parse("full+quest[page=32]:12.5%").label == "+quest[page=32]:0.125"
     assert Spec.parse("quest").label == "+quest"
     assert Spec.parse("snapkv:0.5+quest").label == "snapkv:0.5+quest:0.5"
@@ -177,7 +177,7 @@ def test_keys():
     assert Spec.parse("adakv[base=snapkv[window=8]]:0.1").key() != Spec.parse("adakv:0.1").key()
     assert len(a) == 32
     d = Spec.parse("adakv:0.1").to_dict()
-    assert d["method"]["params"]["base"] == {"name": "snapkv", "params": {"window": 32, "kernel": 5, "pooling": "avg"}}
+    assert d["method"]["params"]["base"] == {"name": "snapkv", "params": {"window": 32, "kernel": 7, "pooling": "max"}}
     assert d["budget"] == {"kind": "ratio", "value": 0.1, "sink": None, "recent": None}
 
 
