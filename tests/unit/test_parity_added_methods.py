@@ -429,3 +429,20 @@ def test_duo_gates_mix_full_and_streaming_attention(tiny_model):
     assert len(losses) == 4
     assert tiny_model.config._attn_implementation == implementation
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
+
+
+@torch.inference_mode()
+def test_deferred_selection_inside_generate_equals_the_lean_api(tiny_model):
+    """A deferred method (SimLayerKV) selects once the forward pass has scored every layer, in model.generate too."""
+    prompt = torch.tensor([list(range(5, 65))])
+    press = ts.compress(tiny_model, "simlayerkv[sink=2,recent=8]", 0.4)
+    lean = press.decode(press.prefill(prompt), 5).tokens[0]
+    with ts.compress(tiny_model, "simlayerkv[sink=2,recent=8]", 0.4):
+        out = tiny_model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert out[0, 60:].tolist() == lean
+
+
+def test_recompress_refuses_scorers_that_need_the_prompt():
+    for scorer in ("expected_attention", "simlayerkv", "criticalkv"):
+        with pytest.raises(ts.ConfigError, match="only a prefill has"):
+            ts.create_method("recompress", scorer=scorer)

@@ -124,6 +124,9 @@ class PrefillMethod(Method):
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT)
     deferred: ClassVar[bool] = False  # select once every layer is scored (see the module docstring)
+    # can re-score a generating cache from a few recent queries (Recompress); False for a method that needs every
+    # prompt query at its true position, every layer at once, or the model's weights
+    rescorable: ClassVar[bool] = True
 
     # -- auxiliary passes (deferred methods) ----------------------------------------------------------------------
     def prefill_passes(self, input_ids: Tensor, attention_mask: Tensor, text: PromptText | None) -> list[AuxPass]:

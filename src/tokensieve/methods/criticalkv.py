@@ -44,6 +44,7 @@ class CriticalKV(PrefillMethod):
     capabilities: ClassVar[Capabilities] = Capabilities(
         phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, needs_attention=True
     )
+    rescorable: ClassVar[bool] = False  # reads the model's output projections, which a decoding cache does not carry
     base: PrefillMethod = field(default_factory=SnapKV)
     first_stage: float = 0.5
     epsilon: float = 1e-4

@@ -39,6 +39,7 @@ class ExpectedAttention(PrefillMethod):
     )
     rule: ClassVar[str] = "s_j = ||v_j|| mean_group softmax_j(c R̄mu.k_j + c^2/2 k_j^T R̄ Sigma R̄^T k_j)"
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT)
+    rescorable: ClassVar[bool] = False  # needs every prompt query at its true position
     n_future: int = 512
     sink: int = 4
     covariance: bool = True
@@ -60,6 +61,8 @@ class ExpectedAttention(PrefillMethod):
         return self.sink, 0
 
     def score(self, ctx: LayerContext) -> Tensor:
+        if ctx.queries.shape[2] != ctx.length:
+            raise CapabilityError("expected_attention scores a prompt from all its queries, not a cache.")
         rope = ctx.run.shape.rope
         if not rope:
             self.check(ctx.run.shape)

@@ -57,6 +57,7 @@ class KVzip(PrefillMethod):
         layer_adaptive=True,
     )
     deferred: ClassVar[bool] = True
+    rescorable: ClassVar[bool] = False
     sink: int = 4
     chunk: int = 2048
     allocation: Literal["global", "uniform"] = "global"

@@ -49,6 +49,11 @@ class Recompress(DecodeMethod):
             raise ConfigError(f"recompress: scorer must be a profile-free prefill method, not '{self.scorer.name}'.")
         if inner.capabilities.apply.value != "evict" or inner.capabilities.head_adaptive:
             raise ConfigError(f"recompress: scorer '{self.scorer.name}' must evict with the same count for every head.")
+        if inner.deferred or not inner.rescorable:
+            raise ConfigError(
+                f"recompress: scorer '{self.scorer.name}' needs what only a prefill has (every prompt query at its "
+                "true position, every layer at once, or the model's weights)."
+            )
 
     def check_batch(self, budget: Budget, lengths: list[int]) -> None:
         if len(set(lengths)) > 1:

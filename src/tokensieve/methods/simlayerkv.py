@@ -48,6 +48,7 @@ class SimLayerKV(PrefillMethod):
         layer_adaptive=True,
     )
     deferred: ClassVar[bool] = True
+    rescorable: ClassVar[bool] = False
     sink: int = 4
     recent: int = 1024
 
