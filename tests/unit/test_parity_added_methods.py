@@ -446,3 +446,35 @@ def test_recompress_refuses_scorers_that_need_the_prompt():
     for scorer in ("expected_attention", "simlayerkv", "criticalkv"):
         with pytest.raises(ts.ConfigError, match="only a prefill has"):
             ts.create_method("recompress", scorer=scorer)
+
+
+def test_cli_profile_duo_writes_a_profile_duo_attention_uses(tmp_path, tiny_model):
+    """`tokensieve profile duo` trains the gates on a model directory (tokenizer included) and writes a profile that
+    validates against the model and drives duo_attention; that model's tokenizer also writes KVzip's instruction."""
+    import json
+
+    from tests.unit.test_registry_cli import save_tiny
+    from tokensieve.adapters.models import model_shape, model_text
+    from tokensieve.adapters.profiles import Profile
+    from tokensieve.cli import main
+
+    save_tiny(tmp_path / "m", tiny_model)
+    out = tmp_path / "duo.json"
+    argv = ["profile", "duo", "--model", str(tmp_path / "m"), "--steps", "2", "--samples", "1"]
+    argv += ["--calibration-tokens", "300", "--sink", "4", "--recent", "16", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    model, _ = ts.load_model(str(tmp_path / "m"))
+    prof = Profile(**json.loads(out.read_text()))
+    gates = prof.content(model_shape(model))
+    assert len(gates.gates) == 3
+    assert (gates.sink, gates.recent) == (4, 16)
+    with torch.inference_mode():
+        press = ts.compress(model, "duo_attention[sink=4,recent=16]", 0.5, profile=prof)
+        ctx = press.prefill(torch.tensor([list(range(3, 63))]))
+    assert ctx.cache.stored_entries() == 3 * HKV * 30
+    text = model_text(model)
+    assert text.encode("Repeat") is not None
+    first = ts.create_method("kvzip").prefill_passes(
+        torch.tensor([list(range(3, 30))]), torch.ones(1, 27, dtype=torch.long), text
+    )[0]
+    assert first.input_ids.shape[1] > 27 - 4  # instruction and reply header before the repeated tokens
