@@ -52,7 +52,7 @@ class TrainConfig:
     # stage 1: vision
     vision_steps: int = 1000
     vision_batch: int = 16
-    vision_lr: float = 1e-3
+    vision_lr: float = 2e-3
     # stage 2: language
     steps: int = 1000
     batch: int = 2
@@ -110,7 +110,9 @@ class AuxHeads(nn.Module):
         for name, _ in PATCH_HEADS:
             logits = self.patch[name](h).flatten(0, 1)
             target = batch[f"patch_{name}"].flatten()
-            weight = None
+            # "none" dominates the patches: weigh it down so that the few object and word patches count
+            weight = torch.ones(logits.shape[-1])
+            weight[0] = 0.1
             if name == "centre":
                 weight = torch.tensor([1.0, 10.0])
             total = total + nn.functional.cross_entropy(logits, target, weight=weight)
@@ -148,7 +150,8 @@ def init_projector(model: Any, aux: AuxHeads, tokenizer: Any, pixel_values: torc
     each to the language model's embedding of its word (``red``, ``circle``, ``large``, the written word, ``object``
     at an object's centre; nothing for "none") scaled by the typical winning activation; the remaining rows start
     small. A patch of a large red circle then reaches the language model as about E(red) + E(circle) + E(large), which
-    the frozen model can already read, and training refines it from there.
+    the frozen model can already read, and training refines it from there. The output is scaled so that visual tokens
+    have the mean norm of the text embeddings.
     """
     proj = model.model.multi_modal_projector
     emb = model.model.language_model.embed_tokens.weight
@@ -180,6 +183,10 @@ def init_projector(model: Any, aux: AuxHeads, tokenizer: Any, pixel_values: torc
     proj.linear_2.weight.mul_(0.1)
     proj.linear_2.weight[:, :n] = torch.stack(cols, 1) / scale
     proj.linear_2.bias.zero_()
+    # visual tokens as large as the text embeddings they sit between (on average): not 6× larger
+    norm = float(proj(feats).norm(dim=-1).mean())
+    target = float(emb[: emb.shape[0] - 1].norm(dim=-1).mean())
+    proj.linear_2.weight.mul_(target / norm)
 
 
 def vision_forward(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -341,7 +348,10 @@ class Trainer:
 
             state = json.loads((ckpt / "state.json").read_text())
             saved = TrainConfig.from_dict(state["config"])
-            if asdict(saved) | {"minutes": 0, "threads": 0} != asdict(c) | {"minutes": 0, "threads": 0}:
+            free = {"minutes": 0, "threads": 0}  # never change the result
+            if state["stage"] == "vision" or int(state["step"]) == 0:
+                free["steps"] = 0  # the language stage has not begun: its length can still be chosen
+            if asdict(saved) | free != asdict(c) | free:
                 raise SystemExit(
                     f"{ckpt} was written by a run with other settings; use another --out or the same settings.\n"
                     f"saved: {asdict(saved)}"

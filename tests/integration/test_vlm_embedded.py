@@ -1,0 +1,51 @@
+"""The shipped VLM: loads by name through load_model, answers held-out scenes through transformers' own
+processor and generate(), and its file holds only what was trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokensieve.adapters import vlm as V
+from tokensieve.data import scenes as S
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from tokensieve.adapters.models import is_pulled, load_model
+
+    if not is_pulled():
+        pytest.fail("The embedded model is not provisioned: run `make setup` (or `tokensieve pull`) first.")
+    return load_model("smollm2-135m-llava")
+
+
+def test_shipped_file_is_small_and_holds_no_text_weights():
+    from safetensors import safe_open
+
+    path = V.weights_dir() / "model.safetensors"
+    assert path.stat().st_size <= 40 * 2**20
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())
+    assert any(n.startswith("model.vision_tower.") for n in names)
+    assert not [n for n in names if n.startswith("model.language_model.")]  # only low-rank factors of it
+
+
+def test_shipped_vlm_answers_held_out_scenes(vlm):
+    model, processor = vlm
+    assert model.config.model_type == "llava"
+    tok = processor.tokenizer
+    right, total, wrong = 0, 0, []
+    for i in range(4):
+        scene = S.make_scene(S.split_seed("test", 500 + i))
+        for q in S.questions(scene):
+            enc = processor(text=V.chat_prompt([(q.text, None)]), images=scene.render(), return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id)
+            answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            right += answer == q.answer
+            total += 1
+            if answer != q.answer:
+                wrong.append((q.text, q.answer, answer))
+    assert right / total >= 0.8, wrong
