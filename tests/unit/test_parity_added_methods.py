@@ -478,3 +478,23 @@ def test_cli_profile_duo_writes_a_profile_duo_attention_uses(tmp_path, tiny_mode
         torch.tensor([list(range(3, 30))]), torch.ones(1, 27, dtype=torch.long), text
     )[0]
     assert first.input_ids.shape[1] > 27 - 4  # instruction and reply header before the repeated tokens
+
+
+@torch.inference_mode()
+def test_undoing_the_models_rope_gives_its_pre_rope_keys(tiny_model):
+    """Expected Attention undoes the rotation with the frequencies read from the model: layer 0's stored keys,
+    un-rotated, are the model's own k_proj outputs."""
+    from tokensieve.attention.rope import unrotate
+    from tokensieve.profiling.probe import probe_prefill
+
+    T = 30
+    ids = torch.randint(3, 97, (1, T), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    press, _ = probe_prefill(tiny_model, ids, lambda c: seen.setdefault(c.layer_idx, c.keys.clone()))
+    rope = press.shape.rope[0]
+    assert rope is not None
+    layer = tiny_model.model.layers[0]
+    x = layer.input_layernorm(tiny_model.model.embed_tokens(ids))
+    pre = layer.self_attn.k_proj(x).view(1, T, HKV, D).transpose(1, 2)
+    got = unrotate(seen[0], torch.arange(T), torch.tensor(rope.inv_freq), rope.scaling)
+    torch.testing.assert_close(got, pre, atol=1e-4, rtol=1e-4)

@@ -339,7 +339,8 @@ def _rotary(model: Any, c: Any) -> tuple[Rope | None, ...]:
     learned positions), ``()`` when it cannot be told."""
     n = int(c.num_hidden_layers)
     types = list(getattr(c, "layer_types", None) or [])
-    for module in model.modules():
+    text_model = model.get_decoder() if hasattr(model, "get_decoder") else model  # not a vision tower's rotary
+    for module in text_model.modules():
         inv = getattr(module, "inv_freq", None)
         if isinstance(inv, torch.Tensor):
             rope = Rope(tuple(float(x) for x in inv.float().tolist()), float(getattr(module, "attention_scaling", 1.0)))
