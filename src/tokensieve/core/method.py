@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..select.selection import Selection
 from ..select.topk import topk_select
 from .capabilities import Apply, Capabilities, Phase
@@ -178,4 +179,34 @@ class PrefillMethod(Method):
         return self.apply(self.select(scores, counts, ctx), ctx, scores)
 
 
-__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText"]
+@dataclass(frozen=True)
+class WrapperMethod(PrefillMethod):
+    """A prefill method built on another one, ``base`` (composition by objects: ``AdaKV(base=SnapKV(window=64))``):
+    it scores, budgets its layers and protects tokens as ``base`` does, and changes the selection or the apply."""
+
+    base: PrefillMethod
+
+    def check_base(self, *, uniform: bool) -> None:
+        """Refuse a ``base`` that is not a scoring prefill method (with ``uniform``: one that needs a profile, or does
+        not evict the same number of entries in every head)."""
+        base = self.base
+        if not isinstance(base, PrefillMethod) or not base.compresses or base.deferred or isinstance(base, type(self)):
+            raise ConfigError(f"{self.name}: base must be a prefill scoring method, not {base!r}.")
+        if uniform and (
+            base.capabilities.profile or base.capabilities.apply is not Apply.EVICT or base.capabilities.head_adaptive
+        ):
+            raise ConfigError(
+                f"{self.name}: base '{base.name}' must be profile-free and evict the same count in every head."
+            )
+
+    def protected(self) -> tuple[int, int]:
+        return self.base.protected()
+
+    def score(self, ctx: LayerContext) -> Tensor:
+        return self.base.score(ctx)
+
+    def layer_counts(self, ctx: LayerContext) -> Tensor:
+        return self.base.layer_counts(ctx)
+
+
+__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText", "WrapperMethod"]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
-from ..core.method import PrefillMethod
+from ..core.method import PrefillMethod, WrapperMethod
 from ..core.registry import register
 from ..errors import ConfigError
 from ..select.allocation import round_to_total
@@ -51,7 +51,7 @@ def adaptive_head_counts(scores: Tensor, counts: Tensor, valid: Tensor, protecte
 
 @register
 @dataclass(frozen=True)
-class AdaKV(PrefillMethod):
+class AdaKV(WrapperMethod):
     """AdaKV: heads that concentrate their attention get fewer entries, diffuse heads more (Feng et al.,
     arXiv:2407.11550).
 
@@ -77,18 +77,7 @@ class AdaKV(PrefillMethod):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"adakv: alpha must be in [0, 1], got {self.alpha}.")
-        base = self.base
-        if not isinstance(base, PrefillMethod) or isinstance(base, AdaKV) or not base.compresses or base.deferred:
-            raise ConfigError(f"adakv: base must be a prefill scoring method, not {self.base!r}.")
-
-    def protected(self) -> tuple[int, int]:
-        return self.base.protected()
-
-    def score(self, ctx: LayerContext) -> Tensor:
-        return self.base.score(ctx)
-
-    def layer_counts(self, ctx: LayerContext) -> Tensor:
-        return self.base.layer_counts(ctx)
+        self.check_base(uniform=False)
 
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         sink_m, rec_m = protected_mask(ctx.selectable, ctx.run.sink, ctx.run.recent)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import LayerContext
-from ..core.method import PrefillMethod
+from ..core.method import PrefillMethod, WrapperMethod
 from ..core.registry import register
 from ..errors import ConfigError
 from ..select.selection import Selection
@@ -36,7 +36,7 @@ def chunk_scores(scores: Tensor, valid: Tensor, chunk: int) -> tuple[Tensor, Ten
 
 @register
 @dataclass(frozen=True)
-class ChunkKV(PrefillMethod):
+class ChunkKV(WrapperMethod):
     """ChunkKV: the unit of selection is a chunk of ``chunk`` consecutive tokens, so what is kept stays readable text;
     one set of chunks per layer, shared by every KV head (Liu et al., "ChunkKV: Semantic-Preserving KV Cache
     Compression for Efficient Long-Context LLM Inference", arXiv:2502.00299).
@@ -67,20 +67,7 @@ class ChunkKV(PrefillMethod):
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.reuse < 1:
             raise ConfigError(f"chunkkv: chunk and reuse must be >= 1; got chunk={self.chunk}, reuse={self.reuse}.")
-        base = self.base
-        if not isinstance(base, PrefillMethod) or not base.compresses or base.deferred or base.capabilities.profile:
-            raise ConfigError(f"chunkkv: base must be a profile-free prefill scoring method, not {base!r}.")
-        if base.capabilities.apply is not Apply.EVICT or base.capabilities.head_adaptive:
-            raise ConfigError(f"chunkkv: base '{base.name}' must evict with the same count for every head.")
-
-    def protected(self) -> tuple[int, int]:
-        return self.base.protected()
-
-    def score(self, ctx: LayerContext) -> Tensor:
-        return self.base.score(ctx)
-
-    def layer_counts(self, ctx: LayerContext) -> Tensor:
-        return self.base.layer_counts(ctx)
+        self.check_base(uniform=True)
 
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         key = ("chunkkv", self.chunk, self.reuse, ctx.layer_idx - ctx.layer_idx % self.reuse)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
-from ..core.method import PrefillMethod
+from ..core.method import PrefillMethod, WrapperMethod
 from ..core.registry import register
 from ..errors import CapabilityError, ConfigError
 from ..scorers.output import projected_value_norms
@@ -21,7 +21,7 @@ from .snapkv import SnapKV
 
 @register
 @dataclass(frozen=True)
-class CriticalKV(PrefillMethod):
+class CriticalKV(WrapperMethod):
     """CriticalKV: attention weight alone ignores how much an entry moves the output; bound the output perturbation by
     attention × projected value norm and select in two stages (Feng et al., "CriticalKV: Optimizing KV Cache Eviction
     from an Output Perturbation Perspective", arXiv:2502.03805).
@@ -52,20 +52,7 @@ class CriticalKV(PrefillMethod):
     def __post_init__(self) -> None:
         if not 0.0 <= self.first_stage <= 1.0 or self.epsilon < 0:
             raise ConfigError("criticalkv: first_stage must be in [0, 1] and epsilon >= 0.")
-        base = self.base
-        if not isinstance(base, PrefillMethod) or not base.compresses or base.deferred or base.capabilities.profile:
-            raise ConfigError(f"criticalkv: base must be a profile-free prefill scoring method, not {base!r}.")
-        if base.capabilities.apply is not Apply.EVICT or base.capabilities.head_adaptive:
-            raise ConfigError(f"criticalkv: base '{base.name}' must evict with the same count for every head.")
-
-    def protected(self) -> tuple[int, int]:
-        return self.base.protected()
-
-    def score(self, ctx: LayerContext) -> Tensor:
-        return self.base.score(ctx)
-
-    def layer_counts(self, ctx: LayerContext) -> Tensor:
-        return self.base.layer_counts(ctx)
+        self.check_base(uniform=True)
 
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         weights = ctx.run.weights
