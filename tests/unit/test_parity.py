@@ -191,3 +191,52 @@ def test_fasa_parity():
         chosen = sorted(partial.topk(budget).indices.tolist())
         attn = torch.softmax(q[0, hq, 0] @ k[0, h, chosen].T * D**-0.5, -1)
         torch.testing.assert_close(out[0, hq, 0], attn @ v[0, h, chosen], atol=1e-5, rtol=1e-5)
+
+
+def test_compresskv_parity():
+    """CompressKV (arXiv:2508.02401): only the layer's semantic retrieval heads vote — window attention summed over
+    the window, average-pooled (kernel 5), averaged over the SRH heads — one ranking per layer, plus the window."""
+    from tokensieve.core.profiles import SemanticHeads
+
+    ctx, W, budget = ctx_for(T=48, budget=20, seed=4), 8, 20
+    T = ctx.length
+    srh = (3, 0)  # the profile's best two query heads of layer 1
+    ctx.run.profile = SemanticHeads(srh=((0,), srh, (1,)), layer_score=(1.0, 1.0, 1.0))
+    ctx.run.scratch[("compresskv", "budgets")] = torch.tensor([[budget, budget, budget]])  # equal layer budgets
+    attn = attention(ctx.queries[0, :, T - W :], ctx.keys[0], torch.arange(T - W, T), T)  # (H_q, W, T)
+    votes = F.avg_pool1d(attn.sum(1)[:, None], 5, 1, 2)[:, 0]  # (H_q, T)
+    ranking = votes[list(srh)].mean(0)
+    ranking[T - W :] = float("-inf")
+    expected = top(ranking, budget - W) | set(range(T - W, T))
+    assert kept(ts.create_method("compresskv", heads=2), ctx) == [expected, expected]
+
+
+def test_tidaldecode_parity():
+    """TidalDecode (arXiv:2410.05076): the selection layer attends fully and keeps, per KV head, the positions of the
+    top tokens by the group's summed attention; a later layer attends only to those positions with its own K, V."""
+    from tokensieve.cache.decode import DecodeLayer, DecodeRun
+    from tokensieve.cache.storage import DenseKV
+    from tokensieve.methods.tidaldecode import TidalDecode
+
+    g = torch.Generator().manual_seed(11)
+    n, budget = 60, 16
+    run = DecodeRun(ModelShape(8, HQ, HKV, D, 512), torch.tensor([budget]), ts.Budget.tokens(budget))
+    m = TidalDecode(select_layer=2, reselect_layer=6)
+    stores = [
+        DenseKV(*(torch.randn(1, HKV, n, D, generator=g) for _ in range(2)), torch.arange(n).expand(1, HKV, n))
+        for _ in range(2)
+    ]
+    q2, q3 = torch.randn(1, HQ, 1, D, generator=g), torch.randn(1, HQ, 1, D, generator=g)
+    layers = [DecodeLayer(i, s, run, D**-0.5) for i, s in zip((2, 3), stores)]
+    for layer in layers:
+        layer.state = m.setup(layer, None)
+    m.step(layers[0], q2)  # the selection layer
+    out = m.step(layers[1], q3)
+    k2 = stores[0].keys[0]
+    summed = attention(q2[0, :, :, :].squeeze(1)[:, None], k2, [n - 1], n)[:, 0].view(HKV, G, n).sum(1)  # (H_kv, n)
+    k3, v3 = stores[1].keys[0], stores[1].values[0]
+    for hq in range(HQ):
+        h = hq // G
+        chosen = sorted(set(summed[h].topk(budget).indices.tolist()) | {n - 1})  # + the current token, always
+        attn = torch.softmax(q3[0, hq, 0] @ k3[h, chosen].T * D**-0.5, -1)
+        torch.testing.assert_close(out[0, hq, 0], attn @ v3[h, chosen], atol=1e-5, rtol=1e-5)
