@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import TokensieveError, TokensieveWarning
+from .results.threads import whole_number as _whole
 
 if TYPE_CHECKING:
     from .spec import Spec
@@ -32,21 +33,6 @@ def _threads(n: int | None) -> None:
     from .results.threads import use_threads
 
     use_threads(n)  # the one default of every command: tokensieve.results.threads
-
-
-def _whole(minimum: int) -> Any:
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = minimum - 1
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return n
-
-    return parse
 
 
 def _depth(text: str) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..adapters.profiles import Profile, save_profile
 from ..errors import ConfigError, PromptError, UnknownNameError
+from ..results.threads import whole_number as _whole
 
 STEPS = 32  # teacher-forced decode steps after each calibration text (compresskv, fasa)
 ANSWER_ROOM = 32  # tokens a CompressKV passkey trial may decode after its prompt
@@ -136,21 +137,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     print(path)
     return 0
-
-
-def _whole(minimum: int, why: str = "") -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = minimum - 1
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}{why}")
-        return n
-
-    return parse
 
 
 def _lengths(text: str) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 MAX_DEFAULT = 8
 DEFAULT_TEXT = f"all cores, at most {MAX_DEFAULT}"
@@ -60,3 +61,18 @@ def threads_arg(text: str) -> int:
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads`` with the one default (every command that computes takes it)."""
     parser.add_argument("--threads", type=threads_arg, default=None, metavar="N", help=HELP)
+
+
+def whole_number(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum`` (``why`` is added to the error, e.g. what the number is)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}{why}")
+        return n
+
+    return parse
