@@ -1,0 +1,438 @@
+"""The HTTP face of the engine: an OpenAI-compatible API (FastAPI), streamed with server-sent events.
+
+Endpoints:
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` — OpenAI's request and response bodies, ``stream: true``
+  for server-sent events in OpenAI's chunk format (``data: {...}`` lines, then ``data: [DONE]``). Extra body fields:
+  ``spec`` (what to run for this request, e.g. ``"snapkv:0.25+quest:0.125"``; default: the server's ``--spec``) and
+  ``context_id`` (answer from a stored context, see below). Greedy unless ``temperature > 0``.
+* ``POST /v1/contexts`` ``{"document": ..., "mode": "chat"|"text", "spec": ...}`` — prefill and compress a document
+  once (query-agnostically) and get its id; ``GET /v1/contexts``, ``GET /v1/contexts/{id}``,
+  ``DELETE /v1/contexts/{id}``.
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+
+Every refused request gets an OpenAI-style error body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
+status; the server never dies on a bad request.
+"""
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Any
+
+from ..errors import TokensieveError
+from . import require
+from .engine import Delta, Done, Engine, Event, Failed, Job, RequestError, Sampling, StoredContext
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error", 503: "server_error"}
+
+
+def error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """``body[key]`` checked to be of ``kind`` (a bool is not a number), or ``default`` when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+                             dict: "an object"}[k] for k in kinds)  # fmt: skip
+        raise RequestError(f"'{key}' must be {names}; got {json.dumps(value)[:60]}.", param=key, code="invalid_type")
+    return value
+
+
+def _max_tokens(body: dict[str, Any], engine: Engine, *keys: str) -> int:
+    for key in keys:
+        n = _get(body, key, int)
+        if n is not None:
+            if n < 0:
+                raise RequestError(f"'{key}' must be >= 0; got {n}.", param=key, code="invalid_value")
+            return int(n)
+    return engine.default_max_tokens
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    temperature = float(_get(body, "temperature", float, 0.0))
+    top_p = float(_get(body, "top_p", float, 1.0))
+    seed = _get(body, "seed", int)
+    if not 0.0 <= temperature <= 2.0:
+        raise RequestError(f"'temperature' must be in [0, 2]; got {temperature}.", param="temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise RequestError(f"'top_p' must be in (0, 1]; got {top_p}.", param="top_p")
+    n = _get(body, "n", int, 1)
+    if n != 1:
+        raise RequestError("Only n = 1 is supported.", param="n")
+    return Sampling(temperature, top_p, seed)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise RequestError("'stop' must be a non-empty string or an array of up to 4 of them.", param="stop")
+    return tuple(stop)
+
+
+def _content(message: dict[str, Any], i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"messages[{i}].content: only text parts are supported.", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"messages[{i}].content must be a string or an array of text parts.", param="messages")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = _get(body, "messages", list)
+    if not messages:
+        raise RequestError("'messages' must be a non-empty array.", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise RequestError(
+                f"messages[{i}] must be an object with a role of system, user or assistant.", param="messages"
+            )
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _content(m, i)})
+    return out
+
+
+async def _json(request: Any) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"The request body is not valid JSON: {exc}.", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+# -------------------------------------------------------------------------------------------------- app
+def create_app(engine: Engine, *, start: bool = True) -> Any:
+    """The FastAPI application serving ``engine`` (its scheduler thread runs while the app is up)."""
+    fastapi = require("fastapi", "serve")
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        if start:
+            engine.start()
+        try:
+            yield
+        finally:
+            if start:
+                engine.stop()
+
+    app = fastapi.FastAPI(title="tokensieve", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Any, exc: RequestError) -> Any:
+        return JSONResponse(error_body(str(exc), exc.status, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Any, exc: Any) -> Any:
+        status = int(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), status), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Any, exc: Exception) -> Any:
+        return JSONResponse(error_body(f"Internal error: {type(exc).__name__}: {exc}", 500), status_code=500)
+
+    def check_model(body: dict[str, Any]) -> None:
+        name = _get(body, "model", str)
+        if name is not None and name != engine.model_name:
+            raise RequestError(
+                f"The model '{name}' does not exist on this server; it serves '{engine.model_name}'.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    async def run(request: Any, body: dict[str, Any], chat: bool) -> Any:
+        check_model(body)
+        max_tokens = _max_tokens(body, engine, *(("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)))
+        sampling = _sampling(body)
+        stop = _stop(body)
+        stream = bool(_get(body, "stream", bool, False))
+        options = _get(body, "stream_options", dict, {})
+        include_usage = bool(options.get("include_usage", False))
+        context_id = _get(body, "context_id", str)
+        spec = _get(body, "spec", str)
+        stored: StoredContext | None = None
+        if context_id is not None:
+            stored = engine.context(context_id)
+            if spec is not None and spec != stored.press.spec.label:
+                raise RequestError(
+                    f"Context {context_id} was compressed with '{stored.press.spec.label}'; its spec is fixed when it "
+                    "is registered (leave out 'spec').",
+                    param="spec",
+                )
+            press = stored.press
+        else:
+            press = engine.compressor(spec)
+        if chat:
+            messages = _messages(body)
+            if stored is not None:
+                if stored.mode != "chat" or len(messages) != 1 or messages[0]["role"] != "user":
+                    raise RequestError(
+                        "A chat question on a stored context is one user message, on a context registered with "
+                        "mode 'chat'.",
+                        param="messages",
+                    )
+                ids = engine.question_ids(stored, messages[0]["content"])
+            else:
+                ids = engine.encode_chat(messages)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                if stored is not None:
+                    raise RequestError("A question on a stored context is text.", param="prompt")
+                ids = engine.encode_prompt(prompt)
+            elif isinstance(prompt, str):
+                if stored is not None:
+                    if stored.mode != "text":
+                        raise RequestError("Completions on a stored context need one registered with mode 'text'.",
+                                           param="context_id")  # fmt: skip
+                    ids = engine.question_ids(stored, prompt)
+                else:
+                    ids = engine.encode_prompt(prompt)
+            else:
+                raise RequestError("'prompt' must be a string (or an array of token ids).", param="prompt")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # from the scheduler thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(ids, press, emit, max_tokens, sampling, stop, context_id)
+        engine.submit(job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + job.id
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if stream:
+            return StreamingResponse(
+                _sse(job, events, rid, created, engine.model_name, chat, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        parts: list[str] = []
+        done: Done | None = None
+        try:
+            while done is None:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # nobody to answer: free the cache
+                        return JSONResponse(error_body("The client disconnected.", 499), status_code=499)
+                    continue
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+                elif isinstance(event, Failed):
+                    return JSONResponse(error_body(event.message, event.status, code=event.code),
+                                        status_code=event.status)  # fmt: skip
+                else:
+                    done = event
+        finally:
+            if done is None:
+                job.cancel()
+        event = done
+        text = "".join(parts)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": engine.model_name,
+            "choices": [choice],
+            "usage": _usage(event),
+            "tokensieve": event.info,
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: fastapi.Request) -> Any:
+        return await run(request, await _json(request), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: fastapi.Request) -> Any:
+        return await run(request, await _json(request), chat=False)
+
+    @app.post("/v1/contexts")
+    async def register_context(request: fastapi.Request) -> Any:
+        body = await _json(request)
+        check_model(body)
+        document = _get(body, "document", str)
+        if not document or not document.strip():
+            raise RequestError("'document' must be a non-empty string.", param="document")
+        mode = _get(body, "mode", str, "chat")
+        if mode not in ("chat", "text"):
+            raise RequestError("'mode' must be 'chat' (for chat completions) or 'text' (for completions).",
+                               param="mode")  # fmt: skip
+        press = engine.compressor(_get(body, "spec", str))
+        if mode == "chat":
+            ids = _context_ids(engine, document)
+        else:
+            ids = engine.encode_prompt(document)
+        result: Future[StoredContext] = Future()
+        job = Job(ids, press, lambda e: None, 0, kind="context", document=document, mode=mode, result=result)
+        engine.submit(job)
+        try:
+            stored = await asyncio.wrap_future(result)
+        except RequestError:
+            raise
+        except TokensieveError as exc:
+            raise RequestError(str(exc)) from exc
+        return stored.describe()
+
+    @app.get("/v1/contexts")
+    async def list_contexts() -> Any:
+        return {"object": "list", "data": engine.list_contexts()}
+
+    @app.get("/v1/contexts/{context_id}")
+    async def get_context(context_id: str) -> Any:
+        return engine.context(context_id).describe()
+
+    @app.delete("/v1/contexts/{context_id}")
+    async def delete_context(context_id: str) -> Any:
+        if not engine.delete_context(context_id):
+            engine.context(context_id)  # raises the 404
+        return {"id": context_id, "object": "context.deleted", "deleted": True}
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "tokensieve",
+                "spec": engine.default.spec.label}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Any:
+        return {"status": "ok", "model": engine.model_name, **engine.gauges()}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        return PlainTextResponse(prometheus(engine), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _context_ids(engine: Engine, document: str) -> list[int]:
+    from ..data.prompts import chat_split
+
+    return chat_split(engine.tokenizer, document, "").context
+
+
+def _usage(done: Done) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+async def _sse(
+    job: Job, events: asyncio.Queue[Event], rid: str, created: int, model: str, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    """OpenAI's streaming format: one ``data:`` line per chunk, a last chunk with the finish reason, ``[DONE]``.
+    If the client goes away the generator is closed, and the job is cancelled (its cache freed)."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None = None, first: bool = False) -> str:
+        if chat:
+            d: dict[str, Any] = {} if delta is None else {"content": delta}
+            if first:
+                d = {"role": "assistant", "content": ""}
+            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    finished = False
+    try:
+        if chat:
+            yield chunk(None, first=True)
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield chunk(event.text)
+            elif isinstance(event, Failed):
+                finished = True
+                yield f"data: {json.dumps(error_body(event.message, event.status, code=event.code))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                finished = True
+                yield chunk(None, event.finish_reason)
+                if include_usage:
+                    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                            "usage": _usage(event), "tokensieve": event.info}  # fmt: skip
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not finished:
+            job.cancel()
+
+
+def prometheus(engine: Engine) -> str:
+    """The engine's counters and gauges in Prometheus' text exposition format."""
+    c = engine.counters
+    g = engine.gauges()
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP tokensieve_{name} {help_}")
+        lines.append(f"# TYPE tokensieve_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"tokensieve_{name}{labels} {value:g}" if isinstance(value, float) else
+                         f"tokensieve_{name}{labels} {value}")  # fmt: skip
+
+    outcomes = sorted(set(c.requests) | {"stop", "length", "failed", "context"})
+    metric("requests_total", "counter", "Requests finished, by outcome (stop, length, failed; context = stored).",
+           [(f'{{outcome="{o}"}}', c.requests[o]) for o in outcomes])  # fmt: skip
+    metric("requests_cancelled_total", "counter", "Requests whose client went away.", [("", c.cancelled)])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", c.prompt_tokens)])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [("", c.generated_tokens)])
+    metric("decode_steps_total", "counter", "Batched decode forward passes.", [("", c.decode_steps)])
+    metric("decode_rows_total", "counter", "Sequences stepped, summed over decode steps.", [("", c.batched_rows)])
+    metric("batch_size_max", "gauge", "Largest decode batch so far.", [("", c.max_batch)])
+    metric("contexts_evicted_total", "counter", "Stored contexts evicted under memory pressure.",
+           [("", c.contexts_evicted)])  # fmt: skip
+    metric("queue_length", "gauge", "Requests waiting for admission.", [("", g["queue_length"])])
+    metric("running_sequences", "gauge", "Sequences in the decode batch.", [("", g["running"])])
+    metric("kv_bytes_in_use", "gauge", "Exact KV bytes stored by running sequences and stored contexts.",
+           [("", g["kv_bytes_in_use"])])  # fmt: skip
+    metric("kv_bytes_reserved", "gauge", "KV bytes held (stored entries plus reserved answer headroom).",
+           [("", g["kv_bytes_reserved"])])  # fmt: skip
+    metric("kv_bytes_budget", "gauge", "The KV memory budget (0: unlimited).", [("", g["kv_bytes_budget"])])
+    metric("contexts", "gauge", "Stored contexts.", [("", g["contexts"])])
+    metric("context_bytes", "gauge", "Bytes held by stored contexts.", [("", g["context_bytes"])])
+    return "\n".join(lines) + "\n"
