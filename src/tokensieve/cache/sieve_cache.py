@@ -238,7 +238,12 @@ class SieveCache:
         decode = plan.decode if plan is not None else None
         stored = L  # tokens of this chunk that count as seen
         if layer.store is None:
-            out = causal_attention(q, k, v, valid_new, scaling, mods)
+            own = (
+                plan.method.prefill_attention(layer_idx, q, k, v, valid_new, scaling, mods, plan.profile)
+                if plan is not None and isinstance(plan.method, PrefillMethod) and L > 1
+                else None
+            )  # sparse prefill attention (FlexPrefill, MInference, ...) or None: dense
+            out = causal_attention(q, k, v, valid_new, scaling, mods) if own is None else own
             ctx: LayerContext | None = None
             compressing = self.armed and plan is not None and L > 1
             tail = plan.tail if compressing and plan is not None else 0  # auxiliary tokens: never kept nor seen

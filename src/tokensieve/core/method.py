@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
+from ..attention.dense import Modifiers
 from ..errors import ConfigError
 from ..select.selection import Selection
 from ..select.topk import topk_select
@@ -145,6 +146,23 @@ class PrefillMethod(Method):
         ``ctx`` is the layer's prompt context (keys, values, padding; no queries); ``queries`` ``(B, H_q, N, D)`` and
         ``keys`` ``(B, H_kv, N, D)`` are the pass tokens' (post-RoPE), ``valid`` ``(B, N)`` marks its real tokens.
         """
+
+    # -- prefill attention ----------------------------------------------------------------------------------------
+    def prefill_attention(
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        valid: Tensor | None,
+        scaling: float,
+        mods: Modifiers,
+        profile: Any,
+    ) -> Tensor | None:
+        """The attention output ``(B, H_q, T, D)`` of a fresh prompt chunk (q ``(B, H_q, T, D)``, k/v
+        ``(B, H_kv, T, D)``, valid ``(B, T)`` or None), when the method computes it itself — sparse prefill attention
+        (FlexPrefill, MInference). Default None: dense causal attention. ``profile`` is the plan's profile contents."""
+        return None
 
     # -- score --------------------------------------------------------------------------------------------------
     def score(self, ctx: LayerContext) -> Tensor:
