@@ -269,6 +269,7 @@ _COMMAND_MODULES = [
         "tokensieve.bench.cli",
         "tokensieve.profiling.cli",
         "tokensieve.train.cli",
+        "tokensieve.serve.cli",
         "tokensieve.report",
     )
     if importlib.util.find_spec(m.rsplit(".", 1)[0]) is not None and importlib.util.find_spec(m) is not None
