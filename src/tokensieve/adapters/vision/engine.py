@@ -1,0 +1,444 @@
+"""The visual-token pruning engine shared by every VLM family: the language model run layer by layer on a packed,
+left-padded sequence whose visual tokens may be removed before it (stages a, b) or inside it (stage c).
+
+Vocabulary:
+
+* a :class:`Seq` is the language model's input for a batch: embeddings, which entries are real (left padding),
+  their positions (``(P, B, T)``: ``P = 1`` for 1-D RoPE, ``P = 3`` for M-RoPE), which are prunable visual tokens
+  and the grids those form per sample;
+* a :class:`Segment` is a range of decoder layers that share one token layout (the layers before a stage-c pruning
+  layer K hold every token, the layers from K on only the kept ones); each segment has its own validity mask and
+  positions, and its layers' KV cache holds exactly its tokens;
+* :class:`VisionState` is a prefilled prompt: the cache, the segments and the next-token logits; ``extend`` appends
+  tokens (a follow-up turn, or one decoded token) through every segment, ``generate`` decodes greedily.
+
+Position policy (``positions=``): ``"keep"`` — every kept token keeps the position it had in the unpruned sequence
+(gaps where tokens were removed; for M-RoPE the 3-D (t, h, w) positions of the kept visual tokens); ``"renumber"`` —
+the kept tokens of a segment are numbered 0, 1, … without gaps (1-D RoPE only: M-RoPE positions encode the grid, so
+renumbering them is refused). Appended tokens continue after the segment's largest position, so with ``"keep"`` every
+segment continues at the unpruned sequence's next position, with ``"renumber"`` at its own length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ...errors import CapabilityError, ConfigError, PromptError
+from ...methods.visual.base import Stage, VisualContext, VisualGroup, VisualKept
+from ...methods.visual.spec import VisualPlan, VisualSpec
+from .attention import RowRequest, rows_routed
+
+PositionPolicy = Literal["keep", "renumber"]
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+class LayerKV:
+    """A minimal KV cache for the engine's own decoder loop: per layer, the keys and values of exactly the tokens
+    that layer has seen (layers after a stage-c pruning hold fewer). Transformers' attention modules only call
+    :meth:`update`."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        if old_k is not None and old_v is not None:
+            k = torch.cat([old_k, k], dim=2)
+            v = torch.cat([old_v, v], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        k = self.keys[layer_idx]
+        return 0 if k is None else int(k.shape[2])
+
+    def lengths(self) -> list[int]:
+        """Entries per layer (padding included)."""
+        return [self.get_seq_length(i) for i in range(len(self.keys))]
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+
+# ------------------------------------------------------------------------------------------------ sequences
+@dataclass
+class Seq:
+    """A left-padded batch at the language model's input (see the module docstring).
+
+    ``visual`` marks the prunable visual tokens; ``groups[b]`` are the grids over sample b's prunable visual tokens
+    in order; ``image[b]`` (``(T,)``, -1 for text) the image each token belongs to.
+    """
+
+    embeds: Tensor
+    valid: Tensor
+    pos: Tensor
+    visual: Tensor
+    image: Tensor
+    groups: list[tuple[VisualGroup, ...]]
+
+    @property
+    def batch(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def visual_index(self, b: int) -> Tensor:
+        return self.visual[b].nonzero().flatten()
+
+
+def renumbered(valid: Tensor, P: int) -> Tensor:
+    """``(P, B, T)`` positions 0, 1, … over the real entries of each row (0 at padding)."""
+    pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    return pos[None].expand(P, -1, -1).clone()
+
+
+def compact(seq: Seq, keep: list[Tensor], policy: PositionPolicy, groups: list[tuple[VisualGroup, ...]]) -> Seq:
+    """Keep, per sample, the entries ``keep[b]`` (``(T,)`` bool) and pack them left-padded to the longest row.
+
+    Positions follow ``policy``; ``groups`` are the new grids."""
+    B, D = seq.embeds.shape[0], seq.embeds.shape[2]
+    counts = [int(k.sum()) for k in keep]
+    S = max(counts)
+    P = int(seq.pos.shape[0])
+    embeds = seq.embeds.new_zeros(B, S, D)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=seq.valid.device)
+    pos = torch.zeros(P, B, S, dtype=seq.pos.dtype, device=seq.pos.device)
+    visual = torch.zeros(B, S, dtype=torch.bool, device=seq.valid.device)
+    image = torch.full((B, S), -1, dtype=torch.long, device=seq.valid.device)
+    for b in range(B):
+        idx = keep[b].nonzero().flatten()
+        n = counts[b]
+        embeds[b, S - n :] = seq.embeds[b, idx]
+        valid[b, S - n :] = True
+        pos[:, b, S - n :] = seq.pos[:, b, idx]
+        visual[b, S - n :] = seq.visual[b, idx]
+        image[b, S - n :] = seq.image[b, idx]
+    if policy == "renumber":
+        if P != 1:
+            raise CapabilityError(
+                "M-RoPE positions encode the image grid: renumbering them is not defined; use 'keep'."
+            )
+        pos = renumbered(valid, P)
+    return Seq(embeds, valid, pos, visual, image, groups)
+
+
+def unstructured(groups: tuple[VisualGroup, ...], kept_per_image: dict[int, int]) -> tuple[VisualGroup, ...]:
+    """After a pruning step the kept tokens no longer form grids: one ``1 × n`` group per image."""
+    out: list[VisualGroup] = []
+    start = 0
+    for image in sorted({g.image for g in groups}):
+        n = kept_per_image.get(image, 0)
+        if n:
+            out.append(VisualGroup(start, start + n, 1, n, image))
+            start += n
+    return tuple(out)
+
+
+def apply_kept(seq: Seq, kept: list[VisualKept], policy: PositionPolicy) -> Seq:
+    """Apply one stage's per-sample results to ``seq``: text and separators stay, visual tokens not kept go, merged
+    tokens replace their representative's state."""
+    keep: list[Tensor] = []
+    new_groups: list[tuple[VisualGroup, ...]] = []
+    embeds = seq.embeds.clone()
+    for b, k in enumerate(kept):
+        vis = seq.visual_index(b)
+        mask = seq.valid[b] & ~seq.visual[b]
+        chosen = vis[k.index]
+        mask[chosen] = True
+        if k.tokens is not None:
+            embeds[b, chosen] = k.tokens.to(embeds.dtype)
+        keep.append(mask)
+        full = all(g.size for g in seq.groups[b]) and int(k.index.numel()) == int(vis.numel()) and k.tokens is None
+        if full:
+            new_groups.append(seq.groups[b])
+        else:
+            per_image: dict[int, int] = {}
+            for img in seq.image[b, chosen].tolist():
+                per_image[int(img)] = per_image.get(int(img), 0) + 1
+            new_groups.append(unstructured(seq.groups[b], per_image))
+    return compact(replace(seq, embeds=embeds), keep, policy, new_groups)
+
+
+# ------------------------------------------------------------------------------------------------- segments
+@dataclass
+class Segment:
+    """Decoder layers ``[start, end)`` sharing one token layout: ``valid (B, S)`` and ``pos (P, B, S)`` over every
+    entry their caches hold (prompt and appended)."""
+
+    start: int
+    end: int
+    valid: Tensor
+    pos: Tensor
+
+    def next_positions(self) -> Tensor:
+        """``(B,)`` the position the next appended token takes: one past the largest position of a real entry."""
+        p = self.pos.amax(0).masked_fill(~self.valid, -1)
+        return p.amax(-1) + 1
+
+
+@dataclass
+class VisionState:
+    """A prefilled prompt: its cache, the segments of decoder layers and the next-token logits ``(B, V)``.
+
+    ``kept`` records, per stage that ran, the per-sample results (indices into the prunable visual tokens that
+    reached the stage); ``visual_tokens`` the number of visual tokens each sample had at the language model's input
+    and after each stage-c pruning."""
+
+    cache: Any
+    segments: list[Segment]
+    logits: Tensor
+    kept: dict[str, list[VisualKept]] = field(default_factory=dict)
+    visual_tokens: dict[str, list[int]] = field(default_factory=dict)
+    all_logits: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------- engine
+class TextStack:
+    """What the engine needs of a family's language model: its decoder layers, embeddings, final norm, head and
+    rotary embedding (``rope(hidden, pos (P, B, T)) -> (cos, sin)``)."""
+
+    def __init__(
+        self,
+        layers: Sequence[torch.nn.Module],
+        embed: torch.nn.Module,
+        norm: torch.nn.Module,
+        head: torch.nn.Module,
+        rope: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        attn_of: Callable[[torch.nn.Module], Any] = lambda layer: layer.self_attn,
+    ) -> None:
+        self.layers = list(layers)
+        self.embed = embed
+        self.norm = norm
+        self.head = head
+        self.rope = rope
+        self.attn_of = attn_of
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def causal_mask(valid: Tensor, n_new: int, dtype: torch.dtype) -> Tensor:
+    """``(B, 1, n_new, S)`` additive mask for the last ``n_new`` of ``S`` entries as queries: each attends to the
+    real entries up to itself; a padding query attends to itself only (so no row is empty)."""
+    B, S = valid.shape
+    q = torch.arange(S - n_new, S, device=valid.device)
+    k = torch.arange(S, device=valid.device)
+    allowed = (k[None, :] <= q[:, None])[None] & valid[:, None, :]
+    allowed = allowed | (k[None, :] == q[:, None])[None]
+    out = torch.zeros(B, 1, n_new, S, dtype=dtype, device=valid.device)
+    return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def run_layers(
+    stack: TextStack,
+    h: Tensor,
+    seg: Segment,
+    n_new: int,
+    cache: Any,
+    lo: int,
+    hi: int,
+    sieve: bool,
+) -> Tensor:
+    """Decoder layers ``[lo, hi)`` on ``h`` (the segment's last ``n_new`` entries)."""
+    pos_new = seg.pos[:, :, -n_new:]
+    rope_arg = pos_new if pos_new.shape[0] > 1 else pos_new[0]
+    cos_sin = stack.rope(h, rope_arg)
+    mask = seg.valid.to(torch.long) if sieve else causal_mask(seg.valid, n_new, h.dtype)
+    for i in range(lo, hi):
+        h = stack.layers[i](
+            h,
+            attention_mask=mask,
+            position_ids=pos_new[0],
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=cos_sin,
+        )
+        if isinstance(h, tuple):
+            h = h[0]
+    return h
+
+
+def llm_stage_layer(plan: VisualPlan, num_layers: int) -> int | None:
+    spec = plan.at(Stage.LLM)
+    if spec is None:
+        return None
+    K = spec.method.at_layer
+    if not 1 <= K < num_layers:
+        raise ConfigError(
+            f"{spec.label}: the language model has {num_layers} decoder layers, so K must be in 1..{num_layers - 1}."
+        )
+    return K
+
+
+def prefill(
+    stack: TextStack,
+    seq: Seq,
+    plan: VisualPlan,
+    *,
+    policy: PositionPolicy = "keep",
+    cache: Any = None,
+    seeds: Sequence[int] | None = None,
+    all_logits: bool = False,
+    forced: Sequence[Tensor] | None = None,
+) -> VisionState:
+    """Prefill ``seq`` (already pruned at stages a and b) with the plan's stage-c method, if any.
+
+    ``cache``: a transformers-``Cache``-like object whose ``update`` runs with tokensieve's attention (the view of a
+    SieveCache, for composing with a KV method) — else the engine's :class:`LayerKV` and SDPA. ``forced``: per
+    sample the indices (into the visual tokens reaching layer K) to keep instead of the method's choice (tests and
+    replays)."""
+    B = seq.batch
+    sieve = cache is not None
+    kv = cache if cache is not None else LayerKV(stack.num_layers)
+    L = stack.num_layers
+    K = llm_stage_layer(plan, L)
+    seg = Segment(0, K if K is not None else L, seq.valid.clone(), seq.pos.clone())
+    state_kept: dict[str, list[VisualKept]] = {}
+    counts = {"llm_input": [int(seq.visual[b].sum()) for b in range(B)]}
+    request = RowRequest()
+    modules = [stack.attn_of(layer) for layer in stack.layers]
+    if sieve:
+        from ..hf import sieve_attention
+
+        for m in modules:
+            request.delegates[id(m)] = sieve_attention
+    spec = plan.at(Stage.LLM)
+    if spec is not None and K is not None and "text_attention" in type(spec.method).needs:
+        request.rows[id(modules[K - 1])] = "last"
+    if spec is not None and K is not None and "keys" in type(spec.method).needs:
+        request.keys.add(id(modules[K - 1]))
+    segments = [seg]
+    with rows_routed(modules, request):
+        h = seq.embeds
+        T = int(h.shape[1])
+        h = run_layers(stack, h, seg, T, kv, 0, seg.end, sieve)
+        if K is not None and spec is not None:
+            ctxs = []
+            probs = request.probs.get(id(modules[K - 1]))
+            keys = request.recorded_keys.get(id(modules[K - 1]))
+            cur = replace(seq, embeds=h)
+            kept: list[VisualKept] = []
+            for b in range(B):
+                vis = cur.visual_index(b)
+                ctx = VisualContext(
+                    tokens=h[b, vis],
+                    groups=cur.groups[b],
+                    stage=Stage.LLM,
+                    layer=K,
+                    text_attention=None if probs is None else probs[b][:, vis],
+                    keys=None if keys is None else keys[b][:, vis],
+                    seed=int(seeds[b]) if seeds is not None else 0,
+                )
+                ctxs.append(ctx)
+                if forced is not None:
+                    kept.append(VisualKept(torch.as_tensor(forced[b], dtype=torch.long, device=h.device)))
+                elif ctx.n == 0:
+                    kept.append(VisualKept(torch.zeros(0, dtype=torch.long, device=h.device)))
+                else:
+                    kept.append(spec.method.prune(ctx, spec.budget))
+            state_kept["llm"] = kept
+            nxt = apply_kept(cur, kept, policy)
+            counts["llm"] = [int(nxt.visual[b].sum()) for b in range(B)]
+            seg2 = Segment(K, L, nxt.valid.clone(), nxt.pos.clone())
+            segments.append(seg2)
+            h = run_layers(stack, nxt.embeds, seg2, int(nxt.embeds.shape[1]), kv, K, L, sieve)
+    h = stack.norm(h)
+    logits = stack.head(h[:, -1]).float()
+    full = stack.head(h).float() if all_logits else None
+    return VisionState(kv, segments, logits, state_kept, counts, full)
+
+
+def extend(
+    stack: TextStack,
+    state: VisionState,
+    input_ids: Tensor,
+    *,
+    image_token_ids: Sequence[int] = (),
+    all_logits: bool = False,
+) -> Tensor:
+    """Append ``input_ids (B, L)`` (a follow-up turn, or decoded tokens) to a prefilled state through every
+    segment; returns the last logits ``(B, V)`` (``all_logits``: ``(B, L, V)``).
+
+    Every appended token is real (no padding inside a batch's appended chunk) and takes the next positions of each
+    segment (module docstring). Pruned visual tokens stay gone: a follow-up turn attends to what the prompt kept.
+    Images cannot be appended (their tokens would need encoding): prefill again."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != state.logits.shape[0]:
+        raise PromptError(
+            f"extend expects input_ids of shape ({state.logits.shape[0]}, L); got {tuple(input_ids.shape)}."
+        )
+    for t in image_token_ids:
+        if bool((input_ids == t).any()):
+            raise CapabilityError("A follow-up chunk cannot contain image tokens: prefill a new prompt with the image.")
+    n = int(input_ids.shape[1])
+    h = stack.embed(input_ids)
+    sieve = not isinstance(state.cache, LayerKV)
+    request = RowRequest()
+    modules = [stack.attn_of(layer) for layer in stack.layers]
+    if sieve:
+        from ..hf import sieve_attention
+
+        for m in modules:
+            request.delegates[id(m)] = sieve_attention
+    with rows_routed(modules, request):
+        for seg in state.segments:
+            nxt = seg.next_positions()
+            new_pos = nxt[None, :, None] + torch.arange(n, device=nxt.device)[None, None, :]
+            P = int(seg.pos.shape[0])
+            seg.pos = torch.cat([seg.pos, new_pos.expand(P, -1, -1).to(seg.pos.dtype)], dim=2)
+            seg.valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], n)], dim=1)
+            h = run_layers(stack, h, seg, n, state.cache, seg.start, seg.end, sieve)
+    h = stack.norm(h)
+    if all_logits:
+        return stack.head(h).float()
+    logits = stack.head(h[:, -1]).float()
+    state.logits = logits
+    return logits
+
+
+def generate(
+    stack: TextStack,
+    state: VisionState,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+) -> Tensor:
+    """Greedy decoding from a prefilled state: ``(B, ≤ max_new_tokens)`` token ids (a sequence that produced
+    ``eos_token_id`` keeps producing it, as transformers pads finished rows)."""
+    out: list[Tensor] = []
+    done = torch.zeros(state.logits.shape[0], dtype=torch.bool, device=state.logits.device)
+    logits = state.logits
+    for step in range(max_new_tokens):
+        tok = logits.argmax(-1)
+        if eos_token_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+            done |= tok == eos_token_id
+        out.append(tok)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = extend(stack, state, tok[:, None])
+    return torch.stack(out, dim=1) if out else torch.zeros(state.logits.shape[0], 0, dtype=torch.long)
+
+
+def stage_b(
+    seq: Seq, spec: VisualSpec | None, policy: PositionPolicy, seeds: Sequence[int] | None
+) -> tuple[Seq, list[VisualKept] | None]:
+    """Run the plan's projector-stage method on the language model's input embeddings."""
+    if spec is None:
+        return seq, None
+    kept: list[VisualKept] = []
+    for b in range(seq.batch):
+        vis = seq.visual_index(b)
+        ctx = VisualContext(
+            tokens=seq.embeds[b, vis],
+            groups=seq.groups[b],
+            stage=Stage.PROJECTOR,
+            layer=0,
+            seed=int(seeds[b]) if seeds is not None else 0,
+        )
+        kept.append(spec.method.prune(ctx, spec.budget) if ctx.n else VisualKept(torch.zeros(0, dtype=torch.long)))
+    return apply_kept(seq, kept, policy), kept

@@ -1,0 +1,3 @@
+"""Imports the built-in visual-token methods (each module registers one)."""
+
+from . import fastv, pool, random  # noqa: F401

@@ -1,0 +1,250 @@
+"""Visual-token methods: score → select → apply on one sample's visual tokens, at one of three stages.
+
+A visual-token method sees the *prunable* visual tokens of one sample — every image's patch (or merged-patch) tokens
+in sequence order, without separators such as LLaVA-NeXT's ``image_newline`` — as a :class:`VisualContext` of pure
+tensors, and returns which of them stay (:class:`VisualKept`). The adapter (``tokensieve.adapters.vision``) builds the
+context at the method's stage and applies the result to the model's sequence:
+
+* ``vision`` (stage a): inside the vision encoder, after encoder layer ``layer`` (1-based count of layers run); the
+  tokens are the encoder's hidden states; ``cls_attention`` (the CLS query's attention row in that layer) and ``keys``
+  are available where the encoder has a CLS token;
+* ``projector`` (stage b): after the projector, before the language model; the tokens are the language model's input
+  embeddings of the visual tokens;
+* ``llm`` (stage c): inside the language model, before decoder layer ``layer`` (0-based: ``layer = K`` prunes after
+  the K-th layer, as FastV's K); the tokens are the hidden states entering layer K, ``text_attention`` is the
+  attention row of the last prompt token in layer K − 1 (softmax over the whole prefix, restricted to the visual
+  tokens).
+
+The methods are plain frozen dataclasses registered with :func:`tokensieve.methods.visual.registry.register_visual`
+(a registry separate from the KV methods': a visual method keeps or merges *sequence positions* before or inside the
+forward pass, a KV method keeps *cache entries* after it). This module is part of the library floors: no transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ...core.budget import Budget
+from ...errors import CapabilityError, ConfigError
+
+
+class Stage(str, Enum):
+    """Where a visual-token method acts (issue 11's stages a, b, c)."""
+
+    VISION = "vision"
+    PROJECTOR = "projector"
+    LLM = "llm"
+
+    @classmethod
+    def parse(cls, value: str | Stage) -> Stage:
+        if isinstance(value, Stage):
+            return value
+        aliases = {"a": cls.VISION, "b": cls.PROJECTOR, "c": cls.LLM}
+        key = str(value).strip().lower()
+        if key in aliases:
+            return aliases[key]
+        try:
+            return cls(key)
+        except ValueError:
+            raise ConfigError(f"Unknown stage {value!r}: use 'vision' (a), 'projector' (b) or 'llm' (c).") from None
+
+
+@dataclass(frozen=True)
+class VisualGroup:
+    """One grid of visual tokens inside a sample's prunable tokens: ``[start, end)``, ``height × width`` of them in
+    raster order; ``image`` is the index of the image (within the sample) the grid belongs to (several grids per
+    image: LLaVA-NeXT's thumbnail and crops, Idefics3's tiles)."""
+
+    start: int
+    end: int
+    height: int
+    width: int
+    image: int = 0
+
+    def __post_init__(self) -> None:
+        if self.end - self.start != self.height * self.width:
+            raise ValueError(f"A visual group of {self.end - self.start} tokens is no {self.height}x{self.width} grid")
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class VisualContext:
+    """One sample's prunable visual tokens at a stage.
+
+    Attributes:
+        tokens: ``(N, D)`` their states at the stage.
+        groups: the grids covering ``[0, N)`` in order.
+        stage, layer: where the method is being run.
+        cls_attention: ``(H, N)`` the CLS query's attention probabilities to these tokens (vision stage, encoders
+            with a CLS token), or None.
+        text_attention: ``(H, N)`` the last prompt token's attention probabilities to these tokens in the layer
+            before the pruning layer (llm stage), or None. Rows are softmaxed over the whole prefix, so they need
+            not sum to one over the visual tokens.
+        keys: ``(H, N, d)`` the attention keys of these tokens in the same layer, or None.
+        seed: a per-sample seed given by the caller (methods that draw random numbers use it).
+    """
+
+    tokens: Tensor
+    groups: tuple[VisualGroup, ...]
+    stage: Stage
+    layer: int = 0
+    cls_attention: Tensor | None = None
+    text_attention: Tensor | None = None
+    keys: Tensor | None = None
+    seed: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def images(self) -> list[int]:
+        """The prunable tokens of each image (in image order)."""
+        out: dict[int, int] = {}
+        for g in self.groups:
+            out[g.image] = out.get(g.image, 0) + g.size
+        return [out[k] for k in sorted(out)]
+
+
+@dataclass(frozen=True)
+class VisualKept:
+    """What a visual-token method keeps.
+
+    Attributes:
+        index: ``(k,)`` sorted indices into the context's tokens: the kept tokens, or for merging methods the token
+            each output stands at (its position is that token's position).
+        tokens: ``(k, D)`` replacement states (merging methods), or None for the kept tokens' own states.
+        sizes: ``(k,)`` how many original tokens each output stands for (None: one each).
+    """
+
+    index: Tensor
+    tokens: Tensor | None = None
+    sizes: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.index.dim() != 1:
+            raise ValueError("VisualKept.index must be 1-D")
+        if self.index.numel() > 1 and bool((self.index[1:] <= self.index[:-1]).any()):
+            raise ValueError("VisualKept.index must be strictly increasing")
+        if self.tokens is not None and self.tokens.shape[0] != self.index.shape[0]:
+            raise ValueError("VisualKept.tokens must have one row per index")
+
+
+def top_k(scores: Tensor, k: int) -> Tensor:
+    """The ``k`` highest scores' indices, sorted by index; ties go to the earlier token (deterministic)."""
+    n = int(scores.shape[0])
+    k = max(0, min(k, n))
+    # stable descending sort: equal scores keep index order, so the earlier token wins a tie
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def split_counts(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` over parts of ``sizes`` in proportion, largest remainders first (sums to ``total``, each part
+    at most its size)."""
+    n = sum(sizes)
+    total = max(0, min(total, n))
+    if n == 0:
+        return [0 for _ in sizes]
+    exact = [total * s / n for s in sizes]
+    out = [min(s, int(e)) for s, e in zip(sizes, exact)]
+    rest = total - sum(out)
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in order:
+        if rest == 0:
+            break
+        if out[i] < sizes[i]:
+            out[i] += 1
+            rest -= 1
+    return out
+
+
+@dataclass(frozen=True)
+class VisualMethod:
+    """Base of the visual-token methods (frozen dataclasses; the fields are the method's parameters).
+
+    Class attributes: ``name`` (registry key), ``paper`` (citation), ``rule`` (one line), ``stages`` (where it may
+    act), ``needs`` (what the context must carry: ``"cls_attention"``, ``"text_attention"``, ``"keys"``).
+
+    A method that can act at several stages has a ``stage`` field; ``layer`` is the encoder layer (vision stage) or
+    the decoder layer K (llm stage) it acts at.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
+    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    # --------------------------------------------------------------------------------------------- where
+    @property
+    def where(self) -> Stage:
+        """The stage this instance acts at (its ``stage`` field, else its only stage)."""
+        value = getattr(self, "stage", None)
+        if value is not None:
+            return Stage.parse(value)
+        if len(self.stages) != 1:
+            raise ConfigError(f"Visual method '{self.name}' needs a stage.")
+        return next(iter(self.stages))
+
+    @property
+    def at_layer(self) -> int:
+        return int(getattr(self, "layer", 0))
+
+    def check(self) -> None:
+        """Validate the parameters (stage allowed, layer sensible); raise ConfigError naming the problem."""
+        stage = self.where
+        if stage not in self.stages:
+            allowed = ", ".join(sorted(s.value for s in self.stages))
+            raise ConfigError(f"Visual method '{self.name}' acts at {allowed}, not at '{stage.value}'.")
+        if stage is Stage.VISION and self.at_layer < 1:
+            raise ConfigError(f"{self.name}: a vision-stage method acts after encoder layer >= 1; got {self.at_layer}.")
+        if stage is Stage.LLM and self.at_layer < 1:
+            raise ConfigError(
+                f"{self.name}: an llm-stage method acts before decoder layer K >= 1; got {self.at_layer}."
+            )
+
+    def needed(self, ctx: VisualContext) -> None:
+        for what in self.needs:
+            if getattr(ctx, what) is None:
+                raise CapabilityError(
+                    f"Visual method '{self.name}' needs {what.replace('_', ' ')}, which this model does not provide "
+                    f"at the {ctx.stage.value} stage"
+                    + (" (its vision encoder has no CLS token)." if what == "cls_attention" else ".")
+                )
+
+    # ------------------------------------------------------------------------------------- three steps
+    def count(self, ctx: VisualContext, budget: Budget) -> int:
+        """How many tokens the sample keeps: the budget per image (a ratio of each image's tokens, or a token count
+        per image, clipped to the image's tokens), summed over its images."""
+        return sum(budget.tokens_for(n, larger="clip") for n in ctx.images if n > 0)
+
+    def score(self, ctx: VisualContext) -> Tensor:
+        """``(N,)`` importance of each token (higher stays)."""
+        raise NotImplementedError
+
+    def select(self, ctx: VisualContext, scores: Tensor, k: int) -> Tensor:
+        """Indices of the kept tokens, sorted (default: the ``k`` highest scores over the whole sample)."""
+        return top_k(scores, k)
+
+    def apply(self, ctx: VisualContext, keep: Tensor) -> VisualKept:
+        """What happens to the rest (default: dropped)."""
+        return VisualKept(keep)
+
+    def prune(self, ctx: VisualContext, budget: Budget) -> VisualKept:
+        """score → select → apply for one sample."""
+        self.needed(ctx)
+        k = self.count(ctx, budget)
+        if k >= ctx.n:
+            return VisualKept(torch.arange(ctx.n, device=ctx.tokens.device))
+        scores = self.score(ctx)
+        keep = self.select(ctx, scores, k)
+        return self.apply(ctx, keep)
