@@ -163,3 +163,57 @@ def test_weights_round_trip_with_lora_merged(small_vlm, tmp_path):
         got = loaded(**enc).logits
     assert torch.allclose(got, ref, atol=1e-4)
     assert not any("lora" in n for n, _ in loaded.named_parameters())  # a plain LlavaForConditionalGeneration
+
+
+SCRATCH = V.VisionSpec(
+    hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, text_layers=2, text_hidden=32, text_heads=4,
+    text_kv_heads=2,
+)
+
+
+def test_from_scratch_decoder_geometry_and_round_trip(text_dir, tmp_path):
+    """A language model trained from scratch: its geometry follows the spec (GQA, SmolLM2's tokenizer and RoPE), its
+    embeddings start as SmolLM2's on their principal directions, and all of it is shipped (the tied head once, the
+    embedding matrix as float16) and loads back to the same logits up to that rounding."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(2)
+    model, processor = V.build_vlm(SCRATCH, text_dir=text_dir)
+    text = model.config.text_config
+    geometry = (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    assert geometry == (32, 2, 4, 2)
+    assert text.vocab_size == len(processor.tokenizer)
+    emb = model.model.language_model.embed_tokens.weight.detach()
+    assert float(emb[-1].abs().sum()) == 0.0  # the <image> row
+    # embeddings keep SmolLM2's neighbourhoods: " red" is closer to " blue" than to a random rare token
+    tok = processor.tokenizer
+    red, blue, odd = (tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("red", "blue", "zyg"))
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(emb[red], emb[blue], dim=0)) > float(cos(emb[red], emb[odd], dim=0))
+    with torch.no_grad():  # a trained model's embeddings are exact in float16
+        emb.copy_(emb.half().float())
+    _, _, enc = _scene_inputs(processor, 2)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**enc).logits
+    path = V.save_vlm(model, tmp_path)
+    stored = load_file(str(path))
+    assert stored["model.language_model.embed_tokens.weight"].dtype == torch.float16
+    assert "lm_head.weight" not in stored  # tied to the embeddings
+    assert any(k.startswith("model.language_model.layers.1.") for k in stored)
+    loaded, _ = V.load_vlm(str(tmp_path))
+    with torch.no_grad():
+        got = loaded(**enc).logits
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_from_scratch_geometry_errors():
+    from transformers import LlamaConfig
+
+    from tokensieve.errors import ConfigError
+
+    base = LlamaConfig(vocab_size=100, hidden_size=64, num_attention_heads=4)
+    with pytest.raises(ConfigError, match="text_layers"):
+        V.vlm_config(base, V.VisionSpec(text_hidden=64), image_token_id=100)
+    with pytest.raises(ConfigError, match="split"):
+        V.vlm_config(base, V.VisionSpec(text_layers=2, text_hidden=64, text_heads=3), image_token_id=100)

@@ -65,6 +65,17 @@ class VisionSpec:
     lora_rank: int = 0  # 0: the language model is frozen as it is
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()  # names of Linear modules inside each decoder layer, e.g. "self_attn.q_proj"
+    # A language model trained from scratch instead of SmolLM2's layers (text_hidden > 0): a Llama decoder of
+    # text_layers layers of this width, SmolLM2's tokenizer and RoPE settings, embeddings initialised from SmolLM2's.
+    text_hidden: int = 0
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 0  # 0: 3 × text_hidden
+
+    @property
+    def from_scratch(self) -> bool:
+        """Whether the language model is trained from scratch (its weights are then part of the shipped file)."""
+        return self.text_hidden > 0
 
     @property
     def grid(self) -> int:
@@ -142,6 +153,19 @@ def vlm_config(text_config: Any, spec: VisionSpec, image_token_id: int) -> Any:
         text.num_hidden_layers = spec.text_layers
         if isinstance(getattr(text, "layer_types", None), list):
             text.layer_types = text.layer_types[: spec.text_layers]
+    if spec.from_scratch:
+        if not spec.text_layers:
+            raise ConfigError("A language model trained from scratch needs text_layers > 0.")
+        if spec.text_hidden % spec.text_heads or spec.text_heads % spec.text_kv_heads:
+            raise ConfigError(
+                f"text_hidden={spec.text_hidden}, text_heads={spec.text_heads}, text_kv_heads={spec.text_kv_heads}: "
+                "the width must split into the heads and the query heads into the KV heads."
+            )
+        text.hidden_size = spec.text_hidden
+        text.num_attention_heads = spec.text_heads
+        text.num_key_value_heads = spec.text_kv_heads
+        text.head_dim = spec.text_hidden // spec.text_heads
+        text.intermediate_size = spec.text_intermediate or 3 * spec.text_hidden
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -220,7 +244,10 @@ def build_vlm(
         raise ConfigError(f"The VLM's image token id {config.image_token_id} is not the tokenizer's {image_token_id}.")
     spec = spec_of(config)
     model: Any = LlavaForConditionalGeneration(config)
-    if with_text_weights:
+    if spec.from_scratch:
+        if with_text_weights:
+            init_scratch_embeddings(model, text_dir)
+    elif with_text_weights:
         state = text_state_dict(text_dir, int(config.text_config.num_hidden_layers))
         emb_key = "model.language_model.embed_tokens.weight"
         emb = state[emb_key]
@@ -239,14 +266,47 @@ def build_vlm(
     return model, build_processor(tok, spec)
 
 
+@torch.no_grad()
+def init_scratch_embeddings(model: Any, text_dir: Path | str) -> None:
+    """Start a from-scratch language model's embeddings as SmolLM2's, projected on their principal directions.
+
+    Tokens that mean similar things start close (as in SmolLM2), at the width of the new model; the norms are scaled
+    to the model's initialiser range. The ``<image>`` row stays zero (it is always replaced by visual features).
+    """
+    from safetensors.torch import load_file
+
+    src = load_file(str(Path(text_dir) / "model.safetensors"))["model.embed_tokens.weight"].float()
+    emb = model.model.language_model.embed_tokens.weight
+    width = emb.shape[1]
+    centred = src - src.mean(0, keepdim=True)
+    gen = torch.Generator().manual_seed(0)
+    sample = centred[torch.randperm(centred.shape[0], generator=gen)[:8192]]
+    _, _, v = torch.linalg.svd(sample, full_matrices=False)
+    reduced = centred @ v[:width].t()
+    reduced *= float(model.config.text_config.initializer_range) / float(reduced.std())
+    emb.zero_()
+    emb[: reduced.shape[0]] = reduced.to(emb.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- saving/loading
+SCRATCH_HALF = ("model.language_model.embed_tokens.weight",)  # stored as float16: the vocabulary is most of the file
+
+
 def trained_state(model: Any) -> dict[str, torch.Tensor]:
-    """The parameters a VLM adds to its text model: vision tower and projector."""
-    return {
-        k: v.detach().contiguous()
-        for k, v in model.state_dict().items()
-        if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-    }
+    """The parameters a VLM adds to its text model: vision tower and projector — and, for a language model trained
+    from scratch, all of it (the tied output head is the embedding matrix and is not stored twice; the embedding
+    matrix is stored as float16)."""
+    scratch = spec_of(model.config).from_scratch
+    prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
+    if scratch:
+        prefixes = (*prefixes, "model.language_model.")
+    out = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    if scratch:
+        if not model.config.tie_word_embeddings:
+            out["lm_head.weight"] = model.lm_head.weight.detach().contiguous()
+        for k in SCRATCH_HALF:
+            out[k] = out[k].to(torch.float16)
+    return out
 
 
 def save_vlm(
@@ -306,11 +366,14 @@ def load_vlm(
             f"No trained VLM in {src} (config.json and model.safetensors). Train one with `tokensieve train vlm`."
         )
     config = LlavaConfig.from_json_file(str(src / "config.json"))
-    model, processor = build_vlm(config=config)
+    model, processor = build_vlm(config=config, with_text_weights=not spec_of(config).from_scratch)
     trained = load_file(str(src / "model.safetensors"))
     own = {k: v for k, v in trained.items() if not k.startswith(LORA_PREFIX)}
     missing, unexpected = model.load_state_dict(own, strict=False)
-    bad_missing = [k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
+    required = ("model.vision_tower.", "model.multi_modal_projector.")
+    if spec_of(config).from_scratch:
+        required = (*required, "model.language_model.")
+    bad_missing = [k for k in missing if k.startswith(required)]
     if bad_missing or unexpected:
         raise ModelNotFoundError(
             f"{src} does not fit its config: missing {bad_missing[:3]}, unexpected {unexpected[:3]}"

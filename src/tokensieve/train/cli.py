@@ -28,6 +28,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "turns": "at most this many questions per conversation (drawn 1..turns)",
         "lora_rank": "rank of the LoRA factors on the language model (0: the language model is frozen as it is)",
         "lora_targets": "comma-separated Linear modules of each decoder layer that get LoRA factors",
+        "text_layers": "decoder layers: SmolLM2's first N (0: all 30), or N new ones (with --text-hidden)",
+        "text_hidden": "> 0: train a Llama decoder of this width from scratch instead of using SmolLM2's layers",
+        "lr_text": "learning rate of the from-scratch decoder",
         "minutes": "wall-clock budget over the whole run (resumes included); the run stops and saves when it is spent",
         "autocast_bf16": "run the language model under bfloat16 autocast",
     }
@@ -112,3 +115,6 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_vlm_eval)
+    from .daam_cli import add_commands as add_daam_commands
+
+    add_daam_commands(tsub)

@@ -49,6 +49,12 @@ class TrainConfig:
     num_layers: int = 6
     num_heads: int = 3
     text_layers: int = 6  # the language model: SmolLM2's first text_layers decoder layers (0: all 30)
+    text_hidden: int = 0  # > 0: a decoder of text_layers layers of this width trained from scratch, not SmolLM2's
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 0
+    lr_text: float = 1e-3  # the from-scratch decoder's learning rate
+    train_embeddings: bool = False  # the from-scratch decoder's (tied) embeddings: trained, or kept as initialised
     # stage 1: vision
     vision_steps: int = 1000
     vision_batch: int = 16
@@ -84,6 +90,10 @@ class TrainConfig:
             lora_alpha=self.lora_alpha,
             lora_targets=targets,
             text_layers=self.text_layers,
+            text_hidden=self.text_hidden,
+            text_heads=self.text_heads,
+            text_kv_heads=self.text_kv_heads,
+            text_intermediate=self.text_intermediate,
         )
 
     @classmethod
@@ -280,6 +290,10 @@ class Trainer:
             p.requires_grad_(True)
         for p in self.model.model.multi_modal_projector.parameters():
             p.requires_grad_(True)
+        if self.spec.from_scratch:
+            for p in self.model.model.language_model.parameters():
+                p.requires_grad_(True)
+            self.model.model.language_model.embed_tokens.weight.requires_grad_(cfg.train_embeddings)
         self.aux = AuxHeads(self.spec.hidden_size)
         self.lora = (
             add_lora(
@@ -299,11 +313,10 @@ class Trainer:
 
     # ---- bookkeeping
     def trainables(self) -> dict[str, torch.Tensor]:
-        out = {
-            k: v
-            for k, v in self.model.state_dict().items()
-            if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-        }
+        prefixes: tuple[str, ...] = ("model.vision_tower.", "model.multi_modal_projector.")
+        if self.spec.from_scratch:
+            prefixes = (*prefixes, "model.language_model.")
+        out = {k: v for k, v in self.model.state_dict().items() if k.startswith(prefixes)}
         out.update({f"aux.{k}": v for k, v in self.aux.state_dict().items()})
         out.update({f"lora::{k}": v for k, v in lora_state(self.lora).items()})
         return out
@@ -333,6 +346,11 @@ class Trainer:
         ]
         if self.lora:
             groups.append({"params": [p for m in self.lora.values() for p in (m.lora_a, m.lora_b)], "lr": c.lr_lora})
+        if self.spec.from_scratch:
+            lm = [p for p in self.model.model.language_model.parameters() if p.requires_grad]
+            groups.append({"params": lm, "lr": c.lr_text})
+        if c.lr_vision == 0:  # the vision tower stays as stage 1 left it
+            groups = groups[2:]
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
     # ---- run
@@ -429,8 +447,15 @@ class Trainer:
             rng = random.Random(c.seed * 1_000_003 + k)
             encoded.append(self.encoder.conversation(sample_questions(scene, rng, rng.randint(1, c.turns))))
         batch = collate(encoded, self.pad_id)
-        feats, pooled, visual = vision_forward(self.model, vb["pixel_values"])
-        aux_loss, metrics = self.aux.loss(feats, pooled, vb)
+        if c.lr_vision == 0:
+            self.model.model.vision_tower.eval()
+            with torch.no_grad():
+                feats, pooled, _ = vision_forward(self.model, vb["pixel_values"])
+            visual = self.model.model.multi_modal_projector(feats)
+            aux_loss, metrics = feats.new_zeros(()), {}
+        else:
+            feats, pooled, visual = vision_forward(self.model, vb["pixel_values"])
+            aux_loss, metrics = self.aux.loss(feats, pooled, vb)
         loss_lm, right = lm_loss(self.model, visual, batch, c.autocast_bf16)
         loss = loss_lm + c.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
