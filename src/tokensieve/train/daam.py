@@ -1,0 +1,483 @@
+"""Training and evaluation of the DAAM speech networks on the offline speech corpus (``tokensieve train daam``,
+``daam-frames``, ``daam-figures``; docs/DAAM.md).
+
+Recipe of the DAAM depression paper (arXiv 2409.00391), scaled to this machine: Adam, learning rate 1e-3 multiplied
+by 0.9 every 5 epochs, batch 20, BCE (binary task A) or cross-entropy (task B); standardised log-mel segments
+(B, 40, 120). The paper trains 50 epochs; we train ``--epochs`` (default 12) and keep the epoch with the best
+validation F1 macro (validation speakers are held out from training and from the test). Task A is scored per
+recording by the majority vote of its segments, as the paper scores interviews; the metric is F1 macro.
+
+Every run is one (task, network, front block, seed); its result is a line of ``results.jsonl`` in the output
+directory and its best weights ``checkpoints/<run>.safetensors``. Rerunning a grid skips the runs already done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.speech import Corpus, CorpusConfig, load_or_build, standardise
+from ..errors import ConfigError
+from ..nn import ATTENTION_KINDS, DAAMAudioCNNLSTM, DAAMAudioTransformer, count_parameters
+
+NETWORKS = ("cnnlstm", "transformer")
+
+
+@dataclass(frozen=True)
+class DaamRun:
+    """One training run."""
+
+    task: str = "a"
+    network: str = "cnnlstm"
+    attention: str = "daam"
+    time_axis: bool = False
+    seed: int = 0
+    epochs: int = 12
+    batch: int = 20
+    lr: float = 1e-3
+    decay_every: int = 5
+    decay: float = 0.9
+
+    def name(self) -> str:
+        t = "+time" if self.time_axis else ""
+        return f"{self.task}-{self.network}-{self.attention}{t}-s{self.seed}-e{self.epochs}"
+
+    def check(self) -> None:
+        if self.task not in ("a", "b"):
+            raise ConfigError(f"task must be a or b, got {self.task!r}")
+        if self.network not in NETWORKS:
+            raise ConfigError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if self.time_axis and self.attention != "daam":
+            raise ConfigError("--time-axis adds a Gaussian layer: it needs --attention daam")
+        if self.epochs < 1 or self.batch < 1:
+            raise ConfigError("epochs and batch must be ≥ 1")
+
+
+def build_model(run: DaamRun, mels: int, frames: int, outputs: int) -> nn.Module:
+    if run.network == "cnnlstm":
+        return DAAMAudioCNNLSTM(mels, outputs, attention=run.attention, time_axis=run.time_axis)
+    return DAAMAudioTransformer(mels, outputs, frames=frames, attention=run.attention, time_axis=run.time_axis)
+
+
+# ------------------------------------------------------------------------------------------------------------ metrics
+
+
+def f1_macro(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean over classes of F1 = 2·TP / (2·TP + FP + FN) (a class absent from both counts as F1 0)."""
+    scores = []
+    for c in range(n_classes):
+        tp = int(np.sum((y_pred == c) & (y_true == c)))
+        fp = int(np.sum((y_pred == c) & (y_true != c)))
+        fn = int(np.sum((y_pred != c) & (y_true == c)))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(scores))
+
+
+def majority_vote(
+    group: np.ndarray, y: np.ndarray, pred: np.ndarray, prob: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per recording (group): its label and the majority of its segments' predictions (a tie: mean probability)."""
+    labels, votes = [], []
+    for g in np.unique(group):
+        m = group == g
+        labels.append(int(y[m][0]))
+        ones = int(pred[m].sum())
+        n = int(m.sum())
+        votes.append(1 if 2 * ones > n else 0 if 2 * ones < n else int(prob[m].mean() > 0.5))
+    return np.array(labels), np.array(votes)
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val: Corpus
+    test: Corpus
+    n_classes: int
+
+
+def prepare(corpus: Corpus) -> Data:
+    """Split and standardise with the training split's per-band statistics."""
+    tr, va, te = corpus.part("train"), corpus.part("val"), corpus.part("test")
+    if not len(tr.y) or not len(va.y) or not len(te.y):
+        raise ConfigError("the corpus has an empty split")
+    xtr, xva, xte = standardise(tr.x, va.x, te.x)
+    va.x, te.x = xva, xte
+    return Data(torch.from_numpy(xtr), torch.from_numpy(tr.y), va, te, len(corpus.classes))
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: np.ndarray, binary: bool, batch: int = 200, **kw: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, probability of the predicted / positive class) for rows of x."""
+    model.eval()
+    preds, probs = [], []
+    for i in range(0, len(x), batch):
+        xb = torch.from_numpy(x[i : i + batch])
+        extra = {k: v[i : i + batch] for k, v in kw.items()}
+        logits = model(xb, **extra)
+        if binary:
+            p = torch.sigmoid(logits[:, 0])
+            preds.append((p > 0.5).long().numpy())
+            probs.append(p.numpy())
+        else:
+            p = torch.softmax(logits, -1)
+            preds.append(p.argmax(-1).numpy())
+            probs.append(p.max(-1).values.numpy())
+    return np.concatenate(preds), np.concatenate(probs)
+
+
+def score(model: nn.Module, part: Corpus, n_classes: int, **kw: Any) -> dict[str, float]:
+    """F1 macro (per recording by majority vote for the binary task, per clip otherwise) and accuracy."""
+    binary = n_classes == 2 and part.classes[0] == "unmarked"
+    pred, prob = predict(model, part.x, binary, **kw)
+    out = {"segment_f1": f1_macro(part.y, pred, n_classes), "segment_acc": float(np.mean(pred == part.y))}
+    if binary:
+        y, v = majority_vote(part.group, part.y, pred, prob)
+        out["f1"] = f1_macro(y, v, 2)
+        out["acc"] = float(np.mean(y == v))
+    else:
+        out["f1"], out["acc"] = out["segment_f1"], out["segment_acc"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+
+
+def train_run(run: DaamRun, data: Data, *, out: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one run; return its record (validation and test scores at the best validation epoch)."""
+    run.check()
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    torch.manual_seed(run.seed)
+    binary = run.task == "a"
+    mels, frames = data.train_x.shape[1], data.train_x.shape[2]
+    model = build_model(run, mels, frames, 1 if binary else data.n_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=run.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=run.decay_every, gamma=run.decay)
+    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if binary else nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(run.seed)
+    n = len(data.train_y)
+    best: dict[str, Any] = {"val": {"f1": -1.0}}
+    best_state: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(range(run.epochs), desc=run.name(), disable=not progress, dynamic_ncols=True, leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, run.batch):
+            idx = order[i : i + run.batch]
+            if len(idx) < 2:  # BatchNorm needs two rows
+                continue
+            logits = model(data.train_x[idx])
+            y = data.train_y[idx]
+            loss = loss_fn(logits[:, 0], y.float()) if binary else loss_fn(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        sched.step()
+        val = score(model, data.val, data.n_classes)
+        bar.set_postfix(loss=f"{total / n:.3f}", val_f1=f"{val['f1']:.3f}")
+        if val["f1"] > best["val"]["f1"]:
+            best = {"val": val, "epoch": epoch + 1}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    test = score(model, data.test, data.n_classes)
+    record = {
+        "run": run.name(),
+        "config": asdict(run),
+        "parameters": count_parameters(model),
+        "front_parameters": count_parameters(model.front),  # type: ignore[arg-type]
+        "best_epoch": best["epoch"],
+        "val": best["val"],
+        "test": test,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if out is not None:
+        from safetensors.torch import save_file
+
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in best_state.items()}, str(out / "checkpoints" / f"{run.name()}.safetensors")
+        )
+    return record
+
+
+def done_runs(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / "results.jsonl"
+    if not path.exists():
+        return {}
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["run"]: r for r in recs}
+
+
+def run_grid(
+    runs: Sequence[DaamRun], out: Path, corpus_cfg: CorpusConfig | None = None, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Train every run not yet in ``out/results.jsonl`` (appending its record); return all the grid's records."""
+    for r in runs:
+        r.check()
+    out.mkdir(parents=True, exist_ok=True)
+    done = done_runs(out)
+    data: dict[str, Data] = {}
+    records = []
+    for r in runs:
+        if r.name() in done:
+            records.append(done[r.name()])
+            continue
+        if r.task not in data:
+            data[r.task] = prepare(load_or_build(r.task, corpus_cfg, progress=progress))
+        rec = train_run(r, data[r.task], out=out, progress=progress)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if progress:
+            print(f"{rec['run']}: test F1 {rec['test']['f1']:.3f} (val {rec['val']['f1']:.3f}, epoch "
+                  f"{rec['best_epoch']}, {rec['seconds']:.0f} s)", flush=True)  # fmt: skip
+        records.append(rec)
+    return records
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = float(np.mean(xs))
+    return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def summary_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per (task, network, front block) — parameters, test F1 macro and accuracy mean ± std."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        c = r["config"]
+        front = c["attention"] + ("+time" if c["time_axis"] else "")
+        groups.setdefault((c["task"], c["network"], front, c["epochs"]), []).append(r)
+    lines = [
+        "| task | network | front block | parameters (block) | seeds | test F1 macro | test accuracy | val F1 macro |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, net, front, _), rs in sorted(groups.items()):
+        f1, sf1 = mean_std([r["test"]["f1"] for r in rs])
+        acc, sacc = mean_std([r["test"]["acc"] for r in rs])
+        vf1, svf1 = mean_std([r["val"]["f1"] for r in rs])
+        lines.append(
+            f"| {task.upper()} | {net} | {front} | {rs[0]['parameters']:,} ({rs[0]['front_parameters']:,}) | "
+            f"{len(rs)} | {f1:.3f} ± {sf1:.3f} | {acc:.3f} ± {sacc:.3f} | {vf1:.3f} ± {svf1:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------ frames
+
+
+def load_run(out: Path, record: dict[str, Any], data: Data) -> nn.Module:
+    from safetensors.torch import load_file
+
+    run = DaamRun(**record["config"])
+    binary = run.task == "a"
+    model = build_model(run, data.train_x.shape[1], data.train_x.shape[2], 1 if binary else data.n_classes)
+    model.load_state_dict(load_file(str(out / "checkpoints" / f"{run.name()}.safetensors")))
+    return model.eval()
+
+
+@torch.no_grad()
+def frame_importance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Importance of each frame (B, T): the time-axis Gaussian layer's weights summed over the mel bands."""
+    _, ws = model.front(x, return_weights=True)  # type: ignore[operator]
+    if len(ws) < 2:
+        raise ConfigError("frame importance needs a model trained with --time-axis (a Gaussian layer on time)")
+    return ws[1].sum(dim=1)
+
+
+@torch.no_grad()
+def select_frames(model: nn.Module, x: torch.Tensor, fraction: float, how: str, seed: int = 0) -> torch.Tensor:
+    """Sorted indices (B, k) of the frames to keep: the most important (``"importance"``), a random set
+    (``"random"``), or evenly spaced (``"uniform"``)."""
+    b, _, t = x.shape
+    k = max(1, round(fraction * t))
+    if how == "importance":
+        idx = frame_importance(model, x).topk(k, dim=1).indices
+    elif how == "random":
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
+    elif how == "uniform":
+        idx = torch.linspace(0, t - 1, k).round().long().expand(b, k)
+    else:
+        raise ConfigError(f"unknown frame selection {how!r}")
+    return idx.sort(dim=1).values
+
+
+@torch.no_grad()
+def encoder_ms(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, repeats: int = 5) -> float:
+    """Median milliseconds of one forward pass (front block, selection and encoder) of the batch x."""
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model(x, keep=keep)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times[1:]))
+
+
+def frame_selection(
+    out: Path, fractions: Sequence[float], corpus_cfg: CorpusConfig | None = None, *, task: str = "b",
+    progress: bool = True,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """For every DAAM transformer run with a time-axis layer in ``out``: test F1 with all frames and with the
+    ``fractions`` of frames kept by importance, at random and evenly spaced; and the forward time of a 200-row batch."""
+    records = [
+        r for r in done_runs(out).values()
+        if r["config"]["network"] == "transformer" and r["config"]["time_axis"] and r["config"]["task"] == task
+    ]  # fmt: skip
+    if not records:
+        raise ConfigError(f"no transformer run with --time-axis on task {task} in {out}: train one first")
+    data = prepare(load_or_build(task, corpus_cfg, progress=progress))
+    x = torch.from_numpy(data.test.x)
+    rows = []
+    for rec in sorted(records, key=lambda r: r["run"]):
+        model = load_run(out, rec, data)
+        timing_x = x[:200]
+        rows.append({"run": rec["run"], "fraction": 1.0, "how": "all", **score(model, data.test, data.n_classes),
+                     "ms": encoder_ms(model, timing_x, None)})  # fmt: skip
+        for f in fractions:
+            for how in ("importance", "random", "uniform"):
+                keep = select_frames(model, x, f, how, seed=rec["config"]["seed"])
+                s = score(model, data.test, data.n_classes, keep=keep)
+                ms = encoder_ms(model, timing_x, select_frames(model, timing_x, f, how))
+                rows.append({"run": rec["run"], "fraction": f, "how": how, **s, "ms": ms})
+    return rows
+
+
+def frames_table(rows: Sequence[dict[str, Any]]) -> str:
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["fraction"], r["how"]), []).append(r)
+    lines = ["| frames kept | selection | runs | test F1 macro | test accuracy | forward ms (200 clips) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (f, how), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        f1, s1 = mean_std([r["f1"] for r in rs])
+        acc, sa = mean_std([r["acc"] for r in rs])
+        ms, sms = mean_std([r["ms"] for r in rs])
+        lines.append(
+            f"| {f:.0%} | {how} | {len(rs)} | {f1:.3f} ± {s1:.3f} | {acc:.3f} ± {sa:.3f} | {ms:.0f} ± {sms:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------ figures
+
+
+def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, examples: int = 3) -> list[Path]:
+    """Importance maps of the first DAAM run with a time-axis layer of each task found in ``out``: for a few test
+    recordings, the log-mel input, the mel-axis weights and the frame importance; and the mean mel-band weights per
+    class over the test split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    by_task: dict[str, dict[str, Any]] = {}
+    for r in sorted(done_runs(out).values(), key=lambda r: r["run"]):
+        c = r["config"]
+        if c["attention"] == "daam" and c["time_axis"]:
+            by_task.setdefault(c["task"], r)
+    if not by_task:
+        raise ConfigError(f"no DAAM run with --time-axis in {out}: train one first")
+    for task, rec in sorted(by_task.items()):
+        data = prepare(load_or_build(task, corpus_cfg))
+        model = load_run(out, rec, data)
+        te = data.test
+        # one example per class where possible, the first segment of a recording
+        picks: list[int] = []
+        for c in range(data.n_classes):
+            hits = np.flatnonzero(te.y == c)
+            if len(hits):
+                picks.append(int(hits[0]))
+            if len(picks) == examples:
+                break
+        x = torch.from_numpy(te.x[picks])
+        with torch.no_grad():
+            _, ws = model.front(x, return_weights=True)  # type: ignore[operator]
+        fig, axes = plt.subplots(3, len(picks), figsize=(4 * len(picks), 7.5), squeeze=False)
+        for j, i in enumerate(picks):
+            axes[0, j].imshow(te.x[i], origin="lower", aspect="auto", cmap="magma")
+            axes[0, j].set_title(f"{te.classes[te.y[i]]} — {te.speakers[te.speaker[i]]}", fontsize=9)
+            axes[1, j].imshow(ws[0][j].numpy(), origin="lower", aspect="auto", cmap="viridis")
+            axes[2, j].plot(ws[1][j].sum(0).numpy())
+            axes[2, j].set_xlim(0, te.x.shape[2] - 1)
+        axes[0, 0].set_ylabel("input: mel band")
+        axes[1, 0].set_ylabel("mel-axis weights: band")
+        axes[2, 0].set_ylabel("frame importance")
+        for a in axes[2]:
+            a.set_xlabel("frame (10 ms)")
+        fig.suptitle(f"task {task.upper()}: {rec['run']}", fontsize=10)
+        fig.tight_layout()
+        p = figdir / f"daam_task_{task}_examples.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+        # mean mel-band weight per class (test split)
+        with torch.no_grad():
+            _, wall = model.front(torch.from_numpy(te.x), return_weights=True)  # type: ignore[operator]
+        band = wall[0].mean(dim=2).numpy()  # (N, mels)
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for c in range(min(data.n_classes, 4)):
+            ax.plot(band[te.y == c].mean(0), label=te.classes[c])
+        ax.set_xlabel("mel band")
+        ax.set_ylabel("mean weight")
+        ax.legend(fontsize=8)
+        ax.set_title(f"task {task.upper()}: mel-axis importance, test mean", fontsize=10)
+        fig.tight_layout()
+        p = figdir / f"daam_task_{task}_bands.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"0-4"`` or ``"0,3,7"``."""
+    try:
+        if "-" in spec:
+            lo, hi = spec.split("-")
+            return list(range(int(lo), int(hi) + 1))
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds takes 0-4 or 0,1,2, got {spec!r}") from exc
+
+
+def grid(
+    task: str, networks: Sequence[str], attentions: Sequence[str], seeds: Sequence[int], epochs: int,
+    time_axis: bool = False,
+) -> list[DaamRun]:  # fmt: skip
+    return [
+        DaamRun(task=task, network=n, attention=a, time_axis=time_axis and a == "daam", seed=s, epochs=epochs)
+        for n in networks
+        for a in attentions
+        for s in seeds
+    ]
+
+
+def nonnegative_int(x: str) -> int:
+    v = int(x)
+    if v < 0 or math.isnan(v):
+        raise ConfigError(f"expected a whole number ≥ 0, got {x}")
+    return v

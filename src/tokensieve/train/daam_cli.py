@@ -1,0 +1,115 @@
+"""``tokensieve train daam`` (a grid of runs), ``daam-frames`` (token selection for audio) and ``daam-figures``
+(importance maps); ``daam-corpus`` builds the speech corpus alone. See docs/DAAM.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus-seed", type=int, default=0, help="seed of the speech corpus (speakers, sentences, noise)")
+    p.add_argument("--workers", type=int, default=2, help="parallel espeak-ng/sox processes while generating")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _corpus_cfg(args: argparse.Namespace) -> Any:
+    from ..data.speech import CorpusConfig
+
+    if args.workers < 1:
+        raise ConfigError("--workers must be ≥ 1")
+    return CorpusConfig(seed=args.corpus_seed, workers=args.workers)
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise ConfigError("--threads must be ≥ 1")
+    torch.set_num_threads(n)
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from ..data.speech import corpus_dir, load_or_build
+
+    cfg = _corpus_cfg(args)
+    for task in args.tasks.split(","):
+        c = load_or_build(task.strip(), cfg, progress=not args.no_progress)
+        sizes = {s: int((c.split == i).sum()) for i, s in enumerate(("train", "val", "test"))}
+        print(f"task {task}: {len(c.y)} rows of {c.x.shape[1]}×{c.x.shape[2]}, {sizes}, {len(c.classes)} classes")
+    print(corpus_dir(cfg))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .daam import grid, parse_seeds, run_grid, summary_table
+
+    _threads(args.threads)
+    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    runs = grid(args.task, networks, attentions, parse_seeds(args.seeds), args.epochs, args.time_axis)
+    records = run_grid(runs, Path(args.out), _corpus_cfg(args), progress=not args.no_progress)
+    print(summary_table(records))
+    return 0
+
+
+def cmd_frames(args: argparse.Namespace) -> int:
+    from .daam import frame_selection, frames_table
+
+    _threads(args.threads)
+    fractions = [float(f) for f in args.keep.split(",") if f.strip()]
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError(f"--keep takes fractions in (0, 1], got {args.keep!r}")
+    rows = frame_selection(Path(args.out), fractions, _corpus_cfg(args), task=args.task, progress=not args.no_progress)
+    print(frames_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from .daam import figures
+
+    _threads(args.threads)
+    for p in figures(Path(args.out), Path(args.figdir), _corpus_cfg(args)):
+        print(p)
+    return 0
+
+
+def add_commands(tsub: Any) -> None:
+    c = tsub.add_parser("daam-corpus", help="generate (or find cached) the offline speech corpus (espeak-ng + sox)")
+    c.add_argument("--tasks", default="a,b", help="a (paralinguistic, binary), b (spoken words) or both")
+    _corpus_args(c)
+    c.set_defaults(func=cmd_corpus)
+
+    t = tsub.add_parser("daam", help="train the DAAM speech networks on the offline speech corpus (a grid of runs)")
+    t.add_argument("--task", default="a", choices=["a", "b"])
+    t.add_argument("--networks", default="cnnlstm", help="comma-separated: cnnlstm, transformer")
+    t.add_argument("--attention", default="daam,mha,none", help="front blocks, comma-separated: daam, mha, none")
+    t.add_argument("--time-axis", action="store_true", help="DAAM runs get a second Gaussian layer on the time axis")
+    t.add_argument("--seeds", default="0-4", help="seeds: 0-4 or 0,1,2")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--out", default="runs/daam", help="results.jsonl and checkpoints/ (finished runs are skipped)")
+    t.add_argument("--threads", type=int, default=1)
+    _corpus_args(t)
+    t.set_defaults(func=cmd_train)
+
+    f = tsub.add_parser("daam-frames", help="keep 50 / 25 %% of frames before the transformer encoder: F1 and time")
+    f.add_argument("--out", default="runs/daam")
+    f.add_argument("--task", default="b", choices=["a", "b"])
+    f.add_argument("--keep", default="0.5,0.25", help="fractions of frames kept")
+    f.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    f.add_argument("--threads", type=int, default=1)
+    _corpus_args(f)
+    f.set_defaults(func=cmd_frames)
+
+    g = tsub.add_parser("daam-figures", help="importance maps (mel bands and frames) of trained DAAM runs, as PNG")
+    g.add_argument("--out", default="runs/daam")
+    g.add_argument("--figdir", default="docs/figures")
+    g.add_argument("--threads", type=int, default=1)
+    _corpus_args(g)
+    g.set_defaults(func=cmd_figures)
