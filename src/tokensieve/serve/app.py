@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from typing import Any
@@ -134,6 +133,7 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
     fastapi = require("fastapi", "serve")
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import Request
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -229,7 +229,7 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
         def emit(event: Event) -> None:  # from the scheduler thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(ids, press, emit, max_tokens, sampling, stop, context_id)
+        job = Job(ids, press, emit, max_tokens, sampling, stop, context_id, bool(_get(body, "ignore_eos", bool, False)))
         engine.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         created = int(time.time())
@@ -278,15 +278,15 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: fastapi.Request) -> Any:
+    async def chat_completions(request: Request) -> Any:
         return await run(request, await _json(request), chat=True)
 
     @app.post("/v1/completions")
-    async def completions(request: fastapi.Request) -> Any:
+    async def completions(request: Request) -> Any:
         return await run(request, await _json(request), chat=False)
 
     @app.post("/v1/contexts")
-    async def register_context(request: fastapi.Request) -> Any:
+    async def register_context(request: Request) -> Any:
         body = await _json(request)
         check_model(body)
         document = _get(body, "document", str)

@@ -63,7 +63,7 @@ class BatchedCaches(SieveCache):
     ) -> Tensor:
         """q ``(B, H_q, L, D)``, k/v ``(B, H_kv, L, D)`` with ``B == len(caches)``; returns ``(B, H_q, L, D)``."""
         B = q.shape[0]
-        if B != len(self.caches):
+        if len(self.caches) != B:
             raise RuntimeError(f"A batch of {B} rows was run over {len(self.caches)} caches.")
         outs = []
         for b, cache in enumerate(self.caches):

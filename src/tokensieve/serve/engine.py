@@ -33,7 +33,7 @@ import torch
 
 from ..adapters.models import model_shape
 from ..data.prompts import TextStream, chat_split, encode
-from ..errors import ConfigError, PromptError, TokensieveError
+from ..errors import ConfigError, TokensieveError
 from ..pipeline import CachedContext, Compressor
 from ..spec import Spec
 from .batching import decode_step
@@ -157,6 +157,7 @@ class Job:
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
     context_id: str | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
     kind: str = "generate"
     document: str = ""  # kind="context": the document and its mode
     mode: str = "chat"
@@ -193,6 +194,8 @@ class Counters:
     prefills: int = 0
     contexts_evicted: int = 0
     cancelled: int = 0
+    peak_held: int = 0  # most KV bytes held at once (running sequences and stored contexts)
+    peak_request_bytes: int = 0  # most KV bytes one request held
 
 
 class Engine:
@@ -332,7 +335,6 @@ class Engine:
         if base + n > self.max_prompt_tokens:
             raise RequestError(
                 f"The prompt has {base + n} tokens; this server accepts at most {self.max_prompt_tokens}.",
-                param="messages" if job.kind == "generate" else "document",
                 code="context_length_exceeded",
             )
         if base + n + job.max_tokens > self.context_limit:
@@ -498,6 +500,7 @@ class Engine:
             stored = StoredContext(cid, job.document, job.mode, press, ctx, list(job.ids), now, now)
             with self._lock:
                 self.contexts[stored.id] = stored
+            self.counters.peak_held = max(self.counters.peak_held, self._held())
             self.counters.prefills += 1
             self.counters.prompt_tokens += len(job.ids)
             self.counters.requests["context"] += 1
@@ -530,6 +533,8 @@ class Engine:
         with self._lock:
             self.reserved_jobs += job.reserved
             self._running.append(job)
+        self.counters.peak_request_bytes = max(self.counters.peak_request_bytes, job.reserved)
+        self.counters.peak_held = max(self.counters.peak_held, self._held())
         if job.max_tokens == 0:
             self._finish(job, "length")
 
@@ -553,7 +558,7 @@ class Engine:
             t = self._choose(job)
             if job.first_token is None:
                 job.first_token = time.perf_counter()
-            if t in self.eos:
+            if t in self.eos and not job.ignore_eos:
                 self._finish(job, "stop")
                 continue
             job.tokens.append(t)
@@ -604,9 +609,8 @@ class Engine:
     def _finish(self, job: Job, reason: str) -> None:
         assert job.stream is not None
         job.pending += job.stream.flush()
-        if reason != "stop" or job.pending:
-            if self._release(job, final=True):
-                reason = "stop"
+        if job.pending and self._release(job, final=True):
+            reason = "stop"
         info = {
             "spec": job.press.spec.label,
             "kv_bytes": int(job.ctx.cache.kv_bytes()) if job.ctx is not None else 0,
@@ -628,8 +632,10 @@ class Engine:
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     """End-of-sequence ids: the tokenizer's and the model's generation config's."""
     ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None),
-                                                                     "eos_token_id", None)):
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
