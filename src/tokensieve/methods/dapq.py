@@ -30,8 +30,10 @@ class DapQ(PrefillMethod):
     Choices (the paper body is not available; these follow its abstract and summaries): pseudo content is the
     prompt's first ``prefix`` tokens followed by its last ``n_pseudo − prefix`` tokens (the "prefix + suffix"
     variant reported best, 4 + 28); the softmax runs over prompt *and* earlier pseudo keys (causal, as the forward
-    pass computes it) and the mass on prompt tokens is summed; average pooling with kernel 5 as in SnapKV; no
-    protected tokens. With left padding each sequence's pseudo tokens continue from its own length.
+    pass computes it) and the mass on prompt tokens is summed; average pooling with kernel 5 as in SnapKV, over the
+    prompt tokens' votes only (as SnapKV's reference pools the keys before its window: the pseudo tokens' own
+    columns never leak into the last prompt tokens' scores); no protected tokens. With left padding each sequence's
+    pseudo tokens continue from its own length.
     Needs :meth:`tokensieve.Compressor.prefill` (which appends the pseudo tokens); inside ``model.generate`` it
     raises.
     """
@@ -75,6 +77,8 @@ class DapQ(PrefillMethod):
                 "model.generate. Use press.prefill / press.decode (or the CLI)."
             )
         probs = ctx.window_attention(ctx.tail)  # (B, H_q, N, T): the pseudo queries
-        s = pool1d(probs.sum(2), self.kernel, self.pooling)  # (B, H_q, T)
+        votes = probs.sum(2)  # (B, H_q, T)
+        prompt = ctx.length - ctx.tail  # pool the prompt's votes only: the pseudo keys are never candidates
+        s = torch.cat([pool1d(votes[..., :prompt], self.kernel, self.pooling), votes[..., prompt:]], dim=-1)
         s = ctx.to_kv_heads(s, "mean")
         return s.masked_fill(~ctx.selectable[:, None, :], 0.0)
