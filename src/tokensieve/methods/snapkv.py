@@ -52,4 +52,8 @@ class SnapKV(PrefillMethod):
         return 0, self.window
 
     def score(self, ctx: LayerContext) -> Tensor:
-        return observation_window_scores(ctx, self.window, pooling=self.pooling, kernel=self.kernel)
+        # the whole window is protected (kept) even when fewer queries vote (a decode-time re-compression): pool
+        # only the keys before it
+        return observation_window_scores(
+            ctx, self.window, pooling=self.pooling, kernel=self.kernel, kept_tail=self.window
+        )

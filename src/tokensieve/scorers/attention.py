@@ -37,17 +37,20 @@ def observation_window_scores(
     pooling: Pooling = "max",
     kernel: int = 7,
     reduce: Literal["mean", "max"] = "mean",
+    kept_tail: int = 0,
 ) -> Tensor:
     """SnapKV: attention of the last ``window`` queries, averaged over the window, pooled, per KV head.
 
     ``s_j = pool_k( mean_{i in window} softmax(q_i Kᵀ / √D)_j )`` for the keys *before* the window (the pooling
     never reads the window's own attention, as in the reference code), averaged over the query heads of each KV
     group. The window's keys keep their raw mean attention (they are protected by the methods that use this).
+    ``kept_tail``: the caller keeps this many trailing keys whole even where fewer queries vote (a decode-time
+    re-compression with a short query buffer); the pooling stops before them too.
     Returns ``(B, H_kv, T)``; padding scores are 0.
     """
     probs = ctx.window_attention(window)  # (B, H_q, W, T)
     s = probs.mean(2)  # (B, H_q, T)
-    W = probs.shape[2]
+    W = max(probs.shape[2], min(kept_tail, ctx.length))
     prefix = ctx.length - W
     if prefix > 0:
         s = torch.cat([pool1d(s[..., :prefix], kernel, pooling), s[..., prefix:]], dim=-1)
