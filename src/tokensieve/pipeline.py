@@ -235,6 +235,8 @@ class Compressor:
         self.method: Method = self.spec.method
         self.budget: Budget = self.spec.budget if self.spec.budget is not None else Budget.ratio(1.0)
         self.decode_method: DecodeMethod | None = self.spec.decode  # type: ignore[assignment]
+        if self.decode_method is None and getattr(self.method, "decodes_itself", False):
+            self.decode_method = self.method  # type: ignore[assignment]  # SP-KV's write gate also acts while decoding
         self.decode_budget = self.spec.decode_budget if self.spec.decode_budget is not None else self.budget
         self.shape = model_shape(model)
         self.weights = layer_weights(model)  # references only: what scorers such as CriticalKV's read

@@ -350,7 +350,8 @@ class SieveCache:
         """Hand a layer to the decode method, once per run: its store as equal-length rows, and the method's setup."""
         layer = self.layers[layer_idx]
         assert layer.store is not None
-        dense = as_dense(layer.store, method.name)
+        own = getattr(method, "decode_store", None)  # a method that decodes from ragged rows (SP-KV) converts itself
+        dense = own(layer.store) if own is not None else as_dense(layer.store, method.name)
         layer.store = dense
         layer.decode = DecodeLayer(layer_idx, dense, self._decode_run(n_prompt), scaling)
         layer.decode.state = method.setup(layer.decode, ctx)
