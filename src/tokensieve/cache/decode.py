@@ -26,7 +26,7 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext, ModelShape
 from ..core.method import Method
 from ..errors import CapabilityError
-from .storage import DenseKV
+from .storage import DenseKV, RowPaddedKV
 
 
 @dataclass
@@ -65,7 +65,9 @@ class DecodeLayer:
 
     Attributes:
         index: the decoder layer.
-        store: the layer's KV store (equal-length rows; left padding masked).
+        store: the layer's KV store: rows that end in the same slot, left padding masked — per sequence, or per
+            (sequence, KV head) row after a head-adaptive prefill (a :class:`RowPaddedKV`: a method that declares
+            ``capabilities.head_adaptive`` selects within each row's own entries, ``store.row_pad``).
         run: the run-wide state.
         scaling: the softmax scale of this layer's attention.
         state: the method's own state for this layer (whatever :meth:`DecodeMethod.setup` returned).
@@ -149,6 +151,11 @@ class BoundedCacheMethod(DecodeMethod):
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         store, run = layer.store, layer.run
+        if isinstance(store, RowPaddedKV):  # refused when the Compressor is built; this guards direct use
+            raise CapabilityError(
+                f"'{self.name}' evicts to one cache size per row, which a head-adaptive prefill's rows of different "
+                "lengths do not have; use a uniform prefill method with it."
+            )
         probs: Tensor | None = None
         run.bytes_read += store.kv_bytes()
         if self.needs_probs:

@@ -1,5 +1,19 @@
-"""RaggedKV: rows of different lengths (head- or layer-adaptive budgets), each in its own buffer — nothing is padded
-to the longest row, so the memory an uneven allocation saves is saved for real."""
+"""RaggedKV: rows of different lengths (head- or layer-adaptive budgets) in one shared page pool — nothing is padded
+to the longest row, so the memory an uneven allocation saves is saved for real.
+
+Layout (vLLM's paged KV cache, arXiv:2309.06180): keys and values of every (sequence, KV head) row of a layer live in
+``(pages, P, D)`` buffers; each page belongs to one row (``page_row``), a row's pages are in pool order (a row only
+ever takes the next free page), and only a row's last page may be partly filled. The pool's first ``used`` pages are
+in use, the rest is headroom; it grows geometrically, so appends are amortised O(1) and a decode step appends one
+token to every row with a handful of tensor operations. Attention reads the pool in place
+(:func:`tokensieve.attention.ragged.paged_decode`): no Python loop over rows, no gather, no padding to the longest
+row. Why this layout and not a packed buffer with a padded gather, nested tensors or FlexAttention: docs/BENCHMARKS.md
+("Ragged decode kernel").
+
+Bytes: ``kv_bytes`` counts the stored entries exactly; ``allocated_bytes`` the whole pool (every page, the unfilled
+slots of each row's last page and the pool's headroom included: at most ``P - 1`` slots per row plus the headroom);
+``meta_bytes`` the true positions, the per-slot logit bias / fill mask and the page-owner table.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +23,16 @@ import torch
 from torch import Tensor
 
 from ..attention.dense import PLAIN, Modifiers, chunk_allowed, grouped_attention, window_allowed
+from ..attention.ragged import paged_decode
 from .dense import _grow
+
+PAGE = 32  # slots per page of the pool (docs/BENCHMARKS.md, "Ragged decode kernel": 16 / 32 / 64 measured)
 
 
 @dataclass
 class Row:
-    """One (sequence, KV head) row of a ragged store."""
+    """One (sequence, KV head) row: a standalone buffer (to build a :class:`RaggedKV` from), or a copy of a stored
+    row (:attr:`RaggedKV.rows`)."""
 
     k: Tensor  # (capacity, D)
     v: Tensor  # (capacity, D)
@@ -60,118 +78,383 @@ class Row:
         self.n = e
 
 
-class RaggedKV:
-    """Rows of different lengths, each in its own buffer (no padding to the longest row)."""
+_FILL = {"_k": 0.0, "_v": 0.0, "_pos": -1, "_bias": float("-inf"), "_page_row": -1}  # pool arrays: empty value
 
-    def __init__(self, rows: list[Row], batch: int, heads: int) -> None:
+
+class RaggedKV:
+    """Rows of different lengths in one page pool (see the module docstring); no padding to the longest row.
+
+    Args:
+        rows: ``batch * heads`` rows (sequence-major), any lengths; their spare capacity becomes pool headroom.
+        batch, heads: sequences and KV heads.
+        page: slots per page.
+    """
+
+    def __init__(self, rows: list[Row], batch: int, heads: int, *, page: int = PAGE) -> None:
         if len(rows) != batch * heads:
             raise ValueError(f"RaggedKV needs {batch * heads} rows, got {len(rows)}")
-        self.rows = rows
-        self.batch = batch
-        self.heads = heads
+        r0 = rows[0]
+        D = r0.k.shape[1]
+        lengths = torch.tensor([r.n for r in rows], dtype=torch.long)
+        has_bias = any(r.bias is not None for r in rows)
+        k = torch.cat([r.k[: r.n] for r in rows]) if rows else r0.k[:0]
+        v = torch.cat([r.v[: r.n] for r in rows])
+        pos = torch.cat([r.pos[: r.n] for r in rows])
+        bias = None
+        if has_bias:
+            bias = torch.cat([r.bias[: r.n] if r.bias is not None else r.k.new_zeros(r.n) for r in rows])
+        headroom = max([r.k.shape[0] - r.n for r in rows] + [0])
+        self._init_pool(k.reshape(-1, D), v.reshape(-1, D), pos, bias, lengths, batch, heads, page, headroom)
+
+    @classmethod
+    def packed(
+        cls,
+        k: Tensor,
+        v: Tensor,
+        pos: Tensor,
+        bias: Tensor | None,
+        lengths: Tensor,
+        batch: int,
+        heads: int,
+        *,
+        reserve: int = 0,
+        page: int = PAGE,
+    ) -> RaggedKV:
+        """A store from entries packed row after row: k, v ``(sum(lengths), D)``, pos ``(sum,)``, bias ``(sum,)``
+        or None, lengths ``(batch * heads,)``; ``reserve``: room for that many more tokens in every row."""
+        self = cls.__new__(cls)
+        self._init_pool(k, v, pos, bias, lengths.long(), batch, heads, page, reserve)
+        return self
+
+    def _init_pool(
+        self,
+        k: Tensor,
+        v: Tensor,
+        pos: Tensor,
+        bias: Tensor | None,
+        lengths: Tensor,
+        batch: int,
+        heads: int,
+        page: int,
+        reserve: int,
+    ) -> None:
+        self.batch, self.heads, self.page = batch, heads, page
         self._new: list[Tensor] = []  # per sequence: chunk indices of the tokens appended last
         self._new_pos: Tensor | None = None  # (B, L) true positions of the last chunk's tokens (-1 at padding)
+        self._has_bias = bias is not None
+        R, P, D = batch * heads, page, k.shape[-1]
+        device = k.device
+        self._n = lengths.clone().to(device)  # (R,) entries per row
+        npages = (self._n + P - 1) // P  # (R,) pages per row
+        used = int(npages.sum())
+        extra = int(((self._n + reserve + P - 1) // P - npages).sum()) if reserve > 0 else 0
+        cap = used + extra
+        self._k = k.new_zeros(cap, P, D)
+        self._v = v.new_zeros(cap, P, D)
+        self._pos = torch.full((cap, P), -1, dtype=torch.int32, device=device)
+        self._bias = k.new_full((cap, P), float("-inf"))  # logit bias of each slot; -inf: not filled
+        self._page_row = torch.full((cap,), -1, dtype=torch.long, device=device)
+        self._page_row[:used] = torch.repeat_interleave(torch.arange(R, device=device), npages)
+        self._last = torch.full((R,), -1, dtype=torch.long, device=device)  # each row's last page (-1: none)
+        first = torch.cumsum(npages, 0) - npages
+        self._last = torch.where(npages > 0, first + npages - 1, self._last)
+        self._used = used
+        # entry j of row r sits in page first[r] + j // P, slot j % P
+        row_of = torch.repeat_interleave(torch.arange(R, device=device), self._n)
+        start = torch.cumsum(self._n, 0) - self._n
+        j = torch.arange(int(self._n.sum()), device=device) - start[row_of]
+        pg, sl = first[row_of] + j // P, j % P
+        self._k[pg, sl] = k
+        self._v[pg, sl] = v
+        self._pos[pg, sl] = pos.to(torch.int32)
+        self._bias[pg, sl] = 0.0 if bias is None else bias.to(self._bias.dtype)
 
     evictions = 0  # ragged stores are never evicted from while decoding
 
-    def _row(self, b: int, h: int) -> Row:
-        return self.rows[b * self.heads + h]
+    # ------------------------------------------------------------------------------------------------ pages
+    def _grow_pool(self, need: int) -> None:
+        """Make room for ``need`` pages in use (geometric growth: amortised O(1) appends)."""
+        cap = self._k.shape[0]
+        if need <= cap:
+            return
+        new_cap = max(need, _grow(cap) if cap else need)
+        P, D = self.page, self._k.shape[-1]
+        u = self._used
+        k = self._k.new_zeros(new_cap, P, D)
+        v = self._v.new_zeros(new_cap, P, D)
+        pos = torch.full((new_cap, P), -1, dtype=torch.int32, device=self._k.device)
+        bias = self._k.new_full((new_cap, P), float("-inf"))
+        page_row = torch.full((new_cap,), -1, dtype=torch.long, device=self._k.device)
+        k[:u], v[:u], pos[:u], bias[:u], page_row[:u] = (
+            self._k[:u], self._v[:u], self._pos[:u], self._bias[:u], self._page_row[:u],
+        )  # fmt: skip
+        self._k, self._v, self._pos, self._bias, self._page_row = k, v, pos, bias, page_row
 
-    def truncate(self, lengths: list[int]) -> None:
-        """Forget every entry appended after the first ``lengths[row]`` of each row."""
-        for r, n in zip(self.rows, lengths):
-            if not 0 <= n <= r.n:
-                raise ValueError(f"cannot truncate a row of {r.n} entries to {n}")
-            r.n = n
+    def _table(self) -> tuple[Tensor, Tensor]:
+        """Block table: ``(R, max pages)`` page ids of each row in order (-1 past its pages), and pages per row."""
+        R, u = self.batch * self.heads, self._used
+        owners = self._page_row[:u]
+        counts = torch.bincount(owners, minlength=R)
+        order = torch.argsort(owners, stable=True)  # pages grouped by row, each row's in pool order
+        width = int(counts.max()) if u else 0
+        first = torch.cumsum(counts, 0) - counts
+        j = torch.arange(u, device=owners.device) - first[owners[order]]
+        table = torch.full((R, width), -1, dtype=torch.long, device=owners.device)
+        table[owners[order], j] = order
+        return table, counts
+
+    def _row_slots(self) -> tuple[Tensor, Tensor]:
+        """``(R, n_max)`` flat slot (page * P + offset) of every entry of each row (0 past its length) and the
+        ``(R, n_max)`` bool of filled entries."""
+        table, _ = self._table()
+        P = self.page
+        n_max = int(self._n.max()) if self._n.numel() else 0
+        j = torch.arange(n_max, device=table.device)
+        filled = j[None, :] < self._n[:, None]
+        pages = table.gather(1, (j // P)[None, :].expand(table.shape[0], n_max).clamp(max=max(table.shape[1] - 1, 0)))
+        slots = torch.where(filled, pages * P + j % P, torch.zeros_like(pages))
+        return slots, filled
+
+    # ------------------------------------------------------------------------------------------------ rows
+    @property
+    def rows(self) -> list[Row]:
+        """Copies of the rows (sequence-major), for inspection; appending to them does not change the store."""
+        out = []
+        for b in range(self.batch):
+            for h in range(self.heads):
+                k, v, pos = self.row(b, h)
+                r = self._flat_row(b * self.heads + h)
+                bias = self._bias.view(-1)[r].clone() if self._has_bias else None
+                out.append(Row(k, v, pos, bias, k.shape[0]))
+        return out
+
+    def _flat_row(self, r: int) -> Tensor:
+        """Flat slots (page * P + offset) of row ``r``'s entries, in order."""
+        pages = (self._page_row[: self._used] == r).nonzero().flatten()
+        P = self.page
+        slots = (pages[:, None] * P + torch.arange(P, device=pages.device)).flatten()
+        return slots[: int(self._n[r])]
+
+    def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Stored (keys ``(n, D)``, values, positions) of one row."""
+        s = self._flat_row(b * self.heads + h)
+        D = self._k.shape[-1]
+        return self._k.view(-1, D)[s], self._v.view(-1, D)[s], self._pos.view(-1)[s]
 
     def lengths(self) -> Tensor:
-        return torch.tensor([r.n for r in self.rows], dtype=torch.long).view(self.batch, self.heads)
+        return self._n.clone().view(self.batch, self.heads)
+
+    @property
+    def lengths_list(self) -> list[int]:
+        return [int(x) for x in self._n.tolist()]
+
+    # ------------------------------------------------------------------------------------------------ bytes
+    def kv_bytes(self) -> int:
+        return 2 * int(self._n.sum()) * self._k.shape[-1] * self._k.element_size()
+
+    def allocated_bytes(self) -> int:
+        return 2 * self._k.numel() * self._k.element_size()
+
+    def meta_bytes(self) -> int:
+        arrays = (self._pos, self._bias, self._page_row, self._n, self._last)
+        return sum(a.numel() * a.element_size() for a in arrays)
+
+    # ------------------------------------------------------------------------------------------------ changes
+    def truncate(self, lengths: list[int]) -> None:
+        """Forget every entry appended after the first ``lengths[row]`` of each row (pages left empty are freed)."""
+        new = torch.tensor(lengths, dtype=torch.long, device=self._n.device)
+        if new.shape != self._n.shape or bool(((new < 0) | (new > self._n)).any()):
+            raise ValueError(f"cannot truncate rows of {self._n.tolist()} entries to {lengths}")
+        P, u = self.page, self._used
+        slots, filled = self._row_slots()
+        drop = filled & (torch.arange(filled.shape[1], device=filled.device)[None, :] >= new[:, None])
+        self._bias.view(-1)[slots[drop]] = float("-inf")
+        self._pos.view(-1)[slots[drop]] = -1
+        self._n = new
+        # keep the pages still holding an entry, in pool order (a row's pages stay in order)
+        table, _ = self._table()
+        npages = (new + P - 1) // P
+        keep_mask = torch.zeros(u, dtype=torch.bool, device=table.device)
+        cols = torch.arange(table.shape[1], device=table.device)[None, :]
+        live = (cols < npages[:, None]) & (table >= 0)
+        keep_mask[table[live]] = True
+        self._compact_pages(keep_mask.nonzero().flatten())
+
+    def _compact_pages(self, keep: Tensor) -> None:
+        """Keep pages ``keep`` (ascending) as the pool's first pages, in that order."""
+        m = keep.numel()
+        for name, fill in _FILL.items():
+            a = getattr(self, name)
+            a[:m] = a.index_select(0, keep)
+            a[m:] = fill
+        self._used = m
+        self._refresh_last()
+
+    def _refresh_last(self) -> None:
+        R = self.batch * self.heads
+        last = torch.full((R,), -1, dtype=torch.long, device=self._n.device)
+        u = self._used
+        if u:
+            last.scatter_reduce_(0, self._page_row[:u], torch.arange(u, device=last.device), "amax")
+        self._last = last
 
     def reorder(self, rows: Tensor) -> None:
         """Keep sequence ``rows[i]`` as sequence ``i`` (beam search); a sequence kept twice is copied."""
-        picked = [int(r) for r in rows.tolist()]
-        seen: set[int] = set()
-        new: list[Row] = []
-        for b in picked:
-            for h in range(self.heads):
-                r = self._row(b, h)
-                new.append(
-                    r
-                    if b not in seen
-                    else Row(r.k.clone(), r.v.clone(), r.pos.clone(), None if r.bias is None else r.bias.clone(), r.n)
-                )
-            seen.add(b)
-        self.rows, self.batch = new, len(picked)
-        self._new = [self._new[b] for b in picked] if self._new else []
+        H = self.heads
+        picked = rows.long()
+        src_rows = (picked[:, None] * H + torch.arange(H, device=picked.device)[None, :]).flatten()  # (B'*H,)
+        table, counts = self._table()
+        t = table.index_select(0, src_rows)
+        c = counts.index_select(0, src_rows)
+        live = torch.arange(t.shape[1], device=t.device)[None, :] < c[:, None]
+        pages = t[live]  # row-major: new row after new row
+        new_owner = torch.repeat_interleave(torch.arange(src_rows.numel(), device=t.device), c)
+        m = pages.numel()
+        cap = max(m, self._k.shape[0])
+        for name, fill in _FILL.items():
+            a = getattr(self, name)
+            b = a.new_full((cap, *a.shape[1:]), fill)
+            b[:m] = a.index_select(0, pages)
+            setattr(self, name, b)
+        self._page_row[:m] = new_owner
+        self._n = self._n.index_select(0, src_rows)
+        self._used, self.batch = m, int(picked.numel())
+        self._refresh_last()
+        self._new = [self._new[int(b)] for b in picked.tolist()] if self._new else []
         if self._new_pos is not None:
             self._new_pos = self._new_pos.index_select(0, rows)
 
-    def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
-        r = self._row(b, h)
-        return r.k[: r.n], r.v[: r.n], r.pos[: r.n]
-
-    def kv_bytes(self) -> int:
-        return sum(2 * r.n * r.k.shape[1] * r.k.element_size() for r in self.rows)
-
-    def allocated_bytes(self) -> int:
-        return sum(2 * r.k.numel() * r.k.element_size() for r in self.rows)
-
-    def meta_bytes(self) -> int:
-        total = 0
-        for r in self.rows:
-            total += r.pos.numel() * r.pos.element_size()
-            if r.bias is not None:
-                total += r.bias.numel() * r.bias.element_size()
-        return total
-
     def reserve(self, extra: int) -> None:
-        for r in self.rows:
-            r.reserve(extra)
+        """Room for ``extra`` more tokens in every row without reallocating later."""
+        if extra <= 0:
+            return
+        P = self.page
+        have = (self._n + P - 1) // P
+        need = int(((self._n + extra + P - 1) // P - have).sum())
+        self._grow_pool(self._used + need)
 
     def append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor | None) -> None:
-        """Append a chunk; padding tokens of the chunk are not stored."""
-        B, H, L, _ = k.shape
-        self._new = []
+        """Append a chunk: k, v ``(B, H_kv, L, D)``, positions ``(B, L)``, valid ``(B, L)`` or None — padding tokens
+        of the chunk are not stored. Every row's tokens go to the free slots of its last page, then to new pages
+        taken from the pool's headroom (all rows at once)."""
+        B, H, L, D = k.shape
+        P = self.page
+        dev = k.device
         self._new_pos = positions if valid is None else torch.where(valid, positions, torch.full_like(positions, -1))
-        for b in range(B):
-            idx = torch.arange(L) if valid is None else valid[b].nonzero().flatten()
-            self._new.append(idx)
-            kb = k[b].index_select(1, idx) if valid is not None else k[b]
-            vb = v[b].index_select(1, idx) if valid is not None else v[b]
-            pb = positions[b].index_select(0, idx) if valid is not None else positions[b]
-            for h in range(H):
-                self._row(b, h).append(kb[h], vb[h], pb)
+        if L == 1 and valid is None:  # a decode step: one token per row, into its last page or a new one
+            self._append_one(k.reshape(B * H, D), v.reshape(B * H, D), positions.reshape(B, 1).expand(B, H))
+            return
+        if valid is None:
+            self._new = [torch.arange(L, device=dev)] * B
+            cnt = torch.full((B * H,), L, dtype=torch.long, device=dev)
+            kf, vf = k.reshape(-1, D), v.reshape(-1, D)
+            pf = positions[:, None, :].expand(B, H, L).reshape(-1)
+            row_of = torch.arange(B * H, device=dev).repeat_interleave(L)
+            j = torch.arange(L, device=dev).repeat(B * H)
+        else:
+            self._new = [valid[b].nonzero().flatten() for b in range(B)]
+            m = valid[:, None, :].expand(B, H, L)
+            cnt = m.sum(-1).flatten()
+            kf, vf = k[m], v[m]
+            pf = positions[:, None, :].expand(B, H, L)[m]
+            row_of = torch.repeat_interleave(torch.arange(B * H, device=dev), cnt)
+            j = torch.arange(int(cnt.sum()), device=dev) - (torch.cumsum(cnt, 0) - cnt)[row_of]
+        n0 = self._n
+        have = (n0 + P - 1) // P
+        new_pages = (n0 + cnt + P - 1) // P - have  # (R,)
+        total_new = int(new_pages.sum())
+        base = self._used + torch.cumsum(new_pages, 0) - new_pages  # first new page of each row
+        if total_new:
+            self._grow_pool(self._used + total_new)
+            self._page_row[self._used : self._used + total_new] = torch.repeat_interleave(
+                torch.arange(B * H, device=dev), new_pages
+            )
+        s = n0[row_of] + j  # slot ordinal within the row
+        pi = s // P  # page ordinal within the row
+        hv = have[row_of]
+        pg = torch.where(pi < hv, self._last[row_of], base[row_of] + pi - hv)
+        sl = s % P
+        self._k[pg, sl] = kf
+        self._v[pg, sl] = vf
+        self._pos[pg, sl] = pf.to(torch.int32)
+        self._bias[pg, sl] = 0.0
+        self._used += total_new
+        self._n = n0 + cnt
+        if total_new:
+            self._last = torch.where(new_pages > 0, base + new_pages - 1, self._last)
 
+    def _append_one(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """One token per row: k, v ``(R, D)``, pos ``(B, H)``."""
+        P, R = self.page, k.shape[0]
+        if not self._new or len(self._new) != self.batch or self._new[0].numel() != 1:
+            self._new = [torch.zeros(1, dtype=torch.long, device=k.device)] * self.batch
+        off = self._n % P
+        fresh = off == 0  # the row's last page is full (or it has none): take the next free page
+        n_fresh = int(fresh.sum())
+        if n_fresh:
+            self._grow_pool(self._used + n_fresh)
+            ids = self._used + torch.cumsum(fresh, 0) - 1
+            self._page_row[self._used : self._used + n_fresh] = torch.arange(R, device=k.device)[fresh]
+            self._last = torch.where(fresh, ids, self._last)
+            self._used += n_fresh
+        slot = self._last * P + off
+        D = k.shape[1]
+        self._k.view(-1, D).index_copy_(0, slot, k)
+        self._v.view(-1, D).index_copy_(0, slot, v)
+        self._pos.view(-1).index_copy_(0, slot, pos.reshape(R).to(torch.int32))
+        self._bias.view(-1).index_fill_(0, slot, 0.0)
+        self._n = self._n + 1
+
+    # ------------------------------------------------------------------------------------------------ attend
     def attend(self, q: Tensor, scaling: float, mods: Modifiers = PLAIN) -> Tensor:
-        """Attention of the last appended chunk's queries: q ``(B, H_q, L, D)`` → ``(B, H_q, L, D)``."""
+        """Attention of the last appended chunk's queries: q ``(B, H_q, L, D)`` → ``(B, H_q, L, D)``.
+
+        A single-token step without modifiers reads the pool in place, every row at once
+        (:func:`~tokensieve.attention.ragged.paged_decode`); a chunk, a sliding window or soft-capping gathers the
+        rows padded to the longest and runs one masked grouped attention.
+        """
         B, Hq, L, D = q.shape
-        G = Hq // self.heads
-        out = q.new_empty(B, Hq, L, D)
-        for b in range(B):
-            new_idx = self._new[b] if self._new else torch.arange(L)
-            for h in range(self.heads):
-                r = self._row(b, h)
-                k, v = r.k[: r.n], r.v[: r.n]
-                mask: Tensor | None = None
-                allowed: Tensor | None = None
-                if L > 1:
-                    chunk_pos = torch.full((r.n,), -1, dtype=torch.long)
-                    chunk_pos[r.n - new_idx.numel() :] = new_idx
-                    allowed = chunk_allowed(chunk_pos, L)  # (L, n)
-                if mods.window is not None and self._new_pos is not None:
-                    in_window = window_allowed(self._new_pos[b], r.pos[: r.n], mods.window)  # (L, n)
-                    allowed = in_window if allowed is None else allowed & in_window
-                if allowed is not None:
-                    mask = allowed[None].expand(G, L, r.n).reshape(G * L, r.n)
-                if r.bias is not None:
-                    bias = r.bias[: r.n][None]
-                    mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
-                qg = q[b, h * G : (h + 1) * G].reshape(1, 1, G * L, D)
-                m = None if mask is None else mask[None, None]
-                o = grouped_attention(qg, k[None, None], v[None, None], scaling, m, mods.softcap)
-                out[b, h * G : (h + 1) * G] = o.view(G, L, D)
-        if L > 1 or mods.window is not None:
-            out = torch.nan_to_num(out)  # padding queries before any stored key have empty rows
-        return out
+        H = self.heads
+        G = Hq // H
+        if L == 1 and mods.plain:
+            u = self._used
+            out = paged_decode(
+                q.reshape(B * H, G, D), self._k[:u], self._v[:u], self._page_row[:u], self._bias[:u], B * H, scaling
+            )
+            return out.view(B, Hq, 1, D)
+        return self._attend_padded(q, scaling, mods)
 
-
+    def _attend_padded(self, q: Tensor, scaling: float, mods: Modifiers) -> Tensor:
+        B, Hq, L, D = q.shape
+        H = self.heads
+        G = Hq // H
+        slots, filled = self._row_slots()  # (R, n_max)
+        n_max = slots.shape[1]
+        K = self._k.view(-1, D).index_select(0, slots.flatten()).view(B, H, n_max, D)
+        V = self._v.view(-1, D).index_select(0, slots.flatten()).view(B, H, n_max, D)
+        allowed = filled.view(B, H, 1, n_max)
+        if L > 1:
+            # key j of row r is token (j - (n_r - m_b)) of the chunk's m_b stored tokens, if that is >= 0
+            dev = q.device
+            m_b = torch.tensor([int(x.numel()) for x in self._new], dtype=torch.long, device=dev)  # (B,)
+            new_idx = torch.full((B, max(1, int(m_b.max()))), -1, dtype=torch.long, device=dev)
+            for b, idx in enumerate(self._new):
+                new_idx[b, : idx.numel()] = idx
+            ordinal = torch.arange(n_max, device=dev)[None, :] - (self._n - m_b.repeat_interleave(H))[:, None]
+            ordinal = ordinal.view(B, H, n_max)
+            chunk_pos = torch.where(
+                (ordinal >= 0) & filled.view(B, H, n_max),
+                new_idx.gather(1, ordinal.clamp(0, new_idx.shape[1] - 1).view(B, -1)).view(B, H, n_max),
+                torch.full_like(ordinal, -1),
+            )
+            allowed = allowed & chunk_allowed(chunk_pos, L)  # (B, H, L, n_max)
+        if mods.window is not None and self._new_pos is not None:
+            kpos = self._pos.view(-1).index_select(0, slots.flatten()).view(B, H, n_max)
+            allowed = allowed & window_allowed(self._new_pos[:, None, :].expand(B, H, L), kpos, mods.window)
+        allowed = allowed.expand(B, H, L, n_max)
+        mask = allowed[:, :, None].expand(B, H, G, L, n_max).reshape(B, H, G * L, n_max)
+        if self._has_bias:
+            bias = self._bias.view(-1).index_select(0, slots.flatten()).view(B, H, 1, n_max)
+            mask = torch.where(mask, bias, float("-inf"))
+        out = grouped_attention(q.reshape(B, H, G * L, D), K, V, scaling, mask, mods.softcap)
+        return torch.nan_to_num(out.reshape(B, Hq, L, D))  # queries (or rows) with no visible key: zeros

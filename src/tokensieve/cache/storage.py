@@ -74,63 +74,102 @@ def build_store(
             eb = extra_bias if extra_bias is not None else keys.new_zeros(B, H, E)
             bb = torch.cat([bb if bb is not None else keys.new_zeros(B, H, K), eb], 2)
         return DenseKV(k, v, p, bias=bb, reserve=reserve)
-    rows = []
-    for b in range(B):
-        for h in range(H):
-            idx = indices[b, h, : int(counts[b, h])]
-            k = keys[b, h].index_select(0, idx)
-            v = values[b, h].index_select(0, idx)
-            p = positions[b].index_select(0, idx)
-            rb = None if bias is None else bias[b, h].index_select(0, idx)
-            if has_extra:
-                assert extra_keys is not None
-                assert extra_values is not None
-                keep = slice(None) if extra_valid is None else extra_valid[b, h]
-                ek = extra_keys[b, h][keep]
-                E = ek.shape[0]
-                k = torch.cat([k, ek])
-                v = torch.cat([v, extra_values[b, h][keep]])
-                p = torch.cat([p, p.new_full((E,), -1)])
-                eb = extra_bias[b, h][keep] if extra_bias is not None else keys.new_zeros(E)
-                rb = torch.cat([rb if rb is not None else keys.new_zeros(idx.numel()), eb])
-            rows.append(Row.of(k, v, p, rb, reserve=reserve))
-    return RaggedKV(rows, B, H)
+    # ragged: every row's kept entries (and its extra entries), packed row after row into the page pool
+    D = keys.shape[-1]
+    keep = torch.arange(K, device=keys.device)[None, None, :] < counts[..., None]  # (B, H, K)
+    k = gather_rows(keys, safe)
+    v = gather_rows(values, safe)
+    p = pos_bh.gather(2, safe)
+    bb = None if bias is None else bias.gather(2, safe)
+    if has_extra:
+        assert extra_keys is not None
+        assert extra_values is not None
+        E = extra_keys.shape[2]
+        ev = extra_valid if extra_valid is not None else torch.ones(B, H, E, dtype=torch.bool, device=keys.device)
+        keep = torch.cat([keep, ev], 2)
+        k = torch.cat([k, extra_keys], 2)
+        v = torch.cat([v, extra_values], 2)
+        p = torch.cat([p, p.new_full((B, H, E), -1)], 2)
+        eb = extra_bias if extra_bias is not None else keys.new_zeros(B, H, E)
+        bb = torch.cat([bb if bb is not None else keys.new_zeros(B, H, K), eb], 2)
+    lengths = keep.sum(-1).flatten()
+    return RaggedKV.packed(
+        k[keep].view(-1, D), v[keep].view(-1, D), p[keep], None if bb is None else bb[keep], lengths, B, H,
+        reserve=reserve,
+    )  # fmt: skip
+
+
+class RowPaddedKV(DenseKV):
+    """A head-adaptive store seen by a decode method: rows of different lengths, each left-padded to the longest.
+
+    Row ``(b, h)`` holds its entries in slots ``[row_pad[b, h], n)``: the newest token of every row is in slot
+    ``n - 1``, as in a :class:`DenseKV`, so decode methods append and page alike; the padding slots carry a ``-inf``
+    logit bias (never attended) and position -1, and methods that select (Quest, TidalDecode, TokenSelect) select
+    within each row's own entries (``row_pad``) with each row's own budget. ``kv_bytes`` counts the stored entries
+    only; ``allocated_bytes`` the whole padded buffers, padding included — this is what the layout costs.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor, bias: Tensor, row_pad: Tensor,
+                 reserve: int = 0) -> None:  # fmt: skip
+        super().__init__(keys, values, positions, bias=bias, reserve=reserve)
+        self.row_pad = row_pad  # (B, H_kv) long
+
+    def lengths(self) -> Tensor:
+        return self.n - self.row_pad
+
+    def kv_bytes(self) -> int:
+        D = self._k.shape[-1]
+        return 2 * int(self.lengths().sum()) * D * self._k.element_size()
+
+    def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        p = int(self.row_pad[b, h])
+        return self.keys[b, h, p:], self.values[b, h, p:], self.positions[b, h, p:]
+
+    def reorder(self, rows: Tensor) -> None:
+        super().reorder(rows)
+        self.row_pad = self.row_pad.index_select(0, rows)
+
+    def compact(self, keep: Tensor) -> None:  # pragma: no cover - eviction methods are refused on these stores
+        raise CapabilityError("A head-adaptive store does not evict while decoding.")
+
+    def swap_remove(self, slots: Tensor) -> None:  # pragma: no cover - eviction methods are refused on these stores
+        raise CapabilityError("A head-adaptive store does not evict while decoding.")
 
 
 def as_dense(store: KVStore, method: str) -> DenseKV:
-    """The store as a :class:`DenseKV` (decode methods work on equal-length rows).
+    """The store as a :class:`DenseKV` (decode methods work on rows that end in the same slot).
 
-    A ragged store converts when every KV head of a sequence holds the same number of entries (sequences may
-    differ: shorter ones are left-padded with masked slots). Head-adaptive stores cannot convert.
+    A ragged store whose KV heads of a sequence hold the same number of entries becomes a :class:`DenseKV`
+    (sequences of different lengths are left-padded with masked slots); a head-adaptive store becomes a
+    :class:`RowPaddedKV` (every row left-padded to the longest; padding masked by a ``-inf`` bias).
     """
     if isinstance(store, DenseKV):
         return store
     lengths = store.lengths()  # (B, H)
-    if bool((lengths != lengths[:, :1]).any()):
-        raise CapabilityError(
-            f"'{method}' needs every KV head of a sequence to hold the same number of entries, but the prefill "
-            "method gave heads different lengths (head-adaptive). Use a uniform prefill method with it."
-        )
     B, H = store.batch, store.heads
     n = int(lengths.max())
-    k0, v0, _ = store.row(0, 0)
-    D = k0.shape[1]
-    k = k0.new_zeros(B, H, n, D)
-    v = v0.new_zeros(B, H, n, D)
-    pos = torch.full((B, H, n), -1, dtype=torch.int32)
-    valid = torch.zeros(B, n, dtype=torch.bool)
-    has_bias = any(r.bias is not None for r in store.rows)
-    bias = k0.new_zeros(B, H, n) if has_bias else None
-    for b in range(B):
-        m = int(lengths[b, 0])
-        valid[b, n - m :] = True
-        for h in range(H):
-            r = store.rows[b * H + h]
-            k[b, h, n - m :], v[b, h, n - m :], pos[b, h, n - m :] = r.k[:m], r.v[:m], r.pos[:m]
-            if bias is not None and r.bias is not None:
-                bias[b, h, n - m :] = r.bias[:m]
-    cap = max(r.k.shape[0] for r in store.rows)
-    return DenseKV(k, v, pos, valid=valid, bias=bias, reserve=max(0, cap - n))
+    slots, filled = store._row_slots()  # (R, m) right-padded
+    D = store._k.shape[-1]
+    R, m = slots.shape
+    pad = (n - lengths).view(R)  # left padding of each row
+    target = (torch.arange(R)[:, None] * n + pad[:, None] + torch.arange(m)[None, :])[filled]  # flat dense slot
+    src = slots[filled]
+    k = store._k.new_zeros(R * n, D)
+    v = store._v.new_zeros(R * n, D)
+    pos = torch.full((R * n,), -1, dtype=torch.int32)
+    k[target] = store._k.view(-1, D)[src]
+    v[target] = store._v.view(-1, D)[src]
+    pos[target] = store._pos.view(-1)[src]
+    headroom = (store._k.shape[0] - store._used) * store.page // max(1, R)
+    k, v, pos = k.view(B, H, n, D), v.view(B, H, n, D), pos.view(B, H, n)
+    bias = store._k.new_full((R * n,), float("-inf"))
+    bias[target] = store._bias.view(-1)[src]
+    if bool((lengths != lengths[:, :1]).any()):
+        return RowPaddedKV(k, v, pos, bias.view(B, H, n), pad.view(B, H), reserve=headroom)
+    valid = torch.arange(n)[None, :] >= (n - lengths[:, 0])[:, None]  # (B, n)
+    has_bias = store._has_bias
+    bb = bias.view(B, H, n).masked_fill(~valid[:, None, :], 0.0) if has_bias else None
+    return DenseKV(k, v, pos, valid=valid, bias=bb, reserve=headroom)
 
 
-__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "as_dense", "build_store"]
+__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "RowPaddedKV", "as_dense", "build_store"]
