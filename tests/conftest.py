@@ -90,6 +90,21 @@ def synthetic_profiles(model) -> dict:
         "duo": Profile(
             "duo", shape.key, sd, {}, {"gates": torch.rand(L, H, generator=g).tolist(), "sink": 4, "recent": 8}
         ),
+        "spkv": Profile(  # SP-KV's write gate: random linear gates, a made-up monotone calibration table
+            "spkv",
+            shape.key,
+            sd,
+            {},
+            {
+                "window": 8,
+                "hidden": 0,
+                "layers": [
+                    {"w1": (torch.randn(H, 2 * H * D, generator=g) * (2 * H * D) ** -0.5 * 2).tolist(), "b1": [0.0] * H}
+                    for _ in range(L)
+                ],
+                "calibration": {"tau": [0.1, 0.5, 0.9], "out_density": [0.9, 0.5, 0.1]},
+            },
+        ),
     }
 
 

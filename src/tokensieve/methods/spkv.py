@@ -1,0 +1,276 @@
+"""SP-KV: a learned write gate decides, per layer and KV head, which KV pairs outlive the local window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..cache.decode import DecodeLayer, DecodeMethod
+from ..cache.storage import KVStore, RaggedKV, Row
+from ..core.capabilities import Apply, Capabilities, Phase
+from ..core.context import LayerContext, ModelShape, Rope
+from ..core.method import Compressed, PrefillMethod
+from ..core.registry import register
+from ..errors import CapabilityError, ConfigError
+from ..select.selection import Selection
+from .spkv_gate import KIND, SPKVGates, gate_features
+
+_PREFILLED = "spkv:prefilled"  # RunState.scratch marker: the prompt was already decided by SP-KV's prefill
+
+
+@dataclass
+class _LayerState:
+    """What SP-KV keeps per layer while decoding."""
+
+    gates: SPKVGates
+    rope: Rope | None
+    tau: Tensor  # (B,) threshold per sequence
+    window: int
+    decided: Tensor  # (B,) long: positions below this were decided (written or dropped) already
+    dropped: int = 0  # entries dropped while decoding (all rows)
+
+
+@register
+@dataclass(frozen=True)
+class SPKV(PrefillMethod, DecodeMethod):
+    """SP-KV — Self-Pruned Key-Value Attention (Szilvasy, Faysse, Lomeli, Douze, Mazaré, Cabannes, Yih, Jégou;
+    arXiv:2605.14037): a light predictor scores every KV pair's future utility ``u ∈ (0, 1)`` per layer and KV
+    head; the pair is always visible while it is among the ``w`` most recent tokens, and when it leaves that window
+    it is written to the long-term cache only if ``u ≥ τ`` — otherwise it is dropped for good.
+
+    Rule: a query at position ``t`` sees key ``j`` iff ``t − j < w`` or ``u_j ≥ τ`` (or ``j < sink``). The decision
+    is made once per pair: at prefill for every prompt token already older than the window at the end of the prompt
+    (the next query is at position ``n``, so positions ``≤ n − w`` are decided), and while decoding for each token
+    as it leaves the window. Each (layer, KV head) keeps its own number of entries in a ragged store, so the memory
+    the gate saves is saved for real; compression is not fixed but follows the input.
+
+    Threshold: ``tau`` when given; otherwise the run's budget is read as a **target density** (stored entries /
+    full cache, averaged over layers and heads) and ``τ`` is calibrated from the gate's table of out-of-window
+    density against threshold, measured on held-out text when the gate was trained: ``spkv:0.25`` aims at a quarter
+    of the entries (the achieved density varies with the prompt), and the whole-prompt budget (``spkv``, ``1.0``)
+    keeps everything. ``window`` defaults to the window the gate was trained for.
+
+    The predictor (:mod:`tokensieve.methods.spkv_gate`) is trained on the frozen model (``tokensieve train spkv``,
+    docs/SPKV.md) and shipped as the ``spkv`` profile of the embedded model. Our reconstruction departs from the
+    paper where it must: the paper trains the LLM jointly with the gate; here the LLM is frozen and the gate learns
+    an oracle (the largest attention weight a key receives from queries beyond the window). Prefill attention is
+    the model's dense causal attention (the decisions are applied when the prompt's cache is stored); a multi-token
+    chunk after the prefill (a question appended to a compressed context) attends to every stored entry, and the
+    tokens that left the window during it are decided at the next decode step.
+    """
+
+    name: ClassVar[str] = "spkv"
+    paper: ClassVar[str] = (
+        "Self-Pruned Key-Value Attention: Learning When to Write by Predicting Future Utility (arXiv:2605.14037)"
+    )
+    rule: ClassVar[str] = (
+        "u = sigmoid(gate_l(k_j, v_j)) per (layer, KV head); keep j while t - j < w, then iff u_j >= tau"
+    )
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL, Phase.DECODE}),
+        apply=Apply.EVICT,
+        head_adaptive=True,
+        layer_adaptive=True,
+        profile=KIND,
+    )
+    rescorable: ClassVar[bool] = False  # decides each pair once, from its own keys and values
+    decodes_itself: ClassVar[bool] = True  # the Compressor also runs it while decoding (no '+decode' needed)
+
+    tau: float | None = None
+    window: int | None = None
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"spkv: tau must be in [0, 1], got {self.tau}.")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"spkv: window must be >= 1, got {self.window}.")
+        if self.sink < 0:
+            raise ConfigError(f"spkv: sink must be >= 0, got {self.sink}.")
+
+    def check(self, shape: ModelShape) -> None:
+        if shape.modified:
+            raise CapabilityError(
+                f"spkv decides while decoding, and its decode kernel does not apply the sliding windows or "
+                f"soft-capping of model '{shape.key}' yet."
+            )
+
+    # -- the gate -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _gates(profile: Any) -> SPKVGates:
+        if not isinstance(profile, SPKVGates):
+            raise CapabilityError("spkv needs its trained gate (an 'spkv' profile); see `tokensieve train spkv`.")
+        return profile
+
+    def window_for(self, gates: SPKVGates) -> int:
+        return self.window if self.window is not None else gates.window
+
+    def thresholds(self, gates: SPKVGates, n_tokens: Tensor, budget_tokens: Tensor) -> Tensor:
+        """``(B,)`` threshold of each sequence: ``tau``, or calibrated from the budget read as a target density."""
+        B = int(n_tokens.shape[0])
+        if self.tau is not None:
+            return torch.full((B,), float(self.tau))
+        w = self.window_for(gates)
+        out = []
+        for n, k in zip(n_tokens.tolist(), budget_tokens.tolist()):
+            if k >= n:
+                out.append(float("-inf"))  # the whole prompt: keep everything
+                continue
+            protected = min(n, w - 1 + self.sink)  # the window at the end of the prompt, and the sinks
+            candidates = n - protected
+            share = 1.0 if candidates <= 0 else (k - protected) / candidates
+            out.append(gates.tau_for(share))
+        return torch.tensor(out, dtype=torch.float32)
+
+    @staticmethod
+    def _rope(shape: ModelShape, layer: int) -> Rope | None:
+        return shape.rope[layer] if shape.rope else None
+
+    def utilities(
+        self, gates: SPKVGates, layer: int, keys: Tensor, values: Tensor, positions: Tensor, rope: Rope | None
+    ) -> Tensor:
+        """``(B, H_kv, T)`` utility of every entry: keys/values ``(B, H_kv, T, D)``, positions ``(B, T)``."""
+        feats = gate_features(keys, values, positions, rope)
+        return gates.utility(layer, feats).permute(0, 2, 1)
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+    def score(self, ctx: LayerContext) -> Tensor:
+        gates = self._gates(ctx.run.profile)
+        rope = self._rope(ctx.run.shape, ctx.layer_idx)
+        return self.utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope)
+
+    def compress(self, ctx: LayerContext) -> Compressed:
+        gates = self._gates(ctx.run.profile)
+        u = self.score(ctx)  # (B, H, T)
+        tau = self.thresholds(gates, ctx.run.n_tokens, ctx.run.budget_tokens)
+        w = self.window_for(gates)
+        pos = ctx.positions  # (B, T), -1 at padding
+        n = ctx.run.n_tokens[:, None]
+        protected = (pos > n - w) | ((pos >= 0) & (pos < self.sink))  # the window at the end of the prompt, sinks
+        keep = (protected[:, None, :] | (u >= tau[:, None, None])) & ctx.selectable[:, None, :]
+        ctx.run.scratch[_PREFILLED] = True
+        return Compressed(Selection.from_mask(keep))
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+    def decode_store(self, store: KVStore) -> RaggedKV:
+        """The store SP-KV decodes from: the prefill's ragged store as it is, or a dense one as ragged rows (the
+        cache asks for it instead of converting to equal-length rows)."""
+        if isinstance(store, RaggedKV):
+            return store
+        B, H = int(store.keys.shape[0]), int(store.keys.shape[1])
+        rows = []
+        for b in range(B):
+            for h in range(H):
+                k, v, pos = store.row(b, h)
+                bias = None
+                if store.bias is not None:
+                    sel = slice(None) if store.valid is None else store.valid[b, : store.n]
+                    bias = store.bias[b, h][sel]
+                rows.append(Row.of(k, v, pos, bias))
+        return RaggedKV(rows, B, H)
+
+    def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> _LayerState:
+        gates = self._gates(layer.run.profile)
+        store = layer.store
+        lengths_seen = self._newest(store) + 1  # (B,) real tokens seen per sequence
+        w = self.window_for(gates)
+        if ctx is not None and ctx.run.scratch.get(_PREFILLED):
+            tau = self.thresholds(gates, ctx.run.n_tokens, ctx.run.budget_tokens)
+            decided = (lengths_seen - w + 1).clamp_min(0)  # SP-KV's prefill decided the older prompt tokens
+        else:  # after another prefill: every stored prompt token is decided at the first step
+            tau = self.thresholds(gates, lengths_seen, layer.run.budget_tokens)
+            decided = torch.zeros_like(lengths_seen)
+        return _LayerState(gates, self._rope(layer.run.shape, layer.index), tau, w, decided)
+
+    @staticmethod
+    def _newest(store: Any) -> Tensor:
+        """``(B,)`` newest position stored per sequence (from each sequence's first KV head)."""
+        out = []
+        for b in range(int(store.lengths().shape[0])):
+            _, _, pos = store.row(b, 0)
+            out.append(int(pos.max()) if pos.numel() else -1)
+        return torch.tensor(out, dtype=torch.long)
+
+    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
+        self.write_gate(layer)
+        store = layer.store
+        layer.run.bytes_read += store.kv_bytes()
+        return store.attend(q, layer.scaling)
+
+    def write_gate(self, layer: DecodeLayer) -> int:
+        """Decide every stored pair that has left the window since the last decision: keep it if ``u ≥ τ``, drop
+        it otherwise (the store is rebuilt in place without it). Returns the number of entries dropped."""
+        st: _LayerState = layer.state
+        store: Any = layer.store
+        B, H = int(store.lengths().shape[0]), int(store.lengths().shape[1])
+        rows: list[Row] = store.rows
+        newest = torch.tensor(
+            [int(rows[b * H].pos[: rows[b * H].n].max()) if rows[b * H].n else -1 for b in range(B)], dtype=torch.long
+        )
+        limit = newest - st.window  # positions <= limit have left the window of the newest query
+        if not bool((limit >= st.decided).any()):
+            return 0
+        keep_rows: list[Tensor | None] = [None] * (B * H)
+        dropped = 0
+        for b in range(B):
+            lo, hi = int(st.decided[b]), int(limit[b])
+            if hi < lo:
+                continue
+            masks = []
+            for h in range(H):
+                pos = rows[b * H + h].pos[: rows[b * H + h].n].long()
+                masks.append((pos >= max(lo, self.sink)) & (pos <= hi))
+            counts = {int(m.sum()) for m in masks}
+            if counts == {0}:
+                continue
+            if len(counts) != 1:
+                raise RuntimeError("spkv: undecided entries differ between the KV heads of a sequence.")
+            k = torch.stack([rows[b * H + h].k[: rows[b * H + h].n][masks[h]] for h in range(H)])[None]  # (1, H, c, D)
+            v = torch.stack([rows[b * H + h].v[: rows[b * H + h].n][masks[h]] for h in range(H)])[None]
+            pos_c = rows[b * H].pos[: rows[b * H].n][masks[0]].long()[None]  # (1, c)
+            u = self.utilities(st.gates, layer.index, k, v, pos_c, st.rope)[0]  # (H, c)
+            write = u >= st.tau[b]
+            for h in range(H):
+                if bool(write[h].all()):
+                    continue
+                keep = torch.ones_like(masks[h])
+                keep[masks[h]] = write[h]
+                keep_rows[b * H + h] = keep
+                dropped += int((~write[h]).sum())
+        st.decided = torch.maximum(st.decided, limit + 1)
+        if dropped:
+            self._rebuild(store, rows, keep_rows, B, H)
+            st.dropped += dropped
+        return dropped
+
+    @staticmethod
+    def _rebuild(store: Any, rows: list[Row], keep: list[Tensor | None], B: int, H: int) -> None:
+        """Replace ``store``'s contents, in place, by its rows without the dropped entries (through RaggedKV's public
+        constructor; the cache and the decode layer keep referring to the same object)."""
+        new_rows = []
+        for r, kp in zip(rows, keep):
+            n = r.n
+            bias = None if r.bias is None else r.bias[:n]
+            if kp is None:
+                new_rows.append(Row.of(r.k[:n], r.v[:n], r.pos[:n], bias, reserve=16))
+            else:
+                new_rows.append(
+                    Row.of(r.k[:n][kp], r.v[:n][kp], r.pos[:n][kp], None if bias is None else bias[kp], reserve=16)
+                )
+        fresh = RaggedKV(new_rows, B, H)
+        evictions = int(getattr(store, "evictions", 0)) + 1
+        store.__dict__.clear()
+        store.__dict__.update(fresh.__dict__)
+        store.evictions = evictions  # a rollback past this point is refused
+
+
+def achieved_density(cache: Any, n_tokens: int) -> float:
+    """Stored entries / full cache (``L · H_kv · n_tokens``) of a single-sequence cache."""
+    lengths = cache.lengths()  # (L, B, H)
+    return float(lengths.sum()) / (lengths.shape[0] * lengths.shape[2] * n_tokens)
+
+
+__all__ = ["SPKV", "achieved_density"]
