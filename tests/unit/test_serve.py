@@ -24,6 +24,16 @@ from tokensieve.serve.app import create_app  # noqa: E402
 TOK = CharTokenizer()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny model gains nothing from two, and on a loaded machine every op of a two-thread
+    pool waits for the second thread to be scheduled (100x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_model(seed=3)

@@ -1,0 +1,65 @@
+"""tokensieve serve on the embedded model: the chat template, a compressed request equal to the library's answer,
+two concurrent requests equal to each alone, and a stored chat context answering a question about it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve.data.prompts import chat_ids, chat_split
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tokensieve.serve.app import create_app  # noqa: E402
+from tokensieve.serve.engine import Engine  # noqa: E402
+
+DOC = (
+    "Mira keeps bees on the roof of the old library. The hives are painted blue, and the passkey to the roof door "
+    "is 7261. In autumn she sells the honey at the market on Saturdays."
+)
+
+
+def library_answer(model, tok, spec: str, ids: torch.Tensor, n: int) -> str:
+    press = ts.compress(model, spec)
+    ctx = press.prefill(ids, reserve=n)
+    gen = press.decode(ctx, n, eos_token_ids=[tok.eos_token_id])
+    return tok.decode(gen.tokens[0], skip_special_tokens=True)
+
+
+def test_embedded_model_served(real_model):
+    model, tok = real_model
+    engine = Engine(model, tok, spec="snapkv:0.5", model_name="smollm2-135m", max_tokens=12)
+    questions = ["Name three colours of the rainbow.", "What is the capital of France?"]
+    with TestClient(create_app(engine)) as client:
+        import concurrent.futures as cf
+
+        def ask(q: str) -> dict:
+            body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": q}], "max_tokens": 12}
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, questions))
+        for q, a in zip(questions, answers):
+            want = library_answer(model, tok, "snapkv:0.5", chat_ids(tok, q), 12)
+            assert a["choices"][0]["message"]["content"] == want
+            assert a["usage"]["prompt_tokens"] == chat_ids(tok, q).shape[1]
+
+        r = client.post("/v1/contexts", json={"document": DOC, "spec": "snapkv:0.5"})
+        assert r.status_code == 200, r.text
+        cid = r.json()["id"]
+        q = "What is the passkey to the roof door?"
+        body = {"messages": [{"role": "user", "content": q}], "context_id": cid, "max_tokens": 12}
+        a = client.post("/v1/chat/completions", json=body).json()
+        split = chat_split(tok, DOC, q)
+        press = ts.compress(model, "snapkv:0.5")
+        ctx = press.prefill(torch.tensor([split.context]))
+        press.extend(ctx, torch.tensor([split.question]))
+        want = tok.decode(press.decode(ctx, 12, eos_token_ids=[tok.eos_token_id]).tokens[0], skip_special_tokens=True)
+        assert a["choices"][0]["message"]["content"] == want
+        assert a["usage"]["prompt_tokens"] == len(split.full)
