@@ -152,6 +152,40 @@ class DuoGates(ProfileData):
         return cls(gates, sink, recent)
 
 
+@dataclass(frozen=True)
+class HeadPatterns(ProfileData):
+    """MInference's offline search: one sparse pattern per (layer, query head).
+
+    Attributes:
+        patterns: ``patterns[layer][q_head] = (kind, v, s)``: ``("vs", vertical tokens, slash tokens)``,
+            ``("a", sink tokens, local tokens)`` or ``("block", key blocks per query block, 0)``.
+    """
+
+    kind: ClassVar[str] = "minference"
+    patterns: tuple[tuple[tuple[str, int, int], ...], ...]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], shape: Any) -> HeadPatterns:
+        what = f"The '{cls.kind}' profile"
+        raw = data.get("patterns", ())
+        if not isinstance(raw, (list, tuple)) or len(raw) != shape.num_layers or any(
+            not isinstance(row, (list, tuple)) or len(row) != shape.num_q_heads for row in raw
+        ):
+            raise ConfigError(f"{what} needs 'patterns': layers x query heads = {shape.num_layers} x {shape.num_q_heads}.")
+        out = []
+        for row in raw:
+            heads = []
+            for p in row:
+                if not isinstance(p, (list, tuple)) or len(p) != 3 or p[0] not in ("vs", "a", "block"):
+                    raise ConfigError(f"{what}: each head is [kind, v, s] with kind 'vs', 'a' or 'block'; got {p!r}.")
+                v, s = _ints(p[1:], f"{what}: a head's [v, s]")
+                if v < 0 or s < 0:
+                    raise ConfigError(f"{what}: a head's v and s must be >= 0; got {p!r}.")
+                heads.append((str(p[0]), v, s))
+            out.append(tuple(heads))
+        return cls(tuple(out))
+
+
 PROFILE_KINDS: dict[str, type[ProfileData]] = {
-    c.kind: c for c in (RetrievalHeads, SemanticHeads, FrequencyChunks, DuoGates)
+    c.kind: c for c in (RetrievalHeads, SemanticHeads, FrequencyChunks, DuoGates, HeadPatterns)
 }
