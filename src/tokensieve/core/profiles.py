@@ -111,13 +111,13 @@ class FrequencyChunks(ProfileData):
         raw = data.get("ca", ())
         if not ks or not isinstance(raw, (list, tuple)) or len(raw) != len(ks):
             raise ConfigError(f"{what} needs 'ks' and one 'ca' table per K.")
-        ca = tuple(
-            tuple(tuple(_floats(head, f"{what}: 'ca'") for head in layer) for layer in table) for table in raw
-        )
+        ca = tuple(tuple(tuple(_floats(head, f"{what}: 'ca'") for head in layer) for layer in table) for table in raw)
         want = (shape.num_layers, shape.num_kv_heads, shape.head_dim // 2)
         for table in ca:
-            if len(table) != want[0] or any(len(layer) != want[1] for layer in table) or any(
-                len(head) != want[2] for layer in table for head in layer
+            if (
+                len(table) != want[0]
+                or any(len(layer) != want[1] for layer in table)
+                or any(len(head) != want[2] for layer in table for head in layer)
             ):
                 raise ConfigError(f"{what}: each 'ca' table must be layers x KV heads x chunks = {want}.")
         return cls(ks, ca)
@@ -168,10 +168,14 @@ class HeadPatterns(ProfileData):
     def from_dict(cls, data: Mapping[str, Any], shape: Any) -> HeadPatterns:
         what = f"The '{cls.kind}' profile"
         raw = data.get("patterns", ())
-        if not isinstance(raw, (list, tuple)) or len(raw) != shape.num_layers or any(
-            not isinstance(row, (list, tuple)) or len(row) != shape.num_q_heads for row in raw
+        if (
+            not isinstance(raw, (list, tuple))
+            or len(raw) != shape.num_layers
+            or any(not isinstance(row, (list, tuple)) or len(row) != shape.num_q_heads for row in raw)
         ):
-            raise ConfigError(f"{what} needs 'patterns': layers x query heads = {shape.num_layers} x {shape.num_q_heads}.")
+            raise ConfigError(
+                f"{what} needs 'patterns': layers x query heads = {shape.num_layers} x {shape.num_q_heads}."
+            )
         out = []
         for row in raw:
             heads = []

@@ -106,11 +106,22 @@ def _duo(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile:
                        samples=args.samples, seed=args.seed, progress=not args.no_progress)  # fmt: skip
 
 
+def _minference(model: Any, tok: Any, args: argparse.Namespace, limit: int) -> Profile:
+    from .head_patterns import profile_head_patterns
+
+    return profile_head_patterns(model, tok, tokens=min(2048, _budget(args, limit)), seed=args.seed,
+                                 progress=not args.no_progress)  # fmt: skip
+
+
 KINDS: dict[str, tuple[str, Callable[[Any, Any, argparse.Namespace, int], Profile]]] = {
     "retrieval-heads": ("RazorAttention: echo and induction heads from repeated random tokens", _retrieval_heads),
     "compresskv": ("CompressKV: semantic retrieval heads per layer and per-layer eviction error", _compresskv),
     "fasa": ("FASA: dominant RoPE frequency chunks per layer and KV head", _fasa),
     "duo": ("DuoAttention: retrieval vs streaming KV heads, gates trained on multi-passkey prompts", _duo),
+    "minference": (
+        "MInference: a sparse prefill pattern per layer and query head (A-shape, vertical-slash, block)",
+        _minference,
+    ),
 }
 
 
