@@ -13,11 +13,12 @@ softmax attention over the chosen blocks with ``torch.nn.attention.flex_attentio
 * **Modifiers**: a sliding window (transformers' rule ``p − k < window``) is part of the token mask; logit
   soft-capping (Gemma-2) is a ``score_mod``.
 * **Compilation**: FlexAttention is only fast compiled. It is compiled once per process with ``dynamic=True``, so
-  prompt lengths and batch sizes do not recompile (measured: one compile, then 1000-3000-token prompts reuse it);
-  the soft-capped variant is a second graph. Inductor also keeps compiled code on disk (its cache directory), so a
-  later process compiles faster. Time spent in calls that compiled a graph is counted in :data:`STATS` apart from
-  steady-state calls. :func:`set_compile` (or ``TOKENSIEVE_FLEX_COMPILE=0``) computes the same token mask densely
-  instead (no compilation; memory grows with ``T²``: for tests on small tensors).
+  prompt lengths do not recompile (measured: one compile, then 1000-3000-token prompts reuse it); batch size 1 and
+  larger batches are two graphs (dynamo specialises sizes 1), the soft-capped variant another. Inductor also keeps
+  compiled code on disk (its cache directory), so a later process compiles faster. Time spent in calls that
+  compiled a graph is counted in :data:`STATS` apart from steady-state calls. :func:`set_compile` (or
+  ``TOKENSIEVE_FLEX_COMPILE=0``) computes the same token mask densely instead (no compilation; memory grows with
+  ``T²``: for tests on small tensors).
 
 With every causal block chosen the result equals dense causal attention (tested against SDPA).
 """
@@ -177,9 +178,11 @@ def block_sparse_attention(
 
     # The compiled kernel never visits a block outside the BlockMask, so the token mask need not repeat the block
     # choice (eager FlexAttention would ignore it: the uncompiled path below materialises both instead).
+    win = torch.tensor(window, dtype=torch.long, device=dev)  # a tensor, not an int: no specialisation per length
+
     def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         seen = (ki <= qi) & ((ki >= start[b]) | (ki == qi))
-        return seen & (qi - ki < window)
+        return seen & (qi - ki < win)
 
     num, ind = index(partial)
     fnum, find = index(full)
