@@ -56,6 +56,8 @@ N_FFT = 512
 WIN = 400  # 25 ms
 HOP = 160  # 10 ms
 SEGMENT = 120  # frames = 1.2 s
+#: a task-B clip: long enough for exactly SEGMENT frames of N_FFT samples every HOP (center=False)
+CLIP_SECONDS = ((SEGMENT - 1) * HOP + N_FFT) / SAMPLE_RATE
 
 TOOLS = ("espeak-ng", "sox")
 INSTALL_HINT = "apt-get update && apt-get install -y espeak-ng sox bible-kjv bible-kjv-text"
@@ -84,7 +86,7 @@ VARIANTS = (
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "zero", "seven")
 RANGES = ("x-low", "low", "medium", "high", "x-high")
 #: probabilities of the pitch-range levels for unmarked / marked speakers (they overlap on purpose)
-RANGE_P = {0: (0.05, 0.15, 0.35, 0.30, 0.15), 1: (0.25, 0.35, 0.25, 0.10, 0.05)}
+RANGE_P = {0: (0.0, 0.1, 0.3, 0.35, 0.25), 1: (0.35, 0.35, 0.2, 0.1, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -99,18 +101,28 @@ class CorpusConfig:
     words: tuple[str, ...] = WORDS
     text: str = "kjv"
     #: task-A class means (unmarked, marked) and the between-speaker deviation of each marker
-    rate: tuple[float, float, float] = (172.0, 150.0, 18.0)  #: words per minute
-    pitch: tuple[float, float, float] = (52.0, 40.0, 10.0)  #: espeak-ng pitch 0–99
-    word_gap: tuple[float, float, float] = (1.0, 4.0, 2.0)  #: extra pause between words, in 10 ms
-    pause: tuple[float, float, float] = (0.45, 0.85, 0.25)  #: pause between sentences, seconds
+    rate: tuple[float, float, float] = (180.0, 135.0, 15.0)  #: words per minute
+    pitch: tuple[float, float, float] = (55.0, 35.0, 8.0)  #: espeak-ng pitch 0–99
+    word_gap: tuple[float, float, float] = (1.0, 6.0, 2.0)  #: extra pause between words, in 10 ms
+    pause: tuple[float, float, float] = (0.4, 1.0, 0.2)  #: pause between sentences, seconds
     tasks: tuple[str, ...] = ("a", "b")
     workers: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def key(self) -> str:
-        """A short hash of the configuration and of the feature settings (the cache directory's name)."""
+    def key(self, task: str) -> str:
+        """A short hash of what one task's data depend on (the cache directory's name)."""
         d = asdict(self)
-        d.pop("workers")
+        for k in ("workers", "tasks"):
+            d.pop(k)
+        drop = (
+            ("tokens", "words")
+            if task == "a"
+            else ("recordings", "sentences", "text", "rate", "pitch", "word_gap", "pause")
+        )
+        for k in drop:
+            d.pop(k)
+        if task == "a":
+            d["range_p"] = RANGE_P
         d["features"] = [SAMPLE_RATE, N_MELS, N_FFT, WIN, HOP, SEGMENT, 1]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -390,7 +402,7 @@ def _jobs_b(cfg: CorpusConfig, speakers: list[Speaker]) -> list[dict[str, Any]]:
                         "pauses": [],
                         "channel": _channel(rng),
                         "label": wi,
-                        "duration": SEGMENT * HOP / SAMPLE_RATE + (N_FFT - HOP) / SAMPLE_RATE,
+                        "duration": CLIP_SECONDS,
                     }
                 )
     return jobs
@@ -455,8 +467,8 @@ def build_task(task: str, cfg: CorpusConfig, *, progress: Callable[[int, int], N
     )
 
 
-def corpus_dir(cfg: CorpusConfig, root: Path | None = None) -> Path:
-    return (root or home() / "speech") / cfg.key()
+def corpus_dir(cfg: CorpusConfig, task: str, root: Path | None = None) -> Path:
+    return (root or home() / "speech") / f"{task}-{cfg.key(task)}"
 
 
 def load_or_build(
@@ -464,7 +476,7 @@ def load_or_build(
 ) -> Corpus:
     """The task's corpus from the cache, generated (and cached) first if needed."""
     cfg = cfg or CorpusConfig()
-    d = corpus_dir(cfg, root)
+    d = corpus_dir(cfg, task, root)
     path = d / f"task_{task}.npz"
     if path.exists():
         return Corpus.load(path)

@@ -14,7 +14,6 @@ directory and its best weights ``checkpoints/<run>.safetensors``. Rerunning a gr
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -47,10 +46,14 @@ class DaamRun:
     lr: float = 1e-3
     decay_every: int = 5
     decay: float = 0.9
+    segments: int = 0  #: task A: at most this many (evenly spaced) training segments per recording; 0: all
+    feedforward: int = 2048  #: the transformer's feed-forward width (the paper's: 2048)
 
     def name(self) -> str:
         t = "+time" if self.time_axis else ""
-        return f"{self.task}-{self.network}-{self.attention}{t}-s{self.seed}-e{self.epochs}"
+        g = f"-g{self.segments}" if self.segments else ""
+        f = f"-ff{self.feedforward}" if self.feedforward != 2048 else ""
+        return f"{self.task}-{self.network}-{self.attention}{t}-s{self.seed}-e{self.epochs}{g}{f}"
 
     def check(self) -> None:
         if self.task not in ("a", "b"):
@@ -61,14 +64,16 @@ class DaamRun:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
         if self.time_axis and self.attention != "daam":
             raise ConfigError("--time-axis adds a Gaussian layer: it needs --attention daam")
-        if self.epochs < 1 or self.batch < 1:
-            raise ConfigError("epochs and batch must be ≥ 1")
+        if self.epochs < 1 or self.batch < 1 or self.segments < 0:
+            raise ConfigError("epochs and batch must be ≥ 1, segments ≥ 0")
 
 
 def build_model(run: DaamRun, mels: int, frames: int, outputs: int) -> nn.Module:
     if run.network == "cnnlstm":
         return DAAMAudioCNNLSTM(mels, outputs, attention=run.attention, time_axis=run.time_axis)
-    return DAAMAudioTransformer(mels, outputs, frames=frames, attention=run.attention, time_axis=run.time_axis)
+    return DAAMAudioTransformer(
+        mels, outputs, frames=frames, attention=run.attention, time_axis=run.time_axis, feedforward=run.feedforward
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ metrics
@@ -108,9 +113,23 @@ class Data:
     n_classes: int
 
 
-def prepare(corpus: Corpus) -> Data:
-    """Split and standardise with the training split's per-band statistics."""
-    tr, va, te = corpus.part("train"), corpus.part("val"), corpus.part("test")
+def thin(part: Corpus, per_group: int) -> Corpus:
+    """At most ``per_group`` evenly spaced rows of each group (recording); ``0``: all rows."""
+    if per_group <= 0:
+        return part
+    keep: list[int] = []
+    for g in np.unique(part.group):
+        rows = np.flatnonzero(part.group == g)
+        if len(rows) > per_group:
+            rows = rows[np.linspace(0, len(rows) - 1, per_group).round().astype(int)]
+        keep.extend(rows.tolist())
+    k = np.array(sorted(keep))
+    return Corpus(part.x[k], part.y[k], part.group[k], part.split[k], part.speaker[k], part.classes, part.speakers)
+
+
+def prepare(corpus: Corpus, segments: int = 0) -> Data:
+    """Split and standardise with the training split's per-band statistics; ``segments``: see :class:`DaamRun`."""
+    tr, va, te = thin(corpus.part("train"), segments), corpus.part("val"), corpus.part("test")
     if not len(tr.y) or not len(va.y) or not len(te.y):
         raise ConfigError("the corpus has an empty split")
     xtr, xva, xte = standardise(tr.x, va.x, te.x)
@@ -191,7 +210,7 @@ def train_run(run: DaamRun, data: Data, *, out: Path | None = None, progress: bo
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         sched.step()
         val = score(model, data.val, data.n_classes)
         bar.set_postfix(loss=f"{total / n:.3f}", val_f1=f"{val['f1']:.3f}")
@@ -238,15 +257,16 @@ def run_grid(
         r.check()
     out.mkdir(parents=True, exist_ok=True)
     done = done_runs(out)
-    data: dict[str, Data] = {}
+    data: dict[tuple[str, int], Data] = {}
     records = []
     for r in runs:
+        done = done_runs(out)  # another process may share the directory: look again before each run
         if r.name() in done:
             records.append(done[r.name()])
             continue
-        if r.task not in data:
-            data[r.task] = prepare(load_or_build(r.task, corpus_cfg, progress=progress))
-        rec = train_run(r, data[r.task], out=out, progress=progress)
+        if (r.task, r.segments) not in data:
+            data[r.task, r.segments] = prepare(load_or_build(r.task, corpus_cfg, progress=progress), r.segments)
+        rec = train_run(r, data[r.task, r.segments], out=out, progress=progress)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if progress:
@@ -384,9 +404,9 @@ def frames_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, examples: int = 3) -> list[Path]:
-    """Importance maps of the first DAAM run with a time-axis layer of each task found in ``out``: for a few test
-    recordings, the log-mel input, the mel-axis weights and the frame importance; and the mean mel-band weights per
-    class over the test split."""
+    """Importance maps of one DAAM run per task found in ``out`` (one with a time-axis layer if there is one): for a
+    few test recordings, the log-mel input, the mel-axis weights and (with a time-axis layer) the frame importance;
+    and the mean mel-band weights per class over the test split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,10 +417,12 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
     by_task: dict[str, dict[str, Any]] = {}
     for r in sorted(done_runs(out).values(), key=lambda r: r["run"]):
         c = r["config"]
-        if c["attention"] == "daam" and c["time_axis"]:
-            by_task.setdefault(c["task"], r)
+        if c["attention"] == "daam" and (
+            c["task"] not in by_task or c["time_axis"] > by_task[c["task"]]["config"]["time_axis"]
+        ):
+            by_task[c["task"]] = r
     if not by_task:
-        raise ConfigError(f"no DAAM run with --time-axis in {out}: train one first")
+        raise ConfigError(f"no DAAM run in {out}: train one first")
     for task, rec in sorted(by_task.items()):
         data = prepare(load_or_build(task, corpus_cfg))
         model = load_run(out, rec, data)
@@ -416,17 +438,20 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
         x = torch.from_numpy(te.x[picks])
         with torch.no_grad():
             _, ws = model.front(x, return_weights=True)  # type: ignore[operator]
-        fig, axes = plt.subplots(3, len(picks), figsize=(4 * len(picks), 7.5), squeeze=False)
+        rows = 3 if len(ws) > 1 else 2
+        fig, axes = plt.subplots(rows, len(picks), figsize=(4 * len(picks), 2.5 * rows), squeeze=False)
         for j, i in enumerate(picks):
             axes[0, j].imshow(te.x[i], origin="lower", aspect="auto", cmap="magma")
             axes[0, j].set_title(f"{te.classes[te.y[i]]} — {te.speakers[te.speaker[i]]}", fontsize=9)
             axes[1, j].imshow(ws[0][j].numpy(), origin="lower", aspect="auto", cmap="viridis")
-            axes[2, j].plot(ws[1][j].sum(0).numpy())
-            axes[2, j].set_xlim(0, te.x.shape[2] - 1)
+            if rows == 3:
+                axes[2, j].plot(ws[1][j].sum(0).numpy())
+                axes[2, j].set_xlim(0, te.x.shape[2] - 1)
         axes[0, 0].set_ylabel("input: mel band")
         axes[1, 0].set_ylabel("mel-axis weights: band")
-        axes[2, 0].set_ylabel("frame importance")
-        for a in axes[2]:
+        if rows == 3:
+            axes[2, 0].set_ylabel("frame importance")
+        for a in axes[rows - 1]:
             a.set_xlabel("frame (10 ms)")
         fig.suptitle(f"task {task.upper()}: {rec['run']}", fontsize=10)
         fig.tight_layout()
@@ -466,18 +491,20 @@ def parse_seeds(spec: str) -> list[int]:
 
 def grid(
     task: str, networks: Sequence[str], attentions: Sequence[str], seeds: Sequence[int], epochs: int,
-    time_axis: bool = False,
+    time_axis: bool = False, segments: int = 0, feedforward: int = 2048,
 ) -> list[DaamRun]:  # fmt: skip
     return [
-        DaamRun(task=task, network=n, attention=a, time_axis=time_axis and a == "daam", seed=s, epochs=epochs)
+        DaamRun(
+            task=task,
+            network=n,
+            attention=a,
+            time_axis=time_axis and a == "daam",
+            seed=s,
+            epochs=epochs,
+            segments=segments,
+            feedforward=feedforward,
+        )
         for n in networks
         for a in attentions
         for s in seeds
     ]
-
-
-def nonnegative_int(x: str) -> int:
-    v = int(x)
-    if v < 0 or math.isnan(v):
-        raise ConfigError(f"expected a whole number ≥ 0, got {x}")
-    return v

@@ -41,7 +41,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
         c = load_or_build(task.strip(), cfg, progress=not args.no_progress)
         sizes = {s: int((c.split == i).sum()) for i, s in enumerate(("train", "val", "test"))}
         print(f"task {task}: {len(c.y)} rows of {c.x.shape[1]}×{c.x.shape[2]}, {sizes}, {len(c.classes)} classes")
-    print(corpus_dir(cfg))
+        print(corpus_dir(cfg, task.strip()))
     return 0
 
 
@@ -51,7 +51,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     _threads(args.threads)
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
-    runs = grid(args.task, networks, attentions, parse_seeds(args.seeds), args.epochs, args.time_axis)
+    runs = grid(
+        args.task,
+        networks,
+        attentions,
+        parse_seeds(args.seeds),
+        args.epochs,
+        args.time_axis,
+        args.segments,
+        args.feedforward,
+    )
     records = run_grid(runs, Path(args.out), _corpus_cfg(args), progress=not args.no_progress)
     print(summary_table(records))
     return 0
@@ -93,6 +102,8 @@ def add_commands(tsub: Any) -> None:
     t.add_argument("--time-axis", action="store_true", help="DAAM runs get a second Gaussian layer on the time axis")
     t.add_argument("--seeds", default="0-4", help="seeds: 0-4 or 0,1,2")
     t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--feedforward", type=int, default=2048, help="the transformer's feed-forward width")
+    t.add_argument("--segments", type=int, default=0, help="task A: at most N training segments per recording (0: all)")
     t.add_argument("--out", default="runs/daam", help="results.jsonl and checkpoints/ (finished runs are skipped)")
     t.add_argument("--threads", type=int, default=1)
     _corpus_args(t)
