@@ -165,3 +165,129 @@ def qwen_select(inputs: dict[str, torch.Tensor], b: int, grids: list[list[tuple[
         "pixel_values": inputs["pixel_values"][p0:p1],
         "image_grid_thw": inputs["image_grid_thw"][before : before + len(grids[b])],
     }
+
+
+def llava_next(seed: int = 0) -> Any:
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision,
+        text_config=_llama(),
+        image_token_index=IMG,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = _eval(LlavaNextForConditionalGeneration(cfg))
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    return model
+
+
+def next_inputs(
+    model: Any, n_text: list[int], sizes: list[list[tuple[int, int]]], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Sample b has images of original sizes ``sizes[b]`` (H, W); each image is 1 + its crops at 32 px (padded
+    to 5 crops); the placeholder count is what the model packs."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    flat = [s for ss in sizes for s in ss]
+    n_crops = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, 32) for s in flat]
+    pv = torch.zeros(len(flat), 5, 3, 32, 32)
+    for i, n in enumerate(n_crops):
+        pv[i, :n] = torch.randn(n, 3, 32, 32, generator=g)
+    image_sizes = torch.tensor(flat, dtype=torch.long)
+    counts = []
+    with torch.no_grad():
+        for i in range(len(flat)):
+            f = model.model.get_image_features(pv[i : i + 1], image_sizes[i : i + 1], return_dict=True).pooler_output
+            counts.append(int(f[0].shape[0]))
+    rows, k = [], 0
+    for nt, ss in zip(n_text, sizes):
+        row: list[int] = torch.randint(1, IMG, (2,), generator=g).tolist()
+        for _ in ss:
+            row += [IMG] * counts[k] + torch.randint(1, IMG, (2,), generator=g).tolist()
+            k += 1
+        row += torch.randint(1, IMG, (nt,), generator=g).tolist()
+        rows.append(row)
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r)
+        mask[b, T - len(r) :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv, "image_sizes": image_sizes}
+
+
+def next_select(inputs: dict[str, torch.Tensor], b: int, sizes: list[list[tuple[int, int]]]) -> dict[str, torch.Tensor]:
+    m = inputs["attention_mask"][b].bool()
+    i0 = sum(len(s) for s in sizes[:b])
+    i1 = i0 + len(sizes[b])
+    out = {"input_ids": inputs["input_ids"][b : b + 1, m], "attention_mask": inputs["attention_mask"][b : b + 1, m]}
+    if i1 > i0:
+        out["pixel_values"] = inputs["pixel_values"][i0:i1]
+        out["image_sizes"] = inputs["image_sizes"][i0:i1]
+    return out
+
+
+def idefics3(seed: int = 0) -> Any:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Idefics3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 8,
+        },
+        text_config=_llama().to_dict(),
+        scale_factor=2,
+        image_token_id=IMG,
+    )
+    return _eval(Idefics3ForConditionalGeneration(cfg))
+
+
+def idefics_inputs(n_text: list[int], n_tiles: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Sample b has ``n_tiles[b]`` tiles (runs of 16 image tokens between marker tokens), pixel values padded with
+    all-zero tiles to the largest count."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for nt, n in zip(n_text, n_tiles):
+        row: list[int] = torch.randint(1, IMG, (2,), generator=g).tolist()
+        for _ in range(n):
+            row += [IMG + 2, IMG + 3] + [IMG] * 16 + [IMG + 2]
+        row += torch.randint(1, IMG, (nt,), generator=g).tolist()
+        rows.append(row)
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r)
+        mask[b, T - len(r) :] = 1
+    pv = torch.zeros(len(rows), max(max(n_tiles), 1), 3, 64, 64)
+    for b, n in enumerate(n_tiles):
+        pv[b, :n] = torch.randn(n, 3, 64, 64, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+
+
+def idefics_select(inputs: dict[str, torch.Tensor], b: int, n_tiles: list[int]) -> dict[str, torch.Tensor]:
+    m = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b : b + 1, m], "attention_mask": inputs["attention_mask"][b : b + 1, m]}
+    if n_tiles[b]:
+        out["pixel_values"] = inputs["pixel_values"][b : b + 1, : n_tiles[b]]
+    return out

@@ -185,6 +185,7 @@ class VisionAdapter:
         counts: dict[str, list[int]] = {}
         if bool(dropped.any()):
             seq = engine.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], policy, groups)
+        if plan.at(Stage.VISION) is not None:
             counts["vision"] = [int(seq.visual[b].sum()) for b in range(B)]
         seq, kept_b = engine.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list)
         kept: dict[str, list[VisualKept]] = {}

@@ -64,6 +64,8 @@ class Pool(VisualMethod):
         return torch.zeros(ctx.n, device=ctx.tokens.device)
 
     def prune(self, ctx: VisualContext, budget: Budget) -> VisualKept:
+        if self.count(ctx, budget) >= ctx.n:  # every image whole: nothing pooled
+            return VisualKept(torch.arange(ctx.n, device=ctx.tokens.device))
         per_image: dict[int, list[int]] = {}
         for gi, g in enumerate(ctx.groups):
             per_image.setdefault(g.image, []).append(gi)
