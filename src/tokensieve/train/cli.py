@@ -102,6 +102,9 @@ def cmd_vlm_eval(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="training runs of the lab (the embedded VLM)")
     tsub = p.add_subparsers(dest="train_command", required=True)
+    from .spkv import add_commands as add_spkv_commands  # `tokensieve train spkv`: SP-KV's write gate
+
+    add_spkv_commands(tsub)
     v = tsub.add_parser("vlm", help="train the embedded VLM on procedural scenes (resumable; see docs/VLM.md)")
     _train_args(v)
     v.set_defaults(func=cmd_train_vlm)

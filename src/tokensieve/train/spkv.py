@@ -1,0 +1,483 @@
+"""`tokensieve train spkv`: train SP-KV's write gate (:mod:`tokensieve.methods.spkv_gate`) on the frozen model.
+
+Objective (docs/SPKV.md explains the choice): the gate regresses an *oracle* of future utility. For every key ``j``
+of layer ``ℓ`` and KV head ``g`` the frozen model's own attention gives
+
+    o_j = max over queries t ∈ [j + w, j + w + horizon) and the query heads of group g of  A_tj
+
+— the largest weight the key receives once it has left the local window ``w``, i.e. exactly when only the
+long-term cache could serve it. The target is ``y_j = σ((log o_j − log ε) / temperature)`` and the loss a binary
+cross-entropy, so ``u ≥ 0.5`` means "predicted ``o_j ≥ ε``" and sweeping ``τ`` moves that level smoothly
+(``u ≥ τ`` ⇔ predicted ``log o_j ≥ log ε + temperature · logit τ``). With the LLM frozen a next-token or KL loss
+alone never closes a gate (``u ≡ 1`` reproduces the model), which is why the paper's end-to-end recipe does not
+transfer; the oracle needs no backward pass through the LLM, so the whole run fits a CPU budget.
+
+Stages, one command, resumable (rerunning it continues where it stopped):
+
+1. **collect** — one frozen forward pass per training sequence (``--sequences`` of ``--length`` tokens); for each
+   layer, the gate's features (keys with RoPE undone, values) and the oracle of ``--samples`` sampled keys (the
+   first token always among them) are saved as one shard per sequence under ``OUT/collect/``. Held-out sequences
+   keep every out-of-window key (``OUT/heldout/``).
+2. **fit** — Adam on the shards (``--steps`` minibatches of ``--batch`` keys per layer), checkpointed to
+   ``OUT/checkpoint.pt`` every ``--checkpoint-every`` steps.
+3. **calibrate** — the share of out-of-window entries kept at each threshold on the held-out sequences: the table
+   that turns a target density into ``τ``; plus the gate's agreement with the oracle, written to ``OUT/metrics.json``.
+
+Training text: the Python Language Reference's topic pages as Debian ships them in ``libpython3.11-stdlib``
+(``/usr/lib/python3.11/pydoc_data/topics.py``; the running interpreter's copy of the same CPython file when the
+Debian one is missing) — real English technical prose, and no evaluation task reads it (the tasks use the King James
+Bible or generated text). Every tenth topic (sorted by name) is held out for the calibration.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..core.capabilities import Apply, Capabilities, Phase
+from ..core.context import LayerContext
+from ..core.method import Compressed, PrefillMethod
+from ..errors import ConfigError
+from ..methods.spkv_gate import KIND, GateNet, gate_features, gates_to_dict
+from ..select.selection import Selection
+
+DEBIAN_TOPICS = "/usr/lib/python3*/pydoc_data/topics.py"
+TAU_GRID = [round(0.02 * i, 2) for i in range(1, 50)]  # 0.02 … 0.98
+
+
+@dataclass
+class SPKVTrainConfig:
+    out: str = "runs/spkv"
+    model: str = "smollm2-135m"
+    seed: int = 0
+    length: int = 1024
+    sequences: int = 64
+    heldout: int = 8
+    window: int = 64
+    horizon: int = 256
+    samples: int = 256
+    epsilon: float = 0.02
+    temperature: float = 1.0
+    hidden: int = 0
+    steps: int = 800
+    batch: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    checkpoint_every: int = 100
+    threads: int = 2
+
+    def check(self) -> None:
+        if self.length < self.window + self.horizon + 16:
+            raise ConfigError(f"--length must exceed window + horizon + 16 = {self.window + self.horizon + 16}.")
+        if min(self.sequences, self.heldout, self.samples, self.steps, self.batch, self.window, self.horizon) < 1:
+            raise ConfigError("sequences, heldout, samples, steps, batch, window and horizon must all be >= 1.")
+        if not 0 < self.epsilon < 1 or self.temperature <= 0:
+            raise ConfigError("--epsilon must be in (0, 1) and --temperature > 0.")
+
+
+# ------------------------------------------------------------------------------------------------------ text
+def topic_pages() -> tuple[dict[str, str], str]:
+    """The Python reference's topic pages ``{name: text}`` and where they were read from."""
+    for path in sorted(glob.glob(DEBIAN_TOPICS)):
+        src = Path(path).read_text(encoding="utf-8")
+        tree = ast.parse(src)
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "topics" for t in node.targets):
+                pages = ast.literal_eval(node.value)
+                if isinstance(pages, dict) and pages:
+                    return {str(k): str(v) for k, v in pages.items()}, f"debian:libpython3-stdlib:{path}"
+    import pydoc_data.topics as fallback  # the same file of the running CPython
+
+    return dict(fallback.topics), f"cpython:{fallback.__file__}"
+
+
+def token_sequences(tokenizer: Any, length: int, seed: int) -> tuple[list[list[int]], list[list[int]], str]:
+    """Training and held-out sequences of ``length`` tokens (held out: every tenth topic by name), shuffled with
+    ``seed``; and the text's origin."""
+    pages, origin = topic_pages()
+    names = sorted(pages)
+    split: dict[bool, list[int]] = {False: [], True: []}
+    for i, name in enumerate(names):
+        ids = list(tokenizer(pages[name].strip() + "\n\n", add_special_tokens=False)["input_ids"])
+        split[i % 10 == 9].extend(ids)
+    out = []
+    for held in (False, True):
+        ids = split[held]
+        chunks = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+        random.Random(seed + (1 if held else 0)).shuffle(chunks)
+        out.append(chunks)
+    return out[0], out[1], origin
+
+
+# ------------------------------------------------------------------------------------------------------ oracle
+def oracle(ctx: LayerContext, window: int, horizon: int, chunk: int = 256) -> Tensor:
+    """``(H_kv, T)``: for each key, the largest attention weight (softmax over the causal prompt, dense) it gets
+    from a query ``t`` with ``window ≤ t − j < window + horizon``, over the query heads of its KV group (one
+    sequence, no padding)."""
+    q, k = ctx.queries[0].float(), ctx.keys[0].float()  # (Hq, T, D), (H, T, D)
+    Hq, T, _ = q.shape
+    H = k.shape[0]
+    G = Hq // H
+    kk = k.repeat_interleave(G, dim=0)  # (Hq, T, D)
+    best = torch.zeros(Hq, T)
+    cols = torch.arange(T)
+    for s in range(0, T, chunk):
+        rows = torch.arange(s, min(T, s + chunk))
+        logits = torch.einsum("hqd,hkd->hqk", q[:, rows], kk) * ctx.scaling
+        dist = rows[:, None] - cols[None, :]
+        logits = logits.masked_fill(dist[None] < 0, float("-inf"))
+        probs = logits.softmax(-1)
+        far = (dist >= window) & (dist < window + horizon)
+        best = torch.maximum(best, probs.masked_fill(~far[None], 0.0).amax(1))
+    return best.view(H, G, T).amax(1)
+
+
+def soft_target(o: Tensor, epsilon: float, temperature: float) -> Tensor:
+    """``σ((log o − log ε) / temperature)``: 0.5 at the oracle level ``ε``."""
+    return torch.sigmoid((o.clamp_min(1e-12).log() - math.log(epsilon)) / temperature)
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+@dataclass(frozen=True)
+class _Observe(PrefillMethod):
+    """Show every layer's prefill context to ``callback`` and keep the whole cache (not a registered method)."""
+
+    name: ClassVar[str] = "spkv-observe"
+    paper: ClassVar[str] = "internal"
+    capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT)
+    callback: Callable[[LayerContext], None] = field(default=lambda ctx: None, compare=False)
+
+    def compress(self, ctx: LayerContext) -> Compressed:
+        self.callback(ctx)
+        return Compressed(Selection.keep_all(ctx.batch, ctx.num_kv_heads, ctx.length, ctx.selectable))
+
+
+class SPKVTrainer:
+    def __init__(self, cfg: SPKVTrainConfig, progress: bool = True) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.progress = progress
+        torch.set_num_threads(cfg.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.out / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old != asdict(cfg):
+                raise ConfigError(
+                    f"{self.out} holds a run with other settings ({cfg_path}); use another --out or the same flags."
+                )
+        else:
+            cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        self._model: Any = None
+
+    # -- model --------------------------------------------------------------------------------------------------
+    def model(self) -> tuple[Any, Any]:
+        if self._model is None:
+            from ..adapters.models import load_model
+
+            self._model = load_model(self.cfg.model)
+        return self._model
+
+    def log(self, record: dict[str, Any]) -> None:
+        with (self.out / "train.log").open("a") as f:
+            f.write(json.dumps({"time": time.strftime("%H:%M:%S"), **record}) + "\n")
+
+    # -- stage 1 -----------------------------------------------------------------------------------------------
+    def collect(self) -> str:
+        from tqdm import tqdm
+
+        from ..adapters.models import model_shape
+        from ..pipeline import Compressor
+
+        c = self.cfg
+        model, tok = self.model()
+        shape = model_shape(model)
+        train, held, origin = token_sequences(tok, c.length, c.seed)
+        if len(train) < c.sequences or len(held) < c.heldout:
+            raise ConfigError(
+                f"The training text gives {len(train)} training and {len(held)} held-out sequences of {c.length} "
+                f"tokens; ask for at most that many (--sequences, --heldout) or shorter ones (--length)."
+            )
+        jobs = [("collect", i, train[i]) for i in range(c.sequences)] + [
+            ("heldout", i, held[i]) for i in range(c.heldout)
+        ]
+        todo = [j for j in jobs if not (self.out / j[0] / f"{j[1]:04d}.pt").exists()]
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="collect", disable=not self.progress)
+        for kind, i, ids in todo:
+            t0 = time.perf_counter()
+            feats: list[Tensor] = []
+            orc: list[Tensor] = []
+            eligible = c.length - c.window - c.horizon + 1  # keys whose whole horizon lies in the sequence
+            if kind == "collect":
+                g = torch.Generator().manual_seed(c.seed * 100_003 + i)
+                pick = torch.randperm(eligible - 1, generator=g)[: c.samples - 1] + 1
+                idx = torch.cat([torch.zeros(1, dtype=torch.long), pick.sort().values])
+            else:
+                idx = torch.arange(c.length - c.window + 1)  # every key out of the window at the end
+
+            def grab(
+                ctx: LayerContext, idx: Tensor = idx, feats: list[Tensor] = feats, orc: list[Tensor] = orc
+            ) -> None:
+                rope = shape.rope[ctx.layer_idx] if shape.rope else None
+                f = gate_features(ctx.keys, ctx.values, ctx.positions, rope)[0]  # (T, F)
+                feats.append(f[idx].half())
+                orc.append(oracle(ctx, c.window, c.horizon)[:, idx].T.contiguous())  # (n, H)
+
+            with torch.no_grad():
+                Compressor(model, _Observe(callback=grab), 1.0).prefill(torch.tensor([ids]))
+            dest = self.out / kind / f"{i:04d}.pt"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(".tmp")
+            torch.save({"feats": torch.stack(feats), "oracle": torch.stack(orc), "idx": idx}, tmp)
+            tmp.rename(dest)
+            self.log({"stage": kind, "sequence": i, "seconds": round(time.perf_counter() - t0, 2)})
+            bar.update(1)
+        bar.close()
+        return origin
+
+    def _load(self, kind: str, n: int) -> tuple[Tensor, Tensor]:
+        parts = [torch.load(self.out / kind / f"{i:04d}.pt") for i in range(n)]
+        return torch.cat([p["feats"] for p in parts], 1), torch.cat([p["oracle"] for p in parts], 1)
+
+    # -- stage 2 -----------------------------------------------------------------------------------------------
+    def fit(self) -> GateNet:
+        from tqdm import tqdm
+
+        c = self.cfg
+        feats, orc = self._load("collect", c.sequences)  # (L, N, F) half, (L, N, H)
+        L, N, F = feats.shape
+        H = orc.shape[-1]
+        target = soft_target(orc, c.epsilon, c.temperature)
+        torch.manual_seed(c.seed)
+        net = GateNet(L, F, H, hidden=c.hidden)
+        x32 = feats.float()
+        net.mean.copy_(x32.mean(1))
+        net.std.copy_(x32.std(1).clamp_min(1e-4))
+        del x32
+        opt = torch.optim.AdamW(net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        ckpt = self.out / "checkpoint.pt"
+        start = 0
+        if ckpt.exists():
+            state = torch.load(ckpt)
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            start = int(state["step"])
+        g = torch.Generator().manual_seed(c.seed + 7)
+        for _ in range(start):  # the minibatch stream continues where the checkpoint left it
+            torch.randint(N, (c.batch,), generator=g)
+        bar = tqdm(total=c.steps, initial=start, desc="fit", disable=not self.progress)
+        for s in range(start, c.steps):
+            lr = c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / c.steps)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(N, (c.batch,), generator=g)
+            logits = net(feats[:, idx])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[:, idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if (s + 1) % c.checkpoint_every == 0 or s + 1 == c.steps:
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": s + 1}, tmp)
+                tmp.rename(ckpt)
+                self.log({"stage": "fit", "step": s + 1, "loss": round(float(loss.detach()), 5), "lr": lr})
+        bar.close()
+        return net
+
+    # -- stage 3 -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, net: GateNet) -> tuple[list[float], dict[str, Any]]:
+        c = self.cfg
+        feats, orc = self._load("heldout", c.heldout)  # (L, N, F), (L, N, H)
+        u = torch.sigmoid(net(feats.float()))  # (L, N, H)
+        dens = [float((u >= t).float().mean()) for t in TAU_GRID]
+        important = orc >= c.epsilon
+        written = u >= 0.5
+        per_layer = (u >= 0.5).float().mean((1, 2))
+        loss = torch.nn.functional.binary_cross_entropy(u, soft_target(orc, c.epsilon, c.temperature))
+        # ranking quality: AUC of u against "oracle >= epsilon", per layer then averaged
+        aucs = []
+        for i in range(u.shape[0]):
+            pos, neg = u[i][important[i]], u[i][~important[i]]
+            if pos.numel() and neg.numel():
+                neg_sorted = neg.sort().values
+                ranks = torch.searchsorted(neg_sorted, pos)
+                aucs.append(float(ranks.float().mean() / neg.numel()))
+        metrics = {
+            "heldout_keys_per_layer": int(u.shape[1]),
+            "heldout_bce": round(float(loss), 5),
+            "oracle_important_share": round(float(important.float().mean()), 4),
+            "density_at_0.5": round(float(written.float().mean()), 4),
+            "recall_at_0.5": round(float((written & important).sum() / important.sum().clamp_min(1)), 4),
+            "precision_at_0.5": round(float((written & important).sum() / written.sum().clamp_min(1)), 4),
+            "auc_mean": round(sum(aucs) / max(1, len(aucs)), 4),
+            "density_at_0.5_per_layer": [round(float(x), 3) for x in per_layer],
+        }
+        return dens, metrics
+
+    # -- all ------------------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from ..adapters.models import model_shape
+        from ..adapters.profiles import Profile, save_profile, shape_dict
+
+        origin = self.collect()
+        net = self.fit()
+        dens, metrics = self.calibrate(net)
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        model, _ = self.model()
+        shape = model_shape(model)
+        settings = {**asdict(self.cfg), "text": origin, "objective": "bce to sigmoid((log o - log eps)/temperature)"}
+        settings.pop("out")
+        prof = Profile(KIND, shape.key, shape_dict(shape), settings, gates_to_dict(net.export(), self.cfg.window,
+                       self.cfg.hidden, TAU_GRID, dens), version=_version())  # fmt: skip
+        return save_profile(prof, self.out / "final" / f"{KIND}.json")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokensieve")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
+        return ""
+
+
+def ship(profile_path: Path, model_key: str) -> Path:
+    """Copy a trained gate into the package's shipped profiles (``tokensieve/profiles/<model>/spkv.json``)."""
+    from importlib import resources
+
+    dest = Path(str(resources.files("tokensieve"))) / "profiles" / model_key / f"{KIND}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(profile_path, dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------------ density
+@torch.no_grad()
+def density_table(model: Any, tokenizer: Any, specs: list[str], lengths: list[int], n: int, seed: int) -> list[dict]:
+    """Achieved density (stored entries / full cache, after the prefill) of each spec on held-out topic text, per
+    prompt length: mean and standard deviation over ``n`` prompts."""
+    import tokensieve as ts
+
+    from ..methods.spkv import achieved_density
+
+    _, held, _ = token_sequences(tokenizer, max(lengths), seed)
+    if len(held) < n:
+        raise ConfigError(f"Only {len(held)} held-out sequences of {max(lengths)} tokens; ask for fewer (--prompts).")
+    rows = []
+    for spec in specs:
+        press = ts.compress(model, spec)
+        for length in lengths:
+            vals = []
+            for ids in held[:n]:
+                ctx = press.prefill(torch.tensor([ids[:length]]))
+                vals.append(achieved_density(ctx.cache, length))
+            m = sum(vals) / len(vals)
+            sd = (sum((v - m) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+            rows.append({"spec": spec, "length": length, "density": m, "sd": sd, "prompts": len(vals)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+_HELP = {
+    "out": "run directory: collect/, heldout/, checkpoint.pt, train.log, final/spkv.json (rerun to resume)",
+    "model": "the frozen model (embedded name or local directory)",
+    "seed": "seed of the text shuffle, the sampled keys, the initialisation and the minibatches",
+    "length": "tokens per sequence",
+    "sequences": "training sequences (one frozen forward pass each)",
+    "heldout": "held-out sequences for the calibration table",
+    "window": "local window w the gate is trained for (the method's default)",
+    "horizon": "queries t with w <= t - j < w + horizon define key j's oracle",
+    "samples": "keys sampled per sequence and layer (the first token is always one)",
+    "epsilon": "oracle level (largest attention weight beyond the window) at which u = 0.5",
+    "temperature": "log-units of the oracle per logit unit of u",
+    "hidden": "hidden width of each layer's predictor (0: linear)",
+    "steps": "Adam steps of the fit",
+    "batch": "keys per layer per step",
+    "lr": "peak learning rate (cosine to 10 %)",
+    "weight_decay": "AdamW weight decay",
+    "checkpoint_every": "steps between checkpoints",
+    "threads": "torch CPU threads",
+}
+
+
+def add_commands(tsub: Any) -> None:
+    import argparse
+
+    p = tsub.add_parser("spkv", help="train SP-KV's write gate on the frozen model (resumable; see docs/SPKV.md)")
+    defaults = SPKVTrainConfig()
+    for f in fields(SPKVTrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name), help=_HELP.get(f.name))  # fmt: skip
+    p.add_argument("--ship", action="store_true", help="copy the trained gate into the package's shipped profiles")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_spkv)
+    d = tsub.add_parser("spkv-density", help="achieved density of SP-KV specs on held-out text, per prompt length")
+    d.add_argument("--specs", default="spkv[tau=0.3],spkv[tau=0.5],spkv[tau=0.7]", help="comma-separated specs")
+    d.add_argument("--lengths", default="512,1024,2048")
+    d.add_argument("--prompts", type=int, default=4, help="held-out prompts per length")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    d.set_defaults(func=cmd_spkv_density)
+    _ = argparse
+
+
+def cmd_train_spkv(args: Any) -> int:
+    values = {f.name: getattr(args, f.name) for f in fields(SPKVTrainConfig)}
+    trainer = SPKVTrainer(SPKVTrainConfig(**values), progress=not args.no_progress)
+    path = trainer.run()
+    print(path)
+    print((trainer.out / "metrics.json").read_text())
+    if args.ship:
+        from ..adapters.models import model_shape
+
+        model, _ = trainer.model()
+        print(f"shipped to {ship(path, model_shape(model).key)}")
+    return 0
+
+
+def cmd_spkv_density(args: Any) -> int:
+    from ..adapters.models import load_model
+    from ..spec import split_specs
+
+    torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths or min(lengths) < 2:
+        raise ConfigError(f"--lengths takes prompt lengths >= 2, got {args.lengths!r}.")
+    model, tok = load_model(args.model)
+    rows = density_table(model, tok, [str(s) for s in split_specs(args.specs)], lengths, args.prompts, args.seed)
+    print("| spec | prompt tokens | density (stored / full) | sd | prompts |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| `{r['spec']}` | {r['length']} | {r['density']:.3f} | {r['sd']:.3f} | {r['prompts']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+__all__ = [
+    "SPKVTrainConfig",
+    "SPKVTrainer",
+    "add_commands",
+    "density_table",
+    "oracle",
+    "soft_target",
+    "token_sequences",
+]
