@@ -329,7 +329,7 @@ def test_composes_with_a_kv_method(llava: Any) -> None:
     routed = ad.prefill(inp, plan, cache=cache)
     torch.testing.assert_close(routed.logits, plain.logits, atol=ATOL, rtol=0)
     assert torch.equal(ad.generate(routed, 3), ad.generate(plain, 3))
-    plan, kv = split_spec("pool:8/snapkv[window=4]:0.5")
+    plan, kv = split_spec("pool:8/snapkv[window=2]:0.5")
     cache = Compressor(llava, Spec.parse(kv)).new_cache()
     st = ad.prefill(inp, plan, cache=cache)
     n_real = [int(v) for v in st.segments[0].valid.sum(-1)]
