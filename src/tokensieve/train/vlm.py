@@ -55,6 +55,8 @@ class TrainConfig:
     text_intermediate: int = 0
     lr_text: float = 1e-3  # the from-scratch decoder's learning rate
     train_embeddings: bool = False  # the from-scratch decoder's (tied) embeddings: trained, or kept as initialised
+    # their scale: the tied head's logits are at most |h|·|e|, and at the usual 0.02 a 49k-way softmax cannot get sharp
+    text_embed_std: float = 0.15
     # stage 1: vision
     vision_steps: int = 1000
     vision_batch: int = 16
@@ -293,7 +295,10 @@ class Trainer:
         if self.spec.from_scratch:
             for p in self.model.model.language_model.parameters():
                 p.requires_grad_(True)
-            self.model.model.language_model.embed_tokens.weight.requires_grad_(cfg.train_embeddings)
+            emb = self.model.model.language_model.embed_tokens.weight
+            with torch.no_grad():
+                emb.mul_(cfg.text_embed_std / float(emb[:-1].std()))
+            emb.requires_grad_(cfg.train_embeddings)
         self.aux = AuxHeads(self.spec.hidden_size)
         self.lora = (
             add_lora(
