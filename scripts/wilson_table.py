@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Accuracy with Wilson 95 % intervals from a tokensieve results store, one Markdown table.
+
+Rows are configurations (the store's method and budget), columns the modes × budgets asked for; each cell is
+``mean [lo, hi] (n)`` over every sample stored for it (all tasks, lengths, depths and seeds of the filter). A score
+in [0, 1] that is not 0/1 (a multi-answer task's share) counts as that many successes, which keeps the interval an
+approximation for such tasks; the needle tasks used here score 0 or 1.
+
+  .venv/bin/python scripts/wilson_table.py runs/screen36.sqlite --budgets 0.1,0.25,0.5 --modes agnostic,aware
+  .venv/bin/python scripts/wilson_table.py runs/screen36.sqlite --budgets 0.1 --modes agnostic --tasks niah_single
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sqlite3
+from collections import defaultdict
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of the proportion k/n (Wilson 1927), clipped to [0, 1]."""
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store")
+    p.add_argument("--budgets", default="0.1,0.25,0.5", help="ratios as stored (the full cache is always shown)")
+    p.add_argument("--modes", default="agnostic,aware")
+    p.add_argument("--tasks", default="", help="only these tasks (default: all in the store)")
+    p.add_argument("--min-n", type=int, default=1, help="leave out cells with fewer samples")
+    args = p.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    modes = [m for m in args.modes.split(",") if m]
+    tasks = [t for t in args.tasks.split(",") if t]
+
+    con = sqlite3.connect(f"file:{args.store}?mode=ro", uri=True)
+    q = "SELECT method, budget, json_extract(config, '$.mode'), json_extract(config, '$.task'), score FROM eval"
+    cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    full: dict[str, list[float]] = defaultdict(list)
+    for method, budget, mode, task, score in con.execute(q):
+        if score is None or (tasks and task not in tasks):
+            continue
+        if method == "full":
+            full[mode].append(float(score))
+            continue
+        cells[(method, str(budget), mode)].append(float(score))
+
+    def budget_of(text: str) -> float | None:
+        """The store's budget column: ``25%`` (a ratio) or a token count."""
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else None
+        except ValueError:
+            return None
+
+    cols = [(m, b) for m in modes for b in budgets]
+    methods = sorted({k[0] for k in cells})
+
+    def fmt(xs: list[float]) -> str:
+        if len(xs) < args.min_n:
+            return "—"
+        lo, hi = wilson(sum(xs), len(xs))
+        return f"{sum(xs) / len(xs):.2f} [{lo:.2f}, {hi:.2f}] ({len(xs)})"
+
+    header = "| method | " + " | ".join(f"{m} {1 - b:.0%} compression" for m, b in cols) + " |"
+    print(header)
+    print("|---" * (len(cols) + 1) + "|")
+    all_full = full.get("agnostic", []) or [x for xs in full.values() for x in xs]
+    print("| full cache | " + " | ".join(fmt(all_full) for _ in cols) + " |")
+    rows = []
+    for m in methods:
+        vals = []
+        for mode, b in cols:
+            xs = [
+                x
+                for (mm, bb, md), v in cells.items()
+                if mm == m and md == mode and budget_of(bb) is not None and abs(budget_of(bb) - b) < 1e-9
+                for x in v
+            ]
+            vals.append(xs)
+        if any(len(v) >= args.min_n for v in vals):
+            rows.append((m, vals))
+    rows.sort(key=lambda r: -sum(sum(v) / len(v) for v in r[1] if v))
+    for m, vals in rows:
+        print(f"| {m} | " + " | ".join(fmt(v) for v in vals) + " |")
+
+
+if __name__ == "__main__":
+    main()
