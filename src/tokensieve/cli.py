@@ -145,6 +145,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise PromptError("The prompt is empty: give some text to answer.")
+    if args.image is not None:
+        return generate_with_image(args, prompt)
     spec = generate_spec(args)  # fail on a bad method, parameter or budget before loading the model
     kwargs = spec.compressor_kwargs()
     model, tok = load_model(args.model)
@@ -166,6 +168,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(
         f"[{spec.label}] prompt {ids.shape[1]} tokens · KV {cache.kv_bytes() / 2**20:.2f} MB "
         f"· prefill {ctx.prefill_seconds:.2f} s · decode {gen.tokens_per_second:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
+    """``generate --image``: a question about an image to a vision-language model, with visual-token pruning and a KV
+    method from one spec (``pool:64/snapkv:0.5``, docs/VLM_PRUNING.md)."""
+    import time
+
+    from .adapters.models import load_model
+    from .adapters.vision import split_spec, vision_adapter
+    from .errors import CapabilityError, PromptError
+    from .methods.visual.spec import VisualPlan
+    from .pipeline import Compressor
+    from .spec import Spec
+
+    if args.method is not None or args.budget is not None or args.param:
+        raise TokensieveError("With --image, write what to run with --spec (e.g. pool:64/snapkv:0.5).")
+    plan, kv = split_spec(args.spec) if args.spec else (VisualPlan.parse([]), "")
+    kv_spec = Spec.parse(kv) if kv else None  # a bad spec fails before the model loads
+    try:
+        from PIL import Image
+
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise PromptError(f"Cannot read the image '{args.image}': {exc}") from exc
+    model, processor = load_model(args.model)
+    if not hasattr(processor, "image_processor"):
+        raise CapabilityError(f"--image needs a vision-language model; '{args.model}' is a text model.")
+    adapter = vision_adapter(model)
+    content = [{"type": "image"}, {"type": "text", "text": prompt}]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = [*system, {"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    enc = processor(text=text, images=[image], return_tensors="pt")
+    cache = Compressor(model, kv_spec).new_cache() if kv_spec is not None else None
+    t0 = time.perf_counter()
+    state = adapter.prefill(enc, plan, positions=args.positions, cache=cache)
+    t1 = time.perf_counter()
+    tok = processor.tokenizer
+    out = adapter.generate(state, args.max_new_tokens, eos_token_id=tok.eos_token_id)
+    t2 = time.perf_counter()
+    ids = [t for t in out[0].tolist() if t != tok.eos_token_id]
+    print(tok.decode(ids, skip_special_tokens=True))
+    visual = " → ".join(f"{stage} {n[0]}" for stage, n in state.visual_tokens.items())
+    label = args.spec or "full"
+    kv_bytes = state.cache.kv_bytes() if hasattr(state.cache, "kv_bytes") else 0
+    print(
+        f"[{label}] prompt {enc['input_ids'].shape[1]} tokens · visual tokens {visual or 'all'} · KV "
+        f"{kv_bytes / 2**20:.2f} MB · prefill {t1 - t0:.2f} s · decode {len(ids) / max(t2 - t1, 1e-9):.1f} tok/s",
         file=sys.stderr,
     )
     return 0
@@ -232,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     sp.add_argument("--max-new-tokens", type=_whole(1), default=256, help="longest answer in tokens (default 256)")
     sp.add_argument("--system", default=None, help="optional system prompt")
+    sp.add_argument(
+        "--image",
+        default=None,
+        metavar="FILE",
+        help="ask about this image (a vision-language --model); --spec may then start with visual-token methods, "
+        "e.g. pool:64/snapkv:0.5 (docs/VLM_PRUNING.md)",
+    )
+    sp.add_argument(
+        "--positions",
+        choices=("keep", "renumber"),
+        default="keep",
+        help="with --image: pruned visual tokens keep their positions (default) or the rest is renumbered",
+    )
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("demo", help="answer a long-context passkey question with several methods, side by side")

@@ -251,6 +251,8 @@ def load_model(
     if vlm_name(name_or_path) is not None:
         return load_vlm(name_or_path, dtype=dtype, device=device)
     source, _ = resolve(name_or_path)
+    if is_vision_language(source):
+        return load_vision_language(source, dtype=dtype, device=device)
     dev = torch.device(device) if isinstance(device, str) else device
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Device '{device}' was asked for, but this machine has no CUDA device; use 'cpu'.")
@@ -274,6 +276,37 @@ def load_model(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def is_vision_language(source: str) -> bool:
+    """Whether a local model directory holds a vision-language model (its config has a vision part)."""
+    cfg = Path(source) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "vision_config" in data
+
+
+def load_vision_language(
+    source: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
+    """A local vision-language model and its processor (``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model: Any = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as exc:
+        raise ModelNotFoundError(
+            f"Could not load '{source}' as a vision-language model with its processor: {type(exc).__name__}: {exc}"
+        ) from exc
+    return model.to(device).eval(), processor
 
 
 def model_key(model: Any) -> str:
