@@ -49,7 +49,8 @@ def record_lengths(spec: str, length: int, path: str) -> None:
 
 
 def synthetic_lengths(layers: int, length: int, ratio: float, seed: int) -> Tensor:
-    """``(layers, 1, H_kv)`` skewed lengths (log-normal shares) averaging ``ratio * length``, each in ``[8, length]``."""
+    """``(layers, 1, H_kv)`` skewed lengths (log-normal shares) averaging ``ratio * length``, within
+    ``[8, length]``."""
     g = torch.Generator().manual_seed(seed)
     w = torch.exp(1.2 * torch.randn(layers, 1, HKV, generator=g))
     n = (w / w.mean() * ratio * length).round().clamp(8, length)
@@ -84,14 +85,14 @@ class _Layer:
         # block-table gather: each row's pages padded to the row with the most pages (pad: page 0, masked)
         P0 = pages[len(pages) // 2]
         st = self.stores[P0]
-        table, counts = st._table()
+        table, _ = st._table()
         self.bt_page = P0
         self.bt_table = table.clamp_min(0)
         w = table.shape[1]
         fill = (torch.arange(w * P0)[None, :] < self.lengths[:, None]) & (table >= 0).repeat_interleave(P0, 1)
         self.bt_bias = torch.zeros(R, w * P0).masked_fill(~fill, float("-inf")).view(batch, HKV, 1, w * P0)
         # the uniform (SnapKV) target: the same stored entries, every row of the mean length
-        m = max(1, int(round(float(self.lengths.float().mean()))))
+        m = max(1, round(float(self.lengths.float().mean())))
         self.uni_k = torch.randn(batch, HKV, m, D, generator=g)
         self.uni_v = torch.randn(batch, HKV, m, D, generator=g)
 
@@ -197,7 +198,13 @@ def _append_loop(layer: _Layer, k: Tensor, v: Tensor) -> None:
 
 
 def run(
-    lengths: Tensor, batch: int, reps: int, pages: tuple[int, ...], flex: bool, seed: int = 0
+    lengths: Tensor,
+    batch: int,
+    reps: int,
+    pages: tuple[int, ...],
+    flex: bool,
+    seed: int = 0,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, list[float]]:
     """Per-step times (ms, all layers) of every candidate, ``reps`` interleaved repetitions."""
     torch.manual_seed(seed)
@@ -210,6 +217,8 @@ def run(
         cands[f"paged[{P}]"] = _paged(P)
     if flex and (f := _flex()) is not None:
         cands["flex"] = f
+    for name in skip:
+        cands.pop(name, None)
     qs = [torch.randn(batch, HQ, 1, D) for _ in layers]
     ref = [_loop(layer, q, scale) for layer, q in zip(layers, qs)]
     for name, fn in list(cands.items()):  # correctness on the same rows, and one warm-up
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pages", default="16,32,64")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flex", action="store_true", help="also try FlexAttention compiled for CPU")
+    ap.add_argument("--skip", default="", help="candidates not to measure, comma-separated (e.g. nested)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.record:
@@ -281,9 +291,11 @@ def main(argv: list[str] | None = None) -> None:
         lengths, what = synthetic_lengths(30, a.length, a.ratio, 0), f"synthetic, {a.ratio} of {a.length} tokens"
     pages = tuple(int(p) for p in a.pages.split(","))
     for bs in (int(b) for b in a.batch_sizes.split(",")):
-        print(f"\n{what}, batch {bs}, {lengths.shape[0]} layers, {a.threads} thread(s), {a.reps} interleaved reps; "
-              f"rows: mean {lengths.float().mean():.0f}, min {int(lengths.min())}, max {int(lengths.max())} entries")  # fmt: skip
-        print(table(run(lengths[:, :1], bs, a.reps, pages, a.flex)))
+        rows = f"rows: mean {lengths.float().mean():.0f}, min {int(lengths.min())}, max {int(lengths.max())} entries"
+        print(
+            f"\n{what}, batch {bs}, {lengths.shape[0]} layers, {a.threads} thread(s), {a.reps} interleaved reps; {rows}"
+        )
+        print(table(run(lengths[:, :1], bs, a.reps, pages, a.flex, skip=tuple(a.skip.split(",")))))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..attention.decode import attention_with_probs
 from ..attention.sparse import attend_slots
 from ..cache.decode import DecodeLayer, DecodeMethod
-from ..cache.storage import DenseKV
+from ..cache.storage import DenseKV, RowPaddedKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.registry import register
 from ..errors import ConfigError
@@ -30,7 +30,9 @@ class TidalDecode(DecodeMethod):
     Choices: positions are chosen per KV head from the group's summed attention (one gather per KV head); the
     re-selection layer defaults to 40 % of the depth (the scripts use layer 13 of 32); a layer that evicted some
     of the chosen positions at prefill attends to those it still holds. The budget counts attended tokens, a ratio
-    meaning a share of the current cache.
+    meaning a share of the current cache. After a head-adaptive prefill (AdaKV, RazorAttention, …) each (sequence,
+    KV head) row has its own length and its own budget (a ratio of its own length): the selection layer keeps the
+    top ``budget`` of each row's own entries, and the other layers attend to the positions each of their rows holds.
     """
 
     name: ClassVar[str] = "tidaldecode"
@@ -39,7 +41,7 @@ class TidalDecode(DecodeMethod):
     )
     rule: ClassVar[str] = "selection layers: top-k of sum_g softmax(q_g K^T); other layers reuse those positions"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.TOKEN
+        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.TOKEN, head_adaptive=True
     )
     select_layer: int = 2
     reselect_layer: int = -1  # -1: 40 % of the depth
@@ -56,6 +58,13 @@ class TidalDecode(DecodeMethod):
         store, run, scaling, layer_idx = layer.store, layer.run, layer.scaling, layer.index
         n = store.n
         budget = run.tokens_for(n)
+        row_budget: Tensor | None = None  # (B, H) per-row budgets of a head-adaptive store
+        if isinstance(store, RowPaddedKV):
+            lengths = store.lengths()
+            row_budget = torch.tensor([[run.tokens_for(int(m)) for m in row] for row in lengths.tolist()])
+            budget = int(row_budget.max())
+            if bool((row_budget >= lengths).all()):
+                budget = n  # every row's budget covers it: dense
         if layer_idx < self.select_layer or budget >= n:
             run.bytes_read += store.kv_bytes()
             return store.attend(q, scaling)
@@ -65,9 +74,14 @@ class TidalDecode(DecodeMethod):
         if layer_idx in (self.select_layer, self.reselect_at(run.shape.num_layers)):
             out, probs = attention_with_probs(q, store.keys, store.values, store.attention_mask(1, Hq // H), scaling)
             run.bytes_read += store.kv_bytes()
-            top = probs.sum(2).topk(budget, dim=-1, sorted=False).indices  # (B, H, k) slots of this layer
-            shared = top if store.identity_positions else None  # slot = position in every full-cache layer
-            run.scratch["tidal"] = (run.step, store.positions.gather(2, top), shared, n)
+            ranked = row_budget is not None
+            top = probs.sum(2).topk(budget, dim=-1, sorted=ranked).indices  # (B, H, k) slots of this layer
+            shared = top if store.identity_positions and not ranked else None  # slot = position in full caches
+            chosen = store.positions.gather(2, top)
+            if row_budget is not None:  # a row keeps its own top row_budget; -2 is a position no layer holds
+                beyond = torch.arange(budget)[None, None, :] >= row_budget[..., None]
+                chosen = chosen.masked_fill(beyond, -2)
+            run.scratch["tidal"] = (run.step, chosen, shared, n)
             return out
         step, positions, shared, n_sel = run.scratch.get("tidal", (-1, None, None, 0))
         if step != run.step or positions is None:  # pragma: no cover - the selection layer always runs first

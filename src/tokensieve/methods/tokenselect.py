@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..attention.sparse import attend_slots
 from ..cache.decode import DecodeLayer, DecodeMethod
+from ..cache.storage import RowPaddedKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
 from ..core.context import LayerContext
 from ..core.registry import register
@@ -40,6 +41,9 @@ class TokenSelect(DecodeMethod):
     keep: tokens keep their true positions (the official code scores without positions and renumbers the selected
     tokens — our keys carry RoPE from the prefill, which cannot be undone cheaply); the prefill is dense (the official
     prefill is sparse, in 512-token chunks — sparse prefill is a separate concern of ours, not part of this method).
+    After a head-adaptive prefill (AdaKV, RazorAttention, …) the KV heads hold different tokens, so there is no
+    position every head holds to rank layer-wide: each (sequence, KV head) row ranks its own entries by the soft
+    votes of its own query heads, with ``n_init`` / ``n_local`` and the budget taken of its own length.
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -49,7 +53,7 @@ class TokenSelect(DecodeMethod):
     )
     rule: ClassVar[str] = "S_j = sum_h softmax(q_h K^T)_j, one ranking per layer; reuse while cos(q, q_sel) >= theta"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.LAYER
+        phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE, granularity=Granularity.LAYER, head_adaptive=True
     )
     n_init: int = 16
     n_local: int = 64
@@ -69,33 +73,43 @@ class TokenSelect(DecodeMethod):
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         store = layer.store
+        if isinstance(store, RowPaddedKV):  # head-adaptive rows: each row selects within its own entries
+            G = q.shape[1] // store.keys.shape[1]
+            return torch.cat([
+                torch.cat([self._step(layer, q[b : b + 1, h * G : (h + 1) * G], slice(b, b + 1), pad, h)
+                           for h, pad in enumerate(row)], 1)
+                for b, row in enumerate(store.row_pad.tolist())
+            ], 0)  # fmt: skip
         if store.valid is None:  # every sequence starts at slot 0: one batched selection
             return self._step(layer, q, slice(None), 0)
         # left padding: each sequence selects among its own tokens, from its own first token, with its own budget
         pads = (~store.valid).sum(-1).tolist()
         return torch.cat([self._step(layer, q[b : b + 1], slice(b, b + 1), pads[b]) for b in range(len(pads))], 0)
 
-    def _step(self, layer: DecodeLayer, q: Tensor, rows: slice, pad: int) -> Tensor:
-        """One decode step for the sequences ``rows`` of the store, whose real tokens are slots ``[pad, n)``."""
+    def _step(self, layer: DecodeLayer, q: Tensor, rows: slice, pad: int, h: int | None = None) -> Tensor:
+        """One decode step for the sequences ``rows`` of the store (only KV head ``h`` of them, if given), whose
+        real tokens are slots ``[pad, n)``."""
         store, run, scaling = layer.store, layer.run, layer.scaling
-        state = layer.state["rows"].setdefault((rows.start, pad), {"q": None, "sel": None, "n": -1, "k": -1})
+        state = layer.state["rows"].setdefault((rows.start, pad, h), {"q": None, "sel": None, "n": -1, "k": -1})
         n = store.n - pad  # real tokens of these sequences
         B, Hq, _, D = q.shape
-        H = store.keys.shape[1]
-        G = Hq // H
-        per_entry = store.entry_bytes(1) * B // store.keys.shape[0]  # bytes of one entry in every head of B rows
+        hs = slice(None) if h is None else slice(h, h + 1)
         kbuf, vbuf = store.buffers
-        kbuf, vbuf = kbuf[rows], vbuf[rows]
+        kbuf, vbuf = kbuf[rows, hs], vbuf[rows, hs]
+        H = kbuf.shape[1]
+        G = Hq // H
+        # bytes of one entry in every head of B rows
+        per_entry = store.entry_bytes(1) * B // store.keys.shape[0] * H // store.keys.shape[1]
         budget = run.tokens_for(n)
         qg = q.reshape(B, H, G, D)
         dev = q.device
         if budget >= n:  # the budget covers the cache: every real token, exactly dense attention
             run.bytes_read += per_entry * n
-            if store.valid is None:
+            if store.valid is None and h is None:
                 return store.attend(q, scaling)
             slots = (pad + torch.arange(n, device=dev)).expand(B, H, n)
             bias = store.bias
-            mask = None if bias is None else bias[rows].gather(2, slots)[:, :, None, :]
+            mask = None if bias is None else bias[rows, hs].gather(2, slots)[:, :, None, :]
             return attend_slots(qg, kbuf, vbuf, slots, scaling, mask).reshape(B, Hq, 1, D)
         n_init = min(self.n_init, budget // 8)  # small budgets shrink the fixed windows, the vote keeps the rest
         n_local = max(1, min(self.n_local, budget // 4))
@@ -132,6 +146,6 @@ class TokenSelect(DecodeMethod):
         )  # (B, budget), shared by every head
         slots = slots[:, None, :].expand(B, H, -1)
         bias = store.bias
-        mask = None if bias is None else bias[rows].gather(2, slots)[:, :, None, :]  # merged entries' logit bias
+        mask = None if bias is None else bias[rows, hs].gather(2, slots)[:, :, None, :]  # merged entries' logit bias
         out = attend_slots(qg, kbuf, vbuf, slots, scaling, mask)
         return out.reshape(B, Hq, 1, D)
