@@ -15,7 +15,7 @@ from tokensieve.attention.dense import Modifiers, causal_attention
 from tokensieve.data.prompts import left_pad
 from tokensieve.spec import Spec
 
-SPARSE = ["ashape", "flexprefill", "minference"]
+SPARSE = ["ashape", "flexprefill", "minference", "hip"]
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +113,7 @@ DENSE_PARAMS = {
     "ashape": {"sink": 0, "local": 4096, "block": 32},
     "flexprefill": {"gamma": 1.0, "min_budget": 0, "block": 32},
     "minference": {"block": 32},
+    "hip": {"top_tokens": 4096, "block": 32, "dense_layers": 0},
 }
 
 
@@ -322,3 +323,58 @@ def test_minference_profile_is_validated(tiny_model):
 
     with pytest.raises(ts.errors.ConfigError, match="kind 'vs'"):
         prof.content(model_shape(tiny_model))
+
+
+def hip_reference(q, k, b, rep, stride, top_tokens, sink, window):
+    """HiP's tree search written out for one unpadded sequence, one (query head, query block) at a time."""
+    _, Hq, T, _ = q.shape
+    G = Hq // k.shape[1]
+    n = T // b
+    K = -(-top_tokens // b)
+    wb = -(-window // b)
+    lo = (max(sink, 1) - 1) // b + 1
+    chosen = torch.zeros(Hq, n, n, dtype=torch.bool)
+    for h in range(Hq):
+        for i in range(n):
+            qs = q[0, h, i * b : (i + 1) * b : stride]
+
+            def score(j, qs=qs, h=h):
+                return float((qs @ k[0, h // G, j * b : j * b + rep].T).max())
+
+            hi = i - wb + 1
+            V = max(0, hi - lo)
+            if V <= K:
+                keep = list(range(lo, lo + V))
+            else:
+                branches = [(lo + (V * t) // K, lo + (V * (t + 1)) // K - lo - (V * t) // K) for t in range(K)]
+                while any(sz > 1 for _, sz in branches):
+                    halves = []
+                    for st, sz in branches:
+                        left = (sz + 1) // 2
+                        halves.append((st, left))
+                        if sz - left > 0:
+                            halves.append((st + left, sz - left))
+                    halves.sort(key=lambda x: -score(x[0]))
+                    branches = halves[:K]
+                keep = [st for st, _ in branches]
+            for j in keep:
+                chosen[h, i, j] = True
+            for j in range(i + 1):
+                if j * b < sink or i - j < wb:
+                    chosen[h, i, j] = True
+    return chosen
+
+
+def test_hip_block_choice_matches_the_paper():
+    from tokensieve.methods._sparse_prefill import BlockGrid
+    from tokensieve.methods.hip import hip_blocks
+
+    g = torch.Generator().manual_seed(7)
+    Hq, Hkv, T, D, b = 4, 2, 256, 8, 8  # 32 blocks: 3 rounds of halving for 4 branches
+    q = torch.randn(1, Hq, T, D, generator=g)
+    k = torch.randn(1, Hkv, T, D, generator=g)
+    grid = BlockGrid(q, k, torch.ones(1, T, dtype=torch.bool), b, T // b, 0.35, Hq // Hkv, torch.tensor([T]), 5)
+    got = hip_blocks(grid, top_tokens=32, rep=2, stride=2, sink=8, window=16)[0] & grid.causal
+    want = hip_reference(q, k, b, rep=2, stride=2, top_tokens=32, sink=8, window=16) & grid.causal
+    assert torch.equal(got, want)
+    assert (got[:, -1].sum(-1) == 4 + 1 + 2).all()  # last query block: 4 searched + the sink block + 2 of window
