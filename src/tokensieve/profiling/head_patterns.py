@@ -74,19 +74,26 @@ def profile_head_patterns(
         grid = BlockGrid(pq, pk, valid, block, n, ctx.scaling, ctx.group, valid.sum(-1), ctx.layer_idx)
         rows = slice(pad + T // 2, pad + T)
         i = torch.arange(n * block)
+        Hq = q.shape[1]
+        ok = (i[None, :] <= i[rows, None]) & valid[0][None, :]
+        att = torch.stack(
+            [
+                torch.softmax(
+                    (pq[0, h, rows].float() @ pk[0, h // ctx.group].float().T * ctx.scaling).masked_fill(
+                        ~ok, float("-inf")
+                    ),
+                    -1,
+                )
+                for h in range(Hq)
+            ]
+        )  # (Hq, R, Tp): dense attention of the rows, computed once per layer
         results = []  # per candidate: (recall (Hq,), density (Hq,))
         for cand in CANDIDATES:
-            chosen = pattern_blocks(grid, (cand,) * q.shape[1], 64)[0]  # (Hq, n, n)
+            chosen = pattern_blocks(grid, (cand,) * Hq, 64)[0]  # (Hq, n, n)
             chosen = (chosen | torch.eye(n, dtype=torch.bool)) & grid.causal
             dens = chosen.sum((-1, -2)).double() / grid.causal.sum()
             tok_mask = chosen.repeat_interleave(block, -1).repeat_interleave(block, -2)[:, rows]  # (Hq, R, Tp)
-            rec = torch.zeros(q.shape[1], dtype=torch.float64)
-            for h in range(q.shape[1]):
-                kh = pk[0, h // ctx.group]
-                logits = pq[0, h, rows].double() @ kh.double().T * ctx.scaling
-                ok = (i[None, :] <= i[rows, None]) & valid[0][None, :]
-                att = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1)
-                rec[h] = (att * tok_mask[h]).sum(-1).mean()
+            rec = (att * tok_mask).sum(-1).double().mean(-1)  # (Hq,)
             results.append((rec, dens))
         for h in range(q.shape[1]):
             fits = [c for c in range(len(CANDIDATES)) if results[c][1][h] <= max_density]
