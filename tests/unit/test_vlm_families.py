@@ -100,3 +100,23 @@ def test_idefics3_tiles_are_grids(idf: Any) -> None:
     assert [[(g.height, g.width) for g in im.groups] for im in images] == [[(4, 4)]] * 3
     st = ad.prefill(inp, "pool:4")
     assert st.visual_tokens["projector"] == [4, 12, 0]  # per tile
+
+
+def test_qwen2_5_vl_shares_the_qwen2_vl_adapter() -> None:
+    """Qwen2.5-VL (windowed vision attention, same merger and M-RoPE): keep-100 % = the model, batch = single."""
+    model = vt.qwen2_5_vl()
+    grids = [[(4, 4)], [(4, 8), (4, 4)]]
+    inp = vt.qwen_inputs([3, 1], grids)
+    ad = vision_adapter(model)
+    assert ad.family == "qwen2_vl"
+    singles = [vt.qwen_select(inp, b, grids) for b in range(2)]
+    for one in singles:
+        with torch.no_grad():
+            ref = model(**one, mm_token_type_ids=(one["input_ids"] == vt.IMG).int()).logits.float()
+        st = ad.prefill(one, all_logits=True)
+        assert st.all_logits is not None
+        torch.testing.assert_close(st.all_logits, ref, atol=ATOL, rtol=0)
+    for spec in ["fastv:0.5", "pool:4"]:
+        batch = ad.prefill(inp, spec)
+        for b, one in enumerate(singles):
+            torch.testing.assert_close(batch.logits[b : b + 1], ad.prefill(one, spec).logits, atol=ATOL, rtol=0)

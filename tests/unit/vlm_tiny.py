@@ -291,3 +291,41 @@ def idefics_select(inputs: dict[str, torch.Tensor], b: int, n_tiles: list[int]) 
     if n_tiles[b]:
         out["pixel_values"] = inputs["pixel_values"][b : b + 1, : n_tiles[b]]
     return out
+
+
+def qwen2_5_vl(seed: int = 0) -> Any:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": 32,
+            "num_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 16,
+            "fullatt_block_indexes": [1],
+        },
+        image_token_id=IMG,
+        video_token_id=IMG + 1,
+        vision_start_token_id=IMG + 2,
+        vision_end_token_id=IMG + 3,
+    )
+    return _eval(Qwen2_5_VLForConditionalGeneration(cfg))

@@ -6,6 +6,10 @@ computed for those rows only, while every attention call still runs through SDPA
 under that name, looks up the request of the current context (:class:`RowRequest`), records
 ``softmax(q_rows · Kᵀ · scale + mask_rows)`` (and, if asked, the keys) for the modules it names, and hands the call to
 the delegate (transformers' SDPA function, or tokensieve's cache attention for a language model on a SieveCache).
+
+The switch changes the model's configs for the duration of the block: another thread running the same model's plain
+forward meanwhile would also go through :func:`rows_attention` (which then only delegates to SDPA, so its results do
+not change beyond SDPA-vs-eager rounding).
 """
 
 from __future__ import annotations
