@@ -378,3 +378,22 @@ def test_hip_block_choice_matches_the_paper():
     want = hip_reference(q, k, b, rep=2, stride=2, top_tokens=32, sink=8, window=16) & grid.causal
     assert torch.equal(got, want)
     assert (got[:, -1].sum(-1) == 4 + 1 + 2).all()  # last query block: 4 searched + the sink block + 2 of window
+
+
+@pytest.mark.parametrize("arch", ["mistral-window", "gemma2", "gemma3"])
+@torch.inference_mode()
+def test_sliding_window_and_softcap_models_are_supported(arch):
+    """Sliding-window layers (the window inside the token mask) and logit soft-capping (a score_mod) at full
+    density reproduce plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.unit.test_architectures import _configs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[arch]()).eval()
+    ids = torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits[0, -1]
+    flex.STATS.reset()
+    ctx = ts.compress(model, "flexprefill[gamma=1.0,min_budget=0,block=16]").prefill(ids)
+    torch.testing.assert_close(ctx.logits[0], ref, atol=2e-4, rtol=2e-4)
+    assert flex.STATS.calls == model.config.num_hidden_layers
