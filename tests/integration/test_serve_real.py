@@ -17,6 +17,16 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tokensieve.serve.app import create_app  # noqa: E402
 from tokensieve.serve.engine import Engine  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread (the engine's scheduler thread and the test share the machine's cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 DOC = (
     "Mira keeps bees on the roof of the old library. The hives are painted blue, and the passkey to the roof door "
     "is 7261. In autumn she sells the honey at the market on Saturdays."

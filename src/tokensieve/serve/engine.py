@@ -427,7 +427,8 @@ class Engine:
             job.emit(Failed("The server is shutting down.", 503))
 
     def _held(self) -> int:
-        return self.reserved_jobs + sum(c.bytes for c in self.contexts.values())
+        with self._lock:  # a handler thread may delete a context meanwhile
+            return self.reserved_jobs + sum(c.bytes for c in self.contexts.values())
 
     def _update_gauges(self) -> None:
         with self._lock:
@@ -455,10 +456,10 @@ class Engine:
         if self.kv_memory is None:
             return True
         while self._held() + need > self.kv_memory:
-            victim = next((cid for cid in self.contexts if cid != keep), None)
-            if victim is None:
-                return False
             with self._lock:
+                victim = next((cid for cid in self.contexts if cid != keep), None)
+                if victim is None:
+                    return False
                 del self.contexts[victim]
             self.counters.contexts_evicted += 1
         return True
@@ -481,7 +482,9 @@ class Engine:
             try:
                 self._prefill(job)
             except TokensieveError as exc:
-                self._reject(job, str(exc), 400)
+                self._reject(job, str(exc), getattr(exc, "status", 400))
+            except Exception as exc:  # this request failed; the others keep running
+                self._reject(job, f"Internal error while prefilling: {type(exc).__name__}: {exc}", 500)
 
     def _reject(self, job: Job, message: str, status: int) -> None:
         self.counters.requests["failed"] += 1
@@ -508,7 +511,11 @@ class Engine:
             job.result.set_result(stored)
             return
         if job.context_id is not None:
-            stored = self.contexts[job.context_id]
+            with self._lock:
+                stored_or_none = self.contexts.get(job.context_id)
+            if stored_or_none is None:  # deleted by a client since the admission check
+                raise RequestError(f"Context {job.context_id!r} was deleted before this request ran.", status=404)
+            stored = stored_or_none
             with self._lock:
                 self.contexts.move_to_end(job.context_id)  # most recently used
             stored.uses += 1
