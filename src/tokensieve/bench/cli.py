@@ -58,6 +58,10 @@ def _report_dir(report: str | None) -> Path | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "vlm", None):  # VLM prefill with visual-token pruning (tokensieve.bench.vlm)
+        from .vlm import cmd_bench_vlm
+
+        return cmd_bench_vlm(args)
     from dataclasses import asdict
 
     from tqdm import tqdm
@@ -148,4 +152,17 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--model", default=DEFAULT_MODEL)
     sp.add_argument("--store", default=None, help="SQLite results store (shared with `tokensieve eval`); resumable")
     sp.add_argument("--report", default=None, help="folder for bench.md and PNG plots")
+    sp.add_argument(
+        "--vlm",
+        nargs="?",
+        const="vit-l-336",
+        default=None,
+        metavar="TOWER",
+        help=(
+            "VLM prefill instead: a LLaVA model with a random vision tower of this shape (vit-l-336, the default: "
+            "speed-only, random vision weights; vit-b-336; embedded) on the embedded SmolLM2-135M; --methods are "
+            "visual specs (default fastv,pool,vis:random), --budgets default 0.11,0.22,0.33; --report writes "
+            "vlm_bench.json and vlm_bench.md"
+        ),
+    )
     sp.set_defaults(func=cmd_bench)
