@@ -194,6 +194,11 @@ def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelS
             f"heads (e.g. snapkv, pyramidkv, streaming_llm) or the full cache before '{decode.name}', or run "
             f"'{method.name}' without a decode method."
         )
+    if isinstance(method, PrefillMethod) and type(method).prefill_passes is not PrefillMethod.prefill_passes:
+        raise CapabilityError(
+            f"'{method.name}' runs auxiliary passes over the prompt, which a decode method ('{decode.name}') cannot "
+            "follow; run it without a decode method."
+        )
 
 
 class Compressor:

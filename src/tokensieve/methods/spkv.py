@@ -219,15 +219,16 @@ class SPKV(PrefillMethod, DecodeMethod):
             lo, hi = int(st.decided[b]), int(limit[b])
             if hi < lo:
                 continue
-            masks = []
-            for h in range(H):
-                pos = rows[b * H + h].pos[: rows[b * H + h].n].long()
-                masks.append((pos >= max(lo, self.sink)) & (pos <= hi))
-            counts = {int(m.sum()) for m in masks}
-            if counts == {0}:
+            row_pos = [rows[b * H + h].pos[: rows[b * H + h].n].long() for h in range(H)]
+            masks = [(p >= max(lo, self.sink)) & (p <= hi) for p in row_pos]
+            # the gate reads every KV head of a token: only tokens every head still holds can be decided (after
+            # another method's prefill, pairs some heads already evicted stay as that prefill kept them)
+            common = row_pos[0][masks[0]]
+            for h in range(1, H):
+                common = common[torch.isin(common, row_pos[h][masks[h]])]
+            if common.numel() == 0:
                 continue
-            if len(counts) != 1:
-                raise RuntimeError("spkv: undecided entries differ between the KV heads of a sequence.")
+            masks = [m & torch.isin(p, common) for m, p in zip(masks, row_pos)]
             k = torch.stack([rows[b * H + h].k[: rows[b * H + h].n][masks[h]] for h in range(H)])[None]  # (1, H, c, D)
             v = torch.stack([rows[b * H + h].v[: rows[b * H + h].n][masks[h]] for h in range(H)])[None]
             pos_c = rows[b * H].pos[: rows[b * H].n][masks[0]].long()[None]  # (1, c)

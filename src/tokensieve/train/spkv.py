@@ -26,7 +26,8 @@ Stages, one command, resumable (rerunning it continues where it stopped):
 Training text: the Python Language Reference's topic pages as Debian ships them in ``libpython3.11-stdlib``
 (``/usr/lib/python3.11/pydoc_data/topics.py``; the running interpreter's copy of the same CPython file when the
 Debian one is missing) — real English technical prose, and no evaluation task reads it (the tasks use the King James
-Bible or generated text). Every tenth topic (sorted by name) is held out for the calibration.
+Bible or generated text). The pages are concatenated (sorted by name) and cut into chunks; every tenth chunk is
+held out for the calibration.
 """
 
 from __future__ import annotations
@@ -104,21 +105,19 @@ def topic_pages() -> tuple[dict[str, str], str]:
 
 
 def token_sequences(tokenizer: Any, length: int, seed: int) -> tuple[list[list[int]], list[list[int]], str]:
-    """Training and held-out sequences of ``length`` tokens (held out: every tenth topic by name), shuffled with
-    ``seed``; and the text's origin."""
+    """Training and held-out sequences of ``length`` tokens, and the text's origin: the pages (sorted by name) are
+    concatenated and cut into non-overlapping chunks; every tenth chunk is held out; each list is shuffled with
+    ``seed``."""
     pages, origin = topic_pages()
-    names = sorted(pages)
-    split: dict[bool, list[int]] = {False: [], True: []}
-    for i, name in enumerate(names):
-        ids = list(tokenizer(pages[name].strip() + "\n\n", add_special_tokens=False)["input_ids"])
-        split[i % 10 == 9].extend(ids)
-    out = []
-    for held in (False, True):
-        ids = split[held]
-        chunks = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
-        random.Random(seed + (1 if held else 0)).shuffle(chunks)
-        out.append(chunks)
-    return out[0], out[1], origin
+    ids: list[int] = []
+    for name in sorted(pages):
+        ids.extend(tokenizer(pages[name].strip() + "\n\n", add_special_tokens=False)["input_ids"])
+    chunks = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+    train = [c for i, c in enumerate(chunks) if i % 10 != 9]
+    held = [c for i, c in enumerate(chunks) if i % 10 == 9]
+    random.Random(seed).shuffle(train)
+    random.Random(seed + 1).shuffle(held)
+    return train, held, origin
 
 
 # ------------------------------------------------------------------------------------------------------ oracle
