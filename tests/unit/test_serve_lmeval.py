@@ -77,8 +77,10 @@ def test_generate_until_batches_and_stops(model):
     assert cut == [free[k][: free[k].find(stop)]]
 
 
-def test_a_local_task_through_lm_eval(tmp_path, model):
+def test_a_local_task_through_lm_eval(tmp_path, model, monkeypatch):
     pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -110,6 +112,7 @@ def test_a_local_task_through_lm_eval(tmp_path, model):
         model_args=f"pretrained={tmp_path / 'tiny'},spec=snapkv:0.5,threads=1",
         tasks=["ts_local"],
         task_manager=TaskManager(include_path=str(tasks)),
+        bootstrap_iters=0,
     )
     acc = out["results"]["ts_local"]["acc,none"]
     # the same choice by hand: the continuation with the higher log-likelihood after the compressed context
