@@ -38,7 +38,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig.from_file(args.config, overrides) if args.config else EvalConfig.from_mapping(overrides)
     command = _command(args)
     quiet = args.quiet or args.no_progress
-    summary = run_eval(cfg, progress=not quiet, command=command, dry_run=args.dry_run)
+    ray = None
+    if args.ray is not None:
+        from .ray_backend import RayOptions
+
+        ray = RayOptions(address=args.ray or None, workers=args.ray_workers)
+    summary = run_eval(cfg, progress=not quiet, command=command, dry_run=args.dry_run, ray=ray)
     if args.dry_run:
         return 0
     others = summary.stored - summary.already - summary.ran
@@ -83,7 +88,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def add_commands(sub: Any) -> None:
     """Add ``eval`` to the CLI's sub-commands."""
-    from ..results.threads import add_threads_argument
+    from ..results.threads import add_threads_argument, whole_number
 
     sp = sub.add_parser(
         "eval",
@@ -117,6 +122,12 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 agreement (faster)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar (and no results table)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar, no results table at the end")
+    sp.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="measure the cells on Ray actors (one model each); this process writes the store. ADDRESS: "
+                    "a Ray cluster (auto, host:6379, ray://host:10001); none: this machine's cluster or a new local "
+                    "one (docs/SCALING.md)")  # fmt: skip
+    sp.add_argument("--ray-workers", type=whole_number(1), default=None, metavar="N",
+                    help="Ray actors to start (default: the cluster's CPUs / --threads)")  # fmt: skip
     sp.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, measure nothing")
     sp.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     sp.set_defaults(func=cmd_eval)

@@ -195,11 +195,13 @@ def run_eval(
     command: str = "",
     dry_run: bool = False,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
+    ray: Any = None,
 ) -> RunSummary:
     """Run a grid into its store; every check happens before the first cell is measured.
 
     ``model``/``tokenizer``: an already loaded model (default: ``load_model(cfg.model)``). ``dry_run``: validate,
-    print the plan and stop.
+    print the plan and stop. ``ray``: a :class:`~tokensieve.eval.ray_backend.RayOptions` to measure the cells on Ray
+    actors (this process still writes every row).
     """
     out = out or sys.stderr
     t_start = time.perf_counter()
@@ -210,6 +212,10 @@ def run_eval(
     threads_before = torch.get_num_threads()
     try:
         threads = set_threads(cfg.threads)
+        if ray is not None:  # without Ray installed, fail before the model loads
+            from .ray_backend import import_ray
+
+            import_ray()
         # 2. the model and what depends on it
         if model is None or tokenizer is None:
             model, tokenizer = load_model(cfg.model)
@@ -264,8 +270,14 @@ def run_eval(
                               already)  # fmt: skip
         run_id = store.start_run(tool="eval", command=command, config=cfg.describe(), model=mkey, version=__version__,
                                  threads=threads, cells=len(cells), todo=len(todo))  # fmt: skip
-        ran = _run_cells(model, tokenizer, cfg, cells, keys, set(todo), prepared, store, run_id, mkey, threads,
-                         progress, on_cell)  # fmt: skip
+        if ray is not None:
+            from .ray_backend import run_cells_ray
+
+            ran = run_cells_ray(ray, cfg, cells, keys, set(todo), prepared, store, run_id, mkey, progress, on_cell,
+                                _row)  # fmt: skip
+        else:
+            ran = _run_cells(model, tokenizer, cfg, cells, keys, set(todo), prepared, store, run_id, mkey, threads,
+                             progress, on_cell)  # fmt: skip
         stored = len(set(keys) & store.keys("eval"))
         return RunSummary(str(store.path), len(cells), already, ran, time.perf_counter() - t_start, notes, keys,
                           stored)  # fmt: skip
