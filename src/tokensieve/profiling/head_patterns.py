@@ -25,7 +25,7 @@ from ..data.text import calibration_text, python_version
 from ..errors import ConfigError
 
 KIND = "minference"
-# MInference's search space (its code): A-shape (sink, local), vertical-slash (v, s), block-sparse (blocks)
+# MInference's search space (its code): A-shape (sink, local), vertical-slash (v, s), block-sparse (blocks) ...
 CANDIDATES: tuple[tuple[str, int, int], ...] = (
     ("a", 100, 800),
     ("vs", 30, 800),
@@ -34,6 +34,14 @@ CANDIDATES: tuple[tuple[str, int, int], ...] = (
     ("vs", 3500, 100),
     ("vs", 1000, 4096),
     ("block", 8, 0),
+    # ours: the same shapes at the scale of a 2K-8K context (MInference's sizes are made for 100K+ tokens, where
+    # they are sparse; at 2K most of them cover more than half of the blocks)
+    ("a", 64, 256),
+    ("a", 128, 512),
+    ("vs", 30, 128),
+    ("vs", 64, 256),
+    ("vs", 128, 512),
+    ("block", 4, 0),
 )
 
 
