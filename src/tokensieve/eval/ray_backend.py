@@ -115,7 +115,7 @@ def run_cells_ray(
     n = opts.workers or max(1, cpus // threads)
     n = min(n, len(groups))
     Actor = ray.remote(num_cpus=threads)(CellWorker)
-    actors = [Actor.remote(cfg.model, threads) for _ in range(n)]  # type: ignore[attr-defined]
+    actors = [Actor.remote(cfg.model, threads) for _ in range(n)]
     bar = tqdm(total=len(todo), unit="cell", desc=f"eval (ray, {n} workers)", disable=not progress, dynamic_ncols=True)
     ran = 0
     pending: dict[Any, tuple[Any, Any]] = {}  # object ref -> (actor, sample id)
