@@ -56,7 +56,7 @@ def test_batch_equals_single_on_head_adaptive_caches(decode, prefill, tiny_model
                       decode_params=PARAMS.get(decode))  # fmt: skip
     ctx = press.prefill(ids, mask)
     if prefill != "compresskv":
-        assert all(isinstance(layer.decode.store, RowPaddedKV) for layer in ctx.cache.layers), prefill
+        assert any(isinstance(layer.decode.store, RowPaddedKV) for layer in ctx.cache.layers), prefill
     gen = press.decode(ctx, 6)
     for b, r in enumerate(rows):
         single = press.decode(press.prefill(torch.tensor([r])), 6)

@@ -65,13 +65,17 @@ class TidalDecode(DecodeMethod):
             budget = int(row_budget.max())
             if bool((row_budget >= lengths).all()):
                 budget = n  # every row's budget covers it: dense
-        if layer_idx < self.select_layer or budget >= n:
+        selecting = layer_idx in (self.select_layer, self.reselect_at(run.shape.num_layers))
+        # a head-adaptive store's layers have different lengths: a selection layer that covers its own rows still
+        # selects, for the layers after it that do not
+        covered = budget >= n and not (selecting and row_budget is not None)
+        if layer_idx < self.select_layer or covered:
             run.bytes_read += store.kv_bytes()
             return store.attend(q, scaling)
         B, Hq, _, D = q.shape
         H = store.keys.shape[1]
         qg = q.reshape(B, H, Hq // H, D)
-        if layer_idx in (self.select_layer, self.reselect_at(run.shape.num_layers)):
+        if selecting:
             out, probs = attention_with_probs(q, store.keys, store.values, store.attention_mask(1, Hq // H), scaling)
             run.bytes_read += store.kv_bytes()
             ranked = row_budget is not None
@@ -90,6 +94,8 @@ class TidalDecode(DecodeMethod):
             slots, found = shared, torch.ones_like(shared, dtype=torch.bool)
         else:
             slots, found = self._slots(store, positions)
+        if isinstance(store, RowPaddedKV) and row_budget is not None:
+            slots, found = self._covered_rows(store, row_budget, slots, found)
         newest = torch.full_like(slots[..., :1], n - 1)  # the current token is always attended
         has_newest = ((slots == n - 1) & found).any(-1, keepdim=True)
         slots = torch.cat([slots, newest], -1)
@@ -97,6 +103,25 @@ class TidalDecode(DecodeMethod):
         run.bytes_read += store.entry_bytes(slots.shape[-1])
         kbuf, vbuf = store.buffers
         return attend_slots(qg, kbuf, vbuf, slots, scaling, store.slot_mask(slots, keep)).reshape(B, Hq, 1, D)
+
+    @staticmethod
+    def _covered_rows(store: RowPaddedKV, row_budget: Tensor, slots: Tensor, found: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of a head-adaptive store whose own budget covers their own length attend to all their entries (as
+        they would in a batch of their sequence alone), whatever the other rows do."""
+        lengths = store.lengths()
+        covered = row_budget >= lengths  # (B, H)
+        if not bool(covered.any()):
+            return slots, found
+        w = max(slots.shape[-1], int(lengths[covered].max()))
+        if w > slots.shape[-1]:
+            extra = w - slots.shape[-1]
+            slots = torch.cat([slots, slots.new_zeros(*slots.shape[:-1], extra)], -1)
+            found = torch.cat([found, found.new_zeros(*found.shape[:-1], extra)], -1)
+        j = torch.arange(w, device=slots.device)
+        own = (store.row_pad[..., None] + j).clamp(max=store.n - 1)
+        slots = torch.where(covered[..., None], own, slots)
+        found = torch.where(covered[..., None], j < lengths[..., None], found)
+        return slots, found
 
     @staticmethod
     def _slots(store: DenseKV, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -41,9 +41,10 @@ class TokenSelect(DecodeMethod):
     keep: tokens keep their true positions (the official code scores without positions and renumbers the selected
     tokens — our keys carry RoPE from the prefill, which cannot be undone cheaply); the prefill is dense (the official
     prefill is sparse, in 512-token chunks — sparse prefill is a separate concern of ours, not part of this method).
-    After a head-adaptive prefill (AdaKV, RazorAttention, …) the KV heads hold different tokens, so there is no
-    position every head holds to rank layer-wide: each (sequence, KV head) row ranks its own entries by the soft
-    votes of its own query heads, with ``n_init`` / ``n_local`` and the budget taken of its own length.
+    After a head-adaptive prefill (AdaKV, RazorAttention, …) the KV heads of a layer may hold different tokens, so
+    there is no position every head holds to rank layer-wide: each (sequence, KV head) row then ranks its own entries
+    by the soft votes of its own query heads, with ``n_init`` / ``n_local`` and the budget taken of its own length
+    (a sequence whose heads hold the same number of entries in a layer keeps the layer-wide vote there).
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -75,11 +76,14 @@ class TokenSelect(DecodeMethod):
         store = layer.store
         if isinstance(store, RowPaddedKV):  # head-adaptive rows: each row selects within its own entries
             G = q.shape[1] // store.keys.shape[1]
-            return torch.cat([
-                torch.cat([self._step(layer, q[b : b + 1, h * G : (h + 1) * G], slice(b, b + 1), pad, h)
-                           for h, pad in enumerate(row)], 1)
-                for b, row in enumerate(store.row_pad.tolist())
-            ], 0)  # fmt: skip
+            outs = []
+            for b, row in enumerate(store.row_pad.tolist()):
+                if len(set(row)) == 1:  # this sequence's heads are even here: the layer-wide vote, as alone
+                    outs.append(self._step(layer, q[b : b + 1], slice(b, b + 1), row[0]))
+                    continue
+                outs.append(torch.cat([self._step(layer, q[b : b + 1, h * G : (h + 1) * G], slice(b, b + 1), pad, h)
+                                       for h, pad in enumerate(row)], 1))  # fmt: skip
+            return torch.cat(outs, 0)
         if store.valid is None:  # every sequence starts at slot 0: one batched selection
             return self._step(layer, q, slice(None), 0)
         # left padding: each sequence selects among its own tokens, from its own first token, with its own budget
