@@ -1,10 +1,13 @@
 """Per-layer KV storage: one dense block when every row has the same length, ragged rows otherwise.
 
 A *row* is one (sequence, KV head) pair. Rows are stored per KV head — never expanded to query heads — and, once a
-head- or layer-adaptive method has given rows different lengths, each row is its own buffer: nothing is padded to
-the longest head. Byte counts are exact: ``kv_bytes`` is the size of the stored keys and values, ``allocated_bytes``
-the size of the buffers that hold them (stored entries plus the headroom reserved for tokens still to come), and
-``meta_bytes`` the bookkeeping (true positions, per-entry logit biases).
+head- or layer-adaptive method has given rows different lengths, the rows share one page pool
+(:class:`~tokensieve.cache.ragged.RaggedKV`): nothing is padded to the longest head. Byte counts are exact:
+``kv_bytes`` is the size of the stored keys and values, ``allocated_bytes`` the size of the buffers that hold them
+(stored entries, the unfilled slots of each row's last page, the headroom reserved for tokens still to come), and
+``meta_bytes`` the bookkeeping (true positions, per-entry logit biases, page tables). A decode method sees a
+head-adaptive store as a :class:`RowPaddedKV` (rows left-padded to the longest; the padding is allocated, not
+stored).
 
 Attention over a store (``attend``) builds the store's mask and calls the kernels of :mod:`tokensieve.attention`;
 it is tested against :func:`tokensieve.attention.dense.reference_attention`.
