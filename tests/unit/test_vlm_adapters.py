@@ -310,6 +310,8 @@ def test_vision_stage_reads_the_cls_row(llava: Any) -> None:
 def test_stage_c_layer_out_of_range(llava: Any) -> None:
     ad = vision_adapter(llava)
     _, singles = llava_batch()
+    with pytest.raises(ConfigError, match="is a KV spec"):
+        ad.prefill(singles[0], "pool:4/snapkv:0.5")
     with pytest.raises(ConfigError, match=r"K must be in 1\.\.3"):
         ad.prefill(singles[0], "fastv[layer=4]:0.5")
 

@@ -64,9 +64,16 @@ def as_plan(spec: VisualPlan | VisualSpec | str | Sequence[str] | None) -> Visua
         return spec
     if isinstance(spec, VisualSpec):
         return VisualPlan((spec,))
-    if isinstance(spec, str):
-        return VisualPlan.parse([p for p in spec.split("/") if p.strip()])
-    return VisualPlan.parse(list(spec))
+    from . import split_spec
+
+    text = spec if isinstance(spec, str) else "/".join(spec)
+    plan, kv = split_spec(text)
+    if kv:
+        raise ConfigError(
+            f"'{kv}' is a KV spec, not a visual method: split it off with split_spec('{text}') and pass "
+            "Compressor(model, Spec.parse(kv)).new_cache() as cache=."
+        )
+    return plan
 
 
 class VisionAdapter:
