@@ -480,6 +480,8 @@ def load_or_build(
     path = d / f"task_{task}.npz"
     if path.exists():
         return Corpus.load(path)
+    check_tools()
+    _librosa()
     bar = None
     callback = None
     if progress:
