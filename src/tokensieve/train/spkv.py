@@ -78,6 +78,7 @@ class SPKVTrainConfig:
     weight_decay: float = 1e-4
     checkpoint_every: int = 100
     threads: int = 2
+    collect_minutes: float = 0.0
 
     def check(self) -> None:
         if self.length < self.window + self.horizon + 16:
@@ -210,12 +211,20 @@ class SPKVTrainer:
                 f"The training text gives {len(train)} training and {len(held)} held-out sequences of {c.length} "
                 f"tokens; ask for at most that many (--sequences, --heldout) or shorter ones (--length)."
             )
-        jobs = [("collect", i, train[i]) for i in range(c.sequences)] + [
-            ("heldout", i, held[i]) for i in range(c.heldout)
-        ]
+        # held-out and training sequences alternate, so a collection cut short by --collect-minutes has both
+        jobs: list[tuple[str, int, list[int]]] = []
+        for i in range(max(c.sequences, c.heldout)):
+            if i < c.heldout:
+                jobs.append(("heldout", i, held[i]))
+            if i < c.sequences:
+                jobs.append(("collect", i, train[i]))
         todo = [j for j in jobs if not (self.out / j[0] / f"{j[1]:04d}.pt").exists()]
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="collect", disable=not self.progress)
+        started = time.monotonic()
         for kind, i, ids in todo:
+            if c.collect_minutes > 0 and time.monotonic() - started > 60 * c.collect_minutes and self._count("collect"):
+                self.log({"stage": "collect", "stopped": "collect-minutes spent", "shards": self._count("collect")})
+                break  # the wall-clock budget is spent: fit on the shards collected so far (rerun to add more)
             t0 = time.perf_counter()
             feats: list[Tensor] = []
             orc: list[Tensor] = []
@@ -247,7 +256,17 @@ class SPKVTrainer:
         bar.close()
         return origin
 
-    def _load(self, kind: str, n: int) -> tuple[Tensor, Tensor]:
+    def _count(self, kind: str) -> int:
+        """Shards of ``kind`` collected so far (consecutive from 0)."""
+        n = 0
+        while (self.out / kind / f"{n:04d}.pt").exists():
+            n += 1
+        return n
+
+    def _load(self, kind: str) -> tuple[Tensor, Tensor]:
+        n = self._count(kind)
+        if n == 0:
+            raise ConfigError(f"No '{kind}' shards in {self.out}: the collection has not produced any yet.")
         parts = [torch.load(self.out / kind / f"{i:04d}.pt") for i in range(n)]
         return torch.cat([p["feats"] for p in parts], 1), torch.cat([p["oracle"] for p in parts], 1)
 
@@ -256,7 +275,7 @@ class SPKVTrainer:
         from tqdm import tqdm
 
         c = self.cfg
-        feats, orc = self._load("collect", c.sequences)  # (L, N, F) half, (L, N, H)
+        feats, orc = self._load("collect")  # (L, N, F) half, (L, N, H)
         L, N, F = feats.shape
         H = orc.shape[-1]
         target = soft_target(orc, c.epsilon, c.temperature)
@@ -302,7 +321,7 @@ class SPKVTrainer:
     @torch.no_grad()
     def calibrate(self, net: GateNet) -> tuple[list[float], dict[str, Any]]:
         c = self.cfg
-        feats, orc = self._load("heldout", c.heldout)  # (L, N, F), (L, N, H)
+        feats, orc = self._load("heldout")  # (L, N, F), (L, N, H)
         u = torch.sigmoid(net(feats.float()))  # (L, N, H)
         dens = [float((u >= t).float().mean()) for t in TAU_GRID]
         important = orc >= c.epsilon
@@ -318,6 +337,8 @@ class SPKVTrainer:
                 ranks = torch.searchsorted(neg_sorted, pos)
                 aucs.append(float(ranks.float().mean() / neg.numel()))
         metrics = {
+            "train_sequences": self._count("collect"),
+            "heldout_sequences": self._count("heldout"),
             "heldout_keys_per_layer": int(u.shape[1]),
             "heldout_bce": round(float(loss), 5),
             "oracle_important_share": round(float(important.float().mean()), 4),
@@ -412,6 +433,7 @@ _HELP = {
     "weight_decay": "AdamW weight decay",
     "checkpoint_every": "steps between checkpoints",
     "threads": "torch CPU threads",
+    "collect_minutes": "> 0: stop collecting after this many minutes and fit on the shards so far (rerun to add more)",
 }
 
 
