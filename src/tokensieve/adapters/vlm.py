@@ -297,7 +297,7 @@ def trained_state(model: Any) -> dict[str, torch.Tensor]:
     from scratch, all of it (the tied output head is the embedding matrix and is not stored twice; the embedding
     matrix is stored as float16)."""
     scratch = spec_of(model.config).from_scratch
-    prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
+    prefixes: tuple[str, ...] = ("model.vision_tower.", "model.multi_modal_projector.")
     if scratch:
         prefixes = (*prefixes, "model.language_model.")
     out = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
@@ -370,7 +370,7 @@ def load_vlm(
     trained = load_file(str(src / "model.safetensors"))
     own = {k: v for k, v in trained.items() if not k.startswith(LORA_PREFIX)}
     missing, unexpected = model.load_state_dict(own, strict=False)
-    required = ("model.vision_tower.", "model.multi_modal_projector.")
+    required: tuple[str, ...] = ("model.vision_tower.", "model.multi_modal_projector.")
     if spec_of(config).from_scratch:
         required = (*required, "model.language_model.")
     bad_missing = [k for k in missing if k.startswith(required)]

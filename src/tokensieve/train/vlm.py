@@ -457,7 +457,8 @@ class Trainer:
             with torch.no_grad():
                 feats, pooled, _ = vision_forward(self.model, vb["pixel_values"])
             visual = self.model.model.multi_modal_projector(feats)
-            aux_loss, metrics = feats.new_zeros(()), {}
+            aux_loss = feats.new_zeros(())
+            metrics: dict[str, float] = {}
         else:
             feats, pooled, visual = vision_forward(self.model, vb["pixel_values"])
             aux_loss, metrics = self.aux.loss(feats, pooled, vb)
