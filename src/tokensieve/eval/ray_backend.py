@@ -14,6 +14,7 @@ Ray is imported only here, lazily; without it, ``--ray`` is a :class:`~tokensiev
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ def connect(opts: RayOptions) -> Any:
     ray = import_ray()
     if not ray.is_initialized():
         try:
-            ray.init(address=opts.address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=opts.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             where = opts.address or "a local cluster"
             raise ConfigError(f"Could not connect to Ray at {where}: {str(exc).splitlines()[0]}") from exc

@@ -57,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     uvicorn = require("uvicorn", "serve")
     require("fastapi", "serve")
+    if args.ray_replicas is not None:
+        return _serve_ray(args)
     use_threads(args.threads)
     engine = build_engine(args)
     budget = "unlimited" if engine.kv_memory is None else f"{engine.kv_memory / 1e6:.1f} MB"
@@ -66,6 +68,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """``--ray-replicas N``: the same app as N Ray Serve replicas behind one endpoint (docs/SCALING.md)."""
+    from ..results.threads import resolve_threads
+    from ..spec import Spec
+    from .ray_serve import ReplicaSettings, import_serve, run
+
+    Spec.parse(args.spec)
+    import_serve()
+    settings = ReplicaSettings(model=args.model, spec=args.spec, kv_memory=args.kv_memory, max_batch=args.max_batch,
+                               max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                               served_model_name=args.served_model_name,
+                               threads=resolve_threads(args.threads) if args.threads else 1)  # fmt: skip
+    run(settings, args.ray_replicas, address=args.ray_address, host=args.host, port=args.port)
     return 0
 
 
@@ -113,6 +131,11 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=_port, default=8000)
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sp.add_argument("--ray-replicas", type=whole_number(1), default=None, metavar="N",
+                    help="serve as N Ray Serve replicas (one model and engine each) behind one endpoint; --threads is "
+                    "per replica (default 1); docs/SCALING.md")  # fmt: skip
+    sp.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                    help="with --ray-replicas: the Ray cluster (default: this machine's, or a new one)")  # fmt: skip
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("serve-bench", help="measure the server: concurrency under a KV budget, TTFT, inter-token "
