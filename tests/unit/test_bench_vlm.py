@@ -112,6 +112,7 @@ def test_smoke_run_on_a_tiny_llava() -> None:
         assert 0 < s["vision_s"] < s["ttft_s"]
         assert s["lm_prefill_s"] > 0
         assert s["peak_rss"] > 0
+        assert s["ttft_cpu_s"] > 0
     # KV bytes: every layer keeps keys and values of each cached token (float32).
     t = model.config.text_config
     per_token = 2 * int(t.num_key_value_heads) * (int(t.hidden_size) // int(t.num_attention_heads)) * 4
