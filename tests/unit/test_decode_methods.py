@@ -183,13 +183,15 @@ def test_eviction_then_sparse_decoding_composes(long_model):
 
 
 def test_decode_after_head_adaptive_prefill_is_refused_before_any_work(long_model, monkeypatch):
+    """Eviction while decoding keeps one cache size per row: refused after a head-adaptive prefill (sparse decode
+    methods are not: tests/unit/test_ragged_decode_methods.py)."""
     calls = []
     monkeypatch.setattr(long_model, "forward", lambda *a, **k: calls.append(1))
     with pytest.raises(ts.CapabilityError, match="head-adaptive"):
-        ts.compress(long_model, "adakv", 0.3, decode="quest", decode_budget=32)
+        ts.compress(long_model, "adakv", 0.3, decode="h2o", decode_budget=32)
     press = ts.compress(long_model, "adakv", 0.3)
     with pytest.raises(ts.CapabilityError, match="head-adaptive"):
-        press.attach_decode(None, "quest", 32)  # type: ignore[arg-type]
+        press.attach_decode(None, "h2o", 32)  # type: ignore[arg-type]
     assert calls == []
 
 
