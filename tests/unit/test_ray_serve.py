@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import sys
 
 import pytest
 
@@ -96,3 +97,15 @@ def test_streaming_through_the_proxy_adds_up_to_the_answer(endpoint, model_dir):
         lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     assert "".join(json.loads(ln)["choices"][0]["text"] for ln in lines[:-1]) == whole
+
+
+def test_without_ray_the_cli_names_the_extra(monkeypatch, capsys):
+    from tokensieve.cli import main
+
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code = main(["serve", "--model", "no-such-model-needed", "--ray-replicas", "2"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "pip install 'tokensieve[ray]'" in err
+    assert "Traceback" not in err
