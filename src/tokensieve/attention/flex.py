@@ -178,11 +178,11 @@ def block_sparse_attention(
 
     # The compiled kernel never visits a block outside the BlockMask, so the token mask need not repeat the block
     # choice (eager FlexAttention would ignore it: the uncompiled path below materialises both instead).
-    win = torch.tensor(window, dtype=torch.long, device=dev)  # a tensor, not an int: no specialisation per length
-
+    # ``window`` stays a Python int (dynamic with the shapes: no recompilation per length, measured); as a captured
+    # 0-d tensor it hits an Inductor CPU code-generation error in torch 2.13 for batches > 1.
     def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         seen = (ki <= qi) & ((ki >= start[b]) | (ki == qi))
-        return seen & (qi - ki < win)
+        return seen & (qi - ki < window)
 
     num, ind = index(partial)
     fnum, find = index(full)
