@@ -109,7 +109,7 @@ class TokenSelect(DecodeMethod):
         dev = q.device
         if budget >= n:  # the budget covers the cache: every real token, exactly dense attention
             run.bytes_read += per_entry * n
-            if store.valid is None and h is None:
+            if store.valid is None and h is None and rows.start is None:  # the whole store
                 return store.attend(q, scaling)
             slots = (pad + torch.arange(n, device=dev)).expand(B, H, n)
             bias = store.bias
