@@ -90,6 +90,18 @@ def synthetic_profiles(model) -> dict:
         "duo": Profile(
             "duo", shape.key, sd, {}, {"gates": torch.rand(L, H, generator=g).tolist(), "sink": 4, "recent": 8}
         ),
+        "minference": Profile(  # one pattern per (layer, query head), the three kinds in turn
+            "minference",
+            shape.key,
+            sd,
+            {},
+            {
+                "patterns": [
+                    [[("vs", 16, 16), ("a", 4, 16), ("block", 2, 0)][(layer + h) % 3] for h in range(Hq)]
+                    for layer in range(L)
+                ]
+            },
+        ),
         "spkv": Profile(  # SP-KV's write gate: random linear gates, a made-up monotone calibration table
             "spkv",
             shape.key,
