@@ -199,6 +199,11 @@ class GateNet(torch.nn.Module):
         init_std: standard deviation of the initial weights (biases start at 0).
     """
 
+    mean: Tensor
+    std: Tensor
+    w2: torch.nn.Parameter  # only with a hidden layer
+    b2: torch.nn.Parameter
+
     def __init__(self, num_layers: int, features: int, heads: int, hidden: int = 0, init_std: float = 0.02) -> None:
         super().__init__()
         self.hidden = hidden
