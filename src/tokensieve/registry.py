@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.method import Method
+from .core.params import coerce_param
 from .core.registry import registered
 from .errors import ConfigError, UnknownNameError
 
@@ -64,30 +65,7 @@ def _coerce(value: Any, annotation: Any, field: str, method: str) -> Any:
                 f"got {value!r}."
             )
         return inner
-    if not isinstance(value, str):
-        return value
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{method}: {field} must be one of {', '.join(map(str, choices))}; got {value!r}.")
-        return value
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if origin else [annotation]
-    for typ in args:
-        try:
-            if typ is bool:
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if typ in (int, float, str):
-                return typ(value)
-        except ValueError:
-            continue
-    if any(a is str for a in args):
-        return value
-    raise ConfigError(f"{method}: cannot read {field}={value!r} as {getattr(annotation, '__name__', annotation)}.")
+    return coerce_param(value, annotation, field, method)
 
 
 def create_method(name: str | Method, **params: Any) -> Method:

@@ -7,6 +7,7 @@ import difflib
 import typing
 from typing import Any, TypeVar
 
+from ...core.params import coerce_param
 from ...errors import ConfigError, UnknownNameError
 from .base import VisualMethod
 
@@ -44,33 +45,6 @@ def get_visual_class(name: str) -> type[VisualMethod]:
     raise UnknownNameError(f"Unknown visual method '{name}'.{hint} Visual methods: {', '.join(sorted(_VISUAL))}.")
 
 
-def _coerce(value: Any, annotation: Any, field: str, method: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{method}: {field} must be one of {', '.join(map(str, choices))}; got {value!r}.")
-        return value
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if origin else [annotation]
-    for typ in args:
-        try:
-            if typ is bool:
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if typ in (int, float):
-                return typ(value)
-            if typ is str:
-                return value
-        except ValueError:
-            continue
-    raise ConfigError(f"{method}: cannot read {field}={value!r} as {getattr(annotation, '__name__', annotation)}.")
-
-
 def create_visual(name: str | VisualMethod, **params: Any) -> VisualMethod:
     """Instantiate a registered visual method; string parameters are converted to the field types."""
     if isinstance(name, VisualMethod):
@@ -88,7 +62,7 @@ def create_visual(name: str | VisualMethod, **params: Any) -> VisualMethod:
                 f"Visual method '{cls.name}' has no parameter '{key}'. "
                 f"Its parameters: {', '.join(sorted(fields)) or 'none'}."
             )
-        kwargs[key] = _coerce(value, hints.get(key, str), key, cls.name)
+        kwargs[key] = coerce_param(value, hints.get(key, str), key, cls.name)
     try:
         method = cls(**kwargs)
     except TypeError as exc:
