@@ -28,6 +28,23 @@ def _llama(**kw: Any) -> Any:
     return LlamaConfig(**base)
 
 
+def _qwen_text() -> dict[str, Any]:
+    """The tiny text model of both Qwen-VL families (M-RoPE sections over head_dim 8)."""
+    return {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    }
+
+
 def _eval(model: Any) -> Any:
     model.eval()
     model.config._attn_implementation_internal = "sdpa"
@@ -96,19 +113,7 @@ def qwen2_vl(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     cfg = Qwen2VLConfig(
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-        },
+        text_config=_qwen_text(),
         vision_config={
             "depth": 2,
             "embed_dim": 32,
@@ -298,19 +303,7 @@ def qwen2_5_vl(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-        },
+        text_config=_qwen_text(),
         vision_config={
             "depth": 2,
             "hidden_size": 32,
