@@ -1,3 +1,11 @@
-"""Imports the built-in visual-token methods (each module registers one)."""
+"""Imports the built-in visual-token methods: every module of this package except the machinery registers one (a
+new method is one new file here)."""
 
-from . import fastv, pool, random  # noqa: F401
+import importlib
+import pkgutil
+
+_MACHINERY = {"base", "registry", "spec", "_builtin"}
+
+for _info in pkgutil.iter_modules(importlib.import_module(__package__ or "").__path__):
+    if _info.name not in _MACHINERY and not _info.name.startswith("_"):
+        importlib.import_module(f"{__package__}.{_info.name}")

@@ -15,6 +15,29 @@ context at the method's stage and applies the result to the model's sequence:
   attention row of the last prompt token in layer K − 1 (softmax over the whole prefix, restricted to the visual
   tokens).
 
+**Progressive methods** act at several layers of their stage (FlowCut every second encoder layer, ToMe every encoder
+block, PyramidDrop and SparseVLM at several decoder layers): :meth:`VisualMethod.layers` names them, and the adapter
+calls :meth:`VisualMethod.prune` once per layer (``ctx.step`` of ``ctx.steps``) on the tokens left by the previous
+step. ``ctx.start`` holds each image's prunable tokens at the first step, so a ratio budget keeps meaning "of the
+tokens that reached the stage"; ``ctx.memory`` is a dict that persists across one sample's steps (a running score);
+``ctx.sizes`` how many original tokens each current token stands for (merging methods return the new sizes in
+:class:`VisualKept`). A method names the signals it reads in ``needs``; the adapter computes only those, in the
+layer the method acts after (vision) or before (llm: layer K − 1):
+
+==================  ===========================================================================================
+``cls_attention``   ``(H, N)`` the CLS query's attention to the tokens (vision encoders with a CLS token); at the
+                    projector stage: the CLS row of the vision encoder's feature layer
+``mean_attention``  ``(H, N)`` the attention each token receives, averaged over every query of the layer (vision)
+``keys``/``values`` ``(H_kv, N, d)`` the tokens' attention keys / values in that layer
+``anchor_value``    ``(H_kv, d)`` the value of the anchor query's token (the CLS token; the last prompt token)
+``text_attention``  ``(H, N)`` the last prompt token's attention row (llm)
+``text_rows``       ``(H, Q, N)`` the attention rows of the Q instruction tokens — the text after the sample's last
+                    image — to the visual tokens (llm; rows are softmaxed over the whole prefix)
+``text_tokens``     ``(Q, D)`` the instruction tokens' hidden states entering the layer (llm)
+``previous``        ``(N, D)`` the tokens' states one layer earlier (entering layer K − 1; vision: entering the
+                    layer just run), for methods that measure how a layer transforms a token
+==================  ===========================================================================================
+
 The methods are plain frozen dataclasses registered with :func:`tokensieve.methods.visual.registry.register_visual`
 (a registry separate from the KV methods': a visual method keeps or merges *sequence positions* before or inside the
 forward pass, a KV method keeps *cache entries* after it). This module is part of the library floors: no transformers.
@@ -24,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -90,6 +113,12 @@ class VisualContext:
             not sum to one over the visual tokens.
         keys: ``(H, N, d)`` the attention keys of these tokens in the same layer, or None.
         seed: a per-sample seed given by the caller (methods that draw random numbers use it).
+        values, anchor_value, mean_attention, text_rows, text_tokens, previous: further signals (module docstring),
+            each None unless the method names it in ``needs``.
+        sizes: ``(N,)`` original tokens each token stands for (after merging steps), or None (one each).
+        step, steps: this call's index among the method's layers, and their number.
+        start: prunable tokens per image at the first step (None: the current counts).
+        memory: a dict kept across one sample's steps (None for single-step methods run alone).
     """
 
     tokens: Tensor
@@ -100,10 +129,30 @@ class VisualContext:
     text_attention: Tensor | None = None
     keys: Tensor | None = None
     seed: int = 0
+    values: Tensor | None = None
+    anchor_value: Tensor | None = None
+    mean_attention: Tensor | None = None
+    text_rows: Tensor | None = None
+    text_tokens: Tensor | None = None
+    previous: Tensor | None = None
+    sizes: Tensor | None = None
+    step: int = 0
+    steps: int = 1
+    start: tuple[int, ...] | None = None
+    memory: dict[str, Any] | None = None
 
     @property
     def n(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def last_step(self) -> bool:
+        return self.step >= self.steps - 1
+
+    @property
+    def base(self) -> list[int]:
+        """Each image's prunable tokens at the method's first step (the base of a ratio budget)."""
+        return list(self.start) if self.start is not None else self.images
 
     @property
     def images(self) -> list[int]:
@@ -172,7 +221,7 @@ class VisualMethod:
     """Base of the visual-token methods (frozen dataclasses; the fields are the method's parameters).
 
     Class attributes: ``name`` (registry key), ``paper`` (citation), ``rule`` (one line), ``stages`` (where it may
-    act), ``needs`` (what the context must carry: ``"cls_attention"``, ``"text_attention"``, ``"keys"``).
+    act), ``needs`` (the signals the context must carry: the module docstring's table).
 
     A method that can act at several stages has a ``stage`` field; ``layer`` is the encoder layer (vision stage) or
     the decoder layer K (llm stage) it acts at.
@@ -183,6 +232,9 @@ class VisualMethod:
     rule: ClassVar[str] = ""
     stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: vision stage: later encoder layers attend with proportional attention (``+ log size`` on each key's logit,
+    #: ToMe) once tokens have been merged
+    proportional: ClassVar[bool] = False
 
     # --------------------------------------------------------------------------------------------- where
     @property
@@ -212,6 +264,18 @@ class VisualMethod:
                 f"{self.name}: an llm-stage method acts before decoder layer K >= 1; got {self.at_layer}."
             )
 
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers this method acts at, in order: encoder layers (vision stage, 1-based count of layers run,
+        ``num_layers`` = the encoder layers the model's features come from) or decoder layers K (llm stage,
+        ``num_layers`` = the decoder's layers). Default: ``(layer,)``; progressive methods override."""
+        return (self.at_layer,)
+
+    def companions(self, budget: Budget) -> tuple[tuple[VisualMethod, Budget], ...]:
+        """Methods at other stages that this one brings along when written alone in a spec (a two-stage method
+        such as ToDRE: ``todre:0.1`` is its projector stage plus its llm stage). A companion is skipped when the
+        plan names a method at its stage explicitly. Default: none."""
+        return ()
+
     def needed(self, ctx: VisualContext) -> None:
         for what in self.needs:
             if getattr(ctx, what) is None:
@@ -223,9 +287,10 @@ class VisualMethod:
 
     # ------------------------------------------------------------------------------------- three steps
     def count(self, ctx: VisualContext, budget: Budget) -> int:
-        """How many tokens the sample keeps: the budget per image (a ratio of each image's tokens, or a token count
-        per image, clipped to the image's tokens), summed over its images."""
-        return sum(budget.tokens_for(n, larger="clip") for n in ctx.images if n > 0)
+        """How many tokens the sample keeps: the budget per image (a ratio of each image's tokens at the method's
+        first step, or a token count per image, clipped to the image's tokens now), summed over its images."""
+        now = ctx.images
+        return sum(min(budget.tokens_for(n0, larger="clip"), n) for n0, n in zip(ctx.base, now) if n > 0)
 
     def score(self, ctx: VisualContext) -> Tensor:
         """``(N,)`` importance of each token (higher stays)."""

@@ -121,7 +121,15 @@ class VisualPlan:
     @classmethod
     def parse(cls, parts: list[str] | str) -> VisualPlan:
         items = [parts] if isinstance(parts, str) else parts
-        return cls(tuple(VisualSpec.parse(p) for p in items if p.strip()))
+        specs = [VisualSpec.parse(p) for p in items if p.strip()]
+        named = {s.stage for s in specs}
+        extra: list[VisualSpec] = []
+        for s in specs:
+            for method, budget in s.method.companions(s.budget):
+                if method.where not in named:
+                    extra.append(VisualSpec(method, budget))
+                    named.add(method.where)
+        return cls(tuple(specs + extra))
 
     def at(self, stage: Stage) -> VisualSpec | None:
         for s in self.specs:
