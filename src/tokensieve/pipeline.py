@@ -219,6 +219,9 @@ class Compressor:
         decode_budget: its budget (default: ``budget``); a ratio is taken of each prompt's length for eviction
             policies and of the current cache length for sparse methods.
         decode_params: parameters of the decode method.
+        chunk: prefill prompts longer than this many tokens in chunks of at most ``chunk`` tokens, re-compressing
+            the cache to the budget after every chunk, so that a layer never holds more than its budget plus one
+            chunk (see :meth:`prefill`; docs/PREFILL.md "Chunked prefill"). None (default): one pass.
         **params: method parameters (e.g. ``window=64``).
     """
 
@@ -233,6 +236,7 @@ class Compressor:
         decode: str | Method | None = None,
         decode_budget: Budget | str | float | int | None = None,
         decode_params: dict[str, Any] | None = None,
+        chunk: int | None = None,
         **params: Any,
     ) -> None:
         self.model = model
@@ -264,6 +268,9 @@ class Compressor:
         self.profile_data = None if self.profile is None else self.profile.content(self.shape)
         self.decode_profile_data = None if self.decode_profile is None else self.decode_profile.content(self.shape)
         self.reserve = reserve
+        self.chunk = None if chunk is None else check_chunk(chunk)
+        if self.chunk is not None:
+            self.check_chunked()
         self.vocab: int | None = getattr(model.config.get_text_config(), "vocab_size", None)
         self._stack: contextlib.ExitStack | None = None
 
@@ -351,15 +358,29 @@ class Compressor:
         *,
         compress: bool = True,
         reserve: int | None = None,
+        chunk: int | None = None,
     ) -> CachedContext:
         """Prefill a (left-padded) batch and compress it with the method and budget.
 
         input_ids ``(B, T)``; attention_mask ``(B, T)`` with 0 at left padding (default: no padding).
+
+        ``chunk`` (default: the Compressor's): a prompt longer than ``chunk`` tokens is prefilled in chunks of
+        ``chunk`` tokens counted from its end (the first chunk holds the remainder). Each chunk attends to what the
+        earlier chunks kept and causally to itself, at its true positions; then every layer's cache is re-compressed
+        to the budget of the whole prompt, scored with that chunk's queries. Peak memory is the budget plus one
+        chunk's keys, values and activations instead of the whole prompt's. With ``compress=False`` (or the
+        ``full`` method) the chunks are only appended. A method that cannot score a chunk
+        (:meth:`PrefillMethod.chunk_refusal`) is refused before any work. A prompt of at most ``chunk`` tokens is
+        prefilled exactly as without ``chunk``.
         """
         ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         n = mask.sum(-1)
         if bool((n == 0).any()):
             raise PromptError("A prompt is empty: nothing to prefill.")
+        chunk = self.chunk if chunk is None else check_chunk(chunk)
+        chunked = chunk is not None and int(ids.shape[1]) > chunk
+        if chunked and compress:
+            self.check_chunked()
         headroom = self.reserve if reserve is None else reserve
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
             raise ConfigError(f"reserve must be a whole number >= 0; got {headroom!r}.")
@@ -372,6 +393,9 @@ class Compressor:
         if compress and self.method.compresses:
             for v in n.tolist():
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
+        if chunked:
+            assert chunk is not None
+            return self._prefill_chunked(ids, mask, chunk, compress=compress, reserve=reserve)
         suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
         n_aux = 0 if suffix is None else int(suffix.shape[1])
         passes: list[AuxPass] = []
@@ -394,6 +418,40 @@ class Compressor:
             logits = logits[:, 0]  # the last real prompt token predicts the first output token
         if passes:
             self._run_passes(cache, mask, passes)
+        dt = time.perf_counter() - t0
+        return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
+
+    def check_chunked(self) -> None:
+        """Refuse, before any work, a run that cannot be prefilled chunk by chunk (with the reason)."""
+        method = self.method
+        if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
+            raise CapabilityError(
+                f"'{method.name}' cannot compress a prompt chunk by chunk: {why}. Prefill it in one pass (no chunk) "
+                "or use a method that can, e.g. snapkv, pyramidkv, tova, h2o, knorm, streaming_llm."
+            )
+        dm = self.decode_method
+        if dm is not None and dm.needs_prefill_context:
+            raise CapabilityError(
+                f"Decode method '{dm.name}' starts from the whole prompt's queries, which a chunked prefill does not "
+                "keep; prefill in one pass (no chunk) to use it."
+            )
+
+    def _prefill_chunked(
+        self, ids: Tensor, mask: Tensor, chunk: int, *, compress: bool, reserve: int | None
+    ) -> CachedContext:
+        """:meth:`prefill` in chunks of at most ``chunk`` tokens (checked by the caller)."""
+        headroom = self.reserve if reserve is None else reserve
+        plan = replace(self.plan(reserve=headroom), decode=None, decode_budget=None) if compress else None
+        cache = SieveCache(self.shape.num_layers, plan)
+        cache.begin_chunks(mask.sum(-1))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        t0 = time.perf_counter()
+        logits = mask.new_zeros(0)
+        for s, e in chunk_bounds(int(ids.shape[1]), chunk):
+            logits = self._forward(ids[:, s:e], mask[:, :e], positions[:, s:e], cache)
+        cache.end_chunks()
+        if compress and self.decode_method is not None:  # it starts on the compressed prompt at the first step
+            cache.set_decode(self.decode_method, self.decode_budget)
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
 
@@ -505,6 +563,25 @@ class Compressor:
             steps += 1
         ctx.logits = logits
         return Generation(tokens, steps, time.perf_counter() - t0, finished)
+
+
+def check_chunk(chunk: Any) -> int:
+    """A valid chunk size for a chunked prefill (a whole number >= 2)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2:
+        raise ConfigError(f"chunk must be a whole number of tokens >= 2 (e.g. 512); got {chunk!r}.")
+    return chunk
+
+
+def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
+    """Contiguous ``(start, end)`` column ranges of at most ``chunk`` tokens, counted from the end: every chunk but
+    the first holds exactly ``chunk`` tokens. With left padding the last token of every row is in the last column,
+    so a row is cut at the same places whether it is prefilled alone or in a batch."""
+    first = length - (-(-length // chunk) - 1) * chunk
+    bounds = [(0, first)]
+    while bounds[-1][1] < length:
+        s = bounds[-1][1]
+        bounds.append((s, s + chunk))
+    return bounds
 
 
 def _decode_method(decode: str | Method | None, params: dict[str, Any]) -> DecodeMethod | None:

@@ -98,6 +98,8 @@ class SieveCache:
         self.decode_run: DecodeRun | None = None
         self._deferred: dict[int, _Deferred] = {}  # layers scored by a deferred method, not yet selected
         self._aux: AuxPass | None = None  # the auxiliary pass being run, if any
+        self.chunking = False  # a chunked prefill is running: every chunk is re-compressed once appended
+        self._chunk_run: RunState | None = None  # its budgets, resolved from the whole prompt (None: keep all)
 
         self.front: Any = None  # the adapter's view of this cache for the model (created by adapters.hf)
 
@@ -193,6 +195,62 @@ class SieveCache:
         self.run = None
         self._compressed_layers = 0
 
+    # ------------------------------------------------------------------------------------------ chunked prefill
+    def begin_chunks(self, n_tokens: Tensor) -> None:
+        """Start a chunked prefill of prompts with ``n_tokens`` ``(B,)`` real tokens: from now on every prefilled
+        chunk is appended (attending to what the earlier chunks kept, and causally to itself) and then each layer is
+        re-compressed to the budget of the *whole* prompt, scored with that chunk's queries. A layer therefore never
+        holds more than its budget plus one chunk. Without a compressing plan, chunks are only appended.
+
+        The method must accept chunks (:meth:`PrefillMethod.chunk_refusal`); the plan must have no decode method
+        and no auxiliary tail (the pipeline attaches the decode method once the prompt is in)."""
+        plan = self.plan
+        if plan is not None and (plan.decode is not None or plan.tail or plan.passes):
+            raise ConfigError("A chunked prefill starts on a plan without decode method, auxiliary tail or passes.")
+        method = None if plan is None else plan.method
+        if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
+            raise CapabilityError(f"'{method.name}' cannot compress a prompt chunk by chunk: {why}.")
+        if any(layer.store is not None for layer in self.layers):
+            raise ConfigError("A chunked prefill starts on an empty cache.")
+        self.chunking = True
+        self.armed = False
+        self._chunk_run = None
+        if plan is not None and method is not None and method.compresses:
+            self._chunk_run = make_run(plan, n_tokens)
+            self.stats.compressed_tokens = n_tokens.tolist()
+            self.stats.budget_tokens = self._chunk_run.budget_tokens.tolist()
+
+    def end_chunks(self) -> None:
+        """The chunked prefill is over: later chunks (questions, decode steps) are appended uncompressed."""
+        self.chunking = False
+        self._chunk_run = None
+
+    def _compress_chunk(self, layer_idx: int, q: Tensor, scaling: float) -> None:
+        """Re-compress one layer after a chunk: the kept entries of earlier chunks and the chunk itself, scored with
+        the chunk's queries ``q`` (they belong to the store's last slots, which hold the chunk), evicted to the
+        layer's budget of the whole prompt."""
+        run, plan = self._chunk_run, self.plan
+        layer = self.layers[layer_idx]
+        assert run is not None
+        assert plan is not None
+        assert layer.store is not None
+        method = plan.method
+        assert isinstance(method, PrefillMethod)
+        t0 = time.perf_counter()
+        store = as_dense(layer.store, method.name)  # ragged rows (prompts of different lengths) -> left-padded rows
+        B, _, n, _ = store.keys.shape
+        valid = store.valid if store.valid is not None else torch.ones(B, n, dtype=torch.bool, device=q.device)
+        ctx = LayerContext(layer_idx, q, store.keys, store.values, valid, scaling, run)
+        comp = method.compress(ctx)
+        if comp.keys is not None or comp.bias is not None or comp.extra_keys is not None:
+            raise CapabilityError(f"'{method.name}' did not give a plain eviction of a chunk.")  # refused before
+        sel = comp.selection
+        if bool((sel.counts < valid.sum(-1)[:, None]).any()) or store.has_padding:
+            layer.store = build_store(
+                store.keys, store.values, store.positions, sel.indices, sel.counts, reserve=plan.reserve
+            )
+        self.stats.compress_seconds += time.perf_counter() - t0
+
     # ------------------------------------------------------------------------------------------------ attention
     def attend(
         self,
@@ -240,7 +298,7 @@ class SieveCache:
         if layer.store is None:
             own = (
                 plan.method.prefill_attention(layer_idx, q, k, v, valid_new, scaling, mods, plan.profile)
-                if plan is not None and isinstance(plan.method, PrefillMethod) and L > 1
+                if plan is not None and isinstance(plan.method, PrefillMethod) and L > 1 and not self.chunking
                 else None
             )  # sparse prefill attention (FlexPrefill, MInference, ...) or None: dense
             out = causal_attention(q, k, v, valid_new, scaling, mods) if own is None else own
@@ -294,6 +352,8 @@ class SieveCache:
                 assert isinstance(plan.method, PrefillMethod)
                 aux_valid = torch.ones(B, L, dtype=torch.bool, device=k.device) if valid_new is None else valid_new
                 plan.method.observe_pass(pending.ctx, pending.scores, self._aux, q, k, aux_valid)
+        if self._chunk_run is not None:
+            self._compress_chunk(layer_idx, q, scaling)
         layer.seen += stored
         n_real = L if valid_new is None else valid_new.sum(-1)
         layer.seen_valid = layer.seen_valid + n_real - (L - stored)

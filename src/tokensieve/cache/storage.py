@@ -47,7 +47,8 @@ def build_store(
     """Keep the selected entries (plus optional extra, synthetic entries) of a compressed chunk.
 
     Args:
-        keys, values: ``(B, H_kv, T, D)``; positions ``(B, T)``.
+        keys, values: ``(B, H_kv, T, D)``; positions ``(B, T)``, or ``(B, H_kv, T)`` when the rows already hold
+            different tokens (a store re-compressed by a chunked prefill).
         indices, counts: a selection (``(B, H_kv, K)`` ascending, -1 padded; ``(B, H_kv)``).
         bias: optional ``(B, H_kv, T)`` logit bias of the entries (log of the mass they stand for).
         extra_keys, extra_values: optional ``(B, H_kv, E, D)`` entries appended to every row (positions -1).
@@ -59,7 +60,7 @@ def build_store(
     K = indices.shape[-1]
     has_extra = extra_keys is not None and extra_keys.shape[2] > 0
     safe = indices.clamp_min(0)
-    pos_bh = positions[:, None, :].expand(B, H, T)
+    pos_bh = positions if positions.dim() == 3 else positions[:, None, :].expand(B, H, T)
     if extra_valid is not None and bool(extra_valid.all()):
         extra_valid = None
     if bool((counts == K).all()) and extra_valid is None:

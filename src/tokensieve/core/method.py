@@ -130,6 +130,39 @@ class PrefillMethod(Method):
     # prompt query at its true position, every layer at once, or the model's weights
     rescorable: ClassVar[bool] = True
 
+    # -- chunked prefill ------------------------------------------------------------------------------------------
+    def chunk_refusal(self) -> str | None:
+        """Why this method cannot compress a prompt chunk by chunk, or None when it can.
+
+        A chunked prefill (``Compressor.prefill(..., chunk=N)``) re-scores, after every chunk, the entries kept from
+        the earlier chunks together with the new chunk, using the new chunk's queries only, and evicts back to the
+        budget of the whole prompt. That needs a method that selects per layer (not ``deferred``), evicts with the
+        same count in every KV head of a sequence (the re-scored keys form one ``(B, H_kv, T)`` tensor with one
+        padding mask per sequence), keeps plain entries (merged entries carry a logit bias that a later selection
+        would have to merge again), adds no auxiliary tokens after the whole prompt, and can score entries from the
+        queries of their last chunk (``rescorable``; a method needing every prompt query refuses). Methods override
+        this to give their own reason (or to accept when ``rescorable`` is False for a reason that does not apply).
+        """
+        if not self.compresses:
+            return None
+        if self.deferred:
+            return "it selects once every layer of the whole prompt is scored (and may run passes over its full cache)"
+        if type(self).prefill_suffix is not Method.prefill_suffix:
+            return "it appends auxiliary tokens after the whole prompt to score it"
+        if self.capabilities.apply is not Apply.EVICT:
+            return (
+                f"it {self.capabilities.apply.value}s entries instead of evicting them; a later chunk's selection "
+                "would have to re-merge merged entries"
+            )
+        if self.capabilities.head_adaptive:
+            return (
+                "it gives the KV heads of a sequence different counts, and a chunk is re-scored over keys that share "
+                "one padding mask per sequence (not supported yet)"
+            )
+        if not self.rescorable:
+            return "it scores a prompt from all of its queries at their true positions, not from a chunk's"
+        return None
+
     # -- auxiliary passes (deferred methods) ----------------------------------------------------------------------
     def prefill_passes(self, input_ids: Tensor, attention_mask: Tensor, text: PromptText | None) -> list[AuxPass]:
         """Forward passes to run over the prompt's full cache before it is compressed (``deferred`` methods only).
@@ -216,6 +249,9 @@ class WrapperMethod(PrefillMethod):
             raise ConfigError(
                 f"{self.name}: base '{base.name}' must be profile-free and evict the same count in every head."
             )
+
+    def chunk_refusal(self) -> str | None:
+        return super().chunk_refusal() or self.base.chunk_refusal()
 
     def protected(self) -> tuple[int, int]:
         return self.base.protected()

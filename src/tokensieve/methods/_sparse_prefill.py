@@ -106,6 +106,12 @@ class SparsePrefill(PrefillMethod):
     def check(self, shape: ModelShape) -> None:
         self.evict.check(shape)
 
+    def chunk_refusal(self) -> str | None:
+        return (
+            "its sparse attention pattern is chosen over a whole prompt's causal attention, while a chunked prefill "
+            "attends each chunk densely to a bounded cache; use its evict method alone with a chunked prefill"
+        )
+
     def protected(self) -> tuple[int, int]:
         return self.evict.protected()
 

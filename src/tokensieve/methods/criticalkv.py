@@ -54,6 +54,10 @@ class CriticalKV(WrapperMethod):
             raise ConfigError("criticalkv: first_stage must be in [0, 1] and epsilon >= 0.")
         self.check_base(uniform=True)
 
+    def chunk_refusal(self) -> str | None:
+        # not rescorable only for want of the output projections, which a chunked prefill carries (RunState.weights)
+        return self.base.chunk_refusal()
+
     def select(self, scores: Tensor, counts: Tensor, ctx: LayerContext) -> Selection:
         weights = ctx.run.weights
         w_o = None if weights is None or ctx.layer_idx >= len(weights.out_proj) else weights.out_proj[ctx.layer_idx]
