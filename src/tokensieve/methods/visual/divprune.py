@@ -1,0 +1,74 @@
+"""DivPrune: keep the visual tokens that solve the max-min diversity problem greedily, before the language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ...core.budget import Budget
+from ._diversity import Similarities, greedy_maxmin, most_isolated
+from .base import Stage, VisualContext, VisualKept, VisualMethod
+from .registry import register_visual
+
+
+@register_visual
+@dataclass(frozen=True)
+class DivPrune(VisualMethod):
+    """DivPrune (Alvar, Singh, Akbari, Zhang, "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
+    Models", CVPR 2025, arXiv:2503.02175; code vbdi/divprune, read to check the details below).
+
+    Token pruning as a Max-Min Diversity Problem: keep the ``k`` tokens whose smallest pairwise distance
+    ``d(u, v) = 1 − cos(u, v)`` is as large as possible, solved greedily:
+
+    * **first token**: the most isolated one, ``argmax_v min_{u ≠ v} d(v, u)`` (the official code takes, for every
+      token, the second-smallest entry of its distance column — the smallest being its zero distance to itself —
+      and the argmax of those); no attention, no CLS, no pivot parameter;
+    * then ``k − 1`` times ``c = argmax_{v ∉ C} min_{u ∈ C} d(v, u)`` (farthest point). Chosen tokens are excluded
+      explicitly (the official code relies on their zero self-distance, which can pick a token twice when
+      duplicates exist);
+    * **distance space**: the projected visual tokens, i.e. the language model's input embeddings of the image (the
+      official code slices them out of the packed input embeddings before decoder layer 0), so the method acts at
+      the ``projector`` stage only.
+
+    Per image ``k = round(ratio · n)`` (the library's budget rounding, the same as the code's ``round``; the
+    paper's main setting keeps 9.8 %, ``divprune:0.098``), the selection running over the whole image — LLaVA-NeXT's
+    thumbnail and crops together, as the code does on the image's whole feature sequence; unlike the code,
+    ``image_newline`` tokens are not candidates (they stay). Kept tokens keep their order (the code sorts the kept
+    indices) and, by default, their positions. Ties go to the earlier token. Cost: one ``(n, n)`` similarity matrix
+    (needed for the first token, then reused), then ``k`` steps of ``O(n)``.
+    """
+
+    name: ClassVar[str] = "divprune"
+    paper: ClassVar[str] = (
+        "Alvar et al. 2025, DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models "
+        "(CVPR 2025, arXiv:2503.02175)"
+    )
+    rule: ClassVar[str] = (
+        "greedy max-min diversity over the projected visual tokens, d = 1 - cos, starting from the most isolated token"
+    )
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PROJECTOR})
+
+    def prune(self, ctx: VisualContext, budget: Budget) -> VisualKept:
+        dev = ctx.tokens.device
+        per_image: dict[int, list[int]] = {}
+        for g in sorted(ctx.groups, key=lambda g: g.start):
+            per_image.setdefault(g.image, []).extend(range(g.start, g.end))
+        kept: list[Tensor] = []
+        for (_, index), n0 in zip(sorted(per_image.items()), ctx.base):
+            n = len(index)
+            if n == 0:
+                continue
+            k = min(budget.tokens_for(n0, larger="clip"), n)
+            idx = torch.tensor(index, dtype=torch.long, device=dev)
+            if k >= n:
+                kept.append(idx)
+                continue
+            x = ctx.tokens[idx]
+            sim = Similarities(x, gram=True)  # the first pick reads every pair anyway: reuse the matrix
+            kept.append(idx[greedy_maxmin(x, most_isolated(sim), k, sim=sim)])
+        if not kept:
+            return VisualKept(torch.zeros(0, dtype=torch.long, device=dev))
+        return VisualKept(torch.sort(torch.cat(kept)).values)
