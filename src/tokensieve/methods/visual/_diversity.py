@@ -13,9 +13,13 @@ return the first extreme).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .base import VisualContext, VisualGroup
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -96,3 +100,32 @@ def most_isolated(sim: Similarities) -> int:
     dist = 1.0 - sim.gram
     dist.fill_diagonal_(float("inf"))
     return int(torch.argmax(dist.min(dim=1).values))
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """One image's tokens in a context: their indices, their states (a view when they are contiguous, as the
+    adapters lay them out), the size of the image's first grid (its first tokens) and the image's tokens at the
+    method's first step (the base of a ratio budget)."""
+
+    index: Tensor
+    states: Tensor
+    first: int
+    base: int
+
+
+def images_of(ctx: VisualContext) -> list[ImageTokens]:
+    """The context's images in order (grids grouped by ``VisualGroup.image``)."""
+    spans: dict[int, list[VisualGroup]] = {}
+    for g in sorted(ctx.groups, key=lambda g: g.start):
+        spans.setdefault(g.image, []).append(g)
+    out = []
+    for (_, gs), n0 in zip(sorted(spans.items()), ctx.base):
+        index = [i for g in gs for i in range(g.start, g.end)]
+        if not index:
+            continue
+        idx = torch.tensor(index, dtype=torch.long, device=ctx.tokens.device)
+        contiguous = index[-1] - index[0] + 1 == len(index)
+        states = ctx.tokens[index[0] : index[-1] + 1] if contiguous else ctx.tokens[idx]
+        out.append(ImageTokens(idx, states, gs[0].size, n0))
+    return out

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
-from ._diversity import Similarities, greedy_maxmin, most_isolated
+from ._diversity import Similarities, greedy_maxmin, images_of, most_isolated
 from .base import Stage, VisualContext, VisualKept, VisualMethod
 from .registry import register_visual
 
@@ -53,22 +53,15 @@ class DivPrune(VisualMethod):
 
     def prune(self, ctx: VisualContext, budget: Budget) -> VisualKept:
         dev = ctx.tokens.device
-        per_image: dict[int, list[int]] = {}
-        for g in sorted(ctx.groups, key=lambda g: g.start):
-            per_image.setdefault(g.image, []).extend(range(g.start, g.end))
         kept: list[Tensor] = []
-        for (_, index), n0 in zip(sorted(per_image.items()), ctx.base):
-            n = len(index)
-            if n == 0:
-                continue
-            k = min(budget.tokens_for(n0, larger="clip"), n)
-            idx = torch.tensor(index, dtype=torch.long, device=dev)
+        for im in images_of(ctx):
+            n = int(im.index.numel())
+            k = min(budget.tokens_for(im.base, larger="clip"), n)
             if k >= n:
-                kept.append(idx)
+                kept.append(im.index)
                 continue
-            x = ctx.tokens[idx]
-            sim = Similarities(x, gram=True)  # the first pick reads every pair anyway: reuse the matrix
-            kept.append(idx[greedy_maxmin(x, most_isolated(sim), k, sim=sim)])
+            sim = Similarities(im.states, gram=True)  # the first pick reads every pair anyway: reuse the matrix
+            kept.append(im.index[greedy_maxmin(im.states, most_isolated(sim), k, sim=sim)])
         if not kept:
             return VisualKept(torch.zeros(0, dtype=torch.long, device=dev))
         return VisualKept(torch.sort(torch.cat(kept)).values)

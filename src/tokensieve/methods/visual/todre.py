@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...core.budget import Budget
 from ...errors import CapabilityError, ConfigError
-from ._diversity import greedy_maxmin, greedy_maxsum
+from ._diversity import greedy_maxmin, greedy_maxsum, images_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod
 from .registry import register_visual
 
@@ -152,15 +152,6 @@ class ToDRE(VisualMethod):
             return self.task_relevance(ctx, budget)
         return self.diverse(ctx, budget)
 
-    def first_grids(self, ctx: VisualContext) -> dict[int, tuple[list[int], range]]:
-        """Per image (in order): its token indices and the index range of its first grid (the pivot's candidates)."""
-        out: dict[int, tuple[list[int], range]] = {}
-        for g in sorted(ctx.groups, key=lambda g: g.start):
-            if g.image not in out:
-                out[g.image] = ([], range(g.start, g.end))
-            out[g.image][0].extend(range(g.start, g.end))
-        return dict(sorted(out.items()))
-
     def diverse(self, ctx: VisualContext, budget: Budget) -> VisualKept:
         """Stage 1: per image, the greedy diverse subset of the budget's size."""
         dev = ctx.tokens.device
@@ -168,21 +159,17 @@ class ToDRE(VisualMethod):
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(ctx.seed))
         greedy = greedy_maxsum if self.diversity == "maxsum" else greedy_maxmin
         kept: list[Tensor] = []
-        for (_, (index, first)), n0 in zip(self.first_grids(ctx).items(), ctx.base):
-            n = len(index)
-            if n == 0:
-                continue
-            k = min(budget.tokens_for(n0, larger="clip"), n)
-            idx = torch.tensor(index, dtype=torch.long, device=dev)
+        for im in images_of(ctx):
+            n = int(im.index.numel())
+            k = min(budget.tokens_for(im.base, larger="clip"), n)
             if k >= n:
-                kept.append(idx)
+                kept.append(im.index)
                 continue
-            if cls is not None:
-                p = first.start + int(torch.argmax(cls[first.start : first.stop]))
+            if cls is not None:  # the first grid's strongest CLS attention (the thumbnail's with AnyRes)
+                p = int(torch.argmax(cls[im.index[: im.first]]))
             else:
-                p = first.start + int(torch.randint(len(first), (1,), generator=gen))
-            chosen = greedy(ctx.tokens[idx], index.index(p), k)
-            kept.append(idx[chosen])
+                p = int(torch.randint(im.first, (1,), generator=gen))
+            kept.append(im.index[greedy(im.states, p, k)])
         if not kept:
             return VisualKept(torch.zeros(0, dtype=torch.long, device=dev))
         return VisualKept(torch.sort(torch.cat(kept)).values)
