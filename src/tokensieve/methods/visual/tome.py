@@ -42,17 +42,17 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, r: int) -> tuple[T
     src = order[:r]  # merged A tokens (positions in A)
     dst = match[src]  # their B tokens (positions in B)
     s = sizes.to(torch.float32)
-    xs = x.float() * s[:, None]
-    ms = metric.float() * s[:, None]
-    acc_x = xs[b_idx].index_add(0, dst, xs[a_idx[src]])
-    acc_m = ms[b_idx].index_add(0, dst, ms[a_idx[src]])
-    acc_s = s[b_idx].index_add(0, dst, s[a_idx[src]])
+    a_src = a_idx[src]
+    s_b, s_a = s[b_idx, None], s[a_src, None]
+    acc_x = (x[b_idx].float() * s_b).index_add(0, dst, x[a_src].float() * s_a)
+    acc_m = (metric[b_idx].float() * s_b).index_add(0, dst, metric[a_src].float() * s_a)
+    acc_s = s[b_idx].index_add(0, dst, s[a_src])
     new_x, new_m, new_s = x.float().clone(), metric.float().clone(), s.clone()
     new_x[b_idx] = acc_x / acc_s[:, None]
     new_m[b_idx] = acc_m / acc_s[:, None]
     new_s[b_idx] = acc_s
     gone = torch.zeros(n, dtype=torch.bool, device=x.device)
-    gone[a_idx[src]] = True
+    gone[a_src] = True
     kept = keep_all[~gone]
     return kept, new_x[kept].to(x.dtype), new_s[kept].to(sizes.dtype), new_m[kept]
 
