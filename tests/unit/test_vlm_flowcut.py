@@ -220,6 +220,8 @@ def test_flowcut_llm_stage_parity() -> None:
 def test_flowcut_parameters_schedule_and_companion() -> None:
     with pytest.raises(ConfigError, match="momentum"):
         create_visual("flowcut", momentum="1.0")
+    with pytest.raises(ConfigError, match="K"):
+        create_visual("flowcut", stage="llm", layer="0")
     with pytest.raises(ConfigError, match="interval"):
         create_visual("flowcut", interval="0")
     with pytest.raises(ConfigError, match="crop_share"):

@@ -122,6 +122,8 @@ class FlowCut(VisualMethod):
     # ------------------------------------------------------------------------------------------------ set-up
     def check(self) -> None:
         super().check()
+        if self.at_layer < 1:
+            raise ConfigError(f"flowcut: layer (the decoder layer K of the llm stage) must be >= 1; got {self.layer}.")
         if not 0.0 <= float(self.momentum) < 1.0:
             raise ConfigError(f"flowcut: momentum must be in [0, 1); got {self.momentum}.")
         if int(self.interval) < 1:
