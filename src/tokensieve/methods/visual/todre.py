@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
-from ...errors import CapabilityError, ConfigError
+from ...errors import ConfigError
 from ._diversity import greedy_maxmin, greedy_maxsum, images_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod
 from .registry import register_visual
@@ -28,12 +28,11 @@ def default_layer(num_layers: int) -> int:
 def instruction_share(ctx: VisualContext) -> float:
     """α_{t→v}: the share of the instruction tokens' attention that goes to the visual tokens, averaged over heads
     and instruction rows (each row is a softmax over the whole prefix, so its total over all keys is 1 and the
-    paper's ratio ``Σ_{i∈T,j∈V} A_ij / Σ_{i∈T,j∈all} A_ij`` is the mean visual mass of a row). NaN without rows."""
-    if ctx.text_rows is None:
-        raise CapabilityError("ToDRE's llm stage needs text rows (the instruction tokens' attention).")
-    rows = ctx.text_rows.float()  # (H, Q, N)
-    if rows.shape[1] == 0:
+    paper's ratio ``Σ_{i∈T,j∈V} A_ij / Σ_{i∈T,j∈all} A_ij`` is the mean visual mass of a row). NaN without rows
+    (``text_rows`` None — the engine passes None when no token follows the sample's last image — or ``Q = 0``)."""
+    if ctx.text_rows is None or ctx.text_rows.shape[1] == 0:
         return float("nan")
+    rows = ctx.text_rows.float()  # (H, Q, N)
     return float(rows.sum(-1).mean())
 
 
@@ -78,7 +77,8 @@ class ToDRE(VisualMethod):
       ``α_{t→v} < τ``. (Counting the system prompt as T would make α_{v→t} the visual tokens' attention to the
       BOS/system sink, large in practice, and the rule would almost never fire — not the paper's reported
       behaviour.)
-    * No instruction rows (an image at the very end of the prompt): nothing to measure, all tokens stay.
+    * No instruction rows (an image at the very end of the prompt; the engine then passes no ``text_rows``):
+      nothing to measure, all tokens stay.
     * The stage keeps all or nothing, so its budget means nothing: it is written ``1.0``
       (``todre[stage=llm]:1.0``); any other budget is refused when the stage runs.
 
@@ -98,9 +98,9 @@ class ToDRE(VisualMethod):
         "stage 2 at 7L/8: drop every visual token if the instruction's attention share to them < tau"
     )
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PROJECTOR, Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_rows"})  # llm stage only (see needed())
-    #: optional signals: used where the model provides them (the CLS pivot), a documented fallback elsewhere
-    wants: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
+    # the llm stage reads the instruction rows; the projector stage's CLS row is not listed (Qwen2-VL has none and
+    # gets the random pivot): the engine passes it at the projector stage wherever the encoder has a CLS token
+    needs: ClassVar[frozenset[str]] = frozenset({"text_rows"})
 
     stage: str = "projector"
     layer: int = 0
@@ -142,8 +142,8 @@ class ToDRE(VisualMethod):
         return ((stage2, Budget.ratio(1.0)),)
 
     def needed(self, ctx: VisualContext) -> None:
-        if ctx.stage is Stage.LLM and ctx.text_rows is None:
-            super().needed(ctx)
+        """Nothing is required: stage 1 falls back to a random pivot without a CLS row, stage 2 keeps every token
+        without instruction rows (``text_rows`` is None only when no text follows the last image)."""
 
     # -------------------------------------------------------------------------------------------------- prune
     def prune(self, ctx: VisualContext, budget: Budget) -> VisualKept:
