@@ -366,6 +366,11 @@ def test_visionzip_edges_and_parameters() -> None:
         create_visual("visionzip", layer="-1")
     with pytest.raises(CapabilityError, match="no CLS token"):
         m.prune(
-            VisualContext(tokens=torch.zeros(4, 2), groups=(VisualGroup(0, 4, 2, 2),), stage=Stage.VISION),
+            VisualContext(
+                tokens=torch.zeros(4, 2),
+                groups=(VisualGroup(0, 4, 2, 2),),
+                stage=Stage.VISION,
+                keys=torch.zeros(1, 4, 2),
+            ),
             Budget.tokens(2),
         )
