@@ -39,6 +39,8 @@ class ImageTokens:
         groups: the grids over the image's prunable tokens that remain (``image`` = 0; the adapter renumbers).
         dropped: ``(n,)`` bool, tokens removed at the vision stage, or None.
         kept: the vision-stage method's result for this image, or None.
+        cls_attention: ``(H, n)`` the CLS row of the vision encoder's feature layer at each token (zero at
+            separators and dropped tokens), or None (no CLS token, or not asked for).
     """
 
     features: Tensor
@@ -46,6 +48,7 @@ class ImageTokens:
     groups: tuple[VisualGroup, ...]
     dropped: Tensor | None = None
     kept: VisualKept | None = None
+    cls_attention: Tensor | None = None
 
 
 def runs(row: Tensor, token_id: int) -> list[tuple[int, int]]:
@@ -163,6 +166,7 @@ class VisionAdapter:
         image = torch.full((B, T), -1, dtype=torch.long, device=ids.device)
         dropped = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
         groups: list[tuple[VisualGroup, ...]] = []
+        cls_full: list[Tensor | None] = [None] * B
         it = iter(images)
         kept_a: list[VisualKept] = []
         for b in range(B):
@@ -183,10 +187,16 @@ class VisionAdapter:
                     visual[b, idx] &= ~im.dropped
                 if im.kept is not None:
                     kept_a.append(im.kept)
+                if im.cls_attention is not None:
+                    row = cls_full[b]
+                    if row is None:
+                        row = cls_full[b] = im.cls_attention.new_zeros(im.cls_attention.shape[0], T)
+                    row[:, idx] = im.cls_attention.to(row.dtype)
                 for g in im.groups:
                     gs.append(VisualGroup(g.start + offset, g.end + offset, g.height, g.width, j))
                 offset += sum(g.size for g in im.groups)
             groups.append(tuple(gs))
+        cls_rows = [None if r is None else r[:, visual[b].nonzero().flatten()] for b, r in enumerate(cls_full)]
         pos = self.positions(inputs, ids, valid)
         seq = Seq(embeds, valid, pos, visual, image, groups)
         counts: dict[str, list[int]] = {}
@@ -194,7 +204,7 @@ class VisionAdapter:
             seq = engine.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], policy, groups)
         if plan.at(Stage.VISION) is not None:
             counts["vision"] = [int(seq.visual[b].sum()) for b in range(B)]
-        seq, kept_b = engine.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list)
+        seq, kept_b = engine.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list, cls_rows)
         kept: dict[str, list[VisualKept]] = {}
         if kept_a:
             kept["vision"] = kept_a

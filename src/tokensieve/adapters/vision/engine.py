@@ -21,6 +21,7 @@ segment continues at the unpruned sequence's next position, with ``"renumber"`` 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -263,16 +264,39 @@ def run_layers(
     return h
 
 
-def llm_stage_layer(plan: VisualPlan, num_layers: int) -> int | None:
+def llm_stage_layers(plan: VisualPlan, num_layers: int) -> list[int]:
+    """The decoder layers K (in order) the plan's llm-stage method prunes before; checked against the model."""
     spec = plan.at(Stage.LLM)
     if spec is None:
-        return None
-    K = spec.method.at_layer
-    if not 1 <= K < num_layers:
-        raise ConfigError(
-            f"{spec.label}: the language model has {num_layers} decoder layers, so K must be in 1..{num_layers - 1}."
-        )
-    return K
+        return []
+    Ks = [int(k) for k in spec.method.layers(num_layers)]
+    for K in Ks:
+        if not 1 <= K < num_layers:
+            raise ConfigError(
+                f"{spec.label}: the language model has {num_layers} decoder layers, so K must be in "
+                f"1..{num_layers - 1}; got {K}."
+            )
+    if any(b <= a for a, b in itertools.pairwise(Ks)):
+        raise ConfigError(f"{spec.label}: its pruning layers must increase; got {Ks}.")
+    return Ks
+
+
+def llm_stage_layer(plan: VisualPlan, num_layers: int) -> int | None:
+    """The first decoder layer the plan's llm-stage method prunes before (None: no llm stage)."""
+    Ks = llm_stage_layers(plan, num_layers)
+    return Ks[0] if Ks else None
+
+
+def instruction_lengths(seq: Seq) -> list[int]:
+    """Per sample, how many tokens follow its last visual token (its instruction, the last prompt token included);
+    0 for a sample without visual tokens. Left padding puts every sample's last token at the end, so these are the
+    last entries of each row in every layout."""
+    T = int(seq.valid.shape[1])
+    out = []
+    for b in range(seq.batch):
+        vis = seq.visual_index(b)
+        out.append(0 if vis.numel() == 0 else T - 1 - int(vis[-1]))
+    return out
 
 
 def prefill(
@@ -286,18 +310,22 @@ def prefill(
     all_logits: bool = False,
     forced: Sequence[Tensor] | None = None,
 ) -> VisionState:
-    """Prefill ``seq`` (already pruned at stages a and b) with the plan's stage-c method, if any.
+    """Prefill ``seq`` (already pruned at stages a and b) with the plan's stage-c method, if any, at each of its
+    layers K (:meth:`~tokensieve.methods.visual.base.VisualMethod.layers`).
 
     ``cache``: a transformers-``Cache``-like object whose ``update`` runs with tokensieve's attention (the view of a
     SieveCache, for composing with a KV method) — else the engine's :class:`LayerKV` and SDPA. ``forced``: per
-    sample the indices (into the visual tokens reaching layer K) to keep instead of the method's choice (tests and
-    replays)."""
+    sample the indices (into the visual tokens reaching the first K) to keep instead of the method's first step
+    (tests and replays).
+
+    Each step's per-sample results are recorded as ``state.kept["llm:K"]`` and the visual tokens left as
+    ``state.visual_tokens["llm:K"]``; ``"llm"`` names the last step (for a one-layer method, its only one)."""
     B = seq.batch
     sieve = cache is not None
     kv = cache if cache is not None else LayerKV(stack.num_layers)
     L = stack.num_layers
-    K = llm_stage_layer(plan, L)
-    seg = Segment(0, K if K is not None else L, seq.valid.clone(), seq.pos.clone())
+    Ks = llm_stage_layers(plan, L)
+    spec = plan.at(Stage.LLM)
     state_kept: dict[str, list[VisualKept]] = {}
     counts = {"llm_input": [int(seq.visual[b].sum()) for b in range(B)]}
     request = RowRequest()
@@ -307,46 +335,85 @@ def prefill(
 
         for m in modules:
             request.delegates[id(m)] = sieve_attention
-    spec = plan.at(Stage.LLM)
-    if spec is not None and K is not None and "text_attention" in type(spec.method).needs:
-        request.rows[id(modules[K - 1])] = "last"
-    if spec is not None and K is not None and "keys" in type(spec.method).needs:
-        request.keys.add(id(modules[K - 1]))
-    segments = [seg]
+    needs = type(spec.method).needs if spec is not None else frozenset()
+    q_len = instruction_lengths(seq)
+    for K in Ks:
+        mod = id(modules[K - 1])
+        if "text_attention" in needs:
+            request.rows[mod] = "last"
+        if "text_rows" in needs and max(q_len, default=0) > 0:
+            request.tails[mod] = max(q_len)
+        if "keys" in needs:
+            request.keys.add(mod)
+        if "values" in needs or "anchor_value" in needs:
+            request.values.add(mod)
+    segments: list[Segment] = []
+    memory: list[dict[str, Any]] = [{} for _ in range(B)]
+    start: list[tuple[int, ...] | None] = [None] * B
+    sizes: list[Tensor | None] = [None] * B
+    cur = seq
+    lo = 0
     with rows_routed(modules, request):
         h = seq.embeds
-        T = int(h.shape[1])
-        h = run_layers(stack, h, seg, T, kv, 0, seg.end, sieve)
-        if K is not None and spec is not None:
-            ctxs = []
-            probs = request.probs.get(id(modules[K - 1]))
-            keys = request.recorded_keys.get(id(modules[K - 1]))
-            cur = replace(seq, embeds=h)
+        for step, K in enumerate(Ks):
+            assert spec is not None
+            seg = Segment(lo, K, cur.valid.clone(), cur.pos.clone())
+            segments.append(seg)
+            n = int(h.shape[1])
+            h = run_layers(stack, h, seg, n, kv, lo, K - 1, sieve)
+            prev = h
+            h = run_layers(stack, h, seg, n, kv, K - 1, K, sieve)
+            mod = id(modules[K - 1])
+            probs = request.probs.get(mod)
+            tails = request.tail_probs.get(mod)
+            keys = request.recorded_keys.get(mod)
+            values = request.recorded_values.get(mod)
+            cur = replace(cur, embeds=h)
             kept: list[VisualKept] = []
             for b in range(B):
                 vis = cur.visual_index(b)
-                ctx = VisualContext(
-                    tokens=h[b, vis],
-                    groups=cur.groups[b],
-                    stage=Stage.LLM,
-                    layer=K,
+                ctx = VisualContext(tokens=h[b, vis], groups=cur.groups[b], stage=Stage.LLM, layer=K)
+                if start[b] is None:
+                    start[b] = tuple(ctx.images)
+                q = q_len[b]
+                ctx = replace(
+                    ctx,
                     text_attention=None if probs is None else probs[b][:, vis],
+                    text_rows=None if tails is None or q == 0 else tails[b][:, tails.shape[2] - q :, vis],
+                    text_tokens=h[b, h.shape[1] - q :] if "text_tokens" in needs else None,
                     keys=None if keys is None else keys[b][:, vis],
+                    values=None if values is None else values[b][:, vis],
+                    anchor_value=None if values is None else values[b][:, -1],
+                    previous=prev[b, vis] if "previous" in needs else None,
+                    sizes=sizes[b],
+                    step=step,
+                    steps=len(Ks),
+                    start=start[b],
+                    memory=memory[b],
                     seed=int(seeds[b]) if seeds is not None else 0,
                 )
-                ctxs.append(ctx)
-                if forced is not None:
-                    kept.append(VisualKept(torch.as_tensor(forced[b], dtype=torch.long, device=h.device)))
+                if forced is not None and step == 0:
+                    k = VisualKept(torch.as_tensor(forced[b], dtype=torch.long, device=h.device))
                 elif ctx.n == 0:
-                    kept.append(VisualKept(torch.zeros(0, dtype=torch.long, device=h.device)))
+                    k = VisualKept(torch.zeros(0, dtype=torch.long, device=h.device))
                 else:
-                    kept.append(spec.method.prune(ctx, spec.budget))
-            state_kept["llm"] = kept
-            nxt = apply_kept(cur, kept, policy)
-            counts["llm"] = [int(nxt.visual[b].sum()) for b in range(B)]
-            seg2 = Segment(K, L, nxt.valid.clone(), nxt.pos.clone())
-            segments.append(seg2)
-            h = run_layers(stack, nxt.embeds, seg2, int(nxt.embeds.shape[1]), kv, K, L, sieve)
+                    k = spec.method.prune(ctx, spec.budget)
+                kept.append(k)
+                if k.sizes is not None:
+                    sizes[b] = k.sizes
+                elif sizes[b] is not None:
+                    sizes[b] = sizes[b][k.index]  # type: ignore[index]
+            cur = apply_kept(cur, kept, policy)
+            h = cur.embeds
+            state_kept[f"llm:{K}"] = kept
+            counts[f"llm:{K}"] = [int(cur.visual[b].sum()) for b in range(B)]
+            lo = K
+        seg = Segment(lo, L, cur.valid.clone(), cur.pos.clone())
+        segments.append(seg)
+        h = run_layers(stack, h, seg, int(h.shape[1]), kv, lo, L, sieve)
+    if Ks:
+        state_kept["llm"] = state_kept[f"llm:{Ks[-1]}"]
+        counts["llm"] = counts[f"llm:{Ks[-1]}"]
     h = stack.norm(h)
     logits = stack.head(h[:, -1]).float()
     full = stack.head(h).float() if all_logits else None
@@ -425,9 +492,14 @@ def generate(
 
 
 def stage_b(
-    seq: Seq, spec: VisualSpec | None, policy: PositionPolicy, seeds: Sequence[int] | None
+    seq: Seq,
+    spec: VisualSpec | None,
+    policy: PositionPolicy,
+    seeds: Sequence[int] | None,
+    cls_rows: Sequence[Tensor | None] | None = None,
 ) -> tuple[Seq, list[VisualKept] | None]:
-    """Run the plan's projector-stage method on the language model's input embeddings."""
+    """Run the plan's projector-stage method on the language model's input embeddings; ``cls_rows[b]``: ``(H, N_b)``
+    the vision encoder's CLS row at sample b's visual tokens (in order), or None."""
     if spec is None:
         return seq, None
     kept: list[VisualKept] = []
@@ -438,7 +510,9 @@ def stage_b(
             groups=seq.groups[b],
             stage=Stage.PROJECTOR,
             layer=0,
+            cls_attention=None if cls_rows is None else cls_rows[b],
             seed=int(seeds[b]) if seeds is not None else 0,
+            memory={},
         )
         kept.append(spec.method.prune(ctx, spec.budget) if ctx.n else VisualKept(torch.zeros(0, dtype=torch.long)))
     return apply_kept(seq, kept, policy), kept

@@ -4,7 +4,9 @@ decoder; one contiguous run of ``<image>`` tokens per image, 1-D positions. Also
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -14,6 +16,7 @@ from ...errors import CapabilityError, ConfigError
 from ...methods.visual.base import Stage, VisualContext, VisualGroup, VisualKept
 from ...methods.visual.spec import VisualPlan
 from .attention import RowRequest, rows_routed
+from .attention import scoped_request as _scoped
 from .base import ImageTokens, VisionAdapter
 from .engine import TextStack
 
@@ -24,8 +27,29 @@ def llama_stack(model: Any, lm: Any) -> TextStack:
     return TextStack(lm.layers, lm.embed_tokens, lm.norm, model.lm_head, lambda h, p: lm.rotary_emb(h, p))
 
 
+@dataclass
+class Crop:
+    """One image (or LLaVA-NeXT crop) in flight through the CLIP tower.
+
+    ``h (1, 1 + n, D)``: the CLS token then the patches left; ``orig (n,)``: each patch's index in the full grid;
+    ``sizes (n,)``: original patches each stands for (after merges; None: one each); ``passive (n,)``: patches the
+    method does not see and never removes (LLaVA-NeXT crop patches that the unpadding discards); ``grid``: the
+    visible patches' grid shape while untouched, else None; ``cls (H, n)``: the CLS row of the feature layer."""
+
+    h: Tensor
+    orig: Tensor
+    sizes: Tensor | None
+    passive: Tensor
+    grid: tuple[int, int] | None
+    cls: Tensor | None = None
+
+    @property
+    def active(self) -> Tensor:
+        return (~self.passive).nonzero().flatten()
+
+
 class ClipTower:
-    """A CLIP vision tower run layer by layer, with the vision-stage method after layer ``l``."""
+    """A CLIP vision tower run layer by layer, with the vision-stage method after each of its layers."""
 
     def __init__(self, tower: Any, feature_layer: int, strategy: str) -> None:
         self.tower = tower
@@ -45,9 +69,9 @@ class ClipTower:
     def attn(self, i: int) -> torch.nn.Module:
         return self.layers[i].self_attn
 
-    def run(self, h: Tensor, lo: int, hi: int) -> Tensor:
+    def run(self, h: Tensor, lo: int, hi: int, mask: Tensor | None = None) -> Tensor:
         for i in range(lo, hi):
-            out = self.layers[i](h, None)
+            out = self.layers[i](h, mask)
             h = out[0] if isinstance(out, tuple) else out
         return h
 
@@ -57,39 +81,178 @@ class ClipTower:
         h = self.run(h, 0, self.feature)
         return h[:, 1:] if self.strategy == "default" else h
 
-    def pruned(self, pixel: Tensor, spec: Any, seed: int) -> tuple[Tensor, VisualKept]:
-        """One image through the tower with the vision-stage method after layer ``l``: the kept patches' features
-        ``(k, D_vision)`` (CLS removed) and the method's result."""
-        at = spec.method.at_layer
-        if at > self.feature:
-            raise ConfigError(
-                f"{spec.label}: the vision stage acts after a layer <= the feature layer ({self.feature} layers run)."
-            )
-        h = self.tower.pre_layrnorm(self.tower.embeddings(pixel[None]))
+    def features_with_cls(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`features` and ``(N_img, H, side²)`` the CLS row of the feature layer over the patches."""
         request = RowRequest()
-        needs = type(spec.method).needs
-        if "cls_attention" in needs:
-            request.rows[id(self.attn(at - 1))] = "first"
-        if "keys" in needs:
-            request.keys.add(id(self.attn(at - 1)))
-        with rows_routed([self.attn(i) for i in range(len(self.layers))], request):
-            h = self.run(h, 0, at)
-        probs = request.probs.get(id(self.attn(at - 1)))
-        keys = request.recorded_keys.get(id(self.attn(at - 1)))
-        ctx = VisualContext(
-            tokens=h[0, 1:],
-            groups=(VisualGroup(0, self.side * self.side, self.side, self.side),),
+        request.rows[id(self.attn(self.feature - 1))] = "first"
+        with rows_routed([self.attn(self.feature - 1)], request):
+            feats = self.features(pixel_values)
+        return feats, request.probs[id(self.attn(self.feature - 1))][:, :, 1:]
+
+    def step_layers(self, spec: Any) -> list[int]:
+        ls = [int(x) for x in spec.method.layers(self.feature)]
+        for x in ls:
+            if not 1 <= x <= self.feature:
+                raise ConfigError(
+                    f"{spec.label}: the vision stage acts after encoder layers 1..{self.feature} (the layers whose "
+                    f"output the model reads); got {x}."
+                )
+        if any(b <= a for a, b in itertools.pairwise(ls)):
+            raise ConfigError(f"{spec.label}: its encoder layers must increase; got {ls}.")
+        return ls
+
+    def pruned(
+        self, pixels: Tensor, spec: Any, seed: int, visible: list[Tensor | None] | None = None
+    ) -> tuple[list[Crop], VisualKept]:
+        """The crops of one image (``pixels (C, 3, H, W)``: LLaVA-1.5's one image, or LLaVA-NeXT's thumbnail and
+        crops) through the tower with the vision-stage method after each of its layers, all crops in lockstep in one
+        context (a group per crop). ``visible[c]``: the patches of crop c the method may see (None: all).
+
+        Returns the crops (their patches' states at the feature layer, CLS removed) and the image's result: the kept
+        patches' indices into the crops' concatenated grids (crop · side² + patch) and their sizes."""
+        method = spec.method
+        steps = self.step_layers(spec)
+        needs = type(method).needs
+        side = self.side
+        n0 = side * side
+        h0 = self.tower.pre_layrnorm(self.tower.embeddings(pixels))
+        crops: list[Crop] = []
+        for c in range(pixels.shape[0]):
+            vis = None if visible is None else visible[c]
+            passive = torch.zeros(n0, dtype=torch.bool, device=pixels.device)
+            grid: tuple[int, int] | None = (side, side)
+            if vis is not None:
+                passive[:] = True
+                passive[vis] = False
+                rows = sorted({int(i) // side for i in vis.tolist()})
+                cols = sorted({int(i) % side for i in vis.tolist()})
+                grid = (len(rows), len(cols)) if len(rows) * len(cols) == int(vis.numel()) else None
+            crops.append(Crop(h0[c : c + 1], torch.arange(n0, device=pixels.device), None, passive, grid))
+        memory: dict[str, Any] = {}
+        start: tuple[int, ...] | None = None
+        proportional = bool(type(method).proportional)
+        last = self.feature - 1
+        modules = [self.attn(i) for i in range(len(self.layers))]
+        with rows_routed(modules, RowRequest()):
+            for i in range(self.feature):
+                layer = i + 1
+                acting = layer in steps
+                signals: list[RowRequest] = []
+                previous: list[Tensor] = []
+                for crop in crops:
+                    request = RowRequest()
+                    mod = id(self.attn(i))
+                    if (acting and "cls_attention" in needs) or i == last:
+                        request.rows[mod] = "first"
+                    if acting and "mean_attention" in needs:
+                        request.means.add(mod)
+                    if acting and "keys" in needs:
+                        request.keys.add(mod)
+                    if acting and ("values" in needs or "anchor_value" in needs):
+                        request.values.add(mod)
+                    mask = None
+                    if proportional and crop.sizes is not None:
+                        bias = torch.cat([crop.sizes.new_ones(1), crop.sizes]).to(crop.h.dtype).log()
+                        mask = bias.view(1, 1, 1, -1)
+                    previous.append(crop.h[0, 1:])
+                    with _scoped(request):
+                        crop.h = self.run(crop.h, i, layer, mask)
+                    if i == last:
+                        crop.cls = request.probs[mod][0, :, 1:]
+                    signals.append(request)
+                if not acting:
+                    continue
+                ctx = self._context(crops, signals, previous, id(self.attn(i)), needs)
+                ctx = replace(ctx, layer=layer, step=steps.index(layer), steps=len(steps), memory=memory, seed=seed)
+                ctx = replace(ctx, start=start)
+                if start is None:
+                    start = tuple(ctx.images)
+                    ctx = replace(ctx, start=start)
+                kept = method.prune(ctx, spec.budget)
+                self._apply(crops, kept)
+        index = torch.cat([c.orig + j * n0 for j, c in enumerate(crops)])
+        sizes = None
+        if any(c.sizes is not None for c in crops):
+            sizes = torch.cat([c.sizes if c.sizes is not None else c.orig.new_ones(c.orig.shape) for c in crops])
+        return crops, VisualKept(index, None, sizes)
+
+    @staticmethod
+    def _context(
+        crops: list[Crop], signals: list[RowRequest], previous: list[Tensor], mod: int, needs: frozenset[str]
+    ) -> VisualContext:
+        """The context over the crops' visible patches (a group per crop) with the signals recorded in ``mod``."""
+        groups, tokens, prev = [], [], []
+        cls: list[Tensor] = []
+        mean: list[Tensor] = []
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        anchors: list[Tensor] = []
+        sizes: list[Tensor] = []
+        off = 0
+        for crop, req, before in zip(crops, signals, previous):
+            a = crop.active
+            n = int(a.numel())
+            grid = crop.grid if crop.grid is not None and crop.grid[0] * crop.grid[1] == n else (1, n)
+            groups.append(VisualGroup(off, off + n, grid[0], grid[1]))
+            off += n
+            tokens.append(crop.h[0, 1:][a])
+            prev.append(before[a])
+            sizes.append((crop.sizes if crop.sizes is not None else crop.orig.new_ones(crop.orig.shape))[a])
+            if mod in req.probs:
+                cls.append(req.probs[mod][0, :, 1:][:, a])
+            if mod in req.mean_probs:
+                mean.append(req.mean_probs[mod][0, :, 1:][:, a])
+            if mod in req.recorded_keys:
+                keys.append(req.recorded_keys[mod][0, :, 1:][:, a])
+            if mod in req.recorded_values:
+                values.append(req.recorded_values[mod][0, :, 1:][:, a])
+                anchors.append(req.recorded_values[mod][0, :, 0])
+        full = len(crops)
+        return VisualContext(
+            tokens=torch.cat(tokens),
+            groups=tuple(groups),
             stage=Stage.VISION,
-            layer=at,
-            cls_attention=None if probs is None else probs[0][:, 1:],
-            keys=None if keys is None else keys[0][:, 1:],
-            seed=seed,
+            cls_attention=torch.cat(cls, 1) if len(cls) == full and "cls_attention" in needs else None,
+            mean_attention=torch.cat(mean, 1) if len(mean) == full else None,
+            keys=torch.cat(keys, 1) if len(keys) == full else None,
+            values=torch.cat(values, 1) if len(values) == full and "values" in needs else None,
+            anchor_value=(anchors[0] if full == 1 else torch.stack(anchors))
+            if len(anchors) == full and "anchor_value" in needs
+            else None,
+            previous=torch.cat(prev) if "previous" in needs else None,
+            sizes=None if all(c.sizes is None for c in crops) else torch.cat(sizes),
         )
-        kept = spec.method.prune(ctx, spec.budget)
-        patches = h[0, 1:][kept.index] if kept.tokens is None else kept.tokens.to(h.dtype)
-        h = torch.cat([h[:, :1], patches[None]], dim=1)
-        h = self.run(h, at, self.feature)
-        return h[0, 1:], kept
+
+    @staticmethod
+    def _apply(crops: list[Crop], kept: VisualKept) -> None:
+        """Apply one step's result (indices into the crops' concatenated visible patches) to every crop."""
+        off = 0
+        for crop in crops:
+            a = crop.active
+            n = int(a.numel())
+            inside = (kept.index >= off) & (kept.index < off + n)
+            rows = (kept.index[inside] - off).long()
+            sel = a[rows]  # positions among the crop's patches
+            keep = crop.passive.clone()
+            keep[sel] = True
+            patches = crop.h[0, 1:].clone()
+            if kept.tokens is not None:
+                patches[sel] = kept.tokens[inside].to(patches.dtype)
+            sizes = crop.sizes
+            if kept.sizes is not None:
+                sizes = (sizes if sizes is not None else crop.orig.new_ones(crop.orig.shape)).clone()
+                sizes[sel] = kept.sizes[inside].to(sizes.dtype)
+            idx = keep.nonzero().flatten()
+            changed = int(idx.numel()) < int(crop.orig.numel()) or kept.tokens is not None
+            crop.h = torch.cat([crop.h[:, :1], patches[idx][None]], dim=1)
+            crop.orig = crop.orig[idx]
+            crop.sizes = None if sizes is None else sizes[idx]
+            crop.passive = crop.passive[idx]
+            if crop.cls is not None:
+                crop.cls = crop.cls[:, idx]
+            if changed:
+                crop.grid = None
+            off += n
 
 
 class LlavaAdapter(VisionAdapter):
@@ -121,19 +284,28 @@ class LlavaAdapter(VisionAdapter):
         prunable[:cls] = False
         spec = plan.at(Stage.VISION)
         if spec is None:
+            if plan.at(Stage.PROJECTOR) is not None and not cls:
+                feats, cls_rows = self.clip.features_with_cls(pv)
+                proj = self.projector(feats)
+                return [ImageTokens(f, prunable, grid, cls_attention=r) for f, r in zip(proj, cls_rows)]
             feats = self.projector(self.clip.features(pv))
             return [ImageTokens(f, prunable, grid) for f in feats]
         if cls:
             raise CapabilityError("Vision-stage pruning with vision_feature_select_strategy='full' is not supported.")
         out = []
         for i in range(pv.shape[0]):
-            h, kept = self.clip.pruned(pv[i], spec, seeds[i])
-            proj = self.projector(h[None])[0]
+            crops, kept = self.clip.pruned(pv[i : i + 1], spec, seeds[i])
+            crop = crops[0]
+            proj = self.projector(crop.h[:, 1:])[0]
             feats = proj.new_zeros(n_patch, proj.shape[-1])
-            feats[kept.index] = proj
+            feats[crop.orig] = proj
             dropped = torch.ones(n_patch, dtype=torch.bool, device=pv.device)
-            dropped[kept.index] = False
-            k = int(kept.index.numel())
-            groups = grid if k == n_patch and kept.tokens is None else (VisualGroup(0, k, 1, k),)
-            out.append(ImageTokens(feats, prunable, groups, dropped, kept))
+            dropped[crop.orig] = False
+            k = int(crop.orig.numel())
+            groups = grid if crop.grid is not None and k == n_patch else (VisualGroup(0, k, 1, k),)
+            rows: Tensor | None = None
+            if crop.cls is not None:
+                rows = crop.cls.new_zeros(crop.cls.shape[0], n_patch)
+                rows[:, crop.orig] = crop.cls
+            out.append(ImageTokens(feats, prunable, groups, dropped, kept, cls_attention=rows))
         return out

@@ -257,6 +257,8 @@ class VisualMethod:
         if stage not in self.stages:
             allowed = ", ".join(sorted(s.value for s in self.stages))
             raise ConfigError(f"Visual method '{self.name}' acts at {allowed}, not at '{stage.value}'.")
+        if type(self).layers is not VisualMethod.layers:
+            return  # a method that names its layers checks them itself (the adapter checks them against the model)
         if stage is Stage.VISION and self.at_layer < 1:
             raise ConfigError(f"{self.name}: a vision-stage method acts after encoder layer >= 1; got {self.at_layer}.")
         if stage is Stage.LLM and self.at_layer < 1:
