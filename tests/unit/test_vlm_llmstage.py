@@ -5,6 +5,8 @@ LLaVA and Qwen2-VL models."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -371,3 +373,97 @@ def test_no_recycling_is_plain_pruning() -> None:
     _, _, results = run_steps(m, Budget.tokens(3), [20], steps=2)
     assert all(r.tokens is None and r.sizes is None for r in results)
     assert int(results[-1].index.numel()) == 3
+
+
+# ------------------------------------------------------------------------------------------ on the tiny models
+sys.path.insert(0, str(Path(__file__).parent))
+import vlm_tiny as vt  # noqa: E402
+
+ATOL = 2e-5
+# the tiny decoders have 4 layers: explicit layers, and the paper schedules scaled (pyramiddrop → 1, 2, 3;
+# transprune → 1, 2; sparsevlm → 1, 2)
+SPECS = [
+    "pyramiddrop:0.25",
+    "pyramiddrop[at=1-3]:0.25",
+    "transprune[at=1-2-3]:0.25",
+    "transprune[transition=state]:0.25",
+    "sparsevlm[scale=2]:0.25",
+    "sparsevlm[at=1-2-3,scale=1]:0.25",
+]
+
+
+@pytest.fixture(scope="module")
+def llava() -> Any:
+    return vt.llava()
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Any:
+    return vt.qwen2_vl()
+
+
+def _llava_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    text, images = [3, 7, 1], [1, 2, 0]
+    inp = vt.llava_inputs(text, images)
+    return inp, [vt.select(inp, b, sum(images[:b]), images[b]) for b in range(3)]
+
+
+def _qwen_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    grids = [[(4, 4)], [(4, 8), (4, 4)], []]
+    inp = vt.qwen_inputs([3, 1, 5], grids)
+    singles = [vt.qwen_select(inp, b, grids) for b in range(3)]
+    for s in singles:
+        if s["image_grid_thw"].numel() == 0:
+            del s["image_grid_thw"], s["pixel_values"]
+    return inp, singles
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_batch_equals_each_sample_alone(family: str, llava: Any, qwen: Any) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(llava if family == "llava" else qwen)
+    inp, singles = _llava_batch() if family == "llava" else _qwen_batch()
+    for spec in SPECS:
+        batch = ad.prefill(inp, spec)
+        steps = [k for k in batch.kept if k.startswith("llm:")]
+        assert len(steps) == len(VisualSpec.parse(spec).method.layers(4)), spec
+        for b, one in enumerate(singles):
+            alone = ad.prefill(one, spec)
+            torch.testing.assert_close(batch.logits[b : b + 1], alone.logits, atol=ATOL, rtol=0, msg=f"{spec} {b}")
+            for key in steps:
+                assert batch.kept[key][b].index.tolist() == alone.kept[key][0].index.tolist(), (spec, key, b)
+            assert {k: v[b] for k, v in batch.visual_tokens.items()} == {
+                k: v[0] for k, v in alone.visual_tokens.items()
+            }
+
+
+def test_visual_tokens_after_each_step_follow_the_schedules(llava: Any) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(llava)
+    inp, _ = _llava_batch()
+    st = ad.prefill(inp, "pyramiddrop:0.25")  # λ = 0.25^(1/3): 16 → 10 → 6 → 4 per image
+    assert [st.visual_tokens[f"llm:{k}"] for k in (1, 2, 3)] == [[10, 20, 0], [6, 12, 0], [4, 8, 0]]
+    st = ad.prefill(inp, "transprune[at=1-2-3]:0.25")  # 1/7 and 3/7 of the 12 to remove, then the budget
+    assert [st.visual_tokens[f"llm:{k}"] for k in (1, 2, 3)] == [[14, 28, 0], [11, 22, 0], [4, 8, 0]]
+    st = ad.prefill(inp, "sparsevlm[scale=2]:0.25")
+    assert st.visual_tokens["llm"] == [4, 8, 0]
+    assert all(n >= 4 for n in st.visual_tokens["llm:1"][:1])
+    merged = [k for k in st.kept["llm:2"] if k.tokens is not None]
+    assert merged  # recycled tokens replaced some states
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_keep_all_equals_the_unpruned_model(family: str, llava: Any, qwen: Any) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(llava if family == "llava" else qwen)
+    _, singles = _llava_batch() if family == "llava" else _qwen_batch()
+    for one in singles[:2]:
+        ref = ad.prefill(one, None, all_logits=True).all_logits
+        for spec in ("pyramiddrop:1.0", "transprune:1.0", "sparsevlm:1.0", "sparsevlm[at=1-2-3]:1.0"):
+            got = ad.prefill(one, spec, all_logits=True).all_logits
+            assert ref is not None
+            assert got is not None
+            torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=spec)

@@ -29,9 +29,10 @@ def transition_variation(before: Tensor, after: Tensor, kind: str = "update") ->
     layer. The softmax runs over the ``N`` tokens given (the sample's visual tokens)."""
     x = before.float()
     y = after.float() - x if kind == "update" else after.float()
-    ratio = y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
-    direction = 1.0 - torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
-    return ratio * torch.softmax(direction, dim=0)
+    nx = x.norm(dim=-1).clamp_min(1e-12)
+    ny = y.norm(dim=-1)
+    direction = 1.0 - (x * y).sum(-1) / (nx * ny).clamp_min(1e-12)
+    return ny / nx * torch.softmax(direction, dim=0)
 
 
 def prune_points(ratios: tuple[float, ...], reference: tuple[int, ...], steps: int) -> dict[int, float]:
