@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import vlm_tiny as vt
 
 from tokensieve.adapters.vision import vision_adapter
-from tokensieve.errors import CapabilityError
 
 ATOL = 2e-5
 NEXT_SIZES = [[(32, 64)], [(40, 64), (64, 64)], []]
@@ -87,8 +86,12 @@ def test_next_layout_thumbnail_crops_and_newlines(nxt: Any) -> None:
     full_newline = (full.embeds[0] == model.model.image_newline).all(-1).nonzero().flatten()
     assert set(full_newline.tolist()) <= set(original)
     assert seq.pos[0, 0, is_newline].tolist() == full.pos[0, 0, full_newline].tolist()
-    with pytest.raises(CapabilityError, match="vision-stage"):
-        ad.prefill(singles[0], "vis:random[stage=vision,layer=1]:0.5")
+    # the vision stage prunes inside the encoder (thumbnail and crops in lockstep): newlines stay, the kept
+    # patches count against each image's visible patches (the unpadding's discarded crop patches are not counted)
+    st = ad.prefill(singles[1], "vis:random[stage=vision,layer=1]:0.25")
+    assert st.visual_tokens["vision"] == [36]
+    seq, _, _ = ad.build(singles[1], as_plan("vis:random[stage=vision,layer=1]:0.25"))
+    assert int((~seq.visual[0] & (seq.image[0] >= 0)).sum()) == 6 + 8  # the newlines
 
 
 def test_idefics3_tiles_are_grids(idf: Any) -> None:

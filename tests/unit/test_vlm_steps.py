@@ -236,7 +236,6 @@ def test_projector_stage_gets_the_cls_row(llava: Any) -> None:
     assert float(row[:, :16].sum(-1).min()) > 0.0
 
 
-@pytest.mark.skip(reason="LLaVA-NeXT vision stage lands next")
 def test_llava_next_vision_stage_over_thumbnail_and_crops(nxt: Any) -> None:
     ad = vision_adapter(nxt)
     sizes = [[(40, 70)], [(64, 30), (30, 30)]]
