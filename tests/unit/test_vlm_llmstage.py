@@ -402,6 +402,23 @@ def qwen() -> Any:
     return vt.qwen2_vl()
 
 
+@pytest.fixture(scope="module")
+def nxt() -> Any:
+    return vt.llava_next()
+
+
+NEXT_SIZES = [[(32, 64)], [(40, 64), (64, 64)], []]
+
+
+def _batch(family: str, models: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    if family == "llava":
+        return (models["llava"], *_llava_batch())
+    if family == "qwen":
+        return (models["qwen"], *_qwen_batch())
+    inp = vt.next_inputs(models["next"], [3, 1, 4], NEXT_SIZES)
+    return models["next"], inp, [vt.next_select(inp, b, NEXT_SIZES) for b in range(3)]
+
+
 def _llava_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     text, images = [3, 7, 1], [1, 2, 0]
     inp = vt.llava_inputs(text, images)
@@ -418,13 +435,13 @@ def _qwen_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]
     return inp, singles
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_batch_equals_each_sample_alone(family: str, llava: Any, qwen: Any) -> None:
+@pytest.mark.parametrize("family", ["llava", "qwen", "next"])
+def test_batch_equals_each_sample_alone(family: str, llava: Any, qwen: Any, nxt: Any) -> None:
     from tokensieve.adapters.vision import vision_adapter
 
-    ad = vision_adapter(llava if family == "llava" else qwen)
-    inp, singles = _llava_batch() if family == "llava" else _qwen_batch()
-    for spec in SPECS:
+    model, inp, singles = _batch(family, {"llava": llava, "qwen": qwen, "next": nxt})
+    ad = vision_adapter(model)
+    for spec in SPECS if family == "llava" else SPECS[::2]:
         batch = ad.prefill(inp, spec)
         steps = [k for k in batch.kept if k.startswith("llm:")]
         assert len(steps) == len(VisualSpec.parse(spec).method.layers(4)), spec
@@ -454,12 +471,12 @@ def test_visual_tokens_after_each_step_follow_the_schedules(llava: Any) -> None:
     assert merged  # recycled tokens replaced some states
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_keep_all_equals_the_unpruned_model(family: str, llava: Any, qwen: Any) -> None:
+@pytest.mark.parametrize("family", ["llava", "qwen", "next"])
+def test_keep_all_equals_the_unpruned_model(family: str, llava: Any, qwen: Any, nxt: Any) -> None:
     from tokensieve.adapters.vision import vision_adapter
 
-    ad = vision_adapter(llava if family == "llava" else qwen)
-    _, singles = _llava_batch() if family == "llava" else _qwen_batch()
+    model, _, singles = _batch(family, {"llava": llava, "qwen": qwen, "next": nxt})
+    ad = vision_adapter(model)
     for one in singles[:2]:
         ref = ad.prefill(one, None, all_logits=True).all_logits
         for spec in ("pyramiddrop:1.0", "transprune:1.0", "sparsevlm:1.0", "sparsevlm[at=1-2-3]:1.0"):
