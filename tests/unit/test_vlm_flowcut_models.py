@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
+import itertools
+
 import vlm_tiny as vt
 
 from tokensieve.adapters.vision import vision_adapter
@@ -141,3 +143,80 @@ def test_qwen2_vl_runs_the_llm_step_and_refuses_the_vision_stage(qwen: Any) -> N
     for spec in ("flowcut:4", "vis:flowcut:0.25", "visionzip:4"):
         with pytest.raises(CapabilityError, match="vision-stage"):
             ad.prefill(inp, spec)
+
+
+# ------------------------------------------------------------------------------- a deeper tower: the schedule
+def _deep_llava() -> Any:
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=2, image_size=48,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=vt._llama(), image_token_index=vt.IMG, image_seq_length=36,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )  # fmt: skip
+    model = vt._eval(LlavaForConditionalGeneration(cfg))
+    with torch.no_grad():  # sharper attention than random weights give, so the entropy lets early steps prune
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.k_proj.weight.mul_(6.0)
+            layer.self_attn.q_proj.weight.mul_(6.0)
+    return model
+
+
+def _deep_inputs(n_text: list[int], n_images: list[int]) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for nt, ni in zip(n_text, n_images):
+        row = [5, 6] + ([vt.IMG] * 36 + [7]) * ni + torch.randint(1, vt.IMG, (nt,), generator=g).tolist()
+        rows.append(row)
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r)
+        mask[b, T - len(r) :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(sum(n_images), 3, 48, 48, generator=g),
+    }
+
+
+def test_flowcut_schedule_on_a_deeper_tower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """F = 6 (7 CLIP layers, feature layer -2): FlowCut runs after layers 1..5 with one running score per image,
+    prunes after 5, 3, 1 and hands the feature layer exactly the budget; batch = alone; keep-all = unpruned."""
+    from tokensieve.methods.visual.flowcut import FlowCut
+
+    model = _deep_llava()
+    ad = vision_adapter(model)
+    inp = _deep_inputs([3, 5], [1, 2])
+    singles = [vt.select(inp, 0, 0, 1), vt.select(inp, 1, 1, 2)]
+    seen: list[tuple[int, int, int, int]] = []
+    original = FlowCut.prune
+
+    def spy(self: FlowCut, ctx: Any, budget: Any) -> Any:
+        out = original(self, ctx, budget)
+        if ctx.stage.value == "vision":
+            seen.append((ctx.layer, ctx.step, ctx.n, int(out.index.numel())))
+        return out
+
+    monkeypatch.setattr(FlowCut, "prune", spy)
+    st = _batch_equals_alone(ad, inp, singles, "flowcut:5")
+    assert st.visual_tokens["vision"] == [5, 10]
+    first_image = seen[:5]
+    assert [s[:2] for s in first_image] == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
+    assert first_image[-1][3] == 5
+    assert first_image[0][3] < 36  # peaked CLS attention: the first step already prunes (31 here)
+    for layer, _, n_in, n_out in first_image:
+        if layer in (2, 4):  # an odd number of layers left: scored, nothing pruned
+            assert n_out == n_in
+    assert all(a[3] >= b[3] for a, b in itertools.pairwise(first_image))
+    for one in singles:
+        ref = ad.prefill(one, None, all_logits=True).all_logits
+        got = ad.prefill(one, "flowcut:36", all_logits=True).all_logits
+        assert ref is not None
+        assert got is not None
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
