@@ -94,9 +94,9 @@ class FlowCut(VisualMethod):
     * Entropy uses ``0·log 0 = 0`` (the LLaVA code has no epsilon, the Qwen code adds 1e-7).
     * The schedule is derived from ``F`` (the code hard-codes ``select_layer = 24 − 2``); LLaVA's feature layer
       runs on ``T`` patches + CLS; layers after ``l = F − 1`` are not scored.
-    * The budget is visual tokens per image: a ratio is of the image's patches at the encoder's input (NeXT: all
-      grids, e.g. 160 of 5 × 576 ≈ 0.0556). Ties in the top-k go to the earlier token (the code's ``topk`` leaves
-      them unspecified).
+    * The budget is visual tokens per image: a ratio is of the image's patches the method sees at its first step
+      (NeXT: the thumbnail and the crops' patches that survive unpadding, at most 5 × 576). Ties in the top-k go
+      to the earlier token (the code's ``topk`` leaves them unspecified).
     * LLM stage: the visual span excludes LLaVA-NeXT's ``image_newline`` tokens (the official code scores them
       with the rest); "last" = the last prompt token (the code's ``last_instruct_pos − 1``).
     """
