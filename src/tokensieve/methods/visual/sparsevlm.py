@@ -90,9 +90,10 @@ class SparseVLM(VisualMethod):
        prunes); a visual token's score is its column mean of ``P``.
     3. **Adaptive count** (v1 code ``attn_postprocess_rank``): when ``rank(P) < N`` the layer keeps the
        ``⌊scale·rank(P) + bias⌋`` best tokens (at most ``N − 1``); when ``rank(P) = N`` it prunes nothing. (The
-       paper writes the deleted count as ``λ·(N − rank P)``; the released v1 code parametrises the kept count as
-       above with ``scale = 13.5, bias = 0`` by default, tuned per benchmark. Later releases replaced it by fixed
-       per-layer lists; this follows v1.)
+       paper's text, as summarised, ties the deleted count to ``N − rank P`` times a factor — UNVERIFIED, the full
+       text was not readable here; the released v1 code, followed here, parametrises the kept count as above with
+       ``scale = 13.5, bias = 0`` by default, tuned per benchmark. Later releases replaced it by fixed per-layer
+       lists.)
     4. **Recycling**: of the ``d`` deleted tokens the ``⌊0.3·d⌋ + 1`` best-scored are clustered by DPC-kNN into
        ``⌊m/10⌋ + 1`` clusters (``recycle``, ``cluster``) and each cluster is replaced by its members' average
        state (uniform weights, as the official code), placed at its centre token's position, ``sizes`` = the
