@@ -16,6 +16,7 @@ from tokensieve.bench.vlm import (
     summarize,
     vision_side_flops,
     vit_flops,
+    vit_layer_flops,
     vlm_bench_specs,
 )
 from tokensieve.errors import ConfigError
@@ -91,10 +92,24 @@ def test_smoke_run_on_a_tiny_llava() -> None:
     model = llava()
     inputs = llava_inputs([6], [1])
     specs = vlm_bench_specs("fastv,pool,vis:random", ["0.25"])
-    rows, info = run_vlm_bench(model, inputs, specs, repetitions=2)
+    inside = "vis:random[stage=vision,layer=1]:0.25"
+    rows, info = run_vlm_bench(model, inputs, [*specs, inside], repetitions=2)
+    # a vision-stage method runs the later encoder layers and the projector on the kept patches only
+    summary = {s["label"]: s for s in summarize(rows)}
+    v = model.config.vision_config
+    n_layers = int(v.num_hidden_layers) + 1 + int(model.config.vision_feature_layer)
+    d, m, dt = int(v.hidden_size), int(v.intermediate_size), int(model.config.text_config.hidden_size)
+    embed = 2 * 16 * 3 * int(v.patch_size) ** 2 * d
+    assert summary[inside]["vision_flops"] == embed + vit_layer_flops(17, d, m) + (n_layers - 1) * vit_layer_flops(
+        5, d, m
+    ) + projector_flops(4, d, dt)
+    assert summary[FULL]["vision_flops"] == embed + n_layers * vit_layer_flops(17, d, m) + projector_flops(16, d, dt)
+    assert summary[inside]["vision_flops_speedup"] > 1.0
+    assert all(s["score_s"] >= 0 for s in summary.values())
+    assert summary[FULL]["score_s"] == 0
+    rows = [r for r in rows if r.label != inside]
     assert len(rows) == 2 * len(specs)
     assert [r.label for r in rows[: len(specs)]] == specs
-    assert rows[len(specs)].label == specs[1]
     summary = {s["label"]: s for s in summarize(rows)}
     full = summary[FULL]
     assert full["visual_tokens"] == full["kept_tokens"] == 16

@@ -86,6 +86,22 @@ def vit_flops(
     return embed + layers * per_layer
 
 
+def vit_layer_flops(tokens: int, hidden: int, intermediate: int) -> int:
+    """One CLIP encoder layer on ``tokens`` tokens (the per-layer term of :func:`vit_flops`)."""
+    n, d, m = tokens, hidden, intermediate
+    return 2 * n * 4 * d * d + 4 * n * n * d + 4 * n * d * m
+
+
+def vit_flops_run(config: Any, runs: Sequence[tuple[int, int]], images: int = 1) -> int:
+    """Tower FLOPs of encoder runs actually made: ``runs`` are ``(layers, tokens)`` pairs (a vision-stage method
+    that prunes inside the tower runs later layers on fewer tokens), plus the patch embedding of ``images``."""
+    v = config.vision_config
+    d, m = int(v.hidden_size), int(v.intermediate_size)
+    p = (int(v.image_size) // int(v.patch_size)) ** 2
+    embed = 2 * p * int(v.num_channels) * int(v.patch_size) ** 2 * d * images
+    return embed + sum(layers * vit_layer_flops(t, d, m) for layers, t in runs)
+
+
 def projector_flops(tokens: int, d_vision: int, d_text: int) -> int:
     """LLaVA's two-layer projector on ``tokens`` visual tokens: ``2·t·d_vision·d_text + 2·t·d_text²``."""
     return 2 * tokens * d_vision * d_text + 2 * tokens * d_text * d_text
@@ -230,6 +246,7 @@ class VlmBenchRow:
     kv_bytes: int
     vision_flops: int
     lm_flops: int
+    score_s: float = 0.0  # the methods' own score → select → apply (inside vision_s / lm_prefill_s)
 
     @property
     def flops(self) -> int:
@@ -243,6 +260,27 @@ def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> d
     plan = as_plan(None if spec == FULL else spec)
     encode = adapter.encode
     spent = [0.0]
+    scoring = [0.0]
+    for vs in plan.specs:  # time the methods' own score → select → apply (signals are computed in the stages)
+        prune = vs.method.prune
+
+        def timed_prune(*args: Any, _prune: Any = prune, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            out = _prune(*args, **kwargs)
+            scoring[0] += time.perf_counter() - t
+            return out
+
+        object.__setattr__(vs.method, "prune", timed_prune)
+    tower_runs: list[tuple[int, int]] = []
+    clip = getattr(adapter, "clip", None)
+    if clip is not None:
+        run = clip.run
+
+        def counted_run(h: Any, lo: int, hi: int, *args: Any) -> Any:
+            tower_runs.extend([(hi - lo, int(h.shape[1]))] * int(h.shape[0]))
+            return run(h, lo, hi, *args)
+
+        clip.run = counted_run
 
     def timed_encode(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
@@ -255,15 +293,17 @@ def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> d
         gc.collect()
         with torch.inference_mode(), PeakRSS() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
-            seq, _, _ = adapter.build(inputs, plan, "keep", None)
+            seq, _, built = adapter.build(inputs, plan, "keep", None)
             state = engine.prefill(adapter.stack, seq, plan, policy="keep")
             first = state.logits.argmax(-1)
             ttft, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         del adapter.encode  # back to the class's method
+        if clip is not None:
+            del clip.run
     del first
     segments = [(seg.end - seg.start, int(seg.valid[0].sum())) for seg in state.segments]
-    counts = state.visual_tokens
+    counts = {**built, **state.visual_tokens}
     visual = counts.get("llm_input", [0])[0]
     kept = counts.get("llm", [visual])[0]
     return {
@@ -277,6 +317,9 @@ def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> d
         "segments": segments,
         "visual_tokens": visual,
         "kept_tokens": kept,
+        "score_s": scoring[0],
+        "projected_tokens": counts.get("vision", [0])[0],  # 0: every patch (no vision stage)
+        "tower_runs": tower_runs,
     }
 
 
@@ -299,7 +342,10 @@ def run_vlm_bench(
     if int(inputs["input_ids"].shape[0]) != 1:
         raise ConfigError("The VLM benchmark prefills one prompt at a time (batch 1).")
     adapter = vision_adapter(model)
-    tower, projector = vision_side_flops(model.config)
+    tower, _ = vision_side_flops(model.config)
+    d_vision, d_text = int(model.config.vision_config.hidden_size), int(model.config.text_config.hidden_size)
+    vc = model.config.vision_config
+    patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
     _prefill_once(adapter, inputs, FULL)  # warm-up (allocator, first-call overheads)
     rows: list[VlmBenchRow] = []
     total, done = repetitions * len(specs), 0
@@ -321,7 +367,9 @@ def run_vlm_bench(
                     peak_rss=r["peak_rss"],
                     added_rss=r["added_rss"],
                     kv_bytes=r["kv_bytes"],
-                    vision_flops=tower + projector,
+                    vision_flops=(vit_flops_run(model.config, r["tower_runs"]) if r["tower_runs"] else tower)
+                    + projector_flops(r["projected_tokens"] or patches, d_vision, d_text),
+                    score_s=r["score_s"],
                     lm_flops=lm_flops(model.config, r["segments"]),
                 )
             )
@@ -373,7 +421,7 @@ def summarize(rows: Sequence[VlmBenchRow]) -> list[dict[str, Any]]:
             "kept_tokens": rs[0].kept_tokens,
             "prompt_tokens": rs[0].prompt_tokens,
         }
-        for key in ("vision_s", "lm_prefill_s", "ttft_s", "ttft_cpu_s"):
+        for key in ("vision_s", "lm_prefill_s", "ttft_s", "ttft_cpu_s", "score_s"):
             xs = [float(getattr(r, key)) for r in rs]
             s[key] = _median(xs)
             s[key + "_min"], s[key + "_max"] = min(xs), max(xs)
@@ -389,6 +437,8 @@ def summarize(rows: Sequence[VlmBenchRow]) -> list[dict[str, Any]]:
         s["lm_speedup"] = full["lm_prefill_s"] / s["lm_prefill_s"]
         s["flops_speedup"] = full["flops"] / s["flops"]
         s["lm_flops_speedup"] = full["lm_flops"] / s["lm_flops"]
+        s["vision_speedup"] = full["vision_s"] / s["vision_s"]
+        s["vision_flops_speedup"] = full["vision_flops"] / s["vision_flops"]
     return out
 
 
@@ -396,9 +446,9 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     head = (
         "| config | visual tokens (LM in → kept) | vision s | LM prefill s (min–max) | TTFT s (min–max) | "
         "LM speed-up | LM FLOPs speed-up | TTFT speed-up | TTFT CPU s | CPU speed-up | FLOPs speed-up | "
-        "GFLOPs (vision + LM) | KV MiB | peak RSS MiB |"
+        "GFLOPs (vision + LM) | vision speed-up (FLOPs) | scoring ms | KV MiB | peak RSS MiB |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 16]
     for s in summary:
         lines.append(
             f"| {s['label']} | {s['visual_tokens']} → {s['kept_tokens']} | {s['vision_s']:.2f} | "
@@ -406,7 +456,9 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
             f"{s['ttft_s']:.2f} ({s['ttft_s_min']:.2f}–{s['ttft_s_max']:.2f}) | {s['lm_speedup']:.2f}× | "
             f"{s['lm_flops_speedup']:.2f}× | {s['ttft_speedup']:.2f}× | {s['ttft_cpu_s']:.2f} | "
             f"{s['cpu_speedup']:.2f}× | {s['flops_speedup']:.2f}× | "
-            f"{s['vision_flops'] / 1e9:.1f} + {s['lm_flops'] / 1e9:.1f} | {s['kv_bytes'] / 2**20:.1f} | "
+            f"{s['vision_flops'] / 1e9:.1f} + {s['lm_flops'] / 1e9:.1f} | "
+            f"{s['vision_speedup']:.2f}× ({s['vision_flops_speedup']:.2f}×) | {1e3 * s['score_s']:.1f} | "
+            f"{s['kv_bytes'] / 2**20:.1f} | "
             f"{s['peak_rss'] / 2**20:.0f} |"
         )
     return "\n".join(lines)
