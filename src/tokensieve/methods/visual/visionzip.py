@@ -26,8 +26,9 @@ class VisionZip(VisualMethod):
 
     * **dominant** ``D = k − C`` tokens: the highest CLS attention of that layer, summed over heads
       (``Σ_h A_h[CLS, j]``, the official code; the same ranking as the head mean);
-    * **contextual** ``C = round(contextual · k)`` tokens (``contextual = 5/32``: the paper's splits 54 + 10 for 64,
-      108 + 20 for 128, 162 + 30 for 192): the ``R`` remaining tokens in original order, every ``max(1, ⌊R/C⌋)``-th
+    * **contextual** ``C = round(contextual · k)`` tokens (``contextual = 5/32``: 54 + 10 for 64 in the official README,
+      108 + 20 for 128 and 162 + 30 for 192 as the issue's card lists the paper's settings — the paper's text was
+      not readable here): the ``R`` remaining tokens in original order, every ``max(1, ⌊R/C⌋)``-th
       of them (the first ``C``) become targets; every other remaining token joins the target whose head-mean key
       (``mean_h k_j^h``, L2-normalised) is most similar (cosine, argmax; ties to the earlier target);
       the contextual token is ``h_target + mean(h_joined)`` (``merge=add``, the official code; unchanged when
