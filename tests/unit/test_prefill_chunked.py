@@ -104,6 +104,7 @@ def test_chunks_differ_from_one_shot_yet_keep_the_same_budget_at_true_positions(
     one = press.prefill(ids)
     chunked = press.prefill(ids, chunk=20)
     assert torch.equal(one.cache.lengths(), chunked.cache.lengths())  # 18 entries per row in both
+    assert chunked.cache.allocated_bytes() == one.cache.allocated_bytes()  # the last chunk's room is given back
     assert chunked.cache.stats.compressed_tokens == [90]
     assert chunked.cache.stats.budget_tokens == [18]
     for store in chunked.cache.stores():

@@ -221,7 +221,13 @@ class SieveCache:
             self.stats.budget_tokens = self._chunk_run.budget_tokens.tolist()
 
     def end_chunks(self) -> None:
-        """The chunked prefill is over: later chunks (questions, decode steps) are appended uncompressed."""
+        """The chunked prefill is over: later chunks (questions, decode steps) are appended uncompressed. A store
+        compacted in place gives back the room its last chunk needed (keeping the plan's headroom)."""
+        reserve = self.plan.reserve if self.plan is not None else 0
+        for layer in self.layers:
+            s = layer.store
+            if self._chunk_run is not None and type(s) is DenseKV and s.capacity > s.n + reserve:
+                layer.store = DenseKV(s.keys, s.values, s.positions, valid=s.valid, bias=s.bias, reserve=reserve)
         self.chunking = False
         self._chunk_run = None
 
@@ -245,7 +251,10 @@ class SieveCache:
         if comp.keys is not None or comp.bias is not None or comp.extra_keys is not None:
             raise CapabilityError(f"'{method.name}' did not give a plain eviction of a chunk.")  # refused before
         sel = comp.selection
-        if bool((sel.counts < valid.sum(-1)[:, None]).any()) or store.has_padding:
+        evicts = bool((sel.counts < valid.sum(-1)[:, None]).any())
+        if store is layer.store and evicts and not store.has_padding and not store.has_bias and sel.uniform:
+            store.compact(sel.indices)  # rows stay equal: in place, the buffers are reused by the next chunk
+        elif evicts or store.has_padding:
             layer.store = build_store(
                 store.keys, store.values, store.positions, sel.indices, sel.counts, reserve=plan.reserve
             )
