@@ -264,3 +264,25 @@ def test_counts_follow_the_budget_per_image(
             assert st.visual_tokens["llm_input"] == want, spec
             if spec.startswith("todre"):  # stage 2: all or nothing per sample
                 assert all(n in (0, w) for n, w in zip(st.visual_tokens["llm"], want)), st.visual_tokens
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen"])
+def test_decoding_after_stage2_dropped_every_visual_token(name: str, llava: Batch, qwen: Batch) -> None:
+    """tau = 1 always fires: layers >= K cache no visual token, and each decoded token is the one a fresh prefill
+    of prompt + decoded tokens (the same empty kept set forced) predicts."""
+    model, inp, _ = llava if name == "llava" else qwen
+    ad = vision_adapter(model)
+    spec = "divprune:0.5/todre[stage=llm,tau=1]:1.0"  # DivPrune at the projector, ToDRE's stage 2 in the decoder
+    st = ad.prefill(inp, spec)
+    assert st.visual_tokens["llm"] == [0, 0, 0]
+    assert st.visual_tokens["llm_input"][:2] != [0, 0]
+    T = inp["input_ids"].shape[1]
+    lengths = st.cache.lengths()
+    assert lengths[3] < lengths[2] <= T  # layer 3 = K holds the prompt without its visual tokens
+    gen = ad.generate(st, 3)
+    ids = torch.cat([inp["input_ids"], gen[:, :2]], dim=1)
+    full = {**inp, "input_ids": ids, "attention_mask": torch.cat([inp["attention_mask"], torch.ones(3, 2)], 1)}
+    empty = [torch.zeros(0, dtype=torch.long)] * 3
+    ref = ad.prefill(full, spec, forced=empty, all_logits=True)
+    assert ref.all_logits is not None
+    assert torch.equal(ref.all_logits[:, -3:].argmax(-1), gen)
