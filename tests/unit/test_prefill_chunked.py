@@ -228,3 +228,23 @@ def test_the_pipeline_refuses_before_work_when_chunk_is_given_late(tiny_model):
         press.prefill(torch.tensor([prompts()[0]]), chunk=16)
     with pytest.raises(ConfigError, match="chunk must be"):
         press.prefill(torch.tensor([prompts()[0]]), chunk=1)
+
+
+def test_bench_prefills_in_chunks_under_its_own_keys(tiny_model):
+    from tokensieve.bench.config import BenchConfig, bench_specs
+    from tokensieve.bench.runner import row_key, run_bench
+    from tokensieve.data.testing import CharTokenizer
+
+    kw = {"specs": bench_specs("snapkv[window=8]:0.25"), "lengths": (80,), "decode_tokens": 2, "repetitions": 1}
+    cfg = BenchConfig(**kw, threads=1, chunk=16)  # type: ignore[arg-type]
+    rows, _ = run_bench(cfg, model_and_tokenizer=(tiny_model, CharTokenizer()), bandwidth=1e10)
+    snap = next(r for r in rows if r.label.startswith("snapkv"))
+    assert snap.stored_entries == 3 * 2 * (20 + 2 + 2)  # budget of the 80 tokens, then warm-up and decode steps
+    assert snap.prefill_peak_rss > 0
+    spec = cfg.specs[-1]
+    plain = BenchConfig(**kw, threads=1)  # type: ignore[arg-type]
+    assert row_key(spec, model="m", length=80, batch=1, rep=0, cfg=cfg) != row_key(
+        spec, model="m", length=80, batch=1, rep=0, cfg=plain
+    )
+    with pytest.raises(ConfigError, match="--chunk"):
+        BenchConfig(**kw, threads=1, chunk=1)  # type: ignore[arg-type]

@@ -31,6 +31,8 @@ def _command(args: argparse.Namespace) -> str:
     parts += ["--lengths", args.lengths]
     parts += ["--batch-sizes", args.batch_sizes, "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
     parts += ["--threads", str(resolve_threads(args.threads))]
+    if getattr(args, "chunk", None) is not None:
+        parts += ["--chunk", str(args.chunk)]
     for flag in ("model", "store", "report"):
         value = getattr(args, flag)
         if value is not None and not (flag == "model" and value == DEFAULT_MODEL):
@@ -86,7 +88,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repetitions=args.reps,
         threads=resolve_threads(args.threads),
         model=args.model,
+        chunk=args.chunk,
     )
+    if cfg.chunk is not None and args.store:
+        raise ConfigError(
+            "--chunk with --store: the results store does not record the chunk size yet, so chunked rows would be "
+            "reported as one-pass rows; run --chunk without --store (the table is printed, --report writes it)."
+        )
     store = ResultStore(args.store) if args.store else None
     model, tok = load_model(args.model)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -152,6 +160,14 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--model", default=DEFAULT_MODEL)
     sp.add_argument("--store", default=None, help="SQLite results store (shared with `tokensieve eval`); resumable")
     sp.add_argument("--report", default=None, help="folder for bench.md and PNG plots")
+    sp.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="chunked prefill: every configuration prefills in chunks of N tokens, its cache re-compressed after "
+        "each (docs/PREFILL.md); refused for methods that cannot score a chunk",
+    )
     sp.add_argument(
         "--vlm",
         nargs="?",

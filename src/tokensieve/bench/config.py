@@ -38,6 +38,7 @@ class BenchConfig:
     threads: int = field(default_factory=default_threads)  # the one default (tokensieve.results.threads)
     model: str = "smollm2-135m"
     extra: dict[str, str] = field(default_factory=dict)
+    chunk: int | None = None  # chunked prefill (Compressor chunk=): every configuration prefills in such chunks
 
     def __post_init__(self) -> None:
         if not self.specs:
@@ -52,5 +53,7 @@ class BenchConfig:
             raise ConfigError("Context lengths must be >= 16 tokens.")
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
             raise ConfigError("Batch sizes must be >= 1.")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 2):
+            raise ConfigError(f"--chunk must be a whole number of tokens >= 2; got {self.chunk!r}.")
         if self.decode_tokens < 2 or self.repetitions < 1 or self.threads < 1:
             raise ConfigError("decode_tokens >= 2, repetitions >= 1 and threads >= 1 are required.")

@@ -107,8 +107,9 @@ def _order(spec: Spec) -> tuple[bool, bool]:
 
 def row_key(spec: Spec, *, model: str, length: int, batch: int, rep: int, cfg: BenchConfig) -> str:
     """The key of one benchmark measurement (:meth:`Spec.key` with the workload)."""
+    chunked = {} if cfg.chunk is None else {"chunk": cfg.chunk}  # keys of one-pass rows stay as they were
     return spec.key(model=model, length=length, batch=batch, rep=rep, decode_tokens=cfg.decode_tokens,
-                    threads=cfg.threads)  # fmt: skip
+                    threads=cfg.threads, **chunked)  # fmt: skip
 
 
 def describe(cfg: BenchConfig) -> dict[str, Any]:
@@ -119,6 +120,7 @@ def describe(cfg: BenchConfig) -> dict[str, Any]:
         "decode_tokens": cfg.decode_tokens,
         "repetitions": cfg.repetitions,
         "threads": cfg.threads,
+        **({} if cfg.chunk is None else {"chunk": cfg.chunk}),
     }
 
 
@@ -186,7 +188,9 @@ def run_bench(
                     if not todo:
                         done += len(specs)
                         continue
-                    press = compress(model, reserve=cfg.decode_tokens + WARMUP + 8, **prefill.compressor_kwargs())
+                    press = compress(
+                        model, reserve=cfg.decode_tokens + WARMUP + 8, chunk=cfg.chunk, **prefill.compressor_kwargs()
+                    )
                     gc.collect()
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
