@@ -5,6 +5,8 @@ encoder) end-to-end runs on the tiny LLaVA / LLaVA-NeXT."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,8 @@ import torch
 from tokensieve.core.budget import Budget
 from tokensieve.errors import ConfigError
 from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, create_visual
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def vctx(groups: tuple[VisualGroup, ...], seed: int = 0, d: int = 5, heads: int = 2, **kw: Any) -> VisualContext:
@@ -328,3 +332,154 @@ def test_counts_match_the_budget(name: str) -> None:
         ctx = vctx(grids((4, 4), (4, 4)), seed=16)
         kept = method.prune(ctx, budget)
         assert kept.index.numel() == method.count(ctx, budget)
+
+
+# ================================================================================== integration on the tiny models
+# The tiny LLaVA / LLaVA-NeXT towers have 3 layers and read layer 2 (F = 2): HiPrune's object layer must be 1.
+LLAVA_SPECS = ["tome:0.5", "tome:3", "hiprune[object_layer=1,alpha=1.0]:6", "hired:0.25"]
+
+
+@pytest.fixture(scope="module")
+def llava() -> Any:
+    import vlm_tiny as vt
+
+    return vt.llava()
+
+
+@pytest.fixture(scope="module")
+def nxt() -> Any:
+    import vlm_tiny as vt
+
+    return vt.llava_next()
+
+
+def _llava_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    import vlm_tiny as vt
+
+    text, images = [3, 7, 1], [1, 2, 0]
+    inp = vt.llava_inputs(text, images)
+    return inp, [vt.select(inp, b, sum(images[:b]), images[b]) for b in range(3)]
+
+
+def _eager_attentions(model: Any, pixel_values: torch.Tensor) -> tuple[Any, Any]:
+    vcfg = model.config.vision_config
+    saved = vcfg._attn_implementation_internal
+    vcfg._attn_implementation_internal = "eager"
+    try:
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    finally:
+        vcfg._attn_implementation_internal = saved
+    return out.attentions, out.hidden_states
+
+
+@pytest.mark.parametrize("spec", LLAVA_SPECS)
+def test_llava_batch_equals_alone_and_counts(llava: Any, spec: str) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(llava)
+    inp, singles = _llava_batch()
+    batch = ad.prefill(inp, spec, seeds=[1, 2, 3])
+    budget = Budget.parse(spec.rsplit(":", 1)[1])
+    assert batch.visual_tokens["vision"] == [budget.tokens_for(16, larger="clip") * n for n in (1, 2, 0)]
+    assert batch.visual_tokens["llm_input"] == batch.visual_tokens["vision"]
+    per_image: list[list[int]] = []
+    for b, one in enumerate(singles):
+        alone = ad.prefill(one, spec, seeds=[b + 1])
+        torch.testing.assert_close(batch.logits[b : b + 1], alone.logits, atol=2e-5, rtol=0)
+        per_image += [k.index.tolist() for k in alone.kept.get("vision", [])]
+    assert [k.index.tolist() for k in batch.kept["vision"]] == per_image
+
+
+@pytest.mark.parametrize("spec", ["tome:1.0", "hiprune[object_layer=1]:1.0", "hired:1.0"])
+def test_full_budget_is_the_unpruned_model(llava: Any, nxt: Any, spec: str) -> None:
+    import vlm_tiny as vt
+
+    from tokensieve.adapters.vision import vision_adapter
+
+    _, singles = _llava_batch()
+    sizes = [[(40, 70)]]
+    nxt_one = vt.next_select(vt.next_inputs(nxt, [2], sizes), 0, sizes)
+    for model, one in ((llava, singles[0]), (llava, singles[1]), (nxt, nxt_one)):
+        ad = vision_adapter(model)
+        ref = ad.prefill(one, None, all_logits=True).all_logits
+        got = ad.prefill(one, spec, all_logits=True).all_logits
+        assert ref is not None
+        assert got is not None
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def test_hired_and_hiprune_in_the_model_match_eager_attention(llava: Any) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(llava)
+    _, singles = _llava_batch()
+    one = singles[0]
+    att, _ = _eager_attentions(llava, one["pixel_values"])  # att[l]: (1, H, 17, 17) of layer l + 1
+    st = ad.prefill(one, "hired:5")
+    final = head_sum(att[1][0, :, 0, 1:])
+    assert st.kept["vision"][0].index.tolist() == sorted(sorted(range(16), key=lambda j: (-final[j], j))[:5])
+    st = ad.prefill(one, "hiprune[object_layer=1,alpha=1.0]:10")  # round(10/5) = 2 anchors
+    obj = head_mean(att[0][0].mean(1)[:, 1:])  # attention received: mean over queries (CLS included), then heads
+    deep = head_mean(att[1][0].mean(1)[:, 1:])
+    assert st.kept["vision"][0].index.tolist() == ref_hiprune_group(obj, deep, 4, 4, 10, 1.0)
+
+
+def test_tome_in_the_model_matches_the_reference_on_layer_one_keys(llava: Any) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(llava)
+    _, singles = _llava_batch()
+    one = singles[0]
+    _, hidden = _eager_attentions(llava, one["pixel_values"])
+    layer = llava.model.vision_tower.encoder.layers[0]
+    H = llava.config.vision_config.num_attention_heads
+    with torch.no_grad():
+        k = layer.self_attn.k_proj(layer.layer_norm1(hidden[0]))[0, 1:]  # (16, D): layer 1's keys of the patches
+    keys = k.view(16, H, -1).transpose(0, 1)
+    ctx = VisualContext(tokens=hidden[1][0, 1:], groups=grids((4, 4)), stage=Stage.VISION, keys=keys)
+    idx, _, sizes = ref_tome_group(ctx, ctx.groups[0], [8])
+    st = ad.prefill(one, "tome:0.5")  # 16 → 8 after layer 1, the feature layer 2 runs on 8
+    (kept,) = st.kept["vision"]
+    assert kept.index.tolist() == idx
+    assert kept.sizes is not None
+    assert kept.sizes.tolist() == sizes
+    assert st.visual_tokens["llm_input"] == [8]
+
+
+@pytest.mark.parametrize("spec", ["tome:0.5", "hiprune[object_layer=1]:0.25", "hired:0.25", "hired:9"])
+def test_llava_next_runs_per_grid_and_batch_equals_alone(nxt: Any, spec: str) -> None:
+    import vlm_tiny as vt
+
+    from tokensieve.adapters.vision import vision_adapter
+
+    ad = vision_adapter(nxt)
+    sizes = [[(40, 70)], [(64, 30), (30, 30)]]
+    inp = vt.next_inputs(nxt, [2, 3], sizes)
+    singles = [vt.next_select(inp, b, sizes) for b in range(2)]
+    batch = ad.prefill(inp, spec, seeds=[5, 6])
+    budget = Budget.parse(spec.rsplit(":", 1)[1])
+    for b, one in enumerate(singles):
+        alone = ad.prefill(one, spec, seeds=[5 + b])
+        torch.testing.assert_close(batch.logits[b : b + 1], alone.logits, atol=2e-5, rtol=0)
+        assert alone.visual_tokens == {k: [v[b]] for k, v in batch.visual_tokens.items()}
+        # each image keeps its budget of the patches the method sees: its thumbnail and the crop patches that
+        # survive the unpadding (what reaches the LM unpruned)
+        expected = 0
+        for size in sizes[b]:
+            image = vt.next_select(vt.next_inputs(nxt, [2], [[size]]), 0, [[size]])
+            expected += budget.tokens_for(ad.prefill(image, None).visual_tokens["llm_input"][0], larger="clip")
+        assert alone.visual_tokens["vision"] == [expected]
+        assert alone.visual_tokens["llm_input"] == [expected]
+
+
+def test_qwen2_vl_has_no_vision_stage() -> None:
+    import vlm_tiny as vt
+
+    from tokensieve.adapters.vision import vision_adapter
+    from tokensieve.errors import CapabilityError
+
+    qwen = vt.qwen2_vl()
+    for spec in ("tome:0.5", "hiprune[object_layer=1]:0.5", "hired:0.5"):
+        with pytest.raises(CapabilityError, match="vision-stage"):
+            vision_adapter(qwen).prefill(vt.qwen_inputs([2], [[(4, 4)]]), spec)
