@@ -217,3 +217,32 @@ def test_from_scratch_geometry_errors():
         V.vlm_config(base, V.VisionSpec(text_hidden=64), image_token_id=100)
     with pytest.raises(ConfigError, match="split"):
         V.vlm_config(base, V.VisionSpec(text_layers=2, text_hidden=64, text_heads=3), image_token_id=100)
+
+
+def test_visual_spec_evaluation_agrees_with_the_legacy_path_and_counts(small_vlm):
+    """The method comparison (through the pruning adapters, five questions batched) gives the same right/wrong per
+    question as the cached-prefix evaluation when nothing is pruned; a pruned spec runs on the same questions."""
+    from tokensieve.train.evaluate import evaluate, evaluate_specs, spec_table, visual_specs
+
+    model, processor = small_vlm
+    specs = visual_specs("pool,vis:random[stage=vision,layer=1]:0.5", "0.25")
+    assert specs == ["full", "pool:0.25", "vis:random[stage=vision,layer=1]:0.5"]
+    got = evaluate_specs(model, processor, specs, n_scenes=2, progress=False)
+    legacy = evaluate(model, processor, n_scenes=2, fractions=(1.0,), progress=False)[1.0]
+    assert dict(got["full"].right) == dict(legacy.right)
+    assert dict(got["full"].total) == dict(legacy.total)
+    assert all(a.count() == 10 for a in got.values())
+    table = spec_table(got)
+    assert table.count("\n") == 1 + len(specs)
+    assert "pool:0.25" in table
+
+
+def test_wilson_interval():
+    from tokensieve.results.stats import wilson
+
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0
+    assert hi == pytest.approx(0.2775, abs=1e-4)  # the textbook value for 0 of 10
+    lo, hi = wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert wilson(0, 0) == (0.0, 1.0)

@@ -26,6 +26,18 @@ def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``k / n`` (Wilson 1927; 95 % for ``z = 1.96``), within [0, 1]; for
+    ``n = 0``: (0, 1)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def median(xs: Sequence[float]) -> float:
     if not xs:
         return math.nan

@@ -79,6 +79,21 @@ def cmd_vlm_eval(args: argparse.Namespace) -> int:
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"--keep takes fractions in (0, 1], got {args.keep!r}")
     model, processor = load_vlm(args.model)
+    if args.methods:
+        from .evaluate import evaluate_specs, spec_table, visual_specs
+
+        specs = visual_specs(args.methods, args.budgets)
+        by_spec = evaluate_specs(
+            model, processor, specs, n_scenes=args.scenes, split=args.split, progress=not args.no_progress
+        )
+        print(spec_table(by_spec))
+        if args.json:
+            payload = {
+                s: {"overall": a.overall(), "right": dict(a.right), "total": dict(a.total), "questions": a.count()}
+                for s, a in by_spec.items()
+            }
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        return 0
     results = evaluate(
         model,
         processor,
@@ -114,6 +129,13 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--keep", default="1,0.33,0.11", help="fractions of visual tokens kept (random, removed at the LM)")
     e.add_argument("--split", default="test", choices=["val", "test"])
     e.add_argument("--seed", type=int, default=0, help="seed of the random choice of kept tokens")
+    e.add_argument(
+        "--methods",
+        default="",
+        help="visual-token methods to compare through the pruning adapters (comma-separated, 'all' = every "
+        "registered one), each at every --budgets value; the full model is always included (instead of --keep)",
+    )
+    e.add_argument("--budgets", default="0.33,0.22,0.11", help="visual tokens kept per image, with --methods")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     e.add_argument("--no-progress", action="store_true")

@@ -145,3 +145,104 @@ def markdown_table(results: dict[float, Accuracy]) -> str:
         label = "all (256)" if f >= 1 else f"{100 * f:.0f} % random ({max(1, round(f * 256))})"
         lines.append(f"| {label} | **{100 * a.overall():.1f} %** | " + " | ".join(cells) + f" | {a.count()} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- visual-token methods
+def visual_specs(methods: str, budgets: str) -> list[str]:
+    """The visual specs to evaluate (``full`` first): every method of ``methods`` (comma-separated; ``all`` = every
+    registered visual method) at every budget of ``budgets``; a method given with its budget keeps it. Parsed now,
+    so a typo fails before any work."""
+    from ..errors import ConfigError
+    from ..methods.visual.registry import visual_method_names
+    from ..methods.visual.spec import VisualPlan
+
+    items = [m.strip() for m in methods.split(",") if m.strip()]
+    if items == ["all"]:
+        items = visual_method_names()
+    bs = [b.strip() for b in budgets.split(",") if b.strip()]
+    out = ["full"]
+    for item in items:
+        body = item[4:] if item.lower().startswith("vis:") else item
+        has_budget = ":" in body.rsplit("]", 1)[-1]
+        if not has_budget and not bs:
+            raise ConfigError(f"'{item}' gives no budget: write e.g. {item}:0.22 or give --budgets.")
+        for text in [item] if has_budget else [f"{item}:{b}" for b in bs]:
+            VisualPlan.parse([p for p in text.split("/") if p.strip()])
+            if text not in out:
+                out.append(text)
+    return out
+
+
+@torch.no_grad()
+def evaluate_specs(
+    model: Any,
+    processor: Any,
+    specs: list[str],
+    *,
+    n_scenes: int = 100,
+    split: str = "test",
+    progress: bool = True,
+) -> dict[str, Accuracy]:
+    """Accuracy of the VLM under each visual spec (``"full"``: no pruning) on held-out scenes, one question of each
+    type per scene, through the visual-token pruning adapters (:mod:`tokensieve.adapters.vision`: every stage, the
+    question in the prompt, so query-aware methods see it). The five questions of a scene are one left-padded batch
+    (batched = one at a time is tested for every method). An answer is right when greedy decoding gives exactly its
+    tokens and then ``<|im_end|>``; the random methods draw from the scene's seed."""
+    from tqdm import tqdm
+
+    from ..adapters.vision import vision_adapter
+
+    model.eval()
+    spec = spec_of(model.config)
+    encoder = Encoder(processor.tokenizer, spec.num_visual_tokens)
+    adapter = vision_adapter(model)
+    results = {s: Accuracy() for s in specs}
+    todo = scenes(split, n_scenes)
+    end = encoder.im_end[0]
+    bar = tqdm(total=n_scenes * len(specs), desc=f"vlm eval {split}", disable=not progress, dynamic_ncols=True)
+    for scene in todo:
+        qs = questions(scene)
+        rows = [encoder.prefix() + encoder.question(q.text, first=True) for q in qs]
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r) :] = torch.tensor(r)
+            mask[i, T - len(r) :] = 1
+        pv = pixel_values(processor, [scene.render()] * len(rows))
+        inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+        answers = [[*encoder.cached(q.answer), end] for q in qs]
+        longest = max(len(a) for a in answers)
+        for s in specs:
+            state = adapter.prefill(inputs, None if s == "full" else s, seeds=[scene.seed] * len(rows))
+            out = adapter.generate(state, longest, eos_token_id=end)
+            for i, (q, a) in enumerate(zip(qs, answers)):
+                results[s].add(q.type, out[i, : len(a)].tolist() == a)
+            bar.update(1)
+    bar.close()
+    return results
+
+
+def spec_table(results: dict[str, Accuracy], retained: dict[str, int] | None = None) -> str:
+    """Markdown: accuracy per question type and overall with Wilson 95 % intervals, one row per spec."""
+    from ..results.stats import wilson
+
+    head = "| visual spec | overall (95 % CI) | " + " | ".join(QUESTION_TYPES) + " | questions |"
+    lines = [head, "|" + "---|" * (len(QUESTION_TYPES) + 3)]
+    for label, a in results.items():
+        n = a.count()
+        k = sum(a.right.values())
+        lo, hi = wilson(k, n)
+        cells = []
+        for t in QUESTION_TYPES:
+            if a.total[t]:
+                tl, th = wilson(a.right[t], a.total[t])
+                cells.append(f"{100 * a.right[t] / a.total[t]:.0f} ({100 * tl:.0f}–{100 * th:.0f})")
+            else:
+                cells.append("—")
+        lines.append(
+            f"| {label} | **{100 * k / max(n, 1):.1f} %** ({100 * lo:.1f}–{100 * hi:.1f}) | "
+            + " | ".join(cells)
+            + f" | {n} |"
+        )
+    return "\n".join(lines)
