@@ -286,3 +286,25 @@ def test_decoding_after_stage2_dropped_every_visual_token(name: str, llava: Batc
     ref = ad.prefill(full, spec, forced=empty, all_logits=True)
     assert ref.all_logits is not None
     assert torch.equal(ref.all_logits[:, -3:].argmax(-1), gen)
+
+
+def test_idefics3_tiles_run_both_methods() -> None:
+    """Idefics3 (SigLIP, no CLS): the drawn pivot, batch = alone, keep-all = the unpruned logits."""
+    model = vt.idefics3()
+    tiles = [1, 3, 0]
+    inp = vt.idefics_inputs([3, 1, 4], tiles)
+    singles = [vt.idefics_select(inp, b, tiles) for b in range(3)]
+    ad = vision_adapter(model)
+    for spec in ("todre:0.25", "divprune:0.25"):
+        batch = ad.prefill(inp, spec, seeds=[1, 2, 3])
+        assert batch.visual_tokens["llm_input"] == [4, 12, 0]  # a quarter of each 16-token tile
+        for b, one in enumerate(singles):
+            alone = ad.prefill(one, spec, seeds=[b + 1])
+            torch.testing.assert_close(batch.logits[b : b + 1], alone.logits, atol=ATOL, rtol=0, msg=f"{spec} {b}")
+            assert batch.kept["projector"][b].index.tolist() == alone.kept["projector"][0].index.tolist()
+    for spec in ("todre[tau=0]:1.0", "divprune:1.0"):
+        st = ad.prefill(singles[1], spec, all_logits=True)
+        assert st.all_logits is not None
+        with torch.no_grad():
+            ref = model(**singles[1]).logits.float()
+        torch.testing.assert_close(st.all_logits, ref, atol=ATOL, rtol=0, msg=spec)
