@@ -182,9 +182,9 @@ def vlm_bench_specs(
     """Visual specs to measure (``full`` first): a method given without a budget takes each of ``budgets``.
 
     Every spec is parsed now, so a typo fails before a model is built."""
-    from ..methods.visual.spec import VisualPlan
+    from ..methods.visual.spec import VisualPlan, split_list
 
-    items = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    items = split_list(methods) if isinstance(methods, str) else [m.strip() for m in methods if m.strip()]
     out: list[str] = [FULL]
     for item in items:
         if item == FULL:

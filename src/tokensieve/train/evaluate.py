@@ -154,9 +154,9 @@ def visual_specs(methods: str, budgets: str) -> list[str]:
     so a typo fails before any work."""
     from ..errors import ConfigError
     from ..methods.visual.registry import visual_method_names
-    from ..methods.visual.spec import VisualPlan
+    from ..methods.visual.spec import VisualPlan, split_list
 
-    items = [m.strip() for m in methods.split(",") if m.strip()]
+    items = split_list(methods)
     if items == ["all"]:
         items = visual_method_names()
     bs = [b.strip() for b in budgets.split(",") if b.strip()]

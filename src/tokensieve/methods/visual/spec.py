@@ -25,6 +25,26 @@ PREFIX = "vis:"
 _CALL = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*$")
 
 
+def split_list(text: str) -> list[str]:
+    """Split a comma-separated list of visual specs at the commas outside brackets
+    (``"fastv[layer=2,x=1]:0.5,pool"`` → ``["fastv[layer=2,x=1]:0.5", "pool"]``); blanks dropped."""
+    out: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [x for x in out if x]
+
+
 def _params(text: str, where: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if not text.strip():
