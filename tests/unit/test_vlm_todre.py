@@ -215,6 +215,11 @@ def test_todre_companion_and_parameters() -> None:
     for bad in ({"diversity": "dpp"}, {"pivot": "max"}, {"tau": "1.5"}, {"layer": "-1"}, {"stage": "vision"}):
         with pytest.raises(ConfigError):
             create_visual("todre", **bad)
+    # parameters the instance would not use are refused, not ignored
+    with pytest.raises(ConfigError, match="belong to stage 1"):
+        create_visual("todre", stage="llm", diversity="kcenter")
+    with pytest.raises(ConfigError, match="relevance=false leaves out"):
+        create_visual("todre", relevance="false", tau="0.2")
 
 
 # ------------------------------------------------------------------------------------------------ DivPrune

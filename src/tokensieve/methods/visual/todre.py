@@ -84,8 +84,9 @@ class ToDRE(VisualMethod):
 
     **Both stages.** ``todre:0.1`` written alone is stage 1 with stage 2 brought along as a companion
     (``todre[stage=llm]:1.0`` with the same ``layer`` and ``tau``); ``todre[relevance=false]:0.1`` is stage 1 alone,
-    ``todre[stage=llm]:1.0`` stage 2 alone. Defaults from the paper: ``tau = 0.10`` (0.05–0.15 all ≈ 100 %),
-    ``K = 7L/8``, budgets 10 % / 25 %.
+    ``todre[stage=llm]:1.0`` stage 2 alone. A parameter the instance would not use is refused at construction
+    (stage-1 parameters at ``stage=llm``; ``layer``/``tau`` with ``relevance=false``). Defaults from the paper:
+    ``tau = 0.10`` (0.05–0.15 all ≈ 100 %), ``K = 7L/8``, budgets 10 % / 25 %.
     """
 
     name: ClassVar[str] = "todre"
@@ -123,6 +124,23 @@ class ToDRE(VisualMethod):
             raise ConfigError(f"todre: pivot must be one of {', '.join(PIVOTS)}; got {self.pivot!r}.")
         if not 0.0 <= float(self.tau) <= 1.0:
             raise ConfigError(f"todre: tau is an attention share in [0, 1]; got {self.tau}.")
+        # a parameter the instance would not use is refused, not ignored
+        if stage is Stage.LLM:
+            unused = [f for f, v, d in self._stage1_params() if v != d]
+            if unused:
+                raise ConfigError(f"todre[stage=llm]: {', '.join(unused)} belong to stage 1 (stage=projector).")
+        elif not self.relevance and (self.layer != 0 or float(self.tau) != 0.10):
+            raise ConfigError(
+                "todre: layer and tau configure stage 2, which relevance=false leaves out; drop them or keep stage 2."
+            )
+
+    def _stage1_params(self) -> list[tuple[str, object, object]]:
+        return [
+            ("diversity", self.diversity, "maxsum"),
+            ("pivot", self.pivot, "cls"),
+            ("seed", self.seed, 0),
+            ("relevance", self.relevance, True),
+        ]
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         if self.where is not Stage.LLM:
@@ -162,13 +180,13 @@ class ToDRE(VisualMethod):
         for im in images_of(ctx):
             n = int(im.index.numel())
             k = min(budget.tokens_for(im.base, larger="clip"), n)
+            if cls is not None:  # the first grid's strongest CLS attention (the thumbnail's with AnyRes)
+                p = int(torch.argmax(cls[im.index[: im.first]]))
+            else:  # drawn for every image, so an image's pivot does not depend on the others' budgets
+                p = int(torch.randint(im.first, (1,), generator=gen))
             if k >= n:
                 kept.append(im.index)
                 continue
-            if cls is not None:  # the first grid's strongest CLS attention (the thumbnail's with AnyRes)
-                p = int(torch.argmax(cls[im.index[: im.first]]))
-            else:
-                p = int(torch.randint(im.first, (1,), generator=gen))
             kept.append(im.index[greedy(im.states, p, k)])
         if not kept:
             return VisualKept(torch.zeros(0, dtype=torch.long, device=dev))
