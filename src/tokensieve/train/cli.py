@@ -83,6 +83,12 @@ def cmd_vlm_eval(args: argparse.Namespace) -> int:
         from .evaluate import evaluate_specs, spec_table, visual_specs
 
         specs = visual_specs(args.methods, args.budgets)
+        if args.overlays:
+            from .overlays import overlay_figure
+
+            path = overlay_figure(model, processor, specs, Path(args.overlays), n_scenes=args.scenes)
+            print(f"overlays: {path}")
+            return 0
         by_spec = evaluate_specs(
             model, processor, specs, n_scenes=args.scenes, split=args.split, progress=not args.no_progress
         )
@@ -136,6 +142,12 @@ def add_commands(sub: Any) -> None:
         "registered one), each at every --budgets value; the full model is always included (instead of --keep)",
     )
     e.add_argument("--budgets", default="0.33,0.22,0.11", help="visual tokens kept per image, with --methods")
+    e.add_argument(
+        "--overlays",
+        default=None,
+        metavar="PNG",
+        help="with --methods: instead of accuracy, draw the patches each spec keeps over the first --scenes images",
+    )
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     e.add_argument("--no-progress", action="store_true")

@@ -158,7 +158,10 @@ def visual_specs(methods: str, budgets: str) -> list[str]:
 
     items = split_list(methods)
     if items == ["all"]:
-        items = visual_method_names()
+        from ..registry import method_names
+
+        kv = set(method_names())  # a visual method named like a KV method is written vis:name
+        items = [f"vis:{n}" if n in kv else n for n in visual_method_names()]
     bs = [b.strip() for b in budgets.split(",") if b.strip()]
     out = ["full"]
     for item in items:
