@@ -94,6 +94,49 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_time(args: argparse.Namespace) -> int:
+    """One-shot vs chunked prefill time in one process, interleaved (the order alternates between repetitions):
+    wall time and CPU time of the process (all threads), medians."""
+    import statistics
+
+    import torch
+
+    import tokensieve as ts
+    from tokensieve.bench.runner import bench_prompts
+
+    torch.set_num_threads(args.threads)
+    model, tok = ts.load_model(args.model)
+    ids = bench_prompts(tok, args.length, args.batch)
+    presses = {
+        "one-shot": ts.compress(model, args.spec),
+        f"chunk={args.chunk}": ts.compress(model, args.spec, chunk=args.chunk),
+    }
+    with torch.inference_mode():
+        for press in presses.values():
+            press.prefill(bench_prompts(tok, 64, 1), chunk=32)  # warm-up
+    wall: dict[str, list[float]] = {k: [] for k in presses}
+    cpu: dict[str, list[float]] = {k: [] for k in presses}
+    for rep in range(args.reps):
+        names = list(presses) if rep % 2 == 0 else list(presses)[::-1]
+        for name in names:
+            with torch.inference_mode():
+                w, c = time.perf_counter(), time.process_time()
+                ctx = presses[name].prefill(ids)
+                wall[name].append(time.perf_counter() - w)
+                cpu[name].append(time.process_time() - c)
+            del ctx
+            print(f"rep {rep} {name}: wall {wall[name][-1]:.1f} s, cpu {cpu[name][-1]:.1f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+    base = "one-shot"
+    print(f"| {args.spec}, {args.length} x {args.batch} | wall s (median) | × one-shot | CPU s (median) | × one-shot |")
+    print("|---|---|---|---|---|")
+    for name in presses:
+        mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
+        bw, bc = statistics.median(wall[base]), statistics.median(cpu[base])
+        print(f"| {name} | {mw:.1f} | {mw / bw:.2f} | {mc:.1f} | {mc / bc:.2f} |")
+    return 0
+
+
 def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return float("nan"), float("nan")
@@ -132,8 +175,9 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             for seed in seeds:
                 sample = task.make(tok, args.length, depth, seed)
                 prompt = sample.ids(tok)
-                runs = [("full", None, "full")] + [(s, c, s) for s in specs for c in (None, args.chunk)]
-                for spec, chunk, _ in runs:
+                runs = [("full", None)] if args.with_full else []
+                runs += [(s, c) for s in specs for c in (None, args.chunk)]
+                for spec, chunk in runs:
                     press = ts.compress(model, spec, chunk=chunk, reserve=len(prompt.question) + 64)
                     with torch.inference_mode():
                         if args.mode == "aware":
@@ -145,7 +189,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
                     out = tok.decode(gen.tokens[0], skip_special_tokens=True)
                     key = (spec, "one-shot" if chunk is None else f"chunk={chunk}")
                     scores.setdefault(key, []).append(float(task.score(sample, out)))
-                done = len(scores[("full", "one-shot")])
+                done = len(scores[(specs[0], "one-shot")])
                 print(f"{task_name} depth={depth} seed={seed} [{done}] {time.perf_counter() - t_start:.0f}s",
                       file=sys.stderr, flush=True)  # fmt: skip
     print("| configuration | prefill | accuracy | 95 % Wilson interval | n |")
@@ -173,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     common: dict[str, Any] = {}
-    for name, fn in (("one", cmd_one), ("memory", cmd_memory), ("accuracy", cmd_accuracy)):
+    for name, fn in (("one", cmd_one), ("memory", cmd_memory), ("time", cmd_time), ("accuracy", cmd_accuracy)):
         sp = sub.add_parser(name, **common)
         sp.set_defaults(func=fn)
         sp.add_argument("--model", default="smollm2-135m")
         sp.add_argument("--threads", type=int, default=2)
         sp.add_argument("--length", type=int, default=8192)
         sp.add_argument("--chunk", type=int, default=1024)
-        if name in ("one", "memory"):
+        if name in ("one", "memory", "time"):
             sp.add_argument("--spec", default="snapkv:0.125")
             sp.add_argument("--batch", type=int, default=4)
             sp.add_argument("--reps", type=int, default=1)
@@ -194,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
             sp.add_argument("--seeds", default="0-7")
             sp.add_argument("--mode", choices=("aware", "agnostic"), default="aware")
+            sp.add_argument("--with-full", action="store_true", help="also measure the full cache")
     args = p.parse_args(argv)
     return int(args.func(args))
 
