@@ -381,9 +381,11 @@ def test_eval_prints_a_results_table_at_the_end(tiny_model, tmp_path, monkeypatc
             "--seeds", "0-1", "--modes", "aware", "--threads", "1", "--store", str(store)]  # fmt: skip
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["task", "mode", "method", "budget", "n", "metric", "value", "±", "stderr", "KL",
-                                "KV", "kept"]  # fmt: skip
+    assert lines[0].split() == ["task", "mode", "method", "budget", "n", "metric", "value", "±", "stderr", "95",
+                                "%", "CI", "KL", "KV", "kept"]  # fmt: skip
     body = [line.split() for line in lines[1:]]
+    # accuracy is right/wrong per sample: its interval is Wilson's (2 of 2 right → 0.34–1.00)
+    assert all(r[8] == "0.34–1.00" or r[6] != "1.000" for r in body)
     assert [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in body] == [
         ("passkey", "aware", "full", "100%", "2", "accuracy"),
         ("passkey", "aware", "snapkv", "25%", "2", "accuracy"),

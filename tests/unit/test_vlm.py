@@ -246,3 +246,12 @@ def test_wilson_interval():
     lo, hi = wilson(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_interval_is_wilson_for_proportions_and_normal_otherwise():
+    from tokensieve.results.stats import interval, wilson
+
+    assert interval([1, 0, 1, 1]) == wilson(3, 4)
+    lo, hi = interval([2.0, 4.0])  # mean 3, standard error 1
+    assert (lo, hi) == (pytest.approx(3 - 1.96), pytest.approx(3 + 1.96))
+    assert all(x != x for x in interval([2.5]))  # one non-binary value: no interval (NaN)

@@ -56,11 +56,16 @@ def pareto(rows: list[Row], mode: str, path: Path) -> bool:
         pts: list[tuple[float, float]] = []
         for m in methods:
             by_label = group((r for r in trows if r["method"] == m and r["label"] != FULL), lambda r: (r["label"],))
-            xy = sorted((accuracy(v).kept, accuracy(v).score) for v in by_label.values())
-            xy = [p for p in xy if not math.isnan(p[0]) and not math.isnan(p[1])]
+            accs = sorted((accuracy(v) for v in by_label.values()), key=lambda a: a.kept)
+            accs = [a for a in accs if not math.isnan(a.kept) and not math.isnan(a.score)]
+            xy = [(a.kept, a.score) for a in accs]
             if xy:
                 mk = markers[methods.index(m) % len(markers)]
                 ax.plot([p[0] for p in xy], [p[1] for p in xy], f"{mk}-", color=colors[m], label=m, ms=4, lw=1.2)
+                if metric != "perplexity" and all(not math.isnan(a.score_lo) for a in accs):  # 95 % intervals
+                    ax.errorbar([a.kept for a in accs], [a.score for a in accs],
+                                yerr=[[a.score - a.score_lo for a in accs], [a.score_hi - a.score for a in accs]],
+                                fmt="none", ecolor=colors[m], elinewidth=0.7, capsize=2, alpha=0.6)  # fmt: skip
                 pts += xy
         full = accuracy([r for r in trows if r["label"] == FULL])
         if not math.isnan(full.score):

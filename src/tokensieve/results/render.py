@@ -36,11 +36,14 @@ def cell(x: Any, spec: str) -> str:
     return format(x, spec)
 
 
-def score_text(metric: str, x: float, err: float = math.nan) -> str:
+def score_text(metric: str, x: float, err: float = math.nan, lo: float = math.nan, hi: float = math.nan) -> str:
+    """A score with its 95 % interval ``[lo–hi]`` when given, else ``± err`` (standard error) when given."""
     if math.isnan(x):
         return "—"
     if metric == "perplexity":
         return f"{x:.2f}"
+    if not (math.isnan(lo) or math.isnan(hi)):
+        return f"{x:.2f} [{lo:.2f}–{hi:.2f}]"
     return f"{x:.2f}" + (f" ± {err:.2f}" if not math.isnan(err) else "")
 
 

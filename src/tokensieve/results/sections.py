@@ -10,14 +10,14 @@ from typing import Any
 
 from . import plots
 from .render import Block, cell, fmt, score_text, slug
-from .stats import FULL, Row, accuracy, group, mean, ordered_labels, sem, values
+from .stats import FULL, Row, accuracy, group, interval, mean, ordered_labels, sem, values
 
 MB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------------- accuracy
 def baseline_table(rows: list[Row]) -> Block:
-    """Full-cache score per task (rows) and length (columns): mean ± standard error (n)."""
+    """Full-cache score per task (rows) and length (columns): mean and 95 % interval (Wilson for proportions)."""
     full = [r for r in rows if r["label"] == FULL]
     lengths = sorted({int(r["length"]) for r in full})
     header = ["task", "metric", *[f"{L} tok" for L in lengths], "samples"]
@@ -28,7 +28,7 @@ def baseline_table(rows: list[Row]) -> Block:
         cells = []
         for L in lengths:
             s = values([r for r in trows if int(r["length"]) == L], "score")
-            cells.append(score_text(metric, mean(s), sem(s)) if s else "—")
+            cells.append(score_text(metric, mean(s), sem(s), *interval(s)) if s else "—")
         n = group(trows, lambda r: (int(r["length"]),))
         body.append([task, metric, *cells, "/".join(str(len(n.get((L,), []))) for L in lengths)])
     return Block("table", header=header, body=body)
@@ -42,7 +42,8 @@ def accuracy_table(rows: list[Row]) -> Block:
     groups = group(rows, lambda r: (r["task"], r["label"]))
     for (task, label), grows in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         s = accuracy(grows)
-        body.append([task, label, grows[0]["budget"], str(s.n), score_text(grows[0]["metric"], s.score, s.score_sem),
+        score = score_text(grows[0]["metric"], s.score, s.score_sem, s.score_lo, s.score_hi)
+        body.append([task, label, grows[0]["budget"], str(s.n), score,
                      fmt(s.kl, 3), fmt(s.top1), fmt(s.answer_logprob), fmt(s.kv_mb, 1), fmt(s.kept, pct=True),
                      fmt(s.prefill_s), fmt(s.compress_s, 3), fmt(s.decode_s)])  # fmt: skip
     return Block("table", header=header, body=body)
@@ -51,7 +52,7 @@ def accuracy_table(rows: list[Row]) -> Block:
 def summary_table(rows: list[Row]) -> Block:
     """The results table ``tokensieve eval`` prints at the end (as lm-eval-harness does): per task, mode and
     configuration, the samples, the task's metric (mean and standard error), KL to the full cache and KV kept."""
-    header = ["task", "mode", "method", "budget", "n", "metric", "value", "± stderr", "KL", "KV kept"]
+    header = ["task", "mode", "method", "budget", "n", "metric", "value", "± stderr", "95 % CI", "KL", "KV kept"]
     order = {lab: i for i, lab in enumerate(ordered_labels(rows))}
     groups = group(rows, lambda r: (r["task"], r["mode"], r["label"]))
     body = []
@@ -59,8 +60,9 @@ def summary_table(rows: list[Row]) -> Block:
         s = accuracy(grows)
         metric = grows[0]["metric"]
         err = "" if metric == "perplexity" or math.isnan(s.score_sem) else f"{s.score_sem:.3f}"
+        ci = "" if metric == "perplexity" or math.isnan(s.score_lo) else f"{s.score_lo:.2f}–{s.score_hi:.2f}"
         body.append([task, mode, grows[0]["method"], grows[0]["budget"], str(s.n), metric,
-                     fmt(s.score, 2 if metric == "perplexity" else 3), err, fmt(s.kl, 3),
+                     fmt(s.score, 2 if metric == "perplexity" else 3), err, ci, fmt(s.kl, 3),
                      fmt(s.kept, pct=True)])  # fmt: skip
     return Block("table", header=header, body=body)
 

@@ -38,6 +38,20 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def interval(xs: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """A 95 % interval of the mean of ``xs``: Wilson's for a proportion (every value 0 or 1 — right or wrong
+    answers), else mean ± z · standard error (NaN for fewer than two values)."""
+    vals = [float(x) for x in xs if not math.isnan(float(x))]
+    if not vals:
+        return math.nan, math.nan
+    if all(v in (0.0, 1.0) for v in vals):
+        return wilson(sum(vals), len(vals), z)
+    if len(vals) < 2:
+        return math.nan, math.nan
+    m, e = mean(vals), sem(vals)
+    return m - z * e, m + z * e
+
+
 def median(xs: Sequence[float]) -> float:
     if not xs:
         return math.nan
@@ -104,6 +118,8 @@ class Accuracy:
     n: int
     score: float
     score_sem: float
+    score_lo: float  # 95 % interval (Wilson for proportions, :func:`interval`)
+    score_hi: float
     kl: float
     top1: float
     answer_logprob: float
@@ -115,10 +131,13 @@ class Accuracy:
 
 
 def accuracy(rows: list[Row]) -> Accuracy:
+    lo, hi = interval(values(rows, "score"))
     return Accuracy(
         n=len(rows),
         score=mean(values(rows, "score")),
         score_sem=sem(values(rows, "score")),
+        score_lo=lo,
+        score_hi=hi,
         kl=mean(values(rows, "kl")),
         top1=mean(values(rows, "top1")),
         answer_logprob=mean(values(rows, "answer_logprob")),
