@@ -13,18 +13,10 @@ approximation for such tasks; the needle tasks used here score 0 or 1.
 from __future__ import annotations
 
 import argparse
-import math
 import sqlite3
 from collections import defaultdict
 
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of the proportion k/n (Wilson 1927), clipped to [0, 1]."""
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+from tokensieve.results.stats import wilson
 
 
 def main() -> None:
