@@ -483,3 +483,11 @@ def test_qwen2_vl_has_no_vision_stage() -> None:
     for spec in ("tome:0.5", "hiprune[object_layer=1]:0.5", "hired:0.5"):
         with pytest.raises(CapabilityError, match="vision-stage"):
             vision_adapter(qwen).prefill(vt.qwen_inputs([2], [[(4, 4)]]), spec)
+
+
+def test_hiprune_object_layer_past_the_tiny_tower_is_refused(llava: Any) -> None:
+    from tokensieve.adapters.vision import vision_adapter
+
+    _, singles = _llava_batch()
+    with pytest.raises(ConfigError, match=r"object_layer=9 is past the encoder's feature layer \(2\)"):
+        vision_adapter(llava).prefill(singles[0], "hiprune:0.5")
