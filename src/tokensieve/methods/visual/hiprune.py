@@ -51,7 +51,8 @@ class HiPrune(VisualMethod):
 
     * **Attention**: the attention each token *receives* — the head-averaged attention map averaged over every
       query, CLS included (the official code's "global attention"; its CLS-row variant is commented out). So no
-      CLS token is needed (the ``mean_attention`` signal).
+      CLS token is needed (the ``mean_attention`` signal); the authors' README says register tokens "receive" the
+      top attention, and the paper stresses that HiPrune needs no CLS token.
     * **Buffers**: true 4-neighbours inside the grid. The official code adds ``±1`` and ``±side`` to the flat
       index and clamps it, so a token at a row's end takes the next row's first token as a neighbour; we do not wrap.
     * **Budget over grids**: LLaVA-NeXT's thumbnail and crops are scored separately; the image's budget is split

@@ -73,6 +73,9 @@ class HiRED(VisualMethod):
 
     Choices:
 
+    * **The crops' weights** follow the official code (a count of the thumbnail's top early-layer tokens, not a sum
+      of attention). The paper's own formula for the "visual content score" was not available to us in full:
+      UNVERIFIED against the paper's text (its summary: initial-layer CLS attention scores each partition).
     * **A crop's part of the thumbnail**: the official code reshapes the thumbnail's raster-order mask into
       ``rows × cols × (n / crops)`` and sums the last axis, i.e. it cuts the raster order into as many consecutive
       chunks as there are crops (horizontal bands: exact for a one-column crop layout, not for 2 × 2). A method at
