@@ -164,10 +164,9 @@ def test_qwen_has_no_cls_so_the_pivot_is_drawn(qwen: Batch) -> None:
 
 
 def instruction_share(model: Any, one: dict[str, torch.Tensor], K: int) -> float:
-    """α_{t→v} of layer K − 1 from the eager attention weights: the rows of the tokens after the last prunable
-    visual token, their mass on the prunable visual tokens, averaged over heads and rows. (LLaVA-NeXT's
-    ``image_newline`` tokens are image placeholders but not prunable: not columns; the last one, after the last
-    patch, is a row.)"""
+    """α_{t→v} of layer K − 1 from the eager attention weights: the rows of the tokens after the last image
+    placeholder, their mass on the prunable visual tokens, averaged over heads and rows. (LLaVA-NeXT's
+    ``image_newline`` tokens are image placeholders but not prunable: neither columns nor rows.)"""
     from tokensieve.adapters.vision.base import as_plan
 
     text_cfg = model.config.text_config
@@ -183,7 +182,8 @@ def instruction_share(model: Any, one: dict[str, torch.Tensor], K: int) -> float
     vis = seq.visual[0].nonzero().flatten()
     if "image_sizes" not in one:  # LLaVA and Qwen2-VL: every image placeholder is prunable
         assert vis.tolist() == (one["input_ids"][0] == vt.IMG).nonzero().flatten().tolist()
-    rows = att[:, int(vis[-1]) + 1 :, :][:, :, vis]
+    last = int((one["input_ids"][0] == vt.IMG).nonzero().flatten()[-1])
+    rows = att[:, last + 1 :, :][:, :, vis]
     return float(rows.sum(-1).mean())
 
 

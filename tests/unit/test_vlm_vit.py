@@ -229,12 +229,15 @@ def test_hiprune_parameters_and_layers() -> None:
     with pytest.raises(ConfigError, match="alpha"):
         create_visual("hiprune", alpha="1.5")
     with pytest.raises(ConfigError, match="object_layer"):
-        create_visual("hiprune", object_layer="0")
-    hp = create_visual("hiprune")
+        create_visual("hiprune", object_layer="-1")
+    hp = create_visual("hiprune")  # the paper's layer 9 of 23, scaled to the tower
     assert hp.layers(23) == (9, 23)
-    assert hp.layers(9) == (9,)
+    assert hp.layers(5) == (2, 5)
+    assert hp.layers(2) == (1, 2)
+    assert hp.layers(1) == (1,)
+    assert create_visual("hiprune", object_layer=9).layers(9) == (9,)
     with pytest.raises(ConfigError, match="past the encoder's feature layer"):
-        hp.layers(2)
+        create_visual("hiprune", object_layer=9).layers(2)
     ctx = vctx(grids((4, 4)), seed=10)
     assert create_visual("hiprune", object_layer=1).prune(ctx, Budget.ratio(1.0)).index.tolist() == list(range(16))
 
@@ -490,4 +493,7 @@ def test_hiprune_object_layer_past_the_tiny_tower_is_refused(llava: Any) -> None
 
     _, singles = _llava_batch()
     with pytest.raises(ConfigError, match=r"object_layer=9 is past the encoder's feature layer \(2\)"):
-        vision_adapter(llava).prefill(singles[0], "hiprune:0.5")
+        vision_adapter(llava).prefill(singles[0], "hiprune[object_layer=9]:0.5")
+    # the default scales the paper's layer to the tower: layer 1 of this 2-layer feature stack
+    st = vision_adapter(llava).prefill(singles[0], "hiprune:0.5")
+    assert st.visual_tokens["vision"] == [8]

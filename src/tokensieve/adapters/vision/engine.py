@@ -288,14 +288,18 @@ def llm_stage_layer(plan: VisualPlan, num_layers: int) -> int | None:
 
 
 def instruction_lengths(seq: Seq) -> list[int]:
-    """Per sample, how many tokens follow its last visual token (its instruction, the last prompt token included);
-    0 for a sample without visual tokens. Left padding puts every sample's last token at the end, so these are the
-    last entries of each row in every layout."""
+    """Per sample, how many tokens follow its last image token (its instruction, the last prompt token included;
+    separators such as LLaVA-NeXT's ``image_newline`` belong to the image); 0 for a sample without visual tokens.
+    Left padding puts every sample's last token at the end, so these are the last entries of each row in every
+    layout."""
     T = int(seq.valid.shape[1])
     out = []
     for b in range(seq.batch):
-        vis = seq.visual_index(b)
-        out.append(0 if vis.numel() == 0 else T - 1 - int(vis[-1]))
+        if seq.visual_index(b).numel() == 0:
+            out.append(0)
+            continue
+        img = (seq.image[b] >= 0).nonzero().flatten()
+        out.append(T - 1 - int(img[-1]))
     return out
 
 

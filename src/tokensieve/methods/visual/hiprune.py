@@ -45,7 +45,9 @@ class HiPrune(VisualMethod):
 
     Progressive on the engine: ``layers(F) = (l, F)``. At layer ``l`` nothing is pruned: anchors and buffers are
     chosen (while the grids are still whole) and kept in ``ctx.memory``; at layer ``F`` the registers complete the
-    budget. ``l = F`` is one step with both from layer ``F``; ``l > F`` is refused.
+    budget. ``l = F`` is one step with both from layer ``F``; an explicit ``l > F`` is refused. ``object_layer=0``
+    (the default) is the paper's layer 9 of LLaVA's 23 encoder layers scaled to the tower: ``max(1, round(9·F/23))``
+    — 9 on CLIP-L/336 (F = 23), 2 on the embedded VLM's tower (F = 5).
 
     Choices (from the paper and the official code):
 
@@ -74,22 +76,26 @@ class HiPrune(VisualMethod):
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
     needs: ClassVar[frozenset[str]] = frozenset({"mean_attention"})
     alpha: float = 0.1
-    object_layer: int = 9
+    object_layer: int = 0
 
     def check(self) -> None:
         check_vision_only(self)
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"hiprune: alpha (the anchors' and buffers' share) must be in [0, 1]; got {self.alpha}.")
-        if int(self.object_layer) < 1:
-            raise ConfigError(f"hiprune: object_layer is an encoder layer >= 1; got {self.object_layer}.")
+        if int(self.object_layer) < 0:
+            raise ConfigError(
+                f"hiprune: object_layer is an encoder layer >= 1 (0: scaled from the paper's 9 of 23); "
+                f"got {self.object_layer}."
+            )
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
-        if self.object_layer > num_layers:
+        layer = int(self.object_layer) or max(1, round(9 * num_layers / 23))
+        if layer > num_layers:
             raise ConfigError(
-                f"hiprune: object_layer={self.object_layer} is past the encoder's feature layer ({num_layers}); "
+                f"hiprune: object_layer={layer} is past the encoder's feature layer ({num_layers}); "
                 f"choose object_layer <= {num_layers}, e.g. hiprune[object_layer={max(1, num_layers // 2)}]."
             )
-        return (num_layers,) if self.object_layer == num_layers else (self.object_layer, num_layers)
+        return (num_layers,) if layer == num_layers else (layer, num_layers)
 
     def score(self, ctx: VisualContext) -> Tensor:
         assert ctx.mean_attention is not None
