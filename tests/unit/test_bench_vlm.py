@@ -82,6 +82,10 @@ def test_flops_match_torch_counter_on_a_tiny_llava() -> None:
 def test_specs() -> None:
     assert vlm_bench_specs("fastv,pool:64", ["0.11", "0.22"]) == [FULL, "fastv:0.11", "fastv:0.22", "pool:64"]
     assert vlm_bench_specs(["vis:random"], ["0.5"]) == [FULL, "vis:random:0.5"]
+    every = vlm_bench_specs("all", ["0.5"])
+    assert "vis:random:0.5" in every
+    assert "todre:0.5" in every
+    assert len(every) >= 14
     with pytest.raises(ConfigError):
         vlm_bench_specs("nosuchmethod", ["0.5"])
     with pytest.raises(ConfigError):

@@ -185,6 +185,12 @@ def vlm_bench_specs(
     from ..methods.visual.spec import VisualPlan, split_list
 
     items = split_list(methods) if isinstance(methods, str) else [m.strip() for m in methods if m.strip()]
+    if items == ["all"]:  # every registered visual method (vis:name where a KV method has the same name)
+        from ..methods.visual.registry import visual_method_names
+        from ..registry import method_names
+
+        kv = set(method_names())
+        items = [f"vis:{n}" if n in kv else n for n in visual_method_names()]
     out: list[str] = [FULL]
     for item in items:
         if item == FULL:
