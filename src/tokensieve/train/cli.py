@@ -126,6 +126,9 @@ def add_commands(sub: Any) -> None:
     from .spkv import add_commands as add_spkv_commands  # `tokensieve train spkv`: SP-KV's write gate
 
     add_spkv_commands(tsub)
+    from .retention import add_commands as add_retention_commands  # `tokensieve train retention`: global gates
+
+    add_retention_commands(tsub)
     v = tsub.add_parser("vlm", help="train the embedded VLM on procedural scenes (resumable; see docs/VLM.md)")
     _train_args(v)
     v.set_defaults(func=cmd_train_vlm)

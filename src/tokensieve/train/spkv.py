@@ -196,6 +196,16 @@ class SPKVTrainer:
             f.write(json.dumps({"time": time.strftime("%H:%M:%S"), **record}) + "\n")
 
     # -- stage 1 -----------------------------------------------------------------------------------------------
+    def key_range(self) -> tuple[int, int]:
+        """(keys of a training sequence whose whole horizon lies in it — the keys sampled from —, keys of a held-out
+        sequence kept: every key out of the window at the end). A subclass trains on other keys."""
+        c = self.cfg
+        return c.length - c.window - c.horizon + 1, c.length - c.window + 1
+
+    def target(self, ctx: LayerContext) -> Tensor:
+        """``(H_kv, T, ...)`` training target of every key of one layer: SP-KV's oracle (a subclass may change it)."""
+        return oracle(ctx, self.cfg.window, self.cfg.horizon)
+
     def collect(self) -> str:
         from tqdm import tqdm
 
@@ -228,13 +238,13 @@ class SPKVTrainer:
             t0 = time.perf_counter()
             feats: list[Tensor] = []
             orc: list[Tensor] = []
-            eligible = c.length - c.window - c.horizon + 1  # keys whose whole horizon lies in the sequence
+            eligible, held_keys = self.key_range()
             if kind == "collect":
                 g = torch.Generator().manual_seed(c.seed * 100_003 + i)
                 pick = torch.randperm(eligible - 1, generator=g)[: c.samples - 1] + 1
                 idx = torch.cat([torch.zeros(1, dtype=torch.long), pick.sort().values])
             else:
-                idx = torch.arange(c.length - c.window + 1)  # every key out of the window at the end
+                idx = torch.arange(held_keys)
 
             def grab(
                 ctx: LayerContext, idx: Tensor = idx, feats: list[Tensor] = feats, orc: list[Tensor] = orc
@@ -242,7 +252,7 @@ class SPKVTrainer:
                 rope = shape.rope[ctx.layer_idx] if shape.rope else None
                 f = gate_features(ctx.keys, ctx.values, ctx.positions, rope)[0]  # (T, F)
                 feats.append(f[idx].half())
-                orc.append(oracle(ctx, c.window, c.horizon)[:, idx].T.contiguous())  # (n, H)
+                orc.append(self.target(ctx)[:, idx].transpose(0, 1).contiguous())  # (n, H, ...)
 
             with torch.no_grad():
                 Compressor(model, _Observe(callback=grab), 1.0).prefill(torch.tensor([ids]))
@@ -377,11 +387,11 @@ def _version() -> str:
         return ""
 
 
-def ship(profile_path: Path, model_key: str) -> Path:
-    """Copy a trained gate into the package's shipped profiles (``tokensieve/profiles/<model>/spkv.json``)."""
+def ship(profile_path: Path, model_key: str, kind: str = KIND) -> Path:
+    """Copy a trained gate into the package's shipped profiles (``tokensieve/profiles/<model>/<kind>.json``)."""
     from importlib import resources
 
-    dest = Path(str(resources.files("tokensieve"))) / "profiles" / model_key / f"{KIND}.json"
+    dest = Path(str(resources.files("tokensieve"))) / "profiles" / model_key / f"{kind}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(profile_path, dest)
     return dest
@@ -429,7 +439,7 @@ _HELP = {
     "hidden": "hidden width of each layer's predictor (0: linear)",
     "steps": "Adam steps of the fit",
     "batch": "keys per layer per step",
-    "lr": "peak learning rate (cosine to 10 %)",
+    "lr": "peak learning rate (cosine to 10 %%)",
     "weight_decay": "AdamW weight decay",
     "checkpoint_every": "steps between checkpoints",
     "threads": "torch CPU threads",
