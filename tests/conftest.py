@@ -117,6 +117,18 @@ def synthetic_profiles(model) -> dict:
                 "calibration": {"tau": [0.1, 0.5, 0.9], "out_density": [0.9, 0.5, 0.1]},
             },
         ),
+        "retention": Profile(  # global retention gates: random per-layer maps, one shared final projection
+            "retention",
+            shape.key,
+            sd,
+            {},
+            {
+                "w1": (torch.randn(L, 4, 2 * H * D, generator=g) * (2 * H * D) ** -0.5 * 2).tolist(),
+                "b1": torch.zeros(L, 4).tolist(),
+                "w2": torch.randn(H, 4, generator=g).tolist(),
+                "b2": [2.0] * H,
+            },
+        ),
     }
 
 
