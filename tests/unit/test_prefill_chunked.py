@@ -248,3 +248,23 @@ def test_bench_prefills_in_chunks_under_its_own_keys(tiny_model):
     )
     with pytest.raises(ConfigError, match="--chunk"):
         BenchConfig(**kw, threads=1, chunk=1)  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def test_a_dense_store_allocates_only_the_budget_plus_one_chunk(tiny_model, monkeypatch):
+    from tokensieve.cache.dense import DenseKV
+
+    ids = torch.tensor(prompts(seed=7, lengths=(100, 100)))  # equal lengths: dense stores, compacted in place
+    capacities: list[int] = []
+    original = SieveCache._compress_chunk
+
+    def spy(self, layer_idx, q, scaling):
+        original(self, layer_idx, q, scaling)
+        store = self.layers[layer_idx].store
+        assert type(store) is DenseKV
+        capacities.append(store.capacity)
+
+    monkeypatch.setattr(SieveCache, "_compress_chunk", spy)
+    ctx = ts.compress(tiny_model, "snapkv[window=8]:0.2", chunk=16).prefill(ids)
+    assert max(capacities) == 20 + 16  # never the 25 % slack of a growing store
+    assert all(s.capacity == 20 for s in ctx.cache.stores())  # the chunk's room given back (no reserve asked)
