@@ -300,6 +300,11 @@ class Compressor:
 
     # ---------------------------------------------------------------------------------------- context manager
     def __enter__(self) -> Compressor:
+        if self.chunk is not None:
+            raise ConfigError(
+                "chunk= applies to Compressor.prefill; transformers' generate() prefills the prompt in one pass. "
+                "Use press.prefill(ids) then press.decode(ctx, n), or build the Compressor without chunk."
+            )
         stack = contextlib.ExitStack()
         stack.enter_context(sieve_attention_enabled(self.model))
         stack.enter_context(inject_cache(self.model, self.new_cache))

@@ -268,3 +268,9 @@ def test_a_dense_store_allocates_only_the_budget_plus_one_chunk(tiny_model, monk
     ctx = ts.compress(tiny_model, "snapkv[window=8]:0.2", chunk=16).prefill(ids)
     assert max(capacities) == 20 + 16  # never the 25 % slack of a growing store
     assert all(s.capacity == 20 for s in ctx.cache.stores())  # the chunk's room given back (no reserve asked)
+
+
+def test_generate_under_a_chunked_compressor_is_refused(tiny_model):
+    press = ts.compress(tiny_model, "snapkv", 0.5, chunk=16)
+    with pytest.raises(ConfigError, match="generate"), press:
+        pass  # pragma: no cover - never entered
