@@ -448,7 +448,7 @@ class Compressor:
         headroom = self.reserve if reserve is None else reserve
         plan = replace(self.plan(reserve=headroom), decode=None, decode_budget=None) if compress else None
         cache = SieveCache(self.shape.num_layers, plan)
-        cache.begin_chunks(mask.sum(-1), chunk)
+        cache.begin_chunks(mask.sum(-1))
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         t0 = time.perf_counter()
         logits = mask.new_zeros(0)

@@ -99,7 +99,6 @@ class SieveCache:
         self._deferred: dict[int, _Deferred] = {}  # layers scored by a deferred method, not yet selected
         self._aux: AuxPass | None = None  # the auxiliary pass being run, if any
         self.chunking = False  # a chunked prefill is running: every chunk is re-compressed once appended
-        self._chunk_room = 0  # room a dense store keeps for the next chunk
         self._chunk_run: RunState | None = None  # its budgets, resolved from the whole prompt (None: keep all)
 
         self.front: Any = None  # the adapter's view of this cache for the model (created by adapters.hf)
@@ -197,16 +196,18 @@ class SieveCache:
         self._compressed_layers = 0
 
     # ------------------------------------------------------------------------------------------ chunked prefill
-    def begin_chunks(self, n_tokens: Tensor, chunk: int = 0) -> None:
+    def begin_chunks(self, n_tokens: Tensor) -> None:
         """Start a chunked prefill of prompts with ``n_tokens`` ``(B,)`` real tokens: from now on every prefilled
         chunk is appended (attending to what the earlier chunks kept, and causally to itself) and then each layer is
         re-compressed to the budget of the *whole* prompt, scored with that chunk's queries. A layer therefore never
         holds more than its budget plus one chunk. Without a compressing plan, chunks are only appended.
 
         The method must accept chunks (:meth:`PrefillMethod.chunk_refusal`); the plan must have no decode method
-        and no auxiliary tail (the pipeline attaches the decode method once the prompt is in). ``chunk``: the chunk
-        size, for which a dense store keeps room after each re-compression (so that appending the next chunk does
-        not reallocate, nor over-allocate as a growing store would)."""
+        and no auxiliary tail (the pipeline attaches the decode method once the prompt is in).
+
+        Memory: a dense store grows by exactly one chunk when the chunk is appended and shrinks back to what it keeps
+        once re-compressed, so at any moment one layer holds its budget plus the chunk and every other layer its
+        budget (the forward pass runs layer by layer)."""
         plan = self.plan
         if plan is not None and (plan.decode is not None or plan.tail or plan.passes):
             raise ConfigError("A chunked prefill starts on a plan without decode method, auxiliary tail or passes.")
@@ -218,7 +219,6 @@ class SieveCache:
         self.chunking = True
         self.armed = False
         self._chunk_run = None
-        self._chunk_room = max(0, int(chunk))
         if plan is not None and method is not None and method.compresses:
             self._chunk_run = make_run(plan, n_tokens)
             self.stats.compressed_tokens = n_tokens.tolist()
@@ -262,8 +262,9 @@ class SieveCache:
             layer.store = build_store(
                 store.keys, store.values, store.positions, sel.indices, sel.counts, reserve=plan.reserve
             )
-        if type(layer.store) is DenseKV:
-            layer.store.reserve(self._chunk_room)
+        s = layer.store
+        if type(s) is DenseKV and s.capacity > s.n + plan.reserve:  # give the chunk's room back
+            layer.store = DenseKV(s.keys, s.values, s.positions, valid=s.valid, bias=s.bias, reserve=plan.reserve)
         self.stats.compress_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ attention
@@ -353,6 +354,8 @@ class SieveCache:
             if L == 1 and layer_idx == len(self.layers) - 1:
                 dl.run.step += 1
         else:
+            if self._chunk_run is not None and type(layer.store) is DenseKV:
+                layer.store.reserve(L)  # exactly one chunk of room (no growth slack); given back once compressed
             layer.store.append(k, v, pos_new, valid_new)
             t0 = time.perf_counter()
             out = layer.store.attend(q, scaling, mods)
