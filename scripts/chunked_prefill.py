@@ -189,6 +189,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
                     out = tok.decode(gen.tokens[0], skip_special_tokens=True)
                     key = (spec, "one-shot" if chunk is None else f"chunk={chunk}")
                     scores.setdefault(key, []).append(float(task.score(sample, out)))
+                    print(f"  {key[0]} {key[1]}: {scores[key][-1]:.0f} {out!r}", file=sys.stderr, flush=True)
                 done = len(scores[(specs[0], "one-shot")])
                 print(f"{task_name} depth={depth} seed={seed} [{done}] {time.perf_counter() - t_start:.0f}s",
                       file=sys.stderr, flush=True)  # fmt: skip
