@@ -254,6 +254,8 @@ def test_llava_next_vision_stage_over_thumbnail_and_crops(nxt: Any) -> None:
     assert first.groups[0].size == 16
     assert (first.groups[0].height, first.groups[0].width) == (4, 4)
     assert len(first.groups) >= 2  # and its crops
+    assert first.crop_grid is not None  # the crops' arrangement, as LLaVA-NeXT packs them
+    assert first.crop_grid[0] * first.crop_grid[1] == len(first.groups) - 1
     assert first.anchor_value is not None
     assert first.anchor_value.shape[0] == len(first.groups)
     whole = [sum(g.size for g in c.groups) for c in SEEN]

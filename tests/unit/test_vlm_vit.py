@@ -300,6 +300,26 @@ def test_hired_crop_weights_follow_the_thumbnail_chunks() -> None:
     assert shares == [6, 0, 6]
 
 
+def test_hired_crop_weights_follow_the_crops_regions_when_the_layout_is_known() -> None:
+    """A 2 x 2 crop layout: crop (r, c) is weighted by the marked thumbnail tokens in its quadrant (not in a raster
+    band). The thumbnail's early attention is high in its top-right and bottom-left quadrants only."""
+    from dataclasses import replace
+
+    early_att = torch.zeros(1, 16 + 4 * 16)
+    thumb = torch.zeros(4, 4)
+    thumb[0:2, 2:4] = 1.0  # top-right
+    thumb[2:4, 0:2] = 1.0  # bottom-left
+    early_att[0, :16] = thumb.flatten()
+    ctx = vctx(grids((4, 4), (4, 4), (4, 4), (4, 4), (4, 4)), seed=16, cls_attention=early_att)
+    hired = create_visual("hired")
+    # top (1 − α)·16 = 8 thumbnail tokens are the two quadrants; the crops' 10 of 20 go to crops (0, 1) and (1, 0)
+    shares = hired.split(replace(ctx, crop_grid=(2, 2)), Budget.tokens(20))  # type: ignore[attr-defined]
+    assert shares == [10, 0, 5, 5, 0]
+    # without the layout: raster bands of 4 tokens each — rows 0, 1, 2, 3 → 2, 2, 2, 2 marked: equal weights
+    bands = hired.split(ctx, Budget.tokens(20))  # type: ignore[attr-defined]
+    assert bands == [10, 3, 3, 2, 2]
+
+
 def test_hired_single_grid_is_top_k_by_final_cls_attention() -> None:
     ctx = vctx(grids((5, 5)), seed=14)
     kept = create_visual("hired").prune(ctx, Budget.ratio(0.36))

@@ -102,11 +102,17 @@ class ClipTower:
         return ls
 
     def pruned(
-        self, pixels: Tensor, spec: Any, seed: int, visible: list[Tensor | None] | None = None
+        self,
+        pixels: Tensor,
+        spec: Any,
+        seed: int,
+        visible: list[Tensor | None] | None = None,
+        crop_grid: tuple[int, int] | None = None,
     ) -> tuple[list[Crop], VisualKept]:
         """The crops of one image (``pixels (C, 3, H, W)``: LLaVA-1.5's one image, or LLaVA-NeXT's thumbnail and
         crops) through the tower with the vision-stage method after each of its layers, all crops in lockstep in one
-        context (a group per crop). ``visible[c]``: the patches of crop c the method may see (None: all).
+        context (a group per crop). ``visible[c]``: the patches of crop c the method may see (None: all);
+        ``crop_grid``: the crops' ``(rows, cols)`` after the thumbnail (``VisualContext.crop_grid``).
 
         Returns the crops (their patches' states at the feature layer, CLS removed) and the image's result: the kept
         patches' indices into the crops' concatenated grids (crop · side² + patch) and their sizes."""
@@ -164,7 +170,7 @@ class ClipTower:
                     continue
                 ctx = self._context(crops, signals, previous, id(self.attn(i)), needs)
                 ctx = replace(ctx, layer=layer, step=steps.index(layer), steps=len(steps), memory=memory, seed=seed)
-                ctx = replace(ctx, start=start)
+                ctx = replace(ctx, start=start, crop_grid=crop_grid)
                 if start is None:
                     start = tuple(ctx.images)
                     ctx = replace(ctx, start=start)

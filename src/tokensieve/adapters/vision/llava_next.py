@@ -136,7 +136,13 @@ class LlavaNextAdapter(VisionAdapter):
             for c in range(n_crops[i]):
                 mine = seen[(seen >= c * L) & (seen < (c + 1) * L)] - c * L
                 visible.append(None if int(mine.numel()) == L else torch.sort(mine).values)
-            crops, kept = self.clip.pruned(pv[i, : n_crops[i]].to(newline.dtype), spec, seeds[i], visible)
+            from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+            rows, cols = get_anyres_image_grid_shape(
+                sizes[i], cfg.image_grid_pinpoints, int(cfg.vision_config.image_size)
+            )  # (rows, cols) of the crops, as pack_image_features reads them
+            grid = (int(rows), int(cols)) if int(rows) * int(cols) == n_crops[i] - 1 else None
+            crops, kept = self.clip.pruned(pv[i, : n_crops[i]].to(newline.dtype), spec, seeds[i], visible, grid)
             full: Tensor | None = None
             dropped_full = torch.ones(n_crops[i] * L, dtype=torch.bool, device=pv.device)
             cls_full: Tensor | None = None

@@ -119,6 +119,8 @@ class VisualContext:
         step, steps: this call's index among the method's layers, and their number.
         start: prunable tokens per image at the first step (None: the current counts).
         memory: a dict kept across one sample's steps (None for single-step methods run alone).
+        crop_grid: vision stage of an any-resolution image (LLaVA-NeXT): ``(rows, cols)`` of its crops — the groups
+            after the first (the thumbnail) are the crops in raster order; None otherwise.
     """
 
     tokens: Tensor
@@ -140,6 +142,7 @@ class VisualContext:
     steps: int = 1
     start: tuple[int, ...] | None = None
     memory: dict[str, Any] | None = None
+    crop_grid: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:

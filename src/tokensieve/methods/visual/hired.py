@@ -76,10 +76,12 @@ class HiRED(VisualMethod):
     * **The crops' weights** follow the official code (a count of the thumbnail's top early-layer tokens, not a sum
       of attention). The paper's own formula for the "visual content score" was not available to us in full:
       UNVERIFIED against the paper's text (its summary: initial-layer CLS attention scores each partition).
-    * **A crop's part of the thumbnail**: the official code reshapes the thumbnail's raster-order mask into
-      ``rows × cols × (n / crops)`` and sums the last axis, i.e. it cuts the raster order into as many consecutive
-      chunks as there are crops (horizontal bands: exact for a one-column crop layout, not for 2 × 2). A method at
-      the vision stage is not told the crop layout, so we do the same: chunk ``i`` is ``[⌊i·n/C⌋, ⌊(i+1)·n/C⌋)``.
+    * **A crop's part of the thumbnail**: the region of the image the crop covers. With the crops' arrangement
+      (``ctx.crop_grid = (R, C)``, which the LLaVA-NeXT adapter passes), crop ``(r, c)`` counts the marked tokens
+      in rows ``⌊r·h/R⌋ … ⌊(r+1)·h/R⌋ − 1`` and columns ``⌊c·w/C⌋ … ⌊(c+1)·w/C⌋ − 1`` of the thumbnail's
+      ``h × w`` grid. The official code instead reshapes the raster-order mask into ``rows × cols × (n / crops)``,
+      i.e. consecutive raster chunks (horizontal bands: the same for a one-column layout, not for 2 × 2); that is
+      our fallback when the arrangement is unknown: chunk ``i`` is ``[⌊i·n/C⌋, ⌊(i+1)·n/C⌋)``.
     * **Rounding**: the official code truncates every crop's share (``int``), keeping fewer than the budget; we
       split the crops' share by largest remainders so the image keeps exactly ``k`` (a crop's share is capped at
       its size, the excess going to the others). All weights zero: equal shares.
@@ -136,7 +138,17 @@ class HiRED(VisualMethod):
             n = thumb.size
             marked = torch.zeros(n, dtype=torch.bool, device=early.device)
             marked[top_k(early[thumb.start : thumb.end], int((1.0 - float(self.alpha)) * n))] = True
-            weights = [float(marked[a:b].sum()) for a, b in chunk_bounds(n, len(crops))]
+            grid = ctx.crop_grid
+            if grid is not None and grid[0] * grid[1] == len(crops) and thumb.height * thumb.width == n:
+                # crop (r, c) covers rows r/R … (r+1)/R and columns c/C … (c+1)/C of the thumbnail's grid
+                m2 = marked.view(thumb.height, thumb.width)
+                weights = [
+                    float(m2[r0:r1, c0:c1].sum())
+                    for r0, r1 in chunk_bounds(thumb.height, grid[0])
+                    for c0, c1 in chunk_bounds(thumb.width, grid[1])
+                ]
+            else:  # layout unknown: consecutive raster chunks, as the official code
+                weights = [float(marked[a:b].sum()) for a, b in chunk_bounds(n, len(crops))]
             out[gis[0]] = k_thumb
             for gi, c in zip(crops, weighted_counts(k - k_thumb, weights, caps)):
                 out[gi] = c
