@@ -277,3 +277,23 @@ def test_bad_step_layers_are_refused_before_work(llava: Any) -> None:
     qwen = vt.qwen2_vl()
     with pytest.raises(CapabilityError, match="vision-stage"):
         vision_adapter(qwen).prefill(vt.qwen_inputs([2], [[(4, 4)]]), _spec(VisionSignals(at=(1,)), 0.5))
+
+
+def test_proportional_attention_makes_a_merged_duplicate_invisible(llava: Any) -> None:
+    """ToMe's proportional attention (+ log size on a key's logit), as the encoder runs it after a merge: a token
+    standing for two identical patches attends and is attended to as the two did, so every other token's output is
+    unchanged."""
+    from tokensieve.adapters.vision.llava import ClipTower
+
+    tower = ClipTower(llava.model.vision_tower, -2, "default")
+    torch.manual_seed(3)
+    h = torch.randn(1, 6, llava.config.vision_config.hidden_size)
+    h[0, 4] = h[0, 3]  # patches 3 and 4 identical
+    with torch.no_grad():
+        ref = tower.run(h, 0, 1)
+        merged = torch.cat([h[:, :4], h[:, 5:]], dim=1)  # 4 folded into 3
+        sizes = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0])  # CLS, 1, 2, 3 (+4), 5
+        got = tower.run(merged, 0, 1, sizes.log().view(1, 1, 1, -1))
+        plain = tower.run(merged, 0, 1)
+    torch.testing.assert_close(got[0, [0, 1, 2, 3, 4]], ref[0, [0, 1, 2, 3, 5]], atol=1e-5, rtol=0)
+    assert not torch.allclose(plain[0, [0, 1, 2, 4]], ref[0, [0, 1, 2, 5]], atol=1e-5)  # without it they differ
