@@ -120,8 +120,6 @@ def test_unsupported_combinations_are_refused_before_any_work(tiny_model, tiny_p
     prof = tiny_profiles["retention"]
     with pytest.raises(ts.CapabilityError, match="decode"):
         ts.compress(tiny_model, "full", 0.3, decode="retention", profile=prof)  # no decode-time eviction
-    with pytest.raises(ts.CapabilityError, match="head-adaptive"):
-        ts.compress(tiny_model, "retention", 0.3, decode="h2o", decode_budget=16, profile=prof)
     press = ts.compress(tiny_model, "retention", 0.3, profile=prof)
     with pytest.raises(ts.CapabilityError, match="chunk"):
         press.prefill(torch.tensor([prompts()[0]]), chunk=8)
