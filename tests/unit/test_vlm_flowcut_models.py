@@ -40,8 +40,7 @@ def qwen() -> Any:
 
 
 def _llava_batch() -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    inp = vt.llava_inputs(TEXT, IMAGES)
-    return inp, [vt.select(inp, b, sum(IMAGES[:b]), IMAGES[b]) for b in range(3)]
+    return vt.llava_batch(tuple(TEXT), tuple(IMAGES))
 
 
 def _batch_equals_alone(ad: Any, inp: dict[str, Tensor], singles: list[dict[str, Tensor]], spec: str) -> Any:

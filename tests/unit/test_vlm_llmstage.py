@@ -420,9 +420,7 @@ def _batch(family: str, models: dict[str, Any]) -> tuple[Any, dict[str, torch.Te
 
 
 def _llava_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    text, images = [3, 7, 1], [1, 2, 0]
-    inp = vt.llava_inputs(text, images)
-    return inp, [vt.select(inp, b, sum(images[:b]), images[b]) for b in range(3)]
+    return vt.llava_batch()
 
 
 def _qwen_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -103,9 +103,7 @@ def nxt() -> Any:
 
 
 def _llava_batch() -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    text, images = [3, 7, 1], [1, 2, 0]
-    inp = vt.llava_inputs(text, images)
-    return inp, [vt.select(inp, b, sum(images[:b]), images[b]) for b in range(3)]
+    return vt.llava_batch()
 
 
 def test_several_decoder_layers_prune_in_turn_and_batch_equals_alone(llava: Any) -> None:

@@ -379,9 +379,7 @@ def nxt() -> Any:
 def _llava_batch() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     import vlm_tiny as vt
 
-    text, images = [3, 7, 1], [1, 2, 0]
-    inp = vt.llava_inputs(text, images)
-    return inp, [vt.select(inp, b, sum(images[:b]), images[b]) for b in range(3)]
+    return vt.llava_batch()
 
 
 def _eager_attentions(model: Any, pixel_values: torch.Tensor) -> tuple[Any, Any]:

@@ -108,6 +108,15 @@ def select(inputs: dict[str, torch.Tensor], b: int, images_before: int, n_images
     return out
 
 
+def llava_batch(
+    n_text: tuple[int, ...] = (3, 7, 1), n_images: tuple[int, ...] = (1, 2, 0)
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A left-padded LLaVA batch (sample b: ``n_images[b]`` images, ``n_text[b]`` text tokens at the end) and each
+    sample alone (unpadded) — the standard batch of the VLM tests (one sample without an image)."""
+    inp = llava_inputs(list(n_text), list(n_images))
+    return inp, [select(inp, b, sum(n_images[:b]), n_images[b]) for b in range(len(n_text))]
+
+
 def qwen2_vl(seed: int = 0) -> Any:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
