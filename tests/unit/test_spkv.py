@@ -242,3 +242,27 @@ def test_missing_gate_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENSIEVE_HOME", str(tmp_path))
     with pytest.raises(ts.CapabilityError, match="spkv"):
         ts.compress(tiny_model, "spkv", 0.5)
+
+
+def test_gate_figure_utilities_are_the_methods_scores(tiny_model, gate):
+    """The heat strip's numbers (train/spkv_figure.py) are the utilities the method scores pairs with."""
+    from tokensieve.methods.spkv import SPKV
+    from tokensieve.pipeline import Compressor
+    from tokensieve.train.spkv import _Observe
+    from tokensieve.train.spkv_figure import gate_utilities
+
+    ids = torch.randint(5, 90, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    u, gates = gate_utilities(tiny_model, ids, gate)
+    shape = model_shape(tiny_model)
+    assert u.shape == (shape.num_layers, 24, shape.num_kv_heads)
+    assert float(u.min()) > 0.0
+    assert float(u.max()) < 1.0
+    seen = []
+
+    def grab(ctx):
+        rope = shape.rope[ctx.layer_idx] if shape.rope else None
+        seen.append(SPKV().utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope)[0])
+
+    with torch.no_grad():
+        Compressor(tiny_model, _Observe(callback=grab), 1.0).prefill(torch.tensor([ids]))
+    torch.testing.assert_close(u, torch.stack(seen).permute(0, 2, 1))  # (L, H, T) -> (L, T, H)

@@ -467,6 +467,9 @@ def add_commands(tsub: Any) -> None:
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.set_defaults(func=cmd_spkv_density)
+    from .spkv_figure import add_command as add_figure_command
+
+    add_figure_command(tsub)
     _ = argparse
 
 
