@@ -47,3 +47,41 @@ def test_training_text_is_the_packaged_reference_and_settings_are_checked():
     assert "pydoc_data/topics.py" in origin
     with pytest.raises(ConfigError, match="length"):
         SPKVTrainConfig(length=100, window=64, horizon=256).check()
+
+
+@pytest.mark.parametrize("kind", ["spkv", "retention"])
+def test_fit_resumes_where_its_checkpoint_stopped(kind, tmp_path, monkeypatch):
+    """Both gates share one fit (SPKVTrainer.optimise): a run that dies after its step-3 checkpoint and is started
+    again ends with the same weights as 6 steps in one go (the minibatch stream continues)."""
+    import torch
+
+    from tokensieve.train.retention import RetentionTrainConfig, RetentionTrainer
+    from tokensieve.train.spkv import SPKVTrainConfig, SPKVTrainer
+
+    Cfg, Trainer = (SPKVTrainConfig, SPKVTrainer) if kind == "spkv" else (RetentionTrainConfig, RetentionTrainer)
+
+    def fit(out):
+        tr = Trainer(Cfg(out=str(out), steps=6, batch=16, checkpoint_every=3), progress=False)
+        g = torch.Generator().manual_seed(0)
+        oracle = (3, 64, 2) if kind == "spkv" else (3, 64, 2, len(tr.ages))
+        (out / "collect").mkdir(exist_ok=True)
+        shard = {"feats": torch.randn(3, 64, 16, generator=g).half(), "oracle": torch.rand(*oracle, generator=g)}
+        torch.save(shard, out / "collect" / "0000.pt")
+        return torch.cat([p.detach().flatten() for p in tr.fit().parameters()])
+
+    whole = fit(tmp_path / "a")
+    step = torch.optim.AdamW.step
+    calls = [0]
+
+    def dies_at_four(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_at_four)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "b")
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt")["step"] == 3  # the second start resumes from here
+    assert torch.equal(fit(tmp_path / "b"), whole)

@@ -55,11 +55,11 @@ def _eval(model: Any) -> Any:
     return model
 
 
-def llava(seed: int = 0, strategy: str = "default") -> Any:
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip() -> Any:
+    """The tiny CLIP tower of both LLaVA families: 3 layers (LLaVA reads layer 2), 32 px / 8 px → 16 patches."""
+    from transformers import CLIPVisionConfig
 
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
@@ -68,6 +68,13 @@ def llava(seed: int = 0, strategy: str = "default") -> Any:
         patch_size=8,
         projection_dim=32,
     )
+
+
+def llava(seed: int = 0, strategy: str = "default") -> Any:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = _clip()
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=_llama(),
@@ -182,18 +189,10 @@ def qwen_select(inputs: dict[str, torch.Tensor], b: int, grids: list[list[tuple[
 
 
 def llava_next(seed: int = 0) -> Any:
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    )
+    vision = _clip()
     cfg = LlavaNextConfig(
         vision_config=vision,
         text_config=_llama(),

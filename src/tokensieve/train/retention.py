@@ -24,7 +24,6 @@ bands inside a held-out sequence), fit (AdamW, checkpointed), evaluate on the he
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,49 +135,19 @@ class RetentionTrainer(SPKVTrainer):
 
     # -- fit ------------------------------------------------------------------------------------------------------
     def fit(self) -> RetentionNet:  # type: ignore[override]
-        from tqdm import tqdm
-
         c = self.cfg
         feats, orc = self._load("collect")  # (L, N, F) half, (L, N, H, K)
-        L, N, F = feats.shape
+        L, _, F = feats.shape
         H = orc.shape[2]
         ages = self._ages()
         torch.manual_seed(c.seed)
         net = RetentionNet(L, F, H, hidden=c.rank, bias_init=c.bias_init)
-        x32 = feats.float()
-        net.mean.copy_(x32.mean(1))
-        net.std.copy_(x32.std(1).clamp_min(1e-4))
-        del x32
-        opt = torch.optim.AdamW(net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        ckpt = self.out / "checkpoint.pt"
-        start = 0
-        if ckpt.exists():
-            state = torch.load(ckpt)
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["opt"])
-            start = int(state["step"])
-        g = torch.Generator().manual_seed(c.seed + 7)
-        for _ in range(start):  # the minibatch stream continues where the checkpoint left it
-            torch.randint(N, (c.batch,), generator=g)
-        bar = tqdm(total=c.steps, initial=start, desc="fit", disable=not self.progress)
-        for s in range(start, c.steps):
-            lr = c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / c.steps)))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = torch.randint(N, (c.batch,), generator=g)
-            loss = envelope_loss(net(feats[:, idx]), orc[:, idx], ages, c.floor)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            if (s + 1) % c.checkpoint_every == 0 or s + 1 == c.steps:
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": s + 1}, tmp)
-                tmp.rename(ckpt)
-                self.log({"stage": "fit", "step": s + 1, "loss": round(float(loss.detach()), 5), "lr": lr})
-        bar.close()
-        return net
+
+        def loss_of(out: Tensor, idx: Tensor) -> Tensor:
+            return envelope_loss(out, orc[:, idx], ages, c.floor)
+
+        result: RetentionNet = self.optimise(net, feats, loss_of)
+        return result
 
     # -- held-out metrics -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -282,15 +282,27 @@ class SPKVTrainer:
 
     # -- stage 2 -----------------------------------------------------------------------------------------------
     def fit(self) -> GateNet:
-        from tqdm import tqdm
-
         c = self.cfg
         feats, orc = self._load("collect")  # (L, N, F) half, (L, N, H)
-        L, N, F = feats.shape
+        L, _, F = feats.shape
         H = orc.shape[-1]
         target = soft_target(orc, c.epsilon, c.temperature)
         torch.manual_seed(c.seed)
         net = GateNet(L, F, H, hidden=c.hidden)
+
+        def loss_of(out: Tensor, idx: Tensor) -> Tensor:
+            return torch.nn.functional.binary_cross_entropy_with_logits(out, target[:, idx])
+
+        return self.optimise(net, feats, loss_of)
+
+    def optimise(self, net: Any, feats: Tensor, loss_of: Callable[[Tensor, Tensor], Tensor]) -> Any:
+        """The fit every gate shares: inputs standardised with the collection's statistics, AdamW with a cosine
+        schedule on minibatches of keys (``loss_of(net(feats[:, idx]), idx)``), resumable from ``checkpoint.pt``
+        (the minibatch stream continues where it stopped)."""
+        from tqdm import tqdm
+
+        c = self.cfg
+        N = int(feats.shape[1])
         x32 = feats.float()
         net.mean.copy_(x32.mean(1))
         net.std.copy_(x32.std(1).clamp_min(1e-4))
@@ -312,8 +324,7 @@ class SPKVTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = torch.randint(N, (c.batch,), generator=g)
-            logits = net(feats[:, idx])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[:, idx])
+            loss = loss_of(net(feats[:, idx]), idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
