@@ -3,12 +3,15 @@
 Sections, each present when the store has the rows it needs:
 
 * provenance — model(s), package version(s), threads, number of rows, and the commands that filled the store;
-* accuracy and speed side by side — for every configuration (canonical label) measured by both ``tokensieve eval``
-  and ``tokensieve bench``;
+* accuracy and speed side by side — for every configuration (canonical label and chunk size) measured by both
+  ``tokensieve eval`` and ``tokensieve bench``;
 * accuracy (``eval`` rows), per mode: the full-cache baseline per task and length, accuracy against the KV kept
   (the Pareto view), needle accuracy by depth (× length), accuracy against prompt length, and a table of accuracy,
   fidelity (KL, top-1 agreement), answer log-likelihood, KV bytes and times;
 * speed and memory (``bench`` rows): medians and ratios against the full cache, with two plots.
+
+A configuration prefilled in chunks (rows with a ``chunk`` size) is shown as its own row, its label suffixed
+`` chunk=N`` (:func:`~tokensieve.results.stats.chunk_labelled`), never merged with the same spec in one pass.
 
 Writes ``report.md`` and/or a self-contained ``report.html``, the PNG plots, and ``summary.json`` (accuracy
 aggregates per task, mode, configuration and length; speed medians per configuration, length and batch size).
@@ -26,7 +29,7 @@ from typing import Any
 from .errors import ConfigError
 from .results.render import Block, render_html, render_markdown
 from .results.sections import accuracy_sections, joined_sections, provenance, speed_sections
-from .results.stats import accuracy_json, speed
+from .results.stats import accuracy_json, chunk_labelled, speed
 from .results.store import ResultStore
 
 
@@ -46,7 +49,7 @@ def write_report(
     out = Path(out_dir).expanduser() if out_dir else store_p.with_name(store_p.stem + "-report")
     where, params = ("model = ?", (model,)) if model else ("", ())
     with ResultStore(store_p, readonly=True) as store:
-        eval_rows = store.rows("eval", where, params)
+        eval_rows = chunk_labelled(store.rows("eval", where, params))  # chunked prefills: rows of their own
         bench_rows = store.rows("bench", where, params)
         runs = store.runs()
     if not eval_rows and not bench_rows:

@@ -90,11 +90,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         chunk=args.chunk,
     )
-    if cfg.chunk is not None and args.store:
-        raise ConfigError(
-            "--chunk with --store: the results store does not record the chunk size yet, so chunked rows would be "
-            "reported as one-pass rows; run --chunk without --store (the table is printed, --report writes it)."
-        )
     store = ResultStore(args.store) if args.store else None
     model, tok = load_model(args.model)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -119,9 +114,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         all_rows = [asdict(r) for r in rows]
     labels = {s.label for s in cfg.specs}
-    wanted = [
-        r for r in all_rows if r["label"] in labels and r["length"] in cfg.lengths and r["batch"] in cfg.batch_sizes
-    ]
+    wanted = [  # this run's configurations: labels, lengths, batch sizes and chunk size (None: one pass)
+        r for r in all_rows
+        if r["label"] in labels and r["length"] in cfg.lengths and r["batch"] in cfg.batch_sizes
+        and r.get("chunk", cfg.chunk) == cfg.chunk
+    ]  # fmt: skip
     summary = speed(wanted, info)
     print(text_table([h for h, _, _ in SPEED_COLUMNS], [speed_cells(r) for r in summary]))
     if report_dir is not None:
@@ -165,8 +162,9 @@ def add_commands(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="chunked prefill: every configuration prefills in chunks of N tokens, its cache re-compressed after "
-        "each (docs/PREFILL.md); refused for methods that cannot score a chunk",
+        help="chunked prefill: every configuration (the full cache too) prefills in chunks of N tokens, its cache "
+        "re-compressed after each (docs/PREFILL.md); refused for methods that cannot score a chunk. With --store "
+        "the rows record the chunk size and are reported apart from one-pass rows (label + ' chunk=N')",
     )
     sp.add_argument(
         "--vlm",

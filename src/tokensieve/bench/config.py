@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..core.budget import Budget
 from ..errors import ConfigError
+from ..results.store import check_chunkable
 from ..results.threads import default_threads
 from ..spec import Spec, parse_specs
 
@@ -53,7 +54,10 @@ class BenchConfig:
             raise ConfigError("Context lengths must be >= 16 tokens.")
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
             raise ConfigError("Batch sizes must be >= 1.")
-        if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 2):
-            raise ConfigError(f"--chunk must be a whole number of tokens >= 2; got {self.chunk!r}.")
+        if self.chunk is not None:
+            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 2:
+                raise ConfigError(f"--chunk must be a whole number of tokens >= 2; got {self.chunk!r}.")
+            for s in specs:
+                check_chunkable(s)  # a method that cannot score a chunk fails here, before the model loads
         if self.decode_tokens < 2 or self.repetitions < 1 or self.threads < 1:
             raise ConfigError("decode_tokens >= 2, repetitions >= 1 and threads >= 1 are required.")

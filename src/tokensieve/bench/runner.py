@@ -56,6 +56,7 @@ class BenchRow:
     stored_entries: int
     prefill_peak_rss: int  # process resident memory, highest while prefilling (model weights included)
     decode_peak_rss: int  # highest while decoding
+    chunk: int | None = None  # chunked prefill: the chunk size in tokens (None: one pass)
 
 
 def bench_prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
@@ -222,6 +223,7 @@ def run_bench(
                             compress_s=ctx.compress_seconds,
                             ttft_s=ttft,
                             prefill_peak_rss=mem.peak,
+                            chunk=cfg.chunk,
                             **measured,
                         )
                         rows.append(row)

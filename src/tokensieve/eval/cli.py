@@ -7,7 +7,9 @@ import shlex
 import sys
 from typing import Any
 
-GRID_FLAGS = ("tasks", "methods", "budgets", "lengths", "depths", "seeds", "modes", "haystack", "text", "store")
+GRID_FLAGS = (
+    "tasks", "methods", "budgets", "lengths", "depths", "seeds", "modes", "haystack", "text", "chunk", "store",
+)  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -63,11 +65,12 @@ def results_table(summary: Any) -> str:
     """The grid's results as a terminal table (every cell of the grid in the store, this run's and earlier)."""
     from ..results.render import text_table
     from ..results.sections import summary_table
+    from ..results.stats import chunk_labelled
     from ..results.store import ResultStore
 
     wanted = set(summary.keys)
     with ResultStore(summary.store, readonly=True) as store:
-        rows = [r for r in store.rows("eval") if r["key"] in wanted]
+        rows = chunk_labelled(r for r in store.rows("eval") if r["key"] in wanted)
     if not rows:
         return "(no results yet)"
     table = summary_table(rows)
@@ -116,6 +119,10 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--modes", help="agnostic (compress the context before the question), aware, or both")
     sp.add_argument("--haystack", help="filler between needles: repeat (fixed sentences) or text (real text)")
     sp.add_argument("--text", help="real text: kjv, python-doc, stdlib, generated, or a path to a UTF-8 text file")
+    sp.add_argument("--chunk", metavar="N",
+                    help="chunked prefill: every configuration but the full-cache reference prefills in chunks of N "
+                    "tokens, its cache re-compressed after each (docs/PREFILL.md); a method that cannot score a "
+                    "chunk is refused. Stored and reported as its own configuration (label + ' chunk=N')")  # fmt: skip
     sp.add_argument("--store", help="SQLite results store (default runs/eval.sqlite)")
     sp.add_argument("--model", default=None, help="embedded model name, local HF directory or hub id")
     add_threads_argument(sp)

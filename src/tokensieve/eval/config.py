@@ -13,12 +13,19 @@ A grid is declared in a small TOML or JSON file or on the command line (``tokens
     haystack = "repeat"                                  # or "text"
     text    = "kjv"                                      # or a path to a UTF-8 text file
     store   = "runs/eval.sqlite"
+    chunk   = 512                                        # optional: chunked prefill (docs/PREFILL.md)
 
 Methods are specs (:mod:`tokensieve.spec`): a spec that gives no budget is measured at each of the grid's budgets,
 one that gives its own keeps it.
 
-A *cell* is one measurement: (task and its options, a resolved spec, length, depth, seed, mode). Its key is
-:meth:`Spec.key` of that workload and the model key, so a rerun finds the cells it already measured.
+``chunk = N`` (``--chunk N``) prefills every configuration in chunks of ``N`` tokens, re-compressing after each
+(``Compressor(chunk=N)``) — except the full-cache baseline, which stays one pass: it is the reference of accuracy
+and KL, and a chunked full cache keeps the same entries. A method that cannot score a chunk
+(:meth:`~tokensieve.core.method.PrefillMethod.chunk_refusal`) is refused when the grid is built, with its reason.
+
+A *cell* is one measurement: (task and its options, a resolved spec, length, depth, seed, mode, chunk size). Its key
+is :meth:`Spec.key` of that workload and the model key, so a rerun finds the cells it already measured; the chunk
+size is part of the workload only when it is set, so one-pass cells keep the keys they always had.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from ..core.budget import Budget
 from ..data.tasks import MODES, Task, get_task
 from ..errors import ConfigError
 from ..registry import method_names
+from ..results.store import check_chunkable
 from ..spec import Spec, split_specs
 
 
@@ -103,12 +111,13 @@ class EvalConfig:
     store: str = "runs/eval.sqlite"
     threads: int | None = None
     fidelity: bool = True
+    chunk: int | None = None  # chunked prefill of every configuration but the full-cache baseline (None: one pass)
     all_methods: bool = False  # `methods = all`: skip registered methods the model cannot run instead of failing
     _task_objs: tuple[Task, ...] = field(default=(), repr=False, compare=False)
 
     FIELDS = (
         "tasks", "methods", "budgets", "lengths", "depths", "seeds", "modes", "haystack", "text", "model", "store",
-        "threads", "fidelity",
+        "threads", "fidelity", "chunk",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -135,6 +144,12 @@ class EvalConfig:
             raise ConfigError("threads must be >= 1.")
         if not str(self.store).strip():
             raise ConfigError("Give a results store path (--store runs/eval.sqlite).")
+        if self.chunk is not None:
+            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 2:
+                raise ConfigError(f"chunk must be a whole number of tokens >= 2 (e.g. 512); got {self.chunk!r}.")
+            if not self.all_methods:  # `all` drops, with a note, the methods that cannot (tokensieve.eval.runner)
+                for m in self.methods:
+                    check_chunkable(m)
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -175,6 +190,8 @@ class EvalConfig:
             kw["threads"] = _ints([data["threads"]], "threads")[0]
         if "fidelity" in data and data["fidelity"] is not None:
             kw["fidelity"] = _bool(data["fidelity"], "fidelity")
+        if data.get("chunk") is not None and str(data["chunk"]).strip().lower() not in ("", "none", "0"):
+            kw["chunk"] = _ints(_tuple(data["chunk"], "chunk"), "chunk", minimum=2)[0]
         return cls(**kw)
 
     @classmethod
@@ -209,6 +226,7 @@ class EvalConfig:
             "haystack": self.haystack,
             "text": self.text,
             "model": self.model,
+            **({} if self.chunk is None else {"chunk": self.chunk}),
         }
 
 
@@ -260,6 +278,7 @@ class Cell:
     depth: float | None
     seed: int
     mode: str
+    chunk: int | None = None  # chunked prefill (Compressor chunk=); None: one pass
 
     @property
     def sample_id(self) -> tuple[str, str, int, float | None, int]:
@@ -275,6 +294,7 @@ class Cell:
             "seed": self.seed,
             "mode": self.mode,
             "model": model,
+            **({} if self.chunk is None else {"chunk": self.chunk}),  # one-pass cells keep their keys
         }
 
     def config(self, model: str) -> dict[str, Any]:
@@ -306,5 +326,6 @@ def expand(cfg: EvalConfig) -> tuple[list[Cell], list[str]]:
                 for seed in cfg.seeds:
                     for mode in modes:
                         for spec in specs:
-                            cells.append(Cell(task, spec, length, depth, seed, mode))
+                            chunk = None if spec.is_full else cfg.chunk  # the full-cache reference: one pass
+                            cells.append(Cell(task, spec, length, depth, seed, mode, chunk))
     return cells, notes

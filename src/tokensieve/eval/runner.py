@@ -8,8 +8,9 @@ reference for KL divergence and top-1 agreement. The reference is kept in memory
 One cell (batch size 1):
 
 1. prefill the prompt with the method and budget — query-agnostic: compress the context, then append the question
-   uncompressed; query-aware: compress context and question together — and record prefill/compress seconds, KV
-   bytes and stored entries;
+   uncompressed; query-aware: compress context and question together; with the grid's ``chunk``, in chunks of that
+   many tokens (the full-cache reference always in one pass) — and record prefill/compress seconds, KV bytes and
+   stored entries;
 2. greedy-decode the answer on a fork of the cache and score it (accuracy tasks);
 3. teacher-force the reference continuation on a fork: KL(full ‖ method) and top-1 agreement per position;
 4. teacher-force the reference answer: its log-likelihood (for the perplexity task: the text's continuation, whose
@@ -98,9 +99,10 @@ def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int], *, 
     return log_probs(torch.cat([first[None], logits[0, :-1]], dim=0))  # (N, V)
 
 
-def make_press(model: Any, spec: Spec, *, reserve: int = 0) -> Compressor:
-    """A Compressor for a resolved spec: its prefill method and budget, and its decode method if any."""
-    return compress(model, reserve=reserve, **spec.compressor_kwargs())
+def make_press(model: Any, spec: Spec, *, reserve: int = 0, chunk: int | None = None) -> Compressor:
+    """A Compressor for a resolved spec: its prefill method and budget, and its decode method if any; ``chunk``:
+    its prefills run in chunks of that many tokens (refused, with the reason, for a method that cannot)."""
+    return compress(model, reserve=reserve, chunk=chunk, **spec.compressor_kwargs())
 
 
 def measure(
@@ -118,7 +120,7 @@ def measure(
     n_new = task.max_new_tokens
     follow = max(n_new, len(target), len(reference.ids) if reference else n_new) + 1
     t_cell = time.perf_counter()
-    press = make_press(model, cell.spec, reserve=len(prompt.question) + follow)
+    press = make_press(model, cell.spec, reserve=len(prompt.question) + follow, chunk=cell.chunk)
     stepwise = cell.spec.decode is not None
     if cell.mode == "aware" or not prompt.question:
         ctx = press.prefill(torch.tensor([prompt.full]))
@@ -234,7 +236,7 @@ def run_eval(
         for m in cfg.method_list():
             try:
                 for s in m.at_budgets(cfg.budgets):
-                    make_press(model, s)  # capability / profile checks
+                    make_press(model, s, chunk=None if s.is_full else cfg.chunk)  # capability / profile checks
             except CapabilityError as exc:
                 if not cfg.all_methods:
                     raise
@@ -261,7 +263,9 @@ def run_eval(
             print(f"note: {note}", file=out)
         print(
             f"{len(cells)} cells ({len(cfg.task_objects)} tasks x {len(cfg.specs())} configurations incl. full cache, "
-            f"{len(cfg.lengths)} lengths); {already} already in {store.path}, {len(todo)} to run; "
+            f"{len(cfg.lengths)} lengths"
+            + (f"; prefilled in chunks of {cfg.chunk} tokens, the full cache in one pass" if cfg.chunk else "")
+            + f"); {already} already in {store.path}, {len(todo)} to run; "
             f"model {mkey}, {threads} threads.",
             file=out,
         )
@@ -355,6 +359,7 @@ def _row(cell: Cell, key: str, mkey: str, run_id: int, threads: int, sample: Sam
         "version": __version__,
         "created": time.time(),
         "run_id": run_id,
+        "chunk": cell.chunk,
         "task": cell.task.name,
         "task_options": config["task_options"],
         "length": cell.length,

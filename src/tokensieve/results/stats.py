@@ -68,6 +68,29 @@ def sem(xs: Sequence[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
+def chunk_suffix(chunk: Any) -> str:
+    """What a chunked prefill adds to a configuration's label in reports (`` chunk=512``); '' for one pass."""
+    return "" if chunk is None else f" chunk={int(chunk)}"
+
+
+def chunk_labelled(rows: Iterable[Row]) -> list[Row]:
+    """Copies of stored rows whose ``label`` and ``method`` carry the chunk size of a chunked prefill
+    (``snapkv:0.25 chunk=256``), so that every table, plot and join that groups rows by label keeps a chunked
+    configuration apart from the same spec prefilled in one pass. One-pass rows (``chunk`` NULL or absent) are
+    unchanged; the canonical label stays in ``spec_label``. Applying it twice changes nothing."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        suffix = chunk_suffix(r.get("chunk"))
+        r.setdefault("chunk", None)
+        r.setdefault("spec_label", r["label"])
+        if suffix and not str(r["label"]).endswith(suffix):
+            r["label"] = f"{r['label']}{suffix}"
+            r["method"] = f"{r['method']}{suffix}"
+        out.append(r)
+    return out
+
+
 def group(rows: Iterable[Row], key: Callable[[Row], GroupKey]) -> dict[GroupKey, list[Row]]:
     out: dict[GroupKey, list[Row]] = defaultdict(list)
     for r in rows:
@@ -158,7 +181,7 @@ def accuracy_json(rows: list[Row]) -> list[dict[str, Any]]:
         out.append(
             {
                 "task": key[0], "mode": key[1], "label": key[2], "method": grows[0]["method"],
-                "budget": grows[0]["budget"], "length": key[3],
+                "budget": grows[0]["budget"], "length": key[3], "chunk": grows[0].get("chunk"),
                 **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.__dict__.items()},
             }
         )  # fmt: skip
@@ -189,18 +212,24 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     ``ideal_speedup`` — the decode speed-up the bytes read per step allow, from the measured bandwidth
     (weights + KV read, full vs this configuration).
     """
+    rows = chunk_labelled(rows)
     buckets = group(rows, lambda r: (r["label"], r["length"], r["batch"]))
     med: dict[GroupKey, Row] = {}
     for k, rs in buckets.items():
         m: Row = {f: statistics.median(float(r[f]) for r in rs) for f in SPEED_FIELDS}
         m.update({"label": k[0], "length": k[1], "batch": k[2], "reps": len(rs)})
-        m.update({f: rs[0][f] for f in ("method", "prefill", "budget", "decode", "decode_budget")})
+        m.update({f: rs[0][f] for f in ("method", "prefill", "budget", "decode", "decode_budget", "chunk")})
         med[k] = m
     weights = float(info.get("weights_bytes", 0))
     bw = float(info.get("bandwidth", 0)) or float("nan")
     out = []
-    for (_, length, batch), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != FULL)):
-        base = med.get((FULL, length, batch))
+
+    def order(kv: tuple[GroupKey, Row]) -> tuple[Any, ...]:
+        (label, length, batch), m = kv
+        return (length, batch, m["chunk"] or 0, label != FULL + chunk_suffix(m["chunk"]))
+
+    for (_, length, batch), m in sorted(med.items(), key=order):
+        base = med.get((FULL + chunk_suffix(m["chunk"]), length, batch))  # the full cache prefilled alike
         if base is not None:
             m["speedup"] = m["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
             m["attn_ratio"] = base["attn_ms"] / m["attn_ms"] if m["attn_ms"] else float("nan")

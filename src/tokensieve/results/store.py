@@ -8,8 +8,15 @@ One schema, one key rule, one label:
 * tables ``eval`` and ``bench`` — one row per measurement. Both start with the same columns: ``key`` (the primary
   key, :meth:`tokensieve.spec.Spec.key` of the configuration and its workload), ``label`` (the canonical
   :attr:`~tokensieve.spec.Spec.label`), ``method`` (the label without budgets), ``spec`` (every resolved parameter,
-  JSON), the budget, model, version, run and time. So an accuracy row and a speed row of the same configuration
-  carry the same ``label`` and join.
+  JSON), the budget, model, version, run and time, and ``chunk`` — the chunk size of a chunked prefill
+  (``Compressor(chunk=N)``, docs/PREFILL.md), NULL for a one-pass prefill. So an accuracy row and a speed row of the
+  same configuration carry the same ``label`` and ``chunk`` and join; rows that differ only by ``chunk`` are
+  different configurations (:func:`tokensieve.results.stats.chunk_labelled` gives them distinct labels for reports).
+
+Columns added after schema 2 was first released (:data:`ADDED`, so far only ``chunk``) are added to an older store
+when it is opened for writing (``ALTER TABLE … ADD COLUMN``: its rows read NULL, i.e. one pass), and read as None
+from an older store opened read-only; the schema version stays 2, so older tokensieve versions keep reading and
+writing a migrated store.
 
 A row is committed as soon as it is measured, in its own transaction, so a run killed at any moment (even with
 SIGKILL) loses at most the measurement in progress; a restarted run skips every key already present. Rows are only
@@ -36,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.budget import Budget
-from ..errors import ConfigError
+from ..core.method import PrefillMethod
+from ..errors import CapabilityError, ConfigError
 from ..spec import Spec
 
 SCHEMA_VERSION = 2
@@ -57,7 +65,11 @@ COMMON: tuple[tuple[str, str], ...] = (
     ("created", "REAL NOT NULL"),
     ("run_id", "INTEGER"),
     ("threads", "INTEGER"),
+    ("chunk", "INTEGER"),  # chunked prefill: the chunk size in tokens; NULL = one pass
 )
+
+# Columns added to schema 2 after its release: added on opening an older store for writing, None when reading one.
+ADDED: frozenset[str] = frozenset({"chunk"})
 
 EVAL: tuple[tuple[str, str], ...] = (
     *COMMON,
@@ -214,6 +226,10 @@ class ResultStore:
                 body = ",\n  ".join(f"{c} {t}" for c, t in cols)
                 self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (\n  {body}\n)")
                 self._conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_label ON {table}(label)")
+                have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+                for c, t in cols:
+                    if c in ADDED and c not in have:  # a store written before this column existed: migrate
+                        self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {c} {t}")
         self._check_schema()
 
     def _check_version(self) -> None:
@@ -231,7 +247,7 @@ class ResultStore:
         self._check_version()
         for table, cols in TABLES.items():
             have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
-            if {c for c, _ in cols} - have:
+            if {c for c, _ in cols} - have - ADDED:
                 raise ConfigError(
                     f"{self.path} is not a tokensieve results store of schema {SCHEMA_VERSION} (table {table} "
                     "differs); use another --store path."
@@ -338,7 +354,11 @@ class ResultStore:
         """Rows of ``table`` in the order they were measured (``where``: an SQL condition with ``?`` params)."""
         _table(table)
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "") + " ORDER BY created"
-        return [dict(r) for r in self._conn.execute(sql, tuple(params))]
+        rows = [dict(r) for r in self._conn.execute(sql, tuple(params))]
+        for r in rows:  # an older store opened read-only lacks the columns added since: they read as None
+            for c in ADDED:
+                r.setdefault(c, None)
+        return rows
 
     def runs(self, tool: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM runs" + (" WHERE tool = ?" if tool else "") + " ORDER BY id"
@@ -407,3 +427,23 @@ def spec_columns(spec: Spec) -> dict[str, Any]:
         "budget_kind": primary.kind,
         "budget_value": float(primary.value),
     }
+
+
+def check_chunkable(spec: Spec) -> None:
+    """Refuse, with the method's own reason (:meth:`PrefillMethod.chunk_refusal`), a spec that cannot be prefilled
+    chunk by chunk — what :meth:`tokensieve.pipeline.Compressor.check_chunked` refuses, checked without a model so
+    that ``tokensieve eval --chunk`` / ``bench --chunk`` fail before the model loads (each Compressor they build with
+    ``chunk=`` checks again)."""
+    method = spec.method
+    if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
+        raise CapabilityError(
+            f"'{spec.label}' cannot be measured with chunk=: '{method.name}' cannot compress a prompt chunk by "
+            f"chunk: {why}. Drop chunk (one pass) or this method, or use a method that can, e.g. snapkv, pyramidkv, "
+            "tova, h2o, knorm, streaming_llm (docs/PREFILL.md)."
+        )
+    dm = spec.decode
+    if dm is not None and getattr(dm, "needs_prefill_context", False):
+        raise CapabilityError(
+            f"'{spec.label}' cannot be measured with chunk=: decode method '{dm.name}' starts from the whole prompt's "
+            "queries, which a chunked prefill does not keep. Drop chunk (one pass) or this method."
+        )
