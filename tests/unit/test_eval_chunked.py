@@ -163,7 +163,7 @@ def test_cli_refuses_a_method_that_cannot_chunk_without_a_traceback(capsys, tmp_
     assert not (tmp_path / "r.sqlite").exists()  # refused before the store was created
     assert main(["bench", "--methods", "ems:0.25", "--chunk", "256", "--store", "b.sqlite"]) == 2
     err = capsys.readouterr().err
-    assert "'ems'" in err
+    assert "'ems:0.25' cannot compress a prompt chunk by chunk: it merges" in err
     assert "Traceback" not in err
     assert not (tmp_path / "b.sqlite").exists()
 

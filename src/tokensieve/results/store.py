@@ -437,13 +437,12 @@ def check_chunkable(spec: Spec) -> None:
     method = spec.method
     if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
         raise CapabilityError(
-            f"'{spec.label}' cannot be measured with chunk=: '{method.name}' cannot compress a prompt chunk by "
-            f"chunk: {why}. Drop chunk (one pass) or this method, or use a method that can, e.g. snapkv, pyramidkv, "
-            "tova, h2o, knorm, streaming_llm (docs/PREFILL.md)."
+            f"'{spec.label}' cannot compress a prompt chunk by chunk: {why}. Measure it without chunk (one pass) or "
+            "drop it; methods that can: snapkv, pyramidkv, tova, h2o, knorm, streaming_llm … (docs/PREFILL.md)."
         )
     dm = spec.decode
     if dm is not None and getattr(dm, "needs_prefill_context", False):
         raise CapabilityError(
-            f"'{spec.label}' cannot be measured with chunk=: decode method '{dm.name}' starts from the whole prompt's "
-            "queries, which a chunked prefill does not keep. Drop chunk (one pass) or this method."
+            f"'{spec.label}' cannot run after a chunked prefill: decode method '{dm.name}' starts from the whole "
+            "prompt's queries, which a chunked prefill does not keep. Measure it without chunk (one pass) or drop it."
         )
