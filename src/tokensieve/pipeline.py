@@ -187,6 +187,11 @@ def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelS
             f"Decode method '{decode.name}' does not support {what} attention yet, and model '{shape.key}' has it. "
             "Run without a decode method (prefill methods honour the model's windows and soft-capping)."
         )
+    if getattr(decode, "decodes_after_own_prefill", False) and type(method) is not type(decode):
+        raise CapabilityError(
+            f"'{decode.name}' evicts while decoding with the scores its own prefill gave the prompt's entries, so it "
+            f"cannot follow '{method.name}'; run '{decode.name}' alone (it also acts while decoding)."
+        )
     if method.capabilities.head_adaptive and not decode.capabilities.head_adaptive:
         raise CapabilityError(
             f"Decode method '{decode.name}' needs every KV head of a sequence to hold the same number of entries, "

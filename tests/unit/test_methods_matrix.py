@@ -18,7 +18,13 @@ COMPRESSING = [
     if get_method_class(m).capabilities.apply.value != "none"
     and Phase.PREFILL in get_method_class(m).capabilities.phases
 ]
-DECODING = [m for m in method_names() if m != "full" and Phase.DECODE in get_method_class(m).capabilities.phases]
+DECODING = [
+    m
+    for m in method_names()
+    if m != "full"
+    and Phase.DECODE in get_method_class(m).capabilities.phases
+    and not getattr(get_method_class(m), "decodes_after_own_prefill", False)  # retention: tests/unit/test_retention.py
+]
 L_LAYERS, H_KV, D = 3, 2, 8
 
 

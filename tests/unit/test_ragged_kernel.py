@@ -179,3 +179,65 @@ def test_build_store_packs_rows_without_padding():
             torch.testing.assert_close(rv, torch.cat([v[b, h, sel], ev[b, h][evalid[b, h]]]))
             assert rp.tolist() == sel.tolist() + [-1] * int(evalid[b, h].sum())
     assert store.kv_bytes() == 2 * D * 4 * int(counts.sum() + evalid.sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=lengths_st, page=st.sampled_from([1, 3, 8, 32]), with_bias=st.booleans(), seed=st.integers(0, 10_000))
+def test_keep_take_and_entry_positions_follow_a_per_row_reference(lengths, page, with_bias, seed):
+    """Evicting arbitrary entries of every row at once keeps each row's survivors in order (bytes exact), reads and
+    appends stay exact afterwards, and take/entry_positions read each row's entries by index."""
+    g = torch.Generator().manual_seed(seed)
+    store = _store(g, lengths, page, with_bias, 2)
+    B, H = len(lengths), len(lengths[0])
+    before = [store.row(b, h) for b in range(B) for h in range(H)]
+    bias_before = [r.bias for r in store.rows]
+    pos = store.entry_positions()
+    n = pos.shape[1]
+    for r, (_, _, p) in enumerate(before):
+        assert pos[r, : p.numel()].tolist() == p.long().tolist() and bool((pos[r, p.numel() :] == -1).all())
+    if n:
+        idx = torch.stack([torch.randint(0, max(1, int(x)), (3,), generator=g) for x in store.lengths().flatten()])
+        live = store.lengths().flatten() > 0
+        rows = live.nonzero().flatten()
+        k, v = store.take(rows, idx[rows])
+        for i, r in enumerate(rows.tolist()):
+            torch.testing.assert_close(k[i], before[r][0][idx[r]])
+            torch.testing.assert_close(v[i], before[r][1][idx[r]])
+    mask = torch.rand(B * H, n + 2, generator=g) < 0.6
+    evicted = store.keep(mask)
+    assert evicted == sum(int((~mask[r, : before[r][2].numel()]).sum()) for r in range(B * H))
+    for r, (k0, v0, p0) in enumerate(before):
+        m = mask[r, : p0.numel()]
+        k1, v1, p1 = store.row(r // H, r % H)
+        torch.testing.assert_close(k1, k0[m])
+        torch.testing.assert_close(v1, v0[m])
+        assert p1.tolist() == p0[m].tolist()
+        if bias_before[r] is not None:
+            torch.testing.assert_close(store.rows[r].bias, bias_before[r][m])
+    assert store.kv_bytes() == 2 * int(store.lengths().sum()) * D * 4
+    q = torch.randn(B, H * 2, 1, D, generator=g)
+    store.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g),
+                 torch.full((B, 1), 99, dtype=torch.long), None)  # fmt: skip
+    torch.testing.assert_close(store.attend(q, SCALE), _reference(store, q), atol=1e-5, rtol=1e-5)
+    assert store.evictions == (1 if evicted else 0)
+
+
+def test_as_ragged_keeps_the_real_entries_of_a_dense_store():
+    """A dense store with left padding (and a row-padded one) becomes ragged rows of its real entries only."""
+    from tokensieve.cache.dense import DenseKV
+    from tokensieve.cache.storage import RowPaddedKV, as_ragged
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 5, D, generator=g), torch.randn(2, 2, 5, D, generator=g)
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)[:, None, :].expand(2, 2, 5)
+    ragged = as_ragged(DenseKV(k, v, pos, valid=valid))
+    assert ragged.lengths().tolist() == [[5, 5], [3, 3]]
+    torch.testing.assert_close(ragged.row(1, 1)[0], k[1, 1, 2:])
+    assert ragged.row(1, 0)[2].tolist() == [0, 1, 2]
+    bias = torch.zeros(2, 2, 5)
+    bias[0, 1, :3] = float("-inf")
+    padded = RowPaddedKV(k, v, pos, bias, torch.tensor([[0, 3], [2, 2]]))
+    rag = as_ragged(padded)
+    assert rag.lengths().tolist() == [[5, 2], [3, 3]]
+    torch.testing.assert_close(rag.row(0, 1)[1], v[0, 1, 3:])

@@ -118,8 +118,12 @@ def test_batch_equals_single(tiny_model, tiny_profiles):
 
 def test_unsupported_combinations_are_refused_before_any_work(tiny_model, tiny_profiles, tmp_path, monkeypatch):
     prof = tiny_profiles["retention"]
-    with pytest.raises(ts.CapabilityError, match="decode"):
-        ts.compress(tiny_model, "full", 0.3, decode="retention", profile=prof)  # no decode-time eviction
+    with pytest.raises(ts.CapabilityError, match="own prefill"):
+        ts.compress(tiny_model, "full", 0.3, decode="retention", profile=prof)  # its decode needs its prefill
+    with pytest.raises(ts.CapabilityError, match="own prefill"):
+        ts.compress(tiny_model, "snapkv:0.3+retention:0.3", profile=prof)
+    with pytest.raises(ConfigError, match="buffer"):
+        Retention(buffer=0)
     press = ts.compress(tiny_model, "retention", 0.3, profile=prof)
     with pytest.raises(ts.CapabilityError, match="chunk"):
         press.prefill(torch.tensor([prompts()[0]]), chunk=8)
@@ -189,3 +193,103 @@ def test_band_oracle_matches_a_loop_and_the_loss_pieces():
         RetentionTrainConfig(length=100, ages="4,64").check()
     with pytest.raises(ConfigError, match="ages"):
         RetentionTrainConfig(ages="16,4").check()
+
+
+@pytest.mark.parametrize(
+    ("spec", "sink", "window"), [("retention[buffer=3]", 0, 0), ("retention[buffer=2,sink=1,window=3]", 1, 3)]
+)
+@torch.inference_mode()
+def test_decode_evicts_globally_as_an_independent_replay(spec, sink, window, tiny_model, tiny_profiles, monkeypatch):
+    """While decoding, each generated token enters every (layer, KV head) row; once a sequence holds more than
+    L * H * (M + buffer) entries, the global top L * H * M by (age) * log beta stay. Replayed here from the log beta the
+    gates gave each token (recorded), starting from the prefill's selection (checked above against the model)."""
+    from tokensieve.methods import retention as mod
+
+    seen: dict[tuple[int, int], list[float]] = {}  # (layer, position) -> log beta per KV head
+    original = mod.Retention._score_new
+
+    def spy(self, dl, pos, due):
+        known = dl.state.known.clone()
+        original(self, dl, pos, due)
+        for r in range(pos.shape[0]):
+            for j in range(int(known[r]), int(dl.state.known[r])):
+                seen.setdefault((dl.index, int(pos[r, j])), [0.0, 0.0])[r % 2] = float(dl.state.log_beta[r, j])
+
+    monkeypatch.setattr(mod.Retention, "_score_new", spy)
+    prof = tiny_profiles["retention"]
+    ids = torch.tensor([prompts()[0]])
+    press = ts.compress(tiny_model, spec, 0.3, profile=prof)
+    ctx = press.prefill(ids)
+    prompt_lb = {li: ctx.cache.decode_run.scratch[("retention", "decode")].layers[li].state for li in range(3)}
+    stored = {k: set(v) for k, v in stored_positions(ctx).items()}
+    for li, st in prompt_lb.items():  # the prompt entries' log beta, as the prefill computed them
+        for h in range(2):
+            for j, p in enumerate(ctx.cache.layers[li].store.row(0, h)[2].tolist()):
+                seen.setdefault((li, p), [0.0, 0.0])[h] = float(st.log_beta[h, j])
+    steps, n, M = 14, 48, ts.Budget.ratio(0.3).tokens_for(48)
+    buffer = int(spec.split("buffer=")[1].split(",")[0].rstrip("]"))
+    press.decode(ctx, steps)
+    evictions = 0
+    for t in range(n, n + steps - 1):  # the last generated token is never fed back
+        for key in stored:
+            stored[key].add(t)
+        if sum(len(v) for v in stored.values()) > 3 * 2 * (M + buffer):
+            evictions += 1
+            flat = []
+            for (li, h), ps in stored.items():
+                for p in ps:
+                    protected = p < sink or p > t - window
+                    flat.append((float("inf") if protected else (t + 1 - p) * seen[(li, p)][h], li, h, p))
+            flat.sort(key=lambda x: -x[0])
+            top = flat[: 3 * 2 * M]
+            stored = {key: {p for (_, li, h, p) in top if (li, h) == key} for key in stored}
+    assert evictions >= 2
+    assert stored_positions(ctx) == stored
+    assert ctx.cache.decode_run.scratch[("retention", "decode")].evictions == evictions
+    assert ctx.cache.kv_bytes() == ctx.cache.stored_entries() * 2 * 8 * 4
+
+
+@torch.inference_mode()
+def test_decoded_tokens_log_beta_is_the_gate_on_their_stored_keys_and_values(tiny_model, tiny_profiles):
+    """The log beta given to a generated token is the gate applied to the key and value the store holds for it."""
+    from tokensieve.methods.spkv_gate import gate_features
+
+    prof = tiny_profiles["retention"]
+    press = ts.compress(tiny_model, "retention[buffer=2]", 0.3, profile=prof)
+    ctx = press.prefill(torch.tensor([prompts()[0]]))
+    press.decode(ctx, 10)
+    gates, shape = press.profile_data, press.shape
+    for li, layer in enumerate(ctx.cache.layers):
+        st = layer.decode.state
+        rows = [layer.store.row(0, h) for h in range(2)]
+        common = set(rows[0][2].tolist()) & set(rows[1][2].tolist())
+        common = sorted(p for p in common if p >= 48 and all(p in r[2].tolist() for r in rows))
+        pick = [[r[2].tolist().index(p) for p in common] for r in rows]
+        if not common or any(j >= int(st.known[h]) for h in range(2) for j in pick[h]):
+            continue
+        k = torch.stack([rows[h][0][pick[h]] for h in range(2)])[None]
+        v = torch.stack([rows[h][1][pick[h]] for h in range(2)])[None]
+        want = gates.log_beta(li, gate_features(k, v, torch.tensor([common]), shape.rope[li]))[0].T
+        got = torch.stack([st.log_beta[h, pick[h]] for h in range(2)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_decode_batch_equals_single_and_keep_all_never_evicts(tiny_model, tiny_profiles):
+    prof = tiny_profiles["retention"]
+    rows = prompts(seed=2)
+    ids, mask = left_pad(rows, 0)
+    press = ts.compress(tiny_model, "retention[buffer=2]", 0.4, profile=prof)
+    ctx = press.prefill(ids, mask)
+    tokens = press.decode(ctx, 8).tokens
+    kept = [stored_positions(ctx, b) for b in range(len(rows))]
+    for b, r in enumerate(rows):
+        alone = press.prefill(torch.tensor([r]))
+        assert press.decode(alone, 8).tokens[0] == tokens[b]
+        assert kept[b] == stored_positions(alone)
+    full = ts.compress(tiny_model, "full")
+    ref = full.decode(full.prefill(torch.tensor([rows[0]])), 9).tokens
+    keep_all = ts.compress(tiny_model, "retention[buffer=1]", 1.0, profile=prof)
+    ctx = keep_all.prefill(torch.tensor([rows[0]]))
+    assert keep_all.decode(ctx, 9).tokens == ref
+    assert ctx.cache.stored_entries() == 3 * 2 * (48 + 8)

@@ -280,6 +280,59 @@ class RaggedKV:
         keep_mask[table[live]] = True
         self._compact_pages(keep_mask.nonzero().flatten())
 
+    def entry_positions(self) -> Tensor:
+        """``(R, n_max)`` true position of every stored entry, rows padded to the longest with -1; rows
+        sequence-major (``r = b * heads + h``), each row's entries in the order they were stored (ascending
+        positions). Cheap: reads positions only."""
+        slots, filled = self._row_slots()
+        pos = self._pos.view(-1)[slots.flatten()].view(slots.shape).long()
+        return torch.where(filled, pos, torch.full_like(pos, -1))
+
+    def take(self, rows: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(m, c, D)`` of the entries at indices ``idx`` ``(m, c)`` (in stored order, as
+        :meth:`entry_positions`) of rows ``rows`` ``(m,)``; every index must be below its row's length. A copy."""
+        if idx.shape[0] != rows.shape[0]:
+            raise ValueError(f"take: {idx.shape[0]} rows of indices for {rows.shape[0]} rows")
+        if idx.numel() and bool(((idx < 0) | (idx >= self._n.index_select(0, rows)[:, None])).any()):
+            raise ValueError("take: an index outside its row")
+        table, _ = self._table()
+        P, D = self.page, self._k.shape[-1]
+        slots = (table.index_select(0, rows).gather(1, idx // P) * P + idx % P).flatten()
+        k = self._k.view(-1, D).index_select(0, slots).view(*idx.shape, D)
+        v = self._v.view(-1, D).index_select(0, slots).view(*idx.shape, D)
+        return k, v
+
+    def keep(self, mask: Tensor) -> int:
+        """Evict, in place and for every row at once, the entries ``mask`` leaves out: ``mask`` ``(R, n)`` bool
+        over each row's entries in stored order (as :meth:`entry_positions`; ``n ≥`` the longest row, columns past
+        a row's length ignored). The kept entries stay in order, packed into whole pages; the pool keeps its capacity.
+        Returns the number of entries evicted."""
+        slots, filled = self._row_slots()
+        n_max = slots.shape[1]
+        if mask.shape[0] != slots.shape[0] or mask.shape[1] < n_max:
+            raise ValueError(f"keep: mask of shape {tuple(mask.shape)} for rows of {self._n.tolist()} entries")
+        kept = filled & mask[:, :n_max].to(filled.device)
+        dropped = int(filled.sum()) - int(kept.sum())
+        if dropped == 0:
+            return 0
+        D, P = self._k.shape[-1], self.page
+        flat = slots[kept]  # row-major: each row's kept entries in order
+        k = self._k.view(-1, D).index_select(0, flat)
+        v = self._v.view(-1, D).index_select(0, flat)
+        pos = self._pos.view(-1).index_select(0, flat)
+        bias = self._bias.view(-1).index_select(0, flat) if self._has_bias else None
+        lengths = kept.sum(1)
+        cap_pages = self._k.shape[0]
+        new, evictions = self._new, self.evictions
+        new_pos = self._new_pos
+        self._init_pool(k, v, pos, bias, lengths, self.batch, self.heads, P, 0)
+        need = int(((lengths + P - 1) // P).sum())
+        if cap_pages > need:
+            self._grow_pool(cap_pages)  # the headroom the pool had: appends stay amortised O(1)
+        self._new, self._new_pos = new, new_pos
+        self.evictions = evictions + 1  # a rollback past this point is refused
+        return dropped
+
     def _compact_pages(self, keep: Tensor) -> None:
         """Keep pages ``keep`` (ascending) as the pool's first pages, in that order."""
         m = keep.numel()

@@ -176,4 +176,23 @@ def as_dense(store: KVStore, method: str) -> DenseKV:
     return DenseKV(k, v, pos, valid=valid, bias=bb, reserve=headroom)
 
 
-__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "RowPaddedKV", "as_dense", "build_store"]
+def as_ragged(store: KVStore, reserve: int = 16) -> RaggedKV:
+    """The store as a :class:`RaggedKV` (methods that evict different entries from each KV head while decoding,
+    such as SP-KV and the retention gates, decode from ragged rows): a ragged store as it is; a dense one's real
+    entries (stored padding and a :class:`RowPaddedKV`'s left padding left out), per-entry logit biases kept, with
+    room for ``reserve`` more tokens per row."""
+    if isinstance(store, RaggedKV):
+        return store
+    keys, values, positions = store.keys, store.values, store.positions  # (B, H, n, D), (B, H, n)
+    B, H, n, _ = keys.shape
+    real = torch.ones(B, H, n, dtype=torch.bool, device=keys.device)
+    if store.valid is not None:
+        real &= store.valid[:, None, :n]
+    if isinstance(store, RowPaddedKV):
+        real &= torch.arange(n, device=keys.device)[None, None, :] >= store.row_pad[..., None]
+    bias = None if store.bias is None else store.bias[real]
+    lengths = real.sum(-1).flatten()
+    return RaggedKV.packed(keys[real], values[real], positions[real], bias, lengths, B, H, reserve=reserve)
+
+
+__all__ = ["DenseKV", "KVStore", "RaggedKV", "Row", "RowPaddedKV", "as_dense", "as_ragged", "build_store"]

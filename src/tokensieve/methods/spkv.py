@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..cache.decode import DecodeLayer, DecodeMethod
-from ..cache.storage import KVStore, RaggedKV, Row
+from ..cache.storage import KVStore, RaggedKV, as_ragged
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext, ModelShape, Rope
 from ..core.method import Compressed, PrefillMethod
@@ -158,19 +158,7 @@ class SPKV(PrefillMethod, DecodeMethod):
     def decode_store(self, store: KVStore) -> RaggedKV:
         """The store SP-KV decodes from: the prefill's ragged store as it is, or a dense one as ragged rows (the
         cache asks for it instead of converting to equal-length rows)."""
-        if isinstance(store, RaggedKV):
-            return store
-        B, H = int(store.keys.shape[0]), int(store.keys.shape[1])
-        rows = []
-        for b in range(B):
-            for h in range(H):
-                k, v, pos = store.row(b, h)
-                bias = None
-                if store.bias is not None:
-                    sel = slice(None) if store.valid is None else store.valid[b, : store.n]
-                    bias = store.bias[b, h][sel]
-                rows.append(Row.of(k, v, pos, bias))
-        return RaggedKV(rows, B, H)
+        return as_ragged(store)
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> _LayerState:
         gates = self._gates(layer.run.profile)
@@ -186,13 +174,10 @@ class SPKV(PrefillMethod, DecodeMethod):
         return _LayerState(gates, self._rope(layer.run.shape, layer.index), tau, w, decided)
 
     @staticmethod
-    def _newest(store: Any) -> Tensor:
-        """``(B,)`` newest position stored per sequence (from each sequence's first KV head)."""
-        out = []
-        for b in range(int(store.lengths().shape[0])):
-            _, _, pos = store.row(b, 0)
-            out.append(int(pos.max()) if pos.numel() else -1)
-        return torch.tensor(out, dtype=torch.long)
+    def _newest(store: RaggedKV) -> Tensor:
+        """``(B,)`` newest position stored per sequence (-1: none)."""
+        pos = store.entry_positions().view(store.batch, store.heads, -1)
+        return pos.amax(dim=(1, 2)) if pos.shape[-1] else torch.full((store.batch,), -1, dtype=torch.long)
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         self.write_gate(layer)
@@ -202,70 +187,45 @@ class SPKV(PrefillMethod, DecodeMethod):
 
     def write_gate(self, layer: DecodeLayer) -> int:
         """Decide every stored pair that has left the window since the last decision: keep it if ``u ≥ τ``, drop
-        it otherwise (the store is rebuilt in place without it). Returns the number of entries dropped."""
+        it otherwise (evicted from the store in place). Returns the number of entries dropped."""
         st: _LayerState = layer.state
-        store: Any = layer.store
-        B, H = int(store.lengths().shape[0]), int(store.lengths().shape[1])
-        rows: list[Row] = store.rows
-        newest = torch.tensor(
-            [int(rows[b * H].pos[: rows[b * H].n].max()) if rows[b * H].n else -1 for b in range(B)], dtype=torch.long
-        )
-        limit = newest - st.window  # positions <= limit have left the window of the newest query
+        store: RaggedKV = layer.store  # type: ignore[assignment]
+        B, H = store.batch, store.heads
+        pos = store.entry_positions().view(B, H, -1)  # (B, H, n), -1 past each row's length
+        n = pos.shape[-1]
+        if n == 0:
+            return 0
+        limit = pos.amax(dim=(1, 2)) - st.window  # positions <= limit have left the window of the newest query
         if not bool((limit >= st.decided).any()):
             return 0
-        keep_rows: list[Tensor | None] = [None] * (B * H)
+        keep = torch.ones(B, H, n, dtype=torch.bool)
         dropped = 0
         for b in range(B):
-            lo, hi = int(st.decided[b]), int(limit[b])
+            lo, hi = max(int(st.decided[b]), self.sink), int(limit[b])
             if hi < lo:
                 continue
-            row_pos = [rows[b * H + h].pos[: rows[b * H + h].n].long() for h in range(H)]
-            masks = [(p >= max(lo, self.sink)) & (p <= hi) for p in row_pos]
+            due = (pos[b] >= lo) & (pos[b] <= hi)  # (H, n)
             # the gate reads every KV head of a token: only tokens every head still holds can be decided (after
             # another method's prefill, pairs some heads already evicted stay as that prefill kept them)
-            common = row_pos[0][masks[0]]
+            common = pos[b, 0][due[0]]
             for h in range(1, H):
-                common = common[torch.isin(common, row_pos[h][masks[h]])]
+                common = common[torch.isin(common, pos[b, h][due[h]])]
             if common.numel() == 0:
                 continue
-            masks = [m & torch.isin(p, common) for m, p in zip(masks, row_pos)]
-            k = torch.stack([rows[b * H + h].k[: rows[b * H + h].n][masks[h]] for h in range(H)])[None]  # (1, H, c, D)
-            v = torch.stack([rows[b * H + h].v[: rows[b * H + h].n][masks[h]] for h in range(H)])[None]
-            pos_c = rows[b * H].pos[: rows[b * H].n][masks[0]].long()[None]  # (1, c)
-            u = self.utilities(st.gates, layer.index, k, v, pos_c, st.rope)[0]  # (H, c)
-            write = u >= st.tau[b]
-            for h in range(H):
-                if bool(write[h].all()):
-                    continue
-                keep = torch.ones_like(masks[h])
-                keep[masks[h]] = write[h]
-                keep_rows[b * H + h] = keep
-                dropped += int((~write[h]).sum())
+            ordered = torch.where(pos[b] >= 0, pos[b], torch.iinfo(torch.long).max)  # each row ascending
+            idx = torch.searchsorted(ordered, common.expand(H, -1).contiguous())  # (H, c): the token in each row
+            k, v = store.take(torch.arange(b * H, (b + 1) * H), idx)
+            u = self.utilities(st.gates, layer.index, k[None], v[None], common[None], st.rope)[0]  # (H, c)
+            drop = u < st.tau[b]
+            if bool(drop.any()):
+                hh, cc = drop.nonzero(as_tuple=True)
+                keep[b, hh, idx[hh, cc]] = False
+                dropped += int(drop.sum())
         st.decided = torch.maximum(st.decided, limit + 1)
         if dropped:
-            self._rebuild(store, rows, keep_rows, B, H)
+            store.keep(keep.view(B * H, n))
             st.dropped += dropped
         return dropped
-
-    @staticmethod
-    def _rebuild(store: Any, rows: list[Row], keep: list[Tensor | None], B: int, H: int) -> None:
-        """Replace ``store``'s contents, in place, by its rows without the dropped entries (through RaggedKV's public
-        constructor; the cache and the decode layer keep referring to the same object)."""
-        new_rows = []
-        for r, kp in zip(rows, keep):
-            n = r.n
-            bias = None if r.bias is None else r.bias[:n]
-            if kp is None:
-                new_rows.append(Row.of(r.k[:n], r.v[:n], r.pos[:n], bias, reserve=16))
-            else:
-                new_rows.append(
-                    Row.of(r.k[:n][kp], r.v[:n][kp], r.pos[:n][kp], None if bias is None else bias[kp], reserve=16)
-                )
-        fresh = RaggedKV(new_rows, B, H)
-        evictions = int(getattr(store, "evictions", 0)) + 1
-        store.__dict__.clear()
-        store.__dict__.update(fresh.__dict__)
-        store.evictions = evictions  # a rollback past this point is refused
 
 
 def achieved_density(cache: Any, n_tokens: int) -> float:
