@@ -239,3 +239,16 @@ def test_bench_chunk_with_store_joins_eval_chunk_to_chunk(tiny_model, tmp_path, 
         assert cells[8] == fmt(sum(acc) / len(acc))  # accuracy (aware) of the rows of this chunk size
     assert "Speed and memory" in md
     assert f"| snapkv[window=8]:0.5 chunk={CHUNK} | 48 |" in md
+
+
+def test_wilson_interval_holds_its_proportion_at_the_extremes(tmp_path):
+    from tokensieve.results.plots import pareto
+    from tokensieve.results.stats import wilson
+
+    for n in range(1, 60):  # at n = 11, 22 … (0 right) and 6, 21 … (all right) rounding used to cross p
+        assert wilson(0, n)[0] == 0.0
+        assert wilson(n, n)[1] == 1.0
+    rows = [{"task": "passkey", "metric": "accuracy", "label": lab, "method": lab.split(":")[0], "score": s,
+             "stored_entries": e, "full_entries": 100} for lab, s, e in [("full", 1.0, 100), ("snapkv:0.25", 0.0, 25)]
+            for _ in range(11)]  # fmt: skip
+    assert pareto(rows, "aware", tmp_path / "p.png")  # used to fail: a negative error bar at accuracy 0 of 11

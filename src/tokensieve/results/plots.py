@@ -64,7 +64,8 @@ def pareto(rows: list[Row], mode: str, path: Path) -> bool:
                 ax.plot([p[0] for p in xy], [p[1] for p in xy], f"{mk}-", color=colors[m], label=m, ms=4, lw=1.2)
                 if metric != "perplexity" and all(not math.isnan(a.score_lo) for a in accs):  # 95 % intervals
                     ax.errorbar([a.kept for a in accs], [a.score for a in accs],
-                                yerr=[[a.score - a.score_lo for a in accs], [a.score_hi - a.score for a in accs]],
+                                yerr=[[max(0.0, a.score - a.score_lo) for a in accs],
+                                      [max(0.0, a.score_hi - a.score) for a in accs]],
                                 fmt="none", ecolor=colors[m], elinewidth=0.7, capsize=2, alpha=0.6)  # fmt: skip
                 pts += xy
         full = accuracy([r for r in trows if r["label"] == FULL])

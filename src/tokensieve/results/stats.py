@@ -35,7 +35,8 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p exactly (at p = 0 or 1 rounding could put the bound a hair past it)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def interval(xs: Sequence[float], z: float = 1.96) -> tuple[float, float]:
