@@ -162,7 +162,7 @@ class SPKV(PrefillMethod, DecodeMethod):
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> _LayerState:
         gates = self._gates(layer.run.profile)
-        store = layer.store
+        store: RaggedKV = layer.store  # type: ignore[assignment]  # decode_store made it ragged
         lengths_seen = self._newest(store) + 1  # (B,) real tokens seen per sequence
         w = self.window_for(gates)
         if ctx is not None and ctx.run.scratch.get(_PREFILLED):
