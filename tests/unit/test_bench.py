@@ -103,7 +103,8 @@ def test_report_shows_accuracy_and_speed_side_by_side(tiny_model, tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Accuracy and speed, side by side" in md
     joined = md[md.index("## Accuracy and speed, side by side") : md.index("## Full-cache baseline")]
-    header = "| configuration | decode tok/s | speed-up | attn × | KV MB | KV × | peak RSS MB decode | accuracy | KL |"
+    header = ("| configuration | TTFT s | TTFT × | prefill attn s | decode tok/s | speed-up | attn × | KV MB | KV × | "
+              "peak RSS MB decode | accuracy | KL |")  # fmt: skip
     assert header in joined
     assert "| full |" in joined
     assert "| +quest:16 |" in joined

@@ -236,7 +236,7 @@ def test_bench_chunk_with_store_joins_eval_chunk_to_chunk(tiny_model, tmp_path, 
         acc = [r["score"] for r in evals if r["label"] == "snapkv[window=8]:0.5" and r["chunk"] == chunk
                and r["mode"] == "aware"]  # fmt: skip
         cells = [c.strip() for c in lines[label].strip("|").split("|")]
-        assert cells[8] == fmt(sum(acc) / len(acc))  # accuracy (aware) of the rows of this chunk size
+        assert cells[11] == fmt(sum(acc) / len(acc))  # accuracy (aware) of the rows of this chunk size
     assert "Speed and memory" in md
     assert f"| snapkv[window=8]:0.5 chunk={CHUNK} | 48 |" in md
 

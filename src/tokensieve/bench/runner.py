@@ -5,10 +5,16 @@ configurations that only differ in their decode method decode on forks of that p
 number of tokens after two untimed warm-up steps (in which decode methods build their metadata). The order of the
 configurations rotates between repetitions so that slow drifts of a shared machine hit every configuration alike;
 figures are medians over repetitions and ratios against the full cache of the same length and batch size.
+
+Before any timing, every distinct prefill configuration prefills one short prompt (:func:`_warm_up`), so that a
+sparse prefill compiles its FlexAttention kernel there (:data:`tokensieve.attention.flex.STATS`; the seconds go to
+the run's ``info["warmup_compile_s"]``) and not inside the first timed prefill. A row's ``compile_s`` is what its
+own prefill spent compiling: 0 unless a new graph was needed (e.g. the first batch larger than 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -19,9 +25,11 @@ import torch
 
 from .. import __version__
 from ..adapters.models import load_model, model_key
+from ..attention import flex
 from ..core.capabilities import Apply
 from ..data.prompts import encode
 from ..data.text import calibration_text
+from ..errors import TokensieveError
 from ..pipeline import Compressor, compress
 from ..results.store import ResultStore, spec_columns
 from ..spec import Spec, budget_label, method_label
@@ -57,6 +65,8 @@ class BenchRow:
     prefill_peak_rss: int  # process resident memory, highest while prefilling (model weights included)
     decode_peak_rss: int  # highest while decoding
     chunk: int | None = None  # chunked prefill: the chunk size in tokens (None: one pass)
+    prefill_attn_s: float | None = None  # wall time inside the prefill's attention calls, summed over layers
+    compile_s: float | None = None  # FlexAttention compilation during this prefill (wall time of compiling calls)
 
 
 def bench_prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
@@ -176,7 +186,7 @@ def run_bench(
     if store is not None:
         run_id = store.start_run(tool="bench", command=command, config=describe(cfg), model=key, version=__version__,
                                  threads=cfg.threads, cells=total, todo=todo_total, info=info)  # fmt: skip
-    _warm_up(model, tok)
+    info["warmup_compile_s"] = _warm_up(model, tok, order, cfg)
     done = 0
     for length in cfg.lengths:
         for batch in cfg.batch_sizes:
@@ -193,10 +203,13 @@ def run_bench(
                         model, reserve=cfg.decode_tokens + WARMUP + 8, chunk=cfg.chunk, **prefill.compressor_kwargs()
                     )
                     gc.collect()
+                    c0 = flex.STATS.compile_seconds
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
                         ctx = press.prefill(ids)
                         ttft = time.perf_counter() - t0 + _argmax_seconds(ctx.logits)
+                    compile_s = flex.STATS.compile_seconds - c0
+                    prefill_attn_s = ctx.cache.stats.prefill_attention_seconds
                     # One prefill serves the whole group: configurations that only append are rolled back (no
                     # copy, so memory figures stay those of one cache); one that evicts while decoding runs last,
                     # or on a fork when two do.
@@ -224,6 +237,8 @@ def run_bench(
                             ttft_s=ttft,
                             prefill_peak_rss=mem.peak,
                             chunk=cfg.chunk,
+                            prefill_attn_s=prefill_attn_s,
+                            compile_s=compile_s,
                             **measured,
                         )
                         rows.append(row)
@@ -242,10 +257,22 @@ def run_bench(
     return rows, info
 
 
-def _warm_up(model: Any, tok: Any) -> None:
-    """One short prefill and decode, so that weights are paged in and kernels initialised before any timing."""
+WARMUP_TOKENS = 512  # prompt of the per-configuration warm-up prefill (several FlexAttention blocks)
+
+
+def _warm_up(model: Any, tok: Any, prefills: list[Spec] | None = None, cfg: BenchConfig | None = None) -> float:
+    """One short prefill and decode, so that weights are paged in and kernels initialised before any timing; then
+    one short prefill per prefill configuration (batch 1, one pass), so that a sparse prefill's kernel is compiled
+    here. Returns the FlexAttention compile seconds this took."""
+    c0 = flex.STATS.compile_seconds
     press = compress(model, "full")
     press.decode(press.prefill(bench_prompts(tok, 64, 1)), 4)
+    n = min([WARMUP_TOKENS, *(cfg.lengths if cfg is not None else ())])
+    for prefill in prefills or []:
+        kwargs = prefill.compressor_kwargs()
+        with contextlib.suppress(TokensieveError):  # e.g. a token budget above the warm-up prompt: warm up timed
+            compress(model, **kwargs).prefill(bench_prompts(tok, n, 1))
+    return flex.STATS.compile_seconds - c0
 
 
 def _argmax_seconds(logits: torch.Tensor) -> float:

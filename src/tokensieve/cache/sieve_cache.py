@@ -52,6 +52,9 @@ class Plan:
 @dataclass
 class CacheStats:
     compress_seconds: float = 0.0
+    # Time inside attention for multi-token chunks (all layers): a fresh prefill's causal or sparse prefill attention,
+    # the chunks of a chunked prefill, appended multi-token chunks (a question, auxiliary passes).
+    prefill_attention_seconds: float = 0.0
     decode_attention_seconds: float = 0.0  # time inside attention for single-token steps (all layers)
     decode_attention_calls: int = 0
     decode_bytes_read: int = 0  # KV bytes read by dense attention in single-token steps (all layers)
@@ -312,12 +315,14 @@ class SieveCache:
         decode = plan.decode if plan is not None else None
         stored = L  # tokens of this chunk that count as seen
         if layer.store is None:
+            t0 = time.perf_counter()
             own = (
                 plan.method.prefill_attention(layer_idx, q, k, v, valid_new, scaling, mods, plan.profile)
                 if plan is not None and isinstance(plan.method, PrefillMethod) and L > 1 and not self.chunking
                 else None
             )  # sparse prefill attention (FlexPrefill, MInference, ...) or None: dense
             out = causal_attention(q, k, v, valid_new, scaling, mods) if own is None else own
+            self.stats.prefill_attention_seconds += time.perf_counter() - t0
             ctx: LayerContext | None = None
             compressing = self.armed and plan is not None and L > 1
             tail = plan.tail if compressing and plan is not None else 0  # auxiliary tokens: never kept nor seen
@@ -421,6 +426,8 @@ class SieveCache:
         if L == 1:
             self.stats.decode_attention_seconds += time.perf_counter() - t0
             self.stats.decode_attention_calls += 1
+        else:
+            self.stats.prefill_attention_seconds += time.perf_counter() - t0
 
     def _start_decode(
         self, method: DecodeMethod, layer_idx: int, scaling: float, ctx: LayerContext | None, n_prompt: Tensor

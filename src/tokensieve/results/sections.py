@@ -143,6 +143,10 @@ SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prefill s", "prefill_s", ".2f"),
     ("compress %", "compress_share", ".1%"),
     ("TTFT s", "ttft_s", ".2f"),
+    ("TTFT ×", "ttft_speedup", ".2f"),
+    ("prefill attn s", "prefill_attn_s", ".2f"),
+    ("attn % of prefill", "prefill_attn_share", ".0%"),
+    ("compile s", "compile_s", ".1f"),
     ("decode tok/s", "tok_s", ".1f"),
     ("speed-up", "speedup", ".2f"),
     ("ideal speed-up", "ideal_speedup", ".2f"),
@@ -160,7 +164,11 @@ SPEED_NOTE = (
     "*speed-up* is decode tokens/s; *ideal speed-up* is what the bytes read per step allow at the measured "
     "bandwidth (weights + KV read, full vs this configuration); *attn ×* is the full cache's attention time "
     "per step divided by this configuration's; *KV ×* is stored KV bytes relative to the full cache; "
-    "*compress %* is compression time as a share of the full cache's prefill time; *peak RSS* is the "
+    "*compress %* is compression time as a share of the full cache's prefill time; *TTFT ×* is the full cache's "
+    "time to first token divided by this configuration's; *prefill attn s* is the wall time inside the prefill's "
+    "attention calls (causal or sparse, summed over layers) and *attn % of prefill* its share of this "
+    "configuration's prefill; *compile s* is FlexAttention compilation inside the timed prefill (0 once the "
+    "warm-up compiled the kernel; the warm-up's own compile time is in the machine line); *peak RSS* is the "
     "process's resident memory (model weights included), highest while prefilling and while decoding."
 )
 
@@ -188,6 +196,11 @@ def machine(info: dict[str, Any]) -> str:
         f"{bw:.1f} GB/s; model {info.get('model', '?')} ({info.get('weights_bytes', 0) / MB:.0f} MB of weights, "
         f"read once per decode step); {info.get('decode_tokens', '?')} decoded tokens, medians of "
         f"{info.get('repetitions', '?')} interleaved repetitions; tokensieve {info.get('version', '?')}."
+        + (
+            f" FlexAttention compiled in the warm-up: {info['warmup_compile_s']:.1f} s."
+            if info.get("warmup_compile_s")
+            else ""
+        )
     )
 
 
@@ -215,7 +228,8 @@ def joined_sections(eval_rows: list[Row], summary: list[Row]) -> list[Block]:
     counts = sorted({len([r for r in acc_rows if r["label"] == lab]) for lab in both})
     samples = "/".join(map(str, counts)) if counts else "0"
     suffix = (lambda m: f" ({m})") if len(modes) > 1 else (lambda m: "")
-    header = ["configuration", "decode tok/s", "speed-up", "attn ×", "KV MB", "KV ×", "peak RSS MB decode"]
+    header = ["configuration", "TTFT s", "TTFT ×", "prefill attn s", "decode tok/s", "speed-up", "attn ×", "KV MB",
+              "KV ×", "peak RSS MB decode"]  # fmt: skip
     header += [f"accuracy{suffix(m)}" for m in modes] + [f"KL{suffix(m)}" for m in modes]
     order = {lab: i for i, lab in enumerate(ordered_labels(eval_rows))}
     blocks = [
@@ -236,7 +250,9 @@ def joined_sections(eval_rows: list[Row], summary: list[Row]) -> list[Block]:
             s = index.get((label, length, batch))
             if s is None:
                 continue
-            row = [label, cell(s.get("tok_s"), ".1f"), cell(s.get("speedup"), ".2f"), cell(s.get("attn_ratio"), ".2f"),
+            row = [label, cell(s.get("ttft_s"), ".2f"), cell(s.get("ttft_speedup"), ".2f"),
+                   cell(s.get("prefill_attn_s"), ".2f"),
+                   cell(s.get("tok_s"), ".1f"), cell(s.get("speedup"), ".2f"), cell(s.get("attn_ratio"), ".2f"),
                    cell(s["kv_bytes"] / MB, ".1f"), cell(s.get("kv_ratio"), ".3f"),
                    cell(s["decode_peak_rss"] / MB, ".0f")]  # fmt: skip
             row += [fmt(accuracy(by.get((label, m), [])).score) for m in modes]

@@ -202,22 +202,34 @@ SPEED_FIELDS = (
     "stored_entries",
     "prefill_peak_rss",
     "decode_peak_rss",
+    "prefill_attn_s",
+    "compile_s",
 )
+# Columns an older store lacks (read as None): their median is NaN when any repetition lacks them.
+OPTIONAL_SPEED_FIELDS = frozenset({"prefill_attn_s", "compile_s"})
+
+
+def _median(rs: list[Row], f: str) -> float:
+    if f in OPTIONAL_SPEED_FIELDS and any(r.get(f) is None for r in rs):
+        return float("nan")
+    return statistics.median(float(r[f]) for r in rs)
 
 
 def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     """Medians per (configuration, length, batch) and ratios against the full cache of the same length and batch.
 
     Adds ``speedup`` (decode tok/s vs full), ``attn_ratio`` (full attention time / this one), ``kv_ratio``
-    (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time) and
-    ``ideal_speedup`` — the decode speed-up the bytes read per step allow, from the measured bandwidth
-    (weights + KV read, full vs this configuration).
+    (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time),
+    ``ttft_speedup`` (the full cache's time to first token / this one), ``prefill_attn_share`` (prefill attention
+    time / this configuration's prefill time) and ``ideal_speedup`` — the decode speed-up the bytes read per step
+    allow, from the measured bandwidth (weights + KV read, full vs this configuration).
     """
     rows = chunk_labelled(rows)
     buckets = group(rows, lambda r: (r["label"], r["length"], r["batch"]))
     med: dict[GroupKey, Row] = {}
     for k, rs in buckets.items():
-        m: Row = {f: statistics.median(float(r[f]) for r in rs) for f in SPEED_FIELDS}
+        m: Row = {f: _median(rs, f) for f in SPEED_FIELDS}
+        m["prefill_attn_share"] = m["prefill_attn_s"] / m["prefill_s"] if m["prefill_s"] else float("nan")
         m.update({"label": k[0], "length": k[1], "batch": k[2], "reps": len(rs)})
         m.update({f: rs[0][f] for f in ("method", "prefill", "budget", "decode", "decode_budget", "chunk")})
         med[k] = m
@@ -236,6 +248,7 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
             m["attn_ratio"] = base["attn_ms"] / m["attn_ms"] if m["attn_ms"] else float("nan")
             m["kv_ratio"] = m["kv_bytes"] / base["kv_bytes"] if base["kv_bytes"] else float("nan")
             m["compress_share"] = m["compress_s"] / base["prefill_s"] if base["prefill_s"] else float("nan")
+            m["ttft_speedup"] = base["ttft_s"] / m["ttft_s"] if m["ttft_s"] else float("nan")
             m["ideal_speedup"] = (weights + base["bytes_read"]) / (weights + m["bytes_read"])
         m["ideal_tok_s"] = batch / ((weights + m["bytes_read"]) / bw)
         out.append(m)

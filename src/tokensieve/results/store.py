@@ -13,7 +13,8 @@ One schema, one key rule, one label:
   same configuration carry the same ``label`` and ``chunk`` and join; rows that differ only by ``chunk`` are
   different configurations (:func:`tokensieve.results.stats.chunk_labelled` gives them distinct labels for reports).
 
-Columns added after schema 2 was first released (:data:`ADDED`, so far only ``chunk``) are added to an older store
+Columns added after schema 2 was first released (:data:`ADDED`: ``chunk``; in ``bench``, ``prefill_attn_s`` and
+``compile_s``, the prefill's attention and FlexAttention compile seconds) are added to an older store
 when it is opened for writing (``ALTER TABLE … ADD COLUMN``: its rows read NULL, i.e. one pass), and read as None
 from an older store opened read-only; the schema version stays 2, so older tokensieve versions keep reading and
 writing a migrated store.
@@ -69,7 +70,7 @@ COMMON: tuple[tuple[str, str], ...] = (
 )
 
 # Columns added to schema 2 after its release: added on opening an older store for writing, None when reading one.
-ADDED: frozenset[str] = frozenset({"chunk"})
+ADDED: frozenset[str] = frozenset({"chunk", "prefill_attn_s", "compile_s"})
 
 EVAL: tuple[tuple[str, str], ...] = (
     *COMMON,
@@ -125,6 +126,8 @@ BENCH: tuple[tuple[str, str], ...] = (
     ("stored_entries", "INTEGER"),
     ("prefill_peak_rss", "INTEGER"),  # process resident memory, highest while prefilling (weights included)
     ("decode_peak_rss", "INTEGER"),  # highest while decoding
+    ("prefill_attn_s", "REAL"),  # wall time inside the prefill's attention calls, all layers (added after schema 2)
+    ("compile_s", "REAL"),  # FlexAttention compile seconds inside the timed prefill (added after schema 2)
 )
 
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {"eval": EVAL, "bench": BENCH}
@@ -355,8 +358,9 @@ class ResultStore:
         _table(table)
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "") + " ORDER BY created"
         rows = [dict(r) for r in self._conn.execute(sql, tuple(params))]
+        added = ADDED & set(columns(table))
         for r in rows:  # an older store opened read-only lacks the columns added since: they read as None
-            for c in ADDED:
+            for c in added:
                 r.setdefault(c, None)
         return rows
 
