@@ -194,15 +194,17 @@ def test_keep_take_and_entry_positions_follow_a_per_row_reference(lengths, page,
     pos = store.entry_positions()
     n = pos.shape[1]
     for r, (_, _, p) in enumerate(before):
-        assert pos[r, : p.numel()].tolist() == p.long().tolist() and bool((pos[r, p.numel() :] == -1).all())
+        assert pos[r, : p.numel()].tolist() == p.long().tolist()
+        assert bool((pos[r, p.numel() :] == -1).all())
     if n:
         idx = torch.stack([torch.randint(0, max(1, int(x)), (3,), generator=g) for x in store.lengths().flatten()])
         live = store.lengths().flatten() > 0
         rows = live.nonzero().flatten()
-        k, v = store.take(rows, idx[rows])
+        k, v, p = store.take(rows, idx[rows])
         for i, r in enumerate(rows.tolist()):
             torch.testing.assert_close(k[i], before[r][0][idx[r]])
             torch.testing.assert_close(v[i], before[r][1][idx[r]])
+            assert p[i].tolist() == before[r][2][idx[r]].long().tolist()
     mask = torch.rand(B * H, n + 2, generator=g) < 0.6
     evicted = store.keep(mask)
     assert evicted == sum(int((~mask[r, : before[r][2].numel()]).sum()) for r in range(B * H))
@@ -241,3 +243,41 @@ def test_as_ragged_keeps_the_real_entries_of_a_dense_store():
     rag = as_ragged(padded)
     assert rag.lengths().tolist() == [[5, 2], [3, 3]]
     torch.testing.assert_close(rag.row(0, 1)[1], v[0, 1, 3:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=lengths_st, page=st.sampled_from([1, 3, 8]), seed=st.integers(0, 10_000))
+def test_drop_in_place_masks_entries_until_keep_reclaims_them(lengths, page, seed):
+    """Entries dropped in place are gone for attention, rows and byte counts at once (a page of dropped entries
+    only included), appends go on, and keep() reclaims their slots leaving the same rows."""
+    g = torch.Generator().manual_seed(seed)
+    store = _store(g, lengths, page, False, 2)
+    B, H = len(lengths), len(lengths[0])
+    before = [store.row(b, h) for b in range(B) for h in range(H)]
+    drop = [torch.rand(p.numel(), generator=g) < 0.5 for (_, _, p) in before]
+    if page == 1 and before[0][2].numel():
+        drop[0][:] = True  # whole pages of dropped entries
+    rows = torch.cat([torch.full((int(d.sum()),), r, dtype=torch.long) for r, d in enumerate(drop)])
+    idx = torch.cat([d.nonzero().flatten() for d in drop])
+    store.drop(rows, idx)
+    assert store.dead() == int(idx.numel())
+    for r, ((k0, _, p0), d) in enumerate(zip(before, drop)):
+        k1, _, p1 = store.row(r // H, r % H)
+        torch.testing.assert_close(k1, k0[~d])
+        assert p1.tolist() == p0[~d].tolist()
+    assert store.kv_bytes() == 2 * sum(int((~d).sum()) for d in drop) * D * 4
+    assert store.lengths().flatten().tolist() == [int((~d).sum()) for d in drop]
+    q = torch.randn(B, H * 2, 1, D, generator=g)
+    store.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g),
+                 torch.full((B, 1), 99, dtype=torch.long), None)  # fmt: skip
+    out = store.attend(q, SCALE)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, _reference(store, q), atol=1e-5, rtol=1e-5)
+    rows_now = [store.row(b, h) for b in range(B) for h in range(H)]
+    store.keep(torch.ones(B * H, int(store.sizes().max()), dtype=torch.bool))
+    assert store.dead() == 0
+    for r, (k0, _, p0) in enumerate(rows_now):
+        k1, _, p1 = store.row(r // H, r % H)
+        torch.testing.assert_close(k1, k0)
+        assert p1.tolist() == p0.tolist()
+    torch.testing.assert_close(store.attend(q, SCALE), _reference(store, q), atol=1e-5, rtol=1e-5)

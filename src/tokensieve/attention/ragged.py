@@ -47,7 +47,7 @@ def paged_decode(
         return qr.new_zeros(rows, G, D)
     qp = qr.index_select(0, page_row)  # (N, G, D): small, G queries per page
     s = torch.baddbmm(page_bias[:, None, :], qp, kpages.transpose(1, 2), alpha=scaling)  # (N, G, P)
-    m = s.amax(-1)  # (N, G); finite: a page in use has at least one filled slot
+    m = s.amax(-1).clamp_min(torch.finfo(s.dtype).min)  # (N, G); a page of dropped entries only: e = 0 below
     e = torch.exp(s - m[..., None])
     ssum = e.sum(-1)  # (N, G)
     o = torch.bmm(e, vpages)  # (N, G, D), unnormalised

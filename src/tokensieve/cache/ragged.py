@@ -26,6 +26,7 @@ from ..attention.dense import PLAIN, Modifiers, chunk_allowed, grouped_attention
 from ..attention.ragged import paged_decode
 from .dense import _grow
 
+DEAD = -2  # position of an entry dropped in place (RaggedKV.drop), until its slot is reclaimed
 PAGE = 32  # slots per page of the pool (docs/BENCHMARKS.md, "Ragged decode kernel": 16 / 32 / 64 measured)
 
 
@@ -144,7 +145,8 @@ class RaggedKV:
         self._has_bias = bias is not None
         R, P, D = batch * heads, page, k.shape[-1]
         device = k.device
-        self._n = lengths.clone().to(device)  # (R,) entries per row
+        self._n = lengths.clone().to(device)  # (R,) entries per row, dropped ones (see `drop`) included
+        self._dead = torch.zeros_like(self._n)  # (R,) entries dropped in place, not yet compacted away
         npages = (self._n + P - 1) // P  # (R,) pages per row
         used = int(npages.sum())
         extra = int(((self._n + reserve + P - 1) // P - npages).sum()) if reserve > 0 else 0
@@ -229,11 +231,11 @@ class RaggedKV:
         return out
 
     def _flat_row(self, r: int) -> Tensor:
-        """Flat slots (page * P + offset) of row ``r``'s entries, in order."""
+        """Flat slots (page * P + offset) of row ``r``'s live entries, in order."""
         pages = (self._page_row[: self._used] == r).nonzero().flatten()
         P = self.page
-        slots = (pages[:, None] * P + torch.arange(P, device=pages.device)).flatten()
-        return slots[: int(self._n[r])]
+        slots = (pages[:, None] * P + torch.arange(P, device=pages.device)).flatten()[: int(self._n[r])]
+        return slots[self._pos.view(-1)[slots] != DEAD] if int(self._dead[r]) else slots
 
     def row(self, b: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
         """Stored (keys ``(n, D)``, values, positions) of one row."""
@@ -242,7 +244,13 @@ class RaggedKV:
         return self._k.view(-1, D)[s], self._v.view(-1, D)[s], self._pos.view(-1)[s]
 
     def lengths(self) -> Tensor:
-        return self._n.clone().view(self.batch, self.heads)
+        """``(B, H)`` live entries per row (entries dropped in place are not counted)."""
+        return (self._n - self._dead).view(self.batch, self.heads)
+
+    def sizes(self) -> Tensor:
+        """``(R,)`` entries per row as stored in order, dropped ones included: the index range of
+        :meth:`entry_positions`, :meth:`take` and :meth:`keep`."""
+        return self._n.clone()
 
     @property
     def lengths_list(self) -> list[int]:
@@ -250,7 +258,7 @@ class RaggedKV:
 
     # ------------------------------------------------------------------------------------------------ bytes
     def kv_bytes(self) -> int:
-        return 2 * int(self._n.sum()) * self._k.shape[-1] * self._k.element_size()
+        return 2 * int((self._n - self._dead).sum()) * self._k.shape[-1] * self._k.element_size()
 
     def allocated_bytes(self) -> int:
         return 2 * self._k.numel() * self._k.element_size()
@@ -271,6 +279,9 @@ class RaggedKV:
         self._bias.view(-1)[slots[drop]] = float("-inf")
         self._pos.view(-1)[slots[drop]] = -1
         self._n = new
+        if bool(self._dead.any()):  # count the dropped entries that remain
+            slots, filled = self._row_slots()
+            self._dead = ((self._pos.view(-1)[slots] == DEAD) & filled).sum(1)
         # keep the pages still holding an entry, in pool order (a row's pages stay in order)
         table, _ = self._table()
         npages = (new + P - 1) // P
@@ -283,36 +294,71 @@ class RaggedKV:
     def entry_positions(self) -> Tensor:
         """``(R, n_max)`` true position of every stored entry, rows padded to the longest with -1; rows
         sequence-major (``r = b * heads + h``), each row's entries in the order they were stored (ascending
-        positions). Cheap: reads positions only."""
+        positions); an entry dropped in place (:meth:`drop`) reads ``DEAD`` (-2) until the next :meth:`keep`.
+        Cheap: reads positions only."""
         slots, filled = self._row_slots()
         pos = self._pos.view(-1)[slots.flatten()].view(slots.shape).long()
         return torch.where(filled, pos, torch.full_like(pos, -1))
 
-    def take(self, rows: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values ``(m, c, D)`` of the entries at indices ``idx`` ``(m, c)`` (in stored order, as
-        :meth:`entry_positions`) of rows ``rows`` ``(m,)``; every index must be below its row's length. A copy."""
+    def slots(self, rows: Tensor, idx: Tensor) -> Tensor:
+        """Flat pool slots ``(m, c)`` of the entries at indices ``idx`` ``(m, c)`` (in stored order, as
+        :meth:`entry_positions`) of rows ``rows`` ``(m,)``; every index must be below its row's :meth:`sizes`."""
         if idx.shape[0] != rows.shape[0]:
-            raise ValueError(f"take: {idx.shape[0]} rows of indices for {rows.shape[0]} rows")
+            raise ValueError(f"slots: {idx.shape[0]} rows of indices for {rows.shape[0]} rows")
         if idx.numel() and bool(((idx < 0) | (idx >= self._n.index_select(0, rows)[:, None])).any()):
-            raise ValueError("take: an index outside its row")
+            raise ValueError("slots: an index outside its row")
         table, _ = self._table()
-        P, D = self.page, self._k.shape[-1]
-        slots = (table.index_select(0, rows).gather(1, idx // P) * P + idx % P).flatten()
-        k = self._k.view(-1, D).index_select(0, slots).view(*idx.shape, D)
-        v = self._v.view(-1, D).index_select(0, slots).view(*idx.shape, D)
-        return k, v
+        P = self.page
+        return table.index_select(0, rows).gather(1, idx // P) * P + idx % P
+
+    def take(self, rows: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values ``(m, c, D)`` and positions ``(m, c)`` of the entries at indices ``idx`` ``(m, c)`` of
+        rows ``rows`` ``(m,)`` (see :meth:`slots`). A copy."""
+        return self.take_at(self.slots(rows, idx))
+
+    def take_at(self, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values and positions at flat pool ``slots`` (any shape; from :meth:`slots`)."""
+        D = self._k.shape[-1]
+        flat = slots.flatten()
+        k = self._k.view(-1, D).index_select(0, flat).view(*slots.shape, D)
+        v = self._v.view(-1, D).index_select(0, flat).view(*slots.shape, D)
+        return k, v, self._pos.view(-1).index_select(0, flat).view(slots.shape).long()
+
+    def drop(self, rows: Tensor, idx: Tensor) -> None:
+        """Drop the entries at indices ``idx`` ``(m,)`` of rows ``rows`` ``(m,)`` in place, O(m): they are masked
+        from attention at once (logit bias ``-inf``, position ``DEAD``) and no longer counted as stored
+        (:meth:`lengths`, :meth:`kv_bytes`); the slots are reclaimed by the next :meth:`keep` (any mask), which a
+        caller runs once enough have accumulated (:meth:`dead`). Indices stay those of :meth:`entry_positions`."""
+        if rows.numel():
+            self.drop_at(rows, self.slots(rows, idx[:, None])[:, 0])
+
+    def drop_at(self, rows: Tensor, slots: Tensor) -> None:
+        """:meth:`drop` by flat pool slots ``(m,)`` (from :meth:`slots`) of entries of rows ``rows`` ``(m,)``."""
+        if rows.numel() == 0:
+            return
+        if bool((self._pos.view(-1)[slots] == DEAD).any()) or slots.unique().numel() != slots.numel():
+            raise ValueError("drop: an entry dropped twice")
+        self._bias.view(-1)[slots] = float("-inf")
+        self._pos.view(-1)[slots] = DEAD
+        self._dead.index_add_(0, rows, torch.ones_like(rows))
+        self.evictions += 1  # a rollback past this point is refused
+
+    def dead(self) -> int:
+        """Entries dropped in place and not yet reclaimed."""
+        return int(self._dead.sum())
 
     def keep(self, mask: Tensor) -> int:
         """Evict, in place and for every row at once, the entries ``mask`` leaves out: ``mask`` ``(R, n)`` bool
         over each row's entries in stored order (as :meth:`entry_positions`; ``n ≥`` the longest row, columns past
-        a row's length ignored). The kept entries stay in order, packed into whole pages; the pool keeps its capacity.
-        Returns the number of entries evicted."""
+        a row's length ignored). The kept entries stay in order, packed into whole pages; the pool keeps its
+        capacity; entries dropped in place (:meth:`drop`) go too. Returns the number of slots reclaimed."""
         slots, filled = self._row_slots()
         n_max = slots.shape[1]
         if mask.shape[0] != slots.shape[0] or mask.shape[1] < n_max:
             raise ValueError(f"keep: mask of shape {tuple(mask.shape)} for rows of {self._n.tolist()} entries")
-        kept = filled & mask[:, :n_max].to(filled.device)
-        dropped = int(filled.sum()) - int(kept.sum())
+        live = filled & (self._pos.view(-1)[slots.flatten()].view(slots.shape) != DEAD)
+        kept = live & mask[:, :n_max].to(filled.device)
+        dropped = int(filled.sum()) - int(kept.sum())  # entries dropped in place earlier are reclaimed too
         if dropped == 0:
             return 0
         D, P = self._k.shape[-1], self.page
@@ -371,6 +417,7 @@ class RaggedKV:
             setattr(self, name, b)
         self._page_row[:m] = new_owner
         self._n = self._n.index_select(0, src_rows)
+        self._dead = self._dead.index_select(0, src_rows)
         self._used, self.batch = m, int(picked.numel())
         self._refresh_last()
         self._new = [self._new[int(b)] for b in picked.tolist()] if self._new else []

@@ -202,7 +202,7 @@ class Retention(PrefillMethod, DecodeMethod):
             shared = _DecodeShared({}, memory, memory < ctx.run.n_tokens)
             layer.run.scratch[(KIND, "decode")] = shared
         shared.layers[layer.index] = layer
-        return _DecodeLayerState(gates, shape_rope(layer.run, layer.index), table, store.lengths().flatten().clone())
+        return _DecodeLayerState(gates, shape_rope(layer.run, layer.index), table, store.sizes())
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         if layer.index == layer.run.shape.num_layers - 1:
@@ -264,7 +264,7 @@ class Retention(PrefillMethod, DecodeMethod):
         st: _DecodeLayerState = dl.state
         store: RaggedKV = dl.store  # type: ignore[assignment]
         H = store.heads
-        lengths = store.lengths().flatten()
+        lengths = store.sizes()
         if st.log_beta.shape[1] < pos.shape[1]:  # grow the table geometrically
             grown = st.log_beta.new_zeros(st.log_beta.shape[0], 2 * pos.shape[1])
             grown[:, : st.log_beta.shape[1]] = st.log_beta
@@ -278,7 +278,7 @@ class Retention(PrefillMethod, DecodeMethod):
             if m == 0:
                 continue
             idx = start[:, None] + torch.arange(m)[None, :]  # (H, m)
-            k, v = store.take(rows, idx)
+            k, v, _ = store.take(rows, idx)
             p = pos[b * H].gather(0, idx[0])  # the same tokens in every head
             feats = gate_features(k[None], v[None], p[None], st.rope)
             st.log_beta[rows[:, None], idx] = st.gates.log_beta(dl.index, feats)[0].T.to(st.log_beta.dtype)

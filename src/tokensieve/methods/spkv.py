@@ -187,15 +187,65 @@ class SPKV(PrefillMethod, DecodeMethod):
 
     def write_gate(self, layer: DecodeLayer) -> int:
         """Decide every stored pair that has left the window since the last decision: keep it if ``u ≥ τ``, drop
-        it otherwise (evicted from the store in place). Returns the number of entries dropped."""
+        it otherwise. Returns the number of entries dropped.
+
+        The steady state of decoding — one token per sequence leaves the window, found at its known place in every
+        row — reads just that token and drops it in place (O(1) per row; slots reclaimed every ``COMPACT`` drops
+        per row); anything else (the first step after another method's prefill, a question appended as a chunk)
+        takes the general path over each row's positions."""
         st: _LayerState = layer.state
         store: RaggedKV = layer.store  # type: ignore[assignment]
         B, H = store.batch, store.heads
+        sizes = store.sizes()
+        if int(sizes.min()) == 0:
+            return self._write_gate_rows(layer)
+        R = B * H
+        # one table lookup: each row's newest entry and the entry w + 1 from the end (the token leaving the window)
+        idx = torch.stack([sizes - 1, (sizes - st.window - 1).clamp_min(0)], 1)  # (R, 2)
+        slots = store.slots(torch.arange(R), idx)
+        _, _, pos = store.take_at(slots[:, :1])
+        limit = pos.view(B, H).amax(1) - st.window  # positions <= limit have left the window of the newest query
+        if not bool((limit >= st.decided).any()):
+            return 0
+        one = (limit == st.decided) & (limit >= self.sink)  # exactly one token to decide
+        if not bool(((limit < st.decided) | one | ((limit == st.decided) & (limit < self.sink))).all()):
+            return self._write_gate_rows(layer)
+        seqs = one.nonzero().flatten()
+        dropped = 0
+        if seqs.numel():
+            rows = (seqs[:, None] * H + torch.arange(H)[None, :]).flatten()  # (m,)
+            if bool((sizes[rows] - st.window - 1 < 0).any()):
+                return self._write_gate_rows(layer)
+            due = slots[rows, 1]
+            k, v, pos = store.take_at(due)
+            if not bool((pos.view(-1, H) == limit[seqs][:, None]).all()):  # an entry of the window is missing
+                return self._write_gate_rows(layer)
+            n = seqs.numel()
+            u = self.utilities(
+                st.gates, layer.index, k.view(n, H, 1, -1), v.view(n, H, 1, -1), pos.view(n, H)[:, :1], st.rope
+            ).reshape(-1)  # (m,) in the order of rows
+            drop = u < st.tau[seqs].repeat_interleave(H)
+            if bool(drop.any()):
+                store.drop_at(rows[drop], due[drop])
+                dropped = int(drop.sum())
+                st.dropped += dropped
+                if store.dead() >= COMPACT * R:
+                    store.keep(torch.ones(R, int(sizes.max()), dtype=torch.bool))  # reclaim the dropped slots
+        st.decided = torch.maximum(st.decided, limit + 1)
+        return dropped
+
+    def _write_gate_rows(self, layer: DecodeLayer) -> int:
+        """The general decision over each row's positions (any number of tokens per sequence, rows that differ)."""
+        st: _LayerState = layer.state
+        store: RaggedKV = layer.store  # type: ignore[assignment]
+        B, H = store.batch, store.heads
+        if store.dead():
+            store.keep(torch.ones(B * H, int(store.sizes().max()), dtype=torch.bool))
         pos = store.entry_positions().view(B, H, -1)  # (B, H, n), -1 past each row's length
         n = pos.shape[-1]
         if n == 0:
             return 0
-        limit = pos.amax(dim=(1, 2)) - st.window  # positions <= limit have left the window of the newest query
+        limit = pos.amax(dim=(1, 2)) - st.window
         if not bool((limit >= st.decided).any()):
             return 0
         keep = torch.ones(B, H, n, dtype=torch.bool)
@@ -214,7 +264,7 @@ class SPKV(PrefillMethod, DecodeMethod):
                 continue
             ordered = torch.where(pos[b] >= 0, pos[b], torch.iinfo(torch.long).max)  # each row ascending
             idx = torch.searchsorted(ordered, common.expand(H, -1).contiguous())  # (H, c): the token in each row
-            k, v = store.take(torch.arange(b * H, (b + 1) * H), idx)
+            k, v, _ = store.take(torch.arange(b * H, (b + 1) * H), idx)
             u = self.utilities(st.gates, layer.index, k[None], v[None], common[None], st.rope)[0]  # (H, c)
             drop = u < st.tau[b]
             if bool(drop.any()):
@@ -226,6 +276,9 @@ class SPKV(PrefillMethod, DecodeMethod):
             store.keep(keep.view(B * H, n))
             st.dropped += dropped
         return dropped
+
+
+COMPACT = 32  # dropped-in-place entries per row (on average) before their slots are reclaimed
 
 
 def achieved_density(cache: Any, n_tokens: int) -> float:
