@@ -182,11 +182,11 @@ def run_bench(
     rows: list[BenchRow] = []
     if todo_total == 0:
         return rows, info
+    info["warmup_compile_s"] = _warm_up(model, tok, order, cfg)  # recorded with the run
     run_id = 0
     if store is not None:
         run_id = store.start_run(tool="bench", command=command, config=describe(cfg), model=key, version=__version__,
                                  threads=cfg.threads, cells=total, todo=todo_total, info=info)  # fmt: skip
-    info["warmup_compile_s"] = _warm_up(model, tok, order, cfg)
     done = 0
     for length in cfg.lengths:
         for batch in cfg.batch_sizes:
