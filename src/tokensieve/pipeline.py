@@ -206,6 +206,22 @@ def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelS
         )
 
 
+def check_chunkable(method: Method, decode: Method | None, label: str) -> None:
+    """Refuse (:class:`CapabilityError`, with the method's own reason) a configuration that cannot be prefilled chunk
+    by chunk: a prefill method whose :meth:`PrefillMethod.chunk_refusal` says why, or a decode method that starts
+    from the whole prompt's queries. Needs no model: the measuring tools call it before loading one."""
+    if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
+        raise CapabilityError(
+            f"'{label}' cannot compress a prompt chunk by chunk: {why}. Prefill it in one pass (no chunk) or use a "
+            "method that can, e.g. snapkv, pyramidkv, tova, h2o, knorm, streaming_llm (docs/PREFILL.md)."
+        )
+    if decode is not None and getattr(decode, "needs_prefill_context", False):
+        raise CapabilityError(
+            f"'{label}' cannot run after a chunked prefill: decode method '{decode.name}' starts from the whole "
+            "prompt's queries, which a chunked prefill does not keep; prefill in one pass (no chunk) to use it."
+        )
+
+
 class Compressor:
     """Compress a model's KV cache with a registered method and a budget.
 
@@ -433,18 +449,7 @@ class Compressor:
 
     def check_chunked(self) -> None:
         """Refuse, before any work, a run that cannot be prefilled chunk by chunk (with the reason)."""
-        method = self.method
-        if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
-            raise CapabilityError(
-                f"'{method.name}' cannot compress a prompt chunk by chunk: {why}. Prefill it in one pass (no chunk) "
-                "or use a method that can, e.g. snapkv, pyramidkv, tova, h2o, knorm, streaming_llm."
-            )
-        dm = self.decode_method
-        if dm is not None and dm.needs_prefill_context:
-            raise CapabilityError(
-                f"Decode method '{dm.name}' starts from the whole prompt's queries, which a chunked prefill does not "
-                "keep; prefill in one pass (no chunk) to use it."
-            )
+        check_chunkable(self.method, self.decode_method, self.spec.label)
 
     def _prefill_chunked(
         self, ids: Tensor, mask: Tensor, chunk: int, *, compress: bool, reserve: int | None

@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.budget import Budget
-from ..core.method import PrefillMethod
-from ..errors import CapabilityError, ConfigError
+from ..errors import ConfigError
 from ..spec import Spec
 
 SCHEMA_VERSION = 2
@@ -434,19 +433,10 @@ def spec_columns(spec: Spec) -> dict[str, Any]:
 
 
 def check_chunkable(spec: Spec) -> None:
-    """Refuse, with the method's own reason (:meth:`PrefillMethod.chunk_refusal`), a spec that cannot be prefilled
-    chunk by chunk — what :meth:`tokensieve.pipeline.Compressor.check_chunked` refuses, checked without a model so
-    that ``tokensieve eval --chunk`` / ``bench --chunk`` fail before the model loads (each Compressor they build with
+    """Refuse a spec that cannot be prefilled chunk by chunk (:func:`tokensieve.pipeline.check_chunkable`), before
+    a model is loaded: ``tokensieve eval --chunk`` / ``bench --chunk`` fail early (each Compressor they build with
     ``chunk=`` checks again)."""
-    method = spec.method
-    if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
-        raise CapabilityError(
-            f"'{spec.label}' cannot compress a prompt chunk by chunk: {why}. Measure it without chunk (one pass) or "
-            "drop it; methods that can: snapkv, pyramidkv, tova, h2o, knorm, streaming_llm … (docs/PREFILL.md)."
-        )
-    dm = spec.decode
-    if dm is not None and getattr(dm, "needs_prefill_context", False):
-        raise CapabilityError(
-            f"'{spec.label}' cannot run after a chunked prefill: decode method '{dm.name}' starts from the whole "
-            "prompt's queries, which a chunked prefill does not keep. Measure it without chunk (one pass) or drop it."
-        )
+    from ..pipeline import check_chunkable as check
+
+    check(spec.method, spec.decode, spec.label)
+
