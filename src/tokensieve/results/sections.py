@@ -167,8 +167,9 @@ SPEED_NOTE = (
     "*compress %* is compression time as a share of the full cache's prefill time; *TTFT ×* is the full cache's "
     "time to first token divided by this configuration's; *prefill attn s* is the wall time inside the prefill's "
     "attention calls (causal or sparse, summed over layers) and *attn % of prefill* its share of this "
-    "configuration's prefill; *compile s* is FlexAttention compilation inside the timed prefill (0 once the "
-    "warm-up compiled the kernel; the warm-up's own compile time is in the machine line); *peak RSS* is the "
+    "configuration's prefill; *compile s* is FlexAttention compilation inside a timed prefill, the largest over "
+    "repetitions (0 unless a prefill needed a graph the warm-up did not compile; the warm-up's own compile time is in "
+    "the machine line); *peak RSS* is the "
     "process's resident memory (model weights included), highest while prefilling and while decoding."
 )
 
