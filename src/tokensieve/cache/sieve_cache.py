@@ -485,14 +485,17 @@ class SieveCache:
             scores = method.score(ctx)
             decode = plan.decode
             keep_q = decode is not None and decode.needs_prefill_context
+            store = self._build(Compressed(Selection.keep_all(B, k.shape[1], L, ctx.selectable)), k, v, pos_new,
+                                plan.reserve)  # fmt: skip
+            # the pending context reads the prompt's keys and values from the store: one copy of them, not two
+            same = isinstance(store, DenseKV) and store.n == L
+            kk, vv = (store.keys, store.values) if same else (k, v)
             light = LayerContext(
-                layer_idx, q if keep_q else q[:, :, :0], k, v, valid, scaling, self.run, tail=plan.tail
+                layer_idx, q if keep_q else q[:, :, :0], kk, vv, valid, scaling, self.run, tail=plan.tail
             )
             self._deferred[layer_idx] = _Deferred(light, scores, pos_new)
-            comp = Compressed(Selection.keep_all(B, k.shape[1], L, ctx.selectable))
         else:
-            comp = method.compress(ctx)
-        store = self._build(comp, k, v, pos_new, plan.reserve)
+            store = self._build(method.compress(ctx), k, v, pos_new, plan.reserve)
         self._compressed_layers += 1
         if self._compressed_layers == len(self.layers):
             self.armed = False
