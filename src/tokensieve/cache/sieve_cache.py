@@ -488,8 +488,7 @@ class SieveCache:
             store = self._build(Compressed(Selection.keep_all(B, k.shape[1], L, ctx.selectable)), k, v, pos_new,
                                 plan.reserve)  # fmt: skip
             # the pending context reads the prompt's keys and values from the store: one copy of them, not two
-            same = isinstance(store, DenseKV) and store.n == L
-            kk, vv = (store.keys, store.values) if same else (k, v)
+            kk, vv = (store.keys, store.values) if isinstance(store, DenseKV) and store.n == L else (k, v)
             light = LayerContext(
                 layer_idx, q if keep_q else q[:, :, :0], kk, vv, valid, scaling, self.run, tail=plan.tail
             )
