@@ -24,6 +24,8 @@ from tokensieve.results.render import fmt
 from tokensieve.results.stats import chunk_labelled, speed
 from tokensieve.results.store import ResultStore
 
+from .eval_grid import eval_rows, run_grid
+
 TOK = CharTokenizer()
 CHUNK = 16
 GRID = {
@@ -41,13 +43,10 @@ N_CELLS = 2 * 2 * 3  # seeds x modes x (full + 2 methods)
 
 
 def _run(tiny_model, store, **overrides):
-    cfg = EvalConfig.from_mapping({**GRID, "store": str(store), **overrides})
-    return run_eval(cfg, model=tiny_model, tokenizer=TOK, progress=False, out=io.StringIO())
+    return run_grid(GRID, tiny_model, store, **overrides)
 
 
-def _rows(store):
-    with ResultStore(store, readonly=True) as s:
-        return s.rows("eval")
+_rows = eval_rows
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from tokensieve.report import write_report
 from tokensieve.results.stats import pareto_front
 from tokensieve.results.store import ResultStore
 
+from .eval_grid import eval_rows, run_grid
+
 TOK = CharTokenizer()
 GRID = {
     "tasks": "passkey,ppl",
@@ -37,13 +39,10 @@ N_CELLS = 2 * 2 * 3 + 1 * 1 * 3  # passkey: depths x modes x (full + 2 methods);
 
 
 def _run(tiny_model, store, **overrides):
-    cfg = EvalConfig.from_mapping({**GRID, "store": str(store), **overrides})
-    return run_eval(cfg, model=tiny_model, tokenizer=TOK, progress=False, out=io.StringIO())
+    return run_grid(GRID, tiny_model, store, **overrides)
 
 
-def _rows(store):
-    with ResultStore(store, readonly=True) as s:
-        return s.rows("eval")
+_rows = eval_rows
 
 
 @pytest.fixture(scope="module")
