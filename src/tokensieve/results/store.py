@@ -187,7 +187,7 @@ class ResultStore:
             ) from None
         self._conn = self._connect(str(self.path))
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            self._wal()  # readers never block the writer, nor it them
             self._create()
             with self._conn:  # a write transaction proves the file is writable and not locked
                 self._conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('checked', ?)", (str(time.time()),))
@@ -198,6 +198,21 @@ class ResultStore:
             ) from None
 
     # ------------------------------------------------------------------------------------------------- set-up
+    def _wal(self) -> None:
+        """Switch the file to WAL journaling once. SQLite answers a journal-mode change that meets another
+        connection's lock with "database is locked" at once, without waiting (two runs opening a new store at the same
+        moment), so retry until the other connection is done, up to the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _connect(self, target: str, *, uri: bool = False) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT, check_same_thread=False)
