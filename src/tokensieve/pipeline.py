@@ -206,10 +206,13 @@ def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelS
         )
 
 
-def check_chunkable(method: Method, decode: Method | None, label: str) -> None:
-    """Refuse (:class:`CapabilityError`, with the method's own reason) a configuration that cannot be prefilled chunk
-    by chunk: a prefill method whose :meth:`PrefillMethod.chunk_refusal` says why, or a decode method that starts
-    from the whole prompt's queries. Needs no model: the measuring tools call it before loading one."""
+def check_chunkable(spec: Spec, decode: Method | None = None) -> None:
+    """Refuse (:class:`CapabilityError`, with the method's own reason) a spec that cannot be prefilled chunk by chunk:
+    a prefill method whose :meth:`PrefillMethod.chunk_refusal` says why, or a decode method (``decode``, default the
+    spec's) that starts from the whole prompt's queries. Needs no model: the measuring tools call it before loading
+    one."""
+    method, label = spec.method, spec.label
+    decode = spec.decode if decode is None else decode
     if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
         raise CapabilityError(
             f"'{label}' cannot compress a prompt chunk by chunk: {why}. Prefill it in one pass (no chunk) or use a "
@@ -449,7 +452,7 @@ class Compressor:
 
     def check_chunked(self) -> None:
         """Refuse, before any work, a run that cannot be prefilled chunk by chunk (with the reason)."""
-        check_chunkable(self.method, self.decode_method, self.spec.label)
+        check_chunkable(self.spec, self.decode_method)
 
     def _prefill_chunked(
         self, ids: Tensor, mask: Tensor, chunk: int, *, compress: bool, reserve: int | None

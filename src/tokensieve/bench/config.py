@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..core.budget import Budget
 from ..errors import ConfigError
-from ..results.store import check_chunkable
+from ..pipeline import check_chunkable
 from ..results.threads import default_threads
 from ..spec import Spec, parse_specs
 

@@ -327,8 +327,9 @@ class RaggedKV:
     def drop(self, rows: Tensor, idx: Tensor) -> None:
         """Drop the entries at indices ``idx`` ``(m,)`` of rows ``rows`` ``(m,)`` in place, O(m): they are masked
         from attention at once (logit bias ``-inf``, position ``DEAD``) and no longer counted as stored
-        (:meth:`lengths`, :meth:`kv_bytes`); the slots are reclaimed by the next :meth:`keep` (any mask), which a
-        caller runs once enough have accumulated (:meth:`dead`). Indices stay those of :meth:`entry_positions`."""
+        (:meth:`lengths`, :meth:`kv_bytes`); their slots stay taken until :meth:`reclaim` (or any :meth:`keep`),
+        which a caller runs once enough have accumulated (:meth:`dead`). Indices stay those of
+        :meth:`entry_positions` until then."""
         if rows.numel():
             self.drop_at(rows, self.slots(rows, idx[:, None])[:, 0])
 
@@ -342,6 +343,12 @@ class RaggedKV:
         self._pos.view(-1)[slots] = DEAD
         self._dead.index_add_(0, rows, torch.ones_like(rows))
         self.evictions += 1  # a rollback past this point is refused
+
+    def reclaim(self) -> int:
+        """Reclaim the slots of the entries dropped in place (their rows packed again). Returns how many."""
+        if not bool(self._dead.any()):
+            return 0
+        return self.keep(torch.ones(self._n.numel(), int(self._n.max()), dtype=torch.bool))
 
     def dead(self) -> int:
         """Entries dropped in place and not yet reclaimed."""

@@ -72,6 +72,10 @@ class ModelShape:
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
 
+    def rope_of(self, layer: int) -> Rope | None:
+        """Layer ``layer``'s rotary embedding (None: no rotation, or not known)."""
+        return self.rope[layer] if self.rope else None
+
 
 @dataclass
 class RunState:

@@ -41,8 +41,8 @@ from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
 from ..data.tasks import MODES, Task, get_task
 from ..errors import ConfigError
+from ..pipeline import check_chunk, check_chunkable
 from ..registry import method_names
-from ..results.store import check_chunkable
 from ..spec import Spec, split_specs
 
 
@@ -145,8 +145,7 @@ class EvalConfig:
         if not str(self.store).strip():
             raise ConfigError("Give a results store path (--store runs/eval.sqlite).")
         if self.chunk is not None:
-            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 2:
-                raise ConfigError(f"chunk must be a whole number of tokens >= 2 (e.g. 512); got {self.chunk!r}.")
+            check_chunk(self.chunk)
             if not self.all_methods:  # `all` drops, with a note, the methods that cannot (tokensieve.eval.runner)
                 for m in self.methods:
                     check_chunkable(m)

@@ -138,8 +138,7 @@ class Retention(PrefillMethod, DecodeMethod):
     # -- score: log G of every entry --------------------------------------------------------------------------------
     def score(self, ctx: LayerContext) -> Tensor:
         gates = self._gates(ctx.run.profile)
-        shape = ctx.run.shape
-        rope = shape.rope[ctx.layer_idx] if shape.rope else None
+        rope = ctx.run.shape.rope_of(ctx.layer_idx)
         feats = gate_features(ctx.keys, ctx.values, ctx.positions, rope)  # (B, T, F)
         log_beta = gates.log_beta(ctx.layer_idx, feats).permute(0, 2, 1)  # (B, H, T)
         pos = ctx.positions
@@ -202,7 +201,7 @@ class Retention(PrefillMethod, DecodeMethod):
             shared = _DecodeShared({}, memory, memory < ctx.run.n_tokens)
             layer.run.scratch[(KIND, "decode")] = shared
         shared.layers[layer.index] = layer
-        return _DecodeLayerState(gates, shape_rope(layer.run, layer.index), table, store.sizes())
+        return _DecodeLayerState(gates, layer.run.shape.rope_of(layer.index), table, store.sizes())
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         if layer.index == layer.run.shape.num_layers - 1:
@@ -283,10 +282,6 @@ class Retention(PrefillMethod, DecodeMethod):
             feats = gate_features(k[None], v[None], p[None], st.rope)
             st.log_beta[rows[:, None], idx] = st.gates.log_beta(dl.index, feats)[0].T.to(st.log_beta.dtype)
             st.known[rows] = lengths[rows]
-
-
-def shape_rope(run: DecodeRun, layer: int) -> Rope | None:
-    return run.shape.rope[layer] if run.shape.rope else None
 
 
 __all__ = ["Retention", "log_retention_score"]

@@ -125,10 +125,6 @@ class SPKV(PrefillMethod, DecodeMethod):
             out.append(gates.tau_for(share))
         return torch.tensor(out, dtype=torch.float32)
 
-    @staticmethod
-    def _rope(shape: ModelShape, layer: int) -> Rope | None:
-        return shape.rope[layer] if shape.rope else None
-
     def utilities(
         self, gates: SPKVGates, layer: int, keys: Tensor, values: Tensor, positions: Tensor, rope: Rope | None
     ) -> Tensor:
@@ -139,7 +135,7 @@ class SPKV(PrefillMethod, DecodeMethod):
     # -- prefill --------------------------------------------------------------------------------------------------
     def score(self, ctx: LayerContext) -> Tensor:
         gates = self._gates(ctx.run.profile)
-        rope = self._rope(ctx.run.shape, ctx.layer_idx)
+        rope = ctx.run.shape.rope_of(ctx.layer_idx)
         return self.utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope)
 
     def compress(self, ctx: LayerContext) -> Compressed:
@@ -171,7 +167,7 @@ class SPKV(PrefillMethod, DecodeMethod):
         else:  # after another prefill: every stored prompt token is decided at the first step
             tau = self.thresholds(gates, lengths_seen, layer.run.budget_tokens)
             decided = torch.zeros_like(lengths_seen)
-        return _LayerState(gates, self._rope(layer.run.shape, layer.index), tau, w, decided)
+        return _LayerState(gates, layer.run.shape.rope_of(layer.index), tau, w, decided)
 
     @staticmethod
     def _newest(store: RaggedKV) -> Tensor:
@@ -226,11 +222,11 @@ class SPKV(PrefillMethod, DecodeMethod):
             ).reshape(-1)  # (m,) in the order of rows
             drop = u < st.tau[seqs].repeat_interleave(H)
             if bool(drop.any()):
-                store.drop_at(rows[drop], due[drop])
+                store.drop_at(rows[drop], due[drop])  # in place
                 dropped = int(drop.sum())
                 st.dropped += dropped
                 if store.dead() >= COMPACT * R:
-                    store.keep(torch.ones(R, int(sizes.max()), dtype=torch.bool))  # reclaim the dropped slots
+                    store.reclaim()
         st.decided = torch.maximum(st.decided, limit + 1)
         return dropped
 
@@ -239,8 +235,7 @@ class SPKV(PrefillMethod, DecodeMethod):
         st: _LayerState = layer.state
         store: RaggedKV = layer.store  # type: ignore[assignment]
         B, H = store.batch, store.heads
-        if store.dead():
-            store.keep(torch.ones(B * H, int(store.sizes().max()), dtype=torch.bool))
+        store.reclaim()  # positions in order, none DEAD
         pos = store.entry_positions().view(B, H, -1)  # (B, H, n), -1 past each row's length
         n = pos.shape[-1]
         if n == 0:

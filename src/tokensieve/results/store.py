@@ -445,13 +445,3 @@ def spec_columns(spec: Spec) -> dict[str, Any]:
         "budget_kind": primary.kind,
         "budget_value": float(primary.value),
     }
-
-
-def check_chunkable(spec: Spec) -> None:
-    """Refuse a spec that cannot be prefilled chunk by chunk (:func:`tokensieve.pipeline.check_chunkable`), before
-    a model is loaded: ``tokensieve eval --chunk`` / ``bench --chunk`` fail early (each Compressor they build with
-    ``chunk=`` checks again)."""
-    from ..pipeline import check_chunkable as check
-
-    check(spec.method, spec.decode, spec.label)
-

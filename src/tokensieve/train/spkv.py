@@ -249,7 +249,7 @@ class SPKVTrainer:
             def grab(
                 ctx: LayerContext, idx: Tensor = idx, feats: list[Tensor] = feats, orc: list[Tensor] = orc
             ) -> None:
-                rope = shape.rope[ctx.layer_idx] if shape.rope else None
+                rope = shape.rope_of(ctx.layer_idx)
                 f = gate_features(ctx.keys, ctx.values, ctx.positions, rope)[0]  # (T, F)
                 feats.append(f[idx].half())
                 orc.append(self.target(ctx)[:, idx].transpose(0, 1).contiguous())  # (n, H, ...)

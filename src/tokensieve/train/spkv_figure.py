@@ -36,7 +36,7 @@ def gate_utilities(model: Any, ids: list[int], profile: Any = None) -> tuple[tor
     rows: list[torch.Tensor] = []
 
     def grab(ctx: Any) -> None:
-        rope = shape.rope[ctx.layer_idx] if shape.rope else None
+        rope = shape.rope_of(ctx.layer_idx)
         feats = gate_features(ctx.keys, ctx.values, ctx.positions, rope)
         rows.append(gates.utility(ctx.layer_idx, feats)[0].float())  # (T, H)
 
