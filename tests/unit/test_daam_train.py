@@ -96,7 +96,11 @@ def test_grid_skips_finished_runs_and_summarises(tmp_path, monkeypatch: pytest.M
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     table = summary_table(records)
     assert "| A | cnnlstm | daam | 10 (2) | 2 | 0.550 ± 0.071 |" in table
-    assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])["run"] == runs[0].name()
+    first = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert first["run"] == runs[0].name()
+    assert first["corpus"] == daam.CorpusConfig().key("a")
+    with pytest.raises(ConfigError, match="another speech corpus"):  # results of another corpus are not reused
+        daam.run_grid(runs, tmp_path, daam.CorpusConfig(seed=5), progress=False)
 
 
 def test_frame_selection_keeps_the_most_important_frames() -> None:

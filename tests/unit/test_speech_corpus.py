@@ -26,23 +26,31 @@ def _librosa_available() -> bool:
 needs_librosa = pytest.mark.skipif(not _librosa_available(), reason="librosa missing: pip install 'tokensieve[audio]'")
 
 
-def test_speakers_are_held_out_and_balanced() -> None:
-    cfg = CorpusConfig(speakers=(8, 4, 4))
+def test_speakers_are_held_out_and_labels_are_balanced_per_speaker() -> None:
+    cfg = CorpusConfig(speakers=(8, 4, 4), accents=2)
     sp = make_speakers(cfg)
     assert [s.ident for s in sp] == [s.ident for s in make_speakers(cfg)]  # deterministic
+    assert len(sp) == 32
+    assert len({s.ident for s in sp}) == 32
     variants = {split: {s.ident.split("+")[1] for s in sp if s.split == split} for split in ("train", "val", "test")}
     assert len(variants["train"]) == 8
     assert not variants["train"] & variants["val"]
     assert not variants["train"] & variants["test"]
     assert not variants["val"] & variants["test"]
-    for split in ("train", "val", "test"):
-        labels = [s.label for s in sp if s.split == split]
-        assert sum(labels) * 2 == len(labels)
-    marked = [s for s in sp if s.label]
-    unmarked = [s for s in sp if not s.label]
-    assert np.mean([s.rate for s in marked]) < np.mean([s.rate for s in unmarked])
-    with pytest.raises(ConfigError):
+    for si in range(len(sp)):  # task A: every speaker reads half of its recordings marked
+        assert sorted(speech.recording_labels(cfg, si)) == [0, 0, 1, 1]
+    jobs = speech._jobs_a(cfg, sp, ["In the beginning God created the heaven and the earth."] * 4)
+    marked = [j for j in jobs if j["label"]]
+    unmarked = [j for j in jobs if not j["label"]]
+    assert len(marked) == len(unmarked) == 64
+    for key in ("rate", "pitch"):  # markers: slower and lower on average, overlapping between the classes
+        assert np.mean([j[key] for j in marked]) < np.mean([j[key] for j in unmarked])
+        assert max(j[key] for j in marked) > min(j[key] for j in unmarked)
+    assert np.mean([j["word_gap"] for j in marked]) > np.mean([j["word_gap"] for j in unmarked])
+    with pytest.raises(ConfigError, match="at most"):
         make_speakers(CorpusConfig(speakers=(70, 10, 10)))
+    with pytest.raises(ConfigError, match="accents"):
+        make_speakers(CorpusConfig(accents=9))
 
 
 def test_missing_tools_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,7 +114,9 @@ def test_synthesis_is_deterministic_and_features_have_the_paper_shape(tmp_path) 
 @needs_tools
 @needs_librosa
 def test_tiny_corpus_end_to_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cfg = CorpusConfig(speakers=(2, 2, 2), recordings=1, sentences=1, tokens=1, words=("yes", "no"), text="generated")
+    cfg = CorpusConfig(
+        speakers=(1, 1, 1), accents=2, recordings=2, sentences=1, tokens=1, words=("yes", "no"), text="generated"
+    )
     b = speech.load_or_build("b", cfg, root=tmp_path)
     assert b.x.shape == (12, 40, 120)
     assert sorted(set(b.y.tolist())) == [0, 1]
@@ -116,6 +126,7 @@ def test_tiny_corpus_end_to_end(tmp_path) -> None:  # type: ignore[no-untyped-de
     a = speech.build_task("a", cfg)
     assert a.x.shape[1:] == (40, 120)
     assert set(np.unique(a.split).tolist()) == {0, 1, 2}
+    assert sorted(np.unique(a.y).tolist()) == [0, 1]
     for g in np.unique(a.group):  # a recording's segments share its label and speaker
         assert len(set(a.y[a.group == g].tolist())) == 1
         assert len(set(a.speaker[a.group == g].tolist())) == 1

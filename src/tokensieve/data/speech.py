@@ -2,20 +2,24 @@
 degraded with ``sox``, turned into log-mel spectrograms with librosa.
 
 DAIC-WOZ (the clinical interviews of the DAAM depression paper, arXiv 2409.00391) is not available offline, so this
-is a **synthetic stand-in**. It reproduces the *shape* of the clinical task — speaker-level labels, several
-recordings per speaker, fixed-length log-mel segments, segment-level training and a per-recording majority vote,
-speakers of the test split never heard in training — not its content.
+is a **synthetic stand-in**. It reproduces the *shape* of the clinical task — a binary prosodic label per
+recording, several recordings per speaker, fixed-length log-mel segments, segment-level training and a per-recording
+majority vote, speakers of the test split never heard in training — not its content.
 
 * **Speakers** are espeak-ng voice variants (``+m3``, ``+f2``, ``+Alex`` …: different formants, breathiness, pitch
-  contours) on one of eight English base voices (accents). Every speaker has a distinct variant and the train /
-  validation / test splits share no variant: held-out voices.
+  contours), each spoken with ``accents`` of the eight English base voices (accents). The train / validation / test
+  splits share no variant: the test voices are never heard in training, in any accent.
 * **Sentences** are real text: verses of the King James Bible from the Debian package ``bible-kjv-text`` (read with
   ``bible`` from ``bible-kjv``; :mod:`tokensieve.data.text`'s ``kjv`` source), 40–110 characters each.
-* **Task A** (binary, paralinguistic, mirroring depression detection): a speaker is "marked" or not. Marked speakers
-  carry the prosodic markers reported for depression — slower speaking rate, lower pitch, flatter pitch (a narrower
-  pitch range), longer pauses between words and sentences. Each marker is drawn per speaker from class distributions
-  that overlap (and jittered per recording), so no single marker separates the classes. Recordings are 3 sentences
-  long; the models see 120-frame segments and a recording's label is the majority vote of its segments.
+* **Task A** (binary, paralinguistic, mirroring depression detection): a recording is "marked" or not. Marked
+  recordings carry the prosodic markers reported for depression — slower speaking rate, lower pitch, flatter pitch
+  (a narrower pitch range), longer pauses between words and sentences. Every speaker has a habitual offset of each
+  marker (drawn once per speaker) and reads half of its recordings marked, half not; each recording's markers are
+  the class mean plus the speaker's offset plus a per-recording jitter, so the classes overlap and no single marker
+  separates them. The label is a state of the recording, not a trait of the speaker: with a few dozen synthetic
+  voices a per-speaker label can be learnt from the voice itself, which says nothing on held-out voices, and a test
+  split of a handful of speakers makes the score a draw over those few. Recordings are 3 sentences long; the models
+  see 120-frame segments and a recording's label is the majority vote of its segments.
 * **Task B** (spoken words): 12 words, 1.2 s clips, every speaker says each word twice with its own rate and pitch.
 * **Channel** (both tasks, independent of the label): sox mixes in white, pink or brown noise at 5–30 dB SNR and
   applies a random high-pass and low-pass (a telephone-like band at the narrow end) and, for some recordings, reverb.
@@ -85,26 +89,28 @@ VARIANTS = (
 )  # fmt: skip
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "zero", "seven")
 RANGES = ("x-low", "low", "medium", "high", "x-high")
-#: probabilities of the pitch-range levels for unmarked / marked speakers (they overlap on purpose)
+#: probabilities of the pitch-range levels for unmarked / marked recordings (they overlap on purpose)
 RANGE_P = {0: (0.0, 0.1, 0.3, 0.35, 0.25), 1: (0.35, 0.35, 0.2, 0.1, 0.0)}
 
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """What to generate. The defaults take ~2 minutes on 2 cores and give ~1200 task-A segments and 1152 words."""
+    """What to generate. The defaults give ~4,500 task-A segments (600 recordings) and 1,800 task-B clips from 150
+    speakers; about 10 minutes of espeak-ng and sox on 2 cores."""
 
     seed: int = 0
-    speakers: tuple[int, int, int] = (32, 8, 8)  #: train, validation, test (distinct voice variants)
-    recordings: int = 3  #: task-A recordings per speaker
+    speakers: tuple[int, int, int] = (45, 15, 15)  #: voice variants in train, validation, test (distinct)
+    accents: int = 2  #: base voices (accents) per variant: each (variant, accent) pair is one speaker
+    recordings: int = 4  #: task-A recordings per speaker, half of them marked
     sentences: int = 3  #: sentences per task-A recording
-    tokens: int = 2  #: task-B repetitions of each word per speaker
+    tokens: int = 1  #: task-B repetitions of each word per speaker
     words: tuple[str, ...] = WORDS
     text: str = "kjv"
-    #: task-A class means (unmarked, marked) and the between-speaker deviation of each marker
-    rate: tuple[float, float, float] = (180.0, 135.0, 15.0)  #: words per minute
-    pitch: tuple[float, float, float] = (55.0, 35.0, 8.0)  #: espeak-ng pitch 0–99
-    word_gap: tuple[float, float, float] = (1.0, 6.0, 2.0)  #: extra pause between words, in 10 ms
-    pause: tuple[float, float, float] = (0.4, 1.0, 0.2)  #: pause between sentences, seconds
+    #: task-A marker means (unmarked, marked recordings) and the between-speaker deviation of the speaker's habit
+    rate: tuple[float, float, float] = (175.0, 140.0, 15.0)  #: words per minute
+    pitch: tuple[float, float, float] = (52.0, 38.0, 8.0)  #: espeak-ng pitch 0–99
+    word_gap: tuple[float, float, float] = (1.0, 5.0, 2.0)  #: extra pause between words, in 10 ms
+    pause: tuple[float, float, float] = (0.4, 0.9, 0.2)  #: pause between sentences, seconds
     tasks: tuple[str, ...] = ("a", "b")
     workers: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +129,7 @@ class CorpusConfig:
             d.pop(k)
         if task == "a":
             d["range_p"] = RANGE_P
+            d["labels"] = "recording"
         d["features"] = [SAMPLE_RATE, N_MELS, N_FFT, WIN, HOP, SEGMENT, 1]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -131,7 +138,7 @@ class CorpusConfig:
 class Speaker:
     ident: str  #: "base+variant"
     split: str  #: train / val / test
-    label: int  #: task A: 1 = marked prosody
+    #: the speaker's habitual offsets of task A's markers (added to the class means of each recording)
     rate: float
     pitch: float
     word_gap: float
@@ -177,39 +184,51 @@ def home() -> Path:
 
 
 def make_speakers(cfg: CorpusConfig) -> list[Speaker]:
-    """Speakers with distinct variants, split train/val/test, half of each split marked (task A's label).
+    """Speakers split train/val/test by voice variant: each variant of a split is spoken with ``cfg.accents``
+    different base voices, and no variant appears in two splits.
 
-    Each speaker's markers are drawn from the class's normal distributions (means in ``cfg``, shared deviation).
+    Each speaker's habitual offsets of the task-A markers are drawn from normal distributions around 0 (the
+    between-speaker deviations in ``cfg``).
     """
     n = sum(cfg.speakers)
     if n > len(VARIANTS):
-        raise ConfigError(f"at most {len(VARIANTS)} speakers (distinct voice variants), asked for {n}")
-    if min(cfg.speakers) < 2:
-        raise ConfigError("every split needs at least 2 speakers (one of each task-A class)")
+        raise ConfigError(f"at most {len(VARIANTS)} voice variants in all splits, asked for {n}")
+    if min(cfg.speakers) < 1:
+        raise ConfigError("every split needs at least one voice variant")
+    if not 1 <= cfg.accents <= len(BASE_VOICES):
+        raise ConfigError(f"accents must be between 1 and {len(BASE_VOICES)}, got {cfg.accents}")
     rng = random.Random(f"speakers:{cfg.seed}")
     variants = list(VARIANTS)
     rng.shuffle(variants)
     out: list[Speaker] = []
     start = 0
     for split, count in zip(("train", "val", "test"), cfg.speakers):
-        labels = [i % 2 for i in range(count)]
-        rng.shuffle(labels)
-        for i, label in enumerate(labels):
+        for i in range(count):
             variant = variants[start + i]
-            base = BASE_VOICES[(start + i) % len(BASE_VOICES)]
-            out.append(
-                Speaker(
-                    ident=f"{base}+{variant}",
-                    split=split,
-                    label=label,
-                    rate=rng.gauss(cfg.rate[label], cfg.rate[2]),
-                    pitch=min(95.0, max(5.0, rng.gauss(cfg.pitch[label], cfg.pitch[2]))),
-                    word_gap=max(0.0, rng.gauss(cfg.word_gap[label], cfg.word_gap[2])),
-                    pause=max(0.1, rng.gauss(cfg.pause[label], cfg.pause[2])),
+            bases = rng.sample(BASE_VOICES, cfg.accents)
+            for base in bases:
+                out.append(
+                    Speaker(
+                        ident=f"{base}+{variant}",
+                        split=split,
+                        rate=rng.gauss(0.0, cfg.rate[2]),
+                        pitch=rng.gauss(0.0, cfg.pitch[2]),
+                        word_gap=rng.gauss(0.0, cfg.word_gap[2]),
+                        pause=rng.gauss(0.0, cfg.pause[2]),
+                    )
                 )
-            )
         start += count
     return out
+
+
+def recording_labels(cfg: CorpusConfig, speaker: int) -> list[int]:
+    """Task A's labels of one speaker's recordings: half marked (the odd one out of an odd count is drawn)."""
+    rng = random.Random(f"labels:{cfg.seed}:{speaker}")
+    labels = [r % 2 for r in range(cfg.recordings)]
+    if cfg.recordings % 2:
+        labels[-1] = rng.randrange(2)
+    rng.shuffle(labels)
+    return labels
 
 
 def corpus_sentences(cfg: CorpusConfig) -> list[str]:
@@ -365,20 +384,22 @@ _SPLIT = {"train": 0, "val": 1, "test": 2}
 def _jobs_a(cfg: CorpusConfig, speakers: list[Speaker], units: list[str]) -> list[dict[str, Any]]:
     jobs = []
     for si, sp in enumerate(speakers):
-        for r in range(cfg.recordings):
+        for r, label in enumerate(recording_labels(cfg, si)):
             rng = random.Random(f"a:{cfg.seed}:{si}:{r}")
             jobs.append(
                 {
                     "speaker": si,
                     "voice": sp.ident,
                     "parts": rng.sample(units, cfg.sentences),
-                    "rate": max(80.0, sp.rate + rng.gauss(0, 6)),
-                    "pitch": min(99.0, max(0.0, sp.pitch + rng.gauss(0, 3))),
-                    "word_gap": max(0.0, sp.word_gap + rng.gauss(0, 0.5)),
-                    "pitch_range": rng.choices(RANGES, weights=RANGE_P[sp.label])[0],
-                    "pauses": [max(0.05, sp.pause + rng.gauss(0, 0.1)) for _ in range(cfg.sentences - 1)],
+                    "rate": max(80.0, cfg.rate[label] + sp.rate + rng.gauss(0, 6)),
+                    "pitch": min(99.0, max(0.0, cfg.pitch[label] + sp.pitch + rng.gauss(0, 3))),
+                    "word_gap": max(0.0, cfg.word_gap[label] + sp.word_gap + rng.gauss(0, 0.5)),
+                    "pitch_range": rng.choices(RANGES, weights=RANGE_P[label])[0],
+                    "pauses": [
+                        max(0.05, cfg.pause[label] + sp.pause + rng.gauss(0, 0.1)) for _ in range(cfg.sentences - 1)
+                    ],
                     "channel": _channel(rng),
-                    "label": sp.label,
+                    "label": label,
                 }
             )
     return jobs

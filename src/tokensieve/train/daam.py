@@ -256,17 +256,24 @@ def run_grid(
     for r in runs:
         r.check()
     out.mkdir(parents=True, exist_ok=True)
-    done = done_runs(out)
+    corpus_cfg = corpus_cfg or CorpusConfig()
     data: dict[tuple[str, int], Data] = {}
     records = []
     for r in runs:
         done = done_runs(out)  # another process may share the directory: look again before each run
+        key = corpus_cfg.key(r.task)
         if r.name() in done:
+            found = done[r.name()].get("corpus")
+            if found != key:
+                raise ConfigError(
+                    f"{out / 'results.jsonl'} already holds run {r.name()} trained on another speech corpus "
+                    f"({found or 'an older one'}, this one is {key}): give the grid another --out directory"
+                )
             records.append(done[r.name()])
             continue
         if (r.task, r.segments) not in data:
             data[r.task, r.segments] = prepare(load_or_build(r.task, corpus_cfg, progress=progress), r.segments)
-        rec = train_run(r, data[r.task, r.segments], out=out, progress=progress)
+        rec = {**train_run(r, data[r.task, r.segments], out=out, progress=progress), "corpus": key}
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if progress:
