@@ -131,3 +131,23 @@ def test_bad_runs_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         daam.parse_seeds("a-b")
     assert daam.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+
+
+def test_report_command_prints_the_table_of_every_run(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from tokensieve.cli import main
+
+    for seed, f1 in ((0, 0.6), (1, 0.8)):
+        run = DaamRun(task="b", network="cnnlstm", attention="none", seed=seed, epochs=3)
+        rec = {"run": run.name(), "config": daam.asdict(run), "parameters": 7, "front_parameters": 0, "best_epoch": 2,
+               "val": {"f1": 0.5}, "test": {"f1": f1, "acc": f1}, "seconds": 1}  # fmt: skip
+        with open(tmp_path / "results.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    (tmp_path / "frames_b.json").write_text(json.dumps([
+        {"run": "r", "fraction": 0.5, "how": "uniform", "f1": 0.4, "acc": 0.5, "ms": 10.0},
+    ]))  # fmt: skip
+    assert main(["train", "daam-report", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| B | cnnlstm | none | 7 (0) | 2 | 0.700 ± 0.141 |" in out
+    assert "| 50% | uniform | 1 | 0.400 ± 0.000 |" in out
+    assert main(["train", "daam-report", "--out", str(tmp_path / "empty")]) == 2
+    assert "no finished runs" in capsys.readouterr().err

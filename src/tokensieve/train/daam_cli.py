@@ -80,6 +80,20 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .daam import done_runs, frames_table, summary_table
+
+    out = Path(args.out)
+    records = list(done_runs(out).values())
+    if not records:
+        raise ConfigError(f"no finished runs in {out / 'results.jsonl'}: train some with `tokensieve train daam`")
+    print(summary_table(records))
+    for path in sorted(out.glob("frames_*.json")):
+        print(f"\n{path.name}:\n")
+        print(frames_table(json.loads(path.read_text())))
+    return 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from .daam import figures
 
@@ -117,6 +131,10 @@ def add_commands(tsub: Any) -> None:
     f.add_argument("--threads", type=int, default=1)
     _corpus_args(f)
     f.set_defaults(func=cmd_frames)
+
+    r = tsub.add_parser("daam-report", help="the comparison table (mean ± std over seeds) of every run in --out")
+    r.add_argument("--out", default="runs/daam")
+    r.set_defaults(func=cmd_report)
 
     g = tsub.add_parser("daam-figures", help="importance maps (mel bands and frames) of trained DAAM runs, as PNG")
     g.add_argument("--out", default="runs/daam")
