@@ -148,6 +148,20 @@ def test_report_command_prints_the_table_of_every_run(tmp_path, capsys: pytest.C
     assert main(["train", "daam-report", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| B | cnnlstm | none | 7 (0) | 2 | 0.700 ± 0.141 |" in out
-    assert "| 50% | uniform | 1 | 0.400 ± 0.000 |" in out
+    assert "| daam+time | 50% | uniform | 1 | 0.400 ± 0.000 |" in out
     assert main(["train", "daam-report", "--out", str(tmp_path / "empty")]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_one_time_head_normalises_over_all_frames() -> None:
+    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, time_heads=1, feedforward=64)
+    assert run.name().startswith("b-transformer-daam+time-th1-")
+    model = daam.build_model(run, 40, 120, 12)
+    _, ws = model.front(torch.randn(2, 40, 120), return_weights=True)
+    torch.testing.assert_close(ws[1].sum(2), torch.ones(2, 40))  # one head: each band's weights over all frames
+    default = daam.build_model(DaamRun(task="b", network="transformer", attention="daam", time_axis=True,
+                                       feedforward=64), 40, 120, 12)  # fmt: skip
+    _, wd = default.front(torch.randn(2, 40, 120), return_weights=True)
+    torch.testing.assert_close(wd[1][:, :, :30].sum(2), torch.ones(2, 40))  # 4 heads: per 30-frame chunk
+    with pytest.raises(ConfigError, match="needs --time-axis"):
+        DaamRun(time_heads=1).check()

@@ -15,8 +15,11 @@ Input of both: standardised log-mel segments, shape (B, mels, frames) — the pa
 
 ``attention``: ``"daam"`` (the Gaussian block), ``"mha"`` (``nn.MultiheadAttention`` over the frames with the mel
 vector as embedding, 4 heads, residual: 6.6 k parameters for 40 mels) or ``"none"``.
-``time_axis``: add a second Gaussian layer on the time axis (4 heads, same number of Gaussians), which gives the
-importance of frames (the mel-axis weights are normalised within each frame, so they rank mel bins, not frames).
+``time_axis``: add a second Gaussian layer on the time axis (``time_heads`` heads, by default as many as the mel
+layer's, same number of Gaussians), which gives the importance of frames (the mel-axis weights are normalised within
+each frame, so they rank mel bins, not frames). With H time heads the frames are split into H chunks and the weights
+are normalised within each chunk, so every chunk carries the same total importance; ``time_heads=1`` normalises over
+all frames, so the importance can concentrate where the speech is.
 """
 
 from __future__ import annotations
@@ -49,7 +52,14 @@ class FrontBlock(nn.Module):
     """
 
     def __init__(
-        self, attention: str, mels: int, heads: int, gaussians: int, time_axis: bool = False, **options: object
+        self,
+        attention: str,
+        mels: int,
+        heads: int,
+        gaussians: int,
+        time_axis: bool = False,
+        time_heads: int | None = None,
+        **options: object,
     ) -> None:
         super().__init__()
         if attention not in ATTENTION_KINDS:
@@ -59,7 +69,8 @@ class FrontBlock(nn.Module):
         self.mha: nn.MultiheadAttention | None = None
         if attention == "daam":
             axes = (1, 2) if time_axis else (1,)
-            self.gaussian = GaussianBlock(axes, heads, gaussians, **options)
+            hs = (heads, heads if time_heads is None else time_heads) if time_axis else (heads,)
+            self.gaussian = GaussianBlock(axes, hs, gaussians, **options)
         elif attention == "mha":
             if mels % heads:
                 raise ConfigError(f"multi-head attention over {mels} mel bins needs heads dividing {mels}")
@@ -96,13 +107,14 @@ class DAAMAudioCNNLSTM(nn.Module):
         heads: int = 4,
         gaussians: int = 24,
         time_axis: bool = False,
+        time_heads: int | None = None,
         conv_channels: int = 128,
         hidden: int = 128,
         lstm_layers: int = 2,
         **options: object,
     ) -> None:
         super().__init__()
-        self.front = FrontBlock(attention, mels, heads, gaussians, time_axis, **options)
+        self.front = FrontBlock(attention, mels, heads, gaussians, time_axis, time_heads, **options)
         self.conv = nn.Conv1d(mels, conv_channels, kernel_size=3, padding=1)
         self.bn = nn.BatchNorm1d(conv_channels)
         self.pool = nn.MaxPool1d(3)
@@ -137,6 +149,7 @@ class DAAMAudioTransformer(nn.Module):
         heads: int = 4,
         gaussians: int = 16,
         time_axis: bool = False,
+        time_heads: int | None = None,
         d_model: int = 120,
         encoder_heads: int = 4,
         layers: int = 2,
@@ -146,7 +159,7 @@ class DAAMAudioTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.frames = frames
-        self.front = FrontBlock(attention, mels, heads, gaussians, time_axis, **options)
+        self.front = FrontBlock(attention, mels, heads, gaussians, time_axis, time_heads, **options)
         self.embed = nn.Linear(mels, d_model)
         self.position = nn.Parameter(torch.zeros(frames, d_model))
         nn.init.normal_(self.position, std=0.02)

@@ -48,12 +48,14 @@ class DaamRun:
     decay: float = 0.9
     segments: int = 0  #: task A: at most this many (evenly spaced) training segments per recording; 0: all
     feedforward: int = 2048  #: the transformer's feed-forward width (the paper's: 2048)
+    time_heads: int = 0  #: heads of the time-axis Gaussian layer (0: as many as the mel layer's, 4)
 
     def name(self) -> str:
         t = "+time" if self.time_axis else ""
         g = f"-g{self.segments}" if self.segments else ""
         f = f"-ff{self.feedforward}" if self.feedforward != 2048 else ""
-        return f"{self.task}-{self.network}-{self.attention}{t}-s{self.seed}-e{self.epochs}{g}{f}"
+        th = f"-th{self.time_heads}" if self.time_heads else ""
+        return f"{self.task}-{self.network}-{self.attention}{t}{th}-s{self.seed}-e{self.epochs}{g}{f}"
 
     def check(self) -> None:
         if self.task not in ("a", "b"):
@@ -64,16 +66,22 @@ class DaamRun:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
         if self.time_axis and self.attention != "daam":
             raise ConfigError("--time-axis adds a Gaussian layer: it needs --attention daam")
+        if self.time_heads and not self.time_axis:
+            raise ConfigError("--time-heads sets the heads of the time-axis layer: it needs --time-axis")
+        if self.time_heads < 0:
+            raise ConfigError("--time-heads must be ≥ 1 (or 0 for the default)")
         if self.epochs < 1 or self.batch < 1 or self.segments < 0:
             raise ConfigError("epochs and batch must be ≥ 1, segments ≥ 0")
 
 
 def build_model(run: DaamRun, mels: int, frames: int, outputs: int) -> nn.Module:
+    th = run.time_heads or None
     if run.network == "cnnlstm":
-        return DAAMAudioCNNLSTM(mels, outputs, attention=run.attention, time_axis=run.time_axis)
+        return DAAMAudioCNNLSTM(mels, outputs, attention=run.attention, time_axis=run.time_axis, time_heads=th)
     return DAAMAudioTransformer(
-        mels, outputs, frames=frames, attention=run.attention, time_axis=run.time_axis, feedforward=run.feedforward
-    )
+        mels, outputs, frames=frames, attention=run.attention, time_axis=run.time_axis, time_heads=th,
+        feedforward=run.feedforward,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------ metrics
@@ -380,29 +388,35 @@ def frame_selection(
     for rec in sorted(records, key=lambda r: r["run"]):
         model = load_run(out, rec, data)
         timing_x = x[:200]
-        rows.append({"run": rec["run"], "fraction": 1.0, "how": "all", **score(model, data.test, data.n_classes),
-                     "ms": encoder_ms(model, timing_x, None)})  # fmt: skip
+        th = rec["config"].get("time_heads", 0)
+        front = "daam+time" + (f" ({th} time head{'s' if th > 1 else ''})" if th else "")
+        rows.append({"run": rec["run"], "front": front, "fraction": 1.0, "how": "all",
+                     **score(model, data.test, data.n_classes), "ms": encoder_ms(model, timing_x, None)})  # fmt: skip
         for f in fractions:
             for how in ("importance", "random", "uniform"):
                 keep = select_frames(model, x, f, how, seed=rec["config"]["seed"])
                 s = score(model, data.test, data.n_classes, keep=keep)
                 ms = encoder_ms(model, timing_x, select_frames(model, timing_x, f, how))
-                rows.append({"run": rec["run"], "fraction": f, "how": how, **s, "ms": ms})
+                rows.append({"run": rec["run"], "front": front, "fraction": f, "how": how, **s, "ms": ms})
     return rows
 
 
 def frames_table(rows: Sequence[dict[str, Any]]) -> str:
-    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    """Markdown: one row per (front block, fraction kept, selection) — test F1 and accuracy, forward time."""
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["fraction"], r["how"]), []).append(r)
-    lines = ["| frames kept | selection | runs | test F1 macro | test accuracy | forward ms (200 clips) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for (f, how), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        groups.setdefault((r.get("front", "daam+time"), r["fraction"], r["how"]), []).append(r)
+    lines = [
+        "| front block | frames kept | selection | runs | test F1 macro | test accuracy | forward ms (200 clips) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (front, f, how), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         f1, s1 = mean_std([r["f1"] for r in rs])
         acc, sa = mean_std([r["acc"] for r in rs])
         ms, sms = mean_std([r["ms"] for r in rs])
         lines.append(
-            f"| {f:.0%} | {how} | {len(rs)} | {f1:.3f} ± {s1:.3f} | {acc:.3f} ± {sa:.3f} | {ms:.0f} ± {sms:.0f} |"
+            f"| {front} | {f:.0%} | {how} | {len(rs)} | {f1:.3f} ± {s1:.3f} | {acc:.3f} ± {sa:.3f} | "
+            f"{ms:.0f} ± {sms:.0f} |"
         )
     return "\n".join(lines)
 
@@ -498,7 +512,7 @@ def parse_seeds(spec: str) -> list[int]:
 
 def grid(
     task: str, networks: Sequence[str], attentions: Sequence[str], seeds: Sequence[int], epochs: int,
-    time_axis: bool = False, segments: int = 0, feedforward: int = 2048,
+    time_axis: bool = False, segments: int = 0, feedforward: int = 2048, time_heads: int = 0,
 ) -> list[DaamRun]:  # fmt: skip
     return [
         DaamRun(
@@ -510,6 +524,7 @@ def grid(
             epochs=epochs,
             segments=segments,
             feedforward=feedforward,
+            time_heads=time_heads if time_axis and a == "daam" else 0,
         )
         for n in networks
         for a in attentions
