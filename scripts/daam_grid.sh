@@ -15,6 +15,8 @@ first() {
   "$TS" train daam --out "$OUT" --task b --networks cnnlstm --attention daam,mha,none --seeds 0-4 --epochs 30
   "$TS" train daam --out "$OUT" --task b --networks transformer --attention daam,mha,none --time-axis \
     --feedforward 512 --seeds 0-4 --epochs 10
+  "$TS" train daam --out "$OUT" --task b --networks transformer --attention daam --time-axis --time-heads 1 \
+    --feedforward 512 --seeds 0-4 --epochs 10
 }
 second() {
   "$TS" train daam --out "$OUT" --task a --networks transformer --attention daam,mha,none --time-axis \

@@ -165,3 +165,18 @@ def test_one_time_head_normalises_over_all_frames() -> None:
     torch.testing.assert_close(wd[1][:, :, :30].sum(2), torch.ones(2, 40))  # 4 heads: per 30-frame chunk
     with pytest.raises(ConfigError, match="needs --time-axis"):
         DaamRun(time_heads=1).check()
+
+
+def test_frames_and_figures_keep_the_time_head_settings_apart(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(daam, "load_or_build", lambda task, cfg=None, progress=False: _tiny_corpus(task))
+    runs = [DaamRun(task="b", network="transformer", attention="daam", time_axis=True, time_heads=th, epochs=1,
+                    batch=8, feedforward=32) for th in (0, 1)]  # fmt: skip
+    daam.run_grid(runs, tmp_path, progress=False)
+    rows = daam.frame_selection(tmp_path, [0.5], progress=False)
+    assert {r["front"] for r in rows} == {"daam+time", "daam+time (1 time head)"}
+    table = daam.frames_table(rows)
+    assert "| daam+time (1 time head) | 50% | importance | 1 |" in table
+    paths = daam.figures(tmp_path, tmp_path / "figs")
+    assert tmp_path / "figs" / "daam_task_b_frames.png" in paths
+    assert all(p.stat().st_size > 0 for p in paths)

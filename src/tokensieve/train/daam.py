@@ -496,7 +496,49 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
         fig.savefig(p, dpi=90)
         plt.close(fig)
         paths.append(p)
+        frames = _frames_figure(out, figdir, task, data, plt)
+        if frames is not None:
+            paths.append(frames)
     return paths
+
+
+def _frames_figure(out: Path, figdir: Path, task: str, data: Data, plt: Any, examples: int = 4) -> Path | None:
+    """Frame importance of the lowest-seed transformer of each time-head setting over a few test clips, and the
+    frames each keeps at 25 %: where the learned importance puts the selected tokens."""
+    runs: dict[int, dict[str, Any]] = {}
+    for r in sorted(done_runs(out).values(), key=lambda r: r["config"]["seed"]):
+        c = r["config"]
+        if c["task"] == task and c["network"] == "transformer" and c["time_axis"]:
+            runs.setdefault(c.get("time_heads", 0), r)
+    if not runs:
+        return None
+    te = data.test
+    picks = [int(np.flatnonzero(te.y == c)[0]) for c in range(min(examples, data.n_classes)) if (te.y == c).any()]
+    x = torch.from_numpy(te.x[picks])
+    fig, axes = plt.subplots(1 + len(runs), len(picks), figsize=(3.6 * len(picks), 2.2 * (1 + len(runs))),
+                             squeeze=False)  # fmt: skip
+    for j, i in enumerate(picks):
+        axes[0, j].imshow(te.x[i], origin="lower", aspect="auto", cmap="magma")
+        axes[0, j].set_title(te.classes[te.y[i]], fontsize=9)
+    for row, (th, rec) in enumerate(sorted(runs.items()), start=1):
+        model = load_run(out, rec, data)
+        imp = frame_importance(model, x)
+        keep = select_frames(model, x, 0.25, "importance")
+        for j in range(len(picks)):
+            ax = axes[row, j]
+            ax.plot(imp[j].numpy(), lw=1)
+            ax.vlines(keep[j].numpy(), 0, float(imp[j].max()), colors="tab:red", alpha=0.25, lw=1)
+            ax.set_xlim(0, te.x.shape[2] - 1)
+        heads = th or 4
+        axes[row, 0].set_ylabel(f"{heads} time head{'s' if heads > 1 else ''}", fontsize=9)
+    for a in axes[-1]:
+        a.set_xlabel("frame (10 ms)")
+    fig.suptitle(f"task {task.upper()}: frame importance (blue) and the 25 % of frames kept (red)", fontsize=10)
+    fig.tight_layout()
+    p = figdir / f"daam_task_{task}_frames.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p
 
 
 def parse_seeds(spec: str) -> list[int]:
