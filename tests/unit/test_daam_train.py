@@ -177,6 +177,9 @@ def test_frames_and_figures_keep_the_time_head_settings_apart(tmp_path, monkeypa
     assert {r["front"] for r in rows} == {"daam+time", "daam+time (1 time head)"}
     table = daam.frames_table(rows)
     assert "| daam+time (1 time head) | 50% | importance | 1 |" in table
+    summary = summary_table(list(daam.done_runs(tmp_path).values()))
+    assert "| B | transformer | daam+time | " in summary
+    assert "| B | transformer | daam+time (1 time head) | " in summary
     paths = daam.figures(tmp_path, tmp_path / "figs")
     assert tmp_path / "figs" / "daam_task_b_frames.png" in paths
     assert all(p.stat().st_size > 0 for p in paths)

@@ -303,6 +303,8 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         c = r["config"]
         front = c["attention"] + ("+time" if c["time_axis"] else "")
+        th = c.get("time_heads", 0)
+        front += f" ({th} time head{'s' if th > 1 else ''})" if th else ""
         groups.setdefault((c["task"], c["network"], front, c["epochs"]), []).append(r)
     lines = [
         "| task | network | front block | parameters (block) | seeds | test F1 macro | test accuracy | val F1 macro |",
