@@ -183,3 +183,29 @@ def test_frames_and_figures_keep_the_time_head_settings_apart(tmp_path, monkeypa
     paths = daam.figures(tmp_path, tmp_path / "figs")
     assert tmp_path / "figs" / "daam_task_b_frames.png" in paths
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_frame_selection_standardises_as_in_training(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # a run trained on thinned segments sees inputs standardised with the thinned training split's statistics;
+    # frame selection must score it on the same inputs, not on inputs standardised with every training segment
+    corpus = _tiny_corpus("a")
+    first = np.array([i == 0 or corpus.group[i] != corpus.group[i - 1] for i in range(len(corpus.y))])
+    corpus.x[first & (corpus.split == 0)] += 3.0  # the rows thinning keeps: other statistics than all rows
+    monkeypatch.setattr(daam, "load_or_build", lambda task, cfg=None, progress=False: corpus)
+    run = DaamRun(task="a", network="transformer", attention="daam", time_axis=True, epochs=1, batch=8,
+                  feedforward=32, segments=1)  # fmt: skip
+    daam.run_grid([run], tmp_path, progress=False)
+    seen: list[np.ndarray] = []
+    real_score = daam.score
+
+    def spy(model: torch.nn.Module, part: Corpus, n_classes: int, **kw: object) -> dict[str, float]:
+        seen.append(part.x.copy())
+        return real_score(model, part, n_classes, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daam, "score", spy)
+    daam.frame_selection(tmp_path, [0.5], task="a", progress=False)
+    trained_on = prepare(corpus, 1).test.x
+    assert seen
+    assert np.abs(prepare(corpus, 0).test.x - trained_on).max() > 0.1  # the two standardisations differ here
+    for x in seen:
+        np.testing.assert_array_equal(x, trained_on)

@@ -384,10 +384,13 @@ def frame_selection(
     ]  # fmt: skip
     if not records:
         raise ConfigError(f"no transformer run with --time-axis on task {task} in {out}: train one first")
-    data = prepare(load_or_build(task, corpus_cfg, progress=progress))
-    x = torch.from_numpy(data.test.x)
+    corpus = load_or_build(task, corpus_cfg, progress=progress)
+    prepared: dict[int, Data] = {}
     rows = []
     for rec in sorted(records, key=lambda r: r["run"]):
+        seg = rec["config"].get("segments", 0)  # the inputs standardised as in training
+        data = prepared[seg] = prepared.get(seg) or prepare(corpus, seg)
+        x = torch.from_numpy(data.test.x)
         model = load_run(out, rec, data)
         timing_x = x[:200]
         th = rec["config"].get("time_heads", 0)
@@ -447,7 +450,7 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
     if not by_task:
         raise ConfigError(f"no DAAM run in {out}: train one first")
     for task, rec in sorted(by_task.items()):
-        data = prepare(load_or_build(task, corpus_cfg))
+        data = prepare(load_or_build(task, corpus_cfg), rec["config"].get("segments", 0))  # as in training
         model = load_run(out, rec, data)
         te = data.test
         # one example per class where possible, the first segment of a recording
@@ -498,13 +501,15 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
         fig.savefig(p, dpi=90)
         plt.close(fig)
         paths.append(p)
-        frames = _frames_figure(out, figdir, task, data, plt)
+        frames = _frames_figure(out, figdir, task, corpus_cfg, plt)
         if frames is not None:
             paths.append(frames)
     return paths
 
 
-def _frames_figure(out: Path, figdir: Path, task: str, data: Data, plt: Any, examples: int = 4) -> Path | None:
+def _frames_figure(
+    out: Path, figdir: Path, task: str, corpus_cfg: CorpusConfig | None, plt: Any, examples: int = 4
+) -> Path | None:
     """Frame importance of the lowest-seed transformer of each time-head setting over a few test clips, and the
     frames each keeps at 25 %: where the learned importance puts the selected tokens."""
     runs: dict[int, dict[str, Any]] = {}
@@ -514,6 +519,8 @@ def _frames_figure(out: Path, figdir: Path, task: str, data: Data, plt: Any, exa
             runs.setdefault(c.get("time_heads", 0), r)
     if not runs:
         return None
+    corpus = load_or_build(task, corpus_cfg)
+    data = prepare(corpus, next(iter(runs.values()))["config"].get("segments", 0))
     te = data.test
     picks = [int(np.flatnonzero(te.y == c)[0]) for c in range(min(examples, data.n_classes)) if (te.y == c).any()]
     x = torch.from_numpy(te.x[picks])
@@ -523,7 +530,9 @@ def _frames_figure(out: Path, figdir: Path, task: str, data: Data, plt: Any, exa
         axes[0, j].imshow(te.x[i], origin="lower", aspect="auto", cmap="magma")
         axes[0, j].set_title(te.classes[te.y[i]], fontsize=9)
     for row, (th, rec) in enumerate(sorted(runs.items()), start=1):
-        model = load_run(out, rec, data)
+        run_data = prepare(corpus, rec["config"].get("segments", 0))  # inputs standardised as in its training
+        model = load_run(out, rec, run_data)
+        x = torch.from_numpy(run_data.test.x[picks])
         imp = frame_importance(model, x)
         keep = select_frames(model, x, 0.25, "importance")
         for j in range(len(picks)):
