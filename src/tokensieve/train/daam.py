@@ -480,11 +480,7 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
         for a in axes[rows - 1]:
             a.set_xlabel("frame (10 ms)")
         fig.suptitle(f"task {task.upper()}: {rec['run']}", fontsize=10)
-        fig.tight_layout()
-        p = figdir / f"daam_task_{task}_examples.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, plt, figdir / f"daam_task_{task}_examples.png"))
         # mean mel-band weight per class (test split)
         with torch.no_grad():
             _, wall = model.front(torch.from_numpy(te.x), return_weights=True)  # type: ignore[operator]
@@ -496,11 +492,7 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
         ax.set_ylabel("mean weight")
         ax.legend(fontsize=8)
         ax.set_title(f"task {task.upper()}: mel-axis importance, test mean", fontsize=10)
-        fig.tight_layout()
-        p = figdir / f"daam_task_{task}_bands.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, plt, figdir / f"daam_task_{task}_bands.png"))
         frames = _frames_figure(out, figdir, task, corpus_cfg, plt)
         if frames is not None:
             paths.append(frames)
@@ -545,11 +537,14 @@ def _frames_figure(
     for a in axes[-1]:
         a.set_xlabel("frame (10 ms)")
     fig.suptitle(f"task {task.upper()}: frame importance (blue) and the 25 % of frames kept (red)", fontsize=10)
+    return _save(fig, plt, figdir / f"daam_task_{task}_frames.png")
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
-    p = figdir / f"daam_task_{task}_frames.png"
-    fig.savefig(p, dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return p
+    return path
 
 
 def parse_seeds(spec: str) -> list[int]:
