@@ -297,15 +297,19 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
+def front_label(config: dict[str, Any]) -> str:
+    """The front block of a run's config as the tables name it: ``daam``, ``daam+time``, ``daam+time (1 time head)``."""
+    th = config.get("time_heads", 0)
+    heads = f" ({th} time head{'s' if th > 1 else ''})" if th else ""
+    return config["attention"] + ("+time" if config["time_axis"] else "") + heads
+
+
 def summary_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per (task, network, front block) — parameters, test F1 macro and accuracy mean ± std."""
     groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for r in records:
         c = r["config"]
-        front = c["attention"] + ("+time" if c["time_axis"] else "")
-        th = c.get("time_heads", 0)
-        front += f" ({th} time head{'s' if th > 1 else ''})" if th else ""
-        groups.setdefault((c["task"], c["network"], front, c["epochs"]), []).append(r)
+        groups.setdefault((c["task"], c["network"], front_label(c), c["epochs"]), []).append(r)
     lines = [
         "| task | network | front block | parameters (block) | seeds | test F1 macro | test accuracy | val F1 macro |",
         "|---|---|---|---|---|---|---|---|",
@@ -393,8 +397,7 @@ def frame_selection(
         x = torch.from_numpy(data.test.x)
         model = load_run(out, rec, data)
         timing_x = x[:200]
-        th = rec["config"].get("time_heads", 0)
-        front = "daam+time" + (f" ({th} time head{'s' if th > 1 else ''})" if th else "")
+        front = front_label(rec["config"])
         rows.append({"run": rec["run"], "front": front, "fraction": 1.0, "how": "all",
                      **score(model, data.test, data.n_classes), "ms": encoder_ms(model, timing_x, None)})  # fmt: skip
         for f in fractions:
