@@ -27,7 +27,7 @@ from .adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
 from .adapters.models import layer_weights, model_shape, model_text
 from .adapters.profiles import Profile, profile_for
 from .cache.decode import DecodeMethod
-from .cache.sieve_cache import Plan, SieveCache
+from .cache.sieve_cache import Plan, RecordedLayer, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
 from .core.context import ModelShape
@@ -77,6 +77,23 @@ class CachedContext:
         Works as long as nothing was evicted meanwhile (a bounded decode method evicts: use :meth:`fork`)."""
         cache_mark, self.mask, self.logits, self.prefill_seconds = mark
         self.cache.rollback(cache_mark)
+
+
+@dataclass
+class PrefillRecord:
+    """A full-cache prefill as every layer saw it, to be replayed by :meth:`Compressor.prefill` (``replay=``) into
+    the caches of several methods: the model runs once per prompt instead of once per method. Made by
+    :meth:`Compressor.record_prefill`. It holds every layer's queries, keys and values (``nbytes``)."""
+
+    ids: Tensor  # (B, T)
+    mask: Tensor  # (B, T)
+    logits: Tensor  # (B, V) next-token logits after the prompt
+    seconds: float  # wall time of the recording forward pass
+    layers: list[RecordedLayer]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for r in self.layers for t in (r.q, r.k, r.v))
 
 
 @dataclass
@@ -388,6 +405,7 @@ class Compressor:
         compress: bool = True,
         reserve: int | None = None,
         chunk: int | None = None,
+        replay: PrefillRecord | None = None,
     ) -> CachedContext:
         """Prefill a (left-padded) batch and compress it with the method and budget.
 
@@ -401,6 +419,13 @@ class Compressor:
         ``full`` method) the chunks are only appended. A method that cannot score a chunk
         (:meth:`PrefillMethod.chunk_refusal`) is refused before any work. A prompt of at most ``chunk`` tokens is
         prefilled exactly as without ``chunk``.
+
+        ``replay``: a :class:`PrefillRecord` of the same prompt (:meth:`record_prefill`); instead of running the
+        model, every layer's recorded queries, keys and values are compressed as this prefill would compress them
+        (auxiliary passes, such as KVzip's, still run). The cache and logits are the ones a plain prefill gives, since
+        the forward pass of a prompt does not depend on the method — except for methods that change it, which are
+        refused (:meth:`replay_refusal`). ``prefill_seconds`` is then the recording's forward time plus this
+        replay's.
         """
         ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         n = mask.sum(-1)
@@ -424,9 +449,17 @@ class Compressor:
                 self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
         if chunked:
             assert chunk is not None
+            if replay is not None:
+                raise CapabilityError("A recorded prefill replays a prefill in one pass, not in chunks (chunk=).")
             return self._prefill_chunked(ids, mask, chunk, compress=compress, reserve=reserve)
         suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
         n_aux = 0 if suffix is None else int(suffix.shape[1])
+        if replay is not None:
+            why = self.replay_refusal(suffix=suffix)
+            if why is not None:
+                raise CapabilityError(f"'{self.spec.label}' cannot replay a recorded prefill: {why}.")
+            if replay.ids.shape != ids.shape or not (torch.equal(replay.ids, ids) and torch.equal(replay.mask, mask)):
+                raise ConfigError("The recorded prefill is of another prompt (or padding); record this one.")
         passes: list[AuxPass] = []
         if compress and isinstance(self.method, PrefillMethod) and self.method.deferred:
             passes = self.method.prefill_passes(ids, mask, model_text(self.model))
@@ -434,7 +467,11 @@ class Compressor:
                 self._check_length(int(ids.shape[1]) + int(aux.input_ids.shape[1]))
         cache = self.new_cache(reserve=reserve, compress=compress, tail=n_aux, passes=bool(passes))
         t0 = time.perf_counter()
-        if suffix is None:
+        if replay is not None:
+            cache.replay(replay.layers)
+            logits = replay.logits.clone()
+            t0 -= replay.seconds
+        elif suffix is None:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self._forward(ids, mask, positions, cache)
         else:
@@ -449,6 +486,39 @@ class Compressor:
             self._run_passes(cache, mask, passes)
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
+
+    def replay_refusal(self, *, suffix: Tensor | None = None) -> str | None:
+        """Why this Compressor's prefill cannot be replayed from a :class:`PrefillRecord` (None: it can) — a method
+        that computes its own prefill attention (sparse prefill) or adds auxiliary tokens to the prompt changes the
+        forward pass, and a chunked prefill is a different forward pass; ``suffix``: the method's auxiliary tokens
+        for the prompt, if already computed."""
+        m = self.method
+        if isinstance(m, PrefillMethod) and type(m).prefill_attention is not PrefillMethod.prefill_attention:
+            return f"'{m.name}' computes its own prefill attention"
+        if suffix is not None or getattr(type(m), "prefill_suffix", None) is not Method.prefill_suffix:
+            return f"'{m.name}' adds auxiliary tokens to the prompt"
+        if self.chunk is not None:
+            return "the prefill runs in chunks"
+        return None
+
+    @torch.inference_mode()
+    @_routed
+    def record_prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> PrefillRecord:
+        """Prefill a prompt with the full cache once and record what every layer saw, for :meth:`prefill`'s
+        ``replay`` (of this or another Compressor on the same model)."""
+        ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
+        if bool((mask.sum(-1) == 0).any()):
+            raise PromptError("A prompt is empty: nothing to prefill.")
+        self._check_length(int(ids.shape[1]))
+        cache = SieveCache(self.shape.num_layers, None)
+        cache.recording = []
+        t0 = time.perf_counter()
+        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), cache)
+        seconds = time.perf_counter() - t0
+        layers, cache.recording = cache.recording, None
+        if sorted(r.layer_idx for r in layers) != list(range(self.shape.num_layers)):
+            raise CapabilityError("Not every layer's attention went through tokensieve: this prefill cannot replay.")
+        return PrefillRecord(ids, mask, logits, seconds, layers)
 
     def check_chunked(self) -> None:
         """Refuse, before any work, a run that cannot be prefilled chunk by chunk (with the reason)."""

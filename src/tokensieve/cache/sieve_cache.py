@@ -72,6 +72,20 @@ class LayerState:
     decode: DecodeLayer | None = None  # the plan's decode method's view of this layer, once decoding started
 
 
+@dataclass(frozen=True)
+class RecordedLayer:
+    """One layer's fresh prefill as the model handed it to :meth:`SieveCache.attend` (see :meth:`SieveCache.replay`)."""
+
+    layer_idx: int
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    padding_mask: Tensor | None
+    scaling: float
+    positions: Tensor | None
+    mods: Modifiers
+
+
 @dataclass
 class _Deferred:
     """A layer of a deferred method, scored and kept whole until every layer is scored (and auxiliary passes ran)."""
@@ -105,6 +119,8 @@ class SieveCache:
         self._chunk_run: RunState | None = None  # its budgets, resolved from the whole prompt (None: keep all)
 
         self.front: Any = None  # the adapter's view of this cache for the model (created by adapters.hf)
+        # While not None, every layer's fresh prefill is recorded here, to be replayed into other caches.
+        self.recording: list[RecordedLayer] | None = None
 
     # ------------------------------------------------------------------------------------------------ queries
     def seq_length(self, layer_idx: int = 0) -> int:
@@ -288,6 +304,39 @@ class SieveCache:
         or None; positions ``(B|1, L)``: the positions the model rotated the chunk with (None: counted from the
         real tokens seen); mods: the layer's sliding window and logit soft-capping. Returns ``(B, H_q, L, D)``.
         """
+        if self.recording is not None and self.layers[layer_idx].store is None:
+            self.recording.append(RecordedLayer(layer_idx, q, k, v, padding_mask, scaling, positions, mods))
+        out = self._attend(layer_idx, q, k, v, padding_mask, scaling, positions, mods, output=True)
+        assert out is not None
+        return out
+
+    def replay(self, layers: list[RecordedLayer]) -> None:
+        """Store (and compress) a prefill recorded by another cache, layer by layer, without running the model: what
+        :meth:`attend` does with a fresh prefill, except the attention output, which the recording forward pass
+        already used. Valid for a plan whose method attends densely at prefill (the recording's attention) and adds
+        no auxiliary tokens to the prompt; the caller (:meth:`tokensieve.pipeline.Compressor.prefill`) checks that.
+        Each layer's tensors are copied first, so a method cannot alter the recording for the next replay."""
+        for r in layers:
+            if self.layers[r.layer_idx].store is not None:
+                raise RuntimeError(f"Layer {r.layer_idx} already holds a prefill; a replay needs a fresh cache.")
+            self._attend(r.layer_idx, r.q.clone(), r.k.clone(), r.v.clone(), r.padding_mask, r.scaling, r.positions,
+                         r.mods, output=False)  # fmt: skip
+
+    def _attend(
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        padding_mask: Tensor | None,
+        scaling: float,
+        positions: Tensor | None,
+        mods: Modifiers,
+        *,
+        output: bool,
+    ) -> Tensor | None:
+        """:meth:`attend`; with ``output=False`` (a replayed prefill) the fresh prefill's attention is skipped and
+        None returned."""
         layer = self.layers[layer_idx]
         B, _, L, _ = k.shape
         valid_new: Tensor | None = None
@@ -314,14 +363,16 @@ class SieveCache:
         plan = self.plan
         decode = plan.decode if plan is not None else None
         stored = L  # tokens of this chunk that count as seen
+        out: Tensor | None = None
         if layer.store is None:
             t0 = time.perf_counter()
-            own = (
-                plan.method.prefill_attention(layer_idx, q, k, v, valid_new, scaling, mods, plan.profile)
-                if plan is not None and isinstance(plan.method, PrefillMethod) and L > 1 and not self.chunking
-                else None
-            )  # sparse prefill attention (FlexPrefill, MInference, ...) or None: dense
-            out = causal_attention(q, k, v, valid_new, scaling, mods) if own is None else own
+            if output:
+                own = (
+                    plan.method.prefill_attention(layer_idx, q, k, v, valid_new, scaling, mods, plan.profile)
+                    if plan is not None and isinstance(plan.method, PrefillMethod) and L > 1 and not self.chunking
+                    else None
+                )  # sparse prefill attention (FlexPrefill, MInference, ...) or None: dense
+                out = causal_attention(q, k, v, valid_new, scaling, mods) if own is None else own
             self.stats.prefill_attention_seconds += time.perf_counter() - t0
             ctx: LayerContext | None = None
             compressing = self.armed and plan is not None and L > 1

@@ -37,6 +37,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["threads"] = args.threads
     if args.no_fidelity:
         overrides["fidelity"] = False
+    if args.no_shared_prefill:
+        overrides["shared_prefill"] = False
     cfg = EvalConfig.from_file(args.config, overrides) if args.config else EvalConfig.from_mapping(overrides)
     command = _command(args)
     quiet = args.quiet or args.no_progress
@@ -86,6 +88,8 @@ def _command(args: argparse.Namespace) -> str:
             parts += [f"--{flag}", str(value)]
     if args.no_fidelity:
         parts.append("--no-fidelity")
+    if args.no_shared_prefill:
+        parts.append("--no-shared-prefill")
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -127,6 +131,9 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--model", default=None, help="embedded model name, local HF directory or hub id")
     add_threads_argument(sp)
     sp.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 agreement (faster)")
+    sp.add_argument("--no-shared-prefill", action="store_true",
+                    help="prefill every cell itself instead of replaying each prompt's recorded prefill (same results, "
+                         "slower; see docs/EVALUATION.md)")  # fmt: skip
     sp.add_argument("--no-progress", action="store_true", help="no progress bar (and no results table)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar, no results table at the end")
     sp.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

@@ -111,13 +111,14 @@ class EvalConfig:
     store: str = "runs/eval.sqlite"
     threads: int | None = None
     fidelity: bool = True
+    shared_prefill: bool = True  # record each prompt's prefill once and replay it for every method that allows it
     chunk: int | None = None  # chunked prefill of every configuration but the full-cache baseline (None: one pass)
     all_methods: bool = False  # `methods = all`: skip registered methods the model cannot run instead of failing
     _task_objs: tuple[Task, ...] = field(default=(), repr=False, compare=False)
 
     FIELDS = (
         "tasks", "methods", "budgets", "lengths", "depths", "seeds", "modes", "haystack", "text", "model", "store",
-        "threads", "fidelity", "chunk",
+        "threads", "fidelity", "chunk", "shared_prefill",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -189,6 +190,8 @@ class EvalConfig:
             kw["threads"] = _ints([data["threads"]], "threads")[0]
         if "fidelity" in data and data["fidelity"] is not None:
             kw["fidelity"] = _bool(data["fidelity"], "fidelity")
+        if "shared_prefill" in data and data["shared_prefill"] is not None:
+            kw["shared_prefill"] = _bool(data["shared_prefill"], "shared_prefill")
         if data.get("chunk") is not None and str(data["chunk"]).strip().lower() not in ("", "none", "0"):
             kw["chunk"] = _ints(_tuple(data["chunk"], "chunk"), "chunk", minimum=2)[0]
         return cls(**kw)

@@ -67,18 +67,27 @@ class CellWorker:
         self.model, self.tokenizer = load_model(model_name)
 
     def run_sample(
-        self, cells: list[tuple[int, Cell, bool]], ref_cell: Cell, prep: Any, fidelity: bool
+        self,
+        cells: list[tuple[int, Cell, bool]],
+        ref_cell: Cell,
+        prep: Any,
+        fidelity: bool,
+        shared_prefill: bool = True,
     ) -> tuple[int, list[tuple[int, dict[str, Any]]]]:
         """Measure the given cells of one sample, in grid order; ``cells`` are (grid index, cell, is the sample's
-        reference cell). Returns the threads used and each index's result columns."""
-        from .runner import Reference, measure
+        reference cell); ``shared_prefill``: replay the sample's recorded prefills (tokensieve.eval.runner). Returns
+        the threads used and each index's result columns."""
+        from .runner import Reference, SharedPrefill, measure
 
         out: list[tuple[int, dict[str, Any]]] = []
         reference: Reference | None = None
+        shared = SharedPrefill() if shared_prefill else None
         for i, cell, is_ref in cells:
             if reference is None and not is_ref:  # the reference cell was stored by an earlier run: recompute
-                _, reference = measure(self.model, self.tokenizer, ref_cell, prep, None, with_fidelity=False)
-            result, reference = measure(self.model, self.tokenizer, cell, prep, reference, with_fidelity=fidelity)
+                _, reference = measure(self.model, self.tokenizer, ref_cell, prep, None, with_fidelity=False,
+                                       shared=shared)  # fmt: skip
+            result, reference = measure(self.model, self.tokenizer, cell, prep, reference, with_fidelity=fidelity,
+                                        shared=shared)  # fmt: skip
             out.append((i, result))
         return self.threads, out
 
@@ -132,7 +141,7 @@ def run_cells_ray(
                     continue
                 ref_cell = next(c for c in cells if c.sample_id == sid and c.spec.is_full)
                 actor = idle.pop()
-                ref = actor.run_sample.remote(group, ref_cell, prepared[sid], cfg.fidelity)
+                ref = actor.run_sample.remote(group, ref_cell, prepared[sid], cfg.fidelity, cfg.shared_prefill)
                 pending[ref] = (actor, sid)
             if not pending:
                 continue

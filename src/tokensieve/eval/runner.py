@@ -15,6 +15,14 @@ One cell (batch size 1):
 3. teacher-force the reference continuation on a fork: KL(full ‖ method) and top-1 agreement per position;
 4. teacher-force the reference answer: its log-likelihood (for the perplexity task: the text's continuation, whose
    perplexity is the score).
+
+Shared prefill (``EvalConfig.shared_prefill``, on by default): the forward pass over a prompt is the same for every
+method that attends densely at prefill — they differ only in what they keep — so the runner records it once per
+prompt (:meth:`~tokensieve.pipeline.Compressor.record_prefill`: every layer's queries, keys and values) and replays
+it into each cell's cache (``Compressor.prefill(replay=...)``), which compresses exactly as a prefill would. Methods
+that change the forward pass (sparse prefill, auxiliary tokens), chunked cells and recordings above
+``SHARED_PREFILL_MAX_BYTES`` prefill as usual. Results are the same either way (tests/unit/test_prefill_replay.py);
+a replayed cell's ``prefill_s`` is the recording's forward time plus its own compression.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from ..adapters.models import load_model, model_key
 from ..data.prompts import PromptIds
 from ..data.tasks import Sample
 from ..errors import CapabilityError, ConfigError, PromptError
-from ..pipeline import CachedContext, Compressor, compress
+from ..pipeline import CachedContext, Compressor, PrefillRecord, compress
 from ..results.store import ResultStore, spec_columns
 from ..results.threads import use_threads
 from ..spec import Spec
@@ -71,6 +79,41 @@ class _Prepared:
     sample: Sample
     prompt: PromptIds
     target: list[int]
+
+
+SHARED_PREFILL_MAX_BYTES = 2 << 30  # a recording holds every layer's queries, keys and values
+
+
+class SharedPrefill:
+    """The recorded prefills of the sample being measured (its context and its whole prompt), made on first use."""
+
+    def __init__(self, max_bytes: int = SHARED_PREFILL_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.sample: Any = None
+        self.records: dict[tuple[int, ...], PrefillRecord] = {}
+        self.recorded = 0  # forward passes recorded
+        self.replayed = 0  # prefills served from a recording
+
+    def get(self, press: Compressor, sample: Any, ids: list[int]) -> PrefillRecord | None:
+        """The recording of ``ids`` for ``press`` to replay, or None when it must prefill itself."""
+        if press.replay_refusal() is not None:
+            return None
+        if sample != self.sample:  # one sample at a time: the previous one's recordings are dropped
+            self.sample, self.records = sample, {}
+        key = tuple(ids)
+        if key not in self.records:
+            if self._estimate(press, len(ids)) > self.max_bytes:
+                return None
+            self.records[key] = press.record_prefill(torch.tensor([ids]))
+            self.recorded += 1
+        self.replayed += 1
+        return self.records[key]
+
+    @staticmethod
+    def _estimate(press: Compressor, n: int) -> int:
+        sh = press.shape
+        itemsize = torch.empty((), dtype=press.model.dtype).element_size()
+        return sh.num_layers * n * sh.head_dim * (sh.num_q_heads + 2 * sh.num_kv_heads) * itemsize
 
 
 def set_threads(n: int | None) -> int:
@@ -113,8 +156,10 @@ def measure(
     reference: Reference | None,
     *,
     with_fidelity: bool = True,
+    shared: SharedPrefill | None = None,
 ) -> tuple[dict[str, Any], Reference]:
-    """Measure one cell; returns its result columns and the reference (built here for a full-cache cell)."""
+    """Measure one cell; returns its result columns and the reference (built here for a full-cache cell).
+    ``shared``: replay the sample's recorded prefill where the cell's method allows it (see the module docstring)."""
     task, sample, prompt, target = cell.task, prep.sample, prep.prompt, prep.target
     eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
     n_new = task.max_new_tokens
@@ -122,10 +167,11 @@ def measure(
     t_cell = time.perf_counter()
     press = make_press(model, cell.spec, reserve=len(prompt.question) + follow, chunk=cell.chunk)
     stepwise = cell.spec.decode is not None
-    if cell.mode == "aware" or not prompt.question:
-        ctx = press.prefill(torch.tensor([prompt.full]))
-    else:
-        ctx = press.prefill(torch.tensor([prompt.context]))
+    whole = cell.mode == "aware" or not prompt.question
+    ids = prompt.full if whole else prompt.context
+    record = shared.get(press, cell.sample_id, ids) if shared is not None else None
+    ctx = press.prefill(torch.tensor([ids]), replay=record)
+    if not whole:
         press.extend(ctx, torch.tensor([prompt.question]))
     row: dict[str, Any] = {
         "prompt_tokens": len(prompt),
@@ -310,6 +356,7 @@ def _run_cells(
     bar = tqdm(total=sum(weight.values()), unit="tok", unit_scale=True, desc="eval", disable=not progress,
                dynamic_ncols=True, smoothing=0.05)  # fmt: skip
     ran = 0
+    shared = SharedPrefill() if cfg.shared_prefill else None
     reference: Reference | None = None
     ref_sample: Any = None
     ref_mode: dict[Any, str] = {}
@@ -330,10 +377,11 @@ def _run_cells(
             if reference is None and not is_ref:
                 # The sample's reference cell is already stored (an earlier run): recompute the reference.
                 ref_cell = next(c for c in cells if c.sample_id == sid and c.spec.is_full)
-                _, reference = measure(model, tokenizer, ref_cell, prep, None, with_fidelity=False)
+                _, reference = measure(model, tokenizer, ref_cell, prep, None, with_fidelity=False, shared=shared)
             bar.set_postfix_str(f"{ran + 1}/{len(todo)} cells · {cell.task.name} L={cell.length} "
                                 f"{cell.spec.label} {cell.mode}")  # fmt: skip
-            result, reference = measure(model, tokenizer, cell, prep, reference, with_fidelity=cfg.fidelity)
+            result, reference = measure(model, tokenizer, cell, prep, reference, with_fidelity=cfg.fidelity,
+                                        shared=shared)  # fmt: skip
             row = _row(cell, keys[i], mkey, run_id, threads, prep.sample, result)
             if not store.add("eval", row):  # another run stored it first (its claim had lapsed): keep its row
                 bar.update(weight[i])
