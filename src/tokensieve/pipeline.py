@@ -27,7 +27,7 @@ from .adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
 from .adapters.models import layer_weights, model_shape, model_text
 from .adapters.profiles import Profile, profile_for
 from .cache.decode import DecodeMethod
-from .cache.sieve_cache import Plan, RecordedLayer, SieveCache
+from .cache.sieve_cache import LayerChunk, Plan, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
 from .core.context import ModelShape
@@ -89,7 +89,7 @@ class PrefillRecord:
     mask: Tensor  # (B, T)
     logits: Tensor  # (B, V) next-token logits after the prompt
     seconds: float  # wall time of the recording forward pass
-    layers: list[RecordedLayer]
+    layers: list[LayerChunk]
 
     @property
     def nbytes(self) -> int:
@@ -221,6 +221,16 @@ def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelS
             f"'{method.name}' runs auxiliary passes over the prompt, which a decode method ('{decode.name}') cannot "
             "follow; run it without a decode method."
         )
+
+
+def forward_change(cls: type[Method]) -> str | None:
+    """How a method class changes the model's forward pass over a prompt (None: it does not, so a recorded full-cache
+    prefill can be replayed into its cache, :meth:`Compressor.prefill`)."""
+    if issubclass(cls, PrefillMethod) and cls.prefill_attention is not PrefillMethod.prefill_attention:
+        return f"'{cls.name}' computes its own prefill attention"
+    if cls.prefill_suffix is not Method.prefill_suffix:
+        return f"'{cls.name}' adds auxiliary tokens to the prompt"
+    return None
 
 
 def check_chunkable(spec: Spec, decode: Method | None = None) -> None:
@@ -492,11 +502,11 @@ class Compressor:
         that computes its own prefill attention (sparse prefill) or adds auxiliary tokens to the prompt changes the
         forward pass, and a chunked prefill is a different forward pass; ``suffix``: the method's auxiliary tokens
         for the prompt, if already computed."""
-        m = self.method
-        if isinstance(m, PrefillMethod) and type(m).prefill_attention is not PrefillMethod.prefill_attention:
-            return f"'{m.name}' computes its own prefill attention"
-        if suffix is not None or getattr(type(m), "prefill_suffix", None) is not Method.prefill_suffix:
-            return f"'{m.name}' adds auxiliary tokens to the prompt"
+        if suffix is not None:
+            return f"'{self.method.name}' adds auxiliary tokens to the prompt"
+        why = forward_change(type(self.method))
+        if why is not None:
+            return why
         if self.chunk is not None:
             return "the prefill runs in chunks"
         return None

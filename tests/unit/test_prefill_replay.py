@@ -10,13 +10,14 @@ import torch
 import tokensieve as ts
 from tokensieve.data.prompts import left_pad
 from tokensieve.eval.runner import SharedPrefill
-from tokensieve.pipeline import Compressor
-from tokensieve.registry import method_names
+from tokensieve.pipeline import Compressor, forward_change
+from tokensieve.registry import get_method_class, method_names
 
 from .eval_grid import eval_rows, run_grid
 from .test_methods_matrix import COMPRESSING, DECODING, press_for, prompts
 
 SPECS = [(m, None) for m in COMPRESSING] + [("full", d) for d in DECODING] + [("snapkv", "quest")]
+REPLAYABLE = [(m, d) for m, d in SPECS if forward_change(get_method_class(m)) is None]
 
 
 def _press(model, name, profiles, decode=None, **kw):
@@ -30,22 +31,17 @@ def _refusal(model, name, profiles, decode=None):
     return _press(model, name, profiles, decode).replay_refusal()
 
 
-def _replayable(model, profiles):
-    return [(m, d) for m, d in SPECS if _refusal(model, m, profiles, d) is None]
-
-
 def _snapshot(rec):
     return [(r.q.clone(), r.k.clone(), r.v.clone()) for r in rec.layers]
 
 
-@pytest.mark.parametrize(("name", "decode"), SPECS, ids=[f"{m}+{d}" if d else m for m, d in SPECS])
+@pytest.mark.parametrize(("name", "decode"), REPLAYABLE, ids=[f"{m}+{d}" if d else m for m, d in REPLAYABLE])
 @torch.inference_mode()
 def test_replay_equals_prefill(name, decode, tiny_model, tiny_profiles):
     # left padding for prefill methods; decode methods such as recompress refuse ragged batches
     ids, mask = left_pad(prompts(seed=3, lengths=(48, 37) if decode is None else (48, 48)), 0)
     press = _press(tiny_model, name, tiny_profiles, decode, reserve=8)
-    if press.replay_refusal() is not None:
-        pytest.skip(f"not replayable: {press.replay_refusal()} (tested below)")
+    assert press.replay_refusal() is None
     rec = ts.compress(tiny_model, "full").record_prefill(ids, mask)
     before = _snapshot(rec)
     plain = press.prefill(ids, mask)
@@ -76,7 +72,8 @@ def test_methods_that_change_the_forward_pass_are_refused(tiny_model, tiny_profi
     assert {"flexprefill", "minference", "dapq"} <= set(refused), refused
     assert "own prefill attention" in refused["flexprefill"]
     assert "auxiliary tokens" in refused["dapq"]
-    assert len(_replayable(tiny_model, tiny_profiles)) >= 25  # everything else replays
+    assert all(forward_change(get_method_class(m)) == why for m, why in refused.items())
+    assert len(REPLAYABLE) >= 30  # everything else replays, alone or after a full prefill with a decode method
     ids = torch.tensor([prompts()[0]])
     rec = ts.compress(tiny_model, "full").record_prefill(ids)
     with pytest.raises(ts.CapabilityError, match="cannot replay a recorded prefill: 'dapq' adds auxiliary tokens"):

@@ -73,8 +73,9 @@ class LayerState:
 
 
 @dataclass(frozen=True)
-class RecordedLayer:
-    """One layer's fresh prefill as the model handed it to :meth:`SieveCache.attend` (see :meth:`SieveCache.replay`)."""
+class LayerChunk:
+    """One layer's chunk as the model hands it to :meth:`SieveCache.attend` (a recorded fresh prefill is replayed by
+    :meth:`SieveCache.replay`)."""
 
     layer_idx: int
     q: Tensor
@@ -120,7 +121,7 @@ class SieveCache:
 
         self.front: Any = None  # the adapter's view of this cache for the model (created by adapters.hf)
         # While not None, every layer's fresh prefill is recorded here, to be replayed into other caches.
-        self.recording: list[RecordedLayer] | None = None
+        self.recording: list[LayerChunk] | None = None
 
     # ------------------------------------------------------------------------------------------------ queries
     def seq_length(self, layer_idx: int = 0) -> int:
@@ -304,13 +305,14 @@ class SieveCache:
         or None; positions ``(B|1, L)``: the positions the model rotated the chunk with (None: counted from the
         real tokens seen); mods: the layer's sliding window and logit soft-capping. Returns ``(B, H_q, L, D)``.
         """
+        chunk = LayerChunk(layer_idx, q, k, v, padding_mask, scaling, positions, mods)
         if self.recording is not None and self.layers[layer_idx].store is None:
-            self.recording.append(RecordedLayer(layer_idx, q, k, v, padding_mask, scaling, positions, mods))
-        out = self._attend(layer_idx, q, k, v, padding_mask, scaling, positions, mods, output=True)
+            self.recording.append(chunk)
+        out = self._attend(chunk, output=True)
         assert out is not None
         return out
 
-    def replay(self, layers: list[RecordedLayer]) -> None:
+    def replay(self, layers: list[LayerChunk]) -> None:
         """Store (and compress) a prefill recorded by another cache, layer by layer, without running the model: what
         :meth:`attend` does with a fresh prefill, except the attention output, which the recording forward pass
         already used. Valid for a plan whose method attends densely at prefill (the recording's attention) and adds
@@ -319,24 +321,13 @@ class SieveCache:
         for r in layers:
             if self.layers[r.layer_idx].store is not None:
                 raise RuntimeError(f"Layer {r.layer_idx} already holds a prefill; a replay needs a fresh cache.")
-            self._attend(r.layer_idx, r.q.clone(), r.k.clone(), r.v.clone(), r.padding_mask, r.scaling, r.positions,
-                         r.mods, output=False)  # fmt: skip
+            self._attend(replace(r, q=r.q.clone(), k=r.k.clone(), v=r.v.clone()), output=False)
 
-    def _attend(
-        self,
-        layer_idx: int,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        padding_mask: Tensor | None,
-        scaling: float,
-        positions: Tensor | None,
-        mods: Modifiers,
-        *,
-        output: bool,
-    ) -> Tensor | None:
-        """:meth:`attend`; with ``output=False`` (a replayed prefill) the fresh prefill's attention is skipped and
-        None returned."""
+    def _attend(self, chunk: LayerChunk, *, output: bool) -> Tensor | None:
+        """:meth:`attend` of one layer's chunk; with ``output=False`` (a replayed prefill) the fresh prefill's
+        attention is skipped and None returned."""
+        layer_idx, q, k, v = chunk.layer_idx, chunk.q, chunk.k, chunk.v
+        padding_mask, scaling, positions, mods = chunk.padding_mask, chunk.scaling, chunk.positions, chunk.mods
         layer = self.layers[layer_idx]
         B, _, L, _ = k.shape
         valid_new: Tensor | None = None
