@@ -226,6 +226,17 @@ def test_cli_records_a_reproducible_command():
 
     args = build_parser().parse_args(["eval", "--tasks", "passkey", "--budgets", "0.1,25%", "--store", "r.sqlite"])
     assert _command(args) == "tokensieve eval --store r.sqlite --tasks passkey --budgets 0.1,25%"
+    args = build_parser().parse_args(["eval", "--tasks", "passkey", "--store", "r.sqlite", "--no-shared-prefill"])
+    assert _command(args) == "tokensieve eval --store r.sqlite --tasks passkey --no-shared-prefill"
+
+
+def test_the_shared_prefill_can_be_turned_off_in_a_grid_file(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text('tasks = ["passkey"]\nshared_prefill = false\n')
+    assert EvalConfig.from_file(grid).shared_prefill is False
+    assert EvalConfig.from_mapping({"tasks": "passkey"}).shared_prefill is True
+    with pytest.raises(ts.ConfigError, match="true or false"):
+        EvalConfig.from_mapping({"tasks": "passkey", "shared_prefill": "maybe"})
 
 
 def test_cli_lists_tasks(capsys):
