@@ -40,8 +40,14 @@ def write_report(
     formats: Sequence[str] = ("md",),
     title: str = "tokensieve report",
     model: str | None = None,
+    tasks: Sequence[str] = (),
+    methods: Sequence[str] = (),
 ) -> list[Path]:
-    """Write the report of a results store; returns the files written."""
+    """Write the report of a results store; returns the files written.
+
+    ``model``, ``tasks``, ``methods``: only the rows of that model key, of those tasks (evaluation rows) and of those
+    methods (the store's ``method`` column, e.g. ``snapkv`` or ``+quest``; the full cache is always kept, as the
+    reference). A name the store does not have is an error that lists the ones it has."""
     bad = [f for f in formats if f not in ("md", "html")]
     if bad or not formats:
         raise ConfigError(f"Unknown report format(s) {bad or '(none)'}: use md, html or md,html.")
@@ -52,6 +58,8 @@ def write_report(
         eval_rows = chunk_labelled(store.rows("eval", where, params))  # chunked prefills: rows of their own
         bench_rows = store.rows("bench", where, params)
         runs = store.runs()
+    eval_rows, bench_rows = _only([eval_rows, bench_rows], "task", tasks, "tasks")
+    eval_rows, bench_rows = _only([eval_rows, bench_rows], "method", methods, "methods", keep=("full",))
     if not eval_rows and not bench_rows:
         raise ConfigError(f"The store {store_p} has no results" + (f" for model {model!r}." if model else "."))
     try:
@@ -85,13 +93,32 @@ def write_report(
     return written
 
 
+def _only(
+    groups: list[list[dict[str, Any]]], column: str, wanted: Sequence[str], what: str, keep: Sequence[str] = ()
+) -> list[list[dict[str, Any]]]:
+    """Each group's rows whose ``column`` is one of ``wanted`` or ``keep`` (a group without that column is kept
+    whole; nothing wanted: everything); a wanted name no row has is an error that lists the names there are."""
+    if not wanted:
+        return groups
+    have = sorted({str(r[column]) for rows in groups for r in rows if column in r})
+    unknown = [w for w in wanted if w not in have]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ConfigError(f"The store has no {what} {names}; it has: {', '.join(have) or '(none)'}.")
+    allowed = {*wanted, *keep}
+    return [rows if rows and column not in rows[0] else [r for r in rows if r[column] in allowed] for rows in groups]
+
+
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    for p in write_report(args.store, args.out, formats=formats, title=args.title, model=args.model):
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    for p in write_report(args.store, args.out, formats=formats, title=args.title, model=args.model, tasks=tasks,
+                          methods=methods):  # fmt: skip
         print(p)
     return 0
 
@@ -106,4 +133,8 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--format", default="md", help="md, html or md,html (HTML is self-contained)")
     sp.add_argument("--title", default="tokensieve report")
     sp.add_argument("--model", default=None, help="only rows of this model key (default: all)")
+    sp.add_argument("--tasks", default=None, help="only these evaluation tasks, comma-separated (default: all)")
+    sp.add_argument("--methods", default=None,
+                    help="only these methods, comma-separated, as in the store's method column (snapkv, +quest); the "
+                         "full cache is always kept (default: all)")  # fmt: skip
     sp.set_defaults(func=cmd_report)

@@ -258,6 +258,18 @@ def test_report_draws_depth_by_length_heatmaps_over_several_lengths(tiny_model, 
     assert heatmaps == ["heatmap_aware_full.png", "heatmap_aware_snapkv_0.5.png"]
 
 
+def test_report_of_some_tasks_and_methods(filled_store, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", str(filled_store), "--out", str(out), "--tasks", "passkey", "--methods", "snapkv"]) == 0
+    acc = json.loads((out / "summary.json").read_text())["accuracy"]
+    assert {a["task"] for a in acc} == {"passkey"}
+    assert {a["method"] for a in acc} == {"full", "snapkv"}  # the full cache stays, as the reference
+    assert main(["report", str(filled_store), "--out", str(out), "--methods", "snapkv,h2o"]) == 2
+    assert "no methods 'h2o'; it has: full, snapkv, streaming_llm" in capsys.readouterr().err
+    assert main(["report", str(filled_store), "--out", str(out), "--tasks", "qa"]) == 2
+    assert "no tasks 'qa'; it has: passkey, ppl" in capsys.readouterr().err
+
+
 def test_report_markdown_html_and_plots(filled_store, tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["report", str(filled_store), "--out", str(out), "--format", "md,html"]) == 0
