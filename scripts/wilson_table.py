@@ -8,11 +8,17 @@ approximation for such tasks; the needle tasks used here score 0 or 1.
 
   .venv/bin/python scripts/wilson_table.py runs/screen36.sqlite --budgets 0.1,0.25,0.5 --modes agnostic,aware
   .venv/bin/python scripts/wilson_table.py runs/screen36.sqlite --budgets 0.1 --modes agnostic --tasks niah_single
+
+``--paired MODE:BUDGET`` (e.g. ``agnostic:0.1``) adds, for that column, the methods in order of accuracy with a paired
+comparison of each with the next one: every method of a screen answers the same samples, so the samples only one of
+the two answers (b and c) decide between them — an exact two-sided sign test (McNemar's exact test) on b and c, which
+separates neighbours whose independent intervals overlap.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sqlite3
 from collections import defaultdict
 
@@ -26,22 +32,29 @@ def main() -> None:
     p.add_argument("--modes", default="agnostic,aware")
     p.add_argument("--tasks", default="", help="only these tasks (default: all in the store)")
     p.add_argument("--min-n", type=int, default=1, help="leave out cells with fewer samples")
+    p.add_argument("--paired", action="append", default=[], metavar="MODE:BUDGET",
+                   help="paired comparisons of neighbours in that column (repeatable), e.g. agnostic:0.1")  # fmt: skip
     args = p.parse_args()
     budgets = [float(b) for b in args.budgets.split(",") if b]
     modes = [m for m in args.modes.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
 
     con = sqlite3.connect(f"file:{args.store}?mode=ro", uri=True)
-    q = "SELECT method, budget, json_extract(config, '$.mode'), json_extract(config, '$.task'), score FROM eval"
+    q = (
+        "SELECT method, budget, json_extract(config, '$.mode'), json_extract(config, '$.task'), score, length, depth, "
+        "seed FROM eval"
+    )
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     full: dict[str, list[float]] = defaultdict(list)
-    for method, budget, mode, task, score in con.execute(q):
+    per_sample: dict[tuple[str, str, str], dict[tuple[object, ...], float]] = defaultdict(dict)
+    for method, budget, mode, task, score, length, depth, seed in con.execute(q):
         if score is None or (tasks and task not in tasks):
             continue
         if method == "full":
             full[mode].append(float(score))
             continue
         cells[(method, str(budget), mode)].append(float(score))
+        per_sample[(method, str(budget), mode)][(task, length, depth, seed)] = float(score)
 
     def budget_of(text: str) -> float | None:
         """The store's budget column: ``25%`` (a ratio) or a token count."""
@@ -80,6 +93,40 @@ def main() -> None:
     rows.sort(key=lambda r: -sum(sum(v) / len(v) for v in r[1] if v))
     for m, vals in rows:
         print(f"| {m} | " + " | ".join(fmt(v) for v in vals) + " |")
+    for spec in args.paired:
+        mode, _, b = spec.partition(":")
+        column = {m: scores for (m, bb, md), scores in per_sample.items()
+                  if md == mode and budget_of(bb) is not None and abs(budget_of(bb) - float(b)) < 1e-9}  # fmt: skip
+        paired_table(mode, float(b), column, args.min_n)
+
+
+def sign_test(b: int, c: int) -> float:
+    """Exact two-sided p-value of b successes against c under p = 1/2 (McNemar's exact test)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_table(mode: str, budget: float, column: dict[str, dict[tuple[object, ...], float]], min_n: int) -> None:
+    """Methods of one column by accuracy, each compared with the next on the samples both answered."""
+    ranked = sorted(
+        ((m, s) for m, s in column.items() if len(s) >= min_n), key=lambda ms: -sum(ms[1].values()) / len(ms[1])
+    )
+    print(f"\n{mode}, {1 - budget:.0%} compression: each method against the next one (paired, same samples)\n")
+    print("| method | accuracy (n) | vs next | only this / only next | p (exact sign test) |")
+    print("|---|---|---|---|---|")
+    for i, (m, s) in enumerate(ranked):
+        acc = f"{sum(s.values()) / len(s):.2f} ({len(s)})"
+        if i + 1 == len(ranked):
+            print(f"| {m} | {acc} | — | — | — |")
+            continue
+        nxt, t = ranked[i + 1]
+        common = s.keys() & t.keys()
+        b = sum(1 for k in common if s[k] >= 0.5 > t[k])
+        c = sum(1 for k in common if t[k] >= 0.5 > s[k])
+        print(f"| {m} | {acc} | {nxt} | {b} / {c} | {sign_test(b, c):.3f} |")
 
 
 if __name__ == "__main__":
