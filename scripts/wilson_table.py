@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--min-n", type=int, default=1, help="leave out cells with fewer samples")
     p.add_argument("--paired", action="append", default=[], metavar="MODE:BUDGET",
                    help="paired comparisons of neighbours in that column (repeatable), e.g. agnostic:0.1")  # fmt: skip
+    p.add_argument("--kl", type=float, default=None, metavar="BUDGET",
+                   help="add each mode's mean KL to the full cache (nats) and the KV kept at this budget")  # fmt: skip
     args = p.parse_args()
     budgets = [float(b) for b in args.budgets.split(",") if b]
     modes = [m for m in args.modes.split(",") if m]
@@ -42,18 +44,24 @@ def main() -> None:
     con = sqlite3.connect(f"file:{args.store}?mode=ro", uri=True)
     q = (
         "SELECT method, budget, json_extract(config, '$.mode'), json_extract(config, '$.task'), score, length, depth, "
-        "seed FROM eval"
+        "seed, kl, CAST(stored_entries AS REAL) / full_entries FROM eval"
     )
+    kls: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    kept: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     full: dict[str, list[float]] = defaultdict(list)
     per_sample: dict[tuple[str, str, str], dict[tuple[object, ...], float]] = defaultdict(dict)
-    for method, budget, mode, task, score, length, depth, seed in con.execute(q):
+    for method, budget, mode, task, score, length, depth, seed, kl, share in con.execute(q):
         if score is None or (tasks and task not in tasks):
             continue
         if method == "full":
             full[mode].append(float(score))
             continue
         cells[(method, str(budget), mode)].append(float(score))
+        if kl is not None:
+            kls[(method, str(budget), mode)].append(float(kl))
+        if share is not None:
+            kept[(method, str(budget), mode)].append(float(share))
         per_sample[(method, str(budget), mode)][(task, length, depth, seed)] = float(score)
 
     def budget_of(text: str) -> float | None:
@@ -62,6 +70,10 @@ def main() -> None:
             return float(text[:-1]) / 100 if text.endswith("%") else None
         except ValueError:
             return None
+
+    def same_budget(text: str, b: float) -> bool:
+        r = budget_of(text)
+        return r is not None and abs(r - b) < 1e-9
 
     cols = [(m, b) for m in modes for b in budgets]
     methods = sorted({k[0] for k in cells})
@@ -72,31 +84,42 @@ def main() -> None:
         lo, hi = wilson(sum(xs), len(xs))
         return f"{sum(xs) / len(xs):.2f} [{lo:.2f}, {hi:.2f}] ({len(xs)})"
 
-    header = "| method | " + " | ".join(f"{m} {1 - b:.0%} compression" for m, b in cols) + " |"
+    def at(table: dict[tuple[str, str, str], list[float]], m: str, mode: str, b: float) -> list[float]:
+        """Every value of method ``m`` in ``mode`` at the ratio budget ``b``."""
+        return [x for (mm, bb, md), v in table.items() if mm == m and md == mode and same_budget(bb, b) for x in v]
+
+    def extra(m: str) -> str:
+        if args.kl is None:
+            return ""
+        if m == "full":
+            return " | 0" * len(modes) + " | 100 % |"
+        out = ""
+        for mode in modes:
+            v = at(kls, m, mode, args.kl)
+            out += f" | {sum(v) / len(v):.3f}" if v else " | —"
+        share = at(kept, m, modes[0], args.kl)
+        return out + (f" | {100 * sum(share) / len(share):.0f} % |" if share else " | — |")
+
+    kl_head = ""
+    if args.kl is not None:
+        kl_head = "".join(f" KL {mode} {1 - args.kl:.0%} |" for mode in modes) + f" KV kept ({modes[0]}) |"
+    header = "| method | " + " | ".join(f"{m} {1 - b:.0%} compression" for m, b in cols) + " |" + kl_head
     print(header)
-    print("|---" * (len(cols) + 1) + "|")
+    print("|---" * (len(cols) + 1 + (len(modes) + 1 if args.kl is not None else 0)) + "|")
     all_full = full.get("agnostic", []) or [x for xs in full.values() for x in xs]
-    print("| full cache | " + " | ".join(fmt(all_full) for _ in cols) + " |")
+    print("| full cache | " + " | ".join(fmt(all_full) for _ in cols) + " |" + extra("full")[2:])
     rows = []
     for m in methods:
-        vals = []
-        for mode, b in cols:
-            xs = [
-                x
-                for (mm, bb, md), v in cells.items()
-                if mm == m and md == mode and budget_of(bb) is not None and abs(budget_of(bb) - b) < 1e-9
-                for x in v
-            ]
-            vals.append(xs)
+        vals = [at(cells, m, mode, b) for mode, b in cols]
         if any(len(v) >= args.min_n for v in vals):
             rows.append((m, vals))
     rows.sort(key=lambda r: -sum(sum(v) / len(v) for v in r[1] if v))
     for m, vals in rows:
-        print(f"| {m} | " + " | ".join(fmt(v) for v in vals) + " |")
+        print(f"| {m} | " + " | ".join(fmt(v) for v in vals) + " |" + extra(m)[2:])
     for spec in args.paired:
         mode, _, b = spec.partition(":")
         column = {m: scores for (m, bb, md), scores in per_sample.items()
-                  if md == mode and budget_of(bb) is not None and abs(budget_of(bb) - float(b)) < 1e-9}  # fmt: skip
+                  if md == mode and same_budget(bb, float(b))}  # fmt: skip
         paired_table(mode, float(b), column, args.min_n)
 
 
