@@ -88,26 +88,29 @@ def main() -> None:
         """Every value of method ``m`` in ``mode`` at the ratio budget ``b``."""
         return [x for (mm, bb, md), v in table.items() if mm == m and md == mode and same_budget(bb, b) for x in v]
 
-    def extra(m: str) -> str:
+    def extra(m: str) -> list[str]:
+        """The ``--kl`` cells of method ``m``: mean KL per mode and the KV kept, at that budget."""
         if args.kl is None:
-            return ""
+            return []
         if m == "full":
-            return " | 0" * len(modes) + " | 100 % |"
-        out = ""
+            return ["0"] * len(modes) + ["100 %"]
+        cells = []
         for mode in modes:
             v = at(kls, m, mode, args.kl)
-            out += f" | {sum(v) / len(v):.3f}" if v else " | —"
+            cells.append(f"{sum(v) / len(v):.3f}" if v else "—")
         share = at(kept, m, modes[0], args.kl)
-        return out + (f" | {100 * sum(share) / len(share):.0f} % |" if share else " | — |")
+        return [*cells, f"{100 * sum(share) / len(share):.0f} %" if share else "—"]
 
-    kl_head = ""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    head = ["method"] + [f"{m} {1 - b:.0%} compression" for m, b in cols]
     if args.kl is not None:
-        kl_head = "".join(f" KL {mode} {1 - args.kl:.0%} |" for mode in modes) + f" KV kept ({modes[0]}) |"
-    header = "| method | " + " | ".join(f"{m} {1 - b:.0%} compression" for m, b in cols) + " |" + kl_head
-    print(header)
-    print("|---" * (len(cols) + 1 + (len(modes) + 1 if args.kl is not None else 0)) + "|")
+        head += [f"KL {mode} {1 - args.kl:.0%}" for mode in modes] + [f"KV kept ({modes[0]})"]
+    print(line(head))
+    print("|---" * len(head) + "|")
     all_full = full.get("agnostic", []) or [x for xs in full.values() for x in xs]
-    print("| full cache | " + " | ".join(fmt(all_full) for _ in cols) + " |" + extra("full")[2:])
+    print(line(["full cache"] + [fmt(all_full) for _ in cols] + extra("full")))
     rows = []
     for m in methods:
         vals = [at(cells, m, mode, b) for mode, b in cols]
@@ -115,7 +118,7 @@ def main() -> None:
             rows.append((m, vals))
     rows.sort(key=lambda r: -sum(sum(v) / len(v) for v in r[1] if v))
     for m, vals in rows:
-        print(f"| {m} | " + " | ".join(fmt(v) for v in vals) + " |" + extra(m)[2:])
+        print(line([m] + [fmt(v) for v in vals] + extra(m)))
     for spec in args.paired:
         mode, _, b = spec.partition(":")
         column = {m: scores for (m, bb, md), scores in per_sample.items()

@@ -465,7 +465,7 @@ class Compressor:
         suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
         n_aux = 0 if suffix is None else int(suffix.shape[1])
         if replay is not None:
-            why = self.replay_refusal(suffix=suffix)
+            why = self.replay_refusal()
             if why is not None:
                 raise CapabilityError(f"'{self.spec.label}' cannot replay a recorded prefill: {why}.")
             if replay.ids.shape != ids.shape or not (torch.equal(replay.ids, ids) and torch.equal(replay.mask, mask)):
@@ -497,13 +497,10 @@ class Compressor:
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
 
-    def replay_refusal(self, *, suffix: Tensor | None = None) -> str | None:
+    def replay_refusal(self) -> str | None:
         """Why this Compressor's prefill cannot be replayed from a :class:`PrefillRecord` (None: it can) — a method
         that computes its own prefill attention (sparse prefill) or adds auxiliary tokens to the prompt changes the
-        forward pass, and a chunked prefill is a different forward pass; ``suffix``: the method's auxiliary tokens
-        for the prompt, if already computed."""
-        if suffix is not None:
-            return f"'{self.method.name}' adds auxiliary tokens to the prompt"
+        forward pass (:func:`forward_change`), and a chunked prefill is a different forward pass."""
         why = forward_change(type(self.method))
         if why is not None:
             return why
