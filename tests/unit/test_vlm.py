@@ -255,3 +255,54 @@ def test_interval_is_wilson_for_proportions_and_normal_otherwise():
     lo, hi = interval([2.0, 4.0])  # mean 3, standard error 1
     assert (lo, hi) == (pytest.approx(3 - 1.96), pytest.approx(3 + 1.96))
     assert all(x != x for x in interval([2.5]))  # one non-binary value: no interval (NaN)
+
+
+def test_packed_questions_equal_each_question_asked_alone(small_vlm):
+    """Every branch of a packed image pass gets exactly the logits of its question asked alone after the image."""
+    from tokensieve.train.batches import Encoder, collate, training_questions
+    from tokensieve.train.vlm import lm_loss, vision_forward
+
+    model, processor = small_vlm
+    encoder = Encoder(processor.tokenizer, 256)
+    scene, counting = S.balanced_scene(S.split_seed("train", 7))
+    qs = [*training_questions(scene, counting, random.Random(0), 5), S.caption(scene)]
+    other = S.make_scene(S.split_seed("train", 8))
+    qs2 = training_questions(other, None, random.Random(1), 3)
+    pv = torch.cat([processor(text=V.chat_prompt([("x", None)]), images=s.render(), return_tensors="pt")["pixel_values"]
+                    for s in (scene, other)])
+    with torch.no_grad():
+        _, _, visual = vision_forward(model, pv)
+        packed = collate([encoder.packed(qs), encoder.packed(qs2)], 0)  # two images of different lengths: padding
+        assert packed["attention_mask"].shape[:2] == (2, 1)
+        loss, right = lm_loss(model, visual, packed, autocast_bf16=False)
+        losses, n = [], 0
+        for img, group in ((0, qs), (1, qs2)):
+            for q in group:
+                alone = collate([encoder.conversation([q])], 0)
+                lo, r = lm_loss(model, visual[img : img + 1], alone, autocast_bf16=False)
+                losses.append(lo * r.numel())
+                n += r.numel()
+        assert right.numel() == n
+        assert torch.allclose(loss, torch.stack(losses).sum() / n, atol=1e-5)
+
+
+def test_balanced_scenes_answer_their_counting_question():
+    from collections import Counter
+
+    answers: Counter[str] = Counter()
+    for i in range(400):
+        scene, q = S.balanced_scene(S.split_seed("train", i), 1, 7)
+        assert 1 <= len(scene.objects) <= 7
+        words = q.text.split()
+        if words[2] == "objects":
+            assert q.answer == str(len(scene.objects))
+        else:
+            value = words[2][:-1] if words[2].endswith("s") and words[2][:-1] in S.SHAPES else words[2]
+            attr = "shape" if value in S.SHAPES else "color" if value in S.COLORS else "size"
+            assert q.answer == str(sum(getattr(o, attr) == value for o in scene.objects))
+            answers[q.answer] += 1
+    # every count 0..7 is drawn about equally often for a colour, shape or size (uniform: 1/8 each)
+    assert set(answers) == {str(k) for k in range(8)}
+    assert max(answers.values()) < 2.2 * min(answers.values())
+    cap = S.caption(scene)
+    assert cap.answer.count(",") == len(scene.objects) - 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -166,8 +166,17 @@ def split_of(seed: int) -> str:
     raise ValueError(f"seed {seed} belongs to no split")
 
 
-def make_scene(seed: int) -> Scene:
-    """The scene of one seed (deterministic on every machine)."""
+# An object's wanted attributes for make_scene(objects=...): (shape, colour, size), each None for "any".
+ObjectSpec = tuple[Optional[str], Optional[str], Optional[str]]
+
+
+def make_scene(seed: int, objects: list[ObjectSpec] | None = None) -> Scene:
+    """The scene of one seed (deterministic on every machine).
+
+    ``objects`` (training scenes only) asks for exactly these objects instead of 3–7 random ones: one (shape, colour,
+    size) per object, each None for "drawn at random". An object that finds no free place after 2,000 attempts is
+    left out, so a caller reads what it got from the returned scene, never from its request.
+    """
     rng = random.Random(seed)
     font_size = rng.randint(14, 17)
     word = rng.choice(WORDS)
@@ -175,19 +184,22 @@ def make_scene(seed: int) -> Scene:
     wx0, wy0, wx1, wy1 = _font(font_size).getbbox(word)
     xy = (rng.randint(2 - wx0, IMAGE_SIZE - 2 - wx1), rng.randint(2 - wy0, IMAGE_SIZE - 2 - wy1))
     wbox = _word_box(word, xy, font_size)
-    n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
-    objects: list[SceneObject] = []
+    n = rng.randint(MIN_OBJECTS, MAX_OBJECTS) if objects is None else len(objects)
+    placed: list[SceneObject] = []
     touching: list[tuple[int, int]] = []
     attempts = 0
-    while len(objects) < n and attempts < 2000:
+    while len(placed) < n and attempts < 2000:
         attempts += 1
         size = rng.choice(list(SIZES))
+        want = objects[len(placed)] if objects is not None else (None, None, None)
+        size = want[2] or size
         r = rng.randint(*SIZES[size])
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        touch = bool(objects) and rng.random() < 0.3
+        shape, color = want[0] or shape, want[1] or color
+        touch = bool(placed) and rng.random() < 0.3
         if touch:
-            j = rng.randrange(len(objects))
-            other = objects[j]
+            j = rng.randrange(len(placed))
+            other = placed[j]
             angle = rng.uniform(0, 2 * np.pi)
             dist = other.r + r + 1
             x, y = round(other.x + dist * np.cos(angle)), round(other.y + dist * np.sin(angle))
@@ -195,18 +207,18 @@ def make_scene(seed: int) -> Scene:
             x, y = rng.randint(r + 2, IMAGE_SIZE - r - 3), rng.randint(r + 2, IMAGE_SIZE - r - 3)
         if not (r + 1 <= x <= IMAGE_SIZE - r - 2 and r + 1 <= y <= IMAGE_SIZE - r - 2):
             continue
-        if any(np.hypot(x - o.x, y - o.y) < o.r + r + (0.5 if touch and k == j else 3) for k, o in enumerate(objects)):
+        if any(np.hypot(x - o.x, y - o.y) < o.r + r + (0.5 if touch and k == j else 3) for k, o in enumerate(placed)):
             continue
         if x + r + 2 > wbox[0] and x - r - 2 < wbox[2] and y + r + 2 > wbox[1] and y - r - 2 < wbox[3]:
             continue
         base = COLORS[color]
         rgb = tuple(int(np.clip(c + rng.randint(-12, 12), 0, 255)) for c in base)
         if touch:
-            touching.append((j, len(objects)))
-        objects.append(SceneObject(shape, color, size, x, y, r, (rgb[0], rgb[1], rgb[2])))
+            touching.append((j, len(placed)))
+        placed.append(SceneObject(shape, color, size, x, y, r, (rgb[0], rgb[1], rgb[2])))
     g = rng.randint(190, 225)
     background = (g + rng.randint(-6, 6), g + rng.randint(-6, 6), g + rng.randint(-6, 6))
-    return Scene(seed, tuple(objects), word, xy, font_size, background, tuple(touching))
+    return Scene(seed, tuple(placed), word, xy, font_size, background, tuple(touching))
 
 
 def scenes(split: str, n: int, start: int = 0) -> list[Scene]:
@@ -338,6 +350,44 @@ def questions(scene: Scene, per_type: int = 1, types: tuple[str, ...] = QUESTION
                 seen.add(q.text)
                 out.append(q)
     return out
+
+
+# ------------------------------------------------------------------------------------------ training distribution
+def balanced_scene(seed: int, lo: int = 1, hi: int = MAX_OBJECTS) -> tuple[Scene, Question]:
+    """A training scene of ``lo``–``hi`` objects built around one counting question whose answer is uniformly
+    distributed given the question's words (the language model cannot learn it from its words alone).
+
+    The question asks for all objects (answer uniform in ``lo``–``hi``) or for the objects of one colour, shape or
+    size (answer uniform in 0–``hi``: that many objects get the value, the others a different one); the answer is
+    counted on the scene as drawn. Only for training: the held-out splits use :func:`make_scene`.
+    """
+    rng = random.Random(seed * 7 + 3)
+    kind = rng.choice(("all", "color", "shape", "size"))
+    if kind == "all":
+        scene = make_scene(seed, [(None, None, None)] * rng.randint(lo, hi))
+        return scene, Question("counting", "How many objects are there?", str(len(scene.objects)))
+    field_ = {"color": 1, "shape": 0, "size": 2}[kind]
+    values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[kind]
+    value = rng.choice(values)
+    k = rng.randint(0, hi)
+    n = rng.randint(max(k, lo), hi)
+    specs: list[ObjectSpec] = []
+    for i in range(n):
+        got = value if i < k else rng.choice([v for v in values if v != value])
+        spec: list[str | None] = [None, None, None]
+        spec[field_] = got
+        specs.append((spec[0], spec[1], spec[2]))
+    rng.shuffle(specs)
+    scene = make_scene(seed, specs)
+    count = sum(getattr(o, kind) == value for o in scene.objects)
+    text = f"How many {value}s are there?" if kind == "shape" else f"How many {value} objects are there?"
+    return scene, Question("counting", text, str(count))
+
+
+def caption(scene: Scene) -> Question:
+    """A dense training target: every object's size, colour and shape, from left to right."""
+    order = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    return Question("caption", "List the objects.", ", ".join(o.words() for o in order))
 
 
 def answer_words() -> list[str]:

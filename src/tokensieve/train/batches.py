@@ -87,6 +87,9 @@ class Encoded:
     ids: list[int]
     targets: list[int]  # -100 where no loss; the next-token target at answer positions otherwise
     qtypes: list[str]  # per answer position with a target, its question's type
+    # packed questions (Encoder.packed): per token its branch (0 = the shared prefix, i = question i) and position
+    branch: list[int] | None = None
+    positions: list[int] | None = None
 
 
 class Encoder:
@@ -140,6 +143,55 @@ class Encoder:
         return Encoded(ids, targets, qtypes)
 
 
+    def packed(self, qs: list[Question]) -> Encoded:
+        """The image prefix once, then every question as its own branch: each question (and its answer) attends to
+        the prefix and to itself only, at the positions it would have alone after the prefix. One pass over the
+        visual tokens then teaches every answer exactly as it is asked at evaluation (one question per prompt), with
+        no question seeing another's answer. :func:`collate` turns the branches into a 4-D attention mask."""
+        ids = self.prefix()
+        p = len(ids)
+        targets = [-100] * p
+        branch = [0] * p
+        positions = list(range(p))
+        qtypes: list[str] = []
+        for i, q in enumerate(qs, start=1):
+            part = self.question(q.text, first=True)
+            ans = [*self.cached(q.answer), *self.im_end]
+            seq = part + ans
+            tgt = [-100] * len(seq)
+            for j in range(len(ans)):  # position t predicts token t + 1
+                tgt[len(part) - 1 + j] = ans[j]
+            ids += seq
+            targets += tgt
+            branch += [i] * len(seq)
+            positions += list(range(p, p + len(seq)))
+            qtypes += [q.type] * len(ans)
+        return Encoded(ids, targets, qtypes, branch, positions)
+
+
+def training_questions(scene: Scene, counting: Question | None, rng: random.Random, n: int) -> list[Question]:
+    """``n`` distinct questions about a training scene: its balanced counting question (when given), the count of
+    all objects, then attribute, existence, spatial and reading questions drawn uniformly (resampled where the scene
+    allows none). The counting questions come only from the balanced draw, whose answers the words do not tell."""
+    from ..data.scenes import ask
+
+    out: list[Question] = []
+    seen: set[str] = set()
+
+    def add(q: Question | None) -> None:
+        if q is not None and q.text not in seen and len(out) < n:
+            seen.add(q.text)
+            out.append(q)
+
+    add(counting)
+    add(Question("counting", "How many objects are there?", str(len(scene.objects))))
+    tries = 0
+    while len(out) < n and tries < n * 6:
+        tries += 1
+        add(ask(scene, rng.choice(("attribute", "existence", "spatial", "reading")), rng))
+    return out
+
+
 def sample_questions(scene: Scene, rng: random.Random, turns: int) -> list[Question]:
     """``turns`` questions about a scene, types drawn uniformly (resampled where a scene allows none)."""
     from ..data.scenes import ask
@@ -157,6 +209,9 @@ def sample_questions(scene: Scene, rng: random.Random, turns: int) -> list[Quest
 
 
 def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, targets and attention mask. Packed conversations (:meth:`Encoder.packed`) get a 4-D additive
+    mask — token i sees token j ≤ i of the prefix or of its own branch — and their position ids; a padding row sees
+    only the first token (its output is never used, and a row with nothing to see would be NaN)."""
     n = max(len(e.ids) for e in encoded)
     ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
     targets = torch.full((len(encoded), n), -100, dtype=torch.long)
@@ -165,4 +220,21 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         targets[i, : len(e.targets)] = torch.tensor(e.targets)
         mask[i, : len(e.ids)] = 1
-    return {"input_ids": ids, "targets": targets, "attention_mask": mask}
+    out = {"input_ids": ids, "targets": targets, "attention_mask": mask}
+    if any(e.branch is not None for e in encoded):
+        if not all(e.branch is not None and e.positions is not None for e in encoded):
+            raise ValueError("collate: packed and plain conversations cannot share a batch")
+        branch = torch.full((len(encoded), n), -1, dtype=torch.long)
+        pos = torch.zeros((len(encoded), n), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            assert e.branch is not None and e.positions is not None
+            branch[i, : len(e.branch)] = torch.tensor(e.branch)
+            pos[i, : len(e.positions)] = torch.tensor(e.positions)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        bq, bk = branch.unsqueeze(2), branch.unsqueeze(1)
+        allowed = causal & (bk >= 0) & ((bk == 0) | (bk == bq))
+        allowed[:, :, 0] |= branch < 0  # padding rows
+        additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        out["attention_mask"] = additive.unsqueeze(1)
+        out["position_ids"] = pos
+    return out

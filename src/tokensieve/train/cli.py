@@ -33,6 +33,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "lr_text": "learning rate of the from-scratch decoder",
         "minutes": "wall-clock budget over the whole run (resumes included); the run stops and saves when it is spent",
         "autocast_bf16": "run the language model under bfloat16 autocast",
+        "packed": "stage 2: every question of an image is its own branch after one image pass (as evaluated); "
+        "--no-packed: one multi-turn conversation of 1..turns questions",
+        "balanced": "stage 2: scenes drawn around a counting question whose answer its words do not tell",
+        "caption": "stage 2: also answer 'List the objects.' (every object, left to right) for every image",
+        "curriculum": "stage 2: scenes grow from 1 to 7 objects over the first N steps (needs --balanced)",
+        "eval_every": "stage 2: every N steps, greedy accuracy on --eval-scenes validation scenes into train.log",
+        "eval_scenes": "validation scenes of the periodic evaluation (one question of each type each)",
     }
     for f in fields(TrainConfig):
         if f.name == "extra":
@@ -54,6 +61,10 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**values)
     if cfg.steps < 0 or cfg.vision_steps < 0 or cfg.batch < 1 or cfg.turns < 1:
         raise ConfigError("steps and vision-steps must be ≥ 0, batch and turns ≥ 1")
+    if cfg.curriculum > 0 and not cfg.balanced:
+        raise ConfigError("--curriculum draws scenes of 1..7 objects, which only --balanced scenes have")
+    if cfg.eval_every < 0 or cfg.eval_scenes < 1:
+        raise ConfigError("--eval-every must be ≥ 0 and --eval-scenes ≥ 1")
     trainer = Trainer(cfg, progress=not args.no_progress)
     path = trainer.run()
     print(path)
@@ -100,22 +111,27 @@ def cmd_vlm_eval(args: argparse.Namespace) -> int:
             }
             Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         return 0
-    results = evaluate(
-        model,
-        processor,
-        n_scenes=args.scenes,
-        fractions=fractions,
-        split=args.split,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    table = markdown_table(results)
-    print(table)
+    from .evaluate import as_json, control_table, prior_accuracy
+
+    common = {"n_scenes": args.scenes, "split": args.split, "seed": args.seed, "progress": not args.no_progress}
+    results = evaluate(model, processor, fractions=fractions, **common)
+    print(markdown_table(results))
+    main = max(fractions)
+    rows = {f"model ({'all' if main >= 1 else f'{100 * main:.0f} % random'} visual tokens)": results[main]}
+    rows["prior (no image: best answer to the words)"] = prior = prior_accuracy(args.scenes, args.split)
+    swap = None
+    if args.swap_images:
+        swap = evaluate(model, processor, fractions=(main,), swap_images=True, **common)[main]
+        rows["image swap (another scene's image)"] = swap
+    print()
+    print(control_table(rows))
     if args.json:
-        data = {
-            str(f): {"overall": a.overall(), "per_type": a.per_type(), "questions": a.count()}
-            for f, a in results.items()
-        }
+        data: dict[str, Any] = {**as_json(results[main]), "keep": {str(f): as_json(a) for f, a in results.items()}}
+        data["prior"] = as_json(prior)
+        if swap is not None:
+            data["swap_images"] = as_json(swap)
+        data["model"] = args.model
+        data["split"] = args.split
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
@@ -151,8 +167,18 @@ def add_commands(sub: Any) -> None:
         metavar="PNG",
         help="with --methods: instead of accuracy, draw the patches each spec keeps over the first --scenes images",
     )
+    e.add_argument(
+        "--swap-images",
+        action="store_true",
+        help="also the image-swap control: each scene's questions asked with another test scene's image",
+    )
     e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    e.add_argument(
+        "--json",
+        default=None,
+        help="also write the numbers to this JSON file: overall, per_type, questions (the largest --keep), every "
+        "--keep fraction, the image-blind prior and, with --swap-images, the control",
+    )
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_vlm_eval)
     from .daam_cli import add_commands as add_daam_commands

@@ -111,7 +111,11 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     batch: int = 8,
+    swap_images: bool = False,
 ) -> dict[float, Accuracy]:
+    """Accuracy per keep fraction. ``swap_images``: the image-swap control — each scene's questions are asked with
+    the next scene's image (the last scene's with the first's), so a model that reads its images can only answer as
+    well as the questions' words allow."""
     from tqdm import tqdm
 
     model.eval()
@@ -119,10 +123,12 @@ def evaluate(
     encoder = Encoder(processor.tokenizer, spec.num_visual_tokens)
     results = {f: Accuracy() for f in fractions}
     todo = scenes(split, n_scenes)
-    bar = tqdm(total=n_scenes * len(fractions), desc=f"eval {split}", disable=not progress, dynamic_ncols=True)
+    desc = f"eval {split}" + (" (images swapped)" if swap_images else "")
+    bar = tqdm(total=n_scenes * len(fractions), desc=desc, disable=not progress, dynamic_ncols=True)
     for b in range(0, n_scenes, batch):
         chunk = todo[b : b + batch]
-        vis = image_tokens(model, processor, chunk)
+        shown = [todo[(b + j + 1) % n_scenes] for j in range(len(chunk))] if swap_images else chunk
+        vis = image_tokens(model, processor, shown)
         for j, scene in enumerate(chunk):
             qs = questions(scene)
             for f in fractions:
@@ -132,6 +138,85 @@ def evaluate(
                 bar.update(1)
     bar.close()
     return results
+
+
+def question_template(text: str) -> str:
+    """A question with its object words (colours, shapes, sizes) replaced by slots: what a prior may condition on
+    besides the exact words."""
+    from ..data.scenes import COLORS, SHAPES, SIZES
+
+    names = {*COLORS, *SHAPES, *SIZES, *(f"{h}s" for h in SHAPES)}
+    return " ".join("_" if w.strip("?") in names else w for w in text.split())
+
+
+def answer_prior(n_scenes: int = 2000, split: str = "val") -> tuple[dict[str, str], dict[str, str]]:
+    """The best image-blind answers: per exact question text and per template (:func:`question_template`), the most
+    frequent answer over the questions of ``n_scenes`` scenes of ``split`` (ties: the first seen)."""
+    from collections import Counter
+
+    by_text: dict[str, Counter[str]] = defaultdict(Counter)
+    by_template: dict[str, Counter[str]] = defaultdict(Counter)
+    for scene in scenes(split, n_scenes):
+        for q in questions(scene):
+            by_text[q.text][q.answer] += 1
+            by_template[question_template(q.text)][q.answer] += 1
+    return (
+        {t: c.most_common(1)[0][0] for t, c in by_text.items()},
+        {t: c.most_common(1)[0][0] for t, c in by_template.items()},
+    )
+
+
+def prior_accuracy(n_scenes: int = 100, split: str = "test", prior_scenes: int = 2000) -> Accuracy:
+    """Accuracy of answering every question of the evaluation without its image: the most frequent answer to the same
+    words among the validation scenes' questions (to its template when those words never occur there)."""
+    by_text, by_template = answer_prior(prior_scenes, "val" if split == "test" else "train")
+    acc = Accuracy()
+    for scene in scenes(split, n_scenes):
+        for q in questions(scene):
+            guess = by_text.get(q.text, by_template.get(question_template(q.text)))
+            acc.add(q.type, guess == q.answer)
+    return acc
+
+
+def as_json(a: Accuracy) -> dict[str, Any]:
+    """Machine-readable accuracy: overall, per type, counts and Wilson 95 % intervals."""
+    from ..results.stats import wilson
+
+    n, k = a.count(), sum(a.right.values())
+    return {
+        "overall": a.overall(),
+        "per_type": a.per_type(),
+        "questions": n,
+        "right": k,
+        "interval": list(wilson(k, n)),
+        "per_type_interval": {t: list(wilson(a.right[t], a.total[t])) for t in QUESTION_TYPES if a.total[t]},
+        "per_type_questions": {t: a.total[t] for t in QUESTION_TYPES if a.total[t]},
+    }
+
+
+def control_table(rows: dict[str, Accuracy]) -> str:
+    """Markdown: accuracy per question type with Wilson 95 % intervals, one row per condition (the model, the
+    image-blind prior, the image-swap control)."""
+    from ..results.stats import wilson
+
+    head = "| condition | overall (95 % CI) | " + " | ".join(QUESTION_TYPES) + " | questions |"
+    lines = [head, "|" + "---|" * (len(QUESTION_TYPES) + 3)]
+    for label, a in rows.items():
+        n, k = a.count(), sum(a.right.values())
+        lo, hi = wilson(k, n)
+        cells = []
+        for t in QUESTION_TYPES:
+            if a.total[t]:
+                tl, th = wilson(a.right[t], a.total[t])
+                cells.append(f"{100 * a.right[t] / a.total[t]:.1f} ({100 * tl:.0f}–{100 * th:.0f})")
+            else:
+                cells.append("—")
+        lines.append(
+            f"| {label} | **{100 * k / max(n, 1):.1f} %** ({100 * lo:.1f}–{100 * hi:.1f}) | "
+            + " | ".join(cells)
+            + f" | {n} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown_table(results: dict[float, Accuracy]) -> str:

@@ -30,13 +30,28 @@ import torch
 from torch import nn
 
 from ..adapters.vlm import VisionSpec, build_vlm, save_vlm, spec_of
-from ..data.scenes import make_scene, split_seed
-from .batches import CLS_HEADS, PATCH_HEADS, Encoder, collate, sample_questions, vision_batch
+from ..data.scenes import MAX_OBJECTS, Scene, balanced_scene, caption, make_scene, split_seed
+from .batches import (
+    CLS_HEADS,
+    PATCH_HEADS,
+    Encoded,
+    Encoder,
+    collate,
+    sample_questions,
+    training_questions,
+    vision_batch,
+)
 from .lora import add_lora, load_lora_state, lora_factors, lora_state
 
 ALL_TARGETS = (
     "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj,mlp.gate_proj,mlp.up_proj,mlp.down_proj"
 )
+# Settings that only the language stage reads: they may change until that stage has taken its first step.
+LANGUAGE_FIELDS = (
+    "steps", "batch", "turns", "lr_vision", "lr_projector", "lr_lora", "aux_weight", "lora_rank", "lora_alpha",
+    "lora_targets", "autocast_bf16", "text_layers", "packed", "balanced", "caption", "curriculum", "eval_every",
+    "eval_scenes",
+)  # fmt: skip
 STAGE_B_OFFSET = 100_000_000  # train-split scene indices of the language stage start here (stage A starts at 0)
 
 
@@ -74,6 +89,13 @@ class TrainConfig:
     lora_targets: str = ALL_TARGETS
     autocast_bf16: bool = False
     warmup: int = 50
+    # stage 2's data (see language_step)
+    packed: bool = True  # every question a branch of one image pass (as asked at evaluation), else one conversation
+    balanced: bool = True  # scenes drawn around a counting question whose answer the words do not tell
+    caption: bool = True  # one more branch per image: "List the objects." answered with every object, left to right
+    curriculum: int = 0  # over the first N language steps the scenes grow from 1 object to 7 (0: 1–7 from the start)
+    eval_every: int = 0  # every N language steps: greedy accuracy on eval_scenes validation scenes, into train.log
+    eval_scenes: int = 40
     # budget and bookkeeping
     minutes: float = 90.0
     checkpoint_every: int = 50
@@ -219,7 +241,10 @@ def lm_loss(
     embeds = embeds.masked_scatter(mask, visual.to(embeds.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
         hidden = model.model.language_model(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
         ).last_hidden_state
     targets = batch["targets"]
     sel = targets != -100
@@ -330,7 +355,7 @@ class Trainer:
         own = {k: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(own, strict=False)
         self.aux.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("aux.")})
-        if self.lora:
+        if self.lora and any(k.startswith("lora::") for k in tensors):
             load_lora_state(self.lora, {k[6:]: v for k, v in tensors.items() if k.startswith("lora::")})
 
     def log(self, record: dict[str, Any]) -> None:
@@ -371,16 +396,20 @@ class Trainer:
 
             state = json.loads((ckpt / "state.json").read_text())
             saved = TrainConfig.from_dict(state["config"])
-            free = {"minutes": 0, "threads": 0}  # never change the result
-            if state["stage"] == "vision" or int(state["step"]) == 0:
-                free["steps"] = 0  # the language stage has not begun: its length can still be chosen
+            free: dict[str, Any] = {"minutes": 0, "threads": 0}  # never change the result
+            fresh_language = state["stage"] == "vision" or int(state["step"]) == 0
+            if fresh_language:  # the language stage has not begun: its settings can still be chosen
+                free.update({name: 0 for name in LANGUAGE_FIELDS})
             if asdict(saved) | free != asdict(c) | free:
                 raise SystemExit(
                     f"{ckpt} was written by a run with other settings; use another --out or the same settings.\n"
                     f"saved: {asdict(saved)}"
                 )
             stage, step, self.elapsed = state["stage"], int(state["step"]), float(state["elapsed"])
-            self.load_trainables(load_file(str(ckpt / "trainable.safetensors")))
+            tensors = load_file(str(ckpt / "trainable.safetensors"))
+            if fresh_language:  # only stage 1's results: the language stage starts from this run's own settings
+                tensors = {k: v for k, v in tensors.items() if k.startswith(("model.vision_tower.", "aux."))}
+            self.load_trainables(tensors)
             print(f"resuming {stage} stage at step {step} ({self.elapsed / 60:.1f} min so far)", file=sys.stderr)
         budget = c.minutes * 60
         stopped = False
@@ -411,7 +440,12 @@ class Trainer:
                 t_last = now
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "acc", "p_color")})
-                if (s + 1) % c.log_every == 0 or s + 1 == total:
+                if st == "language" and c.eval_every > 0 and ((s + 1) % c.eval_every == 0 or s + 1 == total):
+                    t0 = time.perf_counter()
+                    metrics.update(self.quick_eval())
+                    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+                    t_last = time.perf_counter()  # the evaluation is not training time
+                if (s + 1) % c.log_every == 0 or s + 1 == total or "eval_overall" in metrics:
                     self.log({"stage": st, "step": s + 1, "elapsed": round(self.elapsed, 1), **metrics})
                 if (s + 1) % c.checkpoint_every == 0 or s + 1 == total:
                     nxt = ("language", 0) if (st == "vision" and s + 1 == total) else (st, s + 1)
@@ -441,16 +475,58 @@ class Trainer:
         opt.step()
         return {"loss": float(loss.detach()), **metrics}
 
+    def max_objects(self, s: int) -> int:
+        """The curriculum: scenes of at most this many objects at language step ``s``."""
+        c = self.cfg
+        if c.curriculum <= 0 or s >= c.curriculum:
+            return MAX_OBJECTS
+        return min(MAX_OBJECTS, 1 + (MAX_OBJECTS - 1) * s // c.curriculum)
+
+    def language_data(self, s: int) -> tuple[list[Scene], list[Encoded]]:
+        """The scenes and encoded questions of language step ``s`` (a function of the seed and the step)."""
+        c = self.cfg
+        scenes: list[Scene] = []
+        encoded: list[Encoded] = []
+        for k in (STAGE_B_OFFSET + s * c.batch + i for i in range(c.batch)):
+            rng = random.Random(c.seed * 1_000_003 + k)
+            n = c.turns if c.packed else rng.randint(1, c.turns)
+            if c.balanced:
+                scene, counting = balanced_scene(split_seed("train", k), 1, self.max_objects(s))
+                qs = training_questions(scene, counting, rng, n)
+            else:
+                scene = make_scene(split_seed("train", k))
+                qs = sample_questions(scene, rng, n)
+            if c.caption:  # last in a conversation: no question may read its answer
+                qs.append(caption(scene))
+            scenes.append(scene)
+            encoded.append(self.encoder.packed(qs) if c.packed else self.encoder.conversation(qs))
+        return scenes, encoded
+
+    @torch.no_grad()
+    def quick_eval(self) -> dict[str, float]:
+        """Greedy exact-match accuracy on the first ``eval_scenes`` validation scenes (one question of each type)."""
+        from ..data.scenes import questions
+        from ..data.scenes import scenes as split_scenes
+        from .evaluate import Accuracy, answer_scene, image_tokens
+
+        self.model.eval()
+        acc = Accuracy()
+        todo = split_scenes("val", self.cfg.eval_scenes)
+        keep = torch.arange(self.spec.num_visual_tokens)
+        for b in range(0, len(todo), 8):
+            chunk = todo[b : b + 8]
+            vis = image_tokens(self.model, self.processor, chunk)
+            for j, scene in enumerate(chunk):
+                for q, ok, _ in answer_scene(self.model, self.encoder, vis[j], questions(scene), keep):
+                    acc.add(q.type, ok)
+        self.model.train()
+        return {"eval_overall": acc.overall(), **{f"eval_{t}": v for t, v in acc.per_type().items()}}
+
     def language_step(self, s: int, opt: torch.optim.Optimizer) -> dict[str, float]:
         c = self.cfg
         self.model.train()
-        idx = [STAGE_B_OFFSET + s * c.batch + i for i in range(c.batch)]
-        scenes = [make_scene(split_seed("train", k)) for k in idx]
+        scenes, encoded = self.language_data(s)
         vb = vision_batch(self.processor, scenes, self.spec.grid)
-        encoded = []
-        for k, scene in zip(idx, scenes):
-            rng = random.Random(c.seed * 1_000_003 + k)
-            encoded.append(self.encoder.conversation(sample_questions(scene, rng, rng.randint(1, c.turns))))
         batch = collate(encoded, self.pad_id)
         if c.lr_vision == 0:
             self.model.model.vision_tower.eval()
