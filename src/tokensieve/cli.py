@@ -295,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--positions",
-        choices=("keep", "renumber"),
-        default="keep",
-        help="with --image: pruned visual tokens keep their positions (default) or the rest is renumbered",
+        choices=("official", "keep", "renumber"),
+        default="official",
+        help="with --image: the language model's positions after pruning — as each method's official code leaves "
+        "them (default: FastV keeps them, the others renumber), kept, or renumbered without gaps",
     )
     sp.set_defaults(func=cmd_generate)
 

@@ -150,8 +150,27 @@ def test_position_policy_keep_and_renumber(llava: Any) -> None:
     torch.testing.assert_close(
         ad.prefill(one, positions="renumber").logits, _hf_logits(llava, one, "llava")[:, -1], atol=ATOL, rtol=0
     )
-    with pytest.raises(ConfigError, match="keep' or 'renumber"):
+    with pytest.raises(ConfigError, match="official, keep, renumber"):
         ad.prefill(one, "pool:4", positions="compact")  # type: ignore[arg-type]
+
+
+def test_official_positions_follow_each_methods_code(llava: Any) -> None:
+    """By default each stage's positions are what its method's official code leaves: FastV keeps them, the methods
+    that prune before the language model renumber (LLaVA's input preparation numbers the shortened sequence)."""
+    ad = vision_adapter(llava)
+    _, singles = llava_batch()
+    one = singles[0]
+    T = one["input_ids"].shape[1]
+    for spec, same_as in (("pool:4", "renumber"), ("divprune:4", "renumber"), ("fastv:0.25", "keep")):
+        default = ad.prefill(one, spec)
+        explicit = ad.prefill(one, spec, positions=same_as)  # type: ignore[arg-type]
+        assert [s.pos.tolist() for s in default.segments] == [s.pos.tolist() for s in explicit.segments], spec
+        torch.testing.assert_close(default.logits, explicit.logits, atol=0, rtol=0)
+    # stages mix: pool renumbers before the language model, then FastV keeps those positions inside it
+    mixed = ad.prefill(one, "pool:8/fastv:0.5")
+    assert mixed.segments[0].pos[0, 0].tolist() == list(range(T - 8))
+    kept = mixed.kept["llm"][0].index.tolist()
+    assert mixed.segments[1].pos[0, 0].tolist() == [0, 1] + [2 + i for i in kept] + list(range(10, T - 8))
 
 
 def test_stage_c_positions_per_segment(llava: Any) -> None:

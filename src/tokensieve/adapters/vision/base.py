@@ -122,8 +122,8 @@ class VisionAdapter:
 
     # ------------------------------------------------------------------------------------------------- build
     def check_plan(self, plan: VisualPlan, policy: PositionPolicy) -> None:
-        if policy not in ("keep", "renumber"):
-            raise ConfigError(f"positions must be 'keep' or 'renumber'; got {policy!r}.")
+        if policy not in engine.POLICIES:
+            raise ConfigError(f"positions must be one of {', '.join(engine.POLICIES)}; got {policy!r}.")
         if self.mrope and policy == "renumber":
             raise CapabilityError(
                 f"{self.family} uses M-RoPE: its 3-D positions encode the image grid, so pruning keeps them "
@@ -141,7 +141,7 @@ class VisionAdapter:
         self,
         inputs: Mapping[str, Any],
         plan: VisualPlan,
-        policy: PositionPolicy = "keep",
+        policy: PositionPolicy = "official",
         seeds: Sequence[int] | None = None,
     ) -> tuple[Seq, dict[str, list[VisualKept]], dict[str, list[int]]]:
         """The language model's packed input after the vision and projector stages."""
@@ -201,7 +201,8 @@ class VisionAdapter:
         seq = Seq(embeds, valid, pos, visual, image, groups)
         counts: dict[str, list[int]] = {}
         if bool(dropped.any()):
-            seq = engine.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], policy, groups)
+            at_vision = engine.resolve(policy, plan.at(Stage.VISION), int(pos.shape[0]))
+            seq = engine.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], at_vision, groups)
         if plan.at(Stage.VISION) is not None:
             counts["vision"] = [int(seq.visual[b].sum()) for b in range(B)]
         seq, kept_b = engine.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list, cls_rows)
@@ -220,7 +221,7 @@ class VisionAdapter:
         inputs: Mapping[str, Any],
         spec: VisualPlan | VisualSpec | str | Sequence[str] | None = None,
         *,
-        positions: PositionPolicy = "keep",
+        positions: PositionPolicy = "official",
         cache: Any = None,
         seeds: Sequence[int] | None = None,
         all_logits: bool = False,
@@ -233,7 +234,8 @@ class VisionAdapter:
                 image metadata such as ``image_grid_thw`` or ``image_sizes``).
             spec: the visual plan (``"fastv[layer=2]:0.25"``, ``"pool:64/fastv:0.5"``, a :class:`VisualPlan`), or
                 None for no pruning.
-            positions: ``"keep"`` (original positions) or ``"renumber"`` (see :mod:`.engine`).
+            positions: ``"official"`` (each method's official choice: FastV keeps positions, the others renumber),
+                ``"keep"`` (original positions) or ``"renumber"`` (see :mod:`.engine`).
             cache: a SieveCache (``Compressor.new_cache()``) to compose with a KV method: the kept tokens are
                 compressed by it; None keeps every kept token's keys and values.
             seeds: one per sample, for methods that draw random numbers (default 0 each).

@@ -15,7 +15,9 @@ Vocabulary:
 Position policy (``positions=``): ``"keep"`` — every kept token keeps the position it had in the unpruned sequence
 (gaps where tokens were removed; for M-RoPE the 3-D (t, h, w) positions of the kept visual tokens); ``"renumber"`` —
 the kept tokens of a segment are numbered 0, 1, … without gaps (1-D RoPE only: M-RoPE positions encode the grid, so
-renumbering them is refused). Appended tokens continue after the segment's largest position, so with ``"keep"`` every
+renumbering them is refused); ``"official"`` (the default) — each stage as its method's official code does
+(:attr:`~tokensieve.methods.visual.base.VisualMethod.positions`: FastV keeps, the others renumber), and keep under
+M-RoPE. Appended tokens continue after the segment's largest position, so with ``"keep"`` every
 segment continues at the unpruned sequence's next position, with ``"renumber"`` at its own length.
 """
 
@@ -34,7 +36,20 @@ from ...methods.visual.base import Stage, VisualContext, VisualGroup, VisualKept
 from ...methods.visual.spec import VisualPlan, VisualSpec
 from .attention import RowRequest, rows_routed
 
-PositionPolicy = Literal["keep", "renumber"]
+PositionPolicy = Literal["keep", "renumber", "official"]
+POLICIES = ("official", "keep", "renumber")
+
+
+def resolve(policy: PositionPolicy, spec: VisualSpec | None, P: int = 1) -> Literal["keep", "renumber"]:
+    """The positions after ``spec``'s method prunes: ``policy`` itself, or for ``"official"`` the method's own
+    (always ``"keep"`` under M-RoPE, whose positions encode the image grid)."""
+    if policy == "keep" or policy == "renumber":
+        return policy
+    if policy != "official":
+        raise ConfigError(f"positions must be one of {', '.join(POLICIES)}; got {policy!r}.")
+    if spec is None or P != 1:
+        return "keep"
+    return spec.method.positions
 
 
 # ------------------------------------------------------------------------------------------------- the cache
@@ -407,7 +422,7 @@ def prefill(
                     sizes[b] = k.sizes
                 elif sizes[b] is not None:
                     sizes[b] = sizes[b][k.index]  # type: ignore[index]
-            cur = apply_kept(cur, kept, policy)
+            cur = apply_kept(cur, kept, resolve(policy, spec, int(cur.pos.shape[0])))
             h = cur.embeds
             state_kept[f"llm:{K}"] = kept
             counts[f"llm:{K}"] = [int(cur.visual[b].sum()) for b in range(B)]
@@ -519,4 +534,4 @@ def stage_b(
             memory={},
         )
         kept.append(spec.method.prune(ctx, spec.budget) if ctx.n else VisualKept(torch.zeros(0, dtype=torch.long)))
-    return apply_kept(seq, kept, policy), kept
+    return apply_kept(seq, kept, resolve(policy, spec, int(seq.pos.shape[0]))), kept

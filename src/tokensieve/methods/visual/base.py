@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -238,6 +238,10 @@ class VisualMethod:
     #: vision stage: later encoder layers attend with proportional attention (``+ log size`` on each key's logit,
     #: ToMe) once tokens have been merged
     proportional: ClassVar[bool] = False
+    #: the language model's positions after this method prunes, as its official code leaves them (the adapters'
+    #: default policy, ``positions="official"``): ``"renumber"`` — the kept tokens numbered without gaps, what LLaVA's
+    #: input preparation does to any shortened sequence — or ``"keep"`` — each kept token at its original position
+    positions: ClassVar[Literal["keep", "renumber"]] = "renumber"
 
     # --------------------------------------------------------------------------------------------- where
     @property

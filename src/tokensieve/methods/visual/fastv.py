@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import Tensor
 
@@ -30,6 +30,7 @@ class FastV(VisualMethod):
     rule: ClassVar[str] = "s_j = mean_h softmax(q_last k^T / sqrt(d))_j at layer K-1; keep the top k before layer K"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
     needs: ClassVar[frozenset[str]] = frozenset({"text_attention"})
+    positions: ClassVar[Literal["keep", "renumber"]] = "keep"  # the official code sets position_ids = keep_indexs
     layer: int = 2
 
     def score(self, ctx: VisualContext) -> Tensor:
