@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +167,7 @@ def split_of(seed: int) -> str:
 
 
 # An object's wanted attributes for make_scene(objects=...): (shape, colour, size), each None for "any".
-ObjectSpec = tuple[Optional[str], Optional[str], Optional[str]]
+ObjectSpec = tuple[str | None, str | None, str | None]
 
 
 def make_scene(seed: int, objects: list[ObjectSpec] | None = None) -> Scene:

@@ -227,14 +227,15 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         branch = torch.full((len(encoded), n), -1, dtype=torch.long)
         pos = torch.zeros((len(encoded), n), dtype=torch.long)
         for i, e in enumerate(encoded):
-            assert e.branch is not None and e.positions is not None
+            assert e.branch is not None
+            assert e.positions is not None
             branch[i, : len(e.branch)] = torch.tensor(e.branch)
             pos[i, : len(e.positions)] = torch.tensor(e.positions)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         bq, bk = branch.unsqueeze(2), branch.unsqueeze(1)
         allowed = causal & (bk >= 0) & ((bk == 0) | (bk == bq))
         allowed[:, :, 0] |= branch < 0  # padding rows
-        additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        additive = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
         out["attention_mask"] = additive.unsqueeze(1)
         out["position_ids"] = pos
     return out
