@@ -81,7 +81,7 @@ def _hf_greedy(model, ids, steps):
         out = model.generate(
             ids, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
         )
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.logits, 1)[0]
+    return out.sequences[0, ids.shape[1] :].tolist(), torch.stack(out.logits, 1)[0]
 
 
 @torch.inference_mode()
@@ -127,7 +127,7 @@ def test_generate_inside_compress_equals_transformers(arch_model):
     ref_tokens, _ = _hf_greedy(model, ids, 5)
     with ts.compress(model, "full"), torch.inference_mode():
         out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert out[0, ids.shape[1]:].tolist() == ref_tokens, name
+    assert out[0, ids.shape[1] :].tolist() == ref_tokens, name
 
 
 def test_decode_methods_are_refused_before_any_work_where_attention_is_modified(arch_model):

@@ -166,7 +166,13 @@ def test_weights_round_trip_with_lora_merged(small_vlm, tmp_path):
 
 
 SCRATCH = V.VisionSpec(
-    hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, text_layers=2, text_hidden=32, text_heads=4,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    text_layers=2,
+    text_hidden=32,
+    text_heads=4,
     text_kv_heads=2,
 )
 
@@ -268,8 +274,12 @@ def test_packed_questions_equal_each_question_asked_alone(small_vlm):
     qs = [*training_questions(scene, counting, random.Random(0), 5), S.caption(scene)]
     other = S.make_scene(S.split_seed("train", 8))
     qs2 = training_questions(other, None, random.Random(1), 3)
-    pv = torch.cat([processor(text=V.chat_prompt([("x", None)]), images=s.render(), return_tensors="pt")["pixel_values"]
-                    for s in (scene, other)])
+    pv = torch.cat(
+        [
+            processor(text=V.chat_prompt([("x", None)]), images=s.render(), return_tensors="pt")["pixel_values"]
+            for s in (scene, other)
+        ]
+    )
     with torch.no_grad():
         _, _, visual = vision_forward(model, pv)
         packed = collate([encoder.packed(qs), encoder.packed(qs2)], 0)  # two images of different lengths: padding

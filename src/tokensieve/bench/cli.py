@@ -145,9 +145,7 @@ def add_commands(sub: Any) -> None:
             "`tokensieve report` shows accuracy and speed side by side for the configurations measured by both."
         ),
     )
-    sp.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"comma-separated specs (default: {DEFAULT_METHODS})"
-    )
+    sp.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated specs (default: {DEFAULT_METHODS})")
     sp.add_argument("--budgets", default=None, help="budgets for the specs that give none (comma-separated)")
     sp.add_argument("--lengths", default="2048", help="context lengths in tokens, comma-separated")
     sp.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated")

@@ -134,8 +134,10 @@ RUNS = (
     "id INTEGER PRIMARY KEY AUTOINCREMENT, tool TEXT NOT NULL, started REAL, command TEXT, config TEXT, model TEXT, "
     "version TEXT, threads INTEGER, cells INTEGER, todo INTEGER, info TEXT"
 )
-CLAIMS = "tbl TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, host TEXT, pid INTEGER, started TEXT, " \
+CLAIMS = (
+    "tbl TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, host TEXT, pid INTEGER, started TEXT, "
     "expires REAL, PRIMARY KEY (tbl, key)"
+)
 
 
 def columns(table: str) -> tuple[str, ...]:

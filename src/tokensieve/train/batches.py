@@ -142,7 +142,6 @@ class Encoder:
             qtypes += [q.type] * len(ans)
         return Encoded(ids, targets, qtypes)
 
-
     def packed(self, qs: list[Question]) -> Encoded:
         """The image prefix once, then every question as its own branch: each question (and its answer) attends to
         the prefix and to itself only, at the positions it would have alone after the prefix. One pass over the

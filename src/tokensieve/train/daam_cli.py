@@ -115,8 +115,12 @@ def add_commands(tsub: Any) -> None:
     t.add_argument("--networks", default="cnnlstm", help="comma-separated: cnnlstm, transformer")
     t.add_argument("--attention", default="daam,mha,none", help="front blocks, comma-separated: daam, mha, none")
     t.add_argument("--time-axis", action="store_true", help="DAAM runs get a second Gaussian layer on the time axis")
-    t.add_argument("--time-heads", type=int, default=0,
-                   help="heads of the time-axis layer (default: as the mel layer, 4; 1 normalises over all frames)")
+    t.add_argument(
+        "--time-heads",
+        type=int,
+        default=0,
+        help="heads of the time-axis layer (default: as the mel layer, 4; 1 normalises over all frames)",
+    )
     t.add_argument("--seeds", default="0-4", help="seeds: 0-4 or 0,1,2")
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--feedforward", type=int, default=2048, help="the transformer's feed-forward width")

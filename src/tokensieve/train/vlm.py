@@ -399,7 +399,7 @@ class Trainer:
             free: dict[str, Any] = {"minutes": 0, "threads": 0}  # never change the result
             fresh_language = state["stage"] == "vision" or int(state["step"]) == 0
             if fresh_language:  # the language stage has not begun: its settings can still be chosen
-                free.update({name: 0 for name in LANGUAGE_FIELDS})
+                free.update(dict.fromkeys(LANGUAGE_FIELDS, 0))
             if asdict(saved) | free != asdict(c) | free:
                 raise SystemExit(
                     f"{ckpt} was written by a run with other settings; use another --out or the same settings.\n"
