@@ -316,3 +316,40 @@ def test_balanced_scenes_answer_their_counting_question():
     assert max(answers.values()) < 2.2 * min(answers.values())
     cap = S.caption(scene)
     assert cap.answer.count(",") == len(scene.objects) - 1
+
+
+def _tiny_train_config(out, **kw):
+    from tokensieve.train.vlm import TrainConfig
+
+    base = dict(
+        out=str(out), hidden_size=32, num_layers=2, num_heads=2, text_layers=1, lora_rank=2, lora_alpha=2.0,
+        lora_targets="self_attn.q_proj", vision_steps=2, vision_batch=2, steps=2, batch=1, turns=2, warmup=1,
+        checkpoint_every=1, log_every=1, threads=1, eval_every=2, eval_scenes=1,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_resumes_at_the_language_stage_with_new_settings(text_dir, tmp_path):
+    """Stopping after stage 1 and resuming gives the uninterrupted run's weights; until the language stage has taken
+    a step its settings may change, afterwards a changed setting is refused; every process's chunk is recorded."""
+    from safetensors.torch import load_file
+
+    from tokensieve.train.vlm import Trainer
+
+    Trainer(_tiny_train_config(tmp_path / "a"), progress=False, command="a").run()
+    Trainer(_tiny_train_config(tmp_path / "b", steps=0, caption=False), progress=False, command="b1").run()
+    Trainer(_tiny_train_config(tmp_path / "b"), progress=False, command="b2").run()
+    wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
+    record = __import__("json").loads((tmp_path / "b" / "final" / "train.json").read_text())
+    assert [c["command"] for c in record["chunks"]] == ["b1", "b2"]
+    assert record["chunks"][1]["from"] == "language 0"
+    assert record["cpu_hours"] >= 0
+    log = (tmp_path / "b" / "train.log").read_text().splitlines()
+    assert any("eval_overall" in line for line in log)  # the periodic validation accuracy
+    with pytest.raises(SystemExit, match="other settings"):
+        Trainer(_tiny_train_config(tmp_path / "b", lr_lora=1e-2), progress=False).run()

@@ -65,7 +65,8 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
         raise ConfigError("--curriculum draws scenes of 1..7 objects, which only --balanced scenes have")
     if cfg.eval_every < 0 or cfg.eval_scenes < 1:
         raise ConfigError("--eval-every must be ≥ 0 and --eval-scenes ≥ 1")
-    trainer = Trainer(cfg, progress=not args.no_progress)
+    command = "tokensieve train vlm " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    trainer = Trainer(cfg, progress=not args.no_progress, command=command)
     path = trainer.run()
     print(path)
     if args.ship:
@@ -73,7 +74,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
 
         dst = ship(cfg.out, weights_dir(VLM_NAME))
         record = json.loads((dst / "train.json").read_text())
-        record["command"] = "tokensieve train vlm " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+        record["command"] = command
         (dst / "train.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"shipped to {dst}")
     return 0

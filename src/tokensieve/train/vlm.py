@@ -303,8 +303,9 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, progress: bool = True, command: str = "") -> None:
         self.cfg = cfg
+        self.command = command
         self.out = Path(cfg.out)
         self.progress = progress
         torch.set_num_threads(cfg.threads)
@@ -340,6 +341,10 @@ class Trainer:
         self.pad_id = int(self.processor.tokenizer.pad_token_id)
         self.elapsed = 0.0
         self.log_path = self.out / "train.log"
+        # one record per process that ran part of the run: its command, where it started and stopped, its time
+        self.chunks: list[dict[str, Any]] = []
+        self.chunk: dict[str, Any] = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
     # ---- bookkeeping
     def trainables(self) -> dict[str, torch.Tensor]:
@@ -406,6 +411,7 @@ class Trainer:
                     f"saved: {asdict(saved)}"
                 )
             stage, step, self.elapsed = state["stage"], int(state["step"]), float(state["elapsed"])
+            self.chunks = list(state.get("chunks", []))
             tensors = load_file(str(ckpt / "trainable.safetensors"))
             if fresh_language:  # only stage 1's results: the language stage starts from this run's own settings
                 tensors = {k: v for k, v in tensors.items() if k.startswith(("model.vision_tower.", "aux."))}
@@ -413,6 +419,7 @@ class Trainer:
             print(f"resuming {stage} stage at step {step} ({self.elapsed / 60:.1f} min so far)", file=sys.stderr)
         budget = c.minutes * 60
         stopped = False
+        self.chunk["from"] = f"{stage} {step}"
         for st in ("vision", "language"):
             if st == "vision" and stage == "language":
                 continue
@@ -459,7 +466,23 @@ class Trainer:
         return self.save_final(stopped)
 
     def _state(self, stage: str, step: int) -> dict[str, Any]:
-        return {"stage": stage, "step": step, "elapsed": round(self.elapsed, 1), "config": asdict(self.cfg)}
+        return {
+            "stage": stage,
+            "step": step,
+            "elapsed": round(self.elapsed, 1),
+            "config": asdict(self.cfg),
+            "chunks": self.all_chunks(f"{stage} {step}"),
+        }
+
+    def all_chunks(self, upto: str) -> list[dict[str, Any]]:
+        """The earlier chunks' records and this process's so far (wall and process CPU seconds)."""
+        now = {
+            **self.chunk,
+            "to": upto,
+            "wall_seconds": round(time.perf_counter() - self._t0, 1),
+            "cpu_seconds": round(time.process_time() - self._cpu0, 1),
+        }
+        return [*self.chunks, now]
 
     def vision_step(self, s: int, opt: torch.optim.Optimizer) -> dict[str, float]:
         c = self.cfg
@@ -555,7 +578,15 @@ class Trainer:
         meta = {"elapsed_seconds": f"{self.elapsed:.0f}", "complete": str(not stopped)}
         # the saved config describes the untouched model: LoRA wrappers are not part of it
         path = save_vlm(self.model, self.out / "final", lora=lora_factors(self.lora), meta=meta)
-        record = {"config": asdict(self.cfg), "elapsed_minutes": round(self.elapsed / 60, 1), "complete": not stopped}
+        chunks = self.all_chunks("end" if not stopped else "stopped")
+        record = {
+            "config": asdict(self.cfg),
+            "elapsed_minutes": round(self.elapsed / 60, 1),
+            "complete": not stopped,
+            "wall_hours": round(sum(float(ch.get("wall_seconds", 0)) for ch in chunks) / 3600, 2),
+            "cpu_hours": round(sum(float(ch.get("cpu_seconds", 0)) for ch in chunks) / 3600, 2),
+            "chunks": chunks,
+        }
         (self.out / "final" / "train.json").write_text(json.dumps(record, indent=2) + "\n")
         return path
 
