@@ -79,6 +79,8 @@ class FlowCut(VisualMethod):
       the padding are discarded, so a crop can reach the LM with fewer than ``int(T/2)``. A multi-crop image's
       sequence is the thumbnail's kept patches, then the unpadded mosaic's kept patches in raster order, with **no**
       ``image_newline`` tokens. The ratio base is the thumbnail's and all crops' patches (5 × 576 at most).
+      ``state.kept["vision"]`` records the method's choice (``grid · 576 + patch``), the patches the unpadding then
+      discards included; ``state.visual_tokens["vision"]`` counts the patches that reach the LM.
     * ``order=unpadded`` (default) — only the crop patches that survive the unpadding are candidates (the method
       never sees the padding, so every kept patch reaches the LM), and the image keeps its ``image_newline`` token
       after every mosaic row, unpruned. The ratio base is the thumbnail and the crops' patches that survive the
