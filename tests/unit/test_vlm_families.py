@@ -73,10 +73,10 @@ def test_next_layout_thumbnail_crops_and_newlines(nxt: Any) -> None:
     images = ad.encode(singles[1], None, [0, 0])  # type: ignore[arg-type]
     assert [[(g.height, g.width) for g in im.groups] for im in images] == [[(4, 4), (6, 8)], [(4, 4), (8, 8)]]
     assert [int((~im.prunable).sum()) for im in images] == [6, 8]  # the newline tokens
-    # pruning removes patches only: every newline token survives, at its original position
+    # pruning removes patches only: every newline token survives, at its original position with positions="keep"
     from tokensieve.adapters.vision.base import as_plan
 
-    seq, _, counts = ad.build(singles[1], as_plan("pool:0.25"))
+    seq, _, counts = ad.build(singles[1], as_plan("pool:0.25"), "keep")
     assert counts["projector"] == [36]  # 0.25 of 64 + 0.25 of 80 (newlines are not counted)
     is_newline = (seq.embeds[0] == model.model.image_newline).all(-1)
     assert int(is_newline.sum()) == 6 + 8
@@ -86,6 +86,8 @@ def test_next_layout_thumbnail_crops_and_newlines(nxt: Any) -> None:
     full_newline = (full.embeds[0] == model.model.image_newline).all(-1).nonzero().flatten()
     assert set(full_newline.tolist()) <= set(original)
     assert seq.pos[0, 0, is_newline].tolist() == full.pos[0, 0, full_newline].tolist()
+    default, _, _ = ad.build(singles[1], as_plan("pool:0.25"))  # positions="official": pool renumbers
+    assert default.pos[0, 0].tolist() == list(range(int(default.valid[0].sum())))
     # the vision stage prunes inside the encoder (thumbnail and crops in lockstep): newlines stay, the kept
     # patches count against each image's visible patches (the unpadding's discarded crop patches are not counted)
     st = ad.prefill(singles[1], "vis:random[stage=vision,layer=1]:0.25")

@@ -209,9 +209,10 @@ def test_transprune_paper_counts_and_keep_all() -> None:
 # --------------------------------------------------------------------------------------------------- SparseVLM
 def test_sparsevlm_schedule_and_parameters() -> None:
     m = create_visual("sparsevlm")
-    assert m.layers(32) == (3, 7, 16)
-    assert m.layers(28) == (3, 6, 14)
-    assert m.layers(4) == (1, 2)
+    assert m.layers(32) == (3, 7, 16, 20)  # the v1 code's pruning_loc 2, 6, 15, 19
+    assert m.layers(28) == (3, 6, 14, 18)
+    assert m.layers(4) == (1, 2, 3)
+    assert create_visual("sparsevlm", at="3-7-16").layers(32) == (3, 7, 16)  # v1.5's
     assert create_visual("sparsevlm", at="1-2-3").layers(4) == (1, 2, 3)
     for bad in ({"recycle": "1.5"}, {"cluster": "-1"}, {"scale": "-2"}, {"at": "3-3"}):
         with pytest.raises(ConfigError):
@@ -381,7 +382,7 @@ import vlm_tiny as vt  # noqa: E402
 
 ATOL = 2e-5
 # the tiny decoders have 4 layers: explicit layers, and the paper schedules scaled (pyramiddrop → 1, 2, 3;
-# transprune → 1, 2; sparsevlm → 1, 2)
+# transprune → 1, 2; sparsevlm → 1, 2, 3)
 SPECS = [
     "pyramiddrop:0.25",
     "pyramiddrop[at=1-3]:0.25",
@@ -462,7 +463,7 @@ def test_visual_tokens_after_each_step_follow_the_schedules(llava: Any) -> None:
     assert [st.visual_tokens[f"llm:{k}"] for k in (1, 2, 3)] == [[10, 20, 0], [6, 12, 0], [4, 8, 0]]
     st = ad.prefill(inp, "transprune[at=1-2-3]:0.25")  # 1/7 and 3/7 of the 12 to remove, then the budget
     assert [st.visual_tokens[f"llm:{k}"] for k in (1, 2, 3)] == [[14, 28, 0], [11, 22, 0], [4, 8, 0]]
-    st = ad.prefill(inp, "sparsevlm[scale=2]:0.25")
+    st = ad.prefill(inp, "sparsevlm[at=1-2,scale=2]:0.25")
     assert st.visual_tokens["llm"] == [4, 8, 0]
     assert all(n >= 4 for n in st.visual_tokens["llm:1"][:1])
     merged = [k for k in st.kept["llm:2"] if k.tokens is not None]

@@ -37,7 +37,8 @@ class ImageTokens:
         features: ``(n, D)`` one row per placeholder token of the image (rows of dropped tokens are ignored).
         prunable: ``(n,)`` bool, the tokens a method may drop (False: separators, a CLS feature).
         groups: the grids over the image's prunable tokens that remain (``image`` = 0; the adapter renumbers).
-        dropped: ``(n,)`` bool, tokens removed at the vision stage, or None.
+        dropped: ``(n,)`` bool, tokens removed at the vision stage (LLaVA-NeXT: with a method that prunes before
+            the unpadding, the ``image_newline`` separators too), or None.
         kept: the vision-stage method's result for this image, or None.
         cls_attention: ``(H, n)`` the CLS row of the vision encoder's feature layer at each token (zero at
             separators and dropped tokens), or None (no CLS token, or not asked for).

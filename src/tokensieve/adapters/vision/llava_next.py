@@ -2,9 +2,13 @@
 encoder's size) and a grid of crops, unpadded to the image's aspect, with an ``image_newline`` token after every row
 of the crop grid. An image's placeholder run holds ``thumbnail (s × s)`` then ``H' rows × (W' + 1)``.
 
-The prunable tokens are the thumbnail's and the crop grid's patches; the newline tokens always stay (they are
-separators, not image content). The layout (which run entry is which patch, or a newline) is found by packing an
-index tensor with the model's own ``pack_image_features``, so it follows transformers' unpadding exactly."""
+The prunable tokens are the thumbnail's and the crop grid's patches; the newline tokens stay (they are separators,
+not image content) — except with a vision-stage method that prunes before the unpadding
+(:attr:`~tokensieve.methods.visual.base.VisualMethod.prune_before_unpad`: ``flowcut[order=official]``), which sees
+every crop's whole grid; its kept patches that fall in the padding are discarded and a multi-crop image reaches the
+language model without newline tokens, as FlowCut's official code builds it. The layout (which run entry is which
+patch, or a newline) is found by packing an index tensor with the model's own ``pack_image_features``, so it follows
+transformers' unpadding exactly."""
 
 from __future__ import annotations
 
@@ -120,7 +124,11 @@ class LlavaNextAdapter(VisionAdapter):
     ) -> list[ImageTokens]:
         """The vision stage: each image's thumbnail and crops through the tower in lockstep with the method (a
         group per crop; the crop patches the unpadding discards are invisible to it), then the projector, then the
-        run assembled from the kept patches (the kept states at their places, newlines kept)."""
+        run assembled from the kept patches (the kept states at their places, newlines kept).
+
+        A method that prunes before the unpadding (``prune_before_unpad``) sees every crop's whole grid instead; the
+        run keeps its kept patches that survive the unpadding (in the run's order: the thumbnail's, then the
+        unpadded crop mosaic's in raster order) and, for a multi-crop image, marks the newline tokens dropped."""
         cfg = self.model.config
         if cfg.vision_feature_select_strategy != "default":
             raise CapabilityError("Vision-stage pruning with vision_feature_select_strategy='full' is not supported.")
@@ -128,6 +136,7 @@ class LlavaNextAdapter(VisionAdapter):
         assert spec is not None
         L = self.side * self.side
         newline = self.core.image_newline
+        whole = bool(spec.method.prune_before_unpad)
         out = []
         for i in range(int(sizes.shape[0])):
             lay = self.layout(n_crops[i], sizes[i]).to(pv.device)
@@ -135,7 +144,7 @@ class LlavaNextAdapter(VisionAdapter):
             visible: list[Tensor | None] = []
             for c in range(n_crops[i]):
                 mine = seen[(seen >= c * L) & (seen < (c + 1) * L)] - c * L
-                visible.append(None if int(mine.numel()) == L else torch.sort(mine).values)
+                visible.append(None if whole or int(mine.numel()) == L else torch.sort(mine).values)
             from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
             rows, cols = get_anyres_image_grid_shape(
@@ -162,7 +171,9 @@ class LlavaNextAdapter(VisionAdapter):
             feats[hit] = full[lay[hit]]
             feats[~hit] = newline.to(feats.dtype)
             dropped = torch.zeros(int(lay.numel()), dtype=torch.bool, device=pv.device)
-            dropped[hit] = dropped_full[lay[hit]]
+            dropped[hit] = dropped_full[lay[hit]]  # kept patches in the padding are not in the run at all
+            if whole and n_crops[i] > 1:  # the official multi-crop sequence has no newline tokens
+                dropped[~hit] = True
             k = int((hit & ~dropped).sum())
             untouched = k == int(hit.sum()) and all(c.grid is not None for c in crops)
             groups = self.groups(lay, L) if untouched else (VisualGroup(0, k, 1, k),)

@@ -243,6 +243,15 @@ class VisualMethod:
     #: input preparation does to any shortened sequence — or ``"keep"`` — each kept token at its original position
     positions: ClassVar[Literal["keep", "renumber"]] = "renumber"
 
+    @property
+    def prune_before_unpad(self) -> bool:
+        """Vision stage on LLaVA-NeXT: True when this instance selects over each crop's whole grid *before* the
+        unpadding (the adapter then discards the kept patches that fall in the padding, so a crop can reach the
+        language model with fewer than its share) and a multi-crop image reaches the language model without
+        ``image_newline`` tokens — the order of FlowCut's official code. False (the default): only the crop
+        patches that survive the unpadding are candidates and the newline tokens stay, unpruned."""
+        return False
+
     # --------------------------------------------------------------------------------------------- where
     @property
     def where(self) -> Stage:

@@ -37,8 +37,12 @@ class DivPrune(VisualMethod):
     paper's main setting keeps 9.8 %, ``divprune:0.098``), the selection running over the whole image — LLaVA-NeXT's
     thumbnail and crops together, as the code does on the image's whole feature sequence; unlike the code,
     ``image_newline`` tokens are not candidates (they stay). Kept tokens keep their order (the code sorts the kept
-    indices) and, by default, their positions. Ties go to the earlier token. Cost: one ``(n, n)`` similarity matrix
-    (needed for the first token, then reused), then ``k`` steps of ``O(n)``.
+    indices). Positions: the official code gathers the kept tokens out of the input embeddings and hands the model
+    ``position_ids = None`` (LLaVA's generation passes none), so transformers numbers the shortened sequence
+    0, 1, … — it renumbers in effect. Ours does the same under the adapters' default ``positions="official"``
+    (``positions`` is ``"renumber"``); ``positions="keep"`` keeps the original positions instead. Ties go to the
+    earlier token. Cost: one ``(n, n)`` similarity matrix (needed for the first token, then reused), then ``k``
+    steps of ``O(n)``.
     """
 
     name: ClassVar[str] = "divprune"

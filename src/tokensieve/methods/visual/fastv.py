@@ -23,6 +23,10 @@ class FastV(VisualMethod):
     dropped (``R = 50 %``: budget 0.5). The attention row is computed for that one query only (the rest of the
     layer runs with SDPA). Selection is over the whole sample's visual tokens (all images together), as the paper
     ranks the one image span.
+
+    Positions: the official code keeps every kept token at its original position (``position_ids = keep_indexs``),
+    so ``positions`` is ``"keep"`` and the adapters' default ``positions="official"`` does the same (the layers
+    from K see gaps where tokens were removed); ``positions="renumber"`` numbers them without gaps instead.
     """
 
     name: ClassVar[str] = "fastv"

@@ -16,6 +16,9 @@ from .registry import register_visual
 
 _VISION_NEEDS = ("cls_attention", "values", "anchor_value")
 _LLM_NEEDS = ("text_attention", "values", "anchor_value")
+#: LLaVA-NeXT vision stage: candidates among the unpadded crop patches with the newlines kept (default), or the
+#: official code's order (whole crops pruned before the unpadding, no newlines)
+ORDERS = ("unpadded", "official")
 
 
 def flow_score(attention: Tensor, semantic: Tensor, values: Tensor) -> Tensor:
@@ -68,6 +71,25 @@ class FlowCut(VisualMethod):
     ``int(crop_share · T)`` patches (``crop_share = 0.5``: the official code's ``int(target/2)`` per crop), with one
     prune count per step for the image — the maximum over its grids (the official code takes it over the CLIP
     batch, which is exactly the image's grids) — so the grids stay in lockstep. A single-grid image keeps ``T``.
+    Which crop patches are candidates, and whether the image keeps its ``image_newline`` tokens, is ``order``:
+
+    * ``order=official`` — what the official code does: the thumbnail and every crop is pruned over its **whole**
+      grid (all 576 patches on CLIP-L/336; target ``int(T/2) + 1`` with CLS) inside the encoder, *then* the kept crop
+      patches are scattered into the ``(rows·24) × (cols·24)`` crop mosaic and unpadded: kept patches that fall in
+      the padding are discarded, so a crop can reach the LM with fewer than ``int(T/2)``. A multi-crop image's
+      sequence is the thumbnail's kept patches, then the unpadded mosaic's kept patches in raster order, with **no**
+      ``image_newline`` tokens. The ratio base is the thumbnail's and all crops' patches (5 × 576 at most).
+      ``state.kept["vision"]`` records the method's choice (``grid · 576 + patch``), the patches the unpadding then
+      discards included; ``state.visual_tokens["vision"]`` counts the patches that reach the LM.
+    * ``order=unpadded`` (default) — only the crop patches that survive the unpadding are candidates (the method
+      never sees the padding, so every kept patch reaches the LM), and the image keeps its ``image_newline`` token
+      after every mosaic row, unpruned. The ratio base is the thumbnail and the crops' patches that survive the
+      unpadding. It is the default because it keeps the token layout LLaVA-NeXT was trained with (the newline
+      separators) and spends no budget on padding; ``order=official`` is the pipeline behind the paper's
+      LLaVA-NeXT numbers.
+
+    On LLaVA-1.5 (one grid, no padding, no newline) both orders are the same. ``order`` is a vision-stage
+    parameter: ``flowcut[stage=llm,order=…]`` is refused, and the LLM companion is ``flowcut[stage=llm]`` either way.
 
     **LLM stage** (``stage=llm``; LLaVA-NeXT and Qwen2-VL in the paper, after decoder layer index 1: ``layer = K =
     2``): ``r = mean_h softmax_{j ∈ V}(q_last·k_j/√d)`` — the adapter's ``text_attention`` is softmaxed over the
@@ -95,11 +117,21 @@ class FlowCut(VisualMethod):
     * Entropy uses ``0·log 0 = 0`` (the LLaVA code has no epsilon, the Qwen code adds 1e-7).
     * The schedule is derived from ``F`` (the code hard-codes ``select_layer = 24 − 2``); LLaVA's feature layer
       runs on ``T`` patches + CLS; layers after ``l = F − 1`` are not scored.
-    * The budget is visual tokens per image: a ratio is of the image's patches the method sees at its first step
-      (NeXT: the thumbnail and the crops' patches that survive unpadding, at most 5 × 576). Ties in the top-k go
-      to the earlier token (the code's ``topk`` leaves them unspecified).
-    * LLM stage: the visual span excludes LLaVA-NeXT's ``image_newline`` tokens (the official code scores them
-      with the rest); "last" = the last prompt token (the code's ``last_instruct_pos − 1``).
+    * The budget is visual tokens per image: a ratio is of the image's patches the method sees at its first step.
+      On NeXT the official code prunes the thumbnail and each crop over its full 576 patches before the unpadding
+      and then drops the kept patches that fall in the padding; ours does the same with ``order=official`` (base:
+      up to 5 × 576), while the default ``order=unpadded`` chooses only among the patches that survive the
+      unpadding (base: the thumbnail and those patches), so no kept patch is lost to the padding. Ties in the top-k
+      go to the earlier token (the code's ``topk`` leaves them unspecified).
+    * LLM stage on NeXT: the official sequence has **no** ``image_newline`` tokens at all (see ``order``), so its
+      LLM step scores patches only. With ``order=official`` ours is the same; with the default ``order=unpadded``
+      the newline tokens are in the sequence, are not scored and stay as extra, unpruned tokens next to the ``T``
+      kept patches (separators of the trained layout, not image content). "last" = the last prompt token (the
+      code's ``last_instruct_pos − 1``).
+    * Positions: the official code renumbers after both steps — the vision stage through LLaVA's input preparation
+      (an ``arange`` over the pruned sequence), the LLM step by renumbering the kept tokens (and lowering the decode
+      positions by the tokens removed). ``positions="official"`` (the adapters' default) does the same
+      (``positions`` = ``"renumber"``); layers 0 … K − 1 keep every visual token in the cache, as in the code.
     """
 
     name: ClassVar[str] = "flowcut"
@@ -119,6 +151,7 @@ class FlowCut(VisualMethod):
     interval: int = 2
     crop_share: float = 0.5
     semantic_scale: bool = False
+    order: str = "unpadded"
 
     # ------------------------------------------------------------------------------------------------ set-up
     def check(self) -> None:
@@ -131,6 +164,18 @@ class FlowCut(VisualMethod):
             raise ConfigError(f"flowcut: interval (prune every n-th layer) must be >= 1; got {self.interval}.")
         if not 0.0 < float(self.crop_share) <= 1.0:
             raise ConfigError(f"flowcut: crop_share must be in (0, 1]; got {self.crop_share}.")
+        if self.order not in ORDERS:
+            raise ConfigError(f"flowcut: order must be one of {', '.join(ORDERS)}; got {self.order!r}.")
+        if self.where is Stage.LLM and self.order != ORDERS[0]:
+            raise ConfigError(
+                "flowcut[stage=llm]: order chooses the vision stage's candidates on LLaVA-NeXT (the whole crops or "
+                "the unpadded ones) and whether the newline tokens stay; the llm stage scores whatever reaches it. "
+                "Write it at the vision stage: flowcut[order=official]:T."
+            )
+
+    @property
+    def prune_before_unpad(self) -> bool:
+        return self.where is Stage.VISION and self.order == "official"
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         if self.where is Stage.LLM:
@@ -139,7 +184,7 @@ class FlowCut(VisualMethod):
 
     def companions(self, budget: Budget) -> tuple[tuple[VisualMethod, Budget], ...]:
         if self.where is Stage.VISION and budget.kind == "tokens":
-            return ((replace(self, stage=Stage.LLM.value), budget),)
+            return ((replace(self, stage=Stage.LLM.value, order=ORDERS[0]), budget),)
         return ()
 
     def needed(self, ctx: VisualContext) -> None:

@@ -62,6 +62,11 @@ class HiPrune(VisualMethod):
       ``⌊N′ / grids⌋``; we hand the remainder to the first grids so the image keeps exactly its budget).
     * **Overflow**: if anchors and buffers exceed ``k`` (only when ``α`` is large and ``k`` tiny), the anchors stay
       and the buffers are taken by their object-layer attention until ``k``. Ties go to the earlier token.
+    * **LLaVA-NeXT layout**: the official NeXT path hard-codes the ``'spatial'`` merge: the crops are not unpadded,
+      no ``image_newline`` token is added, and the padding patches are candidates like any other. Here the adapter
+      unpads: only the crop patches that survive the unpadding are candidates (the budget is split over the
+      thumbnail and those), and the image keeps its ``image_newline`` tokens, unpruned — the layout LLaVA-NeXT was
+      trained with, and no budget spent on padding.
     """
 
     name: ClassVar[str] = "hiprune"

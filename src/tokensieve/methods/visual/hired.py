@@ -85,8 +85,14 @@ class HiRED(VisualMethod):
     * **Rounding**: the official code truncates every crop's share (``int``), keeping fewer than the budget; we
       split the crops' share by largest remainders so the image keeps exactly ``k`` (a crop's share is capped at
       its size, the excess going to the others). All weights zero: equal shares.
-    * **Budget base**: ``k`` is the budget of the image's tokens at the first step (the thumbnail's and crops'
-      full grids), the official ``⌊grids · 576 · rate⌋``.
+    * **Budget base**: ``k`` is the budget of the image's tokens at the first step — the thumbnail's patches and the
+      crops' patches that survive the unpadding (the official base is ``⌊grids · 576 · rate⌋``, the crops' full
+      grids; the same when nothing is unpadded).
+    * **LLaVA-NeXT layout**: the official code selects over each crop's full 576 patches *before* the unpadding and
+      packs the image with ``image_newline=None`` (no newline tokens), so selected patches that fall in the padding
+      are lost. Here only the crop patches that survive the unpadding are candidates (every selected patch reaches
+      the language model) and the image keeps its ``image_newline`` tokens, unpruned — the layout LLaVA-NeXT was
+      trained with.
     * Ties go to the earlier token.
     """
 

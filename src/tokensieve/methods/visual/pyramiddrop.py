@@ -66,6 +66,10 @@ class PyramidDrop(VisualMethod):
       FastV), the signal the adapters provide without an extra projection.
     * **per image**: each image keeps its own count (the official code has one image per sample); LLaVA-NeXT's
       thumbnail and crops of one image are ranked together.
+    * **positions**: the official code renumbers the kept tokens after each stage (the next stage's positions run
+      0, 1, … over the shortened sequence, and the decoding positions are lowered by the tokens each stage removed);
+      ``positions`` is ``"renumber"``, so the adapters' default ``positions="official"`` does the same per segment
+      (``positions="keep"`` keeps the original positions).
     """
 
     name: ClassVar[str] = "pyramiddrop"

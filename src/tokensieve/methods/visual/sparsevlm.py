@@ -16,9 +16,9 @@ from ._llmstage import image_spans, image_targets, parse_layers, schedule
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
 from .registry import register_visual
 
-#: the official ``pruning_loc = [2, 6, 15]`` are 0-based layers whose attention rates the tokens and whose output
-#: is pruned, i.e. K = 3, 7, 16 here (before 0-based layer K)
-PAPER_LAYERS = (3, 7, 16)
+#: the v1 code's ``pruning_loc = [2, 6, 15, 19]`` (its first commit; v1.5 has ``[2, 6, 15]``) are 0-based layers
+#: whose attention rates the tokens and whose output is pruned, i.e. K = 3, 7, 16, 20 here (before 0-based layer K)
+PAPER_LAYERS = (3, 7, 16, 20)
 
 
 def select_raters(visual: Tensor, text: Tensor) -> Tensor:
@@ -106,17 +106,23 @@ class SparseVLM(VisualMethod):
       between kept and merged tokens with the recycling rule (as many kept as possible). The v1 code has no budget:
       its final count follows from ``scale``/``bias``; the ``RETAIN_TOKN`` lists of later releases count a layer
       average. Use ``scale=0`` to prune straight to the budget at the first layer.
-    * **layers**: ``at=3-7-16`` names the decoder layers K (the official 0-based ``pruning_loc`` 2, 6, 15 are the
-      layers *after* which tokens go, so K = 3, 7, 16); without ``at`` they are scaled to the model's ``L`` layers
-      as ``⌊K·L/32 + ½⌋`` in ``1 … L − 1`` (coinciding layers merge).
+    * **layers**: the v1 code we follow (its first commit, with the rank rule above) prunes at the 0-based
+      ``pruning_loc = [2, 6, 15, 19]`` — the layers *after* which tokens go, so K = 3, 7, 16, 20 here, the default
+      (``at=3-7-16-20``). The v1.5 code's default ``[2, 6, 15]`` drops the last one: ``at=3-7-16``. ``at`` names the
+      decoder layers K; without it they are scaled to the model's ``L`` layers as ``⌊K·L/32 + ½⌋`` in
+      ``1 … L − 1`` (coinciding layers merge).
     * **raters from the first pruning layer's states**: the official code chooses them from the decoder's *input*
       embeddings; the adapters give the instruction and visual states entering the pruning layer
       (``ctx.text_tokens``, ``ctx.tokens``), so the raters are chosen there at the first step and reused
       (``ctx.memory``); the instruction tokens are never pruned, so their indices stay valid.
     * **per image**: rank, counts and recycling run per image (the official code has one image per sample), so
       merged tokens never mix images; raters are chosen over all the sample's visual tokens.
-    * **positions**: the official code appends the merged tokens after the kept ones and renumbers positions; here
-      each merged token sits at its cluster centre's position (the library keeps positions of kept tokens).
+    * **order and positions**: the official code inserts the merged tokens right after the kept visual tokens,
+      before the text, and renumbers (it truncates the position ids to the shortened length, so positions run 0, 1,
+      … without gaps); here each merged token sits at its cluster centre's place among the kept visual tokens (kept
+      and merged tokens in index order, so an image's tokens stay together), and ``positions`` is ``"renumber"``: the
+      adapters' default ``positions="official"`` renumbers as the code does (``positions="keep"`` gives each token,
+      a merged one at its centre's, its original position).
     """
 
     name: ClassVar[str] = "sparsevlm"

@@ -58,8 +58,11 @@ class ToDRE(VisualMethod):
 
     The budget is per image and the selection runs over the whole image — thumbnail and crops together, one
     budget for the image (the paper's 10 % of LLaVA-NeXT = 288 of 2,880), not split per grid. LLaVA-NeXT's
-    ``image_newline`` tokens are not candidates and stay. The kept tokens stay in their original order with the
-    engine's position policy (original positions by default). Ties go to the earlier token.
+    ``image_newline`` tokens are not candidates and stay. The kept tokens stay in their original order. Positions:
+    with no official code, the policy is our choice, following the diversity methods (DivPrune's official code
+    renumbers in effect): ``positions`` is ``"renumber"``, so under the adapters' default ``positions="official"``
+    the kept tokens — after either stage — are numbered without gaps; ``positions="keep"`` keeps the original
+    positions. Ties go to the earlier token.
 
     **Stage 2** (``stage=llm``): before decoder layer ``K`` (``layer``; 0 = ``⌊7L/8⌋`` of the model, the paper's
     ℓ* = 7L/8, computed by :meth:`layers`), from layer ``K − 1``'s attention: α_{t→v} = the instruction tokens'

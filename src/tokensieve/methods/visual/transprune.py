@@ -97,6 +97,10 @@ class TransPrune(VisualMethod):
       layer K; here the rows are layer ``K − 1``'s (the layer just run).
     * **per image**: each image keeps its own count and is normalised on its own (the official code has one image
       per sample).
+    * **positions**: the official code renumbers the kept tokens after each pruning layer (the later layers'
+      positions run 0, 1, … over the shortened sequence, and the decoding positions are lowered by the tokens each
+      step removed); ``positions`` is ``"renumber"``, so the adapters' default ``positions="official"`` does the same
+      per segment (``positions="keep"`` keeps the original positions).
     """
 
     name: ClassVar[str] = "transprune"

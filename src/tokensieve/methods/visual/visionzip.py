@@ -38,17 +38,27 @@ class VisionZip(VisualMethod):
     A merged token stands at its target's position (the representative index is the target token, itself one of the
     remaining patches). Works on LLaVA-1.5 and LLaVA-NeXT: the official code runs the selection on every CLIP image
     of the batch — the thumbnail and each crop — with the same counts, so each grid is zipped on its own; here an
-    image's budget is split over its grids in proportion to their sizes (equal for NeXT's square crops), and each
-    grid's share is split into dominant + contextual. Not for encoders without a CLS token (Qwen2-VL: the adapter's
-    CapabilityError).
+    image's budget is split over its grids in proportion to their sizes (the thumbnail's patches and each crop's
+    patches that survive the unpadding), and each grid's share is split into dominant + contextual. Not for encoders
+    without a CLS token (Qwen2-VL: the adapter's CapabilityError).
 
     Choices where the paper/code are ambiguous:
 
     * The official LLaVA code keeps the CLS token among the dominant tokens (``dominant=54`` = CLS + 53 patches) and
       feeds it to the LM; LLaVA's feature selection drops CLS here, so all ``D`` dominant slots are patches and the
       budget counts patches only.
-    * The code appends the contextual tokens after the dominant ones; here every output is at its token's position
-      (dominant tokens at their own, contextual at their target's), in original order.
+    * **Order and positions (LLaVA-1.5).** The official sequence is ``[CLS, dominant…, contextual…]`` (the contextual
+      tokens appended after the dominant ones), and LLaVA's input preparation numbers it 0, 1, … (an ``arange`` over
+      the shortened sequence): it renumbers. Here there is no CLS and every output is at its token's position
+      (dominant tokens at their own, contextual at their target's), in original order; ``positions`` is
+      ``"renumber"``, so the adapters' default ``positions="official"`` renumbers as the code does.
+    * **LLaVA-NeXT order.** The official code does not unpad the crops and adds no ``image_newline`` token; an
+      image's sequence is the thumbnail's ``[CLS, dominant…, contextual…]``, then the crops' dominant tokens in the
+      crop mosaic's raster order, then each crop's CLS, then all the crops' contextual tokens. Here only the crop
+      patches that survive the unpadding are candidates (the padding is invisible to the method), the image keeps
+      its ``image_newline`` tokens (unpruned), there is no CLS, and every output stays in the image's own order —
+      the thumbnail, then the unpadded mosaic in raster order with each contextual token at its target's place — so
+      the language model sees the layout LLaVA-NeXT was trained with, and no budget goes to padding.
     * ``merge=add`` follows the code (``target + mean``, which doubles the target's scale); the paper's prose speaks
       of averaging, available as ``merge=mean``.
     * The LLaVA-NeXT split over thumbnail and crops is UNVERIFIED in the paper (the code gives every CLIP image the
