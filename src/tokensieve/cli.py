@@ -135,7 +135,7 @@ def generate_spec(args: argparse.Namespace) -> Spec:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .adapters.models import load_model, model_shape
+    from .adapters.models import DEFAULT_MODEL, load_model, model_shape
     from .data.prompts import TextStream, chat_ids
     from .demo import budget_notes
     from .errors import PromptError
@@ -149,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_with_image(args, prompt)
     spec = generate_spec(args)  # fail on a bad method, parameter or budget before loading the model
     kwargs = spec.compressor_kwargs()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model or DEFAULT_MODEL)
     ids = chat_ids(tok, prompt, system=args.system)
     check_context(model_shape(model).max_positions, int(ids.shape[1]), args.max_new_tokens)
     for note in budget_notes(spec, int(ids.shape[1])):
@@ -180,6 +180,7 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
 
     from .adapters.models import load_model
     from .adapters.vision import split_spec, vision_adapter
+    from .adapters.vlm import VLM_NAME
     from .errors import CapabilityError, PromptError
     from .methods.visual.spec import VisualPlan
     from .pipeline import Compressor
@@ -196,9 +197,12 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
             image = im.convert("RGB")
     except (OSError, ValueError) as exc:
         raise PromptError(f"Cannot read the image '{args.image}': {exc}") from exc
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model or VLM_NAME)
     if not hasattr(processor, "image_processor"):
-        raise CapabilityError(f"--image needs a vision-language model; '{args.model}' is a text model.")
+        raise CapabilityError(
+            f"--image needs a vision-language model; '{args.model}' is a text model (leave out --model for the "
+            f"embedded VLM, {VLM_NAME})."
+        )
     adapter = vision_adapter(model)
     content = [{"type": "image"}, {"type": "text", "text": prompt}]
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("generate", help="stream a chat answer, optionally from a compressed cache")
     sp.add_argument("prompt", help="the user message ('-' reads stdin)")
     common(sp)
+    sp.set_defaults(model=None)  # the embedded text model, or with --image the embedded VLM
     sp.add_argument(
         "--spec",
         default=None,
@@ -290,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         default=None,
         metavar="FILE",
-        help="ask about this image (a vision-language --model); --spec may then start with visual-token methods, "
+        help="ask about this image (a vision-language --model; default the embedded VLM, smollm2-135m-llava); --spec "
+        "may then start with visual-token methods, "
         "e.g. pool:64/snapkv:0.5 (docs/VLM_PRUNING.md)",
     )
     sp.add_argument(

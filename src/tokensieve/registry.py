@@ -46,6 +46,14 @@ def get_method_class(name: str) -> type[Method]:
     key = name.strip().lower()
     if key in _REGISTRY:
         return _REGISTRY[key]
+    from .methods.visual.registry import visual_method_names
+
+    if key in visual_method_names():
+        raise UnknownNameError(
+            f"'{name}' is a visual-token method: it prunes an image's tokens in a vision-language model, not a KV "
+            "cache. Give an image and a VLM (`tokensieve generate --image FILE --model VLM --spec "
+            f"{key}:0.25/snapkv:0.5`, docs/VLM_PRUNING.md)."
+        )
     close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise UnknownNameError(f"Unknown method '{name}'.{hint} Valid methods: {', '.join(sorted(_REGISTRY))}.")

@@ -109,3 +109,11 @@ def test_unreadable_image_and_text_model_are_refused(vlm_dir, tmp_path, tiny_mod
     S.make_scene(S.split_seed("test", 1)).render().save(good)
     assert main(["generate", "--model", str(text_dir), "--image", str(good), "t5 t6"]) == 2
     assert "needs a vision-language model" in capsys.readouterr().err
+
+
+def test_a_visual_spec_without_an_image_names_what_it_needs(capsys):
+    assert main(["generate", "--spec", "pool:64", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "'pool' is a visual-token method" in err
+    assert "--image" in err
+    assert "Traceback" not in err
