@@ -272,3 +272,28 @@ def test_paired_comparison_on_a_hand_made_case():
     tests = vlm_sign_tests(a + b + full + other)
     assert [(label, base) for label, base, _ in tests] == [("todre:0.25", "vis:random:0.25")]
     assert tests[0][2] == p
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def test_vlm_eval_cli_writes_the_store_and_resumes(small, tmp_path, capsys):
+    from tokensieve.cli import main
+
+    model, _ = small
+    weights = tmp_path / "run" / "final"
+    V.save_vlm(model, weights)
+    store = tmp_path / "cli.sqlite"
+    argv = ["train", "vlm-eval", "--model", str(weights), "--scenes", "1", "--methods", "pool", "--budgets", "0.25",
+            "--threads", "1", "--store", str(store), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = _rows(store)
+    assert sorted({r["label"] for r in rows}) == ["full", "pool:0.25"]
+    assert len(rows) == 2 * len({r["task_options"] for r in rows})
+    assert rows[0]["model"].startswith("run-final-")  # the run folder and a fingerprint of its weights
+    assert "| pool:0.25 |" in capsys.readouterr().out
+    assert main(argv) == 0  # everything is stored: nothing measured, no run recorded
+    with ResultStore(store, readonly=True) as s:
+        (run,) = s.runs("vlm-eval")
+        assert s.count("eval") == len(rows)
+    assert "--store" in run["command"]
+    assert main(["train", "vlm-eval", "--model", str(weights), "--store", str(store)]) == 2  # --store needs --methods
+    assert "give --methods" in capsys.readouterr().err
