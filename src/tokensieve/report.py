@@ -8,7 +8,11 @@ Sections, each present when the store has the rows it needs:
 * accuracy (``eval`` rows), per mode: the full-cache baseline per task and length, accuracy against the KV kept
   (the Pareto view), needle accuracy by depth (× length), accuracy against prompt length, and a table of accuracy,
   fidelity (KL, top-1 agreement), answer log-likelihood, KV bytes and times;
-* speed and memory (``bench`` rows): medians and ratios against the full cache, with two plots.
+* speed and memory (``bench`` rows): medians and ratios against the full cache, with two plots;
+* visual-token pruning (rows of ``tokensieve train vlm-eval --store`` and ``tokensieve bench --vlm --store``): a VLM's
+  accuracy per question type against the visual tokens kept, a table per visual spec, the paired sign test of each
+  method against random selection, the kept-patch figure (``vlm-eval --overlays`` with ``--store``, or
+  ``--overlays PNG``) and the VLM prefill speed. These rows stay out of the KV sections above.
 
 A configuration prefilled in chunks (rows with a ``chunk`` size) is shown as its own row, its label suffixed
 `` chunk=N`` (:func:`~tokensieve.results.stats.chunk_labelled`), never merged with the same spec in one pass.
@@ -28,9 +32,11 @@ from typing import Any
 
 from .errors import ConfigError
 from .results.render import Block, render_html, render_markdown
-from .results.sections import accuracy_sections, joined_sections, provenance, speed_sections
+from .results.sections import accuracy_sections, joined_sections, provenance, speed_sections, vlm_json, vlm_sections
 from .results.stats import accuracy_json, chunk_labelled, speed
-from .results.store import ResultStore
+from .results.store import ResultStore, is_visual
+
+OVERLAYS_TOOL = "vlm-overlays"  # the runs of `tokensieve train vlm-eval --overlays PNG --store`
 
 
 def write_report(
@@ -42,12 +48,15 @@ def write_report(
     model: str | None = None,
     tasks: Sequence[str] = (),
     methods: Sequence[str] = (),
+    overlays: str | Path | None = None,
 ) -> list[Path]:
     """Write the report of a results store; returns the files written.
 
     ``model``, ``tasks``, ``methods``: only the rows of that model key, of those tasks (evaluation rows) and of those
     methods (the store's ``method`` column, e.g. ``snapkv`` or ``+quest``; the full cache is always kept, as the
-    reference). A name the store does not have is an error that lists the ones it has."""
+    reference). A name the store does not have is an error that lists the ones it has. ``overlays``: the kept-patch
+    figure of the VLM section (default: the newest one a ``vlm-eval --overlays --store`` run recorded, if the file is
+    still there)."""
     bad = [f for f in formats if f not in ("md", "html")]
     if bad or not formats:
         raise ConfigError(f"Unknown report format(s) {bad or '(none)'}: use md, html or md,html.")
@@ -66,6 +75,10 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"Cannot create the report folder {out}: {exc.strerror or exc}.") from None
+    vlm_eval = [r for r in eval_rows if is_visual(r)]  # a VLM's visual-token rows: their own section
+    vlm_bench = [r for r in bench_rows if is_visual(r)]
+    eval_rows = [r for r in eval_rows if not is_visual(r)]
+    bench_rows = [r for r in bench_rows if not is_visual(r)]
     bench_runs = [r for r in runs if r["tool"] == "bench" and r["info"]]
     info: dict[str, Any] = bench_runs[-1]["info"] if bench_runs else {}
     summary = speed(bench_rows, info) if bench_rows else []
@@ -76,6 +89,11 @@ def write_report(
         blocks += accuracy_sections(eval_rows, out)
     if bench_rows:
         blocks += speed_sections(summary, info, out, heading="Speed and memory (tokensieve bench)")
+    figure = Path(overlays).expanduser() if overlays else _recorded_overlays(runs)
+    if overlays and not (figure and figure.is_file()):
+        raise ConfigError(f"No kept-patch figure at {overlays}: give the PNG `tokensieve train vlm-eval --overlays` "
+                          "wrote.")  # fmt: skip
+    blocks += vlm_sections(vlm_eval, vlm_bench, out, figure)
 
     written: list[Path] = []
     if "md" in formats:
@@ -88,9 +106,20 @@ def write_report(
         written.append(p)
     written += sorted({b.path for b in blocks if b.path is not None})
     data = {"accuracy": accuracy_json(eval_rows), "speed": [_plain(r) for r in summary]}
+    if vlm_eval:
+        data["vlm"] = [_plain(r) for r in vlm_json(vlm_eval)]
     (out / "summary.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     written.append(out / "summary.json")
     return written
+
+
+def _recorded_overlays(runs: list[dict[str, Any]]) -> Path | None:
+    """The newest kept-patch figure a run recorded in the store whose file still exists."""
+    for r in reversed(runs):
+        path = r["info"].get("overlays") if r["tool"] == OVERLAYS_TOOL else None
+        if path and Path(path).is_file():
+            return Path(path)
+    return None
 
 
 def _only(
@@ -118,7 +147,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     for p in write_report(args.store, args.out, formats=formats, title=args.title, model=args.model, tasks=tasks,
-                          methods=methods):  # fmt: skip
+                          methods=methods, overlays=args.overlays):  # fmt: skip
         print(p)
     return 0
 
@@ -128,7 +157,8 @@ def add_commands(sub: Any) -> None:
         "report",
         help="turn a results store into a Markdown/HTML report with PNG plots (accuracy and speed side by side)",
     )
-    sp.add_argument("store", help="SQLite results store written by `tokensieve eval` and/or `tokensieve bench`")
+    sp.add_argument("store", help="SQLite results store written by `tokensieve eval`, `tokensieve bench` and/or "
+                                  "`tokensieve train vlm-eval`")  # fmt: skip
     sp.add_argument("--out", default=None, help="output folder (default: <store name>-report next to the store)")
     sp.add_argument("--format", default="md", help="md, html or md,html (HTML is self-contained)")
     sp.add_argument("--title", default="tokensieve report")
@@ -137,4 +167,7 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--methods", default=None,
                     help="only these methods, comma-separated, as in the store's method column (snapkv, +quest); the "
                          "full cache is always kept (default: all)")  # fmt: skip
+    sp.add_argument("--overlays", default=None, metavar="PNG",
+                    help="the kept-patch figure of the VLM section (default: the newest one `tokensieve train vlm-eval "
+                         "--overlays PNG --store STORE` recorded)")  # fmt: skip
     sp.set_defaults(func=cmd_report)

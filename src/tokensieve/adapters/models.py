@@ -330,6 +330,12 @@ def model_key(model: Any) -> str:
 _KEYS: dict[int, tuple[Any, str]] = {}
 
 
+def model_fingerprint(model: Any) -> str:
+    """12 hex digits that tell two models' contents apart (configuration, parameter names, shapes and a sample of every
+    parameter's values), whatever path they were loaded from."""
+    return _fingerprint(model)
+
+
 def _fingerprint(model: Any) -> str:
     """12 hex digits of a SHA-256 over the configuration (paths left out) and every parameter's name, shape, dtype
     and a strided sample of its values."""

@@ -174,7 +174,8 @@ def add_commands(sub: Any) -> None:
             "VLM prefill instead: a LLaVA model with a random vision tower of this shape (vit-l-336, the default: "
             "speed-only, random vision weights; vit-b-336; embedded) on the embedded SmolLM2-135M; --methods are "
             "visual specs (default fastv,pool,vis:random), --budgets default 0.11,0.22,0.33; --report writes "
-            "vlm_bench.json and vlm_bench.md"
+            "vlm_bench.json and vlm_bench.md; --store writes one bench row per configuration and repetition, "
+            "labelled as `tokensieve train vlm-eval --store` labels them"
         ),
     )
     sp.set_defaults(func=cmd_bench)

@@ -16,6 +16,11 @@ The order of the configurations rotates between repetitions (drifts of a shared 
 alike); the summary gives medians, the spread (min–max) and speed-ups against ``full`` of the same run: measured
 (TTFT and LM prefill) next to analytic (FLOPs).
 
+With ``--store FILE`` every measurement is also a ``bench`` row of the results store, written as it is made (a rerun
+skips what is stored), labelled as ``tokensieve train vlm-eval --store`` labels the same plan so that
+``tokensieve report`` shows accuracy and speed together (:func:`run_into_store`; the columns are described above
+:data:`EXTRA`).
+
 Speed does not depend on weights, so the default tower is a **speed-only** configuration: the geometry of CLIP
 ViT-L/14-336 (24 layers, width 1024, 16 heads, MLP 4096, 336 px, 14 px patches → 576 patch tokens + CLS) with
 **random vision weights** in front of the embedded SmolLM2-135M language model (its real weights). Its answers mean
@@ -253,6 +258,8 @@ class VlmBenchRow:
     vision_flops: int
     lm_flops: int
     score_s: float = 0.0  # the methods' own score → select → apply (inside vision_s / lm_prefill_s)
+    image_tokens: int = 0  # the image's visual tokens (placeholders in the prompt), before any pruning
+    stored_entries: int = 0  # KV entries the prefill left in the cache: tokens × KV heads, summed over layers
 
     @property
     def flops(self) -> int:
@@ -336,10 +343,13 @@ def run_vlm_bench(
     *,
     repetitions: int = 3,
     progress: Callable[[int, int, str], None] | None = None,
+    skip: Callable[[str, int], bool] | None = None,
+    on_row: Callable[[VlmBenchRow], None] | None = None,
 ) -> tuple[list[VlmBenchRow], dict[str, Any]]:
     """Time every spec (``full`` included) ``repetitions`` times on ``inputs`` (one prompt with its image, e.g.
     :func:`bench_inputs`), interleaved (rotated order); one untimed warm-up prefill first. Returns the rows and the
-    run's description (machine, geometry, threads, versions)."""
+    run's description (machine, geometry, threads, versions). ``skip(spec, rep)``: a measurement not to make (already
+    stored); ``on_row``: called with every row as soon as it is measured."""
     from ..adapters.vision import vision_adapter
 
     if repetitions < 1:
@@ -352,12 +362,24 @@ def run_vlm_bench(
     d_vision, d_text = int(model.config.vision_config.hidden_size), int(model.config.text_config.hidden_size)
     vc = model.config.vision_config
     patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
-    _prefill_once(adapter, inputs, FULL)  # warm-up (allocator, first-call overheads)
+    kv_heads = int(getattr(model.config.text_config, "num_key_value_heads", None) or 0) or int(
+        model.config.text_config.num_attention_heads
+    )
+    image_tokens = int((inputs["input_ids"] == int(model.config.image_token_id)).sum())
+    info = bench_info(model, repetitions)
     rows: list[VlmBenchRow] = []
     total, done = repetitions * len(specs), 0
+    if skip is not None and all(skip(spec, rep) for rep in range(repetitions) for spec in specs):
+        return rows, info
+    _prefill_once(adapter, inputs, FULL)  # warm-up (allocator, first-call overheads)
     for rep in range(repetitions):
         shift = rep % len(specs)
         for spec in specs[shift:] + specs[:shift]:
+            if skip is not None and skip(spec, rep):
+                done += 1
+                if progress is not None:
+                    progress(done, total, spec)
+                continue
             r = _prefill_once(adapter, inputs, spec)
             rows.append(
                 VlmBenchRow(
@@ -377,14 +399,23 @@ def run_vlm_bench(
                     + projector_flops(r["projected_tokens"] or patches, d_vision, d_text),
                     score_s=r["score_s"],
                     lm_flops=lm_flops(model.config, r["segments"]),
+                    image_tokens=image_tokens,
+                    stored_entries=sum(layers * n for layers, n in r["segments"]) * kv_heads,
                 )
             )
+            if on_row is not None:
+                on_row(rows[-1])
             done += 1
             if progress is not None:
                 progress(done, total, spec)
+    return rows, info
+
+
+def bench_info(model: Any, repetitions: int) -> dict[str, Any]:
+    """The run's description: versions, threads, machine, the tower's and text model's geometry, the weights."""
     v = model.config.vision_config
     t = model.config.text_config
-    info = {
+    return {
         "tokensieve": __version__,
         "torch": torch.__version__,
         "threads": int(torch.get_num_threads()),
@@ -404,7 +435,6 @@ def run_vlm_bench(
         "weights": LABEL,
         "repetitions": repetitions,
     }
-    return rows, info
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -491,6 +521,134 @@ def write_report(
     return js, md
 
 
+# ------------------------------------------------------------------------------------------------ store
+# ``bench`` rows of ``tokensieve bench --vlm --store`` (one per configuration and repetition). The columns a KV
+# benchmark fills mean here: ``label`` / ``method`` / ``budget*`` — the visual plan's
+# (:func:`~tokensieve.results.store.visual_columns`, the labels ``tokensieve train vlm-eval --store`` writes);
+# ``prefill`` the label; ``length`` the prompt's tokens before pruning; ``batch`` 1; ``prefill_s`` the whole prefill
+# (vision side + language model, = ``ttft_s`` but the first token's argmax); ``compress_s`` the methods' own score →
+# select → apply inside it; ``kv_bytes`` / ``stored_entries`` what the prefill left in the cache;
+# ``prefill_peak_rss`` the process's peak while prefilling. No decoding is measured: the decode columns stay NULL.
+# ``extra`` holds what has no column: vision_s, lm_prefill_s, ttft_cpu_s, added_rss, vision_flops, lm_flops,
+# image_tokens, visual_tokens (at the LM's input), kept_tokens (at its last layer), tower.
+EXTRA = ("vision_s", "lm_prefill_s", "ttft_cpu_s", "added_rss", "vision_flops", "lm_flops", "image_tokens",
+         "visual_tokens", "kept_tokens")  # fmt: skip
+TOOL = "bench-vlm"
+
+
+def bench_model_key(tower: str) -> str:
+    """The ``model`` column of the benchmark's rows: the embedded text model behind a random tower of this shape."""
+    from ..adapters.models import DEFAULT_MODEL
+
+    return f"{DEFAULT_MODEL}+{tower}-random"
+
+
+def row_key(spec: str, *, model: str, tower: str, prompt_tokens: int, rep: int, threads: int) -> str:
+    """The key of one measurement (:func:`~tokensieve.results.store.visual_key` with the workload)."""
+    from ..results.store import visual_key
+
+    return visual_key(spec, tool=TOOL, model=model, tower=tower, question=QUESTION, prompt_tokens=prompt_tokens,
+                      batch=1, rep=rep, threads=threads)  # fmt: skip
+
+
+def store_row(row: VlmBenchRow, *, key: str, model: str, run_id: int, threads: int, tower: str) -> dict[str, Any]:
+    """A measurement as a ``bench`` row of the results store (see the comment above)."""
+    from ..results.store import visual_columns
+
+    cols = visual_columns(row.label)
+    return {
+        "key": key,
+        **cols,
+        "model": model,
+        "version": __version__,
+        "created": time.time(),
+        "run_id": run_id,
+        "threads": threads,
+        "prefill": cols["label"],
+        "length": row.prompt_tokens,
+        "batch": 1,
+        "rep": row.rep,
+        "prefill_s": row.vision_s + row.lm_prefill_s,
+        "compress_s": row.score_s,
+        "ttft_s": row.ttft_s,
+        "kv_bytes": row.kv_bytes,
+        "stored_entries": row.stored_entries,
+        "prefill_peak_rss": row.peak_rss,
+        "extra": {**{k: getattr(row, k) for k in EXTRA}, "tower": tower},
+    }
+
+
+def from_store(r: dict[str, Any]) -> VlmBenchRow:
+    """A stored ``bench`` row back as the measurement (labelled with its canonical label)."""
+    extra = json.loads(r["extra"]) if isinstance(r.get("extra"), str) else (r.get("extra") or {})
+    return VlmBenchRow(
+        label=str(r["label"]),
+        rep=int(r["rep"]),
+        prompt_tokens=int(r["length"]),
+        visual_tokens=int(extra["visual_tokens"]),
+        kept_tokens=int(extra["kept_tokens"]),
+        vision_s=float(extra["vision_s"]),
+        lm_prefill_s=float(extra["lm_prefill_s"]),
+        ttft_s=float(r["ttft_s"]),
+        ttft_cpu_s=float(extra["ttft_cpu_s"]),
+        peak_rss=int(r["prefill_peak_rss"]),
+        added_rss=int(extra["added_rss"]),
+        kv_bytes=int(r["kv_bytes"]),
+        vision_flops=int(extra["vision_flops"]),
+        lm_flops=int(extra["lm_flops"]),
+        score_s=float(r["compress_s"] or 0.0),
+        image_tokens=int(extra.get("image_tokens", 0)),
+        stored_entries=int(r.get("stored_entries") or 0),
+    )
+
+
+def run_into_store(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    specs: Sequence[str],
+    store: Any,
+    *,
+    tower: str,
+    repetitions: int = 3,
+    command: str = "",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[list[VlmBenchRow], dict[str, Any], int]:
+    """:func:`run_vlm_bench` into a results store: measurements already stored are skipped, every new one is stored
+    as soon as it is made; returns every stored row of this grid (as measurements labelled with their canonical
+    labels, in the order of ``specs`` and repetitions), the run's description and how many rows this run added."""
+    from ..adapters.vision import visual_label
+
+    specs = list(dict.fromkeys([FULL, *specs]))
+    threads = int(torch.get_num_threads())
+    mkey = bench_model_key(tower)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    keys = {(s, rep): row_key(s, model=mkey, tower=tower, prompt_tokens=prompt_tokens, rep=rep, threads=threads)
+            for s in specs for rep in range(repetitions)}  # fmt: skip
+    labels = [visual_label(s) for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("The specs name one configuration twice: list each once.")
+    done = store.keys("bench")
+    todo = [k for k in keys.values() if k not in done]
+    info = bench_info(model, repetitions)
+    info["model"] = mkey
+    added = [0]
+    if todo:
+        config = {"specs": labels, "tower": tower, "repetitions": repetitions, "threads": threads, "question": QUESTION}
+        run_id = store.start_run(tool=TOOL, command=command, config=config, model=mkey, version=__version__,
+                                 threads=threads, cells=len(keys), todo=len(todo), info=info)  # fmt: skip
+
+        def write(row: VlmBenchRow) -> None:
+            key = keys[row.label, row.rep]
+            added[0] += int(store.add("bench", store_row(row, key=key, model=mkey, run_id=run_id, threads=threads,
+                                                         tower=tower)))  # fmt: skip
+
+        run_vlm_bench(model, inputs, specs, repetitions=repetitions, progress=progress,
+                      skip=lambda s, rep: keys[s, rep] in done, on_row=write)  # fmt: skip
+    stored = {r["key"]: r for r in store.rows("bench", "model = ?", (mkey,))}
+    rows = [from_store(stored[keys[s, rep]]) for rep in range(repetitions) for s in specs if keys[s, rep] in stored]
+    return rows, info, added[0]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def cmd_bench_vlm(args: Any) -> int:
     """``tokensieve bench --vlm [TOWER]``: see the module docstring."""
@@ -501,8 +659,6 @@ def cmd_bench_vlm(args: Any) -> int:
 
     from ..results.threads import use_threads
 
-    if getattr(args, "store", None):
-        raise ConfigError("--store is not supported with --vlm yet: use --report FOLDER (JSON + markdown).")
     spec = tower_spec(args.vlm)
     from .cli import DEFAULT_METHODS as TEXT_DEFAULT
 
@@ -524,9 +680,15 @@ def cmd_bench_vlm(args: Any) -> int:
         "--threads",
         str(threads),
     ]
-    if args.report:
-        parts += ["--report", str(args.report)]
+    for flag in ("report", "store"):
+        if getattr(args, flag, None):
+            parts += [f"--{flag}", str(getattr(args, flag))]
     command = " ".join(shlex.quote(p) for p in parts)
+    store = None
+    if getattr(args, "store", None):  # a store that cannot be written fails before the model is built
+        from ..results.store import ResultStore
+
+        store = ResultStore(args.store)
     print(f"building the {args.vlm} tower ({LABEL}) on the embedded SmolLM2-135M …", file=sys.stderr)
     model, tok = build_bench_model(spec)
     bar = tqdm(total=args.reps * len(specs), desc="bench vlm", unit="prefill", file=sys.stderr)
@@ -536,7 +698,14 @@ def cmd_bench_vlm(args: Any) -> int:
         bar.set_postfix_str(label)
         bar.refresh()
 
-    rows, info = run_vlm_bench(model, bench_inputs(model, tok), specs, repetitions=args.reps, progress=progress)
+    inputs = bench_inputs(model, tok)
+    if store is not None:
+        with store:
+            rows, info, added = run_into_store(model, inputs, specs, store, tower=args.vlm, repetitions=args.reps,
+                                               command=command, progress=progress)  # fmt: skip
+        print(f"{added} rows written to {store.path}; `tokensieve report {store.path}` renders them", file=sys.stderr)
+    else:
+        rows, info = run_vlm_bench(model, inputs, specs, repetitions=args.reps, progress=progress)
     bar.close()
     summary = summarize(rows)
     print(f"{args.vlm} tower — {LABEL}; {info['threads']} threads; medians of {args.reps}")

@@ -1,10 +1,11 @@
 """Plots (matplotlib, PNG) of stored rows: accuracy against KV kept, needle heatmaps, accuracy against length, the
-attention speed-up and decode speed against stored KV. Each function writes one file and returns whether it drew
-anything."""
+attention speed-up and decode speed against stored KV, a VLM's accuracy against the visual tokens kept. Each function
+writes one file and returns whether it drew anything."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,70 @@ def speed(summary: list[Row], out_dir: Path) -> list[Path]:
     plt.close(fig)
     made.append(p)
     return made
+
+
+# ------------------------------------------------------------------------------------------ visual-token methods
+DODGE = 0.015  # the largest horizontal offset of a method's points (fraction of visual tokens kept)
+
+
+def vlm_accuracy(rows: list[Row], path: Path, title: str, types: Sequence[str] = ()) -> bool:
+    """A VLM's accuracy against the fraction of visual tokens kept (to the language model's last layer): one panel
+    for all questions and one per question type (``types`` first, in their order), one line per method over its
+    budgets with 95 % Wilson intervals, the full model as the reference (a star and a dotted line). Methods at the
+    same budget are drawn up to ±0.015 apart on x (:data:`DODGE`), so their intervals do not hide each other."""
+    from .stats import visual_kept, wilson
+
+    if not any(r["label"] != FULL for r in rows):
+        return False
+
+    def qtype(r: Row) -> str:
+        return str(r["task"]).split("/", 1)[-1]
+
+    have = {qtype(r) for r in rows}
+    order = [t for t in types if t in have] + sorted(have - set(types))
+    panels = [("all questions", rows)] + [(t, [r for r in rows if qtype(r) == t]) for t in order]
+    plt = _pyplot()
+    nr, nc = _grid(len(panels), 3)
+    fig, axes = plt.subplots(nr, nc, figsize=(4.0 * nc, 3.3 * nr), squeeze=False)
+    methods = sorted({r["method"] for r in rows if r["label"] != FULL})
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    markers = "osD^vP*Xh<>p"
+    dodge = {m: DODGE * (2 * i / (len(methods) - 1) - 1) if len(methods) > 1 else 0.0 for i, m in enumerate(methods)}
+
+    def point(rs: list[Row]) -> tuple[float, float, float, float]:
+        xs = [x for x in (visual_kept(r) for r in rs) if not math.isnan(x)]
+        k, n = sum(values(rs, "score")), len(values(rs, "score"))
+        lo, hi = wilson(k, n)
+        return (mean(xs) if xs else math.nan), (k / n if n else math.nan), lo, hi
+
+    for ax, (name, prow) in zip(axes.flat, panels):
+        for i, m in enumerate(methods):
+            by_label = group((r for r in prow if r["method"] == m and r["label"] != FULL), lambda r: (r["label"],))
+            pts = sorted((point(v) for v in by_label.values()), key=lambda p: p[0])
+            pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
+            if pts:
+                ax.errorbar([p[0] + dodge[m] for p in pts], [p[1] for p in pts],
+                            yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                            fmt=f"{markers[i % len(markers)]}-", color=colors[m], label=m, ms=4, lw=1.2,
+                            elinewidth=0.7, capsize=2)  # fmt: skip
+        full = [r for r in prow if r["label"] == FULL]
+        if full:
+            x, y, lo, hi = point(full)
+            ax.axhline(y, color="k", ls=":", lw=1)
+            ax.errorbar([1.0 if math.isnan(x) else x], [y], yerr=[[y - lo], [hi - y]], fmt="k*", ms=10, capsize=2,
+                        label="full model")  # fmt: skip
+        ax.set_title(f"{name} ({len(prow)} answers)", fontsize=9)
+        ax.set_xlabel("visual tokens kept (to the last layer / the image's)", fontsize=8)
+        ax.set_ylabel("accuracy (exact match)", fontsize=8)
+        ax.set_xlim(-0.02, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    _legend(fig, axes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return True

@@ -1,16 +1,36 @@
-"""Report sections built from stored rows: accuracy (``eval`` rows), speed and memory (``bench`` rows), and the two
-side by side for every configuration measured by both. Each returns a list of :class:`~.render.Block`."""
+"""Report sections built from stored rows: accuracy (``eval`` rows), speed and memory (``bench`` rows), the two
+side by side for every configuration measured by both, and a VLM's visual-token methods (their own rows:
+:func:`~.store.is_visual`). Each returns a list of :class:`~.render.Block`."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import plots
 from .render import Block, cell, fmt, score_text, slug
-from .stats import FULL, Row, accuracy, group, interval, mean, ordered_labels, sem, values
+from .stats import (
+    FULL,
+    Paired,
+    Row,
+    accuracy,
+    extra,
+    group,
+    interval,
+    kv_kept,
+    mean,
+    median,
+    ordered_labels,
+    paired,
+    sem,
+    values,
+    visual_kept,
+    wilson,
+)
 
 MB = 2**20
 
@@ -264,6 +284,227 @@ def joined_sections(eval_rows: list[Row], summary: list[Row]) -> list[Block]:
     return blocks
 
 
+# ------------------------------------------------------------------------------------------ visual-token methods
+RANDOM = "vis:random"  # the random baseline every visual-token method is compared with
+QUESTION_TYPES = ("attribute", "existence", "counting", "spatial", "reading")  # the order of data/scenes.py
+
+
+def _qtype(row: Row) -> str:
+    return str(row["task"]).split("/", 1)[-1]
+
+
+def _item(row: Row) -> tuple[Any, ...]:
+    """The question a VLM row answers (model, task and its options: split, scene, question text)."""
+    return (row["model"], row["task"], row.get("task_options"))
+
+
+def _split(row: Row) -> str:
+    try:
+        return str(json.loads(row.get("task_options") or "{}").get("split", "?"))
+    except ValueError:
+        return "?"
+
+
+def _wilson_text(rs: list[Row]) -> str:
+    xs = values(rs, "score")
+    if not xs:
+        return "—"
+    lo, hi = wilson(sum(xs), len(xs))
+    return f"{mean(xs):.2f} [{lo:.2f}–{hi:.2f}]"
+
+
+def vlm_spec_table(rows: list[Row]) -> Block:
+    """Per visual spec: visual tokens and KV kept, answers, accuracy overall and per question type (95 % Wilson)."""
+    types = [t for t in QUESTION_TYPES if any(_qtype(r) == t for r in rows)]
+    types += sorted({_qtype(r) for r in rows} - set(types))
+    header = ["configuration", "budget", "visual kept", "KV kept", "n", "all questions", *types]
+    body = []
+    by_label = group(rows, lambda r: (r["label"],))
+    for label in ordered_labels(rows):
+        rs = by_label[(label,)]
+        vk = [x for x in (visual_kept(r) for r in rs) if not math.isnan(x)]
+        kk = [x for x in (kv_kept(r) for r in rs) if not math.isnan(x)]
+        cells = [_wilson_text([r for r in rs if _qtype(r) == t]) for t in types]
+        body.append([label, rs[0]["budget"], fmt(mean(vk), pct=True) if vk else "—",
+                     fmt(mean(kk), pct=True) if kk else "—", str(len(rs)), _wilson_text(rs), *cells])  # fmt: skip
+    return Block("table", header=header, body=body)
+
+
+def vlm_sign_tests(rows: list[Row]) -> list[tuple[str, str, Paired]]:
+    """(configuration, its random baseline, the paired comparison) for each method but random and the full model,
+    against ``vis:random`` at the same budget, on the questions both answered (:func:`~.stats.paired`: the exact
+    two-sided sign test on the discordant pairs)."""
+    randoms = {r["budget"]: r["label"] for r in rows if r["method"] == RANDOM}
+    if not randoms:
+        return []
+    by_label = group(rows, lambda r: (r["label"],))
+    out = []
+    for label in ordered_labels(rows):
+        first = by_label[(label,)][0]
+        base = randoms.get(first["budget"])
+        if label != FULL and first["method"] != RANDOM and base is not None:
+            out.append((label, base, paired(by_label[(label,)], by_label[(base,)], _item)))
+    return out
+
+
+def vlm_sign_table(rows: list[Row]) -> Block | None:
+    """:func:`vlm_sign_tests` as a table; None when the rows have no random baseline to compare with."""
+    body = [
+        [label, base, str(p.n), str(p.both), str(p.only_a), str(p.only_b), fmt(p.score_a), fmt(p.score_b),
+         f"{p.score_a - p.score_b:+.3f}" if p.n else "—", f"{p.p:.3g}"]
+        for label, base, p in vlm_sign_tests(rows)
+    ]  # fmt: skip
+    if not body:
+        return None
+    header = ["configuration", "vs", "pairs", "both right", "only this right", "only random right", "accuracy",
+              "random's", "difference", "p (sign test)"]  # fmt: skip
+    return Block("table", header=header, body=body)
+
+
+def vlm_speed_table(bench_rows: list[Row], eval_rows: list[Row]) -> Block:
+    """``tokensieve bench --vlm`` rows: medians per configuration, ratios against the unpruned model of the same
+    benchmark model, and the accuracy of the same label where the evaluation rows are of one model and split (the
+    model evaluated, named in the header, is not the benchmark's: labels join, weights need not)."""
+    sources = sorted({(r["model"], _split(r)) for r in eval_rows})
+    acc = group(eval_rows, lambda r: (r["label"],)) if len(sources) == 1 else {}
+    med: dict[tuple[str, str], dict[str, float]] = {}
+    for (model, label), rs in group(bench_rows, lambda r: (r["model"], r["label"])).items():
+        ex = [extra(r) for r in rs]
+
+        def m(xs: list[Any]) -> float:
+            vals = [float(x) for x in xs if x is not None]
+            return median(vals) if vals else math.nan
+
+        med[(model, label)] = {
+            "reps": len(rs),
+            "ttft": m([r.get("ttft_s") for r in rs]),
+            "cpu": m([e.get("ttft_cpu_s") for e in ex]),
+            "vision": m([e.get("vision_s") for e in ex]),
+            "lm": m([e.get("lm_prefill_s") for e in ex]),
+            "score_ms": 1e3 * m([r.get("compress_s") for r in rs]),
+            "flops": m([(e.get("vision_flops") or 0) + (e.get("lm_flops") or 0) for e in ex]),
+            "kv": m([r.get("kv_bytes") for r in rs]),
+            "rss": m([r.get("prefill_peak_rss") for r in rs]),
+            "lm_in": m([e.get("visual_tokens") for e in ex]),
+            "kept": m([e.get("kept_tokens") for e in ex]),
+            "image": m([e.get("image_tokens") for e in ex]),
+        }
+    header = ["model", "configuration", "reps", "visual tokens (LM in → kept)", "TTFT s", "TTFT ×", "CPU ×",
+              "FLOPs ×", "vision s", "LM prefill s", "scoring ms", "KV MB", "KV ×", "peak RSS MB"]  # fmt: skip
+    if acc:
+        header.append(f"accuracy ({sources[0][0]}, {sources[0][1]})")
+
+    def ratio(a: float, b: float) -> str:
+        return fmt(a / b) if b and not (math.isnan(a) or math.isnan(b)) else "—"
+
+    body = []
+    for model in sorted({k[0] for k in med}):
+        rows_m = [r for r in bench_rows if r["model"] == model]
+        full = med.get((model, FULL))
+        for label in ordered_labels(rows_m):
+            x = med[(model, label)]
+            row = [model, label, str(int(x["reps"])), f"{x['lm_in']:.0f} → {x['kept']:.0f} of {x['image']:.0f}",
+                   fmt(x["ttft"], 3), ratio(full["ttft"], x["ttft"]) if full else "—",
+                   ratio(full["cpu"], x["cpu"]) if full else "—", ratio(full["flops"], x["flops"]) if full else "—",
+                   fmt(x["vision"], 3), fmt(x["lm"], 3), fmt(x["score_ms"], 1), fmt(x["kv"] / MB, 2),
+                   ratio(x["kv"], full["kv"]) if full else "—", fmt(x["rss"] / MB, 0)]  # fmt: skip
+            if acc:
+                row.append(_wilson_text(acc.get((label,), [])))
+            body.append(row)
+    return Block("table", header=header, body=body)
+
+
+def vlm_sections(eval_rows: list[Row], bench_rows: list[Row], out: Path, overlays: Path | None = None) -> list[Block]:
+    """The visual-token methods of a VLM: per (model, split) of ``tokensieve train vlm-eval --store`` rows, accuracy
+    against the visual tokens kept (plot), a table per spec and the paired sign test against random; the kept-patch
+    figure (``overlays``, copied into ``out``); the prefill speed of ``tokensieve bench --vlm --store`` rows."""
+    if not eval_rows and not bench_rows:
+        return []
+    blocks = [Block("h2", "Visual-token pruning (VLM)")]
+    groups = group(eval_rows, lambda r: (r["model"], _split(r)))
+    for (model, split), rows in sorted(groups.items()):
+        n_scenes = len({r.get("seed") for r in rows})
+        scenes = f"{n_scenes} held-out procedural scene" + ("" if n_scenes == 1 else "s")
+        n_q = len({_item(r) for r in rows})
+        blocks.append(Block("h3", f"Accuracy of {model} on {split} scenes"))
+        blocks.append(Block(
+            "p",
+            f"{len(rows)} answers: {n_q} questions of {scenes} under "
+            f"{len({r['label'] for r in rows})} configurations (`tokensieve train vlm-eval --store`). An answer is "
+            "right when the greedy answer is exactly the gold answer and then `<|im_end|>` (query-aware: the question "
+            "is in the prompt the methods see). *visual kept* is the visual tokens that reach the language model's "
+            "last layer over the image's visual tokens; *KV kept* the KV entries the prefill stored over the unpruned "
+            "prompt's. Accuracies with 95 % Wilson intervals; in the plot, methods at one budget are drawn up to "
+            "±0.015 apart so that their intervals stay apart.",
+        ))  # fmt: skip
+        path = out / f"vlm_accuracy_{slug(model)}_{slug(split)}.png"
+        if plots.vlm_accuracy(rows, path, f"{model}: accuracy vs visual tokens kept ({split} scenes)", QUESTION_TYPES):
+            blocks.append(Block("image", "accuracy vs visual tokens kept", path=path))
+        blocks.append(vlm_spec_table(rows))
+        sign = vlm_sign_table(rows)
+        if sign is not None:
+            blocks += [
+                Block("h3", f"Against random selection ({model}, {split})"),
+                Block(
+                    "p",
+                    f"Each method against `{RANDOM}` at the same budget, on the questions both answered: *only this "
+                    "right* and *only random right* are the discordant pairs; *p* is the exact two-sided sign test on "
+                    "them (binomial, p = 1/2). With few discordant pairs no difference can reach significance.",
+                ),
+                sign,
+            ]
+    if overlays is not None and overlays.is_file():
+        dst = out / "vlm_kept_patches.png"
+        if overlays.resolve() != dst.resolve():
+            shutil.copyfile(overlays, dst)
+        blocks += [
+            Block("h3", "Which patches each method keeps"),
+            Block(
+                "p",
+                "Held-out scenes (rows) with their first question in the prompt, one column per configuration "
+                "(`tokensieve train vlm-eval --overlays`): darkest — removed before the language model; half-dimmed — "
+                "removed inside it; clear — kept to the last layer.",
+            ),
+            Block("image", "kept patches", path=dst),
+        ]
+    if bench_rows:
+        blocks += [
+            Block("h3", "Prefill speed (tokensieve bench --vlm)"),
+            Block(
+                "p",
+                "Medians over repetitions of one prompt with one image; ratios against the unpruned model (`full`) "
+                "of the same benchmark model: *TTFT ×* wall time, *CPU ×* process CPU time (steadier on a shared "
+                "machine), *FLOPs ×* analytic FLOPs of the vision side and the language model's prefill, *KV ×* "
+                "stored KV bytes. *scoring ms* is the methods' own score → select → apply. The benchmark's vision "
+                "weights are random (speed does not depend on them); *accuracy*, where shown, is the evaluated "
+                "model's (named in the header) under the same label.",
+            ),
+            vlm_speed_table(bench_rows, eval_rows),
+        ]
+    return blocks
+
+
+def vlm_json(eval_rows: list[Row]) -> list[dict[str, Any]]:
+    """Machine-readable VLM aggregates per (model, split, configuration, question type or ``all``), and each
+    method's sign test against random."""
+    out: list[dict[str, Any]] = []
+    for (model, split), rows in sorted(group(eval_rows, lambda r: (r["model"], _split(r))).items()):
+        for (label,), rs in group(rows, lambda r: (r["label"],)).items():
+            for qtype in ["all", *sorted({_qtype(r) for r in rs})]:
+                sub = rs if qtype == "all" else [r for r in rs if _qtype(r) == qtype]
+                xs = values(sub, "score")
+                lo, hi = wilson(sum(xs), len(xs))
+                vk = [x for x in (visual_kept(r) for r in sub) if not math.isnan(x)]
+                out.append({"model": model, "split": split, "label": label, "method": rs[0]["method"],
+                            "budget": rs[0]["budget"], "questions": qtype, "n": len(xs), "right": int(sum(xs)),
+                            "accuracy": mean(xs) if xs else None, "lo": lo, "hi": hi,
+                            "visual_kept": mean(vk) if vk else None})  # fmt: skip
+        for label, base, p in vlm_sign_tests(rows):
+            out.append({"model": model, "split": split, "label": label, "vs": base, "pairs": p.n, "both": p.both,
+                        "only_this": p.only_a, "only_random": p.only_b, "sign_test_p": p.p})  # fmt: skip
+    return out
+
+
 __all__ = [
     "SPEED_COLUMNS",
     "accuracy_sections",
@@ -275,4 +516,10 @@ __all__ = [
     "speed_cells",
     "speed_sections",
     "speed_table",
+    "vlm_json",
+    "vlm_sections",
+    "vlm_sign_table",
+    "vlm_sign_tests",
+    "vlm_spec_table",
+    "vlm_speed_table",
 ]

@@ -1,8 +1,10 @@
 """Statistics over stored rows: means with standard errors for accuracy rows, medians and ratios against the full
-cache for speed rows. Pure Python over row dicts; no plotting, no rendering."""
+cache for speed rows, paired comparisons (exact sign test) and the visual-token rows' kept fractions. Pure Python over
+row dicts; no plotting, no rendering."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -266,3 +268,85 @@ def ordered_labels(rows: Iterable[Row]) -> list[str]:
     for r in rows:
         first.setdefault(r["label"], r)
     return sorted(first, key=lambda lab: (lab != FULL, first[lab]["method"], budget_order(first[lab]["budget"]), lab))
+
+
+# ------------------------------------------------------------------------------------------- paired comparisons
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test of ``wins`` against ``losses`` — the discordant pairs of a paired comparison (one
+    side right where the other is wrong; ties and agreements left out): ``min(1, 2 · P(X ≤ min(wins, losses)))`` for
+    ``X ~ Binomial(wins + losses, 1/2)``; 1.0 without a discordant pair."""
+    if wins < 0 or losses < 0:
+        raise ValueError("wins and losses are counts (>= 0)")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2.0 * tail / 2**n)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two configurations' 0/1 scores on the items both answered (:func:`paired`)."""
+
+    n: int  # items both answered
+    both: int  # right under both
+    only_a: int  # right under a only
+    only_b: int  # right under b only
+    score_a: float  # mean score of a over the n items
+    score_b: float
+    p: float  # exact two-sided sign test on the discordant pairs (only_a vs only_b)
+
+
+def paired(a: Iterable[Row], b: Iterable[Row], item: Callable[[Row], GroupKey]) -> Paired:
+    """Pair the rows of two configurations by ``item`` (the question a row answers) and compare their 0/1 scores on
+    the items both answered (an item answered twice by one side counts once: its first row)."""
+    first_a: dict[GroupKey, float] = {}
+    first_b: dict[GroupKey, float] = {}
+    for rows, into in ((a, first_a), (b, first_b)):
+        for r in rows:
+            if r.get("score") is not None:
+                into.setdefault(item(r), float(r["score"]))
+    common = [k for k in first_a if k in first_b]
+    xa = [first_a[k] >= 0.5 for k in common]
+    xb = [first_b[k] >= 0.5 for k in common]
+    only_a = sum(x and not y for x, y in zip(xa, xb))
+    only_b = sum(y and not x for x, y in zip(xa, xb))
+    n = len(common)
+    return Paired(
+        n=n,
+        both=sum(x and y for x, y in zip(xa, xb)),
+        only_a=only_a,
+        only_b=only_b,
+        score_a=sum(xa) / n if n else math.nan,
+        score_b=sum(xb) / n if n else math.nan,
+        p=sign_test(only_a, only_b),
+    )
+
+
+# --------------------------------------------------------------------------------------------- visual-token rows
+def extra(row: Row) -> dict[str, Any]:
+    """A row's ``extra`` JSON (measurements without a column of their own) as a dict; {} when absent."""
+    value = row.get("extra")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def visual_kept(row: Row) -> float:
+    """Visual tokens reaching the language model's last layer relative to the image's visual tokens: an eval row's
+    ``context_tokens`` / ``extra.image_tokens``, a bench row's ``extra.kept_tokens`` / ``extra.image_tokens``."""
+    e = extra(row)
+    image = e.get("image_tokens") or 0
+    kept_tokens = e.get("kept_tokens", row.get("context_tokens"))
+    return float(kept_tokens) / float(image) if image and kept_tokens is not None else math.nan
+
+
+def kv_kept(row: Row) -> float:
+    """Stored KV entries relative to the unpruned prompt's (:func:`kept`), else bytes relative to bytes."""
+    k = kept(row) if row.get("stored_entries") is not None else math.nan
+    if math.isnan(k) and row.get("full_kv_bytes"):
+        return float(row["kv_bytes"]) / float(row["full_kv_bytes"])
+    return k

@@ -13,8 +13,17 @@ One schema, one key rule, one label:
   same configuration carry the same ``label`` and ``chunk`` and join; rows that differ only by ``chunk`` are
   different configurations (:func:`tokensieve.results.stats.chunk_labelled` gives them distinct labels for reports).
 
-Columns added after schema 2 was first released (:data:`ADDED`: ``chunk``; in ``bench``, ``prefill_attn_s`` and
-``compile_s``, the prefill's attention and FlexAttention compile seconds) are added to an older store
+Visual-token pruning (``tokensieve train vlm-eval --store``, ``tokensieve bench --vlm --store``) writes to the same
+tables under the same rule: ``label`` is the visual plan's canonical label
+(:func:`tokensieve.adapters.vision.visual_label`: ``todre:0.11``, ``vis:random:0.11``, ``full`` for no pruning),
+``spec`` is ``{"kind": "visual", "plan": [...]}`` (:func:`visual_columns`, :func:`is_visual`) and the key is
+:func:`visual_key` — the same SHA-256 rule as :meth:`~tokensieve.spec.Spec.key`. docs/VLM.md says what each column of
+those rows holds.
+
+Columns added after schema 2 was first released (:data:`ADDED`: ``chunk``; ``extra``, a JSON object of a row's
+measurements that have no column of their own, e.g. a VLM prefill's vision-tower seconds and FLOPs; in ``bench``,
+``prefill_attn_s`` and ``compile_s``, the prefill's attention and FlexAttention compile seconds) are added to an older
+store
 when it is opened for writing (``ALTER TABLE … ADD COLUMN``: its rows read NULL, i.e. one pass), and read as None
 from an older store opened read-only; the schema version stays 2, so older tokensieve versions keep reading and
 writing a migrated store.
@@ -33,6 +42,7 @@ whose lease has run out (:data:`CLAIM_LEASE`, another host) is taken over.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -45,7 +55,7 @@ from typing import Any
 
 from ..core.budget import Budget
 from ..errors import ConfigError
-from ..spec import Spec
+from ..spec import Spec, budget_dict, method_dict
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another's transaction before giving up
@@ -69,7 +79,7 @@ COMMON: tuple[tuple[str, str], ...] = (
 )
 
 # Columns added to schema 2 after its release: added on opening an older store for writing, None when reading one.
-ADDED: frozenset[str] = frozenset({"chunk", "prefill_attn_s", "compile_s"})
+ADDED: frozenset[str] = frozenset({"chunk", "prefill_attn_s", "compile_s", "extra"})
 
 EVAL: tuple[tuple[str, str], ...] = (
     *COMMON,
@@ -101,6 +111,7 @@ EVAL: tuple[tuple[str, str], ...] = (
     ("stored_entries", "INTEGER"),
     ("full_kv_bytes", "INTEGER"),
     ("full_entries", "INTEGER"),
+    ("extra", "TEXT"),  # JSON: measurements without a column of their own (added after schema 2)
 )
 
 BENCH: tuple[tuple[str, str], ...] = (
@@ -127,6 +138,7 @@ BENCH: tuple[tuple[str, str], ...] = (
     ("decode_peak_rss", "INTEGER"),  # highest while decoding
     ("prefill_attn_s", "REAL"),  # wall time inside the prefill's attention calls, all layers (added after schema 2)
     ("compile_s", "REAL"),  # FlexAttention compile seconds inside the timed prefill (added after schema 2)
+    ("extra", "TEXT"),  # JSON: measurements without a column of their own (added after schema 2)
 )
 
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {"eval": EVAL, "bench": BENCH}
@@ -447,3 +459,64 @@ def spec_columns(spec: Spec) -> dict[str, Any]:
         "budget_kind": primary.kind,
         "budget_value": float(primary.value),
     }
+
+
+# ---------------------------------------------------------------------------------------------- visual plans
+VISUAL = "visual"  # the ``kind`` of a visual plan's ``spec`` JSON
+
+
+def visual_spec_dict(spec: str | None) -> dict[str, Any]:
+    """Every resolved parameter of a visual plan (defaults and companions included) and its budgets, JSON-ready:
+    ``{"kind": "visual", "plan": [{"stage", "method": {"name", "params"}, "budget"}, ...]}``; ``full``: an empty
+    plan."""
+    from ..adapters.vision import visual_plan
+
+    plan = visual_plan(spec)
+    return {
+        "kind": VISUAL,
+        "plan": [
+            {"stage": s.stage.value, "method": method_dict(s.method), "budget": budget_dict(s.budget)}  # type: ignore[arg-type]
+            for s in plan.specs
+        ],
+    }
+
+
+def visual_key(spec: str | None, **workload: Any) -> str:
+    """The key of a measurement of a visual plan on a workload (model, scene and question, or benchmark prompt and
+    repetition …): the SHA-256 rule of :meth:`tokensieve.spec.Spec.key` over :func:`visual_spec_dict` and the
+    workload."""
+    if "spec" in workload:
+        raise ValueError("'spec' is reserved in a key's workload")
+    blob = json.dumps({"spec": visual_spec_dict(spec), **workload}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def visual_columns(spec: str | None) -> dict[str, Any]:
+    """:func:`spec_columns` of a visual plan (``"todre:0.11"``, ``"pool:64/fastv:0.5"``, ``"full"``): the canonical
+    label, the method (the label without budgets), the resolved plan as JSON, and the budget — every named stage's
+    budget (``11%``, ``64 tok``; ``100%`` for no pruning), the first one's kind and value."""
+    from ..adapters.vision import named_specs, visual_label
+
+    named = named_specs(spec)
+    primary = named[0].budget if named else Budget.ratio(1.0)
+    return {
+        "label": visual_label(spec),
+        "method": visual_label(spec, budgets=False),
+        "spec": visual_spec_dict(spec),
+        "budget": " + ".join(str(s.budget) for s in named) or "100%",
+        "budget_kind": primary.kind,
+        "budget_value": float(primary.value),
+    }
+
+
+def is_visual(row: Mapping[str, Any]) -> bool:
+    """Whether a stored row measures a visual plan (its ``spec`` JSON has ``"kind": "visual"``)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        if VISUAL not in spec:
+            return False
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    return isinstance(spec, dict) and spec.get("kind") == VISUAL

@@ -85,11 +85,15 @@ def cmd_vlm_eval(args: argparse.Namespace) -> int:
 
     from ..adapters.vlm import load_vlm
     from .evaluate import evaluate, markdown_table
+    from .vlm_store import open_store, store_eval, store_overlays
 
     torch.set_num_threads(args.threads)
     fractions = tuple(float(x) for x in args.keep.split(",") if x.strip())
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"--keep takes fractions in (0, 1], got {args.keep!r}")
+    if getattr(args, "store", None) and not args.methods:
+        raise ConfigError("--store records the visual-token method comparison: give --methods (and --budgets).")
+    store = open_store(args)  # a store that cannot be written fails before the model loads
     model, processor = load_vlm(args.model)
     if args.methods:
         from .evaluate import evaluate_specs, spec_table, visual_specs
@@ -100,10 +104,15 @@ def cmd_vlm_eval(args: argparse.Namespace) -> int:
 
             path = overlay_figure(model, processor, specs, Path(args.overlays), n_scenes=args.scenes)
             print(f"overlays: {path}")
+            if store is not None:
+                store_overlays(store, args, model, specs, path)
             return 0
-        by_spec = evaluate_specs(
-            model, processor, specs, n_scenes=args.scenes, split=args.split, progress=not args.no_progress
-        )
+        if store is not None:
+            by_spec = store_eval(store, args, model, processor, specs)
+        else:
+            by_spec = evaluate_specs(
+                model, processor, specs, n_scenes=args.scenes, split=args.split, progress=not args.no_progress
+            )
         print(spec_table(by_spec))
         if args.json:
             payload = {
@@ -172,6 +181,13 @@ def add_commands(sub: Any) -> None:
         "--swap-images",
         action="store_true",
         help="also the image-swap control: each scene's questions asked with another test scene's image",
+    )
+    e.add_argument(
+        "--store",
+        default=None,
+        metavar="FILE",
+        help="with --methods: write one row per (spec, scene, question) to this SQLite results store (resumable; "
+        "`tokensieve report FILE` renders it); with --overlays: record the figure there for the report",
     )
     e.add_argument("--threads", type=int, default=2)
     e.add_argument(

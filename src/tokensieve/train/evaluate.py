@@ -261,6 +261,109 @@ def visual_specs(methods: str, budgets: str) -> list[str]:
     return out
 
 
+@dataclass
+class Answered:
+    """One question of a scene answered under one visual spec (:func:`answer_questions`).
+
+    Token counts are per prompt, as if it were prefilled alone: ``prompt_tokens`` at the language model's input
+    before any pruning; ``image_tokens`` the image's visual tokens there; ``visual_tokens`` the visual tokens at each
+    stage that ran (``vision``, ``projector``: after that stage; ``llm_input``: at the first decoder layer;
+    ``llm:K``: after the pruning at decoder layer K; ``llm``: after the last one); ``kv_bytes`` / ``stored_entries``
+    what the prefill left in the cache (keys and values of every layer; entries = tokens × KV heads, summed over
+    layers) and ``full_kv_bytes`` / ``full_entries`` the same without pruning."""
+
+    question: Question
+    right: bool
+    output: str  # the greedy answer's text, up to <|im_end|>
+    tokens: int  # greedy tokens generated up to and with <|im_end|> (or the limit)
+    prompt_tokens: int
+    image_tokens: int
+    visual_tokens: dict[str, int]
+    kv_bytes: int
+    stored_entries: int
+    full_kv_bytes: int
+    full_entries: int
+
+    @property
+    def kept_tokens(self) -> int:
+        """Visual tokens that reach the language model's last decoder layer."""
+        return self.visual_tokens.get("llm", self.visual_tokens.get("llm_input", self.image_tokens))
+
+
+def scene_batch(encoder: Encoder, processor: Any, scene: Scene, qs: list[Question]) -> dict[str, torch.Tensor]:
+    """The prompts of ``qs`` about ``scene`` (system prompt, image, question) as one left-padded batch."""
+    rows = [encoder.prefix() + encoder.question(q.text, first=True) for q in qs]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :] = torch.tensor(r)
+        mask[i, T - len(r) :] = 1
+    pv = pixel_values(processor, [scene.render()] * len(rows))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+
+
+@torch.no_grad()
+def answer_questions(
+    adapter: Any, encoder: Encoder, inputs: dict[str, torch.Tensor], qs: list[Question], spec: str, seed: int,
+    image_token_id: int,
+) -> list[Answered]:  # fmt: skip
+    """Answer the questions of one :func:`scene_batch` under a visual spec (``"full"``: no pruning): prefill with
+    the spec's methods (random ones draw from ``seed``), greedy decoding; right when the answer's tokens and then
+    ``<|im_end|>`` come out exactly."""
+    end = encoder.im_end[0]
+    answers = [[*encoder.cached(q.answer), end] for q in qs]
+    state = adapter.prefill(inputs, None if spec == "full" else spec, seeds=[seed] * len(qs))
+    kv = _kv_per_sample(state, inputs["attention_mask"])
+    out = adapter.generate(state, max(len(a) for a in answers), eos_token_id=end)
+    valid = inputs["attention_mask"].bool()
+    done = []
+    for i, (q, a) in enumerate(zip(qs, answers)):
+        got = out[i].tolist()
+        n = got.index(end) + 1 if end in got else len(got)
+        n_image = int((inputs["input_ids"][i][valid[i]] == image_token_id).sum())
+        done.append(
+            Answered(
+                question=q,
+                right=got[: len(a)] == a,
+                output=encoder.tok.decode(got[: n - 1] if end in got else got, skip_special_tokens=True),
+                tokens=n,
+                prompt_tokens=int(valid[i].sum()),
+                image_tokens=n_image,
+                visual_tokens={k: int(v[i]) for k, v in state.visual_tokens.items()},
+                **kv[i],
+            )
+        )
+    return done
+
+
+def _kv_per_sample(state: Any, mask: torch.Tensor) -> list[dict[str, int]]:
+    """Per sample of a prefilled batch: the bytes and entries of keys and values its prompt left in each layer's cache
+    (without the batch's left padding: what a prefill of that prompt alone stores), and the same unpruned."""
+    cache = state.cache
+    per_layer = []  # (bytes per token, KV heads) of each layer
+    for k, v in zip(cache.keys, cache.values):
+        assert k is not None
+        assert v is not None
+        per_layer.append(((k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()),
+                          int(k.shape[1])))  # fmt: skip
+    out = []
+    for b in range(int(mask.shape[0])):
+        n_full = int(mask[b].sum())
+        row = {"kv_bytes": 0, "stored_entries": 0, "full_kv_bytes": 0, "full_entries": 0}
+        for seg in state.segments:
+            n = int(seg.valid[b].sum())
+            for layer in range(seg.start, seg.end):
+                nbytes, heads = per_layer[layer]
+                row["kv_bytes"] += n * nbytes
+                row["stored_entries"] += n * heads
+        for nbytes, heads in per_layer:
+            row["full_kv_bytes"] += n_full * nbytes
+            row["full_entries"] += n_full * heads
+        out.append(row)
+    return out
+
+
 @torch.no_grad()
 def evaluate_specs(
     model: Any,
@@ -275,7 +378,8 @@ def evaluate_specs(
     type per scene, through the visual-token pruning adapters (:mod:`tokensieve.adapters.vision`: every stage, the
     question in the prompt, so query-aware methods see it). The five questions of a scene are one left-padded batch
     (batched = one at a time is tested for every method). An answer is right when greedy decoding gives exactly its
-    tokens and then ``<|im_end|>``; the random methods draw from the scene's seed."""
+    tokens and then ``<|im_end|>``; the random methods draw from the scene's seed. (:mod:`.vlm_store` writes the
+    same measurements, one row per question, to a results store.)"""
     from tqdm import tqdm
 
     from ..adapters.vision import vision_adapter
@@ -285,27 +389,13 @@ def evaluate_specs(
     encoder = Encoder(processor.tokenizer, spec.num_visual_tokens)
     adapter = vision_adapter(model)
     results = {s: Accuracy() for s in specs}
-    todo = scenes(split, n_scenes)
-    end = encoder.im_end[0]
     bar = tqdm(total=n_scenes * len(specs), desc=f"vlm eval {split}", disable=not progress, dynamic_ncols=True)
-    for scene in todo:
+    for scene in scenes(split, n_scenes):
         qs = questions(scene)
-        rows = [encoder.prefix() + encoder.question(q.text, first=True) for q in qs]
-        T = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, T - len(r) :] = torch.tensor(r)
-            mask[i, T - len(r) :] = 1
-        pv = pixel_values(processor, [scene.render()] * len(rows))
-        inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
-        answers = [[*encoder.cached(q.answer), end] for q in qs]
-        longest = max(len(a) for a in answers)
+        inputs = scene_batch(encoder, processor, scene, qs)
         for s in specs:
-            state = adapter.prefill(inputs, None if s == "full" else s, seeds=[scene.seed] * len(rows))
-            out = adapter.generate(state, longest, eos_token_id=end)
-            for i, (q, a) in enumerate(zip(qs, answers)):
-                results[s].add(q.type, out[i, : len(a)].tolist() == a)
+            for a in answer_questions(adapter, encoder, inputs, qs, s, scene.seed, model.config.image_token_id):
+                results[s].add(a.question.type, a.right)
             bar.update(1)
     bar.close()
     return results
