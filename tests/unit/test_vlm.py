@@ -321,11 +321,12 @@ def test_balanced_scenes_answer_their_counting_question():
 def _tiny_train_config(out, **kw):
     from tokensieve.train.vlm import TrainConfig
 
-    base = dict(
-        out=str(out), hidden_size=32, num_layers=2, num_heads=2, text_layers=1, lora_rank=2, lora_alpha=2.0,
-        lora_targets="self_attn.q_proj", vision_steps=2, vision_batch=2, steps=2, batch=1, turns=2, warmup=1,
-        checkpoint_every=1, log_every=1, threads=1, eval_every=2, eval_scenes=1,
-    )  # fmt: skip
+    base = {
+        "out": str(out), "hidden_size": 32, "num_layers": 2, "num_heads": 2, "text_layers": 1, "lora_rank": 2,
+        "lora_alpha": 2.0, "lora_targets": "self_attn.q_proj", "vision_steps": 2, "vision_batch": 2, "steps": 2,
+        "batch": 1, "turns": 2, "warmup": 1, "checkpoint_every": 1, "log_every": 1, "threads": 1, "eval_every": 2,
+        "eval_scenes": 1,
+    }  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
