@@ -354,3 +354,18 @@ def test_training_resumes_at_the_language_stage_with_new_settings(text_dir, tmp_
     assert any("eval_overall" in line for line in log)  # the periodic validation accuracy
     with pytest.raises(SystemExit, match="other settings"):
         Trainer(_tiny_train_config(tmp_path / "b", lr_lora=1e-2), progress=False).run()
+
+
+def test_wsd_schedule_and_when_a_run_may_grow():
+    from tokensieve.train.vlm import TrainConfig, _lr_factor, decay_start, steps_may_change
+
+    assert [round(_lr_factor(s, 100, 10, "wsd", 0.2), 3) for s in (0, 9, 10, 79)] == [0.1, 1.0, 1.0, 1.0]
+    assert decay_start(100, 10, 0.2) == 80
+    assert _lr_factor(80, 100, 10, "wsd", 0.2) == 1.0
+    assert 0.1 < _lr_factor(90, 100, 10, "wsd", 0.2) < 1.0
+    assert abs(_lr_factor(100, 100, 10, "wsd", 0.2) - 0.1) < 1e-9
+    wsd = TrainConfig(schedule="wsd", steps=1000, decay=0.2, warmup=50)
+    assert steps_may_change(wsd, TrainConfig(schedule="wsd", steps=3000, decay=0.2, warmup=50), 799)
+    assert not steps_may_change(wsd, TrainConfig(schedule="wsd", steps=3000, decay=0.2, warmup=50), 800)  # decaying
+    assert not steps_may_change(wsd, TrainConfig(schedule="wsd", steps=500, decay=0.2, warmup=50), 450)
+    assert not steps_may_change(TrainConfig(steps=1000), TrainConfig(steps=3000), 10)  # cosine: every rate moves

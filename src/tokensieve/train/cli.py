@@ -40,6 +40,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "curriculum": "stage 2: scenes grow from 1 to 7 objects over the first N steps (needs --balanced)",
         "eval_every": "stage 2: every N steps, greedy accuracy on --eval-scenes validation scenes into train.log",
         "eval_scenes": "validation scenes of the periodic evaluation (one question of each type each)",
+        "schedule": "stage 2's learning rate after the warm-up: cosine (to 0.1× over all steps) or wsd (constant, "
+        "then cosine over the last --decay fraction; --steps may change on resume until the decay begins)",
+        "decay": "with --schedule wsd: the fraction of the steps over which the rate decays",
     }
     for f in fields(TrainConfig):
         if f.name == "extra":
@@ -61,6 +64,10 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**values)
     if cfg.steps < 0 or cfg.vision_steps < 0 or cfg.batch < 1 or cfg.turns < 1:
         raise ConfigError("steps and vision-steps must be ≥ 0, batch and turns ≥ 1")
+    if cfg.schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"--schedule is cosine or wsd, not {cfg.schedule!r}")
+    if not 0 < cfg.decay <= 1:
+        raise ConfigError(f"--decay is a fraction of the steps in (0, 1], got {cfg.decay}")
     if cfg.curriculum > 0 and not cfg.balanced:
         raise ConfigError("--curriculum draws scenes of 1..7 objects, which only --balanced scenes have")
     if cfg.eval_every < 0 or cfg.eval_scenes < 1:

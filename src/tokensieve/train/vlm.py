@@ -50,7 +50,7 @@ ALL_TARGETS = (
 LANGUAGE_FIELDS = (
     "steps", "batch", "turns", "lr_vision", "lr_projector", "lr_lora", "aux_weight", "lora_rank", "lora_alpha",
     "lora_targets", "autocast_bf16", "text_layers", "packed", "balanced", "caption", "curriculum", "eval_every",
-    "eval_scenes",
+    "eval_scenes", "schedule", "decay",
 )  # fmt: skip
 STAGE_B_OFFSET = 100_000_000  # train-split scene indices of the language stage start here (stage A starts at 0)
 
@@ -89,6 +89,11 @@ class TrainConfig:
     lora_targets: str = ALL_TARGETS
     autocast_bf16: bool = False
     warmup: int = 50
+    # the language stage's learning-rate schedule after the warm-up: "cosine" to 0.1 over every step, or "wsd"
+    # (warm-up, stable, decay): constant until the last `decay` fraction of the steps, then cosine to 0.1 — a run
+    # can then be lengthened (--steps) as long as its decay has not begun
+    schedule: str = "cosine"
+    decay: float = 0.2
     # stage 2's data (see language_step)
     packed: bool = True  # every question a branch of one image pass (as asked at evaluation), else one conversation
     balanced: bool = True  # scenes drawn around a counting question whose answer the words do not tell
@@ -295,11 +300,31 @@ def _load_optimizer(path: Path, opt: torch.optim.Optimizer, state: dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------- training
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def _lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", decay: float = 0.2) -> float:
     if step < warmup:
         return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    if schedule == "wsd":
+        start = decay_start(total, warmup, decay)
+        if step < start:
+            return 1.0
+        t = (step - start) / max(1, total - start)
+    else:
+        t = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def steps_may_change(saved: TrainConfig, new: TrainConfig, step: int) -> bool:
+    """Whether a language stage stopped before ``step`` may resume with ``new.steps`` instead of ``saved.steps``:
+    both use the "wsd" schedule and neither length's decay has begun, so every step so far had the same rate."""
+    if not saved.schedule == new.schedule == "wsd" or (saved.decay, saved.warmup) != (new.decay, new.warmup):
+        return False
+    stable = min(decay_start(saved.steps, saved.warmup, saved.decay), decay_start(new.steps, new.warmup, new.decay))
+    return step < stable
+
+
+def decay_start(total: int, warmup: int, decay: float) -> int:
+    """The first step of a "wsd" schedule's decay: the last ``decay`` fraction of the steps (never in the warm-up)."""
+    return max(warmup, total - round(decay * total))
 
 
 class Trainer:
@@ -405,6 +430,8 @@ class Trainer:
             fresh_language = state["stage"] == "vision" or int(state["step"]) == 0
             if fresh_language:  # the language stage has not begun: its settings can still be chosen
                 free.update(dict.fromkeys(LANGUAGE_FIELDS, 0))
+            elif steps_may_change(saved, c, int(state["step"])):
+                free["steps"] = 0  # a stable phase, in both the old and the new length: the run may grow or shrink
             if asdict(saved) | free != asdict(c) | free:
                 raise SystemExit(
                     f"{ckpt} was written by a run with other settings; use another --out or the same settings.\n"
@@ -440,7 +467,10 @@ class Trainer:
                     stopped = True
                     break
                 for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * _lr_factor(s, total, c.warmup)
+                    if st == "language":
+                        g["lr"] = lr * _lr_factor(s, total, c.warmup, c.schedule, c.decay)
+                    else:
+                        g["lr"] = lr * _lr_factor(s, total, c.warmup)
                 metrics = self.vision_step(s, opt) if st == "vision" else self.language_step(s, opt)
                 now = time.perf_counter()
                 self.elapsed += now - t_last
