@@ -152,6 +152,7 @@ def resolve_spec(
                 f"Two decode methods: '{spec.label}' already names '{spec.decode.name}'; drop decode={decode!r}."
             )
         spec = replace(spec, decode=_decode_method(decode, decode_params or {}), decode_budget=None)
+    fallback: Budget | None = None  # the decode method's budget when neither the spec nor decode_budget gives one
     if budget is not None:
         b = Budget.parse(budget)
         own = spec.decode_budget if named_decode_only else spec.budget
@@ -161,6 +162,13 @@ def resolve_spec(
             spec = replace(spec, decode_budget=b)
         elif spec.method.compresses:
             spec = replace(spec, budget=b)
+        elif spec.decode is not None or decode is not None:
+            fallback = b  # `compress(model, "full", 0.3, decode="quest")`: the budget is the decode method's
+        elif not b.is_full:
+            raise ConfigError(
+                f"Method '{spec.method.name}' keeps every prompt token: it takes no budget (drop budget={budget!r}, "
+                "or name a method that compresses)."
+            )
     if decode_budget is not None:
         if spec.decode is None:
             raise ConfigError("decode_budget given without a decode method.")
@@ -171,10 +179,15 @@ def resolve_spec(
     for m in (spec.method, spec.decode):
         if m is not None:
             check_fields(m)
-    if spec.method.compresses and spec.budget is None:
+    if spec.decode is not None and spec.decode_budget is None and (spec.budget or fallback) is not None:
+        spec = replace(spec, decode_budget=spec.budget or fallback)
+    # A method without a budget would silently keep everything: refused, saying what to write — unless a parameter
+    # decides what it keeps instead (spkv[tau=0.5]), when the whole-prompt budget stands in.
+    if spec.method.compresses and spec.budget is None and not spec.method.uses_budget:
         spec = replace(spec, budget=Budget.ratio(1.0))
-    if spec.decode is not None and spec.decode_budget is None:
-        spec = replace(spec, decode_budget=spec.budget if spec.budget is not None else Budget.ratio(1.0))
+    if spec.decode is not None and spec.decode_budget is None and not spec.decode.uses_budget:
+        spec = replace(spec, decode_budget=Budget.ratio(1.0))
+    spec.compressor_kwargs()
     return spec
 
 
@@ -261,7 +274,8 @@ class Compressor:
             :class:`~tokensieve.spec.Spec`, a registered method name or a :class:`Method` instance (``"full"`` = no
             compression). A method that acts only while decoding (``"quest"``) means a full prefill, then it.
         budget: a ratio in (0, 1], a token count, or a :class:`Budget` — for the method that has none in the spec
-            (default: the whole prompt).
+            (a compressing method needs one: without any, the Compressor is refused rather than silently keeping
+            the whole prompt).
         reserve: headroom per cache row for tokens that will follow the compressed context.
         profile: a per-model profile to use instead of the installed one (methods that need one).
         decode: a method that acts at every decode step — a bounded cache (``streaming_llm``, ``h2o``, ``tova``,
@@ -301,7 +315,7 @@ class Compressor:
         self.shape = model_shape(model)
         self.weights = layer_weights(model)  # references only: what scorers such as CriticalKV's read
         check_composition(self.method, self.decode_method, self.shape)
-        self.method.check(self.shape)
+        self.spec.check_model(self.shape)  # cannot run here, or would do nothing / less than asked: refused
         given = _profiles(profile)
         wanted = {k for m in (self.method, self.decode_method) if m is not None and (k := m.capabilities.profile)}
         for kind in given:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.method import Method
-from .core.params import coerce_param
+from .core.params import check_number, coerce_param
 from .core.registry import registered
 from .errors import ConfigError, UnknownNameError
 
@@ -76,7 +76,7 @@ def _coerce(value: Any, annotation: Any, field: str, method: str) -> Any:
     return coerce_param(value, annotation, field, method)
 
 
-def create_method(name: str | Method, **params: Any) -> Method:
+def create_method(name: str | Method, /, **params: Any) -> Method:
     """Instantiate a registered method with parameters (strings are converted to the field types)."""
     if isinstance(name, Method):
         if params:
@@ -99,10 +99,12 @@ def create_method(name: str | Method, **params: Any) -> Method:
 
 def check_fields(method: Method) -> None:
     """Every parameter of ``method`` (and of methods nested in it) has its field's type — an ``int`` field holds a
-    whole number, not ``3.7`` or ``True`` — else :class:`ConfigError` naming the parameter."""
+    whole number, not ``3.7`` or ``True`` — and is a finite number that fits a 64-bit integer, else
+    :class:`ConfigError` naming the parameter."""
     hints = typing.get_type_hints(type(method))
     for f in dataclasses.fields(method):
         value, annotation = getattr(method, f.name), hints.get(f.name)
+        check_number(value, f.name, method.name)
         if not _fits(value, annotation):
             raise ConfigError(
                 f"Method '{method.name}': {f.name}={value!r} is not a {getattr(annotation, '__name__', annotation)}."

@@ -35,11 +35,13 @@ from typing import Any
 
 from .core.budget import Budget
 from .core.capabilities import Phase
+from .core.context import ModelShape
 from .core.method import Method
-from .errors import ConfigError
-from .registry import create_method, get_method_class
+from .errors import CapabilityError, ConfigError
+from .registry import check_fields, create_method, get_method_class
 
 FULL = "full"
+MAX_NESTING = 8  # methods nested in methods (adakv[base=snapkv[...]] is 2 deep); deeper is refused, not recursed into
 GRAMMAR = "prefill[:budget][+decode[:budget]], e.g. snapkv[window=64]:0.25+quest[page=32]:0.125"
 
 
@@ -103,6 +105,7 @@ class Spec:
         object.__setattr__(self, "budget", _budget(self.budget))
         object.__setattr__(self, "decode_budget", _budget(self.decode_budget))
         _check_prefill(self.method)
+        check_fields(self.method)
         if self.budget is not None and not self.method.compresses:
             if not self.budget.is_full:
                 raise ConfigError(
@@ -115,8 +118,24 @@ class Spec:
                 raise ConfigError("A decode budget without a decode method: write prefill:budget+decode:budget.")
             return
         _check_decode(self.decode)
+        check_fields(self.decode)
         if self.decode_budget is None and self.budget is not None:
             object.__setattr__(self, "decode_budget", self.budget)
+        check_batch = getattr(self.decode, "check_batch", None)
+        if check_batch is not None and self.decode_budget is not None:
+            check_batch(self.decode_budget, [])  # what a budget alone can tell (a token budget below the sinks …)
+
+    def check_model(self, shape: ModelShape) -> None:
+        """Refuse, before any work, a spec that cannot run on a model of this shape or that would silently do nothing
+        or less than it asks there (:meth:`Method.check`, :meth:`Method.refusal` of each of its methods) — raises
+        :class:`CapabilityError` with the reason. The one rule every front door applies (the Compressor calls it)."""
+        for m in (self.method, self.decode):
+            if m is None:
+                continue
+            m.check(shape)
+            why = m.refusal(shape)
+            if why is not None:
+                raise CapabilityError(f"'{self.label}' on model '{shape.key}': {why}")
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -361,6 +380,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.depth = 0  # methods being read, nested in each other
 
     # -- helpers --------------------------------------------------------------------------------------------
     def error(self, expected: str, pos: int | None = None) -> ConfigError:
@@ -445,6 +465,19 @@ class _Parser:
         return self.located(at, Budget.parse, raw), at
 
     def call(self, expected: str) -> tuple[Method, int]:
+        if self.depth >= MAX_NESTING:
+            raise _with_position(
+                ConfigError(f"Methods are nested more than {MAX_NESTING} deep; no method needs that."),
+                self.text,
+                self.pos,
+            )
+        self.depth += 1
+        try:
+            return self._call(expected)
+        finally:
+            self.depth -= 1
+
+    def _call(self, expected: str) -> tuple[Method, int]:
         name, start = self.token(_NAME, expected)
         cls = self.located(start, get_method_class, name)
         hints = typing.get_type_hints(cls)

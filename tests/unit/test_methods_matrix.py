@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokensieve as ts
+from tokensieve.adapters.models import model_shape
 from tokensieve.cache.decode import BoundedCacheMethod
 from tokensieve.core.capabilities import Phase
 from tokensieve.core.method import PrefillMethod
@@ -212,7 +213,13 @@ def test_every_prefill_and_decode_pair_runs_or_is_refused_when_built(decode, tin
     ids, mask = left_pad(prompts(4, lengths=(48, 48, 48) if decode == "recompress" else (48, 30, 41)), 0)
     prefill_methods = [m for m in method_names() if Phase.PREFILL in get_method_class(m).capabilities.phases]
     ran = refused = 0
+    shape = model_shape(tiny_model)
     for prefill in prefill_methods:
+        if get_method_class(prefill)().refusal(shape) is not None:  # hip's 3 dense layers of the 3-layer model
+            with pytest.raises(ts.CapabilityError, match="no layer would be sparse"):
+                press_for(tiny_model, prefill, 0.5, tiny_profiles, decode=decode, decode_budget=16)
+            refused += 1
+            continue
         adaptive = get_method_class(prefill).capabilities.head_adaptive
         if adaptive and not get_method_class(decode).capabilities.head_adaptive:  # spkv decodes ragged rows
             with pytest.raises(ts.CapabilityError, match="head-adaptive"):

@@ -54,7 +54,7 @@ def prompts(seed=0, lengths=(48, 30, 41)):
 
 
 # ------------------------------------------------------------------------------------------------ parity with plain
-@pytest.mark.parametrize("spec", ["spkv", "spkv:1.0", "spkv[tau=0]"])
+@pytest.mark.parametrize("spec", ["spkv:1.0", "spkv[tau=0]"])
 @torch.inference_mode()
 def test_keeping_everything_equals_plain_transformers(spec, tiny_model, gate):
     ids = torch.tensor([prompts()[0]])
@@ -70,6 +70,12 @@ def test_keeping_everything_equals_plain_transformers(spec, tiny_model, gate):
     torch.testing.assert_close(ctx.logits, out.logits[:, -1], atol=1e-4, rtol=1e-4)
     assert press.decode(ctx, 5).tokens[0] == ref_tokens
     assert ctx.cache.stored_entries() == 3 * 2 * (48 + 4)  # nothing dropped, at prefill or while decoding
+
+
+def test_without_tau_a_budget_is_required(tiny_model, gate):
+    with pytest.raises(ts.ConfigError, match="gives no budget"):
+        ts.compress(tiny_model, "spkv", profile=gate)  # it would silently keep the whole prompt
+    assert ts.compress(tiny_model, "spkv[tau=0.5]", profile=gate).budget.is_full  # tau decides; no budget needed
 
 
 # ------------------------------------------------------------------------------------------------ batching

@@ -16,6 +16,14 @@ from typing import Literal
 from ..errors import ConfigError
 
 BudgetKind = Literal["ratio", "tokens"]
+MAX_TOKENS = 2**63 - 1  # token counts are computed with 64-bit integers
+
+
+def _whole(v: object) -> bool:
+    """A whole number (an int, or a float without a fraction); NaN, ±inf, booleans and text are not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or (math.isfinite(v) and v == int(v))
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,15 @@ class Budget:
                     "Use an integer for an absolute token count, e.g. --budget 256."
                 )
         else:
-            if int(self.value) != self.value or self.value < 1:
+            if not _whole(self.value) or self.value < 1:
                 raise ConfigError(f"A token budget must be a whole number >= 1; got {self.value}.")
+            if self.value > MAX_TOKENS:
+                raise ConfigError(f"A token budget of {int(self.value)} is too large (at most {MAX_TOKENS}).")
             object.__setattr__(self, "value", int(self.value))
         for name in ("sink", "recent"):
             v = getattr(self, name)
-            if v is not None and (int(v) != v or v < 0):
-                raise ConfigError(f"Budget {name} must be a whole number >= 0; got {v}.")
+            if v is not None and (not _whole(v) or not 0 <= v <= MAX_TOKENS):
+                raise ConfigError(f"Budget {name} must be a whole number in [0, {MAX_TOKENS}]; got {v}.")
 
     # ----------------------------------------------------------------------------------------------------- build
     @classmethod

@@ -104,6 +104,19 @@ class Method:
     def check(self, shape: ModelShape) -> None:
         """Validate against a model before any work starts (e.g. a needed profile exists)."""
 
+    def refusal(self, shape: ModelShape) -> str | None:
+        """Why these parameters would make the method silently do nothing, or less than it promises, on a model of
+        this shape (every layer left dense, a page longer than the model's context …), as a sentence that says what
+        to change; None when they would not. Methods nested in this one (a ``base``, an ``evict``) are asked too.
+
+        :meth:`tokensieve.spec.Spec.check_model` asks every method of a spec when a run is built, so every front door
+        (library, CLI, evaluation, benchmarks, server) refuses the same specs with the same reason."""
+        for f in dataclasses.fields(self):
+            inner = getattr(self, f.name)
+            if isinstance(inner, Method) and (why := inner.refusal(shape)) is not None:
+                return why
+        return None
+
     def protected(self) -> tuple[int, int]:
         """Default protected (sink, recent) token counts; a budget may override them."""
         return 0, 0
@@ -118,6 +131,22 @@ class Method:
     @property
     def compresses(self) -> bool:
         return self.capabilities.apply is not Apply.NONE
+
+    @property
+    def uses_budget(self) -> bool:
+        """Whether what this method keeps depends on its budget (a compressing method's does, unless a parameter
+        decides instead, e.g. SP-KV's threshold ``tau``). A run of such a method without a budget is refused."""
+        return self.compresses
+
+
+def dense_layers_refusal(method: str, dense_layers: int, shape: ModelShape) -> str | None:
+    """The :meth:`Method.refusal` of a method that leaves its first ``dense_layers`` layers dense: all of them."""
+    if dense_layers < shape.num_layers:
+        return None
+    return (
+        f"{method} keeps its first dense_layers={dense_layers} layers dense and the model has {shape.num_layers}, so "
+        f"no layer would be sparse; use dense_layers < {shape.num_layers}."
+    )
 
 
 @dataclass(frozen=True)
@@ -263,4 +292,4 @@ class WrapperMethod(PrefillMethod):
         return self.base.layer_counts(ctx)
 
 
-__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText", "WrapperMethod"]
+__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText", "WrapperMethod", "dense_layers_refusal"]

@@ -57,6 +57,14 @@ class ExpectedAttention(PrefillMethod):
                 f"'{shape.key}'; use a method that needs no positions (e.g. keydiff, knorm)."
             )
 
+    def refusal(self, shape: ModelShape) -> str | None:
+        if shape.max_positions and self.n_future > shape.max_positions:
+            return (
+                f"expected_attention averages the rotation of the next n_future={self.n_future} positions, more than "
+                f"the model's whole context ({shape.max_positions}); use n_future <= {shape.max_positions}."
+            )
+        return super().refusal(shape)
+
     def protected(self) -> tuple[int, int]:
         return self.sink, 0
 

@@ -12,7 +12,8 @@ from torch import Tensor
 from ..attention.sparse import attend_slots
 from ..cache.decode import DecodeLayer, DecodeMethod
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import LayerContext
+from ..core.context import LayerContext, ModelShape
+from ..core.method import dense_layers_refusal
 from ..core.profiles import FrequencyChunks
 from ..core.registry import register
 from ..errors import ConfigError
@@ -58,6 +59,9 @@ class FASA(DecodeMethod):
     def __post_init__(self) -> None:
         if not 0 < self.quantile < 1 or not 1 <= self.min_chunks <= self.max_chunks or self.dense_layers < 0:
             raise ConfigError("fasa: 0 < quantile < 1, 1 <= min_chunks <= max_chunks and dense_layers >= 0.")
+
+    def refusal(self, shape: ModelShape) -> str | None:
+        return dense_layers_refusal(self.name, self.dense_layers, shape) or super().refusal(shape)
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         return {"masks": {}}

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..core.context import ModelShape
+from ..core.method import dense_layers_refusal
 from ..core.registry import register
 from ..errors import ConfigError
 from ._sparse_prefill import BlockGrid, SparsePrefill
@@ -103,6 +105,9 @@ class HiP(SparsePrefill):
             raise ConfigError("hip: top_tokens >= 1 and 1 <= rep, stride <= block are required.")
         if self.sink < 0 or self.window < 1 or self.dense_layers < 0:
             raise ConfigError("hip: sink >= 0, window >= 1 and dense_layers >= 0 are required.")
+
+    def refusal(self, shape: ModelShape) -> str | None:
+        return dense_layers_refusal(self.name, self.dense_layers, shape) or super().refusal(shape)
 
     def blocks(self, grid: BlockGrid, profile: Any) -> Tensor | None:
         if grid.layer_idx < self.dense_layers:

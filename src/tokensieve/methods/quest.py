@@ -13,7 +13,8 @@ from ..attention.sparse import attend_pages, attend_slots, page_bounds, page_met
 from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV, RowPaddedKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import LayerContext
+from ..core.context import LayerContext, ModelShape
+from ..core.method import dense_layers_refusal
 from ..core.registry import register
 from ..errors import ConfigError
 
@@ -56,6 +57,18 @@ class Quest(DecodeMethod):
     def __post_init__(self) -> None:
         if self.page < 1 or self.min_pages < 1 or self.dense_layers < 0:
             raise ConfigError("quest: page and min_pages must be >= 1, dense_layers >= 0.")
+
+    def refusal(self, shape: ModelShape) -> str | None:
+        why = dense_layers_refusal(self.name, self.dense_layers, shape)
+        if why is not None:
+            return why
+        if shape.max_positions and self.page >= shape.max_positions:
+            return (
+                f"quest's pages of {self.page} tokens are as long as the model's whole context "
+                f"({shape.max_positions}), so every step would attend to the whole cache; use a page of a few tokens "
+                "(16, 32)."
+            )
+        return super().refusal(shape)
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         layer.store.align(self.page)

@@ -50,8 +50,8 @@ class SPKV(PrefillMethod, DecodeMethod):
     Threshold: ``tau`` when given; otherwise the run's budget is read as a **target density** (stored entries /
     full cache, averaged over layers and heads) and ``τ`` is calibrated from the gate's table of out-of-window
     density against threshold, measured on held-out text when the gate was trained: ``spkv:0.25`` aims at a quarter
-    of the entries (the achieved density varies with the prompt), and the whole-prompt budget (``spkv``, ``1.0``)
-    keeps everything. ``window`` defaults to the window the gate was trained for.
+    of the entries (the achieved density varies with the prompt), and the whole-prompt budget (``spkv:1.0``) keeps
+    everything; without ``tau`` a budget is required. ``window`` defaults to the window the gate was trained for.
 
     The predictor (:mod:`tokensieve.methods.spkv_gate`) is trained on the frozen model (``tokensieve train spkv``,
     docs/SPKV.md) and shipped as the ``spkv`` profile of the embedded model. Our reconstruction departs from the
@@ -90,6 +90,10 @@ class SPKV(PrefillMethod, DecodeMethod):
             raise ConfigError(f"spkv: window must be >= 1, got {self.window}.")
         if self.sink < 0:
             raise ConfigError(f"spkv: sink must be >= 0, got {self.sink}.")
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.tau is None  # a threshold decides what is kept; the budget then plays no part
 
     def check(self, shape: ModelShape) -> None:
         if shape.modified:

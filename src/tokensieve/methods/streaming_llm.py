@@ -8,11 +8,12 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..cache.decode import BoundedCacheMethod, DecodeLayer, sink_mask
+from ..core.budget import Budget
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
-from ..errors import ConfigError
+from ..errors import CapabilityError, ConfigError
 from ..scorers import recency_scores
 
 
@@ -46,6 +47,19 @@ class StreamingLLM(PrefillMethod, BoundedCacheMethod):
 
     def protected(self) -> tuple[int, int]:
         return self.sink, 0
+
+    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+        """Besides the batch rule of every bounded cache: a decode budget that holds no more than the sink tokens
+        keeps no recent token (each new token would be evicted at once) — refused; a ratio budget is checked
+        against each prompt's length, a token budget at once (``lengths`` may be empty)."""
+        super().check_batch(budget, lengths)
+        sizes = [int(budget.value)] if budget.kind == "tokens" else [budget.tokens_for(n) for n in lengths if n > 0]
+        if sizes and min(sizes) <= self.sink:
+            raise CapabilityError(
+                f"streaming_llm keeps sink={self.sink} first tokens, and a decode budget of {min(sizes)} tokens leaves "
+                "no room for recent ones: every new token would be evicted at once. Give a budget above "
+                f"{self.sink} tokens or lower sink."
+            )
 
     def score(self, ctx: LayerContext) -> Tensor:
         return recency_scores(ctx)

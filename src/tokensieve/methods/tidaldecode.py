@@ -13,6 +13,7 @@ from ..attention.sparse import attend_slots
 from ..cache.decode import DecodeLayer, DecodeMethod
 from ..cache.storage import DenseKV, RowPaddedKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
+from ..core.context import ModelShape
 from ..core.registry import register
 from ..errors import ConfigError
 
@@ -49,6 +50,20 @@ class TidalDecode(DecodeMethod):
     def __post_init__(self) -> None:
         if self.select_layer < 0:
             raise ConfigError("tidaldecode: select_layer must be >= 0.")
+
+    def refusal(self, shape: ModelShape) -> str | None:
+        if self.select_layer >= shape.num_layers:
+            return (
+                f"tidaldecode selects at layer select_layer={self.select_layer} and keeps the layers before it dense; "
+                f"the model has {shape.num_layers} layers, so none would be sparse; use select_layer < "
+                f"{shape.num_layers}."
+            )
+        if self.reselect_layer >= shape.num_layers:
+            return (
+                f"tidaldecode's reselect_layer={self.reselect_layer} is not a layer of the model (it has "
+                f"{shape.num_layers}); use a layer index below {shape.num_layers}, or -1 (40 % of the depth)."
+            )
+        return super().refusal(shape)
 
     def reselect_at(self, num_layers: int) -> int:
         r = round(0.4 * num_layers) if self.reselect_layer < 0 else self.reselect_layer

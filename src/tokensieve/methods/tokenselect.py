@@ -14,7 +14,7 @@ from ..attention.sparse import attend_slots
 from ..cache.decode import DecodeLayer, DecodeMethod
 from ..cache.storage import RowPaddedKV
 from ..core.capabilities import Apply, Capabilities, Granularity, Phase
-from ..core.context import LayerContext
+from ..core.context import LayerContext, ModelShape
 from ..core.registry import register
 from ..errors import ConfigError
 
@@ -64,6 +64,16 @@ class TokenSelect(DecodeMethod):
     def __post_init__(self) -> None:
         if self.n_init < 0 or self.n_local < 1 or not -1.0 <= self.theta <= 1.0:
             raise ConfigError("tokenselect: n_init >= 0, n_local >= 1 and -1 <= theta <= 1 are required.")
+
+    def refusal(self, shape: ModelShape) -> str | None:
+        limit = shape.max_positions
+        if limit and self.n_init + self.n_local >= limit:
+            return (
+                f"tokenselect always attends to the first n_init={self.n_init} and the last n_local={self.n_local} "
+                f"tokens, which cover the model's whole context ({limit}), so it would never be sparse; keep "
+                f"n_init + n_local well below {limit}."
+            )
+        return super().refusal(shape)
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         return {"rows": {}, "recomputed": 0, "reused": 0}
