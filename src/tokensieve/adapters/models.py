@@ -278,6 +278,32 @@ def load_model(
     return model, tok
 
 
+def text_tokenizer(tokenizer: Any) -> Any:
+    """The text tokenizer of ``tokenizer``: a processor's (a vision-language model loads an ``AutoProcessor``), else
+    ``tokenizer`` itself. Text must always go through this one: a processor's own call reads its first argument as
+    images, so a prompt that is a URL would be fetched and one that is a path opened."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is None or inner is tokenizer:
+        return tokenizer
+    try:
+        from transformers import ProcessorMixin
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        ProcessorMixin = ()  # type: ignore[assignment,misc]  # noqa: N806
+    multimodal = any(hasattr(tokenizer, a) for a in ("image_processor", "feature_extractor", "video_processor"))
+    return inner if isinstance(tokenizer, ProcessorMixin) or multimodal else tokenizer
+
+
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The texts of a tokenizer's special (control) tokens — ``<|im_start|>``, ``</s>`` …: a user's text containing
+    one would be tokenised as that control token."""
+    tok = text_tokenizer(tokenizer)
+    names = {str(t) for t in (getattr(tok, "all_special_tokens", None) or [])}
+    for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            names.add(str(getattr(added, "content", added)))
+    return sorted(n for n in names if n.strip())
+
+
 def is_vision_language(source: str) -> bool:
     """Whether a local model directory holds a vision-language model (its config has a vision part)."""
     cfg = Path(source) / "config.json"

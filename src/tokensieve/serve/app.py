@@ -13,13 +13,21 @@ Endpoints:
 
 Every refused request gets an OpenAI-style error body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
 status; the server never dies on a bad request.
+
+Guards, before a request reaches the engine: an API key (``Authorization: Bearer …``, compared in constant time),
+the ``Host`` header (a server bound to a loopback address answers only requests addressed to it by such a name, so a
+web page on a DNS-rebinding domain cannot read it), ``Content-Type: application/json`` on every request with a body
+(a cross-site "simple" form post is refused with 415), and the body's size (413) and depth. A request's text is
+tokenised on a worker thread, never on the event loop, after its length was checked.
 """
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,7 +35,17 @@ from ..errors import TokensieveError
 from . import require
 from .engine import Delta, Done, Engine, Event, Failed, Job, RequestError, Sampling, StoredContext
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error", 503: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -66,6 +84,8 @@ def _sampling(body: dict[str, Any]) -> Sampling:
     temperature = float(_get(body, "temperature", float, 0.0))
     top_p = float(_get(body, "top_p", float, 1.0))
     seed = _get(body, "seed", int)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise RequestError(f"'seed' must be in [-2**63, 2**64 - 1]; got {seed}.", param="seed", code="invalid_value")
     if not 0.0 <= temperature <= 2.0:
         raise RequestError(f"'temperature' must be in [0, 2]; got {temperature}.", param="temperature")
     if not 0.0 < top_p <= 1.0:
@@ -76,6 +96,9 @@ def _sampling(body: dict[str, Any]) -> Sampling:
     return Sampling(temperature, top_p, seed)
 
 
+MAX_STOP_CHARS = 256  # a stop string is held back while it may be starting: its length bounds the work per token
+
+
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -84,7 +107,43 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise RequestError("'stop' must be a non-empty string or an array of up to 4 of them.", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"A stop string may have at most {MAX_STOP_CHARS} characters.", param="stop")
     return tuple(stop)
+
+
+def _zero(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+# OpenAI fields this server does not implement, each with what its unused values look like: any other value is
+# refused rather than silently ignored (the answer would not be what was asked for).
+UNSUPPORTED: dict[str, Any] = {
+    "logprobs": lambda v: v is False or _zero(v),
+    "top_logprobs": _zero,
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
+    "logit_bias": lambda v: v == {},
+    "tools": lambda v: v == [],
+    "functions": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"),
+    "function_call": lambda v: v in ("none", "auto"),
+    "response_format": lambda v: v == {"type": "text"},
+    "echo": lambda v: v is False,
+    "best_of": lambda v: v == 1 and not isinstance(v, bool),
+    "suffix": lambda v: v == "",
+}
+
+
+def _unsupported(body: dict[str, Any]) -> None:
+    for name, unused in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not unused(value):
+            raise RequestError(
+                f"'{name}' is not supported by this server (got {json.dumps(value)[:60]}); leave it out.",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 def _content(message: dict[str, Any], i: int) -> str:
@@ -95,7 +154,11 @@ def _content(message: dict[str, Any], i: int) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"messages[{i}].content: only text parts are supported.", param="messages")
+                raise RequestError(
+                    f"messages[{i}].content: only text parts are supported (this server takes no images, and "
+                    "never fetches or opens anything a message names).",
+                    param="messages",
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise RequestError(f"messages[{i}].content must be a string or an array of text parts.", param="messages")
@@ -116,24 +179,128 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-async def _json(request: Any) -> dict[str, Any]:
-    raw = await request.body()
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _json(request: Any, max_bytes: int, max_depth: int) -> dict[str, Any]:
+    """The request's JSON object: ``Content-Type: application/json`` (415 otherwise), at most ``max_bytes`` (413,
+    counted as the body arrives, whatever ``Content-Length`` claims), nested at most ``max_depth`` deep, without
+    ``NaN``/``Infinity`` (400)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(
+            f"The request body must be JSON, sent with 'Content-Type: application/json' (got {kind or 'none'!r}).",
+            status=415,
+            code="unsupported_media_type",
+        )
+    too_large = RequestError(
+        f"The request body is larger than this server accepts ({max_bytes} bytes, --max-body).",
+        status=413,
+        code="request_too_large",
+    )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise RequestError(f"The request body nests deeper than {max_depth} levels.", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"The request body is not valid JSON: {exc}.", code="invalid_json") from exc
+        raise RequestError(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.", code="invalid_json")
+    if _depth(body) > max_depth:
+        raise RequestError(f"The request body nests deeper than {max_depth} levels.", code="invalid_json")
     return body
 
 
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iteratively: no recursion limit to hit)."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, d = todo.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, d)
+            todo.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, d)
+            todo.extend((v, d + 1) for v in item)
+    return deepest
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def loopback_hosts(host: str, port: int) -> set[str]:
+    """The ``Host`` header values a server bound to ``host:port`` answers when ``host`` is a loopback address (None
+    of them otherwise: see :func:`is_loopback`): every loopback name, with and without the port."""
+    names = {*LOOPBACK_NAMES, host}
+    out = set()
+    for n in names:
+        shown = f"[{n}]" if ":" in n else n
+        out |= {shown, f"{shown}:{port}"}
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 # -------------------------------------------------------------------------------------------------- app
-def create_app(engine: Engine, *, start: bool = True) -> Any:
-    """The FastAPI application serving ``engine`` (its scheduler thread runs while the app is up)."""
+def create_app(
+    engine: Engine, *, start: bool = True, api_key: str | None = None, allowed_hosts: Iterable[str] | None = None
+) -> Any:
+    """The FastAPI application serving ``engine`` (its scheduler thread runs while the app is up).
+
+    ``api_key``: every request must carry ``Authorization: Bearer <api_key>`` (401 otherwise). ``allowed_hosts``:
+    the ``Host`` header values answered (403 otherwise; :func:`loopback_hosts` for a loopback bind); None: any."""
     fastapi = require("fastapi", "serve")
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import Request
+
+    key = api_key.encode("utf-8") if api_key else None
+    hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+    limits = engine.limits
+
+    async def guard(request: Request) -> None:
+        """Host header, then API key: before anything else of a request is read."""
+        if hosts is not None:
+            host = request.headers.get("host", "").lower()
+            if host not in hosts:
+                raise RequestError(
+                    f"This server does not answer requests for host {host!r} (it is bound to a loopback address; "
+                    "use --allowed-host to add a name).",
+                    status=403,
+                    code="host_not_allowed",
+                )
+        if key is not None:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), key):
+                raise RequestError(
+                    "Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401, code="invalid_api_key"
+                )
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        return await _json(request, limits.max_body_bytes, limits.max_json_depth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -145,7 +312,8 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
             if start:
                 engine.stop()
 
-    app = fastapi.FastAPI(title="tokensieve", lifespan=lifespan)
+    app = fastapi.FastAPI(title="tokensieve", lifespan=lifespan, dependencies=[fastapi.Depends(guard)],
+                          docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.engine = engine
 
     @app.exception_handler(RequestError)
@@ -171,8 +339,11 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
                 code="model_not_found",
             )
 
-    async def run(request: Any, body: dict[str, Any], chat: bool) -> Any:
+    def prepare(body: dict[str, Any], chat: bool, emit: Any) -> tuple[Job, bool, bool]:
+        """Validate a completion request, tokenise it and queue its job (on a worker thread: tokenising a long text
+        must not hold the event loop). Returns the job, whether it streams and whether usage is streamed."""
         check_model(body)
+        _unsupported(body)
         max_tokens = _max_tokens(body, engine, *(("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)))
         sampling = _sampling(body)
         stop = _stop(body)
@@ -223,14 +394,19 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
                     ids = engine.encode_prompt(prompt)
             else:
                 raise RequestError("'prompt' must be a string (or an array of token ids).", param="prompt")
+        job = Job(ids, press, emit, max_tokens, sampling, stop, context_id, bool(_get(body, "ignore_eos", bool, False)))
+        engine.submit(job)
+        return job, stream, include_usage
+
+    async def run(request: Any, body: dict[str, Any], chat: bool) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:  # from the scheduler thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(ids, press, emit, max_tokens, sampling, stop, context_id, bool(_get(body, "ignore_eos", bool, False)))
-        engine.submit(job)
+        job, stream, include_usage = await run_in_threadpool(prepare, body, chat, emit)
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -279,15 +455,13 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        return await run(request, await _json(request), chat=True)
+        return await run(request, await read_json(request), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await run(request, await _json(request), chat=False)
+        return await run(request, await read_json(request), chat=False)
 
-    @app.post("/v1/contexts")
-    async def register_context(request: Request) -> Any:
-        body = await _json(request)
+    def prepare_context(body: dict[str, Any], result: Future[StoredContext]) -> None:
         check_model(body)
         document = _get(body, "document", str)
         if not document or not document.strip():
@@ -297,13 +471,14 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
             raise RequestError("'mode' must be 'chat' (for chat completions) or 'text' (for completions).",
                                param="mode")  # fmt: skip
         press = engine.compressor(_get(body, "spec", str))
-        if mode == "chat":
-            ids = _context_ids(engine, document)
-        else:
-            ids = engine.encode_prompt(document)
+        ids = engine.encode_document(document, mode)
+        engine.submit(Job(ids, press, lambda e: None, 0, kind="context", document=document, mode=mode, result=result))
+
+    @app.post("/v1/contexts")
+    async def register_context(request: Request) -> Any:
+        body = await read_json(request)
         result: Future[StoredContext] = Future()
-        job = Job(ids, press, lambda e: None, 0, kind="context", document=document, mode=mode, result=result)
-        engine.submit(job)
+        await run_in_threadpool(prepare_context, body, result)
         try:
             stored = await asyncio.wrap_future(result)
         except RequestError:
@@ -341,12 +516,6 @@ def create_app(engine: Engine, *, start: bool = True) -> Any:
         return PlainTextResponse(prometheus(engine), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def _context_ids(engine: Engine, document: str) -> list[int]:
-    from ..data.prompts import chat_split
-
-    return chat_split(engine.tokenizer, document, "").context
 
 
 def _usage(done: Done) -> dict[str, int]:

@@ -32,6 +32,10 @@ class BatchedCaches(SieveCache):
 
     The model asks this object (through its transformers view) for lengths and hands it every layer's attention;
     it splits the batch and lets each sequence's cache store the new keys/values and attend. It stores nothing.
+
+    A row whose cache fails (its decode method raises while it scores or selects) is recorded in :attr:`failures`
+    and gets zeros from then on, in this layer and every later one: the other rows never read it (the projections,
+    norms and MLP act on each row alone, and each row attends only to its own cache), so they run on unchanged.
     """
 
     def __init__(self, caches: Sequence[SieveCache]) -> None:
@@ -42,6 +46,7 @@ class BatchedCaches(SieveCache):
             raise ValueError("Every cache of a batch must belong to the same model (same number of layers).")
         super().__init__(n, None)
         self.caches = list(caches)
+        self.failures: dict[int, Exception] = {}  # row → what its cache raised
 
     def seq_length(self, layer_idx: int = 0) -> int:
         # Only used by transformers for mask sizes; our attention ignores it (every row has its own length).
@@ -67,19 +72,30 @@ class BatchedCaches(SieveCache):
             raise RuntimeError(f"A batch of {B} rows was run over {len(self.caches)} caches.")
         outs = []
         for b, cache in enumerate(self.caches):
+            if b in self.failures:
+                outs.append(torch.zeros_like(q[b : b + 1]))
+                continue
             pos = None if positions is None else positions[b : b + 1] if positions.shape[0] == B else positions
             mask = None if padding_mask is None else padding_mask[b : b + 1]
-            outs.append(cache.attend(layer_idx, q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, scaling, pos, mods))
+            try:
+                out = cache.attend(layer_idx, q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, scaling, pos, mods)
+            except Exception as exc:  # this row's own cache failed: fail its request alone
+                self.failures[b] = exc
+                out = torch.zeros_like(q[b : b + 1])
+            outs.append(out)
         return torch.cat(outs, dim=0)
 
 
 @torch.inference_mode()
-def decode_step(model: Any, contexts: Sequence[CachedContext], tokens: Sequence[int]) -> None:
+def decode_step(model: Any, contexts: Sequence[CachedContext], tokens: Sequence[int]) -> dict[int, Exception]:
     """Append ``tokens[i]`` to ``contexts[i]`` for every running sequence in one forward pass of the model.
 
     Each context's cache, padding mask and next-token logits are updated in place, exactly as
     :meth:`Compressor.decode` updates a context for one step (so a sequence's tokens do not depend on what else is
     in the batch). Every context must hold one sequence (batch size 1).
+
+    Returns the rows whose own cache failed during the step, with what it raised (see :class:`BatchedCaches`); their
+    contexts are left as they are, to be dropped, and every other row is stepped as if they were not there.
     """
     if len(contexts) != len(tokens):
         raise ValueError("one next token per context")
@@ -100,5 +116,8 @@ def decode_step(model: Any, contexts: Sequence[CachedContext], tokens: Sequence[
         )
     logits = out.logits[:, -1].float()  # (B, V)
     for b, ctx in enumerate(contexts):
+        if b in batch.failures:
+            continue
         ctx.mask = torch.cat([ctx.mask, ctx.mask.new_ones(1, 1)], dim=1)
         ctx.logits = logits[b : b + 1]
+    return dict(batch.failures)

@@ -4,15 +4,29 @@ measurements): argument parsing only; the work is in :mod:`.engine`, :mod:`.app`
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from typing import Any
 
 from ..results.threads import whole_number
 
+API_KEY_ENV = "TOKENSIEVE_API_KEY"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
 
 def _memory(text: str) -> int:
     from ..errors import ConfigError
-    from .engine import parse_bytes
+    from .limits import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -30,13 +44,41 @@ def _port(text: str) -> int:
     return n
 
 
+def limit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~tokensieve.serve.limits.Limits` given on the command line (None: the default)."""
+    return {
+        "max_body_bytes": args.max_body,
+        "max_prompt_chars": args.max_prompt_chars,
+        "request_timeout": args.request_timeout,
+        "max_prefill_passes": args.max_prefill_passes,
+        "max_contexts": args.max_contexts,
+        "context_memory": args.context_memory,
+        "context_ttl": args.context_ttl,
+    }
+
+
+def allowed_methods(args: argparse.Namespace) -> set[str] | None:
+    """``--allow-methods``: the method names a request may use, each checked against the registry."""
+    if args.allow_methods is None:
+        return None
+    from ..registry import get_method_class
+
+    names = {n.strip() for n in args.allow_methods.split(",") if n.strip()}
+    for n in names:
+        get_method_class(n)  # an unknown name fails now, with the valid ones
+    return names | {"full"}
+
+
 def build_engine(args: argparse.Namespace) -> Any:
-    """Load the model and build the engine (the spec is checked before the model is loaded)."""
+    """Load the model and build the engine (the spec and the limits are checked before the model is loaded)."""
     from ..adapters.models import load_model
     from ..spec import Spec
     from .engine import Engine
+    from .limits import Limits
 
     Spec.parse(args.spec)  # a malformed spec fails before the model loads
+    limits = Limits.from_mapping(limit_values(args))
+    methods = allowed_methods(args)
     model, tok = load_model(args.model)
     return Engine(
         model,
@@ -47,7 +89,30 @@ def build_engine(args: argparse.Namespace) -> Any:
         model_name=args.served_model_name or args.model,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
+        limits=limits,
+        allowed_methods=methods,
     )
+
+
+def guard_settings(args: argparse.Namespace) -> tuple[str | None, set[str] | None]:
+    """The API key (``--api-key`` or ``$TOKENSIEVE_API_KEY``) and the Host header values answered: on a loopback
+    bind, the loopback names (against DNS rebinding) and ``--allowed-host``; elsewhere ``--allowed-host`` if given,
+    else any. Warns when a non-loopback bind has no API key."""
+    from .app import is_loopback, loopback_hosts
+
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    extra = {h.strip().lower() for h in args.allowed_host or [] if h.strip()}
+    if is_loopback(args.host):
+        hosts: set[str] | None = loopback_hosts(args.host, args.port) | extra
+    else:
+        hosts = extra or None
+        if key is None:
+            print(
+                f"tokensieve serve: warning: listening on {args.host}, reachable from other machines, without an API "
+                f"key: anyone who can reach it can use it. Set --api-key (or ${API_KEY_ENV}).",
+                file=sys.stderr,
+            )
+    return key, hosts
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,14 +125,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_replicas is not None:
         return _serve_ray(args)
     use_threads(args.threads)
+    key, hosts = guard_settings(args)
     engine = build_engine(args)
-    budget = "unlimited" if engine.kv_memory is None else f"{engine.kv_memory / 1e6:.1f} MB"
     print(
-        f"tokensieve serve: {engine.model_name} · spec {engine.default.spec.label} · KV memory {budget} · "
-        f"max batch {engine.max_batch} · http://{args.host}:{args.port}/v1",
+        f"tokensieve serve: {engine.model_name} · spec {engine.default.spec.label} · KV memory "
+        f"{engine.kv_memory / 1e6:.1f} MB · max batch {engine.max_batch} · "
+        f"{'API key required' if key else 'no API key'} · http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(engine, api_key=key, allowed_hosts=hosts)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -79,10 +146,15 @@ def _serve_ray(args: argparse.Namespace) -> int:
 
     Spec.parse(args.spec)
     import_serve()
+    key, hosts = guard_settings(args)
+    methods = allowed_methods(args)
     settings = ReplicaSettings(model=args.model, spec=args.spec, kv_memory=args.kv_memory, max_batch=args.max_batch,
                                max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                served_model_name=args.served_model_name,
-                               threads=resolve_threads(args.threads) if args.threads else 1)  # fmt: skip
+                               threads=resolve_threads(args.threads) if args.threads else 1,
+                               limits=limit_values(args), api_key=key,
+                               allowed_hosts=None if hosts is None else sorted(hosts),
+                               allowed_methods=None if methods is None else sorted(methods))  # fmt: skip
     run(settings, args.ray_replicas, address=args.ray_address, host=args.host, port=args.port)
     return 0
 
@@ -121,15 +193,77 @@ def add_commands(sub: Any) -> None:
         type=_memory,
         default=None,
         metavar="SIZE",
-        help="KV cache memory budget, e.g. 1GB or 256MiB; requests beyond it wait (default: unlimited)",
+        help="KV cache memory budget, e.g. 1GB or 256MiB; requests beyond it wait (default: a quarter of the memory "
+        "available at start)",
     )
     sp.add_argument("--max-batch", type=whole_number(1), default=16, help="most sequences decoded together")
     sp.add_argument("--max-tokens", type=whole_number(1), default=256, help="default max_tokens of a request")
     sp.add_argument("--max-prompt-tokens", type=whole_number(1), default=None,
                     help="longest prompt accepted (default: the model's context)")  # fmt: skip
     sp.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; another address warns without "
+                    "--api-key)")  # fmt: skip
     sp.add_argument("--port", type=_port, default=8000)
+    g = sp.add_argument_group("security and limits (docs/SERVING.md)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV}, else none)",
+    )
+    g.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="also answer requests with this Host header (repeatable); a loopback bind answers only "
+                   "localhost, 127.0.0.1 and ::1 otherwise")  # fmt: skip
+    g.add_argument(
+        "--allow-methods",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated methods a request's spec may use (default: every registered method)",
+    )
+    g.add_argument("--max-body", type=_memory, default=None, metavar="SIZE", help="largest request body (default 1MB)")
+    g.add_argument(
+        "--max-prompt-chars",
+        type=whole_number(1),
+        default=None,
+        metavar="N",
+        help="longest prompt text, checked before tokenising (default: 16 per token of --max-prompt-tokens)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="longest a request may compute, prefill and decoding (default 300)",
+    )
+    g.add_argument(
+        "--max-prefill-passes",
+        type=whole_number(1),
+        default=None,
+        metavar="N",
+        help="most forward passes a prefill may run over a prompt, e.g. KVzip's (default 64)",
+    )
+    g.add_argument(
+        "--max-contexts",
+        type=whole_number(1),
+        default=None,
+        metavar="N",
+        help="stored contexts held at once; the least recently used is evicted (default 64)",
+    )
+    g.add_argument(
+        "--context-memory",
+        type=_memory,
+        default=None,
+        metavar="SIZE",
+        help="bytes all stored contexts may hold together (default: half of --kv-memory)",
+    )
+    g.add_argument(
+        "--context-ttl",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="delete a stored context unused this long (default 3600)",
+    )
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sp.add_argument("--ray-replicas", type=whole_number(1), default=None, metavar="N",
                     help="serve as N Ray Serve replicas (one model and engine each) behind one endpoint; --threads is "

@@ -14,47 +14,39 @@ Memory is counted in exact cache bytes: a job is admitted on an estimate (the en
 prompt, plus ``max_tokens``, times the bytes one token takes in every layer and KV head) and, once prefilled, holds
 its cache's real :meth:`~tokensieve.cache.sieve_cache.SieveCache.allocated_bytes` (kept entries plus the headroom
 reserved for the answer). Stored contexts hold their real bytes too.
+
+One request never fails another: a failure while one sequence is sampled, or while its own cache attends or scores
+inside the batched decode step, fails that request alone (the other rows of the step are independent of it), and a
+prefill that fails fails its own request. Every cost a request can choose is bounded (:class:`~.limits.Limits`):
+its text before it is tokenised, its prompt in tokens, its KV bytes, the forward passes of its prefill and the time
+it computes; stored contexts by count, bytes and idle time.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import itertools
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..adapters.models import model_shape
+from ..adapters.models import model_shape, model_text, special_token_texts, text_tokenizer
+from ..core.method import Method, PrefillMethod
 from ..data.prompts import TextStream, chat_split, encode
 from ..errors import ConfigError, TokensieveError
 from ..pipeline import CachedContext, Compressor
 from ..spec import Spec
 from .batching import decode_step
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"1GB"``, ``"512MiB"``, ``"2.5GB"`` or a number of bytes → bytes (decimal KB/MB/GB, binary KiB/MiB/GiB)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value: float = text
-        unit = ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-        if m is None or m.group(2).upper() not in _UNITS:
-            raise ConfigError(f"Cannot read a memory size from {text!r}: write e.g. 1GB, 512MB, 256MiB or 1000000.")
-        value, unit = float(m.group(1)), m.group(2).upper()
-    n = int(value * _UNITS[unit])
-    if n <= 0:
-        raise ConfigError(f"A memory size must be positive; got {text!r}.")
-    return n
+from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
 
 
 class RequestError(TokensieveError):
@@ -175,6 +167,7 @@ class Job:
     prompt_tokens: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    deadline: float | None = None  # time.monotonic() after which the job is stopped (set when admitted)
 
     def cancel(self) -> None:
         """The client went away: the scheduler drops the job and frees its cache at its next iteration."""
@@ -193,6 +186,7 @@ class Counters:
     max_batch: int = 0
     prefills: int = 0
     contexts_evicted: int = 0
+    contexts_expired: int = 0
     cancelled: int = 0
     peak_held: int = 0  # most KV bytes held at once (running sequences and stored contexts)
     peak_request_bytes: int = 0  # most KV bytes one request held
@@ -202,13 +196,18 @@ class Engine:
     """Serve one model: queue, admission by KV bytes, continuous batching, stored contexts.
 
     Args:
-        model, tokenizer: a causal LM and its tokenizer (``tokensieve.load_model``).
+        model, tokenizer: a causal LM and its tokenizer or processor (``tokensieve.load_model``); text always goes
+            through the text tokenizer (:func:`~tokensieve.adapters.models.text_tokenizer`), never a processor's
+            image input.
         spec: the default spec of requests that name none (``"snapkv:0.25+quest:0.125"``; ``"full"``).
-        kv_memory: the KV memory budget in bytes (or ``"1GB"``); None: unlimited.
+        kv_memory: the KV memory budget in bytes (or ``"1GB"``); None: a share of the memory available now
+            (:func:`~tokensieve.serve.limits.default_kv_memory`).
         max_batch: most sequences decoded together.
         model_name: the id clients use in ``model``.
         max_prompt_tokens: longest prompt accepted (default: the model's context).
         max_tokens: default ``max_tokens`` of a request that gives none.
+        limits: the other limits of a request and of stored contexts (default :class:`Limits`).
+        allowed_methods: method names a request's spec may use (nested ones included); None: every registered one.
     """
 
     def __init__(
@@ -222,18 +221,26 @@ class Engine:
         model_name: str = "tokensieve",
         max_prompt_tokens: int | None = None,
         max_tokens: int = 256,
+        limits: Limits | None = None,
+        allowed_methods: set[str] | None = None,
     ) -> None:
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = text_tokenizer(tokenizer)  # a processor's call would read text as images (URLs, paths)
         self.model_name = model_name
         self.shape = model_shape(model)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1; got {max_batch!r}.")
         self.max_batch = max_batch
-        self.kv_memory = None if kv_memory is None else parse_bytes(kv_memory)
+        self.limits = limits if limits is not None else Limits()
+        self.kv_memory: int = default_kv_memory() if kv_memory is None else parse_bytes(kv_memory)
         self.context_limit = self.shape.max_positions or 10**9
         self.max_prompt_tokens = min(max_prompt_tokens or self.context_limit, self.context_limit)
+        self.max_prompt_chars = self.limits.max_prompt_chars or CHARS_PER_TOKEN * self.max_prompt_tokens
+        self.context_memory = min(self.limits.context_memory or self.kv_memory // 2, self.kv_memory)
+        self.allowed_methods = None if allowed_methods is None else {m.strip().lower() for m in allowed_methods}
         self.default_max_tokens = max_tokens
+        specials = special_token_texts(tokenizer)
+        self._specials = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
         dtype = next(model.parameters()).dtype
         s = self.shape
         self.token_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * dtype.itemsize  # K and V, every layer
@@ -252,6 +259,7 @@ class Engine:
         self._stop = False
         self.reserved_jobs = 0  # bytes held by running jobs
         self.kv_in_use = 0  # kv_bytes of running caches and stored contexts (updated every iteration)
+        self._last_expiry = time.monotonic()
 
     # ------------------------------------------------------------------------------------------- life cycle
     def start(self) -> Engine:
@@ -274,21 +282,75 @@ class Engine:
         """The Compressor of a spec (validated against the model; built once per spec label)."""
         if spec is None:
             return self.default
+        if isinstance(spec, str) and len(spec) > 1000:
+            raise RequestError("'spec' is longer than 1000 characters.", param="spec", code="invalid_spec")
         try:
             parsed = Spec.parse(spec)
+            self._check_allowed(parsed)
             key = parsed.label
             with self._press_lock:
                 press = self._presses.get(key)
                 if press is None:
                     press = self._presses[key] = Compressor(self.model, parsed)
             return press
+        except RequestError:
+            raise
         except TokensieveError as exc:
             raise RequestError(f"Invalid spec {str(spec)!r}: {exc}", param="spec", code="invalid_spec") from exc
 
+    def _check_allowed(self, spec: Spec) -> None:
+        if self.allowed_methods is None:
+            return
+        for method in (spec.method, spec.decode):
+            for name in _method_names(method):
+                if name not in self.allowed_methods:
+                    raise RequestError(
+                        f"Method '{name}' is not allowed on this server (--allow-methods: "
+                        f"{', '.join(sorted(self.allowed_methods))}).",
+                        param="spec",
+                        code="method_not_allowed",
+                    )
+
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse, before it is tokenised, text that is too long (:attr:`max_prompt_chars`), that is not valid
+        Unicode (a lone surrogate), or that holds the text of one of the model's special tokens: that text would be
+        tokenised as the control token itself, so a user could forge a system or assistant turn. (The choice is to
+        refuse, not to escape; a completion that needs control tokens sends token ids.)"""
+        if len(text) > self.max_prompt_chars:
+            raise RequestError(
+                f"'{param}' has {len(text)} characters; this server reads at most {self.max_prompt_chars} "
+                "(--max-prompt-chars).",
+                param=param,
+                code="context_length_exceeded",
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(
+                f"'{param}' is not valid Unicode text (a lone surrogate at character {exc.start}).",
+                param=param,
+                code="invalid_text",
+            ) from None
+        found = self._specials.search(text) if self._specials is not None else None
+        if found is not None:
+            raise RequestError(
+                f"'{param}' contains {found.group(0)!r}, the text of one of the model's special tokens, which would "
+                "be read as that control token; remove it (a completion may send token ids instead).",
+                param=param,
+                code="special_token_in_text",
+            )
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a completion prompt (text with the tokenizer's special tokens, or ids as given)."""
+        """Token ids of a completion prompt (text, or ids as given: ids may hold control tokens, text may not)."""
         if isinstance(prompt, str):
+            self.check_text(prompt, "prompt")
             return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+        if len(prompt) > self.max_prompt_tokens:
+            raise RequestError(
+                f"The prompt has {len(prompt)} tokens; this server accepts at most {self.max_prompt_tokens}.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         vocab = getattr(self.model.config.get_text_config(), "vocab_size", None)
         if vocab is not None and any(not 0 <= t < vocab for t in prompt):
             raise RequestError(f"Token ids must be in [0, {vocab}).", param="prompt")
@@ -296,6 +358,16 @@ class Engine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation, rendered with the model's chat template (plain lines without one)."""
+        total = sum(len(m["content"]) for m in messages)
+        if total > self.max_prompt_chars:
+            raise RequestError(
+                f"The messages have {total} characters; this server reads at most {self.max_prompt_chars} "
+                "(--max-prompt-chars).",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        for m in messages:
+            self.check_text(m["content"], "messages")
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -303,8 +375,16 @@ class Engine:
         text = "\n".join(m["content"] for m in messages) + "\n"
         return [int(i) for i in tok(text)["input_ids"]]
 
+    def encode_document(self, document: str, mode: str) -> list[int]:
+        """Token ids of a document to store: the start of a user turn (``mode="chat"``) or plain text."""
+        self.check_text(document, "document")
+        if mode == "chat":
+            return chat_split(self.tokenizer, document, "").context
+        return [int(i) for i in self.tokenizer(document)["input_ids"]]
+
     def question_ids(self, stored: StoredContext, text: str) -> list[int]:
         """A question's ids after a stored context: the chat turn's rest (chat mode) or the text as it is."""
+        self.check_text(text, "messages" if stored.mode == "chat" else "prompt")
         if stored.mode == "text":
             return encode(self.tokenizer, text)
         split = chat_split(self.tokenizer, stored.document, text)
@@ -353,12 +433,39 @@ class Engine:
                     press.decode_method.check_batch(press.decode_budget, [n])
             except TokensieveError as exc:
                 raise RequestError(f"Spec {press.spec.label!r} cannot run on this prompt: {exc}", param="spec") from exc
+            self._check_passes(job)
         need = self.estimate(job)
-        if self.kv_memory is not None and need > self.kv_memory:
+        if need > self.kv_memory:
             raise RequestError(
                 f"This request needs about {need} bytes of KV cache, more than the server's whole budget of "
-                f"{self.kv_memory} bytes; shorten the prompt, lower max_tokens or use a compressing spec.",
+                f"{self.kv_memory} bytes (--kv-memory); shorten the prompt, lower max_tokens or use a compressing "
+                "spec.",
                 code="kv_memory_exceeded",
+            )
+        if job.kind == "context" and need > self.context_memory:
+            raise RequestError(
+                f"This context needs about {need} bytes of KV cache, more than stored contexts may hold together "
+                f"({self.context_memory} bytes, --context-memory); shorten it or store it with a compressing spec.",
+                param="document",
+                code="context_memory_exceeded",
+            )
+
+    def _check_passes(self, job: Job) -> None:
+        """Refuse a prefill that would run more forward passes over the prompt than ``max_prefill_passes`` (KVzip
+        reconstructs the prompt in chunks of ``chunk`` tokens, one pass each: ``kvzip[chunk=1]`` would run one pass
+        per token)."""
+        method = job.press.method
+        if not (isinstance(method, PrefillMethod) and method.deferred and method.compresses):
+            return
+        ids = torch.tensor([job.ids], dtype=torch.long)
+        passes = 1 + len(method.prefill_passes(ids, torch.ones_like(ids), model_text(self.model)))
+        limit = self.limits.max_prefill_passes
+        if passes > limit:
+            raise RequestError(
+                f"Spec {job.press.spec.label!r} would run {passes} forward passes over this prompt; this server runs "
+                f"at most {limit} per request (--max-prefill-passes). Use fewer, longer chunks.",
+                param="spec",
+                code="compute_limit_exceeded",
             )
 
     def estimate(self, job: Job) -> int:
@@ -384,8 +491,14 @@ class Engine:
         return job
 
     def delete_context(self, context_id: str) -> bool:
+        """Delete a stored context and hand its memory back to the system; False if there is none of that id."""
         with self._lock:
-            return self.contexts.pop(context_id, None) is not None
+            gone = self.contexts.pop(context_id, None)
+        if gone is None:
+            return False
+        del gone
+        release_memory()
+        return True
 
     def list_contexts(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -400,7 +513,7 @@ class Engine:
                 "running": len(self._running),
                 "kv_bytes_in_use": self.kv_in_use,
                 "kv_bytes_reserved": self.reserved_jobs + ctx_bytes,
-                "kv_bytes_budget": self.kv_memory or 0,
+                "kv_bytes_budget": self.kv_memory,
                 "contexts": len(self.contexts),
                 "context_bytes": ctx_bytes,
             }
@@ -410,21 +523,24 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stop and not self._inbox and not self._waiting and not self._running:
+                if not self._stop and not self._inbox and not self._waiting and not self._running:
                     self._wake.wait(timeout=1.0)
                 if self._stop:
                     break
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
             try:
+                self._expire_contexts()
+                if not self._waiting and not self._running:
+                    continue
                 self._drop_cancelled()
                 self._admit()
                 self._step()
-            except Exception as exc:  # never die: fail what was running, keep serving
+            except Exception as exc:  # never die: what cannot be told apart fails, the server keeps serving
                 self._fail_all(f"Internal error while generating: {type(exc).__name__}: {exc}")
             self._update_gauges()
         for job in [*self._running, *self._waiting, *self._inbox]:
-            job.emit(Failed("The server is shutting down.", 503))
+            self._emit(job, Failed("The server is shutting down.", 503))
 
     def _held(self) -> int:
         with self._lock:  # a handler thread may delete a context meanwhile
@@ -453,16 +569,57 @@ class Engine:
 
     def _fits(self, need: int, keep: str | None) -> bool:
         """Whether ``need`` more bytes fit, evicting least recently used contexts (except ``keep``) if needed."""
-        if self.kv_memory is None:
-            return True
-        while self._held() + need > self.kv_memory:
-            with self._lock:
-                victim = next((cid for cid in self.contexts if cid != keep), None)
-                if victim is None:
+        evicted = 0
+        try:
+            while self._held() + need > self.kv_memory:
+                if not self._evict_one(keep):
                     return False
-                del self.contexts[victim]
-            self.counters.contexts_evicted += 1
+                evicted += 1
+            return True
+        finally:
+            if evicted:
+                release_memory()
+
+    def _evict_one(self, keep: str | None) -> bool:
+        """Evict the least recently used stored context other than ``keep``; False when there is none."""
+        with self._lock:
+            victim = next((cid for cid in self.contexts if cid != keep), None)
+            if victim is None:
+                return False
+            del self.contexts[victim]
+        self.counters.contexts_evicted += 1
         return True
+
+    def _expire_contexts(self) -> None:
+        """Delete stored contexts unused for longer than ``context_ttl`` seconds (checked about once a second)."""
+        now = time.monotonic()
+        if now - self._last_expiry < 1.0:
+            return
+        self._last_expiry = now
+        oldest = time.time() - self.limits.context_ttl
+        with self._lock:
+            stale = [cid for cid, c in self.contexts.items() if c.last_used < oldest]
+            for cid in stale:
+                del self.contexts[cid]
+        if stale:
+            self.counters.contexts_expired += len(stale)
+            release_memory()
+
+    def _limit_contexts(self, keep: str) -> None:
+        """After ``keep`` was stored: evict least recently used others while there are more than ``max_contexts``
+        or they hold more than ``context_memory`` bytes together."""
+        evicted = 0
+        while True:
+            with self._lock:
+                count = len(self.contexts)
+                held = sum(c.bytes for c in self.contexts.values())
+            if count <= self.limits.max_contexts and held <= self.context_memory:
+                break
+            if not self._evict_one(keep):
+                break
+            evicted += 1
+        if evicted:
+            release_memory()
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
@@ -479,19 +636,54 @@ class Engine:
                     continue
                 return  # wait for running sequences to finish
             self._waiting.popleft()
+            job.deadline = time.monotonic() + self.limits.request_timeout
             try:
-                self._prefill(job)
+                with self._time_limit(job):
+                    self._prefill(job)
             except TokensieveError as exc:
-                self._reject(job, str(exc), getattr(exc, "status", 400))
+                self._drop(job)
+                self._reject(job, str(exc), getattr(exc, "status", 400), getattr(exc, "code", None))
             except Exception as exc:  # this request failed; the others keep running
+                self._drop(job)
                 self._reject(job, f"Internal error while prefilling: {type(exc).__name__}: {exc}", 500)
 
-    def _reject(self, job: Job, message: str, status: int) -> None:
+    def _drop(self, job: Job) -> None:
+        """Forget a job that failed while it was admitted (its cache, if any, is freed)."""
+        if job in self._running:
+            self._leave(job)
+        job.ctx = None
+
+    @contextlib.contextmanager
+    def _time_limit(self, job: Job) -> Iterator[None]:
+        """Stop ``job``'s forward passes (its prefill, a KVzip reconstruction pass …) once its deadline has passed:
+        a check before every attention layer of this thread, removed when the block ends."""
+        deadline, seconds, owner = job.deadline, self.limits.request_timeout, threading.get_ident()
+
+        def check(module: Any, args: Any) -> None:
+            if deadline is not None and threading.get_ident() == owner and time.monotonic() > deadline:
+                raise _time_limit_error(seconds)
+
+        handles = [m.register_forward_pre_hook(check) for m in _attention_modules(self.model)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _reject(self, job: Job, message: str, status: int, code: str | None = None) -> None:
         self.counters.requests["failed"] += 1
         if job.result is not None:
-            job.result.set_exception(RequestError(message, status=status))
+            if not job.result.done():
+                job.result.set_exception(RequestError(message, status=status, code=code))
         else:
-            job.emit(Failed(message, status))
+            self._emit(job, Failed(message, status, code))
+
+    def _emit(self, job: Job, event: Event) -> None:
+        """Hand an event to a job's client; a client that cannot take it (its loop gone) is cancelled, alone."""
+        try:
+            job.emit(event)
+        except Exception:
+            job.cancelled = True
 
     def _prefill(self, job: Job) -> None:
         press = job.press
@@ -503,6 +695,7 @@ class Engine:
             stored = StoredContext(cid, job.document, job.mode, press, ctx, list(job.ids), now, now)
             with self._lock:
                 self.contexts[stored.id] = stored
+            self._limit_contexts(stored.id)
             self.counters.peak_held = max(self.counters.peak_held, self._held())
             self.counters.prefills += 1
             self.counters.prompt_tokens += len(job.ids)
@@ -545,46 +738,54 @@ class Engine:
         if job.max_tokens == 0:
             self._finish(job, "length")
 
-    def _choose(self, job: Job) -> int:
-        assert job.ctx is not None
-        logits = job.ctx.logits[0]  # (V,)
-        s = job.sampling
-        if s.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < s.top_p  # the smallest set whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=job.generator))
-
     def _step(self) -> None:
         live: list[Job] = []
         tokens: list[int] = []
+        now = time.monotonic()
         for job in list(self._running):
-            t = self._choose(job)
-            if job.first_token is None:
-                job.first_token = time.perf_counter()
-            if t in self.eos and not job.ignore_eos:
-                self._finish(job, "stop")
+            if job.deadline is not None and now > job.deadline:
+                self._fail(job, _time_limit_error(self.limits.request_timeout))
                 continue
-            job.tokens.append(t)
-            self.counters.generated_tokens += 1
-            assert job.stream is not None
-            job.pending += job.stream.push(t)
-            if self._release(job):
-                self._finish(job, "stop")
-            elif len(job.tokens) >= job.max_tokens:
-                self._finish(job, "length")
-            else:
-                live.append(job)
-                tokens.append(t)
+            try:  # sampling and text of one sequence: a failure fails this request alone
+                assert job.ctx is not None
+                t = sample_token(job.ctx.logits[0], job.sampling, job.generator)
+                if job.first_token is None:
+                    job.first_token = time.perf_counter()
+                if t in self.eos and not job.ignore_eos:
+                    self._finish(job, "stop")
+                    continue
+                job.tokens.append(t)
+                self.counters.generated_tokens += 1
+                assert job.stream is not None
+                job.pending += job.stream.push(t)
+                if self._release(job):
+                    self._finish(job, "stop")
+                elif len(job.tokens) >= job.max_tokens:
+                    self._finish(job, "length")
+                else:
+                    live.append(job)
+                    tokens.append(t)
+            except Exception as exc:
+                self._fail(job, exc)
         if not live:
             return
-        decode_step(self.model, [j.ctx for j in live if j.ctx is not None], tokens)
+        failed = decode_step(self.model, [j.ctx for j in live if j.ctx is not None], tokens)
+        for row, error in failed.items():  # a row whose own cache failed: that request alone
+            self._fail(live[row], error)
         self.counters.decode_steps += 1
         self.counters.batched_rows += len(live)
         self.counters.max_batch = max(self.counters.max_batch, len(live))
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        """Fail one running job (a limit it ran past, or an error of its own sequence) and free its cache."""
+        if isinstance(exc, RequestError):
+            event = Failed(str(exc), exc.status, exc.code)
+        else:
+            event = Failed(f"Internal error while generating this answer: {type(exc).__name__}: {exc}", 500)
+        self.counters.requests["failed"] += 1
+        self._emit(job, event)
+        if job in self._running:
+            self._leave(job)
 
     def _release(self, job: Job, final: bool = False) -> bool:
         """Emit the text that cannot be the start of a stop string; True when a stop string was reached."""
@@ -595,7 +796,7 @@ class Engine:
         if found:
             cut = min(found)
             if cut:
-                job.emit(Delta(text[:cut]))
+                self._emit(job, Delta(text[:cut]))
                 job.sent += text[:cut]
             job.pending = ""
             return True
@@ -608,7 +809,7 @@ class Engine:
                         break
         out = text[: len(text) - hold]
         if out:
-            job.emit(Delta(out))
+            self._emit(job, Delta(out))
             job.sent += out
         job.pending = text[len(text) - hold :]
         return False
@@ -626,14 +827,57 @@ class Engine:
             "ttft_seconds": None if job.first_token is None else job.first_token - job.submitted,
         }
         self.counters.requests[reason] += 1
-        job.emit(Done(reason, job.prompt_tokens, len(job.tokens), info))
+        self._emit(job, Done(reason, job.prompt_tokens, len(job.tokens), info))
         self._leave(job)
 
     def _fail_all(self, message: str) -> None:
         for job in list(self._running):
-            job.emit(Failed(message, 500))
+            self._emit(job, Failed(message, 500))
             self._leave(job)
             self.counters.requests["failed"] += 1
+
+
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+    """The next token from one sequence's logits ``(V,)``: the argmax when ``temperature == 0``, else a draw with
+    nucleus ``top_p``. Numerically safe for every temperature in (0, 2] and top_p in (0, 1]: the logits are shifted
+    so their maximum is 0 before they are divided (in float64), so a tiny temperature gives ``-inf`` for every token
+    but the best ones, never ``inf - inf``. Logits that are not finite are an error of this sequence alone."""
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
+        raise RuntimeError("the model's next-token scores for this sequence are not finite numbers")
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    shifted = (logits.double() - logits.max().double()) / float(sampling.temperature)  # (V,) <= 0, max exactly 0
+    probs = torch.softmax(shifted, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _time_limit_error(seconds: float) -> RequestError:
+    return RequestError(
+        f"The request ran past this server's time limit of {seconds:g} s per request (--request-timeout) and was "
+        "stopped; send a shorter prompt, fewer max_tokens or a cheaper spec.",
+        code="time_limit_exceeded",
+    )
+
+
+def _attention_modules(model: Any) -> list[Any]:
+    """The model's attention layers (modules with an integer ``layer_idx``): one check each per forward pass."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def _method_names(method: Any) -> list[str]:
+    """A method's name and those of the methods nested in it (``adakv[base=snapkv]`` → adakv, snapkv)."""
+    if method is None:
+        return []
+    names = [str(method.name)]
+    for f in dataclasses.fields(method):
+        inner = getattr(method, f.name)
+        if isinstance(inner, Method):
+            names += _method_names(inner)
+    return names
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -669,4 +913,5 @@ __all__ = [
     "StoredContext",
     "kv_bytes_per_token",
     "parse_bytes",
+    "sample_token",
 ]

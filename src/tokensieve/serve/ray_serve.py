@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
@@ -33,6 +33,10 @@ class ReplicaSettings:
     max_prompt_tokens: int | None = None
     served_model_name: str | None = None
     threads: int = 1
+    limits: dict[str, Any] = field(default_factory=dict)  # Limits fields; None or absent: the default
+    api_key: str | None = None
+    allowed_hosts: list[str] | None = None
+    allowed_methods: list[str] | None = None
 
 
 class Replica:
@@ -42,8 +46,10 @@ class Replica:
         from ..adapters.models import load_model
         from ..results.threads import use_threads
         from .engine import Engine
+        from .limits import Limits
 
         s = ReplicaSettings(**settings)
+        self.settings = s
         use_threads(s.threads)
         model, tok = load_model(s.model)
         self.engine = Engine(
@@ -55,6 +61,8 @@ class Replica:
             model_name=s.served_model_name or s.model,
             max_prompt_tokens=s.max_prompt_tokens,
             max_tokens=s.max_tokens,
+            limits=Limits.from_mapping(s.limits),
+            allowed_methods=None if s.allowed_methods is None else set(s.allowed_methods),
         ).start()
         try:
             from ray import serve
@@ -66,7 +74,8 @@ class Replica:
     def __serve_build_asgi_app__(self) -> Any:
         from .app import create_app
 
-        app = create_app(self.engine, start=False)  # the engine already runs
+        s = self.settings
+        app = create_app(self.engine, start=False, api_key=s.api_key, allowed_hosts=s.allowed_hosts)
         replica_id = self.replica_id
 
         @app.middleware("http")
