@@ -601,6 +601,7 @@ class Compressor:
         on it exactly as in :meth:`decode`, so teacher-forcing one token at a time measures a decode method. A
         longer chunk is attended to densely and appended (decode methods update their metadata).
         """
+        _check_context(ctx, "extend")
         ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         if ids.shape[0] != ctx.batch:
             raise ConfigError(f"Batch mismatch: context has {ctx.batch} rows, the chunk {ids.shape[0]}.")
@@ -622,6 +623,7 @@ class Compressor:
         **decode_params: Any,
     ) -> CachedContext:
         """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
+        _check_context(ctx, "attach_decode")
         dm = _decode_method(decode, decode_params)
         check_composition(self.method, dm, self.shape)
         ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
@@ -634,19 +636,18 @@ class Compressor:
         ctx: CachedContext,
         max_new_tokens: int,
         *,
-        eos_token_ids: Sequence[int] = (),
+        eos_token_ids: Sequence[int] | int | None = (),
         on_token: Callable[[int, int], None] | None = None,
     ) -> Generation:
         """Greedy decoding from a prefilled context. Modifies ``ctx`` in place.
 
         ``on_token(row, token_id)`` is called for every generated token (for streaming).
         """
+        _check_context(ctx, "decode")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be a whole number >= 0; got {max_new_tokens!r}.")
-        if eos_token_ids is None:
-            eos_token_ids = ()
+        eos = _token_ids(eos_token_ids, "eos_token_ids")
         self._check_length(int(ctx.next_positions().max()) + max_new_tokens)
-        eos = {int(e) for e in eos_token_ids}
         B = ctx.batch
         tokens: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
@@ -672,6 +673,29 @@ class Compressor:
             steps += 1
         ctx.logits = logits
         return Generation(tokens, steps, time.perf_counter() - t0, finished)
+
+
+def _check_context(ctx: Any, call: str) -> None:
+    if not isinstance(ctx, CachedContext):
+        raise ConfigError(
+            f"{call}() takes the CachedContext that prefill() returned (ctx = press.prefill(ids)); got {ctx!r:.60}."
+        )
+
+
+def _token_ids(value: Any, name: str) -> set[int]:
+    """A set of token ids from None, one id, or a sequence of ids (each a whole number >= 0)."""
+    if value is None:
+        return set()
+    items = [value] if isinstance(value, int) or (isinstance(value, Tensor) and value.dim() == 0) else value
+    try:
+        items = [v for v in items if v is not None]  # [tokenizer.eos_token_id] of a tokenizer without one
+        out = {int(v) for v in items}
+        whole = all(not isinstance(v, (bool, float, str)) for v in items)
+    except (TypeError, ValueError):
+        out, whole = set(), False
+    if not whole or any(v < 0 for v in out):
+        raise ConfigError(f"{name} must be a token id or a sequence of token ids (whole numbers >= 0); got {value!r}.")
+    return out
 
 
 def check_chunk(chunk: Any) -> int:

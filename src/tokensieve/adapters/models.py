@@ -8,6 +8,7 @@ take about a second. Nothing here touches the network except :func:`pull`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,10 +287,8 @@ def text_tokenizer(tokenizer: Any) -> Any:
     inner = getattr(tokenizer, "tokenizer", None)
     if inner is None or inner is tokenizer:
         return tokenizer
-    try:
-        from transformers import ProcessorMixin
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        ProcessorMixin = ()  # type: ignore[assignment,misc]  # noqa: N806
+    from transformers import ProcessorMixin
+
     multimodal = any(hasattr(tokenizer, a) for a in ("image_processor", "feature_extractor", "video_processor"))
     return inner if isinstance(tokenizer, ProcessorMixin) or multimodal else tokenizer
 
@@ -336,24 +336,39 @@ def load_vision_language(
 
 
 def model_key(model: Any) -> str:
-    """A short, file-name-safe key for a loaded model: the embedded model's name, else the folder's name and a
-    fingerprint of the model's *content* (its configuration, parameter names, shapes and a sample of every
-    parameter's values) — so a model's profiles are found whatever path it was loaded from, and two different
-    models loaded from the same path never share them. Memoised per model object."""
+    """A short, file-name-safe key for a loaded model: the embedded model's name when it was loaded from the
+    embedded model's own folder (what ``tokensieve pull`` wrote), else the folder's name and a fingerprint of the
+    model's *content* (its configuration, parameter names, shapes and a sample of every parameter's values) — so a
+    model's profiles are found whatever path it was loaded from, two different models loaded from the same path never
+    share them, and a fine-tune saved in a folder named like the embedded model (``ft/smollm2``) does not get the
+    embedded model's shipped profiles. Memoised per model object, without keeping the model alive."""
     name = str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")
-    short = embedded_name(name) or embedded_name(Path(name).name)
-    if short is not None:
+    short = embedded_name(Path(name).name) or embedded_name(name)
+    if short is not None and _is_embedded_folder(name, short):
         return short
-    cached = _KEYS.get(id(model))
-    if cached is not None and cached[0] is model:
-        return cached[1]
+    try:
+        cached = _KEYS.get(model)
+    except TypeError:  # an object that cannot be weakly referenced: not memoised
+        cached = None
+    if cached is not None:
+        return cached
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name).strip("-.") or "model"
     key = f"{base}-{_fingerprint(model)}"
-    _KEYS[id(model)] = (model, key)
+    with contextlib.suppress(TypeError):
+        _KEYS[model] = key
     return key
 
 
-_KEYS: dict[int, tuple[Any, str]] = {}
+def _is_embedded_folder(name: str, key: str) -> bool:
+    """Whether ``name`` (a model's ``_name_or_path``) is the folder ``tokensieve pull`` wrote for embedded model
+    ``key``: only that folder's weights are known to be the embedded model's."""
+    try:
+        return Path(name).expanduser().resolve() == embedded_dir(key).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+_KEYS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def model_fingerprint(model: Any) -> str:
