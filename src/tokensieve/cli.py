@@ -135,7 +135,7 @@ def generate_spec(args: argparse.Namespace) -> Spec:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .adapters.models import DEFAULT_MODEL, load_model, model_shape
+    from .adapters.models import DEFAULT_MODEL, load_model, model_shape, text_tokenizer
     from .data.prompts import TextStream, chat_ids
     from .demo import budget_notes
     from .errors import PromptError
@@ -149,7 +149,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_with_image(args, prompt)
     spec = generate_spec(args)  # fail on a bad method, parameter or budget before loading the model
     kwargs = spec.compressor_kwargs()
-    model, tok = load_model(args.model or DEFAULT_MODEL)
+    model, loaded = load_model(args.model or DEFAULT_MODEL)
+    tok = text_tokenizer(loaded)  # a VLM's processor would read the prompt as an image (a URL fetched, a path opened)
     ids = chat_ids(tok, prompt, system=args.system)
     check_context(model_shape(model).max_positions, int(ids.shape[1]), args.max_new_tokens)
     for note in budget_notes(spec, int(ids.shape[1])):
@@ -181,7 +182,7 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
     from .adapters.models import load_model
     from .adapters.vision import split_spec, vision_adapter
     from .adapters.vlm import VLM_NAME
-    from .errors import CapabilityError, PromptError
+    from .errors import CapabilityError
     from .methods.visual.spec import VisualPlan
     from .pipeline import Compressor
     from .spec import Spec
@@ -190,13 +191,7 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
         raise TokensieveError("With --image, write what to run with --spec (e.g. pool:64/snapkv:0.5).")
     plan, kv = split_spec(args.spec) if args.spec else (VisualPlan.parse([]), "")
     kv_spec = Spec.parse(kv) if kv else None  # a bad spec fails before the model loads
-    try:
-        from PIL import Image
-
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise PromptError(f"Cannot read the image '{args.image}': {exc}") from exc
+    image = read_image(args.image)
     model, processor = load_model(args.model or VLM_NAME)
     if not hasattr(processor, "image_processor"):
         raise CapabilityError(
@@ -220,13 +215,40 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
     print(tok.decode(ids, skip_special_tokens=True))
     visual = " → ".join(f"{stage} {n[0]}" for stage, n in state.visual_tokens.items())
     label = args.spec or "full"
-    kv_bytes = state.cache.kv_bytes() if hasattr(state.cache, "kv_bytes") else 0
+    kv_bytes = cache.kv_bytes() if cache is not None else state.kv_bytes()  # the KV method's cache, else the plain one
     print(
         f"[{label}] prompt {enc['input_ids'].shape[1]} tokens · visual tokens {visual or 'all'} · KV "
         f"{kv_bytes / 2**20:.2f} MB · prefill {t1 - t0:.2f} s · decode {len(ids) / max(t2 - t1, 1e-9):.1f} tok/s",
         file=sys.stderr,
     )
     return 0
+
+
+MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused before they are decoded (a 20000 x 20000 PNG is 400 M)
+
+
+def read_image(path: str) -> Any:
+    """An RGB image from a file, or a :class:`PromptError` saying why not: unreadable, not an image, or larger than
+    :data:`MAX_IMAGE_PIXELS` (checked from the header, before the pixels are decoded)."""
+    from PIL import Image
+
+    from .errors import PromptError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h <= MAX_IMAGE_PIXELS:
+                return im.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise PromptError(f"The image '{path}' is too large to read safely: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken files
+        raise PromptError(f"Cannot read the image '{path}': {exc}") from None
+    raise PromptError(
+        f"The image '{path}' is {w} x {h} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are read. Resize it."
+    )
 
 
 DEMO_METHODS = "full,streaming_llm,snapkv,knorm,razor,compresskv"

@@ -117,3 +117,45 @@ def test_a_visual_spec_without_an_image_names_what_it_needs(capsys):
     assert "'pool' is a visual-token method" in err
     assert "--image" in err
     assert "Traceback" not in err
+
+
+def test_the_kv_bytes_printed_are_the_caches(vlm_dir, image_file, capsys):
+    import re
+
+    argv = ["generate", "--model", str(vlm_dir), "--image", str(image_file), QUESTION, "--max-new-tokens", "2"]
+    for spec in ("pool:64/snapkv:0.5", "pool:64"):
+        assert main([*argv, "--spec", spec]) == 0
+        err = capsys.readouterr().err
+        mb = float(re.search(r"KV ([0-9.]+) MB", err).group(1))
+        assert mb > 0, err  # the composed SieveCache's bytes (snapkv) or the plain per-layer cache's
+
+
+def test_text_without_an_image_never_reaches_the_processors_image_input(vlm_dir, capsys, monkeypatch):
+    from transformers import AutoProcessor
+
+    processor_class = type(AutoProcessor.from_pretrained(str(vlm_dir)))
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"the processor was called with {args!r}: a prompt would be read as an image")
+
+    monkeypatch.setattr(processor_class, "__call__", refuse)
+    for prompt in ("http://127.0.0.1:9/secret.png", "/etc/passwd"):
+        assert main(["generate", "--model", str(vlm_dir), prompt, "--max-new-tokens", "2"]) == 0
+        assert "[full]" in capsys.readouterr().err
+
+
+def test_an_image_too_large_to_decode_is_a_clear_error(vlm_dir, tmp_path, capsys):
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"  # a 20000 x 20000 header with almost no data: a decompression bomb
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 61)) +
+                     chunk(b"IEND", b""))  # fmt: skip
+    assert main(["generate", "--model", str(vlm_dir), "--image", str(bomb), QUESTION]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokensieve: error:")
+    assert "too large" in err

@@ -211,6 +211,12 @@ class VisionState:
     visual_tokens: dict[str, list[int]] = field(default_factory=dict)
     all_logits: Tensor | None = None
 
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values the state's cache stores: a composed KV method's exact count (the SieveCache
+        behind its transformers face), else the plain per-layer cache's."""
+        cache = getattr(self.cache, "sieve", self.cache)
+        return int(cache.kv_bytes()) if hasattr(cache, "kv_bytes") else 0
+
 
 # --------------------------------------------------------------------------------------------------- engine
 class TextStack:
