@@ -29,7 +29,7 @@ from ..attention import flex
 from ..core.capabilities import Apply
 from ..data.prompts import encode
 from ..data.text import calibration_text
-from ..errors import TokensieveError
+from ..errors import ConfigError, TokensieveError
 from ..pipeline import Compressor, compress
 from ..results.store import ResultStore, spec_columns
 from ..spec import Spec, budget_label, method_label
@@ -151,6 +151,7 @@ def run_bench(
     """
     torch.set_num_threads(cfg.threads)
     model, tok = model_and_tokenizer or load_model(cfg.model)
+    check_specs(model, cfg)  # every configuration is refused now, not after the first cells were measured
     key = model_key(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     info: dict[str, Any] = {
@@ -255,6 +256,28 @@ def run_bench(
                     del ctx
                     done += len(specs) - len(todo)
     return rows, info
+
+
+def check_specs(model: Any, cfg: BenchConfig) -> None:
+    """Build every configuration of the benchmark on the model (capabilities, composition, profiles, what would do
+    nothing) and fit its budgets to every length and batch, before anything is measured; raises the first refusal
+    with the configuration's label."""
+    for spec in cfg.specs:
+        try:
+            press = compress(model, chunk=cfg.chunk, **spec.compressor_kwargs())
+            for length in cfg.lengths:
+                if press.method.compresses:
+                    press.budget.tokens_for(length)
+                for batch in cfg.batch_sizes:
+                    for m in (press.method, press.decode_method):
+                        if m is not None:
+                            m.capabilities.check(method=m.name, batch_size=batch)
+                    if press.decode_method is not None:
+                        press.decode_method.check_batch(press.decode_budget, [length] * batch)
+        except TokensieveError as exc:
+            if spec.label in str(exc):
+                raise
+            raise ConfigError(f"{spec.label}: {exc}") from None
 
 
 WARMUP_TOKENS = 512  # prompt of the per-configuration warm-up prefill (several FlexAttention blocks)

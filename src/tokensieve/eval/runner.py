@@ -292,13 +292,6 @@ def run_eval(
             cfg = dataclasses.replace(cfg, methods=keep or (Spec(),))
         cells, notes = expand(cfg)
         notes = list(dropped.values()) + notes
-        prepared: dict[Any, _Prepared] = {}
-        for cell in cells:  # generate every sample now: a too-short length or a budget too large fails here
-            prep = _prepare(cell, tokenizer, prepared)
-            n = len(prep.prompt.context) if cell.mode == "agnostic" and prep.prompt.question else len(prep.prompt)
-            for budget in (cell.spec.budget, cell.spec.decode_budget):
-                if budget is not None:
-                    budget.tokens_for(n)
         keys = [c.key(mkey) for c in cells]
         if len(set(keys)) != len(keys):
             raise ConfigError("The grid has duplicate cells (the same method and parameters listed twice?).")
@@ -307,14 +300,23 @@ def run_eval(
         already = len(cells) - len(todo)
         for note in notes:
             print(f"note: {note}", file=out)
-        print(
+        print(  # the plan first: a large grid's samples take a while to generate
             f"{len(cells)} cells ({len(cfg.task_objects)} tasks x {len(cfg.specs())} configurations incl. full cache, "
             f"{len(cfg.lengths)} lengths"
             + (f"; prefilled in chunks of {cfg.chunk} tokens, the full cache in one pass" if cfg.chunk else "")
             + f"); {already} already in {store.path}, {len(todo)} to run; "
             f"model {mkey}, {threads} threads.",
             file=out,
+            flush=True,
         )
+        prepared: dict[Any, _Prepared] = {}
+        # generate every sample now: a too-short length or a budget too large fails here, before any measurement
+        for cell in tqdm(cells, desc="samples", unit="cell", disable=not progress or len(cells) < 1000, file=out):
+            prep = _prepare(cell, tokenizer, prepared)
+            n = len(prep.prompt.context) if cell.mode == "agnostic" and prep.prompt.question else len(prep.prompt)
+            for budget in (cell.spec.budget, cell.spec.decode_budget):
+                if budget is not None:
+                    budget.tokens_for(n)
         if dry_run or not todo:
             return RunSummary(str(store.path), len(cells), already, 0, time.perf_counter() - t_start, notes, keys,
                               already)  # fmt: skip

@@ -48,8 +48,9 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,9 @@ class ResultStore:
     """A SQLite results store (see the module docstring).
 
     ``ResultStore(path)`` creates the file (and its folder) if needed and checks that it can be written, so a bad
-    path fails before any work starts. ``readonly=True`` opens an existing store for reports.
+    path fails before any work starts. ``readonly=True`` opens an existing store for reports — also one on a
+    read-only disk or folder, or one the user may only read. Either way a damaged file (SQLite's integrity check)
+    is refused when it is opened, before anything is read from it or written to it.
     """
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
@@ -179,7 +182,8 @@ class ResultStore:
                     f"No results store at {self.path}: run `tokensieve eval --store {self.path}` or "
                     f"`tokensieve bench --store {self.path}` first."
                 )
-            self._conn = self._connect(f"file:{self.path}?mode=ro", uri=True)
+            self._conn = self._open_readonly()
+            self._check_intact()
             self._check_schema()
             return
         if self.path.is_dir():
@@ -200,6 +204,7 @@ class ResultStore:
                 "Choose a writable path with --store."
             ) from None
         self._conn = self._connect(str(self.path))
+        self._check_intact()
         try:
             self._wal()  # readers never block the writer, nor it them
             self._create()
@@ -226,6 +231,32 @@ class ResultStore:
                 if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """A read-only connection. A store in WAL mode needs its ``-shm`` file, which a reader cannot create in a
+        folder it may not write: it is then opened as immutable (nothing may write it meanwhile — true of a read-only
+        place)."""
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        try:
+            conn = self._connect(f"{uri}?mode=ro", uri=True)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except ConfigError:
+            return self._connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
+    def _check_intact(self) -> None:
+        """Refuse a damaged file (SQLite's quick integrity check) before anything is read or written: a truncated or
+        overwritten store would otherwise give wrong counts, or take new rows into a broken file."""
+        try:
+            result = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            result = [str(exc)]
+        if result != ["ok"]:
+            self._conn.close()
+            raise ConfigError(
+                f"The results store {self.path} is damaged ({'; '.join(map(str, result[:3]))}): restore it from a "
+                "copy, or use another --store path."
+            )
 
     def _connect(self, target: str, *, uri: bool = False) -> sqlite3.Connection:
         try:
@@ -369,23 +400,37 @@ class ResultStore:
             self._conn.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
 
     # ------------------------------------------------------------------------------------------------ reading
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read that meets damage the open-time check missed is a :class:`ConfigError`, not a raw sqlite error."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"Cannot read the results store {self.path}: {exc}. Restore it from a copy, or use another --store."
+            ) from None
+
     def keys(self, table: str) -> set[str]:
         _table(table)
-        return {r[0] for r in self._conn.execute(f"SELECT key FROM {table}")}
+        with self._reading():
+            return {r[0] for r in self._conn.execute(f"SELECT key FROM {table}")}
 
     def has(self, table: str, key: str) -> bool:
         _table(table)
-        return self._conn.execute(f"SELECT 1 FROM {table} WHERE key = ?", (key,)).fetchone() is not None
+        with self._reading():
+            return self._conn.execute(f"SELECT 1 FROM {table} WHERE key = ?", (key,)).fetchone() is not None
 
     def count(self, table: str) -> int:
         _table(table)
-        return int(self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        with self._reading():
+            return int(self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def rows(self, table: str, where: str = "", params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         """Rows of ``table`` in the order they were measured (``where``: an SQL condition with ``?`` params)."""
         _table(table)
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "") + " ORDER BY created"
-        rows = [dict(r) for r in self._conn.execute(sql, tuple(params))]
+        with self._reading():
+            rows = [dict(r) for r in self._conn.execute(sql, tuple(params))]
         added = ADDED & set(columns(table))
         for r in rows:  # an older store opened read-only lacks the columns added since: they read as None
             for c in added:
@@ -394,7 +439,8 @@ class ResultStore:
 
     def runs(self, tool: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM runs" + (" WHERE tool = ?" if tool else "") + " ORDER BY id"
-        out = [dict(r) for r in self._conn.execute(sql, (tool,) if tool else ())]
+        with self._reading():
+            out = [dict(r) for r in self._conn.execute(sql, (tool,) if tool else ())]
         for r in out:
             r["info"] = json.loads(r["info"]) if r.get("info") else {}
         return out

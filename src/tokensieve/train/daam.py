@@ -72,6 +72,8 @@ class DaamRun:
             raise ConfigError("--time-heads must be ≥ 1 (or 0 for the default)")
         if self.epochs < 1 or self.batch < 1 or self.segments < 0:
             raise ConfigError("epochs and batch must be ≥ 1, segments ≥ 0")
+        if self.feedforward < 1:
+            raise ConfigError(f"--feedforward must be ≥ 1; got {self.feedforward}")
 
 
 def build_model(run: DaamRun, mels: int, frames: int, outputs: int) -> nn.Module:
@@ -551,14 +553,20 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
 
 
 def parse_seeds(spec: str) -> list[int]:
-    """``"0-4"`` or ``"0,3,7"``."""
+    """``"0-4"`` or ``"0,3,7"``: at least one seed, each >= 0; a range runs upwards (``5-2`` is refused, not empty)."""
     try:
         if "-" in spec:
-            lo, hi = spec.split("-")
-            return list(range(int(lo), int(hi) + 1))
-        return [int(s) for s in spec.split(",") if s.strip()]
+            lo, hi = (int(x) for x in spec.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError as exc:
-        raise ConfigError(f"--seeds takes 0-4 or 0,1,2, got {spec!r}") from exc
+        raise ConfigError(f"--seeds takes 0-4 or 0,1,2 (whole numbers >= 0), got {spec!r}") from exc
+    if "-" in spec and not seeds:
+        raise ConfigError(f"--seeds {spec}: a range runs from low to high (write {hi}-{lo}).")
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds takes 0-4 or 0,1,2 (whole numbers >= 0), got {spec!r}")
+    return seeds
 
 
 def grid(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .spkv import writable_folder
 
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _threads(args.threads)
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    if not networks or not attentions:
+        raise ConfigError("--networks and --attention each need at least one name")
     runs = grid(
         args.task,
         networks,
@@ -62,6 +65,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.feedforward,
         args.time_heads,
     )
+    for r in runs:
+        r.check()  # every run of the grid, before the corpus is built or anything trains
+    writable_folder(Path(args.out), "--out")
     records = run_grid(runs, Path(args.out), _corpus_cfg(args), progress=not args.no_progress)
     print(summary_table(records))
     return 0
@@ -71,7 +77,10 @@ def cmd_frames(args: argparse.Namespace) -> int:
     from .daam import frame_selection, frames_table
 
     _threads(args.threads)
-    fractions = [float(f) for f in args.keep.split(",") if f.strip()]
+    try:
+        fractions = [float(f) for f in args.keep.split(",") if f.strip()]
+    except ValueError:
+        raise ConfigError(f"--keep takes fractions in (0, 1], got {args.keep!r}") from None
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"--keep takes fractions in (0, 1], got {args.keep!r}")
     rows = frame_selection(Path(args.out), fractions, _corpus_cfg(args), task=args.task, progress=not args.no_progress)
@@ -99,6 +108,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     from .daam import figures
 
     _threads(args.threads)
+    writable_folder(Path(args.figdir), "--figdir")
     for p in figures(Path(args.out), Path(args.figdir), _corpus_cfg(args)):
         print(p)
     return 0

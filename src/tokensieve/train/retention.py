@@ -24,6 +24,7 @@ bands inside a held-out sequence), fit (AdamW, checkpointed), evaluate on the he
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class RetentionTrainConfig(SPKVTrainConfig):
             raise ConfigError("sequences, heldout, samples, steps, batch and rank must all be >= 1.")
         if not 0 < self.floor < 1:
             raise ConfigError("--floor must be in (0, 1).")
+        if not math.isfinite(self.bias_init):
+            raise ConfigError(f"--bias-init must be a finite number; got {self.bias_init}.")
+        self.check_run()
 
 
 def band_oracle(ctx: LayerContext, ages: list[int], chunk: int = 256) -> Tensor:

@@ -36,6 +36,7 @@ import ast
 import glob
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -85,8 +86,38 @@ class SPKVTrainConfig:
             raise ConfigError(f"--length must exceed window + horizon + 16 = {self.window + self.horizon + 16}.")
         if min(self.sequences, self.heldout, self.samples, self.steps, self.batch, self.window, self.horizon) < 1:
             raise ConfigError("sequences, heldout, samples, steps, batch, window and horizon must all be >= 1.")
-        if not 0 < self.epsilon < 1 or self.temperature <= 0:
-            raise ConfigError("--epsilon must be in (0, 1) and --temperature > 0.")
+        if not 0 < self.epsilon < 1 or not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError("--epsilon must be in (0, 1) and --temperature a number > 0.")
+        if self.hidden < 0:
+            raise ConfigError(f"--hidden must be >= 0 (0: a linear gate); got {self.hidden}.")
+        self.check_run()
+
+    def check_run(self) -> None:
+        """What every training command checks before any data is collected: the optimiser's settings, the
+        checkpoint interval, the threads, the time budget and that ``--out`` can be written."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a number > 0; got {self.lr}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be a number >= 0; got {self.weight_decay}.")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1 step; got {self.checkpoint_every}.")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1; got {self.threads}.")
+        if not (math.isfinite(self.collect_minutes) and self.collect_minutes >= 0):
+            raise ConfigError(f"--collect-minutes must be a number >= 0 (0: no limit); got {self.collect_minutes}.")
+        writable_folder(Path(self.out), "--out")
+
+
+def writable_folder(path: Path, flag: str) -> None:
+    """Create ``path`` (a folder) if needed and check that files can be written in it, or a :class:`ConfigError`
+    naming the flag — before any work whose results would go there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tokensieve-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"Cannot write to {flag} {path}: {exc.strerror or exc}. Choose a writable folder.") from None
 
 
 # ------------------------------------------------------------------------------------------------------ text
@@ -173,15 +204,22 @@ class SPKVTrainer:
         torch.set_num_threads(cfg.threads)
         self.out.mkdir(parents=True, exist_ok=True)
         cfg_path = self.out / "config.json"
-        if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+        if cfg_path.exists() and self.started():
+            try:
+                old = json.loads(cfg_path.read_text())
+            except ValueError:
+                old = None
             if old != asdict(cfg):
                 raise ConfigError(
                     f"{self.out} holds a run with other settings ({cfg_path}); use another --out or the same flags."
                 )
-        else:
+        else:  # nothing collected or trained yet (a run refused before its first shard): the settings may change
             cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         self._model: Any = None
+
+    def started(self) -> bool:
+        """Whether this run has produced anything its settings shaped: a shard, a checkpoint or metrics."""
+        return any(self.out.rglob("*.pt")) or (self.out / "metrics.json").exists()
 
     # -- model --------------------------------------------------------------------------------------------------
     def model(self) -> tuple[Any, Any]:
@@ -461,6 +499,8 @@ _HELP = {
 def add_commands(tsub: Any) -> None:
     import argparse
 
+    from ..results.threads import whole_number
+
     p = tsub.add_parser("spkv", help="train SP-KV's write gate on the frozen model (resumable; see docs/SPKV.md)")
     defaults = SPKVTrainConfig()
     for f in fields(SPKVTrainConfig):
@@ -472,10 +512,10 @@ def add_commands(tsub: Any) -> None:
     d = tsub.add_parser("spkv-density", help="achieved density of SP-KV specs on held-out text, per prompt length")
     d.add_argument("--specs", default="spkv[tau=0.3],spkv[tau=0.5],spkv[tau=0.7]", help="comma-separated specs")
     d.add_argument("--lengths", default="512,1024,2048")
-    d.add_argument("--prompts", type=int, default=4, help="held-out prompts per length")
+    d.add_argument("--prompts", type=whole_number(1), default=4, help="held-out prompts per length")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--threads", type=whole_number(1), default=2)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.set_defaults(func=cmd_spkv_density)
     from .spkv_figure import add_command as add_figure_command

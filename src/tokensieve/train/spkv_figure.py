@@ -99,11 +99,13 @@ def cmd_spkv_figure(args: Any) -> int:
 
 
 def add_command(tsub: Any) -> None:
+    from ..results.threads import whole_number
+
     f = tsub.add_parser("spkv-figure", help="heat strip of the SP-KV gate's utilities per layer over held-out text")
     f.add_argument("--out", default="docs/figures/spkv_gate_strip.png")
-    f.add_argument("--tokens", type=int, default=80, help="how many held-out tokens to draw")
+    f.add_argument("--tokens", type=whole_number(1), default=80, help="how many held-out tokens to draw")
     f.add_argument("--density", type=float, default=0.25, help="the target density whose threshold marks drops")
     f.add_argument("--model", default="smollm2-135m")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--threads", type=whole_number(1), default=2)
     f.set_defaults(func=cmd_spkv_figure)
