@@ -593,15 +593,17 @@ def prometheus(engine: Engine) -> str:
     metric("decode_steps_total", "counter", "Batched decode forward passes.", [("", c.decode_steps)])
     metric("decode_rows_total", "counter", "Sequences stepped, summed over decode steps.", [("", c.batched_rows)])
     metric("batch_size_max", "gauge", "Largest decode batch so far.", [("", c.max_batch)])
-    metric("contexts_evicted_total", "counter", "Stored contexts evicted under memory pressure.",
+    metric("contexts_evicted_total", "counter", "Stored contexts evicted under memory pressure or the count limit.",
            [("", c.contexts_evicted)])  # fmt: skip
+    metric("contexts_expired_total", "counter", "Stored contexts deleted after --context-ttl unused.",
+           [("", c.contexts_expired)])  # fmt: skip
     metric("queue_length", "gauge", "Requests waiting for admission.", [("", g["queue_length"])])
     metric("running_sequences", "gauge", "Sequences in the decode batch.", [("", g["running"])])
     metric("kv_bytes_in_use", "gauge", "Exact KV bytes stored by running sequences and stored contexts.",
            [("", g["kv_bytes_in_use"])])  # fmt: skip
     metric("kv_bytes_reserved", "gauge", "KV bytes held (stored entries plus reserved answer headroom).",
            [("", g["kv_bytes_reserved"])])  # fmt: skip
-    metric("kv_bytes_budget", "gauge", "The KV memory budget (0: unlimited).", [("", g["kv_bytes_budget"])])
+    metric("kv_bytes_budget", "gauge", "The KV memory budget.", [("", g["kv_bytes_budget"])])
     metric("contexts", "gauge", "Stored contexts.", [("", g["contexts"])])
     metric("context_bytes", "gauge", "Bytes held by stored contexts.", [("", g["context_bytes"])])
     return "\n".join(lines) + "\n"

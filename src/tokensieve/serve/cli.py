@@ -72,11 +72,11 @@ def allowed_methods(args: argparse.Namespace) -> set[str] | None:
 def build_engine(args: argparse.Namespace) -> Any:
     """Load the model and build the engine (the spec and the limits are checked before the model is loaded)."""
     from ..adapters.models import load_model
-    from ..spec import Spec
+    from ..pipeline import resolve_spec
     from .engine import Engine
     from .limits import Limits
 
-    Spec.parse(args.spec)  # a malformed spec fails before the model loads
+    resolve_spec(args.spec, None, None, None, None, {})  # a malformed spec, or one without a budget, fails now
     limits = Limits.from_mapping(limit_values(args))
     methods = allowed_methods(args)
     model, tok = load_model(args.model)
