@@ -623,9 +623,9 @@ class Compressor:
         **decode_params: Any,
     ) -> CachedContext:
         """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
-        _check_context(ctx, "attach_decode")
         dm = _decode_method(decode, decode_params)
         check_composition(self.method, dm, self.shape)
+        _check_context(ctx, "attach_decode")
         ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
         return ctx
 

@@ -375,7 +375,7 @@ def test_a_request_over_the_time_limit_is_stopped_alone(model, monkeypatch):
         assert c.last.code == "time_limit_exceeded"
     finally:
         engine.stop()
-    assert not any(m._forward_pre_hooks for m in model.modules())  # the checks are gone
+    assert not any(m._forward_pre_hooks for m in model.modules())  # nothing was set on the model
 
 
 def store(client, doc: str, **kw):

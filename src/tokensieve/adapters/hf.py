@@ -52,6 +52,22 @@ _IN_CALL: contextvars.ContextVar[int] = contextvars.ContextVar("tokensieve_in_ca
 _INJECTING: contextvars.ContextVar[object | None] = contextvars.ContextVar("tokensieve_injecting", default=None)
 _ROUTING_LOCK = threading.Lock()
 _ROUTED: dict[int, list[Any]] = {}
+# Called before every layer's attention of this thread's tokensieve forward passes (see before_each_layer).
+_ON_LAYER: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "tokensieve_on_layer", default=None
+)
+
+
+@contextlib.contextmanager
+def before_each_layer(check: Callable[[], None]) -> Iterator[None]:
+    """Call ``check()`` before the attention of every layer of the tokensieve forward passes this thread runs inside
+    the block (a prefill, its auxiliary passes, a decode step); an exception it raises stops the forward pass there.
+    Per thread, nothing is set on the model: a server stops a request that ran past its time limit this way."""
+    token = _ON_LAYER.set(check)
+    try:
+        yield
+    finally:
+        _ON_LAYER.reset(token)
 
 
 def take_pending(layer_idx: int) -> SieveCache | None:
@@ -149,6 +165,9 @@ def sieve_attention(
     """
     layer_idx = int(getattr(module, "layer_idx", -1))
     cache = take_pending(layer_idx)
+    check = _ON_LAYER.get()
+    if check is not None and cache is not None:
+        check()
     if scaling is None:
         scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
     mods = modifiers(module, kwargs)

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.hf import before_each_layer
 from ..adapters.models import model_shape, model_text, special_token_texts, text_tokenizer
 from ..core.method import Method, PrefillMethod
 from ..data.prompts import TextStream, chat_split, encode
@@ -656,19 +657,15 @@ class Engine:
     @contextlib.contextmanager
     def _time_limit(self, job: Job) -> Iterator[None]:
         """Stop ``job``'s forward passes (its prefill, a KVzip reconstruction pass …) once its deadline has passed:
-        a check before every attention layer of this thread, removed when the block ends."""
-        deadline, seconds, owner = job.deadline, self.limits.request_timeout, threading.get_ident()
+        a check before every layer's attention of this thread's passes (nothing is set on the model)."""
+        deadline, seconds = job.deadline, self.limits.request_timeout
 
-        def check(module: Any, args: Any) -> None:
-            if deadline is not None and threading.get_ident() == owner and time.monotonic() > deadline:
+        def check() -> None:
+            if deadline is not None and time.monotonic() > deadline:
                 raise _time_limit_error(seconds)
 
-        handles = [m.register_forward_pre_hook(check) for m in _attention_modules(self.model)]
-        try:
+        with before_each_layer(check):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def _reject(self, job: Job, message: str, status: int, code: str | None = None) -> None:
         self.counters.requests["failed"] += 1
@@ -861,11 +858,6 @@ def _time_limit_error(seconds: float) -> RequestError:
         "stopped; send a shorter prompt, fewer max_tokens or a cheaper spec.",
         code="time_limit_exceeded",
     )
-
-
-def _attention_modules(model: Any) -> list[Any]:
-    """The model's attention layers (modules with an integer ``layer_idx``): one check each per forward pass."""
-    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
 def _method_names(method: Any) -> list[str]:
