@@ -1,5 +1,6 @@
 """Rendering: a report is a list of :class:`Block` (headings, paragraphs, code, tables, images) written as Markdown,
-as self-contained HTML (images embedded) or, for tables, as aligned text for a terminal."""
+as HTML fragments (images embedded; the interactive page, :mod:`.page`, carries them as its static part) or, for
+tables, as aligned text for a terminal."""
 
 from __future__ import annotations
 
@@ -73,22 +74,6 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
         elif b.kind == "image" and b.path is not None:
             lines += [f"![{b.text}]({b.path.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    """One self-contained HTML page (images embedded as data URIs), without scripts: the static form of the report
-    (the interactive page is :mod:`tokensieve.results.page`)."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%}pre{background:#f6f6f6;padding:0.8em;overflow-x:auto}</style></head><body>",
-        *html_blocks(blocks),
-        "</body></html>",
-    ]
-    return "\n".join(parts)
 
 
 def html_blocks(blocks: Sequence[Block], *, images: bool = True) -> list[str]:
