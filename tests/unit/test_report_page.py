@@ -131,7 +131,8 @@ def test_json_in_the_page_cannot_end_its_script() -> None:
     assert json.loads(text) == nasty
 
 
-def test_html_needs_the_report_extra_and_markdown_does_not(store: Path, tmp_path: Path, monkeypatch: Any) -> None:
+def test_html_needs_the_report_extra_and_markdown_does_not(tmp_path: Path, monkeypatch: Any) -> None:
+    store = build_store(tmp_path / "vlm.sqlite", kv=False, daam=False)  # a small store: VLM rows
     monkeypatch.setitem(sys.modules, "plotly", None)  # as if `tokensieve[report]` were not installed
     monkeypatch.setitem(sys.modules, "plotly.offline", None)
     with pytest.raises(ConfigError, match=re.escape("pip install 'tokensieve[report]'")):
@@ -139,6 +140,7 @@ def test_html_needs_the_report_extra_and_markdown_does_not(store: Path, tmp_path
     assert not (tmp_path / "html").exists()  # refused before anything was written
     written = write_report(store, tmp_path / "md", formats=["md"])
     assert (tmp_path / "md" / "report.md") in written
+    assert "## Visual-token pruning (VLM)" in (tmp_path / "md" / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------------- DAAM
