@@ -284,8 +284,9 @@
     var S = D.speed;
     if (!S || !S.rows || !S.rows.length) return;
     var s = section("speed", "Accuracy and speed, side by side",
-      "The benchmark's medians per configuration (tokensieve bench), against the full cache of the same run, next to " +
-      "the accuracy of the same label (mean over " + (S.tasks.join(", ") || "no accuracy task") + "). speed-up is " +
+      "The benchmark's medians per configuration (tokensieve bench), against the full cache of the same run" +
+      (S.tasks.length ? ", next to the accuracy of the same label (mean over " + S.tasks.join(", ") + "). " :
+        " (the store has no accuracy rows of these labels). ") + "speed-up is " +
       "decode tokens/s against the full cache's; ideal is what the bytes read per step allow at the measured " +
       "bandwidth; TTFT × is the full cache's time to first token over this one's.");
     var controls = el("div", {cls: "controls"});
@@ -345,9 +346,32 @@
       tableBox.textContent = "";
       tableBox.appendChild(t);
     }
+    function speedOnly(rs) {  // no accuracy rows for these labels: decode speed against the KV bytes stored
+      var byMethod = {}, order = [];
+      rs.forEach(function (r) {
+        var c = cfg(r[1]), key = c.family === "reference" ? -1 : c.method;
+        if (r[4] === null || r[7] === null) return;
+        if (!byMethod[key]) { byMethod[key] = []; order.push(key); }
+        byMethod[key].push({x: r[7], y: r[4], text: "<b>" + esc(c.label) + "</b><br>decode " + num(r[4], 1) +
+          " tok/s, speed-up " + num(r[5], 2) + "× (ideal " + num(r[6], 2) + "×)<br>TTFT " + num(r[2], 2) + " s<br>KV " +
+          num(r[7], 1) + " MB"});
+      });
+      var traces = order.sort(function (a, b) { return a - b; }).map(function (mi) {
+        var pts = byMethod[mi].sort(function (a, b) { return a.x - b.x; }), ref = mi === -1;
+        return {type: "scatter", mode: ref ? "markers" : "lines+markers", name: ref ? "full cache" : D.methods[mi].name,
+          meta: ref ? "ref" : mi, x: pts.map(function (p) { return p.x; }), y: pts.map(function (p) { return p.y; }),
+          marker: ref ? {color: "#000", symbol: "star", size: 14} : {color: color(mi), symbol: symbol(mi), size: 8},
+          line: {color: ref ? "#000" : color(mi), width: 1}, text: pts.map(function (p) { return p.text; }),
+          hovertemplate: "%{text}<extra></extra>"};
+      });
+      return react(div, traces, {title: {text: "decode speed vs stored KV", font: {size: 13}}, height: 380,
+        showlegend: traces.length <= 12, legend: {font: {size: 9}},
+        xaxis: {title: {text: "stored KV (MB)"}}, yaxis: {title: {text: "decode tokens/s"}}});
+    }
     function build() {
       var rs = rows();
       drawTable(rs);
+      if (!S.accuracy.length) return speedOnly(rs);
       var byMethod = {}, order = [], traces = [], ideal = {x: [], y: [], text: []};
       rs.forEach(function (r) {
         var a = accOf(r[1]), c = cfg(r[1]);
