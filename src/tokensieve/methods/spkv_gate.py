@@ -86,6 +86,8 @@ class SPKVGates(ProfileData):
     """
 
     kind: ClassVar[str] = KIND
+    command: ClassVar[str] = "tokensieve train spkv --model {model}"
+    trained: ClassVar[bool] = True
     layers: tuple[LayerGate, ...]
     window: int
     hidden: int
