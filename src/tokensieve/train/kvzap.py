@@ -69,8 +69,8 @@ class KVzapTrainConfig:
     model: str = "smollm2-135m"
     seed: int = 0
     sources: str = SOURCES
-    per_source: int = 64
-    heldout_per_source: int = 2
+    per_source: int = 75
+    heldout_per_source: int = 3
     min_tokens: int = 750
     max_tokens: int = 1250
     tokens: int = 160
