@@ -16,7 +16,7 @@ from ..core.method import Compressed
 from ..core.registry import register
 from ..errors import CapabilityError, ConfigError
 from ..select.selection import Selection
-from ._window_gate import COMPACT, GateState, WindowGate
+from ._window_gate import COMPACT, GateState, ScoreTable, WindowGate
 from .spkv_gate import KIND, SPKVGates, gate_features
 
 _PREFILLED = "spkv:prefilled"  # RunState.scratch marker: the prompt was already decided by SP-KV's prefill
@@ -29,6 +29,7 @@ class _LayerState(GateState):
     gates: SPKVGates | None = None
     rope: Rope | None = None
     tau: Tensor | None = None  # (B,) threshold per sequence
+    table: ScoreTable | None = None  # a hidden-state gate: every token's utility, kept from when it was written
 
 
 @register
@@ -128,9 +129,24 @@ class SPKV(WindowGate):
         return torch.tensor(out, dtype=torch.float32)
 
     def utilities(
-        self, gates: SPKVGates, layer: int, keys: Tensor, values: Tensor, positions: Tensor, rope: Rope | None
+        self,
+        gates: SPKVGates,
+        layer: int,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        rope: Rope | None,
+        hidden: Tensor | None = None,
     ) -> Tensor:
-        """``(B, H_kv, T)`` utility of every entry: keys/values ``(B, H_kv, T, D)``, positions ``(B, T)``."""
+        """``(B, H_kv, T)`` utility of every entry: keys/values ``(B, H_kv, T, D)``, positions ``(B, T)``; hidden
+        ``(B, T, d)`` the hidden states the layer read (what a hidden-state gate reads)."""
+        if gates.input == "hidden":
+            if hidden is None:
+                raise CapabilityError(
+                    "This spkv gate reads the hidden state each attention layer receives, which this run did not "
+                    "capture (or the token was written before SP-KV's own prefill); use a gate trained with --input kv."
+                )
+            return gates.utility(layer, hidden).permute(0, 2, 1)
         feats = gate_features(keys, values, positions, rope)
         return gates.utility(layer, feats).permute(0, 2, 1)
 
@@ -138,7 +154,7 @@ class SPKV(WindowGate):
     def score(self, ctx: LayerContext) -> Tensor:
         gates = self._gates(ctx.run.profile)
         rope = ctx.run.shape.rope_of(ctx.layer_idx)
-        return self.utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope)
+        return self.utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope, ctx.hidden)
 
     def compress(self, ctx: LayerContext) -> Compressed:
         gates = self._gates(ctx.run.profile)
@@ -164,11 +180,34 @@ class SPKV(WindowGate):
         else:  # after another prefill: every stored prompt token is decided at the first step
             tau = self.thresholds(gates, lengths_seen, layer.run.budget_tokens)
             decided = torch.zeros_like(lengths_seen)
-        return _LayerState(w, decided, self.sink, 0, gates, layer.run.shape.rope_of(layer.index), tau)
+        rope = layer.run.shape.rope_of(layer.index)
+        table = None
+        if gates.input == "hidden":  # the prompt's utilities now, while its hidden states are at hand
+            if ctx is None or not ctx.run.scratch.get(_PREFILLED) or ctx.hidden is None:
+                raise CapabilityError(
+                    "This spkv gate reads hidden states, which only its own prefill sees for the prompt: run spkv "
+                    "alone (e.g. 'spkv:0.25'), or use a gate trained with --input kv after another prefill."
+                )
+            u = self.utilities(gates, layer.index, ctx.keys, ctx.values, ctx.positions, rope, ctx.hidden)
+            table = ScoreTable(int(u.shape[0]), int(u.shape[1]), int(u.shape[2]) + 64)
+            table.write(u, ctx.positions)
+        return _LayerState(w, decided, self.sink, 0, gates, rope, tau, table)
+
+    def on_append(self, layer: DecodeLayer, n_new: int) -> None:
+        st: _LayerState = layer.state
+        if st.table is not None and st.gates is not None:  # a hidden-state gate scores each token as it is written
+            assert layer.positions is not None
+            none = torch.empty(0)  # a hidden-state gate reads no keys or values
+            u = self.utilities(st.gates, layer.index, none, none, layer.positions, st.rope, layer.hidden)
+            st.table.write(u, layer.positions)
 
     def token_drops(self, layer: DecodeLayer, st: Any, seqs: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        """Drop the tokens whose utility (from their stored keys and values) is below the sequence's τ."""
-        u = self.utilities(st.gates, layer.index, k, v, pos, st.rope)  # (n, H, c)
+        """Drop the tokens whose utility (from their stored keys and values, or kept from when a hidden-state gate
+        scored them) is below the sequence's τ."""
+        if st.table is not None:
+            u = st.table.read(seqs, pos)
+        else:
+            u = self.utilities(st.gates, layer.index, k, v, pos, st.rope)  # (n, H, c)
         return u < st.tau[seqs][:, None, None]
 
 

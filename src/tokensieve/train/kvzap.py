@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,10 +55,9 @@ from torch import Tensor
 from ..core.context import LayerContext
 from ..errors import ConfigError
 from ..methods.kvzap_surrogate import FORMS, KIND, KVzapSurrogate, SurrogateMLP, ridge
-from .spkv import _Observe, _version, writable_folder
+from .spkv import SOURCES, _Observe, _version, passages, source_texts, writable_folder
 
 INSTRUCTION = "\n\nRepeat the previous context exactly."
-SOURCES = "kjv,python-topics,stdlib,python-doc,generated"
 THRESHOLDS = [round(-12.0 + 0.25 * i, 2) for i in range(0, 49)]  # -12 … 0
 
 
@@ -116,39 +114,6 @@ class KVzapTrainConfig:
         if not (math.isfinite(self.collect_minutes) and self.collect_minutes >= 0):
             raise ConfigError(f"--collect-minutes must be a number >= 0 (0: no limit); got {self.collect_minutes}.")
         writable_folder(Path(self.out), "--out")
-
-
-# ------------------------------------------------------------------------------------------------------ texts
-def source_texts(names: list[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
-    """``{source: (training part, held-out part)}`` of the sources that are installed, and notes on the others."""
-    from ..data.text import held_out_split, text_source
-
-    out: dict[str, tuple[str, str]] = {}
-    notes = []
-    for name in names:
-        try:
-            out[name] = held_out_split(text_source(name).text())
-        except ConfigError as exc:
-            notes.append(f"{name} skipped: {exc}")
-    if not out:
-        raise ConfigError("None of the --sources is installed: " + "; ".join(notes))
-    return out, notes
-
-
-def passages(tokenizer: Any, text: str, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
-    """``n`` texts of ``lo``–``hi`` tokens (length drawn per text) starting at paragraph starts spread evenly over
-    ``text`` (each from the ``k``-th ``n``-th of it); fewer where the text is too short for more."""
-    rng = random.Random(seed)
-    starts = [0] + [m.end() for m in re.finditer(r"\n\n", text)]
-    out: list[list[int]] = []
-    for k in range(n):
-        want = rng.randint(lo, hi)
-        aim = len(text) * k // n
-        i = next((j for j, s in enumerate(starts) if s >= aim), len(starts) - 1)
-        ids = list(tokenizer(text[starts[i] : starts[i] + 12 * want], add_special_tokens=False)["input_ids"])
-        if len(ids) >= want:
-            out.append(ids[:want])
-    return out
 
 
 def repeat_prompt(tokenizer: Any, text_ids: list[int]) -> tuple[list[int], tuple[int, int], tuple[int, int]]:
@@ -502,4 +467,4 @@ def cmd_train_kvzap(args: Any) -> int:
     return 0
 
 
-__all__ = ["KVzapTrainConfig", "KVzapTrainer", "add_commands", "kvzip_plus", "passages", "repeat_prompt"]
+__all__ = ["KVzapTrainConfig", "KVzapTrainer", "add_commands", "kvzip_plus", "repeat_prompt"]
