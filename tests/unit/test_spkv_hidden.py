@@ -135,3 +135,60 @@ def test_training_with_the_hidden_input_and_the_kvzip_plus_target(tmp_path):
     assert 0 < ctx.cache.stored_entries() <= 3 * 2 * 48
     with pytest.raises(ts.ConfigError, match="--target"):
         SPKVTrainConfig(out=str(tmp_path / "x"), target="oracle").check()
+
+
+# ------------------------------------------------------------------------------------------------ hard-gate stage
+def test_gated_attention_is_the_attention_of_the_evicted_cache():
+    """Forward value of the straight-through gate: keys out of the window with u < tau are gone, exactly as if
+    evicted (a reference written with a -inf mask)."""
+    from tokensieve.train.spkv_hard import gate_keep, gated_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    u = torch.rand(1, 2, 12, generator=g, requires_grad=True)
+    out = gated_attention(q, k, v, gate_keep(u, 0.5), window=3, scaling=8**-0.5)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    z = (q @ kk.transpose(-1, -2)) * 8**-0.5
+    t = torch.arange(12)
+    keep = (t[:, None] - t[None, :] < 3)[None, None] | (u.detach() >= 0.5).repeat_interleave(2, 1)[:, :, None, :]
+    keep &= (t[None, :] <= t[:, None])[None, None]
+    ref = torch.softmax(z.masked_fill(~keep, float("-inf")), -1) @ vv
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert u.grad is not None and float(u.grad.abs().sum()) > 0  # the straight-through gradient reaches u
+
+
+def test_hard_stage_with_open_gates_reproduces_the_teacher_and_trains_the_gate(tmp_path):
+    from tokensieve.methods.spkv_gate import GateNet
+    from tokensieve.train.spkv_hard import HardGateRun, student_loss
+
+    model = make_tiny_model()
+    shape = model_shape(model)
+    ids = torch.tensor([prompts()[0]])
+    with torch.no_grad():
+        teacher = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    for source, F in (("kv", 2 * 2 * 8), ("hidden", shape.hidden_size)):
+        net = GateNet(3, F, 2)
+        with torch.no_grad():
+            net.b1.fill_(8.0)  # every gate open: the student is the teacher
+        run = HardGateRun(model, net, shape, window=4, tau=0.5, source=source)
+        with torch.enable_grad():
+            loss, kl, share = student_loss(run, ids, teacher, density=0.25, weight=1.0)
+        assert kl < 1e-5 and share == pytest.approx(1.0)
+        with torch.no_grad():
+            net.b1.fill_(0.0)
+            net.w1.normal_(0, 0.5)
+        with torch.enable_grad():
+            loss, kl, share = student_loss(run, ids, teacher, density=0.25, weight=1.0)
+            loss.backward()
+        assert kl > 1e-4 and 0 < share < 1  # some gates shut: the student departs from the teacher
+        assert float(net.w1.grad.abs().sum()) > 0
+        assert model.config._attn_implementation == "sdpa"  # restored
+    cfg = SPKVTrainConfig(out=str(tmp_path / "run"), sources="generated", length=64, sequences=2, heldout=1, window=8,
+                          horizon=16, samples=16, steps=4, batch=8, threads=1, hard_steps=3)  # fmt: skip
+    trainer = SPKVTrainer(cfg, progress=False)
+    trainer._model = (model, _Tok())
+    trainer.run()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count('"stage": "hard"') == 3
+    assert torch.load(tmp_path / "run" / "hard.pt")["step"] == 3

@@ -252,6 +252,14 @@ class GateNet(torch.nn.Module):
             z = torch.einsum("lnh,loh->lno", torch.nn.functional.silu(z), self.w2) + self.b2[:, None, :]
         return z
 
+    def layer_logits(self, layer: int, feats: Tensor) -> Tensor:
+        """``(..., F)`` raw features of layer ``layer`` → ``(..., H_kv)`` logits of ``u`` (the hard-gate stage)."""
+        x = (feats.float() - self.mean[layer]) / self.std[layer]
+        z = x @ self.w1[layer].T + self.b1[layer]
+        if self.hidden:
+            z = torch.nn.functional.silu(z) @ self.w2[layer].T + self.b2[layer]
+        return z
+
     @torch.no_grad()
     def export(self) -> list[dict[str, Tensor]]:
         """Per-layer weights on raw features: ``w1' = w1 / std``, ``b1' = b1 − w1' · mean``."""

@@ -85,12 +85,22 @@ class SPKVTrainConfig:
     sources: str = SOURCES
     input: str = "kv"
     target: str = "attention"
+    hard_steps: int = 0
+    hard_tau: float = 0.5
+    hard_density: float = 0.25
+    hard_weight: float = 1.0
+    hard_lr: float = 1e-3
 
     def check(self) -> None:
         if self.input not in ("kv", "hidden"):
             raise ConfigError(f"--input is kv (keys and values) or hidden (the layer's hidden state); got {self.input!r}.")
         if self.target not in ("attention", "kvzip+"):
             raise ConfigError(f"--target is attention (the oracle beyond the window) or kvzip+; got {self.target!r}.")
+        if self.hard_steps < 0 or not 0 < self.hard_tau < 1 or not 0 < self.hard_density <= 1:
+            raise ConfigError("--hard-steps must be >= 0, --hard-tau in (0, 1) and --hard-density in (0, 1].")
+        if not (math.isfinite(self.hard_weight) and self.hard_weight >= 0 and math.isfinite(self.hard_lr)
+                and self.hard_lr > 0):  # fmt: skip
+            raise ConfigError("--hard-weight must be a number >= 0 and --hard-lr a number > 0.")
         if self.length < self.window + self.horizon + 16:
             raise ConfigError(f"--length must exceed window + horizon + 16 = {self.window + self.horizon + 16}.")
         if min(self.sequences, self.heldout, self.samples, self.steps, self.batch, self.window, self.horizon) < 1:
@@ -509,6 +519,11 @@ class SPKVTrainer:
 
         origin = self.collect()
         net = self.fit()
+        if self.cfg.hard_steps:
+            from .spkv_hard import hard_gate_stage
+
+            _, tok = self.model()
+            net = hard_gate_stage(self, net, self.sequences(tok)[0][: self.cfg.sequences])
         dens, metrics = self.calibrate(net)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         model, _ = self.model()
@@ -594,6 +609,12 @@ _HELP = {
     "paper's predictor)",
     "target": "attention (the largest attention weight a key gets beyond the window) or kvzip+ (its KVzip+ score, "
     "a query-agnostic oracle: the text is followed by its repetition; --epsilon is then the KVzip+ level)",
+    "hard_steps": "> 0: after the oracle fit, this many steps of the hard-gate stage (KL to the full model through "
+    "the hard gate, straight-through gradient; see train/spkv_hard.py)",
+    "hard_tau": "the threshold of the hard gate during that stage",
+    "hard_density": "the out-of-window density that stage aims at",
+    "hard_weight": "weight of the density term of that stage",
+    "hard_lr": "peak learning rate of that stage (cosine to 0)",
 }
 
 
