@@ -3,6 +3,7 @@ forward hook, as kvpress's kvzap/data.py reads them), the repeat prompt, the fit
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -79,8 +80,10 @@ def test_repeat_prompt_holds_the_text_twice_with_the_same_ids():
     tok = _Tok()
     text = [5, 6, 7, 8, 9]
     ids, (s0, e0), (s1, e1) = repeat_prompt(tok, text)
-    assert ids[s0:e0] == text and ids[s1:e1] == text
-    assert e0 < s1 and ids[:s0] == tok("<user>\n")["input_ids"]
+    assert ids[s0:e0] == text
+    assert ids[s1:e1] == text
+    assert e0 < s1
+    assert ids[:s0] == tok("<user>\n")["input_ids"]
     middle = tok("\n\nRepeat the previous context exactly.<end>\n<assistant>\n")["input_ids"]
     assert ids[e0:s1] == middle
 
@@ -89,7 +92,8 @@ def test_passages_start_at_paragraphs_and_have_lengths_in_range():
     tok = _Tok()
     text = "\n\n".join(f"paragraph {i} " + "word " * 40 for i in range(200))
     ps = passages(tok, text, 6, 30, 50, seed=0)
-    assert len(ps) == 6 and all(30 <= len(p) <= 50 for p in ps)
+    assert len(ps) == 6
+    assert all(30 <= len(p) <= 50 for p in ps)
     assert all(p[:9] == tok("paragraph")["input_ids"] for p in ps)
     assert len({tuple(p[:14]) for p in ps}) == 6  # spread over the text, not the same start
 
@@ -125,8 +129,11 @@ def test_a_whole_tiny_run_resumes_and_makes_a_loadable_profile(tmp_path, monkeyp
     trainer._model = (model, tok)
     path = trainer.run()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["train_texts"] == 4 and metrics["heldout_texts"] == 2 and metrics["sources"] == ["generated"]
-    assert len(metrics["r2_linear_per_layer"]) == 3 and len(metrics["r2_mlp_per_layer"]) == 3
+    assert metrics["train_texts"] == 4
+    assert metrics["heldout_texts"] == 2
+    assert metrics["sources"] == ["generated"]
+    assert len(metrics["r2_linear_per_layer"]) == 3
+    assert len(metrics["r2_mlp_per_layer"]) == 3
     assert metrics["r2_linear_mean"] > -1.0  # a fit, not noise (the tiny model's scores are learnable at all)
     from tokensieve.adapters.profiles import Profile, _with_tensors
 
@@ -135,9 +142,10 @@ def test_a_whole_tiny_run_resumes_and_makes_a_loadable_profile(tmp_path, monkeyp
     from tokensieve.adapters.models import model_shape
 
     surrogate = loaded.content(model_shape(model))
-    assert isinstance(surrogate, KVzapSurrogate) and surrogate.forms() == ["mlp", "linear"]
+    assert isinstance(surrogate, KVzapSurrogate)
+    assert surrogate.forms() == ["mlp", "linear"]
     dens = surrogate.calibration["mlp"]["density"]
-    assert all(a >= b for a, b in zip(dens, dens[1:]))  # a higher threshold keeps fewer entries
+    assert all(a >= b for a, b in itertools.pairwise(dens))  # a higher threshold keeps fewer entries
     # resume: nothing is collected twice; the fit continues from its checkpoint
     log = (tmp_path / "run" / "train.log").read_text().splitlines()
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt")

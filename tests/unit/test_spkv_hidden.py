@@ -46,7 +46,9 @@ def utilities(model, prof, ids):
 
 
 def stored(ctx, b=0):
-    return {(li, h): set(layer.store.row(b, h)[2].tolist()) for li, layer in enumerate(ctx.cache.layers) for h in range(2)}
+    return {
+        (li, h): set(layer.store.row(b, h)[2].tolist()) for li, layer in enumerate(ctx.cache.layers) for h in range(2)
+    }
 
 
 @torch.inference_mode()
@@ -55,7 +57,9 @@ def test_hidden_state_gate_keeps_the_window_and_useful_pairs(tiny_model, hidden_
     tau, w = 0.5, 6
     ctx = ts.compress(tiny_model, f"spkv[tau={tau},window={w}]", profile=hidden_gate).prefill(ids)
     u = utilities(tiny_model, hidden_gate, ids)
-    want = {(li, h): {j for j in range(48) if 48 - j < w or float(u[li][h, j]) >= tau} for li in range(3) for h in range(2)}
+    want = {
+        (li, h): {j for j in range(48) if 48 - j < w or float(u[li][h, j]) >= tau} for li in range(3) for h in range(2)
+    }
     assert stored(ctx) == want
     assert isinstance(hidden_gate.content(model_shape(tiny_model)), SPKVGates)
 
@@ -124,7 +128,8 @@ def test_training_with_the_hidden_input_and_the_kvzip_plus_target(tmp_path):
     trainer._model = (model, _Tok())
     path = trainer.run()
     raw = json.loads(path.read_text())
-    assert raw["data"]["input"] == "hidden" and "KVzip+" in raw["settings"]["objective"]
+    assert raw["data"]["input"] == "hidden"
+    assert "KVzip+" in raw["settings"]["objective"]
     shard = torch.load(tmp_path / "run" / "collect" / "0000.pt")
     assert shard["feats"].shape == (3, 24, model.config.hidden_size)  # hidden states of 24 sampled text tokens
     assert bool((shard["oracle"] > 0).all())  # KVzip+ scores (exp of the log score), every key has one
@@ -144,7 +149,11 @@ def test_gated_attention_is_the_attention_of_the_evicted_cache():
     from tokensieve.train.spkv_hard import gate_keep, gated_attention
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 4, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    q, k, v = (
+        torch.randn(1, 4, 12, 8, generator=g),
+        torch.randn(1, 2, 12, 8, generator=g),
+        torch.randn(1, 2, 12, 8, generator=g),
+    )
     u = torch.rand(1, 2, 12, generator=g, requires_grad=True)
     out = gated_attention(q, k, v, gate_keep(u, 0.5), window=3, scaling=8**-0.5)
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
@@ -155,7 +164,8 @@ def test_gated_attention_is_the_attention_of_the_evicted_cache():
     ref = torch.softmax(z.masked_fill(~keep, float("-inf")), -1) @ vv
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out.sum().backward()
-    assert u.grad is not None and float(u.grad.abs().sum()) > 0  # the straight-through gradient reaches u
+    assert u.grad is not None
+    assert float(u.grad.abs().sum()) > 0
 
 
 def test_hard_stage_with_open_gates_reproduces_the_teacher_and_trains_the_gate(tmp_path):
@@ -174,14 +184,16 @@ def test_hard_stage_with_open_gates_reproduces_the_teacher_and_trains_the_gate(t
         run = HardGateRun(model, net, shape, window=4, tau=0.5, source=source)
         with torch.enable_grad():
             loss, kl, share = student_loss(run, ids, teacher, density=0.25, weight=1.0)
-        assert kl < 1e-5 and share == pytest.approx(1.0)
+        assert kl < 1e-5
+        assert share == pytest.approx(1.0)
         with torch.no_grad():
             net.b1.fill_(0.0)
             net.w1.normal_(0, 0.5)
         with torch.enable_grad():
             loss, kl, share = student_loss(run, ids, teacher, density=0.25, weight=1.0)
             loss.backward()
-        assert kl > 1e-4 and 0 < share < 1  # some gates shut: the student departs from the teacher
+        assert kl > 1e-4
+        assert 0 < share < 1
         assert float(net.w1.grad.abs().sum()) > 0
         assert model.config._attn_implementation == "sdpa"  # restored
     cfg = SPKVTrainConfig(out=str(tmp_path / "run"), sources="generated", length=64, sequences=2, heldout=1, window=8,

@@ -528,7 +528,14 @@ class SieveCache:
             self.stats.compressed_tokens = n_tokens.tolist()
             self.stats.budget_tokens = self.run.budget_tokens.tolist()
         ctx = LayerContext(
-            layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=plan.tail,
+            layer_idx=layer_idx,
+            queries=q,
+            keys=k,
+            values=v,
+            valid=valid,
+            scaling=scaling,
+            run=self.run,
+            tail=plan.tail,
             hidden=hidden,
         )
         if method.deferred:  # score now, keep the prompt whole; select once every layer is scored

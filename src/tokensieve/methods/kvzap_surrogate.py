@@ -91,7 +91,9 @@ class KVzapSurrogate(ProfileData):
         if "linear.weight" in t:
             w, b = get("linear.weight"), get("linear.bias")
             if w.dim() != 3 or w.shape[:2] != (L, H) or b.shape != (L, H) or (d and w.shape[2] != d):
-                raise ConfigError(f"{what}: 'linear.weight' must be {L} x {H} x hidden size and 'linear.bias' {L} x {H}.")
+                raise ConfigError(
+                    f"{what}: 'linear.weight' must be {L} x {H} x hidden size and 'linear.bias' {L} x {H}."
+                )
             linear = (w, b)
         if "mlp.w1" in t:
             w1, b1, w2, b2 = get("mlp.w1"), get("mlp.b1"), get("mlp.w2"), get("mlp.b2")
@@ -104,7 +106,9 @@ class KVzapSurrogate(ProfileData):
                 or w2.shape != (L, H, r)
                 or b2.shape != (L, H)
             ):
-                raise ConfigError(f"{what}: the mlp must be w1 {L} x r x hidden, b1 {L} x r, w2 {L} x {H} x r, b2 {L} x {H}.")
+                raise ConfigError(
+                    f"{what}: the mlp must be w1 {L} x r x hidden, b1 {L} x r, w2 {L} x {H} x r, b2 {L} x {H}."
+                )
             mlp = (w1, b1, w2, b2)
         if linear is None and mlp is None:
             raise ConfigError(f"{what} holds neither a linear nor an mlp surrogate.")

@@ -68,8 +68,9 @@ class Retention(PrefillMethod, DecodeMethod):
     under one memory budget — each (layer, KV head) ends with its own number of entries (ragged cache).
 
     Rule at the end of the prompt (``n`` tokens; entry ``i`` of age ``a = n + 1 − i``, as the authors' cache computes
-    it after the prefill: ``q_idx − position`` with ``q_idx`` = tokens seen + 1): ``log G_i = a · log β_i`` (``lookahead = 1``, the code's default; ``lookahead = m`` scores the retention summed
-    over the next ``m`` steps, ``β^a (1 − β^m) / (1 − β)``), then keep the ``L · H_kv · b`` highest ``log G`` of
+    it after the prefill: ``q_idx − position`` with ``q_idx`` = tokens seen + 1): ``log G_i = a · log β_i``
+    (``lookahead = 1``, the code's default; ``lookahead = m`` scores the retention summed over the next ``m`` steps,
+    ``β^a (1 − β^m) / (1 − β)``), then keep the ``L · H_kv · b`` highest ``log G`` of
     the whole model (``b`` = the run's per-head budget: the same total as a uniform method at that budget), protected
     tokens first. ``allocation="uniform"`` keeps the top ``b`` of each head instead (per-head budgets, i.e. the
     earlier TRIM-KV policy, for comparison).
@@ -134,13 +135,15 @@ class Retention(PrefillMethod, DecodeMethod):
         if self.allocation not in ("global", "uniform"):
             raise ConfigError(f"retention: allocation must be 'global' or 'uniform', got {self.allocation!r}.")
         if not 0.0 <= self.floor < 1.0:
-            raise ConfigError(f"retention: floor (the share of each head's budget reserved to it) must be in [0, 1).")
+            raise ConfigError("retention: floor (the share of each head's budget reserved to it) must be in [0, 1).")
         if self.floor and self.allocation != "global":
             raise ConfigError("retention: floor reserves part of a global budget; it needs allocation=global.")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"retention: threshold is a retention G = beta^age in [0, 1], got {self.threshold}.")
         if self.threshold is not None and self.floor:
-            raise ConfigError("retention: the threshold strategy has no budget to reserve a floor of (the authors too).")
+            raise ConfigError(
+                "retention: the threshold strategy has no budget to reserve a floor of (the authors too)."
+            )
 
     @property
     def uses_budget(self) -> bool:

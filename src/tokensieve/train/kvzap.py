@@ -58,7 +58,7 @@ from ..methods.kvzap_surrogate import FORMS, KIND, KVzapSurrogate, SurrogateMLP,
 from .spkv import SOURCES, _Observe, _version, passages, source_texts, writable_folder
 
 INSTRUCTION = "\n\nRepeat the previous context exactly."
-THRESHOLDS = [round(-12.0 + 0.25 * i, 2) for i in range(0, 49)]  # -12 … 0
+THRESHOLDS = [round(-12.0 + 0.25 * i, 2) for i in range(49)]  # -12 … 0
 
 
 @dataclass
@@ -145,7 +145,7 @@ def kvzip_plus(ctx: LayerContext, out_proj: Tensor, original: tuple[int, int], r
     the layer's input hidden states, ``out_proj`` its ``(d, H_q · D)`` output projection)."""
     assert ctx.hidden is not None
     q, k, v = ctx.queries[0].float(), ctx.keys[0].float(), ctx.values[0].float()  # (Hq, T, D), (H, T, D)
-    Hq, T, D = q.shape
+    Hq, _T, D = q.shape
     H = k.shape[0]
     G = Hq // H
     h_norm = ctx.hidden[0].float().norm(dim=-1)  # (T,)
@@ -211,7 +211,9 @@ class KVzapTrainer:
         train: list[tuple[str, list[int]]] = []
         held: list[tuple[str, list[int]]] = []
         for j, (name, (part, rest)) in enumerate(sorted(texts.items())):
-            train += [(name, p) for p in passages(tokenizer, part, c.per_source, c.min_tokens, c.max_tokens, c.seed + j)]
+            train += [
+                (name, p) for p in passages(tokenizer, part, c.per_source, c.min_tokens, c.max_tokens, c.seed + j)
+            ]
             held += [(name, p) for p in passages(tokenizer, rest, c.heldout_per_source, c.min_tokens, c.max_tokens,
                                                  c.seed + 1000 + j)]  # fmt: skip
         random.Random(c.seed).shuffle(train)

@@ -93,7 +93,9 @@ class SPKVTrainConfig:
 
     def check(self) -> None:
         if self.input not in ("kv", "hidden"):
-            raise ConfigError(f"--input is kv (keys and values) or hidden (the layer's hidden state); got {self.input!r}.")
+            raise ConfigError(
+                f"--input is kv (keys and values) or hidden (the layer's hidden state); got {self.input!r}."
+            )
         if self.target not in ("attention", "kvzip+"):
             raise ConfigError(f"--target is attention (the oracle beyond the window) or kvzip+; got {self.target!r}.")
         if self.hard_steps < 0 or not 0 < self.hard_tau < 1 or not 0 < self.hard_density <= 1:
@@ -212,12 +214,14 @@ def source_sequences(
     k = len(texts)
     train: list[list[int]] = []
     held: list[list[int]] = []
-    for j, (name, (part, rest)) in enumerate(sorted(texts.items())):
+    for j, (_name, (part, rest)) in enumerate(sorted(texts.items())):
         train += passages(tokenizer, part, -(-n // k), lo, hi, seed + j)
         held += passages(tokenizer, rest, -(-n_held // k), lo, hi, seed + 1000 + j)
     random.Random(seed).shuffle(train)
     random.Random(seed + 1).shuffle(held)
-    origin = "training / held-out parts of " + ", ".join(sorted(texts)) + ("" if not notes else f" ({'; '.join(notes)})")
+    origin = (
+        "training / held-out parts of " + ", ".join(sorted(texts)) + ("" if not notes else f" ({'; '.join(notes)})")
+    )
     return train[:n], held[:n_held], origin
 
 

@@ -43,7 +43,7 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, window: int, sca
     """``(B, H_q, T, D)`` causal attention in which key ``j`` counts with weight ``g_j`` ``(B, H_kv, T)`` for the
     queries it is at least ``window`` tokens before (and weight 1 inside the window). q ``(B, H_q, T, D)``, k/v
     ``(B, H_kv, T, D)``; one sequence per row, no padding."""
-    B, Hq, T, D = q.shape
+    _B, Hq, T, _D = q.shape
     G = Hq // k.shape[1]
     kk = k.repeat_interleave(G, dim=1)
     vv = v.repeat_interleave(G, dim=1)
@@ -81,11 +81,11 @@ class HardGateRun:
             if rope is not None:
                 inv = torch.tensor(rope.inv_freq, dtype=torch.float64)
                 kk = unrotate(kk, pos[:, None, :], inv, rope.scaling).float()
-            B, H = kk.shape[:2]
+            B, _H = kk.shape[:2]
             feats = torch.cat([kk, value.float()], -1).permute(0, 2, 1, 3).reshape(B, T, -1)
         u = torch.sigmoid(self.net.layer_logits(layer, feats)).permute(0, 2, 1)  # (B, H_kv, T)
         g = gate_keep(u, self.tau)
-        if T > self.window:
+        if self.window < T:
             self.kept.append(g[..., : T - self.window].flatten())
         scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
         out = gated_attention(query, key, value, g, self.window, scale)
@@ -116,7 +116,9 @@ class HardGateRun:
             self.hidden.clear()
 
 
-def student_loss(run: HardGateRun, ids: Tensor, teacher_logp: Tensor, density: float, weight: float) -> tuple[Tensor, float, float]:
+def student_loss(
+    run: HardGateRun, ids: Tensor, teacher_logp: Tensor, density: float, weight: float
+) -> tuple[Tensor, float, float]:
     """``(loss, KL, hard density)`` of one sequence ``ids`` ``(1, T)`` against the teacher's log-probabilities."""
     run.kept = []
     with run.active():
