@@ -102,7 +102,9 @@ class HardGateRun:
         self.model.set_attn_implementation(IMPLEMENTATION)
 
         def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self.hidden[int(module.layer_idx)] = kwargs.get("hidden_states", args[0] if args else None)
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(h, Tensor):
+                self.hidden[int(module.layer_idx)] = h
 
         from ..adapters.hf import attention_modules
 
