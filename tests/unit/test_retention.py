@@ -344,3 +344,17 @@ def test_threshold_strategy_keeps_entries_whose_retention_reaches_it(tiny_model,
         Retention(threshold=0.1, floor=0.2)
     with pytest.raises(ConfigError, match="global"):
         Retention(floor=0.2, allocation="uniform")
+
+
+@pytest.mark.parametrize("spec", ["retention[threshold=0.0]", "retention[floor=0.3]:1.0"])
+@torch.inference_mode()
+def test_keeping_everything_with_the_authors_options_equals_the_full_cache(spec, tiny_model, tiny_profiles):
+    ids = torch.tensor([prompts()[0]])
+    full = ts.compress(tiny_model, "full")
+    ref = full.prefill(ids)
+    ref_logits, ref_tokens = ref.logits.clone(), full.decode(ref, 5).tokens
+    press = ts.compress(tiny_model, spec, profile=tiny_profiles["retention"])
+    ctx = press.prefill(ids)
+    torch.testing.assert_close(ctx.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert press.decode(ctx, 5).tokens == ref_tokens
+    assert ctx.cache.stored_entries() == 3 * 2 * (48 + 4)

@@ -204,3 +204,16 @@ def test_hard_stage_with_open_gates_reproduces_the_teacher_and_trains_the_gate(t
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count('"stage": "hard"') == 3
     assert torch.load(tmp_path / "run" / "hard.pt")["step"] == 3
+
+
+@torch.inference_mode()
+def test_hidden_state_gate_keeping_everything_equals_plain_transformers(tiny_model, hidden_gate):
+    ids = torch.tensor([prompts()[0]])
+    full = ts.compress(tiny_model, "full")
+    ref = full.prefill(ids)
+    ref_logits, ref_tokens = ref.logits.clone(), full.decode(ref, 6).tokens
+    press = ts.compress(tiny_model, "spkv:1.0", profile=hidden_gate)
+    ctx = press.prefill(ids)
+    torch.testing.assert_close(ctx.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert press.decode(ctx, 6).tokens == ref_tokens
+    assert ctx.cache.stored_entries() == 3 * 2 * (48 + 5)

@@ -202,6 +202,8 @@ class Retention(PrefillMethod, DecodeMethod):
         held = (s > float("-inf")).sum(-1)
         if self.threshold is not None:
             return (s >= self._log_threshold()).sum(-1)
+        if memory >= int(held.max()):  # the budget covers every entry: keep all (the floor's rounding would not)
+            return held
         R = s.shape[0]
         reserve = int(memory * self.floor)
         total = min(int(R * memory * (1.0 - self.floor)) if self.floor else R * memory, int(held.sum()))
