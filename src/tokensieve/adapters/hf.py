@@ -22,7 +22,8 @@ It uses public extension points only:
   attention call that follows in the same layer, per thread — learned scorers (KVzap's surrogate) read it.
 
 Registration happens the first time a context is entered, never at import time. No model code is copied and no
-state is stored on the model's modules or config beyond the attention-implementation switch.
+state is stored on the model's modules or config beyond the attention-implementation switch and the hidden-state
+pre-hooks, both in place only while attention is routed.
 """
 
 from __future__ import annotations
