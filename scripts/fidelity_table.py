@@ -8,7 +8,7 @@ model, and the measured density (stored entries / full cache). Then the configur
 against the next one on the same samples: how many samples each has the lower KL on (ties dropped) and the exact
 two-sided sign test, which separates neighbours whose intervals overlap.
 
-  .venv/bin/python scripts/fidelity_table.py runs/issue29.sqlite --budgets 0.25,0.1
+  .venv/bin/python scripts/fidelity_table.py runs/learned.sqlite --budgets 0.25,0.1
   .venv/bin/python scripts/fidelity_table.py runs/spkv-attention.sqlite runs/spkv-kvzip.sqlite --budgets 0.25
 
 Several stores: rows are labelled ``store:method`` (e.g. gates trained two ways, evaluated into two stores).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 29 §2: retrain SP-KV's gate with the trainer's defaults (64 + 8 sequences of 1,024 tokens from the training
+# Retrain SP-KV's gate with the trainer's defaults (64 + 8 sequences of 1,024 tokens from the training
 # parts of every text source) and its options, then keep what wins on held-out text: each candidate gate is installed
 # in a private TOKENSIEVE_HOME (the shipped profile is untouched) and measured on the `prose` task (held-out prose,
 # 36 seeds, KL / top-1 to the full model) at 25 % and 10 %; scripts/fidelity_table.py compares them, paired.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 29 §4: one comparison of the learned selectors (KVzap, SP-KV, retention gates) against KVzip and the
+# One comparison of the learned selectors (KVzap, SP-KV, retention gates) against KVzip and the
 # heuristics (SnapKV, StreamingLLM, KNorm, RazorAttention) at equal density, 25 % and 10 % of the KV cache, 1K tokens:
 #   1. the needle screen — single needle and multi-key x 3 depths x 6 seeds = 36 samples per cell, both modes
 #      (the samples of scripts/eval_screen.sh, in a new store: the learned profiles changed);
@@ -11,7 +11,7 @@
 # tables' density column is what they measured.
 # Resumable (rerun after an interruption; WORKERS 1-thread processes share the store). Run after the profiles are
 # installed (tokensieve train kvzap --ship, tokensieve train spkv --ship).
-# Usage: scripts/eval_issue29.sh [STORE]
+# Usage: scripts/eval_learned_density.sh [STORE]
 # Tables:
 #   .venv/bin/python scripts/wilson_table.py STORE --budgets 0.25,0.1 --modes agnostic,aware \
 #       --paired agnostic:0.1 --paired aware:0.1 --paired agnostic:0.25 --paired aware:0.25 --kl 0.1
@@ -19,7 +19,7 @@
 #   .venv/bin/tokensieve report STORE
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STORE=${1:-runs/issue29.sqlite}
+STORE=${1:-runs/learned.sqlite}
 TS=${TOKENSIEVE:-.venv/bin/tokensieve}
 PY=${PYTHON:-.venv/bin/python}
 WORKERS=${WORKERS:-2}
