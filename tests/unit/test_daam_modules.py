@@ -129,6 +129,22 @@ def test_form_a_matches_the_official_layer() -> None:
     assert len(ws) == 2
 
 
+def test_form_a_matches_the_official_loop_where_the_gaussians_are_narrow() -> None:
+    """The speech networks' regime: c from N(0, 1) (some |c| ≪ 1), 24 Gaussians per 10-band head, 16 per 30-frame
+    head. The one-Gaussian form agrees with the official float32 loop to float32 rounding."""
+    for seed, (axis, gaussians) in enumerate([(1, 24), (2, 16), (1, 24)]):
+        torch.manual_seed(seed)
+        layer = MultiHeadGaussianAdaptiveAttention(axis, 4, gaussians, c_init="normal")
+        with torch.no_grad():
+            layer.offsets.normal_(0, 0.5)
+        x = torch.randn(3, 40, 120)
+        w = layer.weights(x)
+        ref = _official_gaussian_layer(x, layer.offsets.detach(), layer.scales.detach(), axis)
+        torch.testing.assert_close(w, ref, rtol=5e-4, atol=1e-6)
+        assert bool((ref == 0).any())  # some products underflow in this regime …
+        assert torch.equal(w[ref > 1e-6] > 0, torch.ones_like(w[ref > 1e-6], dtype=torch.bool))  # … not the others
+
+
 def test_form_a_divides_by_the_sum_clamped_at_1e_8() -> None:
     """Where the product of a head's Gaussians sums to less than ε = 1e-8 over its chunk, the official layer divides
     by ε (the weights sum to less than 1); where it underflows to 0 the head passes x through. The log-space
