@@ -327,3 +327,31 @@ def test_daam_select_trains_pairs_and_reports(tmp_path, monkeypatch: pytest.Monk
     assert main(argv) == 0  # resumed: nothing retrained
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     assert main([*argv[:-1], "--keep", "1.0"]) == 2  # a fraction of 1 selects nothing
+
+
+def test_report_pairs_front_blocks_and_compares_with_the_runs_before_issue_31(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tokensieve.cli import main
+
+    def write(folder, front: str, f1s: tuple[float, ...], modules: str | None) -> None:  # type: ignore[no-untyped-def]
+        folder.mkdir(exist_ok=True)
+        for seed, f1 in enumerate(f1s):
+            config = daam.asdict(DaamRun(task="b", network="cnnlstm", attention=front, seed=seed, epochs=3))
+            if modules is None:  # recorded before issue 31
+                config = {k: v for k, v in config.items() if k not in ("modules", "pool", "selector")}
+            rec = {"run": f"{front}-{seed}-{modules}", "config": config, "parameters": 7, "front_parameters": 0,
+                   "best_epoch": 2, "val": {"f1": 0.5}, "test": {"f1": f1, "acc": f1}, "seconds": 1}  # fmt: skip
+            with open(folder / "results.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    write(old, "none", (0.6, 0.7, 0.65), None)
+    write(new, "none", (0.7, 0.9, 0.8), "official")
+    write(new, "mha", (0.8, 0.95, 0.8), "official")
+    assert main(["train", "daam-report", "--out", str(new), "--compare", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "| B | cnnlstm | mha − none | 3 | 0.050 ± " in out  # paired by seed: +0.1, +0.05, 0
+    assert "| 2 / 0 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| B | cnnlstm | none | 3 | 0.650 ± "))
+    assert "| 0.800 ± " in row  # the corrected runs' mean next to the v1 runs'
+    assert "| 0.150 ± 0.124 | 0.035 | 3 / 0 |" in row  # +0.1, +0.2, +0.15: paired t on 3 seeds
+    assert main(["train", "daam-report", "--out", str(new), "--compare", str(tmp_path / "none")]) == 2

@@ -25,6 +25,7 @@ straight-through gradient trains the score.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -412,6 +413,66 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
             f"| {task.upper()} | {net} | {front} | {rs[0]['parameters']:,} ({rs[0]['front_parameters']:,}) | "
             f"{len(rs)} | {f1:.3f} ± {sf1:.3f} | {acc:.3f} ± {sacc:.3f} | {vf1:.3f} ± {svf1:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def _seed_f1(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, float]]:
+    """Test F1 by (task, network, front label) and seed."""
+    out: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in records:
+        c = r["config"]
+        out.setdefault((c["task"], c["network"], front_label(c)), {})[int(c["seed"])] = float(r["test"]["f1"])
+    return out
+
+
+def paired_fronts_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: within each (task, network), every two front blocks compared on the seeds both have (same seed:
+    same initialisation of the shared layers, same batch order) — Δ test F1 with a 95 % t-interval, the paired t-test
+    p and the seeds won / lost."""
+    from .daam_stats import fmt, paired
+
+    by = _seed_f1(records)
+    lines = ["| task | network | a − b | seeds | Δ test F1 (95 % CI) | p (paired t) | seeds a higher / lower |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    keys = sorted(by)
+    for i, (task, net, a) in enumerate(keys):
+        for task_b, net_b, b in keys[i + 1 :]:
+            if (task_b, net_b) != (task, net):
+                continue
+            seeds = sorted(set(by[task, net, a]) & set(by[task, net, b]))
+            if len(seeds) < 2:
+                continue
+            c = paired([by[task, net, a][s] for s in seeds], [by[task, net, b][s] for s in seeds])
+            lines.append(f"| {task.upper()} | {net} | {a} − {b} | {len(seeds)} | {fmt(c['diff'], c['half'])} | "
+                         f"{c['p']:.3f} | {c['wins']} / {c['losses']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def versions_table(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> str:
+    """Markdown: each (task, network, front block) of ``new`` (the corrected modules) next to the same setting in
+    ``old`` (the runs before issue 31, labelled ``[v1]``): test F1 mean ± 95 % t half-width of each, and the paired
+    difference on the seeds both have (same seed, other modules)."""
+    from .daam_stats import fmt, paired, t_interval
+
+    def base(label: str) -> str:
+        return label.removesuffix(" [v1]")
+
+    by_old = {(t, n, base(f)): v for (t, n, f), v in _seed_f1(old).items() if f.endswith("[v1]")}
+    by_new = {k: v for k, v in _seed_f1(new).items() if not k[2].endswith("]")}
+    lines = ["| task | network | front block | seeds | before #31 (v1) | corrected (official) | Δ corrected − v1, "
+             "paired (95 % CI) | p | seeds higher / lower |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key in sorted(by_new):
+        if key not in by_old:
+            continue
+        seeds = sorted(set(by_old[key]) & set(by_new[key]))
+        if not seeds:
+            continue
+        o, n = [by_old[key][s] for s in seeds], [by_new[key][s] for s in seeds]
+        c = paired(n, o)
+        p = "—" if math.isnan(c["p"]) else f"{c['p']:.3f}"
+        before, after, delta = fmt(*t_interval(o)), fmt(*t_interval(n)), fmt(c["diff"], c["half"])
+        lines.append(f"| {key[0].upper()} | {key[1]} | {key[2]} | {len(seeds)} | {before} | {after} | {delta} | {p} | "
+                     f"{c['wins']} / {c['losses']} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -174,7 +174,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .daam import done_runs, frames_table, summary_table
+    from .daam import done_runs, frames_table, paired_fronts_table, summary_table, versions_table
 
     out = Path(args.out)
     store = _open_store(args)
@@ -184,6 +184,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             store.close()
         raise ConfigError(f"no finished runs in {out / 'results.jsonl'}: train some with `tokensieve train daam`")
     print(summary_table(records))
+    print("\nfront blocks paired by seed:\n")
+    print(paired_fronts_table(records))
+    if args.compare:
+        old = list(done_runs(Path(args.compare)).values())
+        if not old:
+            raise ConfigError(f"no finished runs in {Path(args.compare) / 'results.jsonl'} to compare with")
+        print(f"\nbefore issue 31 ({args.compare}) and corrected ({args.out}), paired by seed:\n")
+        print(versions_table(old, records))
     if store is not None:
         _record_runs(store, records, _command(args, "daam-report", ("out",)))
     for path in sorted(out.glob("frames_*.json")):
@@ -288,6 +296,12 @@ def add_commands(tsub: Any) -> None:
 
     r = tsub.add_parser("daam-report", help="the comparison table (mean ± std over seeds) of every run in --out")
     r.add_argument("--out", default="runs/daam")
+    r.add_argument(
+        "--compare",
+        default=None,
+        metavar="DIR",
+        help="a grid folder of runs from before issue 31: its rows next to --out's, paired by seed",
+    )
     r.add_argument(
         "--store",
         default=None,

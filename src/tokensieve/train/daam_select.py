@@ -33,6 +33,7 @@ from torch import nn
 from ..data.speech import CorpusConfig, load_or_build
 from ..errors import ConfigError
 from .daam import DaamRun, Data, choose_frames, done_runs, load_run, prepare, run_grid, score
+from .daam_stats import fmt, paired, t_interval
 
 TARGET_FRACTION = 0.25  #: the fraction the issue's target is stated at
 TARGET_GAP = 0.05  #: … within this much F1 of every frame
@@ -146,45 +147,11 @@ def run_selection(
 # ------------------------------------------------------------------------------------------------------------ stats
 
 
-def t_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its ``level`` Student-t interval (NaN half-width below two values)."""
-    from scipy import stats
-
-    n = len(xs)
-    m = float(np.mean(xs))
-    if n < 2:
-        return m, math.nan
-    sem = float(np.std(xs, ddof=1)) / math.sqrt(n)
-    return m, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sem
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Paired comparison of a − b (same seeds, same order): mean difference, 95 % t half-width, two-sided paired
-    t-test p (1.0 when every difference is 0), seeds where a is higher / lower."""
-    from scipy import stats
-
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    m, half = t_interval(d.tolist())
-    if len(d) < 2:
-        p = math.nan
-    elif np.allclose(d, d[0]) and abs(d[0]) < 1e-12:
-        p = 1.0
-    elif np.std(d, ddof=1) == 0:
-        p = 0.0
-    else:
-        p = float(stats.ttest_1samp(d, 0.0).pvalue)
-    return {"diff": m, "half": half, "p": p, "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": len(d)}
-
-
 def _by(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, float], dict[int, dict[str, Any]]]:
     out: dict[tuple[str, str, float], dict[int, dict[str, Any]]] = {}
     for r in rows:
         out.setdefault((r["model"], r["how"], float(r["fraction"])), {})[int(r["seed"])] = r
     return out
-
-
-def _fmt(m: float, half: float) -> str:
-    return f"{m:.3f} ± {half:.3f}" if not math.isnan(half) else f"{m:.3f}"
 
 
 def selection_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -204,7 +171,7 @@ def selection_table(rows: Sequence[dict[str, Any]]) -> str:
         ms = float(np.median([r["ms"] for r in rs.values()]))
         full = groups.get((kind, "all", 1.0), {})
         speed = [full[s]["ms"] / r["ms"] for s, r in rs.items() if s in full and r["ms"] > 0]
-        lines.append(f"| {kind} | {f:.0%} | {how} | {len(rs)} | {_fmt(*f1)} | {acc:.3f} | {ms:.0f} | "
+        lines.append(f"| {kind} | {f:.0%} | {how} | {len(rs)} | {fmt(*f1)} | {acc:.3f} | {ms:.0f} | "
                      f"{float(np.median(speed)):.2f}× |")  # fmt: skip
     return "\n".join(lines)
 
@@ -242,7 +209,7 @@ def paired_table(rows: Sequence[dict[str, Any]], fractions: Sequence[float]) -> 
         c = paired([ga[s]["f1"] for s in seeds], [gb[s]["f1"] for s in seeds])
         found[title] = c
         p = "—" if math.isnan(c["p"]) else f"{c['p']:.3f}"
-        lines.append(f"| {title} | {_fmt(c['diff'], c['half'])} | {p} | {c['wins']} / {c['losses']} |")
+        lines.append(f"| {title} | {fmt(c['diff'], c['half'])} | {p} | {c['wins']} / {c['losses']} |")
     return "\n".join(lines), found
 
 
