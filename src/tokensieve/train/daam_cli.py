@@ -85,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     if not networks or not attentions:
         raise ConfigError("--networks and --attention each need at least one name")
+    if args.pool and "transformer" not in networks:
+        raise ConfigError("--pool chooses the transformer's pooling: it needs --networks transformer")
     runs = grid(
         args.task,
         networks,
