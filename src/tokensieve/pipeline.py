@@ -93,7 +93,9 @@ class PrefillRecord:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for r in self.layers for t in (r.q, r.k, r.v))
+        return sum(
+            t.numel() * t.element_size() for r in self.layers for t in (r.q, r.k, r.v, r.hidden) if t is not None
+        )
 
 
 @dataclass

@@ -85,6 +85,7 @@ class LayerChunk:
     scaling: float
     positions: Tensor | None
     mods: Modifiers
+    hidden: Tensor | None = None  # (B, L, d) the hidden states the layer read (None: not captured)
 
 
 @dataclass
@@ -298,14 +299,16 @@ class SieveCache:
         scaling: float,
         positions: Tensor | None = None,
         mods: Modifiers = PLAIN,
+        hidden: Tensor | None = None,
     ) -> Tensor:
         """Store this layer's new keys/values (compressing a fresh prefill) and return the attention output.
 
         q ``(B, H_q, L, D)``; k, v ``(B, H_kv, L, D)`` post-RoPE; padding_mask ``(B, seen + L)`` (1 = real token)
         or None; positions ``(B|1, L)``: the positions the model rotated the chunk with (None: counted from the
-        real tokens seen); mods: the layer's sliding window and logit soft-capping. Returns ``(B, H_q, L, D)``.
+        real tokens seen); mods: the layer's sliding window and logit soft-capping; hidden ``(B, L, d)``: the hidden
+        states the layer read (learned scorers read them; None: not captured). Returns ``(B, H_q, L, D)``.
         """
-        chunk = LayerChunk(layer_idx, q, k, v, padding_mask, scaling, positions, mods)
+        chunk = LayerChunk(layer_idx, q, k, v, padding_mask, scaling, positions, mods, hidden)
         if self.recording is not None and self.layers[layer_idx].store is None:
             self.recording.append(chunk)
         out = self._attend(chunk, output=True)
@@ -321,13 +324,15 @@ class SieveCache:
         for r in layers:
             if self.layers[r.layer_idx].store is not None:
                 raise RuntimeError(f"Layer {r.layer_idx} already holds a prefill; a replay needs a fresh cache.")
-            self._attend(replace(r, q=r.q.clone(), k=r.k.clone(), v=r.v.clone()), output=False)
+            hidden = None if r.hidden is None else r.hidden.clone()
+            self._attend(replace(r, q=r.q.clone(), k=r.k.clone(), v=r.v.clone(), hidden=hidden), output=False)
 
     def _attend(self, chunk: LayerChunk, *, output: bool) -> Tensor | None:
         """:meth:`attend` of one layer's chunk; with ``output=False`` (a replayed prefill) the fresh prefill's
         attention is skipped and None returned."""
         layer_idx, q, k, v = chunk.layer_idx, chunk.q, chunk.k, chunk.v
         padding_mask, scaling, positions, mods = chunk.padding_mask, chunk.scaling, chunk.positions, chunk.mods
+        hidden = chunk.hidden
         layer = self.layers[layer_idx]
         B, _, L, _ = k.shape
         valid_new: Tensor | None = None
@@ -369,7 +374,7 @@ class SieveCache:
             compressing = self.armed and plan is not None and L > 1
             tail = plan.tail if compressing and plan is not None else 0  # auxiliary tokens: never kept nor seen
             if compressing:
-                layer.store, ctx = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling)
+                layer.store, ctx = self._compress(layer_idx, q, k, v, valid_new, pos_new, scaling, hidden)
                 stored = L - tail
             else:
                 H = k.shape[1]
@@ -380,7 +385,7 @@ class SieveCache:
                     assert plan is not None
                     valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool)
                     run = make_run(replace(plan, budget=Budget.ratio(1.0)), valid.sum(-1))
-                    ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run)
+                    ctx = LayerContext(layer_idx, q, k, v, valid, scaling, run, hidden=hidden)
             if decode is not None and layer_idx not in self._deferred:
                 n_prompt = layer.seen_valid + (L if valid_new is None else valid_new.sum(-1)) - tail
                 self._start_decode(decode, layer_idx, scaling, ctx, n_prompt)
@@ -394,6 +399,7 @@ class SieveCache:
             dl = layer.decode
             assert dl is not None
             dl.store.append(k, v, pos_new, valid_new)
+            dl.hidden, dl.positions = hidden, pos_new
             t0 = time.perf_counter()  # the method's bookkeeping counts as attention time
             decode.on_append(dl, L)
             out = decode.step(dl, q) if L == 1 else dl.store.attend(q, scaling)
@@ -504,6 +510,7 @@ class SieveCache:
         valid_new: Tensor | None,
         pos_new: Tensor,
         scaling: float,
+        hidden: Tensor | None = None,
     ) -> tuple[KVStore, LayerContext]:
         assert self.plan is not None
         plan = self.plan
@@ -521,7 +528,15 @@ class SieveCache:
             self.stats.compressed_tokens = n_tokens.tolist()
             self.stats.budget_tokens = self.run.budget_tokens.tolist()
         ctx = LayerContext(
-            layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=plan.tail
+            layer_idx=layer_idx,
+            queries=q,
+            keys=k,
+            values=v,
+            valid=valid,
+            scaling=scaling,
+            run=self.run,
+            tail=plan.tail,
+            hidden=hidden,
         )
         if method.deferred:  # score now, keep the prompt whole; select once every layer is scored
             scores = method.score(ctx)
