@@ -614,11 +614,19 @@ class Trainer:
             "elapsed_minutes": round(self.elapsed / 60, 1),
             "complete": not stopped,
             "wall_hours": round(sum(float(ch.get("wall_seconds", 0)) for ch in chunks) / 3600, 2),
-            "cpu_hours": round(sum(float(ch.get("cpu_seconds", 0)) for ch in chunks) / 3600, 2),
+            "cpu_hours": round(sum(_cpu_seconds(ch) for ch in chunks) / 3600, 2),
             "chunks": chunks,
         }
+        if any(ch.get("cpu_seconds") is None for ch in chunks):
+            record["cpu_hours_note"] = "chunks recorded without a CPU time count their wall time"
         (self.out / "final" / "train.json").write_text(json.dumps(record, indent=2) + "\n")
         return path
+
+
+def _cpu_seconds(chunk: dict[str, Any]) -> float:
+    """A chunk's process CPU seconds; a chunk recorded before CPU time was measured counts its wall time."""
+    cpu = chunk.get("cpu_seconds")
+    return float(cpu if cpu is not None else chunk.get("wall_seconds") or 0)
 
 
 def ship(run_dir: Path | str, dest: Path | str) -> Path:
