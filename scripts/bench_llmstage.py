@@ -15,7 +15,8 @@ import time
 import torch
 
 from tokensieve.core.budget import Budget
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
+from tokensieve.registry import create_method
 
 CASES = [
     ("pyramiddrop", 0, 3, "stage 1 of 3 (top-k of the last row)"),
@@ -39,7 +40,7 @@ def main() -> None:
     previous = torch.randn(n, dim, generator=g)
     print(f"torch {torch.__version__}, 1 thread; {n} visual tokens, D={dim}, {heads} heads, {q} instruction tokens")
     for name, step, steps, what in CASES:
-        method = create_visual(name)
+        method = create_method(f"vis:{name}")
         times, out = [], 0
         for _ in range(args.repeats):
             ctx = VisualContext(

@@ -7,6 +7,10 @@ Two ways in:
 * ``press = tokensieve.compress(model, ...)`` then ``press.prefill`` / ``press.extend`` / ``press.decode`` — a lean
   greedy loop with timings, used by the CLI, the evaluation harness and the benchmarks. It supports the
   query-agnostic setting (compress a context, then append questions uncompressed, each on a fork of the cache).
+
+A vision-language model takes the same calls: ``press = tokensieve.compress(vlm, "todre:0.1/snapkv:0.25")`` then
+``press.prefill(processor_output)`` (pixel values included) prunes each image's visual tokens with the spec's visual
+methods and compresses the rest of the cache with its KV method; ``extend`` and ``decode`` continue from there.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import contextlib
 import copy
 import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -31,10 +35,11 @@ from .cache.sieve_cache import LayerChunk, Plan, SieveCache
 from .core.budget import Budget
 from .core.capabilities import Phase
 from .core.context import ModelShape
+from .core.decoding import Generation, greedy
 from .core.method import AuxPass, Method, PrefillMethod
 from .errors import CapabilityError, ConfigError, PromptError
 from .registry import check_fields, create_method
-from .spec import Spec
+from .spec import Spec, visual_plan
 
 
 @dataclass
@@ -54,6 +59,17 @@ class CachedContext:
     logits: Tensor
     prefill_seconds: float = 0.0
     compress_seconds: float = 0.0
+    vision: Any = None  # a VLM prompt's layout after visual-token pruning (adapters.vision.VisionState), else None
+
+    @property
+    def kept(self) -> dict[str, Any]:
+        """A VLM prompt's visual tokens kept at each stage that ran (per sample); {} for a text prompt."""
+        return {} if self.vision is None else self.vision.kept
+
+    @property
+    def visual_tokens(self) -> dict[str, list[int]]:
+        """A VLM prompt's visual tokens per sample at the language model's input and after each pruning step."""
+        return {} if self.vision is None else self.vision.visual_tokens
 
     @property
     def batch(self) -> int:
@@ -96,30 +112,20 @@ class PrefillRecord:
         return sum(t.numel() * t.element_size() for r in self.layers for t in (r.q, r.k, r.v))
 
 
-@dataclass
-class Generation:
-    """Greedy continuation of a CachedContext."""
-
-    tokens: list[list[int]]  # per sequence, generated ids (EOS excluded)
-    steps: int  # decode forward passes
-    decode_seconds: float
-    finished: list[bool] = field(default_factory=list)
-
-    @property
-    def tokens_per_second(self) -> float:
-        n = sum(len(t) for t in self.tokens)
-        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _routed(fn: F) -> F:
     """Run a Compressor call with the model's attention routed through tokensieve — switched once per call (a whole
-    prefill, extend or decode loop), not per forward pass."""
+    prefill, extend or decode loop), not per forward pass. A vision-language prompt with images (the processor's
+    output, or its context) is not switched here: its adapter routes the language model's layers itself, and the
+    vision encoder keeps its own attention."""
 
     @functools.wraps(fn)
     def wrapper(self: Compressor, *args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else None
+        if isinstance(first, Mapping) or (isinstance(first, CachedContext) and first.vision is not None):
+            return fn(self, *args, **kwargs)
         with sieve_attention_enabled(self.model):
             return fn(self, *args, **kwargs)
 
@@ -133,10 +139,16 @@ def resolve_spec(
     decode_budget: Budget | str | float | int | None,
     decode_params: dict[str, Any] | None,
     params: dict[str, Any],
+    visual: Any = None,
 ) -> Spec:
     """One :class:`Spec` from the Compressor's arguments: a spec (string or object) or a method, completed by the
     keyword arguments (which may not contradict it)."""
     spec = Spec.parse(method)
+    if visual is not None:
+        plan = visual_plan(visual)
+        if not spec.visual.is_empty and plan != spec.visual:
+            raise ConfigError(f"Two visual plans: '{spec.label}' already names visual methods; drop visual=.")
+        spec = replace(spec, visual=plan)
     named_decode_only = _names_decode_only(method)
     if params:  # parameters of the method the caller named
         if named_decode_only:
@@ -287,6 +299,8 @@ class Compressor:
         chunk: prefill prompts longer than this many tokens in chunks of at most ``chunk`` tokens, re-compressing
             the cache to the budget after every chunk, so that a layer never holds more than its budget plus one
             chunk (see :meth:`prefill`; docs/PREFILL.md "Chunked prefill"). None (default): one pass.
+        visual: visual-token methods for a vision-language model's images (a :class:`~tokensieve.spec.VisualPlan`
+            or its text, ``"todre:0.1"``), when ``method`` does not name them (``"todre:0.1/snapkv:0.25"`` does).
         **params: method parameters (e.g. ``window=64``).
     """
 
@@ -302,10 +316,11 @@ class Compressor:
         decode_budget: Budget | str | float | int | None = None,
         decode_params: dict[str, Any] | None = None,
         chunk: int | None = None,
+        visual: Any = None,
         **params: Any,
     ) -> None:
         self.model = model
-        self.spec = resolve_spec(method, budget, decode, decode_budget, decode_params, params)
+        self.spec = resolve_spec(method, budget, decode, decode_budget, decode_params, params, visual)
         self.method: Method = self.spec.method
         self.budget: Budget = self.spec.budget if self.spec.budget is not None else Budget.ratio(1.0)
         self.decode_method: DecodeMethod | None = self.spec.decode  # type: ignore[assignment]
@@ -338,6 +353,38 @@ class Compressor:
             self.check_chunked()
         self.vocab: int | None = getattr(model.config.get_text_config(), "vocab_size", None)
         self._stack: contextlib.ExitStack | None = None
+        self._vision: Any = None  # the model's visual-token adapter, made on first use (a VLM's prompt with images)
+        if not self.spec.visual.is_empty:
+            self._vision_adapter(self.spec.label).check_plan(self.spec.visual, "official")
+            if (
+                forward_change(type(self.method)) is not None
+                or self.chunk is not None
+                or (isinstance(self.method, PrefillMethod) and self.method.deferred and self._runs_passes())
+            ):
+                raise CapabilityError(
+                    f"'{self.spec.label}': the KV method '{self.method.name}' "
+                    + ("runs in chunks" if self.chunk is not None else "changes or extends the prefill's forward pass")
+                    + ", which a VLM prompt whose visual tokens are pruned does not support; use another KV method "
+                    "(e.g. snapkv, pyramidkv, tova) after the visual methods."
+                )
+
+    def _runs_passes(self) -> bool:
+        m = self.method
+        return isinstance(m, PrefillMethod) and type(m).prefill_passes is not PrefillMethod.prefill_passes
+
+    def _vision_adapter(self, why: str) -> Any:
+        """The model's visual-token adapter, or a CapabilityError saying that ``why`` needs a vision-language model."""
+        if self._vision is None:
+            from .adapters.vision import vision_adapter
+
+            try:
+                self._vision = vision_adapter(self.model)
+            except CapabilityError as exc:
+                raise CapabilityError(
+                    f"'{why}' needs a vision-language model with images; {type(self.model).__name__} is not one "
+                    f"tokensieve can prune ({exc})"
+                ) from None
+        return self._vision
 
     # ------------------------------------------------------------------------------------------------- caches
     def plan(self, reserve: int | None = None, tail: int = 0, passes: bool = False) -> Plan:
@@ -450,7 +497,17 @@ class Compressor:
         the forward pass of a prompt does not depend on the method — except for methods that change it, which are
         refused (:meth:`replay_refusal`). ``prefill_seconds`` is then the recording's forward time plus this
         replay's.
+
+        A vision-language model's prompt with images is given as its processor's output (a mapping with
+        ``input_ids``, ``attention_mask``, ``pixel_values`` and the family's image metadata): :meth:`prefill_images`.
         """
+        if isinstance(input_ids, Mapping):
+            if attention_mask is not None or chunk is not None or replay is not None:
+                raise CapabilityError(
+                    "A prompt with images (the processor's output) is prefilled in one pass: attention_mask belongs "
+                    "in the mapping, and chunk= and replay= do not apply."
+                )
+            return self.prefill_images(input_ids, compress=compress, reserve=reserve)
         ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         n = mask.sum(-1)
         if bool((n == 0).any()):
@@ -510,6 +567,50 @@ class Compressor:
             self._run_passes(cache, mask, passes)
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
+
+    @torch.inference_mode()
+    def prefill_images(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        compress: bool = True,
+        reserve: int | None = None,
+        positions: str = "official",
+        seeds: Sequence[int] | None = None,
+        all_logits: bool = False,
+        forced: Sequence[Tensor] | None = None,
+    ) -> CachedContext:
+        """Prefill a (left-padded) batch of a vision-language model's prompts with their images: the spec's visual
+        methods prune each image's tokens at their stages, and the kept tokens' cache is compressed by its KV method.
+
+        ``inputs``: the processor's output (``input_ids``, ``attention_mask``, ``pixel_values`` and the family's image
+        metadata such as ``image_sizes`` or ``image_grid_thw``). ``positions``: the language model's positions after
+        pruning — ``"official"`` (each method's own choice), ``"keep"`` or ``"renumber"`` (docs/VLM_PRUNING.md).
+        ``seeds``: one per sample, for methods that draw random numbers. ``forced``: per sample, the visual tokens to
+        keep at the first llm-stage step instead of the method's choice. ``all_logits``: keep every position's logits
+        (``ctx.vision.all_logits``). ``compress=False``: no visual method and the full cache. The context's
+        :attr:`CachedContext.kept` and :attr:`CachedContext.visual_tokens` say what each stage kept."""
+        from .spec import VisualPlan
+
+        adapter = self._vision_adapter(self.spec.label if not self.spec.visual.is_empty else "a prompt with images")
+        headroom = self.reserve if reserve is None else reserve
+        if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
+            raise ConfigError(f"reserve must be a whole number >= 0; got {headroom!r}.")
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ConfigError("The processor's output needs input_ids of shape (batch, tokens).")
+        for m in (self.method, self.decode_method):
+            if m is not None:
+                m.capabilities.check(method=m.name, batch_size=int(ids.shape[0]))
+        cache = self.new_cache(reserve=headroom, compress=compress)
+        plan = self.spec.visual if compress else VisualPlan()
+        t0 = time.perf_counter()
+        state = adapter.prefill(
+            inputs, plan, positions=positions, cache=cache, seeds=seeds, all_logits=all_logits, forced=forced
+        )  # the adapter routes the language model's attention through the cache itself
+        dt = time.perf_counter() - t0
+        return CachedContext(cache, state.segments[-1].valid.long(), state.logits, dt, cache.stats.compress_seconds,
+                             vision=state)  # fmt: skip
 
     def replay_refusal(self) -> str | None:
         """Why this Compressor's prefill cannot be replayed from a :class:`PrefillRecord` (None: it can) — a method
@@ -602,6 +703,8 @@ class Compressor:
         longer chunk is attended to densely and appended (decode methods update their metadata).
         """
         _check_context(ctx, "extend")
+        if ctx.vision is not None:
+            return self._extend_images(ctx, input_ids, attention_mask, return_logits)
         ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
         if ids.shape[0] != ctx.batch:
             raise ConfigError(f"Batch mismatch: context has {ctx.batch} rows, the chunk {ids.shape[0]}.")
@@ -613,6 +716,24 @@ class Compressor:
         ctx.prefill_seconds += time.perf_counter() - t0
         ctx.mask = full_mask
         ctx.logits = logits[:, -1] if return_logits else logits
+        return logits if return_logits else None
+
+    def _extend_images(
+        self, ctx: CachedContext, input_ids: Tensor, attention_mask: Tensor | None, return_logits: bool
+    ) -> Tensor | None:
+        """:meth:`extend` of a VLM prompt's context: every segment of decoder layers continues at its own positions
+        (a follow-up turn attends to what the prompt kept; images cannot be appended)."""
+        ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
+        if not bool(mask.all()):
+            raise PromptError("A chunk appended to a prompt with images has no padding (every token is real).")
+        if ids.shape[0] != ctx.batch:
+            raise ConfigError(f"Batch mismatch: context has {ctx.batch} rows, the chunk {ids.shape[0]}.")
+        adapter = self._vision_adapter("a prompt with images")
+        t0 = time.perf_counter()
+        logits = adapter.extend(ctx.vision, ids, all_logits=return_logits)
+        ctx.prefill_seconds += time.perf_counter() - t0
+        ctx.mask = ctx.vision.segments[-1].valid.long()
+        ctx.logits = ctx.vision.logits if return_logits else logits
         return logits if return_logits else None
 
     def attach_decode(
@@ -647,32 +768,21 @@ class Compressor:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be a whole number >= 0; got {max_new_tokens!r}.")
         eos = _token_ids(eos_token_ids, "eos_token_ids")
-        self._check_length(int(ctx.next_positions().max()) + max_new_tokens)
-        B = ctx.batch
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        finished = [False] * B
-        steps = 0
-        t0 = time.perf_counter()
-        logits = ctx.logits
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)  # (B,)
-            for b, t in enumerate(nxt.tolist()):
-                if finished[b]:
-                    continue
-                if t in eos:
-                    finished[b] = True
-                    continue
-                tokens[b].append(t)
-                if on_token is not None:
-                    on_token(b, t)
-            if all(finished) or step == max_new_tokens - 1:
-                break
+        if ctx.vision is None:
+            self._check_length(int(ctx.next_positions().max()) + max_new_tokens)
+
+        def step(nxt: Tensor) -> Tensor:
+            """One decode step: the picked tokens ``(B,)`` through the model and the cache."""
+            if ctx.vision is not None:
+                logits = self._vision_adapter("a prompt with images").extend(ctx.vision, nxt[:, None])
+                ctx.mask = ctx.vision.segments[-1].valid.long()
+                return logits
             positions = ctx.next_positions()[:, None]
-            ctx.mask = torch.cat([ctx.mask, ctx.mask.new_ones(B, 1)], dim=1)
-            logits = self._forward(nxt[:, None], ctx.mask, positions, ctx.cache)
-            steps += 1
-        ctx.logits = logits
-        return Generation(tokens, steps, time.perf_counter() - t0, finished)
+            ctx.mask = torch.cat([ctx.mask, ctx.mask.new_ones(ctx.batch, 1)], dim=1)
+            return self._forward(nxt[:, None], ctx.mask, positions, ctx.cache)
+
+        gen, ctx.logits = greedy(ctx.logits, step, max_new_tokens, eos, on_token)
+        return gen
 
 
 def _check_context(ctx: Any, call: str) -> None:

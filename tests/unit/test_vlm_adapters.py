@@ -20,6 +20,12 @@ from tokensieve.errors import CapabilityError, ConfigError
 
 ATOL = 2e-5
 
+
+def layer_lengths(cache: Any) -> list[int]:
+    """Entries each decoder layer's cache holds (padding included): what its attention masks follow."""
+    return [cache.seq_length(i) for i in range(len(cache.layers))]
+
+
 LLAVA_SPECS = [
     "fastv[layer=1]:3",
     "vis:random[stage=vision,layer=1,seed=4]:0.5",
@@ -236,15 +242,15 @@ def test_decode_after_stage_c_pruning(family: str, policy: str, llava: Any, qwen
     n_kept = st.visual_tokens["llm"]
     dropped = max(n_vis[b] - n_kept[b] for b in range(3))
     pad = [int((~st.segments[1].valid[b]).sum()) for b in range(3)]
-    assert st.cache.lengths()[:2] == [T, T]
+    assert layer_lengths(st.cache)[:2] == [T, T]
     real = inp["attention_mask"].sum(-1).tolist()
-    assert st.cache.lengths()[2:] == [max(real[b] - (n_vis[b] - n_kept[b]) for b in range(3))] * 2
+    assert layer_lengths(st.cache)[2:] == [max(real[b] - (n_vis[b] - n_kept[b]) for b in range(3))] * 2
     assert min(pad) == 0
     assert dropped > 0
     kept = [k.index for k in st.kept["llm"]]
     gen = ad.generate(st, 4)
     assert gen.shape == (3, 4)
-    assert st.cache.lengths() == [T + 3, T + 3] + [st.cache.lengths()[2]] * 2
+    assert layer_lengths(st.cache) == [T + 3, T + 3] + [layer_lengths(st.cache)[2]] * 2
     ids = torch.cat([inp["input_ids"], gen[:, :3]], dim=1)
     full_inp = {**inp, "input_ids": ids, "attention_mask": torch.cat([inp["attention_mask"], torch.ones(3, 3)], 1)}
     ref = ad.prefill(full_inp, "fastv:0.25", positions=policy, forced=kept, all_logits=True)  # type: ignore[arg-type]
@@ -291,7 +297,8 @@ def test_vision_stage_reads_the_cls_row(llava: Any) -> None:
     from typing import ClassVar
 
     from tokensieve.core.budget import Budget
-    from tokensieve.methods.visual import Stage, VisualContext, VisualMethod, VisualPlan, VisualSpec
+    from tokensieve.methods.visual import Stage, VisualContext, VisualMethod
+    from tokensieve.spec import VisualPlan, VisualSpec
 
     @dataclass(frozen=True)
     class ClsTop(VisualMethod):
@@ -329,7 +336,7 @@ def test_vision_stage_reads_the_cls_row(llava: Any) -> None:
 def test_stage_c_layer_out_of_range(llava: Any) -> None:
     ad = vision_adapter(llava)
     _, singles = llava_batch()
-    with pytest.raises(ConfigError, match="is a KV spec"):
+    with pytest.raises(ConfigError, match="has a KV part"):
         ad.prefill(singles[0], "pool:4/snapkv:0.5")
     with pytest.raises(ConfigError, match=r"K must be in 1\.\.3"):
         ad.prefill(singles[0], "fastv[layer=4]:0.5")
@@ -338,26 +345,23 @@ def test_stage_c_layer_out_of_range(llava: Any) -> None:
 # ------------------------------------------------------------------------------------------ KV composition
 def test_composes_with_a_kv_method(llava: Any) -> None:
     """Visual pruning, then a KV method on what remains: the SieveCache sees only the kept tokens."""
-    from tokensieve.adapters.vision import split_spec
-    from tokensieve.pipeline import Compressor
-    from tokensieve.spec import Spec
+    from tokensieve.pipeline import compress
 
     ad = vision_adapter(llava)
     inp, _ = llava_batch()
-    plan, kv = split_spec("pool:8/full")
-    plain = ad.prefill(inp, plan)
-    cache = Compressor(llava, Spec.parse(kv)).new_cache()
-    routed = ad.prefill(inp, plan, cache=cache)
+    plain = ad.prefill(inp, "pool:8")
+    press = compress(llava, "pool:8/full")
+    routed = press.prefill(inp)
     torch.testing.assert_close(routed.logits, plain.logits, atol=ATOL, rtol=0)
-    assert torch.equal(ad.generate(routed, 3), ad.generate(plain, 3))
-    plan, kv = split_spec("pool:8/snapkv[window=2]:0.5")
-    cache = Compressor(llava, Spec.parse(kv)).new_cache()
-    st = ad.prefill(inp, plan, cache=cache)
-    n_real = [int(v) for v in st.segments[0].valid.sum(-1)]
-    layer0 = cache.layers[0].store
+    assert press.decode(routed, 3).padded(-1).tolist() == ad.generate(plain, 3).tolist()
+    press = compress(llava, "pool:8/snapkv[window=2]:0.5")
+    ctx = press.prefill(inp)
+    assert ctx.vision is not None
+    n_real = [int(v) for v in ctx.vision.segments[0].valid.sum(-1)]
+    layer0 = ctx.cache.layers[0].store
     assert layer0 is not None
     assert [int(x) for x in layer0.lengths().float().mean(-1).round()] == [int(n / 2 + 0.5) for n in n_real]
-    assert ad.generate(st, 3).shape == (3, 3)
+    assert press.decode(ctx, 3).padded(-1).shape == (3, 3)
 
 
 def test_renumbered_helper() -> None:

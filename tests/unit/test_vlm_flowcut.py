@@ -11,9 +11,11 @@ import torch
 
 from tokensieve.core.budget import Budget
 from tokensieve.errors import CapabilityError, ConfigError
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, VisualPlan, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
 from tokensieve.methods.visual.flowcut import FlowCut
 from tokensieve.methods.visual.visionzip import VisionZip
+from tokensieve.registry import create_method
+from tokensieve.spec import VisualPlan
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -70,7 +72,7 @@ def test_flowcut_vision_parity_over_the_schedule(F: int, T: int, seed: int) -> N
     """Every step of the progressive schedule against a loop: EMA of the scores after every layer, pruning when the
     remaining layers are even, entropy-driven counts, straight to T at the last step."""
     n0 = 25
-    method = create_visual("flowcut")
+    method = create_method("vis:flowcut")
     steps = method.layers(F)
     assert steps == tuple(range(1, F))
     enc = Encoder(n0, seed=seed)
@@ -105,7 +107,7 @@ def test_flowcut_vision_parity_over_the_schedule(F: int, T: int, seed: int) -> N
 def test_flowcut_prunes_progressively_before_the_last_step() -> None:
     """With peaked CLS attention (low entropy) the count is large: tokens go before the last step."""
     n0, F, T = 36, 8, 4
-    method = create_visual("flowcut")
+    method = create_method("vis:flowcut")
     memory: dict[str, object] = {}
     sizes = []
     n = n0
@@ -129,7 +131,7 @@ def test_flowcut_prunes_progressively_before_the_last_step() -> None:
 def test_flowcut_multi_grid_image_keeps_crop_share_per_grid_in_lockstep() -> None:
     """LLaVA-NeXT: thumbnail + crop, each pruned to int(T/2) with one count per step (the max over the grids)."""
     F, T = 6, 6
-    method = create_visual("flowcut")
+    method = create_method("vis:flowcut")
     encs = [Encoder(16, seed=10), Encoder(16, seed=11)]
     memory: dict[str, object] = {}
     alive = [list(range(16)), list(range(16))]
@@ -198,7 +200,7 @@ def test_flowcut_llm_stage_parity() -> None:
         tokens=torch.zeros(len(vis), 3), groups=(VisualGroup(0, 8, 2, 4),), stage=Stage.LLM, layer=2,
         text_attention=probs[:, vis], values=v[:, vis], anchor_value=v[:, -1],
     )  # fmt: skip
-    kept = create_visual("flowcut", stage="llm").prune(ctx, Budget.tokens(3))
+    kept = create_method("vis:flowcut", stage="llm").prune(ctx, Budget.tokens(3))
     r = [0.0] * len(vis)
     s = [0.0] * len(vis)
     for h in range(H):  # query head h reads KV head h // 2: its softmax over the visual keys only
@@ -219,19 +221,19 @@ def test_flowcut_llm_stage_parity() -> None:
 # ------------------------------------------------------------------------------------------------ FlowCut, set-up
 def test_flowcut_parameters_schedule_and_companion() -> None:
     with pytest.raises(ConfigError, match="momentum"):
-        create_visual("flowcut", momentum="1.0")
+        create_method("vis:flowcut", momentum="1.0")
     with pytest.raises(ConfigError, match="K"):
-        create_visual("flowcut", stage="llm", layer="0")
+        create_method("vis:flowcut", stage="llm", layer="0")
     with pytest.raises(ConfigError, match="interval"):
-        create_visual("flowcut", interval="0")
+        create_method("vis:flowcut", interval="0")
     with pytest.raises(ConfigError, match="crop_share"):
-        create_visual("flowcut", crop_share="0")
+        create_method("vis:flowcut", crop_share="0")
     with pytest.raises(ConfigError, match="acts at llm, vision"):
-        create_visual("flowcut", stage="projector")
-    m = create_visual("flowcut")
+        create_method("vis:flowcut", stage="projector")
+    m = create_method("vis:flowcut")
     assert m.layers(23) == tuple(range(1, 23))  # LLaVA-1.5: scored after 1..22, pruned after 22, 20, ..., 2
     assert m.layers(1) == (1,)
-    assert create_visual("flowcut", stage="llm").layers(32) == (2,)
+    assert create_method("vis:flowcut", stage="llm").layers(32) == (2,)
     plan = VisualPlan.parse("flowcut:64")
     assert plan.label == "flowcut:64/flowcut[stage=llm]:64"
     assert VisualPlan.parse("flowcut:0.1").label == "flowcut:0.1"  # ratio: no companion (documented)
@@ -246,7 +248,7 @@ def test_flowcut_keeps_everything_when_the_budget_covers_the_tokens() -> None:
             tokens=torch.zeros(9, 3), groups=(VisualGroup(0, 9, 3, 3),), stage=stage, layer=2,
             values=vals, anchor_value=anchor, steps=1, **kw,  # type: ignore[arg-type]
         )  # fmt: skip
-        method = create_visual("flowcut", stage=stage.value)
+        method = create_method("vis:flowcut", stage=stage.value)
         for budget in (Budget.ratio(1.0), Budget.tokens(9), Budget.tokens(50)):
             assert method.prune(ctx, budget).index.tolist() == list(range(9))
     # a single step run alone (no memory) prunes straight to the budget
@@ -254,16 +256,16 @@ def test_flowcut_keeps_everything_when_the_budget_covers_the_tokens() -> None:
         tokens=torch.zeros(9, 3), groups=(VisualGroup(0, 9, 3, 3),), stage=Stage.VISION, layer=1,
         cls_attention=att, values=vals, anchor_value=anchor,
     )  # fmt: skip
-    assert create_visual("flowcut").prune(ctx, Budget.ratio(1 / 3)).index.numel() == 3
+    assert create_method("vis:flowcut").prune(ctx, Budget.ratio(1 / 3)).index.numel() == 3
 
 
 def test_flowcut_without_its_signals_says_so() -> None:
     ctx = VisualContext(tokens=torch.zeros(4, 3), groups=(VisualGroup(0, 4, 2, 2),), stage=Stage.VISION, layer=1)
     with pytest.raises(CapabilityError, match="no CLS token"):
-        create_visual("flowcut").prune(ctx, Budget.tokens(2))
+        create_method("vis:flowcut").prune(ctx, Budget.tokens(2))
     ctx = VisualContext(tokens=torch.zeros(4, 3), groups=(VisualGroup(0, 4, 2, 2),), stage=Stage.LLM, layer=2)
     with pytest.raises(CapabilityError, match="text attention"):
-        create_visual("flowcut", stage="llm").prune(ctx, Budget.tokens(2))
+        create_method("vis:flowcut", stage="llm").prune(ctx, Budget.tokens(2))
 
 
 # ----------------------------------------------------------------------------------------------------- VisionZip
@@ -310,7 +312,7 @@ def test_visionzip_parity(k: int, share: float, merge: str) -> None:
     ctx = VisualContext(
         tokens=h, groups=(VisualGroup(0, N, 6, 6),), stage=Stage.VISION, layer=2, cls_attention=att, keys=keys
     )
-    kept = create_visual("visionzip", contextual=str(share), merge=merge).prune(ctx, Budget.tokens(k))
+    kept = create_method("vis:visionzip", contextual=str(share), merge=merge).prune(ctx, Budget.tokens(k))
     index, states, sizes = ref_visionzip(h, att, keys, k, share, merge)
     assert kept.index.tolist() == index
     assert kept.sizes is not None
@@ -324,7 +326,7 @@ def test_visionzip_paper_splits_and_grids() -> None:
     m = VisionZip()
     assert [m.split(k) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
     assert m.layers(23) == (23,)  # after the feature layer
-    assert create_visual("visionzip", layer="20").layers(23) == (20,)
+    assert create_method("vis:visionzip", layer="20").layers(23) == (20,)
     # LLaVA-NeXT: thumbnail + crop, each zipped on its own with half of the image's budget
     g = torch.Generator().manual_seed(1)
     h = torch.randn(32, 4, generator=g)
@@ -332,7 +334,7 @@ def test_visionzip_paper_splits_and_grids() -> None:
     keys = torch.randn(2, 32, 3, generator=g)
     groups = (VisualGroup(0, 16, 4, 4, 0), VisualGroup(16, 32, 4, 4, 0))
     ctx = VisualContext(tokens=h, groups=groups, stage=Stage.VISION, layer=2, cls_attention=att, keys=keys)
-    kept = create_visual("visionzip", contextual="0.25").prune(ctx, Budget.tokens(16))
+    kept = create_method("vis:visionzip", contextual="0.25").prune(ctx, Budget.tokens(16))
     i1, s1, z1 = ref_visionzip(h[:16], att[:, :16], keys[:, :16], 8, 0.25, "add")
     i2, s2, z2 = ref_visionzip(h[16:], att[:, 16:], keys[:, 16:], 8, 0.25, "add")
     assert kept.index.tolist() == i1 + [16 + i for i in i2]
@@ -348,22 +350,22 @@ def test_visionzip_edges_and_parameters() -> None:
         tokens=torch.randn(9, 4, generator=g), groups=(VisualGroup(0, 9, 3, 3),), stage=Stage.VISION, layer=1,
         cls_attention=torch.rand(2, 9, generator=g), keys=torch.randn(2, 9, 3, generator=g),
     )  # fmt: skip
-    m = create_visual("visionzip")
+    m = create_method("vis:visionzip")
     for budget in (Budget.ratio(1.0), Budget.tokens(9), Budget.tokens(20)):
         kept = m.prune(ctx, budget)
         assert kept.index.tolist() == list(range(9))
         assert kept.tokens is None
     for k in range(1, 9):  # counts match the budget; the sizes cover every token once
-        kept = create_visual("visionzip", contextual="0.5").prune(ctx, Budget.tokens(k))
+        kept = create_method("vis:visionzip", contextual="0.5").prune(ctx, Budget.tokens(k))
         assert kept.index.numel() == k
         assert kept.sizes is not None
         assert int(kept.sizes.sum()) == 9
     with pytest.raises(ConfigError, match="contextual"):
-        create_visual("visionzip", contextual="1")
+        create_method("vis:visionzip", contextual="1")
     with pytest.raises(ConfigError, match="merge"):
-        create_visual("visionzip", merge="max")
+        create_method("vis:visionzip", merge="max")
     with pytest.raises(ConfigError, match="layer"):
-        create_visual("visionzip", layer="-1")
+        create_method("vis:visionzip", layer="-1")
     with pytest.raises(CapabilityError, match="no CLS token"):
         m.prune(
             VisualContext(

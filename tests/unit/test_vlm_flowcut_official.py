@@ -20,7 +20,7 @@ import vlm_tiny as vt
 from tokensieve.adapters.vision import vision_adapter
 from tokensieve.adapters.vision.base import as_plan
 from tokensieve.errors import CapabilityError, ConfigError
-from tokensieve.methods.visual.spec import VisualPlan, VisualSpec
+from tokensieve.spec import VisualPlan, VisualSpec
 
 ATOL = 2e-5
 SIZES = [[(40, 70)], [(64, 30), (30, 30)]]  # 40x70: a 2x2 crop mosaic whose top and bottom quarters are padding

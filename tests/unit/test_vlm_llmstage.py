@@ -14,9 +14,11 @@ import torch
 
 from tokensieve.core.budget import Budget
 from tokensieve.errors import ConfigError
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, VisualKept, VisualSpec, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, VisualKept
 from tokensieve.methods.visual._llmstage import scale_layer
 from tokensieve.methods.visual.sparsevlm import split_keep
+from tokensieve.registry import create_method
+from tokensieve.spec import VisualSpec
 
 
 # --------------------------------------------------------------------------------------------- a method-level loop
@@ -86,15 +88,15 @@ def ranked(scores: list[float], k: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------- PyramidDrop
 def test_pyramiddrop_schedule_scales_with_depth_and_takes_explicit_layers() -> None:
-    m = create_visual("pyramiddrop")
+    m = create_method("vis:pyramiddrop")
     assert m.layers(32) == (8, 16, 24)
     assert m.layers(28) == (7, 14, 21)
     assert m.layers(4) == (1, 2, 3)
     assert m.layers(2) == (1,)
-    assert create_visual("pyramiddrop", at="2,3").layers(4) == (2, 3)
+    assert create_method("vis:pyramiddrop", at="2,3").layers(4) == (2, 3)
     assert VisualSpec.parse("pyramiddrop[at=1-3]:0.125").method.layers(4) == (1, 3)
     with pytest.raises(ConfigError, match="decoder has 4 layers"):
-        create_visual("pyramiddrop", at="2-4").layers(4)
+        create_method("vis:pyramiddrop", at="2-4").layers(4)
     assert scale_layer(7, 28) == 6
     assert scale_layer(12, 28) == 11
 
@@ -102,14 +104,14 @@ def test_pyramiddrop_schedule_scales_with_depth_and_takes_explicit_layers() -> N
 @pytest.mark.parametrize("bad", [{"lam": "1.5"}, {"at": "0-3"}, {"at": "5-3"}, {"at": "a-b"}])
 def test_pyramiddrop_refuses_bad_parameters(bad: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
-        create_visual("pyramiddrop", **bad)
+        create_method("vis:pyramiddrop", **bad)
 
 
 def test_pyramiddrop_matches_a_plain_reference() -> None:
     """Three stages at λ = 0.5 (budget 0.125 of 32 → 16, 8, 4) on two images of 32 and 16 tokens; each stage keeps
     the image's top tokens by the head-mean last-token attention."""
     images = [32, 16]
-    seen, sigs, results = run_steps(create_visual("pyramiddrop"), Budget.ratio(0.125), images, steps=3)
+    seen, sigs, results = run_steps(create_method("vis:pyramiddrop"), Budget.ratio(0.125), images, steps=3)
     alive = {0: list(range(32)), 1: list(range(32, 48))}
     for step in range(3):
         row = sigs[step]["text_attention"]
@@ -127,22 +129,22 @@ def test_pyramiddrop_matches_a_plain_reference() -> None:
 
 def test_pyramiddrop_fixed_lambda_and_token_budgets() -> None:
     # lam fixes the stage ratios; the last stage lands on the budget (a token count per image)
-    _, _, results = run_steps(create_visual("pyramiddrop", lam="0.75"), Budget.tokens(5), [40], steps=3)
+    _, _, results = run_steps(create_method("vis:pyramiddrop", lam="0.75"), Budget.tokens(5), [40], steps=3)
     assert [int(r.index.numel()) for r in results] == [30, 23, 5]
-    _, _, results = run_steps(create_visual("pyramiddrop"), Budget.ratio(1.0), [10, 6], steps=3)
+    _, _, results = run_steps(create_method("vis:pyramiddrop"), Budget.ratio(1.0), [10, 6], steps=3)
     assert all(r.index.tolist() == list(range(16)) for r in results)
 
 
 # -------------------------------------------------------------------------------------------------- TransPrune
 def test_transprune_schedule_accumulates_between_pruning_layers() -> None:
-    m = create_visual("transprune")
+    m = create_method("vis:transprune")
     assert m.layers(32) == (7, 8, 9, 10, 11, 12)
     assert m.layers(28) == (6, 7, 8, 9, 10, 11)
     assert m.layers(4) == (1, 2)
-    assert create_visual("transprune", at="1-2-3").layers(4) == (1, 2, 3)
+    assert create_method("vis:transprune", at="1-2-3").layers(4) == (1, 2, 3)
     with pytest.raises(ConfigError, match="as many ratios"):
-        create_visual("transprune", at="1-3")
-    assert create_visual("transprune", at="1-3", ratios="0.5-0.25").layers(4) == (1, 2, 3)
+        create_method("vis:transprune", at="1-3")
+    assert create_method("vis:transprune", at="1-3", ratios="0.5-0.25").layers(4) == (1, 2, 3)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,7 @@ def test_transprune_schedule_accumulates_between_pruning_layers() -> None:
 )
 def test_transprune_refuses_bad_parameters(bad: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
-        create_visual("transprune", **bad)
+        create_method("vis:transprune", **bad)
 
 
 def ttv_reference(before: list[list[float]], after: list[list[float]], update: bool) -> list[float]:
@@ -171,7 +173,7 @@ def ttv_reference(before: list[list[float]], after: list[list[float]], update: b
 def test_transprune_matches_a_plain_reference(transition: str) -> None:
     """Pruning at K = 2, 3, 5 (accumulating TTV at 2, 3, 4, 5) to 87.5/62.5/12.5 %-shaped counts: 16 → 14 → 10 → 2
     for a budget of 2; score = ½·TTV/ΣTTV + ½·IGA/ΣIGA over the surviving tokens."""
-    m = create_visual("transprune", at="2-3-5", transition=transition)
+    m = create_method("vis:transprune", at="2-3-5", transition=transition)
     seen, sigs, results = run_steps(m, Budget.tokens(2), [16], steps=4)
     acc = dict.fromkeys(range(16), 0.0)
     alive = list(range(16))
@@ -198,7 +200,7 @@ def test_transprune_matches_a_plain_reference(transition: str) -> None:
 
 
 def test_transprune_paper_counts_and_keep_all() -> None:
-    m = create_visual("transprune")
+    m = create_method("vis:transprune")
     # LLaVA-7B: 576 tokens, budget 12.5 % → 504 after layer 7, 360 after 9, 72 after 12 (six steps 7…12)
     _, _, results = run_steps(m, Budget.ratio(0.125), [576], steps=6, d=4, heads=1, q=2)
     assert [int(r.index.numel()) for r in results] == [504, 504, 360, 360, 360, 72]
@@ -208,15 +210,15 @@ def test_transprune_paper_counts_and_keep_all() -> None:
 
 # --------------------------------------------------------------------------------------------------- SparseVLM
 def test_sparsevlm_schedule_and_parameters() -> None:
-    m = create_visual("sparsevlm")
+    m = create_method("vis:sparsevlm")
     assert m.layers(32) == (3, 7, 16, 20)  # the v1 code's pruning_loc 2, 6, 15, 19
     assert m.layers(28) == (3, 6, 14, 18)
     assert m.layers(4) == (1, 2, 3)
-    assert create_visual("sparsevlm", at="3-7-16").layers(32) == (3, 7, 16)  # v1.5's
-    assert create_visual("sparsevlm", at="1-2-3").layers(4) == (1, 2, 3)
+    assert create_method("vis:sparsevlm", at="3-7-16").layers(32) == (3, 7, 16)  # v1.5's
+    assert create_method("vis:sparsevlm", at="1-2-3").layers(4) == (1, 2, 3)
     for bad in ({"recycle": "1.5"}, {"cluster": "-1"}, {"scale": "-2"}, {"at": "3-3"}):
         with pytest.raises(ConfigError):
-            create_visual("sparsevlm", **bad)
+            create_method("vis:sparsevlm", **bad)
 
 
 def test_split_keep_lands_exactly_on_the_total() -> None:
@@ -316,7 +318,7 @@ def test_sparsevlm_matches_a_plain_reference() -> None:
     """Two steps on one image of 120 tokens, budget 30: the first step keeps ⌊scale·rank(P)⌋ = 12·rank tokens by the
     raters' attention and recycles the top 30 % of the rest into ⌊m/10⌋ + 1 = 3 DPC-kNN clusters; the second lands
     on 30 (kept + merged). Raters come from the first step's states and are reused."""
-    m = create_visual("sparsevlm", at="1-2", scale="12")
+    m = create_method("vis:sparsevlm", at="1-2", scale="12")
     _seen, sigs, results = run_steps(m, Budget.tokens(30), [120], steps=2, q=6, d=8, heads=2)
     tokens = sigs[0]["tokens"].tolist()
     sizes = [1] * 120
@@ -350,7 +352,7 @@ def test_sparsevlm_matches_a_plain_reference() -> None:
 
 
 def test_sparsevlm_keeps_everything_at_full_budget_and_when_p_has_full_rank() -> None:
-    m = create_visual("sparsevlm", at="1-2")
+    m = create_method("vis:sparsevlm", at="1-2")
     _, _, results = run_steps(m, Budget.ratio(1.0), [8, 6], steps=2)
     assert all(r.index.tolist() == list(range(14)) and r.tokens is None for r in results)
     # more raters than visual tokens: rank(P) = N, so the first step prunes nothing; the last lands on the budget
@@ -360,7 +362,7 @@ def test_sparsevlm_keeps_everything_at_full_budget_and_when_p_has_full_rank() ->
 
 
 def test_sparsevlm_recycles_per_image_and_counts_the_budget() -> None:
-    m = create_visual("sparsevlm", at="1-2-3", scale="3")
+    m = create_method("vis:sparsevlm", at="1-2-3", scale="3")
     seen, _, results = run_steps(m, Budget.ratio(0.25), [48, 32], steps=3, q=8)
     last = [seen[-1][j] for j in results[-1].index.tolist()]  # merged tokens carry their centre's id
     assert sum(1 for t in last if t < 48) == 12
@@ -370,7 +372,7 @@ def test_sparsevlm_recycles_per_image_and_counts_the_budget() -> None:
 
 
 def test_no_recycling_is_plain_pruning() -> None:
-    m = create_visual("sparsevlm", at="1-2", recycle="0")
+    m = create_method("vis:sparsevlm", at="1-2", recycle="0")
     _, _, results = run_steps(m, Budget.tokens(3), [20], steps=2)
     assert all(r.tokens is None and r.sizes is None for r in results)
     assert int(results[-1].index.numel()) == 3

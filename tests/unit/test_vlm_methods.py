@@ -8,21 +8,14 @@ import math
 import pytest
 import torch
 
-from tokensieve.adapters.vision import split_spec
 from tokensieve.adapters.vision.attention import row_probs
 from tokensieve.core.budget import Budget
 from tokensieve.errors import ConfigError, UnknownNameError
-from tokensieve.methods.visual import (
-    Stage,
-    VisualContext,
-    VisualGroup,
-    VisualPlan,
-    VisualSpec,
-    create_visual,
-    visual_method_names,
-)
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
 from tokensieve.methods.visual.base import split_counts, top_k
 from tokensieve.methods.visual.pool import pooled_grid
+from tokensieve.registry import create_method, method_names
+from tokensieve.spec import Spec, VisualPlan, VisualSpec
 
 
 def ctx_of(n: int, groups: tuple[VisualGroup, ...] | None = None, **kw: object) -> VisualContext:
@@ -33,21 +26,21 @@ def ctx_of(n: int, groups: tuple[VisualGroup, ...] | None = None, **kw: object) 
 
 # --------------------------------------------------------------------------------------------- registry / spec
 def test_registry_lists_the_baselines_and_rejects_mistakes() -> None:
-    assert {"random", "pool", "fastv"} <= set(visual_method_names())
+    assert {"random", "pool", "fastv"} <= set(method_names("visual"))
     with pytest.raises(UnknownNameError, match="fastv"):
-        create_visual("fastvv")
+        create_method("vis:fastvv")
     with pytest.raises(ConfigError, match="no parameter 'k'"):
-        create_visual("fastv", k="3")
+        create_method("vis:fastv", k="3")
     with pytest.raises(ConfigError, match="acts at projector, vision"):
-        create_visual("pool", stage="llm")
+        create_method("vis:pool", stage="llm")
     with pytest.raises(ConfigError, match="K >= 1"):
-        create_visual("fastv", layer="0")
-    assert create_visual("random", stage="c", layer="3").where is Stage.LLM
+        create_method("vis:fastv", layer="0")
+    assert create_method("vis:random", stage="c", layer="3").where is Stage.LLM
 
 
 def test_fastv_stage_parameter_is_refused() -> None:
     with pytest.raises(ConfigError, match="no parameter 'stage'"):
-        create_visual("fastv", stage="llm")
+        create_method("vis:fastv", stage="llm")
 
 
 def test_spec_parse_label_and_budget_per_image() -> None:
@@ -61,8 +54,8 @@ def test_spec_parse_label_and_budget_per_image() -> None:
         VisualSpec.parse("fastv[layer=2]")
     # the budget is per image: 2 images of 16 tokens at 0.25 keep 4 + 4; 64 tokens clip to each image's 16
     ctx = ctx_of(32, (VisualGroup(0, 16, 4, 4, 0), VisualGroup(16, 32, 4, 4, 1)))
-    assert create_visual("random").count(ctx, Budget.ratio(0.25)) == 8
-    assert create_visual("random").count(ctx, Budget.tokens(64)) == 32
+    assert create_method("vis:random").count(ctx, Budget.ratio(0.25)) == 8
+    assert create_method("vis:random").count(ctx, Budget.tokens(64)) == 32
 
 
 def test_plan_orders_stages_and_refuses_two_at_one_stage() -> None:
@@ -73,23 +66,26 @@ def test_plan_orders_stages_and_refuses_two_at_one_stage() -> None:
         VisualPlan.parse(["pool:64", "vis:random:0.5"])
 
 
-def test_split_spec_composes_with_kv_specs() -> None:
-    plan, kv = split_spec("pool:128/snapkv:0.25")
-    assert plan.label == "pool:128"
-    assert kv == "snapkv:0.25"
-    plan, kv = split_spec("fastv[layer=2]:0.25")
-    assert plan.label == "fastv:0.25"
-    assert kv == ""
-    plan, kv = split_spec("random:0.5")  # 'random' is a KV method too: without vis: it is the KV one
-    assert plan.is_empty
-    assert kv == "random:0.5"
-    plan, kv = split_spec("pool:4/vis:random[stage=vision,layer=1,seed=3]:0.5/snapkv[window=8]:0.5+quest:0.5")
-    assert plan.label == "random[layer=1,seed=3,stage=vision]:0.5/pool:4"  # in stage order
-    assert kv == "snapkv[window=8]:0.5+quest:0.5"
-    with pytest.raises(ConfigError, match="come before"):
-        split_spec("snapkv:0.25/pool:4")
-    with pytest.raises(ConfigError, match="one KV spec"):
-        split_spec("snapkv:0.25/h2o:0.5")
+def test_one_spec_holds_visual_methods_and_a_kv_spec() -> None:
+    s = Spec.parse("pool:128/snapkv:0.25")
+    assert s.visual.label == "pool:128"
+    assert s.kv.label == "snapkv:0.25"
+    assert s.label == "pool:128/snapkv:0.25"
+    s = Spec.parse("fastv[layer=2]:0.25")
+    assert s.visual.label == "fastv:0.25"
+    assert s.kv.is_full
+    assert s.label == "fastv:0.25"
+    s = Spec.parse("random:0.5")  # 'random' is a KV method too: without vis: it is the KV one
+    assert s.visual.is_empty
+    assert s.label == "random:0.5"
+    s = Spec.parse("pool:4/vis:random[stage=vision,layer=1,seed=3]:0.5/snapkv[window=8]:0.5+quest:0.5")
+    assert s.visual.label == "random[layer=1,seed=3,stage=vision]:0.5/pool:4"  # in stage order
+    assert s.kv.label == "snapkv[window=8]:0.5+quest:0.5"
+    assert Spec.parse(s.label) == s
+    with pytest.raises(ConfigError, match="come first"):
+        Spec.parse("snapkv:0.25/pool:4")
+    with pytest.raises(ConfigError, match="come first"):
+        Spec.parse("snapkv:0.25/h2o:0.5")
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -103,13 +99,13 @@ def test_top_k_sorted_and_ties_to_the_earlier_token() -> None:
 
 def test_random_parity() -> None:
     ctx = ctx_of(40, seed=5)
-    kept = create_visual("random", seed="2").prune(ctx, Budget.ratio(0.25))
+    kept = create_method("vis:random", seed="2").prune(ctx, Budget.ratio(0.25))
     g = torch.Generator().manual_seed(2 * 1_000_003 + 5)
     u = torch.rand(40, generator=g)
     ref = sorted(range(40), key=lambda j: -float(u[j]))[:10]
     assert kept.index.tolist() == sorted(ref)
     # another sample seed draws another subset; the same seed the same one
-    other = create_visual("random", seed="2").prune(ctx_of(40, seed=6), Budget.ratio(0.25))
+    other = create_method("vis:random", seed="2").prune(ctx_of(40, seed=6), Budget.ratio(0.25))
     assert other.index.tolist() != kept.index.tolist()
 
 
@@ -132,7 +128,7 @@ def _pool_reference(x: torch.Tensor, h: int, w: int, a: int, b: int) -> tuple[li
 def test_pool_parity(h: int, w: int, k: int, grid: tuple[int, int]) -> None:
     assert pooled_grid(h, w, k) == grid
     ctx = ctx_of(h * w, (VisualGroup(0, h * w, h, w),))
-    kept = create_visual("pool").prune(ctx, Budget.tokens(k))
+    kept = create_method("vis:pool").prune(ctx, Budget.tokens(k))
     if k == h * w:  # the whole grid: nothing pooled, nothing replaced
         assert kept.index.tolist() == list(range(h * w))
         assert kept.tokens is None
@@ -149,7 +145,7 @@ def test_pool_splits_an_images_budget_over_its_grids() -> None:
     # one image = a 4x4 thumbnail and a 4x8 crop grid (LLaVA-NeXT-like); 0.25 of 48 = 12 → 4 + 8 → 2x2 and 2x4
     groups = (VisualGroup(0, 16, 4, 4, 0), VisualGroup(16, 48, 4, 8, 0))
     ctx = ctx_of(48, groups)
-    kept = create_visual("pool").prune(ctx, Budget.ratio(0.25))
+    kept = create_method("vis:pool").prune(ctx, Budget.ratio(0.25))
     _, i1, _ = _pool_reference(ctx.tokens[:16], 4, 4, 2, 2)
     _, i2, _ = _pool_reference(ctx.tokens[16:], 4, 8, 2, 4)
     assert kept.index.tolist() == i1 + [16 + i for i in i2]
@@ -172,7 +168,7 @@ def test_fastv_parity_with_gqa_and_a_causal_row() -> None:
         layer=2,
         text_attention=probs[0][:, vis],
     )
-    kept = create_visual("fastv").prune(ctx, Budget.ratio(0.5))
+    kept = create_method("vis:fastv").prune(ctx, Budget.ratio(0.5))
     # reference: softmax over every key for the last query of each head, its KV head h // (Hq / Hkv)
     ref_scores = []
     for j in vis.tolist():
@@ -191,4 +187,4 @@ def test_a_method_missing_its_signal_says_so() -> None:
     from tokensieve.errors import CapabilityError
 
     with pytest.raises(CapabilityError, match="text attention"):
-        create_visual("fastv").prune(ctx_of(8), Budget.ratio(0.5))
+        create_method("vis:fastv").prune(ctx_of(8), Budget.ratio(0.5))

@@ -20,7 +20,7 @@ from tokensieve.adapters.vision import vision_adapter
 from tokensieve.core.budget import Budget
 from tokensieve.errors import CapabilityError, ConfigError
 from tokensieve.methods.visual.base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from tokensieve.methods.visual.spec import VisualPlan, VisualSpec
+from tokensieve.spec import VisualPlan, VisualSpec
 
 ATOL = 2e-5
 SEEN: list[VisualContext] = []

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tokensieve.adapters import vlm as V
-from tokensieve.adapters.vision import visual_label
 from tokensieve.report import write_report
 from tokensieve.results.sections import vlm_sign_tests
 from tokensieve.results.stats import paired, sign_test, visual_kept
 from tokensieve.results.store import ResultStore, is_visual, visual_columns, visual_key
+from tokensieve.spec import visual_label
 
 from .eval_grid import run_grid
 from .test_vlm import SMALL

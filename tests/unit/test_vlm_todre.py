@@ -10,8 +10,10 @@ import torch
 
 from tokensieve.core.budget import Budget
 from tokensieve.errors import ConfigError
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, VisualPlan, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
 from tokensieve.methods.visual._diversity import greedy_maxmin, greedy_maxsum
+from tokensieve.registry import create_method
+from tokensieve.spec import VisualPlan
 
 # ------------------------------------------------------------------------------------------ plain references
 
@@ -93,7 +95,7 @@ def test_todre_stage1_parity_with_the_cls_pivot(diversity: str, ref: object, rat
     n = 36
     cls = cls_rows(n)
     ctx = ctx_of(n, (VisualGroup(0, n, 6, 6),), cls_attention=cls)
-    kept = create_visual("todre", diversity=diversity).prune(ctx, Budget.ratio(ratio))
+    kept = create_method("vis:todre", diversity=diversity).prune(ctx, Budget.ratio(ratio))
     head_mean = [sum(float(cls[h, j]) for h in range(cls.shape[0])) / cls.shape[0] for j in range(n)]
     pivot = max(range(n), key=lambda j: head_mean[j])
     expected = ref(ctx.tokens, pivot, k_of(ratio, n))  # type: ignore[operator]
@@ -108,7 +110,7 @@ def test_todre_anyres_pivot_from_the_thumbnail_and_one_budget_per_image() -> Non
     cls = cls_rows(43)
     cls[:, 20] = 5.0  # the strongest CLS attention sits in a crop: not a pivot candidate
     ctx = ctx_of(43, groups, cls_attention=cls)
-    kept = create_visual("todre", relevance="false").prune(ctx, Budget.ratio(0.25))
+    kept = create_method("vis:todre", relevance="false").prune(ctx, Budget.ratio(0.25))
     mean = cls.mean(0).tolist()
     p0 = max(range(9), key=lambda j: mean[j])
     p1 = 27 + max(range(16), key=lambda j: mean[27 + j])
@@ -122,7 +124,7 @@ def test_todre_anyres_pivot_from_the_thumbnail_and_one_budget_per_image() -> Non
 def test_todre_without_cls_draws_a_seeded_pivot() -> None:
     groups = (VisualGroup(0, 16, 4, 4, 0), VisualGroup(16, 40, 4, 6, 1))
     ctx = ctx_of(40, groups, seed=7)
-    method = create_visual("todre", seed="3")
+    method = create_method("vis:todre", seed="3")
     kept = method.prune(ctx, Budget.tokens(5))
     g = torch.Generator().manual_seed(3 * 1_000_003 + 7)
     p0 = int(torch.randint(16, (1,), generator=g))
@@ -132,14 +134,14 @@ def test_todre_without_cls_draws_a_seeded_pivot() -> None:
     # the same sample seed keeps the same tokens; pivot=random ignores a CLS row that is there
     assert method.prune(ctx, Budget.tokens(5)).index.tolist() == kept.index.tolist()
     with_cls = ctx_of(40, groups, seed=7, cls_attention=cls_rows(40))
-    assert create_visual("todre", seed="3", pivot="random").prune(with_cls, Budget.tokens(5)).index.tolist() == sorted(
-        exp
-    )
+    assert create_method("vis:todre", seed="3", pivot="random").prune(
+        with_cls, Budget.tokens(5)
+    ).index.tolist() == sorted(exp)
 
 
 def test_todre_budget_edges() -> None:
     ctx = ctx_of(12, cls_attention=cls_rows(12))
-    method = create_visual("todre")
+    method = create_method("vis:todre")
     assert method.prune(ctx, Budget.ratio(1.0)).index.tolist() == list(range(12))
     assert method.prune(ctx, Budget.tokens(50)).index.tolist() == list(range(12))
     one = method.prune(ctx, Budget.tokens(1)).index.tolist()
@@ -168,7 +170,7 @@ def llm_ctx(vis_mass: list[list[float]], n: int = 5) -> VisualContext:
 
 
 def test_todre_stage2_keeps_all_or_nothing_by_the_instruction_share() -> None:
-    stage2 = create_visual("todre", stage="llm")
+    stage2 = create_method("vis:todre", stage="llm")
     # 2 heads x 3 instruction rows; alpha = mean of the visual mass = (0.02+0.1+0.03+0.05+0.2+0.02)/6 = 0.07 < 0.10
     low = llm_ctx([[0.02, 0.1, 0.03], [0.05, 0.2, 0.02]])
     high = llm_ctx([[0.3, 0.1, 0.03], [0.05, 0.2, 0.02]])  # 0.7 / 6 = 0.117
@@ -178,8 +180,8 @@ def test_todre_stage2_keeps_all_or_nothing_by_the_instruction_share() -> None:
     assert alpha == pytest.approx(0.07, abs=1e-6)
     assert stage2.prune(low, Budget.ratio(1.0)).index.numel() == 0
     assert stage2.prune(high, Budget.ratio(1.0)).index.tolist() == list(range(5))
-    assert create_visual("todre", stage="llm", tau="0.05").prune(low, Budget.ratio(1.0)).index.numel() == 5
-    assert create_visual("todre", stage="llm", tau="0").prune(low, Budget.ratio(1.0)).index.numel() == 5
+    assert create_method("vis:todre", stage="llm", tau="0.05").prune(low, Budget.ratio(1.0)).index.numel() == 5
+    assert create_method("vis:todre", stage="llm", tau="0").prune(low, Budget.ratio(1.0)).index.numel() == 5
     # no instruction rows: nothing measured, everything stays
     empty = VisualContext(
         tokens=torch.randn(5, 4),
@@ -196,11 +198,11 @@ def test_todre_stage2_keeps_all_or_nothing_by_the_instruction_share() -> None:
 
 
 def test_todre_stage2_layer_is_seven_eighths() -> None:
-    stage2 = create_visual("todre", stage="llm")
+    stage2 = create_method("vis:todre", stage="llm")
     assert [stage2.layers(L)[0] for L in (32, 28, 24, 4, 2)] == [28, 24, 21, 3, 1]
-    assert create_visual("todre", stage="llm", layer="20").layers(32) == (20,)
+    assert create_method("vis:todre", stage="llm", layer="20").layers(32) == (20,)
     with pytest.raises(ConfigError, match=r"1\.\.3"):
-        create_visual("todre", stage="llm", layer="4").layers(4)
+        create_method("vis:todre", stage="llm", layer="4").layers(4)
 
 
 def test_todre_companion_and_parameters() -> None:
@@ -214,12 +216,12 @@ def test_todre_companion_and_parameters() -> None:
     assert VisualPlan.parse(["todre:0.1", "fastv:0.5"]).label == "todre:0.1/fastv:0.5"
     for bad in ({"diversity": "dpp"}, {"pivot": "max"}, {"tau": "1.5"}, {"layer": "-1"}, {"stage": "vision"}):
         with pytest.raises(ConfigError):
-            create_visual("todre", **bad)
+            create_method("vis:todre", **bad)
     # parameters the instance would not use are refused, not ignored
     with pytest.raises(ConfigError, match="belong to stage 1"):
-        create_visual("todre", stage="llm", diversity="kcenter")
+        create_method("vis:todre", stage="llm", diversity="kcenter")
     with pytest.raises(ConfigError, match="relevance=false leaves out"):
-        create_visual("todre", relevance="false", tau="0.2")
+        create_method("vis:todre", relevance="false", tau="0.2")
 
 
 # ------------------------------------------------------------------------------------------------ DivPrune
@@ -227,26 +229,26 @@ def test_todre_companion_and_parameters() -> None:
 def test_divprune_parity(ratio: float) -> None:
     n = 30
     ctx = ctx_of(n, (VisualGroup(0, n, 5, 6),), d=6)
-    kept = create_visual("divprune").prune(ctx, Budget.ratio(ratio))
+    kept = create_method("vis:divprune").prune(ctx, Budget.ratio(ratio))
     assert kept.index.tolist() == sorted(ref_maxmin(ctx.tokens, None, k_of(ratio, n)))
 
 
 def test_divprune_per_image_over_all_its_grids() -> None:
     groups = (VisualGroup(0, 4, 2, 2, 0), VisualGroup(4, 12, 2, 4, 0), VisualGroup(12, 21, 3, 3, 1))
     ctx = ctx_of(21, groups)
-    kept = create_visual("divprune").prune(ctx, Budget.ratio(0.34))
+    kept = create_method("vis:divprune").prune(ctx, Budget.ratio(0.34))
     exp = ref_maxmin(ctx.tokens[:12], None, k_of(0.34, 12)) + [
         12 + i for i in ref_maxmin(ctx.tokens[12:], None, k_of(0.34, 9))
     ]
     assert kept.index.tolist() == sorted(exp)
-    assert create_visual("divprune").prune(ctx, Budget.tokens(12)).index.tolist() == list(range(21))
+    assert create_method("vis:divprune").prune(ctx, Budget.tokens(12)).index.tolist() == list(range(21))
 
 
 def test_divprune_first_token_is_the_most_isolated() -> None:
     # three near-duplicates and one outlier: the outlier comes first, then the duplicates' side
     x = torch.tensor([[1.0, 0.0], [0.99, 0.01], [0.98, 0.02], [-1.0, 0.1]])
     ctx = VisualContext(tokens=x, groups=(VisualGroup(0, 4, 1, 4),), stage=Stage.PROJECTOR)
-    assert create_visual("divprune").prune(ctx, Budget.tokens(1)).index.tolist() == [3]
-    assert create_visual("divprune").prune(ctx, Budget.tokens(2)).index.tolist() in ([0, 3], [1, 3], [2, 3])
+    assert create_method("vis:divprune").prune(ctx, Budget.tokens(1)).index.tolist() == [3]
+    assert create_method("vis:divprune").prune(ctx, Budget.tokens(2)).index.tolist() in ([0, 3], [1, 3], [2, 3])
     with pytest.raises(ConfigError, match="no parameter 'stage'"):
-        create_visual("divprune", stage="llm")
+        create_method("vis:divprune", stage="llm")

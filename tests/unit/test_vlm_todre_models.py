@@ -18,10 +18,18 @@ from test_vlm_todre import k_of, ref_maxmin, ref_maxsum
 
 from tokensieve.adapters.vision import vision_adapter
 from tokensieve.core.budget import Budget
-from tokensieve.methods.visual import VisualContext, VisualKept, VisualPlan, VisualSpec
+from tokensieve.methods.visual import VisualContext, VisualKept
 from tokensieve.methods.visual.todre import ToDRE
+from tokensieve.spec import VisualPlan, VisualSpec
 
 ATOL = 2e-5
+
+
+def layer_lengths(cache: Any) -> list[int]:
+    """Entries each decoder layer's cache holds (padding included): what its attention masks follow."""
+    return [cache.seq_length(i) for i in range(len(cache.layers))]
+
+
 LLAVA_TEXT, LLAVA_IMAGES = [3, 7, 1], [1, 2, 0]
 NEXT_TEXT, NEXT_SIZES = [3, 1, 4], [[(32, 64)], [(40, 64), (64, 64)], []]
 QWEN_TEXT, QWEN_GRIDS = [3, 1, 5], [[(4, 4)], [(4, 8), (4, 4)], []]
@@ -277,7 +285,7 @@ def test_decoding_after_stage2_dropped_every_visual_token(name: str, llava: Batc
     assert st.visual_tokens["llm"] == [0, 0, 0]
     assert st.visual_tokens["llm_input"][:2] != [0, 0]
     T = inp["input_ids"].shape[1]
-    lengths = st.cache.lengths()
+    lengths = layer_lengths(st.cache)
     assert lengths[3] < lengths[2] <= T  # layer 3 = K holds the prompt without its visual tokens
     gen = ad.generate(st, 3)
     ids = torch.cat([inp["input_ids"], gen[:, :2]], dim=1)

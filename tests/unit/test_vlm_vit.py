@@ -14,7 +14,8 @@ import torch
 
 from tokensieve.core.budget import Budget
 from tokensieve.errors import ConfigError
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
+from tokensieve.registry import create_method
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -96,7 +97,7 @@ def ref_tome_group(
 
 
 def assert_tome(ctx: VisualContext, budget: Budget, rounds: list[list[int]]) -> None:
-    kept = create_visual("tome").prune(ctx, budget)
+    kept = create_method("vis:tome").prune(ctx, budget)
     index, tokens, sizes = [], [], []
     for g, rs in zip(ctx.groups, rounds):
         i, x, s = ref_tome_group(ctx, g, rs)
@@ -131,7 +132,7 @@ def test_tome_parity_last_step_runs_extra_rounds() -> None:
     # 16 → 4 in one step: one round merges at most 8 (|A|), a second round merges 4 with the merged keys
     ctx = vctx(grids((4, 4)), seed=4)
     assert_tome(ctx, Budget.ratio(0.25), [[12, 4]])
-    kept = create_visual("tome").prune(ctx, Budget.ratio(0.25))
+    kept = create_method("vis:tome").prune(ctx, Budget.ratio(0.25))
     assert kept.sizes is not None
     assert int(kept.sizes.sum()) == 16
     assert kept.index.numel() == 4
@@ -141,7 +142,7 @@ def test_tome_targets_per_grid_and_images() -> None:
     # two images (one of two grids), ratio 0.5: image 0 = 16 + 8 tokens → 12 split 8/4... at least one per grid
     groups = (VisualGroup(0, 16, 4, 4, 0), VisualGroup(16, 24, 2, 4, 0), VisualGroup(24, 40, 4, 4, 1))
     ctx = vctx(groups, seed=5)
-    t = create_visual("tome")
+    t = create_method("vis:tome")
     targets = t.targets(ctx, Budget.ratio(0.5))  # type: ignore[attr-defined]
     assert sum(targets[:2]) == 12
     assert targets[2] == 8
@@ -155,7 +156,7 @@ def test_tome_targets_per_grid_and_images() -> None:
 
 
 def test_tome_keeps_everything_at_full_budget_and_marks_proportional() -> None:
-    t = create_visual("tome")
+    t = create_method("vis:tome")
     ctx = vctx(grids((4, 4)), seed=6)
     kept = t.prune(ctx, Budget.ratio(1.0))
     assert kept.index.tolist() == list(range(16))
@@ -192,7 +193,7 @@ def test_hiprune_parity_two_steps(alpha: float) -> None:
     groups = grids((6, 6))
     mem: dict[str, Any] = {}
     obj = vctx(groups, seed=7, steps=2, step=0, memory=mem, start=(36,))
-    hp = create_visual("hiprune", alpha=alpha, object_layer=1)
+    hp = create_method("vis:hiprune", alpha=alpha, object_layer=1)
     first = hp.prune(obj, Budget.tokens(20))
     assert first.index.tolist() == list(range(36))  # the object layer keeps everything
     deep = vctx(groups, seed=8, steps=2, step=1, memory=mem, start=(36,))
@@ -207,7 +208,7 @@ def test_hiprune_parity_two_steps(alpha: float) -> None:
 def test_hiprune_parity_per_grid_and_single_step() -> None:
     groups = grids((4, 4), (4, 4))  # LLaVA-NeXT-like: thumbnail + crop, equal shares 8 + 8
     ctx = vctx(groups, seed=9)
-    kept = create_visual("hiprune", alpha="1.0", object_layer="3").prune(ctx, Budget.ratio(0.5))
+    kept = create_method("vis:hiprune", alpha="1.0", object_layer="3").prune(ctx, Budget.ratio(0.5))
     assert ctx.mean_attention is not None
     s = head_mean(ctx.mean_attention)  # one step: anchors and registers both from this layer
     ref = ref_hiprune_group(s[:16], s[:16], 4, 4, 8, 1.0) + [
@@ -221,25 +222,25 @@ def test_hiprune_buffers_do_not_wrap_rows() -> None:
     # code's flat index + 1 would take — and the two registers are the best of the rest (8, 7)
     att = torch.tensor([[0.1, 0.2, 1.0, 0.0, 0.3, 0.4, 0.5, 0.6, 0.7]])
     ctx = vctx(grids((3, 3)), mean_attention=att)
-    kept = create_visual("hiprune", alpha=1.0, object_layer=1).prune(ctx, Budget.tokens(5))  # round(5/5) = 1 anchor
+    kept = create_method("vis:hiprune", alpha=1.0, object_layer=1).prune(ctx, Budget.tokens(5))  # round(5/5) = 1 anchor
     assert kept.index.tolist() == [1, 2, 5, 7, 8]
 
 
 def test_hiprune_parameters_and_layers() -> None:
     with pytest.raises(ConfigError, match="alpha"):
-        create_visual("hiprune", alpha="1.5")
+        create_method("vis:hiprune", alpha="1.5")
     with pytest.raises(ConfigError, match="object_layer"):
-        create_visual("hiprune", object_layer="-1")
-    hp = create_visual("hiprune")  # the paper's layer 9 of 23, scaled to the tower
+        create_method("vis:hiprune", object_layer="-1")
+    hp = create_method("vis:hiprune")  # the paper's layer 9 of 23, scaled to the tower
     assert hp.layers(23) == (9, 23)
     assert hp.layers(5) == (2, 5)
     assert hp.layers(2) == (1, 2)
     assert hp.layers(1) == (1,)
-    assert create_visual("hiprune", object_layer=9).layers(9) == (9,)
+    assert create_method("vis:hiprune", object_layer=9).layers(9) == (9,)
     with pytest.raises(ConfigError, match="past the encoder's feature layer"):
-        create_visual("hiprune", object_layer=9).layers(2)
+        create_method("vis:hiprune", object_layer=9).layers(2)
     ctx = vctx(grids((4, 4)), seed=10)
-    assert create_visual("hiprune", object_layer=1).prune(ctx, Budget.ratio(1.0)).index.tolist() == list(range(16))
+    assert create_method("vis:hiprune", object_layer=1).prune(ctx, Budget.ratio(1.0)).index.tolist() == list(range(16))
 
 
 # ================================================================================================= HiRED reference
@@ -278,7 +279,7 @@ def test_hired_parity_thumbnail_and_crops() -> None:
     groups = grids((4, 4), (4, 4), (4, 4), (4, 4))  # thumbnail + 3 crops
     mem: dict[str, Any] = {}
     early = vctx(groups, seed=11, steps=2, step=0, memory=mem, start=(64,))
-    hr = create_visual("hired")
+    hr = create_method("vis:hired")
     assert hr.prune(early, Budget.ratio(0.25)).index.tolist() == list(range(64))
     final = vctx(groups, seed=12, steps=2, step=1, memory=mem, start=(64,))
     kept = hr.prune(final, Budget.ratio(0.25))
@@ -296,7 +297,7 @@ def test_hired_crop_weights_follow_the_thumbnail_chunks() -> None:
     early_att[0, 8:16] = 1.0
     groups = grids((4, 4), (4, 4), (4, 4))
     ctx = vctx(groups, seed=13, cls_attention=early_att)
-    shares = create_visual("hired").split(ctx, Budget.tokens(12))  # type: ignore[attr-defined]
+    shares = create_method("vis:hired").split(ctx, Budget.tokens(12))  # type: ignore[attr-defined]
     assert shares == [6, 0, 6]
 
 
@@ -311,7 +312,7 @@ def test_hired_crop_weights_follow_the_crops_regions_when_the_layout_is_known() 
     thumb[2:4, 0:2] = 1.0  # bottom-left
     early_att[0, :16] = thumb.flatten()
     ctx = vctx(grids((4, 4), (4, 4), (4, 4), (4, 4), (4, 4)), seed=16, cls_attention=early_att)
-    hired = create_visual("hired")
+    hired = create_method("vis:hired")
     # top (1 − α)·16 = 8 thumbnail tokens are the two quadrants; the crops' 10 of 20 go to crops (0, 1) and (1, 0)
     shares = hired.split(replace(ctx, crop_grid=(2, 2)), Budget.tokens(20))  # type: ignore[attr-defined]
     assert shares == [10, 0, 5, 5, 0]
@@ -322,7 +323,7 @@ def test_hired_crop_weights_follow_the_crops_regions_when_the_layout_is_known() 
 
 def test_hired_single_grid_is_top_k_by_final_cls_attention() -> None:
     ctx = vctx(grids((5, 5)), seed=14)
-    kept = create_visual("hired").prune(ctx, Budget.ratio(0.36))
+    kept = create_method("vis:hired").prune(ctx, Budget.ratio(0.36))
     assert ctx.cls_attention is not None
     s = head_sum(ctx.cls_attention)
     assert kept.index.tolist() == sorted(sorted(range(25), key=lambda j: (-s[j], j))[:9])
@@ -330,13 +331,13 @@ def test_hired_single_grid_is_top_k_by_final_cls_attention() -> None:
 
 def test_hired_parameters_layers_and_full_budget() -> None:
     with pytest.raises(ConfigError, match="alpha"):
-        create_visual("hired", alpha="-0.1")
+        create_method("vis:hired", alpha="-0.1")
     with pytest.raises(ConfigError, match="early"):
-        create_visual("hired", early="0")
-    assert create_visual("hired").layers(23) == (1, 23)
-    assert create_visual("hired").layers(1) == (1,)
+        create_method("vis:hired", early="0")
+    assert create_method("vis:hired").layers(23) == (1, 23)
+    assert create_method("vis:hired").layers(1) == (1,)
     ctx = vctx(grids((4, 4), (4, 4)), seed=15)
-    assert create_visual("hired").prune(ctx, Budget.ratio(1.0)).index.tolist() == list(range(32))
+    assert create_method("vis:hired").prune(ctx, Budget.ratio(1.0)).index.tolist() == list(range(32))
 
 
 def test_weighted_counts_caps_and_exact_totals() -> None:
@@ -350,7 +351,7 @@ def test_weighted_counts_caps_and_exact_totals() -> None:
 
 @pytest.mark.parametrize("name", ["tome", "hiprune", "hired"])
 def test_counts_match_the_budget(name: str) -> None:
-    method = create_visual(name, **({"object_layer": "1"} if name == "hiprune" else {}))
+    method = create_method(f"vis:{name}", **({"object_layer": "1"} if name == "hiprune" else {}))
     for budget in (Budget.ratio(0.5), Budget.tokens(7), Budget.ratio(0.3)):
         ctx = vctx(grids((4, 4), (4, 4)), seed=16)
         kept = method.prune(ctx, budget)

@@ -187,15 +187,15 @@ def vlm_bench_specs(
     """Visual specs to measure (``full`` first): a method given without a budget takes each of ``budgets``.
 
     Every spec is parsed now, so a typo fails before a model is built."""
-    from ..methods.visual.spec import VisualPlan, split_list
+    from ..spec import VisualPlan
+    from ..spec import split_specs as split_list
 
     items = split_list(methods) if isinstance(methods, str) else [m.strip() for m in methods if m.strip()]
     if items == ["all"]:  # every registered visual method (vis:name where a KV method has the same name)
-        from ..methods.visual.registry import visual_method_names
         from ..registry import method_names
 
         kv = set(method_names())
-        items = [f"vis:{n}" if n in kv else n for n in visual_method_names()]
+        items = [f"vis:{n}" if n in kv else n for n in method_names("visual")]
     out: list[str] = [FULL]
     for item in items:
         if item == FULL:
@@ -616,7 +616,7 @@ def run_into_store(
     """:func:`run_vlm_bench` into a results store: measurements already stored are skipped, every new one is stored
     as soon as it is made; returns every stored row of this grid (as measurements labelled with their canonical
     labels, in the order of ``specs`` and repetitions), the run's description and how many rows this run added."""
-    from ..adapters.vision import visual_label
+    from ..spec import visual_label
 
     specs = list(dict.fromkeys([FULL, *specs]))
     threads = int(torch.get_num_threads())

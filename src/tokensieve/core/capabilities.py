@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..errors import CapabilityError
+from ..errors import CapabilityError, ConfigError
 
 
 class Phase(str, Enum):
@@ -27,6 +27,27 @@ class Apply(str, Enum):
     MERGE = "merge"  # folded into kept entries
     SPARSE = "sparse"  # the cache stays whole; attention reads a subset
     DROP = "drop"  # removed from the hidden-state sequence
+
+
+class Stage(str, Enum):
+    """Where a visual-token method acts in a vision-language model."""
+
+    VISION = "vision"  # inside the vision encoder, after one of its layers
+    PROJECTOR = "projector"  # after the projector, before the language model
+    LLM = "llm"  # inside the language model, before one of its decoder layers
+
+    @classmethod
+    def parse(cls, value: str | Stage) -> Stage:
+        if isinstance(value, Stage):
+            return value
+        aliases = {"a": cls.VISION, "b": cls.PROJECTOR, "c": cls.LLM}
+        key = str(value).strip().lower()
+        if key in aliases:
+            return aliases[key]
+        try:
+            return cls(key)
+        except ValueError:
+            raise ConfigError(f"Unknown stage {value!r}: use 'vision' (a), 'projector' (b) or 'llm' (c).") from None
 
 
 class Granularity(str, Enum):

@@ -31,6 +31,10 @@ from ..select.topk import topk_select
 from .capabilities import Apply, Capabilities, Phase
 from .context import LayerContext, ModelShape
 
+KV = "kv"  # the family of methods that act on the KV cache and attention of a language model
+VISUAL = "visual"  # the family of methods that act on an image's tokens in a vision-language model
+FAMILIES = (KV, VISUAL)
+
 
 @dataclass(frozen=True)
 class Compressed:
@@ -87,12 +91,23 @@ class AuxPass:
 
 @dataclass(frozen=True)
 class Method:
-    """Base of every registered method. Class attributes describe it; dataclass fields are its parameters."""
+    """Base of every registered method. Class attributes describe it; dataclass fields are its parameters.
 
+    ``family`` says what the method acts on: ``"kv"`` — the KV cache and attention of a language model (this module's
+    :class:`PrefillMethod`, the decode methods of :mod:`tokensieve.cache.decode`) — or ``"visual"`` — an image's
+    tokens in a vision-language model (:class:`tokensieve.methods.visual.base.VisualMethod`). One registry holds both
+    families and one spec names them together (``todre:0.1/snapkv:0.25``)."""
+
+    family: ClassVar[str] = KV
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # "Title (arXiv:NNNN.NNNNN)"
     rule: ClassVar[str] = ""  # the scoring rule in one line
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @classmethod
+    def summary(cls) -> str:
+        """What the method declares, in a few words (``tokensieve methods``, docs/METHODS.md)."""
+        return cls.capabilities.describe()
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -292,4 +307,15 @@ class WrapperMethod(PrefillMethod):
         return self.base.layer_counts(ctx)
 
 
-__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText", "WrapperMethod", "dense_layers_refusal"]
+__all__ = [
+    "FAMILIES",
+    "KV",
+    "VISUAL",
+    "AuxPass",
+    "Compressed",
+    "Method",
+    "PrefillMethod",
+    "PromptText",
+    "WrapperMethod",
+    "dense_layers_refusal",
+]

@@ -41,6 +41,7 @@ import torch
 
 from ..adapters.hf import before_each_layer
 from ..adapters.models import model_shape, model_text, special_token_texts, text_tokenizer
+from ..core.decoding import next_token
 from ..core.method import Method, PrefillMethod
 from ..data.prompts import TextStream, chat_split, encode
 from ..errors import ConfigError, TokensieveError
@@ -835,21 +836,9 @@ class Engine:
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
-    """The next token from one sequence's logits ``(V,)``: the argmax when ``temperature == 0``, else a draw with
-    nucleus ``top_p``. Numerically safe for every temperature in (0, 2] and top_p in (0, 1]: the logits are shifted
-    so their maximum is 0 before they are divided (in float64), so a tiny temperature gives ``-inf`` for every token
-    but the best ones, never ``inf - inf``. Logits that are not finite are an error of this sequence alone."""
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
-        raise RuntimeError("the model's next-token scores for this sequence are not finite numbers")
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    shifted = (logits.double() - logits.max().double()) / float(sampling.temperature)  # (V,) <= 0, max exactly 0
-    probs = torch.softmax(shifted, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # the smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """The next token of one sequence by the library's one token rule (:func:`tokensieve.core.decoding.next_token`):
+    the argmax at temperature 0, else a nucleus draw; not-finite logits fail this sequence alone."""
+    return next_token(logits, sampling.temperature, sampling.top_p, generator)
 
 
 def _time_limit_error(seconds: float) -> RequestError:

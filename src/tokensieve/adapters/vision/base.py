@@ -22,9 +22,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ...cache.sieve_cache import SieveCache
+from ...core.decoding import greedy
 from ...errors import CapabilityError, ConfigError, PromptError
 from ...methods.visual.base import Stage, VisualGroup, VisualKept
-from ...methods.visual.spec import VisualPlan, VisualSpec
+from ...spec import VisualPlan, VisualSpec, visual_plan
 from . import engine
 from .engine import PositionPolicy, Seq, TextStack, VisionState
 
@@ -62,22 +64,12 @@ def runs(row: Tensor, token_id: int) -> list[tuple[int, int]]:
 
 
 def as_plan(spec: VisualPlan | VisualSpec | str | Sequence[str] | None) -> VisualPlan:
-    if spec is None:
-        return VisualPlan()
-    if isinstance(spec, VisualPlan):
-        return spec
+    """The visual plan of a spec text (visual parts only), a list of visual parts, a :class:`VisualSpec` or a plan."""
     if isinstance(spec, VisualSpec):
-        return VisualPlan((spec,))
-    from . import split_spec
-
-    text = spec if isinstance(spec, str) else "/".join(spec)
-    plan, kv = split_spec(text)
-    if kv:
-        raise ConfigError(
-            f"'{kv}' is a KV spec, not a visual method: split it off with split_spec('{text}') and pass "
-            "Compressor(model, Spec.parse(kv)).new_cache() as cache=."
-        )
-    return plan
+        return VisualPlan.of([spec])
+    if spec is not None and not isinstance(spec, (str, VisualPlan)):
+        return visual_plan("/".join(spec))
+    return visual_plan(spec)
 
 
 class VisionAdapter:
@@ -223,7 +215,7 @@ class VisionAdapter:
         spec: VisualPlan | VisualSpec | str | Sequence[str] | None = None,
         *,
         positions: PositionPolicy = "official",
-        cache: Any = None,
+        cache: SieveCache | None = None,
         seeds: Sequence[int] | None = None,
         all_logits: bool = False,
         forced: Sequence[Tensor] | None = None,
@@ -244,13 +236,8 @@ class VisionAdapter:
         """
         plan = as_plan(spec)
         seq, kept, counts = self.build(inputs, plan, positions, seeds)
-        front = None
-        if cache is not None:
-            from ..hf import hf_cache
-
-            front = hf_cache(cache)
         state = engine.prefill(
-            self.stack, seq, plan, policy=positions, cache=front, seeds=seeds, all_logits=all_logits, forced=forced
+            self.stack, seq, plan, policy=positions, cache=cache, seeds=seeds, all_logits=all_logits, forced=forced
         )
         state.kept = {**kept, **state.kept}
         state.visual_tokens = {**counts, **state.visual_tokens}
@@ -263,5 +250,8 @@ class VisionAdapter:
 
     @torch.inference_mode()
     def generate(self, state: VisionState, max_new_tokens: int = 16, *, eos_token_id: int | None = None) -> Tensor:
-        """Greedy decoding from a prefilled state."""
-        return engine.generate(self.stack, state, max_new_tokens, eos_token_id=eos_token_id)
+        """Greedy decoding from a prefilled state by the library's one loop (:func:`~tokensieve.core.decoding.greedy`):
+        ``(B, ≤ max_new_tokens)`` token ids, a finished row padded with ``eos_token_id`` as transformers pads it."""
+        eos = set() if eos_token_id is None else {int(eos_token_id)}
+        gen, _ = greedy(state.logits, lambda nxt: self.extend(state, nxt[:, None]), max_new_tokens, eos)
+        return gen.padded(-1 if eos_token_id is None else int(eos_token_id))

@@ -10,7 +10,8 @@ Vocabulary:
   layer K hold every token, the layers from K on only the kept ones); each segment has its own validity mask and
   positions, and its layers' KV cache holds exactly its tokens;
 * :class:`VisionState` is a prefilled prompt: the cache, the segments and the next-token logits; ``extend`` appends
-  tokens (a follow-up turn, or one decoded token) through every segment, ``generate`` decodes greedily.
+  tokens (a follow-up turn, or one decoded token) through every segment; the library's one greedy loop
+  (:func:`tokensieve.core.decoding.greedy`) decodes through it.
 
 Position policy (``positions=``): ``"keep"`` — every kept token keeps the position it had in the unpruned sequence
 (gaps where tokens were removed; for M-RoPE the 3-D (t, h, w) positions of the kept visual tokens); ``"renumber"`` —
@@ -31,9 +32,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ...cache.sieve_cache import SieveCache
 from ...errors import CapabilityError, ConfigError, PromptError
 from ...methods.visual.base import Stage, VisualContext, VisualGroup, VisualKept
-from ...methods.visual.spec import VisualPlan, VisualSpec
+from ...spec import VisualPlan, VisualSpec
+from ..hf import hf_cache, sieve_attention
 from .attention import RowRequest, rows_routed
 
 PositionPolicy = Literal["keep", "renumber", "official"]
@@ -50,36 +53,6 @@ def resolve(policy: PositionPolicy, spec: VisualSpec | None, P: int = 1) -> Lite
     if spec is None or P != 1:
         return "keep"
     return spec.method.positions
-
-
-# ------------------------------------------------------------------------------------------------- the cache
-class LayerKV:
-    """A minimal KV cache for the engine's own decoder loop: per layer, the keys and values of exactly the tokens
-    that layer has seen (layers after a stage-c pruning hold fewer). Transformers' attention modules only call
-    :meth:`update`."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
-
-    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        if old_k is not None and old_v is not None:
-            k = torch.cat([old_k, k], dim=2)
-            v = torch.cat([old_v, v], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        k = self.keys[layer_idx]
-        return 0 if k is None else int(k.shape[2])
-
-    def lengths(self) -> list[int]:
-        """Entries per layer (padding included)."""
-        return [self.get_seq_length(i) for i in range(len(self.keys))]
-
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
 
 
 # ------------------------------------------------------------------------------------------------ sequences
@@ -204,7 +177,7 @@ class VisionState:
     reached the stage); ``visual_tokens`` the number of visual tokens each sample had at the language model's input
     and after each stage-c pruning."""
 
-    cache: Any
+    cache: SieveCache
     segments: list[Segment]
     logits: Tensor
     kept: dict[str, list[VisualKept]] = field(default_factory=dict)
@@ -212,10 +185,8 @@ class VisionState:
     all_logits: Tensor | None = None
 
     def kv_bytes(self) -> int:
-        """Bytes of the keys and values the state's cache stores: a composed KV method's exact count (the SieveCache
-        behind its transformers face), else the plain per-layer cache's."""
-        cache = getattr(self.cache, "sieve", self.cache)
-        return int(cache.kv_bytes()) if hasattr(cache, "kv_bytes") else 0
+        """Bytes of the keys and values the state's cache stores (exact: :meth:`SieveCache.kv_bytes`)."""
+        return int(self.cache.kv_bytes())
 
 
 # --------------------------------------------------------------------------------------------------- engine
@@ -244,18 +215,6 @@ class TextStack:
         return len(self.layers)
 
 
-def causal_mask(valid: Tensor, n_new: int, dtype: torch.dtype) -> Tensor:
-    """``(B, 1, n_new, S)`` additive mask for the last ``n_new`` of ``S`` entries as queries: each attends to the
-    real entries up to itself; a padding query attends to itself only (so no row is empty)."""
-    B, S = valid.shape
-    q = torch.arange(S - n_new, S, device=valid.device)
-    k = torch.arange(S, device=valid.device)
-    allowed = (k[None, :] <= q[:, None])[None] & valid[:, None, :]
-    allowed = allowed | (k[None, :] == q[:, None])[None]
-    out = torch.zeros(B, 1, n_new, S, dtype=dtype, device=valid.device)
-    return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-
-
 def run_layers(
     stack: TextStack,
     h: Tensor,
@@ -264,13 +223,13 @@ def run_layers(
     cache: Any,
     lo: int,
     hi: int,
-    sieve: bool,
 ) -> Tensor:
-    """Decoder layers ``[lo, hi)`` on ``h`` (the segment's last ``n_new`` entries)."""
+    """Decoder layers ``[lo, hi)`` on ``h`` (the segment's last ``n_new`` entries), attending through ``cache`` (the
+    transformers view of a SieveCache: its attention builds the causal mask over what each layer stores)."""
     pos_new = seg.pos[:, :, -n_new:]
     rope_arg = pos_new if pos_new.shape[0] > 1 else pos_new[0]
     cos_sin = stack.rope(h, rope_arg)
-    mask = seg.valid.to(torch.long) if sieve else causal_mask(seg.valid, n_new, h.dtype)
+    mask = seg.valid.to(torch.long)
     for i in range(lo, hi):
         h = stack.layers[i](
             h,
@@ -338,16 +297,16 @@ def prefill(
     """Prefill ``seq`` (already pruned at stages a and b) with the plan's stage-c method, if any, at each of its
     layers K (:meth:`~tokensieve.methods.visual.base.VisualMethod.layers`).
 
-    ``cache``: a transformers-``Cache``-like object whose ``update`` runs with tokensieve's attention (the view of a
-    SieveCache, for composing with a KV method) — else the engine's :class:`LayerKV` and SDPA. ``forced``: per
+    ``cache``: the SieveCache the language model's layers store their keys and values in (a Compressor's, to
+    compose with a KV method); None: a plain one that keeps every kept token's. ``forced``: per
     sample the indices (into the visual tokens reaching the first K) to keep instead of the method's first step
     (tests and replays).
 
     Each step's per-sample results are recorded as ``state.kept["llm:K"]`` and the visual tokens left as
     ``state.visual_tokens["llm:K"]``; ``"llm"`` names the last step (for a one-layer method, its only one)."""
     B = seq.batch
-    sieve = cache is not None
-    kv = cache if cache is not None else LayerKV(stack.num_layers)
+    sieve = cache if cache is not None else SieveCache(stack.num_layers)
+    kv = hf_cache(sieve)
     L = stack.num_layers
     Ks = llm_stage_layers(plan, L)
     spec = plan.at(Stage.LLM)
@@ -355,11 +314,8 @@ def prefill(
     counts = {"llm_input": [int(seq.visual[b].sum()) for b in range(B)]}
     request = RowRequest()
     modules = [stack.attn_of(layer) for layer in stack.layers]
-    if sieve:
-        from ..hf import sieve_attention
-
-        for m in modules:
-            request.delegates[id(m)] = sieve_attention
+    for m in modules:
+        request.delegates[id(m)] = sieve_attention
     needs = type(spec.method).needs if spec is not None else frozenset()
     q_len = instruction_lengths(seq)
     for K in Ks:
@@ -385,9 +341,9 @@ def prefill(
             seg = Segment(lo, K, cur.valid.clone(), cur.pos.clone())
             segments.append(seg)
             n = int(h.shape[1])
-            h = run_layers(stack, h, seg, n, kv, lo, K - 1, sieve)
+            h = run_layers(stack, h, seg, n, kv, lo, K - 1)
             prev = h
-            h = run_layers(stack, h, seg, n, kv, K - 1, K, sieve)
+            h = run_layers(stack, h, seg, n, kv, K - 1, K)
             mod = id(modules[K - 1])
             probs = request.probs.get(mod)
             tails = request.tail_probs.get(mod)
@@ -435,14 +391,14 @@ def prefill(
             lo = K
         seg = Segment(lo, L, cur.valid.clone(), cur.pos.clone())
         segments.append(seg)
-        h = run_layers(stack, h, seg, int(h.shape[1]), kv, lo, L, sieve)
+        h = run_layers(stack, h, seg, int(h.shape[1]), kv, lo, L)
     if Ks:
         state_kept["llm"] = state_kept[f"llm:{Ks[-1]}"]
         counts["llm"] = counts[f"llm:{Ks[-1]}"]
     h = stack.norm(h)
     logits = stack.head(h[:, -1]).float()
     full = stack.head(h).float() if all_logits else None
-    return VisionState(kv, segments, logits, state_kept, counts, full)
+    return VisionState(sieve, segments, logits, state_kept, counts, full)
 
 
 def extend(
@@ -468,14 +424,11 @@ def extend(
             raise CapabilityError("A follow-up chunk cannot contain image tokens: prefill a new prompt with the image.")
     n = int(input_ids.shape[1])
     h = stack.embed(input_ids)
-    sieve = not isinstance(state.cache, LayerKV)
     request = RowRequest()
     modules = [stack.attn_of(layer) for layer in stack.layers]
-    if sieve:
-        from ..hf import sieve_attention
-
-        for m in modules:
-            request.delegates[id(m)] = sieve_attention
+    for m in modules:
+        request.delegates[id(m)] = sieve_attention
+    kv = hf_cache(state.cache)
     with rows_routed(modules, request):
         for seg in state.segments:
             nxt = seg.next_positions()
@@ -483,37 +436,13 @@ def extend(
             P = int(seg.pos.shape[0])
             seg.pos = torch.cat([seg.pos, new_pos.expand(P, -1, -1).to(seg.pos.dtype)], dim=2)
             seg.valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], n)], dim=1)
-            h = run_layers(stack, h, seg, n, state.cache, seg.start, seg.end, sieve)
+            h = run_layers(stack, h, seg, n, kv, seg.start, seg.end)
     h = stack.norm(h)
     if all_logits:
         return stack.head(h).float()
     logits = stack.head(h[:, -1]).float()
     state.logits = logits
     return logits
-
-
-def generate(
-    stack: TextStack,
-    state: VisionState,
-    max_new_tokens: int,
-    *,
-    eos_token_id: int | None = None,
-) -> Tensor:
-    """Greedy decoding from a prefilled state: ``(B, ≤ max_new_tokens)`` token ids (a sequence that produced
-    ``eos_token_id`` keeps producing it, as transformers pads finished rows)."""
-    out: list[Tensor] = []
-    done = torch.zeros(state.logits.shape[0], dtype=torch.bool, device=state.logits.device)
-    logits = state.logits
-    for step in range(max_new_tokens):
-        tok = logits.argmax(-1)
-        if eos_token_id is not None:
-            tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-            done |= tok == eos_token_id
-        out.append(tok)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = extend(stack, state, tok[:, None])
-    return torch.stack(out, dim=1) if out else torch.zeros(state.logits.shape[0], 0, dtype=torch.long)
 
 
 def stage_b(

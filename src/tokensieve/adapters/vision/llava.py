@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ...errors import CapabilityError, ConfigError
 from ...methods.visual.base import Stage, VisualContext, VisualGroup, VisualKept
-from ...methods.visual.spec import VisualPlan
+from ...spec import VisualPlan
 from .attention import RowRequest, rows_routed
 from .attention import scoped_request as _scoped
 from .base import ImageTokens, VisionAdapter

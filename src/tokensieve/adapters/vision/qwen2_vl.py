@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...methods.visual.base import VisualGroup
-from ...methods.visual.spec import VisualPlan
+from ...spec import VisualPlan
 from .base import ImageTokens, VisionAdapter
 from .engine import TextStack
 

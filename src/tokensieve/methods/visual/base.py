@@ -38,43 +38,24 @@ layer the method acts after (vision) or before (llm: layer K − 1):
                     layer just run), for methods that measure how a layer transforms a token
 ==================  ===========================================================================================
 
-The methods are plain frozen dataclasses registered with :func:`tokensieve.methods.visual.registry.register_visual`
-(a registry separate from the KV methods': a visual method keeps or merges *sequence positions* before or inside the
-forward pass, a KV method keeps *cache entries* after it). This module is part of the library floors: no transformers.
+The methods are frozen dataclasses of the ``visual`` family, registered with
+:func:`tokensieve.core.registry.register` in the one registry (a visual method keeps or merges *sequence positions*
+before or inside the forward pass, a KV method keeps *cache entries* after it), and written in the one spec grammar
+(``todre:0.1/snapkv:0.25``, :mod:`tokensieve.spec`). This module is part of the library floors: no transformers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase, Stage
+from ...core.method import VISUAL, Method
 from ...errors import CapabilityError, ConfigError
-
-
-class Stage(str, Enum):
-    """Where a visual-token method acts (issue 11's stages a, b, c)."""
-
-    VISION = "vision"
-    PROJECTOR = "projector"
-    LLM = "llm"
-
-    @classmethod
-    def parse(cls, value: str | Stage) -> Stage:
-        if isinstance(value, Stage):
-            return value
-        aliases = {"a": cls.VISION, "b": cls.PROJECTOR, "c": cls.LLM}
-        key = str(value).strip().lower()
-        if key in aliases:
-            return aliases[key]
-        try:
-            return cls(key)
-        except ValueError:
-            raise ConfigError(f"Unknown stage {value!r}: use 'vision' (a), 'projector' (b) or 'llm' (c).") from None
 
 
 @dataclass(frozen=True)
@@ -220,8 +201,9 @@ def split_counts(total: int, sizes: list[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class VisualMethod:
-    """Base of the visual-token methods (frozen dataclasses; the fields are the method's parameters).
+class VisualMethod(Method):
+    """Base of the visual-token methods: the ``visual`` family of :class:`~tokensieve.core.method.Method` (frozen
+    dataclasses; the fields are the method's parameters, checked when the method is made).
 
     Class attributes: ``name`` (registry key), ``paper`` (citation), ``rule`` (one line), ``stages`` (where it may
     act), ``needs`` (the signals the context must carry: the module docstring's table).
@@ -230,9 +212,8 @@ class VisualMethod:
     the decoder layer K (llm stage) it acts at.
     """
 
-    name: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
-    rule: ClassVar[str] = ""
+    family: ClassVar[str] = VISUAL
+    capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.DROP)
     stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
     needs: ClassVar[frozenset[str]] = frozenset()
     #: vision stage: later encoder layers attend with proportional attention (``+ log size`` on each key's logit,
@@ -242,6 +223,14 @@ class VisualMethod:
     #: default policy, ``positions="official"``): ``"renumber"`` — the kept tokens numbered without gaps, what LLaVA's
     #: input preparation does to any shortened sequence — or ``"keep"`` — each kept token at its original position
     positions: ClassVar[Literal["keep", "renumber"]] = "renumber"
+
+    @classmethod
+    def summary(cls) -> str:
+        order = [Stage.VISION, Stage.PROJECTOR, Stage.LLM]
+        bits = ["+".join(s.value for s in order if s in cls.stages), cls.capabilities.apply.value]
+        if cls.needs:
+            bits.append("reads " + "+".join(sorted(cls.needs)))
+        return ", ".join(bits)
 
     @property
     def prune_before_unpad(self) -> bool:
@@ -267,7 +256,10 @@ class VisualMethod:
     def at_layer(self) -> int:
         return int(getattr(self, "layer", 0))
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        self.check_params()
+
+    def check_params(self) -> None:
         """Validate the parameters (stage allowed, layer sensible); raise ConfigError naming the problem."""
         stage = self.where
         if stage not in self.stages:
@@ -331,3 +323,14 @@ class VisualMethod:
         scores = self.score(ctx)
         keep = self.select(ctx, scores, k)
         return self.apply(ctx, keep)
+
+
+__all__ = [
+    "Stage",
+    "VisualContext",
+    "VisualGroup",
+    "VisualKept",
+    "VisualMethod",
+    "split_counts",
+    "top_k",
+]

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.registry import register
 from ._diversity import Similarities, greedy_maxmin, images_of, most_isolated
 from .base import Stage, VisualContext, VisualKept, VisualMethod
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class DivPrune(VisualMethod):
     """DivPrune (Alvar, Singh, Akbari, Zhang, "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal

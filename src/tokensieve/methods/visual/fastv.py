@@ -7,11 +7,11 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from ...core.registry import register
 from .base import Stage, VisualContext, VisualMethod
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class FastV(VisualMethod):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764).

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.registry import register
 from ...errors import CapabilityError, ConfigError
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 _VISION_NEEDS = ("cls_attention", "values", "anchor_value")
 _LLM_NEEDS = ("text_attention", "values", "anchor_value")
@@ -39,7 +39,7 @@ def prune_count(attention: Tensor, target: int, remaining: int) -> float:
     return float((n - target) / math.sqrt(remaining) * (1.0 - ratio**2))
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class FlowCut(VisualMethod):
     """FlowCut (Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language
@@ -154,8 +154,8 @@ class FlowCut(VisualMethod):
     order: str = "unpadded"
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def check(self) -> None:
-        super().check()
+    def check_params(self) -> None:
+        super().check_params()
         if self.at_layer < 1:
             raise ConfigError(f"flowcut: layer (the decoder layer K of the llm stage) must be >= 1; got {self.layer}.")
         if not 0.0 <= float(self.momentum) < 1.0:

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.registry import register
 from ...errors import ConfigError
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 
 def weighted_counts(total: int, weights: list[float], caps: list[int]) -> list[int]:
@@ -49,7 +49,7 @@ def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return [((i * n) // parts, ((i + 1) * n) // parts) for i in range(parts)]
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class HiRED(VisualMethod):
     """HiRED — High-Resolution Early Dropping (Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient
@@ -110,7 +110,7 @@ class HiRED(VisualMethod):
     alpha: float = 0.5
     early: int = 1
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         check_vision_only(self)
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(

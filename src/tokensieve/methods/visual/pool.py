@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.registry import register
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts
-from .registry import register_visual
 
 
 def pooled_grid(height: int, width: int, k: int) -> tuple[int, int]:
@@ -36,7 +36,7 @@ def cell_starts(n_in: int, n_out: int) -> list[int]:
     return [(i * n_in) // n_out for i in range(n_out)]
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class Pool(VisualMethod):
     """Spatial pooling / downsampling: average-pool each image's token grid to the budget.

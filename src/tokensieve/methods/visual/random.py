@@ -8,11 +8,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from .base import Stage, VisualContext, VisualMethod
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class RandomVisual(VisualMethod):
     """Random: keep a uniformly random subset of the visual tokens (a baseline, not a method to use).

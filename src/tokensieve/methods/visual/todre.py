@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.registry import register
 from ...errors import ConfigError
 from ._diversity import greedy_maxmin, greedy_maxsum, images_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod
-from .registry import register_visual
 
 DIVERSITY = ("maxsum", "kcenter")
 PIVOTS = ("cls", "random")
@@ -36,7 +36,7 @@ def instruction_share(ctx: VisualContext) -> float:
     return float(rows.sum(-1).mean())
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class ToDRE(VisualMethod):
     """ToDRE (Li, Yang, Zhang, Shao, Lu, "ToDRE: Effective Visual Token Pruning via Token Diversity and Task
@@ -115,7 +115,7 @@ class ToDRE(VisualMethod):
     seed: int = 0
 
     # ------------------------------------------------------------------------------------------ configuration
-    def check(self) -> None:
+    def check_params(self) -> None:
         stage = self.where
         if stage not in self.stages:
             raise ConfigError(f"Visual method 'todre' acts at llm, projector, not at '{stage.value}'.")

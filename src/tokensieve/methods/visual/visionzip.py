@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts, top_k
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class VisionZip(VisualMethod):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025,
@@ -79,7 +79,7 @@ class VisionZip(VisualMethod):
     contextual: float = 0.15625
     merge: str = "add"
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         if int(self.layer) < 0:
             raise ConfigError(f"visionzip: layer must be >= 0 (0 = the feature layer); got {self.layer}.")
         if not 0.0 <= float(self.contextual) < 1.0:
