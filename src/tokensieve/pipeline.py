@@ -33,8 +33,7 @@ from .adapters.profiles import Profile, profile_for
 from .cache.decode import DecodeMethod
 from .cache.sieve_cache import LayerChunk, Plan, SieveCache
 from .core.budget import Budget
-from .core.capabilities import Phase
-from .core.context import ModelShape
+from .core.capabilities import Phase, Request
 from .core.decoding import Generation, greedy
 from .core.method import AuxPass, Method, PrefillMethod
 from .errors import CapabilityError, ConfigError, PromptError
@@ -219,64 +218,6 @@ def _names_decode_only(method: str | Method | Spec) -> bool:
     return Spec.parse(method).decode is not None
 
 
-def check_composition(method: Method, decode: DecodeMethod | None, shape: ModelShape) -> None:
-    """Refuse, before any work, a prefill method and a decode method that cannot run together (on this model)."""
-    if decode is None:
-        return
-    if shape.modified:
-        what = "sliding-window" if any(w is not None for w in shape.windows) else "soft-capped"
-        raise CapabilityError(
-            f"Decode method '{decode.name}' does not support {what} attention yet, and model '{shape.key}' has it. "
-            "Run without a decode method (prefill methods honour the model's windows and soft-capping)."
-        )
-    if getattr(decode, "decodes_after_own_prefill", False) and type(method) is not type(decode):
-        raise CapabilityError(
-            f"'{decode.name}' evicts while decoding with the scores its own prefill gave the prompt's entries, so it "
-            f"cannot follow '{method.name}'; run '{decode.name}' alone (it also acts while decoding)."
-        )
-    if method.capabilities.head_adaptive and not decode.capabilities.head_adaptive:
-        raise CapabilityError(
-            f"Decode method '{decode.name}' needs every KV head of a sequence to hold the same number of entries, "
-            f"but '{method.name}' gives KV heads different budgets (head-adaptive). Use a prefill method with uniform "
-            f"heads (e.g. snapkv, pyramidkv, streaming_llm) or the full cache before '{decode.name}', or run "
-            f"'{method.name}' without a decode method."
-        )
-    if isinstance(method, PrefillMethod) and type(method).prefill_passes is not PrefillMethod.prefill_passes:
-        raise CapabilityError(
-            f"'{method.name}' runs auxiliary passes over the prompt, which a decode method ('{decode.name}') cannot "
-            "follow; run it without a decode method."
-        )
-
-
-def forward_change(cls: type[Method]) -> str | None:
-    """How a method class changes the model's forward pass over a prompt (None: it does not, so a recorded full-cache
-    prefill can be replayed into its cache, :meth:`Compressor.prefill`)."""
-    if issubclass(cls, PrefillMethod) and cls.prefill_attention is not PrefillMethod.prefill_attention:
-        return f"'{cls.name}' computes its own prefill attention"
-    if cls.prefill_suffix is not Method.prefill_suffix:
-        return f"'{cls.name}' adds auxiliary tokens to the prompt"
-    return None
-
-
-def check_chunkable(spec: Spec, decode: Method | None = None) -> None:
-    """Refuse (:class:`CapabilityError`, with the method's own reason) a spec that cannot be prefilled chunk by chunk:
-    a prefill method whose :meth:`PrefillMethod.chunk_refusal` says why, or a decode method (``decode``, default the
-    spec's) that starts from the whole prompt's queries. Needs no model: the measuring tools call it before loading
-    one."""
-    method, label = spec.method, spec.label
-    decode = spec.decode if decode is None else decode
-    if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
-        raise CapabilityError(
-            f"'{label}' cannot compress a prompt chunk by chunk: {why}. Prefill it in one pass (no chunk) or use a "
-            "method that can, e.g. snapkv, pyramidkv, tova, h2o, knorm, streaming_llm (docs/PREFILL.md)."
-        )
-    if decode is not None and getattr(decode, "needs_prefill_context", False):
-        raise CapabilityError(
-            f"'{label}' cannot run after a chunked prefill: decode method '{decode.name}' starts from the whole "
-            "prompt's queries, which a chunked prefill does not keep; prefill in one pass (no chunk) to use it."
-        )
-
-
 class Compressor:
     """Compress a model's KV cache with a registered method and a budget.
 
@@ -323,14 +264,14 @@ class Compressor:
         self.spec = resolve_spec(method, budget, decode, decode_budget, decode_params, params, visual)
         self.method: Method = self.spec.method
         self.budget: Budget = self.spec.budget if self.spec.budget is not None else Budget.ratio(1.0)
-        self.decode_method: DecodeMethod | None = self.spec.decode  # type: ignore[assignment]
-        if self.decode_method is None and getattr(self.method, "decodes_itself", False):
-            self.decode_method = self.method  # type: ignore[assignment]  # SP-KV's write gate also acts while decoding
+        # the method that acts while decoding: the decode method, or a prefill method that decodes itself (SP-KV)
+        self.decode_method: DecodeMethod | None = self.spec.decoder  # type: ignore[assignment]
         self.decode_budget = self.spec.decode_budget if self.spec.decode_budget is not None else self.budget
         self.shape = model_shape(model)
         self.weights = layer_weights(model)  # references only: what scorers such as CriticalKV's read
-        check_composition(self.method, self.decode_method, self.shape)
-        self.spec.check_model(self.shape)  # cannot run here, or would do nothing / less than asked: refused
+        self.chunk = None if chunk is None else check_chunk(chunk)
+        # cannot run here, or would do nothing / less than asked: refused before any work (Spec.why_not)
+        self.spec.check(self.request())
         given = _profiles(profile)
         wanted = {k for m in (self.method, self.decode_method) if m is not None and (k := m.capabilities.profile)}
         for kind in given:
@@ -348,29 +289,21 @@ class Compressor:
         self.profile_data = None if self.profile is None else self.profile.content(self.shape)
         self.decode_profile_data = None if self.decode_profile is None else self.decode_profile.content(self.shape)
         self.reserve = reserve
-        self.chunk = None if chunk is None else check_chunk(chunk)
-        if self.chunk is not None:
-            self.check_chunked()
         self.vocab: int | None = getattr(model.config.get_text_config(), "vocab_size", None)
         self._stack: contextlib.ExitStack | None = None
         self._vision: Any = None  # the model's visual-token adapter, made on first use (a VLM's prompt with images)
         if not self.spec.visual.is_empty:
             self._vision_adapter(self.spec.label).check_plan(self.spec.visual, "official")
-            if (
-                forward_change(type(self.method)) is not None
-                or self.chunk is not None
-                or (isinstance(self.method, PrefillMethod) and self.method.deferred and self._runs_passes())
-            ):
-                raise CapabilityError(
-                    f"'{self.spec.label}': the KV method '{self.method.name}' "
-                    + ("runs in chunks" if self.chunk is not None else "changes or extends the prefill's forward pass")
-                    + ", which a VLM prompt whose visual tokens are pruned does not support; use another KV method "
-                    "(e.g. snapkv, pyramidkv, tova) after the visual methods."
-                )
 
-    def _runs_passes(self) -> bool:
-        m = self.method
-        return isinstance(m, PrefillMethod) and type(m).prefill_passes is not PrefillMethod.prefill_passes
+    def request(self, lengths: Sequence[int] = (), *, chunk: int | None = None, replay: bool = False,
+                images: bool | None = None) -> Request:  # fmt: skip
+        """The :class:`Request` this Compressor makes of its spec: its model, and (for one prefill) the batch's
+        lengths, a chunked (default: the Compressor's chunk) or replayed prefill, a prompt with or without images (a
+        spec with visual methods is built for prompts with images)."""
+        if images is None and not self.spec.visual.is_empty:
+            images = True
+        return Request(self.shape, tuple(int(n) for n in lengths), chunk if chunk is not None else self.chunk,
+                       replay, images)  # fmt: skip
 
     def _vision_adapter(self, why: str) -> Any:
         """The model's visual-token adapter, or a CapabilityError saying that ``why`` needs a vision-language model."""
@@ -514,35 +447,31 @@ class Compressor:
             raise PromptError("A prompt is empty: nothing to prefill.")
         chunk = self.chunk if chunk is None else check_chunk(chunk)
         chunked = chunk is not None and int(ids.shape[1]) > chunk
-        if chunked and compress:
-            self.check_chunked()
+        if chunked and replay is not None:
+            raise CapabilityError("A recorded prefill replays a prefill in one pass, not in chunks (chunk=).")
+        lengths = [int(v) for v in n.tolist()]
+        if compress:  # everything this prefill asks of the spec, refused before any work (Spec.why_not)
+            req = self.request(lengths, replay=replay is not None, images=False)
+            self.spec.check(replace(req, chunk=chunk if chunked else req.chunk if replay is not None else None))
         headroom = self.reserve if reserve is None else reserve
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
             raise ConfigError(f"reserve must be a whole number >= 0; got {headroom!r}.")
         self._check_length(int(ids.shape[1]) + headroom)  # before the headroom is allocated
-        for m in (self.method, self.decode_method):
-            if m is not None:
-                m.capabilities.check(method=m.name, batch_size=int(ids.shape[0]))
-        if compress and self.decode_method is not None:
-            self.decode_method.check_batch(self.decode_budget, [int(v) for v in n.tolist()])
         if compress and self.method.compresses:
-            for v in n.tolist():
-                self.budget.tokens_for(int(v))  # fail before any work if the budget does not fit
+            for v in lengths:
+                self.budget.tokens_for(v)  # fail before any work if the budget does not fit
         if chunked:
             assert chunk is not None
-            if replay is not None:
-                raise CapabilityError("A recorded prefill replays a prefill in one pass, not in chunks (chunk=).")
             return self._prefill_chunked(ids, mask, chunk, compress=compress, reserve=reserve)
-        suffix = self.method.prefill_suffix(ids, mask) if compress and self.method.compresses else None
+        caps = self.method.declared()
+        suffix = self.method.prefill_suffix(ids, mask) if compress and caps.suffix else None
         n_aux = 0 if suffix is None else int(suffix.shape[1])
-        if replay is not None:
-            why = self.replay_refusal()
-            if why is not None:
-                raise CapabilityError(f"'{self.spec.label}' cannot replay a recorded prefill: {why}.")
-            if replay.ids.shape != ids.shape or not (torch.equal(replay.ids, ids) and torch.equal(replay.mask, mask)):
-                raise ConfigError("The recorded prefill is of another prompt (or padding); record this one.")
+        if replay is not None and (
+            replay.ids.shape != ids.shape or not (torch.equal(replay.ids, ids) and torch.equal(replay.mask, mask))
+        ):
+            raise ConfigError("The recorded prefill is of another prompt (or padding); record this one.")
         passes: list[AuxPass] = []
-        if compress and isinstance(self.method, PrefillMethod) and self.method.deferred:
+        if compress and isinstance(self.method, PrefillMethod) and caps.passes:
             passes = self.method.prefill_passes(ids, mask, model_text(self.model))
             for aux in passes:
                 self._check_length(int(ids.shape[1]) + int(aux.input_ids.shape[1]))
@@ -599,9 +528,10 @@ class Compressor:
         ids = inputs.get("input_ids")
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             raise ConfigError("The processor's output needs input_ids of shape (batch, tokens).")
-        for m in (self.method, self.decode_method):
-            if m is not None:
-                m.capabilities.check(method=m.name, batch_size=int(ids.shape[0]))
+        mask = inputs.get("attention_mask")
+        lengths = [int(ids.shape[1])] * int(ids.shape[0]) if mask is None else [int(v) for v in mask.sum(-1).tolist()]
+        if compress:
+            self.spec.check(self.request(lengths, images=True))
         cache = self.new_cache(reserve=headroom, compress=compress)
         plan = self.spec.visual if compress else VisualPlan()
         t0 = time.perf_counter()
@@ -615,13 +545,9 @@ class Compressor:
     def replay_refusal(self) -> str | None:
         """Why this Compressor's prefill cannot be replayed from a :class:`PrefillRecord` (None: it can) — a method
         that computes its own prefill attention (sparse prefill) or adds auxiliary tokens to the prompt changes the
-        forward pass (:func:`forward_change`), and a chunked prefill is a different forward pass."""
-        why = forward_change(type(self.method))
-        if why is not None:
-            return why
-        if self.chunk is not None:
-            return "the prefill runs in chunks"
-        return None
+        forward pass (its capabilities' ``forward_change``), and a chunked prefill is a different forward pass
+        (:meth:`Spec.why_not` of a replayed request)."""
+        return self.spec.why_not(self.request(replay=True, images=False))
 
     @torch.inference_mode()
     @_routed
@@ -641,10 +567,6 @@ class Compressor:
         if sorted(r.layer_idx for r in layers) != list(range(self.shape.num_layers)):
             raise CapabilityError("Not every layer's attention went through tokensieve: this prefill cannot replay.")
         return PrefillRecord(ids, mask, logits, seconds, layers)
-
-    def check_chunked(self) -> None:
-        """Refuse, before any work, a run that cannot be prefilled chunk by chunk (with the reason)."""
-        check_chunkable(self.spec, self.decode_method)
 
     def _prefill_chunked(
         self, ids: Tensor, mask: Tensor, chunk: int, *, compress: bool, reserve: int | None
@@ -745,9 +667,11 @@ class Compressor:
     ) -> CachedContext:
         """Run a (different) decode method on an already prefilled context, e.g. a fork of one prefill."""
         dm = _decode_method(decode, decode_params)
-        check_composition(self.method, dm, self.shape)
+        budget = Budget.parse(decode_budget) if decode_budget is not None else self.budget
+        if dm is not None:  # the spec this context then runs, refused before any work as any other (Spec.why_not)
+            replace(self.spec, decode=dm, decode_budget=budget).check(Request(self.shape))
         _check_context(ctx, "attach_decode")
-        ctx.cache.set_decode(dm, Budget.parse(decode_budget) if decode_budget is not None else self.budget)
+        ctx.cache.set_decode(dm, budget)
         return ctx
 
     @torch.inference_mode()

@@ -40,10 +40,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache.decode import DecodeMethod
 from .core.budget import Budget
-from .core.capabilities import Phase, Stage
+from .core.capabilities import Phase, Request, Stage
 from .core.context import ModelShape
-from .core.method import KV, VISUAL, Method
+from .core.method import KV, VISUAL, Method, PrefillMethod
 from .errors import CapabilityError, ConfigError
 from .methods.visual.base import VisualMethod
 from .registry import VIS_PREFIX, check_fields, create_method, get_method_class, method_names
@@ -303,21 +304,93 @@ class Spec:
         check_fields(self.decode)
         if self.decode_budget is None and self.budget is not None:
             object.__setattr__(self, "decode_budget", self.budget)
-        check_batch = getattr(self.decode, "check_batch", None)
-        if check_batch is not None and self.decode_budget is not None:
-            check_batch(self.decode_budget, [])  # what a budget alone can tell (a token budget below the sinks …)
+        if isinstance(self.decode, DecodeMethod) and self.decode_budget is not None:
+            # what a budget alone can tell (a token budget below the sinks …)
+            why = self.decode.batch_refusal(self.decode_budget, [])
+            if why is not None:
+                raise CapabilityError(why)
 
-    def check_model(self, shape: ModelShape) -> None:
-        """Refuse, before any work, a spec that cannot run on a model of this shape or that would silently do nothing
-        or less than it asks there (:meth:`Method.check`, :meth:`Method.refusal` of each of its methods) — raises
-        :class:`CapabilityError` with the reason. The one rule every front door applies (the Compressor calls it)."""
-        for m in (self.method, self.decode):
+    # ---------------------------------------------------------------------------------------------- requests
+    @property
+    def decoder(self) -> Method | None:
+        """The method that acts while decoding: the decode method, else a prefill method that decodes itself."""
+        if self.decode is not None:
+            return self.decode
+        return self.method if self.method.declared().decodes_itself else None
+
+    def why_not(self, request: Request) -> str | None:
+        """Why this spec cannot serve ``request`` — a sentence that says what to do — or None. The one rule every
+        front door asks before any work (the Compressor when it is built and at every prefill, the CLI, the
+        evaluation and the benchmarks before loading a model, the server for every request): each method's own
+        reasons (:meth:`Method.why_not`: batching, :meth:`Method.refusal` on the model), then what the methods ask
+        of each other and of the request — a decode method after a prefill method, a chunked or replayed prefill,
+        visual methods and a prompt with or without images."""
+        label = self.label
+        shape = request.shape
+        for m in (*(s.method for s in self.visual.specs), self.method, self.decode):
             if m is None:
                 continue
-            m.check(shape)
-            why = m.refusal(shape)
+            if request.batch > 1 and not m.declared().batching:
+                return f"Method '{m.name}' does not support batch size > 1; run one prompt at a time."
+            if shape is not None and (why := m.refusal(shape)) is not None:
+                return f"'{label}' on model '{shape.key}': {why}"
+        method, decode = self.method, self.decoder
+        caps = method.declared()
+        if decode is not None and decode is not method:
+            why = _composition_refusal(method, decode, shape)
             if why is not None:
-                raise CapabilityError(f"'{self.label}' on model '{shape.key}': {why}")
+                return why
+        if isinstance(decode, DecodeMethod) and request.lengths:
+            budget = self.decode_budget or self.budget or Budget.ratio(1.0)
+            why = decode.batch_refusal(budget, list(request.lengths))
+            if why is not None:
+                return why
+        if request.chunk is not None:
+            if isinstance(method, PrefillMethod) and (why := method.chunk_refusal()) is not None:
+                return (
+                    f"'{label}' cannot compress a prompt chunk by chunk: {why}. Prefill it in one pass (no chunk) or "
+                    "use a method that can, e.g. snapkv, pyramidkv, tova, h2o, knorm, streaming_llm (docs/PREFILL.md)."
+                )
+            if self.decode is not None and self.decode.declared().prefill_queries:
+                return (
+                    f"'{label}' cannot run after a chunked prefill: decode method '{self.decode.name}' starts from the "
+                    "whole prompt's queries, which a chunked prefill does not keep; prefill in one pass (no chunk) to "
+                    "use it."
+                )
+        if request.replay:
+            why = caps.forward_change
+            if why is None and request.chunk is not None:
+                why = "the prefill runs in chunks"
+            if why is not None:
+                return f"'{label}' cannot replay a recorded prefill: '{method.name}' {why}."
+        if request.images is False and not self.visual.is_empty:
+            named = self.visual.named[0].method.name
+            return (
+                f"'{named}' is a visual-token method: it prunes an image's tokens in a vision-language model. Prefill "
+                "the processor's output (input_ids with pixel_values) of a prompt with images."
+            )
+        if request.images and not self.visual.is_empty:
+            change = "runs in chunks" if request.chunk is not None else caps.forward_change
+            if change is None and caps.passes:
+                change = "runs auxiliary passes over the prompt"
+            if change is not None:
+                return (
+                    f"'{label}': the KV method '{method.name}' {change}, which a VLM prompt whose visual tokens are "
+                    "pruned does not support; use another KV method (e.g. snapkv, pyramidkv, tova) after the visual "
+                    "methods."
+                )
+        return None
+
+    def check(self, request: Request) -> None:
+        """:meth:`why_not`, raised as a :class:`CapabilityError`; with a model, each method's own checks against it
+        (:meth:`Method.check`: a profile it needs exists and fits) run first."""
+        if request.shape is not None:
+            for m in (*(s.method for s in self.visual.specs), self.method, self.decode):
+                if m is not None:
+                    m.check(request.shape)
+        why = self.why_not(request)
+        if why is not None:
+            raise CapabilityError(why)
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -478,6 +551,35 @@ class Spec:
         if not self.visual.is_empty:
             out["visual"] = self.visual
         return out
+
+
+def _composition_refusal(method: Method, decode: Method, shape: ModelShape | None) -> str | None:
+    """Why a prefill method and a decode method cannot run together (on a model of this shape), or None."""
+    if shape is not None and shape.modified:
+        what = "sliding-window" if any(w is not None for w in shape.windows) else "soft-capped"
+        return (
+            f"Decode method '{decode.name}' does not support {what} attention yet, and model '{shape.key}' has it. "
+            "Run without a decode method (prefill methods honour the model's windows and soft-capping)."
+        )
+    dcaps, caps = decode.declared(), method.declared()
+    if dcaps.own_prefill_scores and type(method) is not type(decode):
+        return (
+            f"'{decode.name}' evicts while decoding with the scores its own prefill gave the prompt's entries, so it "
+            f"cannot follow '{method.name}'; run '{decode.name}' alone (it also acts while decoding)."
+        )
+    if caps.head_adaptive and not dcaps.head_adaptive:
+        return (
+            f"Decode method '{decode.name}' needs every KV head of a sequence to hold the same number of entries, "
+            f"but '{method.name}' gives KV heads different budgets (head-adaptive). Use a prefill method with uniform "
+            f"heads (e.g. snapkv, pyramidkv, streaming_llm) or the full cache before '{decode.name}', or run "
+            f"'{method.name}' without a decode method."
+        )
+    if caps.passes:
+        return (
+            f"'{method.name}' runs auxiliary passes over the prompt, which a decode method ('{decode.name}') cannot "
+            "follow; run it without a decode method."
+        )
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ rendering

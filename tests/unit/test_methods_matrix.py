@@ -24,7 +24,7 @@ DECODING = [
     for m in method_names()
     if m != "full"
     and Phase.DECODE in get_method_class(m).capabilities.phases
-    and not getattr(get_method_class(m), "decodes_after_own_prefill", False)  # retention: tests/unit/test_retention.py
+    and not get_method_class(m).capabilities.own_prefill_scores  # retention: tests/unit/test_retention.py
 ]
 L_LAYERS, H_KV, D = 3, 2, 8
 

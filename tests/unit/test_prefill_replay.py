@@ -11,14 +11,14 @@ import tokensieve as ts
 from tokensieve.adapters.models import model_shape
 from tokensieve.data.prompts import left_pad
 from tokensieve.eval.runner import SharedPrefill
-from tokensieve.pipeline import Compressor, forward_change
+from tokensieve.pipeline import Compressor
 from tokensieve.registry import get_method_class, method_names
 
 from .eval_grid import eval_rows, run_grid
 from .test_methods_matrix import COMPRESSING, DECODING, press_for, prompts
 
 SPECS = [(m, None) for m in COMPRESSING] + [("full", d) for d in DECODING] + [("snapkv", "quest")]
-REPLAYABLE = [(m, d) for m, d in SPECS if forward_change(get_method_class(m)) is None]
+REPLAYABLE = [(m, d) for m, d in SPECS if get_method_class(m).capabilities.forward_change is None]
 
 
 def _press(model, name, profiles, decode=None, **kw):
@@ -75,7 +75,7 @@ def test_methods_that_change_the_forward_pass_are_refused(tiny_model, tiny_profi
     assert {"flexprefill", "minference", "dapq"} <= set(refused), refused
     assert "own prefill attention" in refused["flexprefill"]
     assert "auxiliary tokens" in refused["dapq"]
-    assert all(forward_change(get_method_class(m)) == why for m, why in refused.items())
+    assert all(why.endswith(f"'{m}' {get_method_class(m).capabilities.forward_change}.") for m, why in refused.items())
     assert len(REPLAYABLE) >= 30  # everything else replays, alone or after a full prefill with a decode method
     ids = torch.tensor([prompts()[0]])
     rec = ts.compress(tiny_model, "full").record_prefill(ids)
@@ -95,7 +95,7 @@ def test_a_recording_replays_only_its_own_prompt_in_one_pass(tiny_model):
     with pytest.raises(ts.ConfigError, match="another prompt"):
         ts.compress(tiny_model, "snapkv", 0.5).prefill(other, replay=rec)
     chunked = ts.compress(tiny_model, "snapkv", 0.5, chunk=16)
-    assert chunked.replay_refusal() == "the prefill runs in chunks"
+    assert "the prefill runs in chunks" in (chunked.replay_refusal() or "")
     with pytest.raises(ts.CapabilityError, match="in chunks"):
         chunked.prefill(ids, replay=rec)
 

@@ -18,6 +18,7 @@ import tokensieve as ts
 from tests.conftest import make_tiny_model
 from tokensieve.adapters.models import model_key, model_shape
 from tokensieve.core.budget import Budget
+from tokensieve.core.capabilities import Request
 from tokensieve.errors import ConfigError, TokensieveError
 from tokensieve.methods.expected_attention import ExpectedAttention
 from tokensieve.registry import create_method, get_method_class, method_names
@@ -51,7 +52,7 @@ def test_specs_that_would_do_nothing_are_refused_with_the_reason(model, spec, re
     with pytest.raises(ts.CapabilityError, match=reason):
         ts.compress(model, spec)
     with pytest.raises(ts.CapabilityError, match=reason):
-        Spec.parse(spec).check_model(model_shape(model))  # the rule itself, as every front door applies it
+        Spec.parse(spec).check(Request(model_shape(model)))  # the rule itself, as every front door applies it
 
 
 def test_the_rule_accepts_what_does_run(model):

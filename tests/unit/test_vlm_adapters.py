@@ -297,6 +297,7 @@ def test_vision_stage_reads_the_cls_row(llava: Any) -> None:
     from typing import ClassVar
 
     from tokensieve.core.budget import Budget
+    from tokensieve.core.capabilities import Capabilities
     from tokensieve.methods.visual import Stage, VisualContext, VisualMethod
     from tokensieve.spec import VisualPlan, VisualSpec
 
@@ -306,8 +307,9 @@ def test_vision_stage_reads_the_cls_row(llava: Any) -> None:
 
         name: ClassVar[str] = "cls_top_test"
         paper: ClassVar[str] = "test"
-        stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-        needs: ClassVar[frozenset[str]] = frozenset({"cls_attention", "keys"})
+        capabilities: ClassVar[Capabilities] = Capabilities(
+            stages=frozenset({Stage.VISION}), signals=frozenset({"cls_attention", "keys"})
+        )
         layer: int = 2
 
         def score(self, ctx: VisualContext) -> torch.Tensor:

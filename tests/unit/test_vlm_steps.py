@@ -18,6 +18,7 @@ import vlm_tiny as vt
 
 from tokensieve.adapters.vision import vision_adapter
 from tokensieve.core.budget import Budget
+from tokensieve.core.capabilities import Apply, Capabilities
 from tokensieve.errors import CapabilityError, ConfigError
 from tokensieve.methods.visual.base import Stage, VisualContext, VisualKept, VisualMethod, top_k
 from tokensieve.spec import VisualPlan, VisualSpec
@@ -32,8 +33,7 @@ class Probe(VisualMethod):
 
     name: ClassVar[str] = "probe"
     paper: ClassVar[str] = "test probe"
-    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
-    needs: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[Capabilities] = Capabilities(stages=frozenset(Stage), signals=frozenset())
     stage: str = "llm"
     at: tuple[int, ...] = (1, 2)
     layer: int = 1
@@ -52,15 +52,17 @@ class Probe(VisualMethod):
 
 @dataclass(frozen=True)
 class Everything(Probe):
-    needs: ClassVar[frozenset[str]] = frozenset(
-        {"text_attention", "text_rows", "text_tokens", "keys", "values", "anchor_value", "previous"}
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        stages=frozenset(Stage),
+        signals=frozenset({"text_attention", "text_rows", "text_tokens", "keys", "values", "anchor_value", "previous"}),
     )
 
 
 @dataclass(frozen=True)
 class VisionSignals(Probe):
-    needs: ClassVar[frozenset[str]] = frozenset(
-        {"cls_attention", "mean_attention", "keys", "values", "anchor_value", "previous"}
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        stages=frozenset(Stage),
+        signals=frozenset({"cls_attention", "mean_attention", "keys", "values", "anchor_value", "previous"}),
     )
     stage: str = "vision"
 
@@ -71,7 +73,7 @@ class PairMerge(VisualMethod):
 
     name: ClassVar[str] = "pairmerge"
     paper: ClassVar[str] = "test probe"
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
+    capabilities: ClassVar[Capabilities] = Capabilities(apply=Apply.MERGE, stages=frozenset({Stage.VISION}))
     proportional: ClassVar[bool] = True
     stage: str = "vision"
     at: tuple[int, ...] = (1, 2)

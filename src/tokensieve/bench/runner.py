@@ -269,11 +269,7 @@ def check_specs(model: Any, cfg: BenchConfig) -> None:
                 if press.method.compresses:
                     press.budget.tokens_for(length)
                 for batch in cfg.batch_sizes:
-                    for m in (press.method, press.decode_method):
-                        if m is not None:
-                            m.capabilities.check(method=m.name, batch_size=batch)
-                    if press.decode_method is not None:
-                        press.decode_method.check_batch(press.decode_budget, [length] * batch)
+                    press.spec.check(press.request([length] * batch, images=False))
         except TokensieveError as exc:
             if spec.label in str(exc):
                 raise

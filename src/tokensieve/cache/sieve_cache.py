@@ -376,7 +376,7 @@ class SieveCache:
                 reserve = plan.reserve if plan is not None else 0
                 layer.store = DenseKV(k, v, pos_new[:, None, :].expand(B, H, L), valid=valid_new, reserve=reserve)
                 layer.store.identity_positions = valid_new is None and layer.seen == 0
-                if decode is not None and decode.needs_prefill_context:
+                if decode is not None and decode.declared().prefill_queries:
                     assert plan is not None
                     valid = valid_new if valid_new is not None else torch.ones(B, L, dtype=torch.bool)
                     run = make_run(replace(plan, budget=Budget.ratio(1.0)), valid.sum(-1))
@@ -477,10 +477,9 @@ class SieveCache:
         """Hand a layer to the decode method, once per run: its store as equal-length rows, and the method's setup."""
         layer = self.layers[layer_idx]
         assert layer.store is not None
-        own = getattr(method, "decode_store", None)  # a method that decodes from ragged rows (SP-KV) converts itself
-        dense = own(layer.store) if own is not None else as_dense(layer.store, method.name)
+        dense = method.decode_store(layer.store)  # equal-length rows (ragged ones for a method that decodes from them)
         layer.store = dense
-        layer.decode = DecodeLayer(layer_idx, dense, self._decode_run(n_prompt), scaling)
+        layer.decode = DecodeLayer(layer_idx, dense, self._decode_run(n_prompt), scaling)  # type: ignore[arg-type]
         layer.decode.state = method.setup(layer.decode, ctx)
 
     def _decode_run(self, n_prompt: Tensor) -> DecodeRun:
@@ -523,10 +522,10 @@ class SieveCache:
         ctx = LayerContext(
             layer_idx=layer_idx, queries=q, keys=k, values=v, valid=valid, scaling=scaling, run=self.run, tail=plan.tail
         )
-        if method.deferred:  # score now, keep the prompt whole; select once every layer is scored
+        if method.declared().deferred:  # score now, keep the prompt whole; select once every layer is scored
             scores = method.score(ctx)
             decode = plan.decode
-            keep_q = decode is not None and decode.needs_prefill_context
+            keep_q = decode is not None and decode.declared().prefill_queries
             store = self._build(Compressed(Selection.keep_all(B, k.shape[1], L, ctx.selectable)), k, v, pos_new,
                                 plan.reserve)  # fmt: skip
             # the pending context reads the prompt's keys and values from the store: one copy of them, not two

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from .method import FAMILIES, KV, Method
+from .method import FAMILIES, KV, Method, PrefillMethod
 
 M = TypeVar("M", bound=type[Method])
 
@@ -30,8 +30,32 @@ def register(cls: M) -> M:
         )
     if not cls.paper or not (cls.__doc__ or "").strip():
         raise ValueError(f"Method {name!r} must cite its paper (`paper`) and have a docstring")
+    check_declaration(cls)
     names[name] = cls
     return cls
+
+
+_HOOKS = (  # (base class, hook, capability): overriding the hook is what the capability declares
+    (Method, "prefill_suffix", "suffix"),
+    (PrefillMethod, "prefill_attention", "own_attention"),
+    (PrefillMethod, "prefill_passes", "passes"),
+)
+
+
+def check_declaration(cls: type[Method]) -> None:
+    """A method's capabilities are its one declaration: a class that overrides a prefill hook declares the
+    capability that hook implements, and one that declares a capability implements its hook (a class that resolves
+    its capabilities per instance, :meth:`Method.declared`, may override a hook to delegate it)."""
+    per_instance = cls.declared is not Method.declared
+    for base, hook, flag in _HOOKS:
+        if not issubclass(cls, base):
+            continue
+        overrides = getattr(cls, hook) is not getattr(base, hook)
+        declared = bool(getattr(cls.capabilities, flag))
+        if overrides and not declared and not per_instance:
+            raise ValueError(f"Method {cls.name!r} overrides {hook}: declare capabilities {flag}=True.")
+        if declared and not overrides:
+            raise ValueError(f"Method {cls.name!r} declares {flag}=True: implement {hook}.")
 
 
 def registered(family: str = KV) -> dict[str, type[Method]]:

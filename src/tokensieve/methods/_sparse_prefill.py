@@ -14,7 +14,7 @@ is the eviction's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -73,8 +73,9 @@ class SparsePrefill(PrefillMethod):
     the prompt once its attention is computed; ``full`` keeps everything).
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.NONE)
-    rescorable: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}), apply=Apply.NONE, rescorable=False, own_attention=True
+    )
     evict: Method = field(default_factory=FullCache)
     block: int = 128
 
@@ -86,17 +87,19 @@ class SparsePrefill(PrefillMethod):
             return
         if not isinstance(e, PrefillMethod) or not e.compresses or isinstance(e, SparsePrefill):
             raise ConfigError(f"{self.name}: evict must be a prefill eviction method such as snapkv, not {e!r}.")
-        if e.deferred or e.capabilities.profile:
+        if e.declared().deferred or e.capabilities.profile:
             raise ConfigError(
                 f"{self.name}: evict='{e.name}' "
-                + ("selects after every layer is scored" if e.deferred else "needs a profile")
+                + ("selects after every layer is scored" if e.declared().deferred else "needs a profile")
                 + "; a sparse prefill composes with eviction methods that select per layer and need no profile."
             )
 
     # -- eviction: the evict method's --------------------------------------------------------------------------
-    @property
-    def compresses(self) -> bool:
-        return self.evict.compresses
+    def declared(self) -> Capabilities:
+        """The sparse attention's own declaration; whether the prompt is compressed (and how) and whether auxiliary
+        tokens are added are the ``evict`` method's."""
+        evict = self.evict.declared()
+        return replace(type(self).capabilities, apply=evict.apply, suffix=evict.suffix)
 
     def _evict(self) -> PrefillMethod:
         e = self.evict

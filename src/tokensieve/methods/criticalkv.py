@@ -42,9 +42,11 @@ class CriticalKV(WrapperMethod):
     )
     rule: ClassVar[str] = "stage 1: top b/2 by base s_j; stage 2: top (s_j + eps) * mean_group ||v_j W_o^h||_1"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, needs_attention=True
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.EVICT,
+        needs_attention=True,
+        rescorable=False,  # reads the model's output projections, which a decoding cache does not carry
     )
-    rescorable: ClassVar[bool] = False  # reads the model's output projections, which a decoding cache does not carry
     base: PrefillMethod = field(default_factory=SnapKV)
     first_stage: float = 0.5
     epsilon: float = 1e-4

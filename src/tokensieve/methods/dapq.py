@@ -44,7 +44,10 @@ class DapQ(PrefillMethod):
     )
     rule: ClassVar[str] = "s_j = pool(sum_m softmax(q~_m K^T/sqrt(D))_j) over pseudo queries at decoding positions"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT, needs_attention=True
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.EVICT,
+        needs_attention=True,
+        suffix=True,
     )
     n_pseudo: int = 32
     prefix: int = 4

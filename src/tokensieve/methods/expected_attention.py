@@ -38,8 +38,11 @@ class ExpectedAttention(PrefillMethod):
         "(arXiv:2510.00636)"
     )
     rule: ClassVar[str] = "s_j = ||v_j|| mean_group softmax_j(c R̄mu.k_j + c^2/2 k_j^T R̄ Sigma R̄^T k_j)"
-    capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT)
-    rescorable: ClassVar[bool] = False  # needs every prompt query at its true position
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.EVICT,
+        rescorable=False,  # needs every prompt query at its true position
+    )
     n_future: int = 512
     sink: int = 4
     covariance: bool = True

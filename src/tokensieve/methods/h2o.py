@@ -42,10 +42,12 @@ class H2O(PrefillMethod, BoundedCacheMethod):
     paper: ClassVar[str] = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs (arXiv:2306.14048)"
     rule: ClassVar[str] = "s_j = sum_i A_ij (accumulated attention); budget split heavy hitters / recent"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.PREFILL, Phase.DECODE}), apply=Apply.EVICT, needs_attention=True
+        phases=frozenset({Phase.PREFILL, Phase.DECODE}),
+        apply=Apply.EVICT,
+        needs_attention=True,
+        prefill_queries=True,
+        decode_probs=True,
     )
-    needs_probs: ClassVar[bool] = True
-    needs_prefill_context: ClassVar[bool] = True
     recent_ratio: float = 0.5
     normalize: bool = False
 

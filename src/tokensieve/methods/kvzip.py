@@ -55,9 +55,10 @@ class KVzip(PrefillMethod):
         needs_attention=True,
         head_adaptive=True,
         layer_adaptive=True,
+        deferred=True,
+        passes=True,
+        rescorable=False,
     )
-    deferred: ClassVar[bool] = True
-    rescorable: ClassVar[bool] = False
     sink: int = 4
     chunk: int = 2048
     allocation: Literal["global", "uniform"] = "global"

@@ -107,7 +107,11 @@ class MInference(SparsePrefill):
     )
     rule: ClassVar[str] = "per head (profile): A-shape | vertical-slash from the last 64 queries | top pooled blocks"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        phases=frozenset({Phase.PREFILL}), apply=Apply.NONE, profile="minference"
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.NONE,
+        profile="minference",
+        rescorable=False,
+        own_attention=True,
     )
     block: int = 64
     last_q: int = 64

@@ -47,21 +47,23 @@ class Recompress(DecodeMethod):
         inner = self.scorer
         if not isinstance(inner, PrefillMethod) or not inner.compresses or inner.capabilities.profile:
             raise ConfigError(f"recompress: scorer must be a profile-free prefill method, not '{self.scorer.name}'.")
-        if inner.capabilities.apply.value != "evict" or inner.capabilities.head_adaptive:
+        caps = inner.declared()
+        if caps.apply.value != "evict" or caps.head_adaptive:
             raise ConfigError(f"recompress: scorer '{self.scorer.name}' must evict with the same count for every head.")
-        if inner.deferred or not inner.rescorable:
+        if caps.deferred or not caps.rescorable:
             raise ConfigError(
                 f"recompress: scorer '{self.scorer.name}' needs what only a prefill has (every prompt query at its "
                 "true position, every layer at once, or the model's weights)."
             )
 
-    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+    def batch_refusal(self, budget: Budget, lengths: list[int]) -> str | None:
         if len(set(lengths)) > 1:
-            raise CapabilityError(
+            return (
                 "recompress re-compresses the whole batch at once, so prompts of different lengths "
                 f"({sorted(set(lengths))} tokens) would be re-compressed at other steps than alone; run them one at "
                 "a time or in batches of equal length."
             )
+        return None
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> dict[str, Any]:
         return {"queries": None}

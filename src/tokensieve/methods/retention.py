@@ -102,11 +102,11 @@ class Retention(PrefillMethod, DecodeMethod):
         head_adaptive=True,
         layer_adaptive=True,
         profile=KIND,
+        deferred=True,
+        rescorable=False,
+        decodes_itself=True,
+        own_prefill_scores=True,
     )
-    deferred: ClassVar[bool] = True  # the global top-k needs every layer's scores
-    rescorable: ClassVar[bool] = False  # scores come from each entry's own keys and values and its age
-    decodes_itself: ClassVar[bool] = True  # the Compressor also runs it while decoding (no '+decode' needed)
-    decodes_after_own_prefill: ClassVar[bool] = True  # its decode rule reads the log β its prefill computed
 
     sink: int = 0
     window: int = 0

@@ -46,9 +46,9 @@ class SimLayerKV(PrefillMethod):
         needs_attention=True,
         granularity=Granularity.LAYER,
         layer_adaptive=True,
+        deferred=True,
+        rescorable=False,
     )
-    deferred: ClassVar[bool] = True
-    rescorable: ClassVar[bool] = False
     sink: int = 4
     recent: int = 1024
 

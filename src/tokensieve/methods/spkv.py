@@ -75,9 +75,9 @@ class SPKV(PrefillMethod, DecodeMethod):
         head_adaptive=True,
         layer_adaptive=True,
         profile=KIND,
+        rescorable=False,
+        decodes_itself=True,
     )
-    rescorable: ClassVar[bool] = False  # decides each pair once, from its own keys and values
-    decodes_itself: ClassVar[bool] = True  # the Compressor also runs it while decoding (no '+decode' needed)
 
     tau: float | None = None
     window: int | None = None

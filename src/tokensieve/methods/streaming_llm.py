@@ -13,7 +13,7 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import PrefillMethod
 from ..core.registry import register
-from ..errors import CapabilityError, ConfigError
+from ..errors import ConfigError
 from ..scorers import recency_scores
 
 
@@ -48,18 +48,21 @@ class StreamingLLM(PrefillMethod, BoundedCacheMethod):
     def protected(self) -> tuple[int, int]:
         return self.sink, 0
 
-    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+    def batch_refusal(self, budget: Budget, lengths: list[int]) -> str | None:
         """Besides the batch rule of every bounded cache: a decode budget that holds no more than the sink tokens
         keeps no recent token (each new token would be evicted at once) — refused; a ratio budget is checked
         against each prompt's length, a token budget at once (``lengths`` may be empty)."""
-        super().check_batch(budget, lengths)
+        why = super().batch_refusal(budget, lengths)
+        if why is not None:
+            return why
         sizes = [int(budget.value)] if budget.kind == "tokens" else [budget.tokens_for(n) for n in lengths if n > 0]
         if sizes and min(sizes) <= self.sink:
-            raise CapabilityError(
+            return (
                 f"streaming_llm keeps sink={self.sink} first tokens, and a decode budget of {min(sizes)} tokens leaves "
                 "no room for recent ones: every new token would be evicted at once. Give a budget above "
                 f"{self.sink} tokens or lower sink."
             )
+        return None
 
     def score(self, ctx: LayerContext) -> Tensor:
         return recency_scores(ctx)

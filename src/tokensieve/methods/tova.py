@@ -35,8 +35,8 @@ class TOVA(PrefillMethod, BoundedCacheMethod):
         apply=Apply.EVICT,
         needs_attention=True,
         granularity=Granularity.LAYER,
+        decode_probs=True,
     )
-    needs_probs: ClassVar[bool] = True
 
     def score(self, ctx: LayerContext) -> Tensor:
         return last_query_scores(ctx)

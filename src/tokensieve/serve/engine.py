@@ -431,8 +431,7 @@ class Engine:
             try:
                 if press.method.compresses:
                     press.budget.tokens_for(n)
-                if press.decode_method is not None:
-                    press.decode_method.check_batch(press.decode_budget, [n])
+                press.spec.check(press.request([n], images=False))
             except TokensieveError as exc:
                 raise RequestError(f"Spec {press.spec.label!r} cannot run on this prompt: {exc}", param="spec") from exc
             self._check_passes(job)
@@ -457,7 +456,7 @@ class Engine:
         reconstructs the prompt in chunks of ``chunk`` tokens, one pass each: ``kvzip[chunk=1]`` would run one pass
         per token)."""
         method = job.press.method
-        if not (isinstance(method, PrefillMethod) and method.deferred and method.compresses):
+        if not (isinstance(method, PrefillMethod) and method.declared().passes):
             return
         ids = torch.tensor([job.ids], dtype=torch.long)
         passes = 1 + len(method.prefill_passes(ids, torch.ones_like(ids), model_text(self.model)))

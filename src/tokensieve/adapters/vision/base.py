@@ -127,7 +127,7 @@ class VisionAdapter:
             raise CapabilityError(
                 f"{self.family}: vision-stage pruning ({a.label}) is not supported for this family yet."
             )
-        if a is not None and "cls_attention" in type(a.method).needs and not self.has_cls:
+        if a is not None and "cls_attention" in type(a.method).capabilities.signals and not self.has_cls:
             raise CapabilityError(f"{a.label} reads CLS attention; the {self.family} vision encoder has no CLS token.")
 
     def build(

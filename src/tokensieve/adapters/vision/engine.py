@@ -316,7 +316,7 @@ def prefill(
     modules = [stack.attn_of(layer) for layer in stack.layers]
     for m in modules:
         request.delegates[id(m)] = sieve_attention
-    needs = type(spec.method).needs if spec is not None else frozenset()
+    needs = type(spec.method).capabilities.signals if spec is not None else frozenset()
     q_len = instruction_lengths(seq)
     for K in Ks:
         mod = id(modules[K - 1])

@@ -118,7 +118,7 @@ class ClipTower:
         patches' indices into the crops' concatenated grids (crop · side² + patch) and their sizes."""
         method = spec.method
         steps = self.step_layers(spec)
-        needs = type(method).needs
+        needs = type(method).capabilities.signals
         side = self.side
         n0 = side * side
         h0 = self.tower.pre_layrnorm(self.tower.embeddings(pixels))

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import CapabilityError, ConfigError
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
@@ -143,8 +144,12 @@ class FlowCut(VisualMethod):
         "S=(a_cls/sum + sem/sum)*|mean_h v|_1, S_cum EMA 0.5; every 2nd encoder layer drop "
         "round((N-T)/sqrt(rem)*(1-(H/logN)^2)) by S_cum, last step to T; llm: (r+s)*|v|_1 at layer K"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION, Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset(_VISION_NEEDS + _LLM_NEEDS)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.VISION, Stage.LLM}),
+        signals=frozenset(_VISION_NEEDS + _LLM_NEEDS),
+    )
     stage: str = "vision"
     layer: int = 2
     momentum: float = 0.5

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import ConfigError
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
@@ -78,8 +79,12 @@ class HiPrune(VisualMethod):
         "anchors = top round(alpha k/5) by attention received at the object layer, buffers = their 4-neighbours, "
         "registers = top rest by attention received at the feature layer"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"mean_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"mean_attention"}),
+    )
     alpha: float = 0.1
     object_layer: int = 0
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import ConfigError
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
@@ -105,8 +106,12 @@ class HiRED(VisualMethod):
         "thumbnail gets alpha k; crops share the rest by the thumbnail's early-layer CLS-attention top tokens in "
         "their part; each grid keeps its top tokens by final-layer CLS attention (sum over heads)"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"cls_attention"}),
+    )
     alpha: float = 0.5
     early: int = 1
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts
 
@@ -56,7 +57,11 @@ class Pool(VisualMethod):
         "baseline (no paper): spatial average pooling of the visual grid, the downsampling baseline of VTC-Bench"
     )
     rule: ClassVar[str] = "adaptive average pooling of each grid to the largest a x b <= budget"
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION, Stage.PROJECTOR})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.VISION, Stage.PROJECTOR}),
+    )
     stage: str = "projector"
     layer: int = 1
 

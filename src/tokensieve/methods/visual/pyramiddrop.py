@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import ConfigError
 from ._llmstage import image_spans, image_targets, parse_layers, schedule
@@ -78,8 +79,12 @@ class PyramidDrop(VisualMethod):
         "at layers 8/16/24 of 32: keep the top lambda^s of each image's visual tokens by mean_h attention of the last "
         "instruction token (layer K-1); lambda = budget^(1/S)"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_attention"}),
+    )
     at: str = ""
     lam: float = 0.0
 

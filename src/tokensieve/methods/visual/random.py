@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from .base import Stage, VisualContext, VisualMethod
 
@@ -27,7 +28,11 @@ class RandomVisual(VisualMethod):
     name: ClassVar[str] = "random"
     paper: ClassVar[str] = "baseline (no paper): uniform random visual-token selection"
     rule: ClassVar[str] = "s_j ~ U(0,1) seeded by (seed, sample seed); keep the top k"
-    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset(Stage),
+    )
     stage: str = "projector"
     layer: int = 2
     seed: int = 0

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import ConfigError
 from ._llmstage import image_spans, image_targets, parse_layers, schedule
@@ -132,8 +133,12 @@ class SparseVLM(VisualMethod):
         "(layer K-1); keep floor(scale*rank(P)+bias) (>= budget, = budget at the last layer); recycle the top 30% of "
         "the deleted into m/10+1 DPC-kNN clusters"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_rows", "text_tokens"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_rows", "text_tokens"}),
+    )
     at: str = ""
     scale: float = 13.5
     bias: float = 0.0

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts
@@ -97,8 +98,12 @@ class ToMe(VisualMethod):
         "every block: A/B alternate, A->most cosine-similar B by mean-head keys, merge the r best edges by "
         "size-weighted average; proportional attention"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"keys"}),
+    )
     proportional: ClassVar[bool] = True
 
     def check_params(self) -> None:

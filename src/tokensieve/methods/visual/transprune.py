@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import ConfigError
 from ._llmstage import image_spans, image_targets, parse_layers, parse_numbers, schedule
@@ -109,8 +110,12 @@ class TransPrune(VisualMethod):
         "s_j = alpha*TTV_j/sum + (1-alpha)*IGA_j/sum; TTV = sum over layers of |out|/|in| * softmax(1-cos(in,out)); "
         "prune at 7/9/12 of 32 to 87.5/62.5/12.5 % (last = budget)"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_rows", "previous"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_rows", "previous"}),
+    )
     at: str = ""
     ratios: str = ""
     alpha: float = 0.5

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.registry import register
 from ...errors import ConfigError
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts, top_k
@@ -73,8 +74,12 @@ class VisionZip(VisualMethod):
         "after the feature layer: top (k-C) by head-summed CLS attention; the rest merged into C uniformly spaced "
         "targets by cosine of head-mean keys (C = round(5k/32))"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"cls_attention", "keys"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"cls_attention", "keys"}),
+    )
     layer: int = 0
     contextual: float = 0.15625
     merge: str = "add"
