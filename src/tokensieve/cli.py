@@ -144,8 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .adapters.models import DEFAULT_MODEL, load_model, model_shape, text_tokenizer
     from .data.prompts import TextStream, chat_ids
     from .demo import budget_notes
+    from .engine import compress
     from .errors import CapabilityError, PromptError
-    from .pipeline import compress
 
     _threads(args.threads)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
@@ -193,8 +193,8 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
 
     from .adapters.models import load_model
     from .adapters.vlm import VLM_NAME
+    from .engine import compress
     from .errors import CapabilityError
-    from .pipeline import compress
     from .spec import Spec
 
     if args.method is not None or args.budget is not None or args.param:

@@ -535,7 +535,7 @@ class Spec:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
     def compressor_kwargs(self) -> dict[str, Any]:
-        """``method=, budget=, decode=, decode_budget=`` for :class:`tokensieve.pipeline.Compressor`."""
+        """``method=, budget=, decode=, decode_budget=`` for :class:`tokensieve.engine.Compressor`."""
         if not self.is_resolved:
             missing = "prefill" if self.budget is None and self.method.compresses else "decode"
             raise ConfigError(

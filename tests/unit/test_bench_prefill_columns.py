@@ -17,7 +17,7 @@ from tokensieve.attention import flex
 from tokensieve.bench.config import BenchConfig, bench_specs
 from tokensieve.bench.runner import run_bench
 from tokensieve.data.testing import CharTokenizer
-from tokensieve.pipeline import compress
+from tokensieve.engine import compress
 from tokensieve.results.stats import speed
 from tokensieve.results.store import ResultStore
 

@@ -31,13 +31,13 @@ def tiny_dir(tmp_path_factory, tiny_model):
 
 def _no_work(monkeypatch):
     """Make any compression run fail the test: the CLI must stop before it."""
-    import tokensieve.pipeline as pipeline
+    import tokensieve.engine.compressor as compressor
 
     def boom(*a, **kw):
         raise AssertionError("work started before the input was checked")
 
-    monkeypatch.setattr(pipeline.Compressor, "prefill", boom)
-    monkeypatch.setattr(pipeline.Compressor, "__init__", boom)
+    monkeypatch.setattr(compressor.Compressor, "prefill", boom)
+    monkeypatch.setattr(compressor.Compressor, "__init__", boom)
 
 
 def _exits(argv, capsys) -> str:
@@ -261,7 +261,7 @@ def test_text_stream_releases_whole_characters():
 
 
 def test_generate_streams_emoji_and_cjk(tmp_path, capsys, monkeypatch):
-    import tokensieve.pipeline as pipeline
+    import tokensieve.engine.compressor as compressor
 
     tok = byte_level_tokenizer()
     path = tmp_path / "bytes"
@@ -272,9 +272,9 @@ def test_generate_streams_emoji_and_cjk(tmp_path, capsys, monkeypatch):
     def decode(self, ctx, max_new_tokens, *, eos_token_ids=(), on_token=None):
         for t in ids:
             on_token(0, t)
-        return pipeline.Generation([list(ids)], len(ids), 0.1, [True])
+        return compressor.Generation([list(ids)], len(ids), 0.1, [True])
 
-    monkeypatch.setattr(pipeline.Compressor, "decode", decode)
+    monkeypatch.setattr(compressor.Compressor, "decode", decode)
     assert main(["generate", "hello there", "--model", str(path), "--threads", "1", "--max-new-tokens", "64"]) == 0
     assert capsys.readouterr().out == TEXT + "\n"
 

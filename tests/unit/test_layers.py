@@ -25,6 +25,6 @@ def test_method_names_loads_no_lab_module():
 
 def test_creating_a_compressor_spec_loads_no_lab_module():
     loaded = _loaded_after(
-        "from tokensieve.spec import Spec\nSpec.parse('adakv[base=snapkv[window=64]]:0.1')\nimport tokensieve.pipeline"
+        "from tokensieve.spec import Spec\nSpec.parse('adakv[base=snapkv[window=64]]:0.1')\nimport tokensieve.engine"
     )
     assert [m for m in loaded if m.startswith(LAB)] == []

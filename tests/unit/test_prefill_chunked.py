@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import tokensieve as ts
-from tokensieve.cache.sieve_cache import SieveCache
 from tokensieve.core.capabilities import Phase
 from tokensieve.core.method import PrefillMethod
 from tokensieve.data.prompts import left_pad
+from tokensieve.engine import check_chunk, chunk_bounds
+from tokensieve.engine.prefill.chunked import Chunked
 from tokensieve.errors import CapabilityError, ConfigError
-from tokensieve.pipeline import check_chunk, chunk_bounds
 from tokensieve.registry import create_method, get_method_class, method_names
 from tokensieve.spec import Spec
 
@@ -123,15 +123,15 @@ def test_a_layer_never_holds_more_than_its_budget_plus_one_chunk(spec, chunk, ti
     rows = prompts(seed=4, lengths=(100, 77))
     ids, mask = left_pad(rows, 0)
     seen: list[tuple[int, int, int]] = []  # (layer, entries per row before, after) for every re-compression
-    original = SieveCache._compress_chunk
+    original = Chunked.settle
 
-    def spy(self, layer_idx, q, scaling):
-        before = int(self.layers[layer_idx].store.lengths().max())
-        original(self, layer_idx, q, scaling)
-        counts = self._chunk_run.budget_tokens
-        seen.append((layer_idx, before, int(self.layers[layer_idx].store.lengths().max()), int(counts.max())))
+    def spy(self, c, store):
+        before = int(store.lengths().max())
+        kept = original(self, c, store)
+        seen.append((c.layer_idx, before, int(kept.lengths().max()), int(self.run.budget_tokens.max())))
+        return kept
 
-    monkeypatch.setattr(SieveCache, "_compress_chunk", spy)
+    monkeypatch.setattr(Chunked, "settle", spy)
     press = ts.compress(tiny_model, spec, chunk=chunk)
     ctx = press.prefill(ids, mask)
     n_chunks = len(chunk_bounds(ids.shape[1], chunk))
@@ -256,16 +256,16 @@ def test_a_dense_store_allocates_only_the_budget_plus_one_chunk(tiny_model, monk
 
     ids = torch.tensor(prompts(seed=7, lengths=(100, 100)))  # equal lengths: dense stores, compacted in place
     capacities: list[tuple[int, int]] = []  # (while the chunk is in, once re-compressed)
-    original = SieveCache._compress_chunk
+    original = Chunked.settle
 
-    def spy(self, layer_idx, q, scaling):
-        during = self.layers[layer_idx].store.capacity
-        original(self, layer_idx, q, scaling)
-        store = self.layers[layer_idx].store
-        assert type(store) is DenseKV
-        capacities.append((during, store.capacity))
+    def spy(self, c, store):
+        during = store.capacity
+        kept = original(self, c, store)
+        assert type(kept) is DenseKV
+        capacities.append((during, kept.capacity))
+        return kept
 
-    monkeypatch.setattr(SieveCache, "_compress_chunk", spy)
+    monkeypatch.setattr(Chunked, "settle", spy)
     ctx = ts.compress(tiny_model, "snapkv[window=8]:0.2", chunk=16).prefill(ids)
     assert max(c for c, _ in capacities) == 20 + 16  # one chunk of room, never the 25 % slack of a growing store
     assert max(c for _, c in capacities) == 20  # the chunk's room given back after every chunk (no reserve asked)

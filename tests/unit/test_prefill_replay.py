@@ -10,8 +10,8 @@ import torch
 import tokensieve as ts
 from tokensieve.adapters.models import model_shape
 from tokensieve.data.prompts import left_pad
+from tokensieve.engine import Compressor
 from tokensieve.eval.runner import SharedPrefill
-from tokensieve.pipeline import Compressor
 from tokensieve.registry import get_method_class, method_names
 
 from .eval_grid import eval_rows, run_grid

@@ -252,8 +252,8 @@ def test_missing_gate_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
 
 def test_gate_figure_utilities_are_the_methods_scores(tiny_model, gate):
     """The heat strip's numbers (train/spkv_figure.py) are the utilities the method scores pairs with."""
+    from tokensieve.engine import Compressor
     from tokensieve.methods.spkv import SPKV
-    from tokensieve.pipeline import Compressor
     from tokensieve.train.spkv import _Observe
     from tokensieve.train.spkv_figure import gate_utilities
 

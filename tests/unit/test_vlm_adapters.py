@@ -347,7 +347,7 @@ def test_stage_c_layer_out_of_range(llava: Any) -> None:
 # ------------------------------------------------------------------------------------------ KV composition
 def test_composes_with_a_kv_method(llava: Any) -> None:
     """Visual pruning, then a KV method on what remains: the SieveCache sees only the kept tokens."""
-    from tokensieve.pipeline import compress
+    from tokensieve.engine import compress
 
     ad = vision_adapter(llava)
     inp, _ = llava_batch()

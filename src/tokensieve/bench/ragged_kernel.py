@@ -40,7 +40,7 @@ def record_lengths(spec: str, length: int, path: str) -> None:
     """Prefill the embedded model on a ``length``-token prompt with ``spec`` and save its ``(layers, B, H)``
     stored lengths to ``path``."""
     from ..adapters.models import load_model
-    from ..pipeline import compress
+    from ..engine import compress
     from .runner import bench_prompts
 
     model, tok = load_model("smollm2-135m")

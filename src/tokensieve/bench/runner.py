@@ -29,8 +29,8 @@ from ..attention import flex
 from ..core.capabilities import Apply
 from ..data.prompts import encode
 from ..data.text import calibration_text
+from ..engine import Compressor, compress
 from ..errors import ConfigError, TokensieveError
-from ..pipeline import Compressor, compress
 from ..results.store import ResultStore, spec_columns
 from ..spec import Spec, budget_label, method_label
 from .config import BenchConfig

@@ -41,8 +41,8 @@ from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
 from ..core.capabilities import Request
 from ..data.tasks import MODES, Task, get_task
+from ..engine import check_chunk
 from ..errors import ConfigError
-from ..pipeline import check_chunk
 from ..registry import method_names
 from ..spec import Spec, split_specs
 

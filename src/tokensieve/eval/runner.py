@@ -18,7 +18,7 @@ One cell (batch size 1):
 
 Shared prefill (``EvalConfig.shared_prefill``, on by default): the forward pass over a prompt is the same for every
 method that attends densely at prefill — they differ only in what they keep — so the runner records it once per
-prompt (:meth:`~tokensieve.pipeline.Compressor.record_prefill`: every layer's queries, keys and values) and replays
+prompt (:meth:`~tokensieve.engine.Compressor.record_prefill`: every layer's queries, keys and values) and replays
 it into each cell's cache (``Compressor.prefill(replay=...)``), which compresses exactly as a prefill would. Methods
 that change the forward pass (sparse prefill, auxiliary tokens), chunked cells and recordings above
 ``SHARED_PREFILL_MAX_BYTES`` prefill as usual. Results are the same either way (tests/unit/test_prefill_replay.py);
@@ -43,8 +43,8 @@ from .. import __version__
 from ..adapters.models import load_model, model_key
 from ..data.prompts import PromptIds
 from ..data.tasks import Sample
+from ..engine import CachedContext, Compressor, PrefillRecord, compress
 from ..errors import CapabilityError, ConfigError, PromptError
-from ..pipeline import CachedContext, Compressor, PrefillRecord, compress
 from ..results.store import ResultStore, spec_columns
 from ..results.threads import use_threads
 from ..spec import Spec

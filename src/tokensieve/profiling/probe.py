@@ -37,7 +37,7 @@ class Probe(PrefillMethod):
 
 def probe_prefill(model: Any, input_ids: Tensor, callback: Callable[[LayerContext], None], **kw: Any) -> Any:
     """Prefill ``input_ids`` with the full cache, calling ``callback(ctx)`` for every layer. Returns the context."""
-    from ..pipeline import Compressor
+    from ..engine import Compressor
 
     press = Compressor(model, Probe(callback=callback), 1.0, **kw)
     return press, press.prefill(input_ids)

@@ -44,8 +44,8 @@ from ..adapters.models import model_shape, model_text, special_token_texts, text
 from ..core.decoding import next_token
 from ..core.method import Method, PrefillMethod
 from ..data.prompts import TextStream, chat_split, encode
+from ..engine import CachedContext, Compressor
 from ..errors import ConfigError, TokensieveError
-from ..pipeline import CachedContext, Compressor
 from ..spec import Spec
 from .batching import decode_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory

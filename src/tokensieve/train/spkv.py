@@ -248,7 +248,7 @@ class SPKVTrainer:
         from tqdm import tqdm
 
         from ..adapters.models import model_shape
-        from ..pipeline import Compressor
+        from ..engine import Compressor
 
         c = self.cfg
         model, tok = self.model()

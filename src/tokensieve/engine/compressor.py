@@ -16,100 +16,35 @@ methods and compresses the rest of the cache with its KV method; ``extend`` and 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from .adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
-from .adapters.models import layer_weights, model_shape, model_text
-from .adapters.profiles import Profile, profile_for
-from .cache.decode import DecodeMethod
-from .cache.sieve_cache import LayerChunk, Plan, SieveCache
-from .core.budget import Budget
-from .core.capabilities import Phase, Request
-from .core.decoding import Generation, greedy
-from .core.method import AuxPass, Method, PrefillMethod
-from .errors import CapabilityError, ConfigError, PromptError
-from .registry import check_fields, create_method
-from .spec import Spec, visual_plan
-
-
-@dataclass
-class CachedContext:
-    """A prefilled (and possibly compressed) context: the cache, its padding mask and the next-token logits.
-
-    Attributes:
-        cache: the SieveCache.
-        mask: ``(B, seen)`` 1 for real tokens, 0 for padding, over every token the cache has seen.
-        logits: ``(B, V)`` next-token logits after the last prefilled token.
-        prefill_seconds: wall time of the prefill (compression included).
-        compress_seconds: the part of it spent scoring, selecting and applying.
-    """
-
-    cache: SieveCache
-    mask: Tensor
-    logits: Tensor
-    prefill_seconds: float = 0.0
-    compress_seconds: float = 0.0
-    vision: Any = None  # a VLM prompt's layout after visual-token pruning (adapters.vision.VisionState), else None
-
-    @property
-    def kept(self) -> dict[str, Any]:
-        """A VLM prompt's visual tokens kept at each stage that ran (per sample); {} for a text prompt."""
-        return {} if self.vision is None else self.vision.kept
-
-    @property
-    def visual_tokens(self) -> dict[str, list[int]]:
-        """A VLM prompt's visual tokens per sample at the language model's input and after each pruning step."""
-        return {} if self.vision is None else self.vision.visual_tokens
-
-    @property
-    def batch(self) -> int:
-        return int(self.mask.shape[0])
-
-    def next_positions(self) -> Tensor:
-        """``(B,)`` true position of the next token of each sequence."""
-        return self.mask.sum(-1)
-
-    def fork(self) -> CachedContext:
-        """An independent copy, to answer another question from the same compressed context."""
-        return copy.deepcopy(self)
-
-    def checkpoint(self) -> Any:
-        """A mark to come back to with :meth:`rollback` — cheaper than :meth:`fork` (nothing is copied)."""
-        return (self.cache.checkpoint(), self.mask, self.logits, self.prefill_seconds)
-
-    def rollback(self, mark: Any) -> None:
-        """Forget every token appended since ``mark`` (a question and its answer, say) to reuse the context.
-
-        Works as long as nothing was evicted meanwhile (a bounded decode method evicts: use :meth:`fork`)."""
-        cache_mark, self.mask, self.logits, self.prefill_seconds = mark
-        self.cache.rollback(cache_mark)
-
-
-@dataclass
-class PrefillRecord:
-    """A full-cache prefill as every layer saw it, to be replayed by :meth:`Compressor.prefill` (``replay=``) into
-    the caches of several methods: the model runs once per prompt instead of once per method. Made by
-    :meth:`Compressor.record_prefill`. It holds every layer's queries, keys and values (``nbytes``)."""
-
-    ids: Tensor  # (B, T)
-    mask: Tensor  # (B, T)
-    logits: Tensor  # (B, V) next-token logits after the prompt
-    seconds: float  # wall time of the recording forward pass
-    layers: list[LayerChunk]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for r in self.layers for t in (r.q, r.k, r.v))
-
+from ..adapters.hf import hf_cache, inject_cache, sieve_attention_enabled
+from ..adapters.models import layer_weights, model_shape, model_text
+from ..adapters.profiles import Profile, profile_for
+from ..cache.decode import DecodeMethod
+from ..cache.prefill import Plan
+from ..cache.sieve_cache import SieveCache
+from ..core.budget import Budget
+from ..core.capabilities import Phase, Request
+from ..core.decoding import Generation, greedy
+from ..core.method import AuxPass, Method, PrefillMethod
+from ..errors import CapabilityError, ConfigError, PromptError
+from ..registry import check_fields, create_method
+from ..spec import Spec, visual_plan
+from .context import CachedContext
+from .prefill import CHUNKED, PrefillRecord, Recording, make, pick
+from .prefill import replay as replay_into
+from .prefill.chunked import run_chunks
+from .prefill.deferred import Deferred, run_passes
+from .prefill.one_pass import forward_with_suffix
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -270,6 +205,8 @@ class Compressor:
         self.shape = model_shape(model)
         self.weights = layer_weights(model)  # references only: what scorers such as CriticalKV's read
         self.chunk = None if chunk is None else check_chunk(chunk)
+        # how a prompt gets into the cache (engine.prefill), picked once; a prompt longer than chunk is chunked
+        self.mode = pick(self.method)
         # cannot run here, or would do nothing / less than asked: refused before any work (Spec.why_not)
         self.spec.check(self.request())
         given = _profiles(profile)
@@ -308,7 +245,7 @@ class Compressor:
     def _vision_adapter(self, why: str) -> Any:
         """The model's visual-token adapter, or a CapabilityError saying that ``why`` needs a vision-language model."""
         if self._vision is None:
-            from .adapters.vision import vision_adapter
+            from ..adapters.vision import vision_adapter
 
             try:
                 self._vision = vision_adapter(self.model)
@@ -320,7 +257,7 @@ class Compressor:
         return self._vision
 
     # ------------------------------------------------------------------------------------------------- caches
-    def plan(self, reserve: int | None = None, tail: int = 0, passes: bool = False) -> Plan:
+    def plan(self, reserve: int | None = None) -> Plan:
         return Plan(
             method=self.method,
             budget=self.budget,
@@ -330,9 +267,7 @@ class Compressor:
             reserve=self.reserve if reserve is None else reserve,
             decode=self.decode_method,
             decode_budget=self.decode_budget if self.decode_method is not None else None,
-            tail=tail,
             weights=self.weights,
-            passes=passes,
         )
 
     def new_cache(
@@ -341,7 +276,8 @@ class Compressor:
         """A fresh cache that compresses the next prefilled chunk (``compress=False``: keeps everything and runs
         no decode method); ``tail`` auxiliary tokens end that chunk (attended to, never kept); ``passes``: auxiliary
         passes follow it, and the deferred method selects after them."""
-        return SieveCache(self.shape.num_layers, self.plan(reserve, tail, passes) if compress else None)
+        plan = self.plan(reserve) if compress else None
+        return SieveCache(self.shape.num_layers, plan, make(self.mode, plan, tail=tail, passes=passes))
 
     # ---------------------------------------------------------------------------------------- context manager
     def __enter__(self) -> Compressor:
@@ -442,17 +378,52 @@ class Compressor:
                 )
             return self.prefill_images(input_ids, compress=compress, reserve=reserve)
         ids, mask = _as_batch(input_ids, attention_mask, self.vocab)
-        n = mask.sum(-1)
-        if bool((n == 0).any()):
+        if bool((mask.sum(-1) == 0).any()):
             raise PromptError("A prompt is empty: nothing to prefill.")
         chunk = self.chunk if chunk is None else check_chunk(chunk)
-        chunked = chunk is not None and int(ids.shape[1]) > chunk
-        if chunked and replay is not None:
+        chunked = chunk if chunk is not None and int(ids.shape[1]) > chunk else None
+        self._check_prefill(ids, mask, compress=compress, reserve=reserve, chunk=chunked, replay=replay)
+        if chunked is not None:  # the chunked mode (engine.prefill.chunked)
+            return self._prefill_chunked(ids, mask, chunked, compress=compress, reserve=reserve)
+        caps = self.method.declared()
+        suffix = self.method.prefill_suffix(ids, mask) if compress and caps.suffix else None
+        n_aux = 0 if suffix is None else int(suffix.shape[1])
+        passes: list[AuxPass] = []
+        if compress and isinstance(self.method, PrefillMethod) and caps.passes:
+            passes = self.method.prefill_passes(ids, mask, model_text(self.model))
+            for aux in passes:
+                self._check_length(int(ids.shape[1]) + int(aux.input_ids.shape[1]))
+        # the Compressor's mode (full, one-pass, deferred or sparse) holds this prefill's state in its cache
+        cache = self.new_cache(reserve=reserve, compress=compress, tail=n_aux, passes=bool(passes))
+        t0 = time.perf_counter()
+        if replay is not None:  # engine.prefill.replay: the recorded layers instead of the model
+            replay_into(cache, replay)
+            logits = replay.logits.clone()
+            t0 -= replay.seconds
+        elif suffix is not None:  # engine.prefill.one_pass: the auxiliary tokens ride along, then are dropped
+            self._check_length(int(ids.shape[1]) + n_aux)
+            logits = forward_with_suffix(lambda i, m, p, k: self._forward(i, m, p, cache, keep=k), ids, mask, suffix)
+        else:
+            logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), cache)
+        if passes:  # engine.prefill.deferred: the method's passes over the full cache, then its selection
+            assert isinstance(cache.mode, Deferred)
+            run_passes(cache, cache.mode, lambda i, m, p: self._forward(i, m, p, cache), mask, passes)
+        return CachedContext(cache, mask, logits, time.perf_counter() - t0, cache.stats.compress_seconds)
+
+    def _check_prefill(
+        self, ids: Tensor, mask: Tensor, *, compress: bool, reserve: int | None, chunk: int | None,
+        replay: PrefillRecord | None,
+    ) -> None:  # fmt: skip
+        """Refuse, before any work, a prefill this Compressor cannot run: what it asks of the spec (Spec.why_not of
+        its lengths, chunks, replay), a headroom or a budget that does not fit, a recording of another prompt."""
+        if chunk is not None and replay is not None:
             raise CapabilityError("A recorded prefill replays a prefill in one pass, not in chunks (chunk=).")
-        lengths = [int(v) for v in n.tolist()]
-        if compress:  # everything this prefill asks of the spec, refused before any work (Spec.why_not)
+        lengths = [int(v) for v in mask.sum(-1).tolist()]
+        if compress:
             req = self.request(lengths, replay=replay is not None, images=False)
-            self.spec.check(replace(req, chunk=chunk if chunked else req.chunk if replay is not None else None))
+            self.spec.check(
+                replace(req, chunk=chunk if chunk is not None else req.chunk if replay is not None else None)
+            )
         headroom = self.reserve if reserve is None else reserve
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
             raise ConfigError(f"reserve must be a whole number >= 0; got {headroom!r}.")
@@ -460,42 +431,10 @@ class Compressor:
         if compress and self.method.compresses:
             for v in lengths:
                 self.budget.tokens_for(v)  # fail before any work if the budget does not fit
-        if chunked:
-            assert chunk is not None
-            return self._prefill_chunked(ids, mask, chunk, compress=compress, reserve=reserve)
-        caps = self.method.declared()
-        suffix = self.method.prefill_suffix(ids, mask) if compress and caps.suffix else None
-        n_aux = 0 if suffix is None else int(suffix.shape[1])
         if replay is not None and (
             replay.ids.shape != ids.shape or not (torch.equal(replay.ids, ids) and torch.equal(replay.mask, mask))
         ):
             raise ConfigError("The recorded prefill is of another prompt (or padding); record this one.")
-        passes: list[AuxPass] = []
-        if compress and isinstance(self.method, PrefillMethod) and caps.passes:
-            passes = self.method.prefill_passes(ids, mask, model_text(self.model))
-            for aux in passes:
-                self._check_length(int(ids.shape[1]) + int(aux.input_ids.shape[1]))
-        cache = self.new_cache(reserve=reserve, compress=compress, tail=n_aux, passes=bool(passes))
-        t0 = time.perf_counter()
-        if replay is not None:
-            cache.replay(replay.layers)
-            logits = replay.logits.clone()
-            t0 -= replay.seconds
-        elif suffix is None:
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            logits = self._forward(ids, mask, positions, cache)
-        else:
-            # Auxiliary tokens ride along at the positions that follow the prompt; they are attended to while the
-            # prompt is compressed and then dropped, so decoding starts right after the real prompt.
-            self._check_length(int(ids.shape[1]) + n_aux)
-            fwd_mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_aux)], dim=1)
-            positions = (fwd_mask.cumsum(-1) - 1).clamp_min(0)
-            logits = self._forward(torch.cat([ids, suffix], dim=1), fwd_mask, positions, cache, keep=n_aux + 1)
-            logits = logits[:, 0]  # the last real prompt token predicts the first output token
-        if passes:
-            self._run_passes(cache, mask, passes)
-        dt = time.perf_counter() - t0
-        return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
 
     @torch.inference_mode()
     def prefill_images(
@@ -519,7 +458,7 @@ class Compressor:
         keep at the first llm-stage step instead of the method's choice. ``all_logits``: keep every position's logits
         (``ctx.vision.all_logits``). ``compress=False``: no visual method and the full cache. The context's
         :attr:`CachedContext.kept` and :attr:`CachedContext.visual_tokens` say what each stage kept."""
-        from .spec import VisualPlan
+        from ..spec import VisualPlan
 
         adapter = self._vision_adapter(self.spec.label if not self.spec.visual.is_empty else "a prompt with images")
         headroom = self.reserve if reserve is None else reserve
@@ -558,12 +497,12 @@ class Compressor:
         if bool((mask.sum(-1) == 0).any()):
             raise PromptError("A prompt is empty: nothing to prefill.")
         self._check_length(int(ids.shape[1]))
-        cache = SieveCache(self.shape.num_layers, None)
-        cache.recording = []
+        recording = Recording()
+        cache = SieveCache(self.shape.num_layers, None, recording)
         t0 = time.perf_counter()
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), cache)
         seconds = time.perf_counter() - t0
-        layers, cache.recording = cache.recording, None
+        layers = recording.layers
         if sorted(r.layer_idx for r in layers) != list(range(self.shape.num_layers)):
             raise CapabilityError("Not every layer's attention went through tokensieve: this prefill cannot replay.")
         return PrefillRecord(ids, mask, logits, seconds, layers)
@@ -574,35 +513,14 @@ class Compressor:
         """:meth:`prefill` in chunks of at most ``chunk`` tokens (checked by the caller)."""
         headroom = self.reserve if reserve is None else reserve
         plan = replace(self.plan(reserve=headroom), decode=None, decode_budget=None) if compress else None
-        cache = SieveCache(self.shape.num_layers, plan)
-        cache.begin_chunks(mask.sum(-1))
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = SieveCache(self.shape.num_layers, plan, make(CHUNKED, plan, n_tokens=mask.sum(-1)))
         t0 = time.perf_counter()
-        logits = mask.new_zeros(0)
-        for s, e in chunk_bounds(int(ids.shape[1]), chunk):
-            logits = self._forward(ids[:, s:e], mask[:, :e], positions[:, s:e], cache)
-        cache.end_chunks()
+        logits = run_chunks(lambda i, m, p: self._forward(i, m, p, cache), ids, mask, chunk)
+        cache.finish_prefill()
         if compress and self.decode_method is not None:  # it starts on the compressed prompt at the first step
             cache.set_decode(self.decode_method, self.decode_budget)
         dt = time.perf_counter() - t0
         return CachedContext(cache, mask, logits, dt, cache.stats.compress_seconds)
-
-    def _run_passes(self, cache: SieveCache, mask: Tensor, passes: list[AuxPass]) -> None:
-        """A deferred method's auxiliary passes (KVzip's reconstruction) over the prompt's full cache, each forgotten
-        once its queries were shown to the method; then every layer is compressed."""
-        if cache.plan is not None and cache.plan.decode is not None:
-            raise CapabilityError(f"'{self.method.name}' runs auxiliary passes, which a decode method cannot follow.")
-        t0 = time.perf_counter()
-        start = mask.sum(-1, keepdim=True)  # each sequence's passes continue its own prompt
-        for aux in passes:
-            mark = cache.checkpoint()
-            aux_mask = aux.attention_mask.to(mask.dtype)
-            positions = start + (aux_mask.cumsum(-1) - 1).clamp_min(0)
-            with cache.observing(aux):
-                self._forward(aux.input_ids, torch.cat([mask, aux_mask], dim=1), positions, cache)
-            cache.rollback(mark)
-        cache.stats.compress_seconds += time.perf_counter() - t0
-        cache.finish_compression()
 
     @torch.inference_mode()
     @_routed
@@ -737,18 +655,6 @@ def check_chunk(chunk: Any) -> int:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2:
         raise ConfigError(f"chunk must be a whole number of tokens >= 2 (e.g. 512); got {chunk!r}.")
     return chunk
-
-
-def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
-    """Contiguous ``(start, end)`` column ranges of at most ``chunk`` tokens, counted from the end: every chunk but
-    the first holds exactly ``chunk`` tokens. With left padding the last token of every row is in the last column,
-    so a row is cut at the same places whether it is prefilled alone or in a batch."""
-    first = length - (-(-length // chunk) - 1) * chunk
-    bounds = [(0, first)]
-    while bounds[-1][1] < length:
-        s = bounds[-1][1]
-        bounds.append((s, s + chunk))
-    return bounds
 
 
 def _decode_method(decode: str | Method | None, params: dict[str, Any]) -> DecodeMethod | None:
