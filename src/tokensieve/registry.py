@@ -25,7 +25,7 @@ from .core.registry import registered
 from .errors import ConfigError, UnknownNameError
 
 VIS_PREFIX = "vis:"  # names the visual method where a KV method has the same name: vis:random
-_PACKAGES = {KV: "tokensieve.methods", VISUAL: "tokensieve.methods.visual"}
+_PACKAGES = {KV: "tokensieve.methods.kv", VISUAL: "tokensieve.methods.visual"}
 _MACHINERY = {"base"}  # modules of a method package that hold no method
 _LOADED = False
 

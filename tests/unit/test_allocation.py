@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensieve.methods.adakv import adaptive_head_counts
-from tokensieve.methods.compresskv import compresskv_layer_budgets
-from tokensieve.methods.pyramidkv import pyramid_schedule
-from tokensieve.methods.razor import razor_allocation
-from tokensieve.select.allocation import round_to_total
+from tokensieve.methods.kv.adakv import adaptive_head_counts
+from tokensieve.methods.kv.compresskv import compresskv_layer_budgets
+from tokensieve.methods.kv.pyramidkv import pyramid_schedule
+from tokensieve.methods.kv.razor import razor_allocation
+from tokensieve.selection.allocation import round_to_total
 
 
 @settings(max_examples=80, deadline=None)

@@ -66,7 +66,7 @@ def test_bench_rows_carry_prefill_attention_and_compile_seconds(tiny_model, tmp_
 
 
 def test_a_compile_inside_the_timed_prefill_is_counted(tiny_model, monkeypatch, dense_flex):
-    import tokensieve.methods._sparse_prefill as sp
+    import tokensieve.methods.kv._sparse_prefill as sp
 
     real = sp.block_sparse_attention
     calls = {"n": 0}

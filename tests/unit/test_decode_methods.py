@@ -12,7 +12,7 @@ from tokensieve.attention.sparse import attend_pages, attend_slots, page_bounds,
 from tokensieve.cache.decode import DecodeLayer, DecodeRun
 from tokensieve.cache.storage import DenseKV
 from tokensieve.core.context import ModelShape
-from tokensieve.methods.tokenselect import TokenSelect
+from tokensieve.methods.kv.tokenselect import TokenSelect
 
 D = 8
 
@@ -227,7 +227,7 @@ def test_single_token_extend_is_a_decode_step(long_model):
 @pytest.mark.parametrize("group", ["per_head", "max"])
 def test_quest_step_attends_exactly_over_the_best_bounded_pages(group):
     from tokensieve.attention.dense import reference_attention
-    from tokensieve.methods.quest import Quest
+    from tokensieve.methods.kv.quest import Quest
 
     g = torch.Generator().manual_seed(9)
     B, H, G, n, P = 1, 2, 3, 77, 8

@@ -18,7 +18,7 @@ def _loaded_after(code: str) -> list[str]:
 
 def test_method_names_loads_no_lab_module():
     loaded = _loaded_after("import tokensieve\nassert 'snapkv' in tokensieve.method_names()")
-    assert "tokensieve.methods.snapkv" in loaded  # the registry did load the methods
+    assert "tokensieve.methods.kv.snapkv" in loaded  # the registry did load the methods
     lab = [m for m in loaded if m.startswith(LAB)]
     assert lab == []
 

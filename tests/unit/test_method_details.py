@@ -9,9 +9,9 @@ import tokensieve as ts
 from tokensieve.adapters.profiles import Profile, load_profile, save_profile
 from tokensieve.core.context import LayerContext, ModelShape, RunState
 from tokensieve.core.profiles import RetrievalHeads
-from tokensieve.methods.ems import merge_into_centres
+from tokensieve.methods.kv.ems import merge_into_centres
 from tokensieve.profiling.retrieval_heads import echo_induction_scores
-from tokensieve.select.selection import Selection
+from tokensieve.selection import Selection
 
 D = 8
 

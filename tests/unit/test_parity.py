@@ -64,7 +64,7 @@ def test_snapkv_parity():
 
 def test_pyramidkv_layer_budgets_follow_the_paper():
     """PyramidKV (arXiv:2406.02069): b_l = max − l (max − min)/(L − 1) + w, min = (b − w)/β, max = 2(b − w) − min."""
-    from tokensieve.methods.pyramidkv import pyramid_schedule
+    from tokensieve.methods.kv.pyramidkv import pyramid_schedule
 
     b, w, L, beta, T = 64, 8, 5, 20.0, 1000
     base = b - w
@@ -138,7 +138,7 @@ def test_tokenselect_parity():
     top-k plus the first n_init and last n_local tokens."""
     from tokensieve.cache.decode import DecodeLayer, DecodeRun
     from tokensieve.cache.storage import DenseKV
-    from tokensieve.methods.tokenselect import TokenSelect
+    from tokensieve.methods.kv.tokenselect import TokenSelect
 
     g = torch.Generator().manual_seed(5)
     n, n_init, n_local, budget = 80, 4, 8, 40
@@ -168,7 +168,7 @@ def test_fasa_parity():
     from tokensieve.cache.decode import DecodeLayer, DecodeRun
     from tokensieve.cache.storage import DenseKV
     from tokensieve.core.profiles import FrequencyChunks
-    from tokensieve.methods.fasa import FASA
+    from tokensieve.methods.kv.fasa import FASA
 
     g = torch.Generator().manual_seed(7)
     n, budget, half = 50, 12, D // 2
@@ -216,7 +216,7 @@ def test_tidaldecode_parity():
     top tokens by the group's summed attention; a later layer attends only to those positions with its own K, V."""
     from tokensieve.cache.decode import DecodeLayer, DecodeRun
     from tokensieve.cache.storage import DenseKV
-    from tokensieve.methods.tidaldecode import TidalDecode
+    from tokensieve.methods.kv.tidaldecode import TidalDecode
 
     g = torch.Generator().manual_seed(11)
     n, budget = 60, 16

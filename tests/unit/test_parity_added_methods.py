@@ -316,7 +316,7 @@ class FakeText:
 def test_kvzip_repeat_passes_are_the_papers():
     """KVzip (arXiv:2505.23416): chunk 0 is repeated after "Repeat the previous context exactly." and the reply
     header, chunk i after "…, starting with " + the last 8 tokens of chunk i − 1; the sinks are not repeated."""
-    from tokensieve.methods.kvzip import FIRST, NEXT
+    from tokensieve.methods.kv.kvzip import FIRST, NEXT
 
     method = ts.create_method("kvzip", sink=2, chunk=10)
     ids, mask = left_pad([list(range(3, 27)), list(range(30, 42))], 0)

@@ -87,7 +87,7 @@ def test_sparse_blocks_follow_the_token_mask():
 
 
 def test_ashape_mask_on_a_hand_made_case():
-    from tokensieve.methods.ashape import ashape_blocks
+    from tokensieve.methods.kv.ashape import ashape_blocks
 
     # 6 blocks of 4 tokens, first real token at grid index 5 (block 1): sink of 6 tokens = tokens 5..10 = blocks 1, 2
     got = ashape_blocks(6, 4, torch.tensor([5]), sink=6, local=8)[0].int()
@@ -254,8 +254,8 @@ def flexprefill_reference(q, k, b, scaling, gamma, tau, min_budget):
 
 @pytest.mark.parametrize("gamma", [0.6, 0.9])
 def test_flexprefill_block_choice_matches_the_paper(gamma):
-    from tokensieve.methods._sparse_prefill import BlockGrid
-    from tokensieve.methods.flexprefill import flexprefill_blocks
+    from tokensieve.methods.kv._sparse_prefill import BlockGrid
+    from tokensieve.methods.kv.flexprefill import flexprefill_blocks
 
     g = torch.Generator().manual_seed(5)
     Hq, Hkv, T, D, b = 6, 2, 96, 8, 8
@@ -282,8 +282,8 @@ def test_minference_vertical_slash_on_a_hand_made_case():
     """One head, 4 blocks of 4 tokens, no padding: the last query (last_q = 1) attends only to key 5 and itself.
     With v = 1 column (+ the first 30 forced: all 16 keys here, so every block is a column) the pattern is dense;
     the block-sparse and A-shape kinds follow their rules."""
-    from tokensieve.methods._sparse_prefill import BlockGrid
-    from tokensieve.methods.minference import pattern_blocks
+    from tokensieve.methods.kv._sparse_prefill import BlockGrid
+    from tokensieve.methods.kv.minference import pattern_blocks
 
     T, b, D = 16, 4, 4
     q = torch.zeros(1, 1, T, D)
@@ -300,7 +300,7 @@ def test_minference_vertical_slash_on_a_hand_made_case():
 
 def test_minference_diagonals_map_to_the_blocks_they_cross():
     from tokensieve.methods import minference as mi
-    from tokensieve.methods._sparse_prefill import BlockGrid
+    from tokensieve.methods.kv._sparse_prefill import BlockGrid
 
     T, b = 256, 32  # 8 blocks; the 100 forced diagonals cross block offsets 0..4 (offset 99 lies in 3 and 4)
     g = torch.Generator().manual_seed(0)
@@ -366,8 +366,8 @@ def hip_reference(q, k, b, rep, stride, top_tokens, sink, window):
 
 
 def test_hip_block_choice_matches_the_paper():
-    from tokensieve.methods._sparse_prefill import BlockGrid
-    from tokensieve.methods.hip import hip_blocks
+    from tokensieve.methods.kv._sparse_prefill import BlockGrid
+    from tokensieve.methods.kv.hip import hip_blocks
 
     g = torch.Generator().manual_seed(7)
     Hq, Hkv, T, D, b = 4, 2, 256, 8, 8  # 32 blocks: 3 rounds of halving for 4 branches

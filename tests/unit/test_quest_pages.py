@@ -10,7 +10,7 @@ from tokensieve.attention.sparse import page_bounds
 from tokensieve.cache.decode import DecodeLayer, DecodeRun
 from tokensieve.cache.storage import DenseKV
 from tokensieve.core.context import ModelShape
-from tokensieve.methods.quest import Quest
+from tokensieve.methods.kv.quest import Quest
 
 D = 8
 

@@ -12,8 +12,8 @@ from tokensieve.cache.ragged import RaggedKV, Row
 from tokensieve.cache.storage import DenseKV, RowPaddedKV, as_dense
 from tokensieve.core.context import ModelShape
 from tokensieve.data.prompts import left_pad
-from tokensieve.methods.quest import Quest
-from tokensieve.methods.tokenselect import TokenSelect
+from tokensieve.methods.kv.quest import Quest
+from tokensieve.methods.kv.tokenselect import TokenSelect
 
 from .test_methods_matrix import press_for, prompts
 

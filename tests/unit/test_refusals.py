@@ -20,7 +20,7 @@ from tokensieve.adapters.models import model_key, model_shape
 from tokensieve.core.budget import Budget
 from tokensieve.core.capabilities import Request
 from tokensieve.errors import ConfigError, TokensieveError
-from tokensieve.methods.expected_attention import ExpectedAttention
+from tokensieve.methods.kv.expected_attention import ExpectedAttention
 from tokensieve.registry import create_method, get_method_class, method_names
 from tokensieve.spec import Spec
 

@@ -177,7 +177,7 @@ def test_a_model_is_identified_by_its_content_not_its_path(tmp_path, tiny_model)
 
 
 def test_parameters_that_make_no_sense_are_refused(tiny_model):
-    from tokensieve.methods.snapkv import SnapKV
+    from tokensieve.methods.kv.snapkv import SnapKV
 
     with pytest.raises(ts.ConfigError, match=r"window=3\.7"):
         ts.compress(tiny_model, SnapKV(window=3.7), 0.5)  # type: ignore[arg-type]

@@ -10,8 +10,8 @@ import tokensieve as ts
 from tokensieve.adapters.models import model_shape
 from tokensieve.data.prompts import left_pad
 from tokensieve.errors import ConfigError
-from tokensieve.methods.retention import Retention, log_retention_score
-from tokensieve.methods.retention_gate import RetentionGates, RetentionNet, gates_to_dict
+from tokensieve.methods.kv.retention import Retention, log_retention_score
+from tokensieve.methods.kv.retention_gate import RetentionGates, RetentionNet, gates_to_dict
 from tokensieve.train.retention import RetentionTrainConfig, band_oracle, envelope_loss, target_log_beta
 
 
@@ -252,7 +252,7 @@ def test_decode_evicts_globally_as_an_independent_replay(spec, sink, window, tin
 @torch.inference_mode()
 def test_decoded_tokens_log_beta_is_the_gate_on_their_stored_keys_and_values(tiny_model, tiny_profiles):
     """The log beta given to a generated token is the gate applied to the key and value the store holds for it."""
-    from tokensieve.methods.spkv_gate import gate_features
+    from tokensieve.methods.kv.spkv_gate import gate_features
 
     prof = tiny_profiles["retention"]
     press = ts.compress(tiny_model, "retention[buffer=2]", 0.3, profile=prof)

@@ -15,8 +15,8 @@ from tokensieve.cache.storage import RaggedKV
 from tokensieve.core.context import LayerContext, ModelShape, Rope, RunState
 from tokensieve.data.prompts import left_pad
 from tokensieve.errors import ConfigError
-from tokensieve.methods.spkv import SPKV
-from tokensieve.methods.spkv_gate import GateNet, SPKVGates, gate_features, gates_to_dict
+from tokensieve.methods.kv.spkv import SPKV
+from tokensieve.methods.kv.spkv_gate import GateNet, SPKVGates, gate_features, gates_to_dict
 
 
 def spkv_profile(model, seed: int = 0, window: int = 8, hidden: int = 0) -> Profile:
@@ -253,7 +253,7 @@ def test_missing_gate_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
 def test_gate_figure_utilities_are_the_methods_scores(tiny_model, gate):
     """The heat strip's numbers (train/spkv_figure.py) are the utilities the method scores pairs with."""
     from tokensieve.engine import Compressor
-    from tokensieve.methods.spkv import SPKV
+    from tokensieve.methods.kv.spkv import SPKV
     from tokensieve.train.spkv import _Observe
     from tokensieve.train.spkv_figure import gate_utilities
 

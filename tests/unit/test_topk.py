@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensieve.select.selection import Selection
-from tokensieve.select.topk import protected_mask, topk_select
+from tokensieve.selection import Selection
+from tokensieve.selection.topk import protected_mask, topk_select
 
 
 def _valid(B, T, pads):

@@ -11,6 +11,9 @@ from ..errors import ConfigError
 from ..results.threads import default_threads
 from ..spec import Spec, parse_specs
 
+# what `tokensieve bench` measures when no --methods are given
+DEFAULT_METHODS = "full,snapkv:0.125,streaming_llm:0.125,+quest:0.125,+tokenselect:0.125,+tidaldecode:0.125"
+
 
 def bench_specs(
     methods: str | Iterable[str | Spec], budgets: Iterable[Budget | str | float | int] = ()

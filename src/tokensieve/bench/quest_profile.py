@@ -23,7 +23,7 @@ from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV
 from ..core.budget import Budget
 from ..core.context import ModelShape
-from ..methods.quest import Quest
+from ..methods.kv.quest import Quest
 from ..spec import Spec
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64

@@ -660,7 +660,7 @@ def cmd_bench_vlm(args: Any) -> int:
     from ..results.threads import use_threads
 
     spec = tower_spec(args.vlm)
-    from .cli import DEFAULT_METHODS as TEXT_DEFAULT
+    from .config import DEFAULT_METHODS as TEXT_DEFAULT
 
     methods = ",".join(DEFAULT_METHODS) if args.methods == TEXT_DEFAULT else args.methods
     budgets = [b.strip() for b in (args.budgets or ",".join(DEFAULT_BUDGETS)).split(",") if b.strip()]

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..attention.dense import Modifiers
 from ..errors import ConfigError
-from ..select.selection import Selection
-from ..select.topk import topk_select
+from ..selection import Selection
+from ..selection.topk import topk_select
 from .capabilities import Apply, Capabilities, Phase
 from .context import LayerContext, ModelShape
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
-from ..select.selection import Selection
+from ..selection import Selection
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`tokensieve train spkv`: train SP-KV's write gate (:mod:`tokensieve.methods.spkv_gate`) on the frozen model.
+"""`tokensieve train spkv`: train SP-KV's write gate (:mod:`tokensieve.methods.kv.spkv_gate`) on the frozen model.
 
 Objective (docs/SPKV.md explains the choice): the gate regresses an *oracle* of future utility. For every key ``j``
 of layer ``ℓ`` and KV head ``g`` the frozen model's own attention gives
@@ -52,8 +52,8 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
 from ..errors import ConfigError
-from ..methods.spkv_gate import KIND, GateNet, gate_features, gates_to_dict
-from ..select.selection import Selection
+from ..methods.kv.spkv_gate import KIND, GateNet, gate_features, gates_to_dict
+from ..selection import Selection
 
 DEBIAN_TOPICS = "/usr/lib/python3*/pydoc_data/topics.py"
 TAU_GRID = [round(0.02 * i, 2) for i in range(1, 50)]  # 0.02 … 0.98
@@ -453,7 +453,7 @@ def density_table(model: Any, tokenizer: Any, specs: list[str], lengths: list[in
     prompt length: mean and standard deviation over ``n`` prompts."""
     import tokensieve as ts
 
-    from ..methods.spkv import achieved_density
+    from ..methods.kv.spkv import achieved_density
 
     _, held, _ = token_sequences(tokenizer, max(lengths), seed)
     if len(held) < n:
@@ -518,9 +518,6 @@ def add_commands(tsub: Any) -> None:
     d.add_argument("--threads", type=whole_number(1), default=2)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.set_defaults(func=cmd_spkv_density)
-    from .spkv_figure import add_command as add_figure_command
-
-    add_figure_command(tsub)
     _ = argparse
 
 

@@ -22,8 +22,8 @@ def gate_utilities(model: Any, ids: list[int], profile: Any = None) -> tuple[tor
     from ..adapters.models import model_shape
     from ..adapters.profiles import load_profile
     from ..engine import Compressor
-    from ..methods.spkv import SPKV
-    from ..methods.spkv_gate import gate_features
+    from ..methods.kv.spkv import SPKV
+    from ..methods.kv.spkv_gate import gate_features
     from .spkv import _Observe
 
     shape = model_shape(model)

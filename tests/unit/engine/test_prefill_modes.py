@@ -27,8 +27,8 @@ from tokensieve.engine.prefill.chunked import Chunked
 from tokensieve.engine.prefill.deferred import Deferred
 from tokensieve.engine.prefill.one_pass import OnePass
 from tokensieve.engine.prefill.sparse import Sparse
-from tokensieve.methods._sparse_prefill import BlockGrid, SparsePrefill
-from tokensieve.methods.snapkv import SnapKV
+from tokensieve.methods.kv._sparse_prefill import BlockGrid, SparsePrefill
+from tokensieve.methods.kv.snapkv import SnapKV
 
 from ..test_methods_matrix import prompts
 

@@ -27,7 +27,7 @@ from ...cache.storage import KVStore
 from ...core.context import LayerContext
 from ...core.method import AuxPass, Compressed
 from ...errors import ConfigError
-from ...select.selection import Selection
+from ...selection import Selection
 from .one_pass import OnePass, build
 
 
