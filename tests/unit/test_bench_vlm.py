@@ -52,7 +52,7 @@ def test_decoder_flops_hand_count() -> None:
 
 def test_flops_match_torch_counter_on_a_tiny_llava() -> None:
     """The formulas against torch's FLOP counter on the real modules (which counts full, not causal, attention)."""
-    from tokensieve.adapters.vision import engine, vision_adapter
+    from tokensieve.adapters.vision import segments, vision_adapter
     from tokensieve.adapters.vision.base import as_plan
 
     model = llava()
@@ -69,12 +69,12 @@ def test_flops_match_torch_counter_on_a_tiny_llava() -> None:
     with torch.inference_mode():
         seq, _, _ = adapter.build(inputs, plan, "keep", None)
         with FlopCounterMode(display=False) as fc:
-            engine.prefill(adapter.stack, seq, plan)
+            segments.prefill(adapter.stack, seq, plan)
     t = model.config.text_config
     T, L = int(seq.embeds.shape[1]), int(t.num_hidden_layers)
     q = int(t.num_attention_heads) * (int(t.hidden_size) // int(t.num_attention_heads))
     causal_attention = L * 2 * q * T * (T + 1)
-    # The engine's decoder layers run attention through SDPA's CPU kernel, which the counter does not see: it counts
+    # The decoder layers attend through the cache's SDPA CPU kernel, which the counter does not see: it counts
     # the projections, MLPs and head exactly; the attention term is checked by the hand count above.
     assert fc.get_total_flops() == lm_flops(model.config, [(L, T)]) - causal_attention
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import vlm_tiny as vt
 
 from tokensieve.adapters.vision import vision_adapter
-from tokensieve.adapters.vision.engine import renumbered
+from tokensieve.adapters.vision.segments import renumbered
 from tokensieve.errors import CapabilityError, ConfigError
 
 ATOL = 2e-5

@@ -267,7 +267,7 @@ class VlmBenchRow:
 
 
 def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> dict[str, Any]:
-    from ..adapters.vision import engine
+    from ..adapters.vision import segments as lm_segments
     from ..adapters.vision.base import as_plan
 
     plan = as_plan(None if spec == FULL else spec)
@@ -307,7 +307,7 @@ def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> d
         with torch.inference_mode(), PeakRSS() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             seq, _, built = adapter.build(inputs, plan, "keep", None)
-            state = engine.prefill(adapter.stack, seq, plan, policy="keep")
+            state = lm_segments.prefill(adapter.stack, seq, plan, policy="keep")
             first = state.logits.argmax(-1)
             ttft, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...errors import CapabilityError
 from .base import ImageTokens, VisionAdapter
-from .engine import Seq, VisionState
+from .segments import Seq, VisionState
 
 _FAMILIES: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava", "LlavaAdapter"),

@@ -1,6 +1,6 @@
 """The VLM adapter interface: one class per family turns a batch of (input_ids, images) into the language model's
-packed input (:class:`~.engine.Seq`), running the vision encoder with the vision-stage method, and hands it to the
-engine with the projector- and llm-stage methods.
+packed input (:class:`~.segments.Seq`), running the vision encoder with the vision-stage method, and hands it to the
+segments runner with the projector- and llm-stage methods.
 
 A family adapter says:
 
@@ -10,7 +10,7 @@ A family adapter says:
   separators such as LLaVA-NeXT's ``image_newline``), their grids, and which were already removed at the vision
   stage;
 * :meth:`VisionAdapter.positions` — the unpruned sequence's positions (1-D, or M-RoPE's 3-D);
-* its language model as a :class:`~.engine.TextStack`.
+* its language model as a :class:`~.segments.TextStack`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from ...core.decoding import greedy
 from ...errors import CapabilityError, ConfigError, PromptError
 from ...methods.visual.base import Stage, VisualGroup, VisualKept
 from ...spec import VisualPlan, VisualSpec, visual_plan
-from . import engine
-from .engine import PositionPolicy, Seq, TextStack, VisionState
+from . import segments
+from .segments import PositionPolicy, Seq, TextStack, VisionState
 
 
 @dataclass
@@ -104,7 +104,7 @@ class VisionAdapter:
 
     def positions(self, inputs: Mapping[str, Any], ids: Tensor, valid: Tensor) -> Tensor:
         """``(P, B, T)`` positions of the unpruned sequence (0 at padding)."""
-        return engine.renumbered(valid, 1)
+        return segments.renumbered(valid, 1)
 
     # ------------------------------------------------------------------------------------------------- spans
     def spans(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[list[tuple[int, int]]]:
@@ -115,8 +115,8 @@ class VisionAdapter:
 
     # ------------------------------------------------------------------------------------------------- build
     def check_plan(self, plan: VisualPlan, policy: PositionPolicy) -> None:
-        if policy not in engine.POLICIES:
-            raise ConfigError(f"positions must be one of {', '.join(engine.POLICIES)}; got {policy!r}.")
+        if policy not in segments.POLICIES:
+            raise ConfigError(f"positions must be one of {', '.join(segments.POLICIES)}; got {policy!r}.")
         if self.mrope and policy == "renumber":
             raise CapabilityError(
                 f"{self.family} uses M-RoPE: its 3-D positions encode the image grid, so pruning keeps them "
@@ -194,11 +194,11 @@ class VisionAdapter:
         seq = Seq(embeds, valid, pos, visual, image, groups)
         counts: dict[str, list[int]] = {}
         if bool(dropped.any()):
-            at_vision = engine.resolve(policy, plan.at(Stage.VISION), int(pos.shape[0]))
-            seq = engine.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], at_vision, groups)
+            at_vision = segments.resolve(policy, plan.at(Stage.VISION), int(pos.shape[0]))
+            seq = segments.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], at_vision, groups)
         if plan.at(Stage.VISION) is not None:
             counts["vision"] = [int(seq.visual[b].sum()) for b in range(B)]
-        seq, kept_b = engine.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list, cls_rows)
+        seq, kept_b = segments.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list, cls_rows)
         kept: dict[str, list[VisualKept]] = {}
         if kept_a:
             kept["vision"] = kept_a
@@ -228,7 +228,7 @@ class VisionAdapter:
             spec: the visual plan (``"fastv[layer=2]:0.25"``, ``"pool:64/fastv:0.5"``, a :class:`VisualPlan`), or
                 None for no pruning.
             positions: ``"official"`` (each method's official choice: FastV keeps positions, the others renumber),
-                ``"keep"`` (original positions) or ``"renumber"`` (see :mod:`.engine`).
+                ``"keep"`` (original positions) or ``"renumber"`` (see :mod:`.segments`).
             cache: a SieveCache (``Compressor.new_cache()``) to compose with a KV method: the kept tokens are
                 compressed by it; None keeps every kept token's keys and values.
             seeds: one per sample, for methods that draw random numbers (default 0 each).
@@ -236,7 +236,7 @@ class VisionAdapter:
         """
         plan = as_plan(spec)
         seq, kept, counts = self.build(inputs, plan, positions, seeds)
-        state = engine.prefill(
+        state = segments.prefill(
             self.stack, seq, plan, policy=positions, cache=cache, seeds=seeds, all_logits=all_logits, forced=forced
         )
         state.kept = {**kept, **state.kept}
@@ -245,8 +245,10 @@ class VisionAdapter:
 
     @torch.inference_mode()
     def extend(self, state: VisionState, input_ids: Tensor, *, all_logits: bool = False) -> Tensor:
-        """Append a follow-up chunk to a prefilled state (see :func:`.engine.extend`)."""
-        return engine.extend(self.stack, state, input_ids, image_token_ids=[self.image_token_id], all_logits=all_logits)
+        """Append a follow-up chunk to a prefilled state (see :func:`.segments.extend`)."""
+        return segments.extend(
+            self.stack, state, input_ids, image_token_ids=[self.image_token_id], all_logits=all_logits
+        )
 
     @torch.inference_mode()
     def generate(self, state: VisionState, max_new_tokens: int = 16, *, eos_token_id: int | None = None) -> Tensor:

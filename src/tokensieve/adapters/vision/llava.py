@@ -18,7 +18,7 @@ from ...spec import VisualPlan
 from .attention import RowRequest, rows_routed
 from .attention import scoped_request as _scoped
 from .base import ImageTokens, VisionAdapter
-from .engine import TextStack
+from .segments import TextStack
 
 
 def llama_stack(model: Any, lm: Any) -> TextStack:

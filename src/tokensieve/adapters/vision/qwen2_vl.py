@@ -15,7 +15,7 @@ from torch import Tensor
 from ...methods.visual.base import VisualGroup
 from ...spec import VisualPlan
 from .base import ImageTokens, VisionAdapter
-from .engine import TextStack
+from .segments import TextStack
 
 
 class Qwen2VLAdapter(VisionAdapter):

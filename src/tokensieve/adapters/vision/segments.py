@@ -1,4 +1,4 @@
-"""The visual-token pruning engine shared by every VLM family: the language model run layer by layer on a packed,
+"""The language model of every VLM family run segment by segment: layer by layer on a packed,
 left-padded sequence whose visual tokens may be removed before it (stages a, b) or inside it (stage c).
 
 Vocabulary:
