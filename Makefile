@@ -15,15 +15,23 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 ## setup: virtual environment, pinned dependencies, editable install, embedded model (fetched and converted once),
-##        and the Debian tools of the DAAM speech corpus when missing (as root with apt-get; else their tests skip)
+##        and the Debian tools when missing (as root with apt-get, one update for all; else their tests skip):
+##        those of the DAAM speech corpus, and Chromium with its driver for the report's browser test
 SPEECH_TOOLS := espeak-ng sox bible-kjv bible-kjv-text
+BROWSER_TOOLS := chromium chromium-driver
 setup: $(STAMP)
 	$(BIN)/tokensieve pull
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v bible >/dev/null; then \
+	@missing=""; \
+	if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v bible >/dev/null; then \
+	  missing="$(SPEECH_TOOLS)"; fi; \
+	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  missing="$$missing $(BROWSER_TOOLS)"; fi; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SPEECH_TOOLS) >/dev/null; } \
-	      || echo "note: apt-get could not install $(SPEECH_TOOLS); the speech-corpus tests will skip"; \
-	  else echo "note: install $(SPEECH_TOOLS) (apt-get) for the DAAM speech corpus; its tests skip without them"; fi; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	      || echo "note: apt-get could not install $$missing; the tests that need them skip"; \
+	  else echo "note: install $$missing (apt-get) for the DAAM speech corpus and the report's browser test; their" \
+	    "tests skip without them"; fi; \
 	fi
 
 ## demo: the main job — a long-context passkey question answered with the full cache and compressed caches

@@ -12,13 +12,18 @@ Sections, each present when the store has the rows it needs:
 * visual-token pruning (rows of ``tokensieve train vlm-eval --store`` and ``tokensieve bench --vlm --store``): a VLM's
   accuracy per question type against the visual tokens kept, a table per visual spec, the paired sign test of each
   method against random selection, the kept-patch figure (``vlm-eval --overlays`` with ``--store``, or
-  ``--overlays PNG``) and the VLM prefill speed. These rows stay out of the KV sections above.
+  ``--overlays PNG``) and the VLM prefill speed. These rows stay out of the KV sections above;
+* DAAM speech runs (``tokensieve train daam --store``, :mod:`tokensieve.results.daam`): test F1 per front block and
+  the recorded importance-map figures.
 
 A configuration prefilled in chunks (rows with a ``chunk`` size) is shown as its own row, its label suffixed
 `` chunk=N`` (:func:`~tokensieve.results.stats.chunk_labelled`), never merged with the same spec in one pass.
 
-Writes ``report.md`` and/or a self-contained ``report.html``, the PNG plots, and ``summary.json`` (accuracy
-aggregates per task, mode, configuration and length; speed medians per configuration, length and batch size).
+Writes ``report.md`` and/or ``report.html``, the PNG plots, and ``summary.json`` (accuracy aggregates per task, mode,
+configuration and length; speed medians per configuration, length and batch size). ``report.html`` is the interactive
+page (:mod:`tokensieve.results.page`: one self-contained offline file with Plotly inlined — method picker, hover,
+error bars, Pareto fronts, accuracy next to speed, the paired comparison, VLM and DAAM views — followed by the whole
+static report); it needs the ``tokensieve[report]`` extra, the Markdown report does not.
 """
 
 from __future__ import annotations
@@ -31,8 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .results.render import Block, render_html, render_markdown
-from .results.sections import accuracy_sections, joined_sections, provenance, speed_sections, vlm_json, vlm_sections
+from .results.daam import MAPS_TOOL, RUN_TOOL, daam_sections
+from .results.render import Block, render_markdown
+from .results.sections import (
+    accuracy_sections,
+    joined_sections,
+    machine,
+    provenance,
+    speed_sections,
+    vlm_json,
+    vlm_sections,
+    vlm_speed_table,
+)
 from .results.stats import accuracy_json, chunk_labelled, speed
 from .results.store import ResultStore, is_visual
 
@@ -60,6 +75,10 @@ def write_report(
     bad = [f for f in formats if f not in ("md", "html")]
     if bad or not formats:
         raise ConfigError(f"Unknown report format(s) {bad or '(none)'}: use md, html or md,html.")
+    if "html" in formats:
+        from .results.page import plotly_js
+
+        plotly_js()  # without the report extra: fail before any work, naming it
     store_p = Path(store_path).expanduser()
     out = Path(out_dir).expanduser() if out_dir else store_p.with_name(store_p.stem + "-report")
     where, params = ("model = ?", (model,)) if model else ("", ())
@@ -69,7 +88,7 @@ def write_report(
         runs = store.runs()
     eval_rows, bench_rows = _only([eval_rows, bench_rows], "task", tasks, "tasks")
     eval_rows, bench_rows = _only([eval_rows, bench_rows], "method", methods, "methods", keep=("full",))
-    if not eval_rows and not bench_rows:
+    if not eval_rows and not bench_rows and not any(r["tool"] in (RUN_TOOL, MAPS_TOOL) for r in runs):
         raise ConfigError(f"The store {store_p} has no results" + (f" for model {model!r}." if model else "."))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +113,7 @@ def write_report(
         raise ConfigError(f"No kept-patch figure at {overlays}: give the PNG `tokensieve train vlm-eval --overlays` "
                           "wrote.")  # fmt: skip
     blocks += vlm_sections(vlm_eval, vlm_bench, out, figure)
+    blocks += daam_sections(runs, out)
 
     written: list[Path] = []
     if "md" in formats:
@@ -101,14 +121,21 @@ def write_report(
         p.write_text(render_markdown(blocks, out), encoding="utf-8")
         written.append(p)
     if "html" in formats:
+        from .results.page import render_page
+        from .results.page_data import page_data
+
+        vlm_speed = vlm_speed_table(vlm_bench, vlm_eval) if vlm_bench else None
+        data = page_data(title=title, store=store_p.name, eval_rows=eval_rows, summary=summary, bench_rows=bench_rows,
+                         vlm_eval=vlm_eval, vlm_bench_table=vlm_speed, runs=runs,
+                         machine=machine(info) if bench_rows else "", overlays_tool=OVERLAYS_TOOL)  # fmt: skip
         p = out / "report.html"
-        p.write_text(render_html(blocks, title), encoding="utf-8")
+        p.write_text(render_page(data, blocks, title), encoding="utf-8")
         written.append(p)
     written += sorted({b.path for b in blocks if b.path is not None})
-    data = {"accuracy": accuracy_json(eval_rows), "speed": [_plain(r) for r in summary]}
+    aggregates = {"accuracy": accuracy_json(eval_rows), "speed": [_plain(r) for r in summary]}
     if vlm_eval:
-        data["vlm"] = [_plain(r) for r in vlm_json(vlm_eval)]
-    (out / "summary.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        aggregates["vlm"] = [_plain(r) for r in vlm_json(vlm_eval)]
+    (out / "summary.json").write_text(json.dumps(aggregates, indent=1, sort_keys=True) + "\n")
     written.append(out / "summary.json")
     return written
 
@@ -160,7 +187,9 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("store", help="SQLite results store written by `tokensieve eval`, `tokensieve bench` and/or "
                                   "`tokensieve train vlm-eval`")  # fmt: skip
     sp.add_argument("--out", default=None, help="output folder (default: <store name>-report next to the store)")
-    sp.add_argument("--format", default="md", help="md, html or md,html (HTML is self-contained)")
+    sp.add_argument("--format", default="md",
+                    help="md, html or md,html (html: one interactive, self-contained offline page; needs "
+                         "`pip install 'tokensieve[report]'`)")  # fmt: skip
     sp.add_argument("--title", default="tokensieve report")
     sp.add_argument("--model", default=None, help="only rows of this model key (default: all)")
     sp.add_argument("--tasks", default=None, help="only these evaluation tasks, comma-separated (default: all)")

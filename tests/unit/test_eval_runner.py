@@ -286,7 +286,7 @@ def test_report_markdown_html_and_plots(filled_store, tmp_path, capsys):
     for i in images:
         assert (out / i).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(images)
+    assert html.count("src='data:image/png;base64,") == len(images)  # every figure, in the page's static part
     assert "<table>" in html
     summary = json.loads((out / "summary.json").read_text())
     assert summary["speed"] == []

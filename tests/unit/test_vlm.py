@@ -369,3 +369,31 @@ def test_wsd_schedule_and_when_a_run_may_grow():
     assert not steps_may_change(wsd, TrainConfig(schedule="wsd", steps=3000, decay=0.2, warmup=50), 800)  # decaying
     assert not steps_may_change(wsd, TrainConfig(schedule="wsd", steps=500, decay=0.2, warmup=50), 450)
     assert not steps_may_change(TrainConfig(steps=1000), TrainConfig(steps=3000), 10)  # cosine: every rate moves
+
+
+def test_vlm_eval_json_prior_and_image_swap_control(small_vlm, tmp_path):
+    """`train vlm-eval --json` writes overall / per_type / questions, every --keep fraction, the image-blind prior and
+    the image-swap control (each scene's questions asked with the next scene's image)."""
+    import json
+
+    from tokensieve.cli import main
+    from tokensieve.train.evaluate import evaluate, prior_accuracy
+
+    model, _processor = small_vlm
+    run = tmp_path / "run"
+    V.save_vlm(model, run)
+    out = tmp_path / "eval.json"
+    argv = ["train", "vlm-eval", "--model", str(run), "--scenes", "3", "--keep", "1,0.5", "--swap-images",
+            "--json", str(out), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert set(data["keep"]) == {"1.0", "0.5"}
+    assert data["questions"] == data["keep"]["1.0"]["questions"] == data["swap_images"]["questions"]
+    assert data["overall"] == data["keep"]["1.0"]["overall"]
+    assert set(data["per_type"]) <= set(S.QUESTION_TYPES)
+    assert data["prior"]["overall"] == prior_accuracy(3).overall()
+    lo, hi = data["interval"]
+    assert lo <= data["overall"] <= hi
+    # the control really shows another scene's image: the same as evaluating with the images rotated by one
+    swapped = evaluate(model, _processor, n_scenes=3, fractions=(1.0,), swap_images=True, progress=False)[1.0]
+    assert data["swap_images"]["right"] == sum(swapped.right.values())

@@ -1,5 +1,6 @@
 """Rendering: a report is a list of :class:`Block` (headings, paragraphs, code, tables, images) written as Markdown,
-as self-contained HTML (images embedded) or, for tables, as aligned text for a terminal."""
+as HTML fragments (images embedded; the interactive page, :mod:`.page`, carries them as its static part) or, for
+tables, as aligned text for a terminal."""
 
 from __future__ import annotations
 
@@ -75,16 +76,10 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
     return "\n".join(lines)
 
 
-def render_html(blocks: list[Block], title: str) -> str:
-    """One self-contained HTML page (images embedded as data URIs)."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%}pre{background:#f6f6f6;padding:0.8em;overflow-x:auto}</style></head><body>",
-    ]
+def html_blocks(blocks: Sequence[Block], *, images: bool = True) -> list[str]:
+    """The HTML of each block (escaped; `code`, **bold** and *italic* in paragraphs); images embedded as data URIs,
+    or left out with ``images=False``."""
+    parts: list[str] = []
     for b in blocks:
         if b.kind in ("h1", "h2", "h3"):
             parts.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
@@ -100,11 +95,10 @@ def render_html(blocks: list[Block], title: str) -> str:
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.body)
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif b.kind == "image" and b.path is not None:
+        elif b.kind == "image" and b.path is not None and images:
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             parts.append(f"<p><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def slug(text: str) -> str:

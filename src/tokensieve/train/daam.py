@@ -434,10 +434,14 @@ def frames_table(rows: Sequence[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------------------------ figures
 
 
-def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, examples: int = 3) -> list[Path]:
+def figures(
+    out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, examples: int = 3,
+    maps: list[dict[str, Any]] | None = None,
+) -> list[Path]:  # fmt: skip
     """Importance maps of one DAAM run per task found in ``out`` (one with a time-axis layer if there is one): for a
     few test recordings, the log-mel input, the mel-axis weights and (with a time-axis layer) the frame importance;
-    and the mean mel-band weights per class over the test split."""
+    and the mean mel-band weights per class over the test split — appended to ``maps``, when given, as
+    ``{"task", "run", "classes", "bands"}`` (classes × mel bands), for the results store."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,6 +494,11 @@ def figures(out: Path, figdir: Path, corpus_cfg: CorpusConfig | None = None, *, 
         with torch.no_grad():
             _, wall = model.front(torch.from_numpy(te.x), return_weights=True)  # type: ignore[operator]
         band = wall[0].mean(dim=2).numpy()  # (N, mels)
+        if maps is not None:
+            present = [c for c in range(data.n_classes) if (te.y == c).any()]
+            bands = [[round(float(x), 5) for x in band[te.y == c].mean(0)] for c in present]
+            maps.append({"task": task, "run": rec["run"], "classes": [str(te.classes[c]) for c in present],
+                         "bands": bands})  # fmt: skip
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for c in range(min(data.n_classes, 4)):
             ax.plot(band[te.y == c].mean(0), label=te.classes[c])

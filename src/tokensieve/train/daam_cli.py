@@ -46,6 +46,36 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(args: argparse.Namespace) -> Any:
+    """``--store FILE``: the results store the runs are recorded in, opened now (a bad path fails before any work)."""
+    from ..results.store import ResultStore
+
+    return ResultStore(args.store) if getattr(args, "store", None) else None
+
+
+def _command(args: argparse.Namespace, name: str, options: tuple[str, ...]) -> str:
+    """The command line of a DAAM subcommand, as recorded in the store."""
+    import shlex
+
+    parts = ["tokensieve", "train", name]
+    for opt in options:
+        value = getattr(args, opt.replace("-", "_"), None)
+        if value is True:
+            parts.append(f"--{opt}")
+        elif value not in (None, False):
+            parts += [f"--{opt}", str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _record_runs(store: Any, records: list[dict[str, Any]], command: str) -> None:
+    from .. import __version__
+    from ..results.daam import record_runs
+
+    with store:
+        added = record_runs(store, records, command=command, version=__version__)
+    print(f"{added} DAAM runs recorded in {store.path} ({len(records) - added} were there)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .daam import grid, parse_seeds, run_grid, summary_table
 
@@ -68,8 +98,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     for r in runs:
         r.check()  # every run of the grid, before the corpus is built or anything trains
     writable_folder(Path(args.out), "--out")
+    store = _open_store(args)
     records = run_grid(runs, Path(args.out), _corpus_cfg(args), progress=not args.no_progress)
     print(summary_table(records))
+    if store is not None:
+        options = ("task", "networks", "attention", "time-axis", "time-heads", "seeds", "epochs", "feedforward",
+                   "segments", "out", "threads", "corpus-seed")  # fmt: skip
+        _record_runs(store, records, _command(args, "daam", options))
     return 0
 
 
@@ -94,10 +129,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .daam import done_runs, frames_table, summary_table
 
     out = Path(args.out)
+    store = _open_store(args)
     records = list(done_runs(out).values())
     if not records:
+        if store is not None:
+            store.close()
         raise ConfigError(f"no finished runs in {out / 'results.jsonl'}: train some with `tokensieve train daam`")
     print(summary_table(records))
+    if store is not None:
+        _record_runs(store, records, _command(args, "daam-report", ("out",)))
     for path in sorted(out.glob("frames_*.json")):
         print(f"\n{path.name}:\n")
         print(frames_table(json.loads(path.read_text())))
@@ -109,8 +149,19 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     writable_folder(Path(args.figdir), "--figdir")
-    for p in figures(Path(args.out), Path(args.figdir), _corpus_cfg(args)):
+    store = _open_store(args)
+    maps: list[dict[str, Any]] = []
+    paths = figures(Path(args.out), Path(args.figdir), _corpus_cfg(args), maps=maps)
+    for p in paths:
         print(p)
+    if store is not None:
+        from .. import __version__
+        from ..results.daam import record_maps
+
+        with store:
+            record_maps(store, maps, paths, command=_command(args, "daam-figures", ("out", "figdir", "corpus-seed")),
+                        version=__version__)  # fmt: skip
+        print(f"importance maps of task(s) {', '.join(m['task'] for m in maps)} recorded in {store.path}")
     return 0
 
 
@@ -137,6 +188,12 @@ def add_commands(tsub: Any) -> None:
     t.add_argument("--segments", type=int, default=0, help="task A: at most N training segments per recording (0: all)")
     t.add_argument("--out", default="runs/daam", help="results.jsonl and checkpoints/ (finished runs are skipped)")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument(
+        "--store",
+        default=None,
+        metavar="FILE",
+        help="also record the runs in this results store (`tokensieve report` shows them)",
+    )
     _corpus_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -151,11 +208,23 @@ def add_commands(tsub: Any) -> None:
 
     r = tsub.add_parser("daam-report", help="the comparison table (mean ± std over seeds) of every run in --out")
     r.add_argument("--out", default="runs/daam")
+    r.add_argument(
+        "--store",
+        default=None,
+        metavar="FILE",
+        help="also record every finished run of --out in this results store (nothing is trained)",
+    )
     r.set_defaults(func=cmd_report)
 
     g = tsub.add_parser("daam-figures", help="importance maps (mel bands and frames) of trained DAAM runs, as PNG")
     g.add_argument("--out", default="runs/daam")
     g.add_argument("--figdir", default="docs/figures")
     g.add_argument("--threads", type=int, default=1)
+    g.add_argument(
+        "--store",
+        default=None,
+        metavar="FILE",
+        help="also record the importance maps and figures in this results store (`tokensieve report`)",
+    )
     _corpus_args(g)
     g.set_defaults(func=cmd_figures)

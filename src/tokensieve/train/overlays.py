@@ -33,12 +33,21 @@ def kept_patches(state: Any, n_patch: int, sample: int = 0) -> tuple[torch.Tenso
     return at_input, at_end
 
 
+def tile_path(out: Path, spec: str) -> Path:
+    """Where :func:`overlay_figure` writes one configuration's column — its kept patches on every scene, one above the
+    other — as its own PNG (``<figure>_tiles/<label>.png``), for the interactive report's hover."""
+    from ..adapters.vision import visual_label
+    from ..results.render import slug
+
+    return out.with_name(out.stem + "_tiles") / f"{slug(visual_label(spec))}.png"
+
+
 def overlay_figure(
     model: Any, processor: Any, specs: list[str], out: Path, *, n_scenes: int = 3, split: str = "test"
 ) -> Path:
     """A grid of the first ``n_scenes`` held-out scenes (rows) × the specs (columns): patches dropped before the
     language model darkest, patches dropped inside it half-dimmed, patches kept to the end clear; the scene's first
-    question in the prompt (query-aware methods see it)."""
+    question in the prompt (query-aware methods see it). Each column is also written alone (:func:`tile_path`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,6 +65,7 @@ def overlay_figure(
     encoder = Encoder(processor.tokenizer, geo.num_visual_tokens)
     adapter = vision_adapter(model)
     todo = scenes(split, n_scenes)
+    columns: list[list[Any]] = [[] for _ in specs]
     fig, axes = plt.subplots(
         len(todo), len(specs), figsize=(1.9 * len(specs), 2.1 * len(todo)), squeeze=False, constrained_layout=True
     )
@@ -77,6 +87,7 @@ def overlay_figure(
             shade = np.kron(level, np.ones((geo.patch_size, geo.patch_size)))[..., None]
             ax = axes[r][c]
             ax.imshow(pixels * shade)
+            columns[c].append(pixels * shade)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -89,4 +100,12 @@ def overlay_figure(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)
     plt.close(fig)
+    from PIL import Image
+
+    for spec, column in zip(specs, columns):
+        gap = np.ones((4, *column[0].shape[1:]))
+        strip = np.concatenate([part for image in column for part in (image, gap)][:-1], axis=0)
+        path = tile_path(out, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(strip, 0, 1) * 255).astype(np.uint8)).save(path)
     return out

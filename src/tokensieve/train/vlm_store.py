@@ -239,12 +239,18 @@ def stored_accuracy(store: ResultStore, keys: Mapping[str, list[str]]) -> dict[s
 
 def record_overlays(store: ResultStore, path: Path, *, specs: list[str], model_key: str, n_scenes: int, split: str,
                     command: str, threads: int) -> int:  # fmt: skip
-    """Record a kept-patch figure (``vlm-eval --overlays``) in the store's runs, so ``tokensieve report`` shows it."""
+    """Record a kept-patch figure (``vlm-eval --overlays``) in the store's runs, so ``tokensieve report`` shows it —
+    with each configuration's own column (:func:`~.overlays.tile_path`) where it was written, for the interactive
+    report's hover."""
+    from .overlays import tile_path
+
     labels = [visual_columns(s)["label"] for s in specs]
+    tiles = {label: str(tile_path(Path(path), s).resolve()) for label, s in zip(labels, specs)
+             if tile_path(Path(path), s).is_file()}  # fmt: skip
     return store.start_run(
         tool=OVERLAYS_TOOL, command=command, config={"specs": labels, "scenes": n_scenes, "split": split},
         model=model_key, version=__version__, threads=threads, cells=0, todo=0,
-        info={"overlays": str(Path(path).expanduser().resolve())},
+        info={"overlays": str(Path(path).expanduser().resolve()), "tiles": tiles},
     )  # fmt: skip
 
 
