@@ -21,8 +21,9 @@ method that attends densely at prefill â€” they differ only in what they keep â€
 prompt (:meth:`~tokensieve.engine.Compressor.record_prefill`: every layer's queries, keys and values) and replays
 it into each cell's cache (``Compressor.prefill(replay=...)``), which compresses exactly as a prefill would. Methods
 that change the forward pass (sparse prefill, auxiliary tokens), chunked cells and recordings above
-``SHARED_PREFILL_MAX_BYTES`` prefill as usual. Results are the same either way (tests/unit/test_prefill_replay.py);
-a replayed cell's ``prefill_s`` is the recording's forward time plus its own compression.
+``SHARED_PREFILL_MAX_BYTES`` prefill as usual. Results are the same either way
+(tests/unit/engine/test_prefill_replay.py); a replayed cell's ``prefill_s`` is the recording's forward time plus its
+own compression.
 """
 
 from __future__ import annotations

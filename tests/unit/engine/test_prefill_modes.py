@@ -30,7 +30,7 @@ from tokensieve.engine.prefill.sparse import Sparse
 from tokensieve.methods.kv._sparse_prefill import BlockGrid, SparsePrefill
 from tokensieve.methods.kv.snapkv import SnapKV
 
-from ..test_methods_matrix import prompts
+from ..methods.kv.test_methods_matrix import prompts
 
 
 @dataclass(frozen=True)
