@@ -108,8 +108,8 @@ class FlowCut(VisualMethod):
     vision stage fails there with the adapter's CapabilityError; ``flowcut[stage=llm]`` runs (the LLM-stage part of
     the paper's Qwen recipe; the pseudo-CLS ViT part is not implemented).
 
-    Choices where the paper/code are ambiguous (the paper's text was not readable here: the formulas follow the
-    issue's algorithm card and were checked line by line against the official code):
+    Choices where the paper/code are ambiguous (the paper's text was not readable here: the formulas follow a summary
+    of the paper's algorithm and were checked line by line against the official code):
 
     * ``√d`` in the semantic term: absent at the vision stage (the official CLIP code — the numbers published for
       LLaVA-1.5), present at the LLM stage (the official LLM code); ``semantic_scale=true`` adds it in the encoder.

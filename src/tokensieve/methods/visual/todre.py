@@ -42,7 +42,7 @@ def instruction_share(ctx: VisualContext) -> float:
 class ToDRE(VisualMethod):
     """ToDRE (Li, Yang, Zhang, Shao, Lu, "ToDRE: Effective Visual Token Pruning via Token Diversity and Task
     Relevance", arXiv:2505.18757 v2; v1 "…via Diversity and Task Awareness"). No official code was found; this is
-    written from the paper's description (card: ``shared/methods/headline-systems.md`` §1).
+    written from the paper's description.
 
     **Stage 1** (``stage=projector``, the default): per image, keep ``k`` (the budget) of its projected visual tokens
     ``E_v`` (the language model's input embeddings) chosen greedily for diversity under ``d = 1 − cos``:

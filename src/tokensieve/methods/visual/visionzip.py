@@ -28,7 +28,7 @@ class VisionZip(VisualMethod):
     * **dominant** ``D = k − C`` tokens: the highest CLS attention of that layer, summed over heads
       (``Σ_h A_h[CLS, j]``, the official code; the same ranking as the head mean);
     * **contextual** ``C = round(contextual · k)`` tokens (``contextual = 5/32``: 54 + 10 for 64 in the official README,
-      108 + 20 for 128 and 162 + 30 for 192 as the issue's card lists the paper's settings — the paper's text was
+      108 + 20 for 128 and 162 + 30 for 192, the paper's settings as its summaries give them — the paper's text was
       not readable here): the ``R`` remaining tokens in original order, every ``max(1, ⌊R/C⌋)``-th
       of them (the first ``C``) become targets; every other remaining token joins the target whose head-mean key
       (``mean_h k_j^h``, L2-normalised) is most similar (cosine, argmax; ties to the earlier target);
