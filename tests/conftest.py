@@ -117,6 +117,22 @@ def synthetic_profiles(model) -> dict:
                 "calibration": {"tau": [0.1, 0.5, 0.9], "out_density": [0.9, 0.5, 0.1]},
             },
         ),
+        "kvzap": Profile(  # KVzap's surrogates: random linear and two-layer MLP maps of the hidden state
+            "kvzap",
+            shape.key,
+            sd,
+            {},
+            {
+                "tensors": {
+                    "linear.weight": torch.randn(L, H, shape.hidden_size, generator=g) * shape.hidden_size**-0.5 * 2,
+                    "linear.bias": torch.zeros(L, H),
+                    "mlp.w1": torch.randn(L, 16, shape.hidden_size, generator=g) * shape.hidden_size**-0.5,
+                    "mlp.b1": torch.zeros(L, 16),
+                    "mlp.w2": torch.randn(L, H, 16, generator=g) * 0.5,
+                    "mlp.b2": torch.full((L, H), -1.0),
+                }
+            },
+        ),
         "retention": Profile(  # global retention gates: random per-layer maps, one shared final projection
             "retention",
             shape.key,

@@ -90,6 +90,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if i.rule:
             print(f"    rule:         {i.rule}")
         print(f"    capabilities: {i.capabilities}")
+        if i.profile:
+            print(f"    needs:        {i.profile}")
         print(f"    parameters:   {params}")
     return 0
 
@@ -119,6 +121,8 @@ def methods_markdown(infos: Sequence[Any]) -> str:
     lines.append("")
     for i in infos:
         lines += [f"## `{i.name}`", "", i.summary, ""]
+        if i.profile:
+            lines += [f"Needs a {i.profile}.", ""]
     return "\n".join(lines)
 
 

@@ -172,6 +172,7 @@ class MethodInfo:
     capabilities: str
     params: dict[str, Any]
     summary: str
+    profile: str = ""  # what per-model profile it needs and the command that makes it ("" when none)
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -201,6 +202,19 @@ def list_methods(family: str | None = None) -> list[MethodInfo]:
                 capabilities=cls.summary(),
                 params=defaults,
                 summary=doc,
+                profile=_profile_note(cls.capabilities.profile),
             )
         )
     return out
+
+
+def _profile_note(kind: str | None) -> str:
+    """``trained profile 'kvzap' (make it: tokensieve train kvzap --model <model>)`` or a measured profile's note."""
+    if kind is None:
+        return ""
+    from .core.profiles import PROFILE_KINDS
+
+    schema = PROFILE_KINDS.get(kind)
+    what = "trained" if schema is not None and schema.trained else "measured"
+    make = schema.make_command() if schema is not None else f"tokensieve profile {kind} --model <model>"
+    return f"{what} profile '{kind}' (make it: {make})"

@@ -16,10 +16,14 @@ It uses public extension points only:
 * ``AttentionMaskInterface.register("tokensieve", ...)``: the mask "factory" for that implementation returns the
   plain 2-D padding mask (our kernels build their own causal masks against the *stored* lengths);
 * ``model.set_attn_implementation(...)`` inside a context manager that restores the previous implementation, and
-  an optional forward pre-hook (removed in ``finally``) that gives ``model.generate`` a SieveCache.
+  an optional forward pre-hook (removed in ``finally``) that gives ``model.generate`` a SieveCache;
+* while attention is routed, a forward pre-hook on each decoder attention module (removed with the routing) that
+  hands the hidden state the layer reads (its ``hidden_states`` input, after the input normalisation) to the
+  attention call that follows in the same layer, per thread — learned scorers (KVzap's surrogate) read it.
 
 Registration happens the first time a context is entered, never at import time. No model code is copied and no
-state is stored on the model's modules or config beyond the attention-implementation switch.
+state is stored on the model's modules or config beyond the attention-implementation switch and the hidden-state
+pre-hooks, both in place only while attention is routed.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ _IN_CALL: contextvars.ContextVar[int] = contextvars.ContextVar("tokensieve_in_ca
 _INJECTING: contextvars.ContextVar[object | None] = contextvars.ContextVar("tokensieve_injecting", default=None)
 _ROUTING_LOCK = threading.Lock()
 _ROUTED: dict[int, list[Any]] = {}
+# (layer, hidden states) the attention module of that layer is about to read, set by its forward pre-hook.
+_HIDDEN: contextvars.ContextVar[tuple[int, Tensor] | None] = contextvars.ContextVar("tokensieve_hidden", default=None)
 # Called before every layer's attention of this thread's tokensieve forward passes (see before_each_layer).
 _ON_LAYER: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
     "tokensieve_on_layer", default=None
@@ -165,6 +171,9 @@ def sieve_attention(
     """
     layer_idx = int(getattr(module, "layer_idx", -1))
     cache = take_pending(layer_idx)
+    seen = _HIDDEN.get()
+    _HIDDEN.set(None)
+    hidden = seen[1] if seen is not None and seen[0] == layer_idx else None
     check = _ON_LAYER.get()
     if check is not None and cache is not None:
         check()
@@ -174,7 +183,7 @@ def sieve_attention(
     if cache is None:  # not ours: the model's own attention over its own cache's keys and values
         return plain_attention(query, key, value, attention_mask, scaling, mods).transpose(1, 2).contiguous(), None
     positions = kwargs.get("position_ids")  # (B|1, L) as the model rotated the chunk, when the model passes them
-    out = cache.attend(layer_idx, query, key, value, attention_mask, scaling, positions, mods)  # (B, H_q, L, D)
+    out = cache.attend(layer_idx, query, key, value, attention_mask, scaling, positions, mods, hidden)  # (B,H_q,L,D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -240,7 +249,7 @@ def sieve_attention_enabled(model: Any) -> Iterator[None]:
     with _ROUTING_LOCK:
         entry = _ROUTED.get(key)
         if entry is None:
-            entry = _ROUTED[key] = [0, model.config._attn_implementation]
+            entry = _ROUTED[key] = [0, model.config._attn_implementation, _hidden_hooks(model)]
             if entry[1] != IMPLEMENTATION:
                 model.set_attn_implementation(IMPLEMENTATION)
         entry[0] += 1
@@ -253,8 +262,34 @@ def sieve_attention_enabled(model: Any) -> Iterator[None]:
             entry[0] -= 1
             if entry[0] == 0:
                 del _ROUTED[key]
+                for handle in entry[2]:
+                    handle.remove()
                 if entry[1] != IMPLEMENTATION:
                     model.set_attn_implementation(entry[1])
+
+
+def attention_modules(model: Any) -> dict[int, torch.nn.Module]:
+    """The decoder's attention modules by layer index: the text model's modules with a ``layer_idx`` and an output
+    projection (``o_proj``, ``dense`` or ``c_proj``), as :func:`tokensieve.adapters.models.layer_weights` finds
+    them."""
+    text_model = model.get_decoder() if hasattr(model, "get_decoder") else model
+    found: dict[int, torch.nn.Module] = {}
+    for module in text_model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and idx not in found and any(hasattr(module, n) for n in ("o_proj", "dense", "c_proj")):
+            found[idx] = module
+    return found
+
+
+def _hidden_hooks(model: Any) -> list[Any]:
+    """Forward pre-hooks that hand each attention module's input hidden state to the attention call of the same
+    layer (in the thread that runs the forward pass); removed when the routing ends."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        _HIDDEN.set((int(module.layer_idx), h) if isinstance(h, Tensor) else None)  # type: ignore[arg-type]
+
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model).values()]
 
 
 @contextlib.contextmanager

@@ -326,6 +326,7 @@ def model_shape(model: Any) -> ModelShape:
         windows=_sliding_windows(c),
         softcap=float(getattr(c, "attn_logit_softcapping", None) or 0) or None,
         rope=_rotary(model, c),
+        hidden_size=int(getattr(c, "hidden_size", 0) or 0),
     )
 
 

@@ -1,11 +1,16 @@
-"""Finding, validating, loading and saving profile files (small JSON documents)."""
+"""Finding, validating, loading and saving profile files (small JSON documents).
+
+A profile that holds trained weights (KVzap's surrogate) keeps them in a safetensors file beside its JSON document:
+the document's ``data["tensors"]`` names that file (``<kind>.safetensors``), and :func:`load_profile` replaces the
+name by the tensors it holds (``{name: Tensor}``), so a schema reads them like any other field. Never a pickle.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,7 @@ class Profile:
         if mismatched:
             raise ConfigError(
                 f"The '{self.kind}' profile for '{self.model}' was made for a model of another shape "
-                f"({mismatched}); recreate it with `tokensieve profile {self.kind} --model <model>`."
+                f"({mismatched}); recreate it with `{make_command(self.kind)}`."
             )
 
 
@@ -88,14 +93,42 @@ def load_profile(kind: str, shape: ModelShape) -> Profile | None:
             if prof.kind != kind:
                 raise ConfigError(f"Profile {path} holds a '{prof.kind}' profile, not '{kind}'.")
             prof.check_shape(shape)
-            return prof
+            return _with_tensors(prof, path)
     return None
 
 
+def _with_tensors(prof: Profile, path: Path) -> Profile:
+    """The profile with ``data["tensors"]`` (the name of a safetensors file beside ``path``) read into tensors."""
+    name = prof.data.get("tensors")
+    if name is None:
+        return prof
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise ConfigError(f"Profile {path}: 'tensors' must name a .safetensors file beside it, not {name!r}.")
+    file = path.parent / name
+    if not file.is_file():
+        raise ConfigError(f"Profile {path} names its weights {file}, which is missing; reinstall or retrain it.")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"Profile weights {file} cannot be read: {exc}") from None
+    return replace(prof, data={**prof.data, "tensors": tensors})
+
+
 def save_profile(profile: Profile, dest: Path | None = None) -> Path:
-    """Write a profile (default: the user cache, where :func:`load_profile` finds it first)."""
+    """Write a profile (default: the user cache, where :func:`load_profile` finds it first). Tensors in
+    ``data["tensors"]`` (``{name: Tensor}``) go to ``<kind>.safetensors`` beside the JSON document, which names it."""
     path = dest or user_dir() / profile.model / f"{profile.kind}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = profile.data.get("tensors")
+    if isinstance(tensors, dict):
+        from safetensors.torch import save_file
+
+        name = f"{profile.kind}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path.parent / name))
+        profile = replace(profile, data={**profile.data, "tensors": name})
     text = json.dumps(asdict(profile), indent=1, sort_keys=True)
     # one line per innermost list of numbers keeps the files short and diffable
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
@@ -115,6 +148,12 @@ def profile_for(method: Any, shape: ModelShape) -> Profile | None:
     if prof is None:
         raise CapabilityError(
             f"Method '{method.name}' needs a '{kind}' profile for model '{shape.key}', and none is installed. "
-            f"Create it with `tokensieve profile {kind} --model <model>`."
+            f"Create it with `{make_command(kind)}`."
         )
     return prof
+
+
+def make_command(kind: str, model: str = "<model>") -> str:
+    """The command that makes a profile of ``kind`` (``tokensieve train …`` for trained weights)."""
+    schema = PROFILE_KINDS.get(kind)
+    return schema.make_command(model) if schema is not None else f"tokensieve profile {kind} --model {model}"

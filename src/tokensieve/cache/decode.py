@@ -71,6 +71,9 @@ class DecodeLayer:
         run: the run-wide state.
         scaling: the softmax scale of this layer's attention.
         state: the method's own state for this layer (whatever :meth:`DecodeMethod.setup` returned).
+        hidden: ``(B, L, d)`` the hidden states the layer read for the chunk just appended (a decode step: ``L = 1``),
+            or None where they were not captured; set before :meth:`DecodeMethod.on_append` and ``step``.
+        positions: ``(B, L)`` the true positions of that chunk (-1 at padding), set with ``hidden``.
     """
 
     index: int
@@ -78,6 +81,8 @@ class DecodeLayer:
     run: DecodeRun
     scaling: float
     state: Any = None
+    hidden: Tensor | None = None
+    positions: Tensor | None = None
 
 
 @dataclass(frozen=True)

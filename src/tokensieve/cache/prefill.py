@@ -84,6 +84,7 @@ class Chunk:
         positions: ``(B, L)`` true position of each token, -1 at padding.
         scaling: the softmax scale; mods: the layer's sliding window and logit soft-capping.
         seen: tokens the layer had seen before this chunk (padding included).
+        hidden: ``(B, L, d)`` the hidden states the layer read (learned scorers read them), or None: not captured.
     """
 
     layer_idx: int
@@ -95,6 +96,7 @@ class Chunk:
     scaling: float
     mods: Modifiers
     seen: int = 0
+    hidden: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -112,7 +114,7 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v))
+        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v, self.hidden) if t is not None)
 
 
 @dataclass

@@ -158,14 +158,16 @@ class SieveCache:
         scaling: float,
         positions: Tensor | None = None,
         mods: Modifiers = PLAIN,
+        hidden: Tensor | None = None,
     ) -> Tensor:
         """Store this layer's new keys/values and return the attention output.
 
         q ``(B, H_q, L, D)``; k, v ``(B, H_kv, L, D)`` post-RoPE; padding_mask ``(B, seen + L)`` (1 = real token)
         or None; positions ``(B|1, L)``: the positions the model rotated the chunk with (None: counted from the
-        real tokens seen); mods: the layer's sliding window and logit soft-capping. Returns ``(B, H_q, L, D)``.
+        real tokens seen); mods: the layer's sliding window and logit soft-capping; hidden ``(B, L, d)``: the hidden
+        states the layer read (learned scorers read them; None: not captured). Returns ``(B, H_q, L, D)``.
         """
-        out = self.take(self.chunk(layer_idx, q, k, v, padding_mask, scaling, positions, mods))
+        out = self.take(self.chunk(layer_idx, q, k, v, padding_mask, scaling, positions, mods, hidden))
         assert out is not None
         return out
 
@@ -179,6 +181,7 @@ class SieveCache:
         scaling: float,
         positions: Tensor | None = None,
         mods: Modifiers = PLAIN,
+        hidden: Tensor | None = None,
     ) -> Chunk:
         """The layer's chunk with its padding (``(B, L)`` or None) and true positions (-1 at padding)."""
         layer = self.layers[layer_idx]
@@ -204,7 +207,7 @@ class SieveCache:
             pos = seen_valid[:, None] + valid.long().cumsum(-1) - 1
         if valid is not None:
             pos = torch.where(valid, pos, torch.full_like(pos, -1))
-        return Chunk(layer_idx, q, k, v, valid, pos, scaling, mods, layer.seen)
+        return Chunk(layer_idx, q, k, v, valid, pos, scaling, mods, layer.seen, hidden)
 
     def take(self, c: Chunk, *, output: bool = True) -> Tensor | None:
         """Store one layer's chunk and return its attention output — ``output=False`` (a recorded prefill replayed
@@ -262,7 +265,7 @@ class SieveCache:
         assert self.plan is not None
         valid = c.real()
         run = make_run(replace(self.plan, budget=Budget.ratio(1.0)), valid.sum(-1))
-        return LayerContext(c.layer_idx, c.q, c.k, c.v, valid, c.scaling, run)
+        return LayerContext(c.layer_idx, c.q, c.k, c.v, valid, c.scaling, run, hidden=c.hidden)
 
     def _decode_step(self, layer: LayerState, c: Chunk, decode: DecodeMethod) -> Tensor:
         """A later chunk while a decode method runs: appended to its view of the layer; a single token is its step."""
@@ -277,6 +280,7 @@ class SieveCache:
         assert dl is not None
         L = c.length
         dl.store.append(c.k, c.v, c.positions, c.valid)
+        dl.hidden, dl.positions = c.hidden, c.positions
         t0 = time.perf_counter()  # the method's bookkeeping counts as attention time
         decode.on_append(dl, L)
         out = decode.step(dl, c.q) if L == 1 else dl.store.attend(c.q, c.scaling)

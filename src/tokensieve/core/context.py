@@ -62,6 +62,7 @@ class ModelShape:
     windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention); () = none anywhere
     softcap: float | None = None  # attention-logit soft-capping (Gemma-2)
     rope: tuple[Rope | None, ...] = ()  # each layer's rotary embedding (None: no rotation); () = not known
+    hidden_size: int = 0  # width of the hidden state an attention layer reads (0 = not known)
 
     @property
     def modified(self) -> bool:
@@ -116,6 +117,9 @@ class LayerContext:
         run: the run-wide state.
         tail: number of trailing *auxiliary* tokens in the chunk (e.g. DapQ's pseudo queries): they take part in
             attention but are never kept (see :attr:`selectable`).
+        hidden: ``(B, T, d)`` the hidden state the attention layer read for each token of the chunk (its input, after
+            the layer's input normalisation), or None where the adapter could not capture it (a learned scorer such
+            as KVzap's surrogate reads it).
     """
 
     layer_idx: int
@@ -126,6 +130,7 @@ class LayerContext:
     scaling: float
     run: RunState
     tail: int = 0
+    hidden: Tensor | None = None
     _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------------------------ geometry

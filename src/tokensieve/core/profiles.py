@@ -32,6 +32,13 @@ class ProfileData:
     """Base of the typed profile contents; ``kind`` names the file kind it is read from."""
 
     kind: ClassVar[str] = ""
+    # the command that makes this kind of profile for a model ({model}: the model's name or folder)
+    command: ClassVar[str] = "tokensieve profile {kind} --model {model}"
+    trained: ClassVar[bool] = False  # holds trained weights (a learned method's), made by `tokensieve train`
+
+    @classmethod
+    def make_command(cls, model: str = "<model>") -> str:
+        return cls.command.format(kind=cls.kind, model=model)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], shape: Any) -> ProfileData:
@@ -134,6 +141,7 @@ class DuoGates(ProfileData):
     """
 
     kind: ClassVar[str] = "duo"
+    trained: ClassVar[bool] = True
     gates: tuple[tuple[float, ...], ...]
     sink: int
     recent: int

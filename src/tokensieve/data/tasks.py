@@ -14,7 +14,9 @@ The tasks (``TASKS``; ``tokensieve eval --list-tasks``):
   tracking ``vt``, common-word extraction ``cwe`` and frequent-word extraction ``fwe``;
 * ``qa`` — reading comprehension over a long real text: the question quotes the start of a sentence at the given
   depth and the answer is the words that follow it;
-* ``ppl`` — perplexity of the continuation of a long real text (no question; query-agnostic only).
+* ``ppl`` — perplexity of the continuation of a long real text (no question; query-agnostic only);
+* ``prose`` — natural-text fidelity on held-out prose: KL and top-1 agreement to the full model over the next 128
+  tokens of text no trained profile saw (query-agnostic only).
 
 Haystack filler (``haystack``): ``"repeat"`` cycles a few fixed sentences (the classic passkey noise), ``"text"``
 uses sentences of a real text. Real text comes from ``text`` (see :mod:`tokensieve.data.text`).
@@ -646,6 +648,63 @@ class Perplexity(Task):
         raise ConfigError("The perplexity task is scored from log-likelihoods, not from generated text.")
 
 
+@dataclass(frozen=True)
+class Prose(Perplexity):
+    """Natural-text fidelity on held-out prose: the ``length`` tokens of text before a paragraph start are the
+    (compressed) context and the next ``continuation`` tokens are teacher-forced; a cell's KL to the full model and
+    top-1 agreement over them are the measurement (its score is their perplexity, lower is better). The text is the
+    held-out part of real sources (:func:`tokensieve.data.text.held_out_split`: the last 10 % of each, which no
+    trained profile saw), one source per seed in turn — the King James Bible, the Python reference topics, the
+    standard-library docstrings. No question: query-agnostic only."""
+
+    name: ClassVar[str] = "prose"
+    description: ClassVar[str] = "held-out prose (kjv, python-topics, stdlib by seed): KL / top-1 to the full model"
+    needs_text: ClassVar[bool] = False
+    continuation: ClassVar[int] = 128
+    sources: ClassVar[tuple[str, ...]] = ("kjv", "python-topics", "stdlib")
+
+    def check(self) -> None:
+        for name in self.sources:
+            text_source(name).check()
+
+    def options(self) -> dict[str, Any]:
+        return {"prose": [text_source(n).ident for n in self.sources]}
+
+    def make(self, tokenizer: Any, length: int, depth: float, seed: int) -> Sample:
+        from .text import held_out_split
+
+        source = text_source(self.sources[seed % len(self.sources)])
+        held = held_out_split(source.text())[1]
+        rng = random.Random(f"{self.name}/{seed}")
+        starts = [m.end() for m in re.finditer(r"\n\n", held)]
+        # starts with room for the context before them and the continuation after them, tried in a seeded order
+        room = [a for a in starts if a >= 3 * length and len(held) - a >= 8 * self.continuation]
+        rng.shuffle(room)
+        for at in room:
+            ctx_ids = encode(tokenizer, held[max(0, at - 12 * length) : at])
+            tgt_ids = encode(tokenizer, held[at : at + 40 * self.continuation])[: self.continuation]
+            if len(ctx_ids) >= length and len(tgt_ids) == self.continuation:
+                break
+        else:
+            raise ConfigError(
+                f"The held-out part of '{source.name}' is too short for {length} + {self.continuation} tokens; use a "
+                "shorter length."
+            )
+        ctx_ids = ctx_ids[-length:]
+        return Sample(
+            self.name,
+            tokenizer.decode(ctx_ids),
+            "",
+            (),
+            length,
+            0.0,
+            seed,
+            meta={"context_ids": ctx_ids, "target_ids": tgt_ids, "source": source.name},
+            target=tokenizer.decode(tgt_ids),
+            chat=False,
+        )
+
+
 TASK_CLASSES: tuple[type[Task], ...] = (
     Passkey,
     NiahSingle,
@@ -657,6 +716,7 @@ TASK_CLASSES: tuple[type[Task], ...] = (
     FrequentWords,
     ReadingQA,
     Perplexity,
+    Prose,
 )
 TASKS: dict[str, Task] = {cls.name: cls() for cls in TASK_CLASSES}
 

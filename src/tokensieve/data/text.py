@@ -8,6 +8,7 @@ spec string, and the profilers and the benchmark take their calibration text fro
 * ``"python-doc"`` — the Python documentation of the Debian package ``python3-doc`` (its HTML pages, tags removed);
 * ``"stdlib"`` — the docstrings of standard-library modules: real, varied English technical prose that every Python
   installation carries (it changes only with the Python version); :func:`calibration_text` is this source;
+* ``"python-topics"`` — the Python Language Reference's topic pages (Debian's ``libpython3.11-stdlib``);
 * ``"generated[:SEED]"`` — deterministic English-like sentences (tests, machines without the packages);
 * any other spec, or ``"file:PATH"`` — a UTF-8 text file of the user's.
 
@@ -276,6 +277,57 @@ class StdlibText(TextSource):
         return "\n\n".join(parts)
 
 
+TOPICS_GLOB = "/usr/lib/python3*/pydoc_data/topics.py"
+
+
+@dataclass(frozen=True, eq=True)
+class PythonTopicsText(TextSource):
+    """The Python Language Reference's topic pages as Debian ships them in ``libpython3.11-stdlib``
+    (``pydoc_data/topics.py``, read with ``ast``, never imported; the running CPython's copy of the same file when the
+    Debian one is missing), sorted by name. SP-KV's and the retention gates' training text."""
+
+    pattern: str = TOPICS_GLOB
+
+    @property
+    def name(self) -> str:
+        return "python-topics"
+
+    @property
+    def ident(self) -> str:
+        return f"python-topics:python-{python_version()}"
+
+    def load(self) -> str:
+        import ast
+
+        paths = sorted(glob.glob(self.pattern))
+        if not paths:
+            import pydoc_data
+
+            paths = [str(Path(pydoc_data.__file__).parent / "topics.py")]
+        for path in paths:
+            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "topics" for t in node.targets):
+                    pages = ast.literal_eval(node.value)
+                    if isinstance(pages, dict) and pages:
+                        return "\n\n".join(str(pages[k]).strip() for k in sorted(pages))
+        raise ConfigError("The Python reference topics (pydoc_data/topics.py) were not found: apt-get install "
+                          "libpython3.11-stdlib.")  # fmt: skip
+
+
+HELD_OUT_SHARE = 0.1
+
+
+def held_out_split(text: str, share: float = HELD_OUT_SHARE) -> tuple[str, str]:
+    """``(training part, held-out part)`` of a text: its last ``share`` (cut at the paragraph that starts there).
+    Learned profiles (``tokensieve train kvzap``) train on the first part only; the ``prose`` fidelity task reads the
+    held-out part, so its text was never seen by a trained gate."""
+    cut = int(len(text) * (1.0 - share))
+    at = text.find("\n\n", cut)
+    at = cut if at < 0 else at + 2
+    return text[:at], text[at:]
+
+
 def calibration_text(min_chars: int = CALIBRATION_CHARS) -> str:
     """The calibration corpus of the profilers and the benchmark: the ``stdlib`` source (at least ``min_chars``
     characters where the modules have that many)."""
@@ -286,12 +338,17 @@ def python_version() -> str:
     return ".".join(map(str, sys.version_info[:3]))
 
 
-PACKAGED: dict[str, type[TextSource]] = {"kjv": KJVText, "python-doc": PythonDocText, "stdlib": StdlibText}
+PACKAGED: dict[str, type[TextSource]] = {
+    "kjv": KJVText,
+    "python-doc": PythonDocText,
+    "stdlib": StdlibText,
+    "python-topics": PythonTopicsText,
+}
 
 
 def text_source(spec: str | TextSource) -> TextSource:
-    """A text source from a spec: ``kjv``, ``python-doc``, ``stdlib``, ``generated[:SEED]``, ``file:PATH`` or a
-    file path."""
+    """A text source from a spec: ``kjv``, ``python-doc``, ``stdlib``, ``python-topics``, ``generated[:SEED]``,
+    ``file:PATH`` or a file path."""
     if isinstance(spec, TextSource):
         return spec
     s = str(spec).strip()

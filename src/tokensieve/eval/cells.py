@@ -73,7 +73,8 @@ class SharedPrefill:
     def _estimate(press: Compressor, n: int) -> int:
         sh = press.shape
         itemsize = torch.empty((), dtype=press.model.dtype).element_size()
-        return sh.num_layers * n * sh.head_dim * (sh.num_q_heads + 2 * sh.num_kv_heads) * itemsize
+        per_token = sh.head_dim * (sh.num_q_heads + 2 * sh.num_kv_heads) + sh.hidden_size  # q, k, v, hidden state
+        return sh.num_layers * n * per_token * itemsize
 
 
 def teacher_force(press: Compressor, ctx: CachedContext, targets: list[int], *, stepwise: bool = False) -> Tensor:

@@ -39,7 +39,7 @@ from .store import is_visual
 FAMILIES = ("KV prefill", "decode", "sparse prefill", "learned", "visual")
 REFERENCE = "reference"
 # Methods whose profile holds trained weights (docs/LEARNED.md, docs/SPKV.md): the "learned" family.
-LEARNED_PROFILES = frozenset({"spkv", "retention"})
+LEARNED_PROFILES = frozenset({"spkv", "retention", "kvzap"})
 QUESTION_TYPES = ("attribute", "existence", "counting", "spatial", "reading")  # the order of data/scenes.py
 
 

@@ -65,8 +65,10 @@ class BatchedCaches(SieveCache):
         scaling: float,
         positions: Tensor | None = None,
         mods: Modifiers = PLAIN,
+        hidden: Tensor | None = None,
     ) -> Tensor:
-        """q ``(B, H_q, L, D)``, k/v ``(B, H_kv, L, D)`` with ``B == len(caches)``; returns ``(B, H_q, L, D)``."""
+        """q ``(B, H_q, L, D)``, k/v ``(B, H_kv, L, D)`` (hidden ``(B, L, d)`` or None) with ``B == len(caches)``;
+        returns ``(B, H_q, L, D)``."""
         B = q.shape[0]
         if len(self.caches) != B:
             raise RuntimeError(f"A batch of {B} rows was run over {len(self.caches)} caches.")
@@ -78,7 +80,8 @@ class BatchedCaches(SieveCache):
             pos = None if positions is None else positions[b : b + 1] if positions.shape[0] == B else positions
             mask = None if padding_mask is None else padding_mask[b : b + 1]
             try:
-                out = cache.attend(layer_idx, q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, scaling, pos, mods)
+                h = None if hidden is None else hidden[b : b + 1]
+                out = cache.attend(layer_idx, q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, scaling, pos, mods, h)
             except Exception as exc:  # this row's own cache failed: fail its request alone
                 self.failures[b] = exc
                 out = torch.zeros_like(q[b : b + 1])

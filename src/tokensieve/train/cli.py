@@ -164,6 +164,9 @@ def add_commands(sub: Any) -> None:
     from .retention import add_commands as add_retention_commands  # `tokensieve train retention`: global gates
 
     add_retention_commands(tsub)
+    from .kvzap import add_commands as add_kvzap_commands  # `tokensieve train kvzap`: KVzap's surrogates
+
+    add_kvzap_commands(tsub)
     v = tsub.add_parser("vlm", help="train the embedded VLM on procedural scenes (resumable; see docs/VLM.md)")
     _train_args(v)
     v.set_defaults(func=cmd_train_vlm)

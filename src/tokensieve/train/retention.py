@@ -57,6 +57,7 @@ class RetentionTrainConfig(SPKVTrainConfig):
     lr: float = 3e-3
     threads: int = 1
     collect_minutes: float = 25.0
+    sources: str = ""  # the shipped gates' text: the Python reference topics (SPKVTrainer.sequences)
 
     def age_list(self) -> list[int]:
         try:

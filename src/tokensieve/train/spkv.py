@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from ..methods.kv.spkv_gate import KIND, GateNet, gate_features, gates_to_dict
 from ..selection import Selection
 
 DEBIAN_TOPICS = "/usr/lib/python3*/pydoc_data/topics.py"
+SOURCES = "kjv,python-topics,stdlib,python-doc,generated"  # every real text source of tokensieve.data.text
 TAU_GRID = [round(0.02 * i, 2) for i in range(1, 50)]  # 0.02 … 0.98
 
 
@@ -80,8 +82,27 @@ class SPKVTrainConfig:
     checkpoint_every: int = 100
     threads: int = 2
     collect_minutes: float = 0.0
+    sources: str = SOURCES
+    input: str = "kv"
+    target: str = "attention"
+    hard_steps: int = 0
+    hard_tau: float = 0.5
+    hard_density: float = 0.25
+    hard_weight: float = 1.0
+    hard_lr: float = 1e-3
 
     def check(self) -> None:
+        if self.input not in ("kv", "hidden"):
+            raise ConfigError(
+                f"--input is kv (keys and values) or hidden (the layer's hidden state); got {self.input!r}."
+            )
+        if self.target not in ("attention", "kvzip+"):
+            raise ConfigError(f"--target is attention (the oracle beyond the window) or kvzip+; got {self.target!r}.")
+        if self.hard_steps < 0 or not 0 < self.hard_tau < 1 or not 0 < self.hard_density <= 1:
+            raise ConfigError("--hard-steps must be >= 0, --hard-tau in (0, 1) and --hard-density in (0, 1].")
+        if not (math.isfinite(self.hard_weight) and self.hard_weight >= 0 and math.isfinite(self.hard_lr)
+                and self.hard_lr > 0):  # fmt: skip
+            raise ConfigError("--hard-weight must be a number >= 0 and --hard-lr a number > 0.")
         if self.length < self.window + self.horizon + 16:
             raise ConfigError(f"--length must exceed window + horizon + 16 = {self.window + self.horizon + 16}.")
         if min(self.sequences, self.heldout, self.samples, self.steps, self.batch, self.window, self.horizon) < 1:
@@ -150,6 +171,58 @@ def token_sequences(tokenizer: Any, length: int, seed: int) -> tuple[list[list[i
     random.Random(seed).shuffle(train)
     random.Random(seed + 1).shuffle(held)
     return train, held, origin
+
+
+def source_texts(names: list[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """``{source: (training part, held-out part)}`` of the sources that are installed, and notes on the others."""
+    from ..data.text import held_out_split, text_source
+
+    out: dict[str, tuple[str, str]] = {}
+    notes = []
+    for name in names:
+        try:
+            out[name] = held_out_split(text_source(name).text())
+        except ConfigError as exc:
+            notes.append(f"{name} skipped: {exc}")
+    if not out:
+        raise ConfigError("None of the --sources is installed: " + "; ".join(notes))
+    return out, notes
+
+
+def passages(tokenizer: Any, text: str, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """``n`` texts of ``lo``–``hi`` tokens (length drawn per text) starting at paragraph starts spread evenly over
+    ``text`` (each from the ``k``-th ``n``-th of it); fewer where the text is too short for more."""
+    rng = random.Random(seed)
+    starts = [0] + [m.end() for m in re.finditer(r"\n\n", text)]
+    out: list[list[int]] = []
+    for k in range(n):
+        want = rng.randint(lo, hi)
+        aim = len(text) * k // n
+        i = next((j for j, s in enumerate(starts) if s >= aim), len(starts) - 1)
+        ids = list(tokenizer(text[starts[i] : starts[i] + 12 * want], add_special_tokens=False)["input_ids"])
+        if len(ids) >= want:
+            out.append(ids[:want])
+    return out
+
+
+def source_sequences(
+    tokenizer: Any, sources: list[str], n: int, n_held: int, lo: int, hi: int, seed: int
+) -> tuple[list[list[int]], list[list[int]], str]:
+    """``n`` training texts (from the training parts of the sources, about as many from each, shuffled with
+    ``seed``) and ``n_held`` held-out texts (from their held-out parts) of ``lo``–``hi`` tokens, and their origin."""
+    texts, notes = source_texts(sources)
+    k = len(texts)
+    train: list[list[int]] = []
+    held: list[list[int]] = []
+    for j, (_name, (part, rest)) in enumerate(sorted(texts.items())):
+        train += passages(tokenizer, part, -(-n // k), lo, hi, seed + j)
+        held += passages(tokenizer, rest, -(-n_held // k), lo, hi, seed + 1000 + j)
+    random.Random(seed).shuffle(train)
+    random.Random(seed + 1).shuffle(held)
+    origin = (
+        "training / held-out parts of " + ", ".join(sorted(texts)) + ("" if not notes else f" ({'; '.join(notes)})")
+    )
+    return train[:n], held[:n_held], origin
 
 
 # ------------------------------------------------------------------------------------------------------ oracle
@@ -236,9 +309,22 @@ class SPKVTrainer:
     # -- stage 1 -----------------------------------------------------------------------------------------------
     def key_range(self) -> tuple[int, int]:
         """(keys of a training sequence whose whole horizon lies in it — the keys sampled from —, keys of a held-out
-        sequence kept: every key out of the window at the end). A subclass trains on other keys."""
+        sequence kept: every key out of the window at the end). A subclass trains on other keys. With the KVzip+
+        target every key of the text has its score."""
         c = self.cfg
+        if c.target == "kvzip+":
+            return c.length, c.length
         return c.length - c.window - c.horizon + 1, c.length - c.window + 1
+
+    def sequences(self, tokenizer: Any) -> tuple[list[list[int]], list[list[int]], str]:
+        """Training and held-out sequences of ``--length`` tokens: from the training / held-out parts of every text
+        source (``--sources``), or — ``--sources ""`` — the Python reference topics cut in chunks, every tenth held
+        out (the shipped gates' recipe)."""
+        c = self.cfg
+        names = [x.strip() for x in c.sources.split(",") if x.strip()]
+        if not names:
+            return token_sequences(tokenizer, c.length, c.seed)
+        return source_sequences(tokenizer, names, c.sequences, c.heldout, c.length, c.length, c.seed)
 
     def target(self, ctx: LayerContext) -> Tensor:
         """``(H_kv, T, ...)`` training target of every key of one layer: SP-KV's oracle (a subclass may change it)."""
@@ -253,7 +339,7 @@ class SPKVTrainer:
         c = self.cfg
         model, tok = self.model()
         shape = model_shape(model)
-        train, held, origin = token_sequences(tok, c.length, c.seed)
+        train, held, origin = self.sequences(tok)
         if len(train) < c.sequences or len(held) < c.heldout:
             raise ConfigError(
                 f"The training text gives {len(train)} training and {len(held)} held-out sequences of {c.length} "
@@ -284,16 +370,37 @@ class SPKVTrainer:
             else:
                 idx = torch.arange(held_keys)
 
+            fwd, original, repeated = ids, (0, len(ids)), (0, 0)
+            if c.target == "kvzip+":  # the text, then its repetition: KVzip+ scores of the text's tokens
+                from .kvzip_target import repeat_prompt
+
+                fwd, original, repeated = repeat_prompt(tok, ids)
+
             def grab(
-                ctx: LayerContext, idx: Tensor = idx, feats: list[Tensor] = feats, orc: list[Tensor] = orc
-            ) -> None:
-                rope = shape.rope_of(ctx.layer_idx)
-                f = gate_features(ctx.keys, ctx.values, ctx.positions, rope)[0]  # (T, F)
+                ctx: LayerContext, idx: Tensor = idx, feats: list[Tensor] = feats, orc: list[Tensor] = orc,
+                original: tuple[int, int] = original, repeated: tuple[int, int] = repeated,
+            ) -> None:  # fmt: skip
+                if c.input == "hidden":
+                    if ctx.hidden is None:
+                        raise ConfigError("The hidden states of the model's attention layers could not be captured.")
+                    f = ctx.hidden[0, original[0] : original[1]].float()  # (T, d)
+                else:
+                    f = gate_features(ctx.keys, ctx.values, ctx.positions, shape.rope_of(ctx.layer_idx))[0]
+                    f = f[original[0] : original[1]]
                 feats.append(f[idx].half())
-                orc.append(self.target(ctx)[:, idx].transpose(0, 1).contiguous())  # (n, H, ...)
+                if c.target == "kvzip+":
+                    from .kvzip_target import kvzip_plus
+
+                    out_proj = ctx.run.weights.out_proj[ctx.layer_idx] if ctx.run.weights is not None else None
+                    if out_proj is None:
+                        raise ConfigError("KVzip+ needs the attention output projection, which was not found.")
+                    o = kvzip_plus(ctx, out_proj, original, repeated).exp()  # (H, T): the score itself
+                else:
+                    o = self.target(ctx)
+                orc.append(o[:, idx].transpose(0, 1).contiguous())  # (n, H, ...)
 
             with torch.no_grad():
-                Compressor(model, _Observe(callback=grab), 1.0).prefill(torch.tensor([ids]))
+                Compressor(model, _Observe(callback=grab), 1.0).prefill(torch.tensor([fwd]))
             dest = self.out / kind / f"{i:04d}.pt"
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_suffix(".tmp")
@@ -416,14 +523,21 @@ class SPKVTrainer:
 
         origin = self.collect()
         net = self.fit()
+        if self.cfg.hard_steps:
+            from .spkv_hard import hard_gate_stage
+
+            _, tok = self.model()
+            net = hard_gate_stage(self, net, self.sequences(tok)[0][: self.cfg.sequences])
         dens, metrics = self.calibrate(net)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         model, _ = self.model()
         shape = model_shape(model)
-        settings = {**asdict(self.cfg), "text": origin, "objective": "bce to sigmoid((log o - log eps)/temperature)"}
+        target = "KVzip+ score" if self.cfg.target == "kvzip+" else "largest attention beyond the window"
+        settings = {**asdict(self.cfg), "text": origin,
+                    "objective": f"bce to sigmoid((log o - log eps)/temperature), o = {target}"}  # fmt: skip
         settings.pop("out")
         prof = Profile(KIND, shape.key, shape_dict(shape), settings, gates_to_dict(net.export(), self.cfg.window,
-                       self.cfg.hidden, TAU_GRID, dens), version=_version())  # fmt: skip
+                       self.cfg.hidden, TAU_GRID, dens, self.cfg.input), version=_version())  # fmt: skip
         return save_profile(prof, self.out / "final" / f"{KIND}.json")
 
 
@@ -493,6 +607,18 @@ _HELP = {
     "checkpoint_every": "steps between checkpoints",
     "threads": "torch CPU threads",
     "collect_minutes": "> 0: stop collecting after this many minutes and fit on the shards so far (rerun to add more)",
+    "sources": "comma-separated text sources (their training parts; held-out sequences from their held-out parts); "
+    "'' = the Python reference topics, every tenth chunk held out (the first shipped gate's recipe)",
+    "input": "what the gate reads: kv (keys with RoPE undone and values) or hidden (the layer's hidden state, as the "
+    "paper's predictor)",
+    "target": "attention (the largest attention weight a key gets beyond the window) or kvzip+ (its KVzip+ score, "
+    "a query-agnostic oracle: the text is followed by its repetition; --epsilon is then the KVzip+ level)",
+    "hard_steps": "> 0: after the oracle fit, this many steps of the hard-gate stage (KL to the full model through "
+    "the hard gate, straight-through gradient; see train/spkv_hard.py)",
+    "hard_tau": "the threshold of the hard gate during that stage",
+    "hard_density": "the out-of-window density that stage aims at",
+    "hard_weight": "weight of the density term of that stage",
+    "hard_lr": "peak learning rate of that stage (cosine to 0)",
 }
 
 

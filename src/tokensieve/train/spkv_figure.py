@@ -36,8 +36,10 @@ def gate_utilities(model: Any, ids: list[int], profile: Any = None) -> tuple[tor
     rows: list[torch.Tensor] = []
 
     def grab(ctx: Any) -> None:
-        rope = shape.rope_of(ctx.layer_idx)
-        feats = gate_features(ctx.keys, ctx.values, ctx.positions, rope)
+        if gates.input == "hidden":  # a gate trained with --input hidden reads the layer's hidden state
+            feats = ctx.hidden
+        else:
+            feats = gate_features(ctx.keys, ctx.values, ctx.positions, shape.rope_of(ctx.layer_idx))
         rows.append(gates.utility(ctx.layer_idx, feats)[0].float())  # (T, H)
 
     with torch.no_grad():

@@ -87,7 +87,8 @@ def test_methods_that_change_the_forward_pass_are_refused(tiny_model, tiny_profi
 def test_a_recording_replays_only_its_own_prompt_in_one_pass(tiny_model):
     ids = torch.tensor([prompts()[0]])
     rec = ts.compress(tiny_model, "full").record_prefill(ids)
-    assert rec.nbytes == sum(t.numel() * 4 for r in rec.layers for t in (r.q, r.k, r.v))
+    assert all(r.hidden is not None for r in rec.layers)  # the hidden states the layers read ride along (KVzap)
+    assert rec.nbytes == sum(t.numel() * 4 for r in rec.layers for t in (r.q, r.k, r.v, r.hidden))
     with pytest.raises(ts.ConfigError, match="another prompt"):
         ts.compress(tiny_model, "snapkv", 0.5).prefill(ids[:, 1:], replay=rec)
     other = ids.clone()

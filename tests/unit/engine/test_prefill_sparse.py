@@ -299,7 +299,7 @@ def test_minference_vertical_slash_on_a_hand_made_case():
 
 
 def test_minference_diagonals_map_to_the_blocks_they_cross():
-    from tokensieve.methods import minference as mi
+    from tokensieve.methods.kv import minference as mi
     from tokensieve.methods.kv._sparse_prefill import BlockGrid
 
     T, b = 256, 32  # 8 blocks; the 100 forced diagonals cross block offsets 0..4 (offset 99 lies in 3 and 4)

@@ -256,3 +256,20 @@ def test_sentence_splitting_and_html():
     assert html_to_text("<html><head><title>t</title></head><body><p>" + "word " * 20 + "&amp;</p></body>") == (
         "word " * 20 + "&"
     )
+
+
+def test_prose_reads_only_held_out_text_of_each_source_in_turn():
+    from tokensieve.data.text import held_out_split
+
+    task = get_task("prose")
+    for seed in range(3):
+        s = task.make(TOK, 800, 0.0, seed)
+        source = task.sources[seed % 3]
+        assert s.meta["source"] == text_source(source).name
+        assert not s.chat
+        assert len(s.ids(TOK).context) == 800
+        assert len(s.target_ids(TOK)) == 128
+        held = held_out_split(text_source(source).text())[1]
+        flat = " ".join(held.split())  # the character tokenizer decodes newlines as spaces
+        assert " ".join((s.context + s.target).split()) in flat  # context and continuation: held-out text, in order
+    assert task.options()["prose"][0] == "kjv"

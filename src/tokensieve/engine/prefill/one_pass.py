@@ -80,7 +80,7 @@ class OnePass(PrefillMode):
             self.run = make_run(self.plan, n_tokens)
             self.stats.compressed_tokens = n_tokens.tolist()
             self.stats.budget_tokens = self.run.budget_tokens.tolist()
-        return LayerContext(c.layer_idx, c.q, c.k, c.v, valid, c.scaling, self.run, tail=self.tail)
+        return LayerContext(c.layer_idx, c.q, c.k, c.v, valid, c.scaling, self.run, tail=self.tail, hidden=c.hidden)
 
     def compress(self, c: Chunk, ctx: LayerContext, out: Tensor | None) -> Fresh:
         """score → select → apply for the layer, now."""

@@ -54,7 +54,8 @@ def replay(cache: SieveCache, record: PrefillRecord) -> None:
     for c in record.layers:
         if cache.layers[c.layer_idx].store is not None:
             raise RuntimeError(f"Layer {c.layer_idx} already holds a prefill; a replay needs a fresh cache.")
-        cache.take(replace(c, q=c.q.clone(), k=c.k.clone(), v=c.v.clone()), output=False)
+        hidden = None if c.hidden is None else c.hidden.clone()
+        cache.take(replace(c, q=c.q.clone(), k=c.k.clone(), v=c.v.clone(), hidden=hidden), output=False)
 
 
 __all__ = ["PrefillRecord", "Recording", "replay"]

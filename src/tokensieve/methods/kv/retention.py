@@ -67,12 +67,20 @@ class Retention(PrefillMethod, DecodeMethod):
     layer's and head's scores on one scale, so that **one** global policy keeps the best entries of the whole model
     under one memory budget — each (layer, KV head) ends with its own number of entries (ragged cache).
 
-    Rule at the end of the prompt (the next query at position ``n``; entry ``i`` of age ``a = n − i``):
-    ``log G_i = a · log β_i`` (``lookahead = 1``, the code's default; ``lookahead = m`` scores the retention summed
-    over the next ``m`` steps, ``β^a (1 − β^m) / (1 − β)``), then keep the ``L · H_kv · b`` highest ``log G`` of
+    Rule at the end of the prompt (``n`` tokens; entry ``i`` of age ``a = n + 1 − i``, as the authors' cache computes
+    it after the prefill: ``q_idx − position`` with ``q_idx`` = tokens seen + 1): ``log G_i = a · log β_i``
+    (``lookahead = 1``, the code's default; ``lookahead = m`` scores the retention summed over the next ``m`` steps,
+    ``β^a (1 − β^m) / (1 − β)``), then keep the ``L · H_kv · b`` highest ``log G`` of
     the whole model (``b`` = the run's per-head budget: the same total as a uniform method at that budget), protected
     tokens first. ``allocation="uniform"`` keeps the top ``b`` of each head instead (per-head budgets, i.e. the
     earlier TRIM-KV policy, for comparison).
+
+    The authors' options (``DynamicBudgetTrimKVCache.compress``): ``floor`` (their ``floor_budget_ratio``) reserves
+    ``int(floor · b)`` entries for every head — the global top-k then picks ``int(L · H_kv · b · (1 − floor))``
+    entries and each head keeps its share plus the floor, its own best (at most all it holds); ``threshold`` (their
+    ``alpha_threshold`` with the ``alpha_threshold`` strategy) replaces the budget: every entry whose ``G = β^age``
+    is below it is evicted, at the end of the prompt and after every decode step (``retention[threshold=0.01]``;
+    the density follows the text, the budget plays no part).
 
     Choices: ``sink`` and ``window`` (tokens always kept at the start / end) default to 0 as in the authors' code;
     the gate learns whether to keep the first token. The paper trains the gates with a KL loss to the full model
@@ -83,7 +91,8 @@ class Retention(PrefillMethod, DecodeMethod):
     with its own ``log β``; once a sequence holds more than ``L · H_kv · (M + buffer)`` entries (``M`` = the
     per-head budget of its prompt), all its entries are re-scored with their current age and the global top
     ``L · H_kv · M`` kept — the policy of the prefill, amortised over ``buffer`` steps (the authors' model cards use
-    32). The check runs at the last layer of each step, after every layer stored the new token. A budget that
+    32). The check runs after the last layer of each step attended (as the authors' cache compresses after the
+    forward pass), with ages ``t + 2 − p`` for the token written at step ``t`` (seen ``t + 1``). A budget that
     covers the whole prompt evicts nothing, prompt or generated (keep-all = the full cache). The decode rule runs
     only after this method's own prefill (the ``log β`` of the stored prompt entries come from it).
     """
@@ -113,6 +122,8 @@ class Retention(PrefillMethod, DecodeMethod):
     lookahead: int = 1
     allocation: Literal["global", "uniform"] = "global"
     buffer: int = 32
+    floor: float = 0.0
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 0:
@@ -123,6 +134,24 @@ class Retention(PrefillMethod, DecodeMethod):
             raise ConfigError(f"retention: buffer must be >= 1, got {self.buffer}.")
         if self.allocation not in ("global", "uniform"):
             raise ConfigError(f"retention: allocation must be 'global' or 'uniform', got {self.allocation!r}.")
+        if not 0.0 <= self.floor < 1.0:
+            raise ConfigError("retention: floor (the share of each head's budget reserved to it) must be in [0, 1).")
+        if self.floor and self.allocation != "global":
+            raise ConfigError("retention: floor reserves part of a global budget; it needs allocation=global.")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"retention: threshold is a retention G = beta^age in [0, 1], got {self.threshold}.")
+        if self.threshold is not None and self.floor:
+            raise ConfigError(
+                "retention: the threshold strategy has no budget to reserve a floor of (the authors too)."
+            )
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.threshold is None  # a threshold decides what is kept; the budget then plays no part
+
+    def _log_threshold(self) -> float:
+        assert self.threshold is not None
+        return math.log(self.threshold) if self.threshold > 0 else float("-inf")
 
     def protected(self) -> tuple[int, int]:
         return self.sink, self.window
@@ -142,8 +171,8 @@ class Retention(PrefillMethod, DecodeMethod):
         feats = gate_features(ctx.keys, ctx.values, ctx.positions, rope)  # (B, T, F)
         log_beta = gates.log_beta(ctx.layer_idx, feats).permute(0, 2, 1)  # (B, H, T)
         pos = ctx.positions
-        newest = pos.max(-1, keepdim=True).values  # (B, 1): the last real token; the next query is one later
-        age = (newest + 1 - pos).clamp_min(1)[:, None, :]
+        newest = pos.max(-1, keepdim=True).values  # (B, 1): the last real token
+        age = (newest + 2 - pos).clamp_min(1)[:, None, :]  # the authors' q_idx - position, q_idx = seen + 1
         scores = log_retention_score(log_beta, age, self.lookahead)
         ctx.run.scratch[(KIND, ctx.layer_idx)] = scores
         ctx.run.scratch[(KIND, "log_beta", ctx.layer_idx)] = log_beta  # what decoding re-scores with later ages
@@ -151,7 +180,7 @@ class Retention(PrefillMethod, DecodeMethod):
 
     # -- allocate: one global top-k over layers, heads and tokens ------------------------------------------------------
     def layer_counts(self, ctx: LayerContext) -> Tensor:
-        if self.allocation == "uniform":
+        if self.allocation == "uniform" and self.threshold is None:
             return super().layer_counts(ctx)
         key = (KIND, "plan")
         if key not in ctx.run.scratch:
@@ -162,10 +191,23 @@ class Retention(PrefillMethod, DecodeMethod):
                 s = torch.stack([ctx.run.scratch[(KIND, layer)][b] for layer in range(L)]).float()  # (L, H, T)
                 s = s.masked_fill(sink_m[b] | recent_m[b], float("inf"))  # protected tokens first
                 s = s.masked_fill(~ctx.selectable[b], float("-inf"))
-                total = min(L * H * int(ctx.run.budget_tokens[b]), int((s > float("-inf")).sum()))
-                rows.append(pooled_counts(s.reshape(L * H, -1), total).reshape(L, H))
+                rows.append(self._counts(s.reshape(L * H, -1), int(ctx.run.budget_tokens[b])).reshape(L, H))
             ctx.run.scratch[key] = torch.stack(rows)  # (B, L, H)
         return ctx.run.scratch[key][:, ctx.layer_idx].clone()
+
+    def _counts(self, s: Tensor, memory: int) -> Tensor:
+        """``(R,)`` entries each of the ``R`` rows of one sequence keeps, from the scores ``s`` ``(R, n)`` (``+inf``:
+        protected, ``-inf``: not an entry) and the per-head budget ``memory``: the threshold's count, the global
+        top-k, or the global top-k of the budget less the floors plus each head's floor (``floor``)."""
+        held = (s > float("-inf")).sum(-1)
+        if self.threshold is not None:
+            return (s >= self._log_threshold()).sum(-1)
+        if memory >= int(held.max()):  # the budget covers every entry: keep all (the floor's rounding would not)
+            return held
+        R = s.shape[0]
+        reserve = int(memory * self.floor)
+        total = min(int(R * memory * (1.0 - self.floor)) if self.floor else R * memory, int(held.sum()))
+        return torch.minimum(pooled_counts(s, total) + reserve, held)
 
     # -- decode: the same global policy, amortised over `buffer` steps ------------------------------------------------
     def decode_store(self, store: KVStore) -> RaggedKV:
@@ -198,27 +240,33 @@ class Retention(PrefillMethod, DecodeMethod):
         shared = layer.run.scratch.get((KIND, "decode"))
         if shared is None:
             memory = layer.run.budget_tokens.clone()
-            shared = _DecodeShared({}, memory, memory < ctx.run.n_tokens)
+            active = memory < ctx.run.n_tokens if self.threshold is None else torch.ones_like(memory, dtype=torch.bool)
+            shared = _DecodeShared({}, memory, active)
             layer.run.scratch[(KIND, "decode")] = shared
         shared.layers[layer.index] = layer
         return _DecodeLayerState(gates, layer.run.shape.rope_of(layer.index), table, store.sizes())
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
-        if layer.index == layer.run.shape.num_layers - 1:
-            self.evict(layer.run)  # every layer holds the new token now
         store = layer.store
         layer.run.bytes_read += store.kv_bytes()
-        return store.attend(q, layer.scaling)
+        out = store.attend(q, layer.scaling)
+        if layer.index == layer.run.shape.num_layers - 1:
+            self.evict(layer.run)  # every layer attended with the new token: compress after the step, as the authors
+        return out
 
     def evict(self, run: DecodeRun) -> int:
         """Keep, for every sequence over ``L · H_kv · (M + buffer)`` entries, the global top ``L · H_kv · M`` by
-        ``log G`` at the current step (protected sinks and window first). Returns the number of entries evicted."""
+        ``log G`` at the current step (protected sinks and window first; with ``floor``, the global top of the budget
+        less the floors and each head's floor; with ``threshold``, at every step, the entries with ``G`` at or above
+        it). Returns the number of entries evicted."""
         shared: _DecodeShared = run.scratch[(KIND, "decode")]
         layers = [shared.layers[i] for i in sorted(shared.layers)]
         stores: list[RaggedKV] = [dl.store for dl in layers]  # type: ignore[misc]
         H, L = stores[0].heads, len(layers)
         totals = torch.stack([s.lengths().sum(-1) for s in stores]).sum(0)  # (B,)
-        due = shared.active & (totals > L * H * (shared.memory + self.buffer))
+        due = shared.active.clone()
+        if self.threshold is None:
+            due &= totals > L * H * (shared.memory + self.buffer)
         if not bool(due.any()):
             return 0
         positions = [s.entry_positions() for s in stores]  # (R, n_l) each
@@ -233,14 +281,17 @@ class Retention(PrefillMethod, DecodeMethod):
             for dl, pos in zip(layers, positions):
                 p = pos[rows]
                 st: _DecodeLayerState = dl.state
-                s = log_retention_score(st.log_beta[rows, : p.shape[1]], (newest + 1 - p).clamp_min(1), self.lookahead)
+                s = log_retention_score(st.log_beta[rows, : p.shape[1]], (newest + 2 - p).clamp_min(1), self.lookahead)
                 s = s.masked_fill((p >= 0) & ((p < self.sink) | (p > newest - self.window)), float("inf"))
                 scores.append(s.masked_fill(p < 0, float("-inf")).flatten())
             flat = torch.cat(scores)
-            total = L * H * int(shared.memory[b])
-            order = torch.sort(flat, descending=True, stable=True).indices[:total]
-            chosen = torch.zeros_like(flat, dtype=torch.bool)
-            chosen[order] = True
+            if self.threshold is None and not self.floor:
+                total = L * H * int(shared.memory[b])
+                order = torch.sort(flat, descending=True, stable=True).indices[:total]
+                chosen = torch.zeros_like(flat, dtype=torch.bool)
+                chosen[order] = True
+            else:
+                chosen = self._chosen(scores, H, int(shared.memory[b]))
             start = 0
             for li, pos in enumerate(positions):
                 size = pos[rows].numel()
@@ -257,6 +308,19 @@ class Retention(PrefillMethod, DecodeMethod):
             st.known = kept.sum(1)
         shared.evictions += 1
         return evicted
+
+    def _chosen(self, scores: list[Tensor], H: int, memory: int) -> Tensor:
+        """The entries one sequence keeps (flattened as ``scores``, one ``(H · n_l,)`` block per layer) under the
+        threshold or the floor: each (layer, head) row keeps its count (:meth:`_counts`) of its best entries."""
+        widths = [x.numel() // H for x in scores]
+        n = max(widths)
+        rows = torch.cat([torch.nn.functional.pad(x.view(H, w), (0, n - w), value=float("-inf"))
+                          for x, w in zip(scores, widths)])  # (L * H, n)  # fmt: skip
+        counts = self._counts(rows, memory)
+        order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros_like(rows, dtype=torch.bool)
+        keep.scatter_(1, order, torch.arange(n)[None, :] < counts[:, None])
+        return torch.cat([keep[i * H : (i + 1) * H, :w].flatten() for i, w in enumerate(widths)])
 
     def _score_new(self, dl: DecodeLayer, pos: Tensor, due: Tensor) -> None:
         """Give the entries stored since the last eviction (every KV head of a sequence holds them) their log β."""

@@ -49,6 +49,8 @@ class RetentionGates(ProfileData):
     """
 
     kind: ClassVar[str] = KIND
+    command: ClassVar[str] = "tokensieve train retention --model {model}"
+    trained: ClassVar[bool] = True
     w1: Tensor
     b1: Tensor
     w2: Tensor

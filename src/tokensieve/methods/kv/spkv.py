@@ -8,34 +8,33 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...cache.decode import DecodeLayer, DecodeMethod
-from ...cache.storage import KVStore, RaggedKV, as_ragged
+from ...cache.decode import DecodeLayer
+from ...cache.ragged import RaggedKV
 from ...core.capabilities import Apply, Capabilities, Phase
 from ...core.context import LayerContext, ModelShape, Rope
-from ...core.method import Compressed, PrefillMethod
+from ...core.method import Compressed
 from ...core.registry import register
 from ...errors import CapabilityError, ConfigError
 from ...selection import Selection
+from ._window_gate import COMPACT, GateState, ScoreTable, WindowGate
 from .spkv_gate import KIND, SPKVGates, gate_features
 
 _PREFILLED = "spkv:prefilled"  # RunState.scratch marker: the prompt was already decided by SP-KV's prefill
 
 
 @dataclass
-class _LayerState:
-    """What SP-KV keeps per layer while decoding."""
+class _LayerState(GateState):
+    """What SP-KV keeps per layer while decoding (besides the window gate's state)."""
 
-    gates: SPKVGates
-    rope: Rope | None
-    tau: Tensor  # (B,) threshold per sequence
-    window: int
-    decided: Tensor  # (B,) long: positions below this were decided (written or dropped) already
-    dropped: int = 0  # entries dropped while decoding (all rows)
+    gates: SPKVGates | None = None
+    rope: Rope | None = None
+    tau: Tensor | None = None  # (B,) threshold per sequence
+    table: ScoreTable | None = None  # a hidden-state gate: every token's utility, kept from when it was written
 
 
 @register
 @dataclass(frozen=True)
-class SPKV(PrefillMethod, DecodeMethod):
+class SPKV(WindowGate):
     """SP-KV — Self-Pruned Key-Value Attention (Szilvasy, Faysse, Lomeli, Douze, Mazaré, Cabannes, Yih, Jégou;
     arXiv:2605.14037): a light predictor scores every KV pair's future utility ``u ∈ (0, 1)`` per layer and KV
     head; the pair is always visible while it is among the ``w`` most recent tokens, and when it leaves that window
@@ -75,8 +74,8 @@ class SPKV(PrefillMethod, DecodeMethod):
         head_adaptive=True,
         layer_adaptive=True,
         profile=KIND,
-        rescorable=False,
-        decodes_itself=True,
+        rescorable=False,  # decides each pair once, from its own keys and values
+        decodes_itself=True,  # the Compressor also runs it while decoding (no '+decode' needed)
     )
 
     tau: float | None = None
@@ -130,9 +129,24 @@ class SPKV(PrefillMethod, DecodeMethod):
         return torch.tensor(out, dtype=torch.float32)
 
     def utilities(
-        self, gates: SPKVGates, layer: int, keys: Tensor, values: Tensor, positions: Tensor, rope: Rope | None
+        self,
+        gates: SPKVGates,
+        layer: int,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        rope: Rope | None,
+        hidden: Tensor | None = None,
     ) -> Tensor:
-        """``(B, H_kv, T)`` utility of every entry: keys/values ``(B, H_kv, T, D)``, positions ``(B, T)``."""
+        """``(B, H_kv, T)`` utility of every entry: keys/values ``(B, H_kv, T, D)``, positions ``(B, T)``; hidden
+        ``(B, T, d)`` the hidden states the layer read (what a hidden-state gate reads)."""
+        if gates.input == "hidden":
+            if hidden is None:
+                raise CapabilityError(
+                    "This spkv gate reads the hidden state each attention layer receives, which this run did not "
+                    "capture (or the token was written before SP-KV's own prefill); use a gate trained with --input kv."
+                )
+            return gates.utility(layer, hidden).permute(0, 2, 1)
         feats = gate_features(keys, values, positions, rope)
         return gates.utility(layer, feats).permute(0, 2, 1)
 
@@ -140,7 +154,7 @@ class SPKV(PrefillMethod, DecodeMethod):
     def score(self, ctx: LayerContext) -> Tensor:
         gates = self._gates(ctx.run.profile)
         rope = ctx.run.shape.rope_of(ctx.layer_idx)
-        return self.utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope)
+        return self.utilities(gates, ctx.layer_idx, ctx.keys, ctx.values, ctx.positions, rope, ctx.hidden)
 
     def compress(self, ctx: LayerContext) -> Compressed:
         gates = self._gates(ctx.run.profile)
@@ -155,15 +169,10 @@ class SPKV(PrefillMethod, DecodeMethod):
         return Compressed(Selection.from_mask(keep))
 
     # -- decode ---------------------------------------------------------------------------------------------------
-    def decode_store(self, store: KVStore) -> RaggedKV:
-        """The store SP-KV decodes from: the prefill's ragged store as it is, or a dense one as ragged rows (the
-        cache asks for it instead of converting to equal-length rows)."""
-        return as_ragged(store)
-
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> _LayerState:
         gates = self._gates(layer.run.profile)
         store: RaggedKV = layer.store  # type: ignore[assignment]  # decode_store made it ragged
-        lengths_seen = self._newest(store) + 1  # (B,) real tokens seen per sequence
+        lengths_seen = self.newest(store) + 1  # (B,) real tokens seen per sequence
         w = self.window_for(gates)
         if ctx is not None and ctx.run.scratch.get(_PREFILLED):
             tau = self.thresholds(gates, ctx.run.n_tokens, ctx.run.budget_tokens)
@@ -171,113 +180,35 @@ class SPKV(PrefillMethod, DecodeMethod):
         else:  # after another prefill: every stored prompt token is decided at the first step
             tau = self.thresholds(gates, lengths_seen, layer.run.budget_tokens)
             decided = torch.zeros_like(lengths_seen)
-        return _LayerState(gates, layer.run.shape.rope_of(layer.index), tau, w, decided)
+        rope = layer.run.shape.rope_of(layer.index)
+        table = None
+        if gates.input == "hidden":  # the prompt's utilities now, while its hidden states are at hand
+            if ctx is None or not ctx.run.scratch.get(_PREFILLED) or ctx.hidden is None:
+                raise CapabilityError(
+                    "This spkv gate reads hidden states, which only its own prefill sees for the prompt: run spkv "
+                    "alone (e.g. 'spkv:0.25'), or use a gate trained with --input kv after another prefill."
+                )
+            u = self.utilities(gates, layer.index, ctx.keys, ctx.values, ctx.positions, rope, ctx.hidden)
+            table = ScoreTable(int(u.shape[0]), int(u.shape[1]), int(u.shape[2]) + 64)
+            table.write(u, ctx.positions)
+        return _LayerState(w, decided, self.sink, 0, gates, rope, tau, table)
 
-    @staticmethod
-    def _newest(store: RaggedKV) -> Tensor:
-        """``(B,)`` newest position stored per sequence (-1: none)."""
-        pos = store.entry_positions().view(store.batch, store.heads, -1)
-        return pos.amax(dim=(1, 2)) if pos.shape[-1] else torch.full((store.batch,), -1, dtype=torch.long)
-
-    def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
-        self.write_gate(layer)
-        store = layer.store
-        layer.run.bytes_read += store.kv_bytes()
-        return store.attend(q, layer.scaling)
-
-    def write_gate(self, layer: DecodeLayer) -> int:
-        """Decide every stored pair that has left the window since the last decision: keep it if ``u ≥ τ``, drop
-        it otherwise. Returns the number of entries dropped.
-
-        The steady state of decoding — one token per sequence leaves the window, found at its known place in every
-        row — reads just that token and drops it in place (O(1) per row; slots reclaimed every ``COMPACT`` drops
-        per row); anything else (the first step after another method's prefill, a question appended as a chunk)
-        takes the general path over each row's positions."""
+    def on_append(self, layer: DecodeLayer, n_new: int) -> None:
         st: _LayerState = layer.state
-        store: RaggedKV = layer.store  # type: ignore[assignment]
-        B, H = store.batch, store.heads
-        sizes = store.sizes()
-        if int(sizes.min()) == 0:
-            return self._write_gate_rows(layer)
-        R = B * H
-        # one table lookup: each row's newest entry and the entry w + 1 from the end (the token leaving the window)
-        idx = torch.stack([sizes - 1, (sizes - st.window - 1).clamp_min(0)], 1)  # (R, 2)
-        slots = store.slots(torch.arange(R), idx)
-        _, _, pos = store.take_at(slots[:, :1])
-        limit = pos.view(B, H).amax(1) - st.window  # positions <= limit have left the window of the newest query
-        if not bool((limit >= st.decided).any()):
-            return 0
-        one = (limit == st.decided) & (limit >= self.sink)  # exactly one token to decide
-        if not bool(((limit < st.decided) | one | ((limit == st.decided) & (limit < self.sink))).all()):
-            return self._write_gate_rows(layer)
-        seqs = one.nonzero().flatten()
-        dropped = 0
-        if seqs.numel():
-            rows = (seqs[:, None] * H + torch.arange(H)[None, :]).flatten()  # (m,)
-            if bool((sizes[rows] - st.window - 1 < 0).any()):
-                return self._write_gate_rows(layer)
-            due = slots[rows, 1]
-            k, v, pos = store.take_at(due)
-            if not bool((pos.view(-1, H) == limit[seqs][:, None]).all()):  # an entry of the window is missing
-                return self._write_gate_rows(layer)
-            n = seqs.numel()
-            u = self.utilities(
-                st.gates, layer.index, k.view(n, H, 1, -1), v.view(n, H, 1, -1), pos.view(n, H)[:, :1], st.rope
-            ).reshape(-1)  # (m,) in the order of rows
-            drop = u < st.tau[seqs].repeat_interleave(H)
-            if bool(drop.any()):
-                store.drop_at(rows[drop], due[drop])  # in place
-                dropped = int(drop.sum())
-                st.dropped += dropped
-                if store.dead() >= COMPACT * R:
-                    store.reclaim()
-        st.decided = torch.maximum(st.decided, limit + 1)
-        return dropped
+        if st.table is not None and st.gates is not None:  # a hidden-state gate scores each token as it is written
+            assert layer.positions is not None
+            none = torch.empty(0)  # a hidden-state gate reads no keys or values
+            u = self.utilities(st.gates, layer.index, none, none, layer.positions, st.rope, layer.hidden)
+            st.table.write(u, layer.positions)
 
-    def _write_gate_rows(self, layer: DecodeLayer) -> int:
-        """The general decision over each row's positions (any number of tokens per sequence, rows that differ)."""
-        st: _LayerState = layer.state
-        store: RaggedKV = layer.store  # type: ignore[assignment]
-        B, H = store.batch, store.heads
-        store.reclaim()  # positions in order, none DEAD
-        pos = store.entry_positions().view(B, H, -1)  # (B, H, n), -1 past each row's length
-        n = pos.shape[-1]
-        if n == 0:
-            return 0
-        limit = pos.amax(dim=(1, 2)) - st.window
-        if not bool((limit >= st.decided).any()):
-            return 0
-        keep = torch.ones(B, H, n, dtype=torch.bool)
-        dropped = 0
-        for b in range(B):
-            lo, hi = max(int(st.decided[b]), self.sink), int(limit[b])
-            if hi < lo:
-                continue
-            due = (pos[b] >= lo) & (pos[b] <= hi)  # (H, n)
-            # the gate reads every KV head of a token: only tokens every head still holds can be decided (after
-            # another method's prefill, pairs some heads already evicted stay as that prefill kept them)
-            common = pos[b, 0][due[0]]
-            for h in range(1, H):
-                common = common[torch.isin(common, pos[b, h][due[h]])]
-            if common.numel() == 0:
-                continue
-            ordered = torch.where(pos[b] >= 0, pos[b], torch.iinfo(torch.long).max)  # each row ascending
-            idx = torch.searchsorted(ordered, common.expand(H, -1).contiguous())  # (H, c): the token in each row
-            k, v, _ = store.take(torch.arange(b * H, (b + 1) * H), idx)
-            u = self.utilities(st.gates, layer.index, k[None], v[None], common[None], st.rope)[0]  # (H, c)
-            drop = u < st.tau[b]
-            if bool(drop.any()):
-                hh, cc = drop.nonzero(as_tuple=True)
-                keep[b, hh, idx[hh, cc]] = False
-                dropped += int(drop.sum())
-        st.decided = torch.maximum(st.decided, limit + 1)
-        if dropped:
-            store.keep(keep.view(B * H, n))
-            st.dropped += dropped
-        return dropped
-
-
-COMPACT = 32  # dropped-in-place entries per row (on average) before their slots are reclaimed
+    def token_drops(self, layer: DecodeLayer, st: Any, seqs: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Drop the tokens whose utility (from their stored keys and values, or kept from when a hidden-state gate
+        scored them) is below the sequence's τ."""
+        if st.table is not None:
+            u = st.table.read(seqs, pos)
+        else:
+            u = self.utilities(st.gates, layer.index, k, v, pos, st.rope)  # (n, H, c)
+        return u < st.tau[seqs][:, None, None]
 
 
 def achieved_density(cache: Any, n_tokens: int) -> float:
@@ -286,4 +217,4 @@ def achieved_density(cache: Any, n_tokens: int) -> float:
     return float(lengths.sum()) / (lengths.shape[0] * lengths.shape[2] * n_tokens)
 
 
-__all__ = ["SPKV", "achieved_density"]
+__all__ = ["COMPACT", "SPKV", "achieved_density"]

@@ -16,6 +16,11 @@ Per layer ``ℓ``: ``u = σ(W₂ · silu(W₁ f + b₁) + b₂)`` with a hidden 
 ``h = 0`` (the shipped gate); one output per KV head (shared by the head's query group). The feature
 standardisation measured during training is folded into the first layer's weights.
 
+Option (``tokensieve train spkv --input hidden``): the gate reads the token's hidden state instead — the input of the
+layer's attention, after its input normalisation (``d`` numbers), as the paper's predictor reads "the token". The
+profile records which input its gate reads (``input``: ``kv`` or ``hidden``); a hidden-state gate scores each token
+while the layer reads it and keeps the utility until the token leaves the window.
+
 The profile file (kind ``spkv``, made by ``tokensieve train spkv``) holds the weights, the window the gate was
 trained for, and a calibration table: the share of out-of-window entries kept at each threshold on held-out text,
 which turns a target density into a threshold.
@@ -83,14 +88,19 @@ class SPKVGates(ProfileData):
         hidden: hidden width of each layer's predictor (0: linear).
         tau, out_density: the calibration table — at threshold ``tau[i]`` (ascending), the share ``out_density[i]``
             of out-of-window entries (over layers, KV heads and held-out tokens) the gate keeps.
+        input: what the gate reads: ``kv`` (keys with RoPE undone and values of all KV heads) or ``hidden`` (the
+            hidden state the layer's attention reads).
     """
 
     kind: ClassVar[str] = KIND
+    command: ClassVar[str] = "tokensieve train spkv --model {model}"
+    trained: ClassVar[bool] = True
     layers: tuple[LayerGate, ...]
     window: int
     hidden: int
     tau: tuple[float, ...]
     out_density: tuple[float, ...]
+    input: str = "kv"
 
     def utility(self, layer: int, feats: Tensor) -> Tensor:
         """``(..., F)`` features of layer ``layer`` → ``(..., H_kv)`` utilities in (0, 1)."""
@@ -120,7 +130,13 @@ class SPKVGates(ProfileData):
     def from_dict(cls, data: Mapping[str, Any], shape: Any) -> SPKVGates:
         what = f"The '{KIND}' profile"
         H, D, L = shape.num_kv_heads, shape.head_dim, shape.num_layers
+        source = data.get("input", "kv")
+        if source not in ("kv", "hidden"):
+            raise ConfigError(f"{what}: 'input' must be 'kv' or 'hidden', not {source!r}.")
         F = 2 * H * D
+        if source == "hidden":
+            raw0 = (data.get("layers") or [{}])[0]
+            F = int(getattr(shape, "hidden_size", 0) or len((raw0.get("w1") or [[]])[0]))
         window, hidden = data.get("window"), data.get("hidden", 0)
         if not isinstance(window, int) or window < 1:
             raise ConfigError(f"{what} needs 'window': the local window (>= 1) the gate was trained for.")
@@ -141,7 +157,8 @@ class SPKVGates(ProfileData):
             out1 = hidden or H
             if w1.shape != (out1, F) or b1.shape != (out1,):
                 raise ConfigError(
-                    f"{what}: layer {i}'s 'w1' must be {out1} x {F} (features = 2 * kv_heads * head_dim)."
+                    f"{what}: layer {i}'s 'w1' must be {out1} x {F} (features: "
+                    + ("the hidden size)." if source == "hidden" else "2 * kv_heads * head_dim).")
                 )
             if hidden and (w2 is None or b2 is None or w2.shape != (H, hidden) or b2.shape != (H,)):
                 raise ConfigError(f"{what}: layer {i}'s 'w2' must be {H} x {hidden}.")
@@ -157,11 +174,16 @@ class SPKVGates(ProfileData):
             or any(b <= a for a, b in itertools.pairwise(taus))
         ):
             raise ConfigError(f"{what} needs 'calibration': 'tau' (ascending) and 'out_density' of equal lengths.")
-        return cls(tuple(layers), window, hidden, tuple(float(t) for t in taus), tuple(float(d) for d in dens))
+        return cls(tuple(layers), window, hidden, tuple(float(t) for t in taus), tuple(float(d) for d in dens), source)
 
 
 def gates_to_dict(
-    layers: list[dict[str, Tensor]], window: int, hidden: int, tau: list[float], out_density: list[float]
+    layers: list[dict[str, Tensor]],
+    window: int,
+    hidden: int,
+    tau: list[float],
+    out_density: list[float],
+    source: str = "kv",
 ) -> dict[str, Any]:
     """A profile's ``data`` table from per-layer weight tensors (``w1``, ``b1`` and, with ``hidden``, ``w2``,
     ``b2``); numbers rounded to 6 significant digits (the file stays small and diffable)."""
@@ -175,10 +197,15 @@ def gates_to_dict(
         if hidden:
             d["w2"], d["b2"] = r(lay["w2"]), r(lay["b2"])
         out_layers.append(d)
+    features = {
+        "kv": "per KV head: key with RoPE undone, then value (the layer's projections of its input)",
+        "hidden": "the hidden state the layer's attention reads (its input after the input normalisation)",
+    }[source]
     return {
         "window": int(window),
         "hidden": int(hidden),
-        "features": "per KV head: key with RoPE undone, then value (the layer's projections of its input)",
+        "input": source,
+        "features": features,
         "layers": out_layers,
         "calibration": {"tau": [round(t, 6) for t in tau], "out_density": [round(d, 6) for d in out_density]},
     }
@@ -223,6 +250,14 @@ class GateNet(torch.nn.Module):
         z = torch.einsum("lnf,lof->lno", x, self.w1) + self.b1[:, None, :]
         if self.hidden:
             z = torch.einsum("lnh,loh->lno", torch.nn.functional.silu(z), self.w2) + self.b2[:, None, :]
+        return z
+
+    def layer_logits(self, layer: int, feats: Tensor) -> Tensor:
+        """``(..., F)`` raw features of layer ``layer`` → ``(..., H_kv)`` logits of ``u`` (the hard-gate stage)."""
+        x = (feats.float() - self.mean[layer]) / self.std[layer]
+        z = x @ self.w1[layer].T + self.b1[layer]
+        if self.hidden:
+            z = torch.nn.functional.silu(z) @ self.w2[layer].T + self.b2[layer]
         return z
 
     @torch.no_grad()

@@ -184,7 +184,7 @@ def test_eviction_then_sparse_decoding_composes(long_model):
 
 def test_decode_after_head_adaptive_prefill_is_refused_before_any_work(long_model, monkeypatch):
     """Eviction while decoding keeps one cache size per row: refused after a head-adaptive prefill (sparse decode
-    methods are not: tests/unit/test_ragged_decode_methods.py)."""
+    methods are not: tests/unit/methods/kv/test_ragged_decode_methods.py)."""
     calls = []
     monkeypatch.setattr(long_model, "forward", lambda *a, **k: calls.append(1))
     with pytest.raises(ts.CapabilityError, match="head-adaptive"):

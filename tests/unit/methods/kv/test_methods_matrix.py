@@ -24,7 +24,7 @@ DECODING = [
     for m in method_names()
     if m != "full"
     and Phase.DECODE in get_method_class(m).capabilities.phases
-    and not get_method_class(m).capabilities.own_prefill_scores  # retention: tests/unit/test_retention.py
+    and not get_method_class(m).capabilities.own_prefill_scores  # retention: tests/unit/methods/kv/test_retention.py
 ]
 # the learned methods (SP-KV's write gate, the global retention gates) also act at every decode step
 DECODES_ITSELF = [m for m in COMPRESSING if get_method_class(m).capabilities.decodes_itself]

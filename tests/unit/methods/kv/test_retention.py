@@ -3,6 +3,8 @@ refusals before any work, the profile file and the training pieces (never a trai
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,10 +32,11 @@ def stored_positions(ctx, b=0):
 
 
 @torch.no_grad()
-def reference_keep(model, data, ids, budget_tokens, sink=0, window=0):
-    """The global policy written out from the model's own weights: gate input = the pre-RoPE key and value
-    projections of each layer's normalised input; score = (n - i) * log beta; the L * H * b best of the whole model,
-    the first ``sink`` / last ``window`` tokens first."""
+def reference_scores(model, data, ids, sink=0, window=0):
+    """``(L, H, T)``: the gates written out from the model's own weights — input = the pre-RoPE key and value
+    projections of each layer's normalised input — and the official cache's score after a prefill of n tokens,
+    (q_idx - i) * log beta with q_idx = n + 1 (DynamicBudgetTrimKVCache: seen tokens + 1); the first ``sink`` / last
+    ``window`` tokens +inf."""
     out = model(ids, output_hidden_states=True)
     w1, b1 = torch.tensor(data["w1"]), torch.tensor(data["b1"])
     w2, b2 = torch.tensor(data["w2"]), torch.tensor(data["b2"])
@@ -47,17 +50,23 @@ def reference_keep(model, data, ids, budget_tokens, sink=0, window=0):
         v = layer.self_attn.v_proj(x).view(n, H, D)
         f = torch.cat([k, v], -1).reshape(n, H * 2 * D)
         log_beta = torch.nn.functional.logsigmoid(torch.nn.functional.silu(f @ w1[li].T + b1[li]) @ w2.T + b2)
-        age = (n - torch.arange(n)).float()
+        age = (n + 1 - torch.arange(n)).float()
         s = (age[:, None] * log_beta).T.clone()  # (H, T)
         s[:, :sink] = float("inf")
         if window:
             s[:, n - window :] = float("inf")
         scores.append(s)
-    flat = torch.stack(scores).flatten()  # (L * H * T)
-    top = set(flat.topk(len(layers) * H * budget_tokens).indices.tolist())
-    return {
-        (li, h): {t for t in range(n) if (li * H + h) * n + t in top} for li in range(len(layers)) for h in range(H)
-    }
+    return torch.stack(scores)
+
+
+def reference_keep(model, data, ids, budget_tokens, sink=0, window=0):
+    """The global policy: the L * H * b best of the whole model."""
+    scores = reference_scores(model, data, ids, sink, window)
+    L, H, n = scores.shape
+    flat = scores.flatten()  # (L * H * T)
+    top = set(flat.topk(L * H * budget_tokens).indices.tolist())
+    layers = range(L)
+    return {(li, h): {t for t in range(n) if (li * H + h) * n + t in top} for li in layers for h in range(H)}
 
 
 @pytest.mark.parametrize(("spec", "sink", "window"), [("retention", 0, 0), ("retention[sink=2,window=4]", 2, 4)])
@@ -201,9 +210,10 @@ def test_band_oracle_matches_a_loop_and_the_loss_pieces():
 @torch.inference_mode()
 def test_decode_evicts_globally_as_an_independent_replay(spec, sink, window, tiny_model, tiny_profiles, monkeypatch):
     """While decoding, each generated token enters every (layer, KV head) row; once a sequence holds more than
-    L * H * (M + buffer) entries, the global top L * H * M by (age) * log beta stay. Replayed here from the log beta the
+    L * H * (M + buffer) entries, the global top L * H * M by (age) * log beta stay, with the official cache's age
+    after step t: t + 2 - p (q_idx = seen + 1, compressed after the forward pass). Replayed here from the log beta the
     gates gave each token (recorded), starting from the prefill's selection (checked above against the model)."""
-    from tokensieve.methods import retention as mod
+    from tokensieve.methods.kv import retention as mod
 
     seen: dict[tuple[int, int], list[float]] = {}  # (layer, position) -> log beta per KV head
     original = mod.Retention._score_new
@@ -239,7 +249,7 @@ def test_decode_evicts_globally_as_an_independent_replay(spec, sink, window, tin
             for (li, h), ps in stored.items():
                 for p in ps:
                     protected = p < sink or p > t - window
-                    flat.append((float("inf") if protected else (t + 1 - p) * seen[(li, p)][h], li, h, p))
+                    flat.append((float("inf") if protected else (t + 2 - p) * seen[(li, p)][h], li, h, p))
             flat.sort(key=lambda x: -x[0])
             top = flat[: 3 * 2 * M]
             stored = {key: {p for (_, li, h, p) in top if (li, h) == key} for key in stored}
@@ -293,3 +303,58 @@ def test_decode_batch_equals_single_and_keep_all_never_evicts(tiny_model, tiny_p
     ctx = keep_all.prefill(torch.tensor([rows[0]]))
     assert keep_all.decode(ctx, 9).tokens == ref
     assert ctx.cache.stored_entries() == 3 * 2 * (48 + 8)
+
+
+@torch.inference_mode()
+def test_floor_reserves_each_heads_share_as_the_authors_cache(tiny_model, tiny_profiles):
+    """floor_budget_ratio f (DynamicBudgetTrimKVCache): the global top int(L*H*M*(1-f)) by score, then every head keeps
+    its count there plus int(M*f), its own best."""
+    prof = tiny_profiles["retention"]
+    ids = torch.tensor([prompts()[0]])
+    M = ts.Budget.ratio(0.3).tokens_for(48)
+    ctx = ts.compress(tiny_model, "retention[floor=0.5]", 0.3, profile=prof).prefill(ids)
+    scores = reference_scores(tiny_model, prof.data, ids)  # (L, H, T)
+    L, H, n = scores.shape
+    top = scores.flatten().topk(int(L * H * M * 0.5)).indices
+    counts = torch.bincount(top // n, minlength=L * H).view(L, H) + int(M * 0.5)
+    want = {(li, h): set(scores[li, h].topk(int(counts[li, h])).indices.tolist()) for li in range(L) for h in range(H)}
+    assert stored_positions(ctx) == want
+    assert min(len(v) for v in want.values()) >= int(M * 0.5)
+
+
+@torch.inference_mode()
+def test_threshold_strategy_keeps_entries_whose_retention_reaches_it(tiny_model, tiny_profiles):
+    prof = tiny_profiles["retention"]
+    ids = torch.tensor([prompts()[0]])
+    thr = 0.05
+    press = ts.compress(tiny_model, f"retention[threshold={thr}]", profile=prof)  # no budget: the threshold decides
+    ctx = press.prefill(ids)
+    scores = reference_scores(tiny_model, prof.data, ids)
+    want = {(li, h): set((scores[li, h] >= math.log(thr)).nonzero().flatten().tolist()) for li in range(3)
+            for h in range(2)}  # fmt: skip
+    assert stored_positions(ctx) == want
+    before = ctx.cache.stored_entries()
+    press.decode(ctx, 10)  # ages grow: every step drops what fell below the threshold, and new tokens enter
+    for li, layer in enumerate(ctx.cache.layers):
+        for h in range(2):
+            kept = set(layer.store.row(0, h)[2].tolist())
+            assert {p for p in kept if p < 48} <= want[(li, h)]
+    assert ctx.cache.stored_entries() <= before + 3 * 2 * 9
+    with pytest.raises(ConfigError, match="floor"):
+        Retention(threshold=0.1, floor=0.2)
+    with pytest.raises(ConfigError, match="global"):
+        Retention(floor=0.2, allocation="uniform")
+
+
+@pytest.mark.parametrize("spec", ["retention[threshold=0.0]", "retention[floor=0.3]:1.0"])
+@torch.inference_mode()
+def test_keeping_everything_with_the_authors_options_equals_the_full_cache(spec, tiny_model, tiny_profiles):
+    ids = torch.tensor([prompts()[0]])
+    full = ts.compress(tiny_model, "full")
+    ref = full.prefill(ids)
+    ref_logits, ref_tokens = ref.logits.clone(), full.decode(ref, 5).tokens
+    press = ts.compress(tiny_model, spec, profile=tiny_profiles["retention"])
+    ctx = press.prefill(ids)
+    torch.testing.assert_close(ctx.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert press.decode(ctx, 5).tokens == ref_tokens
+    assert ctx.cache.stored_entries() == 3 * 2 * (48 + 4)

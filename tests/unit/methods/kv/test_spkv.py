@@ -161,8 +161,8 @@ def test_decode_writes_only_useful_pairs_leaving_the_window_on_a_ragged_store(ti
     seen: dict[tuple[int, int], list[float]] = {}  # (layer, position) -> u per KV head at its latest decision
     original = SPKV.utilities
 
-    def spy(self, gates, layer, keys, values, positions, rope):
-        u = original(self, gates, layer, keys, values, positions, rope)
+    def spy(self, gates, layer, keys, values, positions, rope, hidden=None):
+        u = original(self, gates, layer, keys, values, positions, rope, hidden)
         for t, p in enumerate(positions[0].tolist()):
             seen[(layer, p)] = u[0, :, t].tolist()
         return u
