@@ -65,6 +65,7 @@ def test_train_commands_check_that_their_output_folder_can_be_written(tmp_path, 
     for argv in (["train", "spkv", "--out", str(blocker / "run")],
                  ["train", "retention", "--out", str(blocker / "run")],
                  ["train", "daam", "--out", str(blocker / "run")],
+                 ["train", "daam-select", "--out", str(blocker / "run")],
                  ["train", "daam-figures", "--figdir", str(blocker / "figs")]):  # fmt: skip
         _refused(argv, capsys, "Cannot write to --")
     _refused(["train", "retention", "--out", str(tmp_path / "r"), "--bias-init", "nan"], capsys, "--bias-init")
@@ -89,6 +90,12 @@ def test_train_daam_refuses_seeds_that_select_nothing(tmp_path, capsys):
         _refused(["train", "daam", "--seeds", seeds, "--out", str(tmp_path / "d")], capsys, "--seeds")
     _refused(["train", "daam", "--feedforward", "0", "--networks", "transformer", "--out", str(tmp_path / "d")],
              capsys, "--feedforward")  # fmt: skip
+    _refused(["train", "daam", "--pool", "mean", "--networks", "cnnlstm", "--out", str(tmp_path / "d")], capsys,
+             "--pool")  # fmt: skip
+    for args, needle in ((["--keep", "1.0"], "--keep"), (["--keep", "x"], "--keep"), (["--repeats", "0"], "--repeats"),
+                         (["--seeds", "5-2"], "--seeds"), (["--feedforward", "0"], "--feedforward")):  # fmt: skip
+        _refused(["train", "daam-select", "--out", str(tmp_path / "s"), *args], capsys, needle)
+    assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 # ------------------------------------------------------------------------------------------------ stores

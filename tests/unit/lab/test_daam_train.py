@@ -209,3 +209,149 @@ def test_frame_selection_standardises_as_in_training(tmp_path, monkeypatch: pyte
     assert np.abs(prepare(corpus, 0).test.x - trained_on).max() > 0.1  # the two standardisations differ here
     for x in seen:
         np.testing.assert_array_equal(x, trained_on)
+
+
+# ------------------------------------------------------------------------------------- the modules, the selector
+def test_official_runs_are_named_apart_and_old_configs_read_as_v1() -> None:
+    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, feedforward=512, epochs=10)
+    assert run.name() == "b-transformer-daam+time-s0-e10-ff512-official"
+    old = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, feedforward=512, epochs=10,
+                  modules="v1")  # fmt: skip
+    assert old.name() == "b-transformer-daam+time-s0-e10-ff512"  # the name runs of the earlier modules had
+    config = {k: v for k, v in daam.asdict(old).items() if k not in ("modules", "pool", "selector")}
+    assert DaamRun.from_config(config) == old  # a pre-#31 record rebuilds the pre-#31 network
+    legacy = daam.build_model(old, 8, 12, 3)
+    assert legacy.pool == "mean"
+    assert legacy.front.gaussian.layers[0].stable  # type: ignore[union-attr,index]
+    official = daam.build_model(run, 8, 12, 3)
+    assert official.pool == "last"
+    assert not official.front.gaussian.layers[0].stable  # type: ignore[union-attr,index]
+    assert daam.front_label(config) == "daam+time [v1]"
+    assert daam.front_label(daam.asdict(run)) == "daam+time"
+    sel = DaamRun(network="transformer", attention="daam", time_axis=True, selector="learned", pool="mean")
+    assert sel.name().endswith("-pmean-official-select-learned")
+    assert daam.front_label(daam.asdict(sel)) == "daam+time, mean pooling + learned selector"
+    with pytest.raises(ConfigError):
+        DaamRun(network="cnnlstm", selector="learned").check()
+    with pytest.raises(ConfigError):
+        DaamRun(network="cnnlstm", pool="mean").check()
+    with pytest.raises(ConfigError):
+        DaamRun(modules="v2").check()
+
+
+def test_selector_step_trains_the_keep_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, selector="learned", feedforward=32)
+    model = daam.build_model(run, 8, 12, 3)
+    x = torch.randn(4, 8, 12)
+    for p_learned in (0.0, 1.0):  # random subsets and the score's Gumbel top-k: the score gets gradients either way
+        monkeypatch.setattr(daam, "SELECT_TRAIN_FRACTIONS", (0.25,))
+        monkeypatch.setattr(daam, "SELECT_P_LEARNED", p_learned)
+        model.zero_grad()
+        logits = daam.selector_step(model, x, torch.Generator().manual_seed(1))
+        assert logits.shape == (4, 3)
+        logits.sum().backward()
+        grads = [p.grad for p in model.scorer.parameters()]  # type: ignore[union-attr]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    # the forward value is the encoder on the kept frames: with a dropout-free model, equal to keep=
+    model.eval()
+    monkeypatch.setattr(daam, "SELECT_P_LEARNED", 1.0)
+    gen = torch.Generator().manual_seed(3)
+    logits = daam.selector_step(model, x, gen)
+    gen = torch.Generator().manual_seed(3)
+    torch.randint(1, (1,), generator=gen)  # the draws selector_step makes before the Gumbel noise
+    torch.rand((), generator=gen)
+    h = model.front(x)
+    noisy = model.scorer(h) - torch.log(-torch.log(torch.rand(4, 12, generator=gen).clamp(1e-9, 1 - 1e-9)))
+    keep = noisy.topk(3, dim=1).indices.sort(dim=1).values
+    torch.testing.assert_close(logits, model.encode(h, keep), rtol=1e-4, atol=1e-5)
+
+
+def test_choose_frames_learned_and_energy() -> None:
+    torch.manual_seed(1)
+    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, selector="learned", feedforward=32)
+    model = daam.build_model(run, 8, 12, 3).eval()
+    x = torch.randn(2, 8, 12)
+    x[:, :, 5] += 4.0  # the loudest frame
+    energy = select_frames(model, x, 0.25, "energy")
+    assert all(5 in row for row in energy.tolist())
+    learned = select_frames(model, x, 0.25, "learned")
+    with torch.no_grad():
+        top = model.scorer(model.front(x)).topk(3, dim=1).indices  # type: ignore[operator,misc]
+    assert [set(r) for r in learned.tolist()] == [set(r) for r in top.tolist()]
+    plain = daam.build_model(DaamRun(task="b", network="transformer", feedforward=32), 8, 12, 3)
+    with pytest.raises(ConfigError, match="selector"):
+        select_frames(plain, x, 0.25, "learned")
+
+
+def test_paired_statistics() -> None:
+    from scipy import stats
+
+    from tokensieve.train.daam_select import paired, t_interval
+
+    m, half = t_interval([0.8, 0.82, 0.79, 0.85, 0.81])
+    assert m == pytest.approx(0.814)
+    assert half == pytest.approx(2.7764 * np.std([0.8, 0.82, 0.79, 0.85, 0.81], ddof=1) / np.sqrt(5), rel=1e-3)
+    a, b = [0.9, 0.8, 0.75, 0.7], [0.8, 0.8, 0.6, 0.65]
+    c = paired(a, b)
+    assert c["diff"] == pytest.approx(0.075)
+    assert (c["wins"], c["losses"], c["n"]) == (3, 0, 4)
+    assert c["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert paired([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
+
+
+def test_daam_select_trains_pairs_and_reports(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tokensieve.cli import main
+    from tokensieve.train import daam_select
+
+    torch.set_num_threads(1)
+    fake = lambda task, cfg=None, progress=False: _tiny_corpus(task)  # noqa: E731
+    monkeypatch.setattr(daam, "load_or_build", fake)
+    monkeypatch.setattr(daam_select, "load_or_build", fake)
+    argv = ["train", "daam-select", "--out", str(tmp_path), "--seeds", "0-1", "--epochs", "1", "--feedforward", "32",
+            "--repeats", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| selector | 25% | learned | 2 |" in out
+    assert "| plain | 100% | all | 2 |" in out
+    assert "| 25%: learned − uniform (selector model) |" in out
+    assert "within 0.05 F1 of every frame at 25%:" in out
+    saved = json.loads((tmp_path / "select_b.json").read_text())
+    assert len(saved["rows"]) == 2 * ((1 + 4 * 2) + (1 + 5 * 2))  # seeds × (plain, selector) configurations
+    assert all(r["ms"] > 0 for r in saved["rows"])
+    assert saved["meta"]["command"].startswith("tokensieve train daam-select")
+    names = [json.loads(line)["run"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(names) == 4
+    assert sum(n.endswith("-select-learned") for n in names) == 2
+    assert main(argv) == 0  # resumed: nothing retrained
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    assert main([*argv[:-1], "--keep", "1.0"]) == 2  # a fraction of 1 selects nothing
+
+
+def test_report_pairs_front_blocks_and_compares_with_the_runs_before_issue_31(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tokensieve.cli import main
+
+    def write(folder, front: str, f1s: tuple[float, ...], modules: str | None) -> None:  # type: ignore[no-untyped-def]
+        folder.mkdir(exist_ok=True)
+        for seed, f1 in enumerate(f1s):
+            config = daam.asdict(DaamRun(task="b", network="cnnlstm", attention=front, seed=seed, epochs=3))
+            if modules is None:  # recorded with the earlier modules
+                config = {k: v for k, v in config.items() if k not in ("modules", "pool", "selector")}
+            rec = {"run": f"{front}-{seed}-{modules}", "config": config, "parameters": 7, "front_parameters": 0,
+                   "best_epoch": 2, "val": {"f1": 0.5}, "test": {"f1": f1, "acc": f1}, "seconds": 1}  # fmt: skip
+            with open(folder / "results.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    write(old, "none", (0.6, 0.7, 0.65), None)
+    write(new, "none", (0.7, 0.9, 0.8), "official")
+    write(new, "mha", (0.8, 0.95, 0.8), "official")
+    assert main(["train", "daam-report", "--out", str(new), "--compare", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "| B | cnnlstm | mha − none | 3 | 0.050 ± " in out  # paired by seed: +0.1, +0.05, 0
+    assert "| 2 / 0 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| B | cnnlstm | none | 3 | 0.650 ± "))
+    assert "| 0.800 ± " in row  # the corrected runs' mean next to the v1 runs'
+    assert "| 0.150 ± 0.124 | 0.035 | 3 / 0 |" in row  # +0.1, +0.2, +0.15: paired t on 3 seeds
+    assert main(["train", "daam-report", "--out", str(new), "--compare", str(tmp_path / "none")]) == 2

@@ -144,8 +144,10 @@ def test_html_needs_the_report_extra_and_markdown_does_not(tmp_path: Path, monke
 
 
 # ------------------------------------------------------------------------------------------------------- DAAM
-def _record(run: str, task: str, front: str, seed: int, f1: float) -> dict[str, Any]:
+def _record(run: str, task: str, front: str, seed: int, f1: float, modules: str | None = "official") -> dict[str, Any]:
     config = {"task": task, "network": "cnnlstm", "attention": front, "time_axis": False, "seed": seed, "epochs": 3}
+    if modules is not None:  # a run recorded with the earlier modules has no modules
+        config["modules"] = modules
     return {"run": run, "config": config, "parameters": 7, "front_parameters": 0, "best_epoch": 2,
             "val": {"f1": 0.5, "acc": 0.5}, "test": {"f1": f1, "acc": f1}, "seconds": 1, "corpus": "c"}  # fmt: skip
 
@@ -168,11 +170,13 @@ def test_daam_runs_are_recorded_once_and_reported(tmp_path: Path, capsys: pytest
         assert first["info"]["test"]["f1"] == 0.6
         assert first["command"] == f"tokensieve train daam-report --out {grid}"
         assert record_runs(s, [_record("a-x", "a", "daam", 0, 0.7)], command="c", version="v") == 1
+        assert record_runs(s, [_record("a-old", "a", "daam", 0, 0.5, modules=None)], command="c", version="v") == 1
     write_report(store, tmp_path / "rep")  # a store of DAAM runs alone is a report
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## DAAM speech runs (tokensieve train daam)" in md
     assert "| B | cnnlstm | none | 3 | 7 | 2 | 0.700 ± 0.141 | 0.700 ± 0.141 | 0.500 ± 0.000 |" in md
     assert "| A | cnnlstm | daam | 3 | 7 | 1 | 0.700 ± 0.000 |" in md
+    assert "| A | cnnlstm | daam [v1] | 3 | 7 | 1 | 0.500 ± 0.000 |" in md  # the pre-#31 run in a row of its own
 
 
 def test_daam_figures_record_the_importance_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
