@@ -1,5 +1,5 @@
 """The cost of the progressive llm-stage methods' own work (SparseVLM, PyramidDrop, TransPrune) at LLaVA-1.5-7B
-geometry, on random tensors (issue 12): one call with 576 visual tokens, hidden size 4096, 32 heads and a
+geometry, on random tensors: one call with 576 visual tokens, hidden size 4096, 32 heads and a
 40-token instruction, at a budget of 11.1 % (64 of 576). The signals themselves (attention rows, states) are the
 engine's work and are not timed. Median over repeats, one thread.
 

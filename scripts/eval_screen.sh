@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 §4: the methods screen with 36 samples per cell (single needle and multi-key x 3 depths x 6 seeds, 1K
+# the methods screen with 36 samples per cell (single needle and multi-key x 3 depths x 6 seeds, 1K
 # tokens), every registered method at 90 / 75 / 50 % compression, both modes; accuracy with Wilson 95 % intervals
 # via scripts/wilson_table.py. The same samples and store as scripts/eval_agnostic.sh (its cells are reused).
 # Runs seed by seed (a stopped run leaves every method with the same samples); WORKERS processes share the store.

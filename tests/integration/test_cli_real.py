@@ -1,4 +1,4 @@
-"""The command line with the real embedded model (issue 10): whole characters when streaming, the context checked
+"""The command line with the real embedded model: whole characters when streaming, the context checked
 before any work."""
 
 from __future__ import annotations

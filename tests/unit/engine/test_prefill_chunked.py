@@ -1,4 +1,4 @@
-"""Chunked prefill (issue 16 part 2): a prompt prefilled in chunks, the cache re-compressed to the budget after each.
+"""Chunked prefill: a prompt prefilled in chunks, the cache re-compressed to the budget after each.
 
 One chunk = one-shot prefill; 100 % budget = plain transformers; a batch = its rows alone; a layer never holds more
 than its budget plus one chunk; every compressing prefill method either runs in chunks or is refused before work.

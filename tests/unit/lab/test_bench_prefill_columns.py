@@ -1,4 +1,4 @@
-"""tokensieve bench's prefill columns: prefill attention time and FlexAttention compile time (issue 16).
+"""tokensieve bench's prefill columns: prefill attention time and FlexAttention compile time.
 
 Rows record ``prefill_attn_s`` (wall time inside the prefill's attention calls, from the cache's
 ``CacheStats.prefill_attention_seconds``) and ``compile_s`` (the prefill's share of ``flex.STATS.compile_seconds``);

@@ -1,4 +1,4 @@
-"""The command line and the lab on a user's mistakes (issue 10): checks before any work, one-line errors instead of
+"""The command line and the lab on a user's mistakes: checks before any work, one-line errors instead of
 tracebacks, nonsense refused, warnings, streaming on whole characters, short-context profiling, progress and the
 summary at the end. Tiny random models only."""
 

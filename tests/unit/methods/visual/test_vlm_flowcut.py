@@ -1,4 +1,4 @@
-"""FlowCut and VisionZip (issue 12): reference parity against plain loops written from the papers' formulas (and the
+"""FlowCut and VisionZip: reference parity against plain loops written from the papers' formulas (and the
 official code's details), edge cases, parameters, schedules."""
 
 from __future__ import annotations

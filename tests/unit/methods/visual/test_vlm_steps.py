@@ -1,4 +1,4 @@
-"""The engine's progressive steps and signals (issue 12's machinery), with probe methods defined here: several
+"""The engine's progressive steps and signals, with probe methods defined here: several
 decoder layers K, several encoder layers, merges with sizes, the signals each stage hands a method, LLaVA-NeXT's
 vision stage over the thumbnail and crops, and keep-all = the unpruned model at every stage."""
 
