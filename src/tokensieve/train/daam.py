@@ -460,7 +460,7 @@ def versions_table(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]])
 
     by_old = {(t, n, base(f)): v for (t, n, f), v in _seed_f1(old).items() if f.endswith("[v1]")}
     by_new = {k: v for k, v in _seed_f1(new).items() if not k[2].endswith("]")}
-    lines = ["| task | network | front block | seeds | before #31 (v1) | corrected (official) | Δ corrected − v1, "
+    lines = ["| task | network | front block | seeds | v1 modules | corrected (official) | Δ corrected − v1, "
              "paired (95 % CI) | p | seeds higher / lower |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in sorted(by_new):
         if key not in by_old:

@@ -219,7 +219,7 @@ def test_official_runs_are_named_apart_and_old_configs_read_as_v1() -> None:
                   modules="v1")  # fmt: skip
     assert old.name() == "b-transformer-daam+time-s0-e10-ff512"  # the name runs of the earlier modules had
     config = {k: v for k, v in daam.asdict(old).items() if k not in ("modules", "pool", "selector")}
-    assert DaamRun.from_config(config) == old  # a pre-#31 record rebuilds the pre-#31 network
+    assert DaamRun.from_config(config) == old  # a v1 record rebuilds the v1 network
     legacy = daam.build_model(old, 8, 12, 3)
     assert legacy.pool == "mean"
     assert legacy.front.gaussian.layers[0].stable  # type: ignore[union-attr,index]

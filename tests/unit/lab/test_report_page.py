@@ -176,7 +176,7 @@ def test_daam_runs_are_recorded_once_and_reported(tmp_path: Path, capsys: pytest
     assert "## DAAM speech runs (tokensieve train daam)" in md
     assert "| B | cnnlstm | none | 3 | 7 | 2 | 0.700 ± 0.141 | 0.700 ± 0.141 | 0.500 ± 0.000 |" in md
     assert "| A | cnnlstm | daam | 3 | 7 | 1 | 0.700 ± 0.000 |" in md
-    assert "| A | cnnlstm | daam [v1] | 3 | 7 | 1 | 0.500 ± 0.000 |" in md  # the pre-#31 run in a row of its own
+    assert "| A | cnnlstm | daam [v1] | 3 | 7 | 1 | 0.500 ± 0.000 |" in md  # the v1 run in a row of its own
 
 
 def test_daam_figures_record_the_importance_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
