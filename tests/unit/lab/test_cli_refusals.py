@@ -58,6 +58,28 @@ def test_train_spkv_checks_its_arguments_before_collecting(args, needle, tmp_pat
     assert not list((tmp_path / "run").rglob("*.pt"))
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--hidden-size", "0"], "--hidden-size"),
+        (["--hidden-size", "100", "--num-heads", "3"], "multiple of --num-heads"),
+        (["--num-layers", "0"], "--num-layers"),
+        (["--text-layers", "31"], "--text-layers"),
+        (["--text-hidden", "-4"], "--text-hidden"),
+        (["--text-hidden", "100", "--text-heads", "3"], "--text-heads"),
+        (["--lora-rank", "-1"], "--lora-rank"),
+        (["--lr-lora", "nan"], "--lr-lora"),
+        (["--vision-lr", "-1"], "--vision-lr"),
+        (["--minutes", "0"], "--minutes"),
+        (["--threads", "0"], "--threads"),
+        (["--vision-batch", "0"], "--vision-batch"),
+    ],
+)
+def test_train_vlm_checks_its_arguments_before_building(args, needle, tmp_path, capsys):
+    _refused(["train", "vlm", "--out", str(tmp_path / "run"), *args], capsys, needle)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_commands_check_that_their_output_folder_can_be_written(tmp_path, capsys, monkeypatch):
     _no_model(monkeypatch)
     blocker = tmp_path / "file"
