@@ -183,7 +183,9 @@ class EvalConfig:
         if "depths" in data:
             kw["depths"] = _floats(_tuple(data["depths"], "depths"), "depths", 0.0, 1.0)
         if "modes" in data:
-            kw["modes"] = tuple(dict.fromkeys(str(m).strip().lower() for m in _tuple(data["modes"], "modes")))
+            named = [str(m).strip().lower() for m in _tuple(data["modes"], "modes")]
+            both = [m for n in named for m in (MODES if n == "both" else (n,))]  # "both": every mode
+            kw["modes"] = tuple(dict.fromkeys(both))
         for key in ("haystack", "text", "model", "store"):
             if key in data and data[key] is not None:
                 kw[key] = str(data[key])

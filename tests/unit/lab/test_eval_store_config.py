@@ -128,6 +128,11 @@ def test_config_parses_cli_strings():
     ]  # fmt: skip
 
 
+def test_modes_both_means_every_mode():
+    assert EvalConfig.from_mapping({"modes": "both"}).modes == ("agnostic", "aware")
+    assert EvalConfig.from_mapping({"modes": "aware,both"}).modes == ("aware", "agnostic")
+
+
 def test_all_methods_come_from_the_registry():
     cfg = EvalConfig.from_mapping({"methods": "all"})
     assert cfg.all_methods
