@@ -804,7 +804,7 @@ class Engine:
                 full = self.compressor("full")
                 job.prompt_lp = prompt_logprobs(
                     lambda ids: full.prefill(ids, reserve=len(job.ids)),
-                    lambda c, ids: full.extend(c, ids, return_logits=True),
+                    lambda c, ids: _all_logits(full.extend(c, ids, return_logits=True)),
                     job.ids,
                     job.prompt_logprobs,
                 )
@@ -852,7 +852,7 @@ class Engine:
         processed = process(raw, rows)  # (B, V): each row with its own settings, as alone
         for b, job in enumerate(jobs):
             try:  # sampling and text of one sequence: a failure fails this request alone
-                t = choose(processed[b], job.sampling, job.generator)
+                t = sample_token(processed[b], job.sampling, job.generator)
                 if job.first_token is None:
                     job.first_token = time.perf_counter()
                 if (t in self.eos and not job.ignore_eos) or t in job.sampling.stop_token_ids:
@@ -945,7 +945,7 @@ class Engine:
         job.pending += job.stream.flush()
         if job.pending and self._release(job, final=True):
             reason = "stop"
-        info = {
+        info: dict[str, Any] = {
             "spec": job.press.spec.label,
             "kv_bytes": int(job.ctx.cache.kv_bytes()) if job.ctx is not None else 0,
             "allocated_bytes": job.reserved,
@@ -984,6 +984,11 @@ def _protected(press: Compressor) -> int:
     if press.budget.recent is not None:
         recent = press.budget.recent
     return int(sink) + int(recent)
+
+
+def _all_logits(logits: torch.Tensor | None) -> torch.Tensor:
+    assert logits is not None  # extend(return_logits=True) returns them
+    return logits
 
 
 def _time_limit_error(seconds: float) -> RequestError:

@@ -138,7 +138,7 @@ def choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
     """The next token of one row from its processed logits ``(V,)``: the argmax at temperature 0, else ``top_k``,
     then ``min_p`` (tokens less likely than ``min_p`` times the most likely one are dropped), then a nucleus draw
     (:func:`~tokensieve.core.decoding.next_token`). A row whose every token is forbidden is an error of that row."""
-    if not bool(torch.isfinite(logits.max())):
+    if not bool(torch.isnan(logits).any()) and float(logits.max()) == -math.inf:
         raise RuntimeError("every token is forbidden for this sequence (its logit_bias, min_tokens or grammar)")
     if sampling.temperature > 0:
         V = int(logits.shape[-1])

@@ -50,11 +50,14 @@ def test_each_processor_does_what_its_field_says():
     base = logits[0]
 
     got = process(logits, [Row(Sampling(logit_bias=((10, 5.0), (11, -100.0))), prompt, out)])[0]
-    assert got[10] == pytest.approx(base[10] + 5) and got[11] == pytest.approx(base[11] - 100)
+    assert got[10] == pytest.approx(base[10] + 5)
+    assert got[11] == pytest.approx(base[11] - 100)
     assert torch.equal(got[:10], base[:10])
 
     got = process(logits, [Row(Sampling(min_tokens=4), prompt, out, end_ids=frozenset({2, 30}))])[0]
-    assert got[2] == -torch.inf and got[30] == -torch.inf and torch.equal(got[:2], base[:2])
+    assert got[2] == -torch.inf
+    assert got[30] == -torch.inf
+    assert torch.equal(got[:2], base[:2])
     got = process(logits, [Row(Sampling(min_tokens=3), prompt, out, end_ids=frozenset({2}))])[0]
     assert torch.equal(got, base)  # three tokens exist: the end ids are free again
 
@@ -153,7 +156,8 @@ def test_stop_token_ids_min_tokens_and_logit_bias_change_the_answer_as_asked(mod
     (ended,) = run_jobs(model, [Sampling()], {plain[0]})
     assert ended == []
     (held,) = run_jobs(model, [Sampling(min_tokens=5)], {plain[0]})
-    assert len(held) >= 5 and plain[0] not in held[:5]
+    assert len(held) >= 5
+    assert plain[0] not in held[:5]
     (biased,) = run_jobs(model, [Sampling(logit_bias=((77, 100.0),))], set())
     assert biased == [77] * 12
 
@@ -194,8 +198,10 @@ REFUSED_CHAT = [
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-     "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        "response_format",
+    ),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # 'auto'
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),  # no template
     ({"tool_choice": "required"}, "tool_choice"),
@@ -236,12 +242,14 @@ def test_unknown_fields_are_accepted_with_a_warning_told_to_the_client(client, c
         r = chat(client, max_tokens=3, guided_choice=["a"], frobnicate=1)
     assert r.status_code == 200
     warnings = r.json()["tokensieve"]["warnings"]
-    assert any("'frobnicate'" in w for w in warnings) and any("'guided_choice'" in w for w in warnings)
+    assert any("'frobnicate'" in w for w in warnings)
+    assert any("'guided_choice'" in w for w in warnings)
     assert "frobnicate" in caplog.text
     # known fields with the values that ask for nothing are fine, and warn of nothing
     r = chat(client, max_tokens=3, user="u1", store=False, service_tier="auto", n=1, logprobs=False, top_k=-1,
              response_format={"type": "text"}, tool_choice="none", presence_penalty=0)  # fmt: skip
-    assert r.status_code == 200 and r.json()["tokensieve"]["warnings"] == []
+    assert r.status_code == 200
+    assert r.json()["tokensieve"]["warnings"] == []
 
 
 def full_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -255,7 +263,8 @@ def test_chat_logprobs_are_the_models_own(client, model):
     body = r.json()
     content = body["choices"][0]["logprobs"]["content"]
     answer = body["choices"][0]["message"]["content"]
-    assert "".join(e["token"] for e in content) == answer and len(content) == 6
+    assert "".join(e["token"] for e in content) == answer
+    assert len(content) == 6
     prompt = client.engine.encode_chat([{"role": "user", "content": "what is next: abcabcab"}])
     answer_ids = TOK(answer, add_special_tokens=False)["input_ids"]
     ref = full_logprobs(model, prompt + answer_ids)  # spec full: the served logits are the plain model's
@@ -283,7 +292,8 @@ def test_completions_echo_with_prompt_logprobs_from_the_uncompressed_forward(cli
     assert choice["text"] == prompt + plain
     ids = ids_of(prompt)
     assert len(lp["tokens"]) == len(ids) + 4
-    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None
     ref = full_logprobs(model, ids)
     for i in range(1, len(ids)):
         assert lp["token_logprobs"][i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
@@ -311,7 +321,8 @@ def test_response_format_json_schema_gives_json_matching_the_schema(client):
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     value = json.loads(choice["message"]["content"])
-    assert set(value) == {"colour", "ok"} and value["colour"] in ("red", "green", "blue")
+    assert set(value) == {"colour", "ok"}
+    assert value["colour"] in ("red", "green", "blue")
     assert isinstance(value["ok"], bool)
     assert choice["finish_reason"] == "stop"  # the grammar completed the answer
     r = complete(client, "a json object:", max_tokens=60, response_format={"type": "json_object"}, ignore_eos=False)
@@ -383,7 +394,8 @@ def test_forced_tool_calls_through_the_chat_template(model):
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == "tool_calls"
         (call,) = choice["message"]["tool_calls"]
-        assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+        assert call["function"]["name"] == "get_weather"
+        assert call["id"].startswith("call_")
         assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")
         assert choice["message"]["content"] is None
         r = c.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "tool_choice": "required",
@@ -394,7 +406,8 @@ def test_forced_tool_calls_through_the_chat_template(model):
         args = json.loads(call["function"]["arguments"])
         assert (call["function"]["name"], set(args)) in (("get_weather", {"city"}), ("get_time", {"utc"}))
         # the call and its result go back to the model through the template
-        follow = messages + [
+        follow = [
+            *messages,
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
         ]
@@ -404,7 +417,8 @@ def test_forced_tool_calls_through_the_chat_template(model):
         assert r.json()["choices"][0]["finish_reason"] == "length"
         r = c.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "tool_choice": named,
                                                  "stream": True})  # fmt: skip
-        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "stream"
 
 
 # ------------------------------------------------------------------------------------------ safe defaults
@@ -419,7 +433,8 @@ def test_a_spec_that_would_keep_less_than_its_window_is_not_applied_and_the_clie
         assert short["choices"][0]["text"] == full["choices"][0]["text"]
         long_prompt = "x y z " * 30 + "the end"  # 188 tokens: 25 % keeps 47, above SnapKV's window of 32
         applied = c.post("/v1/completions", json={"prompt": long_prompt}).json()
-        assert applied["tokensieve"]["spec"] == "snapkv:0.25" and applied["tokensieve"]["warnings"] == []
+        assert applied["tokensieve"]["spec"] == "snapkv:0.25"
+        assert applied["tokensieve"]["warnings"] == []
         tight = c.post("/v1/completions", json={"prompt": long_prompt, "spec": "snapkv:0.1"}).json()
         assert tight["tokensieve"]["spec"] == "full"  # 10 % keeps 19 < 32
         assert any("fewer than the 32" in w for w in tight["tokensieve"]["warnings"])
@@ -439,12 +454,15 @@ def test_models_tokenize_and_detokenize(client):
     card = client.get("/v1/models").json()["data"][0]
     assert card["max_model_len"] == 512  # the tiny model's positions
     r = client.post("/tokenize", json={"prompt": "hi you"}).json()
-    assert r["tokens"] == ids_of("hi you") and r["count"] == 7 and r["max_model_len"] == 512
+    assert r["tokens"] == ids_of("hi you")
+    assert r["count"] == 7
+    assert r["max_model_len"] == 512
     r = client.post("/tokenize", json={"prompt": "hi you", "add_special_tokens": False, "return_token_strs": True})
     assert r.json()["token_strs"] == list("hi you")
     r = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hey"}]}).json()
     assert r["tokens"] == client.engine.encode_chat([{"role": "user", "content": "hey"}])
     assert client.post("/detokenize", json={"tokens": ids_of("hi you")[1:]}).json() == {"prompt": "hi you"}
     bad = client.post("/detokenize", json={"tokens": [1, 500]})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "tokens"
     assert client.post("/tokenize", json={}).status_code == 400
