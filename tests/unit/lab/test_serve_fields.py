@@ -466,3 +466,46 @@ def test_models_tokenize_and_detokenize(client):
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "tokens"
     assert client.post("/tokenize", json={}).status_code == 400
+
+
+# ------------------------------------------------------------------------------------------ the openai client
+def test_the_openai_client_sees_every_field_work_or_refused(model):
+    """The probe a vLLM user runs, with the official client over real HTTP: no field is silently ignored."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from tokensieve.serve.bench import running_server
+
+    engine = Engine(model, TOK, spec="full", max_tokens=6, model_name="tiny")
+    engine.eos = set()
+    with running_server(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "say something"}]
+        r = client.chat.completions.create(model="tiny", messages=messages, logprobs=True, top_logprobs=2)
+        assert len(r.choices[0].logprobs.content) == 6
+        assert all(len(e.top_logprobs) == 2 for e in r.choices[0].logprobs.content)
+        plain = client.chat.completions.create(model="tiny", messages=messages).choices[0].message.content
+        biased = (
+            client.chat.completions.create(model="tiny", messages=messages, logit_bias={str(ids_of("Q")[1]): 100})
+            .choices[0]
+            .message.content
+        )
+        assert biased == "Q" * 6 != plain
+        penalised = client.chat.completions.create(model="tiny", messages=messages, frequency_penalty=2.0,
+                                                   presence_penalty=2.0)  # fmt: skip
+        assert len(set(penalised.choices[0].message.content)) == 6  # no token twice
+        c = client.completions.create(model="tiny", prompt="abc", echo=True, logprobs=1, max_tokens=2)
+        assert c.choices[0].text.startswith("abc")
+        assert c.choices[0].logprobs.token_logprobs[0] is None
+        extra = client.chat.completions.create(model="tiny", messages=messages,
+                                               extra_body={"top_k": 3, "min_tokens": 2, "repetition_penalty": 1.2,
+                                                           "stop_token_ids": [2]})  # fmt: skip
+        assert extra.choices[0].message.content
+        for kw, param in (({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 9}, "presence_penalty"),
+                          ({"stream_options": {"include_usage": True}}, "stream_options")):  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as exc:
+                client.chat.completions.create(model="tiny", messages=messages, **kw)
+            assert exc.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.completions.create(model="tiny", prompt="abc", suffix="def")
+        assert exc.value.body["param"] == "suffix"
+        assert client.models.list().data[0].model_extra["max_model_len"] == 512
