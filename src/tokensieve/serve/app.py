@@ -556,7 +556,8 @@ async def _sse(
     want_logprobs = opts.sampling.logprobs is not None
     offset = 0  # completions: where the next token's text starts in the answer (echo included)
 
-    def chunk(delta: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None) -> str:
+    def chunk(delta: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None,
+              info: dict[str, Any] | None = None) -> str:  # fmt: skip
         if chat:
             d: dict[str, Any] = {} if delta is None else {"content": delta}
             if first:
@@ -565,6 +566,8 @@ async def _sse(
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if info is not None:  # the last chunk: what the server did (spec, bytes, warnings)
+            body["tokensieve"] = info
         return f"data: {json.dumps(body)}\n\n"
 
     def logprobs_of(entries: tuple[Any, ...], ids: list[int]) -> Any:
@@ -599,7 +602,7 @@ async def _sse(
                 finished = True
                 rest = event.logprobs[carried:]  # tokens no delta carried (text held back, then cut by a stop string)
                 lp_last = logprobs_of(tuple(rest), [e.token for e in rest]) if rest else None
-                yield chunk(None, event.finish_reason, logprobs=lp_last)
+                yield chunk(None, event.finish_reason, logprobs=lp_last, info=event.info)
                 if opts.include_usage:
                     body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                             "usage": _usage(event), "tokensieve": event.info}  # fmt: skip

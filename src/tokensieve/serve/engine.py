@@ -165,6 +165,7 @@ class Job:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
     unsent_logprobs: int = 0  # how many of them no delta has carried yet
     prompt_lp: list[TokenLogprob | None] | None = None
+    context_ids: list[int] = field(default_factory=list)  # a stored context's ids before the question's
     sent: str = ""  # text emitted so far
     pending: str = ""  # text decoded but held back (it may be the start of a stop string)
     stream: TextStream | None = None
@@ -794,6 +795,7 @@ class Engine:
                 self.contexts.move_to_end(job.context_id)  # most recently used
             stored.uses += 1
             stored.last_used = time.time()
+            job.context_ids = list(stored.ids)
             ctx = stored.ctx.fork()  # the stored context is never modified
             ctx.cache.reserve(len(job.ids) + job.max_tokens)
             if job.ids:
@@ -892,7 +894,7 @@ class Engine:
             mask = job.constraint.allowed(int(job.ctx.logits.shape[-1]) if job.ctx is not None else self.vocab_size)
             allowed = lambda V, m=mask: m  # noqa: E731
         ends = frozenset(job.sampling.stop_token_ids | (set() if job.ignore_eos else self.eos))
-        return Row(job.sampling, job.ids, job.tokens, ends, allowed)
+        return Row(job.sampling, [*job.context_ids, *job.ids], job.tokens, ends, allowed)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Fail one running job (a limit it ran past, or an error of its own sequence) and free its cache."""

@@ -185,7 +185,7 @@ def sampling(body: dict[str, Any], chat: bool, vocab: int, max_new: int) -> Samp
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise RequestError(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}]; got {logprobs}.",
                                    param="top_logprobs", code="invalid_value")  # fmt: skip
-        elif body.get("top_logprobs") is not None:
+        elif get(body, "top_logprobs", int, 0):
             raise RequestError("'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
     else:
         logprobs = get(body, "logprobs", int)

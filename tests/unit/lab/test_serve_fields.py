@@ -247,7 +247,7 @@ def test_unknown_fields_are_accepted_with_a_warning_told_to_the_client(client, c
     assert "frobnicate" in caplog.text
     # known fields with the values that ask for nothing are fine, and warn of nothing
     r = chat(client, max_tokens=3, user="u1", store=False, service_tier="auto", n=1, logprobs=False, top_k=-1,
-             response_format={"type": "text"}, tool_choice="none", presence_penalty=0)  # fmt: skip
+             response_format={"type": "text"}, tool_choice="none", presence_penalty=0, top_logprobs=0)  # fmt: skip
     assert r.status_code == 200
     assert r.json()["tokensieve"]["warnings"] == []
 
@@ -438,6 +438,12 @@ def test_a_spec_that_would_keep_less_than_its_window_is_not_applied_and_the_clie
         tight = c.post("/v1/completions", json={"prompt": long_prompt, "spec": "snapkv:0.1"}).json()
         assert tight["tokensieve"]["spec"] == "full"  # 10 % keeps 19 < 32
         assert any("fewer than the 32" in w for w in tight["tokensieve"]["warnings"])
+        # a streaming client is told too, in the last chunk
+        r = c.post("/v1/completions", json={"prompt": "a short prompt of some words", "stream": True})
+        chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["tokensieve"]["spec"] == "full"
+        assert chunks[-1]["tokensieve"]["warnings"] == short["tokensieve"]["warnings"]
 
 
 def test_library_warnings_reach_the_client(model):
