@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
 from .engine import RequestError
 from .logits import MAX_LOGPROBS, Sampling, TokenLogprob
 
@@ -348,6 +349,9 @@ def options(body: dict[str, Any], chat: bool, *, vocab: int, default_max_tokens:
 
         try:
             opts.grammar = json_schema_grammar(schema)
+        except ConfigError as exc:  # the constrained extra is not installed: say which
+            raise RequestError(str(exc), param="tools" if opts.tool_call else "response_format",
+                               code="unsupported_parameter") from None  # fmt: skip
         except GrammarError as exc:
             raise RequestError(f"The JSON schema cannot be used: {exc}", param="tools" if opts.tool_call else
                                "response_format", code="invalid_schema") from None  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import make_tiny_model
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Done, Engine, Failed, Job
-from tokensieve.serve.logits import Row, Sampling, process
+from tokensieve.serve.logits import Row, Sampling, choose, process
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -86,6 +86,19 @@ def test_the_chain_on_a_batch_equals_each_row_alone():
     batched = process(logits, rows)
     for b, row in enumerate(rows):
         assert torch.equal(batched[b], process(logits[b : b + 1], [row])[0]), b
+
+
+def test_top_k_and_min_p_filter_before_the_draw():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(V, generator=g)
+    best = int(logits.argmax())
+    for s in (Sampling(temperature=2.0, top_k=1), Sampling(temperature=2.0, min_p=1.0)):
+        assert {choose(logits, s, torch.Generator().manual_seed(i)) for i in range(30)} == {best}
+    top3 = set(logits.topk(3).indices.tolist())
+    drawn = {choose(logits, Sampling(temperature=2.0, top_k=3), torch.Generator().manual_seed(i)) for i in range(200)}
+    assert drawn == top3
+    with pytest.raises(RuntimeError, match="every token is forbidden"):
+        choose(torch.full((V,), -torch.inf), Sampling())
 
 
 # ------------------------------------------------------------------------------------------ engine: batched = alone
@@ -419,6 +432,16 @@ def test_forced_tool_calls_through_the_chat_template(model):
                                                  "stream": True})  # fmt: skip
         assert r.status_code == 400
         assert r.json()["error"]["param"] == "stream"
+
+
+def test_a_grammar_without_the_constrained_extra_is_a_400_naming_it(client, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    r = chat(client, response_format={"type": "json_object"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "response_format"
+    assert "tokensieve[constrained]" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------------------------------ safe defaults
