@@ -9,7 +9,12 @@ Endpoints:
 * ``POST /v1/contexts`` ``{"document": ..., "mode": "chat"|"text", "spec": ...}`` — prefill and compress a document
   once (query-agnostically) and get its id; ``GET /v1/contexts``, ``GET /v1/contexts/{id}``,
   ``DELETE /v1/contexts/{id}``.
-* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+* ``GET /v1/models`` (with ``max_model_len``), ``GET /health``, ``GET /metrics`` (Prometheus text format).
+* ``POST /tokenize``, ``POST /detokenize`` — as vLLM's.
+
+Every request field is honoured or refused with a 400 naming it (:mod:`.fields` reads and checks them; the table is in
+docs/SERVING.md); a field this server does not know is accepted with a warning, logged and returned in the
+response's ``tokensieve`` object.
 
 Every refused request gets an OpenAI-style error body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
 status; the server never dies on a bad request.
