@@ -125,11 +125,12 @@ SETTINGS = [
     Sampling(presence_penalty=1.5, frequency_penalty=0.8),
     Sampling(temperature=0.8, top_k=5, seed=11),
     Sampling(temperature=1.0, min_p=0.1, top_p=0.9, seed=12, frequency_penalty=-0.5),
-    Sampling(min_tokens=6, stop_token_ids=frozenset({50, 51})),
+    Sampling(min_tokens=6, stop_token_ids=frozenset({50, 51}), logprobs=3),
 ]
 
 
-def run_jobs(model, settings: list[Sampling], eos: set[int], first: int = 0) -> list[list[int]]:
+def run_jobs(model, settings: list[Sampling], eos: set[int], first: int = 0, jobs_out: list | None = None
+             ) -> list[list[int]]:  # fmt: skip
     """Each setting's answer to its own prompt, all queued before the scheduler starts (so they share steps)."""
     engine = Engine(model, TOK, spec="snapkv:0.5", max_batch=8)
     engine.eos = eos
@@ -147,14 +148,22 @@ def run_jobs(model, settings: list[Sampling], eos: set[int], first: int = 0) -> 
         engine.stop()
     if len(settings) > 1:
         assert engine.counters.max_batch == len(settings)  # they really were decoded together
+    if jobs_out is not None:
+        jobs_out += [job for job, _ in jobs]
     return [job.tokens for job, _ in jobs]
 
 
 def test_every_sampling_field_batched_equals_alone(model):
     eos = {33}
-    together = run_jobs(model, SETTINGS, eos)
+    batched: list[Job] = []
+    together = run_jobs(model, SETTINGS, eos, jobs_out=batched)
     for i, s in enumerate(SETTINGS):
-        assert together[i] == run_jobs(model, [s], eos, first=i)[0], s
+        single: list[Job] = []
+        assert together[i] == run_jobs(model, [s], eos, first=i, jobs_out=single)[0], s
+        assert len(batched[i].logprobs) == (len(together[i]) if s.logprobs is not None else 0)
+        for a, b in zip(batched[i].logprobs, single[0].logprobs):  # the log-probabilities too
+            assert (a.token, [t for t, _ in a.top]) == (b.token, [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
     assert len({tuple(t) for t in together}) == len(together)  # the settings change the answers
 
 
