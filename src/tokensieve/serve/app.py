@@ -575,6 +575,11 @@ async def _sse(
             body["tokensieve"] = info
         return f"data: {json.dumps(body)}\n\n"
 
+    def tool_chunk(call: dict[str, Any]) -> str:
+        choice = {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
     def logprobs_of(entries: tuple[Any, ...], ids: list[int]) -> Any:
         nonlocal offset
         if not want_logprobs:
@@ -593,9 +598,12 @@ async def _sse(
             offset = len(prompt_text)
             yield chunk(prompt_text)
         carried = 0  # tokens whose log-probabilities a chunk carried
+        held: list[Delta] = []  # a forced tool call's text: sent as tool_calls once complete
         while True:
             event = await events.get()
-            if isinstance(event, Delta):
+            if isinstance(event, Delta) and opts.tool_call is not None:
+                held.append(event)
+            elif isinstance(event, Delta):
                 carried += len(event.logprobs)
                 yield chunk(event.text, logprobs=logprobs_of(event.logprobs, [e.token for e in event.logprobs]))
             elif isinstance(event, Failed):
@@ -605,9 +613,19 @@ async def _sse(
                 return
             else:
                 finished = True
+                finish = event.finish_reason
+                if opts.tool_call is not None:
+                    text = "".join(d.text for d in held)
+                    if finish == "stop":  # complete: the calls, each in one chunk, as OpenAI's deltas
+                        calls = fields.tool_calls(text, opts.tool_call, opts.tool_name, _call_id)
+                        for i, call in enumerate(calls):
+                            yield tool_chunk({"index": i, **call})
+                        finish = "tool_calls"
+                    elif text:  # cut by max_tokens: the text as it is, as the non-streamed answer gives it
+                        yield chunk(text)
                 rest = event.logprobs[carried:]  # tokens no delta carried (text held back, then cut by a stop string)
                 lp_last = logprobs_of(tuple(rest), [e.token for e in rest]) if rest else None
-                yield chunk(None, event.finish_reason, logprobs=lp_last, info=event.info)
+                yield chunk(None, finish, logprobs=lp_last, info=event.info)
                 if opts.include_usage:
                     body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                             "usage": _usage(event), "tokensieve": event.info}  # fmt: skip

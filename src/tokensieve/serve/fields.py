@@ -329,8 +329,6 @@ def options(body: dict[str, Any], chat: bool, *, vocab: int, default_max_tokens:
             if schema is not None:
                 raise RequestError("'response_format' and a forced tool call cannot both shape one answer.",
                                    param="response_format", code="invalid_value")  # fmt: skip
-            if stream:
-                raise refuse("stream", "is not supported with a forced tool call: send 'stream': false.")
             schema = tool_schema
     else:
         suffix = get(body, "suffix", str, "")

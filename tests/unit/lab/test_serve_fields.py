@@ -419,6 +419,7 @@ def test_forced_tool_calls_through_the_chat_template(model):
         assert call["function"]["name"] == "get_weather"
         assert call["id"].startswith("call_")
         assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")
+        named_args = call["function"]["arguments"]
         assert choice["message"]["content"] is None
         r = c.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "tool_choice": "required",
                                                  "parallel_tool_calls": False, "max_tokens": 60})  # fmt: skip
@@ -437,10 +438,15 @@ def test_forced_tool_calls_through_the_chat_template(model):
                                                  "max_tokens": 3})  # fmt: skip
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] == "length"
+        # streamed: the complete call arrives as OpenAI's tool_calls delta, then finish_reason tool_calls
         r = c.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "tool_choice": named,
-                                                 "stream": True})  # fmt: skip
-        assert r.status_code == 400
-        assert r.json()["error"]["param"] == "stream"
+                                                 "max_tokens": 40, "stream": True})  # fmt: skip
+        chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+        (streamed,) = [d for ch in chunks for d in ch["choices"][0]["delta"].get("tool_calls", [])]
+        assert streamed["index"] == 0
+        assert streamed["function"] == {"name": "get_weather", "arguments": named_args}
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert not any(ch["choices"][0]["delta"].get("content") for ch in chunks)
 
 
 def test_a_grammar_without_the_constrained_extra_is_a_400_naming_it(client, monkeypatch):
