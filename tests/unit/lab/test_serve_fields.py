@@ -553,3 +553,14 @@ def test_the_openai_client_sees_every_field_work_or_refused(model):
             client.completions.create(model="tiny", prompt="abc", suffix="def")
         assert exc.value.body["param"] == "suffix"
         assert client.models.list().data[0].model_extra["max_model_len"] == 512
+
+
+def test_echo_on_a_stored_context_is_refused_and_penalties_work_there(client):
+    ctx = client.post("/v1/contexts", json={"document": "a stored text about bees", "mode": "text"}).json()
+    r = complete(client, " and", context_id=ctx["id"], echo=True)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "echo"
+    plain = complete(client, " and", context_id=ctx["id"], max_tokens=8).json()["choices"][0]["text"]
+    biased = complete(client, " and", context_id=ctx["id"], max_tokens=8, logit_bias={str(ids_of("z")[1]): 100})
+    assert biased.json()["choices"][0]["text"] == "z" * 8 != plain
+    client.delete(f"/v1/contexts/{ctx['id']}")
