@@ -37,6 +37,7 @@ class ReplicaSettings:
     api_key: str | None = None
     allowed_hosts: list[str] | None = None
     allowed_methods: list[str] | None = None
+    compress_min_tokens: int = 0
 
 
 class Replica:
@@ -63,6 +64,7 @@ class Replica:
             max_tokens=s.max_tokens,
             limits=Limits.from_mapping(s.limits),
             allowed_methods=None if s.allowed_methods is None else set(s.allowed_methods),
+            compress_min_tokens=s.compress_min_tokens,
         ).start()
         try:
             from ray import serve
