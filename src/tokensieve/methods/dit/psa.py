@@ -20,7 +20,8 @@ holds at least 8 % of the blocks. *Attention*: a key pooled by ``p`` stands for 
 (0.6, 0.7, 0.7, 0.8) — level 4 empty —, 2 × 8 × 8 tiles, the first 15 of 50 steps dense (``warmup = 0.3``).
 
 **Choices.** The authors order tokens along a 3D Gilbert curve; we use the 2 × 8 × 8 tiles of their ``STA`` option
-(also local cubes). The sampled positions come from a generator seeded by (layer, step). Our kernel reads the pooled
+(also local cubes). The sampled positions come from a generator seeded by (layer, step), one draw per head shared by the
+sequences of a batch (batch = single). Our kernel reads the pooled
 keys from levels appended to the key sequence, each level's blocks under the token rule "this pooled key's block has
 this level for this query block". The density counts a pooled pair as ``1/p``.
 """
@@ -60,8 +61,9 @@ def block_importance(q: Tensor, k: Tensor, block_m: int, block_n: int, scaling: 
     B, H, N, D = q.shape
     nq, nk = N // block_m, k.shape[2] // block_n
     sm, sn = block_m // 4, block_n // 4
-    pq = torch.rand(B, H, block_m, generator=gen).topk(sm, -1).indices.to(q.device)  # positions in a query block
-    pk = torch.rand(B, H, block_n, generator=gen).topk(sn, -1).indices.to(q.device)
+    # positions in a query / key block: one draw per head, the same for every sequence of a batch
+    pq = torch.rand(1, H, block_m, generator=gen).topk(sm, -1).indices.to(q.device).expand(B, H, sm)
+    pk = torch.rand(1, H, block_n, generator=gen).topk(sn, -1).indices.to(q.device).expand(B, H, sn)
     qs = torch.gather(q.view(B, H, nq, block_m, D), 3, pq[:, :, None, :, None].expand(B, H, nq, sm, D)).reshape(
         B, H, nq * sm, D
     )

@@ -13,7 +13,8 @@ the keys and values cached when they were last computed. Some steps are full aga
 catch up.
 
 **Defaults** as the authors' manager (30 steps): ``ratio = 0.5``, the first 4 steps dense (``warmup = 4/30``), full
-steps at 12 and 22 of 30 (``reset_a = 0.4``, ``reset_b = 22/30`` of the run), RAS up to the last step, ``starvation = 0.1``.
+steps at 12 and 22 of 30 (``reset_a = 0.4``, ``reset_b = 22/30`` of the run), RAS up to the last step,
+``starvation = 0.1``.
 
 **Choices.** The per-token score is the standard deviation over the patch's channels and pixels of the model output.
 The starvation boost is linear in the number of steps left out (our reading of the paper's "starvation" term). The

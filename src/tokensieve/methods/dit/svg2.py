@@ -20,7 +20,9 @@ the steps and 3 % of the layers dense. Cluster counts above the number of tokens
 **Choices.** The clusters are variable in size; the authors' kernel (FlashInfer) reads exactly the chosen cluster
 pairs, ours reads ``block``-token blocks of the permuted sequence and evaluates the cluster rule on the partial ones
 (exact output, some blocks wasted at cluster boundaries: the measured speed-up sits below the density's ideal). The
-random initial centroids come from a generator seeded by the layer (the authors draw from the global generator). The
+random initial centroids come from a generator seeded by the layer, one draw per head shared by the sequences of a
+batch (the authors draw from the global generator), and k-means stops per (sequence, head), so a batch gives every
+sequence what it gets alone. The
 density is the exact fraction of pairs read.
 """
 
@@ -38,30 +40,36 @@ from .spec import register
 
 
 def kmeans(
-    x: Tensor, k: int, iters: int, init: Tensor | None = None, tol: float = 1e-4, seed: int = 0
+    x: Tensor, k: int, iters: int, init: Tensor | None = None, tol: float = 1e-4, seed: int = 0, group: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batched Euclidean k-means as ``batch_kmeans_Euclid``: x ``(R, N, D)`` → labels ``(R, N)``, centroids
-    ``(R, k, D)``, sizes ``(R, k)``. An empty cluster keeps its previous centroid."""
+    ``(R, k, D)``, sizes ``(R, k)``. An empty cluster keeps its previous centroid. Rows stop one by one when no centroid
+    of theirs moves more than ``tol`` (the authors stop the whole batch on its largest move: a batch would then depend
+    on its other sequences). Random initial tokens are drawn for ``group`` rows and repeated over the rest (one draw per
+    head, the same for every sequence of a batch)."""
     R, N, D = x.shape
     x = x.float()
     if init is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        idx = torch.randint(0, N, (R, k), generator=gen).to(x.device)
+        idx = torch.randint(0, N, (group, k), generator=gen).to(x.device).repeat(R // group, 1)
         cent = torch.gather(x, 1, idx[..., None].expand(R, k, D))
     else:
         cent = init.float()
     x_sq = (x * x).sum(-1)  # (R, N)
     labels = torch.zeros(R, N, dtype=torch.long, device=x.device)
     sizes = torch.zeros(R, k, device=x.device)
+    moving = torch.ones(R, dtype=torch.bool, device=x.device)
     for _ in range(max(iters, 1)):
         dist = x_sq[..., None] + (cent * cent).sum(-1)[:, None, :] - 2 * torch.matmul(x, cent.transpose(1, 2))
-        labels = dist.argmin(-1)
+        new_labels = dist.argmin(-1)
+        labels = torch.where(moving[:, None], new_labels, labels)
         sums = torch.zeros(R, k, D, device=x.device).scatter_add_(1, labels[..., None].expand(R, N, D), x)
         sizes = torch.zeros(R, k, device=x.device).scatter_add_(1, labels, torch.ones(R, N, device=x.device))
         new = torch.where(sizes[..., None] > 0, sums / sizes.clamp(min=1)[..., None], cent)
-        shift = (new - cent).norm(dim=-1).max()
-        cent = new
-        if float(shift) < tol:
+        shift = (new - cent).norm(dim=-1).amax(-1)  # (R,)
+        cent = torch.where(moving[:, None, None], new, cent)
+        moving = moving & (shift >= tol)
+        if not bool(moving.any()):
             break
     return labels, cent, sizes
 
@@ -118,10 +126,10 @@ class SparseVideoGen2(DiTMethod):
             prev = None
         iters = self.iters_init if prev is None else self.iters_step
         ql, qcent, _ = kmeans(
-            call.q.reshape(B * H, N, D), qc, iters, None if prev is None else prev[0], seed=2 * call.layer
+            call.q.reshape(B * H, N, D), qc, iters, None if prev is None else prev[0], seed=2 * call.layer, group=H
         )
         kl, kcent, ksz = kmeans(
-            call.k.reshape(B * H, N, D), kc, iters, None if prev is None else prev[1], seed=2 * call.layer + 1
+            call.k.reshape(B * H, N, D), kc, iters, None if prev is None else prev[1], seed=2 * call.layer + 1, group=H
         )
         call.state["centroids"] = (qcent, kcent)
         return (

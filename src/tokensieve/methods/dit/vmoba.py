@@ -11,7 +11,9 @@ is contiguous (``process_moba_input``). A chunk is represented by the mean of it
 chunk by ``q · mean(k)`` (the gate). Selection is *global per head* and *threshold-based*: the gate is min-max
 normalised over all (chunk, query) pairs of the head; each query always reads its own chunk; the other (chunk, query)
 pairs of the head are taken in descending order of normalised gate until the selected mass (own chunks included)
-reaches ``threshold`` of the head's total. Each query then attends exactly over the keys of its selected chunks.
+reaches ``threshold`` of the head's total. Each query then attends exactly over the keys of its selected chunks. (The
+pair of least gate normalises to 0 and is never needed to reach a threshold ≤ 1: a threshold above 1 reads every
+chunk, the keep-all setting.)
 
 **Defaults.** ``threshold = 0.25`` and threshold-based selection, as ``moba_attn_varlen``'s defaults; global per-head
 selection (``select = "head_global"``) as the paper describes it (the function's default ``"query_head"``, the same
@@ -122,8 +124,8 @@ class VMoBA(DiTMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.threshold <= 1 or self.select not in ("head_global", "query_head"):
-            raise ConfigError("vmoba: threshold in (0, 1], select head_global or query_head.")
+        if not self.threshold > 0 or self.select not in ("head_global", "query_head"):
+            raise ConfigError("vmoba: threshold > 0, select head_global or query_head.")
 
     def chunk_shape(self, layer: int, grid: VideoGrid) -> tuple[int, int, int]:
         F, H, W = grid.frames, grid.height, grid.width
