@@ -181,10 +181,8 @@ def test_refusals(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "LlamaForCausalLM"}))
     with pytest.raises(ConfigError, match="not a diffusers transformer"):
         load_transformer(tmp_path)
-    with pytest.raises(ConfigError, match="no config.json"):
-        load_transformer(tmp_path / ".." / tmp_path.name / "missing") if False else load_transformer(
-            _empty_dir(tmp_path)
-        )
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        load_transformer(_empty_dir(tmp_path))
     model = tiny_wan()
     with sparsify(model, "svg:0.3") as _, pytest.raises(ConfigError, match="number of denoising steps"):
         run_wan(model, *wan_inputs())
