@@ -369,6 +369,7 @@ _COMMAND_MODULES = [
         "tokensieve.bench.cli",
         "tokensieve.profiling.cli",
         "tokensieve.train.cli",
+        "tokensieve.bench.video",
         "tokensieve.serve.cli",
         "tokensieve.report",
     )

@@ -301,7 +301,7 @@ class DiTSieve:
 
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return proc.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)  # type: ignore[arg-type]
         query, key = attn.norm_q(query), attn.norm_k(key)
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))

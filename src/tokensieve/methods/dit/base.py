@@ -230,6 +230,7 @@ def run_blocks(
             text_cols[..., -1] = PARTIAL
         g = torch.cat([g, text_cols], -1)
     needs_mask = mask_mod is not None or pad_k or (L > 0 and Ltp > L)
+    # the video rule sees only real query and key indices
     composed: MaskMod | None = None
     if needs_mask:
         user = mask_mod
@@ -237,7 +238,8 @@ def run_blocks(
         def composed(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
             video = ki < Nk
             if user is not None:
-                video = video & user(b, h, qi, torch.where(ki < Nk, ki, 0))
+                # padding queries and keys read the rule at index 0 (their result is never used)
+                video = video & user(b, h, torch.where(qi < Nq, qi, 0), torch.where(ki < Nk, ki, 0))
             if L:
                 return video | ((ki >= Nkp) & (ki < Nkp + L))
             return video

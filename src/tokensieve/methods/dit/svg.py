@@ -142,7 +142,7 @@ class SparseVideoGen(DiTMethod):
         index = torch.where(temporal[..., None], perm[None, None], ident[None, None])  # (B, H, N)
         qp, kp, vp = gather_tokens(q, index), gather_tokens(k, index), gather_tokens(v, index)
         width = width_tokens(self.density, N, self.round_to)
-        key = ("svg_grid", N, self.block, width, S)
+        key = f"svg_grid:{N}:{self.block}:{width}:{S}"
         cached = call.state.get(key)
         if cached is None:
             cached = call.state[key] = band_grid(N, self.block, width, S, q.device)
