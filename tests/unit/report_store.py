@@ -166,7 +166,8 @@ def daam_records(rng: random.Random) -> list[dict[str, Any]]:
         for front in fronts:
             for seed in range(3):
                 config = {"task": task, "network": "cnnlstm", "attention": front, "time_axis": False, "seed": seed,
-                          "epochs": 12, "batch": 20, "feedforward": 2048, "time_heads": 0}  # fmt: skip
+                          "epochs": 12, "batch": 20, "feedforward": 2048, "time_heads": 0,
+                          "modules": "official"}  # fmt: skip
                 f1 = {"daam": 0.8, "mha": 0.74, "none": 0.7}[front] + rng.uniform(-0.04, 0.04)
                 out.append({"run": f"{task}-cnnlstm-{front}-s{seed}-e12", "config": config, "parameters": 280257,
                             "front_parameters": 192, "best_epoch": 9, "val": {"f1": f1 + 0.02, "acc": f1},

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-
-DEFAULT_METHODS = "full,snapkv:0.125,streaming_llm:0.125,+quest:0.125,+tokenselect:0.125,+tidaldecode:0.125"
+from .config import DEFAULT_METHODS
 
 
 def _ints(text: str) -> tuple[int, ...]:

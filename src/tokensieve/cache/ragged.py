@@ -7,8 +7,8 @@ ever takes the next free page), and only a row's last page may be partly filled.
 in use, the rest is headroom; it grows geometrically, so appends are amortised O(1) and a decode step appends one
 token to every row with a handful of tensor operations. Attention reads the pool in place
 (:func:`tokensieve.attention.ragged.paged_decode`): no Python loop over rows, no gather, no padding to the longest
-row. Why this layout and not a packed buffer with a padded gather, nested tensors or FlexAttention: docs/BENCHMARKS.md
-("Ragged decode kernel").
+row. Why this layout and not a packed buffer with a padded gather, nested tensors or FlexAttention:
+docs/results/benchmarks.md ("Ragged decode kernel").
 
 Bytes: ``kv_bytes`` counts the stored entries exactly; ``allocated_bytes`` the whole pool (every page, the unfilled
 slots of each row's last page and the pool's headroom included: at most ``P - 1`` slots per row plus the headroom);
@@ -27,7 +27,7 @@ from ..attention.ragged import paged_decode
 from .dense import _grow
 
 DEAD = -2  # position of an entry dropped in place (RaggedKV.drop), until its slot is reclaimed
-PAGE = 32  # slots per page of the pool (docs/BENCHMARKS.md, "Ragged decode kernel": 16 / 32 / 64 measured)
+PAGE = 32  # slots per page of the pool (docs/results/benchmarks.md, "Ragged decode kernel": 16 / 32 / 64 measured)
 
 
 @dataclass

@@ -39,9 +39,10 @@ from typing import Any
 
 from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
+from ..core.capabilities import Request
 from ..data.tasks import MODES, Task, get_task
+from ..engine import check_chunk
 from ..errors import ConfigError
-from ..pipeline import check_chunk, check_chunkable
 from ..registry import method_names
 from ..spec import Spec, split_specs
 
@@ -149,7 +150,7 @@ class EvalConfig:
             check_chunk(self.chunk)
             if not self.all_methods:  # `all` drops, with a note, the methods that cannot (tokensieve.eval.runner)
                 for m in self.methods:
-                    check_chunkable(m)
+                    m.check(Request(chunk=self.chunk))
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod

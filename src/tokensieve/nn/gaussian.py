@@ -1,45 +1,55 @@
 """Density-adaptive (Gaussian) attention blocks: re-weight features by learnable Gaussians of their standardised
 values.
 
-Two forms are published and they disagree in details; both are here, with every point of disagreement an option
-whose default is the paper's:
+Two forms are published and they disagree in details; both are here, and each computes by default what its
+authors' code computes (read against it: docs/DAAM.md, "The modules"):
 
 * **Form A** — :class:`MultiHeadGaussianAdaptiveAttention` and the residual :class:`GaussianBlock` (GAAM, Ioannides,
-  Chadha, Elkins, arXiv 2401.11143, and the speech networks of the DAAM depression paper, arXiv 2409.00391). The
-  normalisation axis is split into H chunks (heads). Each head has N Gaussians with scalar offset δ_i and scale c_i.
-  With μ, σ² the mean and (unbiased) variance of the chunk along the axis::
+  Chadha, Elkins, arXiv 2401.11143, code gioannides/Gaussian-Adaptive-Attention; the speech networks of the DAAM
+  depression paper, arXiv 2409.00391, code sdsuai/depression_audio_processing). The normalisation axis is split into
+  H chunks (heads; the last takes the remainder). Each head has N Gaussians with scalar offset δ_i and scale c_i.
+  With μ, σ² the mean and unbiased variance of the chunk along the axis, ε = 1e-8::
 
       z_i = (x − μ − δ_i) / √(σ² + ε)
       g_i = exp(−z_i² / (2 c_i²)) / √(2π c_i²)
-      w   = Π_i g_i, normalised to sum 1 along the axis (within the head's chunk)
-      out = x ⊙ w                      (the block adds the residual: x + out)
+      p   = g_1 · g_2 · … · g_N                        (in float32)
+      w   = p / max(Σ_axis p, ε)                        (the sum clamped at ε, within the head's chunk)
+      out = x ⊙ w                                       (the block adds the residual: x + out)
 
-* **Form B** — :class:`DensityAdaptiveAttention` (Algorithm 1 of DAAM, arXiv 2401.11143 v3+/2409.00391): per head a
-  mean-offset *vector* δ and a scale *vector* ξ over the head's features (init 0 and 2). Statistics are taken over
-  the rows (the sequence axis) per feature::
+  The official code multiplies the N Gaussians in a loop; here their product, itself one Gaussian in x, is
+  exp(const − A(u − m v)² − D v²) (see ``_log_product``): the same number up to float32 rounding (both are within
+  2e-4 relative of a float64 evaluation of the official loop wherever a weight exceeds 1e-6), about 6× faster for
+  24 Gaussians, and underflowing to 0 where the official product does (up to values below 1e-38). Where p is 0
+  along a whole chunk (often, with 24 narrow Gaussians over a chunk of 10 values) w is 0 and the block passes x
+  through; where Σ p < ε the weights sum to less than 1. ``stable=True`` normalises by a softmax of log p instead:
+  the same number wherever Σ p ≥ ε, and a distribution over the chunk everywhere (this package's earlier form).
 
-      μ  = E[x],  σ² = |E[x²] − μ²| + 1e-8          (population variance)
+* **Form B** — :class:`DensityAdaptiveAttention` (DAAM, Algorithm 1 of arXiv 2401.11143 v3+, code
+  gioannides/DAAM-PEFT-paper-code). The rows (the statistics axis, e.g. tokens or encoder layers) are split into H
+  contiguous groups (heads); each head has a mean-offset *vector* δ and a scale *vector* ξ over all the features
+  (init 0 and 2) and takes its statistics over its own rows, per feature::
+
+      μ  = E[x],  σ² = |E[x²] − μ²| + 1e-8               (population variance over the head's rows)
       z  = (x − μ − δ) / √(σ² + 1e-5)
-      G  = exp(−z² / (2ξ))                          (not normalised)
+      G  = exp(−z² / (2ξ))                              (not normalised)
       out = x ⊙ G
 
-Points where the papers disagree, and the options that choose:
+  :mod:`tokensieve.nn.gqdaam` puts Form B in front of grouped-query attention (GQ-DAAM).
 
-========================  =====================  ======================  ==============================
-choice                     option                 Form A default          Form B default
-========================  =====================  ======================  ==============================
-exponent denominator       ``scale_form``         ``"c2"`` (2c², prose)   ``"xi"`` (2ξ, Algorithm 1)
-normalise the weights      ``normalise``          True                    False
-variance                   ``variance``           ``"unbiased"``          ``"population"``
-========================  =====================  ======================  ==============================
+Points where the papers disagree, and the options that choose (each form's default is its code's):
 
-Implementation note: Form A's normalised product is computed in log space — log w = Σ_i log g_i followed by a
-softmax along the axis — which is the same number as "product, then divide by the sum" whenever that product does not
-underflow, and stays finite when it does (24 Gaussians of a far-out value underflow float32). Un-normalised weights
-are exp(Σ_i log g_i).
+========================  =====================  =========================  ==============================
+choice                     option                 Form A default             Form B default
+========================  =====================  =========================  ==============================
+exponent denominator       ``scale_form``         ``"c2"`` (2c²)             ``"xi"`` (2ξ)
+normalise the weights      ``normalise``          True (clamped sum)         False
+variance                   ``variance``           ``"unbiased"``             ``"population"``
+initial c                  ``c_init``             ``"lognormal"`` exp(N(0,1)) (the GAAM package; the speech
+                                                  networks pass ``"normal"``, N(0,1), as the speech code does)
+========================  =====================  =========================  ==============================
 
-The weights ``w`` (same shape as the input) are the importance map: ``forward(x, return_weights=True)`` returns
-them with the output.
+The weights (same shape as the input) are the importance map: ``forward(x, return_weights=True)`` returns them with
+the output.
 """
 
 from __future__ import annotations
@@ -55,11 +65,13 @@ from ..errors import ConfigError
 
 ScaleForm = Literal["c2", "xi"]
 Variance = Literal["unbiased", "population"]
+CInit = Literal["lognormal", "normal"]
 
 __all__ = [
     "DensityAdaptiveAttention",
     "GaussianBlock",
     "MultiHeadGaussianAdaptiveAttention",
+    "compute_dtype",
     "head_sizes",
     "moments",
 ]
@@ -73,6 +85,12 @@ def head_sizes(n: int, heads: int) -> list[int]:
         raise ConfigError(f"an axis of length {n} cannot be split into {heads} heads")
     size = n // heads
     return [size] * (heads - 1) + [n - size * (heads - 1)]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the Gaussian weights are computed in: float32, or the input's if it is wider (float64) — what the
+    official code gets by mixing the input with its float32 parameters."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def moments(x: Tensor, dim: int, variance: Variance, eps: float) -> tuple[Tensor, Tensor]:
@@ -99,6 +117,13 @@ def _axis(dim: int, ndim: int) -> int:
     return dim % ndim
 
 
+def _check_options(scale_form: str, variance: str) -> None:
+    if scale_form not in ("c2", "xi"):
+        raise ConfigError(f"scale_form must be 'c2' or 'xi', got {scale_form!r}")
+    if variance not in ("unbiased", "population"):
+        raise ConfigError(f"variance must be 'unbiased' or 'population', got {variance!r}")
+
+
 class MultiHeadGaussianAdaptiveAttention(nn.Module):
     """Form A: H heads over chunks of one axis, N Gaussians per head (parameters: 2·H·N scalars).
 
@@ -107,13 +132,20 @@ class MultiHeadGaussianAdaptiveAttention(nn.Module):
             axis 1 of a (B, mels, frames) spectrogram.
         heads: H; the axis is split into H chunks (the last takes the remainder).
         gaussians: N Gaussians per head, multiplied.
-        scale_form: ``"c2"`` — exp(−z²/(2c²))/√(2πc²) with c initialised exp(N(0,1)) (Form A); ``"xi"`` —
-            exp(−z²/(2ξ)) with ξ initialised ``xi_init`` and clamped at ``eps`` from below (Form B's algorithm).
-        normalise: normalise the product along the axis within each head's chunk (Form A: True).
+        scale_form: ``"c2"`` — exp(−z²/(2c²))/√(2πc²) (Form A); ``"xi"`` — exp(−z²/(2ξ)) with ξ initialised
+            ``xi_init`` (Form B's exponent, for comparisons).
+        normalise: divide the product by its sum along the axis within each head's chunk (Form A: True).
         variance: ``"unbiased"`` (Form A) or ``"population"``.
-        eps: added to the variance, and the floor of c² / ξ.
+        eps: added to the variance, and the floor of the sum the product is divided by (the official code uses one ε
+            for both, 1e-8).
+        stable: the log-space form — Σ_i log g_i, then a softmax along the chunk (or exp without ``normalise``)
+            instead of the product divided by its clamped sum. Always a distribution over the chunk; never the
+            identity of an underflowed head. False: what the official code computes.
+        c_init: ``"lognormal"`` — c = exp(N(0,1)) (the GAAM package); ``"normal"`` — c = N(0,1) (the speech
+            networks' code). Ignored for ``scale_form="xi"``.
 
-    Shapes: input (…, L, …) with L the length of ``axis``; output and weights have the input's shape.
+    Shapes: input (…, L, …) with L the length of ``axis``; output and weights have the input's shape. The weights
+    are computed in float32 (float64 for float64 inputs); the output has the input's dtype.
     """
 
     def __init__(
@@ -127,14 +159,15 @@ class MultiHeadGaussianAdaptiveAttention(nn.Module):
         variance: Variance = "unbiased",
         eps: float = 1e-8,
         xi_init: float = 2.0,
+        stable: bool = False,
+        c_init: CInit = "lognormal",
     ) -> None:
         super().__init__()
         if heads < 1 or gaussians < 1:
             raise ConfigError(f"heads and gaussians must be ≥ 1, got {heads} and {gaussians}")
-        if scale_form not in ("c2", "xi"):
-            raise ConfigError(f"scale_form must be 'c2' or 'xi', got {scale_form!r}")
-        if variance not in ("unbiased", "population"):
-            raise ConfigError(f"variance must be 'unbiased' or 'population', got {variance!r}")
+        _check_options(scale_form, variance)
+        if c_init not in ("lognormal", "normal"):
+            raise ConfigError(f"c_init must be 'lognormal' or 'normal', got {c_init!r}")
         self.axis = axis
         self.heads = heads
         self.gaussians = gaussians
@@ -142,69 +175,93 @@ class MultiHeadGaussianAdaptiveAttention(nn.Module):
         self.normalise = normalise
         self.variance: Variance = variance
         self.eps = eps
+        self.stable = stable
+        self.c_init: CInit = c_init
         self.offsets = nn.Parameter(torch.zeros(heads, gaussians))
-        if scale_form == "c2":
+        if scale_form == "xi":
+            self.scales = nn.Parameter(torch.full((heads, gaussians), float(xi_init)))
+        elif c_init == "lognormal":
             self.scales = nn.Parameter(torch.exp(torch.randn(heads, gaussians)))
         else:
-            self.scales = nn.Parameter(torch.full((heads, gaussians), float(xi_init)))
+            self.scales = nn.Parameter(torch.randn(heads, gaussians))
 
     def extra_repr(self) -> str:
         return (
             f"axis={self.axis}, heads={self.heads}, gaussians={self.gaussians}, scale_form={self.scale_form!r}, "
-            f"normalise={self.normalise}, variance={self.variance!r}"
+            f"normalise={self.normalise}, variance={self.variance!r}, stable={self.stable}, c_init={self.c_init!r}"
         )
 
-    def _log_density(self, chunk: Tensor, dim: int, head: int) -> Tensor:
-        """Σ_i log g_i without materialising the N Gaussians: with u = (x − μ)/σ, v = 1/σ and a_i = 1/(2c_i²)
-        (or 1/(2ξ_i)), Σ_i a_i (u − δ_i v)² = u²·Σa_i − 2uv·Σa_iδ_i + v²·Σa_iδ_i²."""
-        mean, var = moments(chunk, dim, self.variance, self.eps)
+    def _log_product(self, xh: Tensor, heads: slice) -> Tensor:
+        """log Π_i g_i on xh (…, h, n): h heads' chunks of n values on the last axis.
+
+        The N Gaussians share their variable, so their product is one Gaussian: with u = (x − μ)/σ, v = 1/σ and
+        a_i = 1/(2c_i²) (or 1/(2ξ_i)), Σ_i a_i (u − δ_i v)² = A (u − m v)² + D v², where A = Σ a_i, m = Σ a_i δ_i / A
+        and D = Σ a_i (δ_i − m)² ≥ 0. A sum of non-negative terms: no cancellation, no N-wide tensor, the same number
+        as the official loop up to rounding. c² (or ξ) is floored at ε (the official code has no floor; it matters
+        only for |c| < 1e-4)."""
+        mean, var = moments(xh, -1, self.variance, self.eps)  # (…, h, 1)
         inv_sd = var.rsqrt()
-        u = (chunk - mean) * inv_sd
-        d = self.offsets[head]
-        if self.scale_form == "c2":
-            c2 = (self.scales[head] ** 2).clamp_min(self.eps)
-            a = 0.5 / c2
-            const = -0.5 * torch.log(2.0 * math.pi * c2).sum()
-        else:
-            a = 0.5 / self.scales[head].clamp_min(self.eps)
-            const = torch.zeros((), dtype=chunk.dtype, device=chunk.device)
-        quad = u * u * a.sum() - 2.0 * u * inv_sd * (a * d).sum() + inv_sd * inv_sd * (a * d * d).sum()
-        return const - quad
+        delta = self.offsets[heads].to(xh.dtype)  # (h, N)
+        scales = self.scales[heads].to(xh.dtype)
+        denom = (scales * scales if self.scale_form == "c2" else scales).clamp_min(self.eps)
+        a = 0.5 / denom
+        big_a = a.sum(-1, keepdim=True)  # (h, 1)
+        m = (a * delta).sum(-1, keepdim=True) / big_a
+        d = (a * (delta - m) ** 2).sum(-1, keepdim=True)
+        const = (-0.5 * torch.log(2.0 * math.pi * denom)).sum(-1, keepdim=True) if self.scale_form == "c2" else 0.0
+        w = (xh - mean) * inv_sd - m * inv_sd
+        return const - big_a * w * w - d * inv_sd * inv_sd
 
     def weights(self, x: Tensor) -> Tensor:
-        """The importance map: one weight per input element (the input's shape)."""
+        """The importance map: one weight per input element (the input's shape, float32 or wider)."""
         dim = _axis(self.axis, x.dim())
-        out = []
-        for h, chunk in enumerate(torch.split(x, head_sizes(x.shape[dim], self.heads), dim=dim)):
-            log_w = self._log_density(chunk, dim, h)
-            out.append(torch.softmax(log_w, dim=dim) if self.normalise else torch.exp(log_w))
-        return torch.cat(out, dim=dim)
+        xm = x.to(compute_dtype(x)).movedim(dim, -1)  # (…, L)
+        sizes = head_sizes(xm.shape[-1], self.heads)
+        if len(set(sizes)) == 1:  # equal chunks: all heads at once, (…, H, n)
+            groups = [self._log_product(xm.reshape(*xm.shape[:-1], self.heads, sizes[0]), slice(None))]
+        else:  # (…, 1, n_h) per head
+            groups = [self._log_product(c.unsqueeze(-2), slice(h, h + 1)) for h, c in enumerate(xm.split(sizes, -1))]
+        ws = []
+        for log_p in groups:
+            if not self.normalise:
+                ws.append(torch.exp(log_p))
+            elif self.stable:  # a distribution over each chunk, whatever the product's size
+                ws.append(torch.softmax(log_p, -1))
+            else:  # the official normalisation: the product (underflowing to 0 as it does) over its sum clamped at ε
+                p = torch.exp(log_p)
+                ws.append(p / p.sum(-1, keepdim=True).clamp(min=self.eps))
+        out = ws[0].reshape(xm.shape) if len(ws) == 1 else torch.cat([w[..., 0, :] for w in ws], -1)
+        return out.movedim(-1, dim)
 
     def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """x ⊙ w (no residual; :class:`GaussianBlock` adds it). With ``return_weights``: (x ⊙ w, w)."""
         w = self.weights(x)
-        y = x * w
+        y = (x.to(w.dtype) * w).to(x.dtype)
         return (y, w) if return_weights else y
 
 
 class DensityAdaptiveAttention(nn.Module):
-    """Form B (DAAM's Algorithm 1): per-head offset and scale *vectors* over the features, weights not normalised.
+    """Form B (DAAM): the rows split into heads, each head with its own offset and scale *vectors* over all the
+    features and its own statistics; weights not normalised.
 
-    The features (last axis, size ``features``) are split into ``heads`` groups; each head owns the slice of
-    δ ∈ ℝ^features (init 0) and ξ ∈ ℝ^features (init ``xi_init`` = 2) over its features — per feature, so the split
-    into heads only groups parameters and the layer has 2·features parameters whatever H is. Statistics are taken
-    along ``axis`` (default −2: the rows / tokens of a (…, T, features) input), per feature.
+    The statistics axis ``axis`` (default −2: the rows / tokens of a (…, rows, features) input) is split into
+    ``heads`` contiguous groups of equal size (the official code asserts that ``heads`` divides the rows); head h
+    owns δ_h ∈ ℝ^features (init 0) and ξ_h ∈ ℝ^features (init ``xi_init`` = 2), so the layer has 2·H·features
+    parameters, and takes the mean and variance over its own rows, per feature. H = 1 is DAAM with one head.
 
     Args:
         features: size of the last axis.
-        heads: number of heads (must divide ``features``).
+        heads: number of heads (row groups).
         axis: the statistics axis (not the last one).
         scale_form, normalise, variance: as in :class:`MultiHeadGaussianAdaptiveAttention`; defaults are Form B's
-            (``"xi"``, False, ``"population"``).
+            (``"xi"``, False, ``"population"``). ``normalise`` divides by the sum over the head's rows (a softmax of
+            the log-weights).
         var_eps, z_eps: the two epsilons of Algorithm 1 (1e-8 on the variance, 1e-5 under the square root).
-        residual: add the input to the output (Algorithm 1 does not: False).
+        residual: add the input to the output (the official module does not: False).
 
-    Shapes: input (…, T, features) → output and weights of the same shape.
+    Shapes: input (…, rows, …, features) with rows divisible by ``heads`` → output and weights of the same shape.
+    (The official module also accepts a time axis, averages it for the statistics and broadcasts G over it; every
+    official model passes one time step, so that axis is left out here.)
     """
 
     def __init__(
@@ -222,12 +279,9 @@ class DensityAdaptiveAttention(nn.Module):
         residual: bool = False,
     ) -> None:
         super().__init__()
-        if features < 1 or heads < 1 or features % heads:
-            raise ConfigError(f"heads ({heads}) must divide features ({features})")
-        if scale_form not in ("c2", "xi"):
-            raise ConfigError(f"scale_form must be 'c2' or 'xi', got {scale_form!r}")
-        if variance not in ("unbiased", "population"):
-            raise ConfigError(f"variance must be 'unbiased' or 'population', got {variance!r}")
+        if features < 1 or heads < 1:
+            raise ConfigError(f"features and heads must be ≥ 1, got {features} and {heads}")
+        _check_options(scale_form, variance)
         self.features = features
         self.heads = heads
         self.axis = axis
@@ -237,9 +291,9 @@ class DensityAdaptiveAttention(nn.Module):
         self.var_eps = var_eps
         self.z_eps = z_eps
         self.residual = residual
-        self.offsets = nn.Parameter(torch.zeros(heads, features // heads))
+        self.offsets = nn.Parameter(torch.zeros(heads, features))
         init = float(xi_init) if scale_form == "xi" else math.sqrt(float(xi_init))
-        self.scales = nn.Parameter(torch.full((heads, features // heads), init))
+        self.scales = nn.Parameter(torch.full((heads, features), init))
 
     def extra_repr(self) -> str:
         return (
@@ -248,29 +302,34 @@ class DensityAdaptiveAttention(nn.Module):
         )
 
     def weights(self, x: Tensor) -> Tensor:
-        """The importance map G (the input's shape)."""
+        """The importance map G (the input's shape, float32 or wider)."""
         if x.shape[-1] != self.features:
             raise ConfigError(f"expected {self.features} features on the last axis, got shape {tuple(x.shape)}")
         dim = _axis(self.axis, x.dim())
         if dim == x.dim() - 1:
             raise ConfigError("the statistics axis of DensityAdaptiveAttention must not be the feature axis")
-        mean, var = moments(x, dim, self.variance, self.var_eps)
-        delta = self.offsets.reshape(-1)
-        z = (x - mean - delta) / torch.sqrt(var + self.z_eps)
-        if self.scale_form == "xi":
-            log_g = -(z * z) / (2.0 * self.scales.reshape(-1).clamp_min(self.z_eps))
-        else:
-            log_g = -(z * z) / (2.0 * (self.scales.reshape(-1) ** 2).clamp_min(self.z_eps))
-        if not self.normalise:
-            return torch.exp(log_g)
-        return torch.softmax(log_g, dim=dim)
+        rows = x.shape[dim]
+        if rows % self.heads:
+            raise ConfigError(f"{self.heads} heads must divide the {rows} rows of axis {self.axis}")
+        t = x.to(compute_dtype(x)).movedim(dim, -2)  # (…, rows, features)
+        lead = t.shape[:-2]
+        t = t.reshape(*lead, self.heads, rows // self.heads, self.features)  # (…, H, rows/H, features)
+        mean, var = moments(t, -2, self.variance, self.var_eps)
+        delta = self.offsets.to(t.dtype).unsqueeze(-2)  # (H, 1, features)
+        z = (t - mean - delta) / torch.sqrt(var + self.z_eps)
+        scales = self.scales.to(t.dtype).unsqueeze(-2)
+        denom = scales if self.scale_form == "xi" else scales * scales
+        log_g = -(z * z) / (2.0 * denom.clamp_min(self.z_eps))
+        g = torch.softmax(log_g, dim=-2) if self.normalise else torch.exp(log_g)
+        return g.reshape(*lead, rows, self.features).movedim(-2, dim)
 
     def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """x ⊙ G (+ x with ``residual``). With ``return_weights``: (output, G)."""
         w = self.weights(x)
-        y = x * w
+        y = x.to(w.dtype) * w
         if self.residual:
-            y = x + y
+            y = x.to(w.dtype) + y
+        y = y.to(x.dtype)
         return (y, w) if return_weights else y
 
 
@@ -280,7 +339,8 @@ class GaussianBlock(nn.Module):
 
     Args:
         axes, heads, gaussians: one entry per layer (``heads``/``gaussians`` may be single ints for all layers).
-        **options: passed to every layer (``scale_form``, ``normalise``, ``variance``, ``eps``).
+        **options: passed to every layer (``scale_form``, ``normalise``, ``variance``, ``eps``, ``stable``,
+            ``c_init``).
 
     ``forward(x, return_weights=True)`` returns (output, [weights of each layer]); each weights tensor has the
     input's shape.

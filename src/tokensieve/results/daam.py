@@ -30,10 +30,20 @@ MAPS_TOOL = "daam-maps"
 
 
 def front_label(config: Mapping[str, Any]) -> str:
-    """A run's front block as docs/DAAM.md names it: ``daam``, ``daam+time``, ``daam+time (1 time head)``, ``mha``."""
+    """A run's front block as docs/DAAM.md names it: ``daam``, ``daam+time``, ``daam+time (1 time head)``, ``mha``;
+    then a transformer pooling other than its modules' default (``, mean pooling``), a frame selector trained with
+    the run (`` + learned selector``), and ``[v1]`` for a run of the earlier networks (a config without
+    ``modules``), so that the old and the corrected runs never share a row."""
     th = int(config.get("time_heads", 0) or 0)
     heads = f" ({th} time head{'s' if th > 1 else ''})" if th else ""
-    return str(config.get("attention", "?")) + ("+time" if config.get("time_axis") else "") + heads
+    label = str(config.get("attention", "?")) + ("+time" if config.get("time_axis") else "") + heads
+    modules = str(config.get("modules", "v1"))
+    pool = str(config.get("pool", "") or "")
+    if config.get("network") == "transformer" and pool and pool != ("last" if modules == "official" else "mean"):
+        label += f", {pool} pooling"
+    if config.get("selector"):
+        label += f" + {config['selector']} selector"
+    return label if modules == "official" else f"{label} [{modules}]"
 
 
 def record_runs(store: ResultStore, records: Iterable[Mapping[str, Any]], *, command: str, version: str) -> int:

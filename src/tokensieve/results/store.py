@@ -56,7 +56,7 @@ from typing import Any
 
 from ..core.budget import Budget
 from ..errors import ConfigError
-from ..spec import Spec, budget_dict, method_dict
+from ..spec import Spec
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another's transaction before giving up
@@ -515,16 +515,9 @@ def visual_spec_dict(spec: str | None) -> dict[str, Any]:
     """Every resolved parameter of a visual plan (defaults and companions included) and its budgets, JSON-ready:
     ``{"kind": "visual", "plan": [{"stage", "method": {"name", "params"}, "budget"}, ...]}``; ``full``: an empty
     plan."""
-    from ..adapters.vision import visual_plan
+    from ..spec import visual_plan
 
-    plan = visual_plan(spec)
-    return {
-        "kind": VISUAL,
-        "plan": [
-            {"stage": s.stage.value, "method": method_dict(s.method), "budget": budget_dict(s.budget)}  # type: ignore[arg-type]
-            for s in plan.specs
-        ],
-    }
+    return {"kind": VISUAL, "plan": visual_plan(spec).to_list()}
 
 
 def visual_key(spec: str | None, **workload: Any) -> str:
@@ -541,9 +534,9 @@ def visual_columns(spec: str | None) -> dict[str, Any]:
     """:func:`spec_columns` of a visual plan (``"todre:0.11"``, ``"pool:64/fastv:0.5"``, ``"full"``): the canonical
     label, the method (the label without budgets), the resolved plan as JSON, and the budget — every named stage's
     budget (``11%``, ``64 tok``; ``100%`` for no pruning), the first one's kind and value."""
-    from ..adapters.vision import named_specs, visual_label
+    from ..spec import visual_label, visual_plan
 
-    named = named_specs(spec)
+    named = visual_plan(spec).named
     primary = named[0].budget if named else Budget.ratio(1.0)
     return {
         "label": visual_label(spec),

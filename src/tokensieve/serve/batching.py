@@ -1,6 +1,6 @@
 """Continuous batching over per-sequence compressed caches: one forward pass steps every running sequence.
 
-Each sequence keeps its own :class:`~tokensieve.pipeline.CachedContext` (its own :class:`SieveCache`, compressed
+Each sequence keeps its own :class:`~tokensieve.engine.CachedContext` (its own :class:`SieveCache`, compressed
 with its own spec, at its own length). A decode step stacks the sequences' next tokens into one ``(B, 1)`` batch
 and runs the model once; the linear layers, norms and MLPs — nearly all of a small model's decode work — run
 batched, and each layer's attention is handed, row by row, to that row's own cache (:class:`BatchedCaches`). No
@@ -24,7 +24,7 @@ from torch import Tensor
 from ..adapters.hf import hf_cache, sieve_attention_enabled
 from ..attention.dense import PLAIN, Modifiers
 from ..cache.sieve_cache import SieveCache
-from ..pipeline import CachedContext
+from ..engine import CachedContext
 
 
 class BatchedCaches(SieveCache):

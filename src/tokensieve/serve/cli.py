@@ -72,7 +72,7 @@ def allowed_methods(args: argparse.Namespace) -> set[str] | None:
 def build_engine(args: argparse.Namespace) -> Any:
     """Load the model and build the engine (the spec and the limits are checked before the model is loaded)."""
     from ..adapters.models import load_model
-    from ..pipeline import resolve_spec
+    from ..engine import resolve_spec
     from .engine import Engine
     from .limits import Limits
 

@@ -41,10 +41,11 @@ import torch
 
 from ..adapters.hf import before_each_layer
 from ..adapters.models import model_shape, model_text, special_token_texts, text_tokenizer
+from ..core.decoding import next_token
 from ..core.method import Method, PrefillMethod
 from ..data.prompts import TextStream, chat_split, encode
+from ..engine import CachedContext, Compressor
 from ..errors import ConfigError, TokensieveError
-from ..pipeline import CachedContext, Compressor
 from ..spec import Spec
 from .batching import decode_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
@@ -430,8 +431,7 @@ class Engine:
             try:
                 if press.method.compresses:
                     press.budget.tokens_for(n)
-                if press.decode_method is not None:
-                    press.decode_method.check_batch(press.decode_budget, [n])
+                press.spec.check(press.request([n], images=False))
             except TokensieveError as exc:
                 raise RequestError(f"Spec {press.spec.label!r} cannot run on this prompt: {exc}", param="spec") from exc
             self._check_passes(job)
@@ -456,7 +456,7 @@ class Engine:
         reconstructs the prompt in chunks of ``chunk`` tokens, one pass each: ``kvzip[chunk=1]`` would run one pass
         per token)."""
         method = job.press.method
-        if not (isinstance(method, PrefillMethod) and method.deferred and method.compresses):
+        if not (isinstance(method, PrefillMethod) and method.declared().passes):
             return
         ids = torch.tensor([job.ids], dtype=torch.long)
         passes = 1 + len(method.prefill_passes(ids, torch.ones_like(ids), model_text(self.model)))
@@ -835,21 +835,9 @@ class Engine:
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
-    """The next token from one sequence's logits ``(V,)``: the argmax when ``temperature == 0``, else a draw with
-    nucleus ``top_p``. Numerically safe for every temperature in (0, 2] and top_p in (0, 1]: the logits are shifted
-    so their maximum is 0 before they are divided (in float64), so a tiny temperature gives ``-inf`` for every token
-    but the best ones, never ``inf - inf``. Logits that are not finite are an error of this sequence alone."""
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
-        raise RuntimeError("the model's next-token scores for this sequence are not finite numbers")
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    shifted = (logits.double() - logits.max().double()) / float(sampling.temperature)  # (V,) <= 0, max exactly 0
-    probs = torch.softmax(shifted, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # the smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """The next token of one sequence by the library's one token rule (:func:`tokensieve.core.decoding.next_token`):
+    the argmax at temperature 0, else a nucleus draw; not-finite logits fail this sequence alone."""
+    return next_token(logits, sampling.temperature, sampling.top_p, generator)
 
 
 def _time_limit_error(seconds: float) -> RequestError:

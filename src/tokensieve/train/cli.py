@@ -157,8 +157,10 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="training runs of the lab (the embedded VLM)")
     tsub = p.add_subparsers(dest="train_command", required=True)
     from .spkv import add_commands as add_spkv_commands  # `tokensieve train spkv`: SP-KV's write gate
+    from .spkv_figure import add_command as add_spkv_figure_command  # `tokensieve train spkv-figure`
 
     add_spkv_commands(tsub)
+    add_spkv_figure_command(tsub)
     from .retention import add_commands as add_retention_commands  # `tokensieve train retention`: global gates
 
     add_retention_commands(tsub)

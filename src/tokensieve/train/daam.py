@@ -9,11 +9,23 @@ recording by the majority vote of its segments, as the paper scores interviews; 
 
 Every run is one (task, network, front block, seed); its result is a line of ``results.jsonl`` in the output
 directory and its best weights ``checkpoints/<run>.safetensors``. Rerunning a grid skips the runs already done.
+
+``modules`` chooses the networks: ``"official"`` (default; the DAAM modules and speech networks as the authors' code
+computes them) or ``"v1"`` (this package's earlier networks: log-space Gaussian weights, c from exp(N(0, 1)), no
+CNN-LSTM dropout or code initialisation, mean pooling). Runs recorded with the earlier networks carry no ``modules`` in
+their config and are read as ``"v1"``; official runs are named with ``-official``, so the two never
+share a name, a checkpoint or a table row.
+
+``selector="learned"`` trains a transformer for frame dropping (docs/DAAM.md, "A frame selector trained for
+dropping"): each batch keeps all frames, half or a quarter of them; the subset is the top of a learned per-frame keep
+score (with Gumbel noise) or a random one, and the encoder sees only that subset through a 0/1 key mask whose
+straight-through gradient trains the score.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -28,8 +40,18 @@ from torch import nn
 from ..data.speech import Corpus, CorpusConfig, load_or_build, standardise
 from ..errors import ConfigError
 from ..nn import ATTENTION_KINDS, DAAMAudioCNNLSTM, DAAMAudioTransformer, count_parameters
+from ..results.daam import front_label
 
 NETWORKS = ("cnnlstm", "transformer")
+MODULES = ("official", "v1")
+SELECTORS = ("learned",)
+#: a selector run's batches keep these fractions of the frames (drawn uniformly per batch) …
+SELECT_TRAIN_FRACTIONS = (0.25, 0.5, 1.0)
+#: … chosen by the learned score (Gumbel top-k) with this probability, else at random
+SELECT_P_LEARNED = 0.5
+#: a selector run keeps the epoch with the best mean of validation F1 with every frame and at this fraction
+SELECT_VAL_FRACTION = 0.25
+HOWS = ("learned", "uniform", "random", "importance", "energy")
 
 
 @dataclass(frozen=True)
@@ -49,13 +71,29 @@ class DaamRun:
     segments: int = 0  #: task A: at most this many (evenly spaced) training segments per recording; 0: all
     feedforward: int = 2048  #: the transformer's feed-forward width (the paper's: 2048)
     time_heads: int = 0  #: heads of the time-axis Gaussian layer (0: as many as the mel layer's, 4)
+    modules: str = "official"  #: "official" (the authors' code) or "v1" (the earlier networks)
+    pool: str = ""  #: transformer pooling "last" / "mean"; "": the modules' default (official: last, v1: mean)
+    selector: str = ""  #: "learned": train a frame keep score and the encoder for dropping frames
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DaamRun:
+        """The run of a recorded config; a config without ``modules`` was recorded with the earlier networks
+        (``"v1"``)."""
+        return cls(**{"modules": "v1", **config})
+
+    def pooling(self) -> str:
+        return self.pool or ("last" if self.modules == "official" else "mean")
 
     def name(self) -> str:
         t = "+time" if self.time_axis else ""
         g = f"-g{self.segments}" if self.segments else ""
         f = f"-ff{self.feedforward}" if self.feedforward != 2048 else ""
         th = f"-th{self.time_heads}" if self.time_heads else ""
-        return f"{self.task}-{self.network}-{self.attention}{t}{th}-s{self.seed}-e{self.epochs}{g}{f}"
+        default_pool = "last" if self.modules == "official" else "mean"
+        p = f"-p{self.pool}" if self.network == "transformer" and self.pool not in ("", default_pool) else ""
+        o = "-official" if self.modules == "official" else ""
+        sel = f"-select-{self.selector}" if self.selector else ""
+        return f"{self.task}-{self.network}-{self.attention}{t}{th}-s{self.seed}-e{self.epochs}{g}{f}{p}{o}{sel}"
 
     def check(self) -> None:
         if self.task not in ("a", "b"):
@@ -74,15 +112,26 @@ class DaamRun:
             raise ConfigError("epochs and batch must be ≥ 1, segments ≥ 0")
         if self.feedforward < 1:
             raise ConfigError(f"--feedforward must be ≥ 1; got {self.feedforward}")
+        if self.modules not in MODULES:
+            raise ConfigError(f"--modules must be one of {', '.join(MODULES)}, got {self.modules!r}")
+        if self.pool not in ("", "last", "mean"):
+            raise ConfigError(f"--pool must be last or mean, got {self.pool!r}")
+        if self.pool and self.network != "transformer":
+            raise ConfigError("--pool chooses the transformer's pooling: it needs --networks transformer")
+        if self.selector and (self.selector not in SELECTORS or self.network != "transformer"):
+            raise ConfigError(f"a frame selector ({', '.join(SELECTORS)}) is trained on the transformer only")
 
 
 def build_model(run: DaamRun, mels: int, frames: int, outputs: int) -> nn.Module:
     th = run.time_heads or None
+    official = run.modules == "official"
     if run.network == "cnnlstm":
-        return DAAMAudioCNNLSTM(mels, outputs, attention=run.attention, time_axis=run.time_axis, time_heads=th)
+        return DAAMAudioCNNLSTM(mels, outputs, attention=run.attention, time_axis=run.time_axis, time_heads=th,
+                                official=official)  # fmt: skip
     return DAAMAudioTransformer(
         mels, outputs, frames=frames, attention=run.attention, time_axis=run.time_axis, time_heads=th,
-        feedforward=run.feedforward,
+        feedforward=run.feedforward, official=official, pool=run.pooling(),  # type: ignore[arg-type]
+        scorer=bool(run.selector),
     )  # fmt: skip
 
 
@@ -186,6 +235,48 @@ def score(model: nn.Module, part: Corpus, n_classes: int, **kw: Any) -> dict[str
 # ------------------------------------------------------------------------------------------------------------ training
 
 
+def selector_step(model: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The training forward of a selector run (``selector="learned"``) on a batch x (B, mels, frames) → logits.
+
+    A fraction f of the frames is drawn from :data:`SELECT_TRAIN_FRACTIONS`; below 1, k = round(f·frames) frames are
+    kept — with probability :data:`SELECT_P_LEARNED` the top k of the keep score s plus Gumbel noise, else k at
+    random — and the encoder sees only them, through a 0/1 key mask m = hard + σ(r − τ) − σ(r − τ).detach() whose
+    forward value is the hard mask and whose gradient reaches s (r: the ranked scores, τ: midway between the k-th and
+    the (k+1)-th). The encoder thus learns to classify from subsets, and the score learns which frames the loss
+    wants kept."""
+    h = model.front(x)  # type: ignore[operator]
+    b, _, t = h.shape
+    f = SELECT_TRAIN_FRACTIONS[int(torch.randint(len(SELECT_TRAIN_FRACTIONS), (1,), generator=gen))]
+    k = max(1, round(f * t))
+    if k >= t:
+        return model.encode(h)  # type: ignore[operator]
+    s = model.scorer(h)  # type: ignore[operator]  # (B, T)
+    if float(torch.rand((), generator=gen)) < SELECT_P_LEARNED:
+        u = torch.rand(b, t, generator=gen).clamp(1e-9, 1 - 1e-9)
+        ranked = s - torch.log(-torch.log(u))  # Gumbel-perturbed scores
+        idx = ranked.detach().topk(k, dim=1).indices
+    else:
+        ranked = s
+        idx = torch.rand(b, t, generator=gen).argsort(dim=1)[:, :k]
+    hard = torch.zeros(b, t, dtype=s.dtype).scatter_(1, idx, 1.0)
+    top = ranked.detach().topk(k + 1, dim=1).values
+    tau = 0.5 * (top[:, k - 1 : k] + top[:, k : k + 1])
+    soft = torch.sigmoid(ranked - tau)
+    return model.encode(h, key_weights=hard + soft - soft.detach())  # type: ignore[operator]
+
+
+def validation(model: nn.Module, run: DaamRun, part: Corpus, n_classes: int) -> dict[str, float]:
+    """The validation scores that choose a run's best epoch (``f1``): every frame's, or for a selector run the mean of
+    every frame's and the learned selection's at :data:`SELECT_VAL_FRACTION` (both kept in the dict)."""
+    out = score(model, part, n_classes)
+    if not run.selector:
+        return out
+    keep = select_frames(model, torch.from_numpy(part.x), SELECT_VAL_FRACTION, "learned")
+    sel = score(model, part, n_classes, keep=keep)
+    return {**{f"all_{k}": v for k, v in out.items()}, **{f"selected_{k}": v for k, v in sel.items()},
+            "f1": 0.5 * (out["f1"] + sel["f1"]), "acc": 0.5 * (out["acc"] + sel["acc"])}  # fmt: skip
+
+
 def train_run(run: DaamRun, data: Data, *, out: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train one run; return its record (validation and test scores at the best validation epoch)."""
     run.check()
@@ -199,6 +290,7 @@ def train_run(run: DaamRun, data: Data, *, out: Path | None = None, progress: bo
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=run.decay_every, gamma=run.decay)
     loss_fn: nn.Module = nn.BCEWithLogitsLoss() if binary else nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(run.seed)
+    select_gen = torch.Generator().manual_seed(10_000 + run.seed)  # frame subsets of a selector run
     n = len(data.train_y)
     best: dict[str, Any] = {"val": {"f1": -1.0}}
     best_state: dict[str, torch.Tensor] = {}
@@ -214,7 +306,8 @@ def train_run(run: DaamRun, data: Data, *, out: Path | None = None, progress: bo
             idx = order[i : i + run.batch]
             if len(idx) < 2:  # BatchNorm needs two rows
                 continue
-            logits = model(data.train_x[idx])
+            xb = data.train_x[idx]
+            logits = selector_step(model, xb, select_gen) if run.selector else model(xb)
             y = data.train_y[idx]
             loss = loss_fn(logits[:, 0], y.float()) if binary else loss_fn(logits, y)
             opt.zero_grad()
@@ -222,13 +315,17 @@ def train_run(run: DaamRun, data: Data, *, out: Path | None = None, progress: bo
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
-        val = score(model, data.val, data.n_classes)
+        val = validation(model, run, data.val, data.n_classes)
         bar.set_postfix(loss=f"{total / n:.3f}", val_f1=f"{val['f1']:.3f}")
         if val["f1"] > best["val"]["f1"]:
             best = {"val": val, "epoch": epoch + 1}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    test = score(model, data.test, data.n_classes)
+    test = (
+        validation(model, run, data.test, data.n_classes) if run.selector else score(model, data.test, data.n_classes)
+    )
+    if run.selector:  # the record's test F1 is every frame's, as for the other runs
+        test = {**test, "f1": test["all_f1"], "acc": test["all_acc"]}
     record = {
         "run": run.name(),
         "config": asdict(run),
@@ -299,13 +396,6 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
-def front_label(config: dict[str, Any]) -> str:
-    """The front block of a run's config as the tables name it: ``daam``, ``daam+time``, ``daam+time (1 time head)``."""
-    th = config.get("time_heads", 0)
-    heads = f" ({th} time head{'s' if th > 1 else ''})" if th else ""
-    return config["attention"] + ("+time" if config["time_axis"] else "") + heads
-
-
 def summary_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per (task, network, front block) — parameters, test F1 macro and accuracy mean ± std."""
     groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
@@ -327,13 +417,73 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seed_f1(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, float]]:
+    """Test F1 by (task, network, front label) and seed."""
+    out: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in records:
+        c = r["config"]
+        out.setdefault((c["task"], c["network"], front_label(c)), {})[int(c["seed"])] = float(r["test"]["f1"])
+    return out
+
+
+def paired_fronts_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: within each (task, network), every two front blocks compared on the seeds both have (same seed:
+    same initialisation of the shared layers, same batch order) — Δ test F1 with a 95 % t-interval, the paired t-test
+    p and the seeds won / lost."""
+    from .daam_stats import fmt, paired
+
+    by = _seed_f1(records)
+    lines = ["| task | network | a − b | seeds | Δ test F1 (95 % CI) | p (paired t) | seeds a higher / lower |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    keys = sorted(by)
+    for i, (task, net, a) in enumerate(keys):
+        for task_b, net_b, b in keys[i + 1 :]:
+            if (task_b, net_b) != (task, net):
+                continue
+            seeds = sorted(set(by[task, net, a]) & set(by[task, net, b]))
+            if len(seeds) < 2:
+                continue
+            c = paired([by[task, net, a][s] for s in seeds], [by[task, net, b][s] for s in seeds])
+            lines.append(f"| {task.upper()} | {net} | {a} − {b} | {len(seeds)} | {fmt(c['diff'], c['half'])} | "
+                         f"{c['p']:.3f} | {c['wins']} / {c['losses']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def versions_table(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> str:
+    """Markdown: each (task, network, front block) of ``new`` (the corrected modules) next to the same setting in
+    ``old`` (the runs of the earlier networks, labelled ``[v1]``): test F1 mean ± 95 % t half-width of each, and the
+    paired difference on the seeds both have (same seed, other modules)."""
+    from .daam_stats import fmt, paired, t_interval
+
+    def base(label: str) -> str:
+        return label.removesuffix(" [v1]")
+
+    by_old = {(t, n, base(f)): v for (t, n, f), v in _seed_f1(old).items() if f.endswith("[v1]")}
+    by_new = {k: v for k, v in _seed_f1(new).items() if not k[2].endswith("]")}
+    lines = ["| task | network | front block | seeds | before #31 (v1) | corrected (official) | Δ corrected − v1, "
+             "paired (95 % CI) | p | seeds higher / lower |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key in sorted(by_new):
+        if key not in by_old:
+            continue
+        seeds = sorted(set(by_old[key]) & set(by_new[key]))
+        if not seeds:
+            continue
+        o, n = [by_old[key][s] for s in seeds], [by_new[key][s] for s in seeds]
+        c = paired(n, o)
+        p = "—" if math.isnan(c["p"]) else f"{c['p']:.3f}"
+        before, after, delta = fmt(*t_interval(o)), fmt(*t_interval(n)), fmt(c["diff"], c["half"])
+        lines.append(f"| {key[0].upper()} | {key[1]} | {key[2]} | {len(seeds)} | {before} | {after} | {delta} | {p} | "
+                     f"{c['wins']} / {c['losses']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------------ frames
 
 
 def load_run(out: Path, record: dict[str, Any], data: Data) -> nn.Module:
     from safetensors.torch import load_file
 
-    run = DaamRun(**record["config"])
+    run = DaamRun.from_config(record["config"])
     binary = run.task == "a"
     model = build_model(run, data.train_x.shape[1], data.train_x.shape[2], 1 if binary else data.n_classes)
     model.load_state_dict(load_file(str(out / "checkpoints" / f"{run.name()}.safetensors")))
@@ -344,27 +494,50 @@ def load_run(out: Path, record: dict[str, Any], data: Data) -> nn.Module:
 def frame_importance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Importance of each frame (B, T): the time-axis Gaussian layer's weights summed over the mel bands."""
     _, ws = model.front(x, return_weights=True)  # type: ignore[operator]
+    return _time_importance(ws)
+
+
+def _time_importance(ws: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(ws) < 2:
         raise ConfigError("frame importance needs a model trained with --time-axis (a Gaussian layer on time)")
     return ws[1].sum(dim=1)
 
 
-@torch.no_grad()
-def select_frames(model: nn.Module, x: torch.Tensor, fraction: float, how: str, seed: int = 0) -> torch.Tensor:
-    """Sorted indices (B, k) of the frames to keep: the most important (``"importance"``), a random set
-    (``"random"``), or evenly spaced (``"uniform"``)."""
+def choose_frames(
+    model: nn.Module, x: torch.Tensor, h: torch.Tensor, ws: Sequence[torch.Tensor], k: int, how: str,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Sorted indices (B, k) of the frames to keep, from the input x (B, mels, T), the front block's output h and
+    weights ws: ``"learned"`` — the top k of the model's keep score (a selector run); ``"importance"`` — the top k of
+    the time-axis Gaussian weights summed over bands; ``"energy"`` — the k loudest frames (mean standardised log-mel);
+    ``"random"`` — k at random (``gen``); ``"uniform"`` — k evenly spaced."""
     b, _, t = x.shape
-    k = max(1, round(fraction * t))
-    if how == "importance":
-        idx = frame_importance(model, x).topk(k, dim=1).indices
+    if how == "learned":
+        scorer = getattr(model, "scorer", None)
+        if scorer is None:
+            raise ConfigError("learned frame selection needs a model trained with a selector (daam-select)")
+        idx = scorer(h).topk(k, dim=1).indices
+    elif how == "importance":
+        idx = _time_importance(ws).topk(k, dim=1).indices
+    elif how == "energy":
+        idx = x.mean(dim=1).topk(k, dim=1).indices
     elif how == "random":
-        g = torch.Generator().manual_seed(seed)
+        g = gen if gen is not None else torch.Generator().manual_seed(0)
         idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
     elif how == "uniform":
         idx = torch.linspace(0, t - 1, k).round().long().expand(b, k)
     else:
-        raise ConfigError(f"unknown frame selection {how!r}")
+        raise ConfigError(f"unknown frame selection {how!r} (one of {', '.join(HOWS)})")
     return idx.sort(dim=1).values
+
+
+@torch.no_grad()
+def select_frames(model: nn.Module, x: torch.Tensor, fraction: float, how: str, seed: int = 0) -> torch.Tensor:
+    """Sorted indices (B, k) of the frames to keep, k = round(fraction · frames): see :func:`choose_frames`
+    (``"random"`` draws from a generator seeded with ``seed``)."""
+    k = max(1, round(fraction * x.shape[2]))
+    h, ws = model.front(x, return_weights=True) if how in ("learned", "importance") else (x, [])  # type: ignore[operator]
+    return choose_frames(model, x, h, ws, k, how, torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -402,8 +575,10 @@ def frame_selection(
         front = front_label(rec["config"])
         rows.append({"run": rec["run"], "front": front, "fraction": 1.0, "how": "all",
                      **score(model, data.test, data.n_classes), "ms": encoder_ms(model, timing_x, None)})  # fmt: skip
+        hows = ("learned", "importance", "random", "uniform") if rec["config"].get("selector") else (
+            "importance", "random", "uniform")  # fmt: skip
         for f in fractions:
-            for how in ("importance", "random", "uniform"):
+            for how in hows:
                 keep = select_frames(model, x, f, how, seed=rec["config"]["seed"])
                 s = score(model, data.test, data.n_classes, keep=keep)
                 ms = encoder_ms(model, timing_x, select_frames(model, timing_x, f, how))
@@ -452,8 +627,10 @@ def figures(
     by_task: dict[str, dict[str, Any]] = {}
     for r in sorted(done_runs(out).values(), key=lambda r: r["run"]):
         c = r["config"]
-        if c["attention"] == "daam" and (
-            c["task"] not in by_task or c["time_axis"] > by_task[c["task"]]["config"]["time_axis"]
+        if (
+            c["attention"] == "daam"
+            and not c.get("selector")
+            and (c["task"] not in by_task or c["time_axis"] > by_task[c["task"]]["config"]["time_axis"])
         ):
             by_task[c["task"]] = r
     if not by_task:
@@ -521,7 +698,7 @@ def _frames_figure(
     runs: dict[int, dict[str, Any]] = {}
     for r in sorted(done_runs(out).values(), key=lambda r: r["config"]["seed"]):
         c = r["config"]
-        if c["task"] == task and c["network"] == "transformer" and c["time_axis"]:
+        if c["task"] == task and c["network"] == "transformer" and c["time_axis"] and not c.get("selector"):
             runs.setdefault(c.get("time_heads", 0), r)
     if not runs:
         return None
@@ -581,7 +758,9 @@ def parse_seeds(spec: str) -> list[int]:
 def grid(
     task: str, networks: Sequence[str], attentions: Sequence[str], seeds: Sequence[int], epochs: int,
     time_axis: bool = False, segments: int = 0, feedforward: int = 2048, time_heads: int = 0,
+    modules: str = "official", pool: str = "",
 ) -> list[DaamRun]:  # fmt: skip
+    """Networks × front blocks × seeds; ``pool`` applies to the transformer runs."""
     return [
         DaamRun(
             task=task,
@@ -593,6 +772,8 @@ def grid(
             segments=segments,
             feedforward=feedforward,
             time_heads=time_heads if time_axis and a == "daam" else 0,
+            modules=modules,
+            pool=pool if n == "transformer" else "",
         )
         for n in networks
         for a in attentions

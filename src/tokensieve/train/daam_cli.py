@@ -1,4 +1,5 @@
-"""``tokensieve train daam`` (a grid of runs), ``daam-frames`` (token selection for audio) and ``daam-figures``
+"""``tokensieve train daam`` (a grid of runs), ``daam-frames`` (token selection for audio by the trained weights),
+``daam-select`` (a frame selector trained for dropping, against the baselines, paired by seed) and ``daam-figures``
 (importance maps); ``daam-corpus`` builds the speech corpus alone. See docs/DAAM.md."""
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     if not networks or not attentions:
         raise ConfigError("--networks and --attention each need at least one name")
+    if args.pool and "transformer" not in networks:
+        raise ConfigError("--pool chooses the transformer's pooling: it needs --networks transformer")
     runs = grid(
         args.task,
         networks,
@@ -94,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.segments,
         args.feedforward,
         args.time_heads,
+        args.modules,
+        args.pool,
     )
     for r in runs:
         r.check()  # every run of the grid, before the corpus is built or anything trains
@@ -103,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(summary_table(records))
     if store is not None:
         options = ("task", "networks", "attention", "time-axis", "time-heads", "seeds", "epochs", "feedforward",
-                   "segments", "out", "threads", "corpus-seed")  # fmt: skip
+                   "segments", "modules", "pool", "out", "threads", "corpus-seed")  # fmt: skip
         _record_runs(store, records, _command(args, "daam", options))
     return 0
 
@@ -125,8 +130,53 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fractions(spec: str) -> list[float]:
+    try:
+        fractions = [float(f) for f in spec.split(",") if f.strip()]
+    except ValueError:
+        raise ConfigError(f"--keep takes fractions in (0, 1), got {spec!r}") from None
+    if not fractions or any(not 0 < f < 1 for f in fractions):
+        raise ConfigError(f"--keep takes fractions in (0, 1), got {spec!r}")
+    return fractions
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from .daam import parse_seeds
+    from .daam_select import report, run_selection, selector_pairs, write_json
+
+    _threads(args.threads)
+    fractions = _fractions(args.keep)
+    seeds = parse_seeds(args.seeds)
+    pairs = selector_pairs(args.task, seeds, args.epochs, feedforward=args.feedforward, time_heads=args.time_heads,
+                           modules=args.modules)  # fmt: skip
+    for pair in pairs:  # every run, before the corpus is built or anything trains
+        for r in pair:
+            r.check()
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be ≥ 1")
+    out = Path(args.out)
+    writable_folder(out, "--out")
+    rows = run_selection(out, args.task, seeds, args.epochs, fractions, feedforward=args.feedforward,
+                         time_heads=args.time_heads, modules=args.modules, corpus_cfg=_corpus_cfg(args),
+                         repeats=args.repeats, progress=not args.no_progress)  # fmt: skip
+    print(report(rows, fractions))
+    options = ("task", "seeds", "epochs", "feedforward", "time-heads", "modules", "keep", "repeats", "out", "threads",
+               "corpus-seed")  # fmt: skip
+    meta = {"command": _command(args, "daam-select", options), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}  # fmt: skip
+    path = Path(args.json) if args.json else out / f"select_{args.task}.json"
+    write_json(path, rows, fractions, meta)
+    print(f"\nrows and paired comparisons: {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from .daam import done_runs, frames_table, summary_table
+    from .daam import done_runs, frames_table, paired_fronts_table, summary_table, versions_table
 
     out = Path(args.out)
     store = _open_store(args)
@@ -136,6 +186,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             store.close()
         raise ConfigError(f"no finished runs in {out / 'results.jsonl'}: train some with `tokensieve train daam`")
     print(summary_table(records))
+    print("\nfront blocks paired by seed:\n")
+    print(paired_fronts_table(records))
+    if args.compare:
+        old = list(done_runs(Path(args.compare)).values())
+        if not old:
+            raise ConfigError(f"no finished runs in {Path(args.compare) / 'results.jsonl'} to compare with")
+        print(f"\nearlier modules ({args.compare}) and corrected ({args.out}), paired by seed:\n")
+        print(versions_table(old, records))
     if store is not None:
         _record_runs(store, records, _command(args, "daam-report", ("out",)))
     for path in sorted(out.glob("frames_*.json")):
@@ -165,6 +223,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _modules_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--modules",
+        default="official",
+        choices=["official", "v1"],
+        help="official: the DAAM modules and networks as the authors' code computes them; v1: the earlier modules",
+    )
+
+
 def add_commands(tsub: Any) -> None:
     c = tsub.add_parser("daam-corpus", help="generate (or find cached) the offline speech corpus (espeak-ng + sox)")
     c.add_argument("--tasks", default="a,b", help="a (paralinguistic, binary), b (spoken words) or both")
@@ -186,6 +253,9 @@ def add_commands(tsub: Any) -> None:
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--feedforward", type=int, default=2048, help="the transformer's feed-forward width")
     t.add_argument("--segments", type=int, default=0, help="task A: at most N training segments per recording (0: all)")
+    _modules_arg(t)
+    t.add_argument("--pool", default="", choices=["", "last", "mean"],
+                   help="the transformer's pooling (default: last with --modules official, mean with v1)")  # fmt: skip
     t.add_argument("--out", default="runs/daam", help="results.jsonl and checkpoints/ (finished runs are skipped)")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument(
@@ -206,8 +276,34 @@ def add_commands(tsub: Any) -> None:
     _corpus_args(f)
     f.set_defaults(func=cmd_frames)
 
+    s = tsub.add_parser(
+        "daam-select",
+        help="train a frame selector for dropping and compare it with every / evenly spaced / random / DAAM-importance"
+        " / loudest frames, paired by seed, with the encoder time",
+    )
+    s.add_argument("--task", default="b", choices=["a", "b"])
+    s.add_argument("--seeds", default="0-4", help="seeds: 0-4 or 0,1,2 (one plain and one selector run each)")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--feedforward", type=int, default=512, help="the transformer's feed-forward width")
+    s.add_argument("--time-heads", type=int, default=0, help="heads of the time-axis Gaussian layer (0: 4)")
+    _modules_arg(s)
+    s.add_argument("--keep", default="0.25,0.5", help="fractions of frames kept, in (0, 1)")
+    s.add_argument("--repeats", type=int, default=5, help="timed forward passes per configuration (median)")
+    s.add_argument("--out", default="runs/daam-official",
+                   help="results.jsonl and checkpoints/ (the grid's folder: its plain runs are reused)")  # fmt: skip
+    s.add_argument("--json", default=None, help="rows and paired comparisons (default: OUT/select_<task>.json)")
+    s.add_argument("--threads", type=int, default=1)
+    _corpus_args(s)
+    s.set_defaults(func=cmd_select)
+
     r = tsub.add_parser("daam-report", help="the comparison table (mean ± std over seeds) of every run in --out")
     r.add_argument("--out", default="runs/daam")
+    r.add_argument(
+        "--compare",
+        default=None,
+        metavar="DIR",
+        help="a grid folder of runs with the earlier modules: its rows next to --out's, paired by seed",
+    )
     r.add_argument(
         "--store",
         default=None,
