@@ -8,23 +8,8 @@ call computed. diffusers is the optional extra ``tokensieve[diffusion]``; it is 
 
 from __future__ import annotations
 
-from typing import Any
-
-from ...errors import ConfigError
-
-EXTRA = "diffusion"
-
-
-def require_diffusers() -> Any:
-    """The diffusers module, or a ConfigError naming the extra that installs it."""
-    try:
-        import diffusers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError(f"Diffusion transformers need diffusers: pip install 'tokensieve[{EXTRA}]' ({e}).") from None
-    return diffusers
-
-
-from .load import load_transformer  # noqa: E402
-from .sieve import DiTSieve, dit_spec, sparsify  # noqa: E402
+from .deps import EXTRA, require_diffusers
+from .load import load_transformer
+from .sieve import DiTSieve, dit_spec, sparsify
 
 __all__ = ["EXTRA", "DiTSieve", "dit_spec", "load_transformer", "require_diffusers", "sparsify"]

@@ -188,7 +188,10 @@ def write_gif(frames: Tensor, path: str | Path, scale: int = 4, fps: int = 6) ->
     """One clip ``(F, H, W, 3)`` uint8 as an animated GIF, upscaled ``scale`` times (nearest)."""
     from PIL import Image
 
-    imgs = [Image.fromarray(f.numpy()).resize((f.shape[1] * scale, f.shape[0] * scale), Image.Resampling.NEAREST) for f in frames]
+    imgs = [
+        Image.fromarray(f.numpy()).resize((f.shape[1] * scale, f.shape[0] * scale), Image.Resampling.NEAREST)
+        for f in frames
+    ]
     path = Path(path)
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
     return path

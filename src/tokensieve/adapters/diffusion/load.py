@@ -39,7 +39,7 @@ def transformer_folder(path: str | Path) -> Path:
 
 def load_transformer(path: str | Path, dtype: Any = None) -> Any:
     """A ``WanTransformer3DModel`` or ``SD3Transformer2DModel`` from a folder (see :func:`transformer_folder`)."""
-    from . import require_diffusers
+    from .deps import require_diffusers
 
     diffusers = require_diffusers()
     folder = transformer_folder(path)

@@ -23,30 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import CapabilityError, ConfigError, UnknownNameError
-from ...methods.dit import DiTCall, DiTMethod, VideoGrid, parse_dit_spec
+from ...errors import CapabilityError, ConfigError
+from ...methods.dit import DiTCall, DiTMethod, VideoGrid
 from ...methods.dit.ras import RegionAdaptiveSampling
+from ...spec import parse_dit_spec
 
 
 def dit_spec(spec: str | DiTMethod) -> DiTMethod:
     """The DiT method a spec names; a KV-cache or visual-token spec gets an error saying why it cannot apply."""
-    if isinstance(spec, DiTMethod):
-        return spec
-    try:
-        return parse_dit_spec(spec)
-    except UnknownNameError:
-        from ...registry import method_names
-
-        name = spec.strip().split("[")[0].split(":")[0].split("/")[0].strip().lower()
-        if name in method_names():
-            from ...methods.dit import dit_method_names
-
-            raise ConfigError(
-                f"{spec!r} names a KV-cache method: it compresses a language model's cache, and a diffusion "
-                f"transformer keeps none (every denoising step attends the whole video afresh). DiT methods: "
-                f"{', '.join(dit_method_names())}."
-            ) from None
-        raise
+    return parse_dit_spec(spec)
 
 
 def family_of(transformer: Any) -> str:

@@ -1,19 +1,17 @@
 """Sparse attention and token caching for diffusion transformers: one file per paper (docs/DIT.md).
 
-``parse_dit_spec("svg:0.3")`` builds a method; :mod:`tokensieve.adapters.diffusion` attaches it to a diffusers
-transformer through its attention processors.
+Each method registers in the one method registry as family ``dit`` (``tokensieve methods`` lists them as
+``dit:name``); :func:`tokensieve.spec.parse_dit_spec` builds one from a spec (``"svg:0.3"``), and
+:mod:`tokensieve.adapters.diffusion` attaches it to a diffusers transformer through its attention processors.
 """
 
 from .base import Attended, DiTCall, DiTMethod, VideoGrid
-from .spec import dit_method_names, get_dit_class, label_of, parse_dit_spec
+from .grammar import label_of
 
 __all__ = [
     "Attended",
     "DiTCall",
     "DiTMethod",
     "VideoGrid",
-    "dit_method_names",
-    "get_dit_class",
     "label_of",
-    "parse_dit_spec",
 ]

@@ -27,9 +27,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Attended, DiTCall, DiTMethod, blocks_of, dense_attention, run_blocks
-from .spec import register
 
 
 def block_mass(q: Tensor, k: Tensor, scaling: float, block: int, chunk: int = 1024) -> Tensor:

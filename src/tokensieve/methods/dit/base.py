@@ -38,6 +38,7 @@ from ...attention.bidirectional import (
     block_sparse_bidirectional,
     dense_bidirectional,
 )
+from ...core.method import DIT, Method
 from ...errors import ConfigError
 
 
@@ -104,13 +105,14 @@ def count_of(value: float, total: int) -> int:
 
 
 @dataclass(frozen=True)
-class DiTMethod:
-    """Base class of a DiT sparse-attention method: one frozen dataclass per paper.
+class DiTMethod(Method):
+    """Base class of a DiT sparse-attention method: one frozen dataclass per paper, family ``dit`` of the one registry.
 
     Subclasses set ``name``, ``paper``, ``rule`` and ``budget_param`` (the field a spec's ``:value`` sets, or None when
     the paper's knob is a threshold given as a parameter) and implement :meth:`sparse`.
     """
 
+    family: ClassVar[str] = DIT
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     rule: ClassVar[str] = ""
@@ -146,9 +148,15 @@ class DiTMethod:
     def sparse(self, call: DiTCall) -> Attended:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def summary(cls) -> str:
+        if cls.drops_tokens:
+            return "diffusion transformer: updates only the important tokens between denoising steps (Wan)"
+        return "diffusion transformer: sparse self-attention per call (bidirectional, block-sparse)"
+
     def label(self) -> str:
         """The canonical spec of this method (every parameter that differs from the defaults)."""
-        from .spec import label_of
+        from .grammar import label_of
 
         return label_of(self)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...core.registry import register
 from .base import Attended, DiTCall, DiTMethod, dense_attention
-from .spec import register
 
 
 @register
@@ -16,6 +16,10 @@ class Full(DiTMethod):
     name = "full"
     paper = "—"
     rule = "every query reads every key"
+
+    @classmethod
+    def summary(cls) -> str:
+        return "diffusion transformer: dense attention (the reference)"
 
     def sparse(self, call: DiTCall) -> Attended:
         return Attended(dense_attention(call), 1.0)

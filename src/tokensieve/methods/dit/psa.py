@@ -35,9 +35,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Attended, DiTCall, DiTMethod, VideoGrid, blocks_of, classify_blocks, run_blocks
-from .spec import register
 
 LEVELS = (1, 2, 4, 8)
 

@@ -31,9 +31,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Attended, DiTCall, DiTMethod, blocks_of, run_blocks
-from .spec import register
 
 
 def _window(dist: int, tpf: int, decay: float, block: int) -> float:

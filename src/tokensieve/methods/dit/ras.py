@@ -31,9 +31,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Attended, DiTCall, DiTMethod, dense_attention
-from .spec import register
 
 
 @register

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from ...attention.bidirectional import FULL, PARTIAL, SKIP
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Attended, DiTCall, DiTMethod, blocks_of, gather_tokens, run_blocks, scatter_tokens
-from .spec import register
 
 
 def width_tokens(density: float, tokens: int, round_to: int = 128) -> int:

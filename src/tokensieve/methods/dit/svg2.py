@@ -34,9 +34,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Attended, DiTCall, DiTMethod, gather_tokens, label_pairs_mask, pair_grid, run_blocks, scatter_tokens
-from .spec import register
 
 
 def kmeans(

@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import (
     Attended,
@@ -45,7 +46,6 @@ from .base import (
     run_blocks,
     scatter_tokens,
 )
-from .spec import register
 
 
 def chunk_layout(grid: VideoGrid, shape: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor, int]:

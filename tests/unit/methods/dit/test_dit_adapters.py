@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 
 from tokensieve.adapters.diffusion import dit_spec, load_transformer, sparsify
 from tokensieve.attention import flex
-from tokensieve.errors import CapabilityError, ConfigError
+from tokensieve.errors import CapabilityError, ConfigError, UnknownNameError
 
 
 @pytest.fixture(autouse=True)
@@ -170,6 +170,18 @@ def test_sd3_keep_all_and_batch():
 def test_refusals(tmp_path):
     with pytest.raises(ConfigError, match="KV-cache method"):
         dit_spec("snapkv:0.25")
+    with pytest.raises(ConfigError, match="visual-token method"):
+        dit_spec("todre:0.1")
+    with pytest.raises(ConfigError, match="names one method"):
+        dit_spec("svg:0.3/radial")
+    with pytest.raises(UnknownNameError, match="DiT methods: adaspa"):
+        dit_spec("nope:0.3")
+    # the other way round: a DiT method in a language model's spec
+    from tokensieve.spec import Spec
+
+    with pytest.raises(ConfigError, match="diffusion-transformer"):
+        Spec.parse("svg:0.3")
+    assert dit_spec("dit:full").label() == "full"
     with pytest.raises(ConfigError, match=r"takes no ':value'"):
         dit_spec("svg2:0.5")
     with pytest.raises(ConfigError, match="no parameter"):

@@ -1,4 +1,4 @@
-"""DiT specs: ``name[key=value,...]:value`` names one DiT sparse-attention method with its parameters.
+"""The DiT spec grammar: ``name[key=value,...]:value`` names one DiT sparse-attention method with its parameters.
 
 ::
 
@@ -10,6 +10,9 @@ step), ``full`` (the dense model). The value after ``:`` sets the method's densi
 ``budget_param`` (a method whose paper controls sparsity by a threshold takes it as a parameter instead and refuses a
 ``:value``). Values are parsed to each field's type; ``label_of`` writes one canonical label (fields that differ from
 the defaults, sorted) so that rows of every tool join.
+
+This module is the grammar only: the DiT methods register in the one method registry (family ``dit``), and
+:func:`tokensieve.spec.parse_dit_spec` looks the name up there and builds the method with :func:`build`.
 """
 
 from __future__ import annotations
@@ -18,33 +21,20 @@ import dataclasses
 import re
 from typing import Any, get_type_hints
 
-from ...errors import ConfigError, UnknownNameError
-from .base import DiTMethod
+from ...errors import ConfigError
 
 PREFIX = "dit:"
 _CALL = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*(?::\s*([^\]\[]+))?\s*$")
-_REGISTRY: dict[str, type[DiTMethod]] = {}
 
 
-def register(cls: type[DiTMethod]) -> type[DiTMethod]:
-    """Class decorator: add a DiT method to the registry under ``cls.name``."""
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"DiT method name {cls.name!r} is empty or registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def dit_method_names() -> list[str]:
-    from . import _builtin  # noqa: F401  (registers the built-in methods)
-
-    return sorted(_REGISTRY)
-
-
-def get_dit_class(name: str) -> type[DiTMethod]:
-    names = dit_method_names()
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"Unknown DiT method {name!r}; DiT methods: {', '.join(names)}.")
-    return _REGISTRY[name]
+def split_call(text: str) -> tuple[str, str, str | None]:
+    """``(name, parameters text, value or None)`` of a DiT spec (a leading ``dit:`` is dropped)."""
+    raw = text.strip()
+    body = raw[len(PREFIX) :] if raw.lower().startswith(PREFIX) else raw
+    m = _CALL.match(body)
+    if m is None:
+        raise ConfigError(f"Malformed DiT spec {text!r}: expected name[key=value,...]:value, e.g. 'svg:0.3'.")
+    return m.group(1).lower(), m.group(2) or "", m.group(3)
 
 
 def _convert(value: str, kind: Any, where: str, key: str) -> Any:
@@ -70,15 +60,9 @@ def _convert(value: str, kind: Any, where: str, key: str) -> Any:
     return value
 
 
-def parse_dit_spec(text: str) -> DiTMethod:
-    """The method a DiT spec names (see the module docstring). Raises ConfigError with the reason."""
-    raw = text.strip()
-    body = raw[len(PREFIX) :] if raw.lower().startswith(PREFIX) else raw
-    m = _CALL.match(body)
-    if m is None:
-        raise ConfigError(f"Malformed DiT spec {text!r}: expected name[key=value,...]:value, e.g. 'svg:0.3'.")
-    name, params_text, budget = m.group(1).lower(), m.group(2) or "", m.group(3)
-    cls = get_dit_class(name)
+def build(cls: Any, text: str) -> Any:
+    """The method of class ``cls`` (a DiT method class) with the parameters and value the spec ``text`` gives."""
+    name, params_text, budget = split_call(text)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -109,7 +93,7 @@ def parse_dit_spec(text: str) -> DiTMethod:
         raise ConfigError(f"In DiT spec '{text}': {e}") from None
 
 
-def label_of(method: DiTMethod) -> str:
+def label_of(method: Any) -> str:
     """``name[k=v,...]:value`` with only the fields that differ from the class defaults, sorted."""
     cls = type(method)
     defaults = cls()
@@ -137,4 +121,4 @@ def label_of(method: DiTMethod) -> str:
     return out
 
 
-__all__ = ["PREFIX", "dit_method_names", "get_dit_class", "label_of", "parse_dit_spec", "register"]
+__all__ = ["PREFIX", "build", "label_of", "split_call"]

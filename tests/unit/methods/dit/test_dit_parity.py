@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from tokensieve.attention import flex
-from tokensieve.methods.dit import DiTCall, VideoGrid, parse_dit_spec
+from tokensieve.methods.dit import DiTCall, VideoGrid
 from tokensieve.methods.dit.psa import avg_pool_tokens, block_importance, pyramid_levels, tile_order
 from tokensieve.methods.dit.radial import radial_mask
 from tokensieve.methods.dit.svg2 import dynamic_map, kmeans
 from tokensieve.methods.dit.vmoba import chunk_layout
+from tokensieve.spec import parse_dit_spec
 
 
 @pytest.fixture(autouse=True)
