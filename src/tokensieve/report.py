@@ -49,7 +49,7 @@ from .results.sections import (
     vlm_speed_table,
 )
 from .results.stats import accuracy_json, chunk_labelled, speed
-from .results.store import ResultStore, is_visual
+from .results.store import ResultStore, is_dit, is_visual
 
 OVERLAYS_TOOL = "vlm-overlays"  # the runs of `tokensieve train vlm-eval --overlays PNG --store`
 
@@ -95,6 +95,7 @@ def write_report(
     except OSError as exc:
         raise ConfigError(f"Cannot create the report folder {out}: {exc.strerror or exc}.") from None
     vlm_eval = [r for r in eval_rows if is_visual(r)]  # a VLM's visual-token rows: their own section
+    bench_rows = [r for r in bench_rows if not is_dit(r)]  # diffusion transformers: `tokensieve bench --video`
     vlm_bench = [r for r in bench_rows if is_visual(r)]
     eval_rows = [r for r in eval_rows if not is_visual(r)]
     bench_rows = [r for r in bench_rows if not is_visual(r)]
