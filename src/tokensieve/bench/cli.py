@@ -196,7 +196,12 @@ def add_commands(sub: Any) -> None:
     )
     sp.add_argument("--steps", type=int, default=20, help="--video: denoising steps per generation (default 20)")
     sp.add_argument("--clips", type=int, default=4, help="--video embedded: test prompts and seeds (default 4)")
-    sp.add_argument("--video-model", default=None, help="--video embedded: a folder written by `train video-dit`")
+    sp.add_argument(
+        "--video-model",
+        default=None,
+        help="--video embedded: a folder written by `train video-dit`; --video wan2.1-1.3b: a diffusers Wan "
+        "transformer folder (its own weights instead of random ones)",
+    )
     sp.add_argument("--latent", default=None, help="--video wan2.1-1.3b: latent F,H,W (default 8,32,32: 2,048 tokens)")
     sp.add_argument("--video-layers", type=int, default=None, help="--video wan2.1-1.3b: fewer than its 30 layers")
     sp.set_defaults(func=cmd_bench)

@@ -19,10 +19,11 @@ stays out of the figures). Per configuration it records
 Workloads: ``embedded`` — the shipped video DiT (or ``--video-model DIR``), ``--clips`` test prompts and seeds,
 ``--steps`` Euler steps; ``wan2.1-1.3b`` — a ``WanTransformer3DModel`` of Wan2.1-T2V-1.3B's geometry (30 layers,
 12 heads of 128, FFN 8,960, 16 latent channels, patch 1 × 2 × 2, 512 text tokens of width 4,096) with **random
-weights: speed only**, on a random latent of ``--latent F,H,W`` (default 8 × 32 × 32: 2,048 tokens) for ``--steps``
-forward calls. Every measurement is one ``bench`` row of the results store (``--store``; the key rule of
-:func:`tokensieve.results.store.dit_key`, the spec JSON ``{"kind": "dit", ...}``), and ``--report DIR`` writes
-``video_bench.md`` and ``video_bench.json`` with the medians and ratios.
+weights: speed only** (or, with ``--video-model DIR``, a user's Wan transformer folder), on a random latent of
+``--latent F,H,W`` (default 8 × 32 × 32: 2,048 tokens) for ``--steps`` forward calls. Every measurement is one
+``bench`` row of the results store (``--store``; the key rule of :func:`tokensieve.results.store.dit_key`, the spec
+JSON ``{"kind": "dit", ...}``), and ``--report DIR`` writes ``video_bench.md`` and ``video_bench.json`` with the
+medians and ratios.
 """
 
 from __future__ import annotations
@@ -233,8 +234,20 @@ class _Wan(_Workload):
         import torch
 
         g = cfg.geometry
+        if cfg.model is not None:  # a user's Wan transformer (a diffusers folder): its weights and geometry
+            from ..adapters.diffusion import load_transformer
+
+            self.model = load_transformer(cfg.model)
+            c = self.model.config
+            if type(self.model).__name__ != "WanTransformer3DModel":
+                raise ConfigError(f"--video wan2.1-1.3b --video-model needs a Wan transformer; {cfg.model} holds "
+                                  f"{type(self.model).__name__}.")  # fmt: skip
+            g = WanGeometry(layers=c.num_layers, heads=c.num_attention_heads, head_dim=c.attention_head_dim,
+                            ffn=c.ffn_dim, channels=c.in_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
+                            patch=tuple(c.patch_size), latent=g.latent)  # fmt: skip
+        else:
+            self.model = build_wan(g)
         self.geometry = g
-        self.model = build_wan(g)
         self.tokens = g.tokens
         self.clips = 1
         gen = torch.Generator().manual_seed(0)
@@ -390,6 +403,8 @@ def model_key(cfg: VideoBenchConfig) -> str:
         from ..adapters.diffusion.embedded import EMBEDDED_NAME
 
         return EMBEDDED_NAME if cfg.model is None else f"{EMBEDDED_NAME}@{Path(cfg.model).resolve()}"
+    if cfg.model is not None:
+        return f"wan@{Path(cfg.model).resolve()}"
     return cfg.geometry.model_key
 
 

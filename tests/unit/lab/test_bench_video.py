@@ -20,7 +20,7 @@ from tokensieve.bench.video import (
     summarize,
 )
 from tokensieve.cli import main
-from tokensieve.errors import ConfigError
+from tokensieve.errors import ConfigError, ModelNotFoundError
 from tokensieve.results.store import ResultStore, is_dit
 
 KEEP_ALL = "svg2[dense_layers=0,kc=8,min_kc_ratio=1,qc=4,top_p=1,warmup=0]"
@@ -80,6 +80,16 @@ def test_wan_geometry_is_speed_only():
     assert [r.label for r in rows] == ["full", "radial"]
     assert all(r.psnr is None and r.gate_color is None for r in rows)
     assert WanGeometry().tokens == 2048
+    bad = VideoBenchConfig(workload="wan2.1-1.3b", specs=("full",), reps=1, steps=1, model="/nonexistent/wan")
+    with pytest.raises(ModelNotFoundError):
+        run_video_bench(bad)
+
+
+def test_a_folder_that_is_not_a_diffusers_transformer_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "LlamaForCausalLM"}))
+    argv = ["bench", "--video", "wan2.1-1.3b", "--video-model", str(tmp_path), "--methods", "radial"]
+    assert main(argv) == 2
+    assert "not a diffusers transformer" in capsys.readouterr().err
 
 
 def test_cli_writes_the_store_and_resumes(tiny_model, tmp_path, capsys):
