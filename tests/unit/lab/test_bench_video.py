@@ -128,3 +128,23 @@ def test_generate_video_and_its_refusals(tiny_model, tmp_path, capsys):
     assert "tokensieve train video-dit" in capsys.readouterr().err
     assert main([*argv, str(gif), "--spec", "snapkv:0.25"]) == 2
     assert "KV-cache method" in capsys.readouterr().err
+
+
+def test_every_command_of_the_guide_parses():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tokensieve.cli import build_parser
+
+    text = (Path(__file__).parents[3] / "docs" / "DIT.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    commands = [
+        c for block in blocks for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("tokensieve ")
+    ]
+    assert len(commands) >= 9
+    parser = build_parser()
+    for c in commands:
+        argv = shlex.split(c.split("#")[0])[1:]
+        args = parser.parse_args(argv)
+        assert callable(args.func), c
