@@ -502,7 +502,8 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
 
         rows = run_video_bench(cfg, progress=progress, write=write, skip=skip)
         if store is not None:  # the summary covers every stored row of this model and workload (resumed runs too)
-            rows = [from_store(r) for r in store.rows("bench", "model = ?", (mkey,)) if is_dit(r)]
+            stored = store.rows("bench", "model = ? AND threads = ?", (mkey, threads))
+            rows = [from_store(r) for r in stored if is_dit(r)]
             rows = [r for r in rows if r.workload == cfg.workload and r.label in specs and r.steps == cfg.steps]
     finally:
         if store is not None:
