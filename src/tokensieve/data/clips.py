@@ -3,7 +3,8 @@
 A clip is ``frames`` RGB frames of ``size`` × ``size`` pixels (default 8 × 64 × 64): a plain light background (jittered
 grey, as :mod:`tokensieve.data.scenes` draws it) and one object — a shape of :data:`~tokensieve.data.scenes.SHAPES` in a
 colour of :data:`~tokensieve.data.scenes.COLORS` (with the same small per-object jitter) — that moves a constant
-2–4 pixels per frame to the left, right, up or down, and stays inside the frame. Its prompt names what is drawn:
+2–4 pixels per frame to the left, right, up or down (slower when a long clip would otherwise leave the frame), and
+stays inside the frame. Its prompt names what is drawn:
 ``"a red circle moving right"``. Everything follows from one integer seed through :class:`random.Random`; training and
 evaluation draw seeds from disjoint ranges (:data:`SPLITS`).
 
@@ -107,8 +108,9 @@ def make_clip(
     r = rng.randint(*RADIUS) * size / SIZE
     speed = rng.randint(*SPEED) * size / SIZE
     dx, dy = DIRECTIONS[direction]
-    travel = speed * (frames - 1)
     margin = r + 2
+    speed = min(speed, (size - 2 * margin) / max(frames - 1, 1))  # long clips: the whole path stays inside the frame
+    travel = speed * (frames - 1)
     # the start position: anywhere the whole path stays inside the frame
     lo_x, hi_x = margin + max(0.0, -dx * travel), size - margin - max(0.0, dx * travel)
     lo_y, hi_y = margin + max(0.0, -dy * travel), size - margin - max(0.0, dy * travel)

@@ -45,6 +45,8 @@ class VideoTrainConfig:
     threads: int = 1
     layers: int = 4
     heads: int = 3
+    frames: int = 8  # clip frames
+    size: int = 64  # clip height and width, pixels (tokens = frames × (size / 4)², patch 1 × 4 × 4)
 
 
 def _batch(step: int, cfg: VideoTrainConfig, frames: int, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -80,7 +82,7 @@ class VideoTrainer:
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        mcfg = model_cfg or VideoDiTConfig(layers=cfg.layers, heads=cfg.heads)
+        mcfg = model_cfg or VideoDiTConfig(layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size)
         self.model = EmbeddedVideoDiT(mcfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.step = 0
@@ -192,6 +194,8 @@ def cmd_train_video_dit(args: argparse.Namespace) -> int:
     cfg = VideoTrainConfig(**values)
     if cfg.steps < 1 or cfg.batch < 1 or cfg.lr <= 0:
         raise ConfigError("--steps and --batch must be ≥ 1 and --lr > 0.")
+    if cfg.frames < 2 or cfg.size < 16 or cfg.size % 4:
+        raise ConfigError("--frames must be ≥ 2 and --size a multiple of 4, ≥ 16 (patches of 4 × 4 pixels).")
     out = VideoTrainer(cfg, progress=not args.no_progress).run()
     print(out)
     if args.ship and out.name == "final":

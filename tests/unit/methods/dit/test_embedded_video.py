@@ -103,3 +103,14 @@ def test_training_in_chunks_equals_training_in_one_go(tmp_path):
 
     with pytest.raises(ConfigError, match="another model configuration"):
         VideoTrainer(VideoTrainConfig(out=str(tmp_path / "whole")), progress=False)
+
+
+def test_long_clips_stay_inside_the_frame_and_pass_the_gate():
+    for i in range(40):
+        clip = make_clip(i, frames=16, size=64)
+        xs, ys = zip(*clip.centers, strict=True)
+        assert min(xs + ys) > 0
+        assert max(xs + ys) < 64
+        result = gate(clip.frames, clip.prompt)
+        assert result.color_ok
+        assert result.motion_ok
