@@ -36,7 +36,7 @@ def _no_compile():
 @pytest.fixture
 def tiny_model(tmp_path):
     torch.manual_seed(0)
-    cfg = VideoDiTConfig(frames=2, size=16, heads=2, head_dim=12, layers=2, ffn=32, text_dim=8, freq_dim=16)
+    cfg = VideoDiTConfig(frames=4, size=32, heads=2, head_dim=12, layers=2, ffn=32, text_dim=8, freq_dim=16)
     return EmbeddedVideoDiT(cfg).eval().save(tmp_path / "model")
 
 
@@ -53,19 +53,26 @@ def test_embedded_rows_fidelity_and_ratios(tiny_model):
     rows = run_video_bench(cfg)
     assert len(rows) == 2 * 2 * 3
     assert {r.prompt for r in rows}
-    assert all(r.tokens == 2 * 4 * 4 for r in rows)
+    assert all(r.tokens == 4 * 8 * 8 for r in rows)
     full = [r for r in rows if r.label == "full"]
     assert all(r.psnr == math.inf and r.ssim == pytest.approx(1.0) and r.density == 1.0 for r in full)
     keep = [r for r in rows if r.label == KEEP_ALL]  # keep-all = dense: the same clip, density 1
     assert all(r.psnr is not None and r.psnr > 40 and r.density == pytest.approx(1.0) for r in keep)
-    sparse = [r for r in rows if r.label.startswith("svg:")]
+    sparse = [r for r in rows if r.label.startswith("svg[")]
+    assert len(sparse) == 4
     assert all(r.density < 1.0 and r.attn_s > 0 and r.e2e_s > r.attn_s for r in sparse)
+    assert all(r.calls == 2 * 2 and r.sparse_calls == r.calls for r in sparse)  # no dense steps or layers asked
+    assert all(r.sparse_attn_s == pytest.approx(r.attn_s) for r in sparse)
+    assert all(r.calls == 2 * 2 and r.sparse_calls == 0 for r in full)
     summary = {s["label"]: s for s in summarize(rows)}
     assert summary["full"]["attn_speedup"] == pytest.approx(1.0)
+    assert math.isnan(summary["full"]["sparse_speedup"])
     assert summary["full"]["flops_ideal"] == pytest.approx(1.0)
     s = summary["svg[dense_layers=0,warmup=0]:0.5"]
     assert s["flops_ideal"] == pytest.approx(1 / s["density"])
     assert s["ideal_fraction"] == pytest.approx(s["attn_speedup"] * s["density"])
+    assert s["sparse_density"] == pytest.approx(s["density"])
+    assert s["sparse_ideal_fraction"] == pytest.approx(s["sparse_speedup"] * s["sparse_density"])
     assert 0.0 <= s["gate_color"] <= 1.0
 
 
@@ -120,8 +127,8 @@ def test_generate_video_and_its_refusals(tiny_model, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(gif) as im:
-        assert im.n_frames == 2
-        assert im.size == (64, 64)
+        assert im.n_frames == 4
+        assert im.size == (128, 128)
     assert main(["generate-video", "a cat playing piano", "--model", str(tiny_model)]) == 2
     assert "cannot condition" in capsys.readouterr().err
     assert main(["generate-video", "a red circle moving right", "--model", str(tmp_path / "none")]) == 2
