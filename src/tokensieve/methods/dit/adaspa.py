@@ -64,7 +64,10 @@ def head_adaptive_blocks(mass: Tensor, density: float) -> Tensor:
 @register
 @dataclass(frozen=True)
 class AdaSpa(DiTMethod):
-    """AdaSpa (see the module docstring)."""
+    """AdaSpa: training-free adaptive sparse attention — exact block search at a few steps, reused between.
+
+    The module docstring states the rule as we read the paper (no official code was reachable) and the defaults.
+    """
 
     name: ClassVar[str] = "adaspa"
     paper: ClassVar[str] = "Xia et al., Training-free and Adaptive Sparse Attention for Long Video, ICCV 2025"

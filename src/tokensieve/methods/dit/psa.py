@@ -113,7 +113,10 @@ def avg_pool_tokens(x: Tensor, p: int) -> Tensor:
 @register
 @dataclass(frozen=True)
 class PyramidSparseAttention(DiTMethod):
-    """PSA (see the module docstring)."""
+    """PSA: Pyramid Sparse Attention — each query block reads important key blocks whole and others average-pooled.
+
+    The module docstring states the rule, the code it was checked against and the defaults.
+    """
 
     name: ClassVar[str] = "psa"
     paper: ClassVar[str] = "Li et al., PSA: Pyramid Sparse Attention, arXiv:2512.04025 (2025)"

@@ -89,7 +89,10 @@ def radial_mask(frames: int, tpf: int, block: int, decay: float, device: torch.d
 @register
 @dataclass(frozen=True)
 class RadialAttention(DiTMethod):
-    """Radial Attention (see the module docstring)."""
+    """Radial Attention: a static O(n log n) mask whose spatial window shrinks as the temporal distance grows.
+
+    The module docstring states the rule, the code it was checked against and the defaults.
+    """
 
     name: ClassVar[str] = "radial"
     paper: ClassVar[str] = "Li et al., Radial Attention, NeurIPS 2025 (arXiv:2506.19852)"

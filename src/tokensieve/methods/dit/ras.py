@@ -39,7 +39,10 @@ from .base import Attended, DiTCall, DiTMethod, dense_attention
 @register
 @dataclass(frozen=True)
 class RegionAdaptiveSampling(DiTMethod):
-    """Region-Adaptive Sampling (see the module docstring)."""
+    """Region-Adaptive Sampling (RAS): at most denoising steps only the regions in focus are run through the model.
+
+    The module docstring states the rule, the code it was checked against and the defaults.
+    """
 
     name: ClassVar[str] = "ras"
     paper: ClassVar[str] = "Liu et al., Region-Adaptive Sampling for Diffusion Transformers, arXiv:2502.10389 (2025)"

@@ -92,7 +92,10 @@ def band_grid(tokens: int, block: int, width: int, sink: int, device: torch.devi
 @register
 @dataclass(frozen=True)
 class SparseVideoGen(DiTMethod):
-    """Sparse VideoGen (see the module docstring)."""
+    """Sparse VideoGen: spatial and temporal heads, classified online at every call.
+
+    The module docstring states the rule, the code it was checked against and the defaults.
+    """
 
     name: ClassVar[str] = "svg"
     paper: ClassVar[str] = "Xi et al., Sparse VideoGen, ICML 2025 (arXiv:2502.01776)"

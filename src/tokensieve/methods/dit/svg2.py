@@ -94,7 +94,10 @@ def dynamic_map(q_cent: Tensor, k_cent: Tensor, k_sizes: Tensor, top_p: float, m
 @register
 @dataclass(frozen=True)
 class SparseVideoGen2(DiTMethod):
-    """Sparse VideoGen2 (see the module docstring)."""
+    """Sparse VideoGen2: semantic-aware permutation — k-means on queries and keys, centroid top-p block selection.
+
+    The module docstring states the rule, the code it was checked against and the defaults.
+    """
 
     name: ClassVar[str] = "svg2"
     paper: ClassVar[str] = "Yang et al., Sparse VideoGen2, NeurIPS 2025 (arXiv:2505.18875)"

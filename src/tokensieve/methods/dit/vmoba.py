@@ -109,7 +109,10 @@ def select_query_head(gate: Tensor, own: Tensor, threshold: float) -> Tensor:
 @register
 @dataclass(frozen=True)
 class VMoBA(DiTMethod):
-    """VMoBA (see the module docstring)."""
+    """VMoBA: mixture-of-block attention for video — 1D/2D/3D key blocks by layer, global threshold selection per head.
+
+    The module docstring states the rule, the code it was checked against and the defaults.
+    """
 
     name: ClassVar[str] = "vmoba"
     paper: ClassVar[str] = "Wu et al., VMoBA, arXiv:2506.23858 (2025)"
