@@ -32,7 +32,7 @@ from ..errors import ConfigError
 @dataclass
 class VideoTrainConfig:
     out: str = "runs/video-dit"
-    steps: int = 1700  # ≈ 4 CPU-hours at batch 8 (8.4 CPU-s a step, measured on one core)
+    steps: int = 1500  # ≈ 4 CPU-hours at batch 8 (8.4–10 CPU-s a step on one core, idle to loaded machine)
     batch: int = 8
     lr: float = 3e-4
     warmup: int = 200
