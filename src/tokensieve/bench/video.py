@@ -408,24 +408,55 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
-def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| workload | configuration | tokens | density | attention s | attention speed-up | FLOPs ideal | "
-        "of ideal | sparse calls | their density | per sparse call speed-up | of ideal | end-to-end s | "
-        "end-to-end speed-up | PSNR dB | SSIM | gate colour | gate motion |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+HEADER = (
+    "workload", "configuration", "tokens", "density", "attention s", "attention speed-up", "FLOPs ideal", "of ideal",
+    "sparse calls", "their density", "per sparse call speed-up", "of ideal", "end-to-end s", "end-to-end speed-up",
+    "PSNR dB", "SSIM", "gate colour", "gate motion",
+)  # fmt: skip
+
+
+def table_body(summary: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The cells of :data:`HEADER` for each summary row (the random-weight workload labelled speed only)."""
+    body = []
     for s in summary:
         workload = s["workload"] + (" (random weights, speed only)" if s["workload"] != "embedded" else "")
-        lines.append(
-            f"| {workload} | `{s['label']}` | {s['tokens']} | {_fmt(s['density'])} | {_fmt(s['attn_s'], '.3f')} | "
-            f"{_fmt(s['attn_speedup'])}× | {_fmt(s['flops_ideal'])}× | {_fmt(s['ideal_fraction'])} | "
-            f"{s['sparse_calls']:.0f} of {s['calls']:.0f} | {_fmt(s['sparse_density'])} | "
-            f"{_fmt(s['sparse_speedup'])}× | {_fmt(s['sparse_ideal_fraction'])} | "
-            f"{_fmt(s['e2e_s'], '.2f')} | {_fmt(s['e2e_speedup'])}× | {_fmt(s['psnr'], '.1f')} | "
-            f"{_fmt(s['ssim'], '.3f')} | {_fmt(s['gate_color'], '.0%')} | {_fmt(s['gate_motion'], '.0%')} |"
-        )
+        body.append([
+            workload, f"`{s['label']}`", str(s["tokens"]), _fmt(s["density"]), _fmt(s["attn_s"], ".3f"),
+            f"{_fmt(s['attn_speedup'])}×", f"{_fmt(s['flops_ideal'])}×", _fmt(s["ideal_fraction"]),
+            f"{s['sparse_calls']:.0f} of {s['calls']:.0f}", _fmt(s["sparse_density"]), f"{_fmt(s['sparse_speedup'])}×",
+            _fmt(s["sparse_ideal_fraction"]), _fmt(s["e2e_s"], ".2f"), f"{_fmt(s['e2e_speedup'])}×",
+            _fmt(s["psnr"], ".1f"), _fmt(s["ssim"], ".3f"), _fmt(s["gate_color"], ".0%"), _fmt(s["gate_motion"], ".0%"),
+        ])  # fmt: skip
+    return body
+
+
+def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_body(summary)]
     return "\n".join(lines) + "\n"
+
+
+def video_sections(rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """The report's section of a store's DiT rows (``bench`` rows of kind ``dit``): one table per model and number of
+    denoising steps and threads, as ``tokensieve bench --video`` prints it."""
+    from ..results.render import Block
+
+    if not rows:
+        return []
+    blocks = [
+        Block("h2", "Video diffusion transformers (tokensieve bench --video)"),
+        Block("p", "Every configuration against the dense model (`full`) of the same run: attention and end-to-end "
+                   "speed-ups (medians), the FLOPs ideal 1 / density over the whole run and per sparse call, and on "
+                   "the embedded model PSNR / SSIM against the dense clip of the same prompt, seed and sampler and "
+                   "the quality gate (docs/DIT.md)."),
+    ]  # fmt: skip
+    groups: dict[tuple[str, int, int], list[VideoRow]] = {}
+    for r in rows:
+        groups.setdefault((str(r["model"]), int(r["steps"]), int(r.get("threads") or 0)), []).append(from_store(r))
+    for (model, steps, threads), grows in sorted(groups.items()):
+        blocks.append(Block("h3", f"{model}: {steps} steps, {threads} thread(s)"))
+        blocks.append(Block("table", header=HEADER, body=table_body(summarize(grows))))
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -564,4 +595,5 @@ __all__ = [
     "markdown_table",
     "run_video_bench",
     "summarize",
+    "video_sections",
 ]

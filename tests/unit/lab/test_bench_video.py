@@ -118,6 +118,12 @@ def test_cli_writes_the_store_and_resumes(tiny_model, tmp_path, capsys):
     assert main(argv) == 0  # resumed: every key is stored, nothing is measured again
     with ResultStore(store, readonly=True) as s:
         assert s.count("bench") == 2
+    # the report has a section of its own for them (and none of the language-model sections)
+    assert main(["report", str(store), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Video diffusion transformers (tokensieve bench --video)" in text
+    assert "`svg[dense_layers=0,warmup=0]:0.5`" in text
+    assert "Speed and memory (tokensieve bench)" not in text
 
 
 def test_generate_video_and_its_refusals(tiny_model, tmp_path, capsys):
