@@ -111,6 +111,9 @@ def methods_markdown(infos: Sequence[Any]) -> str:
         "projector, language model — what happens to the rest, and the signals they read). One spec names both:",
         "`todre:0.1/snapkv:0.25`; a visual method named like a KV method is written `vis:name`.",
         "",
+        "A third family, **dit**, sparsifies the attention of a diffusion transformer (image and video generation,",
+        "docs/DIT.md); it is listed as `dit:name` and a DiT spec names one of them alone (`svg:0.3`, `radial`).",
+        "",
         "| method | family | paper | rule | capabilities | parameters |",
         "|---|---|---|---|---|---|",
     ]
@@ -377,6 +380,7 @@ _COMMAND_MODULES = [
         "tokensieve.bench.cli",
         "tokensieve.profiling.cli",
         "tokensieve.train.cli",
+        "tokensieve.bench.video",
         "tokensieve.serve.cli",
         "tokensieve.report",
     )

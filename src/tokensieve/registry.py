@@ -4,9 +4,10 @@ Methods register themselves with :func:`tokensieve.core.registry.register`; this
 first use, looks them up by name (with a helpful error), creates them from parameters given as strings (a nested
 method, e.g. AdaKV's ``base``, may be given by name) and lists them.
 
-Every family is in it: the KV methods (``snapkv``, ``quest``, …) and the visual-token methods (``todre``, ``fastv``,
-…). A name is looked up among the KV methods first, then the visual ones; ``vis:name`` names the visual method where
-both families have one (``vis:random``).
+Every family is in it: the KV methods (``snapkv``, ``quest``, …), the visual-token methods (``todre``, ``fastv``,
+…) and the diffusion-transformer methods (``svg``, ``radial``, …). A name is looked up among the KV methods first,
+then the visual ones, then the DiT ones; ``vis:name`` names the visual method where both families have one
+(``vis:random``), and ``dit:name`` a DiT method (listed so always: ``dit:full`` is the dense DiT).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .core.method import FAMILIES, KV, VISUAL, Method
+from .core.method import DIT, FAMILIES, KV, VISUAL, Method
 from .core.params import check_number, coerce_param
 from .core.registry import registered
 from .errors import ConfigError, UnknownNameError
 
 VIS_PREFIX = "vis:"  # names the visual method where a KV method has the same name: vis:random
-_PACKAGES = {KV: "tokensieve.methods.kv", VISUAL: "tokensieve.methods.visual"}
-_MACHINERY = {"base"}  # modules of a method package that hold no method
+DIT_PREFIX = "dit:"  # names a diffusion-transformer method: dit:svg, dit:full
+_PACKAGES = {KV: "tokensieve.methods.kv", VISUAL: "tokensieve.methods.visual", DIT: "tokensieve.methods.dit"}
+_MACHINERY = {"base", "grammar"}  # modules of a method package that hold no method
 _LOADED = False
 
 
@@ -52,37 +54,55 @@ def _family(family: str | None) -> list[str]:
 
 def method_names(family: str | None = KV) -> list[str]:
     """The registered names of one family (default: the KV methods), or of every family (``family=None``; a visual
-    method named like a KV method is listed as ``vis:name``)."""
+    method named like a KV method is listed as ``vis:name``, a DiT method always as ``dit:name``)."""
     _load_builtin()
     if family is None:
         kv = registered(KV)
-        return sorted(kv) + sorted(f"{VIS_PREFIX}{n}" if n in kv else n for n in registered(VISUAL))
+        visual = sorted(f"{VIS_PREFIX}{n}" if n in kv else n for n in registered(VISUAL))
+        return sorted(kv) + visual + sorted(f"{DIT_PREFIX}{n}" for n in registered(DIT))
     return sorted(registered(_family(family)[0]))
 
 
 def split_family(name: str) -> tuple[str | None, str]:
-    """``("visual", "random")`` for ``vis:random``; ``(None, name)`` for a name without a prefix."""
+    """``("visual", "random")`` for ``vis:random``, ``("dit", "svg")`` for ``dit:svg``; ``(None, name)`` for a name
+    without a prefix."""
     key = name.strip().lower()
     if key.startswith(VIS_PREFIX):
         return VISUAL, key[len(VIS_PREFIX) :].strip()
+    if key.startswith(DIT_PREFIX):
+        return DIT, key[len(DIT_PREFIX) :].strip()
     return None, key
 
 
 def get_method_class(name: str, family: str | None = None) -> type[Method]:
-    """The class registered as ``name`` — among the KV methods first, then the visual ones (``vis:name`` or
-    ``family="visual"``: the visual one only) — or :class:`UnknownNameError` with the closest names."""
+    """The class registered as ``name`` — among the KV methods first, then the visual ones, then the DiT ones
+    (``vis:name`` / ``dit:name`` or ``family=``: that family only) — or :class:`UnknownNameError` with the closest
+    names."""
     _load_builtin()
     prefixed, key = split_family(name)
     families = _family(prefixed or family)
     for fam in families:
         if key in registered(fam):
             return registered(fam)[key]
+    if DIT not in families and key in registered(DIT):
+        raise UnknownNameError(dit_refusal(key))
     names = [n for fam in families for n in registered(fam)]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     if families == [VISUAL]:
         raise UnknownNameError(f"Unknown visual method '{name}'.{hint} Visual methods: {', '.join(sorted(names))}.")
+    if families == [DIT]:
+        raise UnknownNameError(f"Unknown DiT method '{name}'.{hint} DiT methods: {', '.join(sorted(names))}.")
     raise UnknownNameError(f"Unknown method '{name}'.{hint} Valid methods: {', '.join(method_names(None))}.")
+
+
+def dit_refusal(name: str) -> str:
+    """Why a DiT method cannot stand in a language-model spec."""
+    return (
+        f"'{name}' is a diffusion-transformer (DiT) method: it sparsifies the attention of an image or video DiT "
+        f"(`tokensieve generate-video PROMPT --spec {name}`, `tokensieve.adapters.diffusion.sparsify`), not a language "
+        "model's cache or an image's tokens."
+    )
 
 
 def _method_type(annotation: Any) -> bool:

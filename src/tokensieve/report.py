@@ -49,7 +49,7 @@ from .results.sections import (
     vlm_speed_table,
 )
 from .results.stats import accuracy_json, chunk_labelled, speed
-from .results.store import ResultStore, is_visual
+from .results.store import ResultStore, is_dit, is_visual
 
 OVERLAYS_TOOL = "vlm-overlays"  # the runs of `tokensieve train vlm-eval --overlays PNG --store`
 
@@ -95,6 +95,8 @@ def write_report(
     except OSError as exc:
         raise ConfigError(f"Cannot create the report folder {out}: {exc.strerror or exc}.") from None
     vlm_eval = [r for r in eval_rows if is_visual(r)]  # a VLM's visual-token rows: their own section
+    dit_bench = [r for r in bench_rows if is_dit(r)]  # diffusion transformers (`tokensieve bench --video`): their own
+    bench_rows = [r for r in bench_rows if not is_dit(r)]
     vlm_bench = [r for r in bench_rows if is_visual(r)]
     eval_rows = [r for r in eval_rows if not is_visual(r)]
     bench_rows = [r for r in bench_rows if not is_visual(r)]
@@ -113,6 +115,10 @@ def write_report(
         raise ConfigError(f"No kept-patch figure at {overlays}: give the PNG `tokensieve train vlm-eval --overlays` "
                           "wrote.")  # fmt: skip
     blocks += vlm_sections(vlm_eval, vlm_bench, out, figure)
+    if dit_bench:
+        from .bench.video import video_sections
+
+        blocks += video_sections(dit_bench)
     blocks += daam_sections(runs, out)
 
     written: list[Path] = []

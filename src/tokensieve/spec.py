@@ -44,10 +44,12 @@ from .cache.decode import DecodeMethod
 from .core.budget import Budget
 from .core.capabilities import Phase, Request, Stage
 from .core.context import ModelShape
-from .core.method import KV, VISUAL, Method, PrefillMethod
+from .core.method import DIT, KV, VISUAL, Method, PrefillMethod
 from .errors import CapabilityError, ConfigError
+from .methods.dit import grammar as dit_grammar
+from .methods.dit.base import DiTMethod
 from .methods.visual.base import VisualMethod
-from .registry import VIS_PREFIX, check_fields, create_method, get_method_class, method_names
+from .registry import DIT_PREFIX, VIS_PREFIX, check_fields, create_method, dit_refusal, get_method_class, method_names
 
 FULL = "full"
 SEPARATOR = "/"  # between the visual parts of a spec and its KV part
@@ -64,6 +66,8 @@ def _full() -> Method:
 
 # ---------------------------------------------------------------------------------------------------- checks
 def _check_kv(method: Method, part: str) -> None:
+    if method.family == DIT:
+        raise ConfigError(dit_refusal(method.name))
     if method.family != KV:
         raise ConfigError(
             f"'{method.name}' is a {method.family} method: write it before the KV part with its budget "
@@ -879,6 +883,8 @@ class _Parser:
     def _call(self, expected: str, family: str | None) -> tuple[Method, int]:
         name, start = self.token(_NAME, expected)
         cls = self.located(start, get_method_class, name, family)
+        if cls.family == DIT:
+            raise _with_position(ConfigError(dit_refusal(cls.name)), self.text, start)
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls)}
         params: dict[str, Any] = {}
@@ -916,12 +922,40 @@ class _Parser:
             raise _with_position(exc, self.text, at) from None
 
 
+# ---------------------------------------------------------------------------------------------- DiT specs
+def parse_dit_spec(text: str | DiTMethod) -> DiTMethod:
+    """The diffusion-transformer method a DiT spec names (``svg:0.3``, ``svg2[top_p=0.9]``, ``dit:full``; the
+    grammar: :mod:`tokensieve.methods.dit.grammar`). A KV-cache or visual-token spec is refused with the reason it
+    cannot apply to a DiT; an unknown name lists the DiT methods."""
+    if isinstance(text, DiTMethod):
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(f"A DiT spec is a string such as 'svg:0.3' or a DiT method, not {text!r}.")
+    first = re.match(r"\s*(?:dit:)?\s*([A-Za-z_][\w-]*)", text, re.IGNORECASE)
+    name = first.group(1).lower() if first else ""
+    if name not in method_names(DIT):
+        for family, what in (
+            (KV, "a KV-cache method: it compresses a language model's cache, and a diffusion transformer keeps none "
+             "(every denoising step attends the whole video afresh)"),
+            (VISUAL, "a visual-token method: it prunes an image's tokens before a language model reads them, and a "
+             "diffusion transformer generates every token it holds"),
+        ):  # fmt: skip
+            if name in method_names(family):
+                raise ConfigError(f"{text!r} names {what}. DiT methods: {', '.join(method_names(DIT))}.")
+    if re.search(r"[/+]", text):
+        raise ConfigError(f"A DiT spec names one method ({text!r} composes several), e.g. 'svg:0.3'.")
+    cls = get_method_class(f"{DIT_PREFIX}{name}")
+    method: DiTMethod = dit_grammar.build(cls, text)
+    return method
+
+
 __all__ = [
     "Spec",
     "VisualPlan",
     "VisualSpec",
     "budget_label",
     "method_label",
+    "parse_dit_spec",
     "parse_specs",
     "split_specs",
     "visual_label",

@@ -59,6 +59,10 @@ def _report_dir(report: str | None) -> Path | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "video", None):  # video diffusion transformers (tokensieve.bench.video)
+        from .video import cmd_bench_video
+
+        return cmd_bench_video(args)
     if getattr(args, "vlm", None):  # VLM prefill with visual-token pruning (tokensieve.bench.vlm)
         from .vlm import cmd_bench_vlm
 
@@ -177,4 +181,27 @@ def add_commands(sub: Any) -> None:
             "labelled as `tokensieve train vlm-eval --store` labels them"
         ),
     )
+    sp.add_argument(
+        "--video",
+        nargs="?",
+        const="embedded",
+        default=None,
+        choices=("embedded", "wan2.1-1.3b"),
+        help=(
+            "video diffusion transformers instead (docs/DIT.md): DiT methods against the dense model on the embedded "
+            "video DiT (default; PSNR, SSIM and the quality gate against the dense clip of the same seed) or at "
+            "Wan2.1-1.3B geometry with random weights (speed only); --methods are DiT specs (default "
+            "svg,svg2,radial,vmoba,psa,adaspa,ras), --budgets the densities of those that take one (default 0.25,0.5)"
+        ),
+    )
+    sp.add_argument("--steps", type=int, default=20, help="--video: denoising steps per generation (default 20)")
+    sp.add_argument("--clips", type=int, default=4, help="--video embedded: test prompts and seeds (default 4)")
+    sp.add_argument(
+        "--video-model",
+        default=None,
+        help="--video embedded: a folder written by `train video-dit`; --video wan2.1-1.3b: a diffusers Wan "
+        "transformer folder (its own weights instead of random ones)",
+    )
+    sp.add_argument("--latent", default=None, help="--video wan2.1-1.3b: latent F,H,W (default 8,32,32: 2,048 tokens)")
+    sp.add_argument("--video-layers", type=int, default=None, help="--video wan2.1-1.3b: fewer than its 30 layers")
     sp.set_defaults(func=cmd_bench)

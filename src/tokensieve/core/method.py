@@ -33,7 +33,8 @@ from .context import LayerContext, ModelShape
 
 KV = "kv"  # the family of methods that act on the KV cache and attention of a language model
 VISUAL = "visual"  # the family of methods that act on an image's tokens in a vision-language model
-FAMILIES = (KV, VISUAL)
+DIT = "dit"  # the family of methods that sparsify the attention of a diffusion transformer (image and video)
+FAMILIES = (KV, VISUAL, DIT)
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ class WrapperMethod(PrefillMethod):
 
 
 __all__ = [
+    "DIT",
     "FAMILIES",
     "KV",
     "VISUAL",

@@ -548,6 +548,60 @@ def visual_columns(spec: str | None) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------- diffusion transformers
+DIT = "dit"  # the ``kind`` of a DiT method's ``spec`` JSON
+
+
+def dit_spec_dict(spec: str | Any) -> dict[str, Any]:
+    """Every resolved parameter of a DiT method, JSON-ready: ``{"kind": "dit", "method": {"name", "params"}}``."""
+    from ..spec import parse_dit_spec
+
+    method = parse_dit_spec(spec)
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in method.params().items()}
+    return {"kind": DIT, "method": {"name": method.name, "params": params}}
+
+
+def dit_key(spec: str | Any, **workload: Any) -> str:
+    """The key of a measurement of a DiT method on a workload: the SHA-256 rule of :meth:`tokensieve.spec.Spec.key`
+    over :func:`dit_spec_dict` and the workload."""
+    if "spec" in workload:
+        raise ValueError("'spec' is reserved in a key's workload")
+    blob = json.dumps({"spec": dit_spec_dict(spec), **workload}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def dit_columns(spec: str | Any) -> dict[str, Any]:
+    """:func:`spec_columns` of a DiT method (``"svg:0.3"``, ``"radial"``, ``"full"``): the canonical label, the method
+    (its name), the resolved parameters as JSON, and the budget — the ``:value`` of a method that takes one
+    (``30%``), else ``—`` (a threshold method: its measured density is in the row)."""
+    from ..spec import parse_dit_spec
+
+    method = parse_dit_spec(spec)
+    knob = type(method).budget_param
+    value = getattr(method, knob) if knob else None
+    return {
+        "label": method.label(),
+        "method": method.name,
+        "spec": dit_spec_dict(method),
+        "budget": "100%" if method.name == "full" else (f"{value:.0%}" if isinstance(value, float) else "—"),
+        "budget_kind": "ratio" if isinstance(value, float) or method.name == "full" else None,
+        "budget_value": 1.0 if method.name == "full" else (float(value) if isinstance(value, float) else None),
+    }
+
+
+def is_dit(row: Mapping[str, Any]) -> bool:
+    """Whether a stored row measures a DiT method (its ``spec`` JSON has ``"kind": "dit"``)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        if f'"kind": "{DIT}"' not in spec and f'"kind":"{DIT}"' not in spec:
+            return False
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    return isinstance(spec, dict) and spec.get("kind") == DIT
+
+
 def is_visual(row: Mapping[str, Any]) -> bool:
     """Whether a stored row measures a visual plan (its ``spec`` JSON has ``"kind": "visual"``)."""
     spec = row.get("spec")

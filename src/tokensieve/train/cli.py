@@ -248,3 +248,6 @@ def add_commands(sub: Any) -> None:
     from .daam_cli import add_commands as add_daam_commands
 
     add_daam_commands(tsub)
+    from .video_dit import add_commands as add_video_commands  # `tokensieve train video-dit`, `train video-gate`
+
+    add_video_commands(tsub)

@@ -21,7 +21,7 @@ def test_unknown_method_suggests_and_lists():
 def test_every_method_cites_a_paper_and_declares_capabilities():
     infos = list_methods()
     assert [i.name for i in infos] == method_names(None)
-    assert {i.family for i in infos} == {"kv", "visual"}
+    assert {i.family for i in infos} == {"kv", "visual", "dit"}
     for info in infos:
         cls = get_method_class(info.name)
         assert cls.paper
