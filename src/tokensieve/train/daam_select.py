@@ -214,8 +214,8 @@ def paired_table(rows: Sequence[dict[str, Any]], fractions: Sequence[float]) -> 
 
 
 def verdict(found: dict[str, dict[str, float]], fraction: float = TARGET_FRACTION) -> list[str]:
-    """The frame-selection target at ``fraction``: within :data:`TARGET_GAP` F1 of every frame (plain model) and ahead of
-    evenly spaced frames (paired, p < 0.05), each said as met or not with its numbers."""
+    """The frame-selection target at ``fraction``: within :data:`TARGET_GAP` F1 of every frame (plain model) and
+    ahead of evenly spaced frames (paired, p < 0.05), each said as met or not with its numbers."""
     out = []
     gap = found.get(f"{fraction:.0%}: learned − all frames (plain model)")
     ahead = found.get(f"{fraction:.0%}: learned − uniform (selector model)")
