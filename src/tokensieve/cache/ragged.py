@@ -264,6 +264,12 @@ class RaggedKV:
     def allocated_bytes(self) -> int:
         return 2 * self._k.numel() * self._k.element_size()
 
+    def decode_bytes(self) -> int:
+        """Bytes a single-token decode step reads: keys, values and slot bias of every page in use (the unfilled
+        slots of each row's last page included), and the page-owner table."""
+        P, D, es = self.page, self._k.shape[-1], self._k.element_size()
+        return self._used * (P * (2 * D + 1) * es + self._page_row.element_size())
+
     def meta_bytes(self) -> int:
         arrays = (self._pos, self._bias, self._page_row, self._n, self._last)
         return sum(a.numel() * a.element_size() for a in arrays)
