@@ -332,14 +332,14 @@ def _agree(path: str, results: dict[str, Tensor], dtype: torch.dtype) -> None:
 # ------------------------------------------------------------------------------------------------ prefill
 def sparse_blocks(n_blocks: int, density: float, g: torch.Generator) -> Tensor:
     """``(1, H_q, n, n)`` bool: every query block reads the sink block, its diagonal and random earlier blocks,
-    ``max(1, round(density · (i + 1)))`` blocks in all for query block ``i``."""
+    ``max(2, round(density · (i + 1)))`` blocks in all for query block ``i > 0``."""
     i = torch.arange(n_blocks)
     causal = i[None, :] <= i[:, None]
     score = torch.rand(HQ, n_blocks, n_blocks, generator=g)
     score = torch.where(causal, score, torch.full_like(score, -1.0))
     score[:, :, 0] = 2.0  # the sink block
     score[:, i, i] = 3.0  # the diagonal
-    want = (density * (i + 1).double()).round().long().clamp_min(1)  # (n,)
+    want = torch.maximum((density * (i + 1).double()).round().long(), (i + 1).clamp(max=2))  # (n,)
     rank = score.argsort(-1, descending=True).argsort(-1)  # (H, n, n) rank of each key block in its row
     return ((rank < want[None, :, None]) & causal)[None]
 

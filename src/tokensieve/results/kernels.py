@@ -66,11 +66,12 @@ def kernel_summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "ms_q1": lo,
             "ms_q3": hi,
             "bytes_read": statistics.median(byts) if byts else None,
+            "kv_bytes": rs[0].get("kv_bytes"),  # the bytes the path's cache stores
             "stream_ms": stream,
             "bandwidth_gbs": (statistics.median(byts) / stream / 1e6) if byts and stream else None,
             "fraction_of_bound": (stream / med) if stream else None,
         }
-        for k in ("union_bytes", "selected_bytes", "density", "compile_s", "kv_bytes"):
+        for k in ("union_bytes", "selected_bytes", "pages_per_head", "row_min", "row_max", "density", "compile_s"):
             if k in e0:
                 entry[k] = e0[k]
         out.append(entry)
