@@ -27,8 +27,9 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["tokensieve", "bench", "--methods", args.methods]
     if args.budgets:
         parts += ["--budgets", args.budgets]
-    parts += ["--lengths", args.lengths]
-    parts += ["--batch-sizes", args.batch_sizes, "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
+    reps = args.reps if args.reps is not None else 3
+    parts += ["--lengths", args.lengths or "2048"]
+    parts += ["--batch-sizes", args.batch_sizes or "1", "--decode-tokens", str(args.decode_tokens), "--reps", str(reps)]
     parts += ["--threads", str(resolve_threads(args.threads))]
     if getattr(args, "chunk", None) is not None:
         parts += ["--chunk", str(args.chunk)]

@@ -224,8 +224,9 @@ def _flex_quest_kv(store: DenseKV, layer: DecodeLayer, method: Quest) -> Callabl
         top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices  # (B, H, k-1)
         pages = torch.cat([top, torch.full_like(top[..., :1], cur)], -1).repeat_interleave(HQ // HKV, 1)  # (B, Hq, k)
         num = torch.full((B, HQ, 1), k, dtype=torch.int32)
-        bm = BlockMask.from_kv_blocks(num, pages[:, :, None, :].to(torch.int32).contiguous(), BLOCK_SIZE=(1, P),
-                                      mask_mod=mask_mod, seq_lengths=(1, n))  # fmt: skip
+        ind = torch.zeros(B, HQ, 1, -(-n // P), dtype=torch.int32)  # (B, H_q, query blocks, key blocks)
+        ind[..., :k] = pages[:, :, None, :]  # the first `num` entries are read
+        bm = BlockMask.from_kv_blocks(num, ind, BLOCK_SIZE=(1, P), mask_mod=mask_mod, seq_lengths=(1, n))
         out = compiled(q, keys, values, block_mask=bm, scale=layer.scaling, enable_gqa=True)
         assert isinstance(out, Tensor)
         return out

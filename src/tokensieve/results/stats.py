@@ -221,6 +221,21 @@ def _median(rs: list[Row], f: str) -> float:
     return statistics.median(float(r[f]) for r in rs)
 
 
+def amdahl(base: Row, m: Row) -> Row:
+    """A prefill's speed-up against Amdahl's bound: ``prefill_speedup`` (the full cache's prefill seconds / this
+    one's), ``amdahl_bound`` (``1 / (1 − share)``, ``share`` = the full cache's attention seconds / its prefill
+    seconds: the speed-up if attention cost nothing) and ``of_amdahl`` (their ratio); NaN where the attention time
+    was not recorded."""
+    nan = float("nan")
+    full_s, attn_s, this_s = base.get("prefill_s"), base.get("prefill_attn_s"), m.get("prefill_s")
+    if not (full_s and this_s and attn_s is not None and math.isfinite(float(attn_s))):
+        return {"prefill_speedup": nan, "amdahl_bound": nan, "of_amdahl": nan}
+    share = float(attn_s) / float(full_s)
+    bound = 1.0 / (1.0 - share) if share < 1 else float("inf")
+    speedup = float(full_s) / float(this_s)
+    return {"prefill_speedup": speedup, "amdahl_bound": bound, "of_amdahl": speedup / bound}
+
+
 def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     """Medians per (configuration, length, batch) — ``compile_s``: the largest over repetitions — and ratios against
     the full cache of the same length and batch.
@@ -228,8 +243,9 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     Adds ``speedup`` (decode tok/s vs full), ``attn_ratio`` (full attention time / this one), ``kv_ratio``
     (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time),
     ``ttft_speedup`` (the full cache's time to first token / this one), ``prefill_attn_share`` (prefill attention
-    time / this configuration's prefill time) and ``ideal_speedup`` — the decode speed-up the bytes read per step
-    allow, from the measured bandwidth (weights + KV read, full vs this configuration).
+    time / this configuration's prefill time), ``ideal_speedup`` — the decode speed-up the bytes read per step
+    allow, from the measured bandwidth (weights + KV read, full vs this configuration) — and the prefill's speed-up
+    against Amdahl's bound (:func:`amdahl`).
     """
     rows = chunk_labelled(rows)
     buckets = group(rows, lambda r: (r["label"], r["length"], r["batch"]))
@@ -257,6 +273,7 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
             m["compress_share"] = m["compress_s"] / base["prefill_s"] if base["prefill_s"] else float("nan")
             m["ttft_speedup"] = base["ttft_s"] / m["ttft_s"] if m["ttft_s"] else float("nan")
             m["ideal_speedup"] = (weights + base["bytes_read"]) / (weights + m["bytes_read"])
+            m.update(amdahl(base, m))
         m["ideal_tok_s"] = batch / ((weights + m["bytes_read"]) / bw)
         out.append(m)
     return out
