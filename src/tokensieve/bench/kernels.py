@@ -221,12 +221,18 @@ def _flex_quest_kv(store: DenseKV, layer: DecodeLayer, method: Quest) -> Callabl
     def run(q: Tensor) -> Tensor:
         qg = q.view(B, HKV, HQ // HKV, D)
         bounds = page_bounds(qg, layer.state["meta"][..., :cur])
-        top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices  # (B, H, k-1)
-        pages = torch.cat([top, torch.full_like(top[..., :1], cur)], -1).repeat_interleave(HQ // HKV, 1)  # (B, Hq, k)
-        num = torch.full((B, HQ, 1), k, dtype=torch.int32)
-        ind = torch.zeros(B, HQ, 1, -(-n // P), dtype=torch.int32)  # (B, H_q, query blocks, key blocks)
-        ind[..., :k] = pages[:, :, None, :]  # the first `num` entries are read
-        bm = BlockMask.from_kv_blocks(num, ind, BLOCK_SIZE=(1, P), mask_mod=mask_mod, seq_lengths=(1, n))
+        top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices  # (B, H, k-1) complete pages
+        nb = -(-n // P)
+        # the complete pages are full blocks (no token mask), the current page a partial one (slots past n masked);
+        # torch 2.13's CPU template needs both tables (without full blocks its generated C++ does not compile)
+        full_num = torch.full((B, HQ, 1), k - 1, dtype=torch.int32)
+        full_ind = torch.zeros(B, HQ, 1, nb, dtype=torch.int32)  # (B, H_q, query blocks, key blocks)
+        full_ind[..., : k - 1] = top.repeat_interleave(HQ // HKV, 1)[:, :, None, :].to(torch.int32)
+        part_num = torch.ones(B, HQ, 1, dtype=torch.int32)
+        part_ind = torch.zeros(B, HQ, 1, nb, dtype=torch.int32)
+        part_ind[..., 0] = cur
+        bm = BlockMask.from_kv_blocks(part_num, part_ind, full_num, full_ind, BLOCK_SIZE=(1, P), mask_mod=mask_mod,
+                                      seq_lengths=(1, n))  # fmt: skip
         out = compiled(q, keys, values, block_mask=bm, scale=layer.scaling, enable_gqa=True)
         assert isinstance(out, Tensor)
         return out
@@ -383,8 +389,11 @@ def _ms(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _measure(paths: list[_Path], reps: int, with_stream: bool) -> dict[str, list[tuple[float, float | None]]]:
-    """``reps`` interleaved repetitions (rotated order): per path, (ms, ms of a streaming read of its bytes)."""
+def _measure(
+    paths: list[_Path], reps: int, with_stream: bool, warmup: int = WARMUP
+) -> dict[str, list[tuple[float, float | None]]]:
+    """``reps`` interleaved repetitions (rotated order) after ``warmup`` untimed calls of each: per path, (ms, ms of
+    a streaming read of its bytes)."""
     stream_buf = None
     sizes = sorted({p.bytes_read for p in paths if p.bytes_read > 0}) if with_stream else []
     if sizes:
@@ -393,7 +402,7 @@ def _measure(paths: list[_Path], reps: int, with_stream: bool) -> dict[str, list
     calls: list[tuple[str, Callable[[], Any]]] = [(p.name, p.fn) for p in paths if p.path != "stream"]
     calls += [(f"stream:{n}", fn) for n, fn in streams.items()]
     for _, fn in calls:
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name, _ in calls}
     for rep in range(reps):
@@ -497,7 +506,9 @@ def run_kernels(
             if progress is not None:
                 progress(f"prefill {length} {dtype_name}")
             paths = prefill_paths(cfg, length, dtype, g)
-            times = _measure(paths, cfg.prefill_repetitions, with_stream=False)
+            # no warm-up calls: a prefill is long (its first-call costs are small next to it) and the sparse path
+            # has already run once, untimed, to compile
+            times = _measure(paths, cfg.prefill_repetitions, with_stream=False, warmup=0)
             for p in paths:
                 for rep, (ms, _) in enumerate(times[p.name]):
                     emit(_row(cfg, p, length, 1, dtype_name, rep, ms, None))
