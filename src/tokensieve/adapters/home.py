@@ -11,7 +11,6 @@ from ..errors import ModelNotFoundError, UnknownNameError
 from ..paths import ENV_HOME, cache_home
 
 
-
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model tokensieve can provision by itself, from a package on PyPI."""

@@ -33,6 +33,7 @@ dated page.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import json
 import sys
@@ -120,7 +121,8 @@ class KernelConfig:
             raise ConfigError("repetitions >= 1 and threads >= 1 are required.")
         unknown = [p for p in self.paths if p not in DECODE_PATHS + PREFILL_PATHS]
         if unknown:
-            raise ConfigError(f"Unknown kernel path(s) {unknown}; choose among {', '.join(DECODE_PATHS + PREFILL_PATHS)}.")
+            known = ", ".join(DECODE_PATHS + PREFILL_PATHS)
+            raise ConfigError(f"Unknown kernel path(s) {unknown}; choose among {known}.")
         for b in self.backends:
             if b not in ("torch", "cpp"):
                 raise ConfigError(f"Unknown kernel backend {b!r}: torch and/or cpp.")
@@ -240,7 +242,6 @@ def _flex_quest_kv(store: DenseKV, layer: DecodeLayer, method: Quest) -> Callabl
     return run
 
 
-
 @dataclass
 class _Path:
     name: str  # label: path[backend]
@@ -294,7 +295,7 @@ def decode_paths(cfg: KernelConfig, length: int, batch: int, dtype: torch.dtype,
         method, layer = _quest(dense, group, cfg.page, cfg.budget, length, batch)
         results = {}
         for b in cfg.backends:
-            fn = _with_backend(b, lambda method=method, layer=layer: method.step(layer, q))
+            fn = _with_backend(b, functools.partial(method.step, layer, q))
             r0 = layer.run.bytes_read
             results[b] = fn()
             read = layer.run.bytes_read - r0
@@ -314,16 +315,29 @@ def decode_paths(cfg: KernelConfig, length: int, batch: int, dtype: torch.dtype,
                     compile_s = time.perf_counter() - t0
                     _agree(path, {"reference": next(iter(results.values())), name: got}, dtype)
                 except Exception as exc:  # a candidate that does not compile or run here is reported, not measured
-                    print(f"{path}[{name}] @ {length} x{batch} {dtype}: not measured "
-                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})",
+                    print(f"{path}[{name}] @ {length} x{batch} {dtype}: not measured ({_first_line(exc)})",
                           file=sys.stderr)  # fmt: skip
                     continue
                 read = out[-1].bytes_read
-                out.append(_Path(f"{path}[{name}]", path, name, lambda run=run: run(q), read, dense_bytes,
-                                 {"pages_per_head": out[-1].extra["pages_per_head"], "compile_s": compile_s}))
+                out.append(
+                    _Path(
+                        f"{path}[{name}]",
+                        path,
+                        name,
+                        functools.partial(run, q),
+                        read,
+                        dense_bytes,
+                        {"pages_per_head": out[-1].extra["pages_per_head"], "compile_s": compile_s},
+                    )
+                )
     if "stream" in want:
         out.append(_Path("stream", "stream", None, lambda: None, dense_bytes, dense_bytes))  # the stream is the path
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 def _agree(path: str, results: dict[str, Tensor], dtype: torch.dtype) -> None:
@@ -372,13 +386,12 @@ def prefill_paths(cfg: KernelConfig, length: int, dtype: torch.dtype, g: torch.G
         try:
             sparse()  # compiles (untimed)
         except Exception as exc:
-            print(f"prefill-sparse @ {length} {dtype}: not measured ({type(exc).__name__}: "
-                  f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})", file=sys.stderr)  # fmt: skip
+            print(f"prefill-sparse @ {length} {dtype}: not measured ({_first_line(exc)})", file=sys.stderr)
             return out
         compile_s = time.perf_counter() - t0
         density = (flex.STATS.selected_blocks - s0[0]) / max(1, flex.STATS.causal_blocks - s0[1])
-        out.append(_Path("prefill-sparse", "prefill-sparse", "flex", sparse, 0, 0,
-                         {"phase": "prefill", "density": density, "compile_s": compile_s, "block": cfg.block}))  # fmt: skip
+        extra = {"phase": "prefill", "density": density, "compile_s": compile_s, "block": cfg.block}
+        out.append(_Path("prefill-sparse", "prefill-sparse", "flex", sparse, 0, 0, extra))
     return out
 
 
@@ -394,11 +407,9 @@ def _measure(
 ) -> dict[str, list[tuple[float, float | None]]]:
     """``reps`` interleaved repetitions (rotated order) after ``warmup`` untimed calls of each: per path, (ms, ms of
     a streaming read of its bytes)."""
-    stream_buf = None
     sizes = sorted({p.bytes_read for p in paths if p.bytes_read > 0}) if with_stream else []
-    if sizes:
-        stream_buf = torch.ones(max(sizes) // 4 + 1, dtype=torch.float32)
-    streams = {n: (lambda n=n: stream_buf[: n // 4].sum()) for n in sizes}  # type: ignore[index]
+    buf = torch.ones(max(sizes) // 4 + 1 if sizes else 0, dtype=torch.float32)  # a streaming read: a sum
+    streams = {n: (lambda n=n: buf[: n // 4].sum()) for n in sizes}
     calls: list[tuple[str, Callable[[], Any]]] = [(p.name, p.fn) for p in paths if p.path != "stream"]
     calls += [(f"stream:{n}", fn) for n, fn in streams.items()]
     for _, fn in calls:
@@ -414,7 +425,6 @@ def _measure(
         st = times.get(f"stream:{p.bytes_read}")
         own = times[f"stream:{p.bytes_read}"] if p.path == "stream" else times[p.name]
         out[p.name] = [(own[i], st[i] if st else None) for i in range(reps)]
-    del stream_buf
     return out
 
 
@@ -477,8 +487,10 @@ def run_kernels(
     if store is not None:
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
         cells = len(cfg.lengths) * len(cfg.batch_sizes) * len(cfg.dtypes) + len(cfg.prefill_lengths) * len(cfg.dtypes)
-        run_id = store.start_run(tool="bench-kernels", command=command, config=config, model=MODEL,
-                                 version=__version__, threads=cfg.threads, cells=cells, todo=cells, info=info)  # fmt: skip
+        run_id = store.start_run(
+            tool="bench-kernels", command=command, config=config, model=MODEL, version=__version__,
+            threads=cfg.threads, cells=cells, todo=cells, info=info,
+        )  # fmt: skip
     rows: list[dict[str, Any]] = []
 
     def emit(row: dict[str, Any]) -> None:
@@ -573,5 +585,12 @@ def cmd_bench_kernels(args: Any) -> int:
     return 0
 
 
-__all__ = ["DECODE_PATHS", "KernelConfig", "PREFILL_PATHS", "adakv_lengths", "parse_length", "run_kernels",
-           "sparse_blocks"]  # fmt: skip
+__all__ = [
+    "DECODE_PATHS",
+    "PREFILL_PATHS",
+    "KernelConfig",
+    "adakv_lengths",
+    "parse_length",
+    "run_kernels",
+    "sparse_blocks",
+]  # fmt: skip

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention.dense import PLAIN, Modifiers, chunk_allowed, grouped_attention, window_allowed
 from ..attention import fused
+from ..attention.dense import PLAIN, Modifiers, chunk_allowed, grouped_attention, window_allowed
 from ..attention.ragged import paged_decode
 from .dense import _grow
 

@@ -75,7 +75,8 @@ def test_kernel_matches_definition(shared, dtype, with_bias):
             bias[torch.rand(N, P, generator=g) < 0.3] = float("-inf")  # empty slots
             bias[3] = float("-inf")  # a whole page of empty slots
         out, counts = fused.paged_attention(q, kp, vp, pages, scale, bias=bias)
-        assert out.dtype == dtype and out.shape == (R, G, D)
+        assert out.dtype == dtype
+        assert out.shape == (R, G, D)
         for r in range(R):
             union = pages[r][pages[r] >= 0].unique()
             assert int(counts[r]) == (union.numel() if not shared else int((pages[r] >= 0).sum()))
@@ -139,7 +140,7 @@ def _quest_reference(keys, values, q, n, P, k, per_head, scale):
             group = bounds.max(0).values
             for i in range(G):
                 score = bounds[i] if per_head else group
-                chosen = sorted(score.topk(k - 1).indices.tolist()) + [cur]
+                chosen = [*sorted(score.topk(k - 1).indices.tolist()), cur]
                 slots = [p * P + j for p in chosen for j in range(P) if p * P + j < n]
                 out[b, h * G + i] = _softmax_attend(qs[i], keys[b, h, slots], values[b, h, slots], scale)
     return out
@@ -238,7 +239,9 @@ def test_missing_compiler_message(monkeypatch, capsys):
     try:
         assert fused.kernels() is None
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "no C++ compiler found" in err[0] and "PyTorch kernels" in err[0]
+        assert len(err) == 1
+        assert "no C++ compiler found" in err[0]
+        assert "PyTorch kernels" in err[0]
         assert fused.backend() == "torch"
         assert capsys.readouterr().err == ""  # said once
         fused.set_backend("cpp")

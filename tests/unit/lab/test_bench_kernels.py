@@ -24,7 +24,9 @@ def eager_flex():
 
 
 def test_lengths_and_config_are_checked():
-    assert parse_length("8k") == 8192 and parse_length("32K") == 32768 and parse_length("100") == 100
+    assert parse_length("8k") == 8192
+    assert parse_length("32K") == 32768
+    assert parse_length("100") == 100
     with pytest.raises(ConfigError, match="8k"):
         parse_length("eight")
     with pytest.raises(ConfigError, match="float32 and/or bfloat16"):
@@ -44,13 +46,15 @@ def test_adakv_allocation_is_uneven_and_exact():
         for h in range(HKV):
             row = idx[b, h]
             kept = row[row >= 0]
-            assert kept.numel() == int(counts[b, h]) and bool((kept[1:] > kept[:-1]).all())  # ascending, distinct
+            assert kept.numel() == int(counts[b, h])
+            assert bool((kept[1:] > kept[:-1]).all())
 
 
 def test_sparse_prefill_blocks_keep_one_eighth_with_sink_and_diagonal():
     blocks = sparse_blocks(64, 0.125, torch.Generator().manual_seed(1))
     i = torch.arange(64)
-    assert bool(blocks[0, :, i, i].all()) and bool(blocks[0, :, :, 0].all())
+    assert bool(blocks[0, :, i, i].all())
+    assert bool(blocks[0, :, :, 0].all())
     assert not bool((blocks[0] & ~(i[None, :] <= i[:, None])).any())  # causal
     density = blocks.sum().item() / (blocks.shape[1] * 64 * 65 / 2)
     assert 0.11 < density < 0.16
@@ -62,7 +66,8 @@ def test_every_path_measured_with_its_bytes(tmp_path, eager_flex):
     with ResultStore(tmp_path / "k.sqlite") as store:
         rows, info = run_kernels(cfg, store=store)
         stored = store.rows("bench")
-    assert len(stored) == len(rows) and all(is_kernel(r) for r in stored)
+    assert len(stored) == len(rows)
+    assert all(is_kernel(r) for r in stored)
     assert len({r["key"] for r in stored}) == len(stored)
     summary = {(e["method"], e["batch"], e["dtype"]): e for e in kernel_summary(stored)}
     backends = info["backends"]
@@ -80,9 +85,12 @@ def test_every_path_measured_with_its_bytes(tmp_path, eager_flex):
                 assert kv["bytes_read"] < head["bytes_read"] <= head["selected_bytes"]  # the union, read once
                 assert head["union_bytes"] == head["bytes_read"]
                 for e in (ragged, head, kv):
-                    assert e["fraction_of_bound"] > 0 and e["stream_ms"] > 0
+                    assert e["fraction_of_bound"] > 0
+                    assert e["stream_ms"] > 0
         pre = summary[("prefill-sparse", 1, dtype)]
-        assert pre["phase"] == "prefill" and 0.1 < pre["density"] < 0.3 and pre["speedup_vs_dense"] > 0
+        assert pre["phase"] == "prefill"
+        assert 0.1 < pre["density"] < 0.3
+        assert pre["speedup_vs_dense"] > 0
 
 
 def test_cli_writes_json_and_refuses_kernel_flags_elsewhere(tmp_path, eager_flex, capsys):
@@ -92,7 +100,9 @@ def test_cli_writes_json_and_refuses_kernel_flags_elsewhere(tmp_path, eager_flex
                  "--threads", "1"]) == 0  # fmt: skip
     data = json.loads(out.read_text())
     methods = {r["method"] for r in data["rows"]}
-    assert "dense" in methods and "stream" in methods and any(m.startswith("quest-kv[") for m in methods)
+    assert "dense" in methods
+    assert "stream" in methods
+    assert any(m.startswith("quest-kv[") for m in methods)
     for r in data["rows"]:
         assert {"method", "length", "batch", "dtype", "ms", "bytes_read", "fraction_of_bound"} <= set(r)
     assert "quest-kv" in capsys.readouterr().out
