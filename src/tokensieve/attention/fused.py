@@ -176,6 +176,20 @@ def paged_attention(
     return out, counts
 
 
+def page_bounds(qg: Tensor, meta: Tensor, cur: int) -> Tensor:
+    """Quest's bounds of the first ``cur`` pages, as :func:`tokensieve.attention.sparse.page_bounds` computes them,
+    with the metadata read once (the C++ kernel where it is built, else that function): qg ``(B, H, G, D)``, meta
+    ``(B, H, 2D, pages)`` → ``(B, H, G, cur)`` in the metadata's dtype (accumulated in float32)."""
+    mod = kernels()
+    if mod is None:
+        from .sparse import page_bounds as torch_bounds
+
+        return torch_bounds(qg, meta[..., :cur])
+    B, H, G, D = qg.shape
+    out = mod.page_bounds(qg.reshape(B * H, G, D), meta.reshape(B * H, 2 * D, meta.shape[-1]), int(cur))
+    return out.view(B, H, G, cur)
+
+
 def owner_table(page_row: Tensor, rows: int) -> Tensor:
     """``(rows, 1, W)`` long: each row's pages in pool order (-1 past its last page), from ``page_row`` ``(N,)``
     (the row owning each page, -1 for a free page); linear time."""
@@ -192,4 +206,4 @@ def owner_table(page_row: Tensor, rows: int) -> Tensor:
     return table
 
 
-__all__ = ["ENV", "backend", "build_dir", "kernels", "owner_table", "paged_attention", "set_backend"]
+__all__ = ["ENV", "backend", "build_dir", "kernels", "owner_table", "page_bounds", "paged_attention", "set_backend"]

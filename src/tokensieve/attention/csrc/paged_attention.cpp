@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,11 +68,47 @@ inline const float* row_f32(const c10::BFloat16* src, float* buf, int64_t D) {
   return buf;
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
-  return acc;
+// Four dot products with one key row at once: the row is loaded once, four vector accumulators, one horizontal sum
+// each at the end (a dot product at a time is bound by its horizontal sums, not by memory).
+inline void dot4(const float* q0, const float* q1, const float* q2, const float* q3, const float* k, int64_t D,
+                 float* out) {
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t d = 0; d < D; ++d) {
+    const float kd = k[d];
+    a0 += q0[d] * kd;
+    a1 += q1[d] * kd;
+    a2 += q2[d] * kd;
+    a3 += q3[d] * kd;
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+// acc[0:W] += sum_j w[j] * V[j * D + 0:W] with the W accumulators held in registers across the rows.
+template <int W>
+inline void accumulate_block(float* acc, const float* w, const float* V, int64_t rows, int64_t D) {
+  float t[W];
+#pragma omp simd
+  for (int x = 0; x < W; ++x) t[x] = acc[x];
+  for (int64_t j = 0; j < rows; ++j) {
+    const float wj = w[j];
+    if (wj == 0.0f) continue;
+    const float* vr = V + j * D;
+#pragma omp simd
+    for (int x = 0; x < W; ++x) t[x] += wj * vr[x];
+  }
+#pragma omp simd
+  for (int x = 0; x < W; ++x) acc[x] = t[x];
+}
+
+inline void accumulate(float* acc, const float* w, const float* V, int64_t rows, int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) accumulate_block<64>(acc + d0, w, V + d0, rows, D);
+  for (; d0 + 16 <= D; d0 += 16) accumulate_block<16>(acc + d0, w, V + d0, rows, D);
+  for (; d0 < D; ++d0) accumulate_block<1>(acc + d0, w, V + d0, rows, D);
 }
 
 struct Lists {
@@ -170,7 +207,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
   const int64_t I = static_cast<int64_t>(item_row.size());
   std::vector<float> pm(I * G, NEG_INF), pl(I * G, 0.0f), pacc(I * G * D, 0.0f);
   at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(G * P), kbuf(D), vbuf(D);
+    std::vector<float> s(G * P), kbuf(D), vpage(std::is_same<T, float>::value ? 0 : P * D), dots(G + 4);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = item_row[it];
       const float* qr = q + r * G * D;
@@ -193,8 +230,14 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
             continue;
           }
           const float* kr = row_f32(K + j * D, kbuf.data(), D);
-          for (int64_t g = 0; g < G; ++g)
-            s[g * P + j] = ((sel >> g) & 1) ? dot(qr + g * D, kr, D) * scale + b : NEG_INF;
+          for (int64_t g0 = 0; g0 < G; g0 += 4) {  // four query heads at a time (the last block repeats one)
+            const float* q0 = qr + g0 * D;
+            const float* q1 = qr + std::min(g0 + 1, G - 1) * D;
+            const float* q2 = qr + std::min(g0 + 2, G - 1) * D;
+            const float* q3 = qr + std::min(g0 + 3, G - 1) * D;
+            dot4(q0, q1, q2, q3, kr, D, dots.data() + g0);
+          }
+          for (int64_t g = 0; g < G; ++g) s[g * P + j] = ((sel >> g) & 1) ? dots[g] * scale + b : NEG_INF;
         }
         bool any = false;
         for (int64_t g = 0; g < G; ++g) {
@@ -229,17 +272,15 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
           l[g] += sum;
         }
         if (!any) continue;
-        for (int64_t j = 0; j < jmax; ++j) {
-          const float* vr = nullptr;
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = s[g * P + j];
-            if (w == 0.0f) continue;
-            if (!vr) vr = row_f32(V + j * D, vbuf.data(), D);
-            float* ag = acc + g * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ag[d] += w * vr[d];
-          }
+        const float* Vf;
+        if constexpr (std::is_same<T, float>::value) {
+          Vf = reinterpret_cast<const float*>(V);
+        } else {
+          for (int64_t j = 0; j < jmax; ++j) row_f32(V + j * D, vpage.data() + j * D, D);
+          Vf = vpage.data();
         }
+        for (int64_t g = 0; g < G; ++g)
+          if ((sel >> g) & 1) accumulate(acc + g * D, s.data() + g * P, Vf, jmax, D);
       }
     }
   });
@@ -320,6 +361,103 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor kpages
   return {out.to(q.scalar_type()), counts};
 }
 
+namespace {
+
+// Quest's bounds: out[g, x] = sum_d relu(q_gd) * meta[d, x] + q_gd * meta[D + d, x]. Blocks of 64 pages x 4 query
+// heads are accumulated in registers down the 2D metadata rows, so each metadata value is read once and used by four
+// query heads (the accumulators never go through memory).
+inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const c10::BFloat16* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(float));
+  return f;
+}
+
+template <typename T, int W>
+inline void bounds_block(const float* c0, const float* c1, const float* c2, const float* c3, const T* meta,
+                         int64_t rows, int64_t sD, float* o0, float* o1, float* o2, float* o3) {
+  float t0[W] = {}, t1[W] = {}, t2[W] = {}, t3[W] = {};
+  for (int64_t dd = 0; dd < rows; ++dd) {
+    const T* mr = meta + dd * sD;
+    const float a0 = c0[dd], a1 = c1[dd], a2 = c2[dd], a3 = c3[dd];
+#pragma omp simd
+    for (int x = 0; x < W; ++x) {
+      const float m = load_f(mr, x);
+      t0[x] += a0 * m;
+      t1[x] += a1 * m;
+      t2[x] += a2 * m;
+      t3[x] += a3 * m;
+    }
+  }
+  for (int x = 0; x < W; ++x) {
+    o0[x] = t0[x];
+    o1[x] = t1[x];
+    o2[x] = t2[x];
+    o3[x] = t3[x];
+  }
+}
+
+template <typename T>
+void bounds_impl(const float* q, const T* meta, int64_t R, int64_t G, int64_t D, int64_t cur, int64_t sR, int64_t sD,
+                 float* out) {
+  constexpr int64_t CH = 256;
+  const int64_t nch = (cur + CH - 1) / CH;
+  const int64_t G4 = (G + 3) / 4 * 4;
+  at::parallel_for(0, R * nch, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> coef(G4 * 2 * D), tmp(G4 * CH);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / nch, c0 = (it % nch) * CH, n = std::min(CH, cur - c0);
+      const float* qr = q + r * G * D;
+      for (int64_t g = 0; g < G4; ++g)
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = qr[std::min(g, G - 1) * D + d];
+          coef[g * 2 * D + d] = std::max(v, 0.0f);
+          coef[g * 2 * D + D + d] = v;
+        }
+      const T* mb = meta + r * sR + c0;
+      for (int64_t g = 0; g < G4; g += 4) {
+        const float* cg = coef.data() + g * 2 * D;
+        float* tg = tmp.data() + g * CH;
+        int64_t x = 0;
+        for (; x + 64 <= n; x += 64)
+          bounds_block<T, 64>(cg, cg + 2 * D, cg + 4 * D, cg + 6 * D, mb + x, 2 * D, sD, tg + x, tg + CH + x,
+                              tg + 2 * CH + x, tg + 3 * CH + x);
+        for (; x < n; ++x)
+          bounds_block<T, 1>(cg, cg + 2 * D, cg + 4 * D, cg + 6 * D, mb + x, 2 * D, sD, tg + x, tg + CH + x,
+                             tg + 2 * CH + x, tg + 3 * CH + x);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        std::copy(tmp.data() + g * CH, tmp.data() + g * CH + n, out + (r * G + g) * cur + c0);
+    }
+  });
+}
+
+}  // namespace
+
+// q (R, G, D); meta (R, 2D, M) with rows [0, D) = M - m and [D, 2D) = m of each page's keys (last dim contiguous),
+// float32 or bfloat16; cur <= M -> (R, G, cur) Quest bounds of the first `cur` pages, in the metadata's dtype
+// (accumulated in float32).
+torch::Tensor page_bounds(torch::Tensor q, torch::Tensor meta, int64_t cur) {
+  TORCH_CHECK(q.dim() == 3 && meta.dim() == 3, "page_bounds: q (R, G, D), meta (R, 2D, M)");
+  TORCH_CHECK(meta.size(0) == q.size(0) && meta.size(1) == 2 * q.size(2), "page_bounds: meta must be (R, 2D, M)");
+  TORCH_CHECK(meta.stride(2) == 1, "page_bounds: the pages of meta must be contiguous");
+  TORCH_CHECK(cur >= 0 && cur <= meta.size(2), "page_bounds: cur past the pages");
+  const auto st = meta.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16, "page_bounds: float32 or bfloat16 metadata");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  const int64_t R = q.size(0), G = q.size(1), D = q.size(2);
+  auto out = torch::empty({R, G, cur}, qf.options());
+  if (cur == 0 || R == 0) return out;
+  if (st == torch::kFloat32)
+    bounds_impl<float>(qf.data_ptr<float>(), meta.data_ptr<float>(), R, G, D, cur, meta.stride(0), meta.stride(1),
+                       out.data_ptr<float>());
+  else
+    bounds_impl<c10::BFloat16>(qf.data_ptr<float>(), meta.data_ptr<c10::BFloat16>(), R, G, D, cur, meta.stride(0),
+                               meta.stride(1), out.data_ptr<float>());
+  return out.to(st);  // rounded as a matmul in the metadata's dtype rounds: the same pages are chosen
+}
+
 // page_row (N,) int64: the row owning each page (-1: free) -> (rows, 1, W) int64 table of each row's pages in pool
 // order, -1 past its pages (a counting sort: linear time).
 torch::Tensor owner_table(torch::Tensor page_row, int64_t rows) {
@@ -345,4 +483,5 @@ torch::Tensor owner_table(torch::Tensor page_row, int64_t rows) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "fused gather-and-attend decode attention over pages");
   m.def("owner_table", &owner_table, "each row's pages in pool order");
+  m.def("page_bounds", &page_bounds, "Quest's page bounds, the metadata read once");
 }

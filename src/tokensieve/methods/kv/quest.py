@@ -116,7 +116,7 @@ class Quest(DecodeMethod):
         B, Hq, _, D = q.shape
         H = base.shape[0] // B
         qg = q.view(B, H, Hq // H, D)
-        bounds = page_bounds(qg, layer.state["meta"][..., :cur])  # (B, H, G, cur): complete pages only
+        bounds = fused.page_bounds(qg, layer.state["meta"], cur)  # (B, H, G, cur): complete pages only
         if self.group == "per_head":
             if store.has_padding or store.has_bias:
                 return self._per_head(layer, q, bounds, cur, k, 0)
