@@ -223,7 +223,18 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
         const T* K = kp + pid * P * D;
         const T* V = vp + pid * P * D;
         const T* bp = bias ? bias + pid * P : nullptr;
+        // the next page's keys and values are fetched while this one is computed (pages are scattered in the pool,
+        // so the hardware prefetcher would restart at every page)
+        const T* nK = e + 1 < item_end[it] ? kp + lists.page[e + 1] * P * D : nullptr;
+        const T* nV = nK ? vp + lists.page[e + 1] * P * D : nullptr;
+        constexpr int64_t LINE = 64 / sizeof(T);
         for (int64_t j = 0; j < jmax; ++j) {
+          if (nK) {
+            for (int64_t d = 0; d < D; d += LINE) {
+              __builtin_prefetch(nK + j * D + d);
+              __builtin_prefetch(nV + j * D + d);
+            }
+          }
           const float b = bp ? to_float(bp[j]) : 0.0f;
           if (b == NEG_INF) {
             for (int64_t g = 0; g < G; ++g) s[g * P + j] = NEG_INF;
