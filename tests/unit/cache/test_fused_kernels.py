@@ -56,12 +56,15 @@ def _softmax_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kernel_matches_definition(shared, dtype, with_bias):
+@pytest.mark.parametrize("threads", [1, 3])  # several threads: rows split into chunks of pages, then combined
+def test_kernel_matches_definition(shared, dtype, with_bias, threads):
     _cpp_or_skip()
     previous = fused.set_backend("cpp")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(7)
-        R, G, D, P, N, W = 5, 4, 16, 8, 30, 6
+        R, G, D, P, N, W = 5, 4, 16, 8, 60, 40  # 40 pages per list: several chunks per row
         scale = D**-0.5
         q = torch.randn(R, G, D, generator=g).to(dtype)
         kp = torch.randn(N, P, D, generator=g).to(dtype)
@@ -91,6 +94,7 @@ def test_kernel_matches_definition(shared, dtype, with_bias):
                 torch.testing.assert_close(out[r, h].double(), want, atol=tol, rtol=tol)
     finally:
         fused.set_backend(previous)
+        torch.set_num_threads(before)
 
 
 def test_kernel_dense_layout_limit():
@@ -114,6 +118,16 @@ def test_kernel_dense_layout_limit():
                                            atol=1e-5, rtol=1e-5)  # fmt: skip
     finally:
         fused.set_backend(previous)
+
+
+def test_page_bounds_match_definition(backend):
+    g = torch.Generator().manual_seed(2)
+    B, H, G, D, pages, cur = 2, 3, 4, 16, 300, 290
+    qg = torch.randn(B, H, G, D, generator=g)
+    meta = torch.randn(B, H, 2 * D, pages, generator=g)
+    got = fused.page_bounds(qg, meta, cur)
+    want = (qg.double().clamp(min=0) @ meta[:, :, :D, :cur].double()) + qg.double() @ meta[:, :, D:, :cur].double()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
 
 
 def test_owner_table_lists_each_rows_pages_in_pool_order(backend):
