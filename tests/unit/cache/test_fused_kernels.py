@@ -57,14 +57,15 @@ def _softmax_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])  # several threads: rows split into chunks of pages, then combined
-def test_kernel_matches_definition(shared, dtype, with_bias, threads):
+@pytest.mark.parametrize("G", [3, 4, 6])  # query heads per KV head: blocks of four, a partial last block
+def test_kernel_matches_definition(shared, dtype, with_bias, threads, G):
     _cpp_or_skip()
     previous = fused.set_backend("cpp")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(7)
-        R, G, D, P, N, W = 5, 4, 16, 8, 60, 40  # 40 pages per list: several chunks per row
+        R, D, P, N, W = 5, 16, 8, 60, 40  # 40 pages per list: several chunks per row
         scale = D**-0.5
         q = torch.randn(R, G, D, generator=g).to(dtype)
         kp = torch.randn(N, P, D, generator=g).to(dtype)
