@@ -259,7 +259,8 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
             continue;
           }
           float mx = NEG_INF;
-          for (int64_t j = 0; j < jmax; ++j) mx = std::max(mx, sg[j]);
+#pragma omp simd reduction(max : mx)
+          for (int64_t j = 0; j < jmax; ++j) mx = sg[j] > mx ? sg[j] : mx;
           if (mx == NEG_INF) {
             std::fill(sg, sg + jmax, 0.0f);
             continue;
