@@ -529,6 +529,26 @@ def run_kernels(
     return rows, info
 
 
+def kernel_command(cfg: KernelConfig, args: Any) -> str:
+    """The command line that reproduces this run (recorded in the store, shown on the page)."""
+    import shlex
+
+    parts = ["tokensieve", "bench", "--kernels", "--lengths", ",".join(map(str, cfg.lengths)) or "none",
+             "--batch-sizes", ",".join(map(str, cfg.batch_sizes)), "--dtypes", ",".join(cfg.dtypes),
+             "--reps", str(cfg.repetitions), "--threads", str(cfg.threads),
+             "--prefill-lengths", ",".join(map(str, cfg.prefill_lengths)) or "none",
+             "--prefill-reps", str(cfg.prefill_repetitions)]  # fmt: skip
+    if args.paths:
+        parts += ["--paths", ",".join(cfg.paths)]
+    if cfg.compiled:
+        parts.append("--compiled")
+    for flag in ("store", "json", "report"):
+        value = getattr(args, flag, None)
+        if value:
+            parts += [f"--{flag}", str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def cmd_bench_kernels(args: Any) -> int:
     """``tokensieve bench --kernels`` (arguments: see :func:`tokensieve.bench.cli.add_commands`)."""
     from ..results.kernels import HEADER, kernel_blocks, kernel_cells
@@ -555,7 +575,7 @@ def cmd_bench_kernels(args: Any) -> int:
         report_dir = Path(args.report).expanduser()
         report_dir.mkdir(parents=True, exist_ok=True)
     store = ResultStore(args.store) if args.store else None
-    command = " ".join(["tokensieve", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("tokensieve") else ""
+    command = kernel_command(cfg, args)
     try:
         rows, info = run_kernels(cfg, store=store, command=command,
                                  progress=lambda s: print(f"[kernels] {s}", file=sys.stderr))  # fmt: skip
@@ -567,9 +587,9 @@ def cmd_bench_kernels(args: Any) -> int:
     print(text_table(HEADER, [kernel_cells(e) for e in summary]))
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps({"machine": info, "config": {k: list(v) if isinstance(v, tuple) else v
-                                                                    for k, v in cfg.__dict__.items()},
-                                        "rows": summary}, indent=1, default=str) + "\n")  # fmt: skip
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+        doc = {"command": command, "machine": info, "config": config, "rows": summary}
+        out_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         print(f"json: {out_json}", file=sys.stderr)
     if report_dir is not None:
         day = _dt.date.today().isoformat()

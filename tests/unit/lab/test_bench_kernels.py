@@ -99,6 +99,7 @@ def test_cli_writes_json_and_refuses_kernel_flags_elsewhere(tmp_path, eager_flex
                  "--prefill-lengths", "none", "--paths", "dense,quest-kv,stream", "--json", str(out),
                  "--threads", "1"]) == 0  # fmt: skip
     data = json.loads(out.read_text())
+    assert data["command"].startswith("tokensieve bench --kernels --lengths 128 --batch-sizes 1 --dtypes float32")
     methods = {r["method"] for r in data["rows"]}
     assert "dense" in methods
     assert "stream" in methods
