@@ -236,6 +236,28 @@ def amdahl(base: Row, m: Row) -> Row:
     return {"prefill_speedup": speedup, "amdahl_bound": bound, "of_amdahl": speedup / bound}
 
 
+def _sparse_prefill(row: Row) -> bool:
+    """Whether a stored row's prefill method is a sparse prefill attention method (it chooses key blocks)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    name = ((spec or {}).get("method") or {}).get("name") if isinstance(spec, dict) else None
+    if not name:  # a row without its spec (a run without a store): the prefill part of the label names the method
+        name = re.split(r"[\[:]", str(row.get("prefill") or ""), maxsplit=1)[0]
+    if not name:
+        return False
+    from ..errors import TokensieveError
+    from ..registry import get_method_class
+
+    try:
+        return hasattr(get_method_class(str(name)), "blocks")
+    except TokensieveError:
+        return False
+
+
 def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     """Medians per (configuration, length, batch) — ``compile_s``: the largest over repetitions — and ratios against
     the full cache of the same length and batch.
@@ -244,8 +266,8 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time),
     ``ttft_speedup`` (the full cache's time to first token / this one), ``prefill_attn_share`` (prefill attention
     time / this configuration's prefill time), ``ideal_speedup`` — the decode speed-up the bytes read per step
-    allow, from the measured bandwidth (weights + KV read, full vs this configuration) — and the prefill's speed-up
-    against Amdahl's bound (:func:`amdahl`).
+    allow, from the measured bandwidth (weights + KV read, full vs this configuration) — and, for a sparse prefill
+    method, the prefill's speed-up against Amdahl's bound (:func:`amdahl`).
     """
     rows = chunk_labelled(rows)
     buckets = group(rows, lambda r: (r["label"], r["length"], r["batch"]))
@@ -255,6 +277,7 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
         m["prefill_attn_share"] = m["prefill_attn_s"] / m["prefill_s"] if m["prefill_s"] else float("nan")
         m.update({"label": k[0], "length": k[1], "batch": k[2], "reps": len(rs)})
         m.update({f: rs[0][f] for f in ("method", "prefill", "budget", "decode", "decode_budget", "chunk")})
+        m["sparse_prefill"] = _sparse_prefill(rs[0])
         med[k] = m
     weights = float(info.get("weights_bytes", 0))
     bw = float(info.get("bandwidth", 0)) or float("nan")
@@ -273,7 +296,7 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
             m["compress_share"] = m["compress_s"] / base["prefill_s"] if base["prefill_s"] else float("nan")
             m["ttft_speedup"] = base["ttft_s"] / m["ttft_s"] if m["ttft_s"] else float("nan")
             m["ideal_speedup"] = (weights + base["bytes_read"]) / (weights + m["bytes_read"])
-            m.update(amdahl(base, m))
+            m.update(amdahl(base, m) if m["sparse_prefill"] else amdahl({}, {}))  # only a sparse prefill has one
         m["ideal_tok_s"] = batch / ((weights + m["bytes_read"]) / bw)
         out.append(m)
     return out

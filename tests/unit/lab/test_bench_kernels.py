@@ -111,3 +111,29 @@ def test_cli_writes_json_and_refuses_kernel_flags_elsewhere(tmp_path, eager_flex
     assert "--dtypes belongs to --kernels" in capsys.readouterr().err
     assert main(["bench", "--kernels", "--json", str(tmp_path), "--lengths", "128", "--prefill-lengths", "none"]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_whole_prefill_against_amdahls_bound():
+    """The speed summary's prefill speed-up over Amdahl's bound, for sparse prefill methods only."""
+    from tokensieve.results.stats import amdahl, speed
+
+    base = {"prefill_s": 10.0, "prefill_attn_s": 6.0}
+    got = amdahl(base, {"prefill_s": 5.0})
+    assert got["amdahl_bound"] == pytest.approx(2.5)
+    assert got["prefill_speedup"] == pytest.approx(2.0)
+    assert got["of_amdahl"] == pytest.approx(0.8)
+    common = {"length": 8192, "batch": 1, "rep": 0, "budget": "100%", "decode": None, "decode_budget": None,
+              "chunk": None, "compress_s": 0.0, "decode_s": 1.0, "steps": 2, "tok_s": 2.0, "attn_ms": 1.0,
+              "bytes_read": 1.0, "kv_bytes": 1, "alloc_bytes": 1, "meta_bytes": 0, "stored_entries": 1,
+              "prefill_peak_rss": 1, "decode_peak_rss": 1, "compile_s": 0.0}  # fmt: skip
+    rows = [
+        {**common, "label": "full", "method": "full", "prefill": "full", "prefill_s": 10.0, "ttft_s": 10.0,
+         "prefill_attn_s": 6.0},
+        {**common, "label": "ashape", "method": "ashape", "prefill": "ashape", "prefill_s": 5.0, "ttft_s": 5.0,
+         "prefill_attn_s": 1.0},
+        {**common, "label": "snapkv:0.25", "method": "snapkv", "prefill": "snapkv:0.25", "prefill_s": 11.0,
+         "ttft_s": 11.0, "prefill_attn_s": 6.0},
+    ]  # fmt: skip
+    by = {m["label"]: m for m in speed(rows, {"bandwidth": 1e10, "weights_bytes": 0})}
+    assert by["ashape"]["of_amdahl"] == pytest.approx(0.8)
+    assert by["snapkv:0.25"]["of_amdahl"] != by["snapkv:0.25"]["of_amdahl"]  # NaN: not a sparse prefill
