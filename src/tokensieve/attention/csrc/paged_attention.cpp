@@ -206,63 +206,76 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
   const int64_t I = static_cast<int64_t>(item_row.size());
   std::vector<float> pm(I * G, NEG_INF), pl(I * G, 0.0f), pacc(I * G * D, 0.0f);
   const int64_t dist = std::max<int64_t>(1, std::min<int64_t>(8, 65536 / (2 * P * D * int64_t(sizeof(T)))));
+  const int64_t GP = std::max<int64_t>(1, 64 / P), SP = GP * P;  // pages per softmax update, their slots
   at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(G * P), kbuf(D), vpage(std::is_same<T, float>::value ? 0 : P * D), dots(G + 4);
+    std::vector<float> s(G * SP), kbuf(D), vpage(std::is_same<T, float>::value ? 0 : P * D), dots(G + 4);
+    std::vector<int64_t> lens(GP);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = item_row[it];
       const float* qr = q + r * G * D;
       float* m = pm.data() + it * G;
       float* l = pl.data() + it * G;
       float* acc = pacc.data() + it * G * D;
-      for (int64_t e = item_begin[it]; e < item_end[it]; ++e) {
-        const int64_t pid = lists.page[e];
-        const uint64_t sel = lists.mask[e];
-        int64_t jmax = P;
-        if (per_row > 0) jmax = std::min<int64_t>(P, limit - (pid % per_row) * P);
-        if (jmax <= 0) continue;
-        const T* K = kp + pid * P * D;
-        const T* V = vp + pid * P * D;
-        const T* bp = bias ? bias + pid * P : nullptr;
-        // the keys and values of the page about 64 KB ahead are fetched while this one is computed (pages are
-        // scattered in the pool, so the hardware prefetcher would restart at every page)
-        const int64_t ahead = std::min(e + dist, item_end[it] - 1) > e ? std::min(e + dist, item_end[it] - 1) : -1;
-        const T* nK = ahead >= 0 ? kp + lists.page[ahead] * P * D : nullptr;
-        const T* nV = nK ? vp + lists.page[ahead] * P * D : nullptr;
-        constexpr int64_t LINE = 64 / sizeof(T);
-        for (int64_t j = 0; j < jmax; ++j) {
-          if (nK) {
-            for (int64_t d = 0; d < D; d += LINE) {
-              __builtin_prefetch(nK + j * D + d);
-              __builtin_prefetch(nV + j * D + d);
+      // pages are taken in groups of up to GP (64 slots): one softmax update per group, not per page
+      for (int64_t e0 = item_begin[it]; e0 < item_end[it]; e0 += GP) {
+        const int64_t ne = std::min(GP, item_end[it] - e0);
+        uint64_t group_sel = 0;
+        for (int64_t pi = 0; pi < ne; ++pi) {
+          const int64_t e = e0 + pi;
+          const int64_t pid = lists.page[e];
+          const uint64_t sel = lists.mask[e];
+          float* sp = s.data() + pi * P;  // this page's columns (row stride SP per query head)
+          int64_t jmax = P;
+          if (per_row > 0) jmax = std::max<int64_t>(0, std::min<int64_t>(P, limit - (pid % per_row) * P));
+          lens[pi] = jmax;
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t j = jmax; j < P; ++j) sp[g * SP + j] = NEG_INF;
+          if (jmax == 0) continue;
+          group_sel |= sel;
+          const T* K = kp + pid * P * D;
+          const T* bp = bias ? bias + pid * P : nullptr;
+          // the keys and values of the page about 64 KB ahead are fetched while this one is computed (pages are
+          // scattered in the pool, so the hardware prefetcher would restart at every page)
+          const int64_t ahead = std::min(e + dist, item_end[it] - 1) > e ? std::min(e + dist, item_end[it] - 1) : -1;
+          const T* nK = ahead >= 0 ? kp + lists.page[ahead] * P * D : nullptr;
+          const T* nV = nK ? vp + lists.page[ahead] * P * D : nullptr;
+          constexpr int64_t LINE = 64 / sizeof(T);
+          for (int64_t j = 0; j < jmax; ++j) {
+            if (nK) {
+              for (int64_t d = 0; d < D; d += LINE) {
+                __builtin_prefetch(nK + j * D + d);
+                __builtin_prefetch(nV + j * D + d);
+              }
             }
+            const float b = bp ? to_float(bp[j]) : 0.0f;
+            if (b == NEG_INF) {
+              for (int64_t g = 0; g < G; ++g) sp[g * SP + j] = NEG_INF;
+              continue;
+            }
+            const float* kr = row_f32(K + j * D, kbuf.data(), D);
+            for (int64_t g0 = 0; g0 < G; g0 += 4) {  // four query heads at a time (the last block repeats one)
+              const float* q0 = qr + g0 * D;
+              const float* q1 = qr + std::min(g0 + 1, G - 1) * D;
+              const float* q2 = qr + std::min(g0 + 2, G - 1) * D;
+              const float* q3 = qr + std::min(g0 + 3, G - 1) * D;
+              dot4(q0, q1, q2, q3, kr, D, dots.data() + g0);
+            }
+            for (int64_t g = 0; g < G; ++g) sp[g * SP + j] = ((sel >> g) & 1) ? dots[g] * scale + b : NEG_INF;
           }
-          const float b = bp ? to_float(bp[j]) : 0.0f;
-          if (b == NEG_INF) {
-            for (int64_t g = 0; g < G; ++g) s[g * P + j] = NEG_INF;
-            continue;
-          }
-          const float* kr = row_f32(K + j * D, kbuf.data(), D);
-          for (int64_t g0 = 0; g0 < G; g0 += 4) {  // four query heads at a time (the last block repeats one)
-            const float* q0 = qr + g0 * D;
-            const float* q1 = qr + std::min(g0 + 1, G - 1) * D;
-            const float* q2 = qr + std::min(g0 + 2, G - 1) * D;
-            const float* q3 = qr + std::min(g0 + 3, G - 1) * D;
-            dot4(q0, q1, q2, q3, kr, D, dots.data() + g0);
-          }
-          for (int64_t g = 0; g < G; ++g) s[g * P + j] = ((sel >> g) & 1) ? dots[g] * scale + b : NEG_INF;
         }
+        const int64_t n = ne * P;  // the group's columns (empty slots and unselected pages hold -inf)
         bool any = false;
         for (int64_t g = 0; g < G; ++g) {
-          float* sg = s.data() + g * P;
-          if (!((sel >> g) & 1)) {
-            std::fill(sg, sg + jmax, 0.0f);
+          float* sg = s.data() + g * SP;
+          if (!((group_sel >> g) & 1)) {
+            std::fill(sg, sg + n, 0.0f);
             continue;
           }
           float mx = NEG_INF;
 #pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < jmax; ++j) mx = sg[j] > mx ? sg[j] : mx;
+          for (int64_t j = 0; j < n; ++j) mx = sg[j] > mx ? sg[j] : mx;
           if (mx == NEG_INF) {
-            std::fill(sg, sg + jmax, 0.0f);
+            std::fill(sg, sg + n, 0.0f);
             continue;
           }
           any = true;
@@ -277,7 +290,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
           m[g] = mn;
           float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < jmax; ++j) {
+          for (int64_t j = 0; j < n; ++j) {
             const float e2 = exp_f(sg[j] - mn);
             sg[j] = e2;
             sum += e2;
@@ -285,15 +298,21 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
           l[g] += sum;
         }
         if (!any) continue;
-        const float* Vf;
-        if constexpr (std::is_same<T, float>::value) {
-          Vf = reinterpret_cast<const float*>(V);
-        } else {
-          for (int64_t j = 0; j < jmax; ++j) row_f32(V + j * D, vpage.data() + j * D, D);
-          Vf = vpage.data();
+        for (int64_t pi = 0; pi < ne; ++pi) {
+          const int64_t jmax = lens[pi];
+          const uint64_t sel = lists.mask[e0 + pi] & group_sel;
+          if (jmax == 0 || !sel) continue;
+          const T* V = vp + lists.page[e0 + pi] * P * D;
+          const float* Vf;
+          if constexpr (std::is_same<T, float>::value) {
+            Vf = reinterpret_cast<const float*>(V);
+          } else {
+            for (int64_t j = 0; j < jmax; ++j) row_f32(V + j * D, vpage.data() + j * D, D);
+            Vf = vpage.data();
+          }
+          for (int64_t g = 0; g < G; ++g)
+            if ((sel >> g) & 1) accumulate(acc + g * D, s.data() + g * SP + pi * P, Vf, jmax, D);
         }
-        for (int64_t g = 0; g < G; ++g)
-          if ((sel >> g) & 1) accumulate(acc + g * D, s.data() + g * P, Vf, jmax, D);
       }
     }
   });
