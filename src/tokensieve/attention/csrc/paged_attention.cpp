@@ -15,6 +15,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -72,6 +76,34 @@ inline const float* row_f32(const c10::BFloat16* src, float* buf, int64_t D) {
 // each at the end (a dot product at a time is bound by its horizontal sums, not by memory).
 inline void dot4(const float* q0, const float* q1, const float* q2, const float* q3, const float* k, int64_t D,
                  float* out) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {  // four accumulators, then their four sums at once (a transpose of sums, not four reductions)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 kd = _mm512_loadu_ps(k + d);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kd, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + d), kd, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + d), kd, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + d), kd, a3);
+    }
+    // 128-bit lanes: [a0 halves summed, a1 halves summed], then one lane per accumulator, then within lanes
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, w);
+    out[0] = tmp[0];
+    out[1] = tmp[4];
+    out[2] = tmp[8];
+    out[3] = tmp[12];
+    return;
+  }
+#endif
   float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t d = 0; d < D; ++d) {
