@@ -4,13 +4,11 @@ loaded here (:mod:`.models` loads them)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelNotFoundError, UnknownNameError
-
-ENV_HOME = "TOKENSIEVE_HOME"
+from ..paths import ENV_HOME, cache_home
 
 
 @dataclass(frozen=True)
@@ -46,16 +44,6 @@ ALIASES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_home() -> Path:
-    """Root of tokensieve's user cache: ``$TOKENSIEVE_HOME``, else ``$XDG_CACHE_HOME/tokensieve``."""
-    env = os.environ.get(ENV_HOME)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tokensieve"
 
 
 def embedded_name(name: str) -> str | None:

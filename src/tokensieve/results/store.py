@@ -613,3 +613,34 @@ def is_visual(row: Mapping[str, Any]) -> bool:
         except ValueError:
             return False
     return isinstance(spec, dict) and spec.get("kind") == VISUAL
+
+
+# ---------------------------------------------------------------------------------------------- kernel paths
+KERNEL = "kernel"  # the ``kind`` of a kernel measurement's ``spec`` JSON (``tokensieve bench --kernels``)
+
+
+def kernel_spec_dict(path: str, **params: Any) -> dict[str, Any]:
+    """What a kernel row measures: ``{"kind": "kernel", "path": ..., **params}`` (geometry, budget, page, backend)."""
+    return {"kind": KERNEL, "path": path, **params}
+
+
+def kernel_key(spec: Mapping[str, Any], **workload: Any) -> str:
+    """The key of a kernel measurement (length, batch, dtype, repetition, threads): the SHA-256 rule of
+    :meth:`tokensieve.spec.Spec.key` over its spec dict and the workload."""
+    if "spec" in workload:
+        raise ValueError("'spec' is reserved in a key's workload")
+    blob = json.dumps({"spec": dict(spec), **workload}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def is_kernel(row: Mapping[str, Any]) -> bool:
+    """Whether a stored row measures a kernel path on synthetic tensors (its ``spec`` JSON has ``"kind": "kernel"``)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        if KERNEL not in spec:
+            return False
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    return isinstance(spec, dict) and spec.get("kind") == KERNEL

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...attention import fused
 from ...attention.sparse import attend_pages, attend_slots, page_bounds, page_meta, write_page_meta
 from ...cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ...cache.storage import DenseKV, RowPaddedKV
@@ -115,13 +116,19 @@ class Quest(DecodeMethod):
         B, Hq, _, D = q.shape
         H = base.shape[0] // B
         qg = q.view(B, H, Hq // H, D)
-        bounds = page_bounds(qg, layer.state["meta"][..., :cur])  # (B, H, G, cur): complete pages only
+        bounds = fused.page_bounds(qg, layer.state["meta"], cur)  # (B, H, G, cur): complete pages only
         if self.group == "per_head":
             if store.has_padding or store.has_bias:
                 return self._per_head(layer, q, bounds, cur, k, 0)
             return self._per_head_pages(layer, q, bounds, cur, k)
         top = bounds.amax(2).topk(k - 1, dim=-1, sorted=False).indices.view(B * H, k - 1)
         torch.add(top, base, out=idx[:, : k - 1])  # the chosen pages; the current one sits in the last column
+        if not (store.has_padding or store.has_bias) and fused.kernels() is not None:  # pages read in place
+            kp, vp = store.pages(self.page)
+            out, _ = fused.paged_attention(q.view(B * H, Hq // H, D), kp, vp, idx.view(B * H, 1, k), layer.scaling,
+                                           per_row=store.capacity // self.page, limit=store.n)  # fmt: skip
+            run.bytes_read += read
+            return out.view(B, Hq, 1, D)
         if store.has_padding or store.has_bias:  # padding or merged entries: the general mask
             pages = idx.view(B, H, k) - base.view(B, H, 1)
             slots = (pages[..., None] * self.page + torch.arange(self.page, device=q.device)).view(B, H, -1)
@@ -172,13 +179,23 @@ class Quest(DecodeMethod):
 
     def _per_head_pages(self, layer: DecodeLayer, q: Tensor, bounds: Tensor, cur: int, k: int) -> Tensor:
         """``group="per_head"`` over whole pages, each page read once per KV head: every query head picks its top
-        pages; the union of its group's picks is gathered page by page (one ``index_select`` per K and V on the
-        page view) and one SDPA attends each query head to its own pages (a mask over the union). The same
-        attention as gathering every query head's pages separately, with fewer and larger copies."""
+        pages. With the fused kernels (:mod:`tokensieve.attention.fused`) the union of the group's picks is read in
+        place; otherwise it is gathered page by page (one ``index_select`` per K and V on the page view) and one
+        SDPA attends each query head to its own pages (a mask over the union). The same attention as gathering every
+        query head's pages separately, with fewer and larger copies."""
         store, run, P = layer.store, layer.run, self.page
         B, H, G, _ = bounds.shape
         D = q.shape[-1]
         top = bounds.topk(k - 1, dim=-1, sorted=False).indices  # (B, H, G, k-1) complete pages
+        per_row_head = store.entry_bytes(1) // (store.keys.shape[0] * store.keys.shape[1])  # one entry of one row
+        per_row = store.capacity // P
+        if fused.kernels() is not None:  # the union of the group's pages read in place, each page once
+            pages = torch.cat([top, torch.full_like(top[..., :1], cur)], -1)  # (B, H, G, k): + the current page
+            pages += (torch.arange(B * H, device=q.device) * per_row).view(B, H, 1, 1)
+            out, counts = fused.paged_attention(q.view(B * H, G, D), *store.pages(P), pages.view(B * H, G, k),
+                                                layer.scaling, per_row=per_row, limit=store.n)  # fmt: skip
+            run.bytes_read += per_row_head * (int(counts.sum()) * P + B * H * cur)  # distinct pages + metadata
+            return out.reshape(B, H * G, 1, D)
         chosen = torch.zeros(B, H, G, cur + 1, dtype=torch.bool, device=q.device)
         chosen.scatter_(3, top, True)
         chosen[..., cur] = True  # the current (possibly partial) page, for every query head
@@ -190,12 +207,10 @@ class Quest(DecodeMethod):
         picked &= (torch.arange(U, device=q.device) < counts[..., None])[:, :, None, :]  # padding of the union
         slots = order[..., None] * P + torch.arange(P, device=q.device)  # (B, H, U, P)
         mask = (picked[..., None] & (slots < store.n)[:, :, None]).view(B, H, G, U * P)  # partial current page
-        per_row = store.capacity // P
         flat = (torch.arange(B * H, device=q.device)[:, None] * per_row + order.view(B * H, U)).view(-1)
         kp, vp = store.pages(P)
         K = kp.index_select(0, flat).view(B, H, U * P, D)
         V = vp.index_select(0, flat).view(B, H, U * P, D)
-        per_row_head = store.entry_bytes(1) // (store.keys.shape[0] * store.keys.shape[1])  # one entry of one row
         run.bytes_read += per_row_head * (int(counts.sum()) * P + B * H * cur)  # distinct pages + metadata
         out = F.scaled_dot_product_attention(q.view(B, H, G, D), K, V, attn_mask=mask, scale=layer.scaling)
         return out.reshape(B, H * G, 1, D)
