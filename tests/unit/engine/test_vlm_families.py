@@ -125,3 +125,18 @@ def test_qwen2_5_vl_shares_the_qwen2_vl_adapter() -> None:
         batch = ad.prefill(inp, spec)
         for b, one in enumerate(singles):
             torch.testing.assert_close(batch.logits[b : b + 1], ad.prefill(one, spec).logits, atol=ATOL, rtol=0)
+
+
+def test_the_readme_vlm_calls() -> None:
+    """README's VLM example (a visual-token method and a KV method in one spec, then prefill and decode) on a tiny
+    LLaVA: the visual tokens are pruned to the budget, and the answer is four tokens, the same on a second run."""
+    import tokensieve as ts
+
+    model = vt.llava()
+    enc = vt.llava_inputs([3], [1])
+    press = ts.compress(model, "todre:0.25/snapkv[window=2]:0.5")
+    ctx = press.prefill(enc)
+    assert ctx.visual_tokens["projector"] == [4]  # 1/4 of the image's 16 patch tokens
+    out = press.decode(ctx, 4).tokens
+    again = press.decode(press.prefill(enc), 4).tokens
+    assert len(out[0]) == 4 and out == again
