@@ -139,4 +139,5 @@ def test_the_readme_vlm_calls() -> None:
     assert ctx.visual_tokens["projector"] == [4]  # 1/4 of the image's 16 patch tokens
     out = press.decode(ctx, 4).tokens
     again = press.decode(press.prefill(enc), 4).tokens
-    assert len(out[0]) == 4 and out == again
+    assert len(out[0]) == 4
+    assert out == again
