@@ -206,7 +206,7 @@ def test_dry_run_measures_nothing(tiny_model, tmp_path):
         (["eval", "--methods", "snapkv[window=8"], "expected ']' or ','"),
         (["eval", "--methods", "full+snapkv"], "does not act during decode"),
         (["eval", "--budgets", "2.0"], "(0, 1]"),
-        (["eval", "--modes", "both"], "Unknown mode"),
+        (["eval", "--modes", "sideways"], "Unknown mode"),
         (["eval", "missing-grid.toml"], "does not exist"),
         (["report", "missing.sqlite"], "No results store"),
     ],
