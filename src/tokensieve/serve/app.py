@@ -412,27 +412,25 @@ def create_app(
         obj = "chat.completion" if chat else "text_completion"
         if stream:
             return StreamingResponse(
-                _sse(job, events, rid, created, engine.model_name, chat, include_usage),
+                _watched(request, job, events, _sse(job, events, rid, created, engine.model_name, chat, include_usage)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         parts: list[str] = []
         done: Done | None = None
         try:
-            while done is None:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # nobody to answer: free the cache
+            async with _watch_disconnect(request, job, events.put_nowait):
+                while done is None:
+                    event = await events.get()
+                    if event is _GONE:  # nobody to answer: the job is cancelled, its cache freed at the next step
                         return JSONResponse(error_body("The client disconnected.", 499), status_code=499)
-                    continue
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                elif isinstance(event, Failed):
-                    return JSONResponse(error_body(event.message, event.status, code=event.code),
-                                        status_code=event.status)  # fmt: skip
-                else:
-                    done = event
+                    if isinstance(event, Delta):
+                        parts.append(event.text)
+                    elif isinstance(event, Failed):
+                        return JSONResponse(error_body(event.message, event.status, code=event.code),
+                                            status_code=event.status)  # fmt: skip
+                    else:
+                        done = event
         finally:
             if done is None:
                 job.cancel()
@@ -518,6 +516,43 @@ def create_app(
     return app
 
 
+_GONE: Any = object()  # put in a request's event queue when its client disconnects
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Any, job: Job, notify: Any) -> AsyncIterator[None]:
+    """While an answer is generated, wait for the client's disconnect message (its body was read, so the next ASGI
+    message is the disconnect): cancel the job at once — the scheduler frees its cache or its prefill at its next
+    step — and ``notify(_GONE)`` so the handler stops waiting for events."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                job.cancel()
+                notify(_GONE)
+                return
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _watched(request: Any, job: Job, events: Any, body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A streamed answer whose client is watched for a disconnect while it waits for tokens (a long prefill sends
+    nothing): the stream then ends and the job is cancelled."""
+    async with _watch_disconnect(request, job, events.put_nowait):
+        try:
+            async for part in body:
+                yield part
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+
+
 def _usage(done: Done) -> dict[str, int]:
     return {
         "prompt_tokens": done.prompt_tokens,
@@ -550,6 +585,8 @@ async def _sse(
             yield chunk(None, first=True)
         while True:
             event = await events.get()
+            if event is _GONE:
+                return
             if isinstance(event, Delta):
                 yield chunk(event.text)
             elif isinstance(event, Failed):

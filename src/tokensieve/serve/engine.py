@@ -49,6 +49,10 @@ from ..errors import ConfigError, TokensieveError
 from ..spec import Spec
 from .batching import decode_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
+from .staging import PrefixCache, Staged, needs_record, staging_refusal
+
+
+MIN_PREFILL_TOKENS = 16  # prompt tokens a step prefills however many sequences it decodes
 
 
 class RequestError(TokensieveError):
@@ -170,6 +174,9 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     deadline: float | None = None  # time.monotonic() after which the job is stopped (set when admitted)
+    stage: bool = False  # prefilled in chunks across steps (and from stored prefix blocks); else in one pass
+    staged: Staged | None = None  # the prefill under way
+    reused: int = 0  # prompt tokens taken from stored prefix blocks
 
     def cancel(self) -> None:
         """The client went away: the scheduler drops the job and frees its cache at its next iteration."""
@@ -192,6 +199,9 @@ class Counters:
     cancelled: int = 0
     peak_held: int = 0  # most KV bytes held at once (running sequences and stored contexts)
     peak_request_bytes: int = 0  # most KV bytes one request held
+    prefill_chunks: int = 0  # forward passes of prompts prefilled in chunks across steps
+    prefix_hit_tokens: int = 0  # prompt tokens taken from stored prefix blocks instead of computed
+    prefix_blocks_evicted: int = 0
 
 
 class Engine:
@@ -210,6 +220,14 @@ class Engine:
         max_tokens: default ``max_tokens`` of a request that gives none.
         limits: the other limits of a request and of stored contexts (default :class:`Limits`).
         allowed_methods: method names a request's spec may use (nested ones included); None: every registered one.
+        step_tokens: the token budget of one scheduler step, shared by the running sequences' decode rows (one token
+            each) and the prompts being prefilled (the rest, at least :data:`MIN_PREFILL_TOKENS`): a longer prompt is
+            prefilled a chunk per step, interleaved with decoding (:mod:`~tokensieve.serve.staging`). None or 0:
+            every prompt is prefilled in one pass when it is admitted.
+        prefix_cache: reuse stored prompt prefixes (blocks of ``prefix_block`` tokens) instead of recomputing them.
+        prefix_block: tokens per stored prefix block.
+        prefix_memory: most bytes the stored prefix blocks hold (default: half the KV budget); they share the KV
+            budget and are evicted, least recently used first, whenever a request needs the room.
     """
 
     def __init__(
@@ -225,6 +243,10 @@ class Engine:
         max_tokens: int = 256,
         limits: Limits | None = None,
         allowed_methods: set[str] | None = None,
+        step_tokens: int | None = 256,
+        prefix_cache: bool = True,
+        prefix_block: int = 32,
+        prefix_memory: int | str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = text_tokenizer(tokenizer)  # a processor's call would read text as images (URLs, paths)
@@ -233,12 +255,21 @@ class Engine:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1; got {max_batch!r}.")
         self.max_batch = max_batch
+        if step_tokens is not None and (isinstance(step_tokens, bool) or not isinstance(step_tokens, int)
+                                        or step_tokens < 0):  # fmt: skip
+            raise ConfigError(f"step_tokens must be a whole number >= 0 (0: no chunked prefill); got {step_tokens!r}.")
+        self.step_tokens: int | None = step_tokens or None
+        if isinstance(prefix_block, bool) or not isinstance(prefix_block, int) or prefix_block < 1:
+            raise ConfigError(f"prefix_block must be a whole number of tokens >= 1; got {prefix_block!r}.")
         self.limits = limits if limits is not None else Limits()
         self.kv_memory: int = default_kv_memory() if kv_memory is None else parse_bytes(kv_memory)
         self.context_limit = self.shape.max_positions or 10**9
         self.max_prompt_tokens = min(max_prompt_tokens or self.context_limit, self.context_limit)
         self.max_prompt_chars = self.limits.max_prompt_chars or CHARS_PER_TOKEN * self.max_prompt_tokens
         self.context_memory = min(self.limits.context_memory or self.kv_memory // 2, self.kv_memory)
+        self.prefix: PrefixCache | None = PrefixCache(prefix_block) if prefix_cache else None
+        self.prefix_memory = min(self.kv_memory // 2 if prefix_memory is None else parse_bytes(prefix_memory),
+                                 self.kv_memory)  # fmt: skip
         self.allowed_methods = None if allowed_methods is None else {m.strip().lower() for m in allowed_methods}
         self.default_max_tokens = max_tokens
         specials = special_token_texts(tokenizer)
@@ -246,6 +277,9 @@ class Engine:
         dtype = next(model.parameters()).dtype
         s = self.shape
         self.token_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * dtype.itemsize  # K and V, every layer
+        # what a recorded staged prefill holds per token besides its keys and values: queries and hidden states
+        hidden = s.hidden_size or int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
+        self.record_bytes = s.num_layers * (s.num_q_heads * s.head_dim + hidden) * dtype.itemsize
         self.eos = _eos_ids(model, tokenizer)
         self._presses: dict[str, Compressor] = {}
         self._press_lock = threading.Lock()
@@ -255,6 +289,7 @@ class Engine:
         self._inbox: collections.deque[Job] = collections.deque()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
+        self._prefilling: list[Job] = []  # admitted, memory reserved, prompt not (wholly) in yet; FCFS
         self._lock = threading.Lock()  # guards inbox, contexts (for readers) and the gauges
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -512,6 +547,7 @@ class Engine:
             return {
                 "queue_length": len(self._waiting) + len(self._inbox),
                 "running": len(self._running),
+                "prefilling": len(self._prefilling),
                 "kv_bytes_in_use": self.kv_in_use,
                 "kv_bytes_reserved": self.reserved_jobs + ctx_bytes,
                 "kv_bytes_budget": self.kv_memory,
@@ -524,7 +560,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                if not self._stop and not self._inbox and not self._waiting and not self._running:
+                if not (self._stop or self._inbox or self._waiting or self._running or self._prefilling):
                     self._wake.wait(timeout=1.0)
                 if self._stop:
                     break
@@ -532,54 +568,85 @@ class Engine:
                 self._inbox.clear()
             try:
                 self._expire_contexts()
-                if not self._waiting and not self._running:
+                if not self._waiting and not self._running and not self._prefilling:
                     continue
                 self._drop_cancelled()
                 self._admit()
+                self._prefill_some(self._prefill_room())
                 self._step()
             except Exception as exc:  # never die: what cannot be told apart fails, the server keeps serving
                 self._fail_all(f"Internal error while generating: {type(exc).__name__}: {exc}")
             self._update_gauges()
-        for job in [*self._running, *self._waiting, *self._inbox]:
+        for job in [*self._running, *self._prefilling, *self._waiting, *self._inbox]:
             self._emit(job, Failed("The server is shutting down.", 503))
 
     def _held(self) -> int:
         with self._lock:  # a handler thread may delete a context meanwhile
-            return self.reserved_jobs + sum(c.bytes for c in self.contexts.values())
+            prefix = self.prefix.bytes if self.prefix is not None else 0
+            return self.reserved_jobs + sum(c.bytes for c in self.contexts.values()) + prefix
 
     def _update_gauges(self) -> None:
         with self._lock:
             caches = [j.ctx.cache for j in self._running if j.ctx is not None]
             caches += [c.ctx.cache for c in self.contexts.values()]
-            self.kv_in_use = sum(c.kv_bytes() for c in caches)
+            staging = sum(j.staged.nbytes() for j in self._prefilling if j.staged is not None)
+            prefix = self.prefix.bytes if self.prefix is not None else 0
+            self.kv_in_use = sum(c.kv_bytes() for c in caches) + staging + prefix
 
     def _drop_cancelled(self) -> None:
+        """Forget every job whose client went away (checked once per step): a running or prefilling job's cache and
+        its reservation are freed now."""
         for job in [j for j in self._waiting if j.cancelled]:
             self._waiting.remove(job)
             self.counters.cancelled += 1
-        for job in [j for j in self._running if j.cancelled]:
+        for job in [j for j in (*self._running, *self._prefilling) if j.cancelled]:
             self._leave(job)
             self.counters.cancelled += 1
 
     def _leave(self, job: Job) -> None:
+        """A job leaves the batch (or its prefill): its cache, staging and reservation are freed."""
         with self._lock:
-            self._running.remove(job)
+            if job in self._running:
+                self._running.remove(job)
+            if job in self._prefilling:
+                self._prefilling.remove(job)
             self.reserved_jobs -= job.reserved
         job.reserved = 0
         job.ctx = None  # the cache is freed with its last reference
+        job.staged = None
 
-    def _fits(self, need: int, keep: str | None) -> bool:
-        """Whether ``need`` more bytes fit, evicting least recently used contexts (except ``keep``) if needed."""
+    def _hold(self, job: Job, nbytes: int) -> None:
+        """Set the bytes a job holds (its reservation while it is prefilled, its cache's bytes after)."""
+        with self._lock:
+            self.reserved_jobs += nbytes - job.reserved
+        job.reserved = nbytes
+        self.counters.peak_held = max(self.counters.peak_held, self._held())
+
+    def _fits(self, need: int, keep: str | None, *, contexts: bool = True) -> bool:
+        """Whether ``need`` more bytes fit, evicting least recently used prefix blocks, then (``contexts``) least
+        recently used stored contexts (except ``keep``), as needed."""
         evicted = 0
         try:
             while self._held() + need > self.kv_memory:
-                if not self._evict_one(keep):
+                if self._evict_prefix():
+                    evicted += 1
+                    continue
+                if not contexts or not self._evict_one(keep):
                     return False
                 evicted += 1
             return True
         finally:
             if evicted:
                 release_memory()
+
+    def _evict_prefix(self) -> bool:
+        if self.prefix is None:
+            return False
+        with self._lock:
+            gone = self.prefix.evict_one()
+        if gone:
+            self.counters.prefix_blocks_evicted += 1
+        return gone
 
     def _evict_one(self, keep: str | None) -> bool:
         """Evict the least recently used stored context other than ``keep``; False when there is none."""
@@ -623,7 +690,9 @@ class Engine:
             release_memory()
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_batch:
+        """Admit jobs from the head of the queue while their KV bytes fit: their memory is reserved now and their
+        prompt is prefilled by the next steps (:meth:`_prefill_some`)."""
+        while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
             job = self._waiting[0]
             if job.context_id is not None and job.context_id not in self.contexts:
                 self._waiting.popleft()
@@ -631,27 +700,117 @@ class Engine:
                 continue
             need = self.estimate(job)
             if not self._fits(need, job.context_id):
-                if not self._running:  # nothing will free memory: it cannot run now
+                if not self._running and not self._prefilling:  # nothing will free memory: it cannot run now
                     self._waiting.popleft()
                     self._reject(job, "Not enough KV memory for this request.", 503)
                     continue
                 return  # wait for running sequences to finish
             self._waiting.popleft()
             job.deadline = time.monotonic() + self.limits.request_timeout
+            job.stage = False
+            if self._stageable(job):
+                workspace = self._workspace(job)
+                # staging is taken when its workspace fits beside what is held (prefix blocks may be evicted for
+                # it, stored contexts are not); else the prompt is prefilled in one pass, as without chunking
+                if workspace <= need or self._fits(workspace, job.context_id, contexts=False):
+                    job.stage = True
+                    need = max(need, workspace)
+            with self._lock:
+                self._prefilling.append(job)
+            self._hold(job, need)
+
+    def _stageable(self, job: Job) -> bool:
+        """Whether a job's prompt can be prefilled in chunks across steps and from stored prefix blocks: a plain
+        prompt (not a document to store, not a question on a stored context) of a spec whose prefill does not
+        change the forward pass (:func:`~tokensieve.serve.staging.staging_refusal`), on a server that chunks or
+        reuses prefixes."""
+        if job.kind != "generate" or job.context_id is not None:
+            return False
+        if self.step_tokens is None and self.prefix is None:
+            return False
+        return staging_refusal(job.press) is None
+
+    def _workspace(self, job: Job) -> int:
+        """Bytes a staged prefill holds until its last chunk: the prompt's keys and values uncompressed (with the
+        answer's headroom when they become its cache), plus, for a spec that compresses, every layer's queries and
+        hidden states, and the compressed cache built from them."""
+        n = len(job.ids)
+        if not needs_record(job.press):
+            return (n + job.max_tokens) * self.token_bytes
+        return n * (self.token_bytes + self.record_bytes) + self.estimate(job)
+
+    def _prefill_room(self) -> int | None:
+        """Prompt tokens this step may prefill: the step's token budget less one per running sequence, at least
+        :data:`MIN_PREFILL_TOKENS` (None: no limit)."""
+        if self.step_tokens is None:
+            return None
+        return max(self.step_tokens - len(self._running), min(MIN_PREFILL_TOKENS, self.step_tokens))
+
+    def _prefill_some(self, room: int | None) -> None:
+        """Prefill admitted jobs, first come first served, within ``room`` tokens (None: each wholly, in one go). A
+        staged prompt takes what room is left as its next chunk; a prompt prefilled in one pass goes when it fits
+        the room, or when it is first in line (so it cannot starve). A job that fails, fails alone."""
+        spent = 0
+        now = time.monotonic()
+        for job in list(self._prefilling):
+            if room is not None and spent >= room:
+                break
+            if job.cancelled:
+                continue
+            if job.deadline is not None and now > job.deadline:
+                self._fail(job, _time_limit_error(self.limits.request_timeout))
+                continue
+            left = None if room is None else room - spent
             try:
                 with self._time_limit(job):
-                    self._prefill(job)
+                    ran = self._advance(job, left, first=spent == 0)
             except TokensieveError as exc:
                 self._drop(job)
                 self._reject(job, str(exc), getattr(exc, "status", 400), getattr(exc, "code", None))
+                continue
             except Exception as exc:  # this request failed; the others keep running
                 self._drop(job)
                 self._reject(job, f"Internal error while prefilling: {type(exc).__name__}: {exc}", 500)
+                continue
+            if ran is None:
+                break  # it waits for a step where it is first: later jobs wait behind it
+            spent += ran
+
+    def _advance(self, job: Job, room: int | None, *, first: bool) -> int | None:
+        """Prefill (part of) one job's prompt within ``room`` tokens; returns the tokens run (None: not now)."""
+        if not job.stage:
+            n = len(job.ids)
+            if room is not None and n > room and not first:
+                return None
+            self._prefill(job)
+            return n
+        if job.staged is None:
+            prefix = self.prefix.match(job.ids, queries=needs_record(job.press)) if self.prefix is not None else []
+            job.staged = Staged(self.model, job.press, job.ids, job.max_tokens, prefix)
+            job.reused = job.staged.reused
+            self.counters.prefix_hit_tokens += job.reused
+        staged = job.staged
+        ran = staged.advance(staged.remaining if room is None else room)
+        self.counters.prefill_chunks += 1
+        if staged.finished:
+            if self.prefix is not None:
+                keys, values, queries, hidden = staged.tensors()
+                with self._lock:
+                    free = self.kv_memory - (self.reserved_jobs + sum(c.bytes for c in self.contexts.values()))
+                    limit = min(self.prefix_memory, free)  # the blocks fit beside what is held
+                    self.prefix.insert(job.ids, keys, values, queries, hidden, limit=limit)
+                self.counters.peak_held = max(self.counters.peak_held, self._held())
+            ctx = staged.finish()
+            job.staged = None
+            job.prompt_tokens = len(job.ids)
+            self.counters.prefills += 1
+            self.counters.prompt_tokens += len(job.ids)
+            self._start(job, ctx)
+        return ran
 
     def _drop(self, job: Job) -> None:
-        """Forget a job that failed while it was admitted (its cache, if any, is freed)."""
-        if job in self._running:
-            self._leave(job)
+        """Forget a job that failed while it was admitted (its cache or staging, if any, is freed)."""
+        self._leave(job)
         job.ctx = None
 
     @contextlib.contextmanager
@@ -683,6 +842,8 @@ class Engine:
             job.cancelled = True
 
     def _prefill(self, job: Job) -> None:
+        """Prefill a job's prompt in one pass: a document to store, a question on a fork of a stored context, or a
+        prompt that is not staged."""
         press = job.press
         if job.kind == "context":
             ids = torch.tensor([job.ids], dtype=torch.long)
@@ -690,6 +851,7 @@ class Engine:
             now = time.time()
             cid = f"ctx-{uuid.uuid4().hex[:16]}"
             stored = StoredContext(cid, job.document, job.mode, press, ctx, list(job.ids), now, now)
+            self._leave(job)  # its reservation becomes the stored context's bytes
             with self._lock:
                 self.contexts[stored.id] = stored
             self._limit_contexts(stored.id)
@@ -720,18 +882,22 @@ class Engine:
             job.prompt_tokens = len(job.ids)
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(job.ids)
+        self._start(job, ctx)
+
+    def _start(self, job: Job, ctx: CachedContext) -> None:
+        """A job's prompt is in: it holds its cache's real bytes from now on and joins the decode batch."""
         job.ctx = ctx
         job.stream = TextStream(self.tokenizer)
         if job.sampling.temperature > 0:
             job.generator = torch.Generator().manual_seed(
                 job.sampling.seed if job.sampling.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "big")
             )
-        job.reserved = int(ctx.cache.allocated_bytes())
         with self._lock:
-            self.reserved_jobs += job.reserved
+            if job in self._prefilling:
+                self._prefilling.remove(job)
             self._running.append(job)
+        self._hold(job, int(ctx.cache.allocated_bytes()))
         self.counters.peak_request_bytes = max(self.counters.peak_request_bytes, job.reserved)
-        self.counters.peak_held = max(self.counters.peak_held, self._held())
         if job.max_tokens == 0:
             self._finish(job, "length")
 
@@ -774,15 +940,12 @@ class Engine:
         self.counters.max_batch = max(self.counters.max_batch, len(live))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
-        """Fail one running job (a limit it ran past, or an error of its own sequence) and free its cache."""
+        """Fail one admitted job (a limit it ran past, or an error of its own sequence) and free its cache."""
         if isinstance(exc, RequestError):
-            event = Failed(str(exc), exc.status, exc.code)
+            self._reject(job, str(exc), exc.status, exc.code)
         else:
-            event = Failed(f"Internal error while generating this answer: {type(exc).__name__}: {exc}", 500)
-        self.counters.requests["failed"] += 1
-        self._emit(job, event)
-        if job in self._running:
-            self._leave(job)
+            self._reject(job, f"Internal error while generating this answer: {type(exc).__name__}: {exc}", 500)
+        self._leave(job)
 
     def _release(self, job: Job, final: bool = False) -> bool:
         """Emit the text that cannot be the start of a stop string; True when a stop string was reached."""
@@ -828,10 +991,9 @@ class Engine:
         self._leave(job)
 
     def _fail_all(self, message: str) -> None:
-        for job in list(self._running):
-            self._emit(job, Failed(message, 500))
+        for job in [*self._running, *self._prefilling]:
+            self._reject(job, message, 500)
             self._leave(job)
-            self.counters.requests["failed"] += 1
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:

@@ -1,0 +1,377 @@
+"""A prompt prefilled a chunk at a time, across scheduler steps, and stored prompt prefixes reused.
+
+The scheduler (:mod:`tokensieve.serve.engine`) gives every step a token budget shared by the running sequences'
+decode rows and the prompts being prefilled. A prompt longer than its share is prefilled in chunks: each chunk runs
+through the model at its true positions over an uncompressed cache of the earlier chunks (:class:`Staged`), so its
+forward pass is the one the whole prompt would have had. Once the last chunk is in, the prompt is compressed with the
+request's spec exactly as a one-pass prefill compresses it:
+
+* a spec that keeps every entry and runs no decode method: the staging cache *is* the request's cache;
+* any other spec whose prefill can be replayed (:meth:`tokensieve.engine.Compressor.replay_refusal`): every layer's
+  chunks — queries, keys, values and the hidden states the layer read — are recorded, joined into one
+  :class:`~tokensieve.engine.prefill.PrefillRecord` and replayed into a fresh cache of the spec
+  (``Compressor.prefill(ids, replay=record)``): the spec's own prefill mode scores, selects and applies on the whole
+  prompt's tensors, as if the model had run once.
+
+A spec whose prefill changes the forward pass itself (sparse prefill attention, auxiliary tokens after the prompt)
+cannot be staged: the scheduler prefills such a prompt in one pass (:func:`staging_refusal` says why).
+
+The same two kinds of tensors make a prompt's prefix reusable: :class:`PrefixCache` keeps them in blocks of
+``block`` tokens, keyed by a hash chain of the token ids (as vLLM's automatic prefix caching), and a prompt whose
+first blocks are stored starts its staging cache from them instead of running the model over them. A block stored by
+a spec that needed no queries holds keys and values only; a spec that compresses needs the queries and hidden states
+too and reuses only blocks that hold them.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapters.hf import hf_cache, sieve_attention_enabled
+from ..cache.dense import DenseKV
+from ..cache.prefill import Chunk, Fresh, PrefillMode
+from ..cache.sieve_cache import SieveCache
+from ..cache.storage import KVStore
+from ..engine import CachedContext, Compressor
+from ..engine.prefill import FULL, PrefillRecord
+
+
+def needs_record(press: Compressor) -> bool:
+    """Whether a staged prefill of ``press`` records queries and hidden states (its spec compresses the prompt, runs a
+    decode method that may read them, or prefills in another mode than keeping every entry); False: the staging
+    cache, which keeps every entry, becomes the request's cache as it is."""
+    return bool(press.method.compresses or press.decode_method is not None or press.mode != FULL)
+
+
+def staging_refusal(press: Compressor) -> str | None:
+    """Why a prompt of ``press`` cannot be prefilled in chunks across steps or start from stored prefix blocks (None:
+    it can): its spec changes the forward pass (sparse prefill attention, auxiliary tokens after the prompt), so the
+    prompt's tensors depend on the spec and a recording of them cannot be replayed into its cache."""
+    return press.replay_refusal()
+
+
+# --------------------------------------------------------------------------------------------- prefix blocks
+@dataclass(eq=False)
+class Block:
+    """``len(tokens)`` consecutive prompt tokens, every layer's keys and values ``(1, H_kv, n, D)`` and, when the
+    prompt was recorded, queries ``(1, H_q, n, D)`` and hidden states ``(1, n, d)``."""
+
+    key: int
+    parent: int | None
+    tokens: tuple[int, ...]
+    keys: list[Tensor]
+    values: list[Tensor]
+    queries: list[Tensor] | None
+    hidden: list[Tensor | None] | None
+    nbytes: int
+
+
+def _nbytes(tensors: Sequence[Tensor | None] | None) -> int:
+    return 0 if tensors is None else sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class PrefixCache:
+    """Stored prompt prefixes in blocks of ``block`` tokens, least recently used first.
+
+    A block's key hashes its parent's key with its tokens, so one key names the whole prefix up to the block's end;
+    a lookup also compares the tokens and the parent, so a hash collision is a miss, never a wrong reuse. A lookup
+    touches the matched blocks from the last to the first, so a parent is always used more recently than its
+    children and eviction (:meth:`evict_one`) takes leaves before the prefixes they extend. Not thread-safe: the
+    scheduler thread owns it (readers take the engine's lock for :attr:`bytes`).
+    """
+
+    def __init__(self, block: int) -> None:
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"prefix block size must be a whole number >= 1; got {block!r}")
+        self.block = block
+        self.blocks: collections.OrderedDict[int, Block] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0  # tokens reused
+        self.evicted = 0
+
+    def _chain(self, ids: Sequence[int], n_blocks: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        out: list[tuple[int, int | None, tuple[int, ...]]] = []
+        parent: int | None = None
+        for i in range(n_blocks):
+            tokens = tuple(int(t) for t in ids[i * self.block : (i + 1) * self.block])
+            key = hash((parent, tokens))
+            out.append((key, parent, tokens))
+            parent = key
+        return out
+
+    def match(self, ids: Sequence[int], *, queries: bool) -> list[Block]:
+        """The stored blocks that begin ``ids``, at most up to its last token but one (the last token is always
+        computed: its logits are the first answer token's); ``queries``: only blocks that hold queries."""
+        found: list[Block] = []
+        for key, parent, tokens in self._chain(ids, (len(ids) - 1) // self.block):
+            b = self.blocks.get(key)
+            if b is None or b.parent != parent or b.tokens != tokens or (queries and b.queries is None):
+                break
+            found.append(b)
+        for b in reversed(found):
+            self.blocks.move_to_end(b.key)
+        return found
+
+    def insert(
+        self,
+        ids: Sequence[int],
+        keys: list[Tensor],
+        values: list[Tensor],
+        queries: list[Tensor] | None,
+        hidden: list[Tensor | None] | None,
+        *,
+        limit: int,
+    ) -> int:
+        """Store the full blocks of a prompt whose every layer's keys/values (``(1, H_kv, T, D)``; queries and hidden
+        states when recorded) are given, within ``limit`` bytes in all (a block that would pass it is not stored);
+        a stored block without queries is replaced by one with them. Returns the bytes added."""
+        added = 0
+        chain = self._chain(ids, len(ids) // self.block)
+        for i, (key, parent, tokens) in enumerate(chain):
+            old = self.blocks.get(key)
+            if old is not None and (old.parent != parent or old.tokens != tokens):
+                break  # a hash collision: keep the stored block, store nothing after it
+            if old is not None and (old.queries is not None or queries is None):
+                continue
+            s, e = i * self.block, (i + 1) * self.block
+            ks = [k[:, :, s:e].clone() for k in keys]
+            vs = [v[:, :, s:e].clone() for v in values]
+            qs = None if queries is None else [q[:, :, s:e].clone() for q in queries]
+            hs = None if hidden is None else [None if h is None else h[:, s:e].clone() for h in hidden]
+            size = _nbytes(ks) + _nbytes(vs) + _nbytes(qs) + _nbytes(hs)
+            grow = size - (old.nbytes if old is not None else 0)
+            if self.bytes + grow > limit:
+                break
+            self.blocks[key] = Block(key, parent, tokens, ks, vs, qs, hs, size)
+            self.bytes += grow
+            added += grow
+        for key, _, _ in reversed(chain):  # parents more recently used than their children
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+        return added
+
+    def evict_one(self) -> bool:
+        """Drop the least recently used block; False when none is stored."""
+        if not self.blocks:
+            return False
+        _, b = self.blocks.popitem(last=False)
+        self.bytes -= b.nbytes
+        self.evicted += 1
+        return True
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.bytes = 0
+
+
+# --------------------------------------------------------------------------------------------- staging
+class _Recorder(PrefillMode):
+    """The full cache, recording what every layer's chunks add to its keys and values: their queries and hidden
+    states (the keys and values themselves are in the cache's stores) and the layer's attention settings."""
+
+    name = "recording-chunks"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.meta: dict[int, Chunk] = {}  # a layer's first chunk, its tensors emptied (scaling and modifiers kept)
+        self.queries: dict[int, list[Tensor]] = collections.defaultdict(list)
+        self.hidden: dict[int, list[Tensor | None]] = collections.defaultdict(list)
+
+    def _record(self, c: Chunk) -> None:
+        if c.layer_idx not in self.meta:
+            empty = c.k.new_empty(0)
+            self.meta[c.layer_idx] = replace(c, q=empty, k=empty, v=empty, hidden=None)
+        self.queries[c.layer_idx].append(c.q)
+        self.hidden[c.layer_idx].append(c.hidden)
+
+    def fresh(self, c: Chunk, output: bool) -> Fresh:
+        self._record(c)
+        return super().fresh(c, output)
+
+    def append(self, store: KVStore, c: Chunk) -> Tensor:
+        self._record(c)
+        return super().append(store, c)
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(qs) for qs in self.queries.values()) + sum(_nbytes(hs) for hs in self.hidden.values())
+
+    def clear(self) -> None:
+        self.meta.clear()
+        self.queries.clear()
+        self.hidden.clear()
+
+
+class Staged:
+    """One prompt being prefilled chunk by chunk (see the module's docstring).
+
+    Args:
+        model: the causal LM.
+        press: the request's Compressor (its spec can be staged: :func:`staging_refusal` is None).
+        ids: the prompt's token ids.
+        reserve: headroom for the answer in the final cache.
+        prefix: stored blocks that begin the prompt (they hold queries if the spec needs them).
+    """
+
+    def __init__(self, model: Any, press: Compressor, ids: Sequence[int], reserve: int,
+                 prefix: Sequence[Block] = ()) -> None:  # fmt: skip
+        self.model = model
+        self.press = press
+        self.ids = [int(t) for t in ids]
+        self.reserve = reserve
+        self.record = needs_record(press)
+        n_layers = press.shape.num_layers
+        self.done = sum(len(b.tokens) for b in prefix)
+        self.reused = self.done
+        self.logits: Tensor | None = None
+        self.seconds = 0.0
+        self.recorder: _Recorder | None = _Recorder() if self.record else None
+        self.cache: SieveCache | None = None
+        self.prefix_parts: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] | None = None
+        self._joined: list[Chunk] | None = None
+        self._headroom = 0
+        if prefix:
+            self.prefix_parts = []
+            for layer in range(n_layers):
+                k = torch.cat([b.keys[layer] for b in prefix], dim=2)  # (1, H_kv, m, D)
+                v = torch.cat([b.values[layer] for b in prefix], dim=2)
+                q = h = None
+                if self.record:
+                    assert all(b.queries is not None and b.hidden is not None for b in prefix)
+                    q = torch.cat([b.queries[layer] for b in prefix], dim=2)  # type: ignore[index]  # (1, H_q, m, D)
+                    hs = [b.hidden[layer] for b in prefix]  # type: ignore[index]
+                    h = None if any(x is None for x in hs) else torch.cat(hs, dim=1)  # type: ignore[arg-type]
+                self.prefix_parts.append((k, v, q, h))
+            self.cache = self._new_cache(self.done)
+            for layer, (k, v, _, _) in enumerate(self.prefix_parts):
+                self._seed(layer, k, v)
+
+    # ------------------------------------------------------------------------------------------------ state
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.ids)
+
+    def nbytes(self) -> int:
+        """Bytes the staging holds now: its cache's buffers, the recorded queries and hidden states, the prefix
+        parts."""
+        total = 0 if self.cache is None else self.cache.allocated_bytes()
+        if self.recorder is not None:
+            total += self.recorder.nbytes()
+        if self.prefix_parts is not None and self.record:
+            total += sum(_nbytes([q, h]) for _, _, q, h in self.prefix_parts)
+        return total
+
+    def _new_cache(self, first: int) -> SieveCache:
+        """The staging cache, sized once: the whole prompt (plus the answer's headroom when it becomes the request's
+        cache), so no chunk reallocates it; ``first``: tokens its first store holds."""
+        if self.recorder is not None:
+            cache = SieveCache(self.press.shape.num_layers, None, self.recorder)
+            self._headroom = len(self.ids) - first
+        else:
+            self._headroom = len(self.ids) - first + self.reserve
+            cache = self.press.new_cache(reserve=self._headroom)
+        return cache
+
+    def _seed(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Start a layer's store with a stored prefix's keys and values (at positions 0 .. m-1)."""
+        assert self.cache is not None
+        m = int(k.shape[2])
+        positions = torch.arange(m, device=k.device)[None, None, :].expand(1, int(k.shape[1]), m)
+        store = DenseKV(k, v, positions, reserve=self._headroom)
+        store.identity_positions = True
+        state = self.cache.layers[layer]
+        state.store, state.seen = store, m
+        state.seen_valid = torch.tensor([m], dtype=torch.long, device=k.device)
+
+    # ------------------------------------------------------------------------------------------------ work
+    @torch.inference_mode()
+    def advance(self, tokens: int) -> int:
+        """Run the next ``tokens`` prompt tokens (at most what remains) through the model; returns how many ran."""
+        n = max(1, min(int(tokens), self.remaining))
+        s, e = self.done, self.done + n
+        if self.cache is None:
+            self.cache = self._new_cache(n)
+        ids = torch.tensor([self.ids[s:e]], dtype=torch.long)  # (1, n)
+        t0 = time.perf_counter()
+        with sieve_attention_enabled(self.model):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones(1, e, dtype=torch.long),
+                position_ids=torch.arange(s, e)[None],
+                past_key_values=hf_cache(self.cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        if self.recorder is not None and s == 0:  # room for the rest of the prompt, allocated once
+            self.cache.reserve(self.remaining - n)
+        self.logits = out.logits[:, -1].float()  # (1, V)
+        self.seconds += time.perf_counter() - t0
+        self.done = e
+        return n
+
+    def _layers(self) -> list[Chunk]:
+        """Every layer's whole prompt as one chunk: the stored keys and values, the prefix's and the recorded
+        queries and hidden states, joined."""
+        assert self.recorder is not None and self.cache is not None
+        joined = []
+        n = len(self.ids)
+        for layer in range(self.press.shape.num_layers):
+            store = self.cache.layers[layer].store
+            assert isinstance(store, DenseKV) and store.n == n
+            qs, hs = list(self.recorder.queries[layer]), list(self.recorder.hidden[layer])
+            if self.prefix_parts is not None:
+                _, _, q, h = self.prefix_parts[layer]
+                assert q is not None
+                qs, hs = [q, *qs], [h, *hs]
+            hidden = None if any(h is None for h in hs) else torch.cat(hs, dim=1)  # type: ignore[arg-type]
+            joined.append(replace(self.recorder.meta[layer], q=torch.cat(qs, dim=2), k=store.keys, v=store.values,
+                                  valid=None, positions=torch.arange(n)[None], seen=0, hidden=hidden))  # fmt: skip
+        return joined
+
+    def tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor | None] | None]:
+        """Every layer's keys, values (and, when recorded, queries and hidden states) of the whole prompt, for the
+        prefix cache. Call after the last chunk and before :meth:`finish`."""
+        if self.recorder is not None:
+            layers = self._layers()
+            self._joined = layers
+            return [c.k for c in layers], [c.v for c in layers], [c.q for c in layers], [c.hidden for c in layers]
+        assert self.cache is not None
+        n = len(self.ids)
+        keys, values = [], []
+        for state in self.cache.layers:
+            assert isinstance(state.store, DenseKV)
+            keys.append(state.store.keys[:, :, :n])
+            values.append(state.store.values[:, :, :n])
+        return keys, values, None, None
+
+    def finish(self) -> CachedContext:
+        """The request's context once every chunk is in: the staging cache itself, or the recording replayed into
+        a fresh cache of the spec (compressed as a one-pass prefill compresses)."""
+        assert self.finished and self.logits is not None and self.cache is not None
+        ids = torch.tensor([self.ids], dtype=torch.long)
+        mask = torch.ones_like(ids)
+        if self.recorder is None:
+            self.cache.reserve(self.reserve)
+            ctx = CachedContext(self.cache, mask, self.logits, self.seconds, 0.0)
+        else:
+            layers = self._joined if self._joined is not None else self._layers()
+            record = PrefillRecord(ids, mask, self.logits, self.seconds, layers)
+            self.cache = None
+            self.recorder.clear()
+            self.prefix_parts = None
+            self._joined = None
+            ctx = self.press.prefill(ids, reserve=self.reserve, replay=record)
+        return ctx
+
+
+__all__ = ["Block", "PrefixCache", "Staged", "needs_record", "staging_refusal"]
