@@ -43,7 +43,7 @@ from ..adapters.hf import before_each_layer
 from ..adapters.models import model_shape, model_text, special_token_texts, text_tokenizer
 from ..core.decoding import next_token
 from ..core.method import Method, PrefillMethod
-from ..data.prompts import TextStream, chat_split, encode
+from ..data.prompts import TextStream, encode
 from ..engine import CachedContext, Compressor
 from ..errors import ConfigError, TokensieveError
 from ..spec import Spec
@@ -53,6 +53,9 @@ from .staging import PrefixCache, Staged, needs_record, staging_refusal
 
 
 MIN_PREFILL_TOKENS = 16  # prompt tokens a step prefills however many sequences it decodes
+# first characters of a question, one of each kind a tokenizer splits text at (letters, digits, spaces, line breaks,
+# punctuation, other scripts): a stored context keeps the ids that do not change whichever of them follows
+QUESTION_STARTS = ("a", "A", "1", " ", "  ", "\n", "\t", ".", "?", "(", '"', "-", "é", "\u4e00", "\U0001f600")
 
 
 class RequestError(TokensieveError):
@@ -412,22 +415,62 @@ class Engine:
         text = "\n".join(m["content"] for m in messages) + "\n"
         return [int(i) for i in tok(text)["input_ids"]]
 
+    def _turn(self, document: str, question: str) -> str:
+        """The text of a one-turn conversation whose user message is ``document``, a blank line and ``question``,
+        with the generation prompt (the model's chat template; plain text without one), as
+        :func:`~tokensieve.data.prompts.chat_split` renders it."""
+        content = f"{document}\n\n{question}"
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return str(tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True))  # fmt: skip
+        return content + "\n"
+
+    def _whole(self, document: str, question: str, mode: str) -> list[int]:
+        """Token ids of a stored document followed by a question, tokenised as one text (never at the split)."""
+        if mode == "chat":
+            return encode(self.tokenizer, self._turn(document, question))
+        return [int(i) for i in self.tokenizer(document + question)["input_ids"]]
+
     def encode_document(self, document: str, mode: str) -> list[int]:
-        """Token ids of a document to store: the start of a user turn (``mode="chat"``) or plain text."""
+        """Token ids of a document to store: the start of a user turn (``mode="chat"``) or plain text.
+
+        A question on it must give the ids the whole conversation gives when tokenised as one text, so the stored
+        ids are those that do not depend on what follows: the longest common start of the document's tokenisation
+        followed by each of :data:`QUESTION_STARTS` (a tokenizer merges characters across the boundary, such as
+        the blank line before the question with the question's first character). The rest of the document's ids
+        are computed with the question's (:meth:`question_ids`)."""
         self.check_text(document, "document")
         if mode == "chat":
-            return chat_split(self.tokenizer, document, "").context
-        return [int(i) for i in self.tokenizer(document)["input_ids"]]
+            marker = "\x00QUESTION\x00"
+            head = self._turn(document, marker).split(marker)[0]
+            ids = encode(self.tokenizer, head)
+        else:
+            ids = [int(i) for i in self.tokenizer(document)["input_ids"]]
+        stable = len(ids)
+        for start in QUESTION_STARTS:
+            other = self._whole(document, start, mode)
+            stable = min(stable, _common_start(ids, other))
+        if stable == 0:
+            raise RequestError("The document is too short to store: none of its tokens is fixed before a question.",
+                               param="document")  # fmt: skip
+        return ids[:stable]
 
     def question_ids(self, stored: StoredContext, text: str) -> list[int]:
-        """A question's ids after a stored context: the chat turn's rest (chat mode) or the text as it is."""
+        """A question's ids after a stored context: the whole conversation (chat mode: one user turn holding the
+        document, a blank line and the question; text mode: the document and the question as one text) tokenised at
+        once, less the stored context's ids — so the tokens equal those of the whole conversation sent alone."""
         self.check_text(text, "messages" if stored.mode == "chat" else "prompt")
-        if stored.mode == "text":
-            return encode(self.tokenizer, text)
-        split = chat_split(self.tokenizer, stored.document, text)
-        if split.context != stored.ids:
-            raise RequestError("The chat template renders this context differently; register it again.")
-        return split.question
+        whole = self._whole(stored.document, text, stored.mode)
+        if whole[: len(stored.ids)] != stored.ids:
+            raise RequestError(
+                "This question's first characters are tokenised together with the end of the stored context, so it "
+                "cannot be answered from it exactly; start the question with a letter or a space, or send the whole "
+                "conversation without context_id.",
+                param="messages" if stored.mode == "chat" else "prompt",
+                code="context_boundary",
+            )
+        return whole[len(stored.ids) :]
 
     def context(self, context_id: str) -> StoredContext:
         with self._lock:
@@ -644,8 +687,7 @@ class Engine:
             return False
         with self._lock:
             gone = self.prefix.evict_one()
-        if gone:
-            self.counters.prefix_blocks_evicted += 1
+        self.counters.prefix_blocks_evicted = self.prefix.evicted
         return gone
 
     def _evict_one(self, keep: str | None) -> bool:
@@ -799,6 +841,7 @@ class Engine:
                     free = self.kv_memory - (self.reserved_jobs + sum(c.bytes for c in self.contexts.values()))
                     limit = min(self.prefix_memory, free)  # the blocks fit beside what is held
                     self.prefix.insert(job.ids, keys, values, queries, hidden, limit=limit)
+                self.counters.prefix_blocks_evicted = self.prefix.evicted
                 self.counters.peak_held = max(self.counters.peak_held, self._held())
             ctx = staged.finish()
             job.staged = None
@@ -1034,6 +1077,15 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _common_start(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def kv_bytes_per_token(model: Any) -> int:

@@ -130,10 +130,12 @@ class PrefixCache:
         limit: int,
     ) -> int:
         """Store the full blocks of a prompt whose every layer's keys/values (``(1, H_kv, T, D)``; queries and hidden
-        states when recorded) are given, within ``limit`` bytes in all (a block that would pass it is not stored);
-        a stored block without queries is replaced by one with them. Returns the bytes added."""
+        states when recorded) are given, within ``limit`` bytes in all: least recently used blocks of other prompts
+        are evicted to make room, and a block that still does not fit is not stored (nor any after it). A stored
+        block without queries is replaced by one with them. Returns the bytes added."""
         added = 0
         chain = self._chain(ids, len(ids) // self.block)
+        mine = {key for key, _, _ in chain}
         for i, (key, parent, tokens) in enumerate(chain):
             old = self.blocks.get(key)
             if old is not None and (old.parent != parent or old.tokens != tokens):
@@ -147,6 +149,8 @@ class PrefixCache:
             hs = None if hidden is None else [None if h is None else h[:, s:e].clone() for h in hidden]
             size = _nbytes(ks) + _nbytes(vs) + _nbytes(qs) + _nbytes(hs)
             grow = size - (old.nbytes if old is not None else 0)
+            while self.bytes + grow > limit and self._evict_other(mine):
+                pass
             if self.bytes + grow > limit:
                 break
             self.blocks[key] = Block(key, parent, tokens, ks, vs, qs, hs, size)
@@ -156,6 +160,15 @@ class PrefixCache:
             if key in self.blocks:
                 self.blocks.move_to_end(key)
         return added
+
+    def _evict_other(self, keep: set[int]) -> bool:
+        """Drop the least recently used block whose key is not in ``keep``; False when there is none."""
+        victim = next((key for key in self.blocks if key not in keep), None)
+        if victim is None:
+            return False
+        self.bytes -= self.blocks.pop(victim).nbytes
+        self.evicted += 1
+        return True
 
     def evict_one(self) -> bool:
         """Drop the least recently used block; False when none is stored."""

@@ -1,0 +1,332 @@
+"""The serving scheduler on a tiny random Llama: prompts prefilled a chunk per step equal one-pass prefills, stored
+prompt prefixes reused equal no reuse, prefix blocks evicted least recently used within the KV budget, a question on
+a stored context equals the whole conversation token for token, and clients that go away (streaming or not) are
+dropped within a step with their memory freed."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tests.conftest import make_tiny_model
+from tokensieve.data.testing import CharTokenizer
+from tokensieve.serve.engine import Delta, Done, Engine, Failed, Job
+from tokensieve.serve.staging import PrefixCache
+
+TOK = CharTokenizer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(seed=3)
+
+
+def prompt(i: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(500 + i)
+    return torch.randint(3, 97, (n,), generator=g).tolist()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.done = threading.Event()
+        self.first = threading.Event()
+
+    def __call__(self, event: object) -> None:
+        self.events.append(event)
+        self.first.set()
+        if isinstance(event, (Done, Failed)):
+            self.done.set()
+
+    @property
+    def end(self) -> Done:
+        assert self.done.wait(240), "the job did not finish"
+        last = self.events[-1]
+        assert isinstance(last, Done), last
+        return last
+
+
+def submit(engine: Engine, ids: list[int], spec: str | None = None, max_tokens: int = 10) -> tuple[Job, Collector]:
+    c = Collector()
+    job = Job(ids, engine.compressor(spec), c, max_tokens)
+    engine.submit(job)
+    return job, c
+
+
+def alone(model, spec: str, ids: list[int], n: int) -> list[int]:
+    """The library's greedy answer for one prompt prefilled in one pass."""
+    press = ts.compress(model, spec)
+    ctx = press.prefill(torch.tensor([ids]), reserve=n)
+    return press.decode(ctx, n).tokens[0]
+
+
+def run(engine: Engine, work: list[tuple[str, list[int], int]], *, serial: bool = False) -> list[Job]:
+    engine.eos = set()
+    engine.start()
+    try:
+        jobs = []
+        for spec, ids, n in work:
+            job, c = submit(engine, ids, spec, n)
+            jobs.append((job, c))
+            if serial:
+                c.end  # noqa: B018
+        for _, c in jobs:
+            assert c.end.finish_reason == "length"
+        return [j for j, _ in jobs]
+    finally:
+        engine.stop()
+
+
+# ------------------------------------------------------------------------------------------- chunked prefill
+STAGED_SPECS = ["full", "snapkv:0.5", "snapkv:0.5+quest[page=4]:0.5", "+h2o:24", "streaming_llm:0.5", "tova:0.5",
+                "pyramidkv:0.5", "adakv:0.5", "kvzip:0.5", "knorm:0.5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", STAGED_SPECS)
+def test_a_prompt_prefilled_a_chunk_per_step_equals_one_pass(model, spec):
+    """Step budget 12 tokens: a 70-token prompt takes several steps, interleaved with another sequence's decoding;
+    every answer equals the one-pass prefill's."""
+    engine = Engine(model, TOK, spec="full", step_tokens=12, prefix_cache=False)
+    work = [(spec, prompt(0, 20), 30), (spec, prompt(1, 70), 8), ("full", prompt(2, 45), 6)]
+    jobs = run(engine, work)
+    for (s, ids, n), job in zip(work, jobs):
+        assert job.tokens == alone(model, s, ids, n), s
+    assert engine.counters.prefill_chunks >= 70 // 12 + 45 // 12  # the long prompts really ran in chunks
+    assert engine.gauges()["kv_bytes_reserved"] == 0
+
+
+def test_a_spec_that_changes_the_forward_pass_is_prefilled_in_one_pass(model):
+    """DapQ appends pseudo-queries to the prompt (its forward pass is its own): its prompt cannot be chunked across
+    steps; it is prefilled in one pass, and its answer equals the library's."""
+    engine = Engine(model, TOK, spec="full", step_tokens=12, prefix_cache=False)
+    press = engine.compressor("dapq:0.5")
+    assert "auxiliary tokens" in (press.replay_refusal() or "")
+    ids = prompt(3, 60)
+    (job,) = run(engine, [("dapq:0.5", ids, 6)])
+    assert not job.stage
+    assert engine.counters.prefill_chunks == 0
+    assert job.tokens == alone(model, "dapq:0.5", ids, 6)
+
+
+def test_chunking_off_prefills_each_prompt_in_one_pass(model):
+    engine = Engine(model, TOK, step_tokens=0, prefix_cache=False)
+    (job,) = run(engine, [("snapkv:0.5", prompt(4, 80), 5)])
+    assert engine.counters.prefill_chunks == 0 and not job.stage
+    assert job.tokens == alone(model, "snapkv:0.5", prompt(4, 80), 5)
+
+
+def test_a_client_that_goes_away_during_a_chunked_prefill_frees_it_at_the_next_step(model):
+    engine = Engine(model, TOK, step_tokens=4, prefix_cache=False)
+    engine.eos = set()
+    engine.start()
+    try:
+        keep, ck = submit(engine, prompt(5, 30), "full", 60)
+        ck.first.wait(60)
+        gone, cg = submit(engine, prompt(6, 300), "snapkv:0.5", 5)
+        deadline = time.monotonic() + 60
+        while (gone.staged is None or gone.staged.done < 20) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert gone.staged is not None and 0 < gone.staged.remaining
+        gone.cancel()
+        ck.end  # noqa: B018
+        assert engine.counters.cancelled == 1
+        assert gone.staged is None and gone.ctx is None and gone.reserved == 0
+        assert not cg.done.is_set()  # never answered
+        assert keep.tokens == alone(model, "full", prompt(5, 30), 60)
+    finally:
+        engine.stop()
+    assert engine.gauges()["kv_bytes_reserved"] == 0
+
+
+# ------------------------------------------------------------------------------------------- prefix reuse
+def shared(i: int, prefix: list[int], n: int) -> list[int]:
+    return prefix + prompt(100 + i, n)
+
+
+@pytest.mark.parametrize("spec", ["full", "snapkv:0.5", "+h2o:24", "kvzip:0.5", "tova:0.5+quest[page=4]:0.5"])
+def test_prefix_reuse_equals_no_reuse(model, spec):
+    prefix = prompt(7, 50)
+    work = [(spec, shared(i, prefix, 10 + 7 * i), 8) for i in range(3)]
+    engine = Engine(model, TOK, step_tokens=16, prefix_block=8)
+    jobs = run(engine, work, serial=True)
+    assert [j.reused for j in jobs] == [0, 48, 48]  # whole blocks of the shared 50 tokens
+    assert engine.counters.prefix_hit_tokens == 96
+    for (s, ids, n), job in zip(work, jobs):
+        assert job.tokens == alone(model, s, ids, n), s
+
+
+def test_a_compressing_spec_reuses_only_blocks_stored_with_their_queries(model):
+    """A full-cache request stores keys and values only; a compressing spec scores with every prompt query, so it
+    computes the prompt again (and stores its blocks with queries), and the next one reuses them."""
+    prefix = prompt(8, 40)
+    work = [("full", shared(0, prefix, 5), 4), ("snapkv:0.5", shared(1, prefix, 9), 6),
+            ("snapkv:0.5", shared(2, prefix, 12), 6), ("full", shared(3, prefix, 3), 4)]  # fmt: skip
+    engine = Engine(model, TOK, step_tokens=None, prefix_block=8)
+    jobs = run(engine, work, serial=True)
+    assert [j.reused for j in jobs] == [0, 0, 40, 40]
+    for (s, ids, n), job in zip(work, jobs):
+        assert job.tokens == alone(model, s, ids, n), s
+
+
+def test_prefix_blocks_stay_within_the_budget_and_leave_least_recently_used_first(model):
+    engine = Engine(model, TOK, prefix_block=8)
+    token_bytes = engine.token_bytes
+    budget = 3 * 60 * token_bytes
+    engine = Engine(model, TOK, kv_memory=budget, prefix_block=8, step_tokens=16)
+    work = [("full", prompt(20 + i, 48), 4) for i in range(6)]
+    run(engine, work, serial=True)
+    assert engine.counters.peak_held <= budget
+    assert engine.prefix is not None and engine.counters.prefix_blocks_evicted > 0
+    assert engine.prefix.bytes <= engine.prefix_memory
+    # the newest prompt's blocks are the ones kept
+    assert engine.prefix.match(prompt(25, 48) + [5], queries=False)
+    assert not engine.prefix.match(prompt(20, 48) + [5], queries=False)
+
+
+def test_prefix_cache_match_insert_and_eviction_order():
+    cache = PrefixCache(4)
+    k = [torch.randn(1, 2, 12, 8)]
+    ids = list(range(12))
+    added = cache.insert(ids, k, k, None, None, limit=10**9)
+    assert len(cache.blocks) == 3 and added == cache.bytes == 3 * 2 * 2 * 4 * 8 * 4
+    assert [b.tokens for b in cache.match(ids, queries=False)] == [(0, 1, 2, 3), (4, 5, 6, 7)]  # last token computed
+    assert len(cache.match(ids + [99], queries=False)) == 3
+    assert cache.match(ids + [99], queries=True) == []  # no queries stored
+    assert [b.tokens for b in cache.match([0, 1, 2, 3, 4, 9, 6, 7, 8], queries=False)] == [(0, 1, 2, 3)]
+    assert torch.equal(cache.match(ids + [1], queries=False)[1].keys[0], k[0][:, :, 4:8])
+    cache.evict_one()  # a leaf goes first: the prefix stays reusable
+    assert len(cache.match(ids + [99], queries=False)) == 2
+    # another prompt within the same bytes: the least recently used blocks of the first make room
+    other = list(range(100, 112))
+    assert cache.insert(other, k, k, None, None, limit=cache.bytes) == cache.bytes == 2 * 512
+    assert len(cache.match(other + [1], queries=False)) == 2 and cache.match(ids + [99], queries=False) == []
+    assert cache.insert(list(range(200, 212)), k, k, None, None, limit=100) == 0  # a block never fits
+
+
+# ------------------------------------------------------------------------------------------- stored contexts
+@pytest.fixture(scope="module")
+def bpe():
+    from transformers import AutoTokenizer
+
+    from tokensieve.adapters.models import embedded_dir, is_pulled
+
+    if not is_pulled():
+        pytest.skip("the embedded model's tokenizer is not provisioned (make setup)")
+    tok = AutoTokenizer.from_pretrained(embedded_dir())
+    return tok, make_tiny_model(seed=4, vocab_size=len(tok))
+
+
+@pytest.mark.parametrize("mode", ["chat", "text"])
+def test_a_question_on_a_stored_context_equals_the_whole_conversation(bpe, mode):
+    """The document is stored once; each question then gives exactly the tokens (and the answer) of the whole
+    conversation sent alone — including questions whose first characters a BPE tokenizer would merge with the blank
+    line before them."""
+    from fastapi.testclient import TestClient
+
+    from tokensieve.serve.app import create_app
+
+    tok, tiny = bpe
+    engine = Engine(tiny, tok, spec="full", max_tokens=6, model_name="tiny", prefix_cache=False)
+    engine.eos = set()
+    document = "The passkey is 4417. Grass is green and the sky is blue.\n"
+    questions = ["What is the passkey?", "\nWhat colour is grass?", " 12 + 3 =", "(answer briefly) sky?"]
+    with TestClient(create_app(engine)) as client:
+        r = client.post("/v1/contexts", json={"document": document, "mode": mode})
+        assert r.status_code == 200, r.text
+        cid = r.json()["id"]
+        for q in questions:
+            if mode == "chat":
+                whole = {"messages": [{"role": "user", "content": f"{document}\n\n{q}"}], "max_tokens": 6}
+                on_ctx = {"messages": [{"role": "user", "content": q}], "context_id": cid, "max_tokens": 6}
+                a = client.post("/v1/chat/completions", json=whole).json()
+                b = client.post("/v1/chat/completions", json=on_ctx).json()
+                assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], q
+                want = engine.encode_chat(whole["messages"])
+            else:
+                a = client.post("/v1/completions", json={"prompt": document + q, "max_tokens": 6}).json()
+                b = client.post("/v1/completions", json={"prompt": q, "context_id": cid, "max_tokens": 6}).json()
+                assert b["choices"][0]["text"] == a["choices"][0]["text"], q
+                want = engine.encode_prompt(document + q)
+            assert b["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"] == len(want)
+            stored = engine.contexts[cid]
+            assert stored.ids + engine.question_ids(stored, q) == want
+
+
+# ------------------------------------------------------------------------------------------- disconnects
+@pytest.fixture(scope="module")
+def server(model):
+    pytest.importorskip("uvicorn")
+    from tokensieve.serve.app import create_app
+    from tokensieve.serve.bench import running_server
+
+    engine = Engine(model, TOK, spec="full", max_tokens=8, model_name="tiny", max_batch=8, step_tokens=8)
+    engine.eos = set()
+    with running_server(create_app(engine)) as url:
+        yield engine, url
+
+
+def raw_post(url: str, path: str, body: bytes) -> socket.socket:
+    """Send a POST on a raw socket and return it unread (the test closes it: a client that goes away)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def wait_for(cond, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_mid_generation_is_dropped_and_freed(server, stream):
+    """Non-streaming (and streaming) completion of 450 tokens; the client closes its socket once tokens are being
+    generated. The job is cancelled, leaves the batch, its reservation is released and generation stops."""
+    import json
+
+    engine, url = server
+    cancelled, generated = engine.counters.cancelled, engine.counters.generated_tokens
+    body = json.dumps({"model": "tiny", "prompt": "x" * 40, "max_tokens": 450, "stream": stream}).encode()
+    sock = raw_post(url, "/v1/completions", body)
+    assert wait_for(lambda: engine.counters.generated_tokens >= generated + 5)
+    assert engine.gauges()["kv_bytes_reserved"] > 0
+    sock.close()
+    assert wait_for(lambda: engine.counters.cancelled == cancelled + 1, 30)
+    assert wait_for(lambda: engine.gauges()["running"] == 0 and engine.gauges()["kv_bytes_reserved"] == 0, 5)
+    stopped_at = engine.counters.generated_tokens
+    time.sleep(0.3)
+    assert engine.counters.generated_tokens == stopped_at  # generation stopped
+    assert stopped_at - generated < 450
+
+
+def test_a_client_that_disconnects_during_its_prefill_is_dropped_before_its_first_token(server):
+    import json
+
+    engine, url = server
+    cancelled, chunks = engine.counters.cancelled, engine.counters.prefill_chunks
+    body = json.dumps({"model": "tiny", "prompt": "y" * 400, "max_tokens": 4}).encode()
+    sock = raw_post(url, "/v1/completions", body)
+    assert wait_for(lambda: engine.counters.prefill_chunks >= chunks + 3)
+    sock.close()
+    assert wait_for(lambda: engine.counters.cancelled == cancelled + 1, 30)
+    assert wait_for(lambda: engine.gauges()["prefilling"] == 0 and engine.gauges()["kv_bytes_reserved"] == 0, 5)
+    assert engine.counters.prefill_chunks < chunks + 400 // 8
