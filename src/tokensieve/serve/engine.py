@@ -49,8 +49,7 @@ from ..errors import ConfigError, TokensieveError
 from ..spec import Spec
 from .batching import decode_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
-from .staging import PrefixCache, Staged, needs_record, staging_refusal
-
+from .staging import Block, PrefixCache, Staged, needs_record, staging_refusal
 
 MIN_PREFILL_TOKENS = 16  # prompt tokens a step prefills however many sequences it decodes
 # first characters of a question, one of each kind a tokenizer splits text at (letters, digits, spaces, line breaks,
@@ -179,6 +178,7 @@ class Job:
     deadline: float | None = None  # time.monotonic() after which the job is stopped (set when admitted)
     stage: bool = False  # prefilled in chunks across steps (and from stored prefix blocks); else in one pass
     staged: Staged | None = None  # the prefill under way
+    prefix_blocks: list[Block] = field(default_factory=list)  # stored blocks that begin the prompt (until staged)
     reused: int = 0  # prompt tokens taken from stored prefix blocks
 
     def cancel(self) -> None:
@@ -657,6 +657,7 @@ class Engine:
         job.reserved = 0
         job.ctx = None  # the cache is freed with its last reference
         job.staged = None
+        job.prefix_blocks = []
 
     def _hold(self, job: Job, nbytes: int) -> None:
         """Set the bytes a job holds (its reservation while it is prefilled, its cache's bytes after)."""
@@ -751,12 +752,18 @@ class Engine:
             job.deadline = time.monotonic() + self.limits.request_timeout
             job.stage = False
             if self._stageable(job):
+                # the stored blocks that begin the prompt, taken now: evicting blocks for this job's room below
+                # cannot take them from it
+                if self.prefix is not None:
+                    job.prefix_blocks = self.prefix.match(job.ids, queries=needs_record(job.press))
                 workspace = self._workspace(job)
                 # staging is taken when its workspace fits beside what is held (prefix blocks may be evicted for
                 # it, stored contexts are not); else the prompt is prefilled in one pass, as without chunking
                 if workspace <= need or self._fits(workspace, job.context_id, contexts=False):
                     job.stage = True
                     need = max(need, workspace)
+                else:
+                    job.prefix_blocks = []
             with self._lock:
                 self._prefilling.append(job)
             self._hold(job, need)
@@ -820,15 +827,18 @@ class Engine:
 
     def _advance(self, job: Job, room: int | None, *, first: bool) -> int | None:
         """Prefill (part of) one job's prompt within ``room`` tokens; returns the tokens run (None: not now)."""
+        n = len(job.ids)
+        fits = room is None or n <= room
+        if job.stage and job.staged is None and not job.prefix_blocks and fits and self._no_blocks(n):
+            job.stage = False  # the whole prompt fits this step, and it neither reuses nor stores prefix blocks
         if not job.stage:
-            n = len(job.ids)
             if room is not None and n > room and not first:
                 return None
             self._prefill(job)
             return n
         if job.staged is None:
-            prefix = self.prefix.match(job.ids, queries=needs_record(job.press)) if self.prefix is not None else []
-            job.staged = Staged(self.model, job.press, job.ids, job.max_tokens, prefix)
+            job.staged = Staged(self.model, job.press, job.ids, job.max_tokens, job.prefix_blocks)
+            job.prefix_blocks = []
             job.reused = job.staged.reused
             self.counters.prefix_hit_tokens += job.reused
         staged = job.staged
@@ -850,6 +860,10 @@ class Engine:
             self.counters.prompt_tokens += len(job.ids)
             self._start(job, ctx)
         return ran
+
+    def _no_blocks(self, n: int) -> bool:
+        """A prompt of ``n`` tokens has no whole prefix block to store."""
+        return self.prefix is None or n < self.prefix.block
 
     def _drop(self, job: Job) -> None:
         """Forget a job that failed while it was admitted (its cache or staging, if any, is freed)."""

@@ -335,12 +335,14 @@ class Staged:
     def _layers(self) -> list[Chunk]:
         """Every layer's whole prompt as one chunk: the stored keys and values, the prefix's and the recorded
         queries and hidden states, joined."""
-        assert self.recorder is not None and self.cache is not None
+        assert self.recorder is not None
+        assert self.cache is not None
         joined = []
         n = len(self.ids)
         for layer in range(self.press.shape.num_layers):
             store = self.cache.layers[layer].store
-            assert isinstance(store, DenseKV) and store.n == n
+            assert isinstance(store, DenseKV)
+            assert store.n == n
             qs, hs = list(self.recorder.queries[layer]), list(self.recorder.hidden[layer])
             if self.prefix_parts is not None:
                 _, _, q, h = self.prefix_parts[layer]
@@ -370,7 +372,9 @@ class Staged:
     def finish(self) -> CachedContext:
         """The request's context once every chunk is in: the staging cache itself, or the recording replayed into
         a fresh cache of the spec (compressed as a one-pass prefill compresses)."""
-        assert self.finished and self.logits is not None and self.cache is not None
+        assert self.finished
+        assert self.logits is not None
+        assert self.cache is not None
         ids = torch.tensor([self.ids], dtype=torch.long)
         mask = torch.ones_like(ids)
         if self.recorder is None:

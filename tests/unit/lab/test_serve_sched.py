@@ -15,7 +15,7 @@ import torch
 import tokensieve as ts
 from tests.conftest import make_tiny_model
 from tokensieve.data.testing import CharTokenizer
-from tokensieve.serve.engine import Delta, Done, Engine, Failed, Job
+from tokensieve.serve.engine import Done, Engine, Failed, Job
 from tokensieve.serve.staging import PrefixCache
 
 TOK = CharTokenizer()
@@ -124,7 +124,8 @@ def test_a_spec_that_changes_the_forward_pass_is_prefilled_in_one_pass(model):
 def test_chunking_off_prefills_each_prompt_in_one_pass(model):
     engine = Engine(model, TOK, step_tokens=0, prefix_cache=False)
     (job,) = run(engine, [("snapkv:0.5", prompt(4, 80), 5)])
-    assert engine.counters.prefill_chunks == 0 and not job.stage
+    assert engine.counters.prefill_chunks == 0
+    assert not job.stage
     assert job.tokens == alone(model, "snapkv:0.5", prompt(4, 80), 5)
 
 
@@ -139,11 +140,14 @@ def test_a_client_that_goes_away_during_a_chunked_prefill_frees_it_at_the_next_s
         deadline = time.monotonic() + 60
         while (gone.staged is None or gone.staged.done < 20) and time.monotonic() < deadline:
             time.sleep(0.002)
-        assert gone.staged is not None and 0 < gone.staged.remaining
+        assert gone.staged is not None
+        assert gone.staged.remaining > 0
         gone.cancel()
         ck.end  # noqa: B018
         assert engine.counters.cancelled == 1
-        assert gone.staged is None and gone.ctx is None and gone.reserved == 0
+        assert gone.staged is None
+        assert gone.ctx is None
+        assert gone.reserved == 0
         assert not cg.done.is_set()  # never answered
         assert keep.tokens == alone(model, "full", prompt(5, 30), 60)
     finally:
@@ -189,11 +193,12 @@ def test_prefix_blocks_stay_within_the_budget_and_leave_least_recently_used_firs
     work = [("full", prompt(20 + i, 48), 4) for i in range(6)]
     run(engine, work, serial=True)
     assert engine.counters.peak_held <= budget
-    assert engine.prefix is not None and engine.counters.prefix_blocks_evicted > 0
+    assert engine.prefix is not None
+    assert engine.counters.prefix_blocks_evicted > 0
     assert engine.prefix.bytes <= engine.prefix_memory
     # the newest prompt's blocks are the ones kept
-    assert engine.prefix.match(prompt(25, 48) + [5], queries=False)
-    assert not engine.prefix.match(prompt(20, 48) + [5], queries=False)
+    assert engine.prefix.match([*prompt(25, 48), 5], queries=False)
+    assert not engine.prefix.match([*prompt(20, 48), 5], queries=False)
 
 
 def test_prefix_cache_match_insert_and_eviction_order():
@@ -201,18 +206,20 @@ def test_prefix_cache_match_insert_and_eviction_order():
     k = [torch.randn(1, 2, 12, 8)]
     ids = list(range(12))
     added = cache.insert(ids, k, k, None, None, limit=10**9)
-    assert len(cache.blocks) == 3 and added == cache.bytes == 3 * 2 * 2 * 4 * 8 * 4
+    assert len(cache.blocks) == 3
+    assert added == cache.bytes == 3 * 2 * 2 * 4 * 8 * 4
     assert [b.tokens for b in cache.match(ids, queries=False)] == [(0, 1, 2, 3), (4, 5, 6, 7)]  # last token computed
-    assert len(cache.match(ids + [99], queries=False)) == 3
-    assert cache.match(ids + [99], queries=True) == []  # no queries stored
+    assert len(cache.match([*ids, 99], queries=False)) == 3
+    assert cache.match([*ids, 99], queries=True) == []  # no queries stored
     assert [b.tokens for b in cache.match([0, 1, 2, 3, 4, 9, 6, 7, 8], queries=False)] == [(0, 1, 2, 3)]
-    assert torch.equal(cache.match(ids + [1], queries=False)[1].keys[0], k[0][:, :, 4:8])
+    assert torch.equal(cache.match([*ids, 1], queries=False)[1].keys[0], k[0][:, :, 4:8])
     cache.evict_one()  # a leaf goes first: the prefix stays reusable
-    assert len(cache.match(ids + [99], queries=False)) == 2
+    assert len(cache.match([*ids, 99], queries=False)) == 2
     # another prompt within the same bytes: the least recently used blocks of the first make room
     other = list(range(100, 112))
     assert cache.insert(other, k, k, None, None, limit=cache.bytes) == cache.bytes == 2 * 512
-    assert len(cache.match(other + [1], queries=False)) == 2 and cache.match(ids + [99], queries=False) == []
+    assert len(cache.match([*other, 1], queries=False)) == 2
+    assert cache.match([*ids, 99], queries=False) == []
     assert cache.insert(list(range(200, 212)), k, k, None, None, limit=100) == 0  # a block never fits
 
 
