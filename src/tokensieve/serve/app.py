@@ -634,6 +634,15 @@ def prometheus(engine: Engine) -> str:
            [("", c.contexts_evicted)])  # fmt: skip
     metric("contexts_expired_total", "counter", "Stored contexts deleted after --context-ttl unused.",
            [("", c.contexts_expired)])  # fmt: skip
+    metric("prefill_chunks_total", "counter", "Forward passes of prompts prefilled a chunk per scheduler step.",
+           [("", c.prefill_chunks)])  # fmt: skip
+    metric("prefix_hit_tokens_total", "counter", "Prompt tokens taken from stored prefix blocks instead of computed.",
+           [("", c.prefix_hit_tokens)])  # fmt: skip
+    metric("prefix_blocks_evicted_total", "counter", "Stored prefix blocks evicted (least recently used first).",
+           [("", c.prefix_blocks_evicted)])  # fmt: skip
+    metric("prefix_bytes", "gauge", "Bytes held by stored prefix blocks.", [("", g["prefix_bytes"])])
+    metric("prefilling_sequences", "gauge", "Admitted requests whose prompt is being prefilled.",
+           [("", g["prefilling"])])  # fmt: skip
     metric("queue_length", "gauge", "Requests waiting for admission.", [("", g["queue_length"])])
     metric("running_sequences", "gauge", "Sequences in the decode batch.", [("", g["running"])])
     metric("kv_bytes_in_use", "gauge", "Exact KV bytes stored by running sequences and stored contexts.",

@@ -18,6 +18,11 @@ server is started, ``arrivals`` prompts of ``arrival_length`` tokens are first s
 same length arrive together. Reported per setting: each stream's longest inter-token gap over its median gap (the
 worst stream's ratio), and each arrival's TTFT over its TTFT alone (the worst). Stored prefix reuse is off in this
 scenario, so an arrival is never served from an earlier one's blocks.
+
+The ``prefix`` scenario (:func:`run_prefix`) measures automatic prefix reuse: for each spec, ``requests`` prompts
+that share their first ``length`` tokens (each followed by ``suffix`` tokens of its own) are sent one after another to
+a server with prefix reuse and to one without; reported: the TTFT of the first prompt (nothing stored yet) and the
+median TTFT of the others, with and without reuse, and the tokens reused.
 """
 
 from __future__ import annotations
@@ -348,6 +353,78 @@ def format_arrival_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -
     return "\n".join(lines)
 
 
+def measure_prefix(engine: Any, prompts: Sequence[list[int]]) -> dict[str, Any]:
+    """TTFT of ``prompts`` sent one after another (the prefix scenario, see the module's docstring)."""
+    httpx = require("httpx", "serve")
+    from .app import create_app
+
+    name = engine.model_name
+    with running_server(create_app(engine)) as url, httpx.Client(timeout=600) as client:
+        stream_completion(client, url, {"model": name, "prompt": prompts[0][-8:], "max_tokens": 2})
+        ttft = []
+        for p in prompts:
+            body = {"model": name, "prompt": p, "max_tokens": 1, "stop": None, "ignore_eos": True}
+            ttft.append(stream_completion(client, url, body)["times"][0])
+    return {
+        "spec": engine.default.spec.label,
+        "reuse": engine.prefix is not None,
+        "ttft_first": ttft[0],
+        "ttft_rest_p50": _percentile(ttft[1:], 0.5),
+        "reused_tokens": engine.counters.prefix_hit_tokens,
+    }
+
+
+def run_prefix(
+    *,
+    model_name: str,
+    specs: Sequence[str],
+    kv_memory: int,
+    length: int,
+    suffix: int,
+    requests: int,
+    step_tokens: int,
+    out: str | None = None,
+) -> list[dict[str, Any]]:
+    """The prefix scenario for every spec, with and without reuse; prints a table (and writes JSON to ``out``)."""
+    import torch
+
+    from ..adapters.models import load_model
+    from ..spec import Spec
+    from .engine import Engine
+
+    for s in specs:
+        Spec.parse(s)
+    model, tok = load_model(model_name)
+    shared = prompts_of(tok, length, 1)[0]
+    tails = prompts_of(tok, suffix, requests + 1)[1:]
+    prompts = [shared + t for t in tails]
+    rows = []
+    for s in specs:
+        for reuse in (True, False):
+            engine = Engine(model, tok, spec=s, kv_memory=kv_memory, model_name=model_name, max_tokens=1,
+                            step_tokens=step_tokens, prefix_cache=reuse)  # fmt: skip
+            rows.append(measure_prefix(engine, prompts))
+            r = rows[-1]
+            print(f"{s} reuse={reuse}: TTFT first {r['ttft_first']:.2f} s, then {r['ttft_rest_p50']:.2f} s "
+                  f"({r['reused_tokens']} tokens reused)", flush=True)  # fmt: skip
+    meta = {"scenario": "prefix", "model": model_name, "kv_memory": kv_memory, "length": length, "suffix": suffix,
+            "requests": requests, "step_tokens": step_tokens, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}  # fmt: skip
+    lines = [
+        f"{requests} prompts sharing {length} tokens (+{suffix} of their own) · {meta['threads']} threads",
+        "",
+        "| spec | reuse | TTFT first (s) | TTFT others p50 (s) | tokens reused |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| `{r['spec']}` | {'on' if r['reuse'] else 'off'} | {r['ttft_first']:.2f} | "
+                     f"{r['ttft_rest_p50']:.2f} | {r['reused_tokens']} |")  # fmt: skip
+    print("\n" + "\n".join(lines))
+    if out:
+        Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
 def format_row(r: dict[str, Any]) -> str:
     return (
         f"{r['spec']}: {r['completed']}/{r['requests']} done, peak batch {r['peak_batch']}, "
@@ -381,6 +458,7 @@ __all__ = [
     "prompts_of",
     "run_arrival",
     "run_bench",
+    "run_prefix",
     "running_server",
     "stream_completion",
 ]

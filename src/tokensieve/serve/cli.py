@@ -186,6 +186,20 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
             out=args.out,
         )
         return 0
+    if args.scenario == "prefix":
+        from .bench import run_prefix
+
+        run_prefix(
+            model_name=args.model,
+            specs=split_specs(args.specs),
+            kv_memory=args.kv_memory,
+            length=args.length,
+            suffix=args.suffix_length,
+            requests=args.requests,
+            step_tokens=args.step_tokens[0],
+            out=args.out,
+        )
+        return 0
     run_bench(
         model_name=args.model,
         specs=split_specs(args.specs),
@@ -316,10 +330,12 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--requests", type=whole_number(1), default=16, help="requests in all")
     sp.add_argument("--max-batch", type=whole_number(1), default=64, help="the server's largest decode batch")
     sp.add_argument("--out", default=None, help="write the measurements as JSON to this file")
-    sp.add_argument("--scenario", choices=["capacity", "arrival"], default="capacity",
+    sp.add_argument("--scenario", choices=["capacity", "arrival", "prefix"], default="capacity",
                     help="capacity: concurrency, TTFT and throughput under the budget (default); arrival: long prompts "
                     "(--length tokens) arriving while --clients streams decode — the streams' longest inter-token gap "
-                    "over their median and the arrivals' TTFT over their TTFT alone, per --step-tokens")  # fmt: skip
+                    "over their median and the arrivals' TTFT over their TTFT alone, per --step-tokens; prefix: "
+                    "--requests prompts sharing their first --length tokens, TTFT with and without prefix "
+                    "reuse")  # fmt: skip
     g = sp.add_argument_group("arrival scenario")
     g.add_argument("--step-tokens", type=_token_budgets, default=[256, 0], metavar="N,N",
                    help="the scheduler's token budgets per step to compare (0: one-pass prefill; "
@@ -327,6 +343,9 @@ def add_commands(sub: Any) -> None:
     g.add_argument("--arrivals", type=whole_number(1), default=1, help="long prompts arriving together (default 1)")
     g.add_argument("--stream-length", type=whole_number(1), default=64, help="prompt tokens of each running stream")
     g.add_argument("--stream-tokens", type=whole_number(1), default=200, help="tokens each running stream generates")
+    g = sp.add_argument_group("prefix scenario")
+    g.add_argument("--suffix-length", type=whole_number(1), default=32,
+                   help="tokens each prompt adds after the shared --length tokens (default 32)")  # fmt: skip
     sp.set_defaults(func=cmd_serve_bench)
 
 

@@ -596,6 +596,7 @@ class Engine:
                 "kv_bytes_budget": self.kv_memory,
                 "contexts": len(self.contexts),
                 "context_bytes": ctx_bytes,
+                "prefix_bytes": self.prefix.bytes if self.prefix is not None else 0,
             }
 
     # ------------------------------------------------------------------------------------------- the loop
