@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +47,7 @@ from ..data.prompts import TextStream, encode
 from ..engine import CachedContext, Compressor
 from ..errors import ConfigError, TokensieveError
 from ..spec import Spec
-from .batching import decode_step
+from .batching import Segment, decode_step, packed_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
 from .staging import Block, PrefixCache, Staged, needs_record, staging_refusal
 
@@ -616,8 +616,7 @@ class Engine:
                     continue
                 self._drop_cancelled()
                 self._admit()
-                self._prefill_some(self._prefill_room())
-                self._step()
+                self._step(self._prefill_some(self._prefill_room()))
             except Exception as exc:  # never die: what cannot be told apart fails, the server keeps serving
                 self._fail_all(f"Internal error while generating: {type(exc).__name__}: {exc}")
             self._update_gauges()
@@ -796,11 +795,13 @@ class Engine:
             return None
         return max(self.step_tokens - len(self._running), min(MIN_PREFILL_TOKENS, self.step_tokens))
 
-    def _prefill_some(self, room: int | None) -> None:
-        """Prefill admitted jobs, first come first served, within ``room`` tokens (None: each wholly, in one go). A
-        staged prompt takes what room is left as its next chunk; a prompt prefilled in one pass goes when it fits
-        the room, or when it is first in line (so it cannot starve). A job that fails, fails alone."""
+    def _prefill_some(self, room: int | None) -> list[tuple[Job, Segment]]:
+        """Prefill admitted jobs, first come first served, within ``room`` tokens (None: each wholly). A staged
+        prompt takes what room is left as its next chunk, returned to run in this step's forward pass with the decode
+        rows (:meth:`_step`); a prompt prefilled in one pass runs now, when it fits the room or is first in line (so
+        it cannot starve). A job that fails, fails alone."""
         spent = 0
+        chunks: list[tuple[Job, Segment]] = []
         now = time.monotonic()
         for job in list(self._prefilling):
             if room is not None and spent >= room:
@@ -824,10 +825,16 @@ class Engine:
                 continue
             if ran is None:
                 break  # it waits for a step where it is first: later jobs wait behind it
-            spent += ran
+            if isinstance(ran, Segment):
+                chunks.append((job, ran))
+                spent += len(ran.ids)
+            else:
+                spent += ran
+        return chunks
 
-    def _advance(self, job: Job, room: int | None, *, first: bool) -> int | None:
-        """Prefill (part of) one job's prompt within ``room`` tokens; returns the tokens run (None: not now)."""
+    def _advance(self, job: Job, room: int | None, *, first: bool) -> int | Segment | None:
+        """Prefill one job's prompt in one pass now (returns its tokens), or plan its next chunk within ``room``
+        tokens (returns the chunk's segment), or neither (None: not now)."""
         n = len(job.ids)
         fits = room is None or n <= room
         if job.stage and job.staged is None and not job.prefix_blocks and fits and self._no_blocks(n):
@@ -842,25 +849,27 @@ class Engine:
             job.prefix_blocks = []
             job.reused = job.staged.reused
             self.counters.prefix_hit_tokens += job.reused
+        return job.staged.segment(job.staged.remaining if room is None else room)
+
+    def _complete(self, job: Job) -> None:
+        """A staged prompt's last chunk ran: store its new prefix blocks, compress it with its spec (the recorded
+        prefill replayed) and let it join the batch."""
         staged = job.staged
-        ran = staged.advance(staged.remaining if room is None else room)
-        self.counters.prefill_chunks += 1
-        if staged.finished:
-            if self.prefix is not None:
-                keys, values, queries, hidden = staged.tensors()
-                with self._lock:
-                    free = self.kv_memory - (self.reserved_jobs + sum(c.bytes for c in self.contexts.values()))
-                    limit = min(self.prefix_memory, free)  # the blocks fit beside what is held
-                    self.prefix.insert(job.ids, keys, values, queries, hidden, limit=limit)
-                self.counters.prefix_blocks_evicted = self.prefix.evicted
-                self.counters.peak_held = max(self.counters.peak_held, self._held())
-            ctx = staged.finish()
-            job.staged = None
-            job.prompt_tokens = len(job.ids)
-            self.counters.prefills += 1
-            self.counters.prompt_tokens += len(job.ids)
-            self._start(job, ctx)
-        return ran
+        assert staged is not None
+        if self.prefix is not None:
+            keys, values, queries, hidden = staged.tensors()
+            with self._lock:
+                free = self.kv_memory - (self.reserved_jobs + sum(c.bytes for c in self.contexts.values()))
+                limit = min(self.prefix_memory, free)  # the blocks fit beside what is held
+                self.prefix.insert(job.ids, keys, values, queries, hidden, limit=limit)
+            self.counters.prefix_blocks_evicted = self.prefix.evicted
+            self.counters.peak_held = max(self.counters.peak_held, self._held())
+        ctx = staged.finish()
+        job.staged = None
+        job.prompt_tokens = len(job.ids)
+        self.counters.prefills += 1
+        self.counters.prompt_tokens += len(job.ids)
+        self._start(job, ctx)
 
     def _no_blocks(self, n: int) -> bool:
         """A prompt of ``n`` tokens has no whole prefix block to store."""
@@ -959,7 +968,10 @@ class Engine:
         if job.max_tokens == 0:
             self._finish(job, "length")
 
-    def _step(self) -> None:
+    def _step(self, chunks: Sequence[tuple[Job, Segment]] = ()) -> None:
+        """One decode step for every running sequence, and the planned prompt chunks: in one batched decode pass
+        when there are no chunks, else in one packed pass with them (:func:`~tokensieve.serve.batching.packed_step`).
+        A sequence or a prompt whose own cache fails, fails alone."""
         live: list[Job] = []
         tokens: list[int] = []
         now = time.monotonic()
@@ -988,14 +1000,51 @@ class Engine:
                     tokens.append(t)
             except Exception as exc:
                 self._fail(job, exc)
+        chunks = [(job, seg) for job, seg in chunks if job.staged is not None and not job.cancelled]
+        if chunks:
+            self._packed(live, tokens, chunks)
+        elif live:
+            failed = decode_step(self.model, [j.ctx for j in live if j.ctx is not None], tokens)
+            for row, error in failed.items():  # a row whose own cache failed: that request alone
+                self._fail(live[row], error)
         if not live:
             return
-        failed = decode_step(self.model, [j.ctx for j in live if j.ctx is not None], tokens)
-        for row, error in failed.items():  # a row whose own cache failed: that request alone
-            self._fail(live[row], error)
         self.counters.decode_steps += 1
         self.counters.batched_rows += len(live)
         self.counters.max_batch = max(self.counters.max_batch, len(live))
+
+    def _packed(self, live: list[Job], tokens: list[int], chunks: Sequence[tuple[Job, Segment]]) -> None:
+        """The decode rows of ``live`` (their next ``tokens``) and the prompt ``chunks`` in one packed forward pass;
+        a prompt whose last chunk ran is compressed and joins the batch."""
+        segments = []
+        for job, t in zip(live, tokens):
+            assert job.ctx is not None
+            segments.append(Segment(job.ctx.cache, [t], [int(job.ctx.next_positions()[0])]))
+        segments += [seg for _, seg in chunks]
+        t0 = time.perf_counter()
+        logits, failed = packed_step(self.model, segments)
+        seconds = time.perf_counter() - t0
+        for i, job in enumerate(live):
+            if i in failed:  # a row whose own cache failed: that request alone
+                self._fail(job, failed[i])
+                continue
+            assert job.ctx is not None
+            job.ctx.mask = torch.cat([job.ctx.mask, job.ctx.mask.new_ones(1, 1)], dim=1)
+            job.ctx.logits = logits[i : i + 1]
+        for k, (job, seg) in enumerate(chunks):
+            i = len(live) + k
+            if i in failed:
+                self._fail(job, failed[i])
+                continue
+            try:
+                assert job.staged is not None
+                job.staged.absorb(seg, logits[i : i + 1], seconds)
+                self.counters.prefill_chunks += 1
+                if job.staged.finished:
+                    with self._time_limit(job):
+                        self._complete(job)
+            except Exception as exc:  # this request failed; the others keep running
+                self._fail(job, exc)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Fail one admitted job (a limit it ran past, or an error of its own sequence) and free its cache."""

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapters.hf import hf_cache, sieve_attention_enabled
 from ..cache.dense import DenseKV
 from ..cache.prefill import Chunk, Fresh, PrefillMode
 from ..cache.sieve_cache import SieveCache
 from ..cache.storage import KVStore
 from ..engine import CachedContext, Compressor
 from ..engine.prefill import FULL, PrefillRecord
+from .batching import Segment, packed_step
 
 
 def needs_record(press: Compressor) -> bool:
@@ -307,30 +307,36 @@ class Staged:
         state.seen_valid = torch.tensor([m], dtype=torch.long, device=k.device)
 
     # ------------------------------------------------------------------------------------------------ work
-    @torch.inference_mode()
-    def advance(self, tokens: int) -> int:
-        """Run the next ``tokens`` prompt tokens (at most what remains) through the model; returns how many ran."""
+    def segment(self, tokens: int) -> Segment:
+        """The next ``tokens`` prompt tokens (at most what remains, at least one) as a segment of a packed step
+        (:func:`~tokensieve.serve.batching.packed_step`), over this prompt's staging cache; hand the step's logits
+        for it to :meth:`absorb`."""
         n = max(1, min(int(tokens), self.remaining))
-        s, e = self.done, self.done + n
         if self.cache is None:
             self.cache = self._new_cache(n)
-        ids = torch.tensor([self.ids[s:e]], dtype=torch.long)  # (1, n)
-        t0 = time.perf_counter()
-        with sieve_attention_enabled(self.model):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=torch.ones(1, e, dtype=torch.long),
-                position_ids=torch.arange(s, e)[None],
-                past_key_values=hf_cache(self.cache),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        if self.recorder is not None and s == 0:  # room for the rest of the prompt, allocated once
+        s = self.done
+        return Segment(self.cache, self.ids[s : s + n], list(range(s, s + n)))
+
+    def absorb(self, segment: Segment, logits: Tensor, seconds: float = 0.0) -> None:
+        """A segment from :meth:`segment` ran: its tokens are in; ``logits`` ``(1, V)`` follow its last token."""
+        n = len(segment.ids)
+        if self.recorder is not None and self.done == 0:  # room for the rest of the prompt, allocated once
+            assert self.cache is not None
             self.cache.reserve(self.remaining - n)
-        self.logits = out.logits[:, -1].float()  # (1, V)
-        self.seconds += time.perf_counter() - t0
-        self.done = e
-        return n
+        self.done += n
+        self.logits = logits
+        self.seconds += seconds
+
+    def advance(self, tokens: int) -> int:
+        """Run the next ``tokens`` prompt tokens (at most what remains) through the model alone; returns how many
+        ran."""
+        seg = self.segment(tokens)
+        t0 = time.perf_counter()
+        logits, failed = packed_step(self.model, [seg])
+        if failed:
+            raise failed[0]
+        self.absorb(seg, logits[0:1], time.perf_counter() - t0)
+        return len(seg.ids)
 
     def _layers(self) -> list[Chunk]:
         """Every layer's whole prompt as one chunk: the stored keys and values, the prefix's and the recorded
