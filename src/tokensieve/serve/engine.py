@@ -2,13 +2,19 @@
 
 Every request becomes a :class:`Job`. One scheduler thread owns the model and loops:
 
-1. take new jobs into a first-come-first-served queue; drop the ones whose client went away;
-2. **admit** from the head of the queue while the job's KV bytes fit the memory budget (``kv_memory``): the prompt
-   is prefilled — and compressed with the job's spec — as soon as it is admitted (a question on a stored context is
-   appended to a fork of it); when the head does not fit, least recently used stored contexts are evicted, and if
+1. take new jobs into a first-come-first-served queue; drop the ones whose client went away (running, prefilling or
+   waiting: their caches and reservations are freed now);
+2. **admit** from the head of the queue while the job's KV bytes fit the memory budget (``kv_memory``), reserving
+   them; when the head does not fit, least recently used prefix blocks, then stored contexts, are evicted, and if
    it still does not fit it waits for running sequences to finish;
-3. run **one decode step for every running sequence** in a single forward pass
-   (:func:`~tokensieve.serve.batching.decode_step`); finished sequences leave the batch and free their caches.
+3. **prefill** admitted prompts within the step's token budget (``step_tokens``, shared with the decode rows): a
+   prompt that can be staged (:mod:`~tokensieve.serve.staging`) gets the next chunk of what is left, starting from
+   the stored prefix blocks it begins with; any other is prefilled in one pass (a question on a stored context is
+   appended to a fork of it). A prompt that is in is compressed with the job's spec and joins the batch;
+4. run **one decode step for every running sequence** in a single forward pass
+   (:func:`~tokensieve.serve.batching.decode_step`), or, when prompt chunks run in this step, one packed pass of the
+   decode rows and the chunks (:func:`~tokensieve.serve.batching.packed_step`); finished sequences leave the batch
+   and free their caches.
 
 Memory is counted in exact cache bytes: a job is admitted on an estimate (the entries its spec keeps of the
 prompt, plus ``max_tokens``, times the bytes one token takes in every layer and KV head) and, once prefilled, holds

@@ -1,9 +1,10 @@
 """A prompt prefilled a chunk at a time, across scheduler steps, and stored prompt prefixes reused.
 
 The scheduler (:mod:`tokensieve.serve.engine`) gives every step a token budget shared by the running sequences'
-decode rows and the prompts being prefilled. A prompt longer than its share is prefilled in chunks: each chunk runs
-through the model at its true positions over an uncompressed cache of the earlier chunks (:class:`Staged`), so its
-forward pass is the one the whole prompt would have had. Once the last chunk is in, the prompt is compressed with the
+decode rows and the prompts being prefilled. A prompt longer than its share is prefilled in chunks, one per step: each
+chunk is a segment of the step's packed forward pass (:func:`~tokensieve.serve.batching.packed_step`, with the decode
+rows) and runs at its true positions over an uncompressed cache of the earlier chunks (:class:`Staged`), so every
+layer sees what the whole prompt's forward pass would give it. Once the last chunk is in, the prompt is compressed with the
 request's spec exactly as a one-pass prefill compresses it:
 
 * a spec that keeps every entry and runs no decode method: the staging cache *is* the request's cache;
@@ -26,7 +27,6 @@ too and reuses only blocks that hold them.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,7 +40,7 @@ from ..cache.sieve_cache import SieveCache
 from ..cache.storage import KVStore
 from ..engine import CachedContext, Compressor
 from ..engine.prefill import FULL, PrefillRecord
-from .batching import Segment, packed_step
+from .batching import Segment
 
 
 def needs_record(press: Compressor) -> bool:
@@ -326,17 +326,6 @@ class Staged:
         self.done += n
         self.logits = logits
         self.seconds += seconds
-
-    def advance(self, tokens: int) -> int:
-        """Run the next ``tokens`` prompt tokens (at most what remains) through the model alone; returns how many
-        ran."""
-        seg = self.segment(tokens)
-        t0 = time.perf_counter()
-        logits, failed = packed_step(self.model, [seg])
-        if failed:
-            raise failed[0]
-        self.absorb(seg, logits[0:1], time.perf_counter() - t0)
-        return len(seg.ids)
 
     def _layers(self) -> list[Chunk]:
         """Every layer's whole prompt as one chunk: the stored keys and values, the prefix's and the recorded

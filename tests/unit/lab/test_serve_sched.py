@@ -18,6 +18,9 @@ from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Done, Engine, Failed, Job
 from tokensieve.serve.staging import PrefixCache
 
+pytest.importorskip("fastapi")
+from tokensieve.serve.app import prometheus
+
 TOK = CharTokenizer()
 
 
@@ -168,6 +171,7 @@ def test_prefix_reuse_equals_no_reuse(model, spec):
     jobs = run(engine, work, serial=True)
     assert [j.reused for j in jobs] == [0, 48, 48]  # whole blocks of the shared 50 tokens
     assert engine.counters.prefix_hit_tokens == 96
+    assert "tokensieve_prefix_hit_tokens_total 96" in prometheus(engine)
     for (s, ids, n), job in zip(work, jobs):
         assert job.tokens == alone(model, s, ids, n), s
 
