@@ -4,8 +4,8 @@ The scheduler (:mod:`tokensieve.serve.engine`) gives every step a token budget s
 decode rows and the prompts being prefilled. A prompt longer than its share is prefilled in chunks, one per step: each
 chunk is a segment of the step's packed forward pass (:func:`~tokensieve.serve.batching.packed_step`, with the decode
 rows) and runs at its true positions over an uncompressed cache of the earlier chunks (:class:`Staged`), so every
-layer sees what the whole prompt's forward pass would give it. Once the last chunk is in, the prompt is compressed with the
-request's spec exactly as a one-pass prefill compresses it:
+layer sees what the whole prompt's forward pass would give it. Once the last chunk is in, the prompt is compressed
+with the request's spec exactly as a one-pass prefill compresses it:
 
 * a spec that keeps every entry and runs no decode method: the staging cache *is* the request's cache;
 * any other spec whose prefill can be replayed (:meth:`tokensieve.engine.Compressor.replay_refusal`): every layer's
@@ -246,24 +246,26 @@ class Staged:
         self.seconds = 0.0
         self.recorder: _Recorder | None = _Recorder() if self.record else None
         self.cache: SieveCache | None = None
-        self.prefix_parts: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] | None = None
+        # a reused prefix's queries and hidden states per layer (recorded specs); its keys and values are in the cache
+        self.prefix_parts: list[tuple[Tensor, Tensor | None]] | None = None
         self._joined: list[Chunk] | None = None
         self._headroom = 0
         if prefix:
-            self.prefix_parts = []
+            self.cache = self._new_cache(self.done)
+            if self.record:
+                self.prefix_parts = []
             for layer in range(n_layers):
                 k = torch.cat([b.keys[layer] for b in prefix], dim=2)  # (1, H_kv, m, D)
                 v = torch.cat([b.values[layer] for b in prefix], dim=2)
-                q = h = None
-                if self.record:
-                    assert all(b.queries is not None and b.hidden is not None for b in prefix)
-                    q = torch.cat([b.queries[layer] for b in prefix], dim=2)  # type: ignore[index]  # (1, H_q, m, D)
-                    hs = [b.hidden[layer] for b in prefix]  # type: ignore[index]
-                    h = None if any(x is None for x in hs) else torch.cat(hs, dim=1)  # type: ignore[arg-type]
-                self.prefix_parts.append((k, v, q, h))
-            self.cache = self._new_cache(self.done)
-            for layer, (k, v, _, _) in enumerate(self.prefix_parts):
-                self._seed(layer, k, v)
+                self._seed(layer, k, v)  # copied into the layer's store
+                if self.prefix_parts is not None:
+                    queries = [b.queries[layer] for b in prefix if b.queries is not None]
+                    hidden = [b.hidden[layer] if b.hidden is not None else None for b in prefix]
+                    if len(queries) != len(prefix):
+                        raise ValueError("A spec that compresses reuses only prefix blocks stored with queries.")
+                    q = torch.cat(queries, dim=2)  # (1, H_q, m, D)
+                    h = None if any(x is None for x in hidden) else torch.cat(hidden, dim=1)  # type: ignore[arg-type]
+                    self.prefix_parts.append((q, h))
 
     # ------------------------------------------------------------------------------------------------ state
     @property
@@ -280,8 +282,10 @@ class Staged:
         total = 0 if self.cache is None else self.cache.allocated_bytes()
         if self.recorder is not None:
             total += self.recorder.nbytes()
-        if self.prefix_parts is not None and self.record:
-            total += sum(_nbytes([q, h]) for _, _, q, h in self.prefix_parts)
+        if self.prefix_parts is not None:
+            total += sum(_nbytes([q, h]) for q, h in self.prefix_parts)
+        if self._joined is not None:
+            total += sum(_nbytes([c.q, c.hidden]) for c in self._joined)
         return total
 
     def _new_cache(self, first: int) -> SieveCache:
@@ -340,20 +344,27 @@ class Staged:
             assert store.n == n
             qs, hs = list(self.recorder.queries[layer]), list(self.recorder.hidden[layer])
             if self.prefix_parts is not None:
-                _, _, q, h = self.prefix_parts[layer]
-                assert q is not None
+                q, h = self.prefix_parts[layer]
                 qs, hs = [q, *qs], [h, *hs]
             hidden = None if any(h is None for h in hs) else torch.cat(hs, dim=1)  # type: ignore[arg-type]
             joined.append(replace(self.recorder.meta[layer], q=torch.cat(qs, dim=2), k=store.keys, v=store.values,
                                   valid=None, positions=torch.arange(n)[None], seen=0, hidden=hidden))  # fmt: skip
         return joined
 
+    def _join(self) -> list[Chunk]:
+        """The whole prompt's layers (:meth:`_layers`), joined once; the recorded pieces are dropped then."""
+        if self._joined is None:
+            self._joined = self._layers()
+            assert self.recorder is not None
+            self.recorder.clear()
+            self.prefix_parts = None
+        return self._joined
+
     def tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor | None] | None]:
         """Every layer's keys, values (and, when recorded, queries and hidden states) of the whole prompt, for the
         prefix cache. Call after the last chunk and before :meth:`finish`."""
         if self.recorder is not None:
-            layers = self._layers()
-            self._joined = layers
+            layers = self._join()
             return [c.k for c in layers], [c.v for c in layers], [c.q for c in layers], [c.hidden for c in layers]
         assert self.cache is not None
         n = len(self.ids)
@@ -376,11 +387,8 @@ class Staged:
             self.cache.reserve(self.reserve)
             ctx = CachedContext(self.cache, mask, self.logits, self.seconds, 0.0)
         else:
-            layers = self._joined if self._joined is not None else self._layers()
-            record = PrefillRecord(ids, mask, self.logits, self.seconds, layers)
+            record = PrefillRecord(ids, mask, self.logits, self.seconds, self._join())
             self.cache = None
-            self.recorder.clear()
-            self.prefix_parts = None
             self._joined = None
             ctx = self.press.prefill(ids, reserve=self.reserve, replay=record)
         return ctx
