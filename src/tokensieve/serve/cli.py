@@ -158,7 +158,9 @@ def _serve_ray(args: argparse.Namespace) -> int:
                                threads=resolve_threads(args.threads) if args.threads else 1,
                                limits=limit_values(args), api_key=key,
                                allowed_hosts=None if hosts is None else sorted(hosts),
-                               allowed_methods=None if methods is None else sorted(methods))  # fmt: skip
+                               allowed_methods=None if methods is None else sorted(methods),
+                               step_tokens=args.step_tokens, prefix_cache=not args.no_prefix_cache,
+                               prefix_block=args.prefix_block, prefix_memory=args.prefix_memory)  # fmt: skip
     run(settings, args.ray_replicas, address=args.ray_address, host=args.host, port=args.port)
     return 0
 
