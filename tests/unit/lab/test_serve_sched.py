@@ -341,3 +341,28 @@ def test_a_client_that_disconnects_during_its_prefill_is_dropped_before_its_firs
     assert wait_for(lambda: engine.counters.cancelled == cancelled + 1, 30)
     assert wait_for(lambda: engine.gauges()["prefilling"] == 0 and engine.gauges()["kv_bytes_reserved"] == 0, 5)
     assert engine.counters.prefill_chunks < chunks + 400 // 8
+
+
+# ------------------------------------------------------------------------------------------- command line
+def test_scheduling_flags_reach_the_engine_and_serve_bench_takes_its_scenarios():
+    from tokensieve.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--step-tokens", "0", "--no-prefix-cache", "--prefix-block", "16"])
+    assert (args.step_tokens, args.no_prefix_cache, args.prefix_block) == (0, True, 16)
+    args = parser.parse_args(["serve"])
+    assert (args.step_tokens, args.no_prefix_cache, args.prefix_block, args.prefix_memory) == (256, False, 32, None)
+    args = parser.parse_args(["serve-bench", "--scenario", "arrival", "--step-tokens", "64, 0", "--arrivals", "4"])
+    assert (args.scenario, args.step_tokens, args.arrivals) == ("arrival", [64, 0], 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve-bench", "--step-tokens", "-1"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--step-tokens", "many"])
+
+
+def test_engine_refuses_bad_scheduling_settings(model):
+    from tokensieve.errors import ConfigError
+
+    for bad in ({"step_tokens": -1}, {"step_tokens": 2.5}, {"prefix_block": 0}):
+        with pytest.raises(ConfigError):
+            Engine(model, TOK, **bad)
