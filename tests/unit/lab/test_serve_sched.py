@@ -366,3 +366,48 @@ def test_engine_refuses_bad_scheduling_settings(model):
     for bad in ({"step_tokens": -1}, {"step_tokens": 2.5}, {"prefix_block": 0}):
         with pytest.raises(ConfigError):
             Engine(model, TOK, **bad)
+
+
+@pytest.mark.parametrize("victim", ["chunk", "decode row"])
+def test_a_failure_in_one_segment_of_a_packed_step_fails_that_request_alone(model, monkeypatch, victim):
+    """A step packs a decode row and a prompt's chunk; one of them fails inside its own cache's attention (layer 1 of
+    3, the third packed step): that request fails alone, the other's answer equals the library's one-pass answer."""
+    from tokensieve.cache.sieve_cache import SieveCache
+
+    engine = Engine(model, TOK, spec="full", step_tokens=8, prefix_cache=False)
+    engine.eos = set()
+    decoding, chunked = prompt(30, 20), prompt(31, 80)
+    real, hits = SieveCache.attend, {"n": 0}
+    jobs: dict[str, Job] = {}
+
+    def attend(self, layer_idx, q, *args, **kwargs):
+        staged = jobs["chunk"].staged if "chunk" in jobs else None
+        if layer_idx == 1 and staged is not None and staged.done > 0:  # packed steps: the prompt is being chunked
+            row = jobs["decode row"].ctx
+            target = staged.cache if victim == "chunk" else row.cache if row is not None else None
+            if self is target:
+                hits["n"] += 1
+                if hits["n"] == 3:
+                    raise RuntimeError("injected failure in one segment")
+        return real(self, layer_idx, q, *args, **kwargs)
+
+    monkeypatch.setattr(SieveCache, "attend", attend)
+    engine.start()
+    try:
+        jobs["decode row"], c_row = submit(engine, decoding, "snapkv:0.5", 40)
+        c_row.first.wait(60)
+        jobs["chunk"], c_chunk = submit(engine, chunked, "tova:0.5", 6)
+        for c in (c_row, c_chunk):
+            assert c.done.wait(240)
+        cs = {"decode row": c_row, "chunk": c_chunk}
+        failed, ok = cs[victim], cs["chunk" if victim == "decode row" else "decode row"]
+        assert isinstance(failed.events[-1], Failed)
+        assert "injected failure" in failed.events[-1].message
+        assert isinstance(ok.events[-1], Done)
+        survivor = jobs["chunk" if victim == "decode row" else "decode row"]
+        spec, ids = ("tova:0.5", chunked) if victim == "decode row" else ("snapkv:0.5", decoding)
+        assert survivor.tokens == alone(model, spec, ids, survivor.max_tokens)
+        assert engine.counters.requests["failed"] == 1
+    finally:
+        engine.stop()
+    assert engine.gauges()["kv_bytes_reserved"] == 0
