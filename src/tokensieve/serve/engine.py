@@ -775,11 +775,11 @@ class Engine:
             self._hold(job, need)
 
     def _stageable(self, job: Job) -> bool:
-        """Whether a job's prompt can be prefilled in chunks across steps and from stored prefix blocks: a plain
-        prompt (not a document to store, not a question on a stored context) of a spec whose prefill does not
-        change the forward pass (:func:`~tokensieve.serve.staging.staging_refusal`), on a server that chunks or
-        reuses prefixes."""
-        if job.kind != "generate" or job.context_id is not None:
+        """Whether a job's prompt can be prefilled in chunks across steps and from stored prefix blocks: a prompt or a
+        document to store (not a question on a stored context, which extends a fork of it) of a spec whose prefill
+        does not change the forward pass (:func:`~tokensieve.serve.staging.staging_refusal`), on a server that
+        chunks or reuses prefixes."""
+        if job.context_id is not None:
             return False
         if self.step_tokens is None and self.prefix is None:
             return False
@@ -875,7 +875,10 @@ class Engine:
         job.prompt_tokens = len(job.ids)
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(job.ids)
-        self._start(job, ctx)
+        if job.kind == "context":
+            self._store_context(job, ctx)
+        else:
+            self._start(job, ctx)
 
     def _no_blocks(self, n: int) -> bool:
         """A prompt of ``n`` tokens has no whole prefix block to store."""
@@ -919,21 +922,9 @@ class Engine:
         prompt that is not staged."""
         press = job.press
         if job.kind == "context":
-            ids = torch.tensor([job.ids], dtype=torch.long)
-            ctx = press.prefill(ids)
-            now = time.time()
-            cid = f"ctx-{uuid.uuid4().hex[:16]}"
-            stored = StoredContext(cid, job.document, job.mode, press, ctx, list(job.ids), now, now)
-            self._leave(job)  # its reservation becomes the stored context's bytes
-            with self._lock:
-                self.contexts[stored.id] = stored
-            self._limit_contexts(stored.id)
-            self.counters.peak_held = max(self.counters.peak_held, self._held())
             self.counters.prefills += 1
             self.counters.prompt_tokens += len(job.ids)
-            self.counters.requests["context"] += 1
-            assert job.result is not None
-            job.result.set_result(stored)
+            self._store_context(job, press.prefill(torch.tensor([job.ids], dtype=torch.long)))
             return
         if job.context_id is not None:
             with self._lock:
@@ -956,6 +947,20 @@ class Engine:
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(job.ids)
         self._start(job, ctx)
+
+    def _store_context(self, job: Job, ctx: CachedContext) -> None:
+        """A document's prefill is in: store it as a context (its reservation becomes the context's bytes)."""
+        now = time.time()
+        cid = f"ctx-{uuid.uuid4().hex[:16]}"
+        stored = StoredContext(cid, job.document, job.mode, job.press, ctx, list(job.ids), now, now)
+        self._leave(job)
+        with self._lock:
+            self.contexts[stored.id] = stored
+        self._limit_contexts(stored.id)
+        self.counters.peak_held = max(self.counters.peak_held, self._held())
+        self.counters.requests["context"] += 1
+        assert job.result is not None
+        job.result.set_result(stored)
 
     def _start(self, job: Job, ctx: CachedContext) -> None:
         """A job's prompt is in: it holds its cache's real bytes from now on and joins the decode batch."""

@@ -411,3 +411,35 @@ def test_a_failure_in_one_segment_of_a_packed_step_fails_that_request_alone(mode
     finally:
         engine.stop()
     assert engine.gauges()["kv_bytes_reserved"] == 0
+
+
+@pytest.mark.parametrize("spec", ["full", "snapkv:0.5"])
+def test_a_document_stored_in_chunks_equals_one_stored_in_one_pass(model, spec):
+    """A document is prefilled a chunk per step while another sequence decodes, then stored: its cache keeps the
+    entries a one-pass prefill keeps (same positions, same keys up to rounding)."""
+    from concurrent.futures import Future
+
+    engine = Engine(model, TOK, step_tokens=8, prefix_cache=False)
+    engine.eos = set()
+    document = "The passkey is 4417. " + "Grass is green and the sky is blue. " * 5
+    ids = engine.encode_document(document, "text")
+    engine.start()
+    try:
+        _, c = submit(engine, prompt(40, 20), "full", 40)
+        c.first.wait(60)
+        result: Future = Future()
+        press = engine.compressor(spec)
+        engine.submit(Job(ids, press, lambda e: None, 0, kind="context", document=document, mode="text", result=result))
+        stored = result.result(timeout=240)
+        c.end  # noqa: B018
+    finally:
+        engine.stop()
+    assert engine.counters.prefill_chunks >= len(ids) // 8
+    want = ts.compress(model, spec).prefill(torch.tensor([ids]))
+    got_stores, want_stores = stored.ctx.cache.stores(), want.cache.stores()
+    for g, w in zip(got_stores, want_stores, strict=True):
+        assert torch.equal(g.positions, w.positions)
+        assert torch.allclose(g.keys, w.keys, atol=1e-5)
+        assert torch.allclose(g.values, w.values, atol=1e-5)
+    assert torch.allclose(stored.ctx.logits, want.logits, atol=1e-4)
+    assert stored.tokens == len(ids)
