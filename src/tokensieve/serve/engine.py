@@ -851,7 +851,7 @@ class Engine:
             self._prefill(job)
             return n
         if job.staged is None:
-            job.staged = Staged(self.model, job.press, job.ids, job.max_tokens, job.prefix_blocks)
+            job.staged = Staged(job.press, job.ids, job.max_tokens, job.prefix_blocks)
             job.prefix_blocks = []
             job.reused = job.staged.reused
             self.counters.prefix_hit_tokens += job.reused

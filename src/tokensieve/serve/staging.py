@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -225,16 +224,13 @@ class Staged:
     """One prompt being prefilled chunk by chunk (see the module's docstring).
 
     Args:
-        model: the causal LM.
         press: the request's Compressor (its spec can be staged: :func:`staging_refusal` is None).
         ids: the prompt's token ids.
         reserve: headroom for the answer in the final cache.
         prefix: stored blocks that begin the prompt (they hold queries if the spec needs them).
     """
 
-    def __init__(self, model: Any, press: Compressor, ids: Sequence[int], reserve: int,
-                 prefix: Sequence[Block] = ()) -> None:  # fmt: skip
-        self.model = model
+    def __init__(self, press: Compressor, ids: Sequence[int], reserve: int, prefix: Sequence[Block] = ()) -> None:
         self.press = press
         self.ids = [int(t) for t in ids]
         self.reserve = reserve
