@@ -432,10 +432,17 @@ class Engine:
                                                add_generation_prompt=True))  # fmt: skip
         return content + "\n"
 
+    def _turn_ids(self, text: str) -> list[int]:
+        """Token ids of a rendered conversation, as :meth:`encode_chat` tokenises one (no special tokens added to a
+        chat template's text; the tokenizer's own without a template)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return encode(self.tokenizer, text)
+        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
     def _whole(self, document: str, question: str, mode: str) -> list[int]:
         """Token ids of a stored document followed by a question, tokenised as one text (never at the split)."""
         if mode == "chat":
-            return encode(self.tokenizer, self._turn(document, question))
+            return self._turn_ids(self._turn(document, question))
         return [int(i) for i in self.tokenizer(document + question)["input_ids"]]
 
     def encode_document(self, document: str, mode: str) -> list[int]:
@@ -450,7 +457,7 @@ class Engine:
         if mode == "chat":
             marker = "\x00QUESTION\x00"
             head = self._turn(document, marker).split(marker)[0]
-            ids = encode(self.tokenizer, head)
+            ids = self._turn_ids(head)
         else:
             ids = [int(i) for i in self.tokenizer(document)["input_ids"]]
         stable = len(ids)

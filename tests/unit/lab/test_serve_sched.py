@@ -15,7 +15,7 @@ import torch
 import tokensieve as ts
 from tests.conftest import make_tiny_model
 from tokensieve.data.testing import CharTokenizer
-from tokensieve.serve.engine import Done, Engine, Failed, Job
+from tokensieve.serve.engine import Done, Engine, Failed, Job, StoredContext
 from tokensieve.serve.staging import PrefixCache
 
 pytest.importorskip("fastapi")
@@ -443,3 +443,15 @@ def test_a_document_stored_in_chunks_equals_one_stored_in_one_pass(model, spec):
         assert torch.allclose(g.values, w.values, atol=1e-5)
     assert torch.allclose(stored.ctx.logits, want.logits, atol=1e-4)
     assert stored.tokens == len(ids)
+
+
+def test_without_a_chat_template_a_question_on_a_context_is_the_whole_conversation_too(model):
+    engine = Engine(model, TOK)
+    document = "Grass is green."
+    for mode in ("chat", "text"):
+        ids = engine.encode_document(document, mode)
+        stored = StoredContext("c", document, mode, engine.default, None, ids, 0.0, 0.0)  # type: ignore[arg-type]
+        for q in ("What colour?", " 1 + 1", "\nNext"):
+            want = (engine.encode_chat([{"role": "user", "content": f"{document}\n\n{q}"}]) if mode == "chat"
+                    else engine.encode_prompt(document + q))  # fmt: skip
+            assert ids + engine.question_ids(stored, q) == want
