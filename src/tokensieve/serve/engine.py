@@ -755,7 +755,13 @@ class Engine:
                 self._reject(job, f"Context {job.context_id!r} was deleted or evicted before this request ran.", 404)
                 continue
             need = self.estimate(job)
+            stageable = self._stageable(job)
+            if stageable and self.prefix is not None:
+                # the stored blocks that begin the prompt, taken first: evicting blocks to make this job's room
+                # cannot take them from it
+                job.prefix_blocks = self.prefix.match(job.ids, queries=needs_record(job.press))
             if not self._fits(need, job.context_id):
+                job.prefix_blocks = []
                 if not self._running and not self._prefilling:  # nothing will free memory: it cannot run now
                     self._waiting.popleft()
                     self._reject(job, "Not enough KV memory for this request.", 503)
@@ -764,11 +770,7 @@ class Engine:
             self._waiting.popleft()
             job.deadline = time.monotonic() + self.limits.request_timeout
             job.stage = False
-            if self._stageable(job):
-                # the stored blocks that begin the prompt, taken now: evicting blocks for this job's room below
-                # cannot take them from it
-                if self.prefix is not None:
-                    job.prefix_blocks = self.prefix.match(job.ids, queries=needs_record(job.press))
+            if stageable:
                 workspace = self._workspace(job)
                 # staging is taken when its workspace fits beside what is held (prefix blocks may be evicted for
                 # it, stored contexts are not); else the prompt is prefilled in one pass, as without chunking

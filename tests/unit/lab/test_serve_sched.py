@@ -455,3 +455,18 @@ def test_without_a_chat_template_a_question_on_a_context_is_the_whole_conversati
             want = (engine.encode_chat([{"role": "user", "content": f"{document}\n\n{q}"}]) if mode == "chat"
                     else engine.encode_prompt(document + q))  # fmt: skip
             assert ids + engine.question_ids(stored, q) == want
+
+
+def test_a_prompt_keeps_its_prefix_blocks_when_its_admission_evicts_them(model):
+    """The budget holds one request or the stored blocks of the last one, not both: admitting the next request with
+    the same prefix evicts the blocks, and it still reuses them (taken before the eviction), equal to no reuse."""
+    tb = Engine(model, TOK).token_bytes
+    engine = Engine(model, TOK, kv_memory=100 * tb, prefix_block=8, step_tokens=16)
+    prefix = prompt(50, 48)
+    work = [("full", prefix, 4), ("full", [*prefix, *prompt(51, 8)], 4)]
+    jobs = run(engine, work, serial=True)
+    assert [j.reused for j in jobs] == [0, 48]
+    assert engine.counters.prefix_blocks_evicted > 0
+    assert engine.counters.peak_held <= 100 * tb
+    for (s, ids, n), job in zip(work, jobs):
+        assert job.tokens == alone(model, s, ids, n)
