@@ -186,6 +186,14 @@ class Job:
     staged: Staged | None = None  # the prefill under way
     prefix_blocks: list[Block] = field(default_factory=list)  # stored blocks that begin the prompt (until staged)
     reused: int = 0  # prompt tokens taken from stored prefix blocks
+    chunks: int = 0  # forward passes its prompt was prefilled in, across steps (0: one pass)
+    note: str = ""  # why a prompt that could have been chunked was prefilled in one pass
+
+    def prefill_info(self) -> dict[str, Any]:
+        """How the prompt was prefilled, for the response: in chunks across steps or in one pass (and why), and the
+        prompt tokens taken from stored prefix blocks."""
+        return {"mode": "chunked" if self.chunks > 1 else "one-pass", "chunks": self.chunks,
+                "prefix_tokens_reused": self.reused, **({"note": self.note} if self.note else {})}  # fmt: skip
 
     def cancel(self) -> None:
         """The client went away: the scheduler drops the job and frees its cache at its next iteration."""
@@ -779,6 +787,12 @@ class Engine:
                     need = max(need, workspace)
                 else:
                     job.prefix_blocks = []
+                    job.note = (f"prefilled in one pass: staging it needs {workspace} bytes, more than the KV budget "
+                                "has free now")  # fmt: skip
+            elif job.context_id is None and self.step_tokens is not None:
+                why = staging_refusal(job.press)
+                if why is not None:
+                    job.note = f"prefilled in one pass: {why}"
             with self._lock:
                 self._prefilling.append(job)
             self._hold(job, need)
@@ -1059,6 +1073,7 @@ class Engine:
             try:
                 assert job.staged is not None
                 job.staged.absorb(seg, logits[i : i + 1], seconds)
+                job.chunks += 1
                 self.counters.prefill_chunks += 1
                 if job.staged.finished:
                     with self._time_limit(job):
@@ -1112,6 +1127,7 @@ class Engine:
             "allocated_bytes": job.reserved,
             "context_id": job.context_id,
             "ttft_seconds": None if job.first_token is None else job.first_token - job.submitted,
+            "prefill": job.prefill_info(),
         }
         self.counters.requests[reason] += 1
         self._emit(job, Done(reason, job.prompt_tokens, len(job.tokens), info))

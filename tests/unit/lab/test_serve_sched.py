@@ -76,6 +76,9 @@ def alone(model, spec: str, ids: list[int], n: int) -> list[int]:
     return press.decode(ctx, n).tokens[0]
 
 
+ENDS: dict[str, Done] = {}  # job id → its last event, for every job that run() ran
+
+
 def run(engine: Engine, work: list[tuple[str, list[int], int]], *, serial: bool = False) -> list[Job]:
     engine.eos = set()
     engine.start()
@@ -86,8 +89,9 @@ def run(engine: Engine, work: list[tuple[str, list[int], int]], *, serial: bool 
             jobs.append((job, c))
             if serial:
                 c.end  # noqa: B018
-        for _, c in jobs:
+        for job, c in jobs:
             assert c.end.finish_reason == "length"
+            ENDS[job.id] = c.end
         return [j for j, _ in jobs]
     finally:
         engine.stop()
@@ -108,6 +112,9 @@ def test_a_prompt_prefilled_a_chunk_per_step_equals_one_pass(model, spec):
     for (s, ids, n), job in zip(work, jobs):
         assert job.tokens == alone(model, s, ids, n), s
     assert engine.counters.prefill_chunks >= 70 // 12 + 45 // 12  # the long prompts really ran in chunks
+    info = ENDS[jobs[1].id].info["prefill"]
+    assert info["mode"] == "chunked"
+    assert info["chunks"] >= 70 // 12
     assert engine.gauges()["kv_bytes_reserved"] == 0
 
 
@@ -122,6 +129,9 @@ def test_a_spec_that_changes_the_forward_pass_is_prefilled_in_one_pass(model):
     assert not job.stage
     assert engine.counters.prefill_chunks == 0
     assert job.tokens == alone(model, "dapq:0.5", ids, 6)
+    info = ENDS[job.id].info["prefill"]
+    assert info["mode"] == "one-pass"
+    assert "auxiliary tokens" in info["note"]  # the reason reaches the client
 
 
 def test_chunking_off_prefills_each_prompt_in_one_pass(model):
@@ -170,6 +180,7 @@ def test_prefix_reuse_equals_no_reuse(model, spec):
     engine = Engine(model, TOK, step_tokens=16, prefix_block=8)
     jobs = run(engine, work, serial=True)
     assert [j.reused for j in jobs] == [0, 48, 48]  # whole blocks of the shared 50 tokens
+    assert [ENDS[j.id].info["prefill"]["prefix_tokens_reused"] for j in jobs] == [0, 48, 48]
     assert engine.counters.prefix_hit_tokens == 96
     assert "tokensieve_prefix_hit_tokens_total 96" in prometheus(engine)
     for (s, ids, n), job in zip(work, jobs):
