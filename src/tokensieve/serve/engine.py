@@ -55,7 +55,7 @@ from ..errors import ConfigError, TokensieveError
 from ..spec import Spec
 from .batching import Segment, decode_step, packed_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
-from .staging import Block, PrefixCache, Staged, needs_record, staging_refusal
+from .staging import Block, Extending, PrefixCache, Staged, needs_record, staging_refusal
 
 MIN_PREFILL_TOKENS = 16  # prompt tokens a step prefills however many sequences it decodes
 # first characters of a question, one of each kind a tokenizer splits text at (letters, digits, spaces, line breaks,
@@ -183,7 +183,7 @@ class Job:
     first_token: float | None = None
     deadline: float | None = None  # time.monotonic() after which the job is stopped (set when admitted)
     stage: bool = False  # prefilled in chunks across steps (and from stored prefix blocks); else in one pass
-    staged: Staged | None = None  # the prefill under way
+    staged: Staged | Extending | None = None  # the prefill under way
     prefix_blocks: list[Block] = field(default_factory=list)  # stored blocks that begin the prompt (until staged)
     reused: int = 0  # prompt tokens taken from stored prefix blocks
     chunks: int = 0  # forward passes its prompt was prefilled in, across steps (0: one pass)
@@ -865,6 +865,19 @@ class Engine:
         """Prefill one job's prompt in one pass now (returns its tokens), or plan its next chunk within ``room``
         tokens (returns the chunk's segment), or neither (None: not now)."""
         n = len(job.ids)
+        if job.context_id is not None and self.step_tokens is not None and job.ids:
+            if job.staged is None:  # a question on a stored context: appended to its fork a chunk per step
+                stored, ctx = self._fork(job)
+                if stored.press.decode_method is not None:  # it may evict by chunk: the question goes in one pass
+                    stored.press.extend(ctx, torch.tensor([job.ids], dtype=torch.long))
+                    job.prompt_tokens = stored.tokens + n
+                    self.counters.prefills += 1
+                    self.counters.prompt_tokens += n
+                    self._start(job, ctx)
+                    return n
+                job.staged = Extending(ctx, job.ids)
+                job.prompt_tokens = stored.tokens + n
+            return job.staged.segment(job.staged.remaining if room is None else room)
         fits = room is None or n <= room
         if job.stage and job.staged is None and not job.prefix_blocks and fits and self._no_blocks(n):
             job.stage = False  # the whole prompt fits this step, and it neither reuses nor stores prefix blocks
@@ -885,6 +898,12 @@ class Engine:
         prefill replayed) and let it join the batch."""
         staged = job.staged
         assert staged is not None
+        if isinstance(staged, Extending):  # a question on a stored context
+            job.staged = None
+            self.counters.prefills += 1
+            self.counters.prompt_tokens += len(job.ids)
+            self._start(job, staged.finish())
+            return
         if self.prefix is not None:
             keys, values, queries, hidden = staged.tensors()
             with self._lock:
@@ -950,17 +969,7 @@ class Engine:
             self._store_context(job, press.prefill(torch.tensor([job.ids], dtype=torch.long)))
             return
         if job.context_id is not None:
-            with self._lock:
-                stored_or_none = self.contexts.get(job.context_id)
-            if stored_or_none is None:  # deleted by a client since the admission check
-                raise RequestError(f"Context {job.context_id!r} was deleted before this request ran.", status=404)
-            stored = stored_or_none
-            with self._lock:
-                self.contexts.move_to_end(job.context_id)  # most recently used
-            stored.uses += 1
-            stored.last_used = time.time()
-            ctx = stored.ctx.fork()  # the stored context is never modified
-            ctx.cache.reserve(len(job.ids) + job.max_tokens)
+            stored, ctx = self._fork(job)
             if job.ids:
                 stored.press.extend(ctx, torch.tensor([job.ids], dtype=torch.long))
             job.prompt_tokens = stored.tokens + len(job.ids)
@@ -970,6 +979,22 @@ class Engine:
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(job.ids)
         self._start(job, ctx)
+
+    def _fork(self, job: Job) -> tuple[StoredContext, CachedContext]:
+        """The stored context a question is on, and a fork of it with room for the question and the answer (the
+        stored context is never modified)."""
+        assert job.context_id is not None
+        with self._lock:
+            stored = self.contexts.get(job.context_id)
+        if stored is None:  # deleted by a client since the admission check
+            raise RequestError(f"Context {job.context_id!r} was deleted before this request ran.", status=404)
+        with self._lock:
+            self.contexts.move_to_end(job.context_id)  # most recently used
+        stored.uses += 1
+        stored.last_used = time.time()
+        ctx = stored.ctx.fork()
+        ctx.cache.reserve(len(job.ids) + job.max_tokens)
+        return stored, ctx
 
     def _store_context(self, job: Job, ctx: CachedContext) -> None:
         """A document's prefill is in: store it as a context (its reservation becomes the context's bytes)."""

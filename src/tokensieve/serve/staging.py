@@ -390,4 +390,46 @@ class Staged:
         return ctx
 
 
-__all__ = ["Block", "PrefixCache", "Staged", "needs_record", "staging_refusal"]
+class Extending:
+    """A question appended to a fork of a stored context a chunk per step: each chunk is a segment of a packed step
+    over the fork's cache (appended and attended to as ``Compressor.extend`` appends a chunk), at the positions after
+    the context. For a fork whose cache runs no decode method (a bounded decode method may evict by chunk)."""
+
+    def __init__(self, ctx: CachedContext, ids: Sequence[int]) -> None:
+        if ctx.batch != 1:
+            raise ValueError("a question extends a single-sequence context")
+        self.ctx = ctx
+        self.ids = [int(t) for t in ids]
+        self.start = int(ctx.next_positions()[0])
+        self.done = 0
+        self.reused = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.ids)
+
+    def nbytes(self) -> int:
+        return int(self.ctx.cache.allocated_bytes())
+
+    def segment(self, tokens: int) -> Segment:
+        n = max(1, min(int(tokens), self.remaining))
+        s = self.done
+        return Segment(self.ctx.cache, self.ids[s : s + n], list(range(self.start + s, self.start + s + n)))
+
+    def absorb(self, segment: Segment, logits: Tensor, seconds: float = 0.0) -> None:
+        n = len(segment.ids)
+        self.done += n
+        self.ctx.mask = torch.cat([self.ctx.mask, self.ctx.mask.new_ones(1, n)], dim=1)
+        self.ctx.logits = logits
+        self.ctx.prefill_seconds += seconds
+
+    def finish(self) -> CachedContext:
+        assert self.finished
+        return self.ctx
+
+
+__all__ = ["Block", "Extending", "PrefixCache", "Staged", "needs_record", "staging_refusal"]

@@ -481,3 +481,42 @@ def test_a_prompt_keeps_its_prefix_blocks_when_its_admission_evicts_them(model):
     assert engine.counters.peak_held <= 100 * tb
     for (s, ids, n), job in zip(work, jobs):
         assert job.tokens == alone(model, s, ids, n)
+
+
+@pytest.mark.parametrize("spec", ["full", "snapkv:0.5", "snapkv:0.5+quest[page=4]:0.5"])
+def test_a_long_question_on_a_stored_context_is_appended_a_chunk_per_step(model, spec):
+    """A 60-token question on a stored context, appended to its fork 8 tokens per step while another sequence
+    decodes, gives the library's answer (prefill the document, fork, extend with the question, decode); a context
+    whose spec runs a decode method gets its question in one pass."""
+    from concurrent.futures import Future
+
+    engine = Engine(model, TOK, step_tokens=8, prefix_cache=False)
+    engine.eos = set()
+    document = "The passkey is 4417. " + "Grass is green and the sky is blue. " * 3
+    question = " Now tell me, after reading all of that carefully, what is the passkey? Answer:"
+    engine.start()
+    try:
+        result: Future = Future()
+        doc_ids = engine.encode_document(document, "text")
+        engine.submit(Job(doc_ids, engine.compressor(spec), lambda e: None, 0, kind="context", document=document,
+                          mode="text", result=result))  # fmt: skip
+        stored = result.result(timeout=240)
+        _, c = submit(engine, prompt(60, 20), "full", 40)
+        c.first.wait(60)
+        q_ids = engine.question_ids(stored, question)
+        qc = Collector()
+        job = Job(q_ids, stored.press, qc, 8, context_id=stored.id)
+        engine.submit(job)
+        end = qc.end
+        c.end  # noqa: B018
+    finally:
+        engine.stop()
+    press = ts.compress(model, spec)
+    base = press.prefill(torch.tensor([doc_ids]))
+    press.extend(base, torch.tensor([q_ids]))
+    assert job.tokens == press.decode(base, 8).tokens[0]
+    assert end.prompt_tokens == len(doc_ids) + len(q_ids)
+    chunked = "quest" not in spec
+    assert (end.info["prefill"]["chunks"] >= len(q_ids) // 8) == chunked
+    assert engine.reserved_jobs == 0  # only the stored context is held
+    assert engine.gauges()["kv_bytes_reserved"] == stored.bytes
