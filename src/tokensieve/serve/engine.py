@@ -9,8 +9,9 @@ Every request becomes a :class:`Job`. One scheduler thread owns the model and lo
    it still does not fit it waits for running sequences to finish;
 3. **prefill** admitted prompts within the step's token budget (``step_tokens``, shared with the decode rows): a
    prompt that can be staged (:mod:`~tokensieve.serve.staging`) gets the next chunk of what is left, starting from
-   the stored prefix blocks it begins with; any other is prefilled in one pass (a question on a stored context is
-   appended to a fork of it). A prompt that is in is compressed with the job's spec and joins the batch;
+   the stored prefix blocks it begins with, and a question on a stored context the next chunk appended to a fork of
+   it; any other is prefilled in one pass. A prompt that is in is compressed with the job's spec and joins the
+   batch;
 4. run **one decode step for every running sequence** in a single forward pass
    (:func:`~tokensieve.serve.batching.decode_step`), or, when prompt chunks run in this step, one packed pass of the
    decode rows and the chunks (:func:`~tokensieve.serve.batching.packed_step`); finished sequences leave the batch
