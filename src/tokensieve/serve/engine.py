@@ -820,8 +820,10 @@ class Engine:
 
     def _prefill_room(self) -> int | None:
         """Prompt tokens this step may prefill: the step's token budget less one per running sequence, at least
-        :data:`MIN_PREFILL_TOKENS` (None: no limit)."""
-        if self.step_tokens is None:
+        :data:`MIN_PREFILL_TOKENS`; None (no limit) without a budget, or when no sequence is decoding — there is
+        nothing to interleave with, and a chunk per step would only add the fixed cost of a pass per chunk (prompts
+        still go in first come first served, so a later one waits either way)."""
+        if self.step_tokens is None or not self._running:
             return None
         return max(self.step_tokens - len(self._running), min(MIN_PREFILL_TOKENS, self.step_tokens))
 

@@ -79,7 +79,12 @@ def alone(model, spec: str, ids: list[int], n: int) -> list[int]:
 ENDS: dict[str, Done] = {}  # job id → its last event, for every job that run() ran
 
 
-def run(engine: Engine, work: list[tuple[str, list[int], int]], *, serial: bool = False) -> list[Job]:
+def run(
+    engine: Engine, work: list[tuple[str, list[int], int]], *, serial: bool = False, first_decodes: bool = False
+) -> list[Job]:
+    """Serve ``work`` (spec, prompt, max_tokens) and wait for every answer: one after another (``serial``), or the
+    rest once the first is decoding (``first_decodes``: a server with nothing decoding prefills a prompt whole), or
+    all at once."""
     engine.eos = set()
     engine.start()
     try:
@@ -89,6 +94,8 @@ def run(engine: Engine, work: list[tuple[str, list[int], int]], *, serial: bool 
             jobs.append((job, c))
             if serial:
                 c.end  # noqa: B018
+            elif first_decodes and len(jobs) == 1:
+                assert c.first.wait(60)
         for job, c in jobs:
             assert c.end.finish_reason == "length"
             ENDS[job.id] = c.end
@@ -104,11 +111,11 @@ STAGED_SPECS = ["full", "snapkv:0.5", "snapkv:0.5+quest[page=4]:0.5", "+h2o:24",
 
 @pytest.mark.parametrize("spec", STAGED_SPECS)
 def test_a_prompt_prefilled_a_chunk_per_step_equals_one_pass(model, spec):
-    """Step budget 12 tokens: a 70-token prompt takes several steps, interleaved with another sequence's decoding;
-    every answer equals the one-pass prefill's."""
+    """Step budget 12 tokens: once a sequence decodes, a 70-token prompt takes several steps, interleaved with its
+    decoding (a 45-token one waits behind it); every answer equals the one-pass prefill's."""
     engine = Engine(model, TOK, spec="full", step_tokens=12, prefix_cache=False)
     work = [(spec, prompt(0, 20), 30), (spec, prompt(1, 70), 8), ("full", prompt(2, 45), 6)]
-    jobs = run(engine, work)
+    jobs = run(engine, work, first_decodes=True)
     for (s, ids, n), job in zip(work, jobs):
         assert job.tokens == alone(model, s, ids, n), s
     assert engine.counters.prefill_chunks >= 70 // 12 + 45 // 12  # the long prompts really ran in chunks
@@ -341,17 +348,27 @@ def test_a_client_that_disconnects_mid_generation_is_dropped_and_freed(server, s
 
 
 def test_a_client_that_disconnects_during_its_prefill_is_dropped_before_its_first_token(server):
+    """While another client's answer is decoding (so the prompt is chunked), a client sends a 400-token prompt and
+    goes away during its prefill: it is dropped before its first token; then the other client goes away too."""
     import json
 
     engine, url = server
-    cancelled, chunks = engine.counters.cancelled, engine.counters.prefill_chunks
+    cancelled, generated = engine.counters.cancelled, engine.counters.generated_tokens
+    other = raw_post(url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "z" * 20, "max_tokens": 480,
+                                                          "stream": True}).encode())  # fmt: skip
+    assert wait_for(lambda: engine.counters.generated_tokens >= generated + 3)
+    chunks = engine.counters.prefill_chunks
     body = json.dumps({"model": "tiny", "prompt": "y" * 400, "max_tokens": 4}).encode()
     sock = raw_post(url, "/v1/completions", body)
     assert wait_for(lambda: engine.counters.prefill_chunks >= chunks + 3)
     sock.close()
     assert wait_for(lambda: engine.counters.cancelled == cancelled + 1, 30)
-    assert wait_for(lambda: engine.gauges()["prefilling"] == 0 and engine.gauges()["kv_bytes_reserved"] == 0, 5)
-    assert engine.counters.prefill_chunks < chunks + 400 // 8
+    assert wait_for(lambda: engine.gauges()["prefilling"] == 0, 5)
+    assert engine.counters.prefill_chunks < chunks + 400 // 7  # it never finished its prefill
+    assert engine.gauges()["running"] == 1  # the other client's answer goes on
+    other.close()
+    assert wait_for(lambda: engine.counters.cancelled == cancelled + 2, 30)
+    assert wait_for(lambda: engine.gauges()["running"] == 0 and engine.gauges()["kv_bytes_reserved"] == 0, 5)
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -436,7 +453,7 @@ def test_a_document_stored_in_chunks_equals_one_stored_in_one_pass(model, spec):
     ids = engine.encode_document(document, "text")
     engine.start()
     try:
-        _, c = submit(engine, prompt(40, 20), "full", 40)
+        _, c = submit(engine, prompt(40, 20), "full", 100)  # decoding while the whole document is chunked
         c.first.wait(60)
         result: Future = Future()
         press = engine.compressor(spec)
