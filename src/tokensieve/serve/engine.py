@@ -821,8 +821,8 @@ class Engine:
     def _prefill_room(self) -> int | None:
         """Prompt tokens this step may prefill: the step's token budget less one per running sequence, at least
         :data:`MIN_PREFILL_TOKENS`; None (no limit) without a budget, or when no sequence is decoding — there is
-        nothing to interleave with, and a chunk per step would only add the fixed cost of a pass per chunk (prompts
-        still go in first come first served, so a later one waits either way)."""
+        nothing to interleave with, and a chunk per step would only add the fixed cost of a pass per chunk: the
+        oldest prompt then goes in whole (:meth:`_prefill_some`), the others beside its decoding."""
         if self.step_tokens is None or not self._running:
             return None
         return max(self.step_tokens - len(self._running), min(MIN_PREFILL_TOKENS, self.step_tokens))
@@ -835,9 +835,10 @@ class Engine:
         spent = 0
         chunks: list[tuple[Job, Segment]] = []
         now = time.monotonic()
+        idle = room is None and self.step_tokens is not None  # nothing decodes: the oldest prompt goes in whole
         for job in list(self._prefilling):
-            if room is not None and spent >= room:
-                break
+            if (room is not None and spent >= room) or (idle and (spent or chunks)):
+                break  # (when idle, the next ones are chunked beside its decoding from the next step on)
             if job.cancelled:
                 continue
             if job.deadline is not None and now > job.deadline:

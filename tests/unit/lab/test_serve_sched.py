@@ -537,3 +537,13 @@ def test_a_long_question_on_a_stored_context_is_appended_a_chunk_per_step(model,
     assert (end.info["prefill"]["chunks"] >= len(q_ids) // 8) == chunked
     assert engine.reserved_jobs == 0  # only the stored context is held
     assert engine.gauges()["kv_bytes_reserved"] == stored.bytes
+
+
+def test_an_idle_server_prefills_the_oldest_prompt_whole_and_chunks_the_next_beside_it(model):
+    engine = Engine(model, TOK, step_tokens=12, prefix_cache=False)
+    work = [("snapkv:0.5", prompt(70, 70), 30), ("snapkv:0.5", prompt(71, 70), 4), ("full", prompt(72, 40), 4)]
+    jobs = run(engine, work)  # submitted together to an idle server
+    assert ENDS[jobs[0].id].info["prefill"]["mode"] == "one-pass"  # the first went in whole
+    assert ENDS[jobs[1].id].info["prefill"]["chunks"] >= 70 // 12  # the next, beside the first's decoding
+    for (s, ids, n), job in zip(work, jobs):
+        assert job.tokens == alone(model, s, ids, n)
