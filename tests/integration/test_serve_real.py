@@ -90,3 +90,33 @@ def test_embedded_model_served(real_model):
             b = client.post("/v1/chat/completions", json=alone).json()
             assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"], q
             assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
+
+
+def test_embedded_model_json_schema_logprobs_and_tools(real_model):
+    """The embedded model's fast tokenizer under a grammar: the answer is JSON of the schema; log-probabilities of
+    its tokens; its chat template has no tool support, so tools are refused with a 400 naming them."""
+    import json
+
+    pytest.importorskip("llguidance")
+    model, tok = real_model
+    engine = Engine(model, tok, spec="full", model_name="smollm2-135m", max_tokens=40)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"enum": [
+        "France", "Spain", "Italy"]}}, "required": ["city", "country"], "additionalProperties": False}  # fmt: skip
+    with TestClient(create_app(engine)) as client:
+        body = {"messages": [{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+                "logprobs": True, "top_logprobs": 2}  # fmt: skip
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        value = json.loads(choice["message"]["content"])
+        assert set(value) == {"city", "country"}
+        assert value["country"] in ("France", "Spain", "Italy")
+        assert choice["finish_reason"] == "stop"
+        content = choice["logprobs"]["content"]
+        assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in content)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        r = client.post("/v1/chat/completions", json={"messages": body["messages"], "tools": tools,
+                                                      "tool_choice": "required"})  # fmt: skip
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "tools"

@@ -12,6 +12,7 @@ from typing import Any
 from ..results.threads import whole_number
 
 API_KEY_ENV = "TOKENSIEVE_API_KEY"
+COMPRESS_MIN_TOKENS = 128  # prompts shorter than this keep the full cache (a spec keeps too little of them)
 
 
 def _seconds(text: str) -> float:
@@ -91,6 +92,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         max_tokens=args.max_tokens,
         limits=limits,
         allowed_methods=methods,
+        compress_min_tokens=args.compress_min_tokens,
         step_tokens=args.step_tokens,
         prefix_cache=not args.no_prefix_cache,
         prefix_block=args.prefix_block,
@@ -159,6 +161,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
                                limits=limit_values(args), api_key=key,
                                allowed_hosts=None if hosts is None else sorted(hosts),
                                allowed_methods=None if methods is None else sorted(methods),
+                               compress_min_tokens=args.compress_min_tokens,
                                step_tokens=args.step_tokens, prefix_cache=not args.no_prefix_cache,
                                prefix_block=args.prefix_block, prefix_memory=args.prefix_memory)  # fmt: skip
     run(settings, args.ray_replicas, address=args.ray_address, host=args.host, port=args.port)
@@ -233,6 +236,10 @@ def add_commands(sub: Any) -> None:
         help="KV cache memory budget, e.g. 1GB or 256MiB; requests beyond it wait (default: a quarter of the memory "
         "available at start)",
     )
+    sp.add_argument("--compress-min-tokens", type=whole_number(0), default=COMPRESS_MIN_TOKENS, metavar="N",
+                    help="apply a request's spec only to prompts of at least N tokens, and only when it keeps at "
+                    "least its method's sinks and window; shorter prompts get the full cache and the response says "
+                    f"so (default {COMPRESS_MIN_TOKENS}; 0: apply every spec as given)")  # fmt: skip
     sp.add_argument("--max-batch", type=whole_number(1), default=16, help="most sequences decoded together")
     sp.add_argument("--max-tokens", type=whole_number(1), default=256, help="default max_tokens of a request")
     sp.add_argument("--max-prompt-tokens", type=whole_number(1), default=None,

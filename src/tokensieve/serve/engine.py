@@ -12,7 +12,8 @@ Every request becomes a :class:`Job`. One scheduler thread owns the model and lo
    the stored prefix blocks it begins with, and a question on a stored context the next chunk appended to a fork of
    it; any other is prefilled in one pass. A prompt that is in is compressed with the job's spec and joins the
    batch;
-4. run **one decode step for every running sequence** in a single forward pass
+4. choose every running sequence's next token with its request's logits-processor chain, on the whole batch
+   (:mod:`~tokensieve.serve.logits`), and run **one decode step for every running sequence** in a single forward pass
    (:func:`~tokensieve.serve.batching.decode_step`), or, when prompt chunks run in this step, one packed pass of the
    decode rows and the chunks (:func:`~tokensieve.serve.batching.packed_step`); finished sequences leave the batch
    and free their caches.
@@ -35,10 +36,12 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import json
 import re
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -48,14 +51,14 @@ import torch
 
 from ..adapters.hf import before_each_layer
 from ..adapters.models import model_shape, model_text, special_token_texts, text_tokenizer
-from ..core.decoding import next_token
 from ..core.method import Method, PrefillMethod
 from ..data.prompts import TextStream, encode
 from ..engine import CachedContext, Compressor
-from ..errors import ConfigError, TokensieveError
+from ..errors import ConfigError, TokensieveError, TokensieveWarning
 from ..spec import Spec
 from .batching import Segment, decode_step, packed_step
 from .limits import CHARS_PER_TOKEN, Limits, default_kv_memory, parse_bytes, release_memory
+from .logits import Row, Sampling, TokenLogprob, choose, process, prompt_logprobs, token_logprobs
 from .staging import Block, Extending, PrefixCache, Staged, needs_record, staging_refusal
 
 MIN_PREFILL_TOKENS = 16  # prompt tokens a step prefills however many sequences it decodes
@@ -77,9 +80,11 @@ class RequestError(TokensieveError):
 # ------------------------------------------------------------------------------------------------------ events
 @dataclass(frozen=True)
 class Delta:
-    """New text of a running answer."""
+    """New text of a running answer (and, when the request asked for them, the log-probabilities of the tokens
+    generated since the last delta)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     info: dict[str, Any]
+    logprobs: tuple[TokenLogprob, ...] = ()  # every generated token's (when asked for)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # every prompt token's (echo with logprobs)
+    tokens: tuple[int, ...] = ()  # the answer's token ids
 
 
 @dataclass(frozen=True)
@@ -102,16 +110,6 @@ class Failed:
 
 
 Event = Delta | Done | Failed
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen: greedy when ``temperature == 0`` (the default), else sampled with nucleus
-    ``top_p`` from a generator seeded per request (so a seeded request does not depend on the batch either)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 @dataclass
@@ -165,6 +163,9 @@ class Job:
     stop: tuple[str, ...] = ()
     context_id: str | None = None
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+    constraint: Any = None  # a grammar the answer follows (serve.constrained.Constraint)
+    prompt_logprobs: int | None = None  # k: every prompt token's log-probability with k alternatives
+    warnings: list[str] = field(default_factory=list)  # told to the client in the response's tokensieve object
     kind: str = "generate"
     document: str = ""  # kind="context": the document and its mode
     mode: str = "chat"
@@ -175,6 +176,10 @@ class Job:
     ctx: CachedContext | None = None
     reserved: int = 0
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
+    unsent_logprobs: int = 0  # how many of them no delta has carried yet
+    prompt_lp: list[TokenLogprob | None] | None = None
+    context_ids: list[int] = field(default_factory=list)  # a stored context's ids before the question's
     sent: str = ""  # text emitted so far
     pending: str = ""  # text decoded but held back (it may be the start of a stop string)
     stream: TextStream | None = None
@@ -246,6 +251,10 @@ class Engine:
         prefix_block: tokens per stored prefix block.
         prefix_memory: most bytes the stored prefix blocks hold (default: half the KV budget); they share the KV
             budget and are evicted, least recently used first, whenever a request needs the room.
+        compress_min_tokens: a request's spec is applied only to prompts of at least this many tokens, and only
+            when it keeps at least its method's protected window (sink + observation window) of every (layer, KV
+            head); other prompts get the full cache, and the response says so (:meth:`applied`). 0: every spec is
+            applied as given.
     """
 
     def __init__(
@@ -265,6 +274,7 @@ class Engine:
         prefix_cache: bool = True,
         prefix_block: int = 32,
         prefix_memory: int | str | None = None,
+        compress_min_tokens: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = text_tokenizer(tokenizer)  # a processor's call would read text as images (URLs, paths)
@@ -279,6 +289,9 @@ class Engine:
         self.step_tokens: int | None = step_tokens or None
         if isinstance(prefix_block, bool) or not isinstance(prefix_block, int) or prefix_block < 1:
             raise ConfigError(f"prefix_block must be a whole number of tokens >= 1; got {prefix_block!r}.")
+        if isinstance(compress_min_tokens, bool) or not isinstance(compress_min_tokens, int) or compress_min_tokens < 0:
+            raise ConfigError(f"compress_min_tokens must be a whole number >= 0; got {compress_min_tokens!r}.")
+        self.compress_min_tokens = compress_min_tokens
         self.limits = limits if limits is not None else Limits()
         self.kv_memory: int = default_kv_memory() if kv_memory is None else parse_bytes(kv_memory)
         self.context_limit = self.shape.max_positions or 10**9
@@ -299,6 +312,8 @@ class Engine:
         hidden = s.hidden_size or int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
         self.record_bytes = s.num_layers * (s.num_q_heads * s.head_dim + hidden) * dtype.itemsize
         self.eos = _eos_ids(model, tokenizer)
+        self.vocab_size = int(getattr(model.config.get_text_config(), "vocab_size", 0) or 0)
+        self._grammars: Any = None  # serve.constrained.Grammars, built at the first request with a grammar
         self._presses: dict[str, Compressor] = {}
         self._press_lock = threading.Lock()
         self.default = self.compressor(spec)
@@ -315,6 +330,12 @@ class Engine:
         self.reserved_jobs = 0  # bytes held by running jobs
         self.kv_in_use = 0  # kv_bytes of running caches and stored contexts (updated every iteration)
         self._last_expiry = time.monotonic()
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt plus answer) this server runs: the model's context, or the prompt limit when
+        the model declares none."""
+        return int(self.shape.max_positions or self.max_prompt_tokens)
 
     # ------------------------------------------------------------------------------------------- life cycle
     def start(self) -> Engine:
@@ -358,13 +379,54 @@ class Engine:
             return
         for method in (spec.method, spec.decode):
             for name in _method_names(method):
-                if name not in self.allowed_methods:
+                if name not in self.allowed_methods and name != "full":
                     raise RequestError(
                         f"Method '{name}' is not allowed on this server (--allow-methods: "
                         f"{', '.join(sorted(self.allowed_methods))}).",
                         param="spec",
                         code="method_not_allowed",
                     )
+
+    def applied(self, press: Compressor, n: int) -> tuple[Compressor, list[str]]:
+        """The Compressor a prompt of ``n`` tokens really gets, and what the client is told about it.
+
+        With ``compress_min_tokens`` > 0 a spec is not applied (the prompt keeps the full cache) when the prompt is
+        shorter than ``compress_min_tokens``, or when the spec's budget keeps fewer entries per (layer, KV head)
+        than its method protects anyway (its attention sinks and observation window: SnapKV's 32-token window
+        under ``snapkv:0.25`` of a 37-token prompt would keep 9 entries, fewer than its own window, and the answer
+        degenerates). An absolute budget larger than the prompt stays an error (:meth:`check`)."""
+        if self.compress_min_tokens == 0 or press.spec.label == "full":
+            return press, []
+        budget = press.budget
+        if press.method.compresses and budget.kind != "ratio" and budget.value > n:
+            return press, []  # refused by check() with its own message
+        label = press.spec.label
+        if n < self.compress_min_tokens:
+            return self.compressor("full"), [
+                f"The spec {label!r} was not applied: the prompt has {n} tokens, fewer than this server compresses "
+                f"({self.compress_min_tokens}, --compress-min-tokens); it ran with the full cache."
+            ]
+        if press.method.compresses:
+            kept = budget.tokens_for(n, larger="clip")
+            protected = _protected(press)
+            if kept < protected:
+                return self.compressor("full"), [
+                    f"The spec {label!r} was not applied: it would keep {kept} of the {n} prompt tokens per layer and "
+                    f"head, fewer than the {protected} its method always keeps (sinks and window); it ran with the "
+                    "full cache."
+                ]
+        return press, []
+
+    def grammars(self) -> Any:
+        """The engine's grammar support (the ``constrained`` extra), built at first use."""
+        if self._grammars is None:
+            from .constrained import Grammars, llguidance
+
+            llguidance()  # a missing extra fails here, with its name
+            with self._press_lock:
+                if self._grammars is None:
+                    self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos)
+        return self._grammars
 
     def check_text(self, text: str, param: str) -> None:
         """Refuse, before it is tokenised, text that is too long (:attr:`max_prompt_chars`), that is not valid
@@ -411,9 +473,29 @@ class Engine:
             raise RequestError(f"Token ids must be in [0, {vocab}).", param="prompt")
         return list(prompt)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation, rendered with the model's chat template (plain lines without one)."""
-        total = sum(len(m["content"]) for m in messages)
+    def supports_tools(self) -> bool:
+        """Whether the model's chat template renders tools (it reads a ``tools`` variable)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = " ".join(str(t) for t in template.values())
+        return isinstance(template, str) and re.search(r"\btools\b", template) is not None
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation, rendered with the model's chat template (plain lines without one); ``tools``
+        (OpenAI's function list) are handed to the template, which must support them."""
+        if tools is not None and not self.supports_tools():
+            raise RequestError(
+                "The served model's chat template has no tool support (it never reads 'tools'), so the model cannot "
+                "be told about them; leave out 'tools'.",
+                param="tools",
+                code="unsupported_parameter",
+            )
+        extra = [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
+        if tools is not None:
+            extra.append(json.dumps(tools))
+        for text in extra:
+            self.check_text(text, "tools" if tools is not None else "messages")
+        total = sum(len(m["content"]) for m in messages) + sum(len(t) for t in extra)
         if total > self.max_prompt_chars:
             raise RequestError(
                 f"The messages have {total} characters; this server reads at most {self.max_prompt_chars} "
@@ -425,8 +507,12 @@ class Engine:
             self.check_text(m["content"], "messages")
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            kw = {} if tools is None else {"tools": tools}
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
             return encode(tok, text)
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise RequestError("Tool messages need a chat template with tool support; this model has no chat "
+                               "template.", param="messages")  # fmt: skip
         text = "\n".join(m["content"] for m in messages) + "\n"
         return [int(i) for i in tok(text)["input_ids"]]
 
@@ -891,6 +977,8 @@ class Engine:
             self._prefill(job)
             return n
         if job.staged is None:
+            if job.kind == "generate":
+                self._prompt_logprobs(job)
             job.staged = Staged(job.press, job.ids, job.max_tokens, job.prefix_blocks)
             job.prefix_blocks = []
             job.reused = job.staged.reused
@@ -916,7 +1004,8 @@ class Engine:
                 self.prefix.insert(job.ids, keys, values, queries, hidden, limit=limit)
             self.counters.prefix_blocks_evicted = self.prefix.evicted
             self.counters.peak_held = max(self.counters.peak_held, self._held())
-        ctx = staged.finish()
+        with self._told(job):
+            ctx = staged.finish()
         job.staged = None
         job.prompt_tokens = len(job.ids)
         self.counters.prefills += 1
@@ -978,11 +1067,36 @@ class Engine:
                 stored.press.extend(ctx, torch.tensor([job.ids], dtype=torch.long))
             job.prompt_tokens = stored.tokens + len(job.ids)
         else:
-            ctx = press.prefill(torch.tensor([job.ids], dtype=torch.long), reserve=job.max_tokens)
+            self._prompt_logprobs(job)
+            with self._told(job):
+                ctx = press.prefill(torch.tensor([job.ids], dtype=torch.long), reserve=job.max_tokens)
             job.prompt_tokens = len(job.ids)
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(job.ids)
         self._start(job, ctx)
+
+    def _prompt_logprobs(self, job: Job) -> None:
+        """Every prompt token's log-probability, when the request asks for them (echo with logprobs): from a forward
+        pass of the whole prompt with the full cache — never from the compressed cache, nor from stored prefix blocks
+        (which hold no logits) — whether the prompt is then prefilled in one pass or in chunks."""
+        if job.prompt_logprobs is None or job.prompt_lp is not None:
+            return
+        full = self.compressor("full")
+        job.prompt_lp = prompt_logprobs(
+            lambda ids: full.prefill(ids, reserve=len(job.ids)),
+            lambda c, ids: _all_logits(full.extend(c, ids, return_logits=True)),
+            job.ids,
+            job.prompt_logprobs,
+        )
+
+    @contextlib.contextmanager
+    def _told(self, job: Job) -> Iterator[None]:
+        """The library's warnings while a job's prompt is compressed go to its client too (the response's
+        ``tokensieve.warnings``)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TokensieveWarning)
+            yield
+        job.warnings += [str(w.message) for w in caught if issubclass(w.category, TokensieveWarning)]
 
     def _fork(self, job: Job) -> tuple[StoredContext, CachedContext]:
         """The stored context a question is on, and a fork of it with room for the question and the answer (the
@@ -996,6 +1110,7 @@ class Engine:
             self.contexts.move_to_end(job.context_id)  # most recently used
         stored.uses += 1
         stored.last_used = time.time()
+        job.context_ids = list(stored.ids)  # the prompt before the question's ids (repetition penalty)
         ctx = stored.ctx.fork()
         ctx.cache.reserve(len(job.ids) + job.max_tokens)
         return stored, ctx
@@ -1034,35 +1149,22 @@ class Engine:
     def _step(self, chunks: Sequence[tuple[Job, Segment]] = ()) -> None:
         """One decode step for every running sequence, and the planned prompt chunks: in one batched decode pass
         when there are no chunks, else in one packed pass with them (:func:`~tokensieve.serve.batching.packed_step`).
-        A sequence or a prompt whose own cache fails, fails alone."""
-        live: list[Job] = []
-        tokens: list[int] = []
+        A sequence or a prompt whose own cache fails, fails alone. The decode rows' next tokens are chosen first, by
+        the logits-processor chain on the whole batch (:meth:`_choose`), whichever pass then runs them."""
         now = time.monotonic()
+        jobs: list[Job] = []
+        rows: list[Row] = []
         for job in list(self._running):
             if job.deadline is not None and now > job.deadline:
                 self._fail(job, _time_limit_error(self.limits.request_timeout))
                 continue
-            try:  # sampling and text of one sequence: a failure fails this request alone
+            try:  # what the logits processors need of this sequence: a failure fails this request alone
                 assert job.ctx is not None
-                t = sample_token(job.ctx.logits[0], job.sampling, job.generator)
-                if job.first_token is None:
-                    job.first_token = time.perf_counter()
-                if t in self.eos and not job.ignore_eos:
-                    self._finish(job, "stop")
-                    continue
-                job.tokens.append(t)
-                self.counters.generated_tokens += 1
-                assert job.stream is not None
-                job.pending += job.stream.push(t)
-                if self._release(job):
-                    self._finish(job, "stop")
-                elif len(job.tokens) >= job.max_tokens:
-                    self._finish(job, "length")
-                else:
-                    live.append(job)
-                    tokens.append(t)
+                rows.append(self._row(job))
+                jobs.append(job)
             except Exception as exc:
                 self._fail(job, exc)
+        live, tokens = self._choose(jobs, rows) if jobs else ([], [])
         chunks = [(job, seg) for job, seg in chunks if job.staged is not None and not job.cancelled]
         if chunks:
             self._packed(live, tokens, chunks)
@@ -1075,6 +1177,42 @@ class Engine:
         self.counters.decode_steps += 1
         self.counters.batched_rows += len(live)
         self.counters.max_batch = max(self.counters.max_batch, len(live))
+
+    def _choose(self, jobs: list[Job], rows: list[Row]) -> tuple[list[Job], list[int]]:
+        """Each running sequence's next token from its last logits after the logits-processor chain (each row with its
+        own settings, as alone); its log-probabilities from the raw logits. Returns the sequences that go on and the
+        tokens they are stepped with; the others finished (or failed, alone)."""
+        live: list[Job] = []
+        tokens: list[int] = []
+        raw = torch.cat([j.ctx.logits[0:1].float() for j in jobs if j.ctx is not None])  # (B, V)
+        processed = process(raw, rows)  # (B, V)
+        for b, job in enumerate(jobs):
+            try:  # sampling and text of one sequence: a failure fails this request alone
+                t = sample_token(processed[b], job.sampling, job.generator)
+                if job.first_token is None:
+                    job.first_token = time.perf_counter()
+                if (t in self.eos and not job.ignore_eos) or t in job.sampling.stop_token_ids:
+                    self._finish(job, "stop")
+                    continue
+                if job.constraint is not None:
+                    job.constraint.advance(t)
+                job.tokens.append(t)
+                if job.sampling.logprobs is not None:
+                    job.logprobs += token_logprobs(raw[b : b + 1], [t], job.sampling.logprobs)
+                    job.unsent_logprobs += 1
+                self.counters.generated_tokens += 1
+                assert job.stream is not None
+                job.pending += job.stream.push(t)
+                if self._release(job) or (job.constraint is not None and job.constraint.finished):
+                    self._finish(job, "stop")
+                elif len(job.tokens) >= job.max_tokens:
+                    self._finish(job, "length")
+                else:
+                    live.append(job)
+                    tokens.append(t)
+            except Exception as exc:
+                self._fail(job, exc)
+        return live, tokens
 
     def _packed(self, live: list[Job], tokens: list[int], chunks: Sequence[tuple[Job, Segment]]) -> None:
         """The decode rows of ``live`` (their next ``tokens``) and the prompt ``chunks`` in one packed forward pass;
@@ -1110,6 +1248,15 @@ class Engine:
             except Exception as exc:  # this request failed; the others keep running
                 self._fail(job, exc)
 
+    def _row(self, job: Job) -> Row:
+        """The logits processors' view of one running sequence (its grammar's mask computed now)."""
+        allowed = None
+        if job.constraint is not None:
+            mask = job.constraint.allowed(int(job.ctx.logits.shape[-1]) if job.ctx is not None else self.vocab_size)
+            allowed = lambda V, m=mask: m  # noqa: E731
+        ends = frozenset(job.sampling.stop_token_ids | (set() if job.ignore_eos else self.eos))
+        return Row(job.sampling, [*job.context_ids, *job.ids], job.tokens, ends, allowed)
+
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Fail one admitted job (a limit it ran past, or an error of its own sequence) and free its cache."""
         if isinstance(exc, RequestError):
@@ -1127,7 +1274,7 @@ class Engine:
         if found:
             cut = min(found)
             if cut:
-                self._emit(job, Delta(text[:cut]))
+                self._emit(job, Delta(text[:cut], self._take_logprobs(job)))
                 job.sent += text[:cut]
             job.pending = ""
             return True
@@ -1140,26 +1287,39 @@ class Engine:
                         break
         out = text[: len(text) - hold]
         if out:
-            self._emit(job, Delta(out))
+            self._emit(job, Delta(out, self._take_logprobs(job)))
             job.sent += out
         job.pending = text[len(text) - hold :]
         return False
+
+    def _take_logprobs(self, job: Job) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the tokens no delta has carried yet (for the next delta)."""
+        if not job.unsent_logprobs:
+            return ()
+        out = tuple(job.logprobs[len(job.logprobs) - job.unsent_logprobs :])
+        job.unsent_logprobs = 0
+        return out
 
     def _finish(self, job: Job, reason: str) -> None:
         assert job.stream is not None
         job.pending += job.stream.flush()
         if job.pending and self._release(job, final=True):
             reason = "stop"
-        info = {
+        info: dict[str, Any] = {
             "spec": job.press.spec.label,
             "kv_bytes": int(job.ctx.cache.kv_bytes()) if job.ctx is not None else 0,
             "allocated_bytes": job.reserved,
             "context_id": job.context_id,
             "ttft_seconds": None if job.first_token is None else job.first_token - job.submitted,
             "prefill": job.prefill_info(),
+            "warnings": list(job.warnings),
         }
+        if job.constraint is not None and reason == "length" and not job.constraint.accepting:
+            info["warnings"].append("The answer reached max_tokens before its grammar was complete: it is cut short.")
         self.counters.requests[reason] += 1
-        self._emit(job, Done(reason, job.prompt_tokens, len(job.tokens), info))
+        prompt_lp = None if job.prompt_lp is None else tuple(job.prompt_lp)
+        self._emit(job, Done(reason, job.prompt_tokens, len(job.tokens), info, tuple(job.logprobs), prompt_lp,
+                             tuple(job.tokens)))  # fmt: skip
         self._leave(job)
 
     def _fail_all(self, message: str) -> None:
@@ -1169,9 +1329,26 @@ class Engine:
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
-    """The next token of one sequence by the library's one token rule (:func:`tokensieve.core.decoding.next_token`):
-    the argmax at temperature 0, else a nucleus draw; not-finite logits fail this sequence alone."""
-    return next_token(logits, sampling.temperature, sampling.top_p, generator)
+    """The next token of one sequence from its logits ``(V,)`` with no logits processor: the argmax at temperature
+    0, else a draw after the ``top_k``, ``min_p`` and ``top_p`` filters; not-finite logits fail this sequence
+    alone."""
+    return choose(logits, sampling, generator)
+
+
+def _protected(press: Compressor) -> int:
+    """Entries per (layer, KV head) a spec's method keeps whatever it scores: its attention sinks plus its recent
+    (observation) window, as the method declares them, or as the budget overrides them."""
+    sink, recent = press.method.protected()
+    if press.budget.sink is not None:
+        sink = press.budget.sink
+    if press.budget.recent is not None:
+        recent = press.budget.recent
+    return int(sink) + int(recent)
+
+
+def _all_logits(logits: torch.Tensor | None) -> torch.Tensor:
+    assert logits is not None  # extend(return_logits=True) returns them
+    return logits
 
 
 def _time_limit_error(seconds: float) -> RequestError:

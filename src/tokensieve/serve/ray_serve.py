@@ -41,6 +41,7 @@ class ReplicaSettings:
     prefix_cache: bool = True
     prefix_block: int = 32
     prefix_memory: int | None = None
+    compress_min_tokens: int = 0
 
 
 class Replica:
@@ -71,6 +72,7 @@ class Replica:
             prefix_cache=s.prefix_cache,
             prefix_block=s.prefix_block,
             prefix_memory=s.prefix_memory,
+            compress_min_tokens=s.compress_min_tokens,
         ).start()
         try:
             from ray import serve

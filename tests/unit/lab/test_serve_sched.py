@@ -15,7 +15,7 @@ import torch
 import tokensieve as ts
 from tests.conftest import make_tiny_model
 from tokensieve.data.testing import CharTokenizer
-from tokensieve.serve.engine import Done, Engine, Failed, Job, StoredContext
+from tokensieve.serve.engine import Done, Engine, Failed, Job, Sampling, StoredContext
 from tokensieve.serve.staging import PrefixCache
 
 pytest.importorskip("fastapi")
@@ -388,6 +388,40 @@ def test_scheduling_flags_reach_the_engine_and_serve_bench_takes_its_scenarios()
         parser.parse_args(["serve", "--step-tokens", "many"])
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic-v1 style fields
+def test_the_serving_flags_reach_the_engine_from_the_command_line_and_through_ray(model, monkeypatch):
+    """--compress-min-tokens and the scheduling flags, together, reach the Engine that ``tokensieve serve`` builds and
+    the one each Ray replica builds from its settings."""
+    import dataclasses
+
+    from tokensieve.adapters import models as adapters_models
+    from tokensieve.cli import build_parser
+    from tokensieve.serve import cli as serve_cli
+    from tokensieve.serve import ray_serve
+
+    monkeypatch.setattr(adapters_models, "load_model", lambda name: (model, TOK))
+    parser = build_parser()
+    engine = serve_cli.build_engine(parser.parse_args(["serve", "--kv-memory", "64MB"]))
+    assert (engine.compress_min_tokens, engine.step_tokens, engine.prefix is not None) == (128, 256, True)
+    flags = ["serve", "--kv-memory", "64MB", "--compress-min-tokens", "64", "--step-tokens", "32", "--prefix-block",
+             "16", "--prefix-memory", "1MB"]  # fmt: skip
+    engine = serve_cli.build_engine(parser.parse_args(flags))
+    assert engine.prefix is not None
+    assert (engine.compress_min_tokens, engine.step_tokens, engine.prefix.block, engine.prefix_memory) == (
+        64, 32, 16, 10**6)  # fmt: skip
+
+    settings: list[ray_serve.ReplicaSettings] = []
+    monkeypatch.setattr(ray_serve, "import_serve", lambda: None)
+    monkeypatch.setattr(ray_serve, "run", lambda s, n, **kw: settings.append(s))
+    assert serve_cli._serve_ray(parser.parse_args([*flags, "--no-prefix-cache", "--ray-replicas", "2"])) == 0
+    replica = ray_serve.Replica(dataclasses.asdict(settings[0]))
+    try:
+        e = replica.engine
+        assert (e.compress_min_tokens, e.step_tokens, e.prefix, e.kv_memory) == (64, 32, None, 64 * 10**6)
+    finally:
+        replica.engine.stop()
+
+
 def test_engine_refuses_bad_scheduling_settings(model):
     from tokensieve.errors import ConfigError
 
@@ -547,3 +581,122 @@ def test_an_idle_server_prefills_the_oldest_prompt_whole_and_chunks_the_next_bes
     assert ENDS[jobs[1].id].info["prefill"]["chunks"] >= 70 // 12  # the next, beside the first's decoding
     for (s, ids, n), job in zip(work, jobs):
         assert job.tokens == alone(model, s, ids, n)
+
+
+# ------------------------------------------------------------------------------------------- request fields
+def answer(engine: Engine, work: list[tuple[str, list[int], int, Sampling]], *, first_decodes: bool = False
+           ) -> list[Job]:  # fmt: skip
+    """Serve ``work`` (spec, prompt, max_tokens, sampling); the rest once the first decodes (``first_decodes``)."""
+    engine.eos = {33}
+    engine.start()
+    try:
+        jobs = []
+        for spec, ids, n, sampling in work:
+            c = Collector()
+            job = Job(ids, engine.compressor(spec), c, n, sampling)
+            engine.submit(job)
+            jobs.append((job, c))
+            if first_decodes and len(jobs) == 1:
+                assert c.first.wait(60)
+        for job, c in jobs:
+            ENDS[job.id] = c.end
+        return [j for j, _ in jobs]
+    finally:
+        engine.stop()
+
+
+def test_logits_processor_fields_on_a_prompt_prefilled_in_chunks_beside_decoding_equal_alone(model):
+    """Penalties, a logit bias, min_tokens, stop_token_ids, seeded sampling and log-probabilities: a request whose
+    prompt is prefilled a chunk per step (packed with another request's decode rows, which carry their own fields)
+    gets the tokens and log-probabilities it gets alone, prefilled in one pass; so does the decoding one."""
+    busy = Sampling(temperature=0.9, seed=7, top_k=20, presence_penalty=1.5, frequency_penalty=0.5, logprobs=1)
+    asked = Sampling(repetition_penalty=1.4, logit_bias=((40, 0.5), (41, 0.5)), min_tokens=4,
+                     stop_token_ids=frozenset({50}), logprobs=3)  # fmt: skip
+    work = [("full", prompt(80, 20), 30, busy), ("snapkv:0.5", prompt(81, 70), 10, asked),
+            ("full", prompt(82, 50), 10, Sampling(repetition_penalty=1.2, logprobs=0))]  # fmt: skip
+    jobs = answer(Engine(model, TOK, step_tokens=12, prefix_cache=False), work, first_decodes=True)
+    assert ENDS[jobs[1].id].info["prefill"]["mode"] == ENDS[jobs[2].id].info["prefill"]["mode"] == "chunked"
+    for item, job in zip(work, jobs):
+        (single,) = answer(Engine(model, TOK, step_tokens=0, prefix_cache=False), [item])
+        assert ENDS[single.id].info["prefill"]["mode"] == "one-pass"
+        assert job.tokens == single.tokens, item[3]
+        assert ENDS[job.id].finish_reason == ENDS[single.id].finish_reason
+        assert len(job.logprobs) == len(job.tokens)
+        for a, b in zip(job.logprobs, single.logprobs, strict=True):
+            assert (a.token, [t for t, _ in a.top]) == (b.token, [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_a_spec_not_applied_to_short_prompts_shares_prefix_blocks_correctly_and_keeps_logprobs(model):
+    """compress_min_tokens: prompts sharing a prefix, short ones run with the full cache (their blocks hold no
+    queries), long ones with the spec (they recompute the prefix and store it with queries); prefix reuse changes no
+    answer, no log-probability and no echoed prompt log-probability (those of a full forward pass)."""
+    from fastapi.testclient import TestClient
+
+    from tokensieve.serve.app import create_app
+
+    def serve(**kw: object) -> list[dict]:
+        engine = Engine(model, TOK, spec="snapkv:0.5", max_tokens=6, compress_min_tokens=100, step_tokens=16,
+                        prefix_block=8, **kw)  # type: ignore[arg-type]  # fmt: skip
+        engine.eos = set()
+        with TestClient(create_app(engine)) as c:
+            out = []
+            for text in texts:
+                r = c.post("/v1/completions", json={"prompt": text, "logprobs": 2, "echo": True})
+                assert r.status_code == 200, r.text
+                out.append(r.json())
+            return out
+
+    head = "The opening words every prompt of this test shares: "  # 53 tokens with the BOS
+    long = "and then a long middle part that makes the prompt longer than the minimum, " * 2
+    texts = [head + "first", head + "second one", head + long + "end", head + long + "fin", head + "third"]
+    reused, plain = serve(), serve(prefix_cache=False)
+    assert [r["tokensieve"]["spec"] for r in reused] == ["full", "full", "snapkv:0.5", "snapkv:0.5", "full"]
+    hits = [r["tokensieve"]["prefill"]["prefix_tokens_reused"] for r in reused]
+    # the second reuses the first's full-cache blocks of the shared head (6 blocks); the third, which runs its spec,
+    # cannot (no queries stored) and stores its blocks with queries; the fourth reuses them over head and middle (205
+    # shared tokens: 25 blocks); the last, with the full cache again, reuses the head's blocks stored with queries
+    assert hits == [0, 48, 0, 200, 48]
+    for a, b in zip(reused, plain, strict=True):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"]
+        la, lb = a["choices"][0]["logprobs"], b["choices"][0]["logprobs"]
+        assert la["tokens"] == lb["tokens"]
+        assert la["token_logprobs"][0] is None
+        assert la["token_logprobs"][1:] == pytest.approx(lb["token_logprobs"][1:], abs=1e-4)
+
+
+def test_a_penalised_question_appended_in_chunks_to_a_stored_context_equals_the_whole_prompt(model):
+    """With the full cache, a question on a stored context appended a chunk per step is the whole prompt token for
+    token, and so is its answer under repetition_penalty (which reads the context's ids too) and logit_bias."""
+    from concurrent.futures import Future
+
+    engine = Engine(model, TOK, step_tokens=8, prefix_cache=False)
+    document = "The passkey is 4417. " + "Grass is green and the sky is blue. " * 2
+    question = " What is the passkey, after all of that? Answer:"
+    sampling = Sampling(repetition_penalty=1.8, logit_bias=((40, 0.5),), logprobs=2)
+    engine.eos = {33}
+    engine.start()
+    try:
+        result: Future = Future()
+        doc_ids = engine.encode_document(document, "text")
+        engine.submit(Job(doc_ids, engine.compressor("full"), lambda e: None, 0, kind="context", document=document,
+                          mode="text", result=result))  # fmt: skip
+        stored = result.result(timeout=240)
+        q_ids = engine.question_ids(stored, question)
+        on_ctx, whole = Collector(), Collector()
+        job = Job(q_ids, stored.press, on_ctx, 12, sampling, context_id=stored.id)
+        engine.submit(job)
+        end = on_ctx.end
+        alone_job = Job(doc_ids + q_ids, engine.compressor("full"), whole, 12, sampling)
+        engine.submit(alone_job)
+        whole.end  # noqa: B018
+    finally:
+        engine.stop()
+    assert end.info["prefill"]["chunks"] >= 1
+    assert job.tokens == alone_job.tokens
+    plain = answer(Engine(model, TOK, step_tokens=0, prefix_cache=False),
+                   [("full", doc_ids + q_ids, 12, Sampling(logit_bias=((40, 0.5),)))])[0].tokens  # fmt: skip
+    assert job.tokens != plain  # the penalty changed the answer
+    for a, b in zip(job.logprobs, alone_job.logprobs, strict=True):
+        assert a.token == b.token
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)

@@ -125,7 +125,7 @@ def test_a_sampling_failure_fails_that_request_alone(model, monkeypatch):
     real, calls = engine_module.sample_token, {"bad": 0}
 
     def sample(logits, sampling, generator=None):
-        if bad.ctx is not None and logits.data_ptr() == bad.ctx.logits.data_ptr():
+        if sampling is bad.sampling:  # this sequence's row of the step
             calls["bad"] += 1
             if calls["bad"] == 3:  # the third token of this sequence, with the other one in the same step
                 raise RuntimeError("injected failure while sampling this sequence")
@@ -197,8 +197,8 @@ def raw(client, text: str, path: str = "/v1/completions", **headers):
         ('{"prompt": "\\ud800 lone surrogate"}', 400, "invalid_text"),
         ('{"prompt": "' + "x" * 400 + '"}', 400, "context_length_exceeded"),  # > max_prompt_chars
         ('{"prompt": "hi", "stop": "' + "s" * 300 + '"}', 400, None),
-        ('{"prompt": "hi", "logprobs": 3}', 400, "unsupported_parameter"),
-        ('{"prompt": "hi", "presence_penalty": 0.5}', 400, "unsupported_parameter"),
+        ('{"prompt": "hi", "suffix": "x"}', 400, "unsupported_parameter"),
+        ('{"prompt": "hi", "presence_penalty": 9}', 400, "invalid_value"),
         ('{"prompt": "hi", "spec": "snapkv"}', 400, "invalid_spec"),  # no budget: would silently keep everything
         ('{"prompt": "hi", "spec": "expected_attention[epsilon=nan]:0.5"}', 400, "invalid_spec"),
         ('{"prompt": "hi", "spec": "+quest[page=1000000000]:0.5"}', 400, "invalid_spec"),
