@@ -371,28 +371,27 @@ def create_app(
         obj = "chat.completion" if chat else "text_completion"
         tok = engine.tokenizer
         if opts.stream:
+            sse = _sse(job, events, rid, created, engine.model_name, chat, opts, prompt_text, tok)
             return StreamingResponse(
-                _sse(job, events, rid, created, engine.model_name, chat, opts, prompt_text, tok),
+                _watched(request, job, events, sse),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         parts: list[str] = []
         done: Done | None = None
         try:
-            while done is None:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # nobody to answer: free the cache
+            async with _watch_disconnect(request, job, events.put_nowait):
+                while done is None:
+                    event = await events.get()
+                    if event is _GONE:  # nobody to answer: the job is cancelled, its cache freed at the next step
                         return JSONResponse(error_body("The client disconnected.", 499), status_code=499)
-                    continue
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                elif isinstance(event, Failed):
-                    return JSONResponse(error_body(event.message, event.status, code=event.code),
-                                        status_code=event.status)  # fmt: skip
-                else:
-                    done = event
+                    if isinstance(event, Delta):
+                        parts.append(event.text)
+                    elif isinstance(event, Failed):
+                        return JSONResponse(error_body(event.message, event.status, code=event.code),
+                                            status_code=event.status)  # fmt: skip
+                    else:
+                        done = event
         finally:
             if done is None:
                 job.cancel()
@@ -539,6 +538,43 @@ def create_app(
     return app
 
 
+_GONE: Any = object()  # put in a request's event queue when its client disconnects
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Any, job: Job, notify: Any) -> AsyncIterator[None]:
+    """While an answer is generated, wait for the client's disconnect message (its body was read, so the next ASGI
+    message is the disconnect): cancel the job at once — the scheduler frees its cache or its prefill at its next
+    step — and ``notify(_GONE)`` so the handler stops waiting for events."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                job.cancel()
+                notify(_GONE)
+                return
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _watched(request: Any, job: Job, events: Any, body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A streamed answer whose client is watched for a disconnect while it waits for tokens (a long prefill sends
+    nothing): the stream then ends and the job is cancelled."""
+    async with _watch_disconnect(request, job, events.put_nowait):
+        try:
+            async for part in body:
+                yield part
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+
+
 def _usage(done: Done) -> dict[str, int]:
     return {
         "prompt_tokens": done.prompt_tokens,
@@ -601,6 +637,8 @@ async def _sse(
         held: list[Delta] = []  # a forced tool call's text: sent as tool_calls once complete
         while True:
             event = await events.get()
+            if event is _GONE:
+                return
             if isinstance(event, Delta) and opts.tool_call is not None:
                 held.append(event)
             elif isinstance(event, Delta):
@@ -663,6 +701,15 @@ def prometheus(engine: Engine) -> str:
            [("", c.contexts_evicted)])  # fmt: skip
     metric("contexts_expired_total", "counter", "Stored contexts deleted after --context-ttl unused.",
            [("", c.contexts_expired)])  # fmt: skip
+    metric("prefill_chunks_total", "counter", "Forward passes of prompts prefilled a chunk per scheduler step.",
+           [("", c.prefill_chunks)])  # fmt: skip
+    metric("prefix_hit_tokens_total", "counter", "Prompt tokens taken from stored prefix blocks instead of computed.",
+           [("", c.prefix_hit_tokens)])  # fmt: skip
+    metric("prefix_blocks_evicted_total", "counter", "Stored prefix blocks evicted (least recently used first).",
+           [("", c.prefix_blocks_evicted)])  # fmt: skip
+    metric("prefix_bytes", "gauge", "Bytes held by stored prefix blocks.", [("", g["prefix_bytes"])])
+    metric("prefilling_sequences", "gauge", "Admitted requests whose prompt is being prefilled.",
+           [("", g["prefilling"])])  # fmt: skip
     metric("queue_length", "gauge", "Requests waiting for admission.", [("", g["queue_length"])])
     metric("running_sequences", "gauge", "Sequences in the decode batch.", [("", g["running"])])
     metric("kv_bytes_in_use", "gauge", "Exact KV bytes stored by running sequences and stored contexts.",

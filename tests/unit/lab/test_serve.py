@@ -374,11 +374,9 @@ def test_context_reuse_answers_on_forks_and_never_modifies_the_context(client, m
 
 
 def test_chat_mode_context_and_eviction_under_memory_pressure(model):
-    from tokensieve.data.prompts import chat_split
-
     docs = [f"document {i} " + "words " * 40 for i in range(3)]
     token_bytes = Engine(model, TOK).token_bytes
-    ctx_bytes = len(chat_split(TOK, docs[0], "").context) * token_bytes  # a full-cache context, no headroom
+    ctx_bytes = len(Engine(model, TOK).encode_document(docs[0], "chat")) * token_bytes  # full cache, no headroom
     engine = Engine(model, TOK, spec="full", max_tokens=4, model_name="tiny", kv_memory=int(2.5 * ctx_bytes))
     engine.eos = set()
     with TestClient(create_app(engine)) as client:

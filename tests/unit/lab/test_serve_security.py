@@ -324,13 +324,17 @@ def test_a_processors_text_goes_through_its_tokenizer_and_tokenising_is_off_the_
 
 
 # ------------------------------------------------------------------------------------------------ limits
-def test_the_kv_budget_defaults_to_a_share_of_the_available_memory(model):
-    engine = Engine(model, TOK)
-    assert engine.kv_memory == default_kv_memory() > 0
+def test_the_kv_budget_defaults_to_a_share_of_the_available_memory(model, monkeypatch):
+    from tokensieve.serve import limits
+
+    engine = Engine(model, TOK)  # measured now (other processes may change what is available meanwhile)
     avail = available_memory()
+    assert engine.kv_memory > 0
     if avail:
         assert engine.kv_memory <= avail
     assert engine.gauges()["kv_bytes_budget"] == engine.kv_memory
+    monkeypatch.setattr(limits, "available_memory", lambda: 8 * 10**9)  # the rule, on a fixed measurement
+    assert Engine(model, TOK).kv_memory == default_kv_memory() == int(limits.KV_SHARE * 8 * 10**9)
 
 
 def test_the_prefill_passes_of_a_request_are_bounded(model):
