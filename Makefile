@@ -64,7 +64,7 @@ eval-baseline: setup
 	scripts/eval_baseline.sh
 
 ## bench: speed and memory against the full cache at 2K/4K/8K, batch 1 and 4, then the accuracy of the same
-##        configurations at 2K, into one store and one report (docs/BENCHMARKS.md; ~45 min: ~35 + ~10)
+##        configurations at 2K, into one store and one report (docs/results/benchmarks.md; ~45 min: ~35 + ~10)
 bench: setup
 	scripts/bench.sh
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark of docs/BENCHMARKS.md, with the accuracy of the same configurations, in one results store:
+# The benchmark of docs/results/benchmarks.md, with the accuracy of the same configurations, in one results store:
 #   1. speed and memory: full cache vs eviction and sparse-decoding methods at 2K, 4K and 8K tokens, batch 1 and 4;
 #   2. accuracy: needle retrieval at 2K tokens (passkey, niah_single; 3 depths x 2 seeds; query-aware);
 #   3. one report with accuracy and speed side by side for every configuration (same spec, same label).

@@ -17,7 +17,8 @@ import time
 import torch
 
 from tokensieve.core.budget import Budget
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
+from tokensieve.registry import create_method
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         for spec in args.methods.split(","):
             name, _, params = spec.partition("[")
             kw = dict(p.split("=") for p in params.rstrip("]").split(";") if p)
-            method = create_visual(name, **kw)
+            method = create_method(f"vis:{name}", **kw)
             for r in (float(v) for v in args.ratios.split(",")):
                 budget = Budget.ratio(r)
                 method.prune(ctx, budget)  # warm-up

@@ -1,4 +1,4 @@
-"""The cost of FlowCut's per-layer scoring at realistic sizes, on random tensors (issue 12).
+"""The cost of FlowCut's per-layer scoring at realistic sizes, on random tensors.
 
 One vision-stage call at CLIP ViT-L/14-336 geometry (576 patches + CLS, 16 heads × 64): a pruning step (score, running
 score, entropy count, top-k) and a scoring-only step (odd number of layers left), and one LLM-stage call at

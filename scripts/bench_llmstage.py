@@ -1,5 +1,5 @@
 """The cost of the progressive llm-stage methods' own work (SparseVLM, PyramidDrop, TransPrune) at LLaVA-1.5-7B
-geometry, on random tensors (issue 12): one call with 576 visual tokens, hidden size 4096, 32 heads and a
+geometry, on random tensors: one call with 576 visual tokens, hidden size 4096, 32 heads and a
 40-token instruction, at a budget of 11.1 % (64 of 576). The signals themselves (attention rows, states) are the
 engine's work and are not timed. Median over repeats, one thread.
 
@@ -15,7 +15,8 @@ import time
 import torch
 
 from tokensieve.core.budget import Budget
-from tokensieve.methods.visual import Stage, VisualContext, VisualGroup, create_visual
+from tokensieve.methods.visual import Stage, VisualContext, VisualGroup
+from tokensieve.registry import create_method
 
 CASES = [
     ("pyramiddrop", 0, 3, "stage 1 of 3 (top-k of the last row)"),
@@ -39,7 +40,7 @@ def main() -> None:
     previous = torch.randn(n, dim, generator=g)
     print(f"torch {torch.__version__}, 1 thread; {n} visual tokens, D={dim}, {heads} heads, {q} instruction tokens")
     for name, step, steps, what in CASES:
-        method = create_visual(name)
+        method = create_method(f"vis:{name}")
         times, out = [], 0
         for _ in range(args.repeats):
             ctx = VisualContext(

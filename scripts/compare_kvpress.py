@@ -2,7 +2,7 @@
 """tokensieve and kvpress side by side: same model, same prompts (token ids), same number of kept entries.
 
 kvpress 0.5.5 needs transformers < 5.3, so each library runs in its own virtual environment and this one script
-has four steps (docs/COMPARISON.md gives the exact commands):
+has four steps (docs/results/comparison.md gives the exact commands):
 
   samples   (tokensieve's venv)  generate the prompts with tokensieve's task generators, as token ids
   run       (either venv)        --lib tokensieve | kvpress: every sample × method × mode, greedy answers, the

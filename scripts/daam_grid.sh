@@ -5,10 +5,10 @@
 # for dropping: daam-select), the importance figures and the tables. One run per line of OUT/results.jsonl;
 # resumable (finished runs are skipped).
 #
-# MODULES=official (default, issue 31): the DAAM modules and speech networks as the authors' code computes them; runs
-#   are named ...-official and go to runs/daam-official, figures to docs/figures/official — the rows from before
-#   issue 31 (runs/daam) stay apart, and `daam-report --compare runs/daam` sets them side by side.
-# MODULES=v1: the networks as before issue 31 (reproduces the earlier rows of docs/DAAM.md in runs/daam).
+# MODULES=official (default): the DAAM modules and speech networks as the authors' code computes them; runs
+#   are named ...-official and go to runs/daam-official, figures to docs/figures/official — the rows of
+#   the earlier networks (runs/daam) stay apart, and `daam-report --compare runs/daam` sets them side by side.
+# MODULES=v1: the earlier networks (reproduces the earlier rows of docs/DAAM.md in runs/daam).
 #
 # About 2.5 CPU-hours on one free core (estimated from pinned one-epoch smoke runs; the selector adds ~15 min);
 # JOBS=2 runs the task-A/B halves side by side on two free cores.

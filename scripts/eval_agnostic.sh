@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 §3: query-agnostic compression at 90 % (KV budget 0.1) on the single-needle and multi-key tasks at 1K
+# query-agnostic compression at 90 % (KV budget 0.1) on the single-needle and multi-key tasks at 1K
 # tokens, 36 samples per method (2 tasks x 3 depths x 6 seeds), the methods the literature offers for keeping the
 # needle without the question (KVzip's reconstruction scores, retrieval heads, chunks, key-only scores, TOVA) next
 # to SnapKV and the random / recency floors. Target: >= 0.6 of the full cache's accuracy with one method.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13: the learned selectors (SP-KV's write gate, global retention gates) against StreamingLLM, H2O and SnapKV
+# the learned selectors (SP-KV's write gate, global retention gates) against StreamingLLM, H2O and SnapKV
 # at equal density (KV budget 0.25), 1K tokens, both modes: single needle and multi-key (the cells of the methods
 # screen, same store and samples: 36 per cell) and KJV QA (12 per cell). Resumable; WORKERS processes share the store.
 # Usage: scripts/eval_learned.sh [STORE]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15 §4: the methods screen with 36 samples per cell (single needle and multi-key x 3 depths x 6 seeds, 1K
+# the methods screen with 36 samples per cell (single needle and multi-key x 3 depths x 6 seeds, 1K
 # tokens), every registered method at 90 / 75 / 50 % compression, both modes; accuracy with Wilson 95 % intervals
 # via scripts/wilson_table.py. The same samples and store as scripts/eval_agnostic.sh (its cells are reused).
 # Runs seed by seed (a stopped run leaves every method with the same samples); WORKERS processes share the store.
 # The methods: every registered one that evicts, selects or decodes sparsely, so not the sparse prefill methods
-# (ashape, flexprefill, hip, minference: they keep the whole cache; docs/BENCHMARKS.md measures them) nor
+# (ashape, flexprefill, hip, minference: they keep the whole cache; docs/results/benchmarks.md measures them) nor
 # duo_attention (it needs a profile of the model's heads, which the embedded model has not). With the shared prefill
 # (docs/EVALUATION.md) a seed takes about 20 minutes with two 1-thread workers on a 2-core machine.
 # Usage: scripts/eval_screen.sh [STORE]      (resumable: rerun after an interruption)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sparse prefill: accuracy against time to first token, from one results store (issue 16).
+"""Sparse prefill: accuracy against time to first token, from one results store.
 
 Reads the ``bench`` rows (medians per configuration and length, ratios against the full cache of the same run,
 :func:`tokensieve.results.stats.speed`) and the ``eval`` accuracy rows of one prompt length, prints one Markdown table

@@ -1,4 +1,4 @@
-"""Quest's sparse attention read in place vs copied (docs/BENCHMARKS.md, issue 18): the attention of 28 sparse
+"""Quest's sparse attention read in place vs copied (docs/results/benchmarks.md): the attention of 28 sparse
 layers at 8000 tokens, batch 1, 32-token pages, a 1/8 budget, against dense SDPA over the same cache.
 
 Candidates: `lib` (the library's page gather + masked SDPA, per query head), `eager-indexed` (the selection written

@@ -20,7 +20,7 @@ import torch
 from tokensieve.adapters.models import load_model
 from tokensieve.attention import flex
 from tokensieve.bench.runner import bench_prompts
-from tokensieve.pipeline import compress
+from tokensieve.engine import compress
 from tokensieve.spec import parse_specs
 
 DEFAULT = "full,ashape,flexprefill,flexprefill[evict=snapkv]:0.25"

@@ -22,7 +22,7 @@ from tokensieve.adapters.models import load_model
 from tokensieve.attention import flex
 from tokensieve.bench.config import BenchConfig
 from tokensieve.bench.runner import bench_prompts, run_bench
-from tokensieve.pipeline import compress
+from tokensieve.engine import compress
 from tokensieve.spec import Spec, parse_specs
 
 DEFAULT = "full,ashape,flexprefill,snapkv:0.25,flexprefill[evict=snapkv]:0.25"

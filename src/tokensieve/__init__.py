@@ -16,6 +16,7 @@ from .adapters.models import load_model, pull
 from .cache.sieve_cache import SieveCache
 from .core import Budget, Capabilities, LayerContext, Method, Phase, PrefillMethod, Selection
 from .core.registry import register
+from .engine import CachedContext, Compressor, Generation, compress
 from .errors import (
     CapabilityError,
     ConfigError,
@@ -25,7 +26,6 @@ from .errors import (
     TokensieveWarning,
     UnknownNameError,
 )
-from .pipeline import CachedContext, Compressor, Generation, compress
 from .registry import create_method, list_methods, method_names
 
 __version__ = "0.1.0"

@@ -84,7 +84,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 0
     for i in infos:
         params = ", ".join(f"{k}={v}" for k, v in i.params.items()) or "—"
-        print(f"{i.name}")
+        print(f"{i.name}  [{i.family}]")
         print(f"    {i.summary}")
         print(f"    paper:        {i.paper}")
         if i.rule:
@@ -105,12 +105,21 @@ def methods_markdown(infos: Sequence[Any]) -> str:
         "docstring (in `src/tokensieve/methods/`) states its scoring rule and every choice made where the paper is",
         "ambiguous.",
         "",
-        "| method | paper | rule | capabilities | parameters |",
-        "|---|---|---|---|---|",
+        "Two families share the registry and the spec grammar: **kv** methods compress a language model's KV cache or",
+        "sparsify its attention (capabilities: phases, what happens to the rest, granularity, …); **visual** methods",
+        "prune an image's tokens in a vision-language model (capabilities: the stages they act at — vision encoder,",
+        "projector, language model — what happens to the rest, and the signals they read). One spec names both:",
+        "`todre:0.1/snapkv:0.25`; a visual method named like a KV method is written `vis:name`.",
+        "",
+        "A third family, **dit**, sparsifies the attention of a diffusion transformer (image and video generation,",
+        "docs/DIT.md); it is listed as `dit:name` and a DiT spec names one of them alone (`svg:0.3`, `radial`).",
+        "",
+        "| method | family | paper | rule | capabilities | parameters |",
+        "|---|---|---|---|---|---|",
     ]
     for i in infos:
         params = ", ".join(f"`{k}={v}`" for k, v in i.params.items()) or "—"
-        cells = [f"`{i.name}`", i.paper, i.rule, i.capabilities, params]
+        cells = [f"`{i.name}`", i.family, i.paper, i.rule, i.capabilities, params]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     for i in infos:
@@ -142,8 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .adapters.models import DEFAULT_MODEL, load_model, model_shape, text_tokenizer
     from .data.prompts import TextStream, chat_ids
     from .demo import budget_notes
-    from .errors import PromptError
-    from .pipeline import compress
+    from .engine import compress
+    from .errors import CapabilityError, PromptError
 
     _threads(args.threads)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
@@ -152,6 +161,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.image is not None:
         return generate_with_image(args, prompt)
     spec = generate_spec(args)  # fail on a bad method, parameter or budget before loading the model
+    if not spec.visual.is_empty:
+        name = spec.visual.named[0].method.name
+        raise CapabilityError(
+            f"'{name}' is a visual-token method: it prunes an image's tokens in a vision-language model. Give the "
+            f"image with --image FILE (and a VLM with --model; the embedded one by default): --spec {spec.label}."
+        )
     kwargs = spec.compressor_kwargs()
     model, loaded = load_model(args.model or DEFAULT_MODEL)
     tok = text_tokenizer(loaded)  # a VLM's processor would read the prompt as an image (a URL fetched, a path opened)
@@ -184,17 +199,15 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
     import time
 
     from .adapters.models import load_model
-    from .adapters.vision import split_spec, vision_adapter
     from .adapters.vlm import VLM_NAME
+    from .engine import compress
     from .errors import CapabilityError
-    from .methods.visual.spec import VisualPlan
-    from .pipeline import Compressor
     from .spec import Spec
 
     if args.method is not None or args.budget is not None or args.param:
         raise TokensieveError("With --image, write what to run with --spec (e.g. pool:64/snapkv:0.5).")
-    plan, kv = split_spec(args.spec) if args.spec else (VisualPlan.parse([]), "")
-    kv_spec = Spec.parse(kv) if kv else None  # a bad spec fails before the model loads
+    spec = Spec.parse(args.spec or "full")  # a bad spec fails before the model loads
+    spec.compressor_kwargs()
     image = read_image(args.image)
     model, processor = load_model(args.model or VLM_NAME)
     if not hasattr(processor, "image_processor"):
@@ -202,27 +215,25 @@ def generate_with_image(args: argparse.Namespace, prompt: str) -> int:
             f"--image needs a vision-language model; '{args.model}' is a text model (leave out --model for the "
             f"embedded VLM, {VLM_NAME})."
         )
-    adapter = vision_adapter(model)
+    press = compress(model, spec, reserve=args.max_new_tokens)
     content = [{"type": "image"}, {"type": "text", "text": prompt}]
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = [*system, {"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     enc = processor(text=text, images=[image], return_tensors="pt")
-    cache = Compressor(model, kv_spec).new_cache() if kv_spec is not None else None
     t0 = time.perf_counter()
-    state = adapter.prefill(enc, plan, positions=args.positions, cache=cache)
+    ctx = press.prefill_images(enc, positions=args.positions)
     t1 = time.perf_counter()
     tok = processor.tokenizer
-    out = adapter.generate(state, args.max_new_tokens, eos_token_id=tok.eos_token_id)
+    gen = press.decode(ctx, args.max_new_tokens, eos_token_ids=tok.eos_token_id)
     t2 = time.perf_counter()
-    ids = [t for t in out[0].tolist() if t != tok.eos_token_id]
+    ids = gen.tokens[0]
     print(tok.decode(ids, skip_special_tokens=True))
-    visual = " → ".join(f"{stage} {n[0]}" for stage, n in state.visual_tokens.items())
-    label = args.spec or "full"
-    kv_bytes = cache.kv_bytes() if cache is not None else state.kv_bytes()  # the KV method's cache, else the plain one
+    visual = " → ".join(f"{stage} {n[0]}" for stage, n in ctx.visual_tokens.items())
     print(
-        f"[{label}] prompt {enc['input_ids'].shape[1]} tokens · visual tokens {visual or 'all'} · KV "
-        f"{kv_bytes / 2**20:.2f} MB · prefill {t1 - t0:.2f} s · decode {len(ids) / max(t2 - t1, 1e-9):.1f} tok/s",
+        f"[{spec.label}] prompt {enc['input_ids'].shape[1]} tokens · visual tokens {visual or 'all'} · KV "
+        f"{ctx.cache.kv_bytes() / 2**20:.2f} MB · prefill {t1 - t0:.2f} s · decode {len(ids) / max(t2 - t1, 1e-9):.1f} "
+        "tok/s",
         file=sys.stderr,
     )
     return 0
@@ -369,6 +380,7 @@ _COMMAND_MODULES = [
         "tokensieve.bench.cli",
         "tokensieve.profiling.cli",
         "tokensieve.train.cli",
+        "tokensieve.bench.video",
         "tokensieve.serve.cli",
         "tokensieve.report",
     )

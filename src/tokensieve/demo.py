@@ -14,8 +14,8 @@ from tqdm import tqdm
 from .adapters.models import load_model, model_shape
 from .core.budget import Budget
 from .data.tasks import get_task
+from .engine import compress
 from .errors import ConfigError, PromptError, TokensieveWarning
-from .pipeline import compress
 from .spec import Spec
 
 DECODE_TOKENS = 24  # fixed number of decode steps, so decode speed is measured on the same work for every method

@@ -3,6 +3,11 @@
 Methods register themselves with :func:`tokensieve.core.registry.register`; this module loads the built-in ones on
 first use, looks them up by name (with a helpful error), creates them from parameters given as strings (a nested
 method, e.g. AdaKV's ``base``, may be given by name) and lists them.
+
+Every family is in it: the KV methods (``snapkv``, ``quest``, …), the visual-token methods (``todre``, ``fastv``,
+…) and the diffusion-transformer methods (``svg``, ``radial``, …). A name is looked up among the KV methods first,
+then the visual ones, then the DiT ones; ``vis:name`` names the visual method where both families have one
+(``vis:random``), and ``dit:name`` a DiT method (listed so always: ``dit:full`` is the dense DiT).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .core.method import Method
+from .core.method import DIT, FAMILIES, KV, VISUAL, Method
 from .core.params import check_number, coerce_param
 from .core.registry import registered
 from .errors import ConfigError, UnknownNameError
 
-_REGISTRY = registered()
+VIS_PREFIX = "vis:"  # names the visual method where a KV method has the same name: vis:random
+DIT_PREFIX = "dit:"  # names a diffusion-transformer method: dit:svg, dit:full
+_PACKAGES = {KV: "tokensieve.methods.kv", VISUAL: "tokensieve.methods.visual", DIT: "tokensieve.methods.dit"}
+_MACHINERY = {"base", "grammar"}  # modules of a method package that hold no method
 _LOADED = False
 
 
@@ -29,34 +37,72 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import methods
+    for package in _PACKAGES.values():
+        pkg = importlib.import_module(package)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.ispkg and not mod.name.startswith("_") and mod.name not in _MACHINERY:
+                importlib.import_module(f"{package}.{mod.name}")
 
-    for mod in pkgutil.iter_modules(methods.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{methods.__name__}.{mod.name}")
+
+def _family(family: str | None) -> list[str]:
+    if family is None:
+        return list(FAMILIES)
+    if family not in FAMILIES:
+        raise ConfigError(f"Unknown method family {family!r}; families: {', '.join(FAMILIES)}.")
+    return [family]
 
 
-def method_names() -> list[str]:
+def method_names(family: str | None = KV) -> list[str]:
+    """The registered names of one family (default: the KV methods), or of every family (``family=None``; a visual
+    method named like a KV method is listed as ``vis:name``, a DiT method always as ``dit:name``)."""
     _load_builtin()
-    return sorted(_REGISTRY)
+    if family is None:
+        kv = registered(KV)
+        visual = sorted(f"{VIS_PREFIX}{n}" if n in kv else n for n in registered(VISUAL))
+        return sorted(kv) + visual + sorted(f"{DIT_PREFIX}{n}" for n in registered(DIT))
+    return sorted(registered(_family(family)[0]))
 
 
-def get_method_class(name: str) -> type[Method]:
-    _load_builtin()
+def split_family(name: str) -> tuple[str | None, str]:
+    """``("visual", "random")`` for ``vis:random``, ``("dit", "svg")`` for ``dit:svg``; ``(None, name)`` for a name
+    without a prefix."""
     key = name.strip().lower()
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    from .methods.visual.registry import visual_method_names
+    if key.startswith(VIS_PREFIX):
+        return VISUAL, key[len(VIS_PREFIX) :].strip()
+    if key.startswith(DIT_PREFIX):
+        return DIT, key[len(DIT_PREFIX) :].strip()
+    return None, key
 
-    if key in visual_method_names():
-        raise UnknownNameError(
-            f"'{name}' is a visual-token method: it prunes an image's tokens in a vision-language model, not a KV "
-            "cache. Give an image and a VLM (`tokensieve generate --image FILE --model VLM --spec "
-            f"{key}:0.25/snapkv:0.5`, docs/VLM_PRUNING.md)."
-        )
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+
+def get_method_class(name: str, family: str | None = None) -> type[Method]:
+    """The class registered as ``name`` — among the KV methods first, then the visual ones, then the DiT ones
+    (``vis:name`` / ``dit:name`` or ``family=``: that family only) — or :class:`UnknownNameError` with the closest
+    names."""
+    _load_builtin()
+    prefixed, key = split_family(name)
+    families = _family(prefixed or family)
+    for fam in families:
+        if key in registered(fam):
+            return registered(fam)[key]
+    if DIT not in families and key in registered(DIT):
+        raise UnknownNameError(dit_refusal(key))
+    names = [n for fam in families for n in registered(fam)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownNameError(f"Unknown method '{name}'.{hint} Valid methods: {', '.join(sorted(_REGISTRY))}.")
+    if families == [VISUAL]:
+        raise UnknownNameError(f"Unknown visual method '{name}'.{hint} Visual methods: {', '.join(sorted(names))}.")
+    if families == [DIT]:
+        raise UnknownNameError(f"Unknown DiT method '{name}'.{hint} DiT methods: {', '.join(sorted(names))}.")
+    raise UnknownNameError(f"Unknown method '{name}'.{hint} Valid methods: {', '.join(method_names(None))}.")
+
+
+def dit_refusal(name: str) -> str:
+    """Why a DiT method cannot stand in a language-model spec."""
+    return (
+        f"'{name}' is a diffusion-transformer (DiT) method: it sparsifies the attention of an image or video DiT "
+        f"(`tokensieve generate-video PROMPT --spec {name}`, `tokensieve.adapters.diffusion.sparsify`), not a language "
+        "model's cache or an image's tokens."
+    )
 
 
 def _method_type(annotation: Any) -> bool:
@@ -77,7 +123,8 @@ def _coerce(value: Any, annotation: Any, field: str, method: str) -> Any:
 
 
 def create_method(name: str | Method, /, **params: Any) -> Method:
-    """Instantiate a registered method with parameters (strings are converted to the field types)."""
+    """Instantiate a registered method with parameters (strings are converted to the field types; a key may be
+    written with ``-`` for ``_``). ``vis:name`` is the visual method of that name."""
     if isinstance(name, Method):
         if params:
             return dataclasses.replace(name, **params)
@@ -86,7 +133,8 @@ def create_method(name: str | Method, /, **params: Any) -> Method:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in params.items():
+    for raw, value in params.items():
+        key = raw.replace("-", "_")
         if key not in fields:
             valid = ", ".join(fields) or "none"
             raise ConfigError(f"Method '{cls.name}' has no parameter '{key}'. Its parameters: {valid}.")
@@ -101,7 +149,10 @@ def check_fields(method: Method) -> None:
     """Every parameter of ``method`` (and of methods nested in it) has its field's type — an ``int`` field holds a
     whole number, not ``3.7`` or ``True`` — and is a finite number that fits a 64-bit integer, else
     :class:`ConfigError` naming the parameter."""
-    hints = typing.get_type_hints(type(method))
+    try:
+        hints = typing.get_type_hints(type(method))
+    except NameError:  # an annotation that cannot be resolved here (a method class defined in a function): unchecked
+        hints = {}
     for f in dataclasses.fields(method):
         value, annotation = getattr(method, f.name), hints.get(f.name)
         check_number(value, f.name, method.name)
@@ -134,7 +185,8 @@ def _fits(value: Any, annotation: Any) -> bool:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    name: str
+    name: str  # as a spec writes it (vis:random for the visual method named like a KV method)
+    family: str
     paper: str
     rule: str
     capabilities: str
@@ -153,19 +205,21 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     return None
 
 
-def list_methods() -> list[MethodInfo]:
-    """Every registered method with its paper, capabilities and default parameters."""
+def list_methods(family: str | None = None) -> list[MethodInfo]:
+    """Every registered method (of one family, or all: the KV methods first) with its family, paper, capabilities
+    and default parameters."""
     out = []
-    for name in method_names():
-        cls = _REGISTRY[name]
+    for name in method_names(family) if family is not None else method_names(None):
+        cls = get_method_class(name, family)
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
         out.append(
             MethodInfo(
                 name=name,
+                family=cls.family,
                 paper=cls.paper,
                 rule=cls.rule,
-                capabilities=cls.capabilities.describe(),
+                capabilities=cls.summary(),
                 params=defaults,
                 summary=doc,
                 profile=_profile_note(cls.capabilities.profile),

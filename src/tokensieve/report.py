@@ -49,7 +49,7 @@ from .results.sections import (
     vlm_speed_table,
 )
 from .results.stats import accuracy_json, chunk_labelled, speed
-from .results.store import ResultStore, is_visual
+from .results.store import ResultStore, is_dit, is_kernel, is_visual
 
 OVERLAYS_TOOL = "vlm-overlays"  # the runs of `tokensieve train vlm-eval --overlays PNG --store`
 
@@ -95,9 +95,13 @@ def write_report(
     except OSError as exc:
         raise ConfigError(f"Cannot create the report folder {out}: {exc.strerror or exc}.") from None
     vlm_eval = [r for r in eval_rows if is_visual(r)]  # a VLM's visual-token rows: their own section
+    dit_bench = [r for r in bench_rows if is_dit(r)]  # diffusion transformers (`tokensieve bench --video`): their own
+    bench_rows = [r for r in bench_rows if not is_dit(r)]
     vlm_bench = [r for r in bench_rows if is_visual(r)]
     eval_rows = [r for r in eval_rows if not is_visual(r)]
     bench_rows = [r for r in bench_rows if not is_visual(r)]
+    kernel_rows = [r for r in bench_rows if is_kernel(r)]  # synthetic kernel paths (bench --kernels): their own table
+    bench_rows = [r for r in bench_rows if not is_kernel(r)]
     bench_runs = [r for r in runs if r["tool"] == "bench" and r["info"]]
     info: dict[str, Any] = bench_runs[-1]["info"] if bench_runs else {}
     summary = speed(bench_rows, info) if bench_rows else []
@@ -113,6 +117,14 @@ def write_report(
         raise ConfigError(f"No kept-patch figure at {overlays}: give the PNG `tokensieve train vlm-eval --overlays` "
                           "wrote.")  # fmt: skip
     blocks += vlm_sections(vlm_eval, vlm_bench, out, figure)
+    if dit_bench:
+        from .bench.video import video_sections
+
+        blocks += video_sections(dit_bench)
+    if kernel_rows:
+        from .results.kernels import kernel_blocks, kernel_summary
+
+        blocks += kernel_blocks(kernel_summary(kernel_rows))
     blocks += daam_sections(runs, out)
 
     written: list[Path] = []

@@ -1,4 +1,4 @@
-"""The command line with the real embedded model (issue 10): whole characters when streaming, the context checked
+"""The command line with the real embedded model: whole characters when streaming, the context checked
 before any work."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def test_the_embedded_tokenizer_streams_whole_characters(real_model):
 
 
 def test_generate_refuses_max_new_tokens_beyond_the_context_before_any_work(real_model, capsys, monkeypatch):
-    import tokensieve.pipeline as pipeline
+    import tokensieve.engine.compressor as compressor
 
-    monkeypatch.setattr(pipeline.Compressor, "prefill", lambda *a, **k: pytest.fail("prefilled"))
+    monkeypatch.setattr(compressor.Compressor, "prefill", lambda *a, **k: pytest.fail("prefilled"))
     assert main(["generate", "Hi!", "--max-new-tokens", str(10**9), "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "--max-new-tokens asks for 1000000000 more" in err

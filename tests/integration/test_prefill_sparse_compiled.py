@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.unit.test_prefill_sparse import masked_reference, qkv
+from tests.unit.engine.test_prefill_sparse import masked_reference, qkv
 from tokensieve.attention import flex
 from tokensieve.attention.dense import Modifiers
 

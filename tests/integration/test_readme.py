@@ -20,6 +20,8 @@ def test_readme_python_blocks_run(real_model, monkeypatch):
     assert len(blocks) >= 3
     scope: dict[str, Any] = {}
     for block in blocks:
+        if "path/to/" in block:  # needs the reader's own checkpoint: the same calls run on a tiny model in
+            continue  # tests/unit/engine/test_vlm_families.py (test_the_readme_vlm_calls)
         short = block.replace("max_new_tokens=32", "max_new_tokens=8").replace("decode(fork, 32", "decode(fork, 8")
         exec(compile(short, "README.md", "exec"), scope)
     ctx, fork = scope["ctx"], scope["fork"]

@@ -13,7 +13,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
         not (V.weights_dir() / "model.safetensors").is_file(),
-        reason="the embedded VLM's trained weights are not shipped yet (issue 11: `tokensieve train vlm`)",
+        reason="the embedded VLM's trained weights are not shipped yet (`tokensieve train vlm`)",
     ),
 ]
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..core.context import ModelShape
 from ..core.profiles import PROFILE_KINDS, ProfileData
 from ..errors import CapabilityError, ConfigError
-from .models import cache_home
+from .home import cache_home
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def weights_dir(name: str = VLM_NAME) -> Path:
 
 
 def text_model_dir() -> Path:
-    from .models import resolve
+    from .home import resolve
 
     return Path(resolve(TEXT_MODEL)[0])
 

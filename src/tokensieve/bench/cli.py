@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-
-DEFAULT_METHODS = "full,snapkv:0.125,streaming_llm:0.125,+quest:0.125,+tokenselect:0.125,+tidaldecode:0.125"
+from .config import DEFAULT_METHODS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -28,8 +27,9 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["tokensieve", "bench", "--methods", args.methods]
     if args.budgets:
         parts += ["--budgets", args.budgets]
-    parts += ["--lengths", args.lengths]
-    parts += ["--batch-sizes", args.batch_sizes, "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)]
+    reps = args.reps if args.reps is not None else 3
+    parts += ["--lengths", args.lengths or "2048"]
+    parts += ["--batch-sizes", args.batch_sizes or "1", "--decode-tokens", str(args.decode_tokens), "--reps", str(reps)]
     parts += ["--threads", str(resolve_threads(args.threads))]
     if getattr(args, "chunk", None) is not None:
         parts += ["--chunk", str(args.chunk)]
@@ -60,6 +60,23 @@ def _report_dir(report: str | None) -> Path | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "kernels", False):  # attention kernels at real geometry (tokensieve.bench.kernels)
+        for other in ("vlm", "video"):
+            if getattr(args, other, None):
+                raise ConfigError(f"--kernels and --{other} are two different benchmarks: give one.")
+        from .kernels import cmd_bench_kernels
+
+        return cmd_bench_kernels(args)
+    for flag in ("dtypes", "json", "prefill_lengths", "paths"):
+        if getattr(args, flag, None) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} belongs to --kernels (tokensieve bench --kernels).")
+    args.lengths = args.lengths or "2048"
+    args.batch_sizes = args.batch_sizes or "1"
+    args.reps = args.reps if args.reps is not None else 3
+    if getattr(args, "video", None):  # video diffusion transformers (tokensieve.bench.video)
+        from .video import cmd_bench_video
+
+        return cmd_bench_video(args)
     if getattr(args, "vlm", None):  # VLM prefill with visual-token pruning (tokensieve.bench.vlm)
         from .vlm import cmd_bench_vlm
 
@@ -147,10 +164,13 @@ def add_commands(sub: Any) -> None:
     )
     sp.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated specs (default: {DEFAULT_METHODS})")
     sp.add_argument("--budgets", default=None, help="budgets for the specs that give none (comma-separated)")
-    sp.add_argument("--lengths", default="2048", help="context lengths in tokens, comma-separated")
-    sp.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated")
+    sp.add_argument("--lengths", default=None,
+                    help="context lengths in tokens, comma-separated (default 2048; --kernels: 8192,32768, 8k/32k "
+                         "accepted)")  # fmt: skip
+    sp.add_argument("--batch-sizes", default=None, help="batch sizes, comma-separated (default 1; --kernels: 1,4)")
     sp.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
-    sp.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
+    sp.add_argument("--reps", type=int, default=None,
+                    help="interleaved repetitions, medians reported (default 3; --kernels: 10)")  # fmt: skip
     add_threads_argument(sp)
     sp.add_argument("--model", default=DEFAULT_MODEL)
     sp.add_argument("--store", default=None, help="SQLite results store (shared with `tokensieve eval`); resumable")
@@ -178,4 +198,48 @@ def add_commands(sub: Any) -> None:
             "labelled as `tokensieve train vlm-eval --store` labels them"
         ),
     )
+    sp.add_argument(
+        "--video",
+        nargs="?",
+        const="embedded",
+        default=None,
+        choices=("embedded", "wan2.1-1.3b"),
+        help=(
+            "video diffusion transformers instead (docs/DIT.md): DiT methods against the dense model on the embedded "
+            "video DiT (default; PSNR, SSIM and the quality gate against the dense clip of the same seed) or at "
+            "Wan2.1-1.3B geometry with random weights (speed only); --methods are DiT specs (default "
+            "svg,svg2,radial,vmoba,psa,adaspa,ras), --budgets the densities of those that take one (default 0.25,0.5)"
+        ),
+    )
+    sp.add_argument("--steps", type=int, default=20, help="--video: denoising steps per generation (default 20)")
+    sp.add_argument("--clips", type=int, default=4, help="--video embedded: test prompts and seeds (default 4)")
+    sp.add_argument(
+        "--video-model",
+        default=None,
+        help="--video embedded: a folder written by `train video-dit`; --video wan2.1-1.3b: a diffusers Wan "
+        "transformer folder (its own weights instead of random ones)",
+    )
+    sp.add_argument("--latent", default=None, help="--video wan2.1-1.3b: latent F,H,W (default 8,32,32: 2,048 tokens)")
+    sp.add_argument("--video-layers", type=int, default=None, help="--video wan2.1-1.3b: fewer than its 30 layers")
+    kg = sp.add_argument_group(
+        "attention kernels (--kernels)",
+        "Synthetic tensors at Llama-3.1-8B's attention geometry (32 query / 8 KV heads, head dim 128), one layer: "
+        "dense decode attention, SnapKV's compacted cache, the ragged head-adaptive store, Quest per query head and "
+        "per KV head (budget 1/8; PyTorch and fused C++ kernels), a streaming read of the same bytes (the bandwidth "
+        "bound), and sparse prefill (block-sparse FlexAttention, 1/8 of the blocks) against dense causal attention. "
+        "Uses --lengths, --batch-sizes, --reps, --threads (default 1), --store (rows in table bench, model "
+        "synthetic:llama-3.1-8b-attention) and --report (a dated page kernels-DATE.md). docs/KERNELS.md.",
+    )
+    kg.add_argument("--kernels", action="store_true", help="measure attention kernels instead of a model")
+    kg.add_argument("--dtypes", default=None, help="float32,bfloat16 (default: both)")
+    kg.add_argument("--json", default=None, metavar="FILE", help="write the medians, one row per path and shape")
+    kg.add_argument("--prefill-lengths", default=None,
+                    help="prefill lengths, batch 1 (default 32768; 'none' to skip prefill)")  # fmt: skip
+    kg.add_argument("--prefill-reps", type=int, default=3, help="prefill repetitions (default 3)")
+    kg.add_argument("--paths", default=None,
+                    help="only these paths: dense,snapkv,ragged,quest-head,quest-kv,stream,prefill-dense,"
+                         "prefill-sparse")  # fmt: skip
+    kg.add_argument("--compiled", action="store_true",
+                    help="also Quest per KV head compiled by Inductor and as FlexAttention block-sparse decode "
+                         "(compiles per shape: minutes)")  # fmt: skip
     sp.set_defaults(func=cmd_bench)

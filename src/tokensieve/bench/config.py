@@ -6,10 +6,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..core.budget import Budget
+from ..core.capabilities import Request
 from ..errors import ConfigError
-from ..pipeline import check_chunkable
 from ..results.threads import default_threads
 from ..spec import Spec, parse_specs
+
+# what `tokensieve bench` measures when no --methods are given
+DEFAULT_METHODS = "full,snapkv:0.125,streaming_llm:0.125,+quest:0.125,+tokenselect:0.125,+tidaldecode:0.125"
 
 
 def bench_specs(
@@ -58,6 +61,6 @@ class BenchConfig:
             if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 2:
                 raise ConfigError(f"--chunk must be a whole number of tokens >= 2; got {self.chunk!r}.")
             for s in specs:
-                check_chunkable(s)  # a method that cannot score a chunk fails here, before the model loads
+                s.check(Request(chunk=self.chunk))  # a method that cannot score a chunk fails before the model loads
         if self.decode_tokens < 2 or self.repetitions < 1 or self.threads < 1:
             raise ConfigError("decode_tokens >= 2, repetitions >= 1 and threads >= 1 are required.")

@@ -23,14 +23,15 @@ from ..cache.decode import DecodeLayer, DecodeMethod, DecodeRun
 from ..cache.storage import DenseKV
 from ..core.budget import Budget
 from ..core.context import ModelShape
-from ..methods.quest import Quest
+from ..methods.kv.quest import Quest
 from ..spec import Spec
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
 
 
 class _TokenGatherQuest(Quest):
-    """Quest as it was before issue 18: every query head's pages gathered token by token (the padded-batch path)."""
+    """Quest's earlier decode path, kept to compare against: every query head's pages gathered token by token (the
+    padded-batch path)."""
 
     def _per_head_pages(
         self, layer: DecodeLayer, q: torch.Tensor, bounds: torch.Tensor, cur: int, k: int

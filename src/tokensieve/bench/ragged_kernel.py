@@ -4,7 +4,8 @@ Candidates, all over the same rows (one (sequence, KV head) pair each, every row
 interleaved in one run (each repetition runs every candidate once, in a rotated order), medians and spread reported,
 ratios against the per-row Python loop of the same run:
 
-- ``loop``: the store before issue 18 — one buffer per row, one SDPA call per row (B x H calls per layer);
+- ``loop``: the earlier ragged store, kept to compare against — one buffer per row, one SDPA call per row (B x H
+  calls per layer);
 - ``padded``: one packed buffer with row offsets; each step gathers the rows padded to the longest, masks the slots
   past each row's length and runs one SDPA;
 - ``paged-gather``: a shared page pool with a block table (vLLM's layout); each step gathers each row's pages, padded
@@ -40,7 +41,7 @@ def record_lengths(spec: str, length: int, path: str) -> None:
     """Prefill the embedded model on a ``length``-token prompt with ``spec`` and save its ``(layers, B, H)``
     stored lengths to ``path``."""
     from ..adapters.models import load_model
-    from ..pipeline import compress
+    from ..engine import compress
     from .runner import bench_prompts
 
     model, tok = load_model("smollm2-135m")
@@ -98,7 +99,7 @@ class _Layer:
 
 
 def _loop(layer: _Layer, q: Tensor, scale: float) -> Tensor:
-    """The per-row loop of the store before issue 18 (one SDPA per (sequence, KV head))."""
+    """The per-row loop of the earlier ragged store (one SDPA per (sequence, KV head))."""
     B = layer.batch
     G = HQ // HKV
     out = q.new_empty(B, HQ, 1, D)

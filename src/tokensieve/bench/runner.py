@@ -29,8 +29,8 @@ from ..attention import flex
 from ..core.capabilities import Apply
 from ..data.prompts import encode
 from ..data.text import calibration_text
+from ..engine import Compressor, compress
 from ..errors import ConfigError, TokensieveError
-from ..pipeline import Compressor, compress
 from ..results.store import ResultStore, spec_columns
 from ..spec import Spec, budget_label, method_label
 from .config import BenchConfig
@@ -269,11 +269,7 @@ def check_specs(model: Any, cfg: BenchConfig) -> None:
                 if press.method.compresses:
                     press.budget.tokens_for(length)
                 for batch in cfg.batch_sizes:
-                    for m in (press.method, press.decode_method):
-                        if m is not None:
-                            m.capabilities.check(method=m.name, batch_size=batch)
-                    if press.decode_method is not None:
-                        press.decode_method.check_batch(press.decode_budget, [length] * batch)
+                    press.spec.check(press.request([length] * batch, images=False))
         except TokensieveError as exc:
             if spec.label in str(exc):
                 raise

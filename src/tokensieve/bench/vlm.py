@@ -187,15 +187,15 @@ def vlm_bench_specs(
     """Visual specs to measure (``full`` first): a method given without a budget takes each of ``budgets``.
 
     Every spec is parsed now, so a typo fails before a model is built."""
-    from ..methods.visual.spec import VisualPlan, split_list
+    from ..spec import VisualPlan
+    from ..spec import split_specs as split_list
 
     items = split_list(methods) if isinstance(methods, str) else [m.strip() for m in methods if m.strip()]
     if items == ["all"]:  # every registered visual method (vis:name where a KV method has the same name)
-        from ..methods.visual.registry import visual_method_names
         from ..registry import method_names
 
         kv = set(method_names())
-        items = [f"vis:{n}" if n in kv else n for n in visual_method_names()]
+        items = [f"vis:{n}" if n in kv else n for n in method_names("visual")]
     out: list[str] = [FULL]
     for item in items:
         if item == FULL:
@@ -267,7 +267,7 @@ class VlmBenchRow:
 
 
 def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> dict[str, Any]:
-    from ..adapters.vision import engine
+    from ..adapters.vision import segments as lm_segments
     from ..adapters.vision.base import as_plan
 
     plan = as_plan(None if spec == FULL else spec)
@@ -307,7 +307,7 @@ def _prefill_once(adapter: Any, inputs: dict[str, torch.Tensor], spec: str) -> d
         with torch.inference_mode(), PeakRSS() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             seq, _, built = adapter.build(inputs, plan, "keep", None)
-            state = engine.prefill(adapter.stack, seq, plan, policy="keep")
+            state = lm_segments.prefill(adapter.stack, seq, plan, policy="keep")
             first = state.logits.argmax(-1)
             ttft, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
@@ -616,7 +616,7 @@ def run_into_store(
     """:func:`run_vlm_bench` into a results store: measurements already stored are skipped, every new one is stored
     as soon as it is made; returns every stored row of this grid (as measurements labelled with their canonical
     labels, in the order of ``specs`` and repetitions), the run's description and how many rows this run added."""
-    from ..adapters.vision import visual_label
+    from ..spec import visual_label
 
     specs = list(dict.fromkeys([FULL, *specs]))
     threads = int(torch.get_num_threads())
@@ -660,7 +660,7 @@ def cmd_bench_vlm(args: Any) -> int:
     from ..results.threads import use_threads
 
     spec = tower_spec(args.vlm)
-    from .cli import DEFAULT_METHODS as TEXT_DEFAULT
+    from .config import DEFAULT_METHODS as TEXT_DEFAULT
 
     methods = ",".join(DEFAULT_METHODS) if args.methods == TEXT_DEFAULT else args.methods
     budgets = [b.strip() for b in (args.budgets or ",".join(DEFAULT_BUDGETS)).split(",") if b.strip()]

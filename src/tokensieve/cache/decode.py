@@ -7,8 +7,8 @@ layer, a :class:`DecodeLayer` (the layer's store, the method's state for that la
 
 1. :meth:`DecodeMethod.setup` — **once per run and layer**, when the layer's store is first decoded from (right
    after the prefill, or after a decode method was attached to a prefilled context). It may adapt the store
-   (align it to pages, register a per-slot array) and returns the layer's state. With
-   :attr:`DecodeMethod.needs_prefill_context` it also sees the prefill chunk's :class:`LayerContext`.
+   (align it to pages, register a per-slot array) and returns the layer's state. A method that declares
+   ``prefill_queries`` in its capabilities also sees the prefill chunk's :class:`LayerContext`.
 2. :meth:`DecodeMethod.on_append` — after every appended chunk (``n_new`` entries), to keep metadata in sync.
 3. :meth:`DecodeMethod.step` — every single-token step: the attention output, possibly evicting.
 """
@@ -26,7 +26,7 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext, ModelShape
 from ..core.method import Method
 from ..errors import CapabilityError
-from .storage import DenseKV, RowPaddedKV
+from .storage import DenseKV, KVStore, RowPaddedKV, as_dense
 
 
 @dataclass
@@ -93,11 +93,17 @@ class DecodeMethod(Method):
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.SPARSE)
-    needs_prefill_context: ClassVar[bool] = False
 
-    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
-        """Refuse, before any work, a batch of prompts of these ``lengths`` this method cannot decode exactly as it
-        would decode each prompt alone (raise :class:`CapabilityError`). Default: every batch is fine."""
+    def batch_refusal(self, budget: Budget, lengths: list[int]) -> str | None:
+        """Why this method cannot decode a batch of prompts of these ``lengths`` (empty: not known yet) at ``budget``
+        exactly as it would decode each prompt alone — a sentence saying what to do — or None. Asked by
+        :meth:`tokensieve.spec.Spec.why_not` before any work. Default: every batch is fine."""
+        return None
+
+    def decode_store(self, store: KVStore) -> KVStore:
+        """The layer's store as this method decodes from it, made once when decoding starts: rows that end in the same
+        slot (a ragged store is padded on the left). A method that decodes from ragged rows overrides this."""
+        return as_dense(store, self.name)
 
     def setup(self, layer: DecodeLayer, ctx: LayerContext | None) -> Any:
         """Prepare ``layer.store`` for this method (once per run) and return the layer's state."""
@@ -140,19 +146,19 @@ class BoundedCacheMethod(DecodeMethod):
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.DECODE}), apply=Apply.EVICT)
-    needs_probs: ClassVar[bool] = False
 
     def decode_scores(self, layer: DecodeLayer, probs: Tensor | None, budget: int) -> Tensor:
         """``(B, H_kv, n)`` importance of every stored entry (``+inf`` = protected); higher is kept."""
         raise NotImplementedError
 
-    def check_batch(self, budget: Budget, lengths: list[int]) -> None:
+    def batch_refusal(self, budget: Budget, lengths: list[int]) -> str | None:
         if budget.kind == "ratio" and len(set(lengths)) > 1:
-            raise CapabilityError(
+            return (
                 f"'{self.name}' keeps one cache size for the whole batch, so a ratio budget over prompts of different "
                 f"lengths ({sorted(set(lengths))} tokens) cannot equal each prompt alone. Give a token budget "
                 "(e.g. decode_budget=512) or run the prompts one at a time."
             )
+        return None
 
     def step(self, layer: DecodeLayer, q: Tensor) -> Tensor:
         store, run = layer.store, layer.run
@@ -163,7 +169,7 @@ class BoundedCacheMethod(DecodeMethod):
             )
         probs: Tensor | None = None
         run.bytes_read += store.kv_bytes()
-        if self.needs_probs:
+        if self.declared().decode_probs:
             mask = store.attention_mask(1, int(q.shape[1]) // int(store.keys.shape[1]))
             out, probs = attention_with_probs(q, store.keys, store.values, mask, layer.scaling)
         else:

@@ -7,8 +7,8 @@ ever takes the next free page), and only a row's last page may be partly filled.
 in use, the rest is headroom; it grows geometrically, so appends are amortised O(1) and a decode step appends one
 token to every row with a handful of tensor operations. Attention reads the pool in place
 (:func:`tokensieve.attention.ragged.paged_decode`): no Python loop over rows, no gather, no padding to the longest
-row. Why this layout and not a packed buffer with a padded gather, nested tensors or FlexAttention: docs/BENCHMARKS.md
-("Ragged decode kernel").
+row. Why this layout and not a packed buffer with a padded gather, nested tensors or FlexAttention:
+docs/results/benchmarks.md ("Ragged decode kernel").
 
 Bytes: ``kv_bytes`` counts the stored entries exactly; ``allocated_bytes`` the whole pool (every page, the unfilled
 slots of each row's last page and the pool's headroom included: at most ``P - 1`` slots per row plus the headroom);
@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..attention import fused
 from ..attention.dense import PLAIN, Modifiers, chunk_allowed, grouped_attention, window_allowed
 from ..attention.ragged import paged_decode
 from .dense import _grow
 
 DEAD = -2  # position of an entry dropped in place (RaggedKV.drop), until its slot is reclaimed
-PAGE = 32  # slots per page of the pool (docs/BENCHMARKS.md, "Ragged decode kernel": 16 / 32 / 64 measured)
+PAGE = 32  # slots per page of the pool (docs/results/benchmarks.md, "Ragged decode kernel": 16 / 32 / 64 measured)
 
 
 @dataclass
@@ -262,6 +263,12 @@ class RaggedKV:
 
     def allocated_bytes(self) -> int:
         return 2 * self._k.numel() * self._k.element_size()
+
+    def decode_bytes(self) -> int:
+        """Bytes a single-token decode step reads: keys, values and slot bias of every page in use (the unfilled
+        slots of each row's last page included), and the page-owner table."""
+        P, D, es = self.page, self._k.shape[-1], self._k.element_size()
+        return self._used * (P * (2 * D + 1) * es + self._page_row.element_size())
 
     def meta_bytes(self) -> int:
         arrays = (self._pos, self._bias, self._page_row, self._n, self._last)
@@ -516,8 +523,9 @@ class RaggedKV:
     def attend(self, q: Tensor, scaling: float, mods: Modifiers = PLAIN) -> Tensor:
         """Attention of the last appended chunk's queries: q ``(B, H_q, L, D)`` → ``(B, H_q, L, D)``.
 
-        A single-token step without modifiers reads the pool in place, every row at once
-        (:func:`~tokensieve.attention.ragged.paged_decode`); a chunk, a sliding window or soft-capping gathers the
+        A single-token step without modifiers reads the pool in place, every row at once (the fused kernel of
+        :mod:`tokensieve.attention.fused` where it is built, else :func:`~tokensieve.attention.ragged.paged_decode`);
+        a chunk, a sliding window or soft-capping gathers the
         rows padded to the longest and runs one masked grouped attention.
         """
         B, Hq, L, D = q.shape
@@ -525,6 +533,11 @@ class RaggedKV:
         G = Hq // H
         if L == 1 and mods.plain:
             u = self._used
+            if fused.kernels() is not None:  # every row's pages read in place, one pass (attention.fused)
+                table = fused.owner_table(self._page_row[:u], B * H)  # (R, 1, W)
+                out, _ = fused.paged_attention(q.reshape(B * H, G, D), self._k[:u], self._v[:u], table, scaling,
+                                               bias=self._bias[:u])  # fmt: skip
+                return out.view(B, Hq, 1, D)
             out = paged_decode(
                 q.reshape(B * H, G, D), self._k[:u], self._v[:u], self._page_row[:u], self._bias[:u], B * H, scaling
             )

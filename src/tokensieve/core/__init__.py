@@ -1,6 +1,6 @@
 """Concepts with no model knowledge: budgets, layer contexts, selections, capabilities, methods, the registry."""
 
-from ..select.selection import Selection
+from ..selection import Selection
 from .budget import Budget
 from .capabilities import Apply, Capabilities, Granularity, Phase
 from .context import LayerContext, ModelShape, RunState

@@ -10,10 +10,10 @@ Subclasses usually override ``score`` only; layer- and head-adaptive methods ove
 ``select``; merge methods override ``apply``.
 
 A method whose selection needs every layer's scores (KVzip's allocation across layers, SimLayerKV's lazy layers)
-sets ``deferred``: the cache then scores each layer during the forward pass, keeps the prompt whole, and selects and
-applies (:meth:`PrefillMethod.choose`) for all layers once every layer is scored — and, for a method that asks for
-auxiliary forward passes (:meth:`PrefillMethod.prefill_passes`, KVzip's context reconstruction), once those passes
-have shown it their queries (:meth:`PrefillMethod.observe_pass`).
+declares ``deferred`` in its capabilities: the cache then scores each layer during the forward pass, keeps the
+prompt whole, and selects and applies (:meth:`PrefillMethod.choose`) for all layers once every layer is scored —
+and, for a method that asks for auxiliary forward passes (:meth:`PrefillMethod.prefill_passes`, KVzip's context
+reconstruction), once those passes have shown it their queries (:meth:`PrefillMethod.observe_pass`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,15 @@ from torch import Tensor
 
 from ..attention.dense import Modifiers
 from ..errors import ConfigError
-from ..select.selection import Selection
-from ..select.topk import topk_select
+from ..selection import Selection
+from ..selection.topk import topk_select
 from .capabilities import Apply, Capabilities, Phase
 from .context import LayerContext, ModelShape
+
+KV = "kv"  # the family of methods that act on the KV cache and attention of a language model
+VISUAL = "visual"  # the family of methods that act on an image's tokens in a vision-language model
+DIT = "dit"  # the family of methods that sparsify the attention of a diffusion transformer (image and video)
+FAMILIES = (KV, VISUAL, DIT)
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,29 @@ class AuxPass:
 
 @dataclass(frozen=True)
 class Method:
-    """Base of every registered method. Class attributes describe it; dataclass fields are its parameters."""
+    """Base of every registered method. Class attributes describe it; dataclass fields are its parameters.
 
+    ``family`` says what the method acts on: ``"kv"`` — the KV cache and attention of a language model (this module's
+    :class:`PrefillMethod`, the decode methods of :mod:`tokensieve.cache.decode`) — or ``"visual"`` — an image's
+    tokens in a vision-language model (:class:`tokensieve.methods.visual.base.VisualMethod`). One registry holds both
+    families and one spec names them together (``todre:0.1/snapkv:0.25``)."""
+
+    family: ClassVar[str] = KV
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # "Title (arXiv:NNNN.NNNNN)"
     rule: ClassVar[str] = ""  # the scoring rule in one line
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @classmethod
+    def summary(cls) -> str:
+        """What the method declares, in a few words (``tokensieve methods``, docs/METHODS.md)."""
+        return cls.capabilities.describe()
+
+    def declared(self) -> Capabilities:
+        """This instance's capabilities: its class's one declaration (:attr:`capabilities`), which a method whose
+        parameter holds another method completes with that method's where it decides (a sparse prefill's ``evict``
+        decides whether the prompt is compressed and whether auxiliary tokens are added)."""
+        return type(self).capabilities
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -109,8 +131,8 @@ class Method:
         this shape (every layer left dense, a page longer than the model's context …), as a sentence that says what
         to change; None when they would not. Methods nested in this one (a ``base``, an ``evict``) are asked too.
 
-        :meth:`tokensieve.spec.Spec.check_model` asks every method of a spec when a run is built, so every front door
-        (library, CLI, evaluation, benchmarks, server) refuses the same specs with the same reason."""
+        :meth:`tokensieve.spec.Spec.why_not` asks it whenever the model is known, so every front door (library, CLI,
+        evaluation, benchmarks, server) refuses the same specs with the same reason."""
         for f in dataclasses.fields(self):
             inner = getattr(self, f.name)
             if isinstance(inner, Method) and (why := inner.refusal(shape)) is not None:
@@ -130,7 +152,7 @@ class Method:
 
     @property
     def compresses(self) -> bool:
-        return self.capabilities.apply is not Apply.NONE
+        return self.declared().apply is not Apply.NONE
 
     @property
     def uses_budget(self) -> bool:
@@ -154,10 +176,6 @@ class PrefillMethod(Method):
     """A method that compresses the KV cache once, when a prompt (or a reusable context) is prefilled."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(phases=frozenset({Phase.PREFILL}), apply=Apply.EVICT)
-    deferred: ClassVar[bool] = False  # select once every layer is scored (see the module docstring)
-    # can re-score a generating cache from a few recent queries (Recompress); False for a method that needs every
-    # prompt query at its true position, every layer at once, or the model's weights
-    rescorable: ClassVar[bool] = True
 
     # -- chunked prefill ------------------------------------------------------------------------------------------
     def chunk_refusal(self) -> str | None:
@@ -172,23 +190,24 @@ class PrefillMethod(Method):
         queries of their last chunk (``rescorable``; a method needing every prompt query refuses). Methods override
         this to give their own reason (or to accept when ``rescorable`` is False for a reason that does not apply).
         """
-        if not self.compresses:
+        caps = self.declared()
+        if caps.apply is Apply.NONE:
             return None
-        if self.deferred:
+        if caps.deferred:
             return "it selects once every layer of the whole prompt is scored (and may run passes over its full cache)"
-        if type(self).prefill_suffix is not Method.prefill_suffix:
+        if caps.suffix:
             return "it appends auxiliary tokens after the whole prompt to score it"
-        if self.capabilities.apply is not Apply.EVICT:
+        if caps.apply is not Apply.EVICT:
             return (
-                f"it {self.capabilities.apply.value}s entries instead of evicting them; a later chunk's selection "
+                f"it {caps.apply.value}s entries instead of evicting them; a later chunk's selection "
                 "would have to re-merge merged entries"
             )
-        if self.capabilities.head_adaptive:
+        if caps.head_adaptive:
             return (
                 "it gives the KV heads of a sequence different counts, and a chunk is re-scored over keys that share "
                 "one padding mask per sequence (not supported yet)"
             )
-        if not self.rescorable:
+        if not caps.rescorable:
             return "it scores a prompt from all of its queries at their true positions, not from a chunk's"
         return None
 
@@ -270,7 +289,12 @@ class WrapperMethod(PrefillMethod):
         """Refuse a ``base`` that is not a scoring prefill method (with ``uniform``: one that needs a profile, or does
         not evict the same number of entries in every head)."""
         base = self.base
-        if not isinstance(base, PrefillMethod) or not base.compresses or base.deferred or isinstance(base, type(self)):
+        if (
+            not isinstance(base, PrefillMethod)
+            or not base.compresses
+            or base.declared().deferred
+            or isinstance(base, type(self))
+        ):
             raise ConfigError(f"{self.name}: base must be a prefill scoring method, not {base!r}.")
         if uniform and (
             base.capabilities.profile or base.capabilities.apply is not Apply.EVICT or base.capabilities.head_adaptive
@@ -292,4 +316,16 @@ class WrapperMethod(PrefillMethod):
         return self.base.layer_counts(ctx)
 
 
-__all__ = ["AuxPass", "Compressed", "Method", "PrefillMethod", "PromptText", "WrapperMethod", "dense_layers_refusal"]
+__all__ = [
+    "DIT",
+    "FAMILIES",
+    "KV",
+    "VISUAL",
+    "AuxPass",
+    "Compressed",
+    "Method",
+    "PrefillMethod",
+    "PromptText",
+    "WrapperMethod",
+    "dense_layers_refusal",
+]

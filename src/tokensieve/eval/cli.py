@@ -120,7 +120,9 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--lengths", help="comma-separated prompt lengths in model tokens (512,1k,2k)")
     sp.add_argument("--depths", help="comma-separated needle depths in [0, 1]")
     sp.add_argument("--seeds", help="comma-separated seeds or a range (0-4)")
-    sp.add_argument("--modes", help="agnostic (compress the context before the question), aware, or both")
+    sp.add_argument(
+        "--modes", help="agnostic (compress the context before the question), aware, or both (= agnostic,aware)"
+    )
     sp.add_argument("--haystack", help="filler between needles: repeat (fixed sentences) or text (real text)")
     sp.add_argument("--text", help="real text: kjv, python-doc, stdlib, generated, or a path to a UTF-8 text file")
     sp.add_argument("--chunk", metavar="N",

@@ -39,9 +39,10 @@ from typing import Any
 
 from ..adapters.models import DEFAULT_MODEL
 from ..core.budget import Budget
+from ..core.capabilities import Request
 from ..data.tasks import MODES, Task, get_task
+from ..engine import check_chunk
 from ..errors import ConfigError
-from ..pipeline import check_chunk, check_chunkable
 from ..registry import method_names
 from ..spec import Spec, split_specs
 
@@ -149,7 +150,7 @@ class EvalConfig:
             check_chunk(self.chunk)
             if not self.all_methods:  # `all` drops, with a note, the methods that cannot (tokensieve.eval.runner)
                 for m in self.methods:
-                    check_chunkable(m)
+                    m.check(Request(chunk=self.chunk))
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -182,7 +183,9 @@ class EvalConfig:
         if "depths" in data:
             kw["depths"] = _floats(_tuple(data["depths"], "depths"), "depths", 0.0, 1.0)
         if "modes" in data:
-            kw["modes"] = tuple(dict.fromkeys(str(m).strip().lower() for m in _tuple(data["modes"], "modes")))
+            named = [str(m).strip().lower() for m in _tuple(data["modes"], "modes")]
+            both = [m for n in named for m in (MODES if n == "both" else (n,))]  # "both": every mode
+            kw["modes"] = tuple(dict.fromkeys(both))
         for key in ("haystack", "text", "model", "store"):
             if key in data and data[key] is not None:
                 kw[key] = str(data[key])

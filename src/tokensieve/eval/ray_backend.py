@@ -77,7 +77,7 @@ class CellWorker:
         """Measure the given cells of one sample, in grid order; ``cells`` are (grid index, cell, is the sample's
         reference cell); ``shared_prefill``: replay the sample's recorded prefills (tokensieve.eval.runner). Returns
         the threads used and each index's result columns."""
-        from .runner import Reference, SharedPrefill, measure
+        from .cells import Reference, SharedPrefill, measure
 
         out: list[tuple[int, dict[str, Any]]] = []
         reference: Reference | None = None

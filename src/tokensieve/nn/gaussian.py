@@ -22,8 +22,7 @@ authors' code computes (read against it: docs/DAAM.md, "The modules"):
   24 Gaussians, and underflowing to 0 where the official product does (up to values below 1e-38). Where p is 0
   along a whole chunk (often, with 24 narrow Gaussians over a chunk of 10 values) w is 0 and the block passes x
   through; where Σ p < ε the weights sum to less than 1. ``stable=True`` normalises by a softmax of log p instead:
-  the same number wherever Σ p ≥ ε, and a distribution over the chunk everywhere (this package's form before
-  issue 31).
+  the same number wherever Σ p ≥ ε, and a distribution over the chunk everywhere (this package's earlier form).
 
 * **Form B** — :class:`DensityAdaptiveAttention` (DAAM, Algorithm 1 of arXiv 2401.11143 v3+, code
   gioannides/DAAM-PEFT-paper-code). The rows (the statistics axis, e.g. tokens or encoder layers) are split into H

@@ -15,7 +15,7 @@ Input of both: standardised log-mel segments, shape (B, mels, frames) — the pa
   ≈ 1.1 M parameters. The tokens are the frames: each frame's mel vector is projected to d = 120 and given a learned
   position (the paper states d = 120 = the number of frames, which would make the 40 mel bins the tokens; we take
   frames as tokens so that tokens can be *selected* — ``forward(x, keep=...)`` passes only some frames to the
-  encoder). ``pool="mean"`` averages the tokens instead (this package's default before issue 31).
+  encoder). ``pool="mean"`` averages the tokens instead (this package's earlier default).
 
   The official code builds its encoder with PyTorch's default ``batch_first=False`` and feeds it (B, 40, 120): the
   encoder's sequence axis is then the *batch* (clips attend to the other clips of their batch) and "the last
@@ -29,8 +29,9 @@ each frame, so they rank mel bins, not frames). With H time heads the frames are
 are normalised within each chunk, so every chunk carries the same total importance; ``time_heads=1`` normalises over
 all frames, so the importance can concentrate where the speech is.
 
-``official=False`` builds the networks as this package did before issue 31 (log-space Gaussian weights, c from
-exp(N(0, 1)), no dropout, PyTorch's default initialisation, mean pooling), to reproduce the earlier results.
+``official=False`` builds the networks as this package did before it followed the authors' code (log-space Gaussian
+weights, c from exp(N(0, 1)), no dropout, PyTorch's default initialisation, mean pooling), to reproduce the earlier
+results.
 
 Token selection (:class:`DAAMAudioTransformer`): ``scorer=True`` adds a :class:`FrameScorer`, a small convolution that
 scores each frame for keeping; ``encode(h, key_weights=m)`` runs the encoder with a soft keep mask over the keys
@@ -81,7 +82,7 @@ def he_uniform_(layer: nn.Conv1d | nn.Linear) -> None:
 
 
 def _gaussian_options(official: bool, options: dict[str, object]) -> dict[str, object]:
-    """The Gaussian layers' options: the speech code's (clamped product, c from N(0, 1)) or the pre-issue-31 ones
+    """The Gaussian layers' options: the speech code's (clamped product, c from N(0, 1)) or the earlier ones
     (log-space softmax, c from exp(N(0, 1))); explicit ``options`` win."""
     base: dict[str, object] = (
         {"stable": False, "c_init": "normal"} if official else {"stable": True, "c_init": "lognormal"}
@@ -143,7 +144,7 @@ class DAAMAudioCNNLSTM(nn.Module):
 
     Shapes: (B, mels, frames) → logits (B, outputs). Defaults: the paper's code (40 mels, 4 heads × 24 Gaussians, 128
     channels, dropout 0.05, 2 × LSTM 128, He-uniform convolution and output layer): 280 k parameters.
-    ``official=False``: the pre-issue-31 network (no dropout, PyTorch's initialisation, log-space Gaussian weights);
+    ``official=False``: the earlier network (no dropout, PyTorch's initialisation, log-space Gaussian weights);
     ``dropout`` overrides the dropout either way.
     """
 
@@ -236,7 +237,7 @@ class DAAMAudioTransformer(nn.Module):
     read out.
 
     ``pool``: ``"last"`` (the official code) or ``"mean"``; default: ``"last"``, or ``"mean"`` with
-    ``official=False`` (the pre-issue-31 network). ``scorer=True`` adds :attr:`scorer`, a :class:`FrameScorer`.
+    ``official=False`` (the earlier network). ``scorer=True`` adds :attr:`scorer`, a :class:`FrameScorer`.
     """
 
     def __init__(

@@ -46,7 +46,7 @@ def profile_frequency_chunks(
 ) -> Profile:
     """FASA's profile from ``samples`` calibration texts of ``prompt_tokens`` + ``steps`` tokens (``progress``: a bar
     on stderr, one step per text)."""
-    from ..pipeline import Compressor
+    from ..engine import Compressor
 
     shape = model_shape(model)
     L, H, G, D = shape.num_layers, shape.num_kv_heads, shape.group, shape.head_dim

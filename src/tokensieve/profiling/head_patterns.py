@@ -3,7 +3,7 @@ calibration prompt.
 
 For every layer and query head the dense attention ``A = softmax(qKᵀ/√D)`` of the calibration prompt is computed,
 and every candidate pattern (MInference's search space, below) is built exactly as ``minference`` builds it online
-(:func:`tokensieve.methods.minference.pattern_blocks`). A candidate's *recall* is the attention mass its blocks
+(:func:`tokensieve.methods.kv.minference.pattern_blocks`). A candidate's *recall* is the attention mass its blocks
 cover, averaged over the query rows of the prompt's second half (MInference's v1 metric; its code averages the rows
 past 2500 tokens). The head gets the candidate of largest recall among those whose block density is at most
 ``max_density`` (MInference's candidates are matched in FLOPs for its token-level kernels; on our block kernel they
@@ -56,8 +56,8 @@ def profile_head_patterns(
     progress: bool = False,
 ) -> Profile:
     """The ``minference`` profile from one calibration prompt of ``tokens`` tokens."""
-    from ..methods._sparse_prefill import BlockGrid
-    from ..methods.minference import pattern_blocks
+    from ..methods.kv._sparse_prefill import BlockGrid
+    from ..methods.kv.minference import pattern_blocks
     from .probe import probe_prefill
 
     shape = model_shape(model)

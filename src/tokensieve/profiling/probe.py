@@ -17,7 +17,7 @@ from torch import Tensor
 from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
-from ..select.selection import Selection
+from ..selection import Selection
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Probe(PrefillMethod):
 
 def probe_prefill(model: Any, input_ids: Tensor, callback: Callable[[LayerContext], None], **kw: Any) -> Any:
     """Prefill ``input_ids`` with the full cache, calling ``callback(ctx)`` for every layer. Returns the context."""
-    from ..pipeline import Compressor
+    from ..engine import Compressor
 
     press = Compressor(model, Probe(callback=callback), 1.0, **kw)
     return press, press.prefill(input_ids)

@@ -59,7 +59,7 @@ def semantic_retrieval_heads(
     model: Any, tok: Any, shape: ModelShape, lengths: list[int], samples: int, seed: int, bar: Any = None
 ) -> tuple[Tensor, int]:
     """Accumulated answer-span attention per (layer, query head) ``(L, H_q)`` and the number of successful trials."""
-    from ..pipeline import Compressor
+    from ..engine import Compressor
 
     task = get_task("passkey")
     rng = random.Random(seed)
@@ -115,7 +115,7 @@ def layer_errors(
     bar: Any = None,
 ) -> Tensor:
     """Mean relative attention-output error per layer ``(L,)`` when keeping only CompressKV's tokens."""
-    from ..pipeline import Compressor
+    from ..engine import Compressor
 
     errors = torch.zeros(shape.num_layers, dtype=torch.float64)
     counts = torch.zeros(shape.num_layers, dtype=torch.float64)

@@ -166,6 +166,8 @@ SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("TTFT ×", "ttft_speedup", ".2f"),
     ("prefill attn s", "prefill_attn_s", ".2f"),
     ("attn % of prefill", "prefill_attn_share", ".0%"),
+    ("prefill ×", "prefill_speedup", ".2f"),
+    ("of Amdahl", "of_amdahl", ".2f"),
     ("compile s", "compile_s", ".1f"),
     ("decode tok/s", "tok_s", ".1f"),
     ("speed-up", "speedup", ".2f"),

@@ -221,6 +221,43 @@ def _median(rs: list[Row], f: str) -> float:
     return statistics.median(float(r[f]) for r in rs)
 
 
+def amdahl(base: Row, m: Row) -> Row:
+    """A prefill's speed-up against Amdahl's bound: ``prefill_speedup`` (the full cache's prefill seconds / this
+    one's), ``amdahl_bound`` (``1 / (1 − share)``, ``share`` = the full cache's attention seconds / its prefill
+    seconds: the speed-up if attention cost nothing) and ``of_amdahl`` (their ratio); NaN where the attention time
+    was not recorded."""
+    nan = float("nan")
+    full_s, attn_s, this_s = base.get("prefill_s"), base.get("prefill_attn_s"), m.get("prefill_s")
+    if not (full_s and this_s and attn_s is not None and math.isfinite(float(attn_s))):
+        return {"prefill_speedup": nan, "amdahl_bound": nan, "of_amdahl": nan}
+    share = float(attn_s) / float(full_s)
+    bound = 1.0 / (1.0 - share) if share < 1 else float("inf")
+    speedup = float(full_s) / float(this_s)
+    return {"prefill_speedup": speedup, "amdahl_bound": bound, "of_amdahl": speedup / bound}
+
+
+def _sparse_prefill(row: Row) -> bool:
+    """Whether a stored row's prefill method is a sparse prefill attention method (it chooses key blocks)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    name = ((spec or {}).get("method") or {}).get("name") if isinstance(spec, dict) else None
+    if not name:  # a row without its spec (a run without a store): the prefill part of the label names the method
+        name = re.split(r"[\[:]", str(row.get("prefill") or ""), maxsplit=1)[0]
+    if not name:
+        return False
+    from ..errors import TokensieveError
+    from ..registry import get_method_class
+
+    try:
+        return hasattr(get_method_class(str(name)), "blocks")
+    except TokensieveError:
+        return False
+
+
 def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     """Medians per (configuration, length, batch) — ``compile_s``: the largest over repetitions — and ratios against
     the full cache of the same length and batch.
@@ -228,8 +265,9 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
     Adds ``speedup`` (decode tok/s vs full), ``attn_ratio`` (full attention time / this one), ``kv_ratio``
     (stored KV bytes / full), ``compress_share`` (compression time / the full cache's prefill time),
     ``ttft_speedup`` (the full cache's time to first token / this one), ``prefill_attn_share`` (prefill attention
-    time / this configuration's prefill time) and ``ideal_speedup`` — the decode speed-up the bytes read per step
-    allow, from the measured bandwidth (weights + KV read, full vs this configuration).
+    time / this configuration's prefill time), ``ideal_speedup`` — the decode speed-up the bytes read per step
+    allow, from the measured bandwidth (weights + KV read, full vs this configuration) — and, for a sparse prefill
+    method, the prefill's speed-up against Amdahl's bound (:func:`amdahl`).
     """
     rows = chunk_labelled(rows)
     buckets = group(rows, lambda r: (r["label"], r["length"], r["batch"]))
@@ -239,6 +277,7 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
         m["prefill_attn_share"] = m["prefill_attn_s"] / m["prefill_s"] if m["prefill_s"] else float("nan")
         m.update({"label": k[0], "length": k[1], "batch": k[2], "reps": len(rs)})
         m.update({f: rs[0][f] for f in ("method", "prefill", "budget", "decode", "decode_budget", "chunk")})
+        m["sparse_prefill"] = _sparse_prefill(rs[0])
         med[k] = m
     weights = float(info.get("weights_bytes", 0))
     bw = float(info.get("bandwidth", 0)) or float("nan")
@@ -257,6 +296,7 @@ def speed(rows: list[Row], info: dict[str, Any]) -> list[Row]:
             m["compress_share"] = m["compress_s"] / base["prefill_s"] if base["prefill_s"] else float("nan")
             m["ttft_speedup"] = base["ttft_s"] / m["ttft_s"] if m["ttft_s"] else float("nan")
             m["ideal_speedup"] = (weights + base["bytes_read"]) / (weights + m["bytes_read"])
+            m.update(amdahl(base, m) if m["sparse_prefill"] else amdahl({}, {}))  # only a sparse prefill has one
         m["ideal_tok_s"] = batch / ((weights + m["bytes_read"]) / bw)
         out.append(m)
     return out

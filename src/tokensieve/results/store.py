@@ -56,7 +56,7 @@ from typing import Any
 
 from ..core.budget import Budget
 from ..errors import ConfigError
-from ..spec import Spec, budget_dict, method_dict
+from ..spec import Spec
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another's transaction before giving up
@@ -515,16 +515,9 @@ def visual_spec_dict(spec: str | None) -> dict[str, Any]:
     """Every resolved parameter of a visual plan (defaults and companions included) and its budgets, JSON-ready:
     ``{"kind": "visual", "plan": [{"stage", "method": {"name", "params"}, "budget"}, ...]}``; ``full``: an empty
     plan."""
-    from ..adapters.vision import visual_plan
+    from ..spec import visual_plan
 
-    plan = visual_plan(spec)
-    return {
-        "kind": VISUAL,
-        "plan": [
-            {"stage": s.stage.value, "method": method_dict(s.method), "budget": budget_dict(s.budget)}  # type: ignore[arg-type]
-            for s in plan.specs
-        ],
-    }
+    return {"kind": VISUAL, "plan": visual_plan(spec).to_list()}
 
 
 def visual_key(spec: str | None, **workload: Any) -> str:
@@ -541,9 +534,9 @@ def visual_columns(spec: str | None) -> dict[str, Any]:
     """:func:`spec_columns` of a visual plan (``"todre:0.11"``, ``"pool:64/fastv:0.5"``, ``"full"``): the canonical
     label, the method (the label without budgets), the resolved plan as JSON, and the budget — every named stage's
     budget (``11%``, ``64 tok``; ``100%`` for no pruning), the first one's kind and value."""
-    from ..adapters.vision import named_specs, visual_label
+    from ..spec import visual_label, visual_plan
 
-    named = named_specs(spec)
+    named = visual_plan(spec).named
     primary = named[0].budget if named else Budget.ratio(1.0)
     return {
         "label": visual_label(spec),
@@ -553,6 +546,60 @@ def visual_columns(spec: str | None) -> dict[str, Any]:
         "budget_kind": primary.kind,
         "budget_value": float(primary.value),
     }
+
+
+# ------------------------------------------------------------------------------------- diffusion transformers
+DIT = "dit"  # the ``kind`` of a DiT method's ``spec`` JSON
+
+
+def dit_spec_dict(spec: str | Any) -> dict[str, Any]:
+    """Every resolved parameter of a DiT method, JSON-ready: ``{"kind": "dit", "method": {"name", "params"}}``."""
+    from ..spec import parse_dit_spec
+
+    method = parse_dit_spec(spec)
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in method.params().items()}
+    return {"kind": DIT, "method": {"name": method.name, "params": params}}
+
+
+def dit_key(spec: str | Any, **workload: Any) -> str:
+    """The key of a measurement of a DiT method on a workload: the SHA-256 rule of :meth:`tokensieve.spec.Spec.key`
+    over :func:`dit_spec_dict` and the workload."""
+    if "spec" in workload:
+        raise ValueError("'spec' is reserved in a key's workload")
+    blob = json.dumps({"spec": dit_spec_dict(spec), **workload}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def dit_columns(spec: str | Any) -> dict[str, Any]:
+    """:func:`spec_columns` of a DiT method (``"svg:0.3"``, ``"radial"``, ``"full"``): the canonical label, the method
+    (its name), the resolved parameters as JSON, and the budget — the ``:value`` of a method that takes one
+    (``30%``), else ``—`` (a threshold method: its measured density is in the row)."""
+    from ..spec import parse_dit_spec
+
+    method = parse_dit_spec(spec)
+    knob = type(method).budget_param
+    value = getattr(method, knob) if knob else None
+    return {
+        "label": method.label(),
+        "method": method.name,
+        "spec": dit_spec_dict(method),
+        "budget": "100%" if method.name == "full" else (f"{value:.0%}" if isinstance(value, float) else "—"),
+        "budget_kind": "ratio" if isinstance(value, float) or method.name == "full" else None,
+        "budget_value": 1.0 if method.name == "full" else (float(value) if isinstance(value, float) else None),
+    }
+
+
+def is_dit(row: Mapping[str, Any]) -> bool:
+    """Whether a stored row measures a DiT method (its ``spec`` JSON has ``"kind": "dit"``)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        if f'"kind": "{DIT}"' not in spec and f'"kind":"{DIT}"' not in spec:
+            return False
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    return isinstance(spec, dict) and spec.get("kind") == DIT
 
 
 def is_visual(row: Mapping[str, Any]) -> bool:
@@ -566,3 +613,34 @@ def is_visual(row: Mapping[str, Any]) -> bool:
         except ValueError:
             return False
     return isinstance(spec, dict) and spec.get("kind") == VISUAL
+
+
+# ---------------------------------------------------------------------------------------------- kernel paths
+KERNEL = "kernel"  # the ``kind`` of a kernel measurement's ``spec`` JSON (``tokensieve bench --kernels``)
+
+
+def kernel_spec_dict(path: str, **params: Any) -> dict[str, Any]:
+    """What a kernel row measures: ``{"kind": "kernel", "path": ..., **params}`` (geometry, budget, page, backend)."""
+    return {"kind": KERNEL, "path": path, **params}
+
+
+def kernel_key(spec: Mapping[str, Any], **workload: Any) -> str:
+    """The key of a kernel measurement (length, batch, dtype, repetition, threads): the SHA-256 rule of
+    :meth:`tokensieve.spec.Spec.key` over its spec dict and the workload."""
+    if "spec" in workload:
+        raise ValueError("'spec' is reserved in a key's workload")
+    blob = json.dumps({"spec": dict(spec), **workload}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def is_kernel(row: Mapping[str, Any]) -> bool:
+    """Whether a stored row measures a kernel path on synthetic tensors (its ``spec`` JSON has ``"kind": "kernel"``)."""
+    spec = row.get("spec")
+    if isinstance(spec, str):
+        if KERNEL not in spec:
+            return False
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    return isinstance(spec, dict) and spec.get("kind") == KERNEL

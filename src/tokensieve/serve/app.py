@@ -9,7 +9,12 @@ Endpoints:
 * ``POST /v1/contexts`` ``{"document": ..., "mode": "chat"|"text", "spec": ...}`` — prefill and compress a document
   once (query-agnostically) and get its id; ``GET /v1/contexts``, ``GET /v1/contexts/{id}``,
   ``DELETE /v1/contexts/{id}``.
-* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+* ``GET /v1/models`` (with ``max_model_len``), ``GET /health``, ``GET /metrics`` (Prometheus text format).
+* ``POST /tokenize``, ``POST /detokenize`` — as vLLM's.
+
+Every request field is honoured or refused with a 400 naming it (:mod:`.fields` reads and checks them; the table is in
+docs/SERVING.md); a field this server does not know is accepted with a warning, logged and returned in the
+response's ``tokensieve`` object.
 
 Every refused request gets an OpenAI-style error body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
 status; the server never dies on a bad request.
@@ -27,13 +32,14 @@ import hmac
 import ipaddress
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
 from typing import Any
 
 from ..errors import TokensieveError
-from . import require
-from .engine import Delta, Done, Engine, Event, Failed, Job, RequestError, Sampling, StoredContext
+from . import fields, require
+from .engine import Delta, Done, Engine, Event, Failed, Job, RequestError, StoredContext
 
 _TYPES = {
     400: "invalid_request_error",
@@ -45,7 +51,7 @@ _TYPES = {
     500: "server_error",
     503: "server_error",
 }
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+_get = fields.get
 
 
 def error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -54,98 +60,6 @@ def error_body(message: str, status: int = 400, param: str | None = None, code: 
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    """``body[key]`` checked to be of ``kind`` (a bool is not a number), or ``default`` when absent or null."""
-    value = body.get(key)
-    if value is None:
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
-                             dict: "an object"}[k] for k in kinds)  # fmt: skip
-        raise RequestError(f"'{key}' must be {names}; got {json.dumps(value)[:60]}.", param=key, code="invalid_type")
-    return value
-
-
-def _max_tokens(body: dict[str, Any], engine: Engine, *keys: str) -> int:
-    for key in keys:
-        n = _get(body, key, int)
-        if n is not None:
-            if n < 0:
-                raise RequestError(f"'{key}' must be >= 0; got {n}.", param=key, code="invalid_value")
-            return int(n)
-    return engine.default_max_tokens
-
-
-def _sampling(body: dict[str, Any]) -> Sampling:
-    temperature = float(_get(body, "temperature", float, 0.0))
-    top_p = float(_get(body, "top_p", float, 1.0))
-    seed = _get(body, "seed", int)
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise RequestError(f"'seed' must be in [-2**63, 2**64 - 1]; got {seed}.", param="seed", code="invalid_value")
-    if not 0.0 <= temperature <= 2.0:
-        raise RequestError(f"'temperature' must be in [0, 2]; got {temperature}.", param="temperature")
-    if not 0.0 < top_p <= 1.0:
-        raise RequestError(f"'top_p' must be in (0, 1]; got {top_p}.", param="top_p")
-    n = _get(body, "n", int, 1)
-    if n != 1:
-        raise RequestError("Only n = 1 is supported.", param="n")
-    return Sampling(temperature, top_p, seed)
-
-
-MAX_STOP_CHARS = 256  # a stop string is held back while it may be starting: its length bounds the work per token
-
-
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise RequestError("'stop' must be a non-empty string or an array of up to 4 of them.", param="stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise RequestError(f"A stop string may have at most {MAX_STOP_CHARS} characters.", param="stop")
-    return tuple(stop)
-
-
-def _zero(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
-
-
-# OpenAI fields this server does not implement, each with what its unused values look like: any other value is
-# refused rather than silently ignored (the answer would not be what was asked for).
-UNSUPPORTED: dict[str, Any] = {
-    "logprobs": lambda v: v is False or _zero(v),
-    "top_logprobs": _zero,
-    "presence_penalty": _zero,
-    "frequency_penalty": _zero,
-    "logit_bias": lambda v: v == {},
-    "tools": lambda v: v == [],
-    "functions": lambda v: v == [],
-    "tool_choice": lambda v: v in ("none", "auto"),
-    "function_call": lambda v: v in ("none", "auto"),
-    "response_format": lambda v: v == {"type": "text"},
-    "echo": lambda v: v is False,
-    "best_of": lambda v: v == 1 and not isinstance(v, bool),
-    "suffix": lambda v: v == "",
-}
-
-
-def _unsupported(body: dict[str, Any]) -> None:
-    for name, unused in UNSUPPORTED.items():
-        value = body.get(name)
-        if value is not None and not unused(value):
-            raise RequestError(
-                f"'{name}' is not supported by this server (got {json.dumps(value)[:60]}); leave it out.",
-                param=name,
-                code="unsupported_parameter",
-            )
-
-
 def _content(message: dict[str, Any], i: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
@@ -164,18 +78,48 @@ def _content(message: dict[str, Any], i: int) -> str:
     raise RequestError(f"messages[{i}].content must be a string or an array of text parts.", param="messages")
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation for the chat template: text contents; an assistant turn's ``tool_calls`` (arguments as
+    objects, as templates render them) and a ``tool`` turn's result with its ``tool_call_id``."""
     messages = _get(body, "messages", list)
     if not messages:
         raise RequestError("'messages' must be a non-empty array.", param="messages")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise RequestError(
-                f"messages[{i}] must be an object with a role of system, user or assistant.", param="messages"
+                f"messages[{i}] must be an object with a role of system, user, assistant or tool.", param="messages"
             )
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m, i)})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        content = "" if calls and m.get("content") is None else _content(m, i)
+        item: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            item["tool_calls"] = _tool_calls(calls, i)
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise RequestError(f"messages[{i}] (a tool result) needs its 'tool_call_id'.", param="messages")
+            item["tool_call_id"] = call_id
+        out.append(item)
+    return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    bad = RequestError(f"messages[{i}].tool_calls must be an array of calls, each with a 'function' holding a "
+                       "'name' and its 'arguments' (a JSON object in a string).", param="messages")  # fmt: skip
+    if not isinstance(calls, list):
+        raise bad
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise bad
+        try:
+            arguments = json.loads(fn["arguments"], parse_constant=_no_constant)
+        except ValueError:
+            raise bad from None
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
     return out
 
 
@@ -339,21 +283,19 @@ def create_app(
                 code="model_not_found",
             )
 
-    def prepare(body: dict[str, Any], chat: bool, emit: Any) -> tuple[Job, bool, bool]:
+    def prepare(body: dict[str, Any], chat: bool, emit: Any) -> tuple[Job, fields.Options, str]:
         """Validate a completion request, tokenise it and queue its job (on a worker thread: tokenising a long text
-        must not hold the event loop). Returns the job, whether it streams and whether usage is streamed."""
+        must not hold the event loop). Returns the job, its options and the prompt's text (for ``echo``)."""
         check_model(body)
-        _unsupported(body)
-        max_tokens = _max_tokens(body, engine, *(("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)))
-        sampling = _sampling(body)
-        stop = _stop(body)
-        stream = bool(_get(body, "stream", bool, False))
-        options = _get(body, "stream_options", dict, {})
-        include_usage = bool(options.get("include_usage", False))
+        opts = fields.options(body, chat, vocab=engine.vocab_size or 2**31,
+                              default_max_tokens=engine.default_max_tokens)  # fmt: skip
         context_id = _get(body, "context_id", str)
         spec = _get(body, "spec", str)
         stored: StoredContext | None = None
         if context_id is not None:
+            if opts.echo:
+                raise RequestError("'echo' is not supported on a stored context (its text is not resent).",
+                                   param="echo", code="unsupported_parameter")  # fmt: skip
             stored = engine.context(context_id)
             if spec is not None and spec != stored.press.spec.label:
                 raise RequestError(
@@ -364,18 +306,19 @@ def create_app(
             press = stored.press
         else:
             press = engine.compressor(spec)
+        prompt_text = ""
         if chat:
             messages = _messages(body)
             if stored is not None:
-                if stored.mode != "chat" or len(messages) != 1 or messages[0]["role"] != "user":
+                if stored.mode != "chat" or len(messages) != 1 or messages[0]["role"] != "user" or opts.tools:
                     raise RequestError(
-                        "A chat question on a stored context is one user message, on a context registered with "
-                        "mode 'chat'.",
+                        "A chat question on a stored context is one user message (without tools), on a context "
+                        "registered with mode 'chat'.",
                         param="messages",
                     )
                 ids = engine.question_ids(stored, messages[0]["content"])
             else:
-                ids = engine.encode_chat(messages)
+                ids = engine.encode_chat(messages, opts.tools)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -384,7 +327,9 @@ def create_app(
                 if stored is not None:
                     raise RequestError("A question on a stored context is text.", param="prompt")
                 ids = engine.encode_prompt(prompt)
+                prompt_text = engine.tokenizer.decode(ids, skip_special_tokens=True) if opts.echo else ""
             elif isinstance(prompt, str):
+                prompt_text = prompt
                 if stored is not None:
                     if stored.mode != "text":
                         raise RequestError("Completions on a stored context need one registered with mode 'text'.",
@@ -394,9 +339,23 @@ def create_app(
                     ids = engine.encode_prompt(prompt)
             else:
                 raise RequestError("'prompt' must be a string (or an array of token ids).", param="prompt")
-        job = Job(ids, press, emit, max_tokens, sampling, stop, context_id, bool(_get(body, "ignore_eos", bool, False)))
+        warnings = list(opts.warnings)
+        if stored is None:
+            press, told = engine.applied(press, len(ids))
+            warnings += told
+        constraint = None
+        if opts.grammar is not None:
+            from .constrained import GrammarError
+
+            try:
+                constraint = engine.grammars().compile(opts.grammar)
+            except GrammarError as exc:
+                raise RequestError(f"The JSON schema cannot be used: {exc}", code="invalid_schema",
+                                   param="tools" if opts.tool_call else "response_format") from None  # fmt: skip
+        job = Job(ids, press, emit, opts.max_tokens, opts.sampling, opts.stop, context_id, opts.ignore_eos,
+                  constraint=constraint, prompt_logprobs=opts.prompt_logprobs, warnings=warnings)  # fmt: skip
         engine.submit(job)
-        return job, stream, include_usage
+        return job, opts, prompt_text
 
     async def run(request: Any, body: dict[str, Any], chat: bool) -> Any:
         loop = asyncio.get_running_loop()
@@ -406,33 +365,33 @@ def create_app(
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job, stream, include_usage = await run_in_threadpool(prepare, body, chat, emit)
+        job, opts, prompt_text = await run_in_threadpool(prepare, body, chat, emit)
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        if stream:
+        tok = engine.tokenizer
+        if opts.stream:
+            sse = _sse(job, events, rid, created, engine.model_name, chat, opts, prompt_text, tok)
             return StreamingResponse(
-                _sse(job, events, rid, created, engine.model_name, chat, include_usage),
+                _watched(request, job, events, sse),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         parts: list[str] = []
         done: Done | None = None
         try:
-            while done is None:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # nobody to answer: free the cache
+            async with _watch_disconnect(request, job, events.put_nowait):
+                while done is None:
+                    event = await events.get()
+                    if event is _GONE:  # nobody to answer: the job is cancelled, its cache freed at the next step
                         return JSONResponse(error_body("The client disconnected.", 499), status_code=499)
-                    continue
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                elif isinstance(event, Failed):
-                    return JSONResponse(error_body(event.message, event.status, code=event.code),
-                                        status_code=event.status)  # fmt: skip
-                else:
-                    done = event
+                    if isinstance(event, Delta):
+                        parts.append(event.text)
+                    elif isinstance(event, Failed):
+                        return JSONResponse(error_body(event.message, event.status, code=event.code),
+                                            status_code=event.status)  # fmt: skip
+                    else:
+                        done = event
         finally:
             if done is None:
                 job.cancel()
@@ -440,9 +399,24 @@ def create_app(
         text = "".join(parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if opts.tool_call is not None and event.finish_reason == "stop":
+                message = {"role": "assistant", "content": None,
+                           "tool_calls": fields.tool_calls(text, opts.tool_call, opts.tool_name, _call_id)}  # fmt: skip
+                choice["finish_reason"] = "tool_calls"
+            choice["message"] = message
+            if opts.sampling.logprobs is not None:
+                choice["logprobs"] = fields.chat_logprobs(tok, event.logprobs)
         else:
-            choice["text"] = text
+            choice["text"] = prompt_text + text if opts.echo else text
+            if opts.sampling.logprobs is not None:
+                lp: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                offset = 0
+                if opts.echo and event.prompt_logprobs is not None:
+                    lp = fields.completion_logprobs(tok, event.prompt_logprobs, job.ids)
+                    offset = sum(len(t) for t in lp["tokens"])  # offsets run over the tokens' texts
+                gen = fields.completion_logprobs(tok, event.logprobs, list(event.tokens), offset)
+                choice["logprobs"] = {k: lp[k] + gen[k] for k in lp}
         return {
             "id": rid,
             "object": obj,
@@ -504,8 +478,54 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> Any:
         card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "tokensieve",
+                "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
                 "spec": engine.default.spec.label}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+        check_model(body)
+        add_special = bool(_get(body, "add_special_tokens", bool, True))
+        if body.get("messages") is not None:
+            if body.get("prompt") is not None:
+                raise RequestError("Send 'prompt' or 'messages', not both.", param="prompt")
+            if not _get(body, "add_generation_prompt", bool, True):
+                raise RequestError("'add_generation_prompt': false is not supported; the server always renders the "
+                                   "assistant's turn start.", param="add_generation_prompt")  # fmt: skip
+            tools, *_ = fields.tools({"tools": body.get("tools"), "tool_choice": "none"}) if body.get("tools") \
+                else (None,)  # fmt: skip
+            ids = engine.encode_chat(_messages(body), tools)
+        else:
+            prompt = _get(body, "prompt", str)
+            if prompt is None:
+                raise RequestError("'prompt' (text) or 'messages' is required.", param="prompt")
+            engine.check_text(prompt, "prompt")
+            ids = [int(i) for i in engine.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]]
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                               "token_strs": None}  # fmt: skip
+        if _get(body, "return_token_strs", bool, False):
+            out["token_strs"] = [fields.token_text(engine.tokenizer, t) for t in ids]
+        return out
+
+    def detokenize(body: dict[str, Any]) -> dict[str, Any]:
+        check_model(body)
+        tokens = _get(body, "tokens", list)
+        if tokens is None:
+            raise RequestError("'tokens' (an array of token ids) is required.", param="tokens")
+        if len(tokens) > engine.max_model_len:
+            raise RequestError(f"'tokens' holds more than {engine.max_model_len} ids.", param="tokens",
+                               code="context_length_exceeded")  # fmt: skip
+        vocab = engine.vocab_size or 2**31
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise RequestError(f"'tokens' must hold token ids in [0, {vocab}).", param="tokens")
+        return {"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)}
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Any:
+        return await run_in_threadpool(tokenize, await read_json(request))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Any:
+        return await run_in_threadpool(detokenize, await read_json(request))
 
     @app.get("/health")
     async def health() -> Any:
@@ -518,6 +538,43 @@ def create_app(
     return app
 
 
+_GONE: Any = object()  # put in a request's event queue when its client disconnects
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Any, job: Job, notify: Any) -> AsyncIterator[None]:
+    """While an answer is generated, wait for the client's disconnect message (its body was read, so the next ASGI
+    message is the disconnect): cancel the job at once — the scheduler frees its cache or its prefill at its next
+    step — and ``notify(_GONE)`` so the handler stops waiting for events."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                job.cancel()
+                notify(_GONE)
+                return
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _watched(request: Any, job: Job, events: Any, body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A streamed answer whose client is watched for a disconnect while it waits for tokens (a long prefill sends
+    nothing): the stream then ends and the job is cancelled."""
+    async with _watch_disconnect(request, job, events.put_nowait):
+        try:
+            async for part in body:
+                yield part
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+
+
 def _usage(done: Done) -> dict[str, int]:
     return {
         "prompt_tokens": done.prompt_tokens,
@@ -526,32 +583,67 @@ def _usage(done: Done) -> dict[str, int]:
     }
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 async def _sse(
-    job: Job, events: asyncio.Queue[Event], rid: str, created: int, model: str, chat: bool, include_usage: bool
-) -> AsyncIterator[str]:
+    job: Job, events: asyncio.Queue[Event], rid: str, created: int, model: str, chat: bool, opts: fields.Options,
+    prompt_text: str, tok: Any,
+) -> AsyncIterator[str]:  # fmt: skip
     """OpenAI's streaming format: one ``data:`` line per chunk, a last chunk with the finish reason, ``[DONE]``.
     If the client goes away the generator is closed, and the job is cancelled (its cache freed)."""
     obj = "chat.completion.chunk" if chat else "text_completion"
+    want_logprobs = opts.sampling.logprobs is not None
+    offset = 0  # completions: where the next token's text starts in the answer (echo included)
 
-    def chunk(delta: str | None, finish: str | None = None, first: bool = False) -> str:
+    def chunk(delta: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None,
+              info: dict[str, Any] | None = None) -> str:  # fmt: skip
         if chat:
             d: dict[str, Any] = {} if delta is None else {"content": delta}
             if first:
                 d = {"role": "assistant", "content": ""}
-            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if info is not None:  # the last chunk: what the server did (spec, bytes, warnings)
+            body["tokensieve"] = info
+        return f"data: {json.dumps(body)}\n\n"
+
+    def tool_chunk(call: dict[str, Any]) -> str:
+        choice = {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
         return f"data: {json.dumps(body)}\n\n"
+
+    def logprobs_of(entries: tuple[Any, ...], ids: list[int]) -> Any:
+        nonlocal offset
+        if not want_logprobs:
+            return None
+        if chat:
+            return fields.chat_logprobs(tok, entries)
+        out = fields.completion_logprobs(tok, entries, ids, offset)
+        offset += sum(len(t) for t in out["tokens"])
+        return out
 
     finished = False
     try:
         if chat:
             yield chunk(None, first=True)
+        elif opts.echo:  # (with logprobs refused when streaming: the prompt's are known only at the end)
+            offset = len(prompt_text)
+            yield chunk(prompt_text)
+        carried = 0  # tokens whose log-probabilities a chunk carried
+        held: list[Delta] = []  # a forced tool call's text: sent as tool_calls once complete
         while True:
             event = await events.get()
-            if isinstance(event, Delta):
-                yield chunk(event.text)
+            if event is _GONE:
+                return
+            if isinstance(event, Delta) and opts.tool_call is not None:
+                held.append(event)
+            elif isinstance(event, Delta):
+                carried += len(event.logprobs)
+                yield chunk(event.text, logprobs=logprobs_of(event.logprobs, [e.token for e in event.logprobs]))
             elif isinstance(event, Failed):
                 finished = True
                 yield f"data: {json.dumps(error_body(event.message, event.status, code=event.code))}\n\n"
@@ -559,8 +651,20 @@ async def _sse(
                 return
             else:
                 finished = True
-                yield chunk(None, event.finish_reason)
-                if include_usage:
+                finish = event.finish_reason
+                if opts.tool_call is not None:
+                    text = "".join(d.text for d in held)
+                    if finish == "stop":  # complete: the calls, each in one chunk, as OpenAI's deltas
+                        calls = fields.tool_calls(text, opts.tool_call, opts.tool_name, _call_id)
+                        for i, call in enumerate(calls):
+                            yield tool_chunk({"index": i, **call})
+                        finish = "tool_calls"
+                    elif text:  # cut by max_tokens: the text as it is, as the non-streamed answer gives it
+                        yield chunk(text)
+                rest = event.logprobs[carried:]  # tokens no delta carried (text held back, then cut by a stop string)
+                lp_last = logprobs_of(tuple(rest), [e.token for e in rest]) if rest else None
+                yield chunk(None, finish, logprobs=lp_last, info=event.info)
+                if opts.include_usage:
                     body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                             "usage": _usage(event), "tokensieve": event.info}  # fmt: skip
                     yield f"data: {json.dumps(body)}\n\n"
@@ -597,6 +701,15 @@ def prometheus(engine: Engine) -> str:
            [("", c.contexts_evicted)])  # fmt: skip
     metric("contexts_expired_total", "counter", "Stored contexts deleted after --context-ttl unused.",
            [("", c.contexts_expired)])  # fmt: skip
+    metric("prefill_chunks_total", "counter", "Forward passes of prompts prefilled a chunk per scheduler step.",
+           [("", c.prefill_chunks)])  # fmt: skip
+    metric("prefix_hit_tokens_total", "counter", "Prompt tokens taken from stored prefix blocks instead of computed.",
+           [("", c.prefix_hit_tokens)])  # fmt: skip
+    metric("prefix_blocks_evicted_total", "counter", "Stored prefix blocks evicted (least recently used first).",
+           [("", c.prefix_blocks_evicted)])  # fmt: skip
+    metric("prefix_bytes", "gauge", "Bytes held by stored prefix blocks.", [("", g["prefix_bytes"])])
+    metric("prefilling_sequences", "gauge", "Admitted requests whose prompt is being prefilled.",
+           [("", g["prefilling"])])  # fmt: skip
     metric("queue_length", "gauge", "Requests waiting for admission.", [("", g["queue_length"])])
     metric("running_sequences", "gauge", "Sequences in the decode batch.", [("", g["running"])])
     metric("kv_bytes_in_use", "gauge", "Exact KV bytes stored by running sequences and stored contexts.",

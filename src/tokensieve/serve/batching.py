@@ -1,6 +1,6 @@
 """Continuous batching over per-sequence compressed caches: one forward pass steps every running sequence.
 
-Each sequence keeps its own :class:`~tokensieve.pipeline.CachedContext` (its own :class:`SieveCache`, compressed
+Each sequence keeps its own :class:`~tokensieve.engine.CachedContext` (its own :class:`SieveCache`, compressed
 with its own spec, at its own length). A decode step stacks the sequences' next tokens into one ``(B, 1)`` batch
 and runs the model once; the linear layers, norms and MLPs — nearly all of a small model's decode work — run
 batched, and each layer's attention is handed, row by row, to that row's own cache (:class:`BatchedCaches`). No
@@ -11,11 +11,19 @@ Alternative considered: left-padding every running sequence into one shared cach
 re-padding every layer's store, leaving would mean compacting it, and sequences compressed with different specs (a
 per-request spec) could not share one plan. The per-row attention call costs one kernel launch per sequence and
 layer, which is small next to the batched projections at the batch sizes a 2-core CPU serves.
+
+A step that also prefills a chunk of a prompt packs everything into one row instead (:func:`packed_step`, as vLLM
+flattens a step's tokens): the decode rows' tokens and the chunk's tokens follow each other in one ``(1, T)``
+sequence with each token's own position, so the projections, norms and MLP — which act on each token alone — run
+once for the whole step, and each layer's attention is handed, segment by segment, to that segment's own cache
+(:class:`PackedCaches`): a decode row's one token to its sequence's cache, the chunk to its prompt's staging cache.
+The step then reads the model's weights once, not once for the decode rows and once more for the chunk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +32,7 @@ from torch import Tensor
 from ..adapters.hf import hf_cache, sieve_attention_enabled
 from ..attention.dense import PLAIN, Modifiers
 from ..cache.sieve_cache import SieveCache
-from ..pipeline import CachedContext
+from ..engine import CachedContext
 
 
 class BatchedCaches(SieveCache):
@@ -87,6 +95,106 @@ class BatchedCaches(SieveCache):
                 out = torch.zeros_like(q[b : b + 1])
             outs.append(out)
         return torch.cat(outs, dim=0)
+
+
+class PackedCaches(SieveCache):
+    """Several sequences' new tokens packed into one row: the chunk's tokens come in segments of ``lengths[i]``
+    tokens, one per cache, in order. Like :class:`BatchedCaches` it stores nothing, and a segment whose cache
+    fails is recorded in :attr:`failures` and gets zeros from then on (no other segment reads it: every operation
+    but attention acts on each token alone)."""
+
+    def __init__(self, caches: Sequence[SieveCache], lengths: Sequence[int]) -> None:
+        if not caches or len(caches) != len(lengths) or any(n < 1 for n in lengths):
+            raise ValueError("PackedCaches needs one cache per segment and at least one token in each.")
+        n = len(caches[0].layers)
+        if any(len(c.layers) != n for c in caches):
+            raise ValueError("Every cache of a step must belong to the same model (same number of layers).")
+        super().__init__(n, None)
+        self.caches = list(caches)
+        self.sizes = [int(v) for v in lengths]  # tokens of each segment
+        self.failures: dict[int, Exception] = {}
+
+    def seq_length(self, layer_idx: int = 0) -> int:
+        # Only used by transformers for mask sizes; our attention ignores it (every segment has its own length).
+        return max(c.seq_length(layer_idx) for c in self.caches)
+
+    def kv_bytes(self) -> int:
+        return sum(c.kv_bytes() for c in self.caches)
+
+    def attend(
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        padding_mask: Tensor | None,
+        scaling: float,
+        positions: Tensor | None = None,
+        mods: Modifiers = PLAIN,
+        hidden: Tensor | None = None,
+    ) -> Tensor:
+        """q ``(1, H_q, T, D)``, k/v ``(1, H_kv, T, D)``, positions ``(1, T)`` (hidden ``(1, T, d)`` or None) with
+        ``T == sum(lengths)``; returns ``(1, H_q, T, D)``."""
+        if q.shape[0] != 1 or int(q.shape[2]) != sum(self.sizes):
+            raise RuntimeError(f"A packed step of {tuple(q.shape)} was run over segments of {self.sizes} tokens.")
+        if padding_mask is not None:
+            raise RuntimeError("A packed step has no padding.")
+        outs = []
+        start = 0
+        for i, (cache, n) in enumerate(zip(self.caches, self.sizes)):
+            s, e = start, start + n
+            start = e
+            if i in self.failures:
+                outs.append(torch.zeros_like(q[:, :, s:e]))
+                continue
+            pos = None if positions is None else positions[:, s:e]
+            h = None if hidden is None else hidden[:, s:e]
+            try:
+                out = cache.attend(layer_idx, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, scaling, pos, mods, h)
+            except Exception as exc:  # this segment's own cache failed: fail its request alone
+                self.failures[i] = exc
+                out = torch.zeros_like(q[:, :, s:e])
+            outs.append(out)
+        return torch.cat(outs, dim=2)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tokens one sequence adds in a packed step: ``ids`` at true ``positions``, attended over ``cache``."""
+
+    cache: SieveCache
+    ids: list[int]
+    positions: list[int]
+
+
+@torch.inference_mode()
+def packed_step(model: Any, segments: Sequence[Segment]) -> tuple[Tensor, dict[int, Exception]]:
+    """Run every segment's tokens (a decode row's one token, a prompt's chunk) through the model in one forward pass
+    of one packed row (:class:`PackedCaches`); each segment's cache stores its tokens' keys and values exactly as a
+    pass of that sequence alone would.
+
+    Returns the next-token logits after each segment's last token ``(S, V)``, and the segments whose own cache failed
+    with what it raised (their logits are meaningless; their caches are to be dropped)."""
+    if not segments:
+        raise ValueError("packed_step needs at least one segment")
+    for seg in segments:
+        if len(seg.ids) != len(seg.positions) or not seg.ids:
+            raise ValueError("a segment needs one position per token and at least one token")
+    ids = torch.tensor([[t for seg in segments for t in seg.ids]], dtype=torch.long)  # (1, T)
+    positions = torch.tensor([[p for seg in segments for p in seg.positions]], dtype=torch.long)  # (1, T)
+    lengths = [len(seg.ids) for seg in segments]
+    last = torch.tensor(lengths).cumsum(0) - 1  # (S,) each segment's last token
+    packed = PackedCaches([seg.cache for seg in segments], lengths)
+    with sieve_attention_enabled(model):
+        out = model(
+            input_ids=ids,
+            attention_mask=None,  # no padding: every segment attends to its own cache
+            position_ids=positions,
+            past_key_values=hf_cache(packed),
+            use_cache=True,
+            logits_to_keep=last,
+        )
+    return out.logits[0].float(), dict(packed.failures)  # (S, V)
 
 
 @torch.inference_mode()

@@ -10,6 +10,19 @@ server-sent events. Reported per spec:
 * ``fits``: the budget divided by the bytes one request holds (its compressed prompt plus the answer's headroom);
 * TTFT (time from sending to the first token; queueing and prefill included) and inter-token latency p50/p95;
 * throughput: generated tokens per second of wall time over the whole run.
+
+The ``arrival`` scenario (:func:`run_arrival`) measures what a long prompt does to the streams already running: for
+each spec and each ``step_tokens`` setting (the scheduler's token budget per step; 0 prefills a prompt in one pass) a
+server is started, ``arrivals`` prompts of ``arrival_length`` tokens are first sent alone (their TTFT alone), then
+``streams`` clients start streaming answers and, once every stream is decoding, the same number of new prompts of the
+same length arrive together. Reported per setting: each stream's longest inter-token gap over its median gap (the
+worst stream's ratio), and each arrival's TTFT over its TTFT alone (the worst). Stored prefix reuse is off in this
+scenario, so an arrival is never served from an earlier one's blocks.
+
+The ``prefix`` scenario (:func:`run_prefix`) measures automatic prefix reuse: for each spec, ``requests`` prompts
+that share their first ``length`` tokens (each followed by ``suffix`` tokens of its own) are sent one after another to
+a server with prefix reuse and to one without; reported: the TTFT of the first prompt (nothing stored yet) and the
+median TTFT of the others, with and without reuse, and the tokens reused.
 """
 
 from __future__ import annotations
@@ -67,7 +80,7 @@ def stream_completion(client: Any, url: str, body: dict[str, Any]) -> dict[str, 
                 times.append(time.perf_counter() - t0)
                 text.append(choice["text"])
             finish = choice["finish_reason"] or finish
-    return {"text": "".join(text), "finish_reason": finish, "times": times}
+    return {"text": "".join(text), "finish_reason": finish, "times": times, "start": t0}
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -192,6 +205,227 @@ def run_bench(
     return rows
 
 
+def measure_arrival(
+    engine: Any,
+    streams: Sequence[list[int]],
+    arrivals_alone: Sequence[list[int]],
+    arrivals: Sequence[list[int]],
+    *,
+    stream_tokens: int,
+) -> dict[str, Any]:
+    """The arrival scenario on one engine (see the module's docstring); the prompts are token ids."""
+    httpx = require("httpx", "serve")
+    from .app import create_app
+
+    name = engine.model_name
+    with running_server(create_app(engine)) as url:
+        with httpx.Client(timeout=600) as client:  # warm up, then each arrival alone
+            stream_completion(client, url, {"model": name, "prompt": streams[0][:8], "max_tokens": 2})
+            alone = []
+            for p in arrivals_alone:
+                body = {"model": name, "prompt": p, "max_tokens": 1, "stop": None, "ignore_eos": True}
+                alone.append(stream_completion(client, url, body)["times"][0])
+        runs: list[dict[str, Any] | None] = [None] * len(streams)
+        loaded: list[dict[str, Any] | None] = [None] * len(arrivals)
+        errors: list[str] = []
+
+        def send(out: list[Any], i: int, prompt: list[int], max_tokens: int) -> None:
+            body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "stop": None, "ignore_eos": True}
+            try:
+                with httpx.Client(timeout=600) as client:
+                    out[i] = stream_completion(client, url, body)
+            except Exception as exc:  # recorded, reported
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        generated = engine.counters.generated_tokens
+        threads = [threading.Thread(target=send, args=(runs, i, p, stream_tokens)) for i, p in enumerate(streams)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 600
+        while engine.counters.generated_tokens < generated + 8 * len(streams) and time.monotonic() < deadline:
+            time.sleep(0.01)  # every stream is decoding
+        arriving = [threading.Thread(target=send, args=(loaded, i, p, 1)) for i, p in enumerate(arrivals)]
+        for t in arriving:
+            t.start()
+        for t in [*arriving, *threads]:
+            t.join()
+    ratios, medians, longest = [], [], []
+    for r in runs:
+        if r is None or len(r["times"]) < 3:
+            continue
+        gaps = [b - a for a, b in zip(r["times"], r["times"][1:])]
+        med = _percentile(gaps, 0.5)
+        medians.append(med)
+        longest.append(max(gaps))
+        ratios.append(max(gaps) / med if med > 0 else float("nan"))
+    ttft = [r["times"][0] for r in loaded if r is not None and r["times"]]
+    ttft_ratios = [a / b for a, b in zip(ttft, alone) if b > 0]
+    return {
+        "spec": engine.default.spec.label,
+        "step_tokens": engine.step_tokens or 0,
+        "streams": len(streams),
+        "arrivals": len(arrivals),
+        "errors": errors[:3],
+        "gap_ratio": max(ratios) if ratios else float("nan"),  # worst stream: longest gap / its median gap
+        "gap_median_ms": 1e3 * _percentile(medians, 0.5),
+        "gap_longest_ms": 1e3 * max(longest) if longest else float("nan"),
+        "ttft_alone": alone,
+        "ttft_loaded": ttft,
+        "ttft_ratio": max(ttft_ratios) if ttft_ratios else float("nan"),  # worst arrival
+        "prefill_chunks": engine.counters.prefill_chunks,
+    }
+
+
+def run_arrival(
+    *,
+    model_name: str,
+    specs: Sequence[str],
+    step_tokens: Sequence[int],
+    kv_memory: int,
+    streams: int,
+    stream_length: int,
+    stream_tokens: int,
+    arrivals: int,
+    arrival_length: int,
+    max_batch: int,
+    out: str | None = None,
+) -> list[dict[str, Any]]:
+    """The arrival scenario for every spec and step budget; prints a table (and writes JSON to ``out``)."""
+    import torch
+
+    from ..adapters.models import load_model
+    from ..spec import Spec
+    from .engine import Engine
+
+    for s in specs:
+        Spec.parse(s)
+    model, tok = load_model(model_name)
+    long = prompts_of(tok, arrival_length, 2 * arrivals)
+    short = prompts_of(tok, stream_length, streams + 2 * arrivals)[2 * arrivals :]
+    rows = []
+    for s in specs:
+        for budget in step_tokens:
+            engine = Engine(model, tok, spec=s, kv_memory=kv_memory, max_batch=max_batch, model_name=model_name,
+                            max_tokens=stream_tokens, step_tokens=budget, prefix_cache=False)  # fmt: skip
+            row = measure_arrival(engine, short, long[:arrivals], long[arrivals:], stream_tokens=stream_tokens)
+            rows.append(row)
+            print(format_arrival_row(row), flush=True)
+    meta = {
+        "scenario": "arrival",
+        "model": model_name,
+        "kv_memory": kv_memory,
+        "streams": streams,
+        "stream_length": stream_length,
+        "stream_tokens": stream_tokens,
+        "arrivals": arrivals,
+        "arrival_length": arrival_length,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print("\n" + format_arrival_table(rows, meta))
+    if out:
+        Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+def format_arrival_row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['spec']} step_tokens={r['step_tokens']}: longest gap {r['gap_ratio']:.1f}x the median, "
+        f"TTFT {r['ttft_ratio']:.2f}x alone" + (f", errors: {r['errors']}" if r["errors"] else "")
+    )
+
+
+def format_arrival_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"{meta['streams']} streams of {meta['stream_length']}-token prompts ({meta['stream_tokens']} tokens each) · "
+        f"{meta['arrivals']} arrival(s) of {meta['arrival_length']} tokens · {meta['threads']} threads",
+        "",
+        "| spec | step tokens | longest gap / median (worst stream) | median gap (ms) | longest gap (ms) "
+        "| TTFT loaded / alone (worst arrival) | TTFT alone (s) | TTFT loaded (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        alone = ", ".join(f"{t:.2f}" for t in r["ttft_alone"])
+        loaded = ", ".join(f"{t:.2f}" for t in r["ttft_loaded"])
+        lines.append(
+            f"| `{r['spec']}` | {r['step_tokens'] or 'off (one pass)'} | {r['gap_ratio']:.1f} | "
+            f"{r['gap_median_ms']:.0f} | {r['gap_longest_ms']:.0f} | {r['ttft_ratio']:.2f} | {alone} | {loaded} |"
+        )
+    return "\n".join(lines)
+
+
+def measure_prefix(engine: Any, prompts: Sequence[list[int]]) -> dict[str, Any]:
+    """TTFT of ``prompts`` sent one after another (the prefix scenario, see the module's docstring)."""
+    httpx = require("httpx", "serve")
+    from .app import create_app
+
+    name = engine.model_name
+    with running_server(create_app(engine)) as url, httpx.Client(timeout=600) as client:
+        stream_completion(client, url, {"model": name, "prompt": prompts[0][-8:], "max_tokens": 2})
+        ttft = []
+        for p in prompts:
+            body = {"model": name, "prompt": p, "max_tokens": 1, "stop": None, "ignore_eos": True}
+            ttft.append(stream_completion(client, url, body)["times"][0])
+    return {
+        "spec": engine.default.spec.label,
+        "reuse": engine.prefix is not None,
+        "ttft_first": ttft[0],
+        "ttft_rest_p50": _percentile(ttft[1:], 0.5),
+        "reused_tokens": engine.counters.prefix_hit_tokens,
+    }
+
+
+def run_prefix(
+    *,
+    model_name: str,
+    specs: Sequence[str],
+    kv_memory: int,
+    length: int,
+    suffix: int,
+    requests: int,
+    step_tokens: int,
+    out: str | None = None,
+) -> list[dict[str, Any]]:
+    """The prefix scenario for every spec, with and without reuse; prints a table (and writes JSON to ``out``)."""
+    import torch
+
+    from ..adapters.models import load_model
+    from ..spec import Spec
+    from .engine import Engine
+
+    for s in specs:
+        Spec.parse(s)
+    model, tok = load_model(model_name)
+    shared = prompts_of(tok, length, 1)[0]
+    tails = prompts_of(tok, suffix, requests + 1)[1:]
+    prompts = [shared + t for t in tails]
+    rows = []
+    for s in specs:
+        for reuse in (True, False):
+            engine = Engine(model, tok, spec=s, kv_memory=kv_memory, model_name=model_name, max_tokens=1,
+                            step_tokens=step_tokens, prefix_cache=reuse)  # fmt: skip
+            rows.append(measure_prefix(engine, prompts))
+            r = rows[-1]
+            print(f"{s} reuse={reuse}: TTFT first {r['ttft_first']:.2f} s, then {r['ttft_rest_p50']:.2f} s "
+                  f"({r['reused_tokens']} tokens reused)", flush=True)  # fmt: skip
+    meta = {"scenario": "prefix", "model": model_name, "kv_memory": kv_memory, "length": length, "suffix": suffix,
+            "requests": requests, "step_tokens": step_tokens, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}  # fmt: skip
+    lines = [
+        f"{requests} prompts sharing {length} tokens (+{suffix} of their own) · {meta['threads']} threads",
+        "",
+        "| spec | reuse | TTFT first (s) | TTFT others p50 (s) | tokens reused |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| `{r['spec']}` | {'on' if r['reuse'] else 'off'} | {r['ttft_first']:.2f} | "
+                     f"{r['ttft_rest_p50']:.2f} | {r['reused_tokens']} |")  # fmt: skip
+    print("\n" + "\n".join(lines))
+    if out:
+        Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
 def format_row(r: dict[str, Any]) -> str:
     return (
         f"{r['spec']}: {r['completed']}/{r['requests']} done, peak batch {r['peak_batch']}, "
@@ -217,4 +451,15 @@ def format_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_table", "measure", "prompts_of", "run_bench", "running_server", "stream_completion"]
+__all__ = [
+    "format_arrival_table",
+    "format_table",
+    "measure",
+    "measure_arrival",
+    "prompts_of",
+    "run_arrival",
+    "run_bench",
+    "run_prefix",
+    "running_server",
+    "stream_completion",
+]

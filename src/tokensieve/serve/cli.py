@@ -12,6 +12,7 @@ from typing import Any
 from ..results.threads import whole_number
 
 API_KEY_ENV = "TOKENSIEVE_API_KEY"
+COMPRESS_MIN_TOKENS = 128  # prompts shorter than this keep the full cache (a spec keeps too little of them)
 
 
 def _seconds(text: str) -> float:
@@ -72,7 +73,7 @@ def allowed_methods(args: argparse.Namespace) -> set[str] | None:
 def build_engine(args: argparse.Namespace) -> Any:
     """Load the model and build the engine (the spec and the limits are checked before the model is loaded)."""
     from ..adapters.models import load_model
-    from ..pipeline import resolve_spec
+    from ..engine import resolve_spec
     from .engine import Engine
     from .limits import Limits
 
@@ -91,6 +92,11 @@ def build_engine(args: argparse.Namespace) -> Any:
         max_tokens=args.max_tokens,
         limits=limits,
         allowed_methods=methods,
+        compress_min_tokens=args.compress_min_tokens,
+        step_tokens=args.step_tokens,
+        prefix_cache=not args.no_prefix_cache,
+        prefix_block=args.prefix_block,
+        prefix_memory=args.prefix_memory,
     )
 
 
@@ -154,7 +160,10 @@ def _serve_ray(args: argparse.Namespace) -> int:
                                threads=resolve_threads(args.threads) if args.threads else 1,
                                limits=limit_values(args), api_key=key,
                                allowed_hosts=None if hosts is None else sorted(hosts),
-                               allowed_methods=None if methods is None else sorted(methods))  # fmt: skip
+                               allowed_methods=None if methods is None else sorted(methods),
+                               compress_min_tokens=args.compress_min_tokens,
+                               step_tokens=args.step_tokens, prefix_cache=not args.no_prefix_cache,
+                               prefix_block=args.prefix_block, prefix_memory=args.prefix_memory)  # fmt: skip
     run(settings, args.ray_replicas, address=args.ray_address, host=args.host, port=args.port)
     return 0
 
@@ -165,6 +174,37 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     use_threads(args.threads)
+    if args.scenario == "arrival":
+        from .bench import run_arrival
+
+        run_arrival(
+            model_name=args.model,
+            specs=split_specs(args.specs),
+            step_tokens=args.step_tokens,
+            kv_memory=args.kv_memory,
+            streams=args.clients,
+            stream_length=args.stream_length,
+            stream_tokens=args.stream_tokens,
+            arrivals=args.arrivals,
+            arrival_length=args.length,
+            max_batch=args.max_batch,
+            out=args.out,
+        )
+        return 0
+    if args.scenario == "prefix":
+        from .bench import run_prefix
+
+        run_prefix(
+            model_name=args.model,
+            specs=split_specs(args.specs),
+            kv_memory=args.kv_memory,
+            length=args.length,
+            suffix=args.suffix_length,
+            requests=args.requests,
+            step_tokens=args.step_tokens[0],
+            out=args.out,
+        )
+        return 0
     run_bench(
         model_name=args.model,
         specs=split_specs(args.specs),
@@ -196,6 +236,10 @@ def add_commands(sub: Any) -> None:
         help="KV cache memory budget, e.g. 1GB or 256MiB; requests beyond it wait (default: a quarter of the memory "
         "available at start)",
     )
+    sp.add_argument("--compress-min-tokens", type=whole_number(0), default=COMPRESS_MIN_TOKENS, metavar="N",
+                    help="apply a request's spec only to prompts of at least N tokens, and only when it keeps at "
+                    "least its method's sinks and window; shorter prompts get the full cache and the response says "
+                    f"so (default {COMPRESS_MIN_TOKENS}; 0: apply every spec as given)")  # fmt: skip
     sp.add_argument("--max-batch", type=whole_number(1), default=16, help="most sequences decoded together")
     sp.add_argument("--max-tokens", type=whole_number(1), default=256, help="default max_tokens of a request")
     sp.add_argument("--max-prompt-tokens", type=whole_number(1), default=None,
@@ -205,6 +249,17 @@ def add_commands(sub: Any) -> None:
                     help="address to listen on (default 127.0.0.1: this machine only; another address warns without "
                     "--api-key)")  # fmt: skip
     sp.add_argument("--port", type=_port, default=8000)
+    g = sp.add_argument_group("scheduling (docs/SERVING.md)")
+    g.add_argument("--step-tokens", type=whole_number(0), default=256, metavar="N",
+                   help="tokens one scheduler step runs, shared by the decode rows (one each) and the prompts being "
+                   "prefilled, a chunk per step (default 256; 0: each prompt in one pass when admitted)")  # fmt: skip
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV of prompt prefixes seen before (default: reuse them)")  # fmt: skip
+    g.add_argument("--prefix-block", type=whole_number(1), default=32, metavar="N",
+                   help="tokens per stored prefix block (default 32)")  # fmt: skip
+    g.add_argument("--prefix-memory", type=_memory, default=None, metavar="SIZE",
+                   help="bytes stored prefix blocks may hold (default: half of --kv-memory); they are evicted, least "
+                   "recently used first, whenever a request needs the room")  # fmt: skip
     g = sp.add_argument_group("security and limits (docs/SERVING.md)")
     g.add_argument(
         "--api-key",
@@ -284,4 +339,29 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--requests", type=whole_number(1), default=16, help="requests in all")
     sp.add_argument("--max-batch", type=whole_number(1), default=64, help="the server's largest decode batch")
     sp.add_argument("--out", default=None, help="write the measurements as JSON to this file")
+    sp.add_argument("--scenario", choices=["capacity", "arrival", "prefix"], default="capacity",
+                    help="capacity: concurrency, TTFT and throughput under the budget (default); arrival: long prompts "
+                    "(--length tokens) arriving while --clients streams decode — the streams' longest inter-token gap "
+                    "over their median and the arrivals' TTFT over their TTFT alone, per --step-tokens; prefix: "
+                    "--requests prompts sharing their first --length tokens, TTFT with and without prefix "
+                    "reuse")  # fmt: skip
+    g = sp.add_argument_group("arrival scenario")
+    g.add_argument("--step-tokens", type=_token_budgets, default=[256, 0], metavar="N,N",
+                   help="the scheduler's token budgets per step to compare (0: one-pass prefill; "
+                   "default 256,0)")  # fmt: skip
+    g.add_argument("--arrivals", type=whole_number(1), default=1, help="long prompts arriving together (default 1)")
+    g.add_argument("--stream-length", type=whole_number(1), default=64, help="prompt tokens of each running stream")
+    g.add_argument("--stream-tokens", type=whole_number(1), default=200, help="tokens each running stream generates")
+    g = sp.add_argument_group("prefix scenario")
+    g.add_argument("--suffix-length", type=whole_number(1), default=32,
+                   help="tokens each prompt adds after the shared --length tokens (default 32)")  # fmt: skip
     sp.set_defaults(func=cmd_serve_bench)
+
+
+def _token_budgets(text: str) -> list[int]:
+    """``--step-tokens`` of serve-bench: comma-separated whole numbers >= 0."""
+    parse = whole_number(0)
+    budgets = [parse(t.strip()) for t in text.split(",") if t.strip()]
+    if not budgets:
+        raise argparse.ArgumentTypeError("expected at least one whole number, e.g. 256,0")
+    return budgets

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from ..engine import Compressor
 from ..errors import ConfigError
-from ..pipeline import Compressor
 from ..spec import Spec
 from . import require
 from .engine import Delta, Done, Engine, Failed, Job, Sampling

@@ -37,6 +37,11 @@ class ReplicaSettings:
     api_key: str | None = None
     allowed_hosts: list[str] | None = None
     allowed_methods: list[str] | None = None
+    step_tokens: int | None = 256  # the scheduler (Engine's arguments of the same names)
+    prefix_cache: bool = True
+    prefix_block: int = 32
+    prefix_memory: int | None = None
+    compress_min_tokens: int = 0
 
 
 class Replica:
@@ -63,6 +68,11 @@ class Replica:
             max_tokens=s.max_tokens,
             limits=Limits.from_mapping(s.limits),
             allowed_methods=None if s.allowed_methods is None else set(s.allowed_methods),
+            step_tokens=s.step_tokens,
+            prefix_cache=s.prefix_cache,
+            prefix_block=s.prefix_block,
+            prefix_memory=s.prefix_memory,
+            compress_min_tokens=s.compress_min_tokens,
         ).start()
         try:
             from ray import serve

@@ -57,13 +57,48 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _check_vlm_config(cfg: Any) -> None:
+    """Refuse settings the VLM trainer cannot run with, before a model is built (one message per mistake)."""
+    if cfg.steps < 0 or cfg.vision_steps < 0 or cfg.batch < 1 or cfg.turns < 1:
+        raise ConfigError("steps and vision-steps must be ≥ 0, batch and turns ≥ 1")
+    positive = {
+        "--hidden-size": cfg.hidden_size, "--num-layers": cfg.num_layers, "--num-heads": cfg.num_heads,
+        "--text-heads": cfg.text_heads, "--text-kv-heads": cfg.text_kv_heads, "--vision-batch": cfg.vision_batch,
+        "--checkpoint-every": cfg.checkpoint_every, "--log-every": cfg.log_every, "--threads": cfg.threads,
+    }  # fmt: skip
+    for flag, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be ≥ 1, got {value}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"--hidden-size {cfg.hidden_size} must be a multiple of --num-heads {cfg.num_heads}")
+    if not 0 <= cfg.text_layers <= 30:
+        raise ConfigError(f"--text-layers takes 0 (all 30 of SmolLM2's layers) to 30, got {cfg.text_layers}")
+    if cfg.text_hidden < 0 or cfg.text_intermediate < 0:
+        raise ConfigError("--text-hidden and --text-intermediate must be ≥ 0 (0: SmolLM2's own decoder)")
+    if cfg.text_hidden and (cfg.text_hidden % cfg.text_heads or cfg.text_heads % cfg.text_kv_heads):
+        raise ConfigError(
+            f"--text-hidden {cfg.text_hidden} must be a multiple of --text-heads {cfg.text_heads}, "
+            f"itself a multiple of --text-kv-heads {cfg.text_kv_heads}"
+        )
+    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0:
+        raise ConfigError(f"--lora-rank must be ≥ 0 and --lora-alpha > 0, got {cfg.lora_rank} and {cfg.lora_alpha}")
+    rates = {"--vision-lr": cfg.vision_lr, "--lr-vision": cfg.lr_vision, "--lr-projector": cfg.lr_projector,
+             "--lr-lora": cfg.lr_lora, "--lr-text": cfg.lr_text, "--aux-weight": cfg.aux_weight}  # fmt: skip
+    for flag, value in rates.items():
+        if not value >= 0 or value == float("inf"):
+            raise ConfigError(f"{flag} must be a finite number ≥ 0, got {value}")
+    if cfg.warmup < 0 or cfg.curriculum < 0:
+        raise ConfigError("--warmup and --curriculum must be ≥ 0")
+    if not cfg.minutes > 0:
+        raise ConfigError(f"--minutes must be > 0, got {cfg.minutes}")
+
+
 def cmd_train_vlm(args: argparse.Namespace) -> int:
     from .vlm import TrainConfig, Trainer, ship
 
     values: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "extra"}
     cfg = TrainConfig(**values)
-    if cfg.steps < 0 or cfg.vision_steps < 0 or cfg.batch < 1 or cfg.turns < 1:
-        raise ConfigError("steps and vision-steps must be ≥ 0, batch and turns ≥ 1")
+    _check_vlm_config(cfg)
     if cfg.schedule not in ("cosine", "wsd"):
         raise ConfigError(f"--schedule is cosine or wsd, not {cfg.schedule!r}")
     if not 0 < cfg.decay <= 1:
@@ -157,8 +192,10 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="training runs of the lab (the embedded VLM)")
     tsub = p.add_subparsers(dest="train_command", required=True)
     from .spkv import add_commands as add_spkv_commands  # `tokensieve train spkv`: SP-KV's write gate
+    from .spkv_figure import add_command as add_spkv_figure_command  # `tokensieve train spkv-figure`
 
     add_spkv_commands(tsub)
+    add_spkv_figure_command(tsub)
     from .retention import add_commands as add_retention_commands  # `tokensieve train retention`: global gates
 
     add_retention_commands(tsub)
@@ -211,3 +248,6 @@ def add_commands(sub: Any) -> None:
     from .daam_cli import add_commands as add_daam_commands
 
     add_daam_commands(tsub)
+    from .video_dit import add_commands as add_video_commands  # `tokensieve train video-dit`, `train video-gate`
+
+    add_video_commands(tsub)

@@ -11,9 +11,9 @@ Every run is one (task, network, front block, seed); its result is a line of ``r
 directory and its best weights ``checkpoints/<run>.safetensors``. Rerunning a grid skips the runs already done.
 
 ``modules`` chooses the networks: ``"official"`` (default; the DAAM modules and speech networks as the authors' code
-computes them, issue 31) or ``"v1"`` (this package's networks before issue 31: log-space Gaussian weights, c from
-exp(N(0, 1)), no CNN-LSTM dropout or code initialisation, mean pooling). Runs recorded before issue 31 carry no
-``modules`` in their config and are read as ``"v1"``; official runs are named with ``-official``, so the two never
+computes them) or ``"v1"`` (this package's earlier networks: log-space Gaussian weights, c from exp(N(0, 1)), no
+CNN-LSTM dropout or code initialisation, mean pooling). Runs recorded with the earlier networks carry no ``modules`` in
+their config and are read as ``"v1"``; official runs are named with ``-official``, so the two never
 share a name, a checkpoint or a table row.
 
 ``selector="learned"`` trains a transformer for frame dropping (docs/DAAM.md, "A frame selector trained for
@@ -71,13 +71,14 @@ class DaamRun:
     segments: int = 0  #: task A: at most this many (evenly spaced) training segments per recording; 0: all
     feedforward: int = 2048  #: the transformer's feed-forward width (the paper's: 2048)
     time_heads: int = 0  #: heads of the time-axis Gaussian layer (0: as many as the mel layer's, 4)
-    modules: str = "official"  #: "official" (the authors' code) or "v1" (before issue 31)
+    modules: str = "official"  #: "official" (the authors' code) or "v1" (the earlier networks)
     pool: str = ""  #: transformer pooling "last" / "mean"; "": the modules' default (official: last, v1: mean)
     selector: str = ""  #: "learned": train a frame keep score and the encoder for dropping frames
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DaamRun:
-        """The run of a recorded config; a config without ``modules`` was recorded before issue 31 (``"v1"``)."""
+        """The run of a recorded config; a config without ``modules`` was recorded with the earlier networks
+        (``"v1"``)."""
         return cls(**{"modules": "v1", **config})
 
     def pooling(self) -> str:
@@ -450,8 +451,8 @@ def paired_fronts_table(records: Sequence[dict[str, Any]]) -> str:
 
 def versions_table(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> str:
     """Markdown: each (task, network, front block) of ``new`` (the corrected modules) next to the same setting in
-    ``old`` (the runs before issue 31, labelled ``[v1]``): test F1 mean ± 95 % t half-width of each, and the paired
-    difference on the seeds both have (same seed, other modules)."""
+    ``old`` (the runs of the earlier networks, labelled ``[v1]``): test F1 mean ± 95 % t half-width of each, and the
+    paired difference on the seeds both have (same seed, other modules)."""
     from .daam_stats import fmt, paired, t_interval
 
     def base(label: str) -> str:
@@ -459,7 +460,7 @@ def versions_table(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]])
 
     by_old = {(t, n, base(f)): v for (t, n, f), v in _seed_f1(old).items() if f.endswith("[v1]")}
     by_new = {k: v for k, v in _seed_f1(new).items() if not k[2].endswith("]")}
-    lines = ["| task | network | front block | seeds | before #31 (v1) | corrected (official) | Δ corrected − v1, "
+    lines = ["| task | network | front block | seeds | v1 modules | corrected (official) | Δ corrected − v1, "
              "paired (95 % CI) | p | seeds higher / lower |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in sorted(by_new):
         if key not in by_old:

@@ -192,7 +192,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         old = list(done_runs(Path(args.compare)).values())
         if not old:
             raise ConfigError(f"no finished runs in {Path(args.compare) / 'results.jsonl'} to compare with")
-        print(f"\nbefore issue 31 ({args.compare}) and corrected ({args.out}), paired by seed:\n")
+        print(f"\nearlier modules ({args.compare}) and corrected ({args.out}), paired by seed:\n")
         print(versions_table(old, records))
     if store is not None:
         _record_runs(store, records, _command(args, "daam-report", ("out",)))
@@ -228,7 +228,7 @@ def _modules_arg(p: argparse.ArgumentParser) -> None:
         "--modules",
         default="official",
         choices=["official", "v1"],
-        help="official: the DAAM modules and networks as the authors' code computes them (issue 31); v1: as before",
+        help="official: the DAAM modules and networks as the authors' code computes them; v1: the earlier modules",
     )
 
 
@@ -302,7 +302,7 @@ def add_commands(tsub: Any) -> None:
         "--compare",
         default=None,
         metavar="DIR",
-        help="a grid folder of runs from before issue 31: its rows next to --out's, paired by seed",
+        help="a grid folder of runs with the earlier modules: its rows next to --out's, paired by seed",
     )
     r.add_argument(
         "--store",

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from .daam import DaamRun, Data, choose_frames, done_runs, load_run, prepare, run_grid, score
 from .daam_stats import fmt, paired, t_interval
 
-TARGET_FRACTION = 0.25  #: the fraction the issue's target is stated at
+TARGET_FRACTION = 0.25  #: the fraction the frame-selection target is stated at
 TARGET_GAP = 0.05  #: … within this much F1 of every frame
 
 
@@ -214,8 +214,8 @@ def paired_table(rows: Sequence[dict[str, Any]], fractions: Sequence[float]) -> 
 
 
 def verdict(found: dict[str, dict[str, float]], fraction: float = TARGET_FRACTION) -> list[str]:
-    """The issue's target at ``fraction``: within :data:`TARGET_GAP` F1 of every frame (plain model) and ahead of
-    evenly spaced frames (paired, p < 0.05), each said as met or not with its numbers."""
+    """The frame-selection target at ``fraction``: within :data:`TARGET_GAP` F1 of every frame (plain model) and
+    ahead of evenly spaced frames (paired, p < 0.05), each said as met or not with its numbers."""
     out = []
     gap = found.get(f"{fraction:.0%}: learned − all frames (plain model)")
     ahead = found.get(f"{fraction:.0%}: learned − uniform (selector model)")

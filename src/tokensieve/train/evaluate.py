@@ -238,15 +238,15 @@ def visual_specs(methods: str, budgets: str) -> list[str]:
     registered visual method) at every budget of ``budgets``; a method given with its budget keeps it. Parsed now,
     so a typo fails before any work."""
     from ..errors import ConfigError
-    from ..methods.visual.registry import visual_method_names
-    from ..methods.visual.spec import VisualPlan, split_list
+    from ..spec import VisualPlan
+    from ..spec import split_specs as split_list
 
     items = split_list(methods)
     if items == ["all"]:
         from ..registry import method_names
 
         kv = set(method_names())  # a visual method named like a KV method is written vis:name
-        items = [f"vis:{n}" if n in kv else n for n in visual_method_names()]
+        items = [f"vis:{n}" if n in kv else n for n in method_names("visual")]
     bs = [b.strip() for b in budgets.split(",") if b.strip()]
     out = ["full"]
     for item in items:
@@ -340,11 +340,8 @@ def answer_questions(
 def _kv_per_sample(state: Any, mask: torch.Tensor) -> list[dict[str, int]]:
     """Per sample of a prefilled batch: the bytes and entries of keys and values its prompt left in each layer's cache
     (without the batch's left padding: what a prefill of that prompt alone stores), and the same unpruned."""
-    cache = state.cache
     per_layer = []  # (bytes per token, KV heads) of each layer
-    for k, v in zip(cache.keys, cache.values):
-        assert k is not None
-        assert v is not None
+    for k, v in ((s.keys, s.values) for s in state.cache.stores()):
         per_layer.append(((k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()),
                           int(k.shape[1])))  # fmt: skip
     out = []

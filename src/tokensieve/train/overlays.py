@@ -36,8 +36,8 @@ def kept_patches(state: Any, n_patch: int, sample: int = 0) -> tuple[torch.Tenso
 def tile_path(out: Path, spec: str) -> Path:
     """Where :func:`overlay_figure` writes one configuration's column — its kept patches on every scene, one above the
     other — as its own PNG (``<figure>_tiles/<label>.png``), for the interactive report's hover."""
-    from ..adapters.vision import visual_label
     from ..results.render import slug
+    from ..spec import visual_label
 
     return out.with_name(out.stem + "_tiles") / f"{slug(visual_label(spec))}.png"
 

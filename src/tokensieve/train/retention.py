@@ -1,4 +1,4 @@
-"""`tokensieve train retention`: train the global retention gates (:mod:`tokensieve.methods.retention_gate`) on the
+"""`tokensieve train retention`: train the global retention gates (:mod:`tokensieve.methods.kv.retention_gate`) on the
 frozen model, on SP-KV's training machinery (:class:`tokensieve.train.spkv.SPKVTrainer`: the same text, collection
 shards, resumable checkpoints, progress bars and seed).
 
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..core.context import LayerContext
 from ..errors import ConfigError
-from ..methods.retention_gate import KIND, RetentionNet, gates_to_dict
+from ..methods.kv.retention_gate import KIND, RetentionNet, gates_to_dict
 from .spkv import SPKVTrainConfig, SPKVTrainer, _version, ship
 
 

@@ -1,4 +1,4 @@
-"""`tokensieve train spkv`: train SP-KV's write gate (:mod:`tokensieve.methods.spkv_gate`) on the frozen model.
+"""`tokensieve train spkv`: train SP-KV's write gate (:mod:`tokensieve.methods.kv.spkv_gate`) on the frozen model.
 
 Objective (docs/SPKV.md explains the choice): the gate regresses an *oracle* of future utility. For every key ``j``
 of layer ``ℓ`` and KV head ``g`` the frozen model's own attention gives
@@ -53,8 +53,8 @@ from ..core.capabilities import Apply, Capabilities, Phase
 from ..core.context import LayerContext
 from ..core.method import Compressed, PrefillMethod
 from ..errors import ConfigError
-from ..methods.spkv_gate import KIND, GateNet, gate_features, gates_to_dict
-from ..select.selection import Selection
+from ..methods.kv.spkv_gate import KIND, GateNet, gate_features, gates_to_dict
+from ..selection import Selection
 
 DEBIAN_TOPICS = "/usr/lib/python3*/pydoc_data/topics.py"
 SOURCES = "kjv,python-topics,stdlib,python-doc,generated"  # every real text source of tokensieve.data.text
@@ -334,7 +334,7 @@ class SPKVTrainer:
         from tqdm import tqdm
 
         from ..adapters.models import model_shape
-        from ..pipeline import Compressor
+        from ..engine import Compressor
 
         c = self.cfg
         model, tok = self.model()
@@ -372,7 +372,7 @@ class SPKVTrainer:
 
             fwd, original, repeated = ids, (0, len(ids)), (0, 0)
             if c.target == "kvzip+":  # the text, then its repetition: KVzip+ scores of the text's tokens
-                from .kvzap import repeat_prompt
+                from .kvzip_target import repeat_prompt
 
                 fwd, original, repeated = repeat_prompt(tok, ids)
 
@@ -389,7 +389,7 @@ class SPKVTrainer:
                     f = f[original[0] : original[1]]
                 feats.append(f[idx].half())
                 if c.target == "kvzip+":
-                    from .kvzap import kvzip_plus
+                    from .kvzip_target import kvzip_plus
 
                     out_proj = ctx.run.weights.out_proj[ctx.layer_idx] if ctx.run.weights is not None else None
                     if out_proj is None:
@@ -567,7 +567,7 @@ def density_table(model: Any, tokenizer: Any, specs: list[str], lengths: list[in
     prompt length: mean and standard deviation over ``n`` prompts."""
     import tokensieve as ts
 
-    from ..methods.spkv import achieved_density
+    from ..methods.kv.spkv import achieved_density
 
     _, held, _ = token_sequences(tokenizer, max(lengths), seed)
     if len(held) < n:
@@ -644,9 +644,6 @@ def add_commands(tsub: Any) -> None:
     d.add_argument("--threads", type=whole_number(1), default=2)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.set_defaults(func=cmd_spkv_density)
-    from .spkv_figure import add_command as add_figure_command
-
-    add_figure_command(tsub)
     _ = argparse
 
 

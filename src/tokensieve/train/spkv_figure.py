@@ -21,9 +21,9 @@ def gate_utilities(model: Any, ids: list[int], profile: Any = None) -> tuple[tor
     profile; default: the model's installed or shipped one)."""
     from ..adapters.models import model_shape
     from ..adapters.profiles import load_profile
-    from ..methods.spkv import SPKV
-    from ..methods.spkv_gate import gate_features
-    from ..pipeline import Compressor
+    from ..engine import Compressor
+    from ..methods.kv.spkv import SPKV
+    from ..methods.kv.spkv_gate import gate_features
     from .spkv import _Observe
 
     shape = model_shape(model)

@@ -134,7 +134,7 @@ def student_loss(
 
 
 def hard_gate_stage(trainer: Any, net: Any, sequences: list[list[int]]) -> Any:
-    """Fine-tune ``net`` (a :class:`~tokensieve.methods.spkv_gate.GateNet`, stage A's fit) for ``--hard-steps``
+    """Fine-tune ``net`` (a :class:`~tokensieve.methods.kv.spkv_gate.GateNet`, stage A's fit) for ``--hard-steps``
     steps; resumable from ``OUT/hard.pt``. Returns the net."""
     from tqdm import tqdm
 

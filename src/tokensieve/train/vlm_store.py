@@ -185,8 +185,8 @@ def evaluate_into_store(
 def check_plan(adapter: Any, spec: str) -> None:
     """Refuse, with the reason, a visual spec the adapter's model cannot run (a stage its family lacks, a decoder layer
     it does not have)."""
-    from ..adapters.vision import visual_plan
-    from ..adapters.vision.engine import llm_stage_layers
+    from ..adapters.vision.segments import llm_stage_layers
+    from ..spec import visual_plan
 
     plan = visual_plan(spec)
     adapter.check_plan(plan, "official")

@@ -1,6 +1,6 @@
 """The VLM adapter interface: one class per family turns a batch of (input_ids, images) into the language model's
-packed input (:class:`~.engine.Seq`), running the vision encoder with the vision-stage method, and hands it to the
-engine with the projector- and llm-stage methods.
+packed input (:class:`~.segments.Seq`), running the vision encoder with the vision-stage method, and hands it to the
+segments runner with the projector- and llm-stage methods.
 
 A family adapter says:
 
@@ -10,7 +10,7 @@ A family adapter says:
   separators such as LLaVA-NeXT's ``image_newline``), their grids, and which were already removed at the vision
   stage;
 * :meth:`VisionAdapter.positions` — the unpruned sequence's positions (1-D, or M-RoPE's 3-D);
-* its language model as a :class:`~.engine.TextStack`.
+* its language model as a :class:`~.segments.TextStack`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ...cache.sieve_cache import SieveCache
+from ...core.decoding import greedy
 from ...errors import CapabilityError, ConfigError, PromptError
 from ...methods.visual.base import Stage, VisualGroup, VisualKept
-from ...methods.visual.spec import VisualPlan, VisualSpec
-from . import engine
-from .engine import PositionPolicy, Seq, TextStack, VisionState
+from ...spec import VisualPlan, VisualSpec, visual_plan
+from . import segments
+from .segments import PositionPolicy, Seq, TextStack, VisionState
 
 
 @dataclass
@@ -62,22 +64,12 @@ def runs(row: Tensor, token_id: int) -> list[tuple[int, int]]:
 
 
 def as_plan(spec: VisualPlan | VisualSpec | str | Sequence[str] | None) -> VisualPlan:
-    if spec is None:
-        return VisualPlan()
-    if isinstance(spec, VisualPlan):
-        return spec
+    """The visual plan of a spec text (visual parts only), a list of visual parts, a :class:`VisualSpec` or a plan."""
     if isinstance(spec, VisualSpec):
-        return VisualPlan((spec,))
-    from . import split_spec
-
-    text = spec if isinstance(spec, str) else "/".join(spec)
-    plan, kv = split_spec(text)
-    if kv:
-        raise ConfigError(
-            f"'{kv}' is a KV spec, not a visual method: split it off with split_spec('{text}') and pass "
-            "Compressor(model, Spec.parse(kv)).new_cache() as cache=."
-        )
-    return plan
+        return VisualPlan.of([spec])
+    if spec is not None and not isinstance(spec, (str, VisualPlan)):
+        return visual_plan("/".join(spec))
+    return visual_plan(spec)
 
 
 class VisionAdapter:
@@ -112,7 +104,7 @@ class VisionAdapter:
 
     def positions(self, inputs: Mapping[str, Any], ids: Tensor, valid: Tensor) -> Tensor:
         """``(P, B, T)`` positions of the unpruned sequence (0 at padding)."""
-        return engine.renumbered(valid, 1)
+        return segments.renumbered(valid, 1)
 
     # ------------------------------------------------------------------------------------------------- spans
     def spans(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[list[tuple[int, int]]]:
@@ -123,8 +115,8 @@ class VisionAdapter:
 
     # ------------------------------------------------------------------------------------------------- build
     def check_plan(self, plan: VisualPlan, policy: PositionPolicy) -> None:
-        if policy not in engine.POLICIES:
-            raise ConfigError(f"positions must be one of {', '.join(engine.POLICIES)}; got {policy!r}.")
+        if policy not in segments.POLICIES:
+            raise ConfigError(f"positions must be one of {', '.join(segments.POLICIES)}; got {policy!r}.")
         if self.mrope and policy == "renumber":
             raise CapabilityError(
                 f"{self.family} uses M-RoPE: its 3-D positions encode the image grid, so pruning keeps them "
@@ -135,7 +127,7 @@ class VisionAdapter:
             raise CapabilityError(
                 f"{self.family}: vision-stage pruning ({a.label}) is not supported for this family yet."
             )
-        if a is not None and "cls_attention" in type(a.method).needs and not self.has_cls:
+        if a is not None and "cls_attention" in type(a.method).capabilities.signals and not self.has_cls:
             raise CapabilityError(f"{a.label} reads CLS attention; the {self.family} vision encoder has no CLS token.")
 
     def build(
@@ -202,11 +194,11 @@ class VisionAdapter:
         seq = Seq(embeds, valid, pos, visual, image, groups)
         counts: dict[str, list[int]] = {}
         if bool(dropped.any()):
-            at_vision = engine.resolve(policy, plan.at(Stage.VISION), int(pos.shape[0]))
-            seq = engine.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], at_vision, groups)
+            at_vision = segments.resolve(policy, plan.at(Stage.VISION), int(pos.shape[0]))
+            seq = segments.compact(seq, [valid[b] & ~dropped[b] for b in range(B)], at_vision, groups)
         if plan.at(Stage.VISION) is not None:
             counts["vision"] = [int(seq.visual[b].sum()) for b in range(B)]
-        seq, kept_b = engine.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list, cls_rows)
+        seq, kept_b = segments.stage_b(seq, plan.at(Stage.PROJECTOR), policy, seed_list, cls_rows)
         kept: dict[str, list[VisualKept]] = {}
         if kept_a:
             kept["vision"] = kept_a
@@ -223,7 +215,7 @@ class VisionAdapter:
         spec: VisualPlan | VisualSpec | str | Sequence[str] | None = None,
         *,
         positions: PositionPolicy = "official",
-        cache: Any = None,
+        cache: SieveCache | None = None,
         seeds: Sequence[int] | None = None,
         all_logits: bool = False,
         forced: Sequence[Tensor] | None = None,
@@ -236,7 +228,7 @@ class VisionAdapter:
             spec: the visual plan (``"fastv[layer=2]:0.25"``, ``"pool:64/fastv:0.5"``, a :class:`VisualPlan`), or
                 None for no pruning.
             positions: ``"official"`` (each method's official choice: FastV keeps positions, the others renumber),
-                ``"keep"`` (original positions) or ``"renumber"`` (see :mod:`.engine`).
+                ``"keep"`` (original positions) or ``"renumber"`` (see :mod:`.segments`).
             cache: a SieveCache (``Compressor.new_cache()``) to compose with a KV method: the kept tokens are
                 compressed by it; None keeps every kept token's keys and values.
             seeds: one per sample, for methods that draw random numbers (default 0 each).
@@ -244,13 +236,8 @@ class VisionAdapter:
         """
         plan = as_plan(spec)
         seq, kept, counts = self.build(inputs, plan, positions, seeds)
-        front = None
-        if cache is not None:
-            from ..hf import hf_cache
-
-            front = hf_cache(cache)
-        state = engine.prefill(
-            self.stack, seq, plan, policy=positions, cache=front, seeds=seeds, all_logits=all_logits, forced=forced
+        state = segments.prefill(
+            self.stack, seq, plan, policy=positions, cache=cache, seeds=seeds, all_logits=all_logits, forced=forced
         )
         state.kept = {**kept, **state.kept}
         state.visual_tokens = {**counts, **state.visual_tokens}
@@ -258,10 +245,15 @@ class VisionAdapter:
 
     @torch.inference_mode()
     def extend(self, state: VisionState, input_ids: Tensor, *, all_logits: bool = False) -> Tensor:
-        """Append a follow-up chunk to a prefilled state (see :func:`.engine.extend`)."""
-        return engine.extend(self.stack, state, input_ids, image_token_ids=[self.image_token_id], all_logits=all_logits)
+        """Append a follow-up chunk to a prefilled state (see :func:`.segments.extend`)."""
+        return segments.extend(
+            self.stack, state, input_ids, image_token_ids=[self.image_token_id], all_logits=all_logits
+        )
 
     @torch.inference_mode()
     def generate(self, state: VisionState, max_new_tokens: int = 16, *, eos_token_id: int | None = None) -> Tensor:
-        """Greedy decoding from a prefilled state."""
-        return engine.generate(self.stack, state, max_new_tokens, eos_token_id=eos_token_id)
+        """Greedy decoding from a prefilled state by the library's one loop (:func:`~tokensieve.core.decoding.greedy`):
+        ``(B, ≤ max_new_tokens)`` token ids, a finished row padded with ``eos_token_id`` as transformers pads it."""
+        eos = set() if eos_token_id is None else {int(eos_token_id)}
+        gen, _ = greedy(state.logits, lambda nxt: self.extend(state, nxt[:, None]), max_new_tokens, eos)
+        return gen.padded(-1 if eos_token_id is None else int(eos_token_id))

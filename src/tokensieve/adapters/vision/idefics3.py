@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...methods.visual.base import VisualGroup
-from ...methods.visual.spec import VisualPlan
+from ...spec import VisualPlan
 from .base import ImageTokens, VisionAdapter
 from .llava import llama_stack
 

@@ -14,11 +14,11 @@ from torch import Tensor
 
 from ...errors import CapabilityError, ConfigError
 from ...methods.visual.base import Stage, VisualContext, VisualGroup, VisualKept
-from ...methods.visual.spec import VisualPlan
+from ...spec import VisualPlan
 from .attention import RowRequest, rows_routed
 from .attention import scoped_request as _scoped
 from .base import ImageTokens, VisionAdapter
-from .engine import TextStack
+from .segments import TextStack
 
 
 def llama_stack(model: Any, lm: Any) -> TextStack:
@@ -118,7 +118,7 @@ class ClipTower:
         patches' indices into the crops' concatenated grids (crop · side² + patch) and their sizes."""
         method = spec.method
         steps = self.step_layers(spec)
-        needs = type(method).needs
+        needs = type(method).capabilities.signals
         side = self.side
         n0 = side * side
         h0 = self.tower.pre_layrnorm(self.tower.embeddings(pixels))

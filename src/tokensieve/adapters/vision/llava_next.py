@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...errors import CapabilityError
 from ...methods.visual.base import Stage, VisualGroup
-from ...methods.visual.spec import VisualPlan
+from ...spec import VisualPlan
 from .attention import RowRequest, rows_routed
 from .base import ImageTokens, VisionAdapter
 from .llava import ClipTower, llama_stack

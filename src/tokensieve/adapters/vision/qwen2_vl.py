@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ...methods.visual.base import VisualGroup
-from ...methods.visual.spec import VisualPlan
+from ...spec import VisualPlan
 from .base import ImageTokens, VisionAdapter
-from .engine import TextStack
+from .segments import TextStack
 
 
 class Qwen2VLAdapter(VisionAdapter):

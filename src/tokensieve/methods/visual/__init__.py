@@ -1,22 +1,7 @@
-"""Visual-token methods (score → select → apply on visual tokens, at the vision / projector / llm stage).
-
-One file per method; :mod:`.registry` lists them, :mod:`.spec` reads ``name[params]:budget``.
-"""
+"""Visual-token methods: the ``visual`` family of the one method registry (score → select → apply on an image's
+tokens, at the vision / projector / llm stage of a vision-language model). One file per method; they are written
+in the one spec grammar of :mod:`tokensieve.spec` (``todre:0.1/snapkv:0.25``)."""
 
 from .base import Stage, VisualContext, VisualGroup, VisualKept, VisualMethod
-from .registry import create_visual, get_visual_class, register_visual, visual_method_names
-from .spec import VisualPlan, VisualSpec
 
-__all__ = [
-    "Stage",
-    "VisualContext",
-    "VisualGroup",
-    "VisualKept",
-    "VisualMethod",
-    "VisualPlan",
-    "VisualSpec",
-    "create_visual",
-    "get_visual_class",
-    "register_visual",
-    "visual_method_names",
-]
+__all__ = ["Stage", "VisualContext", "VisualGroup", "VisualKept", "VisualMethod"]

@@ -21,8 +21,8 @@ calls :meth:`VisualMethod.prune` once per layer (``ctx.step`` of ``ctx.steps``) 
 step. ``ctx.start`` holds each image's prunable tokens at the first step, so a ratio budget keeps meaning "of the
 tokens that reached the stage"; ``ctx.memory`` is a dict that persists across one sample's steps (a running score);
 ``ctx.sizes`` how many original tokens each current token stands for (merging methods return the new sizes in
-:class:`VisualKept`). A method names the signals it reads in ``needs``; the adapter computes only those, in the
-layer the method acts after (vision) or before (llm: layer K − 1):
+:class:`VisualKept`). A method names the signals it reads in its capabilities (``signals``); the adapter computes
+only those, in the layer the method acts after (vision) or before (llm: layer K − 1):
 
 ==================  ===========================================================================================
 ``cls_attention``   ``(H, N)`` the CLS query's attention to the tokens (vision encoders with a CLS token); at the
@@ -38,43 +38,24 @@ layer the method acts after (vision) or before (llm: layer K − 1):
                     layer just run), for methods that measure how a layer transforms a token
 ==================  ===========================================================================================
 
-The methods are plain frozen dataclasses registered with :func:`tokensieve.methods.visual.registry.register_visual`
-(a registry separate from the KV methods': a visual method keeps or merges *sequence positions* before or inside the
-forward pass, a KV method keeps *cache entries* after it). This module is part of the library floors: no transformers.
+The methods are frozen dataclasses of the ``visual`` family, registered with
+:func:`tokensieve.core.registry.register` in the one registry (a visual method keeps or merges *sequence positions*
+before or inside the forward pass, a KV method keeps *cache entries* after it), and written in the one spec grammar
+(``todre:0.1/snapkv:0.25``, :mod:`tokensieve.spec`). This module is part of the library floors: no transformers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase, Stage
+from ...core.method import VISUAL, Method
 from ...errors import CapabilityError, ConfigError
-
-
-class Stage(str, Enum):
-    """Where a visual-token method acts (issue 11's stages a, b, c)."""
-
-    VISION = "vision"
-    PROJECTOR = "projector"
-    LLM = "llm"
-
-    @classmethod
-    def parse(cls, value: str | Stage) -> Stage:
-        if isinstance(value, Stage):
-            return value
-        aliases = {"a": cls.VISION, "b": cls.PROJECTOR, "c": cls.LLM}
-        key = str(value).strip().lower()
-        if key in aliases:
-            return aliases[key]
-        try:
-            return cls(key)
-        except ValueError:
-            raise ConfigError(f"Unknown stage {value!r}: use 'vision' (a), 'projector' (b) or 'llm' (c).") from None
 
 
 @dataclass(frozen=True)
@@ -114,7 +95,7 @@ class VisualContext:
         keys: ``(H, N, d)`` the attention keys of these tokens in the same layer, or None.
         seed: a per-sample seed given by the caller (methods that draw random numbers use it).
         values, anchor_value, mean_attention, text_rows, text_tokens, previous: further signals (module docstring),
-            each None unless the method names it in ``needs``.
+            each None unless the method names it in its ``signals``.
         sizes: ``(N,)`` original tokens each token stands for (after merging steps), or None (one each).
         step, steps: this call's index among the method's layers, and their number.
         start: prunable tokens per image at the first step (None: the current counts).
@@ -220,21 +201,22 @@ def split_counts(total: int, sizes: list[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class VisualMethod:
-    """Base of the visual-token methods (frozen dataclasses; the fields are the method's parameters).
+class VisualMethod(Method):
+    """Base of the visual-token methods: the ``visual`` family of :class:`~tokensieve.core.method.Method` (frozen
+    dataclasses; the fields are the method's parameters, checked when the method is made).
 
-    Class attributes: ``name`` (registry key), ``paper`` (citation), ``rule`` (one line), ``stages`` (where it may
-    act), ``needs`` (the signals the context must carry: the module docstring's table).
+    Class attributes: ``name`` (registry key), ``paper`` (citation), ``rule`` (one line) and ``capabilities``, the
+    one declaration: ``stages`` (where it may act), ``signals`` (what the context must carry besides the tokens: the
+    module docstring's table) and ``apply`` (``drop``, or ``merge`` for a method that folds tokens into others).
 
     A method that can act at several stages has a ``stage`` field; ``layer`` is the encoder layer (vision stage) or
     the decoder layer K (llm stage) it acts at.
     """
 
-    name: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
-    rule: ClassVar[str] = ""
-    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
-    needs: ClassVar[frozenset[str]] = frozenset()
+    family: ClassVar[str] = VISUAL
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}), apply=Apply.DROP, stages=frozenset(Stage)
+    )
     #: vision stage: later encoder layers attend with proportional attention (``+ log size`` on each key's logit,
     #: ToMe) once tokens have been merged
     proportional: ClassVar[bool] = False
@@ -242,6 +224,14 @@ class VisualMethod:
     #: default policy, ``positions="official"``): ``"renumber"`` — the kept tokens numbered without gaps, what LLaVA's
     #: input preparation does to any shortened sequence — or ``"keep"`` — each kept token at its original position
     positions: ClassVar[Literal["keep", "renumber"]] = "renumber"
+
+    @classmethod
+    def summary(cls) -> str:
+        order = [Stage.VISION, Stage.PROJECTOR, Stage.LLM]
+        bits = ["+".join(s.value for s in order if s in cls.capabilities.stages), cls.capabilities.apply.value]
+        if cls.capabilities.signals:
+            bits.append("reads " + "+".join(sorted(cls.capabilities.signals)))
+        return ", ".join(bits)
 
     @property
     def prune_before_unpad(self) -> bool:
@@ -259,19 +249,22 @@ class VisualMethod:
         value = getattr(self, "stage", None)
         if value is not None:
             return Stage.parse(value)
-        if len(self.stages) != 1:
+        if len(self.capabilities.stages) != 1:
             raise ConfigError(f"Visual method '{self.name}' needs a stage.")
-        return next(iter(self.stages))
+        return next(iter(self.capabilities.stages))
 
     @property
     def at_layer(self) -> int:
         return int(getattr(self, "layer", 0))
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        self.check_params()
+
+    def check_params(self) -> None:
         """Validate the parameters (stage allowed, layer sensible); raise ConfigError naming the problem."""
         stage = self.where
-        if stage not in self.stages:
-            allowed = ", ".join(sorted(s.value for s in self.stages))
+        if stage not in self.capabilities.stages:
+            allowed = ", ".join(sorted(s.value for s in self.capabilities.stages))
             raise ConfigError(f"Visual method '{self.name}' acts at {allowed}, not at '{stage.value}'.")
         if type(self).layers is not VisualMethod.layers:
             return  # a method that names its layers checks them itself (the adapter checks them against the model)
@@ -295,7 +288,7 @@ class VisualMethod:
         return ()
 
     def needed(self, ctx: VisualContext) -> None:
-        for what in self.needs:
+        for what in self.capabilities.signals:
             if getattr(ctx, what) is None:
                 raise CapabilityError(
                     f"Visual method '{self.name}' needs {what.replace('_', ' ')}, which this model does not provide "
@@ -331,3 +324,14 @@ class VisualMethod:
         scores = self.score(ctx)
         keep = self.select(ctx, scores, k)
         return self.apply(ctx, keep)
+
+
+__all__ = [
+    "Stage",
+    "VisualContext",
+    "VisualGroup",
+    "VisualKept",
+    "VisualMethod",
+    "split_counts",
+    "top_k",
+]

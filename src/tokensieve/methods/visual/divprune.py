@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ._diversity import Similarities, greedy_maxmin, images_of, most_isolated
 from .base import Stage, VisualContext, VisualKept, VisualMethod
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class DivPrune(VisualMethod):
     """DivPrune (Alvar, Singh, Akbari, Zhang, "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
@@ -53,7 +54,11 @@ class DivPrune(VisualMethod):
     rule: ClassVar[str] = (
         "greedy max-min diversity over the projected visual tokens, d = 1 - cos, starting from the most isolated token"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PROJECTOR})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.PROJECTOR}),
+    )
 
     def prune(self, ctx: VisualContext, budget: Budget) -> VisualKept:
         dev = ctx.tokens.device

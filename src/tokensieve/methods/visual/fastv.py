@@ -7,11 +7,12 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from .base import Stage, VisualContext, VisualMethod
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class FastV(VisualMethod):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764).
@@ -32,8 +33,12 @@ class FastV(VisualMethod):
     name: ClassVar[str] = "fastv"
     paper: ClassVar[str] = "Chen et al. 2024, An Image is Worth 1/2 Tokens After Layer 2 (arXiv:2403.06764)"
     rule: ClassVar[str] = "s_j = mean_h softmax(q_last k^T / sqrt(d))_j at layer K-1; keep the top k before layer K"
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_attention"}),
+    )
     positions: ClassVar[Literal["keep", "renumber"]] = "keep"  # the official code sets position_ids = keep_indexs
     layer: int = 2
 

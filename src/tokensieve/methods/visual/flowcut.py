@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import CapabilityError, ConfigError
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 _VISION_NEEDS = ("cls_attention", "values", "anchor_value")
 _LLM_NEEDS = ("text_attention", "values", "anchor_value")
@@ -39,7 +40,7 @@ def prune_count(attention: Tensor, target: int, remaining: int) -> float:
     return float((n - target) / math.sqrt(remaining) * (1.0 - ratio**2))
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class FlowCut(VisualMethod):
     """FlowCut (Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language
@@ -107,8 +108,8 @@ class FlowCut(VisualMethod):
     vision stage fails there with the adapter's CapabilityError; ``flowcut[stage=llm]`` runs (the LLM-stage part of
     the paper's Qwen recipe; the pseudo-CLS ViT part is not implemented).
 
-    Choices where the paper/code are ambiguous (the paper's text was not readable here: the formulas follow the
-    issue's algorithm card and were checked line by line against the official code):
+    Choices where the paper/code are ambiguous (the paper's text was not readable here: the formulas follow a summary
+    of the paper's algorithm and were checked line by line against the official code):
 
     * ``√d`` in the semantic term: absent at the vision stage (the official CLIP code — the numbers published for
       LLaVA-1.5), present at the LLM stage (the official LLM code); ``semantic_scale=true`` adds it in the encoder.
@@ -143,8 +144,12 @@ class FlowCut(VisualMethod):
         "S=(a_cls/sum + sem/sum)*|mean_h v|_1, S_cum EMA 0.5; every 2nd encoder layer drop "
         "round((N-T)/sqrt(rem)*(1-(H/logN)^2)) by S_cum, last step to T; llm: (r+s)*|v|_1 at layer K"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION, Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset(_VISION_NEEDS + _LLM_NEEDS)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.VISION, Stage.LLM}),
+        signals=frozenset(_VISION_NEEDS + _LLM_NEEDS),
+    )
     stage: str = "vision"
     layer: int = 2
     momentum: float = 0.5
@@ -154,8 +159,8 @@ class FlowCut(VisualMethod):
     order: str = "unpadded"
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def check(self) -> None:
-        super().check()
+    def check_params(self) -> None:
+        super().check_params()
         if self.at_layer < 1:
             raise ConfigError(f"flowcut: layer (the decoder layer K of the llm stage) must be >= 1; got {self.layer}.")
         if not 0.0 <= float(self.momentum) < 1.0:

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
 from .base import Stage, VisualContext, VisualGroup, VisualKept, VisualMethod, split_counts, top_k
-from .registry import register_visual
 
 
 def neighbours(j: int, g: VisualGroup) -> list[int]:
@@ -30,7 +31,7 @@ def neighbours(j: int, g: VisualGroup) -> list[int]:
     return out
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class HiPrune(VisualMethod):
     """HiPrune (Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
@@ -78,12 +79,16 @@ class HiPrune(VisualMethod):
         "anchors = top round(alpha k/5) by attention received at the object layer, buffers = their 4-neighbours, "
         "registers = top rest by attention received at the feature layer"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"mean_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"mean_attention"}),
+    )
     alpha: float = 0.1
     object_layer: int = 0
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         check_vision_only(self)
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"hiprune: alpha (the anchors' and buffers' share) must be in [0, 1]; got {self.alpha}.")

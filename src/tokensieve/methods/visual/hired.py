@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 
 def weighted_counts(total: int, weights: list[float], caps: list[int]) -> list[int]:
@@ -49,7 +50,7 @@ def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return [((i * n) // parts, ((i + 1) * n) // parts) for i in range(parts)]
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class HiRED(VisualMethod):
     """HiRED — High-Resolution Early Dropping (Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient
@@ -105,12 +106,16 @@ class HiRED(VisualMethod):
         "thumbnail gets alpha k; crops share the rest by the thumbnail's early-layer CLS-attention top tokens in "
         "their part; each grid keeps its top tokens by final-layer CLS attention (sum over heads)"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"cls_attention"}),
+    )
     alpha: float = 0.5
     early: int = 1
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         check_vision_only(self)
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts
-from .registry import register_visual
 
 
 def pooled_grid(height: int, width: int, k: int) -> tuple[int, int]:
@@ -36,7 +37,7 @@ def cell_starts(n_in: int, n_out: int) -> list[int]:
     return [(i * n_in) // n_out for i in range(n_out)]
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class Pool(VisualMethod):
     """Spatial pooling / downsampling: average-pool each image's token grid to the budget.
@@ -56,7 +57,11 @@ class Pool(VisualMethod):
         "baseline (no paper): spatial average pooling of the visual grid, the downsampling baseline of VTC-Bench"
     )
     rule: ClassVar[str] = "adaptive average pooling of each grid to the largest a x b <= budget"
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION, Stage.PROJECTOR})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.VISION, Stage.PROJECTOR}),
+    )
     stage: str = "projector"
     layer: int = 1
 

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from ._llmstage import image_spans, image_targets, parse_layers, schedule
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 PAPER_LAYERS = (8, 16, 24)
 
@@ -37,7 +38,7 @@ def stage_counts(n0: int, final: int, stages: int, lam: float = 0.0) -> list[int
     return out
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class PyramidDrop(VisualMethod):
     """PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
@@ -78,8 +79,12 @@ class PyramidDrop(VisualMethod):
         "at layers 8/16/24 of 32: keep the top lambda^s of each image's visual tokens by mean_h attention of the last "
         "instruction token (layer K-1); lambda = budget^(1/S)"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_attention"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_attention"}),
+    )
     at: str = ""
     lam: float = 0.0
 
@@ -87,12 +92,12 @@ class PyramidDrop(VisualMethod):
     def at_layer(self) -> int:
         return parse_layers(self.at, self.name)[0] if self.at.strip() else PAPER_LAYERS[0]
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         if self.at.strip():
             parse_layers(self.at, self.name)
         if not 0.0 <= float(self.lam) < 1.0:
             raise ConfigError(f"{self.name}: lam must be in [0, 1) (0: derived from the budget); got {self.lam}.")
-        super().check()
+        super().check_params()
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(k for k, _ in schedule(PAPER_LAYERS, self.at, num_layers, self.name))

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from ._llmstage import image_spans, image_targets, parse_layers, schedule
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 #: the v1 code's ``pruning_loc = [2, 6, 15, 19]`` (its first commit; v1.5 has ``[2, 6, 15]``) are 0-based layers
 #: whose attention rates the tokens and whose output is pruned, i.e. K = 3, 7, 16, 20 here (before 0-based layer K)
@@ -77,7 +78,7 @@ def split_keep(n: int, total: int, recycle: float, cluster: float) -> tuple[int,
     return 0, total
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class SparseVLM(VisualMethod):
     """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model
@@ -132,8 +133,12 @@ class SparseVLM(VisualMethod):
         "(layer K-1); keep floor(scale*rank(P)+bias) (>= budget, = budget at the last layer); recycle the top 30% of "
         "the deleted into m/10+1 DPC-kNN clusters"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_rows", "text_tokens"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_rows", "text_tokens"}),
+    )
     at: str = ""
     scale: float = 13.5
     bias: float = 0.0
@@ -144,7 +149,7 @@ class SparseVLM(VisualMethod):
     def at_layer(self) -> int:
         return parse_layers(self.at, self.name)[0] if self.at.strip() else PAPER_LAYERS[0]
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         if self.at.strip():
             parse_layers(self.at, self.name)
         if float(self.scale) < 0:
@@ -157,7 +162,7 @@ class SparseVLM(VisualMethod):
             raise ConfigError(
                 f"{self.name}: cluster (merged tokens per recycled token) must be in [0, 1]; got {self.cluster}."
             )
-        super().check()
+        super().check_params()
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(k for k, _ in schedule(PAPER_LAYERS, self.at, num_layers, self.name))

@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from ._diversity import greedy_maxmin, greedy_maxsum, images_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod
-from .registry import register_visual
 
 DIVERSITY = ("maxsum", "kcenter")
 PIVOTS = ("cls", "random")
@@ -36,12 +37,12 @@ def instruction_share(ctx: VisualContext) -> float:
     return float(rows.sum(-1).mean())
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class ToDRE(VisualMethod):
     """ToDRE (Li, Yang, Zhang, Shao, Lu, "ToDRE: Effective Visual Token Pruning via Token Diversity and Task
     Relevance", arXiv:2505.18757 v2; v1 "…via Diversity and Task Awareness"). No official code was found; this is
-    written from the paper's description (card: ``shared/methods/headline-systems.md`` §1).
+    written from the paper's description.
 
     **Stage 1** (``stage=projector``, the default): per image, keep ``k`` (the budget) of its projected visual tokens
     ``E_v`` (the language model's input embeddings) chosen greedily for diversity under ``d = 1 − cos``:
@@ -101,10 +102,14 @@ class ToDRE(VisualMethod):
         "stage 1: greedy max-sum (or k-center) diversity, d = 1 - cos, from the CLS-attention pivot; "
         "stage 2 at 7L/8: drop every visual token if the instruction's attention share to them < tau"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PROJECTOR, Stage.LLM})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.PROJECTOR, Stage.LLM}),
+        signals=frozenset({"text_rows"}),
+    )
     # the llm stage reads the instruction rows; the projector stage's CLS row is not listed (Qwen2-VL has none and
     # gets the random pivot): the engine passes it at the projector stage wherever the encoder has a CLS token
-    needs: ClassVar[frozenset[str]] = frozenset({"text_rows"})
 
     stage: str = "projector"
     layer: int = 0
@@ -115,9 +120,9 @@ class ToDRE(VisualMethod):
     seed: int = 0
 
     # ------------------------------------------------------------------------------------------ configuration
-    def check(self) -> None:
+    def check_params(self) -> None:
         stage = self.where
-        if stage not in self.stages:
+        if stage not in self.capabilities.stages:
             raise ConfigError(f"Visual method 'todre' acts at llm, projector, not at '{stage.value}'.")
         if self.layer < 0:
             raise ConfigError(f"todre: layer is a decoder layer K >= 1, or 0 for 7L/8; got {self.layer}.")

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ._vit import check_vision_only, image_budgets, image_groups, memory_of
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts
-from .registry import register_visual
 
 
 def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -57,7 +58,7 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, r: int) -> tuple[T
     return kept, new_x[kept].to(x.dtype), new_s[kept].to(sizes.dtype), new_m[kept]
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class ToMe(VisualMethod):
     """ToMe — Token Merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv:2210.09461).
@@ -97,11 +98,15 @@ class ToMe(VisualMethod):
         "every block: A/B alternate, A->most cosine-similar B by mean-head keys, merge the r best edges by "
         "size-weighted average; proportional attention"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"keys"}),
+    )
     proportional: ClassVar[bool] = True
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         check_vision_only(self)
 
     def layers(self, num_layers: int) -> tuple[int, ...]:

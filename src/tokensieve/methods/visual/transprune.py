@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from ._llmstage import image_spans, image_targets, parse_layers, parse_numbers, schedule
 from .base import Stage, VisualContext, VisualKept, VisualMethod, top_k
-from .registry import register_visual
 
 PAPER_LAYERS = (7, 9, 12)
 PAPER_RATIOS = (0.875, 0.625, 0.125)
@@ -54,7 +55,7 @@ def keep_count(n0: int, final: int, ratio: float, last_ratio: float) -> int:
     return max(final, n0 - math.floor(removed + 0.5))
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class TransPrune(VisualMethod):
     """TransPrune (Li et al., "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model",
@@ -109,8 +110,12 @@ class TransPrune(VisualMethod):
         "s_j = alpha*TTV_j/sum + (1-alpha)*IGA_j/sum; TTV = sum over layers of |out|/|in| * softmax(1-cos(in,out)); "
         "prune at 7/9/12 of 32 to 87.5/62.5/12.5 % (last = budget)"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.LLM})
-    needs: ClassVar[frozenset[str]] = frozenset({"text_rows", "previous"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.DROP,
+        stages=frozenset({Stage.LLM}),
+        signals=frozenset({"text_rows", "previous"}),
+    )
     at: str = ""
     ratios: str = ""
     alpha: float = 0.5
@@ -126,7 +131,7 @@ class TransPrune(VisualMethod):
     def at_layer(self) -> int:
         return self._reference()[0][0]
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         layers, ratios = self._reference()
         if len(ratios) != len(layers):
             raise ConfigError(
@@ -139,7 +144,7 @@ class TransPrune(VisualMethod):
             raise ConfigError(f"{self.name}: alpha (the weight of TTV) must be in [0, 1]; got {self.alpha}.")
         if self.transition not in ("update", "state"):
             raise ConfigError(f"{self.name}: transition must be 'update' or 'state'; got {self.transition!r}.")
-        super().check()
+        super().check_params()
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         layers, _ = self._reference()

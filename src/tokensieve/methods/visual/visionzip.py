@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from ...core.budget import Budget
+from ...core.capabilities import Apply, Capabilities, Phase
+from ...core.registry import register
 from ...errors import ConfigError
 from .base import Stage, VisualContext, VisualKept, VisualMethod, split_counts, top_k
-from .registry import register_visual
 
 
-@register_visual
+@register
 @dataclass(frozen=True)
 class VisionZip(VisualMethod):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025,
@@ -27,7 +28,7 @@ class VisionZip(VisualMethod):
     * **dominant** ``D = k − C`` tokens: the highest CLS attention of that layer, summed over heads
       (``Σ_h A_h[CLS, j]``, the official code; the same ranking as the head mean);
     * **contextual** ``C = round(contextual · k)`` tokens (``contextual = 5/32``: 54 + 10 for 64 in the official README,
-      108 + 20 for 128 and 162 + 30 for 192 as the issue's card lists the paper's settings — the paper's text was
+      108 + 20 for 128 and 162 + 30 for 192, the paper's settings as its summaries give them — the paper's text was
       not readable here): the ``R`` remaining tokens in original order, every ``max(1, ⌊R/C⌋)``-th
       of them (the first ``C``) become targets; every other remaining token joins the target whose head-mean key
       (``mean_h k_j^h``, L2-normalised) is most similar (cosine, argmax; ties to the earlier target);
@@ -73,13 +74,17 @@ class VisionZip(VisualMethod):
         "after the feature layer: top (k-C) by head-summed CLS attention; the rest merged into C uniformly spaced "
         "targets by cosine of head-mean keys (C = round(5k/32))"
     )
-    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.VISION})
-    needs: ClassVar[frozenset[str]] = frozenset({"cls_attention", "keys"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        phases=frozenset({Phase.PREFILL}),
+        apply=Apply.MERGE,
+        stages=frozenset({Stage.VISION}),
+        signals=frozenset({"cls_attention", "keys"}),
+    )
     layer: int = 0
     contextual: float = 0.15625
     merge: str = "add"
 
-    def check(self) -> None:
+    def check_params(self) -> None:
         if int(self.layer) < 0:
             raise ConfigError(f"visionzip: layer must be >= 0 (0 = the feature layer); got {self.layer}.")
         if not 0.0 <= float(self.contextual) < 1.0:

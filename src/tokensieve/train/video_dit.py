@@ -1,0 +1,236 @@
+"""`tokensieve train video-dit`: train the embedded video DiT by flow matching on procedural clips (resumable).
+
+Every step draws ``batch`` clips (:func:`tokensieve.data.clips.make_clip`, seeds from the step) and noise levels
+``σ`` from a logit-normal distribution (as SD3 / Wan training), forms ``x_σ = (1 − σ) x_0 + σ ε`` on pixels in
+[−1, 1] and regresses the velocity ``ε − x_0`` (mean squared error). One prompt in ten is dropped (the "no prompt"
+embedding) so that sampling may use classifier-free guidance. AdamW, a linear warm-up then a constant rate.
+The run directory holds ``checkpoint.pt`` (weights, optimizer, step, the model's configuration; written every
+``save_every`` steps and when this invocation's wall-clock budget ``--minutes`` is spent), ``minutes.json`` (the minutes
+spent over all invocations), ``train.log`` (JSON lines) and, at the end, ``final/`` (the weights as ``load_embedded``
+reads them). Rerunning the same command resumes where the last chunk stopped; batches and noise follow from the step,
+so a run in chunks sees the same data as a run in one go. Every ``eval_every`` steps the quality gate is
+measured on ``eval_clips`` generated test clips and logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass
+class VideoTrainConfig:
+    out: str = "runs/video-dit"
+    steps: int = 1500  # ≈ 4 CPU-hours at batch 8 (8.4–10 CPU-s a step on one core, idle to loaded machine)
+    batch: int = 8
+    lr: float = 3e-4
+    warmup: int = 200
+    seed: int = 0
+    minutes: float = 0.0  # wall-clock budget of this invocation (one chunk); 0: no budget
+    save_every: int = 250
+    eval_every: int = 1000
+    eval_clips: int = 40
+    eval_steps: int = 20
+    threads: int = 1
+    layers: int = 4
+    heads: int = 3
+    frames: int = 8  # clip frames
+    size: int = 64  # clip height and width, pixels (tokens = frames × (size / 4)², patch 1 × 4 × 4)
+
+
+def _batch(step: int, cfg: VideoTrainConfig, frames: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    from ..data.clips import make_clip, split_seed
+
+    clips = [make_clip(split_seed("train", step * cfg.batch + i), frames, size) for i in range(cfg.batch)]
+    x = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0  # (B, F, H, W, 3)
+    return x.permute(0, 4, 1, 2, 3).contiguous(), [c.prompt for c in clips]
+
+
+def gate_eval(model: Any, n: int, steps: int, start: int = 0, guidance: float = 1.0) -> dict[str, float]:
+    """The quality gate on ``n`` generated test clips (prompt and seed of test clip ``start + i``)."""
+    from ..adapters.diffusion.embedded import sample
+    from ..data.clips import gate, gate_rates, make_clip, split_seed
+
+    results = []
+    for i in range(n):
+        seed = split_seed("test", start + i)
+        prompt = make_clip(seed, model.cfg.frames, model.cfg.size).prompt
+        video = sample(model, [prompt], [seed], steps=steps, guidance=guidance)[0].numpy()
+        results.append(gate(video, prompt))
+    color, motion = gate_rates(results)
+    return {"gate_color": color, "gate_motion": motion, "clips": n}
+
+
+class VideoTrainer:
+    def __init__(self, cfg: VideoTrainConfig, progress: bool = True, model_cfg: Any = None) -> None:
+        """``model_cfg``: a :class:`VideoDiTConfig` (default: the embedded model's, with ``cfg``'s layers and heads)."""
+        from ..adapters.diffusion.embedded import EmbeddedVideoDiT, VideoDiTConfig
+
+        self.cfg = cfg
+        self.progress = progress
+        self.dir = Path(cfg.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        mcfg = model_cfg or VideoDiTConfig(layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size)
+        self.model = EmbeddedVideoDiT(mcfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.step = 0
+        ckpt = self.dir / "checkpoint.pt"
+        if ckpt.is_file():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
+            if state["model_config"] != json.loads(json.dumps(asdict(mcfg))):
+                raise ConfigError(f"{ckpt} was trained with another model configuration; use a new --out.")
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.step = int(state["step"])
+
+    def save(self) -> None:
+        tmp = self.dir / "checkpoint.pt.tmp"
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                 "config": asdict(self.cfg),
+                 "model_config": json.loads(json.dumps(asdict(self.model.cfg)))}  # fmt: skip
+        torch.save(state, tmp)
+        tmp.replace(self.dir / "checkpoint.pt")
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.dir / "train.log", "a") as f:
+            f.write(json.dumps({"step": self.step, "time": time.time(), **record}) + "\n")
+        if self.progress:
+            print(json.dumps({"step": self.step, **record}), flush=True)
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
+
+    def train_step(self) -> float:
+        cfg, mc = self.cfg, self.model.cfg
+        x0, prompts = _batch(self.step, cfg, mc.frames, mc.size)
+        rng = random.Random(cfg.seed * 1_000_003 + self.step)
+        prompts_in: list[str | None] = [None if rng.random() < 0.1 else p for p in prompts]
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
+        s = sigma[:, None, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.model.train()
+        pred = self.model(xt, sigma, prompts_in)
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        t0 = time.time()
+        spent = self._spent()
+        losses: list[float] = []
+        if self.step and self.progress:
+            print(json.dumps({"resumed_at_step": self.step}), flush=True)
+        while self.step < cfg.steps:
+            losses.append(self.train_step())
+            if self.step % 50 == 0:
+                self.log({"loss": sum(losses) / len(losses), "lr": self.lr_at(self.step)})
+                losses = []
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.model.eval()
+                self.log(gate_eval(self.model, cfg.eval_clips, cfg.eval_steps))
+            if self.step % cfg.save_every == 0:
+                self.save()
+            if cfg.minutes and (time.time() - t0) / 60 >= cfg.minutes and self.step < cfg.steps:
+                self.save()
+                self._add_spent(spent + (time.time() - t0) / 60)
+                self.log({"stopped": "minutes spent", "minutes": spent + (time.time() - t0) / 60})
+                return self.dir / "checkpoint.pt"
+        self.save()
+        self._add_spent(spent + (time.time() - t0) / 60)
+        final = self.model.save(self.dir / "final", {"train": asdict(cfg), "steps_done": self.step})
+        return final
+
+    def _spent(self) -> float:
+        f = self.dir / "minutes.json"
+        return float(json.loads(f.read_text())["minutes"]) if f.is_file() else 0.0
+
+    def _add_spent(self, total: float) -> None:
+        (self.dir / "minutes.json").write_text(json.dumps({"minutes": total}) + "\n")
+
+
+MAX_SHIP_MB = 40.0
+
+
+def ship(final: Path) -> Path:
+    """Copy a run's ``final/`` into the package's weights folder (refused above :data:`MAX_SHIP_MB`)."""
+    from ..adapters.diffusion.embedded import weights_dir
+
+    size = (final / "model.safetensors").stat().st_size / 2**20
+    if size > MAX_SHIP_MB:
+        raise ConfigError(
+            f"{final} holds {size:.1f} MB of weights; the shipped model must stay ≤ {MAX_SHIP_MB:.0f} MB."
+        )
+    dst = weights_dir()
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(final / name, dst / name)
+    return dst
+
+
+def cmd_train_video_dit(args: argparse.Namespace) -> int:
+    values = {f.name: getattr(args, f.name) for f in fields(VideoTrainConfig)}
+    cfg = VideoTrainConfig(**values)
+    if cfg.steps < 1 or cfg.batch < 1 or cfg.lr <= 0:
+        raise ConfigError("--steps and --batch must be ≥ 1 and --lr > 0.")
+    if cfg.frames < 2 or cfg.size < 16 or cfg.size % 4:
+        raise ConfigError("--frames must be ≥ 2 and --size a multiple of 4, ≥ 16 (patches of 4 × 4 pixels).")
+    out = VideoTrainer(cfg, progress=not args.no_progress).run()
+    print(out)
+    if args.ship and out.name == "final":
+        print(f"shipped to {ship(out)}")
+    elif args.ship:
+        print("not shipped: the run stopped before its last step (rerun the command to resume)")
+    return 0
+
+
+def cmd_video_gate(args: argparse.Namespace) -> int:
+    from ..adapters.diffusion.embedded import load_embedded
+
+    torch.set_num_threads(args.threads)
+    model = load_embedded(args.model)
+    result = gate_eval(model, args.clips, args.steps, guidance=args.guidance)
+    print(json.dumps(result))
+    return 0
+
+
+def add_commands(tsub: Any) -> None:
+    p = tsub.add_parser("video-dit", help="train the embedded video DiT on procedural clips (resumable; docs/DIT.md)")
+    defaults = VideoTrainConfig()
+    for f in fields(VideoTrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name))  # fmt: skip
+    p.add_argument("--ship", action="store_true", help="copy final/ into the package (tokensieve/weights/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_video_dit)
+    g = tsub.add_parser("video-gate", help="the quality gate of the embedded video DiT on generated test clips")
+    g.add_argument("--model", default=None, help="a folder written by train video-dit (default: the shipped model)")
+    g.add_argument("--clips", type=int, default=200)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--threads", type=int, default=1)
+    g.set_defaults(func=cmd_video_gate)
+
+
+__all__ = ["VideoTrainConfig", "VideoTrainer", "add_commands", "gate_eval"]

@@ -1,0 +1,116 @@
+"""The embedded video DiT's pieces: prompts, sampling (batch = single), the clips and their quality gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from tokensieve.adapters.diffusion import sparsify
+from tokensieve.adapters.diffusion.embedded import EmbeddedVideoDiT, VideoDiTConfig, load_embedded, sample
+from tokensieve.attention import flex
+from tokensieve.data.clips import all_prompts, gate, gate_rates, make_clip, psnr, ssim
+from tokensieve.errors import ModelNotFoundError, PromptError
+
+
+def tiny() -> EmbeddedVideoDiT:
+    torch.manual_seed(0)
+    return EmbeddedVideoDiT(VideoDiTConfig(frames=2, size=16, heads=2, head_dim=12, layers=2, ffn=32, text_dim=8,
+                                           freq_dim=16)).eval()  # fmt: skip
+
+
+def test_prompts_are_parsed_or_refused():
+    m = tiny()
+    assert m.parse("A Red circle  moving right") == ("red", "circle", "right")
+    with pytest.raises(PromptError, match="unknown color 'pink'"):
+        m.parse("a pink circle moving right")
+    with pytest.raises(PromptError, match="cannot condition"):
+        m.parse("draw me a cat")
+    assert len(all_prompts()) == 7 * 3 * 4
+
+
+def test_sampling_batch_equals_single_and_roundtrip(tmp_path):
+    m = tiny()
+    prompts = ["a red circle moving right", "a blue square moving up"]
+    both = sample(m, prompts, [1, 2], steps=2)
+    one = sample(m, prompts[1:], [2], steps=2)
+    assert both.shape == (2, 2, 16, 16, 3)
+    assert (both[1].int() - one[0].int()).abs().max() <= 1
+    m.save(tmp_path / "m")
+    again = sample(load_embedded(tmp_path / "m"), prompts[:1], [1], steps=2)
+    assert torch.equal(again[0], both[0])
+    with pytest.raises(ModelNotFoundError):
+        load_embedded(tmp_path / "nothing")
+
+
+def test_sampling_under_a_sieve_keep_all_is_dense():
+    previous = flex.set_compile(False)
+    try:
+        m = tiny()
+        dense = sample(m, ["a red circle moving right"], [3], steps=3)
+        with sparsify(m.transformer, "svg2[qc=4,kc=8,top_p=1,min_kc_ratio=1,warmup=0,dense_layers=0]") as sieve:
+            got = sample(m, ["a red circle moving right"], [3], steps=3, sieve=sieve)
+        assert (got.int() - dense.int()).abs().max() <= 1
+    finally:
+        flex.set_compile(previous)
+
+
+def test_procedural_clips_pass_the_gate_and_wrong_prompts_fail():
+    results, wrong = [], []
+    for i in range(20):
+        clip = make_clip(1000 + i)
+        results.append(gate(clip.frames, clip.prompt))
+        flipped = {"right": "left", "left": "right", "up": "down", "down": "up"}[clip.direction]
+        other = "blue" if clip.color != "blue" else "red"
+        wrong.append(gate(clip.frames, f"a {other} {clip.shape} moving {flipped}"))
+    assert gate_rates(results) == (1.0, 1.0)
+    assert gate_rates(wrong) == (0.0, 0.0)
+
+
+def test_fidelity_metrics():
+    a = make_clip(5).frames
+    assert psnr(a, a) == float("inf")
+    assert ssim(a, a) == pytest.approx(1.0)
+    noisy = np.clip(a.astype(int) + np.random.default_rng(0).integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
+    assert 20 < psnr(a, noisy) < 40
+    assert 0 < ssim(a, noisy) < 1
+
+
+def _tiny_cfg() -> VideoDiTConfig:
+    return VideoDiTConfig(frames=2, size=16, heads=2, head_dim=12, layers=2, ffn=32, text_dim=8, freq_dim=16)
+
+
+def test_training_in_chunks_equals_training_in_one_go(tmp_path):
+    from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
+
+    def run(out, steps):
+        cfg = VideoTrainConfig(out=str(out), steps=steps, batch=2, warmup=2, save_every=100, eval_every=0)
+        return VideoTrainer(cfg, progress=False, model_cfg=_tiny_cfg()).run()
+
+    run(tmp_path / "chunks", 2)
+    resumed = VideoTrainer(VideoTrainConfig(out=str(tmp_path / "chunks"), steps=4), progress=False,
+                           model_cfg=_tiny_cfg())  # fmt: skip
+    assert resumed.step == 2
+    final = run(tmp_path / "chunks", 4)
+    whole = run(tmp_path / "whole", 4)
+    a, b = load_embedded(final), load_embedded(whole)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    # a checkpoint of another model size is refused, not silently loaded
+    from tokensieve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="another model configuration"):
+        VideoTrainer(VideoTrainConfig(out=str(tmp_path / "whole")), progress=False)
+
+
+def test_long_clips_stay_inside_the_frame_and_pass_the_gate():
+    for i in range(40):
+        clip = make_clip(i, frames=16, size=64)
+        xs, ys = zip(*clip.centers, strict=True)
+        assert min(xs + ys) > 0
+        assert max(xs + ys) < 64
+        result = gate(clip.frames, clip.prompt)
+        assert result.color_ok
+        assert result.motion_ok
