@@ -10,8 +10,12 @@ and ``d = |i − j|`` the distance of query frame ``i`` and key frame ``j``:
 * key frame 0 is an attention sink: read whole by every frame (Wan);
 * ``d ≤ 1``: the whole frame (window ``S``);
 * ``d ≥ 2``: tokens within a window ``w = max(2^{bits(S)} / 2^{bits(d)} · decay, block)`` of the query's place in its
-  frame (``bits`` = bit length), and only for ``d`` divisible by ``128 / (2^{bits(S)} / 2^{bits(d)})`` once that
-  decay length falls below 128 (``get_diagonal_split_mask``: far frames are read one in two, one in four, …);
+  frame (``bits`` = bit length);
+* every pair but the sink, ``d ≤ 1`` included, is read only when ``d`` is divisible by ``128 / (2^{bits(S)} /
+  2^{bits(d)})`` once that decay length falls below 128 (``get_diagonal_split_mask``: far frames are read one in
+  two, one in four, …). At the authors' geometry (``S`` = 1,560 tokens per frame) this never drops a neighbouring
+  frame; with fewer than 128 tokens per frame it drops the neighbours too, as the authors' code does, and the mask
+  becomes far sparser than at larger frames;
 * the token mask is reduced to ``block``-token blocks (``shrinkMaskStrict``): a block is read when more than 60 % of
   its non-empty key columns are more than a third full.
 
