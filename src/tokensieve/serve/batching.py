@@ -35,7 +35,39 @@ from ..cache.sieve_cache import SieveCache
 from ..engine import CachedContext
 
 
-class BatchedCaches(SieveCache):
+class _CacheGroup(SieveCache):
+    """What :class:`BatchedCaches` and :class:`PackedCaches` share: several sequences' caches run in one forward
+    pass, none of them storing anything here; a part whose cache fails is recorded in :attr:`failures` and gets zeros
+    from then on."""
+
+    def __init__(self, caches: Sequence[SieveCache]) -> None:
+        n = len(caches[0].layers)
+        if any(len(c.layers) != n for c in caches):
+            raise ValueError("Every cache of a step must belong to the same model (same number of layers).")
+        super().__init__(n, None)
+        self.caches = list(caches)
+        self.failures: dict[int, Exception] = {}  # part → what its cache raised
+
+    def seq_length(self, layer_idx: int = 0) -> int:
+        # Only used by transformers for mask sizes; our attention ignores it (every part has its own length).
+        return max(c.seq_length(layer_idx) for c in self.caches)
+
+    def kv_bytes(self) -> int:
+        return sum(c.kv_bytes() for c in self.caches)
+
+    def _attend_part(self, i: int, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                     scaling: float, pos: Tensor | None, mods: Modifiers, h: Tensor | None) -> Tensor:  # fmt: skip
+        """Part ``i`` attends over its own cache; zeros once its cache has failed (then recorded)."""
+        if i in self.failures:
+            return torch.zeros_like(q)
+        try:
+            return self.caches[i].attend(layer_idx, q, k, v, mask, scaling, pos, mods, h)
+        except Exception as exc:  # this part's own cache failed: fail its request alone
+            self.failures[i] = exc
+            return torch.zeros_like(q)
+
+
+class BatchedCaches(_CacheGroup):
     """Several sequences' caches seen by the model as one batch: row ``b`` of every layer is ``caches[b]``.
 
     The model asks this object (through its transformers view) for lengths and hands it every layer's attention;
@@ -49,19 +81,7 @@ class BatchedCaches(SieveCache):
     def __init__(self, caches: Sequence[SieveCache]) -> None:
         if not caches:
             raise ValueError("BatchedCaches needs at least one cache.")
-        n = len(caches[0].layers)
-        if any(len(c.layers) != n for c in caches):
-            raise ValueError("Every cache of a batch must belong to the same model (same number of layers).")
-        super().__init__(n, None)
-        self.caches = list(caches)
-        self.failures: dict[int, Exception] = {}  # row → what its cache raised
-
-    def seq_length(self, layer_idx: int = 0) -> int:
-        # Only used by transformers for mask sizes; our attention ignores it (every row has its own length).
-        return max(c.seq_length(layer_idx) for c in self.caches)
-
-    def kv_bytes(self) -> int:
-        return sum(c.kv_bytes() for c in self.caches)
+        super().__init__(caches)
 
     def attend(
         self,
@@ -81,23 +101,16 @@ class BatchedCaches(SieveCache):
         if len(self.caches) != B:
             raise RuntimeError(f"A batch of {B} rows was run over {len(self.caches)} caches.")
         outs = []
-        for b, cache in enumerate(self.caches):
-            if b in self.failures:
-                outs.append(torch.zeros_like(q[b : b + 1]))
-                continue
+        for b in range(B):
             pos = None if positions is None else positions[b : b + 1] if positions.shape[0] == B else positions
             mask = None if padding_mask is None else padding_mask[b : b + 1]
-            try:
-                h = None if hidden is None else hidden[b : b + 1]
-                out = cache.attend(layer_idx, q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, scaling, pos, mods, h)
-            except Exception as exc:  # this row's own cache failed: fail its request alone
-                self.failures[b] = exc
-                out = torch.zeros_like(q[b : b + 1])
-            outs.append(out)
+            h = None if hidden is None else hidden[b : b + 1]
+            row = slice(b, b + 1)
+            outs.append(self._attend_part(b, layer_idx, q[row], k[row], v[row], mask, scaling, pos, mods, h))
         return torch.cat(outs, dim=0)
 
 
-class PackedCaches(SieveCache):
+class PackedCaches(_CacheGroup):
     """Several sequences' new tokens packed into one row: the chunk's tokens come in segments of ``lengths[i]``
     tokens, one per cache, in order. Like :class:`BatchedCaches` it stores nothing, and a segment whose cache
     fails is recorded in :attr:`failures` and gets zeros from then on (no other segment reads it: every operation
@@ -106,20 +119,8 @@ class PackedCaches(SieveCache):
     def __init__(self, caches: Sequence[SieveCache], lengths: Sequence[int]) -> None:
         if not caches or len(caches) != len(lengths) or any(n < 1 for n in lengths):
             raise ValueError("PackedCaches needs one cache per segment and at least one token in each.")
-        n = len(caches[0].layers)
-        if any(len(c.layers) != n for c in caches):
-            raise ValueError("Every cache of a step must belong to the same model (same number of layers).")
-        super().__init__(n, None)
-        self.caches = list(caches)
+        super().__init__(caches)
         self.sizes = [int(v) for v in lengths]  # tokens of each segment
-        self.failures: dict[int, Exception] = {}
-
-    def seq_length(self, layer_idx: int = 0) -> int:
-        # Only used by transformers for mask sizes; our attention ignores it (every segment has its own length).
-        return max(c.seq_length(layer_idx) for c in self.caches)
-
-    def kv_bytes(self) -> int:
-        return sum(c.kv_bytes() for c in self.caches)
 
     def attend(
         self,
@@ -141,20 +142,13 @@ class PackedCaches(SieveCache):
             raise RuntimeError("A packed step has no padding.")
         outs = []
         start = 0
-        for i, (cache, n) in enumerate(zip(self.caches, self.sizes)):
+        for i, n in enumerate(self.sizes):
             s, e = start, start + n
             start = e
-            if i in self.failures:
-                outs.append(torch.zeros_like(q[:, :, s:e]))
-                continue
             pos = None if positions is None else positions[:, s:e]
             h = None if hidden is None else hidden[:, s:e]
-            try:
-                out = cache.attend(layer_idx, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, scaling, pos, mods, h)
-            except Exception as exc:  # this segment's own cache failed: fail its request alone
-                self.failures[i] = exc
-                out = torch.zeros_like(q[:, :, s:e])
-            outs.append(out)
+            part = (slice(None), slice(None), slice(s, e))
+            outs.append(self._attend_part(i, layer_idx, q[part], k[part], v[part], None, scaling, pos, mods, h))
         return torch.cat(outs, dim=2)
 
 

@@ -12,8 +12,9 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
+from tests.unit.lab.serve_helpers import Collector
 from tokensieve.data.testing import CharTokenizer
-from tokensieve.serve.engine import Delta, Done, Engine, Failed, Job, RequestError, Sampling, parse_bytes
+from tokensieve.serve.engine import Engine, Job, RequestError, Sampling, parse_bytes
 from tokensieve.spec import Spec
 
 fastapi = pytest.importorskip("fastapi")
@@ -42,32 +43,6 @@ def model():
 def prompt(i: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed(100 + i)
     return torch.randint(3, 97, (n,), generator=g).tolist()
-
-
-class Collector:
-    """Events of one job, gathered from the scheduler thread."""
-
-    def __init__(self) -> None:
-        self.events: list[object] = []
-        self.done = threading.Event()
-        self.first = threading.Event()
-
-    def __call__(self, event: object) -> None:
-        self.events.append(event)
-        self.first.set()
-        if isinstance(event, (Done, Failed)):
-            self.done.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, Delta))
-
-    @property
-    def end(self) -> Done:
-        assert self.done.wait(240), "the job did not finish"
-        last = self.events[-1]
-        assert isinstance(last, Done), last
-        return last
 
 
 def submit(

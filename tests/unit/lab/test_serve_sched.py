@@ -6,7 +6,6 @@ dropped within a step with their memory freed."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
+from tests.unit.lab.serve_helpers import Collector
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Done, Engine, Failed, Job, Sampling, StoredContext
 from tokensieve.serve.staging import PrefixCache
@@ -40,26 +40,6 @@ def model():
 def prompt(i: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed(500 + i)
     return torch.randint(3, 97, (n,), generator=g).tolist()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-        self.done = threading.Event()
-        self.first = threading.Event()
-
-    def __call__(self, event: object) -> None:
-        self.events.append(event)
-        self.first.set()
-        if isinstance(event, (Done, Failed)):
-            self.done.set()
-
-    @property
-    def end(self) -> Done:
-        assert self.done.wait(240), "the job did not finish"
-        last = self.events[-1]
-        assert isinstance(last, Done), last
-        return last
 
 
 def submit(engine: Engine, ids: list[int], spec: str | None = None, max_tokens: int = 10) -> tuple[Job, Collector]:

@@ -8,7 +8,6 @@ import asyncio
 import gc
 import json
 import math
-import threading
 import time
 import weakref
 
@@ -17,6 +16,7 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
+from tests.unit.lab.serve_helpers import Collector
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Done, Engine, Failed, Job, RequestError, Sampling, sample_token
 from tokensieve.serve.limits import Limits, available_memory, default_kv_memory
@@ -45,24 +45,6 @@ def model():
 def prompt(i: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed(100 + i)
     return torch.randint(3, 97, (n,), generator=g).tolist()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-        self.done = threading.Event()
-        self.first = threading.Event()
-
-    def __call__(self, event: object) -> None:
-        self.events.append(event)
-        self.first.set()
-        if isinstance(event, (Done, Failed)):
-            self.done.set()
-
-    @property
-    def last(self) -> object:
-        assert self.done.wait(240), "the job did not finish"
-        return self.events[-1]
 
 
 def submit(
