@@ -579,8 +579,9 @@
             shapes.push({type: "line", xref: "paper", x0: 0, x1: 1, y0: y, y1: y, line: {color: "#000", width: 1, dash: "dot"}});
           }
           var n = g.points.filter(function (p) { return p[1] === ti; }).reduce(function (t, p) { return t + p[2]; }, 0);
-          return react(div, traces, {title: {text: type + " (" + n + " answers)", font: {size: 12}}, height: ti ? 300 : 360,
-            shapes: shapes, showlegend: ti === 0, legend: {orientation: "h", y: -0.3, font: {size: 9}},
+          return react(div, traces, {title: {text: type + " (" + n + " answers)", font: {size: 12}}, height: ti ? 300 : 430,
+            margin: ti ? undefined : {l: 52, r: 12, t: 34, b: 150},  // room for the legend below the axis title
+            shapes: shapes, showlegend: ti === 0, legend: {orientation: "h", y: -0.3, yanchor: "top", font: {size: 9}},
             xaxis: {title: {text: "visual tokens kept"}, range: [-0.02, 1.06], tickformat: ".0%"},
             yaxis: {title: {text: "accuracy"}, range: [-0.05, 1.05]}}).then(function () {
             if (!div._tileHooks) {
