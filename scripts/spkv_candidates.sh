@@ -20,7 +20,7 @@ PY=${PYTHON:-.venv/bin/python}
 CANDIDATES=${CANDIDATES:-"attention kvzip"}
 HARD_STEPS=${HARD_STEPS:-64}
 THREADS=${THREADS:-2}
-MODELS=$("$PY" -c "from tokensieve.adapters.models import cache_home; print(cache_home() / 'models')")
+MODELS=$("$PY" -c "from tokensieve.paths import cache_home; print(cache_home() / 'models')")
 stores=()
 for name in $CANDIDATES; do
   base=${name%-hard}
