@@ -31,8 +31,15 @@ def main() -> None:
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="tokensieve-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-dev-shm-usage", f"--window-size={args.width},{args.height}", f"--user-data-dir={profile}"):  # fmt: skip
+    size = f"--window-size={args.width},{args.height}"
+    flags = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+    )
+    for flag in (*flags, size, f"--user-data-dir={profile}"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_bin), options=opts)
     try:

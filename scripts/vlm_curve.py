@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from tokensieve.results.stats import wilson
 
 TYPES = ("attribute", "existence", "counting", "spatial", "reading")
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def main() -> None:
@@ -40,7 +35,7 @@ def main() -> None:
         raise SystemExit(f"{args.log} has no evaluation lines (train with --eval-every N)")
     hours = [r["elapsed"] / 3600 for r in rows]
     overall = [r["eval_overall"] for r in rows]
-    lo, hi = zip(*(wilson(p, args.questions) for p in overall))
+    lo, hi = zip(*(wilson(p * args.questions, args.questions) for p in overall))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.fill_between(hours, [100 * v for v in lo], [100 * v for v in hi], color="k", alpha=0.12, lw=0)
     ax.plot(hours, [100 * v for v in overall], "k-o", lw=2, ms=4, label="overall (95 % Wilson)")
