@@ -116,7 +116,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
 
         dst = ship(cfg.out, weights_dir(VLM_NAME))
         record = json.loads((dst / "train.json").read_text())
-        record["command"] = command
+        record["command"] = command.replace(str(Path.home()), "~")
         (dst / "train.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"shipped to {dst}")
     return 0

@@ -633,6 +633,8 @@ def ship(run_dir: Path | str, dest: Path | str) -> Path:
     """Copy a run's final weights (config.json, model.safetensors, train.json) into the package."""
     src, dst = Path(run_dir) / "final", Path(dest)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "train.json"):
+    for name in ("config.json", "model.safetensors"):
         shutil.copy2(src / name, dst / name)
+    # the record travels with the package: the user's home directory is written as ~, not as this machine's path
+    (dst / "train.json").write_text((src / "train.json").read_text().replace(str(Path.home()), "~"))
     return dst

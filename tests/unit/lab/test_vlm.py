@@ -397,3 +397,24 @@ def test_vlm_eval_json_prior_and_image_swap_control(small_vlm, tmp_path):
     # the control really shows another scene's image: the same as evaluating with the images rotated by one
     swapped = evaluate(model, _processor, n_scenes=3, fractions=(1.0,), swap_images=True, progress=False)[1.0]
     assert data["swap_images"]["right"] == sum(swapped.right.values())
+
+
+def test_ship_writes_the_home_directory_as_tilde(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from tokensieve.train.vlm import ship
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors").write_bytes(b"weights")
+    out = str(Path.home() / ".cache" / "runs" / "vlm")
+    record = {"config": {"out": out}, "chunks": [{"command": f"train --out {out}"}]}
+    (final / "train.json").write_text(json.dumps(record))
+    dst = ship(tmp_path / "run", tmp_path / "package")
+    record = json.loads((dst / "train.json").read_text())
+    assert record == {"config": {"out": "~/.cache/runs/vlm"}, "chunks": [{"command": "train --out ~/.cache/runs/vlm"}]}
+    assert (dst / "model.safetensors").read_bytes() == b"weights"
