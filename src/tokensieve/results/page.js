@@ -97,10 +97,17 @@
     return Math.min(1, 2 * Math.exp(top + Math.log(sum)));
   }
   function react(div, traces, layout) {
-    layout.margin = layout.margin || {l: 52, r: 12, t: 34, b: 44};
+    var m = layout.margin || {l: 52, r: 12, t: 34, b: 44};
+    layout.margin = {l: m.l, r: m.r, t: m.t, b: m.b};
     layout.hovermode = "closest";
     layout.font = {size: 11};
-    if (layout.title) { layout.title.x = 0.01; layout.title.xanchor = "left"; }
+    if (layout.title) {
+      // the title sits just above the axes, below the band of the mode bar (top right), so a long title in a
+      // narrow panel is never covered by the bar's buttons
+      layout.title.x = 0.01; layout.title.xanchor = "left";
+      layout.title.yref = "paper"; layout.title.y = 1; layout.title.yanchor = "bottom"; layout.title.pad = {b: 6};
+      layout.margin.t += 22;
+    }
     return Plotly.react(div, traces, layout, CONFIG);
   }
 
@@ -140,7 +147,7 @@
       cb.addEventListener("change", function () { if (cb.checked) delete state.off[i]; else state.off[i] = true; update(); });
       var swatch = el("span", {cls: "swatch"});
       swatch.style.background = color(i);
-      var item = el("label", {cls: "method", "data-index": String(i), title: m.family}, cb, swatch, m.name,
+      var item = el("label", {cls: "method", "data-index": String(i), title: m.name + " (" + m.family + ")"}, cb, swatch, m.name,
         el("small", {text: " " + m.family}));
       item.addEventListener("mouseenter", function () { highlight(i); });
       item.addEventListener("mouseleave", function () { highlight(null); });
