@@ -27,14 +27,14 @@ first() {
   "$TS" train daam --out "$OUT" "${M[@]}" --task a --networks cnnlstm --attention daam,mha,none --seeds 0-4 \
     --epochs 30 --segments 4
   "$TS" train daam --out "$OUT" "${M[@]}" --task b --networks cnnlstm --attention daam,mha,none --seeds 0-4 --epochs 30
-  "$TS" train daam --out "$OUT" "${M[@]}" --task b --networks transformer --attention daam,mha,none --time-axis \
-    --feedforward 512 --seeds 0-4 --epochs 10
   "$TS" train daam --out "$OUT" "${M[@]}" --task b --networks transformer --attention daam --time-axis --time-heads 1 \
     --feedforward 512 --seeds 0-4 --epochs 10
 }
-second() {
+second() {  # about as long as first(): the two halves end together with JOBS=2
   "$TS" train daam --out "$OUT" "${M[@]}" --task a --networks transformer --attention daam,mha,none --time-axis \
     --feedforward 512 --seeds 0-4 --epochs 10 --segments 4
+  "$TS" train daam --out "$OUT" "${M[@]}" --task b --networks transformer --attention daam,mha,none --time-axis \
+    --feedforward 512 --seeds 0-4 --epochs 10
 }
 if [ "$JOBS" -gt 1 ]; then first & second; wait; else first; second; fi
 "$TS" train daam-frames --out "$OUT" --task b --keep 0.5,0.25 --json "$OUT/frames_b.json"
