@@ -11,6 +11,8 @@
 # tables' density column is what they measured.
 # Resumable (rerun after an interruption; WORKERS 1-thread processes share the store). Run after the profiles are
 # installed (tokensieve train kvzap --ship, tokensieve train spkv --ship).
+# METHODS, BUDGETS, SEEDS (needles), PROSE_SEEDS and WORKERS override the defaults below; THRESHOLD=0 leaves out
+# KVzap's threshold form (e.g. to rerun one retrained method beside the heuristics it is paired with).
 # Usage: scripts/eval_learned_density.sh [STORE]
 # Tables:
 #   .venv/bin/python scripts/wilson_table.py STORE --budgets 0.25,0.1 --modes agnostic,aware \
@@ -27,9 +29,11 @@ METHODS=${METHODS:-"kvzip,kvzap,kvzap[allocation=global],spkv,retention,snapkv,s
 BUDGETS=${BUDGETS:-0.25,0.1}
 SEEDS=${SEEDS:-"0 1 2 3 4 5"}
 PROSE_SEEDS=${PROSE_SEEDS:-0-35}
+THRESHOLD=${THRESHOLD:-1}
 mkdir -p "$(dirname "$STORE")"
 
 # the threshold form's specs, from the installed surrogate's calibration table
+if [ "$THRESHOLD" != 0 ]; then
 THRESHOLD_SPECS=$("$PY" - "$BUDGETS" <<'PYEOF'
 import sys
 
@@ -52,17 +56,21 @@ print(",".join(specs))
 PYEOF
 )
 echo "threshold form: $THRESHOLD_SPECS"
+SPECS="$METHODS,$THRESHOLD_SPECS"
+else
+SPECS="$METHODS"
+fi
 
 for seed in $SEEDS; do
   for w in $(seq "$WORKERS"); do
-    OMP_NUM_THREADS=1 "$TS" eval --store "$STORE" --threads 1 --quiet --methods "$METHODS,$THRESHOLD_SPECS" \
+    OMP_NUM_THREADS=1 "$TS" eval --store "$STORE" --threads 1 --quiet --methods "$SPECS" \
       --budgets "$BUDGETS" --tasks niah_single,niah_multikey --lengths 1k --depths 0.25,0.5,0.75 --seeds "$seed" \
       --modes agnostic,aware &
   done
   wait
 done
 for w in $(seq "$WORKERS"); do
-  OMP_NUM_THREADS=1 "$TS" eval --store "$STORE" --threads 1 --quiet --methods "$METHODS,$THRESHOLD_SPECS" \
+  OMP_NUM_THREADS=1 "$TS" eval --store "$STORE" --threads 1 --quiet --methods "$SPECS" \
     --budgets "$BUDGETS" --tasks prose --lengths 1k --seeds "$PROSE_SEEDS" --modes agnostic &
 done
 wait
