@@ -15,18 +15,9 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tests.unit.lab.serve_helpers import one_thread  # noqa: E402, F401 (an autouse fixture)
 from tokensieve.serve.app import create_app  # noqa: E402
 from tokensieve.serve.engine import Engine  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread (the engine's scheduler thread and the test share the machine's cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 DOC = (
     "Mira keeps bees on the roof of the old library. The hives are painted blue, and the passkey to the roof door "

@@ -1,10 +1,24 @@
-"""What the server tests share: a collector of one job's events from the scheduler thread."""
+"""What the server tests share: one torch thread per module, and a collector of one job's events from the scheduler
+thread. A module takes the fixture by importing it (``from tests.unit.lab.serve_helpers import one_thread``)."""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
+import torch
+
 from tokensieve.serve.engine import Delta, Done, Failed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny models gain nothing from two, the scheduler thread and the test share the machine's
+    cores, and on a loaded machine every op of a two-thread pool waits for the second thread to be scheduled."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Collector:

@@ -12,7 +12,7 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
-from tests.unit.lab.serve_helpers import Collector
+from tests.unit.lab.serve_helpers import Collector, one_thread  # noqa: F401 (an autouse fixture)
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Engine, Job, RequestError, Sampling, parse_bytes
 from tokensieve.spec import Spec
@@ -23,16 +23,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tokensieve.serve.app import create_app  # noqa: E402
 
 TOK = CharTokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tiny model gains nothing from two, and on a loaded machine every op of a two-thread
-    pool waits for the second thread to be scheduled (100x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

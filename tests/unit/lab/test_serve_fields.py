@@ -19,18 +19,11 @@ from tokensieve.serve.logits import Row, Sampling, choose, process
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tests.unit.lab.serve_helpers import one_thread  # noqa: E402, F401 (an autouse fixture)
 from tokensieve.serve.app import create_app  # noqa: E402
 
 TOK = CharTokenizer()
 V = 97
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

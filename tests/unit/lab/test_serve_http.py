@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from tests.conftest import make_tiny_model
 from tokensieve.data.testing import CharTokenizer
@@ -19,20 +18,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
+from tests.unit.lab.serve_helpers import one_thread  # noqa: E402, F401 (an autouse fixture)
 from tokensieve.serve.app import create_app  # noqa: E402
 from tokensieve.serve.bench import running_server  # noqa: E402
 
 TOK = CharTokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tiny model gains nothing from two, and on a loaded machine every op of a two-thread
-    pool waits for the second thread to be scheduled (100x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

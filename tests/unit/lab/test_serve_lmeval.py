@@ -11,18 +11,11 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
+from tests.unit.lab.serve_helpers import one_thread  # noqa: F401 (an autouse fixture)
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.lmeval import SieveScorer
 
 TOK = CharTokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
-from tests.unit.lab.serve_helpers import Collector
+from tests.unit.lab.serve_helpers import Collector, one_thread  # noqa: F401 (an autouse fixture)
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Done, Engine, Failed, Job, Sampling, StoredContext
 from tokensieve.serve.staging import PrefixCache
@@ -22,14 +22,6 @@ pytest.importorskip("fastapi")
 from tokensieve.serve.app import prometheus
 
 TOK = CharTokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 import tokensieve as ts
 from tests.conftest import make_tiny_model
-from tests.unit.lab.serve_helpers import Collector
+from tests.unit.lab.serve_helpers import Collector, one_thread  # noqa: F401 (an autouse fixture)
 from tokensieve.data.testing import CharTokenizer
 from tokensieve.serve.engine import Done, Engine, Failed, Job, RequestError, Sampling, sample_token
 from tokensieve.serve.limits import Limits, available_memory, default_kv_memory
@@ -27,14 +27,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tokensieve.serve.app import create_app, is_loopback, loopback_hosts  # noqa: E402
 
 TOK = CharTokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
