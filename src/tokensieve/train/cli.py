@@ -114,10 +114,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     if args.ship:
         from ..adapters.vlm import VLM_NAME, weights_dir
 
-        dst = ship(cfg.out, weights_dir(VLM_NAME))
-        record = json.loads((dst / "train.json").read_text())
-        record["command"] = command.replace(str(Path.home()), "~")
-        (dst / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+        dst = ship(cfg.out, weights_dir(VLM_NAME), command=command)
         print(f"shipped to {dst}")
     return 0
 

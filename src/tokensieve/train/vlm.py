@@ -629,12 +629,16 @@ def _cpu_seconds(chunk: dict[str, Any]) -> float:
     return float(cpu if cpu is not None else chunk.get("wall_seconds") or 0)
 
 
-def ship(run_dir: Path | str, dest: Path | str) -> Path:
-    """Copy a run's final weights (config.json, model.safetensors, train.json) into the package."""
+def ship(run_dir: Path | str, dest: Path | str, command: str | None = None) -> Path:
+    """Copy a run's final weights (config.json, model.safetensors, train.json) into the package; ``command``, when
+    given, is recorded as the command that made them."""
     src, dst = Path(run_dir) / "final", Path(dest)
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(src / name, dst / name)
+    record = json.loads((src / "train.json").read_text())
+    if command is not None:
+        record["command"] = command
     # the record travels with the package: the user's home directory is written as ~, not as this machine's path
-    (dst / "train.json").write_text((src / "train.json").read_text().replace(str(Path.home()), "~"))
+    (dst / "train.json").write_text(json.dumps(record, indent=2).replace(str(Path.home()), "~") + "\n")
     return dst
