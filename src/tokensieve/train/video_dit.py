@@ -215,21 +215,43 @@ def cmd_video_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+_HELP = {
+    "out": "the run directory (checkpoint.pt, train.log, final/)",
+    "steps": "optimizer steps of the whole run",
+    "batch": "clips per step",
+    "lr": "AdamW learning rate after the warm-up",
+    "warmup": "steps of linear warm-up",
+    "seed": "seed of the batches, the noise and the initialisation",
+    "minutes": "wall-clock budget of this invocation; rerun the same command to resume (0: no budget)",
+    "save_every": "write checkpoint.pt every this many steps",
+    "eval_every": "log the quality gate every this many steps (0: never)",
+    "eval_clips": "generated clips per quality-gate measurement",
+    "eval_steps": "sampler steps per generated clip in the quality gate",
+    "threads": "torch threads",
+    "layers": "transformer blocks; a resumed run must keep it",
+    "heads": "attention heads of 64 dimensions; a resumed run must keep it",
+    "frames": "frames per clip; a resumed run must keep it",
+    "size": "clip height and width in pixels, a multiple of 4; a resumed run must keep it",
+}
+
+
 def add_commands(tsub: Any) -> None:
-    p = tsub.add_parser("video-dit", help="train the embedded video DiT on procedural clips (resumable; docs/DIT.md)")
+    p = tsub.add_parser("video-dit", help="train the embedded video DiT on procedural clips (resumable; docs/DIT.md)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     defaults = VideoTrainConfig()
     for f in fields(VideoTrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name))  # fmt: skip
+                       default=getattr(defaults, f.name), help=_HELP[f.name])  # fmt: skip
     p.add_argument("--ship", action="store_true", help="copy final/ into the package (tokensieve/weights/)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stdout (train.log is written)")
     p.set_defaults(func=cmd_train_video_dit)
-    g = tsub.add_parser("video-gate", help="the quality gate of the embedded video DiT on generated test clips")
+    g = tsub.add_parser("video-gate", help="the quality gate of the embedded video DiT on generated test clips",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     g.add_argument("--model", default=None, help="a folder written by train video-dit (default: the shipped model)")
-    g.add_argument("--clips", type=int, default=200)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=1.0)
-    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--clips", type=int, default=200, help="generated clips (held-out prompts and seeds)")
+    g.add_argument("--steps", type=int, default=20, help="sampler steps per clip")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads")
     g.set_defaults(func=cmd_video_gate)
 
 
