@@ -6,7 +6,7 @@
   default what its authors' code computes.
 * :mod:`tokensieve.nn.gqdaam` — GQ-DAAM: Form B in front of the official grouped-query attention layer.
 * :mod:`tokensieve.nn.speech` — the DAAM speech networks (CNN-LSTM and Transformer) with the Gaussian block, standard
-  multi-head attention or no block in front, and a frame scorer for token selection.
+  multi-head attention or no block in front, and a frame scorer (a learned frame density, sampled systematically) for token selection.
 
 See docs/DAAM.md.
 """
@@ -28,6 +28,8 @@ from .speech import (
     FrontBlock,
     count_parameters,
     he_uniform_,
+    inclusion_probabilities,
+    systematic_sample,
 )
 
 __all__ = [
@@ -45,5 +47,7 @@ __all__ = [
     "count_parameters",
     "he_uniform_",
     "head_sizes",
+    "inclusion_probabilities",
     "moments",
+    "systematic_sample",
 ]

@@ -33,8 +33,9 @@ all frames, so the importance can concentrate where the speech is.
 weights, c from exp(N(0, 1)), no dropout, PyTorch's default initialisation, mean pooling), to reproduce the earlier
 results.
 
-Token selection (:class:`DAAMAudioTransformer`): ``scorer=True`` adds a :class:`FrameScorer`, a small convolution that
-scores each frame for keeping; ``encode(h, key_weights=m)`` runs the encoder with a soft keep mask over the keys
+Token selection (:class:`DAAMAudioTransformer`): ``scorer=True`` adds a :class:`FrameScorer`, a small convolution whose
+scores define a density over the frames, from which k frames are drawn by systematic sampling; ``encode(h,
+key_weights=m)`` runs the encoder with a soft keep mask over the keys
 (a hard 0/1 mask gives exactly the encoder on the kept frames), which is how the scorer is trained to select frames
 for dropping (docs/DAAM.md, "A frame selector trained for dropping").
 """
@@ -62,6 +63,8 @@ __all__ = [
     "FrontBlock",
     "count_parameters",
     "he_uniform_",
+    "inclusion_probabilities",
+    "systematic_sample",
 ]
 
 
@@ -188,20 +191,75 @@ class DAAMAudioCNNLSTM(nn.Module):
         return (logits, ws) if return_weights else logits
 
 
+def inclusion_probabilities(density: Tensor, k: int) -> Tensor:
+    """Per-frame inclusion probabilities p (B, T) of a sample of k frames drawn in proportion to ``density`` (B, T,
+    ≥ 0, each row with a positive sum): p_t = min(c · d_t, 1) with c chosen so that Σ_t p_t = k (a frame whose share
+    of the budget would exceed one frame is kept for sure and the rest of the budget is shared by the others in
+    proportion). Differentiable in ``density`` where no frame sits exactly at the cap."""
+    b, t = density.shape
+    if not 1 <= k <= t:
+        raise ConfigError(f"k must be in 1..{t} (the frames), got {k}")
+    d = density / density.sum(dim=1, keepdim=True)
+    capped = torch.zeros_like(d, dtype=torch.bool)
+    p = k * d
+    for _ in range(t):  # each round caps at least one more frame, or stops
+        over = capped | (p >= 1)
+        if bool((over == capped).all()):
+            break
+        capped = over
+        rest = (d * ~capped).sum(dim=1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
+        p = torch.where(capped, torch.ones_like(p), (k - capped.sum(dim=1, keepdim=True)) * d / rest)
+    return p.clamp(max=1.0)
+
+
+def systematic_sample(p: Tensor, k: int, offset: Tensor) -> Tensor:
+    """Sorted indices (B, k) of k distinct frames by systematic sampling from inclusion probabilities p (B, T,
+    each ≤ 1, rows summing to k): frame t is taken when one of the points offset + i (i = 0 … k − 1) falls in
+    (P_{t−1}, P_t], P the running sum of p. ``offset`` (B,) in [0, 1): 0.5 for a deterministic choice, uniform for a
+    random one. With equal p the frames are evenly spaced; a frame with p = 1 is always taken."""
+    b, t = p.shape
+    cum = p.cumsum(dim=1).contiguous()
+    points = (offset.reshape(b, 1).to(p.dtype) + torch.arange(k, dtype=p.dtype)).contiguous()
+    idx = torch.searchsorted(cum, points, right=True).clamp(max=t - 1)
+    steps = torch.arange(k)
+    # rounding at the interval ends may repeat a frame or step past the last one: keep the indices strictly increasing
+    return (idx - steps).cummax(dim=1).values.clamp(max=t - k) + steps
+
+
 class FrameScorer(nn.Module):
     """A keep score per frame from the front block's output: Conv1d(mels → hidden, k) → ReLU → Conv1d(hidden → 1,
-    k), both padded to keep the length. (B, mels, frames) → scores (B, frames); higher = keep. 6.6 k parameters for
-    40 mels, hidden 32, k 5 — far cheaper than the encoder it saves work for."""
+    k), both padded to keep the length. (B, mels, frames) → scores (B, frames). 6.6 k parameters for 40 mels,
+    hidden 32, k 5 — far cheaper than the encoder it saves work for.
 
-    def __init__(self, mels: int, hidden: int = 32, kernel: int = 5) -> None:
+    The scores define a **frame density** (:meth:`density`): (1 − floor) · softmax(scores) + floor / T, so at least
+    ``floor`` of any budget is spread evenly over the clip, and the rest follows the scores. :meth:`select` draws k
+    frames from it by systematic sampling (:func:`inclusion_probabilities`, :func:`systematic_sample`): where the
+    density is high the kept frames are dense, elsewhere sparse, and a flat density gives evenly spaced frames."""
+
+    def __init__(self, mels: int, hidden: int = 32, kernel: int = 5, floor: float = 0.3) -> None:
         super().__init__()
         if kernel < 1 or kernel % 2 == 0:
             raise ConfigError(f"the scorer's kernel must be odd and ≥ 1, got {kernel}")
+        if not 0 <= floor <= 1:
+            raise ConfigError(f"the density floor must be in [0, 1], got {floor}")
+        self.floor = floor
         self.conv1 = nn.Conv1d(mels, hidden, kernel, padding=kernel // 2)
         self.conv2 = nn.Conv1d(hidden, 1, kernel, padding=kernel // 2)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.conv2(torch.relu(self.conv1(h)))[:, 0]
+
+    def density(self, h: Tensor) -> Tensor:
+        """The frame density (B, T), rows summing to 1, from the front block's output h (B, mels, T)."""
+        s = self(h)
+        return (1 - self.floor) * torch.softmax(s, dim=1) + self.floor / s.shape[1]
+
+    def select(self, h: Tensor, k: int, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(indices (B, k) sorted, inclusion probabilities (B, T)) of k frames drawn from :meth:`density`;
+        ``offset`` (B,) as in :func:`systematic_sample`, default 0.5 (deterministic)."""
+        p = inclusion_probabilities(self.density(h), k)
+        off = torch.full((h.shape[0],), 0.5) if offset is None else offset
+        return systematic_sample(p, k, off), p
 
 
 def _masked_layer(layer: nn.TransformerEncoderLayer, x: Tensor, m: Tensor, kept: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ MAPS_TOOL = "daam-maps"
 def front_label(config: Mapping[str, Any]) -> str:
     """A run's front block as docs/DAAM.md names it: ``daam``, ``daam+time``, ``daam+time (1 time head)``, ``mha``;
     then a transformer pooling other than its modules' default (``, mean pooling``), a frame selector trained with
-    the run (`` + learned selector``), and ``[v1]`` for a run of the earlier networks (a config without
+    the run (`` + density selector``), and ``[v1]`` for a run of the earlier networks (a config without
     ``modules``), so that the old and the corrected runs never share a row."""
     th = int(config.get("time_heads", 0) or 0)
     heads = f" ({th} time head{'s' if th > 1 else ''})" if th else ""

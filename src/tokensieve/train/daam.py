@@ -16,10 +16,10 @@ CNN-LSTM dropout or code initialisation, mean pooling). Runs recorded with the e
 their config and are read as ``"v1"``; official runs are named with ``-official``, so the two never
 share a name, a checkpoint or a table row.
 
-``selector="learned"`` trains a transformer for frame dropping (docs/DAAM.md, "A frame selector trained for
-dropping"): each batch keeps all frames, half or a quarter of them; the subset is the top of a learned per-frame keep
-score (with Gumbel noise) or a random one, and the encoder sees only that subset through a 0/1 key mask whose
-straight-through gradient trains the score.
+``selector="density"`` trains a transformer for frame dropping (docs/DAAM.md, "A frame selector trained for
+dropping"): each batch keeps all frames, half or a quarter of them; the subset is evenly spaced at a random phase or
+drawn by systematic sampling from the learned frame density (:class:`~tokensieve.nn.FrameScorer`), and the encoder
+sees only that subset through a 0/1 key mask whose straight-through gradient trains the density.
 """
 
 from __future__ import annotations
@@ -39,15 +39,22 @@ from torch import nn
 
 from ..data.speech import Corpus, CorpusConfig, load_or_build, standardise
 from ..errors import ConfigError
-from ..nn import ATTENTION_KINDS, DAAMAudioCNNLSTM, DAAMAudioTransformer, count_parameters
+from ..nn import (
+    ATTENTION_KINDS,
+    DAAMAudioCNNLSTM,
+    DAAMAudioTransformer,
+    count_parameters,
+    inclusion_probabilities,
+    systematic_sample,
+)
 from ..results.daam import front_label
 
 NETWORKS = ("cnnlstm", "transformer")
 MODULES = ("official", "v1")
-SELECTORS = ("learned",)
+SELECTORS = ("density",)
 #: a selector run's batches keep these fractions of the frames (drawn uniformly per batch) …
 SELECT_TRAIN_FRACTIONS = (0.25, 0.5, 1.0)
-#: … chosen by the learned score (Gumbel top-k) with this probability, else at random
+#: … drawn from the learned density with this probability, else evenly spaced (both at a random phase)
 SELECT_P_LEARNED = 0.5
 #: a selector run keeps the epoch with the best mean of validation F1 with every frame and at this fraction
 SELECT_VAL_FRACTION = 0.25
@@ -73,7 +80,7 @@ class DaamRun:
     time_heads: int = 0  #: heads of the time-axis Gaussian layer (0: as many as the mel layer's, 4)
     modules: str = "official"  #: "official" (the authors' code) or "v1" (the earlier networks)
     pool: str = ""  #: transformer pooling "last" / "mean"; "": the modules' default (official: last, v1: mean)
-    selector: str = ""  #: "learned": train a frame keep score and the encoder for dropping frames
+    selector: str = ""  #: "density": train a learned frame density and the encoder for dropping frames
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DaamRun:
@@ -236,33 +243,29 @@ def score(model: nn.Module, part: Corpus, n_classes: int, **kw: Any) -> dict[str
 
 
 def selector_step(model: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The training forward of a selector run (``selector="learned"``) on a batch x (B, mels, frames) → logits.
+    """The training forward of a selector run (``selector="density"``) on a batch x (B, mels, frames) → logits.
 
     A fraction f of the frames is drawn from :data:`SELECT_TRAIN_FRACTIONS`; below 1, k = round(f·frames) frames are
-    kept — with probability :data:`SELECT_P_LEARNED` the top k of the keep score s plus Gumbel noise, else k at
-    random — and the encoder sees only them, through a 0/1 key mask m = hard + σ(r − τ) − σ(r − τ).detach() whose
-    forward value is the hard mask and whose gradient reaches s (r: the ranked scores, τ: midway between the k-th and
-    the (k+1)-th). The encoder thus learns to classify from subsets, and the score learns which frames the loss
-    wants kept."""
+    kept by systematic sampling at a random phase per clip — with probability :data:`SELECT_P_LEARNED` from the
+    scorer's learned density (inclusion probabilities p), else from a flat one (evenly spaced frames) — and the
+    encoder sees only them. For the learned draw the encoder's key mask is m = hard + p − p.detach(): its forward
+    value is the hard 0/1 mask, and the loss's gradient with respect to each frame's weight reaches that frame's
+    inclusion probability, so the density rises where the loss wants frames kept. The evenly spaced draws train the
+    encoder on the reduced frame rate itself."""
     h = model.front(x)  # type: ignore[operator]
     b, _, t = h.shape
     f = SELECT_TRAIN_FRACTIONS[int(torch.randint(len(SELECT_TRAIN_FRACTIONS), (1,), generator=gen))]
     k = max(1, round(f * t))
     if k >= t:
         return model.encode(h)  # type: ignore[operator]
-    s = model.scorer(h)  # type: ignore[operator]  # (B, T)
-    if float(torch.rand((), generator=gen)) < SELECT_P_LEARNED:
-        u = torch.rand(b, t, generator=gen).clamp(1e-9, 1 - 1e-9)
-        ranked = s - torch.log(-torch.log(u))  # Gumbel-perturbed scores
-        idx = ranked.detach().topk(k, dim=1).indices
-    else:
-        ranked = s
-        idx = torch.rand(b, t, generator=gen).argsort(dim=1)[:, :k]
-    hard = torch.zeros(b, t, dtype=s.dtype).scatter_(1, idx, 1.0)
-    top = ranked.detach().topk(k + 1, dim=1).values
-    tau = 0.5 * (top[:, k - 1 : k] + top[:, k : k + 1])
-    soft = torch.sigmoid(ranked - tau)
-    return model.encode(h, key_weights=hard + soft - soft.detach())  # type: ignore[operator]
+    learned = float(torch.rand((), generator=gen)) < SELECT_P_LEARNED
+    offset = torch.rand(b, generator=gen)
+    if not learned:
+        flat = inclusion_probabilities(torch.ones(b, t), k)
+        return model.encode(h, systematic_sample(flat, k, offset))  # type: ignore[operator]
+    idx, p = model.scorer.select(h, k, offset)  # type: ignore[union-attr,operator]
+    hard = torch.zeros(b, t, dtype=p.dtype).scatter_(1, idx, 1.0)
+    return model.encode(h, key_weights=hard + p - p.detach())  # type: ignore[operator]
 
 
 def validation(model: nn.Module, run: DaamRun, part: Corpus, n_classes: int) -> dict[str, float]:
@@ -508,7 +511,8 @@ def choose_frames(
     gen: torch.Generator | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Sorted indices (B, k) of the frames to keep, from the input x (B, mels, T), the front block's output h and
-    weights ws: ``"learned"`` — the top k of the model's keep score (a selector run); ``"importance"`` — the top k of
+    weights ws: ``"learned"`` — k frames drawn by systematic sampling (phase ½) from the model's learned frame
+    density (a selector run; :meth:`~tokensieve.nn.FrameScorer.select`); ``"importance"`` — the top k of
     the time-axis Gaussian weights summed over bands; ``"energy"`` — the k loudest frames (mean standardised log-mel);
     ``"random"`` — k at random (``gen``); ``"uniform"`` — k evenly spaced."""
     b, _, t = x.shape
@@ -516,7 +520,7 @@ def choose_frames(
         scorer = getattr(model, "scorer", None)
         if scorer is None:
             raise ConfigError("learned frame selection needs a model trained with a selector (daam-select)")
-        idx = scorer(h).topk(k, dim=1).indices
+        idx = scorer.select(h, k)[0]
     elif how == "importance":
         idx = _time_importance(ws).topk(k, dim=1).indices
     elif how == "energy":

@@ -8,7 +8,7 @@ Per seed, two runs of the same transformer (front block ``daam+time``, so that t
   already holds it;
 * **selector** — the same network plus a :class:`~tokensieve.nn.FrameScorer`, trained for dropping
   (:func:`tokensieve.train.daam.selector_step`): the encoder learns to classify from subsets of frames, the scorer
-  which frames to keep.
+  a density over the frames from which the kept ones are drawn.
 
 Every selection runs as a deployment would (:class:`Pipeline`): front block → choose k frames → encoder on the k
 frames; its forward time on a 200-clip batch includes the front block and the choosing (the scorer for the learned
@@ -48,7 +48,7 @@ def selector_pairs(
     for s in seeds:
         plain = DaamRun(task=task, network="transformer", attention="daam", time_axis=True, seed=s, epochs=epochs,
                         feedforward=feedforward, time_heads=time_heads, modules=modules)  # fmt: skip
-        pairs.append((plain, replace(plain, selector="learned")))
+        pairs.append((plain, replace(plain, selector="density")))
     return pairs
 
 

@@ -228,49 +228,119 @@ def test_official_runs_are_named_apart_and_old_configs_read_as_v1() -> None:
     assert not official.front.gaussian.layers[0].stable  # type: ignore[union-attr,index]
     assert daam.front_label(config) == "daam+time [v1]"
     assert daam.front_label(daam.asdict(run)) == "daam+time"
-    sel = DaamRun(network="transformer", attention="daam", time_axis=True, selector="learned", pool="mean")
-    assert sel.name().endswith("-pmean-official-select-learned")
-    assert daam.front_label(daam.asdict(sel)) == "daam+time, mean pooling + learned selector"
+    sel = DaamRun(network="transformer", attention="daam", time_axis=True, selector="density", pool="mean")
+    assert sel.name().endswith("-pmean-official-select-density")
+    assert daam.front_label(daam.asdict(sel)) == "daam+time, mean pooling + density selector"
     with pytest.raises(ConfigError):
-        DaamRun(network="cnnlstm", selector="learned").check()
+        DaamRun(network="cnnlstm", selector="density").check()
+    with pytest.raises(ConfigError):
+        DaamRun(network="transformer", selector="topk").check()
     with pytest.raises(ConfigError):
         DaamRun(network="cnnlstm", pool="mean").check()
     with pytest.raises(ConfigError):
         DaamRun(modules="v2").check()
 
 
-def test_selector_step_trains_the_keep_score(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selector_step_trains_the_density(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, selector="learned", feedforward=32)
+    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, selector="density", feedforward=32)
     model = daam.build_model(run, 8, 12, 3)
     x = torch.randn(4, 8, 12)
-    for p_learned in (0.0, 1.0):  # random subsets and the score's Gumbel top-k: the score gets gradients either way
-        monkeypatch.setattr(daam, "SELECT_TRAIN_FRACTIONS", (0.25,))
-        monkeypatch.setattr(daam, "SELECT_P_LEARNED", p_learned)
-        model.zero_grad()
-        logits = daam.selector_step(model, x, torch.Generator().manual_seed(1))
-        assert logits.shape == (4, 3)
-        logits.sum().backward()
-        grads = [p.grad for p in model.scorer.parameters()]  # type: ignore[union-attr]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
-    # the forward value is the encoder on the kept frames: with a dropout-free model, equal to keep=
+    monkeypatch.setattr(daam, "SELECT_TRAIN_FRACTIONS", (0.25,))
+    monkeypatch.setattr(daam, "SELECT_P_LEARNED", 1.0)  # the learned draw: the density gets gradients
+    model.zero_grad()
+    logits = daam.selector_step(model, x, torch.Generator().manual_seed(1))
+    assert logits.shape == (4, 3)
+    logits.sum().backward()
+    grads = [p.grad for p in model.scorer.parameters()]  # type: ignore[union-attr]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    # the forward value is the encoder on the kept frames (dropout-free): the frames at the points offset + i of the
+    # running sum of the inclusion probabilities, computed here with a plain loop
     model.eval()
-    monkeypatch.setattr(daam, "SELECT_P_LEARNED", 1.0)
     gen = torch.Generator().manual_seed(3)
     logits = daam.selector_step(model, x, gen)
     gen = torch.Generator().manual_seed(3)
-    torch.randint(1, (1,), generator=gen)  # the draws selector_step makes before the Gumbel noise
+    torch.randint(1, (1,), generator=gen)  # the draws selector_step makes before the phase
     torch.rand((), generator=gen)
+    offset = torch.rand(4, generator=gen)
     h = model.front(x)
-    noisy = model.scorer(h) - torch.log(-torch.log(torch.rand(4, 12, generator=gen).clamp(1e-9, 1 - 1e-9)))
-    keep = noisy.topk(3, dim=1).indices.sort(dim=1).values
-    torch.testing.assert_close(logits, model.encode(h, keep), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        s = model.scorer(h).double()  # type: ignore[misc]
+    d = 0.7 * torch.softmax(s, 1) + 0.3 / 12
+    keep = []
+    for row in range(4):
+        p = _reference_inclusion(d[row].tolist(), 3)
+        keep.append(_reference_systematic(p, float(offset[row])))
+    torch.testing.assert_close(logits, model.encode(h, torch.tensor(keep)), rtol=1e-4, atol=1e-5)
+    # the other half of the draws: evenly spaced frames at a random phase
+    monkeypatch.setattr(daam, "SELECT_P_LEARNED", 0.0)
+    gen = torch.Generator().manual_seed(5)
+    logits = daam.selector_step(model, x, gen)
+    gen = torch.Generator().manual_seed(5)
+    torch.randint(1, (1,), generator=gen)
+    torch.rand((), generator=gen)
+    offset = torch.rand(4, generator=gen)
+    even = torch.tensor([[int(4 * (i + float(o))) for i in range(3)] for o in offset])
+    torch.testing.assert_close(logits, model.encode(h, even), rtol=1e-4, atol=1e-5)
+
+
+def _reference_inclusion(density: list[float], k: int) -> list[float]:
+    """p_t = min(c·d_t, 1) with Σ p = k, c found by bisection (independent of the library's capping rounds)."""
+    total = sum(density)
+    d = [v / total for v in density]
+    lo, hi = 0.0, 1.0
+    while sum(min(hi * v, 1.0) for v in d) < k:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sum(min(mid * v, 1.0) for v in d) < k else (lo, mid)
+    return [min(hi * v, 1.0) for v in d]
+
+
+def _reference_systematic(p: list[float], offset: float) -> list[int]:
+    """Systematic sampling as a survey statistician writes it: walk the frames with a running sum, take frame t
+    when the next point offset + j is at most the running sum."""
+    out, run, j = [], 0.0, 0
+    for t, v in enumerate(p):
+        run += v
+        while j < round(sum(p)) and offset + j < run - 1e-12:
+            out.append(t)
+            j += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_inclusion_probabilities_and_systematic_sample_match_the_reference(seed: int) -> None:
+    from tokensieve.nn import inclusion_probabilities, systematic_sample
+
+    g = torch.Generator().manual_seed(seed)
+    t, k = 40, [1, 5, 10, 20, 33, 40][seed]
+    density = torch.softmax(3 * torch.randn(3, t, generator=g, dtype=torch.float64), 1)
+    p = inclusion_probabilities(density, k)
+    offset = torch.rand(3, generator=g, dtype=torch.float64)
+    idx = systematic_sample(p, k, offset)
+    for row in range(3):
+        ref = _reference_inclusion(density[row].tolist(), k)
+        torch.testing.assert_close(p[row], torch.tensor(ref, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+        assert idx[row].tolist() == _reference_systematic(ref, float(offset[row]))
+    assert (idx.diff(dim=1) > 0).all() and idx.shape == (3, k)
+    # a flat density at phase ½ keeps evenly spaced frames; a frame with p = 1 is always kept
+    flat = inclusion_probabilities(torch.ones(1, 12), 3)
+    assert systematic_sample(flat, 3, torch.tensor([0.5])).tolist() == [[2, 6, 10]]
+    spike = torch.full((1, 12), 0.01)
+    spike[0, 7] = 10.0
+    sure = inclusion_probabilities(spike, 3)
+    assert float(sure[0, 7]) == 1.0 and float(sure.sum()) == pytest.approx(3.0)
+    for o in (0.0, 0.3, 0.99):
+        assert 7 in systematic_sample(sure, 3, torch.tensor([o]))[0].tolist()
+    with pytest.raises(ConfigError):
+        inclusion_probabilities(torch.ones(1, 4), 5)
 
 
 def test_choose_frames_learned_and_energy() -> None:
     torch.manual_seed(1)
-    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, selector="learned", feedforward=32)
+    run = DaamRun(task="b", network="transformer", attention="daam", time_axis=True, selector="density", feedforward=32)
     model = daam.build_model(run, 8, 12, 3).eval()
     x = torch.randn(2, 8, 12)
     x[:, :, 5] += 4.0  # the loudest frame
@@ -278,8 +348,9 @@ def test_choose_frames_learned_and_energy() -> None:
     assert all(5 in row for row in energy.tolist())
     learned = select_frames(model, x, 0.25, "learned")
     with torch.no_grad():
-        top = model.scorer(model.front(x)).topk(3, dim=1).indices  # type: ignore[operator,misc]
-    assert [set(r) for r in learned.tolist()] == [set(r) for r in top.tolist()]
+        d = model.scorer.density(model.front(x)).double()  # type: ignore[union-attr,operator]
+    for row in range(2):
+        assert learned[row].tolist() == _reference_systematic(_reference_inclusion(d[row].tolist(), 3), 0.5)
     plain = daam.build_model(DaamRun(task="b", network="transformer", feedforward=32), 8, 12, 3)
     with pytest.raises(ConfigError, match="selector"):
         select_frames(plain, x, 0.25, "learned")
@@ -323,7 +394,7 @@ def test_daam_select_trains_pairs_and_reports(tmp_path, monkeypatch: pytest.Monk
     assert saved["meta"]["command"].startswith("tokensieve train daam-select")
     names = [json.loads(line)["run"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(names) == 4
-    assert sum(n.endswith("-select-learned") for n in names) == 2
+    assert sum(n.endswith("-select-density") for n in names) == 2
     assert main(argv) == 0  # resumed: nothing retrained
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     assert main([*argv[:-1], "--keep", "1.0"]) == 2  # a fraction of 1 selects nothing
