@@ -26,6 +26,7 @@ from .stats import mean
 from .store import ResultStore
 
 RUN_TOOL = "daam"
+TOPK = "top-k"  #: the label of the earlier frame selector (top k of a keep score), recorded as selector "learned"
 MAPS_TOOL = "daam-maps"
 
 
@@ -41,8 +42,8 @@ def front_label(config: Mapping[str, Any]) -> str:
     pool = str(config.get("pool", "") or "")
     if config.get("network") == "transformer" and pool and pool != ("last" if modules == "official" else "mean"):
         label += f", {pool} pooling"
-    if config.get("selector"):
-        label += f" + {config['selector']} selector"
+    if config.get("selector"):  # "learned": the earlier top-k keep score
+        label += f" + {TOPK if config['selector'] == 'learned' else config['selector']} selector"
     return label if modules == "official" else f"{label} [{modules}]"
 
 
