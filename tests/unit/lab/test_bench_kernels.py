@@ -137,3 +137,63 @@ def test_whole_prefill_against_amdahls_bound():
     by = {m["label"]: m for m in speed(rows, {"bandwidth": 1e10, "weights_bytes": 0})}
     assert by["ashape"]["of_amdahl"] == pytest.approx(0.8)
     assert by["snapkv:0.25"]["of_amdahl"] != by["snapkv:0.25"]["of_amdahl"]  # NaN: not a sparse prefill
+
+
+@pytest.mark.parametrize("group", ["per_head", "max"])
+def test_quest_rounding_ties_are_left_out_of_the_agreement_check(monkeypatch, group):
+    """Two backends may order a page bound's sum differently, so pages whose bounds tie can swap at the top-k
+    boundary: those query heads are left out of the check, any other difference in the choice is an error."""
+    from tokensieve.attention import fused
+    from tokensieve.bench import kernels
+
+    g = torch.Generator().manual_seed(0)
+    n, P = 256, 16
+    keys = torch.randn(1, HKV, n, 128, generator=g)
+    keys[:, :, 3 * P : 4 * P] = keys[:, :, 7 * P : 8 * P]  # pages 3 and 7: equal keys, so equal bounds
+    store = kernels.DenseKV(keys, torch.randn(1, HKV, n, 128, generator=g), torch.arange(n).expand(1, HKV, n))
+    q = torch.randn(1, kernels.HQ, 1, 128, generator=g)
+    method, layer = kernels._quest(store, group, P, 0.125, n, 1)
+    cur = method._step_plan(store, layer.run)[0]
+    meta = layer.state["meta"]
+    qg = q.view(1, HKV, -1, 128)
+    exact = torch.matmul(torch.cat([qg.relu(), qg], -1).double(), meta[..., :cur].double())
+    if group == "max":
+        exact = exact.amax(2, keepdim=True)
+    k = method._step_plan(store, layer.run)[1]
+    real = fused.page_bounds
+
+    def rounded(nudge):
+        """The bounds as a backend that rounds differently would give them: pages 3 and 7 race for the last chosen
+        place (k − 2 other pages clearly ahead), 7 ahead by ``nudge`` in "cpp" and behind in "torch"."""
+
+        def bounds(qg_, meta_, cur_):
+            out = real(qg_, meta_, cur_).clone()
+            top = out.max()
+            out[..., 8 : 8 + k - 2] = top + 10.0
+            out[..., 3] = top + 1.0
+            out[..., 7] = top + 1.0 + (nudge if fused.backend() == "cpp" else -nudge)
+            return out
+
+        return bounds
+
+    backend = {"name": "torch"}
+    monkeypatch.setattr(fused, "backend", lambda: backend["name"])
+
+    def with_backend(name, fn):
+        def call():
+            backend["name"] = name
+            return fn()
+
+        return call
+
+    monkeypatch.setattr(kernels, "_with_backend", with_backend)
+    monkeypatch.setattr(fused, "page_bounds", rounded(1e-7 * float(exact.abs().max())))
+    # the real bounds of pages 3 and 7 are equal, so the swap is a tie: every query head is marked
+    tied = kernels._quest_ties(method, layer, q, ("torch", "cpp"))
+    assert bool(tied.all())
+    keys2 = keys.clone()
+    keys2[:, :, 7 * P] += 5.0  # page 7 now differs: its bound is no longer equal to page 3's
+    store2 = kernels.DenseKV(keys2, store.values, store.positions)
+    method2, layer2 = kernels._quest(store2, group, P, 0.125, n, 1)
+    with pytest.raises(RuntimeError, match="beyond a rounding tie"):
+        kernels._quest_ties(method2, layer2, q, ("torch", "cpp"))
