@@ -156,8 +156,8 @@ def _quest(store: DenseKV, group: str, page: int, budget: float, length: int, ba
 
 def _quest_ties(method: Quest, layer: DecodeLayer, q: Tensor, backends: Sequence[str]) -> Tensor:
     """(B, H_q) bool: the query heads whose pages differ between the backends only because two page bounds tie
-    within float rounding (the C++ bounds and the matmul sum the same products in another order, so a page at the
-    top-k boundary may swap with its equal). Such heads attend over different, equally valid pages and are left out
+    within float rounding (the C++ bounds and the matmul sum the same products in another order and round them to the
+    metadata's dtype, so a page at the top-k boundary may swap with its equal; in bfloat16 "equal" is to about 3 %). Such heads attend over different, equally valid pages and are left out
     of the agreement check; any other difference in the choice is an error."""
     store, run = layer.store, layer.run
     plan = method._step_plan(store, run)  # type: ignore[arg-type]
@@ -179,14 +179,15 @@ def _quest_ties(method: Quest, layer: DecodeLayer, q: Tensor, backends: Sequence
         chosen.append(torch.zeros(exact.shape, dtype=torch.bool).scatter_(-1, top, True))
     if method.group != "per_head":
         exact = exact.amax(2, keepdim=True).expand_as(exact)
+    rel = max(1e-5, 4 * torch.finfo(meta.dtype).eps)  # the bounds are rounded to the metadata's dtype
     for other in chosen[1:]:
         diff = chosen[0] != other  # (B, H, G, cur)
         for bi, h, g in diff.any(-1).nonzero().tolist():
             vals = exact[bi, h, g][diff[bi, h, g]]
-            tol = 1e-5 * float(exact[bi, h, g].abs().max()) + 1e-6
+            tol = rel * float(exact[bi, h, g].abs().max()) + 1e-6
             if float(vals.max() - vals.min()) > tol:
                 raise RuntimeError(f"quest: the backends choose different pages beyond a rounding tie "
-                                   f"(row {bi}, KV head {h}, query {g})")  # fmt: skip
+                                   f"({meta.dtype}, row {bi}, KV head {h}, query {g})")  # fmt: skip
             G = Hq // H
             tied[bi, h * G + g if method.group == "per_head" else slice(h * G, (h + 1) * G)] = True
     return tied

@@ -52,6 +52,75 @@ inline float exp_f(float x) {
   return under ? 0.0f : y * scale;
 }
 
+#if defined(__AVX512F__)
+// exp_f on 16 lanes (the same range reduction and polynomial, with fused multiply-adds).
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365447504f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+}
+#endif
+
+// max of a[0:n]
+inline float max_n(const float* a, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(NEG_INF);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(a + j));
+  if (j < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, static_cast<__mmask16>((1u << (n - j)) - 1), a + j));
+  return _mm512_reduce_max_ps(m);
+#else
+  float mx = NEG_INF;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = a[j] > mx ? a[j] : mx;
+  return mx;
+#endif
+}
+
+// a[j] = exp(a[j] - mn) for j < n; returns their sum
+inline float exp_sum_n(float* a, int64_t n, float mn) {
+#if defined(__AVX512F__)
+  const __m512 M = _mm512_set1_ps(mn);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(a + j), M));
+    _mm512_storeu_ps(a + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, a + j), M));
+    _mm512_mask_storeu_ps(a + j, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e2 = exp_f(a[j] - mn);
+    a[j] = e2;
+    sum += e2;
+  }
+  return sum;
+#endif
+}
+
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) {
   uint32_t u = static_cast<uint32_t>(x.x) << 16;
@@ -77,15 +146,25 @@ inline const float* row_f32(const c10::BFloat16* src, float* buf, int64_t D) {
 inline void dot4(const float* q0, const float* q1, const float* q2, const float* q3, const float* k, int64_t D,
                  float* out) {
 #if defined(__AVX512F__)
-  if (D % 16 == 0) {  // four accumulators, then their four sums at once (a transpose of sums, not four reductions)
+  if (D % 32 == 0) {  // eight accumulators (two per query head: independent chains of multiply-adds), then the
+                      // four sums at once (a transpose of sums, not four reductions)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 kd = _mm512_loadu_ps(k + d);
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512 kd = _mm512_loadu_ps(k + d), ke = _mm512_loadu_ps(k + d + 16);
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kd, a0);
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + d), kd, a1);
       a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + d), kd, a2);
       a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + d), kd, a3);
+      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d + 16), ke, b0);
+      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + d + 16), ke, b1);
+      b2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + d + 16), ke, b2);
+      b3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + d + 16), ke, b3);
     }
+    a0 = _mm512_add_ps(a0, b0);
+    a1 = _mm512_add_ps(a1, b1);
+    a2 = _mm512_add_ps(a2, b2);
+    a3 = _mm512_add_ps(a3, b3);
     // 128-bit lanes: [a0 halves summed, a1 halves summed], then one lane per accumulator, then within lanes
     const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
                                     _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
@@ -141,6 +220,36 @@ inline void accumulate(float* acc, const float* w, const float* V, int64_t rows,
   for (; d0 + 64 <= D; d0 += 64) accumulate_block<64>(acc + d0, w, V + d0, rows, D);
   for (; d0 + 16 <= D; d0 += 16) accumulate_block<16>(acc + d0, w, V + d0, rows, D);
   for (; d0 < D; ++d0) accumulate_block<1>(acc + d0, w, V + d0, rows, D);
+}
+
+// accumulate() for four query heads at once: acc + g * D += sum_j w[g * ws + j] * V[j], g < 4. Each value row is
+// loaded once for the four heads, and the sixteen accumulators of a 64-wide block are independent chains.
+inline void accumulate4(float* acc, const float* w, int64_t ws, const float* V, int64_t rows, int64_t D) {
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m512 t[4][4];
+      for (int g = 0; g < 4; ++g)
+        for (int x = 0; x < 4; ++x) t[g][x] = _mm512_loadu_ps(acc + g * D + d0 + 16 * x);
+      for (int64_t j = 0; j < rows; ++j) {
+        const float* vr = V + j * D + d0;
+        const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+                     v3 = _mm512_loadu_ps(vr + 48);
+        for (int g = 0; g < 4; ++g) {
+          const __m512 wg = _mm512_set1_ps(w[g * ws + j]);
+          t[g][0] = _mm512_fmadd_ps(wg, v0, t[g][0]);
+          t[g][1] = _mm512_fmadd_ps(wg, v1, t[g][1]);
+          t[g][2] = _mm512_fmadd_ps(wg, v2, t[g][2]);
+          t[g][3] = _mm512_fmadd_ps(wg, v3, t[g][3]);
+        }
+      }
+      for (int g = 0; g < 4; ++g)
+        for (int x = 0; x < 4; ++x) _mm512_storeu_ps(acc + g * D + d0 + 16 * x, t[g][x]);
+    }
+    return;
+  }
+#endif
+  for (int g = 0; g < 4; ++g) accumulate(acc + g * D, w + g * ws, V, rows, D);
 }
 
 struct Lists {
@@ -237,7 +346,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
     }
   const int64_t I = static_cast<int64_t>(item_row.size());
   std::vector<float> pm(I * G, NEG_INF), pl(I * G, 0.0f), pacc(I * G * D, 0.0f);
-  const int64_t dist = std::max<int64_t>(1, std::min<int64_t>(8, 65536 / (2 * P * D * int64_t(sizeof(T)))));
+  const int64_t dist = std::max<int64_t>(1, std::min<int64_t>(8, 16384 / (2 * P * D * int64_t(sizeof(T)))));
   const int64_t GP = std::max<int64_t>(1, 64 / P), SP = GP * P;  // pages per softmax update, their slots
   at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s(G * SP), kbuf(D), vpage(std::is_same<T, float>::value ? 0 : P * D), dots(G + 4);
@@ -266,7 +375,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
           group_sel |= sel;
           const T* K = kp + pid * P * D;
           const T* bp = bias ? bias + pid * P : nullptr;
-          // the keys and values of the page about 64 KB ahead are fetched while this one is computed (pages are
+          // the keys and values of the page about 16 KB ahead are fetched while this one is computed (pages are
           // scattered in the pool, so the hardware prefetcher would restart at every page)
           const int64_t ahead = std::min(e + dist, item_end[it] - 1) > e ? std::min(e + dist, item_end[it] - 1) : -1;
           const T* nK = ahead >= 0 ? kp + lists.page[ahead] * P * D : nullptr;
@@ -303,9 +412,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
             std::fill(sg, sg + n, 0.0f);
             continue;
           }
-          float mx = NEG_INF;
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < n; ++j) mx = sg[j] > mx ? sg[j] : mx;
+          const float mx = max_n(sg, n);
           if (mx == NEG_INF) {
             std::fill(sg, sg + n, 0.0f);
             continue;
@@ -320,14 +427,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
             for (int64_t d = 0; d < D; ++d) ag[d] *= c;
           }
           m[g] = mn;
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < n; ++j) {
-            const float e2 = exp_f(sg[j] - mn);
-            sg[j] = e2;
-            sum += e2;
-          }
-          l[g] += sum;
+          l[g] += exp_sum_n(sg, n, mn);
         }
         if (!any) continue;
         for (int64_t pi = 0; pi < ne; ++pi) {
@@ -342,7 +442,11 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
             for (int64_t j = 0; j < jmax; ++j) row_f32(V + j * D, vpage.data() + j * D, D);
             Vf = vpage.data();
           }
-          for (int64_t g = 0; g < G; ++g)
+          // a head that did not choose this page has weight 0 on its slots, so four heads can be taken together
+          int64_t g = 0;
+          for (; g + 4 <= G; g += 4)
+            if ((sel >> g) & 0xF) accumulate4(acc + g * D, s.data() + g * SP + pi * P, SP, Vf, jmax, D);
+          for (; g < G; ++g)
             if ((sel >> g) & 1) accumulate(acc + g * D, s.data() + g * SP + pi * P, Vf, jmax, D);
         }
       }
