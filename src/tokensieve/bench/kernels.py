@@ -525,7 +525,7 @@ def run_kernels(
         cfg = KernelConfig(**{**cfg.__dict__, "backends": tuple(backends) or ("torch",)})
     info: dict[str, Any] = {**describe_machine(), "geometry": f"{HQ} query / {HKV} KV heads, head dim {D}",
                             "model": MODEL, "version": __version__, "backends": list(cfg.backends),
-                            "kernels_dir": str(fused.build_dir()) if "cpp" in cfg.backends else None}  # fmt: skip
+                            "kernels": fused.build_dir().name if "cpp" in cfg.backends else None}  # fmt: skip
     run_id = 0
     if store is not None:
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
