@@ -157,10 +157,11 @@ def _quest(store: DenseKV, group: str, page: int, budget: float, length: int, ba
 def _quest_ties(method: Quest, layer: DecodeLayer, q: Tensor, backends: Sequence[str]) -> Tensor:
     """(B, H_q) bool: the query heads whose pages differ between the backends only because two page bounds tie
     within float rounding (the C++ bounds and the matmul sum the same products in another order and round them to the
-    metadata's dtype, so a page at the top-k boundary may swap with its equal; in bfloat16 "equal" is to about 3 %). Such heads attend over different, equally valid pages and are left out
-    of the agreement check; any other difference in the choice is an error."""
+    metadata's dtype, so a page at the top-k boundary may swap with its equal; in bfloat16 "equal" is to about 3 %).
+    Such heads attend over different, equally valid pages and are left out of the agreement check; any other
+    difference in the choice is an error."""
     store, run = layer.store, layer.run
-    plan = method._step_plan(store, run)  # type: ignore[arg-type]
+    plan = method._step_plan(store, run)
     B, Hq, _, D = q.shape
     tied = torch.zeros(B, Hq, dtype=torch.bool)
     if plan is None or len(backends) < 2:

@@ -6,7 +6,8 @@
   default what its authors' code computes.
 * :mod:`tokensieve.nn.gqdaam` — GQ-DAAM: Form B in front of the official grouped-query attention layer.
 * :mod:`tokensieve.nn.speech` — the DAAM speech networks (CNN-LSTM and Transformer) with the Gaussian block, standard
-  multi-head attention or no block in front, and a frame scorer (a learned frame density, sampled systematically) for token selection.
+  multi-head attention or no block in front, and a frame scorer (a learned frame density, sampled systematically)
+  for token selection.
 
 See docs/DAAM.md.
 """

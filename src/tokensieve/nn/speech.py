@@ -196,7 +196,7 @@ def inclusion_probabilities(density: Tensor, k: int) -> Tensor:
     ≥ 0, each row with a positive sum): p_t = min(c · d_t, 1) with c chosen so that Σ_t p_t = k (a frame whose share
     of the budget would exceed one frame is kept for sure and the rest of the budget is shared by the others in
     proportion). Differentiable in ``density`` where no frame sits exactly at the cap."""
-    b, t = density.shape
+    t = density.shape[1]
     if not 1 <= k <= t:
         raise ConfigError(f"k must be in 1..{t} (the frames), got {k}")
     d = density / density.sum(dim=1, keepdim=True)

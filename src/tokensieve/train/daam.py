@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from ..nn import (
     ATTENTION_KINDS,
     DAAMAudioCNNLSTM,
     DAAMAudioTransformer,
+    FrameScorer,
     count_parameters,
     inclusion_probabilities,
     systematic_sample,
@@ -263,7 +264,7 @@ def selector_step(model: nn.Module, x: torch.Tensor, gen: torch.Generator) -> to
     if not learned:
         flat = inclusion_probabilities(torch.ones(b, t), k)
         return model.encode(h, systematic_sample(flat, k, offset))  # type: ignore[operator]
-    idx, p = model.scorer.select(h, k, offset)  # type: ignore[union-attr,operator]
+    idx, p = cast(FrameScorer, model.scorer).select(h, k, offset)
     hard = torch.zeros(b, t, dtype=p.dtype).scatter_(1, idx, 1.0)
     return model.encode(h, key_weights=hard + p - p.detach())  # type: ignore[operator]
 

@@ -324,14 +324,16 @@ def test_inclusion_probabilities_and_systematic_sample_match_the_reference(seed:
         ref = _reference_inclusion(density[row].tolist(), k)
         torch.testing.assert_close(p[row], torch.tensor(ref, dtype=torch.float64), rtol=1e-9, atol=1e-9)
         assert idx[row].tolist() == _reference_systematic(ref, float(offset[row]))
-    assert (idx.diff(dim=1) > 0).all() and idx.shape == (3, k)
+    assert (idx.diff(dim=1) > 0).all()
+    assert idx.shape == (3, k)
     # a flat density at phase ½ keeps evenly spaced frames; a frame with p = 1 is always kept
     flat = inclusion_probabilities(torch.ones(1, 12), 3)
     assert systematic_sample(flat, 3, torch.tensor([0.5])).tolist() == [[2, 6, 10]]
     spike = torch.full((1, 12), 0.01)
     spike[0, 7] = 10.0
     sure = inclusion_probabilities(spike, 3)
-    assert float(sure[0, 7]) == 1.0 and float(sure.sum()) == pytest.approx(3.0)
+    assert float(sure[0, 7]) == 1.0
+    assert float(sure.sum()) == pytest.approx(3.0)
     for o in (0.0, 0.3, 0.99):
         assert 7 in systematic_sample(sure, 3, torch.tensor([o]))[0].tolist()
     with pytest.raises(ConfigError):
