@@ -169,17 +169,19 @@ def _quest_ties(method: Quest, layer: DecodeLayer, q: Tensor, backends: Sequence
     cur, k = plan[0], plan[1]
     meta = layer.state["meta"]
     H = meta.shape[1]
-    qg = q.view(B, H, Hq // H, D)
+    G = Hq // H
+    per_head = method.group == "per_head"
+    qg = q.view(B, H, G, D)
     exact = torch.matmul(torch.cat([qg.relu(), qg], -1).double(), meta[..., :cur].double())  # (B, H, G, cur)
+    if not per_head:  # one page set per KV head: the group's largest bound
+        exact = exact.amax(2, keepdim=True).expand_as(exact)
     chosen = []
     for b in backends:
         bounds = _with_backend(b, lambda: fused.page_bounds(qg, meta, cur))()
-        if method.group != "per_head":
+        if not per_head:
             bounds = bounds.amax(2, keepdim=True).expand_as(exact)
         top = bounds.topk(k - 1, dim=-1).indices
         chosen.append(torch.zeros(exact.shape, dtype=torch.bool).scatter_(-1, top, True))
-    if method.group != "per_head":
-        exact = exact.amax(2, keepdim=True).expand_as(exact)
     rel = max(1e-5, 4 * torch.finfo(meta.dtype).eps)  # the bounds are rounded to the metadata's dtype
     for other in chosen[1:]:
         diff = chosen[0] != other  # (B, H, G, cur)
@@ -189,8 +191,7 @@ def _quest_ties(method: Quest, layer: DecodeLayer, q: Tensor, backends: Sequence
             if float(vals.max() - vals.min()) > tol:
                 raise RuntimeError(f"quest: the backends choose different pages beyond a rounding tie "
                                    f"({meta.dtype}, row {bi}, KV head {h}, query {g})")  # fmt: skip
-            G = Hq // H
-            tied[bi, h * G + g if method.group == "per_head" else slice(h * G, (h + 1) * G)] = True
+            tied[bi, h * G + g if per_head else slice(h * G, (h + 1) * G)] = True
     return tied
 
 

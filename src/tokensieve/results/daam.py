@@ -26,8 +26,9 @@ from .stats import mean
 from .store import ResultStore
 
 RUN_TOOL = "daam"
-TOPK = "top-k"  #: the label of the earlier frame selector (top k of a keep score), recorded as selector "learned"
 MAPS_TOOL = "daam-maps"
+#: labels of recorded selector values that differ from the value: "learned" is the earlier top-k keep score
+SELECTOR_LABELS = {"learned": "top-k"}
 
 
 def front_label(config: Mapping[str, Any]) -> str:
@@ -42,8 +43,8 @@ def front_label(config: Mapping[str, Any]) -> str:
     pool = str(config.get("pool", "") or "")
     if config.get("network") == "transformer" and pool and pool != ("last" if modules == "official" else "mean"):
         label += f", {pool} pooling"
-    if config.get("selector"):  # "learned": the earlier top-k keep score
-        label += f" + {TOPK if config['selector'] == 'learned' else config['selector']} selector"
+    if config.get("selector"):
+        label += f" + {SELECTOR_LABELS.get(config['selector'], config['selector'])} selector"
     return label if modules == "official" else f"{label} [{modules}]"
 
 
