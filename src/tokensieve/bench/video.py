@@ -77,7 +77,12 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("generate-video", help="a clip of the embedded video DiT as an animated GIF (docs/DIT.md)")
     p.add_argument("prompt", help='e.g. "a red circle moving right"')
     p.add_argument("--out", default="clip.gif")
-    p.add_argument("--model", default=None, help="a folder written by `train video-dit` (default: the shipped model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a final/ folder of `train video-dit`, or a run directory still training "
+        "(its checkpoint); default: the shipped model",
+    )
     p.add_argument("--spec", default="full", help="a DiT spec, e.g. svg:0.3, radial, svg2[top_p=0.9] (default: dense)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

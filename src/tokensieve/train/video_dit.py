@@ -247,7 +247,12 @@ def add_commands(tsub: Any) -> None:
     p.set_defaults(func=cmd_train_video_dit)
     g = tsub.add_parser("video-gate", help="the quality gate of the embedded video DiT on generated test clips",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    g.add_argument("--model", default=None, help="a folder written by train video-dit (default: the shipped model)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a final/ folder of train video-dit, or a run directory still training "
+        "(its checkpoint); default: the shipped model",
+    )
     g.add_argument("--clips", type=int, default=200, help="generated clips (held-out prompts and seeds)")
     g.add_argument("--steps", type=int, default=20, help="sampler steps per clip")
     g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")

@@ -127,23 +127,36 @@ def weights_dir(name: str = EMBEDDED_NAME) -> Path:
 
 
 def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
-    """The embedded video DiT from a folder written by :meth:`EmbeddedVideoDiT.save` (default: the shipped one)."""
+    """The embedded video DiT from a folder written by :meth:`EmbeddedVideoDiT.save` (default: the shipped one), or
+    from a training run still under way: its directory (``checkpoint.pt`` inside) or the checkpoint file itself, so
+    that a partly trained model can be sampled and gated."""
     from safetensors.torch import load_file
 
     folder = Path(path) if path is not None else weights_dir()
     cfg_file = folder / "config.json"
+    ckpt = folder if folder.suffix == ".pt" else folder / "checkpoint.pt"
+    if not cfg_file.is_file() and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
+        if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+            raise ModelNotFoundError(f"{ckpt} is not a checkpoint of `tokensieve train video-dit`.")
+        model = EmbeddedVideoDiT(_config(state["model_config"]))
+        model.load_state_dict(state["model"])
+        return model.eval()
     if not cfg_file.is_file():
         raise ModelNotFoundError(
             f"No embedded video DiT at {folder}: train one with `tokensieve train video-dit --out DIR --ship` "
-            "(see docs/DIT.md), or give --model a run's final/ folder."
+            "(see docs/DIT.md), or give --model a run's final/ folder or its directory (its checkpoint)."
         )
     data = json.loads(cfg_file.read_text()).get("embedded_video_dit")
     if data is None:
         raise ModelNotFoundError(f"{folder} holds no embedded video DiT (config.json has no 'embedded_video_dit').")
-    data["patch"] = tuple(data["patch"])
-    model = EmbeddedVideoDiT(VideoDiTConfig(**data))
+    model = EmbeddedVideoDiT(_config(data))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval()
+
+
+def _config(data: dict[str, Any]) -> VideoDiTConfig:
+    return VideoDiTConfig(**{**data, "patch": tuple(data["patch"])})
 
 
 def sigmas(steps: int, shift: float = 1.0) -> Tensor:

@@ -98,6 +98,14 @@ def test_training_in_chunks_equals_training_in_one_go(tmp_path):
     a, b = load_embedded(final), load_embedded(whole)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+    # a run's directory (or its checkpoint file) loads the weights of its last checkpoint, here the final step's
+    for partial in (load_embedded(tmp_path / "whole"), load_embedded(tmp_path / "whole" / "checkpoint.pt")):
+        assert partial.cfg == a.cfg
+        for (name, x), (_, y) in zip(a.state_dict().items(), partial.state_dict().items(), strict=True):
+            assert torch.equal(x, y), name
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ModelNotFoundError, match="not a checkpoint"):
+        load_embedded(tmp_path / "other.pt")
     # a checkpoint of another model size is refused, not silently loaded
     from tokensieve.errors import ConfigError
 
