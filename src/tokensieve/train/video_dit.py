@@ -142,14 +142,19 @@ class VideoTrainer:
         losses: list[float] = []
         if self.step and self.progress:
             print(json.dumps({"resumed_at_step": self.step}), flush=True)
+        t_log = time.time()
         while self.step < cfg.steps:
             losses.append(self.train_step())
             if self.step % 50 == 0:
-                self.log({"loss": sum(losses) / len(losses), "lr": self.lr_at(self.step)})
-                losses = []
+                per_step = (time.time() - t_log) / len(losses)  # seconds per training step since the last line
+                eta = per_step * (cfg.steps - self.step) / 60
+                self.log({"loss": sum(losses) / len(losses), "lr": self.lr_at(self.step),
+                          "s_per_step": round(per_step, 2), "eta_minutes": round(eta, 1)})  # fmt: skip
+                losses, t_log = [], time.time()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self.model.eval()
                 self.log(gate_eval(self.model, cfg.eval_clips, cfg.eval_steps))
+                t_log = time.time()
             if self.step % cfg.save_every == 0:
                 self.save()
             if cfg.minutes and (time.time() - t0) / 60 >= cfg.minutes and self.step < cfg.steps:

@@ -122,3 +122,17 @@ def test_long_clips_stay_inside_the_frame_and_pass_the_gate():
         result = gate(clip.frames, clip.prompt)
         assert result.color_ok
         assert result.motion_ok
+
+
+def test_training_log_reports_loss_speed_and_time_left(tmp_path):
+    import json
+
+    from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
+
+    cfg = VideoTrainConfig(out=str(tmp_path), steps=100, batch=1, warmup=2, save_every=1000, eval_every=0, minutes=0)
+    VideoTrainer(cfg, progress=False, model_cfg=_tiny_cfg()).run()
+    lines = [json.loads(x) for x in (tmp_path / "train.log").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [50, 100]
+    assert all(x["s_per_step"] > 0 and np.isfinite(x["loss"]) for x in lines)
+    assert lines[0]["eta_minutes"] == pytest.approx(lines[0]["s_per_step"] * 50 / 60, abs=0.06)  # 50 steps left
+    assert lines[1]["eta_minutes"] == 0
