@@ -176,6 +176,28 @@ def paged_attention(
     return out, counts
 
 
+def contiguous_attention(q: Tensor, keys: Tensor, values: Tensor, n: int, scaling: float, page: int = 16) -> Tensor:
+    """One decode step over the first ``n`` slots of contiguous key/value buffers, read in place by the C++ kernel:
+    every page of each row (the buffers viewed as a pool of ``page``-slot pages, the last one partial).
+
+    q ``(B, H_q, 1, D)``; keys, values ``(B, H_kv, capacity, D)`` contiguous, ``capacity`` a multiple of ``page``
+    → ``(B, H_q, 1, D)``. No mask: every one of the ``n`` slots is attended (what a decode step over an unpadded,
+    unbiased cache computes)."""
+    B, Hq, _, D = q.shape
+    H, cap = keys.shape[1], keys.shape[2]
+    if cap % page or not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError(
+            f"contiguous_attention: buffers must be contiguous with a capacity that is a multiple of {page}."
+        )
+    per_row = cap // page
+    used = -(-n // page)
+    ids = torch.arange(B * H, device=q.device)[:, None] * per_row + torch.arange(used, device=q.device)
+    kp, vp = keys.view(B * H * per_row, page, D), values.view(B * H * per_row, page, D)
+    out, _ = paged_attention(q.reshape(B * H, Hq // H, D), kp, vp, ids.view(B * H, 1, used), scaling,
+                             per_row=per_row, limit=n)  # fmt: skip
+    return out.view(B, Hq, 1, D)
+
+
 def page_bounds(qg: Tensor, meta: Tensor, cur: int) -> Tensor:
     """Quest's bounds of the first ``cur`` pages, as :func:`tokensieve.attention.sparse.page_bounds` computes them,
     with the metadata read once (the C++ kernel where it is built, else that function): qg ``(B, H, G, D)``, meta

@@ -7,6 +7,8 @@ decode (one query per head, the cache already built):
 
 * ``dense`` — the full cache's attention (:meth:`DenseKV.attend`, SDPA);
 * ``snapkv`` — a compacted cache of 1/8 of the tokens (what SnapKV and every uniform eviction method leave);
+* ``dense[cpp]``, ``snapkv[cpp]`` — the same two caches attended by the fused C++ kernel
+  (:func:`~tokensieve.attention.fused.contiguous_attention`), against SDPA on the same buffers;
 * ``ragged[…]`` — the head-adaptive store at 1/8 of the tokens in total: AdaKV's allocation
   (:func:`~tokensieve.selection.allocation.pooled_counts` over scores whose spread differs per head) built by the
   library's own :func:`~tokensieve.cache.storage.build_store` into a :class:`~tokensieve.cache.ragged.RaggedKV`,
@@ -314,12 +316,22 @@ def decode_paths(cfg: KernelConfig, length: int, batch: int, dtype: torch.dtype,
     dense = DenseKV(keys, values, positions[:, None, :].expand(batch, HKV, length))
     del keys, values
     dense_bytes = dense.kv_bytes()
-    if "dense" in want:
-        out.append(_Path("dense", "dense", None, lambda: dense.attend(q, scale), dense_bytes, dense_bytes))
+    contiguous: list[tuple[str, DenseKV]] = [("dense", dense)] if "dense" in want else []
     if "snapkv" in want:
         m = max(1, round(cfg.budget * length))
         snap = DenseKV(dense.keys[:, :, :m].clone(), dense.values[:, :, :m].clone(), dense.positions[:, :, :m])
-        out.append(_Path("snapkv", "snapkv", None, lambda: snap.attend(q, scale), snap.kv_bytes(), snap.kv_bytes()))
+        contiguous.append(("snapkv", snap))
+    for path, store in contiguous:  # SDPA (what DenseKV.attend runs), and the fused kernel over the same buffers
+        sdpa = functools.partial(store.attend, q, scale)
+        out.append(_Path(path, path, None, sdpa, store.kv_bytes(), store.kv_bytes()))
+        if "cpp" in cfg.backends and store.capacity % cfg.page == 0:
+            fused_fn = functools.partial(fused.contiguous_attention, q, *store.buffers, store.n, scale, cfg.page)
+            fn = _with_backend("cpp", fused_fn)
+            _agree(path, {"sdpa": sdpa(), "cpp": fn()}, dtype)
+            out.append(_Path(f"{path}[cpp]", path, "cpp", fn, store.kv_bytes(), store.kv_bytes()))
+        elif "cpp" in cfg.backends:
+            print(f"{path}[cpp] @ {length} x{batch}: not measured ({store.capacity} slots are not whole pages of "
+                  f"{cfg.page})", file=sys.stderr)  # fmt: skip
     if ragged is not None:
         rstore = ragged
         lens = rstore.lengths()

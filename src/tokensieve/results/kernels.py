@@ -75,9 +75,11 @@ def kernel_summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             if k in e0:
                 entry[k] = e0[k]
         out.append(entry)
+    # the baselines are PyTorch's SDPA (no backend); dense[cpp] and snapkv[cpp] are the fused kernel on the same cache
     base = {(e["length"], e["batch"], e["dtype"], e["phase"]): e["ms"] for e in out
-            if e["path"] in ("dense", "prefill-dense")}  # fmt: skip
-    snap = {(e["length"], e["batch"], e["dtype"]): e["ms"] for e in out if e["path"] == "snapkv"}
+            if e["path"] in ("dense", "prefill-dense") and e["backend"] is None}  # fmt: skip
+    snap = {(e["length"], e["batch"], e["dtype"]): e["ms"] for e in out
+            if e["path"] == "snapkv" and e["backend"] is None}  # fmt: skip
     for e in out:
         b = base.get((e["length"], e["batch"], e["dtype"], e["phase"]))
         e["speedup_vs_dense"] = b / e["ms"] if b else None

@@ -121,6 +121,33 @@ def test_kernel_dense_layout_limit():
         fused.set_backend(previous)
 
 
+@pytest.mark.parametrize("n", [1, 37, 48])  # one slot, a partial last page, whole pages
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_attention_matches_definition(n, dtype):
+    """The kernel over contiguous buffers (every page of each row, the first ``n`` slots) is attention over them."""
+    _cpp_or_skip()
+    previous = fused.set_backend("cpp")
+    try:
+        g = torch.Generator().manual_seed(n)
+        B, H, G, D, cap = 2, 2, 3, 16, 64
+        keys = torch.randn(B, H, cap, D, generator=g).to(dtype)
+        values = torch.randn(B, H, cap, D, generator=g).to(dtype)
+        q = torch.randn(B, H * G, 1, D, generator=g).to(dtype)
+        out = fused.contiguous_attention(q, keys, values, n, 0.25)
+        assert out.shape == (B, H * G, 1, D)
+        assert out.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for b in range(B):
+            for h in range(H * G):
+                want = _softmax_attend(q[b, h, 0].float(), keys[b, h // G, :n].float(), values[b, h // G, :n].float(),
+                                       0.25)  # fmt: skip
+                torch.testing.assert_close(out[b, h, 0].double(), want, atol=tol, rtol=tol)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            fused.contiguous_attention(q, keys[:, :, :40].contiguous(), values[:, :, :40].contiguous(), 30, 0.25)
+    finally:
+        fused.set_backend(previous)
+
+
 def test_page_bounds_match_definition(backend):
     g = torch.Generator().manual_seed(2)
     B, H, G, D, pages, cur = 2, 3, 4, 16, 300, 290

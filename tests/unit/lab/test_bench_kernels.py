@@ -77,6 +77,13 @@ def test_every_path_measured_with_its_bytes(tmp_path, eager_flex):
             assert dense["bytes_read"] == 2 * batch * HKV * 256 * 128 * es
             assert summary[("snapkv", batch, dtype)]["bytes_read"] == dense["bytes_read"] / 8
             assert summary[("stream", batch, dtype)]["fraction_of_bound"] == pytest.approx(1.0)
+            if "cpp" in backends:  # the fused kernel over the same contiguous caches, against SDPA's time
+                for path in ("dense", "snapkv"):
+                    sdpa, cpp = summary[(path, batch, dtype)], summary[(f"{path}[cpp]", batch, dtype)]
+                    assert cpp["bytes_read"] == sdpa["bytes_read"]
+                    assert cpp["fraction_of_bound"] > 0
+                    assert cpp["time_vs_snapkv"] == pytest.approx(cpp["ms"] / summary[("snapkv", batch, dtype)]["ms"])
+                assert dense["speedup_vs_dense"] == 1.0
             for b in backends:
                 ragged = summary[(f"ragged[{b}]", batch, dtype)]
                 assert ragged["kv_bytes"] == dense["bytes_read"] / 8  # 1/8 of the tokens in total, exactly
