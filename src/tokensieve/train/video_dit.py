@@ -5,11 +5,12 @@ Every step draws ``batch`` clips (:func:`tokensieve.data.clips.make_clip`, seeds
 [−1, 1] and regresses the velocity ``ε − x_0`` (mean squared error). One prompt in ten is dropped (the "no prompt"
 embedding) so that sampling may use classifier-free guidance. AdamW, a linear warm-up then a constant rate.
 The run directory holds ``checkpoint.pt`` (weights, optimizer, step, the model's configuration; written every
-``save_every`` steps and when this invocation's wall-clock budget ``--minutes`` is spent), ``minutes.json`` (the minutes
-spent over all invocations), ``train.log`` (JSON lines) and, at the end, ``final/`` (the weights as ``load_embedded``
-reads them). Rerunning the same command resumes where the last chunk stopped; batches and noise follow from the step,
-so a run in chunks sees the same data as a run in one go. Every ``eval_every`` steps the quality gate is
-measured on ``eval_clips`` generated test clips and logged.
+``save_every`` steps and when this invocation's wall-clock budget ``--minutes`` is spent), ``minutes.json`` (the
+wall-clock minutes spent over all invocations, and the process CPU minutes — every thread's — from the step where CPU
+accounting began, ``cpu_from_step``), ``train.log`` (JSON lines) and, at the end, ``final/`` (the weights as
+``load_embedded`` reads them). Rerunning the same command resumes where the last chunk stopped; batches and noise
+follow from the step, so a run in chunks sees the same data as a run in one go. Every ``eval_every`` steps the quality
+gate is measured on ``eval_clips`` generated test clips and logged.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class VideoTrainer:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
             self.step = int(state["step"])
+        self._resumed_at = self.step
 
     def save(self) -> None:
         tmp = self.dir / "checkpoint.pt.tmp"
@@ -138,7 +140,8 @@ class VideoTrainer:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         t0 = time.time()
-        spent = self._spent()
+        spent, cpu_spent = self._spent()
+        c0 = time.process_time()
         losses: list[float] = []
         if self.step and self.progress:
             print(json.dumps({"resumed_at_step": self.step}), flush=True)
@@ -159,20 +162,28 @@ class VideoTrainer:
                 self.save()
             if cfg.minutes and (time.time() - t0) / 60 >= cfg.minutes and self.step < cfg.steps:
                 self.save()
-                self._add_spent(spent + (time.time() - t0) / 60)
-                self.log({"stopped": "minutes spent", "minutes": spent + (time.time() - t0) / 60})
+                total = self._add_spent(spent + (time.time() - t0) / 60, cpu_spent + (time.process_time() - c0) / 60)
+                self.log({"stopped": "minutes spent", **total})
                 return self.dir / "checkpoint.pt"
         self.save()
-        self._add_spent(spent + (time.time() - t0) / 60)
+        self._add_spent(spent + (time.time() - t0) / 60, cpu_spent + (time.process_time() - c0) / 60)
         final = self.model.save(self.dir / "final", {"train": asdict(cfg), "steps_done": self.step})
         return final
 
-    def _spent(self) -> float:
+    def _spent(self) -> tuple[float, float]:
+        """(wall minutes, CPU minutes) spent by earlier invocations."""
         f = self.dir / "minutes.json"
-        return float(json.loads(f.read_text())["minutes"]) if f.is_file() else 0.0
+        data = json.loads(f.read_text()) if f.is_file() else {}
+        return float(data.get("minutes", 0.0)), float(data.get("cpu_minutes", 0.0))
 
-    def _add_spent(self, total: float) -> None:
-        (self.dir / "minutes.json").write_text(json.dumps({"minutes": total}) + "\n")
+    def _add_spent(self, total: float, cpu_total: float) -> dict[str, Any]:
+        f = self.dir / "minutes.json"
+        data = json.loads(f.read_text()) if f.is_file() else {}
+        # a run begun before CPU accounting counts CPU from the step this invocation resumed at
+        start = data.get("cpu_from_step", self._resumed_at if f.is_file() else 0)
+        record = {"minutes": total, "cpu_minutes": cpu_total, "cpu_from_step": start}
+        f.write_text(json.dumps(record) + "\n")
+        return record
 
 
 MAX_SHIP_MB = 40.0

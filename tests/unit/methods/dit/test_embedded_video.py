@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -90,10 +92,22 @@ def test_training_in_chunks_equals_training_in_one_go(tmp_path):
         return VideoTrainer(cfg, progress=False, model_cfg=_tiny_cfg()).run()
 
     run(tmp_path / "chunks", 2)
+    spent = json.loads((tmp_path / "chunks" / "minutes.json").read_text())
+    assert spent["cpu_from_step"] == 0
+    assert spent["minutes"] > 0
+    assert spent["cpu_minutes"] > 0
     resumed = VideoTrainer(VideoTrainConfig(out=str(tmp_path / "chunks"), steps=4), progress=False,
                            model_cfg=_tiny_cfg())  # fmt: skip
     assert resumed.step == 2
     final = run(tmp_path / "chunks", 4)
+    again = json.loads((tmp_path / "chunks" / "minutes.json").read_text())
+    assert again["cpu_from_step"] == 0
+    assert again["cpu_minutes"] > spent["cpu_minutes"]  # the chunks' CPU minutes add up
+    # a run begun before CPU accounting (wall minutes only) counts CPU from the step it resumes at
+    (tmp_path / "chunks" / "minutes.json").write_text(json.dumps({"minutes": 1.0}))
+    old = VideoTrainer(VideoTrainConfig(out=str(tmp_path / "chunks"), steps=4), progress=False, model_cfg=_tiny_cfg())
+    old._spent()
+    assert old._add_spent(2.0, 0.5) == {"minutes": 2.0, "cpu_minutes": 0.5, "cpu_from_step": 4}
     whole = run(tmp_path / "whole", 4)
     a, b = load_embedded(final), load_embedded(whole)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
