@@ -95,7 +95,7 @@ def naive_dynamic_map(qc, kc, sizes, p, min_ratio):
 def test_svg2_matches_cluster_rule():
     grid = VideoGrid(2, 8, 8)
     q, k, v = qkv(H=2, N=grid.tokens)
-    m = parse_dit_spec("svg2[qc=6,kc=10,top_p=0.7,min_kc_ratio=0.2,block=16]")
+    m = parse_dit_spec("svg2[qc=6,kc=10,top_p=0.7,min_kc_ratio=0.2]")
     c = call_of(q, k, v, grid)
     got = m.sparse(c)
     ql, kl, qcent, kcent, ksz = m.clusters(call_of(q, k, v, grid))
