@@ -1,16 +1,19 @@
 """`tokensieve train video-dit`: train the embedded video DiT by flow matching on procedural clips (resumable).
 
-Every step draws ``batch`` clips (:func:`tokensieve.data.clips.make_clip`, seeds from the step) and noise levels
-``σ`` from a logit-normal distribution (as SD3 / Wan training), forms ``x_σ = (1 − σ) x_0 + σ ε`` on pixels in
-[−1, 1] and regresses the velocity ``ε − x_0`` (mean squared error). One prompt in ten is dropped (the "no prompt"
-embedding) so that sampling may use classifier-free guidance. AdamW, a linear warm-up then a constant rate.
-The run directory holds ``checkpoint.pt`` (weights, optimizer, step, the model's configuration; written every
-``save_every`` steps and when this invocation's wall-clock budget ``--minutes`` is spent), ``minutes.json`` (the
-wall-clock minutes spent over all invocations, and the process CPU minutes — every thread's — from the step where CPU
-accounting began, ``cpu_from_step``), ``train.log`` (JSON lines) and, at the end, ``final/`` (the weights as
-``load_embedded`` reads them). Rerunning the same command resumes where the last chunk stopped; batches and noise
-follow from the step, so a run in chunks sees the same data as a run in one go. Every ``eval_every`` steps the quality
-gate is measured on ``eval_clips`` generated test clips and logged.
+Every step draws ``batch`` clips (:func:`tokensieve.data.clips.make_clip`, seeds from the step) and noise levels ``σ``
+from a logit-normal distribution (as SD3 / Wan training) moved toward high noise by ``shift``
+(``σ' = sσ / (1 + (s − 1)σ)``, SD3's resolution shift: flat procedural frames stay recognisable under much noise, so
+the layout of a clip is decided at σ > 0.9, which the unshifted distribution rarely draws; the sampler uses the same
+shift by default), forms ``x_σ = (1 − σ) x_0 + σ ε`` on pixels in [−1, 1] and regresses the velocity ``ε − x_0`` (mean
+squared error). One prompt in ten is dropped (the "no prompt" embedding) so that sampling may use classifier-free
+guidance. AdamW, a linear warm-up then a constant rate; an exponential moving average of the weights (``ema``) is what
+``final/`` holds and what a run's checkpoint loads as. The run directory holds ``checkpoint.pt`` (weights, optimizer, step, the model's
+configuration; written every ``save_every`` steps and when this invocation's wall-clock budget ``--minutes`` is spent),
+``minutes.json`` (the wall-clock minutes spent over all invocations, and the process CPU minutes — every thread's —
+from the step where CPU accounting began, ``cpu_from_step``), ``train.log`` (JSON lines) and, at the end, ``final/``
+(the weights as ``load_embedded`` reads them). Every invocation logs its settings. Rerunning the same command resumes
+where the last chunk stopped; batches and noise follow from the step, so a run in chunks sees the same data as a run in
+one go. Every ``eval_every`` steps the quality gate is measured on ``eval_clips`` generated test clips and logged.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class VideoTrainConfig:
     lr: float = 3e-4
     warmup: int = 200
     seed: int = 0
+    shift: float = 3.0  # noise-level shift of the training distribution (σ' = sσ / (1 + (s − 1)σ))
+    ema: float = 0.995  # decay of the exponential moving average of the weights (0: none); final/ holds the average
     minutes: float = 0.0  # wall-clock budget of this invocation (one chunk); 0: no budget
     save_every: int = 250
     eval_every: int = 1000
@@ -76,31 +81,37 @@ def gate_eval(model: Any, n: int, steps: int, start: int = 0, guidance: float = 
 class VideoTrainer:
     def __init__(self, cfg: VideoTrainConfig, progress: bool = True, model_cfg: Any = None) -> None:
         """``model_cfg``: a :class:`VideoDiTConfig` (default: the embedded model's, with ``cfg``'s layers and heads)."""
-        from ..adapters.diffusion.embedded import EmbeddedVideoDiT, VideoDiTConfig
+        from ..adapters.diffusion.embedded import EmbeddedVideoDiT, VideoDiTConfig, config_of
 
         self.cfg = cfg
         self.progress = progress
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        mcfg = model_cfg or VideoDiTConfig(layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size)
+        mcfg = model_cfg or VideoDiTConfig(
+            layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size, shift=cfg.shift
+        )
         self.model = EmbeddedVideoDiT(mcfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.step = 0
+        # the moving average of the weights (a checkpoint written before averaging began starts it from its weights)
+        self.ema: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         ckpt = self.dir / "checkpoint.pt"
         if ckpt.is_file():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
-            if state["model_config"] != json.loads(json.dumps(asdict(mcfg))):
+            saved = {**asdict(config_of(state["model_config"])), "shift": mcfg.shift}  # the sampler's shift may change
+            if saved != asdict(mcfg):  # fields added to the configuration since the checkpoint: their defaults
                 raise ConfigError(f"{ckpt} was trained with another model configuration; use a new --out.")
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
             self.step = int(state["step"])
+            self.ema = state.get("ema") or {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._resumed_at = self.step
 
     def save(self) -> None:
         tmp = self.dir / "checkpoint.pt.tmp"
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                 "config": asdict(self.cfg),
+                 "ema": self.ema, "config": asdict(self.cfg),
                  "model_config": json.loads(json.dumps(asdict(self.model.cfg)))}  # fmt: skip
         torch.save(state, tmp)
         tmp.replace(self.dir / "checkpoint.pt")
@@ -122,6 +133,7 @@ class VideoTrainer:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         noise = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
+        sigma = cfg.shift * sigma / (1 + (cfg.shift - 1) * sigma)
         s = sigma[:, None, None, None, None]
         xt = (1 - s) * x0 + s * noise
         for group in self.opt.param_groups:
@@ -134,7 +146,26 @@ class VideoTrainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.step += 1
+        if cfg.ema:
+            decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for name, value in self.model.state_dict().items():
+                    avg = self.ema[name]
+                    if avg.is_floating_point():
+                        avg.lerp_(value, 1 - decay)
+                    else:
+                        avg.copy_(value)
         return float(loss.detach())
+
+    def averaged(self) -> Any:
+        """The model with the averaged weights (the trained weights when ``ema`` is 0)."""
+        if not self.cfg.ema:
+            return self.model
+        from ..adapters.diffusion.embedded import EmbeddedVideoDiT
+
+        model = EmbeddedVideoDiT(self.model.cfg)
+        model.load_state_dict(self.ema)
+        return model.eval()
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -143,8 +174,8 @@ class VideoTrainer:
         spent, cpu_spent = self._spent()
         c0 = time.process_time()
         losses: list[float] = []
-        if self.step and self.progress:
-            print(json.dumps({"resumed_at_step": self.step}), flush=True)
+        # every invocation's settings, so that a run in chunks with changed settings can be reproduced from its log
+        self.log({"invocation": asdict(cfg), "resumed_at_step": self.step})
         t_log = time.time()
         while self.step < cfg.steps:
             losses.append(self.train_step())
@@ -155,8 +186,7 @@ class VideoTrainer:
                           "s_per_step": round(per_step, 2), "eta_minutes": round(eta, 1)})  # fmt: skip
                 losses, t_log = [], time.time()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self.model.eval()
-                self.log(gate_eval(self.model, cfg.eval_clips, cfg.eval_steps))
+                self.log(gate_eval(self.averaged(), cfg.eval_clips, cfg.eval_steps))
                 t_log = time.time()
             if self.step % cfg.save_every == 0:
                 self.save()
@@ -167,7 +197,7 @@ class VideoTrainer:
                 return self.dir / "checkpoint.pt"
         self.save()
         self._add_spent(spent + (time.time() - t0) / 60, cpu_spent + (time.process_time() - c0) / 60)
-        final = self.model.save(self.dir / "final", {"train": asdict(cfg), "steps_done": self.step})
+        final = self.averaged().save(self.dir / "final", {"train": asdict(cfg), "steps_done": self.step})
         return final
 
     def _spent(self) -> tuple[float, float]:
@@ -238,6 +268,8 @@ _HELP = {
     "lr": "AdamW learning rate after the warm-up",
     "warmup": "steps of linear warm-up",
     "seed": "seed of the batches, the noise and the initialisation",
+    "shift": "shift of the logit-normal noise levels toward high noise, σ' = sσ / (1 + (s − 1)σ)",
+    "ema": "decay of the moving average of the weights that final/ holds (0: the last weights)",
     "minutes": "wall-clock budget of this invocation; rerun the same command to resume (0: no budget)",
     "save_every": "write checkpoint.pt every this many steps",
     "eval_every": "log the quality gate every this many steps (0: never)",

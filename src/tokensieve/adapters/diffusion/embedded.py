@@ -46,6 +46,7 @@ class VideoDiTConfig:
     ffn: int = 768
     text_dim: int = 64
     freq_dim: int = 64
+    shift: float = 1.0  # the noise-level shift it was trained with, which its sampler uses by default
     template: str = "a {color} {shape} moving {direction}"
     vocab: dict[str, list[str]] = field(default_factory=default_vocab)
 
@@ -128,8 +129,8 @@ def weights_dir(name: str = EMBEDDED_NAME) -> Path:
 
 def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
     """The embedded video DiT from a folder written by :meth:`EmbeddedVideoDiT.save` (default: the shipped one), or
-    from a training run still under way: its directory (``checkpoint.pt`` inside) or the checkpoint file itself, so
-    that a partly trained model can be sampled and gated."""
+    from a training run still under way: its directory (``checkpoint.pt`` inside) or the checkpoint file itself (its
+    moving average of the weights when it keeps one), so that a partly trained model can be sampled and gated."""
     from safetensors.torch import load_file
 
     folder = Path(path) if path is not None else weights_dir()
@@ -139,8 +140,8 @@ def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
         if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
             raise ModelNotFoundError(f"{ckpt} is not a checkpoint of `tokensieve train video-dit`.")
-        model = EmbeddedVideoDiT(_config(state["model_config"]))
-        model.load_state_dict(state["model"])
+        model = EmbeddedVideoDiT(config_of(state["model_config"]))
+        model.load_state_dict(state.get("ema") or state["model"])  # the averaged weights, as final/ will hold
         return model.eval()
     if not cfg_file.is_file():
         raise ModelNotFoundError(
@@ -150,12 +151,12 @@ def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
     data = json.loads(cfg_file.read_text()).get("embedded_video_dit")
     if data is None:
         raise ModelNotFoundError(f"{folder} holds no embedded video DiT (config.json has no 'embedded_video_dit').")
-    model = EmbeddedVideoDiT(_config(data))
+    model = EmbeddedVideoDiT(config_of(data))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval()
 
 
-def _config(data: dict[str, Any]) -> VideoDiTConfig:
+def config_of(data: dict[str, Any]) -> VideoDiTConfig:
     return VideoDiTConfig(**{**data, "patch": tuple(data["patch"])})
 
 
@@ -172,19 +173,20 @@ def sample(
     seeds: list[int],
     steps: int = 20,
     guidance: float = 1.0,
-    shift: float = 1.0,
+    shift: float | None = None,
     sieve: Any = None,
 ) -> Tensor:
     """Clips ``(B, F, H, W, 3)`` uint8 for the prompts, each from the noise of its seed (Euler on the flow).
 
     ``sieve``: a :class:`~tokensieve.adapters.diffusion.DiTSieve` on ``model.transformer`` (reset here for the run's
-    steps) or None. ``guidance`` > 1 adds classifier-free guidance (a second, prompt-less call per step)."""
+    steps) or None. ``guidance`` > 1 adds classifier-free guidance (a second, prompt-less call per step); ``shift``
+    moves the noise levels toward high noise (None: the shift the model was trained with)."""
     cfg = model.cfg
     for p in prompts:
         model.parse(p)
     noise = [torch.randn(3, cfg.frames, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x = torch.stack(noise).to(model.slot.device)
-    sig = sigmas(steps, shift)
+    sig = sigmas(steps, cfg.shift if shift is None else shift)
     if sieve is not None:
         sieve.reset(steps)
     for i in range(steps):

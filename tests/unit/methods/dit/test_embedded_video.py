@@ -146,7 +146,43 @@ def test_training_log_reports_loss_speed_and_time_left(tmp_path):
     cfg = VideoTrainConfig(out=str(tmp_path), steps=100, batch=1, warmup=2, save_every=1000, eval_every=0, minutes=0)
     VideoTrainer(cfg, progress=False, model_cfg=_tiny_cfg()).run()
     lines = [json.loads(x) for x in (tmp_path / "train.log").read_text().splitlines()]
+    assert lines[0]["invocation"]["steps"] == 100  # the settings of the chunk
+    assert lines[0]["resumed_at_step"] == 0
+    lines = lines[1:]
     assert [x["step"] for x in lines] == [50, 100]
     assert all(x["s_per_step"] > 0 and np.isfinite(x["loss"]) for x in lines)
     assert lines[0]["eta_minutes"] == pytest.approx(lines[0]["s_per_step"] * 50 / 60, abs=0.06)  # 50 steps left
     assert lines[1]["eta_minutes"] == 0
+
+
+def test_final_weights_are_the_moving_average_and_the_sampler_uses_the_trained_shift(tmp_path):
+    from dataclasses import replace
+
+    from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
+
+    def trainer(out, ema):
+        cfg = VideoTrainConfig(out=str(out), steps=3, batch=1, warmup=1, save_every=100, eval_every=0, ema=ema,
+                               shift=3.0)  # fmt: skip
+        return VideoTrainer(cfg, progress=False, model_cfg=replace(_tiny_cfg(), shift=3.0))
+
+    plain = trainer(tmp_path / "plain", ema=0.0)
+    avg = {k: v.clone() for k, v in plain.model.state_dict().items()}  # the average by hand, from the initial weights
+    for step in range(1, 4):
+        plain.train_step()
+        d = min(0.9, (1 + step) / (10 + step))
+        avg = {k: d * a + (1 - d) * plain.model.state_dict()[k] for k, a in avg.items()}
+    final = plain.run()  # at its last step already: writes final/, the last weights (no averaging)
+    for name, x in load_embedded(final).state_dict().items():
+        assert torch.equal(x, plain.model.state_dict()[name]), name
+    final = trainer(tmp_path / "avg", ema=0.9).run()
+    state = torch.load(tmp_path / "avg" / "checkpoint.pt", weights_only=True)
+    for name, x in state["model"].items():  # averaging does not change the training
+        assert torch.equal(x, plain.model.state_dict()[name]), name
+    for model in (load_embedded(final), load_embedded(tmp_path / "avg")):  # final/ and the checkpoint: the average
+        for name, x in model.state_dict().items():
+            torch.testing.assert_close(x, avg[name], atol=1e-6, rtol=1e-5)
+    m = load_embedded(final)
+    assert m.cfg.shift == 3.0
+    prompt = "a red circle moving right"
+    assert torch.equal(sample(m, [prompt], [1], steps=3), sample(m, [prompt], [1], steps=3, shift=3.0))
+    assert not torch.equal(sample(m, [prompt], [1], steps=3), sample(m, [prompt], [1], steps=3, shift=1.0))
