@@ -7,13 +7,14 @@ the layout of a clip is decided at σ > 0.9, which the unshifted distribution ra
 shift by default), forms ``x_σ = (1 − σ) x_0 + σ ε`` on pixels in [−1, 1] and regresses the velocity ``ε − x_0`` (mean
 squared error). One prompt in ten is dropped (the "no prompt" embedding) so that sampling may use classifier-free
 guidance. AdamW, a linear warm-up then a constant rate; an exponential moving average of the weights (``ema``) is what
-``final/`` holds and what a run's checkpoint loads as. The run directory holds ``checkpoint.pt`` (weights, optimizer, step, the model's
-configuration; written every ``save_every`` steps and when this invocation's wall-clock budget ``--minutes`` is spent),
-``minutes.json`` (the wall-clock minutes spent over all invocations, and the process CPU minutes — every thread's —
-from the step where CPU accounting began, ``cpu_from_step``), ``train.log`` (JSON lines) and, at the end, ``final/``
-(the weights as ``load_embedded`` reads them). Every invocation logs its settings. Rerunning the same command resumes
-where the last chunk stopped; batches and noise follow from the step, so a run in chunks sees the same data as a run in
-one go. Every ``eval_every`` steps the quality gate is measured on ``eval_clips`` generated test clips and logged.
+``final/`` holds and what a run's checkpoint loads as. The run directory holds ``checkpoint.pt`` (weights, optimizer,
+step, the model's configuration; written every ``save_every`` steps and when this invocation's wall-clock budget
+``--minutes`` is spent), ``minutes.json`` (the wall-clock minutes spent over all invocations, and the process CPU
+minutes — every thread's — from the step where CPU accounting began, ``cpu_from_step``), ``train.log`` (JSON lines)
+and, at the end, ``final/`` (the weights as ``load_embedded`` reads them). Every invocation logs its settings.
+Rerunning the same command resumes where the last chunk stopped; batches and noise follow from the step, so a run in
+chunks sees the same data as a run in one go. Every ``eval_every`` steps the quality gate is measured on ``eval_clips``
+generated test clips and logged.
 """
 
 from __future__ import annotations
