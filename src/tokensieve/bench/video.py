@@ -25,7 +25,8 @@ weights: speed only** (or, with ``--video-model DIR``, a user's Wan transformer 
 ``--latent F,H,W`` (default 8 × 32 × 32: 2,048 tokens) for ``--steps`` forward calls. Every measurement is one
 ``bench`` row of the results store (``--store``; the key rule of :func:`tokensieve.results.store.dit_key`, the spec
 JSON ``{"kind": "dit", ...}``), and ``--report DIR`` writes ``video_bench.md`` and ``video_bench.json`` with the
-medians and ratios.
+medians and ratios, and ``video_bench.png`` (each configuration's speed against its FLOPs ideal and, on the embedded
+model, its PSNR against its speed).
 """
 
 from __future__ import annotations
@@ -583,7 +584,11 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
         info = {"machine": describe_machine(), "config": asdict(cfg), "model": mkey}
         (report / "video_bench.json").write_text(json.dumps({"info": info, "summary": summary}, indent=2,
                                                             default=str) + "\n")  # fmt: skip
-        (report / "video_bench.md").write_text(f"# Video DiT: sparse attention ({mkey})\n\n{table}")
+        from ..results.plots import video_tradeoff
+
+        drawn = video_tradeoff(summary, report / "video_bench.png", f"Video DiT sparse attention: {mkey}")
+        figure = "![speed and fidelity](video_bench.png)\n\n" if drawn else ""
+        (report / "video_bench.md").write_text(f"# Video DiT: sparse attention ({mkey})\n\n{figure}{table}")
     return 0
 
 

@@ -280,6 +280,54 @@ def speed(summary: list[Row], out_dir: Path) -> list[Path]:
     return made
 
 
+# --------------------------------------------------------------------------------------------- video DiT methods
+def video_tradeoff(summary: Sequence[Row], path: Path, title: str) -> bool:
+    """``tokensieve bench --video``: per configuration, the attention speed-up of its sparse calls against their FLOPs
+    ideal (the diagonal is the ideal, the dashed line 0.8 of it) and, when fidelity was measured, PSNR against the
+    dense clip over the whole-run attention speed-up. One colour per configuration in both panels."""
+    rows = [r for r in summary if r["label"] != FULL and math.isfinite(float(r.get("sparse_speedup") or "nan"))]
+    if not rows:
+        return False
+    plt = _pyplot()
+    fidelity = [r for r in rows if r.get("psnr") is not None]
+    fig, axes = plt.subplots(1, 2 if fidelity else 1, figsize=(11 if fidelity else 5.6, 4.4), squeeze=False)
+    cmap = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    colour = {r["label"]: cmap(i % cmap.N) for i, r in enumerate(rows)}
+    ax = axes[0][0]
+    top = max([1.0 / max(float(r["sparse_density"]), 1e-9) for r in rows] + [float(r["sparse_speedup"]) for r in rows])
+    line = [0.0, top * 1.1]
+    ax.plot(line, line, color="black", lw=0.8, label="FLOPs ideal")
+    ax.plot(line, [0.8 * x for x in line], color="black", lw=0.8, ls="--", label="0.8 of ideal")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    for r in rows:
+        ax.scatter(1.0 / float(r["sparse_density"]), float(r["sparse_speedup"]), color=colour[r["label"]], s=36,
+                   label=r["label"])  # fmt: skip
+    ax.set_xlabel("FLOPs ideal of a sparse call (1 / density)", fontsize=8)
+    ax.set_ylabel("attention speed-up per sparse call (dense = 1)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("speed against the FLOPs ideal", fontsize=9)
+    if fidelity:
+        ax = axes[0][1]
+        for r in fidelity:
+            psnr = float(r["psnr"])
+            ax.scatter(float(r["attn_speedup"]), min(psnr, 60.0), color=colour[r["label"]], s=36,
+                       marker="^" if psnr > 60 else "o")  # fmt: skip
+        ax.axhline(25.0, color="black", lw=0.8, ls="--")
+        ax.axvline(1.0, color="grey", lw=0.6)
+        ax.set_xlabel("attention speed-up, whole run (dense = 1)", fontsize=8)
+        ax.set_ylabel("PSNR against the dense clip, dB (▲: ≥ 60)", fontsize=8)
+        ax.set_title("fidelity against speed (dashed: 25 dB)", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 # ------------------------------------------------------------------------------------------ visual-token methods
 DODGE = 0.015  # the largest horizontal offset of a method's points (fraction of visual tokens kept)
 

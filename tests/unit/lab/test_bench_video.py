@@ -115,6 +115,9 @@ def test_cli_writes_the_store_and_resumes(tiny_model, tmp_path, capsys):
     assert json.loads(rows[0]["spec"])["kind"] == "dit"
     summary = json.loads((tmp_path / "rep" / "video_bench.json").read_text())["summary"]
     assert {x["label"] for x in summary} == {"full", "svg[dense_layers=0,warmup=0]:0.5"}
+    png = tmp_path / "rep" / "video_bench.png"  # speed against the FLOPs ideal, PSNR against speed
+    assert png.stat().st_size > 5000
+    assert "![speed and fidelity](video_bench.png)" in (tmp_path / "rep" / "video_bench.md").read_text()
     assert main(argv) == 0  # resumed: every key is stored, nothing is measured again
     with ResultStore(store, readonly=True) as s:
         assert s.count("bench") == 2
