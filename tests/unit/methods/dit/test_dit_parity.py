@@ -105,6 +105,15 @@ def test_svg2_matches_cluster_rule():
         torch.testing.assert_close(pairs, dynamic_map(qcent, kcent, ksz, 0.7, 0.2)[0, h], atol=0, rtol=0)
         mask[0, h] = pairs[ql[0, h]][:, kl[0, h]]
     torch.testing.assert_close(got.out, masked(q, k, v, mask), atol=1e-5, rtol=1e-4)
+    assert got.density == pytest.approx(float(mask.float().mean()))
+    # joint attention: every video query also reads every text key
+    tk, tv = qkv(H=2, N=5, seed=1)[:2]
+    c = call_of(q, k, v, grid)
+    c.text_k, c.text_v = tk, tv
+    joint = m.sparse(c)
+    both = torch.cat([mask, torch.ones(1, 2, grid.tokens, 5, dtype=torch.bool)], -1)
+    torch.testing.assert_close(joint.out, masked(q, torch.cat([k, tk], 2), torch.cat([v, tv], 2), both),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
 
 
 def test_kmeans_reaches_a_fixed_point():
