@@ -77,6 +77,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .video import cmd_bench_video
 
         return cmd_bench_video(args)
+    for flag in ("video_model", "latent", "video_layers", "frames"):
+        if getattr(args, flag, None) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} belongs to --video (tokensieve bench --video).")
     if getattr(args, "vlm", None):  # VLM prefill with visual-token pruning (tokensieve.bench.vlm)
         from .vlm import cmd_bench_vlm
 
@@ -213,6 +216,12 @@ def add_commands(sub: Any) -> None:
     )
     sp.add_argument("--steps", type=int, default=20, help="--video: denoising steps per generation (default 20)")
     sp.add_argument("--clips", type=int, default=4, help="--video embedded: test prompts and seeds (default 4)")
+    sp.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="--video embedded: frames per clip (default: the model's 8, 2,048 tokens; each frame adds 256 tokens)",
+    )
     sp.add_argument(
         "--video-model",
         default=None,

@@ -45,6 +45,7 @@ from typing import Any
 from ..errors import ConfigError
 
 TOOL = "bench-video"
+MAX_FRAMES = 64  # the embedded model's temporal RoPE positions
 WORKLOADS = ("embedded", "wan2.1-1.3b")
 DEFAULT_METHODS = "svg,svg2,radial,vmoba,psa,adaspa,ras"
 DEFAULT_BUDGETS = "0.25,0.5"
@@ -128,6 +129,7 @@ class VideoBenchConfig:
     clips: int = 4
     threads: int = 1
     model: str | None = None  # embedded: a folder written by `train video-dit` (default: the shipped model)
+    frames: int = 0  # embedded: frames per clip (0: the model's own)
     geometry: WanGeometry = field(default_factory=WanGeometry)
 
 
@@ -231,13 +233,16 @@ class _Embedded(_Workload):
         from ..data.clips import make_clip, split_seed
 
         self.model = load_embedded(cfg.model)
-        self.tokens = self.model.cfg.tokens
-        self.clips = cfg.clips
         mc = self.model.cfg
+        self.frames = cfg.frames or mc.frames
+        if not 2 <= self.frames <= MAX_FRAMES:
+            raise ConfigError(f"--frames must be in [2, {MAX_FRAMES}] (the model's RoPE places {MAX_FRAMES} frames).")
+        self.tokens = mc.tokens // mc.frames * self.frames
+        self.clips = cfg.clips
         self.prompts = []
         for i in range(cfg.clips):
             seed = split_seed("test", i)
-            self.prompts.append((make_clip(seed, mc.frames, mc.size).prompt, seed))
+            self.prompts.append((make_clip(seed, self.frames, mc.size).prompt, seed))
 
     def run(self, spec: str, clip: int, rep: int, steps: int) -> tuple[VideoRow, Any]:
         from ..adapters.diffusion import sparsify
@@ -246,7 +251,7 @@ class _Embedded(_Workload):
         prompt, seed = self.prompts[clip]
         with sparsify(self.model.transformer, spec, num_steps=steps) as sieve:
             t0 = time.perf_counter()
-            video = sample(self.model, [prompt], [seed], steps=steps, sieve=sieve)[0].numpy()
+            video = sample(self.model, [prompt], [seed], steps=steps, sieve=sieve, frames=self.frames)[0].numpy()
             e2e = time.perf_counter() - t0
         row = VideoRow(spec, "embedded", rep, clip, self.tokens, steps, e2e, sieve.stats.attention_seconds(),
                        sieve.stats.density(), prompt=prompt, seed=seed, **_calls(sieve))  # fmt: skip
@@ -470,7 +475,8 @@ def model_key(cfg: VideoBenchConfig) -> str:
     if cfg.workload == "embedded":
         from ..adapters.diffusion.embedded import EMBEDDED_NAME
 
-        return EMBEDDED_NAME if cfg.model is None else f"{EMBEDDED_NAME}@{Path(cfg.model).resolve()}"
+        name = EMBEDDED_NAME + (f"-{cfg.frames}frames" if cfg.frames else "")
+        return name if cfg.model is None else f"{name}@{Path(cfg.model).resolve()}"
     if cfg.model is not None:
         return f"wan@{Path(cfg.model).resolve()}"
     return cfg.geometry.model_key
@@ -542,8 +548,11 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
         geometry = WanGeometry(latent=(latent[0], latent[1], latent[2]))
     if args.video_layers:
         geometry = WanGeometry(layers=args.video_layers, latent=geometry.latent)
+    if args.frames and args.video != "embedded":
+        raise ConfigError("--frames sets the embedded model's clip length; at Wan geometry give --latent F,H,W.")
     cfg = VideoBenchConfig(workload=args.video, specs=specs, reps=args.reps, steps=args.steps, clips=args.clips,
-                           threads=threads, model=args.video_model, geometry=geometry)  # fmt: skip
+                           threads=threads, model=args.video_model, geometry=geometry,
+                           frames=args.frames or 0)  # fmt: skip
     report = Path(args.report) if args.report else None
     store = ResultStore(args.store) if args.store else None
     mkey = model_key(cfg)

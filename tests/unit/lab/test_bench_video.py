@@ -16,6 +16,7 @@ from tokensieve.bench.video import (
     VideoBenchConfig,
     WanGeometry,
     expand_specs,
+    model_key,
     run_video_bench,
     summarize,
 )
@@ -164,3 +165,18 @@ def test_every_command_of_the_guide_parses():
         argv = shlex.split(c.split("#")[0])[1:]
         args = parser.parse_args(argv)
         assert callable(args.func), c
+
+
+def test_longer_clips_than_trained(tiny_model, capsys):
+    cfg = VideoBenchConfig(workload="embedded", specs=("full", "radial[warmup=0,dense_layers=0,block=64]"), reps=1,
+                           steps=1, clips=1, model=str(tiny_model), frames=8)  # fmt: skip
+    rows = run_video_bench(cfg)
+    assert all(r.tokens == 8 * 8 * 8 for r in rows)  # 8 frames of 8 × 8 patches (the model was trained on 4)
+    assert "-8frames@" in model_key(cfg)
+    assert model_key(cfg) != model_key(VideoBenchConfig(workload="embedded", model=str(tiny_model)))
+    with pytest.raises(ConfigError, match="--frames must be in"):
+        run_video_bench(VideoBenchConfig(workload="embedded", specs=("full",), model=str(tiny_model), frames=65))
+    assert main(["bench", "--video", "wan2.1-1.3b", "--frames", "16"]) == 2
+    assert "--latent" in capsys.readouterr().err
+    assert main(["bench", "--frames", "16", "--methods", "full"]) == 2
+    assert "belongs to --video" in capsys.readouterr().err

@@ -175,16 +175,19 @@ def sample(
     guidance: float = 1.0,
     shift: float | None = None,
     sieve: Any = None,
+    frames: int | None = None,
 ) -> Tensor:
     """Clips ``(B, F, H, W, 3)`` uint8 for the prompts, each from the noise of its seed (Euler on the flow).
 
     ``sieve``: a :class:`~tokensieve.adapters.diffusion.DiTSieve` on ``model.transformer`` (reset here for the run's
     steps) or None. ``guidance`` > 1 adds classifier-free guidance (a second, prompt-less call per step); ``shift``
-    moves the noise levels toward high noise (None: the shift the model was trained with)."""
+    moves the noise levels toward high noise (None: the shift the model was trained with); ``frames``: clips longer
+    (or shorter) than the model was trained on (None: its own; the 3D RoPE places up to 64 frames)."""
     cfg = model.cfg
     for p in prompts:
         model.parse(p)
-    noise = [torch.randn(3, cfg.frames, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    f = frames or cfg.frames
+    noise = [torch.randn(3, f, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x = torch.stack(noise).to(model.slot.device)
     sig = sigmas(steps, cfg.shift if shift is None else shift)
     if sieve is not None:
