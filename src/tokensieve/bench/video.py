@@ -45,7 +45,6 @@ from typing import Any
 from ..errors import ConfigError
 
 TOOL = "bench-video"
-MAX_FRAMES = 64  # the embedded model's temporal RoPE positions
 WORKLOADS = ("embedded", "wan2.1-1.3b")
 DEFAULT_METHODS = "svg,svg2,radial,vmoba,psa,adaspa,ras"
 DEFAULT_BUDGETS = "0.25,0.5"
@@ -229,7 +228,7 @@ class _Workload:
 
 class _Embedded(_Workload):
     def __init__(self, cfg: VideoBenchConfig) -> None:
-        from ..adapters.diffusion.embedded import load_embedded
+        from ..adapters.diffusion.embedded import MAX_FRAMES, load_embedded
         from ..data.clips import make_clip, split_seed
 
         self.model = load_embedded(cfg.model)

@@ -300,8 +300,8 @@ def video_tradeoff(summary: Sequence[Row], path: Path, title: str) -> bool:
     ax.plot(line, [0.8 * x for x in line], color="black", lw=0.8, ls="--", label="0.8 of ideal")
     ax.axhline(1.0, color="grey", lw=0.6)
     for r in rows:
-        ax.scatter(1.0 / float(r["sparse_density"]), float(r["sparse_speedup"]), color=colour[r["label"]], s=36,
-                   label=r["label"])  # fmt: skip
+        ideal = 1.0 / max(float(r["sparse_density"]), 1e-9)
+        ax.scatter(ideal, float(r["sparse_speedup"]), color=colour[r["label"]], s=36, label=r["label"])
     ax.set_xlabel("FLOPs ideal of a sparse call (1 / density)", fontsize=8)
     ax.set_ylabel("attention speed-up per sparse call (dense = 1)", fontsize=8)
     ax.grid(alpha=0.3)

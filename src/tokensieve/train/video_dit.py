@@ -24,7 +24,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,17 @@ class VideoTrainer:
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        mcfg = model_cfg or VideoDiTConfig(
-            layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size, shift=cfg.shift
+        mcfg = (
+            replace(model_cfg, shift=cfg.shift)
+            if model_cfg is not None
+            else VideoDiTConfig(layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size, shift=cfg.shift)
         )
         self.model = EmbeddedVideoDiT(mcfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.step = 0
         # the moving average of the weights (a checkpoint written before averaging began starts it from its weights)
-        self.ema: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.ema: dict[str, torch.Tensor] | None = self._weights() if cfg.ema else None
+        self.changed: dict[str, Any] = {}  # settings that differ from the previous invocation's
         ckpt = self.dir / "checkpoint.pt"
         if ckpt.is_file():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
@@ -106,13 +109,20 @@ class VideoTrainer:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
             self.step = int(state["step"])
-            self.ema = state.get("ema") or {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if cfg.ema:
+                self.ema = state.get("ema") or self._weights()
+            before = {"shift": 1.0, "ema": 0.0, **state.get("config", {})}  # settings added since: what they were
+            self.changed = {k: [before[k], v] for k, v in asdict(cfg).items()
+                            if k in before and before[k] != v and k not in ("out", "minutes", "threads")}  # fmt: skip
         self._resumed_at = self.step
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def save(self) -> None:
         tmp = self.dir / "checkpoint.pt.tmp"
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                 "ema": self.ema, "config": asdict(self.cfg),
+                 **({"ema": self.ema} if self.ema is not None else {}), "config": asdict(self.cfg),
                  "model_config": json.loads(json.dumps(asdict(self.model.cfg)))}  # fmt: skip
         torch.save(state, tmp)
         tmp.replace(self.dir / "checkpoint.pt")
@@ -147,7 +157,7 @@ class VideoTrainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.step += 1
-        if cfg.ema:
+        if self.ema is not None:
             decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
             with torch.no_grad():
                 for name, value in self.model.state_dict().items():
@@ -160,7 +170,7 @@ class VideoTrainer:
 
     def averaged(self) -> Any:
         """The model with the averaged weights (the trained weights when ``ema`` is 0)."""
-        if not self.cfg.ema:
+        if self.ema is None:
             return self.model
         from ..adapters.diffusion.embedded import EmbeddedVideoDiT
 
@@ -176,7 +186,10 @@ class VideoTrainer:
         c0 = time.process_time()
         losses: list[float] = []
         # every invocation's settings, so that a run in chunks with changed settings can be reproduced from its log
-        self.log({"invocation": asdict(cfg), "resumed_at_step": self.step})
+        self.log({"invocation": asdict(cfg), "resumed_at_step": self.step,
+                  **({"changed": self.changed} if self.changed else {})})  # fmt: skip
+        if self.changed and self.progress:
+            print(f"note: settings changed since the last chunk (before, now): {self.changed}", flush=True)
         t_log = time.time()
         while self.step < cfg.steps:
             losses.append(self.train_step())

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...errors import ModelNotFoundError, PromptError
+from ...errors import ConfigError, ModelNotFoundError, PromptError
 
 EMBEDDED_NAME = "video-dit-wan-tiny"
 WEIGHTS_ROOT = Path(__file__).resolve().parent.parent.parent / "weights"
 SLOTS = ("color", "shape", "direction")
+MAX_FRAMES = 64  # the temporal positions of the transformer's 3D RoPE (rope_max_seq_len)
 
 
 def default_vocab() -> dict[str, list[str]]:
@@ -74,7 +75,7 @@ class EmbeddedVideoDiT(nn.Module):
             freq_dim=cfg.freq_dim,
             ffn_dim=cfg.ffn,
             num_layers=cfg.layers,
-            rope_max_seq_len=max(64, cfg.size),
+            rope_max_seq_len=max(MAX_FRAMES, cfg.size),
         )
         self.words = [w for s in SLOTS for w in cfg.vocab[s]]
         self.embed = nn.Embedding(len(self.words) + 1, cfg.text_dim)  # the last row: "no prompt" (guidance)
@@ -187,6 +188,8 @@ def sample(
     for p in prompts:
         model.parse(p)
     f = frames or cfg.frames
+    if not 1 <= f <= MAX_FRAMES:
+        raise ConfigError(f"frames must be in [1, {MAX_FRAMES}] (the positions of the model's RoPE); got {f}.")
     noise = [torch.randn(3, f, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x = torch.stack(noise).to(model.slot.device)
     sig = sigmas(steps, cfg.shift if shift is None else shift)

@@ -116,6 +116,10 @@ class SparseVideoGen2(DiTMethod):
     warmup: float = 0.2
     dense_layers: float = 0.03
 
+    @classmethod
+    def summary(cls) -> str:
+        return "diffusion transformer: sparse self-attention per call (bidirectional, exact query-key cluster pairs)"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.qc < 1 or self.kc < 1 or not 0 < self.top_p <= 1 or not 0 <= self.min_kc_ratio <= 1:
@@ -159,26 +163,26 @@ def cluster_attention(call: DiTCall, ql: Tensor, kl: Tensor, pairs: Tensor) -> t
     B, H = q.shape[:2]
     out = torch.empty_like(q)
     read = 0
+    tk, tv = call.text_k, call.text_v
     for b in range(B):
         for h in range(H):
+            keys, values = k[b, h], v[b, h]
+            keep = pairs[b, h][:, kl[b, h]]  # (qc, N): query cluster a reads key j
+            if tk is not None and tv is not None:  # joint attention: every video query also reads every text key
+                keys, values = torch.cat([keys, tk[b, h]]), torch.cat([values, tv[b, h]])
+                keep = torch.cat([keep, keep.new_ones(keep.shape[0], tk.shape[2])], 1)
             qorder = torch.argsort(ql[b, h], stable=True)
             qsizes = torch.bincount(ql[b, h], minlength=pairs.shape[-2]).tolist()
-            korder = torch.argsort(kl[b, h], stable=True)
-            klab = kl[b, h, korder]
-            kp, vp = k[b, h, korder], v[b, h, korder]
-            qp = q[b, h, qorder]
-            keep = pairs[b, h][:, klab]  # (qc, N): query cluster a reads permuted key j
             start = 0
             for a, n in enumerate(qsizes):
                 if n == 0:
                     continue
-                ks, vs = kp[keep[a]], vp[keep[a]]
-                read += n * ks.shape[0]
-                if call.text_k is not None and call.text_v is not None:
-                    ks, vs = torch.cat([ks, call.text_k[b, h]]), torch.cat([vs, call.text_v[b, h]])
+                rows = qorder[start : start + n]
+                ks, vs = keys[keep[a]], values[keep[a]]
+                read += n * int(keep[a, : k.shape[2]].sum())
                 # 4-D operands: SDPA's flash kernel on CPU (3-D ones take the slower math path)
-                qa = qp[None, None, start : start + n]
-                o = F.scaled_dot_product_attention(qa, ks[None, None], vs[None, None], scale=call.scaling)
-                out[b, h, qorder[start : start + n]] = o[0, 0]
+                o = F.scaled_dot_product_attention(q[b, h, rows][None, None], ks[None, None], vs[None, None],
+                                                   scale=call.scaling)  # fmt: skip
+                out[b, h, rows] = o[0, 0]
                 start += n
     return out, read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -156,14 +157,12 @@ def test_training_log_reports_loss_speed_and_time_left(tmp_path):
 
 
 def test_final_weights_are_the_moving_average_and_the_sampler_uses_the_trained_shift(tmp_path):
-    from dataclasses import replace
-
     from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
 
     def trainer(out, ema):
         cfg = VideoTrainConfig(out=str(out), steps=3, batch=1, warmup=1, save_every=100, eval_every=0, ema=ema,
                                shift=3.0)  # fmt: skip
-        return VideoTrainer(cfg, progress=False, model_cfg=replace(_tiny_cfg(), shift=3.0))
+        return VideoTrainer(cfg, progress=False, model_cfg=_tiny_cfg())  # the model takes the training's shift
 
     plain = trainer(tmp_path / "plain", ema=0.0)
     avg = {k: v.clone() for k, v in plain.model.state_dict().items()}  # the average by hand, from the initial weights
@@ -172,8 +171,9 @@ def test_final_weights_are_the_moving_average_and_the_sampler_uses_the_trained_s
         d = min(0.9, (1 + step) / (10 + step))
         avg = {k: d * a + (1 - d) * plain.model.state_dict()[k] for k, a in avg.items()}
     final = plain.run()  # at its last step already: writes final/, the last weights (no averaging)
-    for name, x in load_embedded(final).state_dict().items():
-        assert torch.equal(x, plain.model.state_dict()[name]), name
+    for model in (load_embedded(final), load_embedded(tmp_path / "plain")):  # final/ and the checkpoint
+        for name, x in model.state_dict().items():
+            assert torch.equal(x, plain.model.state_dict()[name]), name
     final = trainer(tmp_path / "avg", ema=0.9).run()
     state = torch.load(tmp_path / "avg" / "checkpoint.pt", weights_only=True)
     for name, x in state["model"].items():  # averaging does not change the training
@@ -186,3 +186,37 @@ def test_final_weights_are_the_moving_average_and_the_sampler_uses_the_trained_s
     prompt = "a red circle moving right"
     assert torch.equal(sample(m, [prompt], [1], steps=3), sample(m, [prompt], [1], steps=3, shift=3.0))
     assert not torch.equal(sample(m, [prompt], [1], steps=3), sample(m, [prompt], [1], steps=3, shift=1.0))
+
+
+def test_a_checkpoint_from_before_averaging_and_shift_resumes(tmp_path):
+    from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
+
+    cfg = VideoTrainConfig(out=str(tmp_path), steps=2, batch=1, warmup=1, save_every=100, eval_every=0, ema=0.0,
+                           shift=1.0)  # fmt: skip
+    VideoTrainer(cfg, progress=False, model_cfg=_tiny_cfg()).run()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "ema" not in state  # no averaging: none stored
+    del state["model_config"]["shift"]  # written before the shift existed
+    del state["config"]["shift"], state["config"]["ema"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    resumed = VideoTrainer(replace(cfg, steps=3, ema=0.9, shift=3.0), progress=False, model_cfg=_tiny_cfg())
+    assert resumed.step == 2
+    assert resumed.changed == {"steps": [2, 3], "shift": [1.0, 3.0], "ema": [0.0, 0.9]}  # logged with the chunk
+    for name, x in resumed.ema.items():  # the average starts from the checkpoint's weights
+        assert torch.equal(x, state["model"][name]), name
+    resumed.run()
+    log = [json.loads(x) for x in (tmp_path / "train.log").read_text().splitlines()]
+    chunks = [x for x in log if "invocation" in x]
+    assert "changed" not in chunks[0]
+    assert chunks[1]["changed"]["shift"] == [1.0, 3.0]
+    assert load_embedded(tmp_path / "final").cfg.shift == 3.0
+
+
+def test_sampling_other_clip_lengths():
+    m = tiny()
+    clip = sample(m, ["a red circle moving right"], [1], steps=1, frames=5)
+    assert clip.shape == (1, 5, 16, 16, 3)
+    from tokensieve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="frames must be in"):
+        sample(m, ["a red circle moving right"], [1], steps=1, frames=65)
