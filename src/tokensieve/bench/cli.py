@@ -77,7 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .video import cmd_bench_video
 
         return cmd_bench_video(args)
-    for flag in ("video_model", "latent", "video_layers", "frames"):
+    for flag in ("video_model", "latent", "video_layers", "frames", "guidance"):
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} belongs to --video (tokensieve bench --video).")
     if getattr(args, "vlm", None):  # VLM prefill with visual-token pruning (tokensieve.bench.vlm)
@@ -221,6 +221,12 @@ def add_commands(sub: Any) -> None:
         type=int,
         default=None,
         help="--video embedded: frames per clip (default: the model's 8, 2,048 tokens; each frame adds 256 tokens)",
+    )
+    sp.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="--video embedded: classifier-free guidance scale of the sampler (default 1: none; doubles the calls)",
     )
     sp.add_argument(
         "--video-model",

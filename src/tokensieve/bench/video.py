@@ -129,6 +129,7 @@ class VideoBenchConfig:
     threads: int = 1
     model: str | None = None  # embedded: a folder written by `train video-dit` (default: the shipped model)
     frames: int = 0  # embedded: frames per clip (0: the model's own)
+    guidance: float = 1.0  # embedded: classifier-free guidance scale of the sampler (1: none)
     geometry: WanGeometry = field(default_factory=WanGeometry)
 
 
@@ -238,6 +239,7 @@ class _Embedded(_Workload):
             raise ConfigError(f"--frames must be in [2, {MAX_FRAMES}] (the model's RoPE places {MAX_FRAMES} frames).")
         self.tokens = mc.tokens // mc.frames * self.frames
         self.clips = cfg.clips
+        self.guidance = cfg.guidance
         self.prompts = []
         for i in range(cfg.clips):
             seed = split_seed("test", i)
@@ -250,7 +252,8 @@ class _Embedded(_Workload):
         prompt, seed = self.prompts[clip]
         with sparsify(self.model.transformer, spec, num_steps=steps) as sieve:
             t0 = time.perf_counter()
-            video = sample(self.model, [prompt], [seed], steps=steps, sieve=sieve, frames=self.frames)[0].numpy()
+            video = sample(self.model, [prompt], [seed], steps=steps, sieve=sieve, frames=self.frames,
+                           guidance=self.guidance)[0].numpy()  # fmt: skip
             e2e = time.perf_counter() - t0
         row = VideoRow(spec, "embedded", rep, clip, self.tokens, steps, e2e, sieve.stats.attention_seconds(),
                        sieve.stats.density(), prompt=prompt, seed=seed, **_calls(sieve))  # fmt: skip
@@ -475,6 +478,7 @@ def model_key(cfg: VideoBenchConfig) -> str:
         from ..adapters.diffusion.embedded import EMBEDDED_NAME
 
         name = EMBEDDED_NAME + (f"-{cfg.frames}frames" if cfg.frames else "")
+        name += f"-guidance{cfg.guidance:g}" if cfg.guidance != 1.0 else ""
         return name if cfg.model is None else f"{name}@{Path(cfg.model).resolve()}"
     if cfg.model is not None:
         return f"wan@{Path(cfg.model).resolve()}"
@@ -549,9 +553,13 @@ def cmd_bench_video(args: argparse.Namespace) -> int:
         geometry = WanGeometry(layers=args.video_layers, latent=geometry.latent)
     if args.frames and args.video != "embedded":
         raise ConfigError("--frames sets the embedded model's clip length; at Wan geometry give --latent F,H,W.")
+    guidance = 1.0 if args.guidance is None else args.guidance
+    if args.guidance is not None and (args.video != "embedded" or guidance < 1.0):
+        raise ConfigError("--guidance (≥ 1) is the embedded model's sampler setting; the Wan geometry runs the "
+                          "transformer alone.")  # fmt: skip
     cfg = VideoBenchConfig(workload=args.video, specs=specs, reps=args.reps, steps=args.steps, clips=args.clips,
                            threads=threads, model=args.video_model, geometry=geometry,
-                           frames=args.frames or 0)  # fmt: skip
+                           frames=args.frames or 0, guidance=guidance)  # fmt: skip
     report = Path(args.report) if args.report else None
     store = ResultStore(args.store) if args.store else None
     mkey = model_key(cfg)

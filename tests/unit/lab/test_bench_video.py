@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -180,3 +181,12 @@ def test_longer_clips_than_trained(tiny_model, capsys):
     assert "--latent" in capsys.readouterr().err
     assert main(["bench", "--frames", "16", "--methods", "full"]) == 2
     assert "belongs to --video" in capsys.readouterr().err
+    assert main(["bench", "--video", "wan2.1-1.3b", "--guidance", "4"]) == 2
+    assert "embedded model's sampler" in capsys.readouterr().err
+    guided = VideoBenchConfig(workload="embedded", specs=("full",), reps=1, steps=1, clips=1, model=str(tiny_model),
+                              guidance=3.0)  # fmt: skip
+    assert "-guidance3@" in model_key(guided)  # its rows are apart from unguided ones
+    plain = replace(guided, guidance=1.0)
+    # guidance: two transformer calls per step (with and without the prompt), each through the model's 2 layers
+    assert [r.calls for r in run_video_bench(plain)] == [2]
+    assert [r.calls for r in run_video_bench(guided)] == [4]
