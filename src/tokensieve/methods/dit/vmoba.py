@@ -21,9 +21,11 @@ rule per query, is available as ``select=query_head``). No dense steps or layers
 start). Chunk shapes are not given for Wan in the paper or code; ours: one frame (1D), a quarter of each side (2D),
 half the frames × a quarter of each side (3D), each at least one token.
 
-**Choices.** The authors gather each chunk's selected queries (varlen FlashAttention); our kernel reads
-``block``-token blocks of the rearranged sequence and evaluates the (query, chunk) selection on partial blocks (exact
-output). The density is the exact fraction of (query, key) pairs read.
+**Choices.** As the authors' varlen kernel: per (sequence, head, chunk), the queries that selected the chunk are
+gathered and attend over the chunk's keys (one matrix product each, with the log-sum-exp of every query's logits), and
+each query's pieces are merged by their log-sum-exps — exact softmax attention over the union of its chunks, the work
+the density's. In joint attention the text keys are one more piece every query reads. The density is the exact
+fraction of (query, key) pairs read.
 """
 
 from __future__ import annotations
@@ -36,16 +38,7 @@ from torch import Tensor
 
 from ...core.registry import register
 from ...errors import ConfigError
-from .base import (
-    Attended,
-    DiTCall,
-    DiTMethod,
-    VideoGrid,
-    blocks_of,
-    classify_blocks,
-    run_blocks,
-    scatter_tokens,
-)
+from .base import Attended, DiTCall, DiTMethod, VideoGrid
 
 
 def chunk_layout(grid: VideoGrid, shape: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor, int]:
@@ -123,7 +116,6 @@ class VMoBA(DiTMethod):
     chunk_1d: int = 1
     chunk_2d: tuple[int, int] = (0, 0)  # (h, w) in patches; 0: a quarter of the side
     chunk_3d: tuple[int, int, int] = (0, 0, 0)  # (t, h, w); 0: half the frames, a quarter of each side
-    block: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,32 +134,50 @@ class VMoBA(DiTMethod):
         return (t or max(1, F // 2), h or max(1, H // 4), w or max(1, W // 4))
 
     def sparse(self, call: DiTCall) -> Attended:
-        q, k, v = call.q, call.k, call.v
+        q, k = call.q, call.k
         B, H, N, _D = q.shape
-        shape = self.chunk_shape(call.layer, call.grid)
-        order, chunk, C = chunk_layout(call.grid, shape, q.device)
-        qp, kp, vp = q.index_select(2, order), k.index_select(2, order), v.index_select(2, order)
-        onehot = torch.nn.functional.one_hot(chunk, C).float()  # (N, C)
+        order, chunk, C = chunk_layout(call.grid, self.chunk_shape(call.layer, call.grid), q.device)
+        cid = torch.empty_like(chunk)
+        cid[order] = chunk  # the chunk of every (frame-major) token
+        onehot = torch.nn.functional.one_hot(cid, C).float()  # (N, C)
         sizes = onehot.sum(0)  # (C,)
-        mean_k = torch.einsum("bhnd,nc->bhcd", kp.float(), onehot) / sizes[:, None]
-        gate = torch.matmul(qp.float(), mean_k.transpose(-1, -2))  # (B, H, N, C)
+        mean_k = torch.einsum("bhnd,nc->bhcd", k.float(), onehot) / sizes[:, None]
+        gate = torch.matmul(q.float(), mean_k.transpose(-1, -2))  # (B, H, N, C)
         own = onehot.bool()[None, None].expand(B, H, N, C)
         pick = select_head_global if self.select == "head_global" else select_query_head
         sel = pick(gate, own, self.threshold)  # (B, H, N, C)
-        # kernel grid: per (query block, key block) the number of allowed pairs = Σ_q Σ_c sel · |c ∩ key block|
-        nb = blocks_of(N, self.block)
-        pad = nb * self.block - N
-        kb_member = torch.nn.functional.pad(onehot, (0, 0, 0, pad)).view(nb, self.block, C).sum(1)  # (nk, C)
-        qsel = torch.nn.functional.pad(sel.float(), (0, 0, 0, pad)).view(B, H, nb, self.block, C).sum(3)
-        allowed = qsel @ kb_member.T  # (B, H, nq, nk)
-        grid = classify_blocks(allowed, self.block, self.block)
-        flat = sel.reshape(-1).contiguous()
-        chunk_l = chunk.contiguous()
-        dims = torch.tensor([H, N, C], device=q.device)  # captured as a tensor (see svg.py)
-
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-            return flat[((b * dims[0] + h) * dims[1] + qi) * dims[2] + chunk_l[ki]]
-
-        out = run_blocks(call, qp, kp, vp, grid, self.block, mask_mod=mask_mod)
         density = float((sel.float() * sizes).sum()) / (B * H * N * N)
-        return Attended(scatter_tokens(out, order), density)
+        return Attended(chunk_attention(call, sel, cid, C), density)
+
+
+def chunk_attention(call: DiTCall, sel: Tensor, cid: Tensor, C: int) -> Tensor:
+    """Each query over the keys of its selected chunks: ``sel`` ``(B, H, N, C)`` bool, ``cid`` ``(N,)`` the chunk of
+    every token. Per (sequence, head, chunk) one attention of the selecting queries over the chunk's keys; the pieces
+    are merged per query by their log-sum-exps (and the text keys of joint attention are one more piece)."""
+    q, k, v = call.q, call.k, call.v
+    B, H, N, D = q.shape
+    members = [torch.nonzero(cid == c).squeeze(1) for c in range(C)]
+    out = torch.empty_like(q)
+    everyone = torch.arange(N, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            rows, lses, outs = [], [], []
+            pieces = [(torch.nonzero(sel[b, h, :, c]).squeeze(1), k[b, h, members[c]], v[b, h, members[c]])
+                      for c in range(C)]  # fmt: skip
+            if call.text_k is not None and call.text_v is not None:
+                pieces.append((everyone, call.text_k[b, h], call.text_v[b, h]))
+            for qi, kc, vc in pieces:
+                if qi.numel() == 0:
+                    continue
+                logits = torch.matmul(q[b, h, qi].float(), kc.float().T) * call.scaling
+                lse = torch.logsumexp(logits, -1)
+                rows.append(qi)
+                lses.append(lse)
+                outs.append(torch.matmul(torch.exp(logits - lse[:, None]), vc.float()))
+            idx, lse, o = torch.cat(rows), torch.cat(lses), torch.cat(outs)
+            top = torch.full((N,), float("-inf"), device=q.device).scatter_reduce(0, idx, lse, "amax")
+            w = torch.exp(lse - top[idx])
+            total = torch.zeros(N, device=q.device).index_add_(0, idx, w)
+            acc = torch.zeros(N, D, device=q.device).index_add_(0, idx, w[:, None] * o)
+            out[b, h] = (acc / total[:, None]).to(q.dtype)
+    return out

@@ -171,7 +171,7 @@ def test_vmoba_matches_global_threshold_rule():
     grid = VideoGrid(3, 4, 4)
     N = grid.tokens
     q, k, v = qkv(H=2, N=N)
-    m = parse_dit_spec("vmoba[threshold=0.4,block=16]")
+    m = parse_dit_spec("vmoba[threshold=0.4]")
     layer = 1  # 2D partition: (F, H/4, W/4) = (3, 1, 1) chunks
     got = m.sparse(call_of(q, k, v, grid, layer=layer))
     order, chunk, C = chunk_layout(grid, m.chunk_shape(layer, grid), torch.device("cpu"))
@@ -198,6 +198,14 @@ def test_vmoba_matches_global_threshold_rule():
                 break
         mask[0, h] = sel[:, cid]
     torch.testing.assert_close(got.out, masked(q, k, v, mask), atol=1e-5, rtol=1e-4)
+    assert got.density == pytest.approx(float(mask.float().mean()))
+    # joint attention: every video query also reads every text key
+    tk, tv = qkv(H=2, N=5, seed=1)[:2]
+    c = call_of(q, k, v, grid, layer=layer)
+    c.text_k, c.text_v = tk, tv
+    both = torch.cat([mask, torch.ones(1, 2, N, 5, dtype=torch.bool)], -1)
+    torch.testing.assert_close(m.sparse(c).out, masked(q, torch.cat([k, tk], 2), torch.cat([v, tv], 2), both),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
 
 
 def test_psa_attention_matches_pooled_keys():
