@@ -117,6 +117,10 @@ class VMoBA(DiTMethod):
     chunk_2d: tuple[int, int] = (0, 0)  # (h, w) in patches; 0: a quarter of the side
     chunk_3d: tuple[int, int, int] = (0, 0, 0)  # (t, h, w); 0: half the frames, a quarter of each side
 
+    @classmethod
+    def summary(cls) -> str:
+        return "diffusion transformer: sparse self-attention per call (bidirectional, exact query-chunk pairs)"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.threshold > 0 or self.select not in ("head_global", "query_head"):
