@@ -229,14 +229,12 @@ class _Workload:
 
 class _Embedded(_Workload):
     def __init__(self, cfg: VideoBenchConfig) -> None:
-        from ..adapters.diffusion.embedded import MAX_FRAMES, load_embedded
+        from ..adapters.diffusion.embedded import clip_frames, load_embedded
         from ..data.clips import make_clip, split_seed
 
         self.model = load_embedded(cfg.model)
         mc = self.model.cfg
-        self.frames = cfg.frames or mc.frames
-        if not 2 <= self.frames <= MAX_FRAMES:
-            raise ConfigError(f"--frames must be in [2, {MAX_FRAMES}] (the model's RoPE places {MAX_FRAMES} frames).")
+        self.frames = clip_frames(self.model, cfg.frames or None, "--frames")  # refused before any work
         self.tokens = mc.tokens // mc.frames * self.frames
         self.clips = cfg.clips
         self.guidance = cfg.guidance

@@ -161,6 +161,15 @@ def config_of(data: dict[str, Any]) -> VideoDiTConfig:
     return VideoDiTConfig(**{**data, "patch": tuple(data["patch"])})
 
 
+def clip_frames(model: EmbeddedVideoDiT, frames: int | None, option: str = "frames") -> int:
+    """The frames of a sampled clip: ``frames`` (None: the model's own), refused outside the RoPE's positions (the
+    message names ``option``)."""
+    f = frames or model.cfg.frames
+    if not 1 <= f <= MAX_FRAMES:
+        raise ConfigError(f"{option} must be in [1, {MAX_FRAMES}] (the positions of the model's RoPE); got {f}.")
+    return f
+
+
 def sigmas(steps: int, shift: float = 1.0) -> Tensor:
     """``steps + 1`` noise levels from 1 to 0 with Wan's shift ``σ' = s σ / (1 + (s − 1) σ)``."""
     s = torch.linspace(1.0, 0.0, steps + 1)
@@ -187,9 +196,7 @@ def sample(
     cfg = model.cfg
     for p in prompts:
         model.parse(p)
-    f = frames or cfg.frames
-    if not 1 <= f <= MAX_FRAMES:
-        raise ConfigError(f"frames must be in [1, {MAX_FRAMES}] (the positions of the model's RoPE); got {f}.")
+    f = clip_frames(model, frames)
     noise = [torch.randn(3, f, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x = torch.stack(noise).to(model.slot.device)
     sig = sigmas(steps, cfg.shift if shift is None else shift)

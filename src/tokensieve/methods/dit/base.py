@@ -280,47 +280,6 @@ __all__ = [
     "count_of",
     "dense_attention",
     "gather_tokens",
-    "label_counts",
-    "label_pairs_mask",
-    "pair_grid",
     "run_blocks",
     "scatter_tokens",
 ]
-
-
-def label_pairs_mask(q_labels: Tensor, k_labels: Tensor, pairs: Tensor) -> MaskMod:
-    """A token rule "query label × key label is allowed": ``q_labels`` ``(B, H, N_q)``, ``k_labels`` ``(B, H, N_k)``
-    (ints), ``pairs`` ``(B, H, G_q, G_k)`` bool. Written with flat one-dimensional reads (the form Inductor's CPU code
-    generation compiles)."""
-    B, H, Nq = q_labels.shape
-    Nk = k_labels.shape[2]
-    Gq, Gk = pairs.shape[-2:]
-    ql = q_labels.reshape(-1).to(torch.int64).contiguous()
-    kl = k_labels.reshape(-1).to(torch.int64).contiguous()
-    flat = pairs.expand(B, H, Gq, Gk).reshape(-1).contiguous()
-
-    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        row = b * H + h
-        return flat[(row * Gq + ql[row * Nq + qi]) * Gk + kl[row * Nk + ki]]
-
-    return mask_mod
-
-
-def label_counts(labels: Tensor, groups: int, block: int) -> Tensor:
-    """``(B, H, n_blocks, groups)``: how many tokens of each label every ``block``-token block holds (padding to whole
-    blocks counts as no label)."""
-    B, H, N = labels.shape
-    n = blocks_of(N, block)
-    onehot = torch.zeros(B, H, n * block, groups, dtype=torch.float32, device=labels.device)
-    onehot[:, :, :N].scatter_(-1, labels[..., None].long(), 1.0)
-    return onehot.view(B, H, n, block, groups).sum(3)
-
-
-def pair_grid(q_labels: Tensor, k_labels: Tensor, pairs: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """The kernel grid of a label rule and the number of allowed token pairs ``(B, H)``: a block is full when every
-    pair in it is allowed, partial when some are."""
-    Gq, Gk = pairs.shape[-2:]
-    cq = label_counts(q_labels, Gq, block)  # (B, H, nq, Gq)
-    ck = label_counts(k_labels, Gk, block)  # (B, H, nk, Gk)
-    allowed = cq @ pairs.to(torch.float32) @ ck.transpose(-1, -2)  # (B, H, nq, nk)
-    return classify_blocks(allowed, block, block), allowed.sum((-1, -2))
