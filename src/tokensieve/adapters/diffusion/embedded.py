@@ -4,7 +4,10 @@
 8 × 16 × 16 = 2,048 tokens; 3 heads of 64, 4 layers) and a text encoder that is one embedding per word of a closed
 vocabulary plus one per slot of the prompt template ("a {color} {shape} moving {direction}"): the transformer's
 cross-attention reads those three vectors. A prompt outside the template or the vocabulary is refused with the words
-the model knows. The velocity convention is Wan's (``x_σ = (1 − σ) x_0 + σ ε``, the model predicts ``ε − x_0``,
+the model knows. Besides RGB, the patch embedding reads three coordinate channels (:func:`coordinates`: each pixel's
+frame, row and column in [−1, 1]) — Wan's RoPE gives attention relative positions only, and from pure noise the model
+must know where a token sits to put the object where its motion starts (``coords``; a model saved without them has
+none). The velocity convention is Wan's (``x_σ = (1 − σ) x_0 + σ ε``, the model predicts ``ε − x_0``,
 timestep ``1000 σ``); :func:`sample` integrates it with Euler steps from σ = 1 to 0, one noise seed per clip, so a
 clip is the same alone or in a batch.
 """
@@ -48,6 +51,7 @@ class VideoDiTConfig:
     text_dim: int = 64
     freq_dim: int = 64
     shift: float = 1.0  # the noise-level shift it was trained with, which its sampler uses by default
+    coords: bool = True  # three input channels with each pixel's (t, y, x) in [−1, 1] besides its RGB
     template: str = "a {color} {shape} moving {direction}"
     vocab: dict[str, list[str]] = field(default_factory=default_vocab)
 
@@ -69,7 +73,7 @@ class EmbeddedVideoDiT(nn.Module):
             patch_size=tuple(cfg.patch),
             num_attention_heads=cfg.heads,
             attention_head_dim=cfg.head_dim,
-            in_channels=3,
+            in_channels=6 if cfg.coords else 3,
             out_channels=3,
             text_dim=cfg.text_dim,
             freq_dim=cfg.freq_dim,
@@ -109,6 +113,8 @@ class EmbeddedVideoDiT(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, prompts: list[str | None]) -> Tensor:
         """The predicted velocity ``ε − x_0`` at noise level ``sigma`` ``(B,)`` of pixels ``x`` ``(B, 3, F, H, W)``."""
         run: Any = self.transformer  # diffusers' ModelMixin types its __call__ loosely
+        if self.cfg.coords:
+            x = torch.cat([x, coordinates(x)], dim=1)
         out: Tensor = run(x, sigma * 1000.0, self.encode(prompts), return_dict=False)[0]
         return out
 
@@ -122,6 +128,29 @@ class EmbeddedVideoDiT(nn.Module):
         (folder / "config.json").write_text(json.dumps({"embedded_video_dit": cfg, **(extra or {})}, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
         return folder
+
+
+def coordinates(x: Tensor) -> Tensor:
+    """``(B, 3, F, H, W)``: every pixel's frame, row and column of ``x`` ``(B, C, F, H, W)``, each spread over [−1, 1]
+    (a clip of any length spans the same range; one frame sits at 0)."""
+    b, _, f, h, w = x.shape
+
+    def axis(n: int) -> Tensor:
+        return torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1 else x.new_zeros(1)
+
+    t, y, z = torch.meshgrid(axis(f), axis(h), axis(w), indexing="ij")
+    return torch.stack([t, y, z])[None].expand(b, -1, -1, -1, -1)
+
+
+def widen_to_coordinates(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights of a model without coordinate channels, for one with them: the patch embedding gains zero
+    weights for the three channels, so the widened model computes what the old one did until it learns to read
+    them (a run trained without them continues with them; see ``train video-dit --coords``)."""
+    key = "transformer.patch_embedding.weight"
+    w = state[key]
+    if w.shape[1] != 3:
+        raise ConfigError(f"{key} has {w.shape[1]} input channels; only a 3-channel (RGB) model widens.")
+    return {**state, key: torch.cat([w, w.new_zeros(w.shape[0], 3, *w.shape[2:])], dim=1)}
 
 
 def weights_dir(name: str = EMBEDDED_NAME) -> Path:
@@ -158,7 +187,8 @@ def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
 
 
 def config_of(data: dict[str, Any]) -> VideoDiTConfig:
-    return VideoDiTConfig(**{**data, "patch": tuple(data["patch"])})
+    """The configuration a model was saved with (one saved before coordinate channels existed has none)."""
+    return VideoDiTConfig(**{"coords": False, **data, "patch": tuple(data["patch"])})
 
 
 def clip_frames(model: EmbeddedVideoDiT, frames: int | None, option: str = "frames") -> int:

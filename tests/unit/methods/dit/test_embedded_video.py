@@ -220,3 +220,66 @@ def test_sampling_other_clip_lengths():
 
     with pytest.raises(ConfigError, match="frames must be in"):
         sample(m, ["a red circle moving right"], [1], steps=1, frames=65)
+
+
+def test_coordinate_channels_span_the_clip():
+    from tokensieve.adapters.diffusion.embedded import coordinates
+
+    c = coordinates(torch.zeros(2, 3, 4, 8, 16))
+    assert c.shape == (2, 3, 4, 8, 16)
+    t, y, x = c[0]
+    assert torch.allclose(t[:, 0, 0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    assert torch.equal(y[0, :, 0], torch.linspace(-1, 1, 8))
+    assert torch.equal(x[0, 0], torch.linspace(-1, 1, 16))
+    assert torch.equal(coordinates(torch.zeros(1, 3, 1, 2, 2))[0, 0], torch.zeros(1, 2, 2))  # one frame: t = 0
+    assert EmbeddedVideoDiT(_tiny_cfg()).transformer.patch_embedding.in_channels == 6
+    assert EmbeddedVideoDiT(replace(_tiny_cfg(), coords=False)).transformer.patch_embedding.in_channels == 3
+
+
+def test_a_run_without_coordinates_resumes_with_them_widened(tmp_path):
+    from tokensieve.adapters.diffusion.embedded import config_of
+    from tokensieve.errors import ConfigError
+    from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
+
+    def trainer(steps, coords):
+        cfg = VideoTrainConfig(out=str(tmp_path / "run"), steps=steps, batch=2, warmup=2, save_every=100, eval_every=0,
+                               coords=coords)  # fmt: skip
+        return VideoTrainer(cfg, progress=False, model_cfg=replace(_tiny_cfg(), coords=coords))
+
+    trainer(2, False).run()
+    rgb = load_embedded(tmp_path / "run")
+    assert not rgb.cfg.coords
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert config_of({k: v for k, v in state["model_config"].items() if k != "coords"}).coords is False  # older files
+    wide = trainer(3, True)
+    assert wide.step == 2
+    assert wide.model.cfg.coords
+    # zero weights for the new channels: the widened model (its moving average, as the RGB run's) computes the same
+    x, sigma = torch.randn(1, 3, 2, 16, 16), torch.tensor([0.7])
+    with torch.no_grad():
+        prompt = ["a red circle moving up"]
+        assert torch.allclose(wide.averaged()(x, sigma, prompt), rgb(x, sigma, prompt), atol=1e-5)
+    assert wide.changed["coords"] == [False, True]
+    final = wide.run()  # the optimizer's moments were widened too: a step runs
+    assert load_embedded(final).cfg.coords
+    with pytest.raises(ConfigError, match="cannot be removed"):
+        trainer(4, False)
+
+
+def test_a_curriculum_changes_the_frames_between_chunks_and_bf16_trains(tmp_path):
+    from tokensieve.train.video_dit import VideoTrainConfig, VideoTrainer
+
+    def trainer(steps, frames, bf16=False):
+        cfg = VideoTrainConfig(out=str(tmp_path / "run"), steps=steps, batch=2, warmup=2, save_every=100, eval_every=0,
+                               bf16=bf16)  # fmt: skip
+        return VideoTrainer(cfg, progress=False, model_cfg=replace(_tiny_cfg(), frames=frames))
+
+    trainer(2, 2).run()
+    longer = trainer(3, 4, bf16=True)
+    assert longer.step == 2
+    assert longer.changed == {"steps": [2, 3], "bf16": [False, True]}
+    loss = longer.train_step()
+    assert np.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in longer.model.parameters())
+    longer.run()
+    assert load_embedded(tmp_path / "run" / "final").cfg.frames == 4
