@@ -121,6 +121,38 @@ def test_kernel_dense_layout_limit():
         fused.set_backend(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [3, 4])
+def test_kernel_at_head_dim_128_with_partial_pages_and_nan_in_empty_slots(dtype, G):
+    """The vectorised paths of a real head size (four key rows at a time, then the rows left of a partial page); an
+    empty slot (bias -inf) is never read into the result, even when its key and value are NaN."""
+    _cpp_or_skip()
+    previous = fused.set_backend("cpp")
+    try:
+        g = torch.Generator().manual_seed(11)
+        rows, per_row, P, D, n = 2, 4, 16, 128, 45  # 45 of 64 slots: the last page holds 13 (three blocks of 4 + 1)
+        kp = torch.randn(rows * per_row, P, D, generator=g).to(dtype)
+        vp = torch.randn(rows * per_row, P, D, generator=g).to(dtype)
+        q = torch.randn(rows, G, D, generator=g).to(dtype)
+        bias = torch.zeros(rows * per_row, P).to(dtype)
+        empty = torch.rand(rows * per_row, P, generator=g) < 0.2
+        bias[empty] = float("-inf")
+        kp[empty] = float("nan")
+        vp[empty] = float("nan")
+        pages = (torch.arange(per_row) + torch.arange(rows)[:, None] * per_row)[:, None, :]
+        out, _ = fused.paged_attention(q, kp, vp, pages, D**-0.5, bias=bias, per_row=per_row, limit=n)
+        for r in range(rows):
+            slots = [j for j in range(per_row * P) if j < n and not empty[r * per_row + j // P, j % P]]
+            keys = kp[r * per_row : (r + 1) * per_row].reshape(-1, D)[slots].float()
+            values = vp[r * per_row : (r + 1) * per_row].reshape(-1, D)[slots].float()
+            for h in range(G):
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(out[r, h].double(), _softmax_attend(q[r, h].float(), keys, values, D**-0.5),
+                                           atol=tol, rtol=tol)  # fmt: skip
+    finally:
+        fused.set_backend(previous)
+
+
 @pytest.mark.parametrize("n", [1, 37, 48])  # one slot, a partial last page, whole pages
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_contiguous_attention_matches_definition(n, dtype):
