@@ -141,26 +141,6 @@ inline const float* row_f32(const c10::BFloat16* src, float* buf, int64_t D) {
   return buf;
 }
 
-#if defined(__AVX512F__)
-// The sums of four vectors, as four floats (a transpose of sums, not four reductions).
-inline void hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
-  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                  _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
-                                  _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
-  const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
-  alignas(64) float tmp[16];
-  _mm512_store_ps(tmp, w);
-  out[0] = tmp[0];
-  out[1] = tmp[4];
-  out[2] = tmp[8];
-  out[3] = tmp[12];
-}
-#endif
-
 // Four dot products with one key row at once: the row is loaded once, four vector accumulators, one horizontal sum
 // each at the end (a dot product at a time is bound by its horizontal sums, not by memory).
 inline void dot4(const float* q0, const float* q1, const float* q2, const float* q3, const float* k, int64_t D,
@@ -185,7 +165,21 @@ inline void dot4(const float* q0, const float* q1, const float* q2, const float*
     a1 = _mm512_add_ps(a1, b1);
     a2 = _mm512_add_ps(a2, b2);
     a3 = _mm512_add_ps(a3, b3);
-    hsum4(a0, a1, a2, a3, out);
+    // 128-bit lanes: [a0 halves summed, a1 halves summed], then one lane per accumulator, then within lanes
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, w);
+    out[0] = tmp[0];
+    out[1] = tmp[4];
+    out[2] = tmp[8];
+    out[3] = tmp[12];
     return;
   }
 #endif
@@ -202,39 +196,6 @@ inline void dot4(const float* q0, const float* q1, const float* q2, const float*
   out[1] = a1;
   out[2] = a2;
   out[3] = a3;
-}
-
-
-// Sixteen dot products: four query heads with four key rows (k, k + D, k + 2D, k + 3D); out[g * 4 + j]. Each
-// 16-wide slice of a query and of a key is loaded once for four products: half the loads per multiply-add of dot4.
-inline void dot4x4(const float* q0, const float* q1, const float* q2, const float* q3, const float* k, int64_t D,
-                   float* out) {
-#if defined(__AVX512F__)
-  if (D % 16 == 0) {
-    __m512 a[4][4];
-    for (int g = 0; g < 4; ++g)
-      for (int j = 0; j < 4; ++j) a[g][j] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 k0 = _mm512_loadu_ps(k + d), k1 = _mm512_loadu_ps(k + D + d), k2 = _mm512_loadu_ps(k + 2 * D + d),
-                   k3 = _mm512_loadu_ps(k + 3 * D + d);
-      const float* qs[4] = {q0, q1, q2, q3};
-      for (int g = 0; g < 4; ++g) {
-        const __m512 qg = _mm512_loadu_ps(qs[g] + d);
-        a[g][0] = _mm512_fmadd_ps(qg, k0, a[g][0]);
-        a[g][1] = _mm512_fmadd_ps(qg, k1, a[g][1]);
-        a[g][2] = _mm512_fmadd_ps(qg, k2, a[g][2]);
-        a[g][3] = _mm512_fmadd_ps(qg, k3, a[g][3]);
-      }
-    }
-    for (int g = 0; g < 4; ++g) hsum4(a[g][0], a[g][1], a[g][2], a[g][3], out + 4 * g);
-    return;
-  }
-#endif
-  float t[4];
-  for (int j = 0; j < 4; ++j) {
-    dot4(q0, q1, q2, q3, k + j * D, D, t);
-    for (int g = 0; g < 4; ++g) out[g * 4 + j] = t[g];
-  }
 }
 
 // acc[0:W] += sum_j w[j] * V[j * D + 0:W] with the W accumulators held in registers across the rows.
@@ -390,7 +351,7 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
   const int64_t dist = std::max<int64_t>(1, std::min<int64_t>(8, 16384 / (2 * P * D * int64_t(sizeof(T)))));
   const int64_t GP = std::max<int64_t>(1, 64 / P), SP = GP * P;  // pages per softmax update, their slots
   at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(G * SP), kbuf(4 * D), vpage(std::is_same<T, float>::value ? 0 : P * D), dots(4 * (G + 4));
+    std::vector<float> s(G * SP), kbuf(D), vpage(std::is_same<T, float>::value ? 0 : P * D), dots(G + 4);
     std::vector<int64_t> lens(GP);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = item_row[it];
@@ -422,43 +383,27 @@ void attend(const torch::Tensor& qf, const torch::Tensor& kpages, const torch::T
           const T* nK = ahead >= 0 ? kp + lists.page[ahead] * P * D : nullptr;
           const T* nV = nK ? vp + lists.page[ahead] * P * D : nullptr;
           constexpr int64_t LINE = 64 / sizeof(T);
-          // four key rows at a time (dot4x4), then the rows left one at a time (dot4)
-          for (int64_t j0 = 0; j0 < jmax; j0 += 4) {
-            const int64_t nj = std::min<int64_t>(4, jmax - j0);
+          for (int64_t j = 0; j < jmax; ++j) {
             if (nK) {
-              for (int64_t j = j0; j < j0 + nj; ++j)
-                for (int64_t d = 0; d < D; d += LINE) {
-                  __builtin_prefetch(nK + j * D + d);
-                  __builtin_prefetch(nV + j * D + d);
-                }
+              for (int64_t d = 0; d < D; d += LINE) {
+                __builtin_prefetch(nK + j * D + d);
+                __builtin_prefetch(nV + j * D + d);
+              }
             }
-            const float* kr;
-            if constexpr (std::is_same<T, float>::value) {
-              kr = reinterpret_cast<const float*>(K + j0 * D);
-            } else {
-              for (int64_t j = 0; j < nj; ++j) row_f32(K + (j0 + j) * D, kbuf.data() + j * D, D);
-              kr = kbuf.data();
+            const float b = bp ? to_float(bp[j]) : 0.0f;
+            if (b == NEG_INF) {
+              for (int64_t g = 0; g < G; ++g) sp[g * SP + j] = NEG_INF;
+              continue;
             }
+            const float* kr = row_f32(K + j * D, kbuf.data(), D);
             for (int64_t g0 = 0; g0 < G; g0 += 4) {  // four query heads at a time (the last block repeats one)
               const float* q0 = qr + g0 * D;
               const float* q1 = qr + std::min(g0 + 1, G - 1) * D;
               const float* q2 = qr + std::min(g0 + 2, G - 1) * D;
               const float* q3 = qr + std::min(g0 + 3, G - 1) * D;
-              if (nj == 4) {
-                dot4x4(q0, q1, q2, q3, kr, D, dots.data() + 4 * g0);  // dots[(g0 + g) * 4 + j]
-              } else {
-                float t[4];
-                for (int64_t j = 0; j < nj; ++j) {
-                  dot4(q0, q1, q2, q3, kr + j * D, D, t);
-                  for (int g = 0; g < 4; ++g) dots[(g0 + g) * 4 + j] = t[g];
-                }
-              }
+              dot4(q0, q1, q2, q3, kr, D, dots.data() + g0);
             }
-            for (int64_t j = j0; j < j0 + nj; ++j) {
-              const float b = bp ? to_float(bp[j]) : 0.0f;
-              for (int64_t g = 0; g < G; ++g)
-                sp[g * SP + j] = ((sel >> g) & 1) && b != NEG_INF ? dots[g * 4 + (j - j0)] * scale + b : NEG_INF;
-            }
+            for (int64_t g = 0; g < G; ++g) sp[g * SP + j] = ((sel >> g) & 1) ? dots[g] * scale + b : NEG_INF;
           }
         }
         const int64_t n = ne * P;  // the group's columns (empty slots and unselected pages hold -inf)
