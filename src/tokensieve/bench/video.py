@@ -477,10 +477,27 @@ def model_key(cfg: VideoBenchConfig) -> str:
 
         name = EMBEDDED_NAME + (f"-{cfg.frames}frames" if cfg.frames else "")
         name += f"-guidance{cfg.guidance:g}" if cfg.guidance != 1.0 else ""
-        return name if cfg.model is None else f"{name}@{Path(cfg.model).resolve()}"
+        return name if cfg.model is None else f"{name}@{weights_tag(Path(cfg.model))}"
     if cfg.model is not None:
         return f"wan@{Path(cfg.model).resolve()}"
     return cfg.geometry.model_key
+
+
+def weights_tag(path: Path) -> str:
+    """A name for the embedded model's weights that any machine computes alike: the folder's (or checkpoint's) name
+    and the first 10 hex digits of the SHA-256 of its weights file (a path would differ between machines, and two
+    checkpoints of one run directory share it)."""
+    import hashlib
+
+    candidates = [path] if path.suffix == ".pt" else [path / "model.safetensors", path / "checkpoint.pt"]
+    weights = next((f for f in candidates if f.is_file()), None)
+    if weights is None:
+        return path.resolve().name
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.resolve().name}-{digest.hexdigest()[:10]}"
 
 
 def row_key(spec: str, cfg: VideoBenchConfig, clip: int, rep: int) -> str:

@@ -174,6 +174,8 @@ def test_longer_clips_than_trained(tiny_model, capsys):
     rows = run_video_bench(cfg)
     assert all(r.tokens == 8 * 8 * 8 for r in rows)  # 8 frames of 8 × 8 patches (the model was trained on 4)
     assert "-8frames@" in model_key(cfg)
+    assert str(tiny_model.parent) not in model_key(cfg)  # no machine path: the folder's name and its weights' hash
+    assert model_key(cfg).split("@")[1].startswith(tiny_model.name + "-")
     assert model_key(cfg) != model_key(VideoBenchConfig(workload="embedded", model=str(tiny_model)))
     with pytest.raises(ConfigError, match="--frames must be in"):
         run_video_bench(VideoBenchConfig(workload="embedded", specs=("full",), model=str(tiny_model), frames=65))
