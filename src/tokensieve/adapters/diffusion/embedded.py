@@ -216,13 +216,17 @@ def sample(
     shift: float | None = None,
     sieve: Any = None,
     frames: int | None = None,
+    start: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """Clips ``(B, F, H, W, 3)`` uint8 for the prompts, each from the noise of its seed (Euler on the flow).
 
     ``sieve``: a :class:`~tokensieve.adapters.diffusion.DiTSieve` on ``model.transformer`` (reset here for the run's
     steps) or None. ``guidance`` > 1 adds classifier-free guidance (a second, prompt-less call per step); ``shift``
     moves the noise levels toward high noise (None: the shift the model was trained with); ``frames``: clips longer
-    (or shorter) than the model was trained on (None: its own; the 3D RoPE places up to 64 frames)."""
+    (or shorter) than the model was trained on (None: its own; the 3D RoPE places up to 64 frames). ``start``:
+    ``(clips, σ0)`` begins from these clips ``(B, F, H, W, 3)`` uint8 noised to ``σ0`` (each with its seed's noise)
+    instead of from pure noise, and integrates only the steps below ``σ0`` — how much of a clip's layout the model
+    keeps once it is given (None: from σ = 1)."""
     cfg = model.cfg
     for p in prompts:
         model.parse(p)
@@ -230,6 +234,14 @@ def sample(
     noise = [torch.randn(3, f, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x = torch.stack(noise).to(model.slot.device)
     sig = sigmas(steps, cfg.shift if shift is None else shift)
+    if start is not None:
+        clips, s0 = start
+        if not 0.0 < s0 <= 1.0 or tuple(clips.shape) != (len(seeds), f, cfg.size, cfg.size, 3):
+            raise ConfigError(f"start: clips of shape {(len(seeds), f, cfg.size, cfg.size, 3)} and 0 < σ0 ≤ 1.")
+        x0 = clips.to(x.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        sig = torch.cat([torch.tensor([s0]), sig[sig < s0]])
+        x = (1 - s0) * x0 + s0 * x
+        steps = len(sig) - 1
     if sieve is not None:
         sieve.reset(steps)
     for i in range(steps):

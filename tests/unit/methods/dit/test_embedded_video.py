@@ -283,3 +283,32 @@ def test_a_curriculum_changes_the_frames_between_chunks_and_bf16_trains(tmp_path
     assert all(p.dtype == torch.float32 for p in longer.model.parameters())
     longer.run()
     assert load_embedded(tmp_path / "run" / "final").cfg.frames == 4
+
+
+def test_sampling_from_a_noised_clip():
+    from tokensieve.errors import ConfigError
+
+    m = tiny()
+    clip = torch.from_numpy(make_clip(4, frames=2, size=16).frames)[None]
+    prompt = ["a red circle moving right"]
+    full = sample(m, prompt, [4], steps=4)
+    # from σ0 = 1 the clip is weighted 0: the same as sampling from noise
+    assert torch.equal(sample(m, prompt, [4], steps=4, start=(clip, 1.0)), full)
+    late = sample(m, prompt, [4], steps=4, start=(clip, 0.01))  # barely noised: the clip comes back
+    assert (late.int() - clip.int()).abs().float().mean() < 8
+    with pytest.raises(ConfigError, match="start"):
+        sample(m, prompt, [4], steps=4, start=(clip, 1.5))
+
+
+def test_video_gate_command_reports_intervals_and_refuses_bad_options(tmp_path, capsys):
+    from tokensieve.cli import main
+
+    tiny().save(tmp_path / "m")
+    assert main(["train", "video-gate", "--model", str(tmp_path / "m"), "--clips", "2", "--steps", "1",
+                 "--from-sigma", "0.5"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["clips"] == 2
+    assert report["from_sigma"] == 0.5
+    assert 0 <= report["motion_ci95"][0] <= report["gate_motion"] <= report["motion_ci95"][1] <= 1
+    assert main(["train", "video-gate", "--model", str(tmp_path / "m"), "--from-sigma", "0"]) == 2
+    assert "--from-sigma" in capsys.readouterr().err
