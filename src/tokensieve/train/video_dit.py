@@ -162,7 +162,8 @@ class VideoTrainer:
             if cfg.ema:
                 ema = state.get("ema")
                 self.ema = (widen_to_coordinates(ema) if widen else ema) if ema else self._weights()
-            before = {"shift": 1.0, "ema": 0.0, "coords": False, **state.get("config", {})}  # settings added since
+            added = {"shift": 1.0, "ema": 0.0, "coords": False, "bf16": False}  # settings added since: what they were
+            before = {**added, **state.get("config", {})}
             self.changed = {k: [before[k], v] for k, v in asdict(cfg).items()
                             if k in before and before[k] != v and k not in ("out", "minutes", "threads")}  # fmt: skip
         self._resumed_at = self.step
