@@ -60,6 +60,7 @@ class VideoTrainConfig:
     size: int = 64  # clip height and width, pixels (tokens = frames × (size / 4)², patch 1 × 4 × 4)
     coords: bool = True  # coordinate input channels (a run trained without them continues with them, widened)
     bf16: bool = False  # matrix products in bfloat16 (autocast; weights, optimizer and loss stay float32)
+    prediction: str = "x"  # the transformer predicts the clean clip ("x", JiT) or the velocity ("v"); loss on v
 
 
 def _batch(step: int, cfg: VideoTrainConfig, frames: int, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -128,7 +129,13 @@ class VideoTrainer:
             replace(model_cfg, shift=cfg.shift)
             if model_cfg is not None
             else VideoDiTConfig(
-                layers=cfg.layers, heads=cfg.heads, frames=cfg.frames, size=cfg.size, shift=cfg.shift, coords=cfg.coords
+                layers=cfg.layers,
+                heads=cfg.heads,
+                frames=cfg.frames,
+                size=cfg.size,
+                shift=cfg.shift,
+                coords=cfg.coords,
+                prediction=cfg.prediction,
             )
         )
         self.model = EmbeddedVideoDiT(mcfg)
@@ -146,10 +153,12 @@ class VideoTrainer:
             saved = {**asdict(old), "shift": mcfg.shift, "frames": mcfg.frames,
                      "coords": mcfg.coords if widen else old.coords}  # fmt: skip
             if saved != asdict(mcfg):  # fields added to the configuration since the checkpoint: their defaults
+                wanted = asdict(mcfg)
+                diff = ", ".join(f"{k}: {v!r} there, {wanted[k]!r} asked" for k, v in saved.items() if wanted[k] != v)
                 raise ConfigError(
-                    f"{ckpt} was trained with another model configuration"
+                    f"{ckpt} was trained with another model configuration ({diff})"
                     + (" (with coordinate channels, which cannot be removed)" if old.coords and not mcfg.coords else "")
-                    + "; use a new --out."
+                    + "; pass its settings to resume it, or use a new --out."
                 )
             self.model.load_state_dict(widen_to_coordinates(state["model"]) if widen else state["model"])
             self.opt.load_state_dict(state["opt"])
@@ -162,7 +171,7 @@ class VideoTrainer:
             if cfg.ema:
                 ema = state.get("ema")
                 self.ema = (widen_to_coordinates(ema) if widen else ema) if ema else self._weights()
-            added = {"shift": 1.0, "ema": 0.0, "coords": False, "bf16": False}  # settings added since: what they were
+            added = {"shift": 1.0, "ema": 0.0, "coords": False, "bf16": False, "prediction": "v"}  # before they existed
             before = {**added, **state.get("config", {})}
             self.changed = {k: [before[k], v] for k, v in asdict(cfg).items()
                             if k in before and before[k] != v and k not in ("out", "minutes", "threads")}  # fmt: skip
@@ -353,6 +362,8 @@ _HELP = {
     "size": "clip height and width in pixels, a multiple of 4; a resumed run must keep it",
     "bf16": "compute the matrix products in bfloat16 (autocast; about 1.3-1.4x faster on CPUs with bfloat16 dot "
     "products; weights, optimizer and loss stay float32)",
+    "prediction": "what the transformer outputs: x (the clean clip, as JiT; its velocity is derived) or v (the "
+    "velocity); a resumed run must keep it",
     "coords": "give the model each pixel's (frame, row, column) as three input channels (a run trained without "
     "them gains them, zero-initialised, when resumed with them)",
 }
@@ -365,6 +376,8 @@ def add_commands(tsub: Any) -> None:
     for f in fields(VideoTrainConfig):
         value = getattr(defaults, f.name)
         kind: Any = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {"type": type(value)}
+        if f.name == "prediction":
+            kind["choices"] = ["x", "v"]
         p.add_argument("--" + f.name.replace("_", "-"), default=value, help=_HELP[f.name], **kind)
     p.add_argument("--ship", action="store_true", help="copy final/ into the package (tokensieve/weights/)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stdout (train.log is written)")

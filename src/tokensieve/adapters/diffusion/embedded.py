@@ -29,6 +29,7 @@ EMBEDDED_NAME = "video-dit-wan-tiny"
 WEIGHTS_ROOT = Path(__file__).resolve().parent.parent.parent / "weights"
 SLOTS = ("color", "shape", "direction")
 MAX_FRAMES = 64  # the temporal positions of the transformer's 3D RoPE (rope_max_seq_len)
+MIN_SIGMA = 0.05  # x-prediction: the noise level below which the velocity's denominator stops shrinking (JiT's clip)
 
 
 def default_vocab() -> dict[str, list[str]]:
@@ -52,6 +53,7 @@ class VideoDiTConfig:
     freq_dim: int = 64
     shift: float = 1.0  # the noise-level shift it was trained with, which its sampler uses by default
     coords: bool = True  # three input channels with each pixel's (t, y, x) in [−1, 1] besides its RGB
+    prediction: str = "x"  # what the transformer outputs: "x" the clean clip (JiT), "v" the velocity ε − x_0
     template: str = "a {color} {shape} moving {direction}"
     vocab: dict[str, list[str]] = field(default_factory=default_vocab)
 
@@ -69,6 +71,8 @@ class EmbeddedVideoDiT(nn.Module):
         from diffusers import WanTransformer3DModel
 
         self.cfg = cfg = cfg or VideoDiTConfig()
+        if cfg.prediction not in ("x", "v"):
+            raise ConfigError(f"prediction must be 'x' (the clean clip) or 'v' (the velocity), not {cfg.prediction!r}.")
         self.transformer = WanTransformer3DModel(
             patch_size=tuple(cfg.patch),
             num_attention_heads=cfg.heads,
@@ -113,9 +117,11 @@ class EmbeddedVideoDiT(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, prompts: list[str | None]) -> Tensor:
         """The predicted velocity ``ε − x_0`` at noise level ``sigma`` ``(B,)`` of pixels ``x`` ``(B, 3, F, H, W)``."""
         run: Any = self.transformer  # diffusers' ModelMixin types its __call__ loosely
-        if self.cfg.coords:
-            x = torch.cat([x, coordinates(x)], dim=1)
-        out: Tensor = run(x, sigma * 1000.0, self.encode(prompts), return_dict=False)[0]
+        inp = torch.cat([x, coordinates(x)], dim=1) if self.cfg.coords else x
+        out: Tensor = run(inp, sigma * 1000.0, self.encode(prompts), return_dict=False)[0]
+        if self.cfg.prediction == "x":  # the clean clip predicted: its velocity (x_σ − x̂_0) / σ, σ floored as JiT
+            s = sigma.clamp(min=MIN_SIGMA).to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+            out = (x - out) / s
         return out
 
     # -- files -----------------------------------------------------------------------------------------------
@@ -188,7 +194,7 @@ def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
 
 def config_of(data: dict[str, Any]) -> VideoDiTConfig:
     """The configuration a model was saved with (one saved before coordinate channels existed has none)."""
-    return VideoDiTConfig(**{"coords": False, **data, "patch": tuple(data["patch"])})
+    return VideoDiTConfig(**{"coords": False, "prediction": "v", **data, "patch": tuple(data["patch"])})
 
 
 def clip_frames(model: EmbeddedVideoDiT, frames: int | None, option: str = "frames") -> int:
