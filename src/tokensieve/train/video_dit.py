@@ -81,8 +81,8 @@ def gate_eval(
     progress: bool = False,
 ) -> dict[str, Any]:
     """The quality gate on ``n`` generated test clips (prompt and seed of test clip ``start + i``), with Wilson 95 %
-    intervals. ``from_sigma`` < 1: each clip starts from the test clip itself noised to that level (a diagnostic:
-    does the model keep a layout it is given?)."""
+    intervals; ``progress``: a progress bar. ``from_sigma`` < 1: each clip starts from the test clip itself noised to
+    that level (a diagnostic: does the model keep a layout it is given?)."""
     from ..adapters.diffusion.embedded import sample
     from ..data.clips import gate, gate_rates, make_clip, split_seed
     from ..results.stats import wilson
@@ -95,10 +95,9 @@ def gate_eval(
         video = sample(model, [clip.prompt], [seed], steps=steps, guidance=guidance, start=init)[0].numpy()
         results.append(gate(video, clip.prompt))
     color, motion = gate_rates(results)
-    out: dict[str, Any] = {"gate_color": color, "gate_motion": motion, "clips": n}
-    if progress:  # the command's report: intervals too (the training log keeps the rates)
-        out["color_ci95"] = [round(x, 3) for x in wilson(round(color * n), n)]
-        out["motion_ci95"] = [round(x, 3) for x in wilson(round(motion * n), n)]
+    out: dict[str, Any] = {"gate_color": color, "gate_motion": motion, "clips": n,
+                           "color_ci95": [round(x, 3) for x in wilson(round(color * n), n)],
+                           "motion_ci95": [round(x, 3) for x in wilson(round(motion * n), n)]}  # fmt: skip
     if from_sigma < 1.0:
         out["from_sigma"] = from_sigma
     return out
@@ -125,18 +124,11 @@ class VideoTrainer:
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
+        shared = {f.name for f in fields(VideoDiTConfig)}  # layers, heads, frames, size, shift, coords, prediction
         mcfg = (
             replace(model_cfg, shift=cfg.shift)
             if model_cfg is not None
-            else VideoDiTConfig(
-                layers=cfg.layers,
-                heads=cfg.heads,
-                frames=cfg.frames,
-                size=cfg.size,
-                shift=cfg.shift,
-                coords=cfg.coords,
-                prediction=cfg.prediction,
-            )
+            else VideoDiTConfig(**{k: v for k, v in asdict(cfg).items() if k in shared})
         )
         self.model = EmbeddedVideoDiT(mcfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -331,10 +323,10 @@ def cmd_train_video_dit(args: argparse.Namespace) -> int:
 def cmd_video_gate(args: argparse.Namespace) -> int:
     from ..adapters.diffusion.embedded import load_embedded
 
-    torch.set_num_threads(args.threads)
-    model = load_embedded(args.model)
     if not 0.0 < args.from_sigma <= 1.0 or args.clips < 1 or args.steps < 1:
         raise ConfigError("--from-sigma must be in (0, 1], --clips and --steps ≥ 1.")
+    torch.set_num_threads(args.threads)
+    model = load_embedded(args.model)
     result = gate_eval(model, args.clips, args.steps, guidance=args.guidance, from_sigma=args.from_sigma, progress=True)
     print(json.dumps(result))
     return 0

@@ -7,9 +7,11 @@ cross-attention reads those three vectors. A prompt outside the template or the 
 the model knows. Besides RGB, the patch embedding reads three coordinate channels (:func:`coordinates`: each pixel's
 frame, row and column in [−1, 1]) — Wan's RoPE gives attention relative positions only, and from pure noise the model
 must know where a token sits to put the object where its motion starts (``coords``; a model saved without them has
-none). The velocity convention is Wan's (``x_σ = (1 − σ) x_0 + σ ε``, the model predicts ``ε − x_0``,
-timestep ``1000 σ``); :func:`sample` integrates it with Euler steps from σ = 1 to 0, one noise seed per clip, so a
-clip is the same alone or in a batch.
+none). The velocity convention is Wan's (``x_σ = (1 − σ) x_0 + σ ε``, velocity ``ε − x_0``, timestep ``1000 σ``);
+the transformer predicts the clean clip ``x̂_0`` and :meth:`EmbeddedVideoDiT.forward` returns its velocity
+``(x_σ − x̂_0) / σ`` (``prediction="x"``, as JiT; ``"v"``: the transformer predicts the velocity itself, as Wan and
+every model saved before the option); :func:`sample` integrates it with Euler steps from σ = 1 to 0, one noise seed
+per clip, so a clip is the same alone or in a batch.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def load_embedded(path: str | Path | None = None) -> EmbeddedVideoDiT:
 
 
 def config_of(data: dict[str, Any]) -> VideoDiTConfig:
-    """The configuration a model was saved with (one saved before coordinate channels existed has none)."""
+    """The configuration a model was saved with (one saved before the options existed: no coordinate channels, a
+    velocity model)."""
     return VideoDiTConfig(**{"coords": False, "prediction": "v", **data, "patch": tuple(data["patch"])})
 
 
